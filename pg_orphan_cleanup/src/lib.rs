@@ -1,1 +1,45 @@
-use pgrx::prelude::*; ::pgrx::pg_module_magic!();
+//! pg_orphan_cleanup: finds orphaned render outputs and queues their storage objects for
+//! deletion, without ever touching a file that a saved asset points to.
+//!
+//! The Rust half holds what SQL cannot do well: the settings (`guc`), the URL parser shared with
+//! the reaper (`urls`), and the background worker (`worker`). Detection, the queue and the save
+//! guard are SQL in `sql/*.sql`, because their correctness is about locks and snapshots, and
+//! that reads best as the statements themselves.
+
+use pgrx::prelude::*;
+
+mod config;
+mod guc;
+mod urls;
+mod worker;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/detect.sql", name = "detect", requires = ["schema", urls::check_output_url, urls::object_key, urls::redact_url, config::_config]);
+extension_sql_file!("../sql/guard.sql", name = "guard", requires = ["detect"]);
+extension_sql_file!("../sql/queue.sql", name = "queue", requires = ["guard"]);
+extension_sql_file!("../sql/reports.sql", name = "reports", requires = ["queue"]);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::register();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_orphan_cleanup'", "orphan_cleanup.enabled = off"]
+    }
+}

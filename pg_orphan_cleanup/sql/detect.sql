@@ -1,0 +1,549 @@
+-- Detection: which completed jobs are orphans, and cleanup cycles that queue their objects.
+--
+-- Every function that touches the application tables is SECURITY DEFINER with a pinned
+-- search_path and builds its SQL with format(): table names come from attach() as regclass
+-- (which quotes itself) and column names go through %I.
+
+-- The tables to act on, as attach() recorded them. Raises, naming the fix, when attach() has not
+-- run or when the settings, the tables or the save guard no longer match what it recorded.
+CREATE FUNCTION orphan_cleanup._require_attached(purpose text) RETURNS orphan_cleanup.attachment
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    problem text;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_orphan_cleanup is not attached to any tables, so % cannot run', purpose
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Check orphan_cleanup.jobs_table and orphan_cleanup.assets_table, then run SELECT * FROM orphan_cleanup.attach();';
+    END IF;
+    problem := orphan_cleanup._drift(att);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '% refused: %', purpose, problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Fix the setting or the table, then run SELECT * FROM orphan_cleanup.attach(); to confirm the tables again.';
+    END IF;
+    RETURN att;
+END
+$$;
+
+-- Why the recorded attachment no longer matches the settings and the catalog, or NULL.
+CREATE FUNCTION orphan_cleanup._drift(att orphan_cleanup.attachment) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cfg record;
+    v_jobs oid;
+    v_assets oid;
+    v_enabled "char";
+BEGIN
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
+    IF v_jobs IS DISTINCT FROM att.jobs_oid THEN
+        RETURN format('orphan_cleanup.jobs_table is %L (%s), but attach() recorded %s (oid %s)',
+                      cfg.jobs_table, coalesce(v_jobs::regclass::text, 'no such table'), att.jobs_table, att.jobs_oid);
+    END IF;
+    v_assets := pg_catalog.to_regclass(cfg.assets_table);
+    IF v_assets IS DISTINCT FROM att.assets_oid THEN
+        RETURN format('orphan_cleanup.assets_table is %L (%s), but attach() recorded %s (oid %s)',
+                      cfg.assets_table, coalesce(v_assets::regclass::text, 'no such table'), att.assets_table, att.assets_oid);
+    END IF;
+    IF cfg.age_column IS DISTINCT FROM att.age_column THEN
+        RETURN format('orphan_cleanup.age_column is %L, but attach() recorded %L', cfg.age_column, att.age_column);
+    END IF;
+    SELECT t.tgenabled INTO v_enabled
+    FROM pg_catalog.pg_trigger AS t
+    WHERE t.tgrelid = att.assets_oid AND t.tgname = 'orphan_cleanup_save_guard';
+    IF NOT FOUND THEN
+        RETURN format('the save guard trigger orphan_cleanup_save_guard is missing on %s', att.assets_oid::regclass);
+    END IF;
+    IF v_enabled = 'D' THEN
+        RETURN format('the save guard trigger orphan_cleanup_save_guard on %s is disabled (ALTER TABLE %s ENABLE TRIGGER orphan_cleanup_save_guard)',
+                      att.assets_oid::regclass, att.assets_oid::regclass);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Completed jobs older than cutoff, in (age, id) order after the cursor, or exactly the jobs in
+-- job_ids. For each: how assets reference it (canonical: the guide's exact text join finds it;
+-- noncanonical: only a differently spelled id does; none), the object its URL names and why it
+-- may not be deleted, and a job that is not an orphan and shares the object, if any.
+CREATE FUNCTION orphan_cleanup._candidates(
+    att orphan_cleanup.attachment,
+    cutoff timestamptz,
+    after_ts timestamptz,
+    after_id uuid,
+    max_rows integer,
+    job_ids uuid[] DEFAULT NULL
+) RETURNS TABLE (job_id uuid, age_ts timestamptz, output_url text, ref_state text,
+                 host text, bucket text, object_path text, url_error text, shared_with uuid)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    scope text;
+BEGIN
+    IF job_ids IS NULL THEN
+        scope := format('(j.%1$I, j.id) > ($2, $3) ORDER BY j.%1$I, j.id LIMIT $4', att.age_column);
+    ELSE
+        scope := format('j.id = ANY ($5) ORDER BY j.%1$I, j.id', att.age_column);
+    END IF;
+    RETURN QUERY EXECUTE format($sql$
+        WITH cand AS (
+            SELECT j.id, j.%1$I::timestamptz AS age_ts, j.output_url
+            FROM %2$s AS j
+            WHERE j.status = 'completed'
+              AND j.output_url IS NOT NULL
+              AND j.%1$I < $1
+              AND %4$s
+        )
+        SELECT c.id, c.age_ts, c.output_url, r.ref_state,
+               u.host, u.bucket, u.object_path, u.error,
+               CASE WHEN u.error IS NULL AND r.ref_state = 'none' THEN (
+                   SELECT j2.id
+                   FROM %2$s AS j2
+                   WHERE orphan_cleanup.object_key(j2.output_url) = u.bucket || '/' || u.object_path
+                     AND j2.id <> c.id
+                     AND NOT (j2.status = 'completed'
+                              AND j2.%1$I < $1
+                              AND NOT EXISTS (
+                                  SELECT 1 FROM %3$s AS a2
+                                  WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text))
+                   LIMIT 1)
+               END
+        FROM cand AS c
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN bool_or(a.metadata ->> 'render_job_id' = c.id::text) THEN 'canonical'
+                        WHEN count(*) > 0 THEN 'noncanonical'
+                        ELSE 'none'
+                   END AS ref_state
+            FROM %3$s AS a
+            WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = c.id::text
+        ) AS r
+        CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
+        $sql$, att.age_column, att.jobs_oid::regclass, att.assets_oid::regclass, scope)
+    USING cutoff, after_ts, after_id, max_rows, job_ids;
+END
+$$;
+
+-- Judges one chunk of candidates and, unless dry, queues the orphans, records the rejected URLs
+-- and audits every decision. Returns what it saw and where the scan got to.
+CREATE FUNCTION orphan_cleanup._process_chunk(
+    att orphan_cleanup.attachment,
+    p_cycle bigint,
+    p_actor text,
+    cutoff timestamptz,
+    after_ts timestamptz,
+    after_id uuid,
+    max_rows integer,
+    job_ids uuid[],
+    p_grace interval,
+    p_dry boolean,
+    OUT seen bigint, OUT last_ts timestamptz, OUT last_id uuid,
+    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    WITH c AS MATERIALIZED (
+        SELECT * FROM orphan_cleanup._candidates(att, cutoff, after_ts, after_id, max_rows, job_ids)
+    ),
+    orphans AS (
+        -- The guide's orphans: no asset references the job by its exact id text.
+        SELECT * FROM c WHERE c.ref_state <> 'canonical'
+    ),
+    fresh AS (
+        -- Orphans whose URL has no queue history that settles it already.
+        SELECT o.*, md5(o.output_url) AS url_hash
+        FROM orphans AS o
+        WHERE NOT EXISTS (
+            SELECT 1 FROM orphan_cleanup.deletion_queue AS q
+            WHERE q.job_id = o.job_id
+              AND q.url_hash = md5(o.output_url)
+              AND (q.state IN ('pending', 'claimed', 'deleted', 'absent', 'dead', 'cancelled')
+                   OR (q.state = 'rejected' AND q.reason = o.url_error)))
+    ),
+    ins_queue AS (
+        INSERT INTO orphan_cleanup.deletion_queue
+            (job_id, output_url, url_hash, host, bucket, object_path, state, available_at, cycle_id)
+        SELECT f.job_id, orphan_cleanup.redact_url(f.output_url), f.url_hash, f.host, f.bucket, f.object_path,
+               'pending', now() + p_grace, p_cycle
+        FROM fresh AS f
+        WHERE NOT p_dry AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL
+        ON CONFLICT (job_id) WHERE state IN ('pending', 'claimed') DO NOTHING
+        RETURNING id, job_id, output_url
+    ),
+    ins_rejected AS (
+        INSERT INTO orphan_cleanup.deletion_queue
+            (job_id, output_url, url_hash, host, bucket, object_path, state, reason, cycle_id, finished_at)
+        SELECT f.job_id, orphan_cleanup.redact_url(f.output_url), f.url_hash, f.host, f.bucket, f.object_path,
+               'rejected', f.url_error, p_cycle, now()
+        FROM fresh AS f
+        WHERE NOT p_dry AND f.ref_state = 'none' AND f.url_error IS NOT NULL
+        RETURNING id, job_id, output_url, reason
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail, cycle_id)
+        SELECT 'enqueued', i.job_id, i.id, i.output_url, p_actor, NULL, p_cycle FROM ins_queue AS i
+        UNION ALL
+        SELECT 'rejected', r.job_id, r.id, r.output_url, p_actor, r.reason, p_cycle FROM ins_rejected AS r
+        UNION ALL
+        SELECT 'protected', f.job_id, NULL, orphan_cleanup.redact_url(f.output_url), p_actor,
+               CASE WHEN f.ref_state = 'noncanonical'
+                    THEN 'referenced by an asset through a non-canonical spelling of the job id'
+                    ELSE format('shares its object with job %s, which is not an orphan', f.shared_with)
+               END,
+               p_cycle
+        FROM fresh AS f
+        WHERE NOT p_dry AND (f.ref_state = 'noncanonical' OR f.shared_with IS NOT NULL)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM c),
+           (SELECT c.age_ts FROM c ORDER BY c.age_ts DESC, c.job_id DESC LIMIT 1),
+           (SELECT c.job_id FROM c ORDER BY c.age_ts DESC, c.job_id DESC LIMIT 1),
+           (SELECT count(*) FROM orphans),
+           CASE WHEN p_dry
+                THEN (SELECT count(*) FROM fresh AS f
+                      WHERE f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL)
+                ELSE (SELECT count(*) FROM ins_queue)
+           END,
+           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'noncanonical' OR o.shared_with IS NOT NULL),
+           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'none' AND o.url_error IS NOT NULL)
+      INTO seen, last_ts, last_id, n_found, n_enqueued, n_protected, n_rejected;
+END
+$$;
+
+-- Who is running a cycle: the background worker, or the session user (pg_cron, psql).
+CREATE FUNCTION orphan_cleanup._actor() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN coalesce(
+    (SELECT 'worker' FROM pg_catalog.pg_stat_activity
+     WHERE pid = pg_catalog.pg_backend_pid() AND backend_type = 'pg_orphan_cleanup'),
+    session_user::text);
+
+-- The body of one cycle. Raises on any problem; run_cycle() records it.
+CREATE FUNCTION orphan_cleanup._cycle_body(
+    p_cycle bigint, p_actor text,
+    OUT full_sweep boolean, OUT dry boolean, OUT scanned bigint, OUT rechecked bigint,
+    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    cfg record;
+    st orphan_cleanup.detector_state;
+    cutoff timestamptz;
+    fingerprint text;
+    cur_ts timestamptz;
+    cur_id uuid;
+    budget bigint;
+    chunk record;
+    v_recheck uuid[];
+    v_grace interval;
+BEGIN
+    att := orphan_cleanup._require_attached('run_cycle()');
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    dry := cfg.dry_run;
+    IF cfg.allowed_buckets = '' AND NOT dry THEN
+        RAISE EXCEPTION 'orphan_cleanup.allowed_buckets is empty, so no object may be deleted and a cycle would only reject every URL'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();  -- preview() shows what cycles would find meanwhile';
+    END IF;
+    cutoff := now() - make_interval(secs => cfg.min_age_s);
+    v_grace := make_interval(secs => cfg.grace_s);
+    scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
+
+    IF NOT dry THEN
+        PERFORM orphan_cleanup._expire_leases(p_actor);
+        PERFORM orphan_cleanup._retry_job_cleanup(p_actor);
+    END IF;
+
+    -- A full sweep re-reads all history: when due, on the first cycle after attach(), and when
+    -- the allow-lists or min_age changed (a rejected URL may be allowed now).
+    SELECT * INTO st FROM orphan_cleanup.detector_state FOR UPDATE;
+    fingerprint := md5(concat_ws('|', cfg.allowed_buckets, cfg.allowed_prefixes, cfg.allowed_hosts, cfg.min_age_s));
+    full_sweep := st.sweep_started_at IS NULL
+               OR st.policy_fingerprint IS DISTINCT FROM fingerprint
+               OR now() - st.sweep_started_at >= make_interval(secs => cfg.full_sweep_interval_s);
+    IF full_sweep THEN
+        cur_ts := '-infinity';
+        cur_id := '00000000-0000-0000-0000-000000000000';
+        IF NOT dry THEN
+            UPDATE orphan_cleanup.detector_state
+               SET sweep_started_at = now(), policy_fingerprint = fingerprint,
+                   cursor_ts = cur_ts, cursor_id = cur_id;
+        END IF;
+    ELSE
+        cur_ts := st.cursor_ts;
+        cur_id := st.cursor_id;
+    END IF;
+
+    -- Jobs whose assets were deleted or changed since the last cycle.
+    IF dry THEN
+        SELECT array_agg(r.job_id) INTO v_recheck
+        FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 10000) AS r;
+    ELSE
+        WITH taken AS (
+            DELETE FROM orphan_cleanup.recheck
+            WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 10000)
+            RETURNING job_id)
+        SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
+    END IF;
+    IF v_recheck IS NOT NULL THEN
+        chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry);
+        rechecked := cardinality(v_recheck);
+        scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
+        n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
+    END IF;
+
+    -- New history since the cursor, in chunks, until the budget is spent.
+    LOOP
+        budget := cfg.max_per_cycle - n_enqueued;
+        EXIT WHEN budget <= 0;
+        chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
+                                               least(budget, 10000)::integer, NULL, v_grace, dry);
+        scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
+        n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
+        IF chunk.seen > 0 THEN
+            cur_ts := chunk.last_ts;
+            cur_id := chunk.last_id;
+        END IF;
+        EXIT WHEN chunk.seen < least(budget, 10000);
+    END LOOP;
+
+    IF NOT dry THEN
+        UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id;
+        PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
+        IF n_enqueued > 0 THEN
+            PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
+        END IF;
+    END IF;
+END
+$$;
+
+-- One cleanup cycle: the same one the background worker runs every orphan_cleanup.interval, so a
+-- DBA can schedule it with pg_cron instead. A cycle that fails is recorded with its error; a
+-- cycle started while another runs returns at once with status 'skipped'.
+CREATE FUNCTION orphan_cleanup.run_cycle()
+RETURNS TABLE (cycle_id bigint, status text, found bigint, enqueued bigint, protected bigint,
+               rejected bigint, duration_ms numeric)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+    v_actor text := orphan_cleanup._actor();
+    v_started timestamptz := clock_timestamp();
+    v_ms numeric;
+    r record;
+    v_msg text;
+    v_detail text;
+    v_hint text;
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(7310246, 1) THEN
+        INSERT INTO orphan_cleanup.cycle_log (status, actor, finished_at, duration_ms, error)
+        VALUES ('skipped', v_actor, clock_timestamp(), 0, 'another cleanup cycle was running')
+        RETURNING id INTO v_id;
+        RAISE NOTICE 'pg_orphan_cleanup: another cleanup cycle is running; cycle % skipped', v_id;
+        RETURN QUERY SELECT v_id, 'skipped'::text, 0::bigint, 0::bigint, 0::bigint, 0::bigint, 0::numeric;
+        RETURN;
+    END IF;
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE NOTICE 'pg_orphan_cleanup: this server is a standby; cleanup cycles run on the primary';
+        RETURN;
+    END IF;
+
+    INSERT INTO orphan_cleanup.cycle_log (status, actor) VALUES ('running', v_actor) RETURNING id INTO v_id;
+    RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
+    BEGIN
+        r := orphan_cleanup._cycle_body(v_id, v_actor);
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+        v_ms := round(extract(epoch FROM clock_timestamp() - v_started) * 1000, 1);
+        UPDATE orphan_cleanup.cycle_log AS l
+           SET status = 'failed', finished_at = clock_timestamp(), duration_ms = v_ms,
+               error = v_msg || coalesce(E'\nDETAIL: ' || nullif(v_detail, ''), '') || coalesce(E'\nHINT: ' || nullif(v_hint, ''), '')
+         WHERE l.id = v_id;
+        RAISE WARNING 'Comprehensive cleanup cycle failed (pg_orphan_cleanup cycle %): %', v_id,
+            v_msg || coalesce(E'\nDETAIL: ' || nullif(v_detail, ''), '') || coalesce(E'\nHINT: ' || nullif(v_hint, ''), '');
+        RETURN QUERY SELECT v_id, 'failed'::text, 0::bigint, 0::bigint, 0::bigint, 0::bigint, v_ms;
+        RETURN;
+    END;
+    v_ms := round(extract(epoch FROM clock_timestamp() - v_started) * 1000, 1);
+    UPDATE orphan_cleanup.cycle_log AS l
+       SET status = CASE WHEN r.dry THEN 'dry_run' ELSE 'ok' END, finished_at = clock_timestamp(),
+           duration_ms = v_ms, full_sweep = r.full_sweep, scanned = r.scanned, rechecked = r.rechecked,
+           found = r.n_found, enqueued = r.n_enqueued, protected = r.n_protected, rejected = r.n_rejected
+     WHERE l.id = v_id;
+    RAISE LOG 'Comprehensive cleanup cycle completed (pg_orphan_cleanup cycle %): found %, %enqueued %, protected %, rejected %, scanned %, % ms%',
+        v_id, r.n_found, CASE WHEN r.dry THEN 'dry run, would have ' ELSE '' END, r.n_enqueued, r.n_protected, r.n_rejected,
+        r.scanned, v_ms, CASE WHEN r.full_sweep THEN ', full sweep' ELSE '' END;
+    RETURN QUERY SELECT v_id, CASE WHEN r.dry THEN 'dry_run' ELSE 'ok' END, r.n_found, r.n_enqueued, r.n_protected, r.n_rejected, v_ms;
+END
+$$;
+
+-- The guide's orphan definition, exactly (its step 7B query with min_age), so a DBA can compare
+-- it with their own query. Jobs referenced only through a differently spelled id count here,
+-- as they do in the guide; cycles protect them.
+CREATE FUNCTION orphan_cleanup.orphan_count(min_age interval DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    n bigint;
+BEGIN
+    t := orphan_cleanup._tables();
+    EXECUTE format($sql$
+        SELECT count(*)
+        FROM %1$s AS rj
+        LEFT JOIN %2$s AS ua ON ua.metadata ->> 'render_job_id' = rj.id::text
+        WHERE rj.status = 'completed'
+          AND rj.output_url IS NOT NULL
+          AND ua.id IS NULL
+          AND rj.%3$I < now() - $1
+        $sql$, t.jobs_oid::regclass, t.assets_oid::regclass, t.age_column)
+    INTO n
+    USING coalesce(min_age, make_interval(secs => t.min_age_s));
+    RETURN n;
+END
+$$;
+
+-- The tables the read-only functions look at: attach()'s when attached, otherwise the settings'
+-- (so a DBA can count and preview before attaching).
+CREATE FUNCTION orphan_cleanup._tables(OUT jobs_oid oid, OUT assets_oid oid, OUT age_column text, OUT min_age_s integer)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cfg record;
+BEGIN
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    min_age_s := cfg.min_age_s;
+    SELECT a.jobs_oid, a.assets_oid, a.age_column INTO jobs_oid, assets_oid, age_column FROM orphan_cleanup.attachment AS a;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    jobs_oid := pg_catalog.to_regclass(cfg.jobs_table);
+    assets_oid := pg_catalog.to_regclass(cfg.assets_table);
+    age_column := cfg.age_column;
+    IF jobs_oid IS NULL OR assets_oid IS NULL THEN
+        RAISE EXCEPTION 'table % does not exist', CASE WHEN jobs_oid IS NULL THEN cfg.jobs_table ELSE cfg.assets_table END
+            USING ERRCODE = 'undefined_table',
+                  HINT = 'Set orphan_cleanup.jobs_table / orphan_cleanup.assets_table to schema-qualified names of existing tables (ALTER SYSTEM SET ...; SELECT pg_reload_conf();).';
+    END IF;
+END
+$$;
+
+-- A dry run: the orphans a cycle would take, oldest first, with the object each URL names and a
+-- verdict. Writes nothing.
+CREATE FUNCTION orphan_cleanup.preview(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
+RETURNS TABLE (job_id uuid, age timestamptz, output_url text, host text, bucket text, object_path text,
+               verdict text, queue_state text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    att orphan_cleanup.attachment;
+    cur_ts timestamptz := '-infinity';
+    cur_id uuid := '00000000-0000-0000-0000-000000000000';
+    cutoff timestamptz;
+    got integer := 0;
+    seen integer;
+    r record;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be at least 1, got %', max_rows USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    t := orphan_cleanup._tables();
+    att := ROW(true, '', t.jobs_oid, '', t.assets_oid, t.age_column, now(), '')::orphan_cleanup.attachment;
+    cutoff := now() - coalesce(min_age, make_interval(secs => t.min_age_s));
+    LOOP
+        seen := 0;
+        FOR r IN SELECT * FROM orphan_cleanup._candidates(att, cutoff, cur_ts, cur_id, 5000) LOOP
+            seen := seen + 1;
+            cur_ts := r.age_ts;
+            cur_id := r.job_id;
+            CONTINUE WHEN r.ref_state = 'canonical';
+            job_id := r.job_id;
+            age := r.age_ts;
+            output_url := orphan_cleanup.redact_url(r.output_url);
+            host := r.host;
+            bucket := r.bucket;
+            object_path := r.object_path;
+            verdict := CASE
+                WHEN r.ref_state = 'noncanonical' THEN 'protected: referenced by an asset through a non-canonical spelling of the job id'
+                WHEN r.url_error IS NOT NULL THEN 'rejected: ' || r.url_error
+                WHEN r.shared_with IS NOT NULL THEN format('protected: shares its object with job %s, which is not an orphan', r.shared_with)
+                ELSE 'orphan'
+            END;
+            SELECT q.state INTO queue_state FROM orphan_cleanup.deletion_queue AS q
+            WHERE q.job_id = r.job_id ORDER BY q.id DESC LIMIT 1;
+            RETURN NEXT;
+            got := got + 1;
+            EXIT WHEN got >= max_rows;
+        END LOOP;
+        EXIT WHEN got >= max_rows OR seen < 5000;
+    END LOOP;
+END
+$$;
+
+-- The safe replacement for the guide's "emergency manual cleanup" DELETE: it queues up to
+-- max_rows orphans for the reaper, where the guide deleted job rows and left their files behind.
+CREATE FUNCTION orphan_cleanup.enqueue_orphans(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    cfg record;
+    cutoff timestamptz;
+    cur_ts timestamptz := '-infinity';
+    cur_id uuid := '00000000-0000-0000-0000-000000000000';
+    total bigint := 0;
+    chunk record;
+    budget bigint;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be at least 1, got %', max_rows USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    att := orphan_cleanup._require_attached('enqueue_orphans()');
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    IF cfg.allowed_buckets = '' THEN
+        RAISE EXCEPTION 'orphan_cleanup.allowed_buckets is empty, so no object may be deleted'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
+    END IF;
+    cutoff := now() - coalesce(min_age, make_interval(secs => cfg.min_age_s));
+    LOOP
+        budget := max_rows - total;
+        EXIT WHEN budget <= 0;
+        chunk := orphan_cleanup._process_chunk(att, NULL, session_user::text, cutoff, cur_ts, cur_id,
+                                               least(budget, 10000)::integer, NULL,
+                                               make_interval(secs => cfg.grace_s), false);
+        total := total + chunk.n_enqueued;
+        EXIT WHEN chunk.seen < least(budget, 10000);
+        cur_ts := chunk.last_ts;
+        cur_id := chunk.last_id;
+    END LOOP;
+    IF total > 0 THEN
+        PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', total::text);
+    END IF;
+    RETURN total;
+END
+$$;
+
+-- Deletes finished history older than the retention, a bounded batch per call.
+CREATE FUNCTION orphan_cleanup._prune(retention interval) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM orphan_cleanup.deletion_queue
+    WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
+                 WHERE finished_at < now() - retention
+                   AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
+                 LIMIT 10000);
+    DELETE FROM orphan_cleanup.audit_log
+    WHERE id IN (SELECT id FROM orphan_cleanup.audit_log WHERE at < now() - retention ORDER BY id LIMIT 10000);
+    DELETE FROM orphan_cleanup.cycle_log
+    WHERE id IN (SELECT id FROM orphan_cleanup.cycle_log WHERE started_at < now() - retention ORDER BY id LIMIT 10000);
+END
+$$;

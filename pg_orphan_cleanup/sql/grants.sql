@@ -1,0 +1,23 @@
+-- Privileges, last: nothing in the schema for PUBLIC, the queue API for the reaper's group role.
+
+REVOKE ALL ON SCHEMA orphan_cleanup FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA orphan_cleanup FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA orphan_cleanup FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA orphan_cleanup FROM PUBLIC;
+
+-- The one exception: the two pure functions the recommended indexes on the application tables
+-- are built on. PostgreSQL checks EXECUTE when it maintains an expression index, so the app's
+-- own roles must be able to run them when they insert jobs and assets. Without USAGE on the
+-- schema nobody can call them by name.
+GRANT EXECUTE ON FUNCTION orphan_cleanup.object_key(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION orphan_cleanup.job_ref_key(text) TO PUBLIC;
+
+GRANT USAGE ON SCHEMA orphan_cleanup TO orphan_cleanup_reaper;
+GRANT EXECUTE ON FUNCTION
+    orphan_cleanup.claim(text, integer, interval, text[]),
+    orphan_cleanup.confirm(text, bigint[], text),
+    orphan_cleanup.fail(text, bigint[], text, boolean),
+    orphan_cleanup.release(text, bigint[]),
+    orphan_cleanup.peek(integer),
+    orphan_cleanup.queue_status()
+TO orphan_cleanup_reaper;

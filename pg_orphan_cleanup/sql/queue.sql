@@ -1,0 +1,512 @@
+-- The queue API the reaper drains: claim, confirm, fail, release, peek, queue_status.
+-- And the DBA's levers on it: cancel, requeue_dead.
+--
+-- A row moves pending -> claimed -> deleted | absent, or back to pending on fail/release/lease
+-- expiry, or to dead once out of attempts. Only the holder of a claim can confirm, fail or
+-- release it. Once a row has been claimed even once, its file may be gone: the save guard then
+-- refuses saves of that job (see guard.sql).
+
+CREATE FUNCTION orphan_cleanup._check_worker(worker text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF worker IS NULL OR btrim(worker) = '' OR length(worker) > 200 THEN
+        RAISE EXCEPTION 'worker must be a non-empty id of at most 200 characters, got %', coalesce(quote_literal(worker), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass a stable id per reaper process, e.g. host:pid:random.';
+    END IF;
+END
+$$;
+
+-- Retry back-off: 30 s doubling per attempt, at most 1 h, with +-20% jitter so that rows failed
+-- together do not come back together.
+CREATE FUNCTION orphan_cleanup._backoff(attempt integer) RETURNS interval
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+RETURN least(interval '1 hour', interval '30 seconds' * power(2, least(greatest(attempt, 1), 20) - 1))
+       * (0.8 + random() * 0.4);
+
+-- Claims whose lease ran out come back as pending, and the expiry counts as an attempt: a row
+-- that crashes every reaper ends up dead-lettered instead of looping forever.
+CREATE FUNCTION orphan_cleanup._expire_leases(actor text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
+    n bigint;
+BEGIN
+    WITH expired AS (
+        SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.state = 'claimed' AND d.lease_until < now()
+        FOR UPDATE SKIP LOCKED
+    ),
+    moved AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET attempts = d.attempts + 1,
+               state = CASE WHEN d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
+               available_at = now() + orphan_cleanup._backoff(d.attempts + 1),
+               last_error = format('lease expired: %s claimed it at %s and never confirmed', d.claimed_by, d.claimed_at),
+               lease_until = NULL,
+               finished_at = CASE WHEN d.attempts + 1 >= v_max THEN now() END,
+               updated_at = now()
+          FROM expired
+         WHERE d.id = expired.id
+        RETURNING d.id, d.job_id, d.output_url, d.state, d.last_error, d.attempts
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'failed', m.job_id, m.id, m.output_url, actor, format('%s (attempt %s)', m.last_error, m.attempts) FROM moved AS m
+        UNION ALL
+        SELECT 'dead_lettered', m.job_id, m.id, m.output_url, actor, format('out of attempts (%s): %s', m.attempts, m.last_error)
+        FROM moved AS m WHERE m.state = 'dead'
+    )
+    SELECT count(*) INTO n FROM moved;
+    RETURN n;
+END
+$$;
+
+-- Hands up to max_rows queued objects to a reaper for lease. Each row is re-checked under the
+-- save-guard protocol first; a row that fails a check is never handed out.
+CREATE FUNCTION orphan_cleanup.claim(
+    worker text,
+    max_rows integer DEFAULT 1000,
+    lease interval DEFAULT '5 minutes',
+    buckets text[] DEFAULT NULL)
+RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cfg record;
+    att orphan_cleanup.attachment;
+    v_ids bigint[];
+    v_locked uuid[];
+    v_ok bigint[];
+    v_bad bigint[];
+    v_bad_state text[];
+    v_bad_reason text[];
+    v_wait bigint[];
+    v_wait_until timestamptz[];
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    IF max_rows IS NULL OR max_rows < 1 OR max_rows > 10000 THEN
+        RAISE EXCEPTION 'max_rows must be between 1 and 10000, got %', coalesce(max_rows::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF lease IS NULL OR lease < interval '1 second' OR lease > interval '1 day' THEN
+        RAISE EXCEPTION 'lease must be between 1 second and 1 day, got %', coalesce(lease::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'claim() must run at READ COMMITTED isolation, not %', current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
+    END IF;
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    IF NOT cfg.reaping_enabled THEN
+        RETURN;
+    END IF;
+    att := orphan_cleanup._require_attached('claim()');
+    PERFORM orphan_cleanup._expire_leases(worker);
+
+    -- 1. Queue rows, oldest first; rows another transaction holds are skipped, never waited on.
+    SELECT array_agg(r.id) INTO v_ids
+    FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+          WHERE d.state = 'pending' AND d.available_at <= now()
+            AND (buckets IS NULL OR d.bucket = ANY (buckets))
+          ORDER BY d.available_at, d.id
+          LIMIT max_rows
+          FOR UPDATE SKIP LOCKED) AS r;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- 2. Their job rows, and every job row naming the same objects. A row held by a save in
+    --    flight (FOR KEY SHARE) is skipped, and with it the queue row.
+    EXECUTE format($sql$
+        SELECT array_agg(l.id) FROM (
+            SELECT j.id FROM %s AS j
+            WHERE j.id IN (SELECT d.job_id FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1))
+               OR orphan_cleanup.object_key(j.output_url) IN (
+                      SELECT d.bucket || '/' || d.object_path FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1))
+            FOR UPDATE SKIP LOCKED) AS l
+        $sql$, att.jobs_oid::regclass)
+    INTO v_locked USING v_ids;
+    v_locked := coalesce(v_locked, '{}');
+
+    -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
+    --    committed meanwhile are visible here.
+    EXECUTE format($sql$
+        WITH v AS (
+            SELECT d.id,
+                   CASE
+                       WHEN j.id IS NULL THEN 'stale'
+                       WHEN NOT (j.id = ANY ($2)) THEN 'busy'
+                       WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'stale'
+                       WHEN j.status::text <> 'completed' THEN 'stale'
+                       WHEN j.%3$I >= $3 THEN 'wait'
+                       WHEN EXISTS (SELECT 1 FROM %2$s AS a
+                                    WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text) THEN 'stale'
+                       WHEN u.error IS NOT NULL THEN 'rejected'
+                       WHEN s.unlocked THEN 'busy'
+                       WHEN s.keeper IS NOT NULL THEN 'stale'
+                       ELSE 'ok'
+                   END AS verdict,
+                   CASE
+                       WHEN j.id IS NULL THEN 'the job row no longer exists'
+                       WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'the job''s output_url changed after it was queued'
+                       WHEN j.status::text <> 'completed' THEN format('the job''s status is now %%s', j.status)
+                       WHEN EXISTS (SELECT 1 FROM %2$s AS a
+                                    WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
+                            THEN 'the job is referenced by an asset'
+                       WHEN u.error IS NOT NULL THEN u.error
+                       WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
+                   END AS reason,
+                   j.%3$I + $4 AS wait_until
+            FROM orphan_cleanup.deletion_queue AS d
+            LEFT JOIN %1$s AS j ON j.id = d.job_id
+            LEFT JOIN LATERAL orphan_cleanup.check_output_url(j.output_url) AS u ON true
+            LEFT JOIN LATERAL (
+                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
+                       (array_agg(j2.id) FILTER (
+                           WHERE NOT (j2.status::text = 'completed' AND j2.%3$I < $3
+                                      AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
+                                                      WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text))))[1] AS keeper
+                FROM %1$s AS j2
+                WHERE orphan_cleanup.object_key(j2.output_url) = d.bucket || '/' || d.object_path
+                  AND j2.id <> d.job_id
+            ) AS s ON true
+            WHERE d.id = ANY ($1)
+        )
+        SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
+               array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
+               array_agg(v.verdict) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
+               array_agg(v.reason) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
+               array_agg(v.id) FILTER (WHERE v.verdict = 'wait'),
+               array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait')
+        FROM v
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column)
+    INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until
+    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s);
+
+    IF v_bad IS NOT NULL THEN
+        WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
+        moved AS (
+            UPDATE orphan_cleanup.deletion_queue AS d
+               SET state = b.state, reason = b.reason, finished_at = now(), updated_at = now()
+              FROM b WHERE d.id = b.id
+            RETURNING d.id, d.job_id, d.output_url, d.state, d.reason)
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT CASE WHEN m.state = 'rejected' THEN 'rejected' ELSE 'cancelled' END,
+               m.job_id, m.id, m.output_url, worker, 'at claim: ' || m.reason
+        FROM moved AS m;
+    END IF;
+    IF v_wait IS NOT NULL THEN
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET available_at = w.until, updated_at = now()
+          FROM unnest(v_wait, v_wait_until) AS w(id, until)
+         WHERE d.id = w.id;
+    END IF;
+    IF v_ok IS NULL THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH claimed AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'claimed', claim_count = d.claim_count + 1, claimed_by = worker,
+               claimed_at = now(), lease_until = now() + lease, updated_at = now()
+         WHERE d.id = ANY (v_ok)
+        RETURNING d.id, d.job_id, d.host, d.bucket, d.object_path, d.attempts, d.output_url
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'claimed', c.job_id, c.id, c.output_url, worker, format('lease %s', lease) FROM claimed AS c
+    )
+    SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts FROM claimed AS c ORDER BY c.id;
+END
+$$;
+
+-- What confirm() does to the job rows of confirmed queue rows: delete them (or clear their
+-- output_url, per orphan_cleanup.on_confirm). A job row a save is holding is left for the next
+-- cycle; a delete that fails (a foreign key) falls back to clearing the URL, and says why.
+CREATE FUNCTION orphan_cleanup._cleanup_jobs(ids bigint[], mode text, actor text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    v_locked uuid[];
+    v_exist uuid[];
+    r record;
+    v_msg text;
+    v_action text := CASE WHEN mode = 'delete' THEN 'DELETE FROM %1$s AS j WHERE j.id = $1 AND md5(j.output_url) = $2'
+                          ELSE 'UPDATE %1$s AS j SET output_url = NULL WHERE j.id = $1 AND md5(j.output_url) = $2' END;
+    v_done text := CASE WHEN mode = 'delete' THEN 'job row deleted' ELSE 'output_url cleared' END;
+BEGIN
+    IF ids IS NULL OR cardinality(ids) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'pending: not attached'
+         WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%';
+        RETURN;
+    END IF;
+    EXECUTE format($sql$
+        SELECT array_agg(l.id) FROM (
+            SELECT j.id FROM %s AS j
+            WHERE j.id IN (SELECT d.job_id FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1))
+            FOR UPDATE SKIP LOCKED) AS l
+        $sql$, att.jobs_oid::regclass) INTO v_locked USING ids;
+    EXECUTE format($sql$
+        SELECT array_agg(j.id) FROM %s AS j
+        WHERE j.id IN (SELECT d.job_id FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1))
+        $sql$, att.jobs_oid::regclass) INTO v_exist USING ids;
+    v_locked := coalesce(v_locked, '{}');
+    v_exist := coalesce(v_exist, '{}');
+
+    FOR r IN
+        SELECT d.id, d.job_id, d.url_hash, d.output_url FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND d.job_id = ANY (v_locked)
+        ORDER BY d.id
+    LOOP
+        BEGIN
+            EXECUTE format(v_action, att.jobs_oid::regclass) USING r.job_id, r.url_hash;
+            UPDATE orphan_cleanup.deletion_queue AS d
+               SET job_cleanup = CASE WHEN FOUND THEN v_done ELSE 'nothing to do: the job''s output_url changed' END
+             WHERE d.id = r.id;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+            BEGIN
+                EXECUTE format('UPDATE %s AS j SET output_url = NULL WHERE j.id = $1 AND md5(j.output_url) = $2', att.jobs_oid::regclass)
+                USING r.job_id, r.url_hash;
+                UPDATE orphan_cleanup.deletion_queue AS d
+                   SET job_cleanup = 'output_url cleared because ' || lower(mode) || ' failed: ' || v_msg
+                 WHERE d.id = r.id;
+                INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+                VALUES ('job_cleanup', r.job_id, r.id, r.output_url, actor,
+                        'job row not deleted (' || v_msg || '); its output_url was cleared instead');
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'failed: ' || v_msg WHERE d.id = r.id;
+                INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+                VALUES ('job_cleanup', r.job_id, r.id, r.output_url, actor, 'job row cleanup failed: ' || v_msg);
+            END;
+        END;
+    END LOOP;
+    UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'nothing to do: the job row no longer exists'
+     WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND NOT (d.job_id = ANY (v_exist));
+    -- The rest are held by another transaction (a save in flight): the next cycle retries them.
+END
+$$;
+
+-- Confirmed rows whose job row was busy get their cleanup retried by every cycle.
+CREATE FUNCTION orphan_cleanup._retry_job_cleanup(actor text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids bigint[];
+BEGIN
+    SELECT array_agg(r.id) INTO v_ids
+    FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+          WHERE d.job_cleanup LIKE 'pending%' AND d.state IN ('deleted', 'absent')
+          ORDER BY d.id LIMIT 10000) AS r;
+    PERFORM orphan_cleanup._cleanup_jobs(v_ids, (SELECT on_confirm FROM orphan_cleanup._config()), actor);
+END
+$$;
+
+-- The reaper reports objects gone: outcome 'deleted' (storage listed it as deleted) or 'absent'
+-- (it was already gone). The file is recorded as gone first, then the job row is cleaned up.
+-- Only rows this worker still holds are confirmed; the others come back with the reason.
+CREATE FUNCTION orphan_cleanup.confirm(worker text, ids bigint[], outcome text DEFAULT 'deleted')
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_done bigint[];
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    IF outcome IS NULL OR outcome NOT IN ('deleted', 'absent') THEN
+        RAISE EXCEPTION 'outcome must be ''deleted'' or ''absent'', got %', coalesce(quote_literal(outcome), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH mine AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL,
+               job_cleanup = 'pending'
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+        RETURNING d.id, d.job_id, d.output_url
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor)
+        SELECT outcome, m.job_id, m.id, m.output_url, worker FROM mine AS m
+    )
+    SELECT array_agg(m.id) INTO v_done FROM mine AS m;
+    v_done := coalesce(v_done, '{}');
+    PERFORM orphan_cleanup._cleanup_jobs(v_done, (SELECT on_confirm FROM orphan_cleanup._config()), worker);
+    RETURN QUERY
+    SELECT i.id,
+           CASE WHEN i.id = ANY (v_done) THEN 'confirmed'
+                WHEN d.id IS NULL THEN 'not confirmed: no such queue row'
+                WHEN d.state = 'claimed' THEN format('not confirmed: lease lost, the row is now claimed by %s', d.claimed_by)
+                WHEN d.state = 'pending' THEN 'not confirmed: lease lost, the row was requeued'
+                ELSE format('not confirmed: the row is already %s', d.state)
+           END
+    FROM unnest(ids) WITH ORDINALITY AS i(id, n)
+    LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
+    ORDER BY i.n;
+END
+$$;
+
+-- The reaper could not delete these objects. Counts an attempt and retries with back-off; after
+-- orphan_cleanup.max_attempts, or at once when retryable is false, the row is dead-lettered.
+CREATE FUNCTION orphan_cleanup.fail(worker text, ids bigint[], error text, retryable boolean DEFAULT true)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
+    v_moved bigint[];
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF error IS NULL OR btrim(error) = '' THEN
+        RAISE EXCEPTION 'error must say what went wrong' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH moved AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET attempts = d.attempts + 1,
+               state = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
+               available_at = now() + orphan_cleanup._backoff(d.attempts + 1),
+               last_error = left(orphan_cleanup.redact_url(error), 2000),
+               lease_until = NULL,
+               finished_at = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN now() END,
+               updated_at = now()
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+        RETURNING d.id, d.job_id, d.output_url, d.state, d.attempts, d.last_error
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'failed', m.job_id, m.id, m.output_url, worker,
+               format('%s (attempt %s%s)', m.last_error, m.attempts, CASE WHEN NOT coalesce(retryable, true) THEN ', not retryable' ELSE '' END)
+        FROM moved AS m
+        UNION ALL
+        SELECT 'dead_lettered', m.job_id, m.id, m.output_url, worker,
+               CASE WHEN NOT coalesce(retryable, true) THEN 'not retryable: ' ELSE format('out of attempts (%s): ', m.attempts) END || m.last_error
+        FROM moved AS m WHERE m.state = 'dead'
+    )
+    SELECT array_agg(m.id) INTO v_moved FROM moved AS m;
+    v_moved := coalesce(v_moved, '{}');
+    RETURN QUERY
+    SELECT i.id,
+           CASE WHEN i.id = ANY (v_moved) AND d.state = 'dead' THEN 'dead-lettered'
+                WHEN i.id = ANY (v_moved) THEN format('retry after %s', to_char(d.available_at, 'YYYY-MM-DD HH24:MI:SS TZ'))
+                WHEN d.id IS NULL THEN 'not failed: no such queue row'
+                ELSE format('not failed: the row is %s%s', d.state, coalesce(' by ' || d.claimed_by, '')) END
+    FROM unnest(ids) WITH ORDINALITY AS i(id, n)
+    LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
+    ORDER BY i.n;
+END
+$$;
+
+-- Gives claims back without counting an attempt (clean shutdown, storage overload). With ids
+-- NULL, every row this worker holds.
+CREATE FUNCTION orphan_cleanup.release(worker text, ids bigint[] DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    WITH released AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'pending', lease_until = NULL, available_at = now(), updated_at = now()
+         WHERE d.state = 'claimed' AND d.claimed_by = worker AND (ids IS NULL OR d.id = ANY (ids))
+        RETURNING d.id, d.job_id, d.output_url
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor)
+        SELECT 'released', r.job_id, r.id, r.output_url, worker FROM released AS r
+    )
+    SELECT count(*) INTO n FROM released;
+    RETURN n;
+END
+$$;
+
+-- What a claim would hand out now, without claiming: for the reaper's --dry-run.
+CREATE FUNCTION orphan_cleanup.peek(max_rows integer DEFAULT 100)
+RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer,
+               available_at timestamptz, output_url text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT d.id, d.job_id, d.host, d.bucket, d.object_path, d.attempts, d.available_at, d.output_url
+    FROM orphan_cleanup.deletion_queue AS d
+    WHERE d.state = 'pending'
+    ORDER BY d.available_at, d.id
+    LIMIT greatest(coalesce(max_rows, 100), 0);
+END;
+
+-- DBA: removes rows from the queue before they are claimed. The job is not queued again for
+-- the same URL. A row a reaper holds right now cannot be cancelled (turn reaping off first).
+CREATE FUNCTION orphan_cleanup.cancel(ids bigint[])
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_done bigint[];
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH cancelled AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'cancelled', reason = format('cancelled by %s', session_user), finished_at = now(), updated_at = now()
+         WHERE d.id = ANY (ids) AND d.state IN ('pending', 'dead')
+        RETURNING d.id, d.job_id, d.output_url
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'cancelled', c.job_id, c.id, c.output_url, session_user, 'cancelled by a DBA' FROM cancelled AS c
+    )
+    SELECT array_agg(c.id) INTO v_done FROM cancelled AS c;
+    v_done := coalesce(v_done, '{}');
+    RETURN QUERY
+    SELECT i.id,
+           CASE WHEN i.id = ANY (v_done) THEN 'cancelled'
+                WHEN d.id IS NULL THEN 'not cancelled: no such queue row'
+                WHEN d.state = 'claimed' THEN format('not cancelled: claimed by %s until %s; set orphan_cleanup.reaping_enabled = off to stop reapers', d.claimed_by, d.lease_until)
+                ELSE format('not cancelled: the row is already %s', d.state) END
+    FROM unnest(ids) WITH ORDINALITY AS i(id, n)
+    LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
+    ORDER BY i.n;
+END
+$$;
+
+-- DBA: puts dead-lettered rows back in the queue with fresh attempts. NULL: all of them.
+CREATE FUNCTION orphan_cleanup.requeue_dead(ids bigint[] DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH requeued AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'pending', attempts = 0, available_at = now(), finished_at = NULL, updated_at = now()
+         WHERE d.state = 'dead' AND (ids IS NULL OR d.id = ANY (ids))
+        RETURNING d.id, d.job_id, d.output_url, d.last_error
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'requeued', r.job_id, r.id, r.output_url, session_user, 'last error: ' || coalesce(r.last_error, 'none')
+        FROM requeued AS r
+    )
+    SELECT count(*) INTO n FROM requeued;
+    IF n > 0 THEN
+        PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n::text);
+    END IF;
+    RETURN n;
+END
+$$;

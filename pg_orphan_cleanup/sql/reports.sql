@@ -1,0 +1,319 @@
+-- The deployment guide's validation queries as functions, plus health() and queue_status().
+
+-- The guide's pre- and post-deployment validation, in one report. The guide's orphan count is
+-- split by what this system is doing about each orphan.
+CREATE FUNCTION orphan_cleanup.validation_report()
+RETURNS TABLE (metric text, value bigint, detail text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    s record;
+    last orphan_cleanup.cycle_log;
+    v_saved bigint;
+    v_refused bigint;
+BEGIN
+    t := orphan_cleanup._tables();
+    EXECUTE format($sql$
+        WITH o AS (
+            SELECT rj.id, rj.output_url, rj.%3$I < now() - $1 AS old_enough
+            FROM %1$s AS rj
+            LEFT JOIN %2$s AS ua ON ua.metadata ->> 'render_job_id' = rj.id::text
+            WHERE rj.status = 'completed' AND rj.output_url IS NOT NULL AND ua.id IS NULL
+        ),
+        s AS (
+            SELECT o.old_enough,
+                   (SELECT q.state FROM orphan_cleanup.deletion_queue AS q
+                    WHERE q.job_id = o.id AND q.url_hash = md5(o.output_url)
+                    ORDER BY q.id DESC LIMIT 1) AS qstate,
+                   EXISTS (SELECT 1 FROM %2$s AS a
+                           WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = o.id::text) AS noncanonical
+            FROM o
+        )
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE noncanonical) AS protected,
+               count(*) FILTER (WHERE NOT noncanonical AND qstate IS NULL AND NOT old_enough) AS too_young,
+               count(*) FILTER (WHERE NOT noncanonical AND (qstate IS NULL OR qstate IN ('stale', 'rescued')) AND old_enough) AS not_queued,
+               count(*) FILTER (WHERE NOT noncanonical AND qstate = 'pending') AS queued,
+               count(*) FILTER (WHERE NOT noncanonical AND qstate = 'claimed') AS in_flight,
+               count(*) FILTER (WHERE NOT noncanonical AND qstate = 'rejected') AS rejected,
+               count(*) FILTER (WHERE NOT noncanonical AND qstate = 'dead') AS dead,
+               count(*) FILTER (WHERE NOT noncanonical AND qstate = 'cancelled') AS cancelled,
+               count(*) FILTER (WHERE NOT noncanonical AND qstate IN ('deleted', 'absent')) AS file_gone
+        FROM s
+        $sql$, t.jobs_oid::regclass, t.assets_oid::regclass, t.age_column)
+    INTO s USING make_interval(secs => t.min_age_s);
+
+    metric := 'orphaned jobs (guide definition)'; value := s.total;
+    detail := 'completed, with output_url, no user_assets row with that exact render_job_id'; RETURN NEXT;
+    metric := '  not yet queued'; value := s.not_queued;
+    detail := 'old enough; the next cycle (or a shared object) decides'; RETURN NEXT;
+    metric := '  younger than min_age'; value := s.too_young;
+    detail := format('created less than %s ago', make_interval(secs => t.min_age_s)); RETURN NEXT;
+    metric := '  queued'; value := s.queued; detail := 'waiting for a reaper'; RETURN NEXT;
+    metric := '  in flight'; value := s.in_flight; detail := 'claimed by a reaper'; RETURN NEXT;
+    metric := '  protected'; value := s.protected;
+    detail := 'an asset references the job through a differently spelled id; never deleted'; RETURN NEXT;
+    metric := '  rejected'; value := s.rejected; detail := 'URL malformed or not allowed; never sent to storage'; RETURN NEXT;
+    metric := '  dead-lettered'; value := s.dead; detail := 'out of attempts; see requeue_dead()'; RETURN NEXT;
+    metric := '  cancelled'; value := s.cancelled; detail := 'cancelled by a DBA; kept'; RETURN NEXT;
+    metric := '  file deleted, job row kept'; value := s.file_gone;
+    detail := 'job row cleanup pending or failed; see deletion_queue.job_cleanup'; RETURN NEXT;
+
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = t.assets_oid AND attname = 'asset_type' AND NOT attisdropped) THEN
+        EXECUTE format($sql$
+            SELECT count(*) FROM %s
+            WHERE asset_type = 'generated_saved' AND metadata ->> 'render_job_id' IS NOT NULL
+            $sql$, t.assets_oid::regclass) INTO v_saved;
+        metric := 'saved assets'; value := v_saved; detail := 'asset_type generated_saved with a render_job_id'; RETURN NEXT;
+    END IF;
+    EXECUTE format('SELECT count(*) FROM %s WHERE %I > now() - interval ''1 hour''', t.jobs_oid::regclass, t.age_column)
+       INTO value;
+    metric := 'jobs in the last hour'; detail := format('by %I', t.age_column); RETURN NEXT;
+    metric := 'orphans older than 5 minutes'; value := orphan_cleanup.orphan_count(interval '5 minutes');
+    detail := 'the guide''s post-deployment check; near zero once the reaper keeps up'; RETURN NEXT;
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO v_refused FROM orphan_cleanup.refused_saves;
+    metric := 'saves refused'; value := v_refused;
+    detail := 'saves of jobs whose file a reaper may already have deleted (since install)'; RETURN NEXT;
+
+    SELECT * INTO last FROM orphan_cleanup.cycle_log AS l WHERE l.status <> 'skipped' ORDER BY l.id DESC LIMIT 1;
+    metric := 'last cycle';
+    IF last.id IS NULL THEN
+        value := NULL; detail := 'no cycle has run yet';
+    ELSE
+        value := last.id;
+        detail := format('%s at %s: %s found, %s enqueued, %s protected, %s rejected%s', last.status,
+                         to_char(last.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), last.found, last.enqueued,
+                         last.protected, last.rejected, coalesce(' - ' || last.error, ''));
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+-- The guide's weekly health check: orphaned jobs per day (guide definition).
+CREATE FUNCTION orphan_cleanup.daily_orphans(days integer DEFAULT 7)
+RETURNS TABLE (day date, orphaned_jobs bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+BEGIN
+    IF days IS NULL OR days < 1 OR days > 3660 THEN
+        RAISE EXCEPTION 'days must be between 1 and 3660, got %', coalesce(days::text, 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    t := orphan_cleanup._tables();
+    RETURN QUERY EXECUTE format($sql$
+        SELECT date_trunc('day', rj.%3$I)::date AS day, count(*) AS orphaned_jobs
+        FROM %1$s AS rj
+        LEFT JOIN %2$s AS ua ON ua.metadata ->> 'render_job_id' = rj.id::text
+        WHERE rj.status = 'completed'
+          AND rj.output_url IS NOT NULL
+          AND ua.id IS NULL
+          AND rj.%3$I > now() - make_interval(days => $1)
+        GROUP BY 1
+        ORDER BY 1 DESC
+        $sql$, t.jobs_oid::regclass, t.assets_oid::regclass, t.age_column)
+    USING days;
+END
+$$;
+
+-- The guide's storage usage trend: assets and bytes per asset type.
+CREATE FUNCTION orphan_cleanup.storage_usage()
+RETURNS TABLE (asset_type text, total_assets bigint, total_bytes numeric)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    missing text[];
+BEGIN
+    t := orphan_cleanup._tables();
+    SELECT array_agg(c) INTO missing FROM unnest(ARRAY['asset_type', 'file_size']) AS c
+    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                      WHERE attrelid = t.assets_oid AND attname = c AND attnum > 0 AND NOT attisdropped);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'storage_usage() needs column(s) % on %', array_to_string(missing, ', '), t.assets_oid::regclass
+            USING ERRCODE = 'undefined_column', HINT = 'The guide''s query groups assets by asset_type and sums file_size.';
+    END IF;
+    RETURN QUERY EXECUTE format($sql$
+        SELECT ua.asset_type::text, count(*), sum(ua.file_size)::numeric
+        FROM %s AS ua
+        GROUP BY ua.asset_type
+        ORDER BY 3 DESC NULLS LAST
+        $sql$, t.assets_oid::regclass);
+END
+$$;
+
+-- One row per check, each ok / warning / critical with a reason that says what to do.
+CREATE FUNCTION orphan_cleanup.health()
+RETURNS TABLE (check_name text, status text, detail text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cfg record;
+    att orphan_cleanup.attachment;
+    drift text;
+    last orphan_cleanup.cycle_log;
+    last_ok timestamptz;
+    v_interval interval;
+    v_preloaded boolean;
+    v_workers integer;
+    n bigint;
+    ix record;
+BEGIN
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    v_interval := make_interval(secs => cfg.interval_s);
+
+    check_name := 'attached';
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF att.jobs_oid IS NULL THEN
+        status := 'critical'; detail := 'not attached: run SELECT * FROM orphan_cleanup.attach();';
+    ELSE
+        drift := orphan_cleanup._drift(att);
+        IF drift IS NULL THEN
+            status := 'ok'; detail := format('jobs %s, assets %s, age column %s', att.jobs_table, att.assets_table, att.age_column);
+        ELSE
+            status := 'critical'; detail := drift || '; cycles and claims are stopped until attach() runs again';
+        END IF;
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'save guard';
+    IF att.jobs_oid IS NULL THEN
+        status := 'critical'; detail := 'not installed (not attached)';
+    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_save_guard') THEN
+        status := 'critical'; detail := 'trigger orphan_cleanup_save_guard is missing: claims are refused; run attach() again';
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_save_guard' AND tgenabled = 'D') THEN
+        status := 'critical'; detail := format('trigger orphan_cleanup_save_guard is disabled: claims are refused; ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', att.assets_oid::regclass);
+    ELSE
+        status := 'ok'; detail := 'trigger orphan_cleanup_save_guard present and enabled';
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'allowed buckets';
+    IF cfg.allowed_buckets = '' THEN
+        status := 'critical'; detail := 'orphan_cleanup.allowed_buckets is empty: nothing may be deleted and cycles refuse to run';
+    ELSE
+        status := 'ok'; detail := format('buckets %s; prefixes %s; hosts %s', cfg.allowed_buckets,
+                                         coalesce(nullif(cfg.allowed_prefixes, ''), '(whole buckets)'),
+                                         coalesce(nullif(cfg.allowed_hosts, ''), '(none: bare bucket/path values only)'));
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'worker';
+    v_preloaded := 'pg_orphan_cleanup' = ANY (string_to_array(replace(current_setting('shared_preload_libraries'), ' ', ''), ','));
+    SELECT count(*) INTO v_workers FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup';
+    IF NOT v_preloaded THEN
+        status := 'ok'; detail := 'not in shared_preload_libraries: schedule SELECT * FROM orphan_cleanup.run_cycle() yourself (pg_cron, cron)';
+    ELSIF v_workers = 0 THEN
+        status := 'critical'; detail := 'preloaded, but no pg_orphan_cleanup worker is running; see the server log';
+    ELSIF NOT cfg.enabled THEN
+        status := 'warning'; detail := 'orphan_cleanup.enabled = off: cycles are paused';
+    ELSE
+        status := 'ok'; detail := format('running in database %s, every %s', cfg.database, v_interval);
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'last cycle';
+    SELECT * INTO last FROM orphan_cleanup.cycle_log AS l WHERE l.status <> 'skipped' ORDER BY l.id DESC LIMIT 1;
+    SELECT max(l.started_at) INTO last_ok FROM orphan_cleanup.cycle_log AS l WHERE l.status IN ('ok', 'dry_run');
+    IF last.id IS NULL THEN
+        status := 'warning'; detail := 'no cycle has run yet';
+    ELSIF last.status = 'failed' THEN
+        status := 'critical'; detail := format('cycle %s failed at %s: %s', last.id, to_char(last.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), last.error);
+    ELSIF last.status = 'running' AND last.started_at < now() - v_interval THEN
+        status := 'warning'; detail := format('cycle %s has been running since %s', last.id, last.started_at);
+    ELSIF (v_preloaded AND cfg.enabled OR NOT v_preloaded) AND last_ok < now() - 2 * v_interval - interval '1 minute' THEN
+        status := CASE WHEN last_ok < now() - 4 * v_interval THEN 'critical' ELSE 'warning' END;
+        detail := format('overdue: the last successful cycle started at %s, interval is %s', to_char(last_ok, 'YYYY-MM-DD HH24:MI:SS TZ'), v_interval);
+    ELSE
+        status := 'ok';
+        detail := format('cycle %s (%s) at %s: %s found, %s enqueued', last.id, last.status,
+                         to_char(last.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), last.found, last.enqueued);
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'reaping';
+    SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
+    IF NOT cfg.reaping_enabled THEN
+        status := 'warning'; detail := 'orphan_cleanup.reaping_enabled = off: claim() hands out nothing';
+    ELSIF n > 0 THEN
+        status := 'warning'; detail := format('%s claimed rows are past their lease (a reaper died?); they are retried as attempts', n);
+    ELSE
+        status := 'ok'; detail := 'claims are handed out';
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'dead letters';
+    SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'dead';
+    status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
+    detail := CASE WHEN n > 0 THEN format('%s rows are dead-lettered; inspect last_error in deletion_queue, then SELECT orphan_cleanup.requeue_dead();', n)
+                   ELSE 'none' END;
+    RETURN NEXT;
+
+    check_name := 'rejected URLs';
+    SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'rejected';
+    status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
+    detail := CASE WHEN n > 0 THEN format('%s orphans have URLs that are malformed or not allowed; their files are never deleted. See SELECT reason, count(*) FROM orphan_cleanup.deletion_queue WHERE state = ''rejected'' GROUP BY 1;', n)
+                   ELSE 'none' END;
+    RETURN NEXT;
+
+    check_name := 'non-canonical references';
+    n := coalesce(last.protected, 0);
+    status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
+    detail := CASE WHEN n > 0 THEN format('the last cycle protected %s jobs referenced through a differently spelled id (case, spaces, braces) or sharing an object; the guide''s query counts them as orphans. See audit_log action ''protected''.', n)
+                   ELSE 'none in the last cycle' END;
+    RETURN NEXT;
+
+    check_name := 'refused saves';
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO n FROM orphan_cleanup.refused_saves;
+    status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
+    detail := CASE WHEN n > 0 THEN format('%s saves were refused because the job''s file may already be deleted; consider a larger min_age or grace', n)
+                   ELSE 'none' END;
+    RETURN NEXT;
+
+    IF att.jobs_oid IS NOT NULL AND drift IS NULL THEN
+        FOR ix IN SELECT * FROM orphan_cleanup._index_report(att.jobs_oid, att.assets_oid, att.age_column) LOOP
+            check_name := ix.item; status := ix.status; detail := ix.detail;
+            RETURN NEXT;
+        END LOOP;
+    END IF;
+
+    check_name := 'standby';
+    IF pg_catalog.pg_is_in_recovery() THEN
+        status := 'warning'; detail := 'this server is a standby: cycles and claims run on the primary';
+    ELSE
+        status := 'ok'; detail := 'primary';
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+-- What a reaper's status screen needs, in one row.
+CREATE FUNCTION orphan_cleanup.queue_status()
+RETURNS TABLE (pending bigint, ready bigint, claimed bigint, dead bigint, rejected bigint,
+               deleted bigint, absent bigint, oldest_pending timestamptz,
+               last_cycle_at timestamptz, last_cycle_status text, last_cycle_error text,
+               health text, reaping_enabled boolean, attached boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT c.pending, c.ready, c.claimed, c.dead, c.rejected, c.deleted, c.absent, c.oldest_pending,
+           l.started_at, l.status, l.error,
+           (SELECT CASE WHEN bool_or(h.status = 'critical') THEN 'critical'
+                        WHEN bool_or(h.status = 'warning') THEN 'warning' ELSE 'ok' END
+            FROM orphan_cleanup.health() AS h),
+           (SELECT g.reaping_enabled FROM orphan_cleanup._config() AS g),
+           EXISTS (SELECT 1 FROM orphan_cleanup.attachment)
+    FROM (SELECT count(*) FILTER (WHERE q.state = 'pending') AS pending,
+                 count(*) FILTER (WHERE q.state = 'pending' AND q.available_at <= now()) AS ready,
+                 count(*) FILTER (WHERE q.state = 'claimed') AS claimed,
+                 count(*) FILTER (WHERE q.state = 'dead') AS dead,
+                 count(*) FILTER (WHERE q.state = 'rejected') AS rejected,
+                 count(*) FILTER (WHERE q.state = 'deleted') AS deleted,
+                 count(*) FILTER (WHERE q.state = 'absent') AS absent,
+                 min(q.enqueued_at) FILTER (WHERE q.state = 'pending') AS oldest_pending
+          FROM orphan_cleanup.deletion_queue AS q) AS c
+    LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true;
+END
+$$;

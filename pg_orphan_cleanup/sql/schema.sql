@@ -1,0 +1,151 @@
+-- Tables of pg_orphan_cleanup. The extension lives in schema orphan_cleanup and is not
+-- relocatable; every statement names the schema, so nothing depends on search_path.
+
+-- The group role the reaper's login role joins. Roles are cluster-wide and survive
+-- DROP EXTENSION, so create it only when it is missing.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'orphan_cleanup_reaper') THEN
+        CREATE ROLE orphan_cleanup_reaper NOLOGIN;
+    END IF;
+END
+$$;
+
+-- What attach() recorded: the tables cycles and claims act on. A setting that no longer
+-- matches this row stops cycles and claims until attach() runs again.
+CREATE TABLE orphan_cleanup.attachment (
+    singleton    boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    jobs_table   text NOT NULL,
+    jobs_oid     oid NOT NULL,
+    assets_table text NOT NULL,
+    assets_oid   oid NOT NULL,
+    age_column   text NOT NULL,
+    attached_at  timestamptz NOT NULL DEFAULT now(),
+    attached_by  text NOT NULL DEFAULT current_user
+);
+
+-- Where incremental detection has got to: jobs are scanned in (age_column, id) order, and a
+-- cycle only looks past the cursor. A full sweep starts the cursor again from the beginning.
+CREATE TABLE orphan_cleanup.detector_state (
+    singleton          boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    cursor_ts          timestamptz NOT NULL DEFAULT '-infinity',
+    cursor_id          uuid NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000',
+    sweep_started_at   timestamptz,
+    policy_fingerprint text
+);
+INSERT INTO orphan_cleanup.detector_state DEFAULT VALUES;
+
+-- Jobs to look at again in the next cycle, whatever the cursor says: the save guard adds a
+-- job here when an asset that referenced it is deleted or changed.
+CREATE TABLE orphan_cleanup.recheck (
+    job_id    uuid PRIMARY KEY,
+    reason    text NOT NULL,
+    queued_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE orphan_cleanup.cycle_log (
+    id          bigserial PRIMARY KEY,
+    started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at timestamptz,
+    status      text NOT NULL CHECK (status IN ('running', 'ok', 'dry_run', 'failed', 'skipped')),
+    actor       text NOT NULL,
+    full_sweep  boolean NOT NULL DEFAULT false,
+    scanned     bigint NOT NULL DEFAULT 0,
+    found       bigint NOT NULL DEFAULT 0,
+    enqueued    bigint NOT NULL DEFAULT 0,
+    protected   bigint NOT NULL DEFAULT 0,
+    rejected    bigint NOT NULL DEFAULT 0,
+    rechecked   bigint NOT NULL DEFAULT 0,
+    duration_ms numeric,
+    error       text
+);
+CREATE INDEX cycle_log_started_at ON orphan_cleanup.cycle_log (started_at);
+
+-- The deletion queue. One row per (job, output URL) that a cycle judged an orphan, or
+-- rejected. States:
+--   pending   waiting to be claimed (after grace, or after a retry back-off)
+--   claimed   handed to a reaper until lease_until
+--   deleted   confirmed gone by the reaper (the object existed)
+--   absent    confirmed gone by the reaper (it was already gone)
+--   dead      out of attempts, or failed for good: needs a human (requeue_dead)
+--   cancelled removed by a DBA with cancel(); the job is not queued again for this URL
+--   rescued   the job was saved before any reaper saw the row
+--   stale     claim() found the row no longer deletable (job changed, saved, shared object)
+--   rejected  the URL is malformed or not allowed by the settings; never sent to storage
+CREATE TABLE orphan_cleanup.deletion_queue (
+    id           bigserial PRIMARY KEY,
+    job_id       uuid NOT NULL,
+    output_url   text NOT NULL,          -- redacted: signed-URL tokens are never stored
+    url_hash     text NOT NULL,          -- md5 of the raw URL, to notice a changed URL
+    host         text,
+    bucket       text,
+    object_path  text,
+    state        text NOT NULL CHECK (state IN ('pending', 'claimed', 'deleted', 'absent', 'dead',
+                                                'cancelled', 'rescued', 'stale', 'rejected')),
+    reason       text,
+    attempts     integer NOT NULL DEFAULT 0,
+    claim_count  integer NOT NULL DEFAULT 0,   -- > 0: the file may already be gone
+    available_at timestamptz NOT NULL DEFAULT now(),
+    claimed_by   text,
+    claimed_at   timestamptz,
+    lease_until  timestamptz,
+    last_error   text,
+    job_cleanup  text,                   -- what confirm() did to the job row
+    cycle_id     bigint,
+    enqueued_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz
+);
+CREATE UNIQUE INDEX deletion_queue_one_live_row_per_job
+    ON orphan_cleanup.deletion_queue (job_id) WHERE state IN ('pending', 'claimed');
+CREATE INDEX deletion_queue_job ON orphan_cleanup.deletion_queue (job_id);
+CREATE INDEX deletion_queue_object ON orphan_cleanup.deletion_queue (bucket, object_path);
+CREATE INDEX deletion_queue_ready ON orphan_cleanup.deletion_queue (available_at, id) WHERE state = 'pending';
+CREATE INDEX deletion_queue_leases ON orphan_cleanup.deletion_queue (lease_until) WHERE state = 'claimed';
+CREATE INDEX deletion_queue_finished ON orphan_cleanup.deletion_queue (finished_at) WHERE finished_at IS NOT NULL;
+
+-- One row per action, with the actor: the guide's "full audit trail for all cleanup operations".
+CREATE TABLE orphan_cleanup.audit_log (
+    id         bigserial PRIMARY KEY,
+    at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    action     text NOT NULL CHECK (action IN ('enqueued', 'protected', 'rejected', 'claimed', 'deleted',
+                                               'absent', 'failed', 'dead_lettered', 'rescued', 'refused',
+                                               'cancelled', 'released', 'requeued', 'job_cleanup', 'attached', 'detached')),
+    job_id     uuid,
+    queue_id   bigint,
+    output_url text,                     -- redacted
+    actor      text NOT NULL,
+    detail     text,
+    cycle_id   bigint
+);
+CREATE INDEX audit_log_at ON orphan_cleanup.audit_log (at);
+CREATE INDEX audit_log_job ON orphan_cleanup.audit_log (job_id);
+
+-- Counts saves refused by the save guard. A refused save rolls its transaction back, audit row
+-- included; a sequence is not transactional, so the count survives.
+CREATE SEQUENCE orphan_cleanup.refused_saves;
+
+-- The queue and the history are data, not extension objects: pg_dump must keep them.
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.attachment', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.detector_state', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.recheck', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.cycle_log', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.cycle_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.deletion_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.deletion_queue_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.audit_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refused_saves', '');
+
+-- A reference to a job, whatever its spelling: upper case, surrounding spaces or braces,
+-- hyphens or none. Returns the canonical uuid text, or NULL when it is no uuid at all.
+-- Plain SQL and fully qualified, so the planner inlines it and an index on it is usable.
+CREATE FUNCTION orphan_cleanup.job_ref_key(ref text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN CASE
+    WHEN pg_catalog.replace(pg_catalog.lower(pg_catalog.btrim(ref, E' \t\r\n{}')), '-', '')
+         OPERATOR(pg_catalog.~) '^[0-9a-f]{32}$'
+    THEN pg_catalog.regexp_replace(
+             pg_catalog.replace(pg_catalog.lower(pg_catalog.btrim(ref, E' \t\r\n{}')), '-', ''),
+             '^(.{8})(.{4})(.{4})(.{4})(.{12})$', '\1-\2-\3-\4-\5')
+END;

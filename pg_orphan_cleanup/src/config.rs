@@ -1,0 +1,53 @@
+//! `orphan_cleanup._config()`: the settings as typed values for the SQL functions.
+//!
+//! The PL/pgSQL half reads settings only through this function. Calling it also loads the
+//! library, so the settings are defined even in a session that has not loaded it yet.
+
+use crate::guc;
+use pgrx::prelude::*;
+
+#[pg_extern(stable, parallel_safe)]
+fn _config() -> TableIterator<
+    'static,
+    (
+        name!(enabled, bool),
+        name!(reaping_enabled, bool),
+        name!(interval_s, i32),
+        name!(min_age_s, i32),
+        name!(age_column, String),
+        name!(grace_s, i32),
+        name!(max_per_cycle, i32),
+        name!(jobs_table, String),
+        name!(assets_table, String),
+        name!(allowed_buckets, String),
+        name!(allowed_prefixes, String),
+        name!(allowed_hosts, String),
+        name!(on_confirm, String),
+        name!(dry_run, bool),
+        name!(max_attempts, i32),
+        name!(history_retention_s, i32),
+        name!(full_sweep_interval_s, i32),
+        name!(database, String),
+    ),
+> {
+    TableIterator::once((
+        guc::ENABLED.get(),
+        guc::REAPING_ENABLED.get(),
+        guc::INTERVAL.get(),
+        guc::MIN_AGE.get(),
+        guc::text(&guc::AGE_COLUMN),
+        guc::GRACE.get(),
+        guc::MAX_PER_CYCLE.get(),
+        guc::text(&guc::JOBS_TABLE),
+        guc::text(&guc::ASSETS_TABLE),
+        guc::text(&guc::ALLOWED_BUCKETS),
+        guc::text(&guc::ALLOWED_PREFIXES),
+        guc::text(&guc::ALLOWED_HOSTS),
+        guc::ON_CONFIRM.get().as_str().to_string(),
+        guc::DRY_RUN.get(),
+        guc::MAX_ATTEMPTS.get(),
+        guc::HISTORY_RETENTION.get(),
+        guc::FULL_SWEEP_INTERVAL.get(),
+        guc::text(&guc::DATABASE),
+    ))
+}

@@ -1,0 +1,366 @@
+//! The `orphan_cleanup.*` settings.
+//!
+//! Every setting is `PGC_SIGHUP` (reload) or `PGC_POSTMASTER` (startup): the queue functions run
+//! with the extension owner's rights, so a session must never be able to `SET` them and point
+//! those functions at another table or bucket. Durations are integers in seconds with
+//! PostgreSQL's own unit parsing, so `'3min'`, `'1h'` and `'30d'` work and nonsense is refused
+//! by the server itself. List settings are checked by hooks, so a bad value is refused at
+//! reload with a message, and the previous value stays in force.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_sys, PostgresGucEnum};
+
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static REAPING_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static MIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static AGE_COLUMN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"created_at"));
+pub static GRACE: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static MAX_PER_CYCLE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static JOBS_TABLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"public.render_jobs"));
+pub static ASSETS_TABLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"public.user_assets"));
+pub static ALLOWED_BUCKETS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static ALLOWED_PREFIXES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static ON_CONFIRM: GucSetting<OnConfirm> = GucSetting::<OnConfirm>::new(OnConfirm::Delete);
+pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
+pub static FULL_SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+
+/// What `confirm()` does to the job row once its file is gone.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OnConfirm {
+    #[name = c"delete"]
+    Delete,
+    #[name = c"clear_url"]
+    ClearUrl,
+}
+
+impl OnConfirm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnConfirm::Delete => "delete",
+            OnConfirm::ClearUrl => "clear_url",
+        }
+    }
+}
+
+const DAY: i32 = 86_400;
+
+/// Registers every setting. Called from `_PG_init`, in every backend that loads the library.
+pub fn init() {
+
+    GucRegistry::define_string_guc(
+        c"orphan_cleanup.database",
+        c"Database the background worker runs cleanup cycles in (startup only).",
+        c"The worker waits quietly until CREATE EXTENSION pg_orphan_cleanup has run there.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"orphan_cleanup.enabled",
+        c"Whether the background worker runs cleanup cycles.",
+        c"Off pauses detection without uninstalling anything: the rollback lever.",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"orphan_cleanup.reaping_enabled",
+        c"Whether claim() hands queued rows to reapers.",
+        c"Off is the stop-deleting-now switch: reapers get nothing until it is on again.",
+        &REAPING_ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.interval",
+        c"Time between cleanup cycles of the background worker.",
+        c"Accepts units: '3min' while testing, '1h' in production.",
+        &INTERVAL,
+        1,
+        365 * DAY,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.min_age",
+        c"How old a completed job must be before it can count as an orphan.",
+        c"Measured from orphan_cleanup.age_column.",
+        &MIN_AGE,
+        0,
+        365 * DAY,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"orphan_cleanup.age_column",
+            c"Column of the jobs table that orphan age is measured from.",
+            c"created_at by default, as in the deployment guide; a completion timestamp is safer for long renders.",
+            &AGE_COLUMN,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_column),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.grace",
+        c"How long a queued row waits before a reaper may claim it.",
+        c"A window to inspect the queue and cancel rows before anything is deleted.",
+        &GRACE,
+        0,
+        365 * DAY,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.max_per_cycle",
+        c"Most rows one cleanup cycle enqueues; the rest wait for the next cycle.",
+        c"",
+        &MAX_PER_CYCLE,
+        1,
+        10_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"orphan_cleanup.jobs_table",
+            c"The render jobs table (schema-qualified).",
+            c"Changing it stops cycles and claims until orphan_cleanup.attach() runs again.",
+            &JOBS_TABLE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_table_name),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"orphan_cleanup.assets_table",
+            c"The saved assets table (schema-qualified).",
+            c"Changing it stops cycles and claims until orphan_cleanup.attach() runs again.",
+            &ASSETS_TABLE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_table_name),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"orphan_cleanup.allowed_buckets",
+            c"Comma-separated buckets whose objects may be deleted. Empty: none may be.",
+            c"",
+            &ALLOWED_BUCKETS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_buckets),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"orphan_cleanup.allowed_prefixes",
+            c"Comma-separated object key prefixes allowed inside the allowed buckets. Empty: the whole bucket.",
+            c"",
+            &ALLOWED_PREFIXES,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_prefixes),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"orphan_cleanup.allowed_hosts",
+            c"Comma-separated hosts (host or host:port) an output URL may name. Empty: only bare bucket/path values.",
+            c"A URL naming another project's host must never delete an object in this project.",
+            &ALLOWED_HOSTS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_hosts),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_enum_guc(
+        c"orphan_cleanup.on_confirm",
+        c"What confirm() does to the job row once its file is gone: delete or clear_url.",
+        c"",
+        &ON_CONFIRM,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"orphan_cleanup.dry_run",
+        c"Cycles find and log orphans but enqueue nothing.",
+        c"",
+        &DRY_RUN,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.max_attempts",
+        c"Failed deletes (expired leases included) before a row is dead-lettered.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.history_retention",
+        c"Finished queue rows, audit and cycle history older than this are pruned.",
+        c"",
+        &HISTORY_RETENTION,
+        3600,
+        20 * 365 * DAY,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.full_sweep_interval",
+        c"How often a cycle re-examines the whole jobs table instead of only new jobs.",
+        c"Catches jobs that completed late and rejected URLs that new settings now allow. 0 sweeps every cycle.",
+        &FULL_SWEEP_INTERVAL,
+        0,
+        365 * DAY,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+}
+
+/// The text of a string setting, empty when unset.
+pub fn text(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The allow-lists as the shared parser understands them.
+pub fn policy() -> Result<object_url::Policy, object_url::PolicyError> {
+    object_url::Policy::from_lists(&text(&ALLOWED_BUCKETS), &text(&ALLOWED_PREFIXES), &text(&ALLOWED_HOSTS))
+}
+
+/// Refuses a setting value with `detail` shown to whoever reloaded or ran ALTER SYSTEM.
+unsafe fn refuse(detail: String) -> bool {
+    let detail = CString::new(detail).unwrap_or_else(|_| CString::from(c"invalid value"));
+    unsafe {
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
+    }
+    false
+}
+
+unsafe fn new_value<'a>(newval: *mut *mut c_char) -> &'a str {
+    unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return "";
+        }
+        CStr::from_ptr(*newval).to_str().unwrap_or("\u{FFFD}")
+    }
+}
+
+unsafe extern "C-unwind" fn check_buckets(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+    let v = unsafe { new_value(newval) };
+    match object_url::Policy::from_lists(v, "", "") {
+        Ok(_) => true,
+        Err(e) => unsafe { refuse(format!("orphan_cleanup.allowed_buckets: {e}. Example: 'renders,thumbnails'.")) },
+    }
+}
+
+unsafe extern "C-unwind" fn check_prefixes(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+    let v = unsafe { new_value(newval) };
+    match object_url::Policy::from_lists("", v, "") {
+        Ok(_) => true,
+        Err(e) => unsafe { refuse(format!("orphan_cleanup.allowed_prefixes: {e}. Example: 'renders/,previews/'.")) },
+    }
+}
+
+unsafe extern "C-unwind" fn check_hosts(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+    let v = unsafe { new_value(newval) };
+    match object_url::Policy::from_lists("", "", v) {
+        Ok(_) => true,
+        Err(e) => unsafe { refuse(format!("orphan_cleanup.allowed_hosts: {e}. Example: 'abcd.supabase.co,cdn.example.com'.")) },
+    }
+}
+
+unsafe extern "C-unwind" fn check_table_name(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+    let v = unsafe { new_value(newval) };
+    match split_qualified_name(v) {
+        Some(parts) if !parts.is_empty() && parts.len() <= 2 => true,
+        _ => unsafe { refuse(format!("{v:?} is not a table name; use schema.table, e.g. public.render_jobs (double-quote mixed-case names).")) },
+    }
+}
+
+unsafe extern "C-unwind" fn check_column(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+    let v = unsafe { new_value(newval) };
+    match split_qualified_name(v) {
+        Some(parts) if parts.len() == 1 => true,
+        _ => unsafe { refuse(format!("{v:?} is not a column name; use e.g. created_at or completed_at.")) },
+    }
+}
+
+/// Splits `a.b` / `"A"."b.c"` into its identifiers, as PostgreSQL would read them.
+/// Returns `None` for anything that is not a dotted list of identifiers.
+pub fn split_qualified_name(s: &str) -> Option<Vec<String>> {
+    let mut parts = Vec::new();
+    let mut chars = s.trim().chars().peekable();
+    loop {
+        let mut ident = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        ident.push('"');
+                    }
+                    '"' => break,
+                    c => ident.push(c),
+                }
+            }
+            if ident.is_empty() {
+                return None;
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_alphanumeric() || c == '_' || c == '$' {
+                    ident.push(c.to_ascii_lowercase());
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let first = ident.chars().next()?;
+            if first.is_ascii_digit() || first == '$' {
+                return None;
+            }
+        }
+        parts.push(ident);
+        match chars.next() {
+            None => return Some(parts),
+            Some('.') => continue,
+            Some(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_qualified_name;
+
+    #[test]
+    fn qualified_names() {
+        assert_eq!(split_qualified_name("public.render_jobs"), Some(vec!["public".into(), "render_jobs".into()]));
+        assert_eq!(split_qualified_name("Render_Jobs"), Some(vec!["render_jobs".into()]));
+        assert_eq!(split_qualified_name("\"My Schema\".\"Jobs\"\"x\""), Some(vec!["My Schema".into(), "Jobs\"x".into()]));
+        assert_eq!(split_qualified_name("public.jobs; drop table x"), None);
+        assert_eq!(split_qualified_name(""), None);
+        assert_eq!(split_qualified_name("a..b"), None);
+        assert_eq!(split_qualified_name("1abc"), None);
+    }
+}

@@ -1,0 +1,101 @@
+//! The background worker: runs `orphan_cleanup.run_cycle()` every `orphan_cleanup.interval`.
+//!
+//! It wakes once a second, so a reloaded `interval` or `enabled` takes effect within a second
+//! rather than after the old interval ran out. It idles on a hot standby and waits quietly
+//! while the extension does not exist in its database. Errors inside a cycle are caught and
+//! recorded by `run_cycle()` itself; anything that escapes ends the process with exit code 1,
+//! and the postmaster starts it again after `RESTART_AFTER`.
+
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use crate::guc;
+
+const RESTART_AFTER: Duration = Duration::from_secs(5);
+const TICK: Duration = Duration::from_secs(1);
+/// How often to look again for the extension while it is missing.
+const MISSING_EXTENSION_RECHECK: Duration = Duration::from_secs(10);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_orphan_cleanup worker")
+        .set_type("pg_orphan_cleanup")
+        .set_function("orphan_cleanup_worker_main")
+        .set_library("pg_orphan_cleanup")
+        .enable_spi_access()
+        .set_restart_time(Some(RESTART_AFTER))
+        .load();
+}
+
+/// What the worker found when a cycle was due.
+enum Tick {
+    Ran,
+    Standby,
+    NoExtension,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::text(&guc::DATABASE);
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    log!("pg_orphan_cleanup worker started in database \"{database}\"");
+
+    let mut next_run = Instant::now();
+    let mut said_missing = false;
+    let mut said_standby = false;
+    while BackgroundWorker::wait_latch(Some(TICK)) {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let interval = Duration::from_secs(guc::INTERVAL.get().max(1) as u64);
+        // A shorter interval set by reload applies at once, not after the old one ran out.
+        next_run = next_run.min(Instant::now() + interval);
+        if !guc::ENABLED.get() || Instant::now() < next_run {
+            continue;
+        }
+        match BackgroundWorker::transaction(run_due_cycle) {
+            Tick::Ran => {
+                said_missing = false;
+                said_standby = false;
+                next_run = Instant::now() + interval;
+            }
+            Tick::Standby => {
+                if !said_standby {
+                    log!("pg_orphan_cleanup worker: this server is a standby; cycles run on the primary only");
+                    said_standby = true;
+                }
+                next_run = Instant::now() + MISSING_EXTENSION_RECHECK;
+            }
+            Tick::NoExtension => {
+                if !said_missing {
+                    log!("pg_orphan_cleanup worker: extension not created in database \"{database}\" yet; waiting (run CREATE EXTENSION pg_orphan_cleanup there)");
+                    said_missing = true;
+                }
+                next_run = Instant::now() + MISSING_EXTENSION_RECHECK;
+            }
+        }
+    }
+    log!("pg_orphan_cleanup worker stopping");
+    // Exit code 1 asks the postmaster to start the worker again (after pg_terminate_backend);
+    // during a server shutdown it is simply not restarted.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+fn run_due_cycle() -> Tick {
+    if Spi::get_one::<bool>("SELECT pg_catalog.pg_is_in_recovery()").ok().flatten().unwrap_or(false) {
+        return Tick::Standby;
+    }
+    let installed = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_orphan_cleanup')",
+    );
+    if !installed.ok().flatten().unwrap_or(false) {
+        return Tick::NoExtension;
+    }
+    if let Err(e) = Spi::run("SELECT * FROM orphan_cleanup.run_cycle()") {
+        warning!("pg_orphan_cleanup worker: run_cycle() failed: {e}");
+    }
+    Tick::Ran
+}
