@@ -24,7 +24,8 @@ DECLARE
     v_bucket text;
     v_path text;
     q record;
-    v_refuse record;
+    v_refuse_id bigint;
+    v_refuse_detail text;
     v_rescue bigint[] := '{}';
 BEGIN
     IF TG_OP <> 'DELETE' THEN
@@ -67,21 +68,22 @@ BEGIN
         IF (q.state IN ('pending', 'claimed', 'dead') AND q.claim_count > 0)
            OR (q.state IN ('deleted', 'absent') AND q.job_id = v_new
                AND (v_rows = 0 OR q.url_hash = md5(v_url))) THEN
-            v_refuse := q;
+            v_refuse_id := q.id;
+            v_refuse_detail := format('Deletion queue row %s (state %s) handed %s to a reaper (%s).',
+                                      q.id, q.state, q.output_url,
+                                      coalesce('last claimed by ' || q.claimed_by, 'claimed before'));
             EXIT;
         ELSIF q.state = 'pending' THEN
             v_rescue := v_rescue || q.id;
         END IF;
     END LOOP;
 
-    IF v_refuse.id IS NOT NULL THEN
+    IF v_refuse_id IS NOT NULL THEN
         -- The refusal rolls back this transaction, audit row included; the sequence survives.
         PERFORM pg_catalog.nextval('orphan_cleanup.refused_saves');
         RAISE EXCEPTION 'render job % cannot be saved: its output expired as an orphan and may already be deleted from storage', v_new
             USING ERRCODE = 'OC001',
-                  DETAIL = format('Deletion queue row %s (state %s) handed %s to a reaper (%s).',
-                                  v_refuse.id, v_refuse.state, v_refuse.output_url,
-                                  coalesce('last claimed by ' || v_refuse.claimed_by, 'claimed before')),
+                  DETAIL = v_refuse_detail,
                   HINT = 'Render the job again to save it; the database cannot bring the old file back.';
     END IF;
 

@@ -1,1 +1,223 @@
-//! Shared helpers for the end-to-end tests live in tests/tests/common.
+//! Shared fixtures for the end-to-end tests: a database per test on the throwaway cluster that
+//! `scripts/test.sh` starts (`PGOC_PORT`, default 55433), with the app schema, the extension,
+//! its indexes and `attach()` done, and helpers to change the cluster-wide settings.
+//!
+//! Settings are cluster-wide (`ALTER SYSTEM`), so the tests run one at a time
+//! (`--test-threads=1`), and every fixture starts from `ALTER SYSTEM RESET ALL`.
+
+use std::time::{Duration, Instant};
+
+use postgres::{Client, NoTls};
+
+pub use postgres;
+
+pub fn port() -> u16 {
+    std::env::var("PGOC_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(55433)
+}
+
+/// The repository root (the tests read `sql/*.sql` from it).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn connect(db: &str) -> Client {
+    connect_as(db, "postgres")
+}
+
+pub fn connect_as(db: &str, user: &str) -> Client {
+    let dsn = format!("host=127.0.0.1 port={} user={user} dbname={db} application_name=e2e", port());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Client::connect(&dsn, NoTls) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the cluster: {e}");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => panic!("cannot connect to the test cluster on port {} as {user}: {e} (run scripts/cluster.sh start)", port()),
+        }
+    }
+}
+
+/// Sets `orphan_cleanup.*` settings cluster-wide after resetting all of them, reloads, and waits
+/// until a new session sees every value. Give values as `SHOW` prints them (`'1s'`, `'0'`).
+pub fn settings(pairs: &[(&str, &str)]) {
+    let mut admin = connect("postgres");
+    admin.batch_execute("ALTER SYSTEM RESET ALL").unwrap();
+    for (name, value) in pairs {
+        let sql: String = admin
+            .query_one("SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)", &[&format!("orphan_cleanup.{name}"), value])
+            .unwrap()
+            .get(0);
+        admin.batch_execute(&sql).unwrap();
+    }
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for(Duration::from_secs(10), "settings to be reloaded", || {
+        let mut c = connect("postgres");
+        // The library defines the settings; load it so SHOW knows them.
+        c.batch_execute("LOAD 'pg_orphan_cleanup'").unwrap();
+        pairs.iter().all(|(name, value)| {
+            let shown: String = c.query_one(&format!("SHOW orphan_cleanup.{name}"), &[]).unwrap().get(0);
+            shown == *value
+        })
+    });
+}
+
+/// Polls `check` until it is true, panicking with `what` after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A database of its own for one test: app schema, extension, recommended indexes.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    /// Creates the database afresh. Does not attach: call [`TestDb::attach`].
+    pub fn create(name: &str) -> TestDb {
+        let mut admin = connect("postgres");
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let db = TestDb { name: name.to_string() };
+        let mut c = db.client();
+        let schema = std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap();
+        c.batch_execute(&schema).unwrap();
+        c.batch_execute("CREATE EXTENSION pg_orphan_cleanup").unwrap();
+        let indexes = std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap();
+        for stmt in sql_statements(&indexes) {
+            c.batch_execute(&stmt).unwrap();
+        }
+        db
+    }
+
+    /// Creates the database and attaches the extension to the default tables.
+    pub fn attached(name: &str) -> TestDb {
+        let db = TestDb::create(name);
+        db.attach();
+        db
+    }
+
+    pub fn attach(&self) {
+        self.client().query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap();
+    }
+
+    pub fn client(&self) -> Client {
+        connect(&self.name)
+    }
+}
+
+/// Splits a file of SQL statements on `;` at line ends, dropping comment-only lines. Enough for
+/// this project's own files, which keep one statement per `;`.
+pub fn sql_statements(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("--") || line.trim().is_empty() {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if line.trim_end().ends_with(';') {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+pub const HOST: &str = "abcd.supabase.co";
+
+/// A public object URL on this project's host.
+pub fn public_url(bucket: &str, key: &str) -> String {
+    format!("https://{HOST}/storage/v1/object/public/{bucket}/{key}")
+}
+
+/// Settings most tests want: the renders bucket and this project's host allowed.
+pub const BASE_SETTINGS: &[(&str, &str)] = &[("allowed_buckets", "renders"), ("allowed_hosts", HOST)];
+
+/// Inserts a job and returns its id. `age` is how long ago it was created, e.g. `'2 hours'`.
+pub fn job(c: &mut Client, status: &str, url: Option<&str>, age: &str, tag: &str) -> uuid_text::Uuid {
+    let row = c
+        .query_one(
+            "INSERT INTO render_jobs (status, output_url, created_at, prompt) VALUES ($1, $2, now() - $3::text::interval, $4) RETURNING id::text",
+            &[&status, &url, &age, &tag],
+        )
+        .unwrap();
+    uuid_text::Uuid(row.get(0))
+}
+
+/// Saves a job: a user_assets row whose metadata.render_job_id is `reference`.
+pub fn save(c: &mut Client, asset_type: &str, reference: &str) -> Result<u64, postgres::Error> {
+    c.execute(
+        "INSERT INTO user_assets (asset_type, metadata, file_size) VALUES ($1, jsonb_build_object('render_job_id', $2::text), 1000)",
+        &[&asset_type, &reference],
+    )
+}
+
+/// The states of the queue rows of a job, oldest first.
+pub fn queue_states(c: &mut Client, job: &uuid_text::Uuid) -> Vec<String> {
+    c.query("SELECT state FROM orphan_cleanup.deletion_queue WHERE job_id = $1::text::uuid ORDER BY id", &[&job.0])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Runs one cycle and returns (status, found, enqueued, protected, rejected).
+pub fn cycle(c: &mut Client) -> (String, i64, i64, i64, i64) {
+    let r = c.query_one("SELECT status, found, enqueued, protected, rejected FROM orphan_cleanup.run_cycle()", &[]).unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+}
+
+/// Claims for `worker` and returns the claimed queue ids.
+pub fn claim(c: &mut Client, worker: &str, max: i32) -> Vec<i64> {
+    c.query("SELECT id FROM orphan_cleanup.claim($1, $2)", &[&worker, &max]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// Waits until session `pid` is blocked by another session (pg_blocking_pids), so a test can
+/// drive an interleaving step by step without sleeps.
+pub fn wait_until_blocked(observer: &mut Client, pid: i32) {
+    wait_for(Duration::from_secs(10), "the session to block on a lock", || {
+        observer
+            .query_one("SELECT cardinality(pg_blocking_pids($1)) > 0", &[&pid])
+            .unwrap()
+            .get::<_, bool>(0)
+    });
+}
+
+pub fn backend_pid(c: &mut Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0)
+}
+
+/// The server's message (and detail, hint) of a database error, for asserting on.
+pub fn db_error(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "{}: {}{}{}",
+            d.code().code(),
+            d.message(),
+            d.detail().map(|x| format!(" DETAIL: {x}")).unwrap_or_default(),
+            d.hint().map(|x| format!(" HINT: {x}")).unwrap_or_default()
+        ),
+        None => e.to_string(),
+    }
+}
+
+/// Job ids travel as text: the tests need no uuid crate.
+pub mod uuid_text {
+    #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub struct Uuid(pub String);
+
+    impl std::fmt::Display for Uuid {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+}

@@ -1,0 +1,29 @@
+# pg_orphan_cleanup: the commands a new user needs. Each one installs what is missing.
+.PHONY: demo test setup install cluster-start cluster-stop cluster-destroy fmt lint
+
+demo:            ## the whole story, end to end, on a throwaway cluster
+	scripts/demo.sh
+
+test:            ## everything CI runs: unit, property, #[pg_test] and end-to-end tests
+	scripts/test.sh
+
+setup:           ## apt packages, cargo-pgrx 0.18.0, cargo pgrx init
+	scripts/setup.sh
+
+install: setup   ## build and install the extension into PostgreSQL 15
+	scripts/install.sh
+
+cluster-start:   ## a throwaway cluster on port 55432 (PGOC_PORT)
+	scripts/cluster.sh start
+
+cluster-stop:
+	scripts/cluster.sh stop
+
+cluster-destroy:
+	scripts/cluster.sh destroy
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo clippy --workspace --all-targets -- -D warnings

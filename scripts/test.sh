@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command (`make test`): unit and property tests, the #[pg_test] tests, then the
+# end-to-end tests against a throwaway cluster with the extension installed. Installs whatever
+# is missing first, so it works on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+echo "==> unit and property tests"
+cargo test -p object-url
+
+echo "==> #[pg_test] tests (pgrx's own throwaway cluster, run as postgres)"
+PGRX_TEST_DIR=/tmp/pg_orphan_cleanup-pgrx-test
+mkdir -p "$PGRX_TEST_DIR"
+chown postgres:postgres "$PGRX_TEST_DIR"
+CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$PGRX_TEST_DIR/data" \
+  cargo test -p pg_orphan_cleanup
+
+echo "==> end-to-end tests (tests/) against a fresh cluster"
+scripts/install.sh
+export PGOC_PORT="${PGOC_TEST_PORT:-55433}"
+scripts/cluster.sh destroy >/dev/null
+trap 'scripts/cluster.sh stop >/dev/null || true' EXIT
+scripts/cluster.sh start
+cargo test -p e2e -- --test-threads=1
