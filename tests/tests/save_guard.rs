@@ -1,0 +1,247 @@
+//! The save guard, interleaving by interleaving. Each test drives two or three sessions step by
+//! step; a step that must block is observed with pg_blocking_pids(), never with sleeps.
+//!
+//! The invariant: once a row has been handed to a reaper, no committed user_assets row
+//! references its job, and none can commit afterwards.
+
+use std::thread;
+
+use e2e::*;
+
+const REFUSED: &str = "OC001";
+
+/// One queued orphan; returns the database and its job.
+fn one_queued(name: &str) -> (TestDb, uuid_text::Uuid) {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached(name);
+    let mut c = db.client();
+    let j = job(&mut c, "completed", Some(&public_url("renders", &format!("{name}/out.png"))), "2 hours", "orphan");
+    assert_eq!(cycle(&mut c).2, 1);
+    (db, j)
+}
+
+fn saved_assets(c: &mut postgres::Client, j: &uuid_text::Uuid) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM user_assets WHERE orphan_cleanup.job_ref_key(metadata->>'render_job_id') = $1",
+        &[&j.0],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn audit_count(c: &mut postgres::Client, j: &uuid_text::Uuid, action: &str) -> i64 {
+    c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE job_id = $1::text::uuid AND action = $2", &[&j.0, &action])
+        .unwrap()
+        .get(0)
+}
+
+fn refused_count(c: &mut postgres::Client) -> i64 {
+    c.query_one("SELECT value FROM orphan_cleanup.validation_report() WHERE metric = 'saves refused'", &[]).unwrap().get(0)
+}
+
+#[test]
+fn a_save_before_any_claim_rescues_the_row() {
+    let (db, j) = one_queued("guard_rescue");
+    let mut c = db.client();
+    save(&mut c, "generated_saved", &j.0).expect("the save succeeds");
+    assert_eq!(queue_states(&mut c, &j), vec!["rescued"]);
+    assert_eq!(audit_count(&mut c, &j, "rescued"), 1);
+    assert!(claim(&mut c, "w1", 10).is_empty(), "a rescued row is never handed out");
+}
+
+#[test]
+fn a_save_spelled_differently_rescues_too() {
+    let (db, j) = one_queued("guard_spelling");
+    let mut c = db.client();
+    save(&mut c, "generated_saved", &format!(" {{{}}} ", j.0.to_uppercase())).expect("the save succeeds");
+    assert_eq!(queue_states(&mut c, &j), vec!["rescued"]);
+}
+
+#[test]
+fn a_save_after_a_claim_is_refused_with_its_own_sqlstate() {
+    let (db, j) = one_queued("guard_refuse");
+    let mut c = db.client();
+    let ids = claim(&mut c, "w1", 10);
+    assert_eq!(ids.len(), 1);
+    let err = save(&mut c, "generated_saved", &j.0).unwrap_err();
+    let db_err = err.as_db_error().expect("a database error");
+    assert_eq!(db_err.code().code(), REFUSED);
+    assert!(db_err.message().contains(&j.0) && db_err.message().contains("expired as an orphan"), "{}", db_err.message());
+    assert!(db_err.hint().unwrap().contains("Render the job again"));
+    assert_eq!(saved_assets(&mut c, &j), 0);
+    assert_eq!(refused_count(&mut c), 1);
+
+    // Released (file maybe gone), still refused. Confirmed and job row deleted: still refused.
+    c.query_one("SELECT orphan_cleanup.release('w1')", &[]).unwrap();
+    assert_eq!(save(&mut c, "generated_saved", &j.0).unwrap_err().code().unwrap().code(), REFUSED);
+    let ids = claim(&mut c, "w1", 10);
+    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids]).unwrap();
+    assert_eq!(save(&mut c, "generated_saved", &j.0).unwrap_err().code().unwrap().code(), REFUSED);
+    assert_eq!(refused_count(&mut c), 3);
+    let health: String = c.query_one("SELECT status FROM orphan_cleanup.health() WHERE check_name = 'refused saves'", &[]).unwrap().get(0);
+    assert_eq!(health, "warning");
+}
+
+#[test]
+fn an_update_that_points_an_asset_at_a_claimed_job_is_refused() {
+    let (db, j) = one_queued("guard_update");
+    let mut c = db.client();
+    c.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', '{\"render_job_id\": \"none\"}')", &[]).unwrap();
+    claim(&mut c, "w1", 10);
+    let err = c
+        .execute("UPDATE user_assets SET metadata = jsonb_build_object('render_job_id', $1::text)", &[&j.0])
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), REFUSED);
+}
+
+#[test]
+fn a_save_in_flight_makes_claims_skip_the_row() {
+    let (db, j) = one_queued("guard_inflight_save");
+    let mut saver = db.client();
+    let mut reaper = db.client();
+    let mut tx = saver.transaction().unwrap();
+    tx.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))", &[&j.0])
+        .unwrap();
+    // The claim does not wait for the save: it skips the row.
+    assert!(claim(&mut reaper, "w1", 10).is_empty());
+    tx.commit().unwrap();
+    assert!(claim(&mut reaper, "w1", 10).is_empty());
+    assert_eq!(queue_states(&mut reaper, &j), vec!["rescued"]);
+    assert_eq!(audit_count(&mut reaper, &j, "claimed"), 0);
+}
+
+#[test]
+fn a_save_that_began_before_the_cycle_cannot_slip_through() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_before_cycle");
+    let mut c = db.client();
+    let j = job(&mut c, "completed", Some(&public_url("renders", "early/out.png")), "2 hours", "orphan");
+    // 1. The save starts before the cycle looks; it is not committed yet.
+    let mut saver = db.client();
+    let mut tx = saver.transaction().unwrap();
+    tx.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))", &[&j.0])
+        .unwrap();
+    // 2. The cycle cannot see the save and queues the job.
+    assert_eq!(cycle(&mut c).2, 1);
+    // 3. A claim now skips it: the save holds the job row.
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    // 4. The save commits; the next claim's re-check sees it and retires the row.
+    tx.commit().unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    assert_eq!(queue_states(&mut c, &j), vec!["stale"]);
+    let reason: String = c.query_one("SELECT reason FROM orphan_cleanup.deletion_queue WHERE job_id = $1::text::uuid", &[&j.0]).unwrap().get(0);
+    assert_eq!(reason, "the job is referenced by an asset");
+    assert_eq!(audit_count(&mut c, &j, "claimed"), 0, "never handed to a reaper");
+    assert_eq!(saved_assets(&mut c, &j), 1);
+}
+
+#[test]
+fn a_claim_in_flight_makes_the_save_wait_then_refuses_it() {
+    let (db, j) = one_queued("guard_inflight_claim");
+    let mut reaper = db.client();
+    let mut observer = db.client();
+    let mut tx = reaper.transaction().unwrap();
+    let ids: Vec<i64> = tx.query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids.len(), 1);
+
+    let name = db.name.clone();
+    let job_id = j.0.clone();
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let saver = thread::spawn(move || {
+        let mut s = connect(&name);
+        pid_tx.send(backend_pid(&mut s)).unwrap();
+        save(&mut s, "generated_saved", &job_id)
+    });
+    let saver_pid = pid_rx.recv().unwrap();
+    wait_until_blocked(&mut observer, saver_pid);
+    tx.commit().unwrap();
+    let err = saver.join().unwrap().unwrap_err();
+    assert_eq!(err.code().unwrap().code(), REFUSED);
+    assert_eq!(saved_assets(&mut observer, &j), 0);
+}
+
+#[test]
+fn a_claim_rolled_back_lets_the_waiting_save_rescue_the_row() {
+    let (db, j) = one_queued("guard_claim_rollback");
+    let mut reaper = db.client();
+    let mut observer = db.client();
+    let mut tx = reaper.transaction().unwrap();
+    assert_eq!(tx.query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[]).unwrap().len(), 1);
+
+    let name = db.name.clone();
+    let job_id = j.0.clone();
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let saver = thread::spawn(move || {
+        let mut s = connect(&name);
+        pid_tx.send(backend_pid(&mut s)).unwrap();
+        save(&mut s, "generated_saved", &job_id)
+    });
+    wait_until_blocked(&mut observer, pid_rx.recv().unwrap());
+    tx.rollback().unwrap();
+    saver.join().unwrap().expect("the claim never happened, so the save succeeds");
+    assert_eq!(queue_states(&mut observer, &j), vec!["rescued"]);
+}
+
+#[test]
+fn saving_one_of_two_jobs_sharing_an_object_keeps_the_object() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_shared");
+    let mut c = db.client();
+    let url = public_url("renders", "shared/out.png");
+    let a = job(&mut c, "completed", Some(&url), "2 hours", "orphan");
+    let b = job(&mut c, "completed", Some(&format!("{url}?download")), "2 hours", "orphan");
+    assert_eq!(cycle(&mut c).2, 2, "both are orphans, so the object may go");
+    save(&mut c, "generated_saved", &b.0).unwrap();
+    assert_eq!(queue_states(&mut c, &a), vec!["rescued"], "the other job's row names the same object");
+    assert_eq!(queue_states(&mut c, &b), vec!["rescued"]);
+    assert!(claim(&mut c, "w1", 10).is_empty());
+}
+
+#[test]
+fn a_save_of_a_job_sharing_a_claimed_object_is_refused() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_shared_claimed");
+    let mut c = db.client();
+    let url = public_url("renders", "shared2/out.png");
+    job(&mut c, "completed", Some(&url), "2 hours", "orphan");
+    let b = job(&mut c, "completed", Some(&url), "2 hours", "orphan");
+    cycle(&mut c);
+    assert_eq!(claim(&mut c, "w1", 1).len(), 1);
+    // Whichever row was claimed, the object may be gone: saving either job is refused.
+    assert_eq!(save(&mut c, "generated_saved", &b.0).unwrap_err().code().unwrap().code(), REFUSED);
+}
+
+#[test]
+fn a_claim_skips_an_object_while_another_job_sharing_it_is_being_saved() {
+    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("max_per_cycle", "1")]);
+    let db = TestDb::attached("guard_shared_inflight");
+    let mut c = db.client();
+    let url = public_url("renders", "shared3/out.png");
+    let a = job(&mut c, "completed", Some(&url), "3 hours", "orphan");
+    let b = job(&mut c, "completed", Some(&url), "2 hours", "orphan");
+    assert_eq!(cycle(&mut c).2, 1, "only the older job is queued this cycle");
+    assert_eq!(queue_states(&mut c, &a), vec!["pending"]);
+    let mut saver = db.client();
+    let mut tx = saver.transaction().unwrap();
+    tx.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))", &[&b.0])
+        .unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty(), "b's save holds the rows that could hand out its object");
+    tx.commit().unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    assert_eq!(queue_states(&mut c, &a), vec!["rescued"]);
+}
+
+#[test]
+fn deleting_an_asset_makes_its_job_an_orphan_again() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_unsave");
+    let mut c = db.client();
+    let j = job(&mut c, "completed", Some(&public_url("renders", "unsave/out.png")), "2 hours", "saved");
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    assert_eq!(cycle(&mut c).2, 0);
+    c.execute("DELETE FROM user_assets", &[]).unwrap();
+    let rechecks: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.recheck", &[]).unwrap().get(0);
+    assert_eq!(rechecks, 1);
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(queue_states(&mut c, &j), vec!["pending"]);
+}
