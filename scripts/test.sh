@@ -24,3 +24,7 @@ scripts/cluster.sh destroy >/dev/null
 trap 'scripts/cluster.sh stop >/dev/null || true' EXIT
 scripts/cluster.sh start
 cargo test -p e2e -- --test-threads=1
+
+echo "==> the demo, at CI size (it must not rot)"
+DEMO_JOBS="${DEMO_JOBS:-2000}" scripts/demo.sh >/tmp/pg_orphan_cleanup-demo.log 2>&1 || { cat /tmp/pg_orphan_cleanup-demo.log; exit 1; }
+tail -n 2 /tmp/pg_orphan_cleanup-demo.log

@@ -21,13 +21,19 @@ BEGIN
             LEFT JOIN %2$s AS ua ON ua.metadata ->> 'render_job_id' = rj.id::text
             WHERE rj.status = 'completed' AND rj.output_url IS NOT NULL AND ua.id IS NULL
         ),
+        refs AS (
+            -- Every job any asset references, however spelled: one pass, hashed below, so the
+            -- report is cheap even before the recommended indexes exist.
+            SELECT orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') AS job_key
+            FROM %2$s AS a
+            WHERE (a.metadata ->> 'render_job_id') IS NOT NULL
+        ),
         s AS (
             SELECT o.old_enough,
                    (SELECT q.state FROM orphan_cleanup.deletion_queue AS q
                     WHERE q.job_id = o.id AND q.url_hash = md5(o.output_url)
                     ORDER BY q.id DESC LIMIT 1) AS qstate,
-                   EXISTS (SELECT 1 FROM %2$s AS a
-                           WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = o.id::text) AS noncanonical
+                   o.id::text IN (SELECT r.job_key FROM refs AS r WHERE r.job_key IS NOT NULL) AS noncanonical
             FROM o
         )
         SELECT count(*) AS total,

@@ -33,6 +33,7 @@ enum Tick {
     Ran,
     Standby,
     NoExtension,
+    NotAttached,
 }
 
 #[pg_guard]
@@ -69,9 +70,9 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
                 }
                 next_run = Instant::now() + MISSING_EXTENSION_RECHECK;
             }
-            Tick::NoExtension => {
+            Tick::NoExtension | Tick::NotAttached => {
                 if !said_missing {
-                    log!("pg_orphan_cleanup worker: extension not created in database \"{database}\" yet; waiting (run CREATE EXTENSION pg_orphan_cleanup there)");
+                    log!("pg_orphan_cleanup worker: waiting in database \"{database}\": run CREATE EXTENSION pg_orphan_cleanup and SELECT * FROM orphan_cleanup.attach() there");
                     said_missing = true;
                 }
                 next_run = Instant::now() + MISSING_EXTENSION_RECHECK;
@@ -93,6 +94,11 @@ fn run_due_cycle() -> Tick {
     );
     if !installed.ok().flatten().unwrap_or(false) {
         return Tick::NoExtension;
+    }
+    // Until a DBA runs attach(), a cycle could only fail; wait quietly like for the extension.
+    let attached = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM orphan_cleanup.attachment)");
+    if !attached.ok().flatten().unwrap_or(false) {
+        return Tick::NotAttached;
     }
     if let Err(e) = Spi::run("SELECT * FROM orphan_cleanup.run_cycle()") {
         warning!("pg_orphan_cleanup worker: run_cycle() failed: {e}");
