@@ -5,26 +5,35 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Every cargo test run is teed here, so the last line can total them up.
+RESULTS=$(mktemp)
+trap 'rm -f "$RESULTS"' EXIT
+ctest() { cargo test "$@" 2>&1 | tee -a "$RESULTS"; return "${PIPESTATUS[0]}"; }
+
 scripts/setup.sh
 
 echo "==> unit and property tests"
-cargo test -p object-url
+ctest -p object-url
 
 echo "==> #[pg_test] tests (pgrx's own throwaway cluster, run as postgres)"
 PGRX_TEST_DIR=/tmp/pg_orphan_cleanup-pgrx-test
 mkdir -p "$PGRX_TEST_DIR"
 chown postgres:postgres "$PGRX_TEST_DIR"
 CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$PGRX_TEST_DIR/data" \
-  cargo test -p pg_orphan_cleanup
+  ctest -p pg_orphan_cleanup
 
 echo "==> end-to-end tests (tests/) against a fresh cluster"
 scripts/install.sh
 export PGOC_PORT="${PGOC_TEST_PORT:-55433}"
 scripts/cluster.sh destroy >/dev/null
-trap 'scripts/cluster.sh stop >/dev/null || true' EXIT
+trap 'scripts/cluster.sh stop >/dev/null || true; rm -f "$RESULTS"' EXIT
 scripts/cluster.sh start
-cargo test -p e2e -- --test-threads=1
+ctest -p e2e -- --test-threads=1
 
 echo "==> the demo, at CI size (it must not rot)"
 DEMO_JOBS="${DEMO_JOBS:-2000}" scripts/demo.sh >/tmp/pg_orphan_cleanup-demo.log 2>&1 || { cat /tmp/pg_orphan_cleanup-demo.log; exit 1; }
 tail -n 2 /tmp/pg_orphan_cleanup-demo.log
+
+passed=$(grep -Eo '[0-9]+ passed' "$RESULTS" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$RESULTS" | awk '{s+=$1} END {print s+0}')
+echo "tests: $passed passed, $failed failed"
