@@ -261,6 +261,7 @@ BEGIN
 
     -- A full sweep re-reads all history: when due, on the first cycle after attach(), and when
     -- the allow-lists or min_age changed (a rejected URL may be allowed now).
+    INSERT INTO orphan_cleanup.detector_state DEFAULT VALUES ON CONFLICT (singleton) DO NOTHING;
     SELECT * INTO st FROM orphan_cleanup.detector_state FOR UPDATE;
     fingerprint := md5(concat_ws('|', cfg.allowed_buckets, cfg.allowed_prefixes, cfg.allowed_hosts, cfg.min_age_s));
     full_sweep := st.sweep_started_at IS NULL
@@ -353,6 +354,7 @@ BEGIN
         RETURN;
     END IF;
 
+    PERFORM orphan_cleanup._flush_refusals();
     INSERT INTO orphan_cleanup.cycle_log (status, actor) VALUES ('running', v_actor) RETURNING id INTO v_id;
     RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
     BEGIN

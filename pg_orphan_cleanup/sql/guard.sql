@@ -79,8 +79,10 @@ BEGIN
     END LOOP;
 
     IF v_refuse_id IS NOT NULL THEN
-        -- The refusal rolls back this transaction, audit row included; the sequence survives.
+        -- The refusal rolls back this transaction, audit row included. The sequence and the
+        -- shared-memory note survive it; the worker or the next cycle writes the audit row.
         PERFORM pg_catalog.nextval('orphan_cleanup.refused_saves');
+        PERFORM orphan_cleanup._note_refusal(v_new, v_refuse_id, session_user::text);
         RAISE EXCEPTION 'render job % cannot be saved: its output expired as an orphan and may already be deleted from storage', v_new
             USING ERRCODE = 'OC001',
                   DETAIL = v_refuse_detail,
@@ -101,6 +103,29 @@ BEGIN
         FROM rescued AS r;
     END IF;
     RETURN NULL;
+END
+$$;
+
+-- Moves refused saves noted in shared memory into the audit log.
+CREATE FUNCTION orphan_cleanup._flush_refusals() RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH taken AS (
+        SELECT * FROM orphan_cleanup._take_refusals()
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (at, action, job_id, queue_id, output_url, actor, detail)
+        SELECT to_timestamp(t.unix_micros / 1e6), 'refused', t.job_id, t.queue_id, q.output_url, t.actor,
+               'save refused (SQLSTATE OC001): the job''s output expired as an orphan and may already be deleted'
+        FROM taken AS t
+        LEFT JOIN orphan_cleanup.deletion_queue AS q ON q.id = t.queue_id
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM audited;
+    RETURN n;
 END
 $$;
 

@@ -33,7 +33,8 @@ CREATE TABLE orphan_cleanup.detector_state (
     sweep_started_at   timestamptz,
     policy_fingerprint text
 );
-INSERT INTO orphan_cleanup.detector_state DEFAULT VALUES;
+-- No row yet: the first cycle creates it. (A row inserted here would collide with the dumped
+-- row when pg_restore fills this table.)
 
 -- Jobs to look at again in the next cycle, whatever the cursor says: the save guard adds a
 -- job here when an asset that referenced it is deleted or changed.

@@ -51,6 +51,9 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+        if crate::refusals::pending(u32::from(unsafe { pg_sys::MyDatabaseId })) {
+            BackgroundWorker::transaction(flush_refusals);
+        }
         let interval = Duration::from_secs(guc::INTERVAL.get().max(1) as u64);
         // A shorter interval set by reload applies at once, not after the old one ran out.
         next_run = next_run.min(Instant::now() + interval);
@@ -83,6 +86,16 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
     // Exit code 1 asks the postmaster to start the worker again (after pg_terminate_backend);
     // during a server shutdown it is simply not restarted.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Writes refused saves noted in shared memory to the audit log.
+fn flush_refusals() {
+    let exists = Spi::get_one::<bool>("SELECT to_regproc('orphan_cleanup._flush_refusals') IS NOT NULL");
+    if exists.ok().flatten().unwrap_or(false) {
+        if let Err(e) = Spi::run("SELECT orphan_cleanup._flush_refusals()") {
+            warning!("pg_orphan_cleanup worker: could not audit refused saves: {e}");
+        }
+    }
 }
 
 fn run_due_cycle() -> Tick {

@@ -363,3 +363,81 @@ fn attach_names_every_problem_with_the_tables() {
         .get(0);
     assert_eq!(triggers, 2);
 }
+
+#[test]
+fn claim_can_be_limited_to_some_buckets() {
+    settings(&[("allowed_buckets", "renders,thumbs"), ("allowed_hosts", HOST)]);
+    let db = TestDb::attached("queue_buckets");
+    let mut c = db.client();
+    job(&mut c, "completed", Some(&public_url("renders", "b/1.png")), "2 hours", "orphan");
+    job(&mut c, "completed", Some(&public_url("thumbs", "b/1.png")), "2 hours", "orphan");
+    cycle(&mut c);
+    let rows = c.query("SELECT bucket FROM orphan_cleanup.claim('w1', 10, '5 minutes', ARRAY['thumbs'])", &[]).unwrap();
+    assert_eq!(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(), vec!["thumbs"]);
+}
+
+#[test]
+fn history_older_than_the_retention_is_pruned() {
+    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("history_retention", "1h")]);
+    let (db, _) = queued_db("queue_prune", 2);
+    let mut c = db.client();
+    let ids = claim(&mut c, "w1", 10);
+    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&vec![ids[0]]]).unwrap();
+    c.batch_execute(&format!(
+        "UPDATE orphan_cleanup.deletion_queue SET finished_at = now() - interval '2 hours' WHERE id = {};
+         UPDATE orphan_cleanup.audit_log SET at = now() - interval '2 hours' WHERE queue_id = {};
+         UPDATE orphan_cleanup.cycle_log SET started_at = now() - interval '2 hours';",
+        ids[0], ids[0]
+    ))
+    .unwrap();
+    cycle(&mut c);
+    let queue: Vec<i64> = c.query("SELECT id FROM orphan_cleanup.deletion_queue", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(queue, vec![ids[1]], "the finished old row is pruned; the claimed one stays");
+    let old_audit: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE queue_id = $1", &[&ids[0]]).unwrap().get(0);
+    assert_eq!(old_audit, 0);
+    let cycles: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.cycle_log", &[]).unwrap().get(0);
+    assert_eq!(cycles, 1, "only the cycle that just ran is left");
+}
+
+#[test]
+fn the_queue_and_its_history_survive_pg_dump_and_restore() {
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_dump", 3);
+    let mut c = db.client();
+    claim(&mut c, "w1", 1);
+    let before: Vec<(i64, String)> =
+        c.query("SELECT id, state FROM orphan_cleanup.deletion_queue ORDER BY id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let audit_before: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[]).unwrap().get(0);
+
+    let restored = TestDb { name: "queue_dump_restored".into() };
+    let mut admin = connect("postgres");
+    admin.batch_execute("DROP DATABASE IF EXISTS queue_dump_restored WITH (FORCE); CREATE DATABASE queue_dump_restored").unwrap();
+    let port = port().to_string();
+    let dump = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_dump")
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-Fc", "-d", &db.name])
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let mut restore = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_restore")
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "--exit-on-error", "-d", &restored.name])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    restore.stdin.take().unwrap().write_all(&dump.stdout).unwrap();
+    let out = restore.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut r = restored.client();
+    let after: Vec<(i64, String)> =
+        r.query("SELECT id, state FROM orphan_cleanup.deletion_queue ORDER BY id", &[]).unwrap().iter().map(|x| (x.get(0), x.get(1))).collect();
+    assert_eq!(after, before);
+    let audit_after: i64 = r.query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[]).unwrap().get(0);
+    assert_eq!(audit_after, audit_before);
+    // The restored database has new table OIDs: claims refuse until attach() confirms them.
+    let err = r.query("SELECT * FROM orphan_cleanup.claim('w2', 10)", &[]).unwrap_err();
+    assert!(db_error(&err).contains("attach()"), "{}", db_error(&err));
+    restored.attach();
+    assert_eq!(claim(&mut r, "w2", 10).len(), 2);
+}

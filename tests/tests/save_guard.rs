@@ -70,6 +70,16 @@ fn a_save_after_a_claim_is_refused_with_its_own_sqlstate() {
     assert!(db_err.hint().unwrap().contains("Render the job again"));
     assert_eq!(saved_assets(&mut c, &j), 0);
     assert_eq!(refused_count(&mut c), 1);
+    // The refusal rolled back its own transaction, but it is audited: the next cycle writes the
+    // row noted in shared memory.
+    assert_eq!(audit_count(&mut c, &j, "refused"), 0);
+    cycle(&mut c);
+    assert_eq!(audit_count(&mut c, &j, "refused"), 1);
+    let actor: String = c
+        .query_one("SELECT actor FROM orphan_cleanup.audit_log WHERE action = 'refused' AND job_id = $1::text::uuid", &[&j.0])
+        .unwrap()
+        .get(0);
+    assert_eq!(actor, "postgres");
 
     // Released (file maybe gone), still refused. Confirmed and job row deleted: still refused.
     c.query_one("SELECT orphan_cleanup.release('w1')", &[]).unwrap();

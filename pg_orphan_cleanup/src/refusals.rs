@@ -1,0 +1,120 @@
+//! Audit rows for refused saves.
+//!
+//! When the save guard refuses a save, it raises an ERROR, and the save's transaction rolls
+//! back, taking any audit row it wrote with it. PostgreSQL has no autonomous transactions, so the
+//! guard notes the refusal here instead: a small ring in shared memory that outlives the
+//! rollback. The background worker (within a second) and every cycle move the notes into
+//! `orphan_cleanup.audit_log` as `refused` rows. Shared memory needs `shared_preload_libraries`;
+//! without it the sequence `orphan_cleanup.refused_saves` still counts every refusal.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+
+/// Refusals held between two flushes. Past this, the oldest are dropped and counted.
+const CAPACITY: usize = 256;
+const ACTOR_LEN: usize = 64;
+
+#[derive(Copy, Clone)]
+struct Note {
+    database: u32,
+    job: [u8; 16],
+    queue_id: i64,
+    unix_micros: i64,
+    actor: [u8; ACTOR_LEN],
+    actor_len: u8,
+}
+
+const EMPTY: Note = Note { database: 0, job: [0; 16], queue_id: 0, unix_micros: 0, actor: [0; ACTOR_LEN], actor_len: 0 };
+
+#[derive(Copy, Clone)]
+pub struct Ring {
+    notes: [Note; CAPACITY],
+    len: usize,
+    dropped: u64,
+}
+
+impl Default for Ring {
+    fn default() -> Self {
+        Ring { notes: [EMPTY; CAPACITY], len: 0, dropped: 0 }
+    }
+}
+
+unsafe impl PGRXSharedMemory for Ring {}
+
+static RING: PgLwLock<Ring> = unsafe { PgLwLock::new(c"pg_orphan_cleanup refused saves") };
+
+/// Set in the postmaster when the library is preloaded; forked backends inherit it.
+static READY: AtomicBool = AtomicBool::new(false);
+
+/// Reserves the shared memory. Only while `shared_preload_libraries` is being processed.
+pub fn init() {
+    pg_shmem_init!(RING);
+    READY.store(true, Ordering::Relaxed);
+}
+
+/// Whether any refusal noted in `database` waits to be written to the audit log.
+pub fn pending(database: u32) -> bool {
+    READY.load(Ordering::Relaxed) && {
+        let ring = RING.share();
+        ring.notes[..ring.len].iter().any(|n| n.database == database)
+    }
+}
+
+/// Notes a refused save. Returns false when shared memory is not available (not preloaded).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _note_refusal(job: pgrx::Uuid, queue_id: i64, actor: &str) -> bool {
+    if !READY.load(Ordering::Relaxed) {
+        return false;
+    }
+    let mut note = EMPTY;
+    note.database = u32::from(unsafe { pg_sys::MyDatabaseId });
+    note.job.copy_from_slice(job.as_bytes());
+    note.queue_id = queue_id;
+    note.unix_micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let bytes = actor.as_bytes();
+    let n = bytes.len().min(ACTOR_LEN);
+    note.actor[..n].copy_from_slice(&bytes[..n]);
+    note.actor_len = n as u8;
+
+    let mut ring = RING.exclusive();
+    if ring.len == CAPACITY {
+        ring.notes.copy_within(1.., 0);
+        ring.len -= 1;
+        ring.dropped += 1;
+    }
+    let len = ring.len;
+    ring.notes[len] = note;
+    ring.len += 1;
+    true
+}
+
+/// Removes and returns the refusals noted in the current database.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _take_refusals() -> TableIterator<
+    'static,
+    (name!(job_id, pgrx::Uuid), name!(queue_id, i64), name!(actor, String), name!(unix_micros, i64)),
+> {
+    let mut taken = Vec::new();
+    if READY.load(Ordering::Relaxed) {
+        let database = u32::from(unsafe { pg_sys::MyDatabaseId });
+        let mut ring = RING.exclusive();
+        let mut kept = 0;
+        for i in 0..ring.len {
+            let note = ring.notes[i];
+            if note.database == database {
+                let actor = String::from_utf8_lossy(&note.actor[..note.actor_len as usize]).into_owned();
+                taken.push((pgrx::Uuid::from_bytes(note.job), note.queue_id, actor, note.unix_micros));
+            } else {
+                ring.notes[kept] = note;
+                kept += 1;
+            }
+        }
+        ring.len = kept;
+    }
+    TableIterator::new(taken)
+}
