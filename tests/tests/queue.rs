@@ -411,7 +411,8 @@ fn the_queue_and_its_history_survive_pg_dump_and_restore() {
 
     let restored = TestDb { name: "queue_dump_restored".into() };
     let mut admin = connect("postgres");
-    admin.batch_execute("DROP DATABASE IF EXISTS queue_dump_restored WITH (FORCE); CREATE DATABASE queue_dump_restored").unwrap();
+    admin.batch_execute("DROP DATABASE IF EXISTS queue_dump_restored WITH (FORCE)").unwrap();
+    admin.batch_execute("CREATE DATABASE queue_dump_restored").unwrap();
     let port = port().to_string();
     let dump = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_dump")
         .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-Fc", "-d", &db.name])
