@@ -10,8 +10,10 @@
 #   scripts/cluster.sh env       print PG* variables to `eval` in a shell
 #
 # Settings (environment): PGOC_PORT (55432), PGOC_DIR (/tmp/pg_orphan_cleanup-$PGOC_PORT),
-# PG_MAJOR (15), PGOC_WORKER_DB (postgres: the database the background worker works in). The directory lives under /tmp because the postgres user must be able to
-# reach it, which a checkout under /root does not allow.
+# PG_MAJOR (15), PGOC_WORKER_DB (postgres: the database the background worker works in),
+# PGOC_PRELOAD (1; 0 leaves pg_orphan_cleanup out of shared_preload_libraries: no worker).
+# The directory lives under /tmp because the postgres user must be able to reach it, which a
+# checkout under /root does not allow.
 set -euo pipefail
 
 PG_MAJOR="${PG_MAJOR:-15}"
@@ -43,7 +45,7 @@ start() {
 port = $PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$SOCK'
-shared_preload_libraries = 'pg_orphan_cleanup'
+shared_preload_libraries = '$( [ "${PGOC_PRELOAD:-1}" = 1 ] && echo pg_orphan_cleanup )'
 orphan_cleanup.database = '${PGOC_WORKER_DB:-postgres}'
 max_connections = 100
 log_line_prefix = '%m [%p] %q%u@%d '

@@ -26,7 +26,7 @@ echo "==> end-to-end tests (tests/) against a fresh cluster"
 scripts/install.sh
 export PGOC_PORT="${PGOC_TEST_PORT:-55433}"
 scripts/cluster.sh destroy >/dev/null
-trap 'scripts/cluster.sh stop >/dev/null || true; rm -f "$RESULTS"' EXIT
+trap 'scripts/cluster.sh stop >/dev/null || true; PGOC_PORT=55434 scripts/cluster.sh destroy >/dev/null 2>&1 || true; rm -f "$RESULTS"' EXIT
 scripts/cluster.sh start
 ctest -p e2e -- --test-threads=1
 

@@ -155,11 +155,23 @@ pub fn parse(raw: &str) -> Result<ObjectRef, ParseError> {
 /// The route prefixes that name one object, and the form each one means.
 const ROUTES: &[(&[&str], UrlForm)] = &[
     (&["storage", "v1", "object", "public"], UrlForm::Public),
-    (&["storage", "v1", "object", "authenticated"], UrlForm::Authenticated),
+    (
+        &["storage", "v1", "object", "authenticated"],
+        UrlForm::Authenticated,
+    ),
     (&["storage", "v1", "object", "sign"], UrlForm::Signed),
-    (&["storage", "v1", "render", "image", "public"], UrlForm::RenderImage),
-    (&["storage", "v1", "render", "image", "authenticated"], UrlForm::RenderImage),
-    (&["storage", "v1", "render", "image", "sign"], UrlForm::RenderImage),
+    (
+        &["storage", "v1", "render", "image", "public"],
+        UrlForm::RenderImage,
+    ),
+    (
+        &["storage", "v1", "render", "image", "authenticated"],
+        UrlForm::RenderImage,
+    ),
+    (
+        &["storage", "v1", "render", "image", "sign"],
+        UrlForm::RenderImage,
+    ),
 ];
 
 fn parse_url(raw: &str) -> Result<ObjectRef, ParseError> {
@@ -179,7 +191,9 @@ fn parse_url(raw: &str) -> Result<ObjectRef, ParseError> {
         return Err(ParseError::UserInfo);
     }
     let path_and_more = &after[authority_end..];
-    let path_end = path_and_more.find(['?', '#']).unwrap_or(path_and_more.len());
+    let path_end = path_and_more
+        .find(['?', '#'])
+        .unwrap_or(path_and_more.len());
     let path = &path_and_more[..path_end];
 
     // The url crate validates and normalizes the host (IDNA, IPv6, lower case, default port).
@@ -187,26 +201,43 @@ fn parse_url(raw: &str) -> Result<ObjectRef, ParseError> {
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(ParseError::UserInfo);
     }
-    let host = parsed.host_str().filter(|h| !h.is_empty()).ok_or(ParseError::NoHost)?;
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or(ParseError::NoHost)?;
     let host = match parsed.port() {
         Some(port) => format!("{host}:{port}"),
         None => host.to_string(),
     };
 
-    let segments: Vec<&str> = path.strip_prefix('/').ok_or(ParseError::NotAnObjectUrl)?.split('/').collect();
+    let segments: Vec<&str> = path
+        .strip_prefix('/')
+        .ok_or(ParseError::NotAnObjectUrl)?
+        .split('/')
+        .collect();
     let (form, consumed) = ROUTES
         .iter()
         .find(|(route, _)| segments.len() > route.len() && segments[..route.len()] == **route)
         .map(|(route, form)| (*form, route.len()))
         .ok_or(ParseError::NotAnObjectUrl)?;
     let (bucket, key) = object_from_segments(&segments[consumed..], true)?;
-    Ok(ObjectRef { host: Some(host), bucket, key, form })
+    Ok(ObjectRef {
+        host: Some(host),
+        bucket,
+        key,
+        form,
+    })
 }
 
 fn parse_bare(raw: &str) -> Result<ObjectRef, ParseError> {
     let segments: Vec<&str> = raw.split('/').collect();
     let (bucket, key) = object_from_segments(&segments, false)?;
-    Ok(ObjectRef { host: None, bucket, key, form: UrlForm::Bare })
+    Ok(ObjectRef {
+        host: None,
+        bucket,
+        key,
+        form: UrlForm::Bare,
+    })
 }
 
 /// Builds `(bucket, key)` from the path segments after the route. Each segment is checked both
@@ -226,7 +257,11 @@ fn object_from_segments(segments: &[&str], decode: bool) -> Result<(String, Stri
     let mut key = String::new();
     for (i, raw) in key_segments.iter().enumerate() {
         if raw.is_empty() {
-            return Err(if i == last { ParseError::Folder } else { ParseError::EmptySegment });
+            return Err(if i == last {
+                ParseError::Folder
+            } else {
+                ParseError::EmptySegment
+            });
         }
         if i > 0 {
             key.push('/');
@@ -272,7 +307,10 @@ fn segment(raw: &str, decode: bool) -> Result<String, ParseError> {
     if !text.is_ascii() {
         return Err(ParseError::NonAscii);
     }
-    if let Some(c) = text.chars().find(|c| !c.is_ascii_alphanumeric() && !KEY_PUNCTUATION.contains(*c)) {
+    if let Some(c) = text
+        .chars()
+        .find(|c| !c.is_ascii_alphanumeric() && !KEY_PUNCTUATION.contains(*c))
+    {
         return Err(ParseError::InvalidKeyChar(c));
     }
     Ok(text)

@@ -20,7 +20,9 @@ pub enum PolicyError {
     BadBucket(String),
     #[error("host {0:?} must be a bare host or host:port, e.g. abcd.supabase.co (no scheme, path or '@')")]
     BadHost(String),
-    #[error("prefix {0:?} must be a relative key prefix such as renders/ (no leading '/', no '..')")]
+    #[error(
+        "prefix {0:?} must be a relative key prefix such as renders/ (no leading '/', no '..')"
+    )]
     BadPrefix(String),
 }
 
@@ -48,14 +50,19 @@ impl Policy {
     pub fn from_lists(buckets: &str, prefixes: &str, hosts: &str) -> Result<Self, PolicyError> {
         let mut policy = Policy::default();
         for b in split_list(buckets) {
-            let ok = b != "." && b != ".." && b.chars().all(|c| c.is_ascii_alphanumeric() || "_!.*'() &$=@;:+,?-".contains(c));
+            let ok = b != "."
+                && b != ".."
+                && b.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_!.*'() &$=@;:+,?-".contains(c));
             if !ok {
                 return Err(PolicyError::BadBucket(b.to_string()));
             }
             policy.buckets.push(b.to_string());
         }
         for p in split_list(prefixes) {
-            let ok = !p.starts_with('/') && !p.split('/').any(|s| s == "." || s == "..") && !p.contains('\\');
+            let ok = !p.starts_with('/')
+                && !p.split('/').any(|s| s == "." || s == "..")
+                && !p.contains('\\');
             if !ok {
                 return Err(PolicyError::BadPrefix(p.to_string()));
             }
@@ -65,7 +72,9 @@ impl Policy {
             let h = h.to_ascii_lowercase();
             let ok = !h.contains("://")
                 && !h.contains(['/', '@', '?', '#', ' '])
-                && url::Url::parse(&format!("https://{h}/")).map(|u| u.host_str().is_some()).unwrap_or(false);
+                && url::Url::parse(&format!("https://{h}/"))
+                    .map(|u| u.host_str().is_some())
+                    .unwrap_or(false);
             if !ok {
                 return Err(PolicyError::BadHost(h));
             }
@@ -90,7 +99,12 @@ impl Policy {
         if !self.buckets.iter().any(|b| b == &obj.bucket) {
             return Err(Refusal::BucketNotAllowed(obj.bucket.clone()));
         }
-        if !self.prefixes.is_empty() && !self.prefixes.iter().any(|p| obj.key.starts_with(p.as_str())) {
+        if !self.prefixes.is_empty()
+            && !self
+                .prefixes
+                .iter()
+                .any(|p| obj.key.starts_with(p.as_str()))
+        {
             return Err(Refusal::PrefixNotAllowed(obj.key.clone()));
         }
         Ok(())

@@ -2,7 +2,14 @@
 //! through [`redact`] first, so the audit trail never becomes a list of working download links.
 
 /// Query parameters whose values are credentials.
-const SECRET_PARAMS: &[&str] = &["token", "apikey", "access_token", "signature", "x-amz-signature", "sig"];
+const SECRET_PARAMS: &[&str] = &[
+    "token",
+    "apikey",
+    "access_token",
+    "signature",
+    "x-amz-signature",
+    "sig",
+];
 
 /// Replaces the values of credential-bearing query parameters with `REDACTED`.
 pub fn redact(raw: &str) -> String {

@@ -20,7 +20,10 @@ fn err(raw: &str) -> ParseError {
 fn public_url() {
     let o = ok(&format!("{BASE}/object/public/renders/user-1/job-1.png"));
     assert_eq!(o.host.as_deref(), Some("abcd.supabase.co"));
-    assert_eq!((o.bucket.as_str(), o.key.as_str()), ("renders", "user-1/job-1.png"));
+    assert_eq!(
+        (o.bucket.as_str(), o.key.as_str()),
+        ("renders", "user-1/job-1.png")
+    );
     assert_eq!(o.form, UrlForm::Public);
     assert_eq!(o.object_key(), "renders/user-1/job-1.png");
 }
@@ -29,41 +32,90 @@ fn public_url() {
 fn authenticated_signed_and_render_urls() {
     let a = ok(&format!("{BASE}/object/authenticated/renders/a.png"));
     assert_eq!((a.form, a.key.as_str()), (UrlForm::Authenticated, "a.png"));
-    let s = ok(&format!("{BASE}/object/sign/renders/a/b.mp4?token=eyJhbGciOi.x.y"));
+    let s = ok(&format!(
+        "{BASE}/object/sign/renders/a/b.mp4?token=eyJhbGciOi.x.y"
+    ));
     assert_eq!((s.form, s.key.as_str()), (UrlForm::Signed, "a/b.mp4"));
     for mode in ["public", "sign", "authenticated"] {
-        let r = ok(&format!("{BASE}/render/image/{mode}/renders/a/b.png?width=200&height=100"));
-        assert_eq!((r.form, r.bucket.as_str(), r.key.as_str()), (UrlForm::RenderImage, "renders", "a/b.png"));
+        let r = ok(&format!(
+            "{BASE}/render/image/{mode}/renders/a/b.png?width=200&height=100"
+        ));
+        assert_eq!(
+            (r.form, r.bucket.as_str(), r.key.as_str()),
+            (UrlForm::RenderImage, "renders", "a/b.png")
+        );
     }
 }
 
 #[test]
 fn query_and_fragment_are_dropped() {
-    assert_eq!(ok(&format!("{BASE}/object/public/renders/a.png?download")).key, "a.png");
-    assert_eq!(ok(&format!("{BASE}/object/public/renders/a.png#frag")).key, "a.png");
+    assert_eq!(
+        ok(&format!("{BASE}/object/public/renders/a.png?download")).key,
+        "a.png"
+    );
+    assert_eq!(
+        ok(&format!("{BASE}/object/public/renders/a.png#frag")).key,
+        "a.png"
+    );
     // A query cannot smuggle in another path: the path ends at '?'.
-    assert_eq!(ok(&format!("{BASE}/object/public/renders/a.png?x=/../../other.png")).key, "a.png");
+    assert_eq!(
+        ok(&format!(
+            "{BASE}/object/public/renders/a.png?x=/../../other.png"
+        ))
+        .key,
+        "a.png"
+    );
 }
 
 #[test]
 fn percent_decoding() {
-    assert_eq!(ok(&format!("{BASE}/object/public/renders/my%20file.png")).key, "my file.png");
-    assert_eq!(ok(&format!("{BASE}/object/public/renders/a+b.png")).key, "a+b.png");
-    assert_eq!(ok(&format!("{BASE}/object/public/renders/q%3F.png")).key, "q?.png");
+    assert_eq!(
+        ok(&format!("{BASE}/object/public/renders/my%20file.png")).key,
+        "my file.png"
+    );
+    assert_eq!(
+        ok(&format!("{BASE}/object/public/renders/a+b.png")).key,
+        "a+b.png"
+    );
+    assert_eq!(
+        ok(&format!("{BASE}/object/public/renders/q%3F.png")).key,
+        "q?.png"
+    );
 }
 
 #[test]
 fn host_normalization() {
-    assert_eq!(ok(&format!("HTTPS://ABCD.Supabase.CO/storage/v1/object/public/r/a.png")).host.as_deref(), Some("abcd.supabase.co"));
-    assert_eq!(ok("http://127.0.0.1:54321/storage/v1/object/public/r/a.png").host.as_deref(), Some("127.0.0.1:54321"));
-    assert_eq!(ok("https://abcd.supabase.co:443/storage/v1/object/public/r/a.png").host.as_deref(), Some("abcd.supabase.co"));
+    assert_eq!(
+        ok("HTTPS://ABCD.Supabase.CO/storage/v1/object/public/r/a.png")
+            .host
+            .as_deref(),
+        Some("abcd.supabase.co")
+    );
+    assert_eq!(
+        ok("http://127.0.0.1:54321/storage/v1/object/public/r/a.png")
+            .host
+            .as_deref(),
+        Some("127.0.0.1:54321")
+    );
+    assert_eq!(
+        ok("https://abcd.supabase.co:443/storage/v1/object/public/r/a.png")
+            .host
+            .as_deref(),
+        Some("abcd.supabase.co")
+    );
 }
 
 #[test]
 fn bare_bucket_and_key() {
     let o = ok("renders/user-1/job 1.png");
-    assert_eq!((o.host, o.bucket.as_str(), o.key.as_str(), o.form), (None, "renders", "user-1/job 1.png", UrlForm::Bare));
-    assert_eq!(err("renders/my%20file.png"), ParseError::InvalidKeyChar('%'));
+    assert_eq!(
+        (o.host, o.bucket.as_str(), o.key.as_str(), o.form),
+        (None, "renders", "user-1/job 1.png", UrlForm::Bare)
+    );
+    assert_eq!(
+        err("renders/my%20file.png"),
+        ParseError::InvalidKeyChar('%')
+    );
     assert_eq!(err("renders"), ParseError::EmptyKey);
     assert_eq!(err("renders/"), ParseError::EmptyKey);
     assert_eq!(err("renders/dir/"), ParseError::Folder);
@@ -82,44 +134,127 @@ fn hostile_values_are_refused() {
         ("renders/./a.png", ParseError::DotSegment),
         ("renders//a.png", ParseError::EmptySegment),
         ("renders\\a.png", ParseError::Backslash),
-        ("javascript:alert(1)", ParseError::NotHttp("javascript".into())),
+        (
+            "javascript:alert(1)",
+            ParseError::NotHttp("javascript".into()),
+        ),
         ("file:///etc/passwd", ParseError::NotHttp("file".into())),
-        ("ftp://abcd.supabase.co/storage/v1/object/public/r/a.png", ParseError::NotHttp("ftp".into())),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/../avatars/a.png", ParseError::DotSegment),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/%2e%2e/avatars/a.png", ParseError::EncodedDotSegment),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/%2E/a.png", ParseError::EncodedDotSegment),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/a%2Fb.png", ParseError::EncodedSlash),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/a%00.png", ParseError::EncodedControlCharacter(0)),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/a%5C..%5Cb", ParseError::Backslash),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/a%zz.png", ParseError::BadPercentEncoding),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/a%2", ParseError::BadPercentEncoding),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/%C3%A9.png", ParseError::NonAscii),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/é.png", ParseError::NonAscii),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/", ParseError::EmptyKey),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/dir/", ParseError::Folder),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders", ParseError::EmptyKey),
-        ("https://abcd.supabase.co/storage/v1/object/public//a.png", ParseError::EmptyBucket),
-        ("https://abcd.supabase.co/storage/v1/object/list/renders", ParseError::NotAnObjectUrl),
-        ("https://abcd.supabase.co/storage/v1/object/renders/a.png", ParseError::NotAnObjectUrl),
-        ("https://abcd.supabase.co/other/path/a.png", ParseError::NotAnObjectUrl),
-        ("https://abcd.supabase.co/storage/v1/object/public/renders/a.png with space", ParseError::Whitespace),
-        ("https://user:pw@abcd.supabase.co/storage/v1/object/public/r/a.png", ParseError::UserInfo),
-        ("https://abcd.supabase.co@evil.com/storage/v1/object/public/r/a.png", ParseError::UserInfo),
-        ("https:/abcd.supabase.co/storage/v1/object/public/r/a.png", ParseError::NotAnObjectUrl),
-        ("https://abcd.supabase.co/%73torage/v1/object/public/r/a.png", ParseError::NotAnObjectUrl),
-        ("https://abcd.supabase.co/storage/v1/object/public/r/a<b>.png", ParseError::InvalidKeyChar('<')),
+        (
+            "ftp://abcd.supabase.co/storage/v1/object/public/r/a.png",
+            ParseError::NotHttp("ftp".into()),
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/../avatars/a.png",
+            ParseError::DotSegment,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/%2e%2e/avatars/a.png",
+            ParseError::EncodedDotSegment,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/%2E/a.png",
+            ParseError::EncodedDotSegment,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/a%2Fb.png",
+            ParseError::EncodedSlash,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/a%00.png",
+            ParseError::EncodedControlCharacter(0),
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/a%5C..%5Cb",
+            ParseError::Backslash,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/a%zz.png",
+            ParseError::BadPercentEncoding,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/a%2",
+            ParseError::BadPercentEncoding,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/%C3%A9.png",
+            ParseError::NonAscii,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/é.png",
+            ParseError::NonAscii,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/",
+            ParseError::EmptyKey,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/dir/",
+            ParseError::Folder,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders",
+            ParseError::EmptyKey,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public//a.png",
+            ParseError::EmptyBucket,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/list/renders",
+            ParseError::NotAnObjectUrl,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/renders/a.png",
+            ParseError::NotAnObjectUrl,
+        ),
+        (
+            "https://abcd.supabase.co/other/path/a.png",
+            ParseError::NotAnObjectUrl,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/a.png with space",
+            ParseError::Whitespace,
+        ),
+        (
+            "https://user:pw@abcd.supabase.co/storage/v1/object/public/r/a.png",
+            ParseError::UserInfo,
+        ),
+        (
+            "https://abcd.supabase.co@evil.com/storage/v1/object/public/r/a.png",
+            ParseError::UserInfo,
+        ),
+        (
+            "https:/abcd.supabase.co/storage/v1/object/public/r/a.png",
+            ParseError::NotAnObjectUrl,
+        ),
+        (
+            "https://abcd.supabase.co/%73torage/v1/object/public/r/a.png",
+            ParseError::NotAnObjectUrl,
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/r/a<b>.png",
+            ParseError::InvalidKeyChar('<'),
+        ),
     ];
     for (raw, expected) in cases {
         assert_eq!(&err(raw), expected, "for {raw:?}");
     }
-    assert!(matches!(err(&format!("renders/{}", "a".repeat(5000))), ParseError::TooLong(_)));
-    assert!(matches!(err(&format!("renders/{}", "a".repeat(2000))), ParseError::KeyTooLong(_)));
+    assert!(matches!(
+        err(&format!("renders/{}", "a".repeat(5000))),
+        ParseError::TooLong(_)
+    ));
+    assert!(matches!(
+        err(&format!("renders/{}", "a".repeat(2000))),
+        ParseError::KeyTooLong(_)
+    ));
 }
 
 #[test]
 fn every_error_message_is_a_sentence() {
     assert!(ParseError::EncodedSlash.to_string().contains("%2F"));
-    assert!(ParseError::NotHttp("file".into()).to_string().contains("file"));
+    assert!(ParseError::NotHttp("file".into())
+        .to_string()
+        .contains("file"));
 }
 
 fn policy() -> Policy {
@@ -129,35 +264,71 @@ fn policy() -> Policy {
 #[test]
 fn policy_allows_listed_buckets_and_hosts() {
     let p = policy();
-    assert_eq!(p.check(&ok(&format!("{BASE}/object/public/renders/a.png"))), Ok(()));
-    assert_eq!(p.check(&ok("https://cdn.example.com/storage/v1/object/public/thumbs/a.png")), Ok(()));
+    assert_eq!(
+        p.check(&ok(&format!("{BASE}/object/public/renders/a.png"))),
+        Ok(())
+    );
+    assert_eq!(
+        p.check(&ok(
+            "https://cdn.example.com/storage/v1/object/public/thumbs/a.png"
+        )),
+        Ok(())
+    );
     assert_eq!(p.check(&ok("renders/a.png")), Ok(()));
 }
 
 #[test]
 fn policy_refuses_other_buckets_hosts_and_prefixes() {
     let p = policy();
-    assert_eq!(p.check(&ok(&format!("{BASE}/object/public/avatars/a.png"))), Err(Refusal::BucketNotAllowed("avatars".into())));
     assert_eq!(
-        p.check(&ok("https://staging.supabase.co/storage/v1/object/public/renders/a.png")),
+        p.check(&ok(&format!("{BASE}/object/public/avatars/a.png"))),
+        Err(Refusal::BucketNotAllowed("avatars".into()))
+    );
+    assert_eq!(
+        p.check(&ok(
+            "https://staging.supabase.co/storage/v1/object/public/renders/a.png"
+        )),
         Err(Refusal::HostNotAllowed("staging.supabase.co".into()))
     );
     let bare_only = Policy::from_lists("renders", "", "").unwrap();
-    assert!(matches!(bare_only.check(&ok(&format!("{BASE}/object/public/renders/a.png"))), Err(Refusal::NoHostsAllowed(_))));
+    assert!(matches!(
+        bare_only.check(&ok(&format!("{BASE}/object/public/renders/a.png"))),
+        Err(Refusal::NoHostsAllowed(_))
+    ));
     assert_eq!(bare_only.check(&ok("renders/a.png")), Ok(()));
     let none = Policy::from_lists("", "", "").unwrap();
-    assert!(matches!(none.check(&ok("renders/a.png")), Err(Refusal::NoBucketsAllowed(_))));
+    assert!(matches!(
+        none.check(&ok("renders/a.png")),
+        Err(Refusal::NoBucketsAllowed(_))
+    ));
     let prefixed = Policy::from_lists("media", "renders/, tmp/", "").unwrap();
     assert_eq!(prefixed.check(&ok("media/renders/a.png")), Ok(()));
-    assert_eq!(prefixed.check(&ok("media/uploads/a.png")), Err(Refusal::PrefixNotAllowed("uploads/a.png".into())));
+    assert_eq!(
+        prefixed.check(&ok("media/uploads/a.png")),
+        Err(Refusal::PrefixNotAllowed("uploads/a.png".into()))
+    );
 }
 
 #[test]
 fn policy_lists_are_validated() {
-    assert_eq!(Policy::from_lists("a/b", "", ""), Err(PolicyError::BadBucket("a/b".into())));
-    assert_eq!(Policy::from_lists("r", "", "https://abcd.supabase.co"), Err(PolicyError::BadHost("https://abcd.supabase.co".into())));
-    assert_eq!(Policy::from_lists("r", "/x", ""), Err(PolicyError::BadPrefix("/x".into())));
-    assert_eq!(Policy::from_lists("r", "", "ABCD.supabase.co:443").unwrap().hosts, vec!["abcd.supabase.co".to_string()]);
+    assert_eq!(
+        Policy::from_lists("a/b", "", ""),
+        Err(PolicyError::BadBucket("a/b".into()))
+    );
+    assert_eq!(
+        Policy::from_lists("r", "", "https://abcd.supabase.co"),
+        Err(PolicyError::BadHost("https://abcd.supabase.co".into()))
+    );
+    assert_eq!(
+        Policy::from_lists("r", "/x", ""),
+        Err(PolicyError::BadPrefix("/x".into()))
+    );
+    assert_eq!(
+        Policy::from_lists("r", "", "ABCD.supabase.co:443")
+            .unwrap()
+            .hosts,
+        vec!["abcd.supabase.co".to_string()]
+    );
 }
 
 #[test]
@@ -166,12 +337,16 @@ fn redaction() {
         redact("https://h/storage/v1/object/sign/r/a.png?token=eyJ.abc.def&download=1"),
         "https://h/storage/v1/object/sign/r/a.png?token=REDACTED&download=1"
     );
-    assert_eq!(redact("https://h/x?a=1&TOKEN=t#f"), "https://h/x?a=1&TOKEN=REDACTED#f");
+    assert_eq!(
+        redact("https://h/x?a=1&TOKEN=t#f"),
+        "https://h/x?a=1&TOKEN=REDACTED#f"
+    );
     assert_eq!(redact("renders/a.png"), "renders/a.png");
 }
 
 fn key_segment() -> impl Strategy<Value = String> {
-    "[A-Za-z0-9_!*'()&$=@;:+,-][A-Za-z0-9_.!*'()&$=@;:+,-]{0,20}".prop_filter("no dot segments", |s| s != "." && s != "..")
+    "[A-Za-z0-9_!*'()&$=@;:+,-][A-Za-z0-9_.!*'()&$=@;:+,-]{0,20}"
+        .prop_filter("no dot segments", |s| s != "." && s != "..")
 }
 
 /// Encodes a key the way supabase-js does (`encodeURI`): space becomes %20, the rest stays.

@@ -12,16 +12,20 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::{pg_sys, PostgresGucEnum};
 
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static REAPING_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static MIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(3600);
-pub static AGE_COLUMN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"created_at"));
+pub static AGE_COLUMN: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"created_at"));
 pub static GRACE: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_PER_CYCLE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
-pub static JOBS_TABLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"public.render_jobs"));
-pub static ASSETS_TABLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"public.user_assets"));
+pub static JOBS_TABLE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"public.render_jobs"));
+pub static ASSETS_TABLE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"public.user_assets"));
 pub static ALLOWED_BUCKETS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static ALLOWED_PREFIXES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -51,17 +55,20 @@ impl OnConfirm {
 
 const DAY: i32 = 86_400;
 
-/// Registers every setting. Called from `_PG_init`, in every backend that loads the library.
+/// Registers every setting. Called from `_PG_init`, in every process that loads the library.
 pub fn init() {
-
-    GucRegistry::define_string_guc(
-        c"orphan_cleanup.database",
-        c"Database the background worker runs cleanup cycles in (startup only).",
-        c"The worker waits quietly until CREATE EXTENSION pg_orphan_cleanup has run there.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    // A startup-only setting can only be defined while the server starts; without
+    // shared_preload_libraries there is no worker, so there is nothing for it to configure.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"orphan_cleanup.database",
+            c"Database the background worker runs cleanup cycles in (startup only).",
+            c"The worker waits quietly until CREATE EXTENSION pg_orphan_cleanup has run there.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_bool_guc(
         c"orphan_cleanup.enabled",
         c"Whether the background worker runs cleanup cycles.",
@@ -238,12 +245,19 @@ pub fn init() {
 
 /// The text of a string setting, empty when unset.
 pub fn text(setting: &GucSetting<Option<CString>>) -> String {
-    setting.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    setting
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The allow-lists as the shared parser understands them.
 pub fn policy() -> Result<object_url::Policy, object_url::PolicyError> {
-    object_url::Policy::from_lists(&text(&ALLOWED_BUCKETS), &text(&ALLOWED_PREFIXES), &text(&ALLOWED_HOSTS))
+    object_url::Policy::from_lists(
+        &text(&ALLOWED_BUCKETS),
+        &text(&ALLOWED_PREFIXES),
+        &text(&ALLOWED_HOSTS),
+    )
 }
 
 /// Refuses a setting value with `detail` shown to whoever reloaded or ran ALTER SYSTEM.
@@ -264,43 +278,81 @@ unsafe fn new_value<'a>(newval: *mut *mut c_char) -> &'a str {
     }
 }
 
-unsafe extern "C-unwind" fn check_buckets(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_buckets(
+    newval: *mut *mut c_char,
+    _: *mut *mut c_void,
+    _: pg_sys::GucSource::Type,
+) -> bool {
     let v = unsafe { new_value(newval) };
     match object_url::Policy::from_lists(v, "", "") {
         Ok(_) => true,
-        Err(e) => unsafe { refuse(format!("orphan_cleanup.allowed_buckets: {e}. Example: 'renders,thumbnails'.")) },
+        Err(e) => unsafe {
+            refuse(format!(
+                "orphan_cleanup.allowed_buckets: {e}. Example: 'renders,thumbnails'."
+            ))
+        },
     }
 }
 
-unsafe extern "C-unwind" fn check_prefixes(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_prefixes(
+    newval: *mut *mut c_char,
+    _: *mut *mut c_void,
+    _: pg_sys::GucSource::Type,
+) -> bool {
     let v = unsafe { new_value(newval) };
     match object_url::Policy::from_lists("", v, "") {
         Ok(_) => true,
-        Err(e) => unsafe { refuse(format!("orphan_cleanup.allowed_prefixes: {e}. Example: 'renders/,previews/'.")) },
+        Err(e) => unsafe {
+            refuse(format!(
+                "orphan_cleanup.allowed_prefixes: {e}. Example: 'renders/,previews/'."
+            ))
+        },
     }
 }
 
-unsafe extern "C-unwind" fn check_hosts(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_hosts(
+    newval: *mut *mut c_char,
+    _: *mut *mut c_void,
+    _: pg_sys::GucSource::Type,
+) -> bool {
     let v = unsafe { new_value(newval) };
     match object_url::Policy::from_lists("", "", v) {
         Ok(_) => true,
-        Err(e) => unsafe { refuse(format!("orphan_cleanup.allowed_hosts: {e}. Example: 'abcd.supabase.co,cdn.example.com'.")) },
+        Err(e) => unsafe {
+            refuse(format!(
+                "orphan_cleanup.allowed_hosts: {e}. Example: 'abcd.supabase.co,cdn.example.com'."
+            ))
+        },
     }
 }
 
-unsafe extern "C-unwind" fn check_table_name(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_table_name(
+    newval: *mut *mut c_char,
+    _: *mut *mut c_void,
+    _: pg_sys::GucSource::Type,
+) -> bool {
     let v = unsafe { new_value(newval) };
     match split_qualified_name(v) {
         Some(parts) if !parts.is_empty() && parts.len() <= 2 => true,
-        _ => unsafe { refuse(format!("{v:?} is not a table name; use schema.table, e.g. public.render_jobs (double-quote mixed-case names).")) },
+        _ => unsafe {
+            refuse(format!("{v:?} is not a table name; use schema.table, e.g. public.render_jobs (double-quote mixed-case names)."))
+        },
     }
 }
 
-unsafe extern "C-unwind" fn check_column(newval: *mut *mut c_char, _: *mut *mut c_void, _: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_column(
+    newval: *mut *mut c_char,
+    _: *mut *mut c_void,
+    _: pg_sys::GucSource::Type,
+) -> bool {
     let v = unsafe { new_value(newval) };
     match split_qualified_name(v) {
         Some(parts) if parts.len() == 1 => true,
-        _ => unsafe { refuse(format!("{v:?} is not a column name; use e.g. created_at or completed_at.")) },
+        _ => unsafe {
+            refuse(format!(
+                "{v:?} is not a column name; use e.g. created_at or completed_at."
+            ))
+        },
     }
 }
 
@@ -355,9 +407,18 @@ mod tests {
 
     #[test]
     fn qualified_names() {
-        assert_eq!(split_qualified_name("public.render_jobs"), Some(vec!["public".into(), "render_jobs".into()]));
-        assert_eq!(split_qualified_name("Render_Jobs"), Some(vec!["render_jobs".into()]));
-        assert_eq!(split_qualified_name("\"My Schema\".\"Jobs\"\"x\""), Some(vec!["My Schema".into(), "Jobs\"x".into()]));
+        assert_eq!(
+            split_qualified_name("public.render_jobs"),
+            Some(vec!["public".into(), "render_jobs".into()])
+        );
+        assert_eq!(
+            split_qualified_name("Render_Jobs"),
+            Some(vec!["render_jobs".into()])
+        );
+        assert_eq!(
+            split_qualified_name("\"My Schema\".\"Jobs\"\"x\""),
+            Some(vec!["My Schema".into(), "Jobs\"x".into()])
+        );
         assert_eq!(split_qualified_name("public.jobs; drop table x"), None);
         assert_eq!(split_qualified_name(""), None);
         assert_eq!(split_qualified_name("a..b"), None);

@@ -1,11 +1,14 @@
 //! pg_orphan_cleanup: finds orphaned render outputs and queues their storage objects for
 //! deletion, without ever touching a file that a saved asset points to.
 //!
-//! The Rust half holds what SQL cannot do well: the settings (`guc`), the URL parser shared with
-//! the reaper (`urls`), the background worker (`worker`), and the shared-memory notes that let a
-//! refused save be audited although its transaction rolls back (`refusals`). Detection, the queue and the save
-//! guard are SQL in `sql/*.sql`, because their correctness is about locks and snapshots, and
-//! that reads best as the statements themselves.
+//! The Rust half holds what SQL cannot do well: the settings (`guc`), the URL parser shared
+//! with the reaper (`urls`), the background worker (`worker`), and the shared-memory notes that
+//! let a refused save be audited although its transaction rolls back (`refusals`). Detection,
+//! the queue and the save guard are SQL in `sql/*.sql`, because their correctness is about locks
+//! and snapshots, and that reads best as the statements themselves.
+
+// Set-returning SQL functions spell their columns as TableIterator tuples; that is pgrx's idiom.
+#![allow(clippy::type_complexity)]
 
 use pgrx::prelude::*;
 
@@ -18,8 +21,22 @@ mod worker;
 ::pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/detect.sql", name = "detect", requires = ["schema", urls::check_output_url, urls::object_key, urls::redact_url, config::_config]);
-extension_sql_file!("../sql/guard.sql", name = "guard", requires = ["detect", refusals::_note_refusal, refusals::_take_refusals]);
+extension_sql_file!(
+    "../sql/detect.sql",
+    name = "detect",
+    requires = [
+        "schema",
+        urls::check_output_url,
+        urls::object_key,
+        urls::redact_url,
+        config::_config
+    ]
+);
+extension_sql_file!(
+    "../sql/guard.sql",
+    name = "guard",
+    requires = ["detect", refusals::_note_refusal, refusals::_take_refusals]
+);
 extension_sql_file!("../sql/queue.sql", name = "queue", requires = ["guard"]);
 extension_sql_file!("../sql/reports.sql", name = "reports", requires = ["queue"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
@@ -43,6 +60,9 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'pg_orphan_cleanup'", "orphan_cleanup.enabled = off"]
+        vec![
+            "shared_preload_libraries = 'pg_orphan_cleanup'",
+            "orphan_cleanup.enabled = off",
+        ]
     }
 }

@@ -26,7 +26,14 @@ struct Note {
     actor_len: u8,
 }
 
-const EMPTY: Note = Note { database: 0, job: [0; 16], queue_id: 0, unix_micros: 0, actor: [0; ACTOR_LEN], actor_len: 0 };
+const EMPTY: Note = Note {
+    database: 0,
+    job: [0; 16],
+    queue_id: 0,
+    unix_micros: 0,
+    actor: [0; ACTOR_LEN],
+    actor_len: 0,
+};
 
 #[derive(Copy, Clone)]
 pub struct Ring {
@@ -37,7 +44,11 @@ pub struct Ring {
 
 impl Default for Ring {
     fn default() -> Self {
-        Ring { notes: [EMPTY; CAPACITY], len: 0, dropped: 0 }
+        Ring {
+            notes: [EMPTY; CAPACITY],
+            len: 0,
+            dropped: 0,
+        }
     }
 }
 
@@ -58,7 +69,9 @@ pub fn init() {
 pub fn pending(database: u32) -> bool {
     READY.load(Ordering::Relaxed) && {
         let ring = RING.share();
-        ring.notes[..ring.len].iter().any(|n| n.database == database)
+        ring.notes[..ring.len]
+            .iter()
+            .any(|n| n.database == database)
     }
 }
 
@@ -97,7 +110,12 @@ fn _note_refusal(job: pgrx::Uuid, queue_id: i64, actor: &str) -> bool {
 #[pg_extern(volatile, parallel_unsafe)]
 fn _take_refusals() -> TableIterator<
     'static,
-    (name!(job_id, pgrx::Uuid), name!(queue_id, i64), name!(actor, String), name!(unix_micros, i64)),
+    (
+        name!(job_id, pgrx::Uuid),
+        name!(queue_id, i64),
+        name!(actor, String),
+        name!(unix_micros, i64),
+    ),
 > {
     let mut taken = Vec::new();
     if READY.load(Ordering::Relaxed) {
@@ -107,8 +125,14 @@ fn _take_refusals() -> TableIterator<
         for i in 0..ring.len {
             let note = ring.notes[i];
             if note.database == database {
-                let actor = String::from_utf8_lossy(&note.actor[..note.actor_len as usize]).into_owned();
-                taken.push((pgrx::Uuid::from_bytes(note.job), note.queue_id, actor, note.unix_micros));
+                let actor =
+                    String::from_utf8_lossy(&note.actor[..note.actor_len as usize]).into_owned();
+                taken.push((
+                    pgrx::Uuid::from_bytes(note.job),
+                    note.queue_id,
+                    actor,
+                    note.unix_micros,
+                ));
             } else {
                 ring.notes[kept] = note;
                 kept += 1;

@@ -19,8 +19,20 @@ fn parse_output_url(
     ),
 > {
     let row = match url.map(object_url::parse) {
-        None => (None, None, None, None, Some("output_url is NULL".to_string())),
-        Some(Ok(o)) => (o.host, Some(o.bucket), Some(o.key), Some(o.form.as_str().to_string()), None),
+        None => (
+            None,
+            None,
+            None,
+            None,
+            Some("output_url is NULL".to_string()),
+        ),
+        Some(Ok(o)) => (
+            o.host,
+            Some(o.bucket),
+            Some(o.key),
+            Some(o.form.as_str().to_string()),
+            None,
+        ),
         Some(Err(e)) => (None, None, None, None, Some(e.to_string())),
     };
     TableIterator::once(row)
@@ -81,15 +93,24 @@ mod tests {
         let bad = Spi::get_one::<String>("SELECT orphan_cleanup.object_key('renders/../x.png')");
         assert_eq!(bad, Ok(None));
         let red = Spi::get_one::<String>("SELECT orphan_cleanup.redact_url('https://h/storage/v1/object/sign/r/a.png?token=secret')");
-        assert_eq!(red, Ok(Some("https://h/storage/v1/object/sign/r/a.png?token=REDACTED".to_string())));
+        assert_eq!(
+            red,
+            Ok(Some(
+                "https://h/storage/v1/object/sign/r/a.png?token=REDACTED".to_string()
+            ))
+        );
     }
 
     #[pg_test]
     fn check_output_url_refuses_without_allow_list() {
-        let err = Spi::get_one::<String>("SELECT error FROM orphan_cleanup.check_output_url('renders/a.png')");
+        let err = Spi::get_one::<String>(
+            "SELECT error FROM orphan_cleanup.check_output_url('renders/a.png')",
+        );
         let err = err.unwrap().unwrap();
         assert!(err.contains("bucket allow-list is empty"), "{err}");
-        let err = Spi::get_one::<String>("SELECT error FROM orphan_cleanup.check_output_url('renders/%2e%2e/a.png')");
+        let err = Spi::get_one::<String>(
+            "SELECT error FROM orphan_cleanup.check_output_url('renders/%2e%2e/a.png')",
+        );
         assert!(err.unwrap().unwrap().starts_with("malformed URL"));
     }
 }

@@ -90,7 +90,8 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
 
 /// Writes refused saves noted in shared memory to the audit log.
 fn flush_refusals() {
-    let exists = Spi::get_one::<bool>("SELECT to_regproc('orphan_cleanup._flush_refusals') IS NOT NULL");
+    let exists =
+        Spi::get_one::<bool>("SELECT to_regproc('orphan_cleanup._flush_refusals') IS NOT NULL");
     if exists.ok().flatten().unwrap_or(false) {
         if let Err(e) = Spi::run("SELECT orphan_cleanup._flush_refusals()") {
             warning!("pg_orphan_cleanup worker: could not audit refused saves: {e}");
@@ -99,7 +100,11 @@ fn flush_refusals() {
 }
 
 fn run_due_cycle() -> Tick {
-    if Spi::get_one::<bool>("SELECT pg_catalog.pg_is_in_recovery()").ok().flatten().unwrap_or(false) {
+    if Spi::get_one::<bool>("SELECT pg_catalog.pg_is_in_recovery()")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    {
         return Tick::Standby;
     }
     let installed = Spi::get_one::<bool>(

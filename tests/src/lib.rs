@@ -12,12 +12,18 @@ use postgres::{Client, NoTls};
 pub use postgres;
 
 pub fn port() -> u16 {
-    std::env::var("PGOC_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(55433)
+    std::env::var("PGOC_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(55433)
 }
 
 /// The repository root (the tests read `sql/*.sql` from it).
 pub fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn connect(db: &str) -> Client {
@@ -25,7 +31,10 @@ pub fn connect(db: &str) -> Client {
 }
 
 pub fn connect_as(db: &str, user: &str) -> Client {
-    let dsn = format!("host=127.0.0.1 port={} user={user} dbname={db} application_name=e2e", port());
+    let dsn = format!(
+        "host=127.0.0.1 port={} user={user} dbname={db} application_name=e2e",
+        port()
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Client::connect(&dsn, NoTls) {
@@ -46,7 +55,10 @@ pub fn settings(pairs: &[(&str, &str)]) {
     admin.batch_execute("ALTER SYSTEM RESET ALL").unwrap();
     for (name, value) in pairs {
         let sql: String = admin
-            .query_one("SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)", &[&format!("orphan_cleanup.{name}"), value])
+            .query_one(
+                "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)",
+                &[&format!("orphan_cleanup.{name}"), value],
+            )
             .unwrap()
             .get(0);
         admin.batch_execute(&sql).unwrap();
@@ -57,7 +69,10 @@ pub fn settings(pairs: &[(&str, &str)]) {
         // The library defines the settings; load it so SHOW knows them.
         c.batch_execute("LOAD 'pg_orphan_cleanup'").unwrap();
         pairs.iter().all(|(name, value)| {
-            let shown: String = c.query_one(&format!("SHOW orphan_cleanup.{name}"), &[]).unwrap().get(0);
+            let shown: String = c
+                .query_one(&format!("SHOW orphan_cleanup.{name}"), &[])
+                .unwrap()
+                .get(0);
             shown == *value
         })
     });
@@ -67,7 +82,10 @@ pub fn settings(pairs: &[(&str, &str)]) {
 pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -81,13 +99,20 @@ impl TestDb {
     /// Creates the database afresh. Does not attach: call [`TestDb::attach`].
     pub fn create(name: &str) -> TestDb {
         let mut admin = connect("postgres");
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        let db = TestDb { name: name.to_string() };
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let db = TestDb {
+            name: name.to_string(),
+        };
         let mut c = db.client();
         let schema = std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap();
         c.batch_execute(&schema).unwrap();
-        c.batch_execute("CREATE EXTENSION pg_orphan_cleanup").unwrap();
+        c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
+            .unwrap();
         let indexes = std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap();
         for stmt in sql_statements(&indexes) {
             c.batch_execute(&stmt).unwrap();
@@ -103,7 +128,9 @@ impl TestDb {
     }
 
     pub fn attach(&self) {
-        self.client().query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap();
+        self.client()
+            .query("SELECT * FROM orphan_cleanup.attach()", &[])
+            .unwrap();
     }
 
     pub fn client(&self) -> Client {
@@ -140,10 +167,17 @@ pub fn public_url(bucket: &str, key: &str) -> String {
 }
 
 /// Settings most tests want: the renders bucket and this project's host allowed.
-pub const BASE_SETTINGS: &[(&str, &str)] = &[("allowed_buckets", "renders"), ("allowed_hosts", HOST)];
+pub const BASE_SETTINGS: &[(&str, &str)] =
+    &[("allowed_buckets", "renders"), ("allowed_hosts", HOST)];
 
 /// Inserts a job and returns its id. `age` is how long ago it was created, e.g. `'2 hours'`.
-pub fn job(c: &mut Client, status: &str, url: Option<&str>, age: &str, tag: &str) -> uuid_text::Uuid {
+pub fn job(
+    c: &mut Client,
+    status: &str,
+    url: Option<&str>,
+    age: &str,
+    tag: &str,
+) -> uuid_text::Uuid {
     let row = c
         .query_one(
             "INSERT INTO render_jobs (status, output_url, created_at, prompt) VALUES ($1, $2, now() - $3::text::interval, $4) RETURNING id::text",
@@ -163,33 +197,52 @@ pub fn save(c: &mut Client, asset_type: &str, reference: &str) -> Result<u64, po
 
 /// The states of the queue rows of a job, oldest first.
 pub fn queue_states(c: &mut Client, job: &uuid_text::Uuid) -> Vec<String> {
-    c.query("SELECT state FROM orphan_cleanup.deletion_queue WHERE job_id = $1::text::uuid ORDER BY id", &[&job.0])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    c.query(
+        "SELECT state FROM orphan_cleanup.deletion_queue WHERE job_id = $1::text::uuid ORDER BY id",
+        &[&job.0],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// Runs one cycle and returns (status, found, enqueued, protected, rejected).
 pub fn cycle(c: &mut Client) -> (String, i64, i64, i64, i64) {
-    let r = c.query_one("SELECT status, found, enqueued, protected, rejected FROM orphan_cleanup.run_cycle()", &[]).unwrap();
+    let r = c
+        .query_one(
+            "SELECT status, found, enqueued, protected, rejected FROM orphan_cleanup.run_cycle()",
+            &[],
+        )
+        .unwrap();
     (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
 }
 
 /// Claims for `worker` and returns the claimed queue ids.
 pub fn claim(c: &mut Client, worker: &str, max: i32) -> Vec<i64> {
-    c.query("SELECT id FROM orphan_cleanup.claim($1, $2)", &[&worker, &max]).unwrap().iter().map(|r| r.get(0)).collect()
+    c.query(
+        "SELECT id FROM orphan_cleanup.claim($1, $2)",
+        &[&worker, &max],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// Waits until session `pid` is blocked by another session (pg_blocking_pids), so a test can
 /// drive an interleaving step by step without sleeps.
 pub fn wait_until_blocked(observer: &mut Client, pid: i32) {
-    wait_for(Duration::from_secs(10), "the session to block on a lock", || {
-        observer
-            .query_one("SELECT cardinality(pg_blocking_pids($1)) > 0", &[&pid])
-            .unwrap()
-            .get::<_, bool>(0)
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the session to block on a lock",
+        || {
+            observer
+                .query_one("SELECT cardinality(pg_blocking_pids($1)) > 0", &[&pid])
+                .unwrap()
+                .get::<_, bool>(0)
+        },
+    );
 }
 
 pub fn backend_pid(c: &mut Client) -> i32 {
@@ -203,7 +256,9 @@ pub fn db_error(e: &postgres::Error) -> String {
             "{}: {}{}{}",
             d.code().code(),
             d.message(),
-            d.detail().map(|x| format!(" DETAIL: {x}")).unwrap_or_default(),
+            d.detail()
+                .map(|x| format!(" DETAIL: {x}"))
+                .unwrap_or_default(),
             d.hint().map(|x| format!(" HINT: {x}")).unwrap_or_default()
         ),
         None => e.to_string(),

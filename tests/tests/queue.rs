@@ -10,14 +10,27 @@ fn queued_db(name: &str, n: usize) -> (TestDb, Vec<uuid_text::Uuid>) {
     let db = TestDb::attached(name);
     let mut c = db.client();
     let jobs = (0..n)
-        .map(|i| job(&mut c, "completed", Some(&public_url("renders", &format!("q/{i}.png"))), "2 hours", "orphan"))
+        .map(|i| {
+            job(
+                &mut c,
+                "completed",
+                Some(&public_url("renders", &format!("q/{i}.png"))),
+                "2 hours",
+                "orphan",
+            )
+        })
         .collect();
     assert_eq!(cycle(&mut c).2, n as i64);
     (db, jobs)
 }
 
 fn state_of(c: &mut postgres::Client, id: i64) -> (String, i32) {
-    let r = c.query_one("SELECT state, attempts FROM orphan_cleanup.deletion_queue WHERE id = $1", &[&id]).unwrap();
+    let r = c
+        .query_one(
+            "SELECT state, attempts FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&id],
+        )
+        .unwrap();
     (r.get(0), r.get(1))
 }
 
@@ -26,7 +39,13 @@ fn results(rows: Vec<postgres::Row>) -> Vec<(i64, String)> {
 }
 
 fn job_exists(c: &mut postgres::Client, j: &uuid_text::Uuid) -> bool {
-    c.query_one("SELECT count(*) FROM render_jobs WHERE id = $1::text::uuid", &[&j.0]).unwrap().get::<_, i64>(0) == 1
+    c.query_one(
+        "SELECT count(*) FROM render_jobs WHERE id = $1::text::uuid",
+        &[&j.0],
+    )
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
 }
 
 #[test]
@@ -42,14 +61,29 @@ fn claim_then_confirm_deleted_and_absent_cleans_up_job_rows() {
     assert!(r0.get::<_, String>(4).starts_with("q/"));
     let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
 
-    let res = results(c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1, 'deleted')", &[&ids[..2].to_vec()]).unwrap());
+    let res = results(
+        c.query(
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, 'deleted')",
+            &[&ids[..2].to_vec()],
+        )
+        .unwrap(),
+    );
     assert!(res.iter().all(|(_, r)| r == "confirmed"), "{res:?}");
-    let res = results(c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1, 'absent')", &[&ids[2..].to_vec()]).unwrap());
+    let res = results(
+        c.query(
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, 'absent')",
+            &[&ids[2..].to_vec()],
+        )
+        .unwrap(),
+    );
     assert!(res.iter().all(|(_, r)| r == "confirmed"), "{res:?}");
     assert_eq!(state_of(&mut c, ids[0]).0, "deleted");
     assert_eq!(state_of(&mut c, ids[3]).0, "absent");
     for j in &jobs {
-        assert!(!job_exists(&mut c, j), "on_confirm = delete removes the job row");
+        assert!(
+            !job_exists(&mut c, j),
+            "on_confirm = delete removes the job row"
+        );
     }
     let audited: i64 = c
         .query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE action IN ('deleted', 'absent') AND actor = 'w1'", &[])
@@ -57,23 +91,54 @@ fn claim_then_confirm_deleted_and_absent_cleans_up_job_rows() {
         .get(0);
     assert_eq!(audited, 4);
     // Confirming again is harmless and says why nothing happened.
-    let res = results(c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&vec![ids[0], 999_999]]).unwrap());
+    let res = results(
+        c.query(
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1)",
+            &[&vec![ids[0], 999_999]],
+        )
+        .unwrap(),
+    );
     assert_eq!(res[0].1, "not confirmed: the row is already deleted");
     assert_eq!(res[1].1, "not confirmed: no such queue row");
-    let err = c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1, 'gone')", &[&ids]).unwrap_err();
-    assert!(db_error(&err).contains("outcome must be 'deleted' or 'absent'"), "{err}");
+    let err = c
+        .query(
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, 'gone')",
+            &[&ids],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&err).contains("outcome must be 'deleted' or 'absent'"),
+        "{err}"
+    );
 }
 
 #[test]
 fn on_confirm_clear_url_keeps_the_job_row() {
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("on_confirm", "clear_url")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("on_confirm", "clear_url"),
+    ]);
     let (db, jobs) = queued_db("queue_clear_url", 1);
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
-    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids]).unwrap();
-    let url: Option<String> = c.query_one("SELECT output_url FROM render_jobs WHERE id = $1::text::uuid", &[&jobs[0].0]).unwrap().get(0);
+    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids])
+        .unwrap();
+    let url: Option<String> = c
+        .query_one(
+            "SELECT output_url FROM render_jobs WHERE id = $1::text::uuid",
+            &[&jobs[0].0],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(url, None);
-    let cleanup: String = c.query_one("SELECT job_cleanup FROM orphan_cleanup.deletion_queue WHERE id = $1", &[&ids[0]]).unwrap().get(0);
+    let cleanup: String = c
+        .query_one(
+            "SELECT job_cleanup FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&ids[0]],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(cleanup, "output_url cleared");
 }
 
@@ -82,34 +147,78 @@ fn confirm_falls_back_to_clearing_the_url_when_a_foreign_key_blocks_the_delete()
     settings(BASE_SETTINGS);
     let (db, jobs) = queued_db("queue_fk", 2);
     let mut c = db.client();
-    c.batch_execute("CREATE TABLE job_events (id serial, job_id uuid REFERENCES render_jobs (id))").unwrap();
-    c.execute("INSERT INTO job_events (job_id) VALUES ($1::text::uuid)", &[&jobs[0].0]).unwrap();
+    c.batch_execute("CREATE TABLE job_events (id serial, job_id uuid REFERENCES render_jobs (id))")
+        .unwrap();
+    c.execute(
+        "INSERT INTO job_events (job_id) VALUES ($1::text::uuid)",
+        &[&jobs[0].0],
+    )
+    .unwrap();
+    let warning: String = c
+        .query_one("SELECT detail FROM orphan_cleanup.attach() WHERE item = 'foreign key job_events_job_id_fkey'", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        warning.contains("public.job_events references the jobs table ON DELETE NO ACTION"),
+        "{warning}"
+    );
     let ids = claim(&mut c, "w1", 10);
-    let res = results(c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids]).unwrap());
+    let res = results(
+        c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids])
+            .unwrap(),
+    );
     assert!(res.iter().all(|(_, r)| r == "confirmed"), "{res:?}");
     assert!(job_exists(&mut c, &jobs[0]), "the referenced job row stays");
     assert!(!job_exists(&mut c, &jobs[1]));
-    let url: Option<String> = c.query_one("SELECT output_url FROM render_jobs WHERE id = $1::text::uuid", &[&jobs[0].0]).unwrap().get(0);
+    let url: Option<String> = c
+        .query_one(
+            "SELECT output_url FROM render_jobs WHERE id = $1::text::uuid",
+            &[&jobs[0].0],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(url, None, "its URL is cleared instead");
     let why: String = c
         .query_one("SELECT detail FROM orphan_cleanup.audit_log WHERE action = 'job_cleanup' AND job_id = $1::text::uuid", &[&jobs[0].0])
         .unwrap()
         .get(0);
     assert!(why.contains("foreign key"), "{why}");
-    let states: BTreeSet<String> =
-        c.query("SELECT state FROM orphan_cleanup.deletion_queue", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(states, BTreeSet::from(["deleted".to_string()]), "no row stays claimed");
+    let states: BTreeSet<String> = c
+        .query("SELECT state FROM orphan_cleanup.deletion_queue", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        states,
+        BTreeSet::from(["deleted".to_string()]),
+        "no row stays claimed"
+    );
 }
 
 #[test]
 fn fail_backs_off_and_dead_letters_after_max_attempts() {
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("max_attempts", "3")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("max_attempts", "3"),
+    ]);
     let (db, _) = queued_db("queue_fail", 1);
     let mut c = db.client();
     for attempt in 1..=3 {
         let ids = claim(&mut c, "w1", 10);
-        assert_eq!(ids.len(), 1, "attempt {attempt}: the row is claimable again");
-        let res = results(c.query("SELECT * FROM orphan_cleanup.fail('w1', $1, 'HTTP 500 from storage')", &[&ids]).unwrap());
+        assert_eq!(
+            ids.len(),
+            1,
+            "attempt {attempt}: the row is claimable again"
+        );
+        let res = results(
+            c.query(
+                "SELECT * FROM orphan_cleanup.fail('w1', $1, 'HTTP 500 from storage')",
+                &[&ids],
+            )
+            .unwrap(),
+        );
         let (state, attempts) = state_of(&mut c, ids[0]);
         assert_eq!(attempts, attempt);
         if attempt < 3 {
@@ -122,25 +231,53 @@ fn fail_backs_off_and_dead_letters_after_max_attempts() {
                 .unwrap()
                 .get(0);
             let base = 30.0 * 2f64.powi(attempt - 1);
-            assert!(wait > base * 0.75 && wait < base * 1.25, "attempt {attempt}: back-off {wait}s, expected about {base}s");
-            c.execute("UPDATE orphan_cleanup.deletion_queue SET available_at = now() WHERE id = $1", &[&ids[0]]).unwrap();
+            assert!(
+                wait > base * 0.75 && wait < base * 1.25,
+                "attempt {attempt}: back-off {wait}s, expected about {base}s"
+            );
+            c.execute(
+                "UPDATE orphan_cleanup.deletion_queue SET available_at = now() WHERE id = $1",
+                &[&ids[0]],
+            )
+            .unwrap();
         } else {
             assert_eq!(state, "dead");
             assert_eq!(res[0].1, "dead-lettered");
         }
     }
-    let last: String = c.query_one("SELECT last_error FROM orphan_cleanup.deletion_queue", &[]).unwrap().get(0);
+    let last: String = c
+        .query_one("SELECT last_error FROM orphan_cleanup.deletion_queue", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(last, "HTTP 500 from storage");
-    let dead: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'dead_lettered'", &[]).unwrap().get(0);
+    let dead: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'dead_lettered'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(dead, 1);
-    let warn: String = c.query_one("SELECT status FROM orphan_cleanup.health() WHERE check_name = 'dead letters'", &[]).unwrap().get(0);
+    let warn: String = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'dead letters'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(warn, "warning");
 
     // The DBA requeues it with fresh attempts.
-    let n: i64 = c.query_one("SELECT orphan_cleanup.requeue_dead()", &[]).unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT orphan_cleanup.requeue_dead()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
     let (state, attempts) = c
-        .query_one("SELECT state, attempts FROM orphan_cleanup.deletion_queue", &[])
+        .query_one(
+            "SELECT state, attempts FROM orphan_cleanup.deletion_queue",
+            &[],
+        )
         .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
         .unwrap();
     assert_eq!((state.as_str(), attempts), ("pending", 0));
@@ -153,33 +290,78 @@ fn a_non_retryable_failure_dead_letters_at_once() {
     let (db, _) = queued_db("queue_fatal", 1);
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
-    let res = results(c.query("SELECT * FROM orphan_cleanup.fail('w1', $1, 'bucket not allowed by --buckets', false)", &[&ids]).unwrap());
+    let res = results(
+        c.query(
+            "SELECT * FROM orphan_cleanup.fail('w1', $1, 'bucket not allowed by --buckets', false)",
+            &[&ids],
+        )
+        .unwrap(),
+    );
     assert_eq!(res[0].1, "dead-lettered");
     assert_eq!(state_of(&mut c, ids[0]), ("dead".to_string(), 1));
 }
 
 #[test]
 fn an_expired_lease_counts_as_an_attempt_and_ends_dead() {
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("max_attempts", "2")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("max_attempts", "2"),
+    ]);
     let (db, _) = queued_db("queue_lease", 1);
     let mut c = db.client();
-    let ids = c.query("SELECT id FROM orphan_cleanup.claim('crashing', 10, '1 second')", &[]).unwrap();
+    let ids = c
+        .query(
+            "SELECT id FROM orphan_cleanup.claim('crashing', 10, '1 second')",
+            &[],
+        )
+        .unwrap();
     let id: i64 = ids[0].get(0);
     std::thread::sleep(std::time::Duration::from_millis(1100));
     // The next claim expires the lease: an attempt, with back-off.
     assert!(claim(&mut c, "w2", 10).is_empty());
     assert_eq!(state_of(&mut c, id), ("pending".to_string(), 1));
-    let err: String = c.query_one("SELECT last_error FROM orphan_cleanup.deletion_queue WHERE id = $1", &[&id]).unwrap().get(0);
-    assert!(err.contains("lease expired") && err.contains("crashing"), "{err}");
+    let err: String = c
+        .query_one(
+            "SELECT last_error FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        err.contains("lease expired") && err.contains("crashing"),
+        "{err}"
+    );
     // The crashed worker cannot confirm any more.
-    let res = results(c.query("SELECT * FROM orphan_cleanup.confirm('crashing', $1)", &[&vec![id]]).unwrap());
+    let res = results(
+        c.query(
+            "SELECT * FROM orphan_cleanup.confirm('crashing', $1)",
+            &[&vec![id]],
+        )
+        .unwrap(),
+    );
     assert_eq!(res[0].1, "not confirmed: lease lost, the row was requeued");
-    c.execute("UPDATE orphan_cleanup.deletion_queue SET available_at = now() WHERE id = $1", &[&id]).unwrap();
-    c.query("SELECT id FROM orphan_cleanup.claim('crashing', 10, '1 second')", &[]).unwrap();
+    c.execute(
+        "UPDATE orphan_cleanup.deletion_queue SET available_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .unwrap();
+    c.query(
+        "SELECT id FROM orphan_cleanup.claim('crashing', 10, '1 second')",
+        &[],
+    )
+    .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let n: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.run_cycle()", &[]).unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.run_cycle()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
-    assert_eq!(state_of(&mut c, id), ("dead".to_string(), 2), "a row that crashes every reaper ends dead-lettered");
+    assert_eq!(
+        state_of(&mut c, id),
+        ("dead".to_string(), 2),
+        "a row that crashes every reaper ends dead-lettered"
+    );
 }
 
 #[test]
@@ -188,11 +370,20 @@ fn release_gives_claims_back_without_an_attempt() {
     let (db, _) = queued_db("queue_release", 3);
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
-    let n: i64 = c.query_one("SELECT orphan_cleanup.release('w1', $1)", &[&vec![ids[0]]]).unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT orphan_cleanup.release('w1', $1)", &[&vec![ids[0]]])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
-    let n: i64 = c.query_one("SELECT orphan_cleanup.release('other-worker')", &[]).unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT orphan_cleanup.release('other-worker')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0, "a worker releases only its own claims");
-    let n: i64 = c.query_one("SELECT orphan_cleanup.release('w1')", &[]).unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT orphan_cleanup.release('w1')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2);
     for id in &ids {
         assert_eq!(state_of(&mut c, *id), ("pending".to_string(), 0));
@@ -206,9 +397,18 @@ fn only_the_holder_can_confirm_or_fail() {
     let (db, _) = queued_db("queue_holder", 1);
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
-    let res = results(c.query("SELECT * FROM orphan_cleanup.confirm('w2', $1)", &[&ids]).unwrap());
-    assert_eq!(res[0].1, "not confirmed: lease lost, the row is now claimed by w1");
-    let res = results(c.query("SELECT * FROM orphan_cleanup.fail('w2', $1, 'x')", &[&ids]).unwrap());
+    let res = results(
+        c.query("SELECT * FROM orphan_cleanup.confirm('w2', $1)", &[&ids])
+            .unwrap(),
+    );
+    assert_eq!(
+        res[0].1,
+        "not confirmed: lease lost, the row is now claimed by w1"
+    );
+    let res = results(
+        c.query("SELECT * FROM orphan_cleanup.fail('w2', $1, 'x')", &[&ids])
+            .unwrap(),
+    );
     assert_eq!(res[0].1, "not failed: the row is claimed by w1");
     assert_eq!(state_of(&mut c, ids[0]).0, "claimed");
 }
@@ -218,25 +418,61 @@ fn cancel_removes_pending_rows_for_good() {
     settings(BASE_SETTINGS);
     let (db, jobs) = queued_db("queue_cancel", 2);
     let mut c = db.client();
-    let ids: Vec<i64> = c.query("SELECT id FROM orphan_cleanup.deletion_queue ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let ids: Vec<i64> = c
+        .query(
+            "SELECT id FROM orphan_cleanup.deletion_queue ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let claimed = claim(&mut c, "w1", 1);
-    let res = results(c.query("SELECT * FROM orphan_cleanup.cancel($1)", &[&ids]).unwrap());
-    assert!(res.iter().any(|(id, r)| *id == claimed[0] && r.starts_with("not cancelled: claimed by w1")), "{res:?}");
-    assert!(res.iter().any(|(id, r)| *id != claimed[0] && r == "cancelled"), "{res:?}");
+    let res = results(
+        c.query("SELECT * FROM orphan_cleanup.cancel($1)", &[&ids])
+            .unwrap(),
+    );
+    assert!(
+        res.iter()
+            .any(|(id, r)| *id == claimed[0] && r.starts_with("not cancelled: claimed by w1")),
+        "{res:?}"
+    );
+    assert!(
+        res.iter()
+            .any(|(id, r)| *id != claimed[0] && r == "cancelled"),
+        "{res:?}"
+    );
     // The next full sweep does not queue the cancelled job again.
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("full_sweep_interval", "0")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("full_sweep_interval", "0"),
+    ]);
     cycle(&mut c);
-    let cancelled_job = jobs.iter().find(|j| queue_states(&mut c, j).contains(&"cancelled".to_string())).unwrap();
+    let cancelled_job = jobs
+        .iter()
+        .find(|j| queue_states(&mut c, j).contains(&"cancelled".to_string()))
+        .unwrap();
     assert_eq!(queue_states(&mut c, cancelled_job), vec!["cancelled"]);
 }
 
 #[test]
 fn reaping_disabled_hands_out_nothing() {
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("reaping_enabled", "off")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("reaping_enabled", "off"),
+    ]);
     let (db, _) = queued_db("queue_stop", 2);
     let mut c = db.client();
     assert!(claim(&mut c, "w1", 10).is_empty());
-    let enabled: bool = c.query_one("SELECT reaping_enabled FROM orphan_cleanup.queue_status()", &[]).unwrap().get(0);
+    let enabled: bool = c
+        .query_one(
+            "SELECT reaping_enabled FROM orphan_cleanup.queue_status()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert!(!enabled);
     settings(BASE_SETTINGS);
     assert_eq!(claim(&mut c, "w1", 10).len(), 2);
@@ -244,11 +480,20 @@ fn reaping_disabled_hands_out_nothing() {
 
 #[test]
 fn grace_delays_claims() {
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("grace", "1h")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("grace", "1h"),
+    ]);
     let (db, _) = queued_db("queue_grace", 2);
     let mut c = db.client();
-    assert!(claim(&mut c, "w1", 10).is_empty(), "rows wait out the grace period");
-    let peek = c.query("SELECT id FROM orphan_cleanup.peek()", &[]).unwrap();
+    assert!(
+        claim(&mut c, "w1", 10).is_empty(),
+        "rows wait out the grace period"
+    );
+    let peek = c
+        .query("SELECT id FROM orphan_cleanup.peek()", &[])
+        .unwrap();
     assert_eq!(peek.len(), 2, "but peek shows them");
 }
 
@@ -273,7 +518,10 @@ fn two_workers_claiming_at_once_never_get_the_same_row() {
             })
         })
         .collect();
-    let all: Vec<i64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let all: Vec<i64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let unique: BTreeSet<i64> = all.iter().copied().collect();
     assert_eq!(all.len(), 300, "every row handed out");
     assert_eq!(unique.len(), 300, "no row handed out twice");
@@ -285,16 +533,35 @@ fn claim_rejects_bad_arguments_and_needs_read_committed() {
     let (db, _) = queued_db("queue_args", 1);
     let mut c = db.client();
     for (sql, msg) in [
-        ("SELECT * FROM orphan_cleanup.claim('', 10)", "worker must be a non-empty id"),
-        ("SELECT * FROM orphan_cleanup.claim('w', 0)", "max_rows must be between 1 and 10000"),
-        ("SELECT * FROM orphan_cleanup.claim('w', 10, '0 seconds')", "lease must be between 1 second and 1 day"),
+        (
+            "SELECT * FROM orphan_cleanup.claim('', 10)",
+            "worker must be a non-empty id",
+        ),
+        (
+            "SELECT * FROM orphan_cleanup.claim('w', 0)",
+            "max_rows must be between 1 and 10000",
+        ),
+        (
+            "SELECT * FROM orphan_cleanup.claim('w', 10, '0 seconds')",
+            "lease must be between 1 second and 1 day",
+        ),
     ] {
         let err = c.query(sql, &[]).unwrap_err();
         assert!(db_error(&err).contains(msg), "{sql}: {}", db_error(&err));
     }
-    let mut tx = c.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).start().unwrap();
-    let err = tx.query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[]).unwrap_err();
-    assert!(db_error(&err).contains("READ COMMITTED"), "{}", db_error(&err));
+    let mut tx = c
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    let err = tx
+        .query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[])
+        .unwrap_err();
+    assert!(
+        db_error(&err).contains("READ COMMITTED"),
+        "{}",
+        db_error(&err)
+    );
 }
 
 #[test]
@@ -302,19 +569,42 @@ fn claims_refuse_until_attached_and_after_settings_drift() {
     settings(BASE_SETTINGS);
     let (db, _) = queued_db("queue_drift", 1);
     let mut c = db.client();
-    c.batch_execute("CREATE TABLE other_jobs (LIKE render_jobs INCLUDING ALL)").unwrap();
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("jobs_table", "public.other_jobs")]);
-    let err = c.query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[]).unwrap_err();
+    c.batch_execute("CREATE TABLE other_jobs (LIKE render_jobs INCLUDING ALL)")
+        .unwrap();
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("jobs_table", "public.other_jobs"),
+    ]);
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[])
+        .unwrap_err();
     let msg = db_error(&err);
-    assert!(msg.contains("orphan_cleanup.jobs_table is 'public.other_jobs'") && msg.contains("attach()"), "{msg}");
+    assert!(
+        msg.contains("orphan_cleanup.jobs_table is 'public.other_jobs'")
+            && msg.contains("attach()"),
+        "{msg}"
+    );
     let (status, ..) = cycle(&mut c);
     assert_eq!(status, "failed", "cycles stop too");
-    let health: String = c.query_one("SELECT status FROM orphan_cleanup.health() WHERE check_name = 'attached'", &[]).unwrap().get(0);
+    let health: String = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'attached'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(health, "critical");
     settings(BASE_SETTINGS);
     c.query_one("SELECT orphan_cleanup.detach()", &[]).unwrap();
-    let err = c.query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[]).unwrap_err();
-    assert!(db_error(&err).contains("not attached"), "{}", db_error(&err));
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[])
+        .unwrap_err();
+    assert!(
+        db_error(&err).contains("not attached"),
+        "{}",
+        db_error(&err)
+    );
     db.attach();
     assert_eq!(claim(&mut c, "w", 10).len(), 1);
 }
@@ -324,13 +614,31 @@ fn a_disabled_or_missing_save_guard_stops_claims() {
     settings(BASE_SETTINGS);
     let (db, _) = queued_db("queue_guard_off", 1);
     let mut c = db.client();
-    c.batch_execute("ALTER TABLE user_assets DISABLE TRIGGER orphan_cleanup_save_guard").unwrap();
-    let err = c.query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[]).unwrap_err();
-    assert!(db_error(&err).contains("save guard trigger orphan_cleanup_save_guard on public.user_assets is disabled"), "{}", db_error(&err));
-    let health: String = c.query_one("SELECT status FROM orphan_cleanup.health() WHERE check_name = 'save guard'", &[]).unwrap().get(0);
+    c.batch_execute("ALTER TABLE user_assets DISABLE TRIGGER orphan_cleanup_save_guard")
+        .unwrap();
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[])
+        .unwrap_err();
+    assert!(
+        db_error(&err).contains(
+            "save guard trigger orphan_cleanup_save_guard on public.user_assets is disabled"
+        ),
+        "{}",
+        db_error(&err)
+    );
+    let health: String = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'save guard'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(health, "critical");
-    c.batch_execute("DROP TRIGGER orphan_cleanup_save_guard ON user_assets").unwrap();
-    let err = c.query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[]).unwrap_err();
+    c.batch_execute("DROP TRIGGER orphan_cleanup_save_guard ON user_assets")
+        .unwrap();
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.claim('w', 10)", &[])
+        .unwrap_err();
     assert!(db_error(&err).contains("is missing"), "{}", db_error(&err));
     db.attach();
     assert_eq!(claim(&mut c, "w", 10).len(), 1);
@@ -338,25 +646,61 @@ fn a_disabled_or_missing_save_guard_stops_claims() {
 
 #[test]
 fn attach_names_every_problem_with_the_tables() {
-    settings(&[("allowed_buckets", "renders"), ("jobs_table", "public.nope"), ("age_column", "finished_at")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("jobs_table", "public.nope"),
+        ("age_column", "finished_at"),
+    ]);
     let db = TestDb::create("queue_attach_errors");
     let mut c = db.client();
-    let err = c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap_err();
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap_err();
     let msg = db_error(&err);
-    assert!(msg.contains("jobs table public.nope (orphan_cleanup.jobs_table) does not exist"), "{msg}");
-    settings(&[("allowed_buckets", "renders"), ("age_column", "finished_at")]);
-    let err = c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap_err();
-    assert!(db_error(&err).contains("column finished_at is missing from public.render_jobs"), "{}", db_error(&err));
+    assert!(
+        msg.contains("jobs table public.nope (orphan_cleanup.jobs_table) does not exist"),
+        "{msg}"
+    );
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("age_column", "finished_at"),
+    ]);
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap_err();
+    assert!(
+        db_error(&err).contains("column finished_at is missing from public.render_jobs"),
+        "{}",
+        db_error(&err)
+    );
     settings(&[("allowed_buckets", "renders"), ("age_column", "prompt")]);
-    let err = c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap_err();
-    assert!(db_error(&err).contains("column prompt of public.render_jobs is text, expected timestamp"), "{}", db_error(&err));
-    settings(&[("allowed_buckets", "renders"), ("age_column", "completed_at")]);
-    let rows = c.query("SELECT item, status, detail FROM orphan_cleanup.attach()", &[]).unwrap();
-    let missing_index = rows.iter().find(|r| r.get::<_, String>(0) == "index: completed jobs by age").unwrap();
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap_err();
+    assert!(
+        db_error(&err).contains("column prompt of public.render_jobs is text, expected timestamp"),
+        "{}",
+        db_error(&err)
+    );
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("age_column", "completed_at"),
+    ]);
+    let rows = c
+        .query(
+            "SELECT item, status, detail FROM orphan_cleanup.attach()",
+            &[],
+        )
+        .unwrap();
+    let missing_index = rows
+        .iter()
+        .find(|r| r.get::<_, String>(0) == "index: completed jobs by age")
+        .unwrap();
     assert_eq!(missing_index.get::<_, String>(1), "warning");
     assert!(missing_index.get::<_, String>(2).contains("CREATE INDEX CONCURRENTLY render_jobs_orphan_scan_idx ON public.render_jobs (completed_at, id)"));
     // attach() is idempotent.
-    c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap();
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap();
     let triggers: i64 = c
         .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'user_assets'::regclass AND tgname LIKE 'orphan_cleanup%'", &[])
         .unwrap()
@@ -366,23 +710,56 @@ fn attach_names_every_problem_with_the_tables() {
 
 #[test]
 fn claim_can_be_limited_to_some_buckets() {
-    settings(&[("allowed_buckets", "renders,thumbs"), ("allowed_hosts", HOST)]);
+    settings(&[
+        ("allowed_buckets", "renders,thumbs"),
+        ("allowed_hosts", HOST),
+    ]);
     let db = TestDb::attached("queue_buckets");
     let mut c = db.client();
-    job(&mut c, "completed", Some(&public_url("renders", "b/1.png")), "2 hours", "orphan");
-    job(&mut c, "completed", Some(&public_url("thumbs", "b/1.png")), "2 hours", "orphan");
+    job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "b/1.png")),
+        "2 hours",
+        "orphan",
+    );
+    job(
+        &mut c,
+        "completed",
+        Some(&public_url("thumbs", "b/1.png")),
+        "2 hours",
+        "orphan",
+    );
     cycle(&mut c);
-    let rows = c.query("SELECT bucket FROM orphan_cleanup.claim('w1', 10, '5 minutes', ARRAY['thumbs'])", &[]).unwrap();
-    assert_eq!(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(), vec!["thumbs"]);
+    let rows = c
+        .query(
+            "SELECT bucket FROM orphan_cleanup.claim('w1', 10, '5 minutes', ARRAY['thumbs'])",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>(),
+        vec!["thumbs"]
+    );
 }
 
 #[test]
 fn history_older_than_the_retention_is_pruned() {
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("history_retention", "1h")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("history_retention", "1h"),
+    ]);
     let (db, _) = queued_db("queue_prune", 2);
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
-    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&vec![ids[0]]]).unwrap();
+    c.query(
+        "SELECT * FROM orphan_cleanup.confirm('w1', $1)",
+        &[&vec![ids[0]]],
+    )
+    .unwrap();
     c.batch_execute(&format!(
         "UPDATE orphan_cleanup.deletion_queue SET finished_at = now() - interval '2 hours' WHERE id = {};
          UPDATE orphan_cleanup.audit_log SET at = now() - interval '2 hours' WHERE queue_id = {};
@@ -391,11 +768,29 @@ fn history_older_than_the_retention_is_pruned() {
     ))
     .unwrap();
     cycle(&mut c);
-    let queue: Vec<i64> = c.query("SELECT id FROM orphan_cleanup.deletion_queue", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(queue, vec![ids[1]], "the finished old row is pruned; the claimed one stays");
-    let old_audit: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE queue_id = $1", &[&ids[0]]).unwrap().get(0);
+    let queue: Vec<i64> = c
+        .query("SELECT id FROM orphan_cleanup.deletion_queue", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        queue,
+        vec![ids[1]],
+        "the finished old row is pruned; the claimed one stays"
+    );
+    let old_audit: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE queue_id = $1",
+            &[&ids[0]],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(old_audit, 0);
-    let cycles: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.cycle_log", &[]).unwrap().get(0);
+    let cycles: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.cycle_log", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(cycles, 1, "only the cycle that just ran is left");
 }
 
@@ -405,39 +800,100 @@ fn the_queue_and_its_history_survive_pg_dump_and_restore() {
     let (db, _) = queued_db("queue_dump", 3);
     let mut c = db.client();
     claim(&mut c, "w1", 1);
-    let before: Vec<(i64, String)> =
-        c.query("SELECT id, state FROM orphan_cleanup.deletion_queue ORDER BY id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-    let audit_before: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[]).unwrap().get(0);
+    let before: Vec<(i64, String)> = c
+        .query(
+            "SELECT id, state FROM orphan_cleanup.deletion_queue ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let audit_before: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[])
+        .unwrap()
+        .get(0);
 
-    let restored = TestDb { name: "queue_dump_restored".into() };
+    let restored = TestDb {
+        name: "queue_dump_restored".into(),
+    };
     let mut admin = connect("postgres");
-    admin.batch_execute("DROP DATABASE IF EXISTS queue_dump_restored WITH (FORCE)").unwrap();
-    admin.batch_execute("CREATE DATABASE queue_dump_restored").unwrap();
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS queue_dump_restored WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE queue_dump_restored")
+        .unwrap();
     let port = port().to_string();
     let dump = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_dump")
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-Fc", "-d", &db.name])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-Fc",
+            "-d",
+            &db.name,
+        ])
         .output()
         .unwrap();
-    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
     let mut restore = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_restore")
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "--exit-on-error", "-d", &restored.name])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "--exit-on-error",
+            "-d",
+            &restored.name,
+        ])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
-    restore.stdin.take().unwrap().write_all(&dump.stdout).unwrap();
+    restore
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&dump.stdout)
+        .unwrap();
     let out = restore.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let mut r = restored.client();
-    let after: Vec<(i64, String)> =
-        r.query("SELECT id, state FROM orphan_cleanup.deletion_queue ORDER BY id", &[]).unwrap().iter().map(|x| (x.get(0), x.get(1))).collect();
+    let after: Vec<(i64, String)> = r
+        .query(
+            "SELECT id, state FROM orphan_cleanup.deletion_queue ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|x| (x.get(0), x.get(1)))
+        .collect();
     assert_eq!(after, before);
-    let audit_after: i64 = r.query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[]).unwrap().get(0);
+    let audit_after: i64 = r
+        .query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(audit_after, audit_before);
     // The restored database has new table OIDs: claims refuse until attach() confirms them.
-    let err = r.query("SELECT * FROM orphan_cleanup.claim('w2', 10)", &[]).unwrap_err();
+    let err = r
+        .query("SELECT * FROM orphan_cleanup.claim('w2', 10)", &[])
+        .unwrap_err();
     assert!(db_error(&err).contains("attach()"), "{}", db_error(&err));
     restored.attach();
     assert_eq!(claim(&mut r, "w2", 10).len(), 2);

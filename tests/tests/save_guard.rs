@@ -15,7 +15,13 @@ fn one_queued(name: &str) -> (TestDb, uuid_text::Uuid) {
     settings(BASE_SETTINGS);
     let db = TestDb::attached(name);
     let mut c = db.client();
-    let j = job(&mut c, "completed", Some(&public_url("renders", &format!("{name}/out.png"))), "2 hours", "orphan");
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", &format!("{name}/out.png"))),
+        "2 hours",
+        "orphan",
+    );
     assert_eq!(cycle(&mut c).2, 1);
     (db, j)
 }
@@ -36,7 +42,12 @@ fn audit_count(c: &mut postgres::Client, j: &uuid_text::Uuid, action: &str) -> i
 }
 
 fn refused_count(c: &mut postgres::Client) -> i64 {
-    c.query_one("SELECT value FROM orphan_cleanup.validation_report() WHERE metric = 'saves refused'", &[]).unwrap().get(0)
+    c.query_one(
+        "SELECT value FROM orphan_cleanup.validation_report() WHERE metric = 'saves refused'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
 }
 
 #[test]
@@ -46,14 +57,22 @@ fn a_save_before_any_claim_rescues_the_row() {
     save(&mut c, "generated_saved", &j.0).expect("the save succeeds");
     assert_eq!(queue_states(&mut c, &j), vec!["rescued"]);
     assert_eq!(audit_count(&mut c, &j, "rescued"), 1);
-    assert!(claim(&mut c, "w1", 10).is_empty(), "a rescued row is never handed out");
+    assert!(
+        claim(&mut c, "w1", 10).is_empty(),
+        "a rescued row is never handed out"
+    );
 }
 
 #[test]
 fn a_save_spelled_differently_rescues_too() {
     let (db, j) = one_queued("guard_spelling");
     let mut c = db.client();
-    save(&mut c, "generated_saved", &format!(" {{{}}} ", j.0.to_uppercase())).expect("the save succeeds");
+    save(
+        &mut c,
+        "generated_saved",
+        &format!(" {{{}}} ", j.0.to_uppercase()),
+    )
+    .expect("the save succeeds");
     assert_eq!(queue_states(&mut c, &j), vec!["rescued"]);
 }
 
@@ -66,7 +85,11 @@ fn a_save_after_a_claim_is_refused_with_its_own_sqlstate() {
     let err = save(&mut c, "generated_saved", &j.0).unwrap_err();
     let db_err = err.as_db_error().expect("a database error");
     assert_eq!(db_err.code().code(), REFUSED);
-    assert!(db_err.message().contains(&j.0) && db_err.message().contains("expired as an orphan"), "{}", db_err.message());
+    assert!(
+        db_err.message().contains(&j.0) && db_err.message().contains("expired as an orphan"),
+        "{}",
+        db_err.message()
+    );
     assert!(db_err.hint().unwrap().contains("Render the job again"));
     assert_eq!(saved_assets(&mut c, &j), 0);
     assert_eq!(refused_count(&mut c), 1);
@@ -82,13 +105,35 @@ fn a_save_after_a_claim_is_refused_with_its_own_sqlstate() {
     assert_eq!(actor, "postgres");
 
     // Released (file maybe gone), still refused. Confirmed and job row deleted: still refused.
-    c.query_one("SELECT orphan_cleanup.release('w1')", &[]).unwrap();
-    assert_eq!(save(&mut c, "generated_saved", &j.0).unwrap_err().code().unwrap().code(), REFUSED);
+    c.query_one("SELECT orphan_cleanup.release('w1')", &[])
+        .unwrap();
+    assert_eq!(
+        save(&mut c, "generated_saved", &j.0)
+            .unwrap_err()
+            .code()
+            .unwrap()
+            .code(),
+        REFUSED
+    );
     let ids = claim(&mut c, "w1", 10);
-    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids]).unwrap();
-    assert_eq!(save(&mut c, "generated_saved", &j.0).unwrap_err().code().unwrap().code(), REFUSED);
+    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids])
+        .unwrap();
+    assert_eq!(
+        save(&mut c, "generated_saved", &j.0)
+            .unwrap_err()
+            .code()
+            .unwrap()
+            .code(),
+        REFUSED
+    );
     assert_eq!(refused_count(&mut c), 3);
-    let health: String = c.query_one("SELECT status FROM orphan_cleanup.health() WHERE check_name = 'refused saves'", &[]).unwrap().get(0);
+    let health: String = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'refused saves'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(health, "warning");
 }
 
@@ -99,7 +144,10 @@ fn an_update_that_points_an_asset_at_a_claimed_job_is_refused() {
     c.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', '{\"render_job_id\": \"none\"}')", &[]).unwrap();
     claim(&mut c, "w1", 10);
     let err = c
-        .execute("UPDATE user_assets SET metadata = jsonb_build_object('render_job_id', $1::text)", &[&j.0])
+        .execute(
+            "UPDATE user_assets SET metadata = jsonb_build_object('render_job_id', $1::text)",
+            &[&j.0],
+        )
         .unwrap_err();
     assert_eq!(err.code().unwrap().code(), REFUSED);
 }
@@ -125,7 +173,13 @@ fn a_save_that_began_before_the_cycle_cannot_slip_through() {
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_before_cycle");
     let mut c = db.client();
-    let j = job(&mut c, "completed", Some(&public_url("renders", "early/out.png")), "2 hours", "orphan");
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "early/out.png")),
+        "2 hours",
+        "orphan",
+    );
     // 1. The save starts before the cycle looks; it is not committed yet.
     let mut saver = db.client();
     let mut tx = saver.transaction().unwrap();
@@ -139,9 +193,19 @@ fn a_save_that_began_before_the_cycle_cannot_slip_through() {
     tx.commit().unwrap();
     assert!(claim(&mut c, "w1", 10).is_empty());
     assert_eq!(queue_states(&mut c, &j), vec!["stale"]);
-    let reason: String = c.query_one("SELECT reason FROM orphan_cleanup.deletion_queue WHERE job_id = $1::text::uuid", &[&j.0]).unwrap().get(0);
+    let reason: String = c
+        .query_one(
+            "SELECT reason FROM orphan_cleanup.deletion_queue WHERE job_id = $1::text::uuid",
+            &[&j.0],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(reason, "the job is referenced by an asset");
-    assert_eq!(audit_count(&mut c, &j, "claimed"), 0, "never handed to a reaper");
+    assert_eq!(
+        audit_count(&mut c, &j, "claimed"),
+        0,
+        "never handed to a reaper"
+    );
     assert_eq!(saved_assets(&mut c, &j), 1);
 }
 
@@ -151,7 +215,12 @@ fn a_claim_in_flight_makes_the_save_wait_then_refuses_it() {
     let mut reaper = db.client();
     let mut observer = db.client();
     let mut tx = reaper.transaction().unwrap();
-    let ids: Vec<i64> = tx.query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let ids: Vec<i64> = tx
+        .query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(ids.len(), 1);
 
     let name = db.name.clone();
@@ -176,7 +245,12 @@ fn a_claim_rolled_back_lets_the_waiting_save_rescue_the_row() {
     let mut reaper = db.client();
     let mut observer = db.client();
     let mut tx = reaper.transaction().unwrap();
-    assert_eq!(tx.query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[]).unwrap().len(), 1);
+    assert_eq!(
+        tx.query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[])
+            .unwrap()
+            .len(),
+        1
+    );
 
     let name = db.name.clone();
     let job_id = j.0.clone();
@@ -188,7 +262,10 @@ fn a_claim_rolled_back_lets_the_waiting_save_rescue_the_row() {
     });
     wait_until_blocked(&mut observer, pid_rx.recv().unwrap());
     tx.rollback().unwrap();
-    saver.join().unwrap().expect("the claim never happened, so the save succeeds");
+    saver
+        .join()
+        .unwrap()
+        .expect("the claim never happened, so the save succeeds");
     assert_eq!(queue_states(&mut observer, &j), vec!["rescued"]);
 }
 
@@ -199,10 +276,20 @@ fn saving_one_of_two_jobs_sharing_an_object_keeps_the_object() {
     let mut c = db.client();
     let url = public_url("renders", "shared/out.png");
     let a = job(&mut c, "completed", Some(&url), "2 hours", "orphan");
-    let b = job(&mut c, "completed", Some(&format!("{url}?download")), "2 hours", "orphan");
+    let b = job(
+        &mut c,
+        "completed",
+        Some(&format!("{url}?download")),
+        "2 hours",
+        "orphan",
+    );
     assert_eq!(cycle(&mut c).2, 2, "both are orphans, so the object may go");
     save(&mut c, "generated_saved", &b.0).unwrap();
-    assert_eq!(queue_states(&mut c, &a), vec!["rescued"], "the other job's row names the same object");
+    assert_eq!(
+        queue_states(&mut c, &a),
+        vec!["rescued"],
+        "the other job's row names the same object"
+    );
     assert_eq!(queue_states(&mut c, &b), vec!["rescued"]);
     assert!(claim(&mut c, "w1", 10).is_empty());
 }
@@ -218,24 +305,42 @@ fn a_save_of_a_job_sharing_a_claimed_object_is_refused() {
     cycle(&mut c);
     assert_eq!(claim(&mut c, "w1", 1).len(), 1);
     // Whichever row was claimed, the object may be gone: saving either job is refused.
-    assert_eq!(save(&mut c, "generated_saved", &b.0).unwrap_err().code().unwrap().code(), REFUSED);
+    assert_eq!(
+        save(&mut c, "generated_saved", &b.0)
+            .unwrap_err()
+            .code()
+            .unwrap()
+            .code(),
+        REFUSED
+    );
 }
 
 #[test]
 fn a_claim_skips_an_object_while_another_job_sharing_it_is_being_saved() {
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("max_per_cycle", "1")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("max_per_cycle", "1"),
+    ]);
     let db = TestDb::attached("guard_shared_inflight");
     let mut c = db.client();
     let url = public_url("renders", "shared3/out.png");
     let a = job(&mut c, "completed", Some(&url), "3 hours", "orphan");
     let b = job(&mut c, "completed", Some(&url), "2 hours", "orphan");
-    assert_eq!(cycle(&mut c).2, 1, "only the older job is queued this cycle");
+    assert_eq!(
+        cycle(&mut c).2,
+        1,
+        "only the older job is queued this cycle"
+    );
     assert_eq!(queue_states(&mut c, &a), vec!["pending"]);
     let mut saver = db.client();
     let mut tx = saver.transaction().unwrap();
     tx.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))", &[&b.0])
         .unwrap();
-    assert!(claim(&mut c, "w1", 10).is_empty(), "b's save holds the rows that could hand out its object");
+    assert!(
+        claim(&mut c, "w1", 10).is_empty(),
+        "b's save holds the rows that could hand out its object"
+    );
     tx.commit().unwrap();
     assert!(claim(&mut c, "w1", 10).is_empty());
     assert_eq!(queue_states(&mut c, &a), vec!["rescued"]);
@@ -246,12 +351,36 @@ fn deleting_an_asset_makes_its_job_an_orphan_again() {
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_unsave");
     let mut c = db.client();
-    let j = job(&mut c, "completed", Some(&public_url("renders", "unsave/out.png")), "2 hours", "saved");
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "unsave/out.png")),
+        "2 hours",
+        "saved",
+    );
     save(&mut c, "generated_saved", &j.0).unwrap();
     assert_eq!(cycle(&mut c).2, 0);
     c.execute("DELETE FROM user_assets", &[]).unwrap();
-    let rechecks: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.recheck", &[]).unwrap().get(0);
+    let rechecks: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.recheck", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(rechecks, 1);
     assert_eq!(cycle(&mut c).2, 1);
     assert_eq!(queue_states(&mut c, &j), vec!["pending"]);
+}
+
+#[test]
+fn the_guard_fires_under_session_replication_role_replica() {
+    let (db, j) = one_queued("guard_replica");
+    let mut c = db.client();
+    claim(&mut c, "w1", 10);
+    c.batch_execute("SET session_replication_role = replica")
+        .unwrap();
+    let err = save(&mut c, "generated_saved", &j.0).unwrap_err();
+    assert_eq!(
+        err.code().unwrap().code(),
+        REFUSED,
+        "the trigger is ENABLE ALWAYS"
+    );
 }

@@ -6,11 +6,21 @@ use std::time::Duration;
 use e2e::*;
 
 fn worker_pid(c: &mut postgres::Client) -> Option<i32> {
-    c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup'", &[]).unwrap().map(|r| r.get(0))
+    c.query_opt(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup'",
+        &[],
+    )
+    .unwrap()
+    .map(|r| r.get(0))
 }
 
 fn worker_cycles(c: &mut postgres::Client, status: &str) -> i64 {
-    c.query_one("SELECT count(*) FROM orphan_cleanup.cycle_log WHERE actor = 'worker' AND status = $1", &[&status]).unwrap().get(0)
+    c.query_one(
+        "SELECT count(*) FROM orphan_cleanup.cycle_log WHERE actor = 'worker' AND status = $1",
+        &[&status],
+    )
+    .unwrap()
+    .get(0)
 }
 
 /// Installs the app and the extension in the worker's database, attached.
@@ -21,12 +31,17 @@ fn setup_postgres_db() -> postgres::Client {
          DROP TABLE IF EXISTS public.render_jobs, public.user_assets CASCADE;",
     )
     .unwrap();
-    c.batch_execute(&std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap()).unwrap();
-    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup").unwrap();
-    for stmt in sql_statements(&std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap()) {
+    c.batch_execute(&std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap())
+        .unwrap();
+    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
+        .unwrap();
+    for stmt in
+        sql_statements(&std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap())
+    {
         c.batch_execute(&stmt).unwrap();
     }
-    c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap();
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap();
     c
 }
 
@@ -40,50 +55,118 @@ fn teardown_postgres_db(c: &mut postgres::Client) {
 
 #[test]
 fn the_worker_runs_cycles_reloads_settings_pauses_survives_errors_and_restarts() {
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("enabled", "off")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("enabled", "off"),
+    ]);
     let mut admin = connect("postgres");
     teardown_postgres_db(&mut admin);
 
     // Without the extension the worker waits quietly: it stays up, with the same pid.
-    wait_for(Duration::from_secs(15), "the worker to be running", || worker_pid(&mut admin).is_some());
+    wait_for(Duration::from_secs(15), "the worker to be running", || {
+        worker_pid(&mut admin).is_some()
+    });
     let waiting_pid = worker_pid(&mut admin);
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("interval", "1s")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("interval", "1s"),
+    ]);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(worker_pid(&mut admin), waiting_pid, "no crash loop while the extension is missing");
+    assert_eq!(
+        worker_pid(&mut admin),
+        waiting_pid,
+        "no crash loop while the extension is missing"
+    );
 
     // With the extension, it runs cycles at the interval and fills the queue.
     let mut c = setup_postgres_db();
-    job(&mut c, "completed", Some(&public_url("renders", "w/1.png")), "2 hours", "orphan");
-    wait_for(Duration::from_secs(20), "the worker to queue the orphan", || {
-        c.query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'", &[]).unwrap().get::<_, i64>(0) == 1
+    job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "w/1.png")),
+        "2 hours",
+        "orphan",
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the worker to queue the orphan",
+        || {
+            c.query_one(
+                "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        },
+    );
+    wait_for(Duration::from_secs(20), "several worker cycles", || {
+        worker_cycles(&mut c, "ok") >= 3
     });
-    wait_for(Duration::from_secs(20), "several worker cycles", || worker_cycles(&mut c, "ok") >= 3);
-    let health: String = c.query_one("SELECT status FROM orphan_cleanup.health() WHERE check_name = 'worker'", &[]).unwrap().get(0);
+    let health: String = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'worker'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(health, "ok");
 
     // enabled = off pauses it.
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("interval", "1s"), ("enabled", "off")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("interval", "1s"),
+        ("enabled", "off"),
+    ]);
     std::thread::sleep(Duration::from_millis(1500));
     let paused_at = worker_cycles(&mut c, "ok");
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(worker_cycles(&mut c, "ok"), paused_at, "no cycles while disabled");
+    assert_eq!(
+        worker_cycles(&mut c, "ok"),
+        paused_at,
+        "no cycles while disabled"
+    );
 
     // A failing cycle is recorded, and the worker carries on.
     settings(&[("interval", "1s")]);
-    wait_for(Duration::from_secs(20), "a failed cycle (no allowed buckets)", || worker_cycles(&mut c, "failed") >= 2);
+    wait_for(
+        Duration::from_secs(20),
+        "a failed cycle (no allowed buckets)",
+        || worker_cycles(&mut c, "failed") >= 2,
+    );
     let pid = worker_pid(&mut c);
-    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", HOST), ("interval", "1s")]);
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("interval", "1s"),
+    ]);
     let before = worker_cycles(&mut c, "ok");
-    wait_for(Duration::from_secs(20), "cycles to succeed again", || worker_cycles(&mut c, "ok") > before);
-    assert_eq!(worker_pid(&mut c), pid, "the same worker process survived the failing cycles");
+    wait_for(Duration::from_secs(20), "cycles to succeed again", || {
+        worker_cycles(&mut c, "ok") > before
+    });
+    assert_eq!(
+        worker_pid(&mut c),
+        pid,
+        "the same worker process survived the failing cycles"
+    );
 
     // Terminated, it comes back.
     let old = pid.unwrap();
-    let terminated: bool = c.query_one("SELECT pg_terminate_backend($1)", &[&old]).unwrap().get(0);
+    let terminated: bool = c
+        .query_one("SELECT pg_terminate_backend($1)", &[&old])
+        .unwrap()
+        .get(0);
     assert!(terminated);
-    wait_for(Duration::from_secs(30), "the worker to come back", || worker_pid(&mut c).is_some_and(|p| p != old));
+    wait_for(Duration::from_secs(30), "the worker to come back", || {
+        worker_pid(&mut c).is_some_and(|p| p != old)
+    });
     let before = worker_cycles(&mut c, "ok");
-    wait_for(Duration::from_secs(20), "cycles after the restart", || worker_cycles(&mut c, "ok") > before);
+    wait_for(Duration::from_secs(20), "cycles after the restart", || {
+        worker_cycles(&mut c, "ok") > before
+    });
 
     settings(&[]);
     teardown_postgres_db(&mut c);
@@ -96,12 +179,24 @@ fn a_second_cycle_started_while_one_runs_is_skipped_at_once() {
     let mut a = db.client();
     let mut b = db.client();
     let mut tx = a.transaction().unwrap();
-    let first: String = tx.query_one("SELECT status FROM orphan_cleanup.run_cycle()", &[]).unwrap().get(0);
+    let first: String = tx
+        .query_one("SELECT status FROM orphan_cleanup.run_cycle()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(first, "ok");
     // The first cycle's transaction is still open and holds the cycle lock.
-    let second: String = b.query_one("SELECT status FROM orphan_cleanup.run_cycle()", &[]).unwrap().get(0);
+    let second: String = b
+        .query_one("SELECT status FROM orphan_cleanup.run_cycle()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(second, "skipped");
     tx.commit().unwrap();
-    let logged: i64 = b.query_one("SELECT count(*) FROM orphan_cleanup.cycle_log WHERE status = 'skipped'", &[]).unwrap().get(0);
+    let logged: i64 = b
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.cycle_log WHERE status = 'skipped'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(logged, 1);
 }
