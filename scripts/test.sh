@@ -26,7 +26,15 @@ echo "==> end-to-end tests (tests/) against a fresh cluster"
 scripts/install.sh
 export PGOC_PORT="${PGOC_TEST_PORT:-55433}"
 scripts/cluster.sh destroy >/dev/null
-trap 'scripts/cluster.sh stop >/dev/null || true; PGOC_PORT=55434 scripts/cluster.sh destroy >/dev/null 2>&1 || true; rm -f "$RESULTS"' EXIT
+cleanup() {
+  scripts/cluster.sh stop >/dev/null || true
+  # Clusters some tests start for themselves: one without preload, one hot standby.
+  PGOC_PORT=$((PGOC_PORT + 1)) scripts/cluster.sh destroy >/dev/null 2>&1 || true
+  standby="/tmp/pg_orphan_cleanup-standby-$((PGOC_PORT + 2))"
+  [ -d "$standby/data" ] && runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$standby/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$standby" "$RESULTS"
+}
+trap cleanup EXIT
 scripts/cluster.sh start
 ctest -p e2e -- --test-threads=1
 

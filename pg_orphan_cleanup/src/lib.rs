@@ -52,7 +52,69 @@ pub extern "C-unwind" fn _PG_init() {
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
-mod tests {}
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn job_ref_key_reads_every_spelling_of_a_uuid() {
+        for spelling in [
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            " {a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11} ",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "\ta0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11\n",
+        ] {
+            let key = Spi::get_one_with_args::<String>(
+                "SELECT orphan_cleanup.job_ref_key($1)",
+                &[spelling.into()],
+            );
+            assert_eq!(
+                key,
+                Ok(Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".to_string())),
+                "{spelling:?}"
+            );
+        }
+        for junk in [
+            "",
+            "not-a-uuid",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11x",
+        ] {
+            let key = Spi::get_one_with_args::<String>(
+                "SELECT orphan_cleanup.job_ref_key($1)",
+                &[junk.into()],
+            );
+            assert_eq!(key, Ok(None), "{junk:?}");
+        }
+    }
+
+    #[pg_test(error = "parameter \"orphan_cleanup.jobs_table\" cannot be changed now")]
+    fn settings_cannot_be_set_in_a_session() {
+        Spi::run("SET orphan_cleanup.jobs_table = 'public.other'").unwrap();
+    }
+
+    #[pg_test(error = "pg_orphan_cleanup is not attached to any tables, so claim() cannot run")]
+    fn claims_refuse_before_attach() {
+        Spi::run("SELECT * FROM orphan_cleanup.claim('w1')").unwrap();
+    }
+
+    #[pg_test]
+    fn parse_output_url_names_the_problem() {
+        let err = Spi::get_one::<String>(
+            "SELECT error FROM orphan_cleanup.parse_output_url('renders/a%2Fb.png')",
+        );
+        assert_eq!(
+            err,
+            Ok(Some(
+                "character '%' is not allowed in a storage object name".to_string()
+            ))
+        );
+        let form = Spi::get_one::<String>(
+            "SELECT form FROM orphan_cleanup.parse_output_url('https://x.supabase.co/storage/v1/render/image/public/r/a.png?width=10')",
+        );
+        assert_eq!(form, Ok(Some("render_image".to_string())));
+    }
+}
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

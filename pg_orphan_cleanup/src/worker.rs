@@ -8,7 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::prelude::*;
 
 use crate::guc;
@@ -24,6 +26,9 @@ pub fn register() {
         .set_function("orphan_cleanup_worker_main")
         .set_library("pg_orphan_cleanup")
         .enable_spi_access()
+        // Start on a hot standby too (and idle there): health() then sees the worker everywhere,
+        // and after a promotion it simply starts running cycles.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(RESTART_AFTER))
         .load();
 }
@@ -90,9 +95,7 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
 
 /// Writes refused saves noted in shared memory to the audit log.
 fn flush_refusals() {
-    let exists =
-        Spi::get_one::<bool>("SELECT to_regproc('orphan_cleanup._flush_refusals') IS NOT NULL");
-    if exists.ok().flatten().unwrap_or(false) {
+    if select_bool("SELECT to_regproc('orphan_cleanup._flush_refusals') IS NOT NULL") {
         if let Err(e) = Spi::run("SELECT orphan_cleanup._flush_refusals()") {
             warning!("pg_orphan_cleanup worker: could not audit refused saves: {e}");
         }
@@ -100,26 +103,30 @@ fn flush_refusals() {
 }
 
 fn run_due_cycle() -> Tick {
-    if Spi::get_one::<bool>("SELECT pg_catalog.pg_is_in_recovery()")
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-    {
+    if select_bool("SELECT pg_catalog.pg_is_in_recovery()") {
         return Tick::Standby;
     }
-    let installed = Spi::get_one::<bool>(
+    if !select_bool(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_orphan_cleanup')",
-    );
-    if !installed.ok().flatten().unwrap_or(false) {
+    ) {
         return Tick::NoExtension;
     }
     // Until a DBA runs attach(), a cycle could only fail; wait quietly like for the extension.
-    let attached = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM orphan_cleanup.attachment)");
-    if !attached.ok().flatten().unwrap_or(false) {
+    if !select_bool("SELECT EXISTS (SELECT 1 FROM orphan_cleanup.attachment)") {
         return Tick::NotAttached;
     }
     if let Err(e) = Spi::run("SELECT * FROM orphan_cleanup.run_cycle()") {
         warning!("pg_orphan_cleanup worker: run_cycle() failed: {e}");
     }
     Tick::Ran
+}
+
+/// Runs a read-only query that returns one boolean. Read-only matters: pgrx's `Spi::get_one`
+/// takes the read-write path, which assigns a transaction id (an error on a standby, and a
+/// wasted XID every tick on a primary).
+fn select_bool(sql: &str) -> bool {
+    Spi::connect(|client| client.select(sql, Some(1), &[])?.first().get_one::<bool>())
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }

@@ -138,6 +138,33 @@ impl TestDb {
     }
 }
 
+/// Installs the app and the extension, attached, in the worker's own database (`postgres`),
+/// for the tests that need the background worker to act.
+pub fn setup_postgres_db() -> Client {
+    let mut c = connect("postgres");
+    teardown_postgres_db(&mut c);
+    c.batch_execute(&std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap())
+        .unwrap();
+    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
+        .unwrap();
+    for stmt in
+        sql_statements(&std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap())
+    {
+        c.batch_execute(&stmt).unwrap();
+    }
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap();
+    c
+}
+
+pub fn teardown_postgres_db(c: &mut Client) {
+    c.batch_execute(
+        "DROP EXTENSION IF EXISTS pg_orphan_cleanup CASCADE;
+         DROP TABLE IF EXISTS public.render_jobs, public.user_assets CASCADE;",
+    )
+    .unwrap();
+}
+
 /// Splits a file of SQL statements on `;` at line ends, dropping comment-only lines. Enough for
 /// this project's own files, which keep one statement per `;`.
 pub fn sql_statements(text: &str) -> Vec<String> {

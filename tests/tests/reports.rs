@@ -243,7 +243,8 @@ fn the_server_log_has_the_guides_cycle_lines() {
 
 #[test]
 fn without_shared_preload_libraries_everything_but_the_worker_works() {
-    let port = "55434";
+    let port = (port() + 1).to_string();
+    let port = port.as_str();
     let cluster = |cmd: &str| {
         let st = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
             .arg(cmd)

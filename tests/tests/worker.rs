@@ -23,36 +23,6 @@ fn worker_cycles(c: &mut postgres::Client, status: &str) -> i64 {
     .get(0)
 }
 
-/// Installs the app and the extension in the worker's database, attached.
-fn setup_postgres_db() -> postgres::Client {
-    let mut c = connect("postgres");
-    c.batch_execute(
-        "DROP EXTENSION IF EXISTS pg_orphan_cleanup CASCADE;
-         DROP TABLE IF EXISTS public.render_jobs, public.user_assets CASCADE;",
-    )
-    .unwrap();
-    c.batch_execute(&std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap())
-        .unwrap();
-    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
-        .unwrap();
-    for stmt in
-        sql_statements(&std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap())
-    {
-        c.batch_execute(&stmt).unwrap();
-    }
-    c.query("SELECT * FROM orphan_cleanup.attach()", &[])
-        .unwrap();
-    c
-}
-
-fn teardown_postgres_db(c: &mut postgres::Client) {
-    c.batch_execute(
-        "DROP EXTENSION IF EXISTS pg_orphan_cleanup CASCADE;
-         DROP TABLE IF EXISTS public.render_jobs, public.user_assets CASCADE;",
-    )
-    .unwrap();
-}
-
 #[test]
 fn the_worker_runs_cycles_reloads_settings_pauses_survives_errors_and_restarts() {
     settings(&[
