@@ -57,7 +57,11 @@ CONF
   if running; then
     echo "cluster already running on port $PORT ($DATA)"
   else
-    as_postgres "$PG_BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 start >/dev/null
+    if ! as_postgres "$PG_BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 start >/dev/null; then
+      echo "PostgreSQL did not start on port $PORT; the end of its log ($LOG):" >&2
+      tail -n 20 "$LOG" >&2 || true
+      exit 1
+    fi
     echo "cluster started on port $PORT ($DATA, log $LOG)"
   fi
 }

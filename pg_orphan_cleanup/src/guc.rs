@@ -251,13 +251,32 @@ pub fn text(setting: &GucSetting<Option<CString>>) -> String {
         .unwrap_or_default()
 }
 
-/// The allow-lists as the shared parser understands them.
+/// The allow-lists as the shared parser understands them. A cycle checks one URL per row, so
+/// the parsed lists are kept until a reload changes the settings' text.
 pub fn policy() -> Result<object_url::Policy, object_url::PolicyError> {
-    object_url::Policy::from_lists(
-        &text(&ALLOWED_BUCKETS),
-        &text(&ALLOWED_PREFIXES),
-        &text(&ALLOWED_HOSTS),
-    )
+    type Cached = (
+        [String; 3],
+        Result<object_url::Policy, object_url::PolicyError>,
+    );
+    thread_local! {
+        static CACHE: std::cell::RefCell<Option<Cached>> = const { std::cell::RefCell::new(None) };
+    }
+    let key = [
+        text(&ALLOWED_BUCKETS),
+        text(&ALLOWED_PREFIXES),
+        text(&ALLOWED_HOSTS),
+    ];
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        match cache.as_ref() {
+            Some((k, parsed)) if *k == key => parsed.clone(),
+            _ => {
+                let parsed = object_url::Policy::from_lists(&key[0], &key[1], &key[2]);
+                *cache = Some((key, parsed.clone()));
+                parsed
+            }
+        }
+    })
 }
 
 /// Refuses a setting value with `detail` shown to whoever reloaded or ran ALTER SYSTEM.
@@ -278,19 +297,33 @@ unsafe fn new_value<'a>(newval: *mut *mut c_char) -> &'a str {
     }
 }
 
+/// Checks one allow-list setting with the same parser the cycle and the reaper use.
+unsafe fn check_list(
+    newval: *mut *mut c_char,
+    setting: &str,
+    example: &str,
+    parse: fn(&str) -> Result<object_url::Policy, object_url::PolicyError>,
+) -> bool {
+    let v = unsafe { new_value(newval) };
+    match parse(v) {
+        Ok(_) => true,
+        Err(e) => unsafe {
+            refuse(format!(
+                "orphan_cleanup.{setting}: {e}. Example: '{example}'."
+            ))
+        },
+    }
+}
+
 unsafe extern "C-unwind" fn check_buckets(
     newval: *mut *mut c_char,
     _: *mut *mut c_void,
     _: pg_sys::GucSource::Type,
 ) -> bool {
-    let v = unsafe { new_value(newval) };
-    match object_url::Policy::from_lists(v, "", "") {
-        Ok(_) => true,
-        Err(e) => unsafe {
-            refuse(format!(
-                "orphan_cleanup.allowed_buckets: {e}. Example: 'renders,thumbnails'."
-            ))
-        },
+    unsafe {
+        check_list(newval, "allowed_buckets", "renders,thumbnails", |v| {
+            object_url::Policy::from_lists(v, "", "")
+        })
     }
 }
 
@@ -299,14 +332,10 @@ unsafe extern "C-unwind" fn check_prefixes(
     _: *mut *mut c_void,
     _: pg_sys::GucSource::Type,
 ) -> bool {
-    let v = unsafe { new_value(newval) };
-    match object_url::Policy::from_lists("", v, "") {
-        Ok(_) => true,
-        Err(e) => unsafe {
-            refuse(format!(
-                "orphan_cleanup.allowed_prefixes: {e}. Example: 'renders/,previews/'."
-            ))
-        },
+    unsafe {
+        check_list(newval, "allowed_prefixes", "renders/,previews/", |v| {
+            object_url::Policy::from_lists("", v, "")
+        })
     }
 }
 
@@ -315,14 +344,13 @@ unsafe extern "C-unwind" fn check_hosts(
     _: *mut *mut c_void,
     _: pg_sys::GucSource::Type,
 ) -> bool {
-    let v = unsafe { new_value(newval) };
-    match object_url::Policy::from_lists("", "", v) {
-        Ok(_) => true,
-        Err(e) => unsafe {
-            refuse(format!(
-                "orphan_cleanup.allowed_hosts: {e}. Example: 'abcd.supabase.co,cdn.example.com'."
-            ))
-        },
+    unsafe {
+        check_list(
+            newval,
+            "allowed_hosts",
+            "abcd.supabase.co,cdn.example.com",
+            |v| object_url::Policy::from_lists("", "", v),
+        )
     }
 }
 

@@ -108,15 +108,7 @@ impl TestDb {
         let db = TestDb {
             name: name.to_string(),
         };
-        let mut c = db.client();
-        let schema = std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap();
-        c.batch_execute(&schema).unwrap();
-        c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
-            .unwrap();
-        let indexes = std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap();
-        for stmt in sql_statements(&indexes) {
-            c.batch_execute(&stmt).unwrap();
-        }
+        install_app(&mut db.client());
         db
     }
 
@@ -143,15 +135,7 @@ impl TestDb {
 pub fn setup_postgres_db() -> Client {
     let mut c = connect("postgres");
     teardown_postgres_db(&mut c);
-    c.batch_execute(&std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap())
-        .unwrap();
-    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
-        .unwrap();
-    for stmt in
-        sql_statements(&std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap())
-    {
-        c.batch_execute(&stmt).unwrap();
-    }
+    install_app(&mut c);
     c.query("SELECT * FROM orphan_cleanup.attach()", &[])
         .unwrap();
     c
@@ -163,6 +147,18 @@ pub fn teardown_postgres_db(c: &mut Client) {
          DROP TABLE IF EXISTS public.render_jobs, public.user_assets CASCADE;",
     )
     .unwrap();
+}
+
+/// Loads `sql/app_schema.sql`, creates the extension and the indexes of `sql/indexes.sql`
+/// (one statement at a time: CREATE INDEX CONCURRENTLY cannot run in a transaction block).
+pub fn install_app(c: &mut Client) {
+    let read = |f: &str| std::fs::read_to_string(repo_root().join(f)).unwrap();
+    c.batch_execute(&read("sql/app_schema.sql")).unwrap();
+    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
+        .unwrap();
+    for stmt in sql_statements(&read("sql/indexes.sql")) {
+        c.batch_execute(&stmt).unwrap();
+    }
 }
 
 /// Splits a file of SQL statements on `;` at line ends, dropping comment-only lines. Enough for

@@ -246,13 +246,18 @@ fn without_shared_preload_libraries_everything_but_the_worker_works() {
     let port = (port() + 1).to_string();
     let port = port.as_str();
     let cluster = |cmd: &str| {
-        let st = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
+        let out = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
             .arg(cmd)
             .env("PGOC_PORT", port)
             .env("PGOC_PRELOAD", "0")
-            .status()
+            .output()
             .unwrap();
-        assert!(st.success(), "cluster.sh {cmd}");
+        assert!(
+            out.status.success(),
+            "cluster.sh {cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     cluster("destroy");
     cluster("start");
@@ -263,15 +268,7 @@ fn without_shared_preload_libraries_everything_but_the_worker_works() {
         .unwrap()
         .get(0);
     assert_eq!(preload, "");
-    c.batch_execute(&std::fs::read_to_string(repo_root().join("sql/app_schema.sql")).unwrap())
-        .unwrap();
-    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
-        .unwrap();
-    for stmt in
-        sql_statements(&std::fs::read_to_string(repo_root().join("sql/indexes.sql")).unwrap())
-    {
-        c.batch_execute(&stmt).unwrap();
-    }
+    install_app(&mut c);
     c.batch_execute("ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders'")
         .unwrap();
     c.batch_execute(&format!(

@@ -124,6 +124,7 @@ fn on_a_hot_standby_the_worker_idles_and_health_says_so() {
         &data,
         "-m",
         "fast",
+        "--no-sync",
         "-w",
         "stop",
     ]);
