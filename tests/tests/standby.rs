@@ -69,6 +69,8 @@ fn on_a_hot_standby_the_worker_idles_and_health_says_so() {
         "-R",
         "-X",
         "stream",
+        "--checkpoint=fast",
+        "--no-sync",
     ]);
     let opts = format!("-p {standby_port} -c unix_socket_directories={dir}");
     as_postgres(&[
@@ -124,7 +126,6 @@ fn on_a_hot_standby_the_worker_idles_and_health_says_so() {
         &data,
         "-m",
         "fast",
-        "--no-sync",
         "-w",
         "stop",
     ]);
