@@ -1,0 +1,109 @@
+//! Fault injection, switchable at start (flags) and at run time (`PUT /__emulator/faults`):
+//! failure rates per status, added latency, hanging requests, and failing after N requests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Faults {
+    /// Fraction of object requests answered HTTP 500.
+    pub rate_500: f64,
+    /// Fraction answered HTTP 429 SlowDown (database pool exhausted).
+    pub rate_429: f64,
+    /// Fraction answered HTTP 544 (database timeout).
+    pub rate_544: f64,
+    /// Fraction that never answer (the client's timeout decides).
+    pub hang_rate: f64,
+    /// Added to every object request.
+    pub latency_ms: u64,
+    /// After this many object requests, every further one fails with HTTP 500.
+    pub fail_after: Option<u64>,
+}
+
+pub struct FaultState {
+    faults: RwLock<Faults>,
+    requests: AtomicU64,
+}
+
+/// What to do with one request.
+pub enum Verdict {
+    Proceed,
+    Fail(ApiError),
+    Hang,
+}
+
+impl FaultState {
+    pub fn new(faults: Faults) -> FaultState {
+        FaultState {
+            faults: RwLock::new(faults),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    pub fn get(&self) -> Faults {
+        self.faults.read().unwrap().clone()
+    }
+
+    /// Replaces the faults and restarts the fail-after count.
+    pub fn set(&self, faults: Faults) {
+        *self.faults.write().unwrap() = faults;
+        self.requests.store(0, Ordering::SeqCst);
+    }
+
+    pub async fn judge(&self) -> Verdict {
+        let f = self.get();
+        let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if f.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(f.latency_ms)).await;
+        }
+        if f.fail_after.is_some_and(|limit| n > limit) {
+            return Verdict::Fail(internal());
+        }
+        let roll: f64 = rand::random();
+        let mut edge = f.hang_rate;
+        if roll < edge {
+            return Verdict::Hang;
+        }
+        edge += f.rate_500;
+        if roll < edge {
+            return Verdict::Fail(internal());
+        }
+        edge += f.rate_429;
+        if roll < edge {
+            return Verdict::Fail(ApiError::new(
+                429,
+                "429",
+                "too_many_requests",
+                "SlowDown",
+                "We encountered an internal error. Please try again.",
+            ));
+        }
+        edge += f.rate_544;
+        if roll < edge {
+            return Verdict::Fail(ApiError::new(
+                544,
+                "544",
+                "DatabaseTimeout",
+                "DatabaseTimeout",
+                "The connection to the database timed out",
+            ));
+        }
+        Verdict::Proceed
+    }
+}
+
+fn internal() -> ApiError {
+    ApiError::new(
+        500,
+        "500",
+        "internal",
+        "InternalError",
+        "Internal Server Error",
+    )
+}

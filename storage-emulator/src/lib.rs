@@ -1,0 +1,410 @@
+//! A local Supabase Storage server for the tests, the demo and the benchmarks.
+//!
+//! It serves the routes pg_orphan_cleanup uses, under the gateway prefix `/storage/v1`, over files
+//! on disk, and answers exactly as the real server does (see `shared/notes/supabase-storage-api.md`):
+//! errors are HTTP 400 with the real status as a string in the body, a bulk delete answers
+//! `200` with the objects it deleted and leaves unknown names out, an anon key deletes nothing,
+//! more than 1000 names are refused. On top of that: fault injection, and a request log, both
+//! under `/__emulator/` for tests.
+
+pub mod auth;
+pub mod error;
+pub mod faults;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::auth::{authorize, Role};
+use crate::error::ApiError;
+use crate::faults::{FaultState, Faults, Verdict};
+use crate::store::{valid_bucket, valid_key, Store, StoreError};
+
+/// How many names one bulk request may carry (hosted projects enforce it).
+pub const BULK_LIMIT: usize = 1000;
+/// The JSON body limit of the real server.
+pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
+/// Request log entries kept (oldest dropped first).
+const LOG_CAPACITY: usize = 200_000;
+
+pub struct Emulator {
+    pub store: Store,
+    pub jwt_secret: String,
+    /// Refuse more than [`BULK_LIMIT`] names, as hosted projects do.
+    pub hard_limits: bool,
+    pub faults: FaultState,
+    log: Mutex<Vec<LogEntry>>,
+}
+
+/// One storage request as the emulator saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Names in a bulk delete body.
+    pub names: usize,
+    /// Objects the request deleted.
+    pub deleted: usize,
+    pub unix_ms: u128,
+}
+
+/// What a handler adds to its request's log entry.
+#[derive(Clone, Copy, Default)]
+struct LogExtra {
+    names: usize,
+    deleted: usize,
+}
+
+impl Emulator {
+    pub fn new(
+        store: Store,
+        jwt_secret: String,
+        hard_limits: bool,
+        faults: Faults,
+    ) -> Arc<Emulator> {
+        Arc::new(Emulator {
+            store,
+            jwt_secret,
+            hard_limits,
+            faults: FaultState::new(faults),
+            log: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn role(&self, headers: &HeaderMap) -> Result<Role, ApiError> {
+        authorize(
+            headers.get("authorization").and_then(|v| v.to_str().ok()),
+            &self.jwt_secret,
+        )
+    }
+}
+
+pub fn router(emu: Arc<Emulator>) -> Router {
+    let storage = Router::new()
+        .route("/storage/v1/bucket", post(create_bucket))
+        .route("/storage/v1/object/list/{bucket}", post(list_objects))
+        .route("/storage/v1/object/{bucket}", delete(bulk_delete))
+        .route(
+            "/storage/v1/object/{bucket}/{*path}",
+            post(upload).delete(single_delete),
+        )
+        .layer(middleware::from_fn_with_state(emu.clone(), faults_and_log));
+    let admin = Router::new()
+        .route("/__emulator/requests", get(get_log).delete(clear_log))
+        .route("/__emulator/faults", get(get_faults).put(put_faults))
+        .route("/__emulator/objects", get(all_objects))
+        .route("/__emulator/health", get(|| async { "ok" }));
+    storage
+        .merge(admin)
+        .fallback(unknown_route)
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
+        .with_state(emu)
+}
+
+async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let response = match emu.faults.judge().await {
+        Verdict::Proceed => next.run(req).await,
+        Verdict::Fail(e) => e.into_response(),
+        Verdict::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+    };
+    let extra = response
+        .extensions()
+        .get::<LogExtra>()
+        .copied()
+        .unwrap_or_default();
+    let entry = LogEntry {
+        method,
+        path,
+        status: response.status().as_u16(),
+        names: extra.names,
+        deleted: extra.deleted,
+        unix_ms: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+    };
+    let mut log = emu.log.lock().unwrap();
+    if log.len() >= LOG_CAPACITY {
+        log.remove(0);
+    }
+    log.push(entry);
+    response
+}
+
+async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        404,
+        "404",
+        "Not Found",
+        "InvalidRequest",
+        &format!("Route {method}:{} not found", uri.path()),
+    )
+}
+
+#[derive(Deserialize)]
+struct NewBucket {
+    name: Option<String>,
+    id: Option<String>,
+    #[serde(default)]
+    public: bool,
+}
+
+async fn create_bucket(
+    State(emu): State<Arc<Emulator>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if emu.role(&headers)? != Role::Service {
+        return Err(ApiError::new(
+            400,
+            "403",
+            "Unauthorized",
+            "AccessDenied",
+            "new row violates row-level security policy",
+        ));
+    }
+    let b: NewBucket = serde_json::from_slice(&body)
+        .map_err(|e| invalid(&format!("body is not valid JSON: {e}")))?;
+    let name = b
+        .name
+        .or(b.id)
+        .ok_or_else(|| invalid("body must have required property 'name'"))?;
+    if !valid_bucket(&name) {
+        return Err(ApiError::new(
+            400,
+            "400",
+            "Invalid Input",
+            "InvalidBucketName",
+            &format!("Bucket name invalid: {name}"),
+        ));
+    }
+    match emu.store.create_bucket(&name, b.public) {
+        Ok(()) => Ok(Json(json!({"name": name}))),
+        Err(StoreError::Exists) => Err(ApiError::new(
+            400,
+            "409",
+            "Duplicate",
+            "BucketAlreadyExists",
+            "The resource already exists",
+        )),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn upload(
+    State(emu): State<Arc<Emulator>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if emu.role(&headers)? != Role::Service {
+        return Err(ApiError::new(
+            400,
+            "403",
+            "Unauthorized",
+            "AccessDenied",
+            "new row violates row-level security policy",
+        ));
+    }
+    if !valid_key(&key) {
+        return Err(ApiError::new(
+            400,
+            "400",
+            "Invalid Input",
+            "InvalidKey",
+            &format!("Invalid key: {key}"),
+        ));
+    }
+    let upsert = headers.get("x-upsert").and_then(|v| v.to_str().ok()) == Some("true");
+    let mimetype = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream");
+    match emu.store.put(&bucket, &key, &body, mimetype, upsert) {
+        Ok(id) => Ok(Json(json!({"Key": format!("{bucket}/{key}"), "Id": id}))),
+        Err(StoreError::NoSuchBucket) => Err(ApiError::new(
+            400,
+            "404",
+            "Bucket not found",
+            "NoSuchBucket",
+            "Bucket not found",
+        )),
+        Err(StoreError::Exists) => Err(ApiError::new(
+            400,
+            "409",
+            "Duplicate",
+            "KeyAlreadyExists",
+            "The resource already exists",
+        )),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn bulk_delete(
+    State(emu): State<Arc<Emulator>>,
+    Path(bucket): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let role = emu.role(&headers)?;
+    if body.len() > JSON_BODY_LIMIT {
+        return Err(ApiError::new(
+            413,
+            "413",
+            "Payload Too Large",
+            "EntityTooLarge",
+            "Request body is too large",
+        ));
+    }
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| invalid(&format!("body is not valid JSON: {e}")))?;
+    let names: Vec<String> = match value.get("prefixes") {
+        None => return Err(invalid("body must have required property 'prefixes'")),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| invalid("body/prefixes/0 must be string"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(invalid("body/prefixes must be array")),
+    };
+    if names.is_empty() {
+        return Err(invalid("body/prefixes must NOT have fewer than 1 items"));
+    }
+    if emu.hard_limits && names.len() > BULK_LIMIT {
+        return Err(ApiError::new(
+            400,
+            "400",
+            "InvalidRequest",
+            "InvalidRequest",
+            "Bulk object requests are limited to 1000 objects per request.",
+        ));
+    }
+    // Row-level security hides every row from a non-service key: nothing to delete, no error.
+    let deleted = if role == Role::Service {
+        emu.store.delete_many(&bucket, &names)
+    } else {
+        Vec::new()
+    };
+    let body: Vec<Value> = deleted
+        .iter()
+        .map(|(name, meta)| meta.to_json(&bucket, name))
+        .collect();
+    let mut response = Json(body).into_response();
+    response.extensions_mut().insert(LogExtra {
+        names: names.len(),
+        deleted: deleted.len(),
+    });
+    Ok(response)
+}
+
+async fn single_delete(
+    State(emu): State<Arc<Emulator>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let role = emu.role(&headers)?;
+    let deleted = if role == Role::Service {
+        emu.store.delete_many(&bucket, std::slice::from_ref(&key))
+    } else {
+        Vec::new()
+    };
+    if deleted.is_empty() {
+        return Err(ApiError::new(
+            400,
+            "404",
+            "not_found",
+            "NoSuchKey",
+            "Object not found",
+        ));
+    }
+    let mut response = Json(json!({"message": "Successfully deleted"})).into_response();
+    response.extensions_mut().insert(LogExtra {
+        names: 1,
+        deleted: 1,
+    });
+    Ok(response)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ListBody {
+    prefix: String,
+    limit: Option<usize>,
+    offset: usize,
+}
+
+async fn list_objects(
+    State(emu): State<Arc<Emulator>>,
+    Path(bucket): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    let role = emu.role(&headers)?;
+    let b: ListBody = serde_json::from_slice(&body)
+        .map_err(|e| invalid(&format!("body is not valid JSON: {e}")))?;
+    let limit = b.limit.unwrap_or(100).min(1500);
+    let public = emu.store.is_public(&bucket).unwrap_or(false);
+    if role != Role::Service && !public {
+        return Ok(Json(Vec::new()));
+    }
+    Ok(Json(emu.store.list(&bucket, &b.prefix, limit, b.offset)))
+}
+
+async fn get_log(State(emu): State<Arc<Emulator>>) -> Json<Vec<LogEntry>> {
+    Json(emu.log.lock().unwrap().clone())
+}
+
+async fn clear_log(State(emu): State<Arc<Emulator>>) -> StatusCode {
+    emu.log.lock().unwrap().clear();
+    StatusCode::NO_CONTENT
+}
+
+async fn get_faults(State(emu): State<Arc<Emulator>>) -> Json<Faults> {
+    Json(emu.faults.get())
+}
+
+async fn put_faults(State(emu): State<Arc<Emulator>>, Json(faults): Json<Faults>) -> Json<Faults> {
+    emu.faults.set(faults.clone());
+    Json(faults)
+}
+
+async fn all_objects(
+    State(emu): State<Arc<Emulator>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Json<Vec<Value>> {
+    let objects = emu.store.all_objects(q.get("bucket").map(String::as_str));
+    Json(
+        objects
+            .into_iter()
+            .map(|(bucket, key, size)| json!({"bucket": bucket, "name": key, "size": size}))
+            .collect(),
+    )
+}
+
+fn invalid(message: &str) -> ApiError {
+    ApiError::new(400, "400", "Error", "InvalidRequest", message)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(500, "500", "internal", "InternalError", &e.to_string())
+}

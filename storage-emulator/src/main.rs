@@ -1,0 +1,119 @@
+//! `storage-emulator`: serve a local Supabase Storage, or print keys for it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use storage_emulator::faults::Faults;
+use storage_emulator::store::Store;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A local Supabase Storage server for tests, the demo and benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the storage API on --listen until stopped.
+    Serve {
+        /// Address to listen on; port 0 picks a free port (printed on stdout).
+        #[arg(long, default_value = "127.0.0.1:54321")]
+        listen: SocketAddr,
+        /// Where buckets (directories) and objects (files) live.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The project's JWT secret: keys must be signed with it.
+        #[arg(long, env = "STORAGE_EMULATOR_JWT_SECRET")]
+        jwt_secret: String,
+        /// Accept more than 1000 names per bulk delete (self-hosted servers without hard limits).
+        #[arg(long)]
+        no_hard_limits: bool,
+        /// Fraction of storage requests answered HTTP 500.
+        #[arg(long, default_value_t = 0.0)]
+        rate_500: f64,
+        /// Fraction answered HTTP 429 SlowDown.
+        #[arg(long, default_value_t = 0.0)]
+        rate_429: f64,
+        /// Fraction answered HTTP 544 (database timeout).
+        #[arg(long, default_value_t = 0.0)]
+        rate_544: f64,
+        /// Fraction of requests that hang.
+        #[arg(long, default_value_t = 0.0)]
+        hang_rate: f64,
+        /// Latency added to every storage request, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Fail every storage request after this many.
+        #[arg(long)]
+        fail_after: Option<u64>,
+    },
+    /// Print a service-role key and an anon key signed with the secret.
+    Keys {
+        #[arg(long, env = "STORAGE_EMULATOR_JWT_SECRET")]
+        jwt_secret: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Keys { jwt_secret } => {
+            println!(
+                "SERVICE_ROLE_KEY={}",
+                storage_emulator::auth::mint("service_role", &jwt_secret)
+            );
+            println!(
+                "ANON_KEY={}",
+                storage_emulator::auth::mint("anon", &jwt_secret)
+            );
+            Ok(())
+        }
+        Command::Serve {
+            listen,
+            data_dir,
+            jwt_secret,
+            no_hard_limits,
+            rate_500,
+            rate_429,
+            rate_544,
+            hang_rate,
+            latency_ms,
+            fail_after,
+        } => {
+            let store = Store::open(&data_dir)
+                .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
+            let faults = Faults {
+                rate_500,
+                rate_429,
+                rate_544,
+                hang_rate,
+                latency_ms,
+                fail_after,
+            };
+            let emu = storage_emulator::Emulator::new(store, jwt_secret, !no_hard_limits, faults);
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let addr = listener.local_addr()?;
+            println!("storage-emulator listening on http://{addr}");
+            tracing::info!(%addr, data_dir = %data_dir.display(), "storage emulator ready");
+            axum::serve(listener, storage_emulator::router(emu))
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+            Ok(())
+        }
+    }
+}
