@@ -1,0 +1,293 @@
+//! Command line and environment. The usual Supabase names come first (`DATABASE_URL`,
+//! `SUPABASE_URL`, `SUPABASE_SERVICE_ROLE_KEY`); every setting is checked at start, and a bad
+//! one stops the reaper with a message that names the setting and the fix.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::secret::ServiceKey;
+
+#[derive(Parser, Debug)]
+#[command(name = "reaper", version, about = "Deletes the objects pg_orphan_cleanup queued, from Supabase Storage, in bulk.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "REAPER_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The daemon: drain continuously, wake on NOTIFY, poll as a fallback, serve metrics.
+    Run(RunArgs),
+    /// Drain what is queued now, print a summary, and exit (non-zero on a configuration error).
+    Drain(RunArgs),
+    /// Queue depth, health and the last cleanup cycle, from the database.
+    Status(DbArgs),
+    /// Remove regular files older than --temp-max-age under --temp-dir, once, and exit.
+    SweepTemp(TempArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DbArgs {
+    /// PostgreSQL connection string of the reaper's role (a member of orphan_cleanup_reaper).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The project's base URL, e.g. https://abcd.supabase.co (the Storage API is under /storage/v1).
+    #[arg(long, env = "SUPABASE_URL")]
+    pub supabase_url: Option<String>,
+    /// The service-role key. Prefer SUPABASE_SERVICE_ROLE_KEY_FILE in production.
+    #[arg(long, env = "SUPABASE_SERVICE_ROLE_KEY", hide_env_values = true)]
+    pub service_role_key: Option<String>,
+    /// A file holding the service-role key (e.g. a mounted secret).
+    #[arg(long, env = "SUPABASE_SERVICE_ROLE_KEY_FILE")]
+    pub service_role_key_file: Option<PathBuf>,
+    /// Comma-separated buckets this reaper may delete from; rows for other buckets are refused.
+    #[arg(long, env = "REAPER_BUCKETS")]
+    pub buckets: Option<String>,
+    /// Comma-separated hosts that also mean this project (a custom domain), besides SUPABASE_URL's.
+    #[arg(long, env = "REAPER_STORAGE_HOSTS", default_value = "")]
+    pub storage_hosts: String,
+    /// Names per bulk delete request (at most 1000, the API's limit).
+    #[arg(long, env = "REAPER_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: usize,
+    /// Bulk delete requests in flight at once.
+    #[arg(long, env = "REAPER_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+    /// How long a claim lasts before another reaper may take the row (e.g. 5m, 300s).
+    #[arg(long, env = "REAPER_LEASE", default_value = "5m")]
+    pub lease: String,
+    /// Timeout of one storage request.
+    #[arg(long, env = "REAPER_REQUEST_TIMEOUT", default_value = "30s")]
+    pub request_timeout: String,
+    /// How often to look at the queue when no NOTIFY arrives.
+    #[arg(long, env = "REAPER_POLL_INTERVAL", default_value = "10s")]
+    pub poll_interval: String,
+    /// This reaper's id in the queue (default: host:pid:random, since containers all run as pid 1).
+    #[arg(long, env = "REAPER_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Claim nothing and delete nothing: print what would be deleted (from peek()).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Skip the start-up probe that uploads and deletes one tiny object to prove the key can delete.
+    #[arg(long, env = "REAPER_NO_PROBE")]
+    pub no_probe: bool,
+    /// Serve /metrics, /livez and /readyz here (run only), e.g. 127.0.0.1:9187.
+    #[arg(long, env = "REAPER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    pub temp: TempArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TempArgs {
+    /// A local directory of temporary render files to keep clean (the guide's TEMP_DIR cleanup).
+    #[arg(long, env = "REAPER_TEMP_DIR")]
+    pub temp_dir: Option<PathBuf>,
+    /// Regular files older than this under --temp-dir are removed.
+    #[arg(long, env = "REAPER_TEMP_MAX_AGE", default_value = "1h")]
+    pub temp_max_age: String,
+    /// How often `run` sweeps --temp-dir.
+    #[arg(long, env = "REAPER_TEMP_INTERVAL", default_value = "1h")]
+    pub temp_interval: String,
+}
+
+/// A setting that cannot work, with the fix.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{name} is not set: {fix}")]
+    Missing { name: &'static str, fix: &'static str },
+    #[error("{name} is invalid ({problem}): {fix}")]
+    Invalid { name: &'static str, problem: String, fix: &'static str },
+}
+
+fn invalid(name: &'static str, problem: impl Into<String>, fix: &'static str) -> ConfigError {
+    ConfigError::Invalid { name, problem: problem.into(), fix }
+}
+
+pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let text = text.trim();
+    let parsed = if text.chars().all(|c| c.is_ascii_digit()) && !text.is_empty() {
+        text.parse::<u64>().map(Duration::from_secs).map_err(|e| e.to_string())
+    } else {
+        humantime::parse_duration(text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| invalid(name, format!("{text:?}: {e}"), "use a duration such as 30s, 5m or 1h"))
+}
+
+/// Everything `run` and `drain` need, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    /// Base URL of the Storage API, ending in `/storage/v1`.
+    pub storage_base: url::Url,
+    pub key: ServiceKey,
+    pub policy: object_url::Policy,
+    pub batch_size: usize,
+    pub concurrency: usize,
+    pub lease: Duration,
+    pub request_timeout: Duration,
+    pub poll_interval: Duration,
+    pub worker_id: String,
+    pub dry_run: bool,
+    pub probe: bool,
+    pub metrics_addr: Option<SocketAddr>,
+    pub temp: Option<TempSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TempSettings {
+    pub dir: PathBuf,
+    pub max_age: Duration,
+    pub interval: Duration,
+}
+
+pub fn database_url(db: &DbArgs) -> Result<String, ConfigError> {
+    let url = db.database_url.clone().filter(|u| !u.trim().is_empty()).ok_or(ConfigError::Missing {
+        name: "DATABASE_URL",
+        fix: "set it to the reaper role's connection string, e.g. postgres://reaper:...@db-host:5432/postgres",
+    })?;
+    url.parse::<tokio_postgres::Config>()
+        .map_err(|e| invalid("DATABASE_URL", e.to_string(), "use a postgres://user:password@host:port/database URL"))?;
+    Ok(url)
+}
+
+impl TempArgs {
+    pub fn settings(&self) -> Result<Option<TempSettings>, ConfigError> {
+        let Some(dir) = &self.temp_dir else { return Ok(None) };
+        if !dir.is_dir() {
+            return Err(invalid("--temp-dir", format!("{} is not a directory", dir.display()), "point it at an existing directory"));
+        }
+        Ok(Some(TempSettings {
+            dir: dir.clone(),
+            max_age: parse_duration("--temp-max-age", &self.temp_max_age)?,
+            interval: parse_duration("--temp-interval", &self.temp_interval)?,
+        }))
+    }
+}
+
+impl RunArgs {
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let database_url = database_url(&self.db)?;
+        let raw_url = self.supabase_url.clone().filter(|u| !u.trim().is_empty()).ok_or(ConfigError::Missing {
+            name: "SUPABASE_URL",
+            fix: "set it to your project's URL, e.g. https://abcd.supabase.co",
+        })?;
+        let base = url::Url::parse(raw_url.trim())
+            .map_err(|e| invalid("SUPABASE_URL", format!("{raw_url:?}: {e}"), "use the project URL, e.g. https://abcd.supabase.co"))?;
+        if base.scheme() != "https" && base.scheme() != "http" {
+            return Err(invalid("SUPABASE_URL", format!("scheme {:?}", base.scheme()), "use an https:// URL"));
+        }
+        let host = base.host_str().ok_or_else(|| invalid("SUPABASE_URL", "no host", "use e.g. https://abcd.supabase.co"))?;
+        let path = base.path().trim_end_matches('/');
+        if !(path.is_empty() || path == "/storage/v1") {
+            return Err(invalid("SUPABASE_URL", format!("unexpected path {path:?}"), "give the project's base URL without a path"));
+        }
+        let storage_base = url::Url::parse(&format!("{}/storage/v1/", base.origin().ascii_serialization()))
+            .map_err(|e| invalid("SUPABASE_URL", e.to_string(), "use the project URL"))?;
+        let own_host = match base.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        };
+
+        let key = match (&self.service_role_key, &self.service_role_key_file) {
+            (Some(k), _) if !k.trim().is_empty() => ServiceKey::new(k.clone()),
+            (_, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid("SUPABASE_SERVICE_ROLE_KEY_FILE", format!("{}: {e}", path.display()), "point it at a readable file holding the key")
+                })?;
+                if text.trim().is_empty() {
+                    return Err(invalid("SUPABASE_SERVICE_ROLE_KEY_FILE", format!("{} is empty", path.display()), "put the service-role key in it"));
+                }
+                ServiceKey::new(text)
+            }
+            _ => {
+                return Err(ConfigError::Missing {
+                    name: "SUPABASE_SERVICE_ROLE_KEY",
+                    fix: "set it (or SUPABASE_SERVICE_ROLE_KEY_FILE) to the project's service_role key (Project Settings > API)",
+                })
+            }
+        };
+        if let Some(role) = key.jwt_role() {
+            if role != "service_role" {
+                return Err(invalid(
+                    "SUPABASE_SERVICE_ROLE_KEY",
+                    format!("the key's role is {role:?}, and row-level security lets it delete nothing"),
+                    "use the service_role key, not the anon key",
+                ));
+            }
+        }
+
+        let buckets = self.buckets.clone().filter(|b| !b.trim().is_empty()).ok_or(ConfigError::Missing {
+            name: "--buckets",
+            fix: "list the buckets this reaper may delete from, e.g. --buckets renders",
+        })?;
+        let hosts = format!("{own_host},{}", self.storage_hosts);
+        let policy = object_url::Policy::from_lists(&buckets, "", &hosts)
+            .map_err(|e| invalid("--buckets/--storage-hosts", e.to_string(), "fix the list"))?;
+
+        if !(1..=1000).contains(&self.batch_size) {
+            return Err(invalid("--batch-size", self.batch_size.to_string(), "use 1 to 1000 (the API refuses more than 1000 names)"));
+        }
+        if !(1..=64).contains(&self.concurrency) {
+            return Err(invalid("--concurrency", self.concurrency.to_string(), "use 1 to 64"));
+        }
+        let lease = parse_duration("--lease", &self.lease)?;
+        if lease < Duration::from_secs(10) || lease > Duration::from_secs(86_400) {
+            return Err(invalid("--lease", self.lease.clone(), "use 10s to 1d; longer than a batch takes to delete"));
+        }
+        let request_timeout = parse_duration("--request-timeout", &self.request_timeout)?;
+        if request_timeout.is_zero() || request_timeout >= lease {
+            return Err(invalid("--request-timeout", self.request_timeout.clone(), "use more than 0 and less than --lease"));
+        }
+        let poll_interval = parse_duration("--poll-interval", &self.poll_interval)?;
+        if poll_interval.is_zero() {
+            return Err(invalid("--poll-interval", self.poll_interval.clone(), "use e.g. 10s"));
+        }
+        let worker_id = match &self.worker_id {
+            Some(w) if w.trim().is_empty() || w.len() > 200 => {
+                return Err(invalid("--worker-id", w.clone(), "use a non-empty id of at most 200 characters"))
+            }
+            Some(w) => w.clone(),
+            None => format!(
+                "{}:{}:{:06x}",
+                gethostname::gethostname().to_string_lossy(),
+                std::process::id(),
+                rand::random::<u32>() & 0xff_ffff
+            ),
+        };
+        Ok(Settings {
+            database_url,
+            storage_base,
+            key,
+            policy,
+            batch_size: self.batch_size,
+            concurrency: self.concurrency,
+            lease,
+            request_timeout,
+            poll_interval,
+            worker_id,
+            dry_run: self.dry_run,
+            probe: !self.no_probe,
+            metrics_addr: self.metrics_addr,
+            temp: self.temp.settings()?,
+        })
+    }
+}

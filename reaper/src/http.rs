@@ -1,0 +1,41 @@
+//! `/metrics`, `/livez` (the process works) and `/readyz` (database and storage reachable,
+//! credentials accepted), for `reaper run --metrics-addr`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::reaper::Reaper;
+
+pub async fn serve(addr: SocketAddr, reaper: Arc<Reaper>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /livez, /readyz");
+    let shutdown = reaper.shutdown.clone();
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(reaper);
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+async fn metrics(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], reaper.metrics.encode())
+}
+
+async fn readyz(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
+    let db = reaper.db_ok.load(Ordering::SeqCst);
+    let storage = reaper.storage_ok.load(Ordering::SeqCst);
+    let body = format!(
+        "database: {}\nstorage: {}\n",
+        if db { "ok" } else { "unreachable" },
+        if storage { "ok" } else { "not verified or refusing the key" }
+    );
+    (if db && storage { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+}

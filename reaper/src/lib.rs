@@ -1,0 +1,16 @@
+//! The reaper: drains pg_orphan_cleanup's deletion queue into Supabase Storage.
+//!
+//! `main.rs` is a thin shell over this library: `config` reads and checks the settings,
+//! `queue` talks to the extension's SQL API, `storage` to the Storage API, `reaper` is the drain
+//! loop, `shutdown` turns signals into a clean stop, `metrics` and `http` expose what happens,
+//! and `temp` is the guide's local temp-file cleanup.
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod queue;
+pub mod reaper;
+pub mod secret;
+pub mod shutdown;
+pub mod storage;
+pub mod temp;

@@ -1,0 +1,134 @@
+//! `reaper run | drain | status | sweep-temp`. See `reaper --help`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use reaper::config::{Cli, Command, LogFormat, RunArgs};
+use reaper::metrics::Metrics;
+use reaper::reaper::{Mode, Reaper};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("reaper: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REAPER_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Status(db) => {
+            let url = reaper::config::database_url(&db)?;
+            let queue = reaper::queue::Queue::connect(&url, "status", false).await?;
+            println!("{}", queue.status().await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SweepTemp(args) => {
+            let temp = args.settings()?.ok_or_else(|| anyhow::anyhow!("--temp-dir is not set: name the directory to sweep"))?;
+            let report = reaper::temp::sweep(&temp.dir, temp.max_age);
+            println!("removed {} files ({} bytes), kept {}, errors {}", report.removed, report.bytes, report.kept, report.errors);
+            Ok(if report.errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Drain(args) => drain_or_run(args, Mode::Drain).await,
+        Command::Run(args) => drain_or_run(args, Mode::Run).await,
+    }
+}
+
+async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
+    let settings = args.settings()?;
+    tracing::info!(
+        worker = %settings.worker_id,
+        storage = %settings.storage_base,
+        buckets = ?settings.policy.buckets,
+        hosts = ?settings.policy.hosts,
+        batch_size = settings.batch_size,
+        concurrency = settings.concurrency,
+        "reaper starting"
+    );
+    if settings.dry_run {
+        return dry_run(&settings).await;
+    }
+    let shutdown = reaper::shutdown::on_signals();
+    let metrics = Arc::new(Metrics::new());
+    let mut reaper = Reaper::new(settings.clone(), metrics, shutdown.clone());
+    if mode == Mode::Drain {
+        attach_progress(&mut reaper);
+    }
+    let reaper = Arc::new(reaper);
+    if settings.probe {
+        if let Err(e) = reaper.probe().await {
+            anyhow::bail!("{e}");
+        }
+        tracing::info!("start-up probe passed: the key can delete objects");
+    }
+    if let (Mode::Run, Some(addr)) = (mode, settings.metrics_addr) {
+        let r = reaper.clone();
+        tokio::spawn(async move {
+            if let Err(e) = reaper::http::serve(addr, r).await {
+                tracing::error!(error = %e, %addr, "cannot serve metrics");
+            }
+        });
+    }
+    if let (Mode::Run, Some(temp)) = (mode, settings.temp.clone()) {
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let dir = temp.dir.clone();
+                let report = tokio::task::spawn_blocking(move || reaper::temp::sweep(&dir, temp.max_age)).await.unwrap_or_default();
+                tracing::info!(removed = report.removed, bytes = report.bytes, kept = report.kept, errors = report.errors, "temp directory swept");
+                tokio::select! {
+                    _ = tokio::time::sleep(temp.interval) => {}
+                    _ = token.cancelled() => break,
+                }
+            }
+        });
+    }
+    let summary = reaper.drain(mode).await?;
+    println!("{summary}");
+    Ok(if summary.config_error.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// A progress bar on a terminal, plain lines otherwise.
+fn attach_progress(reaper: &mut Reaper) {
+    if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"));
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        reaper.on_progress(move |s| bar.set_message(format!("deleted {} absent {} failed {} dead {}", s.deleted, s.absent, s.failed, s.dead_lettered)));
+    } else {
+        reaper.on_progress(|s| eprintln!("progress: deleted {} absent {} failed {} dead-lettered {}", s.deleted, s.absent, s.failed, s.dead_lettered));
+    }
+}
+
+async fn dry_run(settings: &reaper::config::Settings) -> anyhow::Result<ExitCode> {
+    let queue = reaper::queue::Queue::connect(&settings.database_url, &settings.worker_id, false).await?;
+    let rows = queue.peek(10_000).await?;
+    for row in &rows {
+        let bucket = row.bucket.clone().unwrap_or_default();
+        let key = row.object_path.clone().unwrap_or_default();
+        let obj = object_url::ObjectRef { host: row.host.clone(), bucket: bucket.clone(), key: key.clone(), form: object_url::UrlForm::Bare };
+        match settings.policy.check(&obj) {
+            Ok(()) => println!("would delete {bucket}/{key} (queue row {}, job {})", row.id, row.job_id),
+            Err(r) => println!("would refuse queue row {} ({bucket}/{key}): {r}", row.id),
+        }
+    }
+    println!("dry run: {} queued rows, nothing claimed or deleted", rows.len());
+    Ok(ExitCode::SUCCESS)
+}

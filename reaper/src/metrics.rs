@@ -1,0 +1,71 @@
+//! Prometheus metrics, served on `/metrics` by `reaper run --metrics-addr`.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Objects by outcome: deleted, absent, failed, dead_lettered, released, refused.
+    pub objects: Family<OutcomeLabel, Counter>,
+    pub bytes_deleted: Counter,
+    /// Seconds per bulk delete request.
+    pub batch_seconds: Histogram,
+    pub queue_depth: Gauge,
+    pub last_success: Gauge<f64, AtomicU64>,
+    /// 1 while storage refuses the reaper's URL or key.
+    pub config_error: Gauge,
+    /// 1 while storage asks the reaper to slow down.
+    pub overloaded: Gauge,
+    /// 1 while many deletes in a row found nothing: a key that silently deletes nothing?
+    pub nothing_deleted: Gauge<i64, AtomicI64>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("reaper");
+        let objects = Family::<OutcomeLabel, Counter>::default();
+        registry.register("objects", "Queue rows handled, by outcome", objects.clone());
+        let bytes_deleted = Counter::default();
+        registry.register("deleted_bytes", "Bytes of the objects deleted (as storage reported them)", bytes_deleted.clone());
+        let batch_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register("batch_seconds", "Duration of one bulk delete request", batch_seconds.clone());
+        let queue_depth = Gauge::default();
+        registry.register("queue_depth", "Pending rows in the deletion queue", queue_depth.clone());
+        let last_success = Gauge::<f64, AtomicU64>::default();
+        registry.register("last_success_timestamp_seconds", "Unix time of the last successful bulk delete", last_success.clone());
+        let config_error = Gauge::default();
+        registry.register("config_error", "1 while storage refuses the reaper's URL or key", config_error.clone());
+        let overloaded = Gauge::default();
+        registry.register("overloaded", "1 while storage asks the reaper to slow down", overloaded.clone());
+        let nothing_deleted = Gauge::<i64, AtomicI64>::default();
+        registry.register("nothing_deleted_suspected", "1 while many deletes in a row found nothing to delete", nothing_deleted.clone());
+        Metrics { registry, objects, bytes_deleted, batch_seconds, queue_depth, last_success, config_error, overloaded, nothing_deleted }
+    }
+
+    pub fn count(&self, outcome: &'static str, n: usize) {
+        self.objects.get_or_create(&OutcomeLabel { outcome }).inc_by(n as u64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

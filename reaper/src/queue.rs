@@ -1,0 +1,222 @@
+//! The deletion queue, through pg_orphan_cleanup's SQL API (`claim`, `confirm`, `fail`,
+//! `release`, `peek`, `queue_status`): the reaper's role may call nothing else.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use thiserror::Error;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+/// The channel pg_orphan_cleanup notifies when it queues rows.
+pub const CHANNEL: &str = "orphan_cleanup_queue";
+
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    #[error("database error: {0}")]
+    Db(String),
+}
+
+impl From<tokio_postgres::Error> for QueueError {
+    fn from(e: tokio_postgres::Error) -> QueueError {
+        QueueError::Db(describe(&e))
+    }
+}
+
+/// The server's message with its detail and hint, or the client-side error.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut s = format!("{} (SQLSTATE {})", d.message(), d.code().code());
+            if let Some(h) = d.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+/// One claimed row: the object to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub id: i64,
+    pub job_id: String,
+    pub host: Option<String>,
+    pub bucket: Option<String>,
+    pub object_path: Option<String>,
+    pub attempts: i32,
+}
+
+pub struct Queue {
+    client: Client,
+    worker: String,
+    closed: Arc<AtomicBool>,
+    notified: Arc<Notify>,
+}
+
+impl Queue {
+    /// Connects and, when `listen`, subscribes to the queue's NOTIFY channel. A NOTIFY only
+    /// arrives on a session connection; through a transaction-mode pooler the reaper polls.
+    pub async fn connect(url: &str, worker: &str, listen: bool) -> Result<Queue, QueueError> {
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.map_err(|e| QueueError::Connect(describe(&e)))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let notified = Arc::new(Notify::new());
+        let (c, n) = (closed.clone(), notified.clone());
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => n.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %describe(&e), "database connection lost");
+                        break;
+                    }
+                }
+            }
+            c.store(true, Ordering::SeqCst);
+            n.notify_one();
+        });
+        client.batch_execute("SET application_name = 'pg_orphan_cleanup reaper'").await?;
+        if listen {
+            client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        }
+        Ok(Queue { client, worker: worker.to_string(), closed, notified })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) || self.client.is_closed()
+    }
+
+    /// Waits for a NOTIFY, the connection to drop, or `timeout`.
+    pub async fn wait(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.notified.notified()).await;
+    }
+
+    pub async fn claim(&self, max_rows: usize, lease: Duration, buckets: &[String]) -> Result<Vec<Claimed>, QueueError> {
+        let lease = format!("{} seconds", lease.as_secs());
+        let rows = self
+            .client
+            .query(
+                "SELECT id, job_id::text, host, bucket, object_path, attempts
+                 FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4)",
+                &[&self.worker, &(max_rows as i32), &lease, &buckets],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Claimed { id: r.get(0), job_id: r.get(1), host: r.get(2), bucket: r.get(3), object_path: r.get(4), attempts: r.get(5) })
+            .collect())
+    }
+
+    /// Confirms rows as `deleted` or `absent`; returns each id with its result.
+    pub async fn confirm(&self, ids: &[i64], outcome: &str) -> Result<Vec<(i64, String)>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self.client.query("SELECT id, result FROM orphan_cleanup.confirm($1, $2, $3)", &[&self.worker, &ids, &outcome]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn fail(&self, ids: &[i64], error: &str, retryable: bool) -> Result<Vec<(i64, String)>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .client
+            .query("SELECT id, result FROM orphan_cleanup.fail($1, $2, $3, $4)", &[&self.worker, &ids, &error, &retryable])
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Gives claims back without counting an attempt; `None` releases all of this worker's.
+    pub async fn release(&self, ids: Option<&[i64]>) -> Result<i64, QueueError> {
+        if ids.is_some_and(|i| i.is_empty()) {
+            return Ok(0);
+        }
+        let ids: Option<Vec<i64>> = ids.map(<[i64]>::to_vec);
+        Ok(self.client.query_one("SELECT orphan_cleanup.release($1, $2)", &[&self.worker, &ids]).await?.get(0))
+    }
+
+    /// What a claim would hand out, for --dry-run.
+    pub async fn peek(&self, max_rows: i32) -> Result<Vec<Claimed>, QueueError> {
+        let rows = self
+            .client
+            .query("SELECT id, job_id::text, host, bucket, object_path, attempts FROM orphan_cleanup.peek($1)", &[&max_rows])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Claimed { id: r.get(0), job_id: r.get(1), host: r.get(2), bucket: r.get(3), object_path: r.get(4), attempts: r.get(5) })
+            .collect())
+    }
+
+    pub async fn status(&self) -> Result<Status, QueueError> {
+        let r = self
+            .client
+            .query_one(
+                "SELECT pending, ready, claimed, dead, rejected, deleted, absent, oldest_pending::text,
+                        last_cycle_at::text, last_cycle_status, last_cycle_error, health, reaping_enabled, attached
+                 FROM orphan_cleanup.queue_status()",
+                &[],
+            )
+            .await?;
+        Ok(Status {
+            pending: r.get(0),
+            ready: r.get(1),
+            claimed: r.get(2),
+            dead: r.get(3),
+            rejected: r.get(4),
+            deleted: r.get(5),
+            absent: r.get(6),
+            oldest_pending: r.get(7),
+            last_cycle_at: r.get(8),
+            last_cycle_status: r.get(9),
+            last_cycle_error: r.get(10),
+            health: r.get(11),
+            reaping_enabled: r.get(12),
+            attached: r.get(13),
+        })
+    }
+}
+
+/// `queue_status()`, one row.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub pending: i64,
+    pub ready: i64,
+    pub claimed: i64,
+    pub dead: i64,
+    pub rejected: i64,
+    pub deleted: i64,
+    pub absent: i64,
+    pub oldest_pending: Option<String>,
+    pub last_cycle_at: Option<String>,
+    pub last_cycle_status: Option<String>,
+    pub last_cycle_error: Option<String>,
+    pub health: String,
+    pub reaping_enabled: bool,
+    pub attached: bool,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "health:          {}", self.health)?;
+        writeln!(f, "reaping:         {}", if self.reaping_enabled { "enabled" } else { "DISABLED (orphan_cleanup.reaping_enabled = off)" })?;
+        writeln!(f, "attached:        {}", if self.attached { "yes" } else { "NO: run SELECT * FROM orphan_cleanup.attach()" })?;
+        writeln!(f, "queue:           {} pending ({} ready), {} claimed, {} dead-lettered, {} rejected", self.pending, self.ready, self.claimed, self.dead, self.rejected)?;
+        writeln!(f, "done:            {} deleted, {} already absent", self.deleted, self.absent)?;
+        writeln!(f, "oldest pending:  {}", self.oldest_pending.as_deref().unwrap_or("-"))?;
+        write!(
+            f,
+            "last cycle:      {} {}{}",
+            self.last_cycle_status.as_deref().unwrap_or("none yet"),
+            self.last_cycle_at.as_deref().unwrap_or(""),
+            self.last_cycle_error.as_deref().map(|e| format!("\n  error: {e}")).unwrap_or_default()
+        )
+    }
+}

@@ -1,0 +1,450 @@
+//! The drain loop: claim a batch, refuse what the reaper's own allow-list refuses, group by
+//! bucket, delete up to `batch_size` names per request with several requests in flight, then
+//! confirm, fail or release every row.
+//!
+//! Nothing is lost at any moment: a crash leaves rows claimed, and their leases bring them back;
+//! a repeated delete is harmless (the object is reported absent). A bulk request fails as a whole,
+//! so its errors say something about the process (URL, key, load), and never cost a row an
+//! attempt unless the server itself failed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::queue::{Claimed, Queue, QueueError};
+use crate::storage::{StorageClient, StorageError};
+
+/// `drain` stops when the queue has nothing ready; `run` waits for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Drain,
+    Run,
+}
+
+/// What a drain did, for its final summary.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub deleted: u64,
+    pub absent: u64,
+    pub failed: u64,
+    pub dead_lettered: u64,
+    pub refused: u64,
+    pub released: u64,
+    pub lease_lost: u64,
+    pub bytes: u64,
+    /// Set when storage refused the reaper's configuration: `drain` exits non-zero.
+    pub config_error: Option<String>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "deleted {}, already absent {}, failed {}, dead-lettered {}, refused {}, released {}, bytes reclaimed {}",
+            self.deleted, self.absent, self.failed, self.dead_lettered, self.refused, self.released, self.bytes
+        )?;
+        if self.lease_lost > 0 {
+            write!(f, ", leases lost {}", self.lease_lost)?;
+        }
+        if let Some(e) = &self.config_error {
+            write!(f, "\nCONFIGURATION ERROR: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Names in a row that found nothing to delete, before the reaper suspects its key.
+const SUSPICIOUS_ABSENT_RUN: u64 = 5000;
+
+pub struct Reaper {
+    pub settings: Settings,
+    pub storage: StorageClient,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    /// Readiness for /readyz: database reachable, storage accepting the key.
+    pub db_ok: AtomicBool,
+    pub storage_ok: AtomicBool,
+    summary: Mutex<Summary>,
+    absent_run: Mutex<u64>,
+    progress: Option<Box<dyn Fn(&Summary) + Send + Sync>>,
+}
+
+/// What one bulk request came to.
+enum ChunkResult {
+    Done(crate::storage::Deleted),
+    Failed(StorageError),
+    NotSent,
+}
+
+impl Reaper {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Reaper {
+        let storage = StorageClient::new(settings.storage_base.clone(), settings.key.clone(), settings.request_timeout);
+        Reaper {
+            settings,
+            storage,
+            metrics,
+            shutdown,
+            db_ok: AtomicBool::new(false),
+            storage_ok: AtomicBool::new(false),
+            summary: Mutex::new(Summary::default()),
+            absent_run: Mutex::new(0),
+            progress: None,
+        }
+    }
+
+    /// Called after every batch with the running totals (the progress bar or lines).
+    pub fn on_progress(&mut self, f: impl Fn(&Summary) + Send + Sync + 'static) {
+        self.progress = Some(Box::new(f));
+    }
+
+    pub fn summary(&self) -> Summary {
+        self.summary.lock().unwrap().clone()
+    }
+
+    fn buckets(&self) -> Vec<String> {
+        self.settings.policy.buckets.clone()
+    }
+
+    /// Proves the key can delete: uploads one tiny object into the first allowed bucket and
+    /// deletes it in bulk. An anon key cannot upload; a key that can upload but not delete gets
+    /// `200 []`. Either way the reaper would report every object "already absent" forever.
+    pub async fn probe(&self) -> Result<(), String> {
+        let bucket = self.buckets().into_iter().next().ok_or("no bucket to probe")?;
+        let name = format!(".pg_orphan_cleanup-probe/{}.txt", self.settings.worker_id.replace(['/', ':'], "_"));
+        self.storage
+            .upload(&bucket, &name, b"pg_orphan_cleanup reaper probe".to_vec())
+            .await
+            .map_err(|e| format!("the start-up probe could not upload {bucket}/{name}: {e}"))?;
+        let deleted = self
+            .storage
+            .bulk_delete(&bucket, std::slice::from_ref(&name))
+            .await
+            .map_err(|e| format!("the start-up probe could not delete {bucket}/{name}: {e}"))?;
+        if !deleted.names.contains_key(&name) {
+            return Err(format!(
+                "the start-up probe uploaded {bucket}/{name} but a bulk delete did not delete it: this key cannot delete objects \
+                 (is it the service_role key?)"
+            ));
+        }
+        self.storage_ok.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Drains the queue until it is empty (`Mode::Drain`) or until shutdown (`Mode::Run`).
+    pub async fn drain(&self, mode: Mode) -> Result<Summary, QueueError> {
+        let mut queue: Option<Queue> = None;
+        let mut reconnect = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut cooldown = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+        while !self.shutdown.is_cancelled() {
+            let q = match queue.take().filter(|q| !q.is_closed()) {
+                Some(q) => q,
+                None => match Queue::connect(&self.settings.database_url, &self.settings.worker_id, mode == Mode::Run).await {
+                    Ok(q) => {
+                        self.db_ok.store(true, Ordering::SeqCst);
+                        reconnect.reset();
+                        q
+                    }
+                    Err(e) => {
+                        self.db_ok.store(false, Ordering::SeqCst);
+                        if mode == Mode::Drain {
+                            return Err(e);
+                        }
+                        let wait = reconnect.next();
+                        tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "database unreachable; retrying");
+                        self.sleep(wait).await;
+                        continue;
+                    }
+                },
+            };
+            let want = (self.settings.batch_size * self.settings.concurrency).min(10_000);
+            let batch = match q.claim(want, self.settings.lease, &self.buckets()).await {
+                Ok(b) => b,
+                Err(e) => {
+                    if mode == Mode::Drain && !q.is_closed() {
+                        return Err(e);
+                    }
+                    self.db_ok.store(false, Ordering::SeqCst);
+                    let wait = reconnect.next();
+                    tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "claim failed; reconnecting");
+                    self.sleep(wait).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                if mode == Mode::Drain {
+                    break;
+                }
+                if let Ok(status) = q.status().await {
+                    self.metrics.queue_depth.set(status.pending);
+                }
+                let poll = self.settings.poll_interval;
+                tokio::select! {
+                    _ = q.wait(poll) => {}
+                    _ = self.shutdown.cancelled() => {}
+                }
+                queue = Some(q);
+                continue;
+            }
+            let outcome = self.process(&q, batch).await;
+            let storage_trouble = match outcome {
+                Ok(trouble) => trouble,
+                Err(e) => {
+                    // Rows stay claimed; their leases bring them back. Reconnect and go on.
+                    self.db_ok.store(false, Ordering::SeqCst);
+                    tracing::warn!(error = %e, "database error while recording results; the leases will return the rows");
+                    if mode == Mode::Drain && !q.is_closed() {
+                        return Err(e);
+                    }
+                    self.sleep(reconnect.next()).await;
+                    continue;
+                }
+            };
+            match storage_trouble {
+                Trouble::None => {
+                    cooldown.reset();
+                    self.metrics.overloaded.set(0);
+                    self.metrics.config_error.set(0);
+                }
+                Trouble::Config(message) => {
+                    self.metrics.config_error.set(1);
+                    self.storage_ok.store(false, Ordering::SeqCst);
+                    if mode == Mode::Drain {
+                        self.summary.lock().unwrap().config_error = Some(message);
+                        break;
+                    }
+                    let wait = cooldown.next();
+                    tracing::error!(error = %message, retry_in_s = wait.as_secs_f64(),
+                        "storage refuses this reaper's configuration; claims released, no attempts counted; fix SUPABASE_URL or the key");
+                    self.sleep(wait).await;
+                }
+                Trouble::Overload => {
+                    self.metrics.overloaded.set(1);
+                    let wait = cooldown.next();
+                    tracing::warn!(retry_in_s = wait.as_secs_f64(), "storage is overloaded; slowing down");
+                    self.sleep(wait).await;
+                }
+            }
+            queue = Some(q);
+        }
+        // Clean shutdown: give back anything still claimed by this worker.
+        if let Some(q) = queue.filter(|q| !q.is_closed()) {
+            match q.release(None).await {
+                Ok(n) if n > 0 => {
+                    self.add(|s| s.released += n as u64);
+                    self.metrics.count("released", n as usize);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not release claims at shutdown; their leases will return them"),
+            }
+        }
+        Ok(self.summary())
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+    }
+
+    fn add(&self, f: impl FnOnce(&mut Summary)) {
+        let mut s = self.summary.lock().unwrap();
+        f(&mut s);
+        if let Some(p) = &self.progress {
+            p(&s);
+        }
+    }
+
+    /// Deletes one claimed batch and records every row's fate. Returns the storage trouble seen.
+    async fn process(&self, q: &Queue, batch: Vec<Claimed>) -> Result<Trouble, QueueError> {
+        // 1. The reaper's own allow-list, whatever the database said.
+        let mut refused: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut by_bucket: BTreeMap<String, Vec<Claimed>> = BTreeMap::new();
+        for row in batch {
+            match self.check(&row) {
+                Ok(bucket) => by_bucket.entry(bucket).or_default().push(row),
+                Err(reason) => refused.entry(reason).or_default().push(row.id),
+            }
+        }
+        for (reason, ids) in &refused {
+            tracing::warn!(rows = ids.len(), reason = %reason, "rows refused by the reaper's allow-list; never sent to storage");
+            let results = q.fail(ids, &format!("refused by the reaper: {reason}"), false).await?;
+            let dead = results.iter().filter(|(_, r)| r == "dead-lettered").count();
+            self.metrics.count("refused", ids.len());
+            self.metrics.count("dead_lettered", dead);
+            self.add(|s| {
+                s.refused += ids.len() as u64;
+                s.dead_lettered += dead as u64;
+            });
+        }
+
+        // 2. Bulk deletes, several in flight.
+        let mut chunks: Vec<(String, Vec<Claimed>)> = Vec::new();
+        for (bucket, rows) in by_bucket {
+            for chunk in rows.chunks(self.settings.batch_size) {
+                chunks.push((bucket.clone(), chunk.to_vec()));
+            }
+        }
+        let results: Vec<(Vec<Claimed>, ChunkResult)> = futures::stream::iter(chunks)
+            .map(|(bucket, rows)| async move {
+                if self.shutdown.is_cancelled() {
+                    return (rows, ChunkResult::NotSent);
+                }
+                let names: Vec<String> = rows.iter().filter_map(|r| r.object_path.clone()).collect();
+                let started = Instant::now();
+                let result = self.storage.bulk_delete(&bucket, &names).await;
+                self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(d) => (rows, ChunkResult::Done(d)),
+                    Err(e) => (rows, ChunkResult::Failed(e)),
+                }
+            })
+            .buffer_unordered(self.settings.concurrency)
+            .collect()
+            .await;
+
+        // 3. Record the outcome of every row.
+        let mut deleted_ids = Vec::new();
+        let mut absent_ids = Vec::new();
+        let mut release_ids = Vec::new();
+        let mut retry: HashMap<String, Vec<i64>> = HashMap::new();
+        let mut bytes = 0u64;
+        let mut trouble = Trouble::None;
+        for (rows, result) in results {
+            match result {
+                ChunkResult::Done(d) => {
+                    for row in rows {
+                        let name = row.object_path.clone().unwrap_or_default();
+                        match d.names.get(&name) {
+                            Some(size) => {
+                                bytes += size.unwrap_or(0);
+                                deleted_ids.push(row.id);
+                            }
+                            None => absent_ids.push(row.id),
+                        }
+                    }
+                    self.storage_ok.store(true, Ordering::SeqCst);
+                    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                    self.metrics.last_success.set(now);
+                }
+                ChunkResult::NotSent => release_ids.extend(rows.iter().map(|r| r.id)),
+                ChunkResult::Failed(StorageError::Config { http, status, code, message }) => {
+                    release_ids.extend(rows.iter().map(|r| r.id));
+                    trouble = Trouble::Config(format!("HTTP {http}, statusCode {status} ({code}): {message}"));
+                }
+                ChunkResult::Failed(StorageError::Overload { .. }) => {
+                    release_ids.extend(rows.iter().map(|r| r.id));
+                    if trouble == Trouble::None {
+                        trouble = Trouble::Overload;
+                    }
+                }
+                ChunkResult::Failed(StorageError::Retryable(e)) => {
+                    retry.entry(e).or_default().extend(rows.iter().map(|r| r.id));
+                }
+            }
+        }
+
+        let confirmed_deleted = q.confirm(&deleted_ids, "deleted").await?;
+        let confirmed_absent = q.confirm(&absent_ids, "absent").await?;
+        let lost = confirmed_deleted.iter().chain(&confirmed_absent).filter(|(_, r)| r != "confirmed").count();
+        if lost > 0 {
+            tracing::warn!(rows = lost, "some rows were no longer ours to confirm (lease expired and taken over); the other reaper records them");
+        }
+        let mut failed = 0;
+        let mut dead = 0;
+        for (error, ids) in &retry {
+            tracing::warn!(rows = ids.len(), error = %error, "bulk delete failed; rows retry with back-off");
+            let results = q.fail(ids, error, true).await?;
+            failed += ids.len();
+            dead += results.iter().filter(|(_, r)| r == "dead-lettered").count();
+        }
+        let released = q.release(Some(&release_ids)).await?;
+
+        self.metrics.count("deleted", deleted_ids.len());
+        self.metrics.count("absent", absent_ids.len());
+        self.metrics.count("failed", failed);
+        self.metrics.count("dead_lettered", dead);
+        self.metrics.count("released", released as usize);
+        self.metrics.bytes_deleted.inc_by(bytes);
+        self.watch_for_a_key_that_deletes_nothing(deleted_ids.len() as u64, absent_ids.len() as u64);
+        self.add(|s| {
+            s.deleted += deleted_ids.len() as u64;
+            s.absent += absent_ids.len() as u64;
+            s.failed += failed as u64;
+            s.dead_lettered += dead as u64;
+            s.released += released as u64;
+            s.lease_lost += lost as u64;
+            s.bytes += bytes;
+        });
+        Ok(trouble)
+    }
+
+    /// A key without delete rights gets `200 []`, which looks exactly like "already gone". The
+    /// probe catches that at start; this catches it later (a key rotated under a running reaper).
+    fn watch_for_a_key_that_deletes_nothing(&self, deleted: u64, absent: u64) {
+        let mut run = self.absent_run.lock().unwrap();
+        if deleted > 0 {
+            *run = 0;
+            self.metrics.nothing_deleted.set(0);
+            return;
+        }
+        let before = *run;
+        *run += absent;
+        if before < SUSPICIOUS_ABSENT_RUN && *run >= SUSPICIOUS_ABSENT_RUN {
+            self.metrics.nothing_deleted.set(1);
+            tracing::error!(
+                names = *run,
+                "the last {} names sent to storage were all already absent: if that is unexpected, the key may lack delete rights \
+                 (an anon key deletes nothing and reports nothing); check SUPABASE_SERVICE_ROLE_KEY",
+                *run
+            );
+        }
+    }
+
+    /// The reaper's own check of a row: the bucket is in --buckets and the host, if any, is
+    /// this project's. Returns the bucket, or why the row is refused.
+    fn check(&self, row: &Claimed) -> Result<String, String> {
+        let (Some(bucket), Some(key)) = (row.bucket.clone(), row.object_path.clone()) else {
+            return Err("the row names no bucket or object".into());
+        };
+        let obj = object_url::ObjectRef { host: row.host.clone(), bucket: bucket.clone(), key, form: object_url::UrlForm::Bare };
+        self.settings.policy.check(&obj).map_err(|r| r.to_string())?;
+        Ok(bucket)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Trouble {
+    None,
+    Config(String),
+    Overload,
+}
+
+/// Exponential back-off with jitter.
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff { base, max, current: base }
+    }
+
+    pub fn next(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.base;
+    }
+}

@@ -1,0 +1,175 @@
+//! The Supabase Storage API as the reaper uses it: bulk delete, plus the upload that the
+//! start-up probe needs. Every response is classified by its body as well as its status,
+//! because the server answers almost every error with HTTP 400 and the real status in the body.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::secret::ServiceKey;
+
+/// Why a bulk request failed. A bulk request fails as a whole, so these describe the process
+/// (its URL, key, the server's load), never one row.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StorageError {
+    /// Retrying cannot help: wrong URL, wrong key, unknown route, any other 4xx.
+    #[error("storage refused the request (HTTP {http}, statusCode {status}, {code}): {message}")]
+    Config { http: u16, status: String, code: String, message: String },
+    /// The server is overloaded (429 SlowDown, 544 database timeout): slow down, no attempt lost.
+    #[error("storage is overloaded (HTTP {http}, {code})")]
+    Overload { http: u16, code: String },
+    /// 5xx, timeouts, dropped connections: the rows are failed as retryable.
+    #[error("storage request failed: {0}")]
+    Retryable(String),
+}
+
+/// What a successful bulk delete says: the names it deleted, with their sizes where known.
+#[derive(Debug, Default, Clone)]
+pub struct Deleted {
+    pub names: HashMap<String, Option<u64>>,
+}
+
+#[derive(Clone)]
+pub struct StorageClient {
+    http: reqwest::Client,
+    base: url::Url,
+    key: ServiceKey,
+}
+
+impl std::fmt::Debug for StorageClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageClient").field("base", &self.base.as_str()).field("key", &self.key).finish()
+    }
+}
+
+impl StorageClient {
+    pub fn new(base: url::Url, key: ServiceKey, timeout: Duration) -> StorageClient {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(64)
+            .user_agent(concat!("pg_orphan_cleanup-reaper/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a reqwest client with rustls always builds");
+        StorageClient { http, base, key }
+    }
+
+    fn url(&self, path: &str) -> url::Url {
+        self.base.join(path).expect("relative storage paths always join")
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let req = req.header("apikey", self.key.expose());
+        if self.key.is_jwt() {
+            req.bearer_auth(self.key.expose())
+        } else {
+            req
+        }
+    }
+
+    /// `DELETE /object/{bucket}` with `{"prefixes": names}` (at most 1000 names).
+    pub async fn bulk_delete(&self, bucket: &str, names: &[String]) -> Result<Deleted, StorageError> {
+        debug_assert!(!names.is_empty() && names.len() <= 1000);
+        let url = self.url(&format!("object/{}", encode_segment(bucket)));
+        let req = self.authorized(self.http.delete(url)).json(&serde_json::json!({ "prefixes": names }));
+        let response = req.send().await.map_err(transport)?;
+        let http = response.status().as_u16();
+        let body = response.bytes().await.map_err(transport)?;
+        if http == 200 {
+            let items: Vec<Value> = serde_json::from_slice(&body)
+                .map_err(|e| StorageError::Retryable(format!("HTTP 200 with a body that is not a JSON array: {e}")))?;
+            let mut deleted = Deleted::default();
+            for item in items {
+                if let Some(name) = item.get("name").and_then(Value::as_str) {
+                    let size = item.pointer("/metadata/size").and_then(Value::as_u64);
+                    deleted.names.insert(name.to_string(), size);
+                }
+            }
+            return Ok(deleted);
+        }
+        Err(classify(http, &body))
+    }
+
+    /// `POST /object/{bucket}/{path}` (upsert): the probe's tiny object.
+    pub async fn upload(&self, bucket: &str, path: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
+        let encoded: Vec<String> = path.split('/').map(encode_segment).collect();
+        let url = self.url(&format!("object/{}/{}", encode_segment(bucket), encoded.join("/")));
+        let req = self.authorized(self.http.post(url)).header("x-upsert", "true").header("content-type", "text/plain").body(bytes);
+        let response = req.send().await.map_err(transport)?;
+        let http = response.status().as_u16();
+        let body = response.bytes().await.map_err(transport)?;
+        if http == 200 {
+            Ok(())
+        } else {
+            Err(classify(http, &body))
+        }
+    }
+}
+
+fn transport(e: reqwest::Error) -> StorageError {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "transport error"
+    };
+    // reqwest errors carry the URL, never headers: no key can leak through them.
+    StorageError::Retryable(format!("{kind}: {e}"))
+}
+
+/// Classifies an error response by HTTP status and by the `statusCode` string in its body.
+pub fn classify(http: u16, body: &[u8]) -> StorageError {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let field = |k: &str| parsed.as_ref().and_then(|v| v.get(k)).and_then(Value::as_str).map(str::to_string);
+    let status = field("statusCode").unwrap_or_else(|| http.to_string());
+    let code = field("code").or_else(|| field("error")).unwrap_or_default();
+    let message = field("message").unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+    let real = status.parse::<u16>().unwrap_or(http);
+    if http == 429 || http == 544 || real == 429 || real == 544 || code == "SlowDown" {
+        return StorageError::Overload { http, code: if code.is_empty() { real.to_string() } else { code } };
+    }
+    if http >= 500 || real >= 500 {
+        return StorageError::Retryable(format!("HTTP {http} (statusCode {status}, {code}): {message}"));
+    }
+    StorageError::Config { http, status, code, message }
+}
+
+/// Percent-encodes one path segment the way `encodeURIComponent` does.
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_by_body_and_status() {
+        let auth = br#"{"statusCode":"403","error":"Unauthorized","code":"AccessDenied","message":"signature verification failed"}"#;
+        assert!(matches!(classify(400, auth), StorageError::Config { ref status, .. } if status == "403"));
+        let missing = br#"{"statusCode":"400","error":"Error","code":"InvalidRequest","message":"headers must have required property 'authorization'"}"#;
+        assert!(matches!(classify(400, missing), StorageError::Config { .. }));
+        assert!(matches!(classify(404, br#"{"statusCode":"404","code":"InvalidRequest","message":"Route DELETE:/x not found"}"#), StorageError::Config { .. }));
+        assert!(matches!(classify(401, b"Unauthorized"), StorageError::Config { .. }), "a gateway's 401");
+        assert!(matches!(classify(429, br#"{"statusCode":"429","code":"SlowDown"}"#), StorageError::Overload { .. }));
+        assert!(matches!(classify(544, br#"{"statusCode":"544","code":"DatabaseTimeout"}"#), StorageError::Overload { .. }));
+        assert!(matches!(classify(500, br#"{"statusCode":"500","code":"InternalError"}"#), StorageError::Retryable(_)));
+        assert!(matches!(classify(502, b"<html>bad gateway</html>"), StorageError::Retryable(_)));
+    }
+
+    #[test]
+    fn encodes_segments_like_encode_uri_component() {
+        assert_eq!(encode_segment("a b/c?.png"), "a%20b%2Fc%3F.png");
+        assert_eq!(encode_segment("renders"), "renders");
+    }
+}
