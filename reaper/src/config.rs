@@ -12,7 +12,11 @@ use thiserror::Error;
 use crate::secret::ServiceKey;
 
 #[derive(Parser, Debug)]
-#[command(name = "reaper", version, about = "Deletes the objects pg_orphan_cleanup queued, from Supabase Storage, in bulk.")]
+#[command(
+    name = "reaper",
+    version,
+    about = "Deletes the objects pg_orphan_cleanup queued, from Supabase Storage, in bulk."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -113,23 +117,42 @@ pub struct TempArgs {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{name} is not set: {fix}")]
-    Missing { name: &'static str, fix: &'static str },
+    Missing {
+        name: &'static str,
+        fix: &'static str,
+    },
     #[error("{name} is invalid ({problem}): {fix}")]
-    Invalid { name: &'static str, problem: String, fix: &'static str },
+    Invalid {
+        name: &'static str,
+        problem: String,
+        fix: &'static str,
+    },
 }
 
 fn invalid(name: &'static str, problem: impl Into<String>, fix: &'static str) -> ConfigError {
-    ConfigError::Invalid { name, problem: problem.into(), fix }
+    ConfigError::Invalid {
+        name,
+        problem: problem.into(),
+        fix,
+    }
 }
 
 pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, ConfigError> {
     let text = text.trim();
     let parsed = if text.chars().all(|c| c.is_ascii_digit()) && !text.is_empty() {
-        text.parse::<u64>().map(Duration::from_secs).map_err(|e| e.to_string())
+        text.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|e| e.to_string())
     } else {
         humantime::parse_duration(text).map_err(|e| e.to_string())
     };
-    parsed.map_err(|e| invalid(name, format!("{text:?}: {e}"), "use a duration such as 30s, 5m or 1h"))
+    parsed.map_err(|e| {
+        invalid(
+            name,
+            format!("{text:?}: {e}"),
+            "use a duration such as 30s, 5m or 1h",
+        )
+    })
 }
 
 /// Everything `run` and `drain` need, checked.
@@ -164,16 +187,27 @@ pub fn database_url(db: &DbArgs) -> Result<String, ConfigError> {
         name: "DATABASE_URL",
         fix: "set it to the reaper role's connection string, e.g. postgres://reaper:...@db-host:5432/postgres",
     })?;
-    url.parse::<tokio_postgres::Config>()
-        .map_err(|e| invalid("DATABASE_URL", e.to_string(), "use a postgres://user:password@host:port/database URL"))?;
+    url.parse::<tokio_postgres::Config>().map_err(|e| {
+        invalid(
+            "DATABASE_URL",
+            e.to_string(),
+            "use a postgres://user:password@host:port/database URL",
+        )
+    })?;
     Ok(url)
 }
 
 impl TempArgs {
     pub fn settings(&self) -> Result<Option<TempSettings>, ConfigError> {
-        let Some(dir) = &self.temp_dir else { return Ok(None) };
+        let Some(dir) = &self.temp_dir else {
+            return Ok(None);
+        };
         if !dir.is_dir() {
-            return Err(invalid("--temp-dir", format!("{} is not a directory", dir.display()), "point it at an existing directory"));
+            return Err(invalid(
+                "--temp-dir",
+                format!("{} is not a directory", dir.display()),
+                "point it at an existing directory",
+            ));
         }
         Ok(Some(TempSettings {
             dir: dir.clone(),
@@ -186,22 +220,48 @@ impl TempArgs {
 impl RunArgs {
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let database_url = database_url(&self.db)?;
-        let raw_url = self.supabase_url.clone().filter(|u| !u.trim().is_empty()).ok_or(ConfigError::Missing {
-            name: "SUPABASE_URL",
-            fix: "set it to your project's URL, e.g. https://abcd.supabase.co",
+        let raw_url = self
+            .supabase_url
+            .clone()
+            .filter(|u| !u.trim().is_empty())
+            .ok_or(ConfigError::Missing {
+                name: "SUPABASE_URL",
+                fix: "set it to your project's URL, e.g. https://abcd.supabase.co",
+            })?;
+        let base = url::Url::parse(raw_url.trim()).map_err(|e| {
+            invalid(
+                "SUPABASE_URL",
+                format!("{raw_url:?}: {e}"),
+                "use the project URL, e.g. https://abcd.supabase.co",
+            )
         })?;
-        let base = url::Url::parse(raw_url.trim())
-            .map_err(|e| invalid("SUPABASE_URL", format!("{raw_url:?}: {e}"), "use the project URL, e.g. https://abcd.supabase.co"))?;
         if base.scheme() != "https" && base.scheme() != "http" {
-            return Err(invalid("SUPABASE_URL", format!("scheme {:?}", base.scheme()), "use an https:// URL"));
+            return Err(invalid(
+                "SUPABASE_URL",
+                format!("scheme {:?}", base.scheme()),
+                "use an https:// URL",
+            ));
         }
-        let host = base.host_str().ok_or_else(|| invalid("SUPABASE_URL", "no host", "use e.g. https://abcd.supabase.co"))?;
+        let host = base.host_str().ok_or_else(|| {
+            invalid(
+                "SUPABASE_URL",
+                "no host",
+                "use e.g. https://abcd.supabase.co",
+            )
+        })?;
         let path = base.path().trim_end_matches('/');
         if !(path.is_empty() || path == "/storage/v1") {
-            return Err(invalid("SUPABASE_URL", format!("unexpected path {path:?}"), "give the project's base URL without a path"));
+            return Err(invalid(
+                "SUPABASE_URL",
+                format!("unexpected path {path:?}"),
+                "give the project's base URL without a path",
+            ));
         }
-        let storage_base = url::Url::parse(&format!("{}/storage/v1/", base.origin().ascii_serialization()))
-            .map_err(|e| invalid("SUPABASE_URL", e.to_string(), "use the project URL"))?;
+        let storage_base = url::Url::parse(&format!(
+            "{}/storage/v1/",
+            base.origin().ascii_serialization()
+        ))
+        .map_err(|e| invalid("SUPABASE_URL", e.to_string(), "use the project URL"))?;
         let own_host = match base.port() {
             Some(p) => format!("{host}:{p}"),
             None => host.to_string(),
@@ -229,41 +289,71 @@ impl RunArgs {
             if role != "service_role" {
                 return Err(invalid(
                     "SUPABASE_SERVICE_ROLE_KEY",
-                    format!("the key's role is {role:?}, and row-level security lets it delete nothing"),
+                    format!(
+                        "the key's role is {role:?}, and row-level security lets it delete nothing"
+                    ),
                     "use the service_role key, not the anon key",
                 ));
             }
         }
 
-        let buckets = self.buckets.clone().filter(|b| !b.trim().is_empty()).ok_or(ConfigError::Missing {
-            name: "--buckets",
-            fix: "list the buckets this reaper may delete from, e.g. --buckets renders",
-        })?;
+        let buckets = self
+            .buckets
+            .clone()
+            .filter(|b| !b.trim().is_empty())
+            .ok_or(ConfigError::Missing {
+                name: "--buckets",
+                fix: "list the buckets this reaper may delete from, e.g. --buckets renders",
+            })?;
         let hosts = format!("{own_host},{}", self.storage_hosts);
         let policy = object_url::Policy::from_lists(&buckets, "", &hosts)
             .map_err(|e| invalid("--buckets/--storage-hosts", e.to_string(), "fix the list"))?;
 
         if !(1..=1000).contains(&self.batch_size) {
-            return Err(invalid("--batch-size", self.batch_size.to_string(), "use 1 to 1000 (the API refuses more than 1000 names)"));
+            return Err(invalid(
+                "--batch-size",
+                self.batch_size.to_string(),
+                "use 1 to 1000 (the API refuses more than 1000 names)",
+            ));
         }
         if !(1..=64).contains(&self.concurrency) {
-            return Err(invalid("--concurrency", self.concurrency.to_string(), "use 1 to 64"));
+            return Err(invalid(
+                "--concurrency",
+                self.concurrency.to_string(),
+                "use 1 to 64",
+            ));
         }
         let lease = parse_duration("--lease", &self.lease)?;
         if lease < Duration::from_secs(10) || lease > Duration::from_secs(86_400) {
-            return Err(invalid("--lease", self.lease.clone(), "use 10s to 1d; longer than a batch takes to delete"));
+            return Err(invalid(
+                "--lease",
+                self.lease.clone(),
+                "use 10s to 1d; longer than a batch takes to delete",
+            ));
         }
         let request_timeout = parse_duration("--request-timeout", &self.request_timeout)?;
         if request_timeout.is_zero() || request_timeout >= lease {
-            return Err(invalid("--request-timeout", self.request_timeout.clone(), "use more than 0 and less than --lease"));
+            return Err(invalid(
+                "--request-timeout",
+                self.request_timeout.clone(),
+                "use more than 0 and less than --lease",
+            ));
         }
         let poll_interval = parse_duration("--poll-interval", &self.poll_interval)?;
         if poll_interval.is_zero() {
-            return Err(invalid("--poll-interval", self.poll_interval.clone(), "use e.g. 10s"));
+            return Err(invalid(
+                "--poll-interval",
+                self.poll_interval.clone(),
+                "use e.g. 10s",
+            ));
         }
         let worker_id = match &self.worker_id {
             Some(w) if w.trim().is_empty() || w.len() > 200 => {
-                return Err(invalid("--worker-id", w.clone(), "use a non-empty id of at most 200 characters"))
+                return Err(invalid(
+                    "--worker-id",
+                    w.clone(),
+                    "use a non-empty id of at most 200 characters",
+                ))
             }
             Some(w) => w.clone(),
             None => format!(

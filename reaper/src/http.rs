@@ -22,11 +22,19 @@ pub async fn serve(addr: SocketAddr, reaper: Arc<Reaper>) -> std::io::Result<()>
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(reaper);
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 async fn metrics(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], reaper.metrics.encode())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        reaper.metrics.encode(),
+    )
 }
 
 async fn readyz(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
@@ -35,7 +43,18 @@ async fn readyz(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
     let body = format!(
         "database: {}\nstorage: {}\n",
         if db { "ok" } else { "unreachable" },
-        if storage { "ok" } else { "not verified or refusing the key" }
+        if storage {
+            "ok"
+        } else {
+            "not verified or refusing the key"
+        }
     );
-    (if db && storage { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+    (
+        if db && storage {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        body,
+    )
 }

@@ -24,8 +24,11 @@ async fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("REAPER_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("REAPER_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -41,10 +44,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::SweepTemp(args) => {
-            let temp = args.settings()?.ok_or_else(|| anyhow::anyhow!("--temp-dir is not set: name the directory to sweep"))?;
+            let temp = args.settings()?.ok_or_else(|| {
+                anyhow::anyhow!("--temp-dir is not set: name the directory to sweep")
+            })?;
             let report = reaper::temp::sweep(&temp.dir, temp.max_age);
-            println!("removed {} files ({} bytes), kept {}, errors {}", report.removed, report.bytes, report.kept, report.errors);
-            Ok(if report.errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            println!(
+                "removed {} files ({} bytes), kept {}, errors {}",
+                report.removed, report.bytes, report.kept, report.errors
+            );
+            Ok(if report.errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Drain(args) => drain_or_run(args, Mode::Drain).await,
         Command::Run(args) => drain_or_run(args, Mode::Run).await,
@@ -91,8 +103,17 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         tokio::spawn(async move {
             loop {
                 let dir = temp.dir.clone();
-                let report = tokio::task::spawn_blocking(move || reaper::temp::sweep(&dir, temp.max_age)).await.unwrap_or_default();
-                tracing::info!(removed = report.removed, bytes = report.bytes, kept = report.kept, errors = report.errors, "temp directory swept");
+                let report =
+                    tokio::task::spawn_blocking(move || reaper::temp::sweep(&dir, temp.max_age))
+                        .await
+                        .unwrap_or_default();
+                tracing::info!(
+                    removed = report.removed,
+                    bytes = report.bytes,
+                    kept = report.kept,
+                    errors = report.errors,
+                    "temp directory swept"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(temp.interval) => {}
                     _ = token.cancelled() => break,
@@ -102,33 +123,61 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     }
     let summary = reaper.drain(mode).await?;
     println!("{summary}");
-    Ok(if summary.config_error.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if summary.config_error.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// A progress bar on a terminal, plain lines otherwise.
 fn attach_progress(reaper: &mut Reaper) {
     if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new_spinner();
-        bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
+        );
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
-        reaper.on_progress(move |s| bar.set_message(format!("deleted {} absent {} failed {} dead {}", s.deleted, s.absent, s.failed, s.dead_lettered)));
+        reaper.on_progress(move |s| {
+            bar.set_message(format!(
+                "deleted {} absent {} failed {} dead {}",
+                s.deleted, s.absent, s.failed, s.dead_lettered
+            ))
+        });
     } else {
-        reaper.on_progress(|s| eprintln!("progress: deleted {} absent {} failed {} dead-lettered {}", s.deleted, s.absent, s.failed, s.dead_lettered));
+        reaper.on_progress(|s| {
+            eprintln!(
+                "progress: deleted {} absent {} failed {} dead-lettered {}",
+                s.deleted, s.absent, s.failed, s.dead_lettered
+            )
+        });
     }
 }
 
 async fn dry_run(settings: &reaper::config::Settings) -> anyhow::Result<ExitCode> {
-    let queue = reaper::queue::Queue::connect(&settings.database_url, &settings.worker_id, false).await?;
+    let queue =
+        reaper::queue::Queue::connect(&settings.database_url, &settings.worker_id, false).await?;
     let rows = queue.peek(10_000).await?;
     for row in &rows {
         let bucket = row.bucket.clone().unwrap_or_default();
         let key = row.object_path.clone().unwrap_or_default();
-        let obj = object_url::ObjectRef { host: row.host.clone(), bucket: bucket.clone(), key: key.clone(), form: object_url::UrlForm::Bare };
+        let obj = object_url::ObjectRef {
+            host: row.host.clone(),
+            bucket: bucket.clone(),
+            key: key.clone(),
+            form: object_url::UrlForm::Bare,
+        };
         match settings.policy.check(&obj) {
-            Ok(()) => println!("would delete {bucket}/{key} (queue row {}, job {})", row.id, row.job_id),
+            Ok(()) => println!(
+                "would delete {bucket}/{key} (queue row {}, job {})",
+                row.id, row.job_id
+            ),
             Err(r) => println!("would refuse queue row {} ({bucket}/{key}): {r}", row.id),
         }
     }
-    println!("dry run: {} queued rows, nothing claimed or deleted", rows.len());
+    println!(
+        "dry run: {} queued rows, nothing claimed or deleted",
+        rows.len()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -37,29 +37,70 @@ impl Metrics {
         let objects = Family::<OutcomeLabel, Counter>::default();
         registry.register("objects", "Queue rows handled, by outcome", objects.clone());
         let bytes_deleted = Counter::default();
-        registry.register("deleted_bytes", "Bytes of the objects deleted (as storage reported them)", bytes_deleted.clone());
+        registry.register(
+            "deleted_bytes",
+            "Bytes of the objects deleted (as storage reported them)",
+            bytes_deleted.clone(),
+        );
         let batch_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        registry.register("batch_seconds", "Duration of one bulk delete request", batch_seconds.clone());
+        registry.register(
+            "batch_seconds",
+            "Duration of one bulk delete request",
+            batch_seconds.clone(),
+        );
         let queue_depth = Gauge::default();
-        registry.register("queue_depth", "Pending rows in the deletion queue", queue_depth.clone());
+        registry.register(
+            "queue_depth",
+            "Pending rows in the deletion queue",
+            queue_depth.clone(),
+        );
         let last_success = Gauge::<f64, AtomicU64>::default();
-        registry.register("last_success_timestamp_seconds", "Unix time of the last successful bulk delete", last_success.clone());
+        registry.register(
+            "last_success_timestamp_seconds",
+            "Unix time of the last successful bulk delete",
+            last_success.clone(),
+        );
         let config_error = Gauge::default();
-        registry.register("config_error", "1 while storage refuses the reaper's URL or key", config_error.clone());
+        registry.register(
+            "config_error",
+            "1 while storage refuses the reaper's URL or key",
+            config_error.clone(),
+        );
         let overloaded = Gauge::default();
-        registry.register("overloaded", "1 while storage asks the reaper to slow down", overloaded.clone());
+        registry.register(
+            "overloaded",
+            "1 while storage asks the reaper to slow down",
+            overloaded.clone(),
+        );
         let nothing_deleted = Gauge::<i64, AtomicI64>::default();
-        registry.register("nothing_deleted_suspected", "1 while many deletes in a row found nothing to delete", nothing_deleted.clone());
-        Metrics { registry, objects, bytes_deleted, batch_seconds, queue_depth, last_success, config_error, overloaded, nothing_deleted }
+        registry.register(
+            "nothing_deleted_suspected",
+            "1 while many deletes in a row found nothing to delete",
+            nothing_deleted.clone(),
+        );
+        Metrics {
+            registry,
+            objects,
+            bytes_deleted,
+            batch_seconds,
+            queue_depth,
+            last_success,
+            config_error,
+            overloaded,
+            nothing_deleted,
+        }
     }
 
     pub fn count(&self, outcome: &'static str, n: usize) {
-        self.objects.get_or_create(&OutcomeLabel { outcome }).inc_by(n as u64);
+        self.objects
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc_by(n as u64);
     }
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

@@ -63,7 +63,9 @@ impl Queue {
     /// Connects and, when `listen`, subscribes to the queue's NOTIFY channel. A NOTIFY only
     /// arrives on a session connection; through a transaction-mode pooler the reaper polls.
     pub async fn connect(url: &str, worker: &str, listen: bool) -> Result<Queue, QueueError> {
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.map_err(|e| QueueError::Connect(describe(&e)))?;
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|e| QueueError::Connect(describe(&e)))?;
         let closed = Arc::new(AtomicBool::new(false));
         let notified = Arc::new(Notify::new());
         let (c, n) = (closed.clone(), notified.clone());
@@ -82,11 +84,18 @@ impl Queue {
             c.store(true, Ordering::SeqCst);
             n.notify_one();
         });
-        client.batch_execute("SET application_name = 'pg_orphan_cleanup reaper'").await?;
+        client
+            .batch_execute("SET application_name = 'pg_orphan_cleanup reaper'")
+            .await?;
         if listen {
             client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         }
-        Ok(Queue { client, worker: worker.to_string(), closed, notified })
+        Ok(Queue {
+            client,
+            worker: worker.to_string(),
+            closed,
+            notified,
+        })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -98,7 +107,12 @@ impl Queue {
         let _ = tokio::time::timeout(timeout, self.notified.notified()).await;
     }
 
-    pub async fn claim(&self, max_rows: usize, lease: Duration, buckets: &[String]) -> Result<Vec<Claimed>, QueueError> {
+    pub async fn claim(
+        &self,
+        max_rows: usize,
+        lease: Duration,
+        buckets: &[String],
+    ) -> Result<Vec<Claimed>, QueueError> {
         let lease = format!("{} seconds", lease.as_secs());
         let rows = self
             .client
@@ -110,26 +124,51 @@ impl Queue {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| Claimed { id: r.get(0), job_id: r.get(1), host: r.get(2), bucket: r.get(3), object_path: r.get(4), attempts: r.get(5) })
+            .map(|r| Claimed {
+                id: r.get(0),
+                job_id: r.get(1),
+                host: r.get(2),
+                bucket: r.get(3),
+                object_path: r.get(4),
+                attempts: r.get(5),
+            })
             .collect())
     }
 
     /// Confirms rows as `deleted` or `absent`; returns each id with its result.
-    pub async fn confirm(&self, ids: &[i64], outcome: &str) -> Result<Vec<(i64, String)>, QueueError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = self.client.query("SELECT id, result FROM orphan_cleanup.confirm($1, $2, $3)", &[&self.worker, &ids, &outcome]).await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
-    pub async fn fail(&self, ids: &[i64], error: &str, retryable: bool) -> Result<Vec<(i64, String)>, QueueError> {
+    pub async fn confirm(
+        &self,
+        ids: &[i64],
+        outcome: &str,
+    ) -> Result<Vec<(i64, String)>, QueueError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let rows = self
             .client
-            .query("SELECT id, result FROM orphan_cleanup.fail($1, $2, $3, $4)", &[&self.worker, &ids, &error, &retryable])
+            .query(
+                "SELECT id, result FROM orphan_cleanup.confirm($1, $2, $3)",
+                &[&self.worker, &ids, &outcome],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn fail(
+        &self,
+        ids: &[i64],
+        error: &str,
+        retryable: bool,
+    ) -> Result<Vec<(i64, String)>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT id, result FROM orphan_cleanup.fail($1, $2, $3, $4)",
+                &[&self.worker, &ids, &error, &retryable],
+            )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
@@ -140,7 +179,14 @@ impl Queue {
             return Ok(0);
         }
         let ids: Option<Vec<i64>> = ids.map(<[i64]>::to_vec);
-        Ok(self.client.query_one("SELECT orphan_cleanup.release($1, $2)", &[&self.worker, &ids]).await?.get(0))
+        Ok(self
+            .client
+            .query_one(
+                "SELECT orphan_cleanup.release($1, $2)",
+                &[&self.worker, &ids],
+            )
+            .await?
+            .get(0))
     }
 
     /// What a claim would hand out, for --dry-run.
@@ -151,7 +197,14 @@ impl Queue {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| Claimed { id: r.get(0), job_id: r.get(1), host: r.get(2), bucket: r.get(3), object_path: r.get(4), attempts: r.get(5) })
+            .map(|r| Claimed {
+                id: r.get(0),
+                job_id: r.get(1),
+                host: r.get(2),
+                bucket: r.get(3),
+                object_path: r.get(4),
+                attempts: r.get(5),
+            })
             .collect())
     }
 
@@ -206,17 +259,48 @@ pub struct Status {
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "health:          {}", self.health)?;
-        writeln!(f, "reaping:         {}", if self.reaping_enabled { "enabled" } else { "DISABLED (orphan_cleanup.reaping_enabled = off)" })?;
-        writeln!(f, "attached:        {}", if self.attached { "yes" } else { "NO: run SELECT * FROM orphan_cleanup.attach()" })?;
-        writeln!(f, "queue:           {} pending ({} ready), {} claimed, {} dead-lettered, {} rejected", self.pending, self.ready, self.claimed, self.dead, self.rejected)?;
-        writeln!(f, "done:            {} deleted, {} already absent", self.deleted, self.absent)?;
-        writeln!(f, "oldest pending:  {}", self.oldest_pending.as_deref().unwrap_or("-"))?;
+        writeln!(
+            f,
+            "reaping:         {}",
+            if self.reaping_enabled {
+                "enabled"
+            } else {
+                "DISABLED (orphan_cleanup.reaping_enabled = off)"
+            }
+        )?;
+        writeln!(
+            f,
+            "attached:        {}",
+            if self.attached {
+                "yes"
+            } else {
+                "NO: run SELECT * FROM orphan_cleanup.attach()"
+            }
+        )?;
+        writeln!(
+            f,
+            "queue:           {} pending ({} ready), {} claimed, {} dead-lettered, {} rejected",
+            self.pending, self.ready, self.claimed, self.dead, self.rejected
+        )?;
+        writeln!(
+            f,
+            "done:            {} deleted, {} already absent",
+            self.deleted, self.absent
+        )?;
+        writeln!(
+            f,
+            "oldest pending:  {}",
+            self.oldest_pending.as_deref().unwrap_or("-")
+        )?;
         write!(
             f,
             "last cycle:      {} {}{}",
             self.last_cycle_status.as_deref().unwrap_or("none yet"),
             self.last_cycle_at.as_deref().unwrap_or(""),
-            self.last_cycle_error.as_deref().map(|e| format!("\n  error: {e}")).unwrap_or_default()
+            self.last_cycle_error
+                .as_deref()
+                .map(|e| format!("\n  error: {e}"))
+                .unwrap_or_default()
         )
     }
 }

@@ -84,7 +84,11 @@ enum ChunkResult {
 
 impl Reaper {
     pub fn new(settings: Settings, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Reaper {
-        let storage = StorageClient::new(settings.storage_base.clone(), settings.key.clone(), settings.request_timeout);
+        let storage = StorageClient::new(
+            settings.storage_base.clone(),
+            settings.key.clone(),
+            settings.request_timeout,
+        );
         Reaper {
             settings,
             storage,
@@ -115,8 +119,15 @@ impl Reaper {
     /// deletes it in bulk. An anon key cannot upload; a key that can upload but not delete gets
     /// `200 []`. Either way the reaper would report every object "already absent" forever.
     pub async fn probe(&self) -> Result<(), String> {
-        let bucket = self.buckets().into_iter().next().ok_or("no bucket to probe")?;
-        let name = format!(".pg_orphan_cleanup-probe/{}.txt", self.settings.worker_id.replace(['/', ':'], "_"));
+        let bucket = self
+            .buckets()
+            .into_iter()
+            .next()
+            .ok_or("no bucket to probe")?;
+        let name = format!(
+            ".pg_orphan_cleanup-probe/{}.txt",
+            self.settings.worker_id.replace(['/', ':'], "_")
+        );
         self.storage
             .upload(&bucket, &name, b"pg_orphan_cleanup reaper probe".to_vec())
             .await
@@ -144,7 +155,13 @@ impl Reaper {
         while !self.shutdown.is_cancelled() {
             let q = match queue.take().filter(|q| !q.is_closed()) {
                 Some(q) => q,
-                None => match Queue::connect(&self.settings.database_url, &self.settings.worker_id, mode == Mode::Run).await {
+                None => match Queue::connect(
+                    &self.settings.database_url,
+                    &self.settings.worker_id,
+                    mode == Mode::Run,
+                )
+                .await
+                {
                     Ok(q) => {
                         self.db_ok.store(true, Ordering::SeqCst);
                         reconnect.reset();
@@ -226,7 +243,10 @@ impl Reaper {
                 Trouble::Overload => {
                     self.metrics.overloaded.set(1);
                     let wait = cooldown.next();
-                    tracing::warn!(retry_in_s = wait.as_secs_f64(), "storage is overloaded; slowing down");
+                    tracing::warn!(
+                        retry_in_s = wait.as_secs_f64(),
+                        "storage is overloaded; slowing down"
+                    );
                     self.sleep(wait).await;
                 }
             }
@@ -240,7 +260,9 @@ impl Reaper {
                     self.metrics.count("released", n as usize);
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "could not release claims at shutdown; their leases will return them"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release claims at shutdown; their leases will return them")
+                }
             }
         }
         Ok(self.summary())
@@ -274,7 +296,9 @@ impl Reaper {
         }
         for (reason, ids) in &refused {
             tracing::warn!(rows = ids.len(), reason = %reason, "rows refused by the reaper's allow-list; never sent to storage");
-            let results = q.fail(ids, &format!("refused by the reaper: {reason}"), false).await?;
+            let results = q
+                .fail(ids, &format!("refused by the reaper: {reason}"), false)
+                .await?;
             let dead = results.iter().filter(|(_, r)| r == "dead-lettered").count();
             self.metrics.count("refused", ids.len());
             self.metrics.count("dead_lettered", dead);
@@ -296,10 +320,13 @@ impl Reaper {
                 if self.shutdown.is_cancelled() {
                     return (rows, ChunkResult::NotSent);
                 }
-                let names: Vec<String> = rows.iter().filter_map(|r| r.object_path.clone()).collect();
+                let names: Vec<String> =
+                    rows.iter().filter_map(|r| r.object_path.clone()).collect();
                 let started = Instant::now();
                 let result = self.storage.bulk_delete(&bucket, &names).await;
-                self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 match result {
                     Ok(d) => (rows, ChunkResult::Done(d)),
                     Err(e) => (rows, ChunkResult::Failed(e)),
@@ -330,13 +357,23 @@ impl Reaper {
                         }
                     }
                     self.storage_ok.store(true, Ordering::SeqCst);
-                    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                    let now = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
                     self.metrics.last_success.set(now);
                 }
                 ChunkResult::NotSent => release_ids.extend(rows.iter().map(|r| r.id)),
-                ChunkResult::Failed(StorageError::Config { http, status, code, message }) => {
+                ChunkResult::Failed(StorageError::Config {
+                    http,
+                    status,
+                    code,
+                    message,
+                }) => {
                     release_ids.extend(rows.iter().map(|r| r.id));
-                    trouble = Trouble::Config(format!("HTTP {http}, statusCode {status} ({code}): {message}"));
+                    trouble = Trouble::Config(format!(
+                        "HTTP {http}, statusCode {status} ({code}): {message}"
+                    ));
                 }
                 ChunkResult::Failed(StorageError::Overload { .. }) => {
                     release_ids.extend(rows.iter().map(|r| r.id));
@@ -345,14 +382,21 @@ impl Reaper {
                     }
                 }
                 ChunkResult::Failed(StorageError::Retryable(e)) => {
-                    retry.entry(e).or_default().extend(rows.iter().map(|r| r.id));
+                    retry
+                        .entry(e)
+                        .or_default()
+                        .extend(rows.iter().map(|r| r.id));
                 }
             }
         }
 
         let confirmed_deleted = q.confirm(&deleted_ids, "deleted").await?;
         let confirmed_absent = q.confirm(&absent_ids, "absent").await?;
-        let lost = confirmed_deleted.iter().chain(&confirmed_absent).filter(|(_, r)| r != "confirmed").count();
+        let lost = confirmed_deleted
+            .iter()
+            .chain(&confirmed_absent)
+            .filter(|(_, r)| r != "confirmed")
+            .count();
         if lost > 0 {
             tracing::warn!(rows = lost, "some rows were no longer ours to confirm (lease expired and taken over); the other reaper records them");
         }
@@ -372,7 +416,10 @@ impl Reaper {
         self.metrics.count("dead_lettered", dead);
         self.metrics.count("released", released as usize);
         self.metrics.bytes_deleted.inc_by(bytes);
-        self.watch_for_a_key_that_deletes_nothing(deleted_ids.len() as u64, absent_ids.len() as u64);
+        self.watch_for_a_key_that_deletes_nothing(
+            deleted_ids.len() as u64,
+            absent_ids.len() as u64,
+        );
         self.add(|s| {
             s.deleted += deleted_ids.len() as u64;
             s.absent += absent_ids.len() as u64;
@@ -413,8 +460,16 @@ impl Reaper {
         let (Some(bucket), Some(key)) = (row.bucket.clone(), row.object_path.clone()) else {
             return Err("the row names no bucket or object".into());
         };
-        let obj = object_url::ObjectRef { host: row.host.clone(), bucket: bucket.clone(), key, form: object_url::UrlForm::Bare };
-        self.settings.policy.check(&obj).map_err(|r| r.to_string())?;
+        let obj = object_url::ObjectRef {
+            host: row.host.clone(),
+            bucket: bucket.clone(),
+            key,
+            form: object_url::UrlForm::Bare,
+        };
+        self.settings
+            .policy
+            .check(&obj)
+            .map_err(|r| r.to_string())?;
         Ok(bucket)
     }
 }
@@ -435,7 +490,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff { base, max, current: base }
+        Backoff {
+            base,
+            max,
+            current: base,
+        }
     }
 
     pub fn next(&mut self) -> Duration {

@@ -35,7 +35,9 @@ impl ServiceKey {
             return None;
         }
         let payload = self.0.split('.').nth(1)?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .ok()?;
         let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         claims.get("role")?.as_str().map(str::to_string)
     }

@@ -16,7 +16,12 @@ use crate::secret::ServiceKey;
 pub enum StorageError {
     /// Retrying cannot help: wrong URL, wrong key, unknown route, any other 4xx.
     #[error("storage refused the request (HTTP {http}, statusCode {status}, {code}): {message}")]
-    Config { http: u16, status: String, code: String, message: String },
+    Config {
+        http: u16,
+        status: String,
+        code: String,
+        message: String,
+    },
     /// The server is overloaded (429 SlowDown, 544 database timeout): slow down, no attempt lost.
     #[error("storage is overloaded (HTTP {http}, {code})")]
     Overload { http: u16, code: String },
@@ -40,7 +45,10 @@ pub struct StorageClient {
 
 impl std::fmt::Debug for StorageClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StorageClient").field("base", &self.base.as_str()).field("key", &self.key).finish()
+        f.debug_struct("StorageClient")
+            .field("base", &self.base.as_str())
+            .field("key", &self.key)
+            .finish()
     }
 }
 
@@ -49,14 +57,19 @@ impl StorageClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .pool_max_idle_per_host(64)
-            .user_agent(concat!("pg_orphan_cleanup-reaper/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!(
+                "pg_orphan_cleanup-reaper/",
+                env!("CARGO_PKG_VERSION")
+            ))
             .build()
             .expect("a reqwest client with rustls always builds");
         StorageClient { http, base, key }
     }
 
     fn url(&self, path: &str) -> url::Url {
-        self.base.join(path).expect("relative storage paths always join")
+        self.base
+            .join(path)
+            .expect("relative storage paths always join")
     }
 
     fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -69,16 +82,25 @@ impl StorageClient {
     }
 
     /// `DELETE /object/{bucket}` with `{"prefixes": names}` (at most 1000 names).
-    pub async fn bulk_delete(&self, bucket: &str, names: &[String]) -> Result<Deleted, StorageError> {
+    pub async fn bulk_delete(
+        &self,
+        bucket: &str,
+        names: &[String],
+    ) -> Result<Deleted, StorageError> {
         debug_assert!(!names.is_empty() && names.len() <= 1000);
         let url = self.url(&format!("object/{}", encode_segment(bucket)));
-        let req = self.authorized(self.http.delete(url)).json(&serde_json::json!({ "prefixes": names }));
+        let req = self
+            .authorized(self.http.delete(url))
+            .json(&serde_json::json!({ "prefixes": names }));
         let response = req.send().await.map_err(transport)?;
         let http = response.status().as_u16();
         let body = response.bytes().await.map_err(transport)?;
         if http == 200 {
-            let items: Vec<Value> = serde_json::from_slice(&body)
-                .map_err(|e| StorageError::Retryable(format!("HTTP 200 with a body that is not a JSON array: {e}")))?;
+            let items: Vec<Value> = serde_json::from_slice(&body).map_err(|e| {
+                StorageError::Retryable(format!(
+                    "HTTP 200 with a body that is not a JSON array: {e}"
+                ))
+            })?;
             let mut deleted = Deleted::default();
             for item in items {
                 if let Some(name) = item.get("name").and_then(Value::as_str) {
@@ -92,10 +114,23 @@ impl StorageClient {
     }
 
     /// `POST /object/{bucket}/{path}` (upsert): the probe's tiny object.
-    pub async fn upload(&self, bucket: &str, path: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
+    pub async fn upload(
+        &self,
+        bucket: &str,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), StorageError> {
         let encoded: Vec<String> = path.split('/').map(encode_segment).collect();
-        let url = self.url(&format!("object/{}/{}", encode_segment(bucket), encoded.join("/")));
-        let req = self.authorized(self.http.post(url)).header("x-upsert", "true").header("content-type", "text/plain").body(bytes);
+        let url = self.url(&format!(
+            "object/{}/{}",
+            encode_segment(bucket),
+            encoded.join("/")
+        ));
+        let req = self
+            .authorized(self.http.post(url))
+            .header("x-upsert", "true")
+            .header("content-type", "text/plain")
+            .body(bytes);
         let response = req.send().await.map_err(transport)?;
         let http = response.status().as_u16();
         let body = response.bytes().await.map_err(transport)?;
@@ -122,18 +157,39 @@ fn transport(e: reqwest::Error) -> StorageError {
 /// Classifies an error response by HTTP status and by the `statusCode` string in its body.
 pub fn classify(http: u16, body: &[u8]) -> StorageError {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let field = |k: &str| parsed.as_ref().and_then(|v| v.get(k)).and_then(Value::as_str).map(str::to_string);
+    let field = |k: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let status = field("statusCode").unwrap_or_else(|| http.to_string());
     let code = field("code").or_else(|| field("error")).unwrap_or_default();
-    let message = field("message").unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+    let message = field("message")
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
     let real = status.parse::<u16>().unwrap_or(http);
     if http == 429 || http == 544 || real == 429 || real == 544 || code == "SlowDown" {
-        return StorageError::Overload { http, code: if code.is_empty() { real.to_string() } else { code } };
+        return StorageError::Overload {
+            http,
+            code: if code.is_empty() {
+                real.to_string()
+            } else {
+                code
+            },
+        };
     }
     if http >= 500 || real >= 500 {
-        return StorageError::Retryable(format!("HTTP {http} (statusCode {status}, {code}): {message}"));
+        return StorageError::Retryable(format!(
+            "HTTP {http} (statusCode {status}, {code}): {message}"
+        ));
     }
-    StorageError::Config { http, status, code, message }
+    StorageError::Config {
+        http,
+        status,
+        code,
+        message,
+    }
 }
 
 /// Percent-encodes one path segment the way `encodeURIComponent` does.
@@ -156,15 +212,35 @@ mod tests {
     #[test]
     fn classifies_by_body_and_status() {
         let auth = br#"{"statusCode":"403","error":"Unauthorized","code":"AccessDenied","message":"signature verification failed"}"#;
-        assert!(matches!(classify(400, auth), StorageError::Config { ref status, .. } if status == "403"));
+        assert!(
+            matches!(classify(400, auth), StorageError::Config { ref status, .. } if status == "403")
+        );
         let missing = br#"{"statusCode":"400","error":"Error","code":"InvalidRequest","message":"headers must have required property 'authorization'"}"#;
-        assert!(matches!(classify(400, missing), StorageError::Config { .. }));
+        assert!(matches!(
+            classify(400, missing),
+            StorageError::Config { .. }
+        ));
         assert!(matches!(classify(404, br#"{"statusCode":"404","code":"InvalidRequest","message":"Route DELETE:/x not found"}"#), StorageError::Config { .. }));
-        assert!(matches!(classify(401, b"Unauthorized"), StorageError::Config { .. }), "a gateway's 401");
-        assert!(matches!(classify(429, br#"{"statusCode":"429","code":"SlowDown"}"#), StorageError::Overload { .. }));
-        assert!(matches!(classify(544, br#"{"statusCode":"544","code":"DatabaseTimeout"}"#), StorageError::Overload { .. }));
-        assert!(matches!(classify(500, br#"{"statusCode":"500","code":"InternalError"}"#), StorageError::Retryable(_)));
-        assert!(matches!(classify(502, b"<html>bad gateway</html>"), StorageError::Retryable(_)));
+        assert!(
+            matches!(classify(401, b"Unauthorized"), StorageError::Config { .. }),
+            "a gateway's 401"
+        );
+        assert!(matches!(
+            classify(429, br#"{"statusCode":"429","code":"SlowDown"}"#),
+            StorageError::Overload { .. }
+        ));
+        assert!(matches!(
+            classify(544, br#"{"statusCode":"544","code":"DatabaseTimeout"}"#),
+            StorageError::Overload { .. }
+        ));
+        assert!(matches!(
+            classify(500, br#"{"statusCode":"500","code":"InternalError"}"#),
+            StorageError::Retryable(_)
+        ));
+        assert!(matches!(
+            classify(502, b"<html>bad gateway</html>"),
+            StorageError::Retryable(_)
+        ));
     }
 
     #[test]

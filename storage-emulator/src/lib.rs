@@ -41,6 +41,9 @@ const LOG_CAPACITY: usize = 200_000;
 pub struct Emulator {
     pub store: Store,
     pub jwt_secret: String,
+    /// Opaque API keys the gateway maps to a role (`sb_secret_...` keys: service role,
+    /// `sb_publishable_...` keys: anon). They travel in `apikey` only.
+    pub opaque_keys: HashMap<String, Role>,
     /// Refuse more than [`BULK_LIMIT`] names, as hosted projects do.
     pub hard_limits: bool,
     pub faults: FaultState,
@@ -74,9 +77,20 @@ impl Emulator {
         hard_limits: bool,
         faults: Faults,
     ) -> Arc<Emulator> {
+        Emulator::with_opaque_keys(store, jwt_secret, hard_limits, faults, HashMap::new())
+    }
+
+    pub fn with_opaque_keys(
+        store: Store,
+        jwt_secret: String,
+        hard_limits: bool,
+        faults: Faults,
+        opaque_keys: HashMap<String, Role>,
+    ) -> Arc<Emulator> {
         Arc::new(Emulator {
             store,
             jwt_secret,
+            opaque_keys,
             hard_limits,
             faults: FaultState::new(faults),
             log: Mutex::new(Vec::new()),
@@ -84,10 +98,18 @@ impl Emulator {
     }
 
     fn role(&self, headers: &HeaderMap) -> Result<Role, ApiError> {
-        authorize(
-            headers.get("authorization").and_then(|v| v.to_str().ok()),
-            &self.jwt_secret,
-        )
+        let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if authorization.is_none() {
+            // What the gateway does with an opaque key: it turns it into the role's token.
+            if let Some(role) = headers
+                .get("apikey")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|k| self.opaque_keys.get(k))
+            {
+                return Ok(*role);
+            }
+        }
+        authorize(authorization, &self.jwt_secret)
     }
 }
 

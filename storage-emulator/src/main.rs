@@ -52,6 +52,12 @@ enum Command {
         /// Fail every storage request after this many.
         #[arg(long)]
         fail_after: Option<u64>,
+        /// An opaque secret key (sb_secret_...) the gateway accepts in `apikey` as the service role.
+        #[arg(long, env = "STORAGE_EMULATOR_SECRET_KEY")]
+        secret_key: Option<String>,
+        /// An opaque publishable key (sb_publishable_...) the gateway accepts in `apikey` as anon.
+        #[arg(long, env = "STORAGE_EMULATOR_PUBLISHABLE_KEY")]
+        publishable_key: Option<String>,
     },
     /// Print a service-role key and an anon key signed with the secret.
     Keys {
@@ -90,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
             hang_rate,
             latency_ms,
             fail_after,
+            secret_key,
+            publishable_key,
         } => {
             let store = Store::open(&data_dir)
                 .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
@@ -101,7 +109,20 @@ async fn main() -> anyhow::Result<()> {
                 latency_ms,
                 fail_after,
             };
-            let emu = storage_emulator::Emulator::new(store, jwt_secret, !no_hard_limits, faults);
+            let mut opaque = std::collections::HashMap::new();
+            if let Some(k) = secret_key {
+                opaque.insert(k, storage_emulator::auth::Role::Service);
+            }
+            if let Some(k) = publishable_key {
+                opaque.insert(k, storage_emulator::auth::Role::Other);
+            }
+            let emu = storage_emulator::Emulator::with_opaque_keys(
+                store,
+                jwt_secret,
+                !no_hard_limits,
+                faults,
+                opaque,
+            );
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;

@@ -11,6 +11,8 @@ use postgres::{Client, NoTls};
 
 pub use postgres;
 
+pub mod storage;
+
 pub fn port() -> u16 {
     std::env::var("PGOC_PORT")
         .ok()
@@ -195,7 +197,7 @@ pub const BASE_SETTINGS: &[(&str, &str)] =
 
 /// Inserts a job and returns its id. `age` is how long ago it was created, e.g. `'2 hours'`.
 pub fn job(
-    c: &mut Client,
+    c: &mut impl postgres::GenericClient,
     status: &str,
     url: Option<&str>,
     age: &str,

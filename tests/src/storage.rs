@@ -1,0 +1,257 @@
+//! Fixtures for the storage half: a real `storage-emulator` process per test, and `reaper`
+//! runs as real processes. Both binaries come from `target/debug` (scripts/test.sh builds them).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+pub const JWT_SECRET: &str = "e2e-test-jwt-secret-at-least-32-bytes-long";
+/// Opaque keys, as new Supabase projects issue them (the gateway maps them to roles).
+pub const OPAQUE_SECRET_KEY: &str = "sb_secret_e2e0123456789";
+pub const OPAQUE_PUBLISHABLE_KEY: &str = "sb_publishable_e2e0123456789";
+
+pub fn binary(name: &str) -> PathBuf {
+    let path = crate::repo_root().join("target/debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p reaper -p storage-emulator` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Keys signed with [`JWT_SECRET`]: (service_role, anon).
+pub fn keys() -> (String, String) {
+    let out = Command::new(binary("storage-emulator"))
+        .args(["keys", "--jwt-secret", JWT_SECRET])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let get = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap()
+            .to_string()
+    };
+    (get("SERVICE_ROLE_KEY="), get("ANON_KEY="))
+}
+
+/// A running emulator on a free port, killed when dropped.
+pub struct Emulator {
+    child: Child,
+    pub base: String,
+    pub host: String,
+    pub service_key: String,
+    pub anon_key: String,
+    _dir: TempDir,
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "pgoc-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        % 1_000_000_007
+}
+
+impl Emulator {
+    pub fn start() -> Emulator {
+        let dir = TempDir::new("emulator");
+        let mut child = Command::new(binary("storage-emulator"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--jwt-secret",
+                JWT_SECRET,
+            ])
+            .args([
+                "--secret-key",
+                OPAQUE_SECRET_KEY,
+                "--publishable-key",
+                OPAQUE_PUBLISHABLE_KEY,
+                "--data-dir",
+            ])
+            .arg(&dir.0)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("storage-emulator listening on ")
+            .expect("the emulator prints its address")
+            .to_string();
+        let host = base.trim_start_matches("http://").to_string();
+        let (service_key, anon_key) = keys();
+        Emulator {
+            child,
+            base,
+            host,
+            service_key,
+            anon_key,
+            _dir: dir,
+        }
+    }
+
+    fn storage(&self, path: &str) -> String {
+        format!("{}/storage/v1/{path}", self.base)
+    }
+
+    pub fn create_bucket(&self, name: &str) {
+        ureq::post(&self.storage("bucket"))
+            .set("Authorization", &format!("Bearer {}", self.service_key))
+            .send_json(json!({"name": name, "public": true}))
+            .unwrap();
+    }
+
+    pub fn upload(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let path: Vec<String> = key.split('/').map(|s| s.replace(' ', "%20")).collect();
+        ureq::post(&self.storage(&format!("object/{bucket}/{}", path.join("/"))))
+            .set("Authorization", &format!("Bearer {}", self.service_key))
+            .set("x-upsert", "true")
+            .send_bytes(bytes)
+            .unwrap();
+    }
+
+    /// Every object, as `bucket/key`.
+    pub fn objects(&self) -> std::collections::BTreeSet<String> {
+        let v: Value = ureq::get(&format!("{}/__emulator/objects", self.base))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["bucket"].as_str().unwrap(),
+                    o["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    pub fn set_faults(&self, faults: Value) {
+        ureq::put(&format!("{}/__emulator/faults", self.base))
+            .send_json(faults)
+            .unwrap();
+    }
+
+    /// The request log: (method, path, status, names, deleted) per storage request.
+    pub fn requests(&self) -> Vec<Value> {
+        let v: Value = ureq::get(&format!("{}/__emulator/requests", self.base))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        v.as_array().unwrap().clone()
+    }
+
+    pub fn public_url(&self, bucket: &str, key: &str) -> String {
+        format!(
+            "{}/storage/v1/object/public/{bucket}/{}",
+            self.base,
+            key.replace(' ', "%20")
+        )
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A reaper command against `db` and `emu`, as the reaper's own login role.
+pub fn reaper(db: &str, emu: &Emulator, args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("reaper"));
+    cmd.args(args)
+        .env(
+            "DATABASE_URL",
+            format!("postgres://reaper_login@127.0.0.1:{}/{db}", crate::port()),
+        )
+        .env("SUPABASE_URL", &emu.base)
+        .env("SUPABASE_SERVICE_ROLE_KEY", &emu.service_key)
+        .env("REAPER_BUCKETS", "renders")
+        .env("REAPER_LOG", "info")
+        .env_remove("REAPER_WORKER_ID");
+    cmd
+}
+
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Creates the reaper's login role (a member of orphan_cleanup_reaper) if missing.
+pub fn reaper_role() {
+    crate::connect("postgres")
+        .batch_execute(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'reaper_login') THEN
+                     CREATE ROLE reaper_login LOGIN IN ROLE orphan_cleanup_reaper;
+                 END IF;
+             END $$;",
+        )
+        .unwrap();
+}
+
+/// Sends `signal` to a child process.
+pub fn signal(child: &Child, signal: i32) {
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+}
+
+/// Waits for a child with a deadline; kills it and panics past the deadline.
+pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> Output {
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "process did not exit within {deadline:?}: {}",
+                output_text(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,700 @@
+//! The reaper as a real process, against the storage emulator and the real extension.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use e2e::storage::*;
+use e2e::*;
+use serde_json::json;
+
+/// A database whose queue holds `orphans` objects in the emulator, next to objects that must
+/// survive: saved renders, a young render, and an avatar in another bucket.
+struct World {
+    db: TestDb,
+    emu: Emulator,
+    orphans: BTreeSet<String>,
+    keep: BTreeSet<String>,
+}
+
+fn world(name: &str, orphans: usize, extra_settings: &[(&str, &str)]) -> World {
+    let emu = Emulator::start();
+    let mut s: Vec<(&str, &str)> =
+        vec![("allowed_buckets", "renders"), ("allowed_hosts", &emu.host)];
+    s.extend_from_slice(extra_settings);
+    settings(&s);
+    let db = TestDb::attached(name);
+    reaper_role();
+    let mut c = db.client();
+    emu.create_bucket("renders");
+    emu.create_bucket("avatars");
+    let mut orphan_keys = BTreeSet::new();
+    let mut keep = BTreeSet::new();
+    let mut tx = c.transaction().unwrap();
+    for i in 0..orphans {
+        let key = format!("o/{i} render.png");
+        emu.upload("renders", &key, b"orphan bytes");
+        job(
+            &mut tx,
+            "completed",
+            Some(&emu.public_url("renders", &key)),
+            "2 hours",
+            "orphan",
+        );
+        orphan_keys.insert(format!("renders/{key}"));
+    }
+    tx.commit().unwrap();
+    for i in 0..3 {
+        let key = format!("s/{i}.png");
+        emu.upload("renders", &key, b"saved");
+        let j = job(
+            &mut c,
+            "completed",
+            Some(&emu.public_url("renders", &key)),
+            "2 hours",
+            "saved",
+        );
+        save(&mut c, "generated_saved", &j.0).unwrap();
+        keep.insert(format!("renders/{key}"));
+    }
+    emu.upload("renders", "young.png", b"young");
+    job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "young.png")),
+        "1 minute",
+        "young",
+    );
+    keep.insert("renders/young.png".into());
+    emu.upload("avatars", "a.png", b"avatar");
+    job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("avatars", "a.png")),
+        "2 hours",
+        "other bucket",
+    );
+    keep.insert("avatars/a.png".into());
+    let (status, _, enqueued, _, rejected) = cycle(&mut c);
+    assert_eq!((status.as_str(), enqueued, rejected), ("ok", orphans as i64, 1));
+    World {
+        db,
+        emu,
+        orphans: orphan_keys,
+        keep,
+    }
+}
+
+/// Queue rows by state, leaving out the avatar job's row: the extension rejects it (its bucket
+/// is not allowed), so it never reaches a reaper.
+fn states(c: &mut postgres::Client) -> Vec<(String, i64)> {
+    c.query(
+        "SELECT state, count(*) FROM orphan_cleanup.deletion_queue WHERE bucket = 'renders' GROUP BY 1 ORDER BY 1",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+fn max_attempts_seen(c: &mut postgres::Client) -> i32 {
+    c.query_one(
+        "SELECT coalesce(max(attempts), 0) FROM orphan_cleanup.deletion_queue",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn drain_deletes_every_orphan_and_nothing_else() {
+    let w = world("reaper_drain", 2500, &[]);
+    let out = reaper(&w.db.name, &w.emu, &["drain"]).output().unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("deleted 2500, already absent 0, failed 0, dead-lettered 0"),
+        "{text}"
+    );
+    assert_eq!(
+        w.emu.objects(),
+        w.keep,
+        "every orphan's object is gone; saved, young and other-bucket objects stay"
+    );
+    let mut c = w.db.client();
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 2500)]);
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM render_jobs WHERE prompt = 'orphan'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the job rows of deleted files are cleaned up");
+    // Bulk requests: at most 1000 names each.
+    let deletes: Vec<_> = w
+        .emu
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "DELETE")
+        .collect();
+    assert!(deletes.iter().all(|r| r["names"].as_u64().unwrap() <= 1000));
+    assert!(
+        deletes.len() <= 4,
+        "bulk, not one request per object: {} requests",
+        deletes.len()
+    );
+    assert!(w.orphans.iter().all(|o| !w.emu.objects().contains(o)));
+}
+
+#[test]
+fn server_errors_are_retried_with_attempts_then_dead_lettered() {
+    let w = world("reaper_retry", 20, &[("max_attempts", "2")]);
+    let mut c = w.db.client();
+    w.emu.set_faults(json!({"rate_500": 1.0}));
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(
+        out.status.success(),
+        "a server error is not a configuration error: {text}"
+    );
+    assert!(text.contains("failed 20"), "{text}");
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 20)]);
+    assert_eq!(max_attempts_seen(&mut c), 1);
+    let err: String = c
+        .query_one(
+            "SELECT last_error FROM orphan_cleanup.deletion_queue WHERE bucket = 'renders' LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(err.contains("HTTP 500"), "{err}");
+
+    // Second failure: out of attempts.
+    c.batch_execute("UPDATE orphan_cleanup.deletion_queue SET available_at = now()")
+        .unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
+        .output()
+        .unwrap();
+    assert!(
+        output_text(&out).contains("dead-lettered 20"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(states(&mut c), vec![("dead".to_string(), 20)]);
+    assert!(
+        w.orphans.iter().all(|o| w.emu.objects().contains(o)),
+        "nothing was deleted"
+    );
+
+    // The storage recovers; the DBA requeues; the drain finishes.
+    w.emu.set_faults(json!({}));
+    c.query_one("SELECT orphan_cleanup.requeue_dead()", &[])
+        .unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain"]).output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 20)]);
+    assert_eq!(w.emu.objects(), w.keep);
+}
+
+#[test]
+fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
+    let w = world("reaper_badkey", 10, &[]);
+    let mut c = w.db.client();
+    // Signed with another project's secret.
+    let foreign = {
+        let out = std::process::Command::new(binary("storage-emulator"))
+            .args([
+                "keys",
+                "--jwt-secret",
+                "another-project-secret-that-is-long-enough",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY="))
+            .unwrap()
+            .to_string()
+    };
+    let out = reaper(&w.db.name, &w.emu, &["drain"])
+        .env("SUPABASE_SERVICE_ROLE_KEY", &foreign)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("probe") && text.contains("AccessDenied"),
+        "{text}"
+    );
+    assert!(!text.contains(&foreign), "the key is never printed");
+
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
+        .env("SUPABASE_SERVICE_ROLE_KEY", &foreign)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("CONFIGURATION ERROR") && text.contains("statusCode 403"),
+        "{text}"
+    );
+    assert_eq!(
+        states(&mut c),
+        vec![("pending".to_string(), 10)],
+        "claims released"
+    );
+    assert_eq!(
+        max_attempts_seen(&mut c),
+        0,
+        "no attempt burned over a wrong key"
+    );
+    assert_eq!(w.emu.objects().len(), 10 + w.keep.len());
+
+    // A wrong URL (an unknown route) is a configuration error too.
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
+        .env(
+            "SUPABASE_URL",
+            format!("{}/storage/v1", w.emu.base).replace("/storage/v1", "/nope"),
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert_eq!(max_attempts_seen(&mut c), 0);
+}
+
+#[test]
+fn an_anon_key_is_refused_at_start() {
+    let w = world("reaper_anon", 3, &[]);
+    let out = reaper(&w.db.name, &w.emu, &["drain"])
+        .env("SUPABASE_SERVICE_ROLE_KEY", &w.emu.anon_key)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("SUPABASE_SERVICE_ROLE_KEY is invalid") && text.contains("\"anon\""),
+        "{text}"
+    );
+    assert_eq!(w.emu.objects().len(), 3 + w.keep.len());
+}
+
+#[test]
+fn a_key_that_deletes_nothing_fails_the_probe_and_an_opaque_secret_key_works() {
+    // A publishable (anon) key is opaque: the reaper cannot read its role. Storage answers its
+    // bulk deletes with `200 []`, exactly like "already gone"; the start-up probe catches it.
+    let w = world("reaper_probe", 3, &[]);
+    let out = reaper(&w.db.name, &w.emu, &["drain"])
+        .env("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_PUBLISHABLE_KEY)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("start-up probe could not upload"), "{text}");
+    assert!(
+        !text.contains(OPAQUE_PUBLISHABLE_KEY),
+        "the key is never printed"
+    );
+    assert_eq!(w.emu.objects().len(), 3 + w.keep.len());
+    // The opaque secret key travels in `apikey` alone and works.
+    let out = reaper(&w.db.name, &w.emu, &["drain"])
+        .env("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_SECRET_KEY)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(w.emu.objects(), w.keep);
+}
+
+#[test]
+fn overload_slows_down_and_releases_rows_without_attempts() {
+    let w = world("reaper_overload", 30, &[]);
+    let mut c = w.db.client();
+    w.emu.set_faults(json!({"rate_429": 1.0}));
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--no-probe", "--batch-size", "10"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for(Duration::from_secs(30), "two overloaded answers", || {
+        w.emu
+            .requests()
+            .iter()
+            .filter(|r| r["status"] == 429)
+            .count()
+            >= 2
+    });
+    assert_eq!(max_attempts_seen(&mut c), 0, "overload costs no attempt");
+    w.emu.set_faults(json!({}));
+    let out = wait_with_deadline(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 30)]);
+    let released: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        released >= 10,
+        "overloaded batches were released: {released}"
+    );
+}
+
+#[test]
+fn a_reaper_killed_mid_drain_loses_nothing() {
+    let w = world("reaper_kill", 400, &[]);
+    let mut c = w.db.client();
+    w.emu.set_faults(json!({"latency_ms": 150}));
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "drain",
+            "--batch-size",
+            "20",
+            "--concurrency",
+            "2",
+            "--lease",
+            "10s",
+            "--request-timeout",
+            "5s",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for(Duration::from_secs(30), "some deletions", || {
+        w.emu
+            .requests()
+            .iter()
+            .filter(|r| r["deleted"].as_u64().unwrap_or(0) > 0)
+            .count()
+            >= 3
+    });
+    signal(&child, libc::SIGKILL);
+    let _ = wait_with_deadline(child, Duration::from_secs(10));
+    w.emu.set_faults(json!({}));
+    // A second reaper takes what is pending now, then what the dead one held once its leases expire.
+    wait_for(
+        // Expired leases count as an attempt and back off (about 30 s) before they return.
+        Duration::from_secs(120),
+        "the second reaper to finish everything",
+        || {
+            let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", output_text(&out));
+            let s = states(&mut c);
+            s.iter()
+                .all(|(state, _)| state == "deleted" || state == "absent")
+        },
+    );
+    let total: i64 = states(&mut c).iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 400, "no queue row lost");
+    assert_eq!(w.emu.objects(), w.keep);
+    let expired: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'failed' AND detail LIKE 'lease expired%'", &[]).unwrap().get(0);
+    assert!(
+        expired > 0,
+        "the killed reaper's claims came back through lease expiry"
+    );
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_and_releases_the_rest() {
+    let w = world("reaper_sigterm", 300, &[]);
+    let mut c = w.db.client();
+    w.emu.set_faults(json!({"latency_ms": 300}));
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "run",
+            "--batch-size",
+            "10",
+            "--concurrency",
+            "1",
+            "--no-probe",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for(Duration::from_secs(30), "the first deletions", || {
+        w.emu
+            .requests()
+            .iter()
+            .any(|r| r["deleted"].as_u64().unwrap_or(0) > 0)
+    });
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "exit 0 on SIGTERM: {}",
+        output_text(&out)
+    );
+    let s = states(&mut c);
+    assert!(
+        s.iter()
+            .all(|(state, _)| state == "deleted" || state == "pending"),
+        "nothing left claimed: {s:?}"
+    );
+    assert_eq!(s.iter().map(|(_, n)| n).sum::<i64>(), 300);
+    assert_eq!(
+        max_attempts_seen(&mut c),
+        0,
+        "a clean stop costs no attempt"
+    );
+    let deleted = s
+        .iter()
+        .find(|(st, _)| st == "deleted")
+        .map(|(_, n)| *n)
+        .unwrap_or(0) as usize;
+    assert_eq!(
+        w.emu.objects().len(),
+        300 - deleted + w.keep.len(),
+        "every deleted object was confirmed"
+    );
+}
+
+#[test]
+fn two_reapers_at_once_never_delete_the_same_row_twice() {
+    let w = world("reaper_pair", 3000, &[]);
+    let mut c = w.db.client();
+    let spawn = || {
+        reaper(
+            &w.db.name,
+            &w.emu,
+            &["drain", "--batch-size", "100", "--no-probe"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (oa, ob) = (
+        wait_with_deadline(a, Duration::from_secs(60)),
+        wait_with_deadline(b, Duration::from_secs(60)),
+    );
+    assert!(
+        oa.status.success() && ob.status.success(),
+        "{}{}",
+        output_text(&oa),
+        output_text(&ob)
+    );
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 3000)]);
+    let twice: i64 = c
+        .query_one(
+            "SELECT count(*) FROM (SELECT queue_id FROM orphan_cleanup.audit_log WHERE action IN ('claimed', 'deleted', 'absent')
+                                   GROUP BY queue_id HAVING count(*) FILTER (WHERE action = 'claimed') <> 1
+                                       OR count(*) FILTER (WHERE action IN ('deleted', 'absent')) <> 1) AS t",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(twice, 0, "every row claimed once and confirmed once");
+    let deleted: u64 = w
+        .emu
+        .requests()
+        .iter()
+        .map(|r| r["deleted"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(deleted, 3000, "each object deleted exactly once");
+    let workers: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT actor) FROM orphan_cleanup.audit_log WHERE action = 'claimed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, 2, "both reapers took part");
+}
+
+#[test]
+fn rows_another_project_would_own_are_refused_not_sent() {
+    // The extension allows a staging host too, but this reaper serves production only.
+    let emu = Emulator::start();
+    let hosts = format!("{},staging.example.com", emu.host);
+    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", &hosts)]);
+    let db = TestDb::attached("reaper_staging");
+    reaper_role();
+    let mut c = db.client();
+    emu.create_bucket("renders");
+    emu.upload("renders", "same-name.png", b"production object");
+    job(
+        &mut c,
+        "completed",
+        Some("https://staging.example.com/storage/v1/object/public/renders/same-name.png"),
+        "2 hours",
+        "staging",
+    );
+    cycle(&mut c);
+    let out = reaper(&db.name, &emu, &["drain"]).output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("refused 1"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        emu.objects().contains("renders/same-name.png"),
+        "the production object of the same name stays"
+    );
+    let (state, err): (String, String) = c
+        .query_one(
+            "SELECT state, last_error FROM orphan_cleanup.deletion_queue",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(state, "dead");
+    assert!(
+        err.contains("refused by the reaper") && err.contains("staging.example.com"),
+        "{err}"
+    );
+    assert!(!emu.requests().iter().any(|r| r["method"] == "DELETE"
+        && r["path"] == "/storage/v1/object/renders"
+        && r["names"] == 1
+        && r["deleted"] == 0));
+}
+
+#[test]
+fn dry_run_claims_and_deletes_nothing() {
+    let w = world("reaper_dry", 5, &[]);
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--dry-run"])
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("would delete renders/o/").count(), 5, "{text}");
+    assert_eq!(w.emu.objects().len(), 5 + w.keep.len());
+    let mut c = w.db.client();
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 5)]);
+}
+
+#[test]
+fn status_reads_at_a_glance() {
+    let w = world("reaper_status", 4, &[]);
+    let out = reaper(&w.db.name, &w.emu, &["status"]).output().unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("queue:           4 pending (4 ready)"),
+        "{text}"
+    );
+    assert!(text.contains("last cycle:      ok"), "{text}");
+}
+
+#[test]
+fn run_serves_metrics_and_health_and_never_logs_the_key() {
+    let w = world("reaper_metrics", 50, &[]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &["run", "--metrics-addr", &addr, "--log-format", "json"],
+    )
+    .env("REAPER_LOG", "debug")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let get = |path: &str| {
+        ureq::get(&format!("http://{addr}{path}"))
+            .call()
+            .map(|r| (r.status(), r.into_string().unwrap()))
+    };
+    wait_for(Duration::from_secs(30), "all 50 objects deleted", || {
+        get("/metrics")
+            .map(|(_, body)| body.contains("reaper_objects_total{outcome=\"deleted\"} 50"))
+            .unwrap_or(false)
+    });
+    let (_, metrics) = get("/metrics").unwrap();
+    assert!(metrics.contains("reaper_batch_seconds_count"), "{metrics}");
+    assert!(
+        metrics.contains("reaper_last_success_timestamp_seconds"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reaper_queue_depth"), "{metrics}");
+    assert_eq!(get("/livez").unwrap().0, 200);
+    assert_eq!(get("/readyz").unwrap().0, 200);
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().filter(|l| l.starts_with('{')).count() > 3,
+        "JSON log lines: {text}"
+    );
+    assert!(
+        !text.contains(&w.emu.service_key),
+        "the service key appears in no log line"
+    );
+}
+
+#[test]
+fn bad_settings_fail_at_start_naming_the_fix() {
+    let emu = Emulator::start();
+    for (env, value, args, expected) in [
+        ("SUPABASE_URL", "", vec!["drain"], "SUPABASE_URL is not set"),
+        (
+            "SUPABASE_URL",
+            "ftp://x",
+            vec!["drain"],
+            "SUPABASE_URL is invalid",
+        ),
+        (
+            "SUPABASE_SERVICE_ROLE_KEY",
+            "",
+            vec!["drain"],
+            "SUPABASE_SERVICE_ROLE_KEY is not set",
+        ),
+        ("REAPER_BUCKETS", "", vec!["drain"], "--buckets is not set"),
+        (
+            "REAPER_BUCKETS",
+            "a/b",
+            vec!["drain"],
+            "not a valid bucket name",
+        ),
+        ("DATABASE_URL", "", vec!["drain"], "DATABASE_URL is not set"),
+        ("REAPER_LEASE", "soon", vec!["drain"], "--lease is invalid"),
+        (
+            "REAPER_BATCH_SIZE",
+            "1001",
+            vec!["drain"],
+            "--batch-size is invalid (1001): use 1 to 1000",
+        ),
+    ] {
+        let out = reaper("postgres", &emu, &args)
+            .env(env, value)
+            .output()
+            .unwrap();
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(2), "{env}={value}: {text}");
+        assert!(text.contains(expected), "{env}={value}: {text}");
+    }
+    let out = reaper("no_such_database", &emu, &["drain", "--no-probe"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("cannot connect to the database"),
+        "{}",
+        output_text(&out)
+    );
+}
