@@ -1,79 +1,131 @@
 #!/usr/bin/env bash
-# The demo (`make demo`): the deployment guide's checklist, coming true on a throwaway cluster.
+# The demo (`make demo`): the deployment guide's checklist, coming true on a throwaway cluster
+# and a local Supabase Storage (the storage emulator).
 #
-#   1. install everything, start a throwaway PostgreSQL 15 with the extension preloaded
-#   2. load the app schema and a realistic render history (DEMO_JOBS jobs, default 5000)
-#   3. the guide's pre-deployment validation (step 2A), as orphan_cleanup.validation_report()
-#   4. deploy: CREATE EXTENSION, the indexes, the settings, attach()
-#   5. watch the background worker run cleanup cycles (the guide's step 2B monitoring)
-#   6. the validation report again, the queue, health()
-#
-# The storage half (the reaper deleting the queued objects from Supabase Storage) is the
-# reaper's job; until it lands, the demo ends with every deletable orphan queued and every
-# saved asset untouched. Nothing is left running.
+#   1. install everything, build, start PostgreSQL 15 (extension preloaded) and the storage
+#   2. the app: render history (DEMO_JOBS jobs, default 5000), a real object for every completed job
+#   3. the guide's pre-deployment validation (step 2A)
+#   4. deploy: CREATE EXTENSION, indexes, settings, attach(), the reaper's role
+#   5. the background worker runs cleanup cycles every 3 seconds; `reaper run` deletes what they queue
+#   6. the validation report again, storage before and after, and every saved asset's file checked
+# Nothing is left running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 JOBS="${DEMO_JOBS:-5000}"
-HOST_NAME="abcd.supabase.co"
 export PGOC_PORT="${DEMO_PORT:-55440}"
+EMU_PORT="${DEMO_STORAGE_PORT:-54340}"
+BASE="http://127.0.0.1:${EMU_PORT}"
+STORAGE_DIR="/tmp/pg_orphan_cleanup-demo-storage"
+JWT_SECRET="demo-jwt-secret-for-the-local-storage-emulator"
 export PGHOST=127.0.0.1 PGPORT="$PGOC_PORT" PGUSER=postgres PGDATABASE=postgres
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 psql_q() { psql -X -v ON_ERROR_STOP=1 -q "$@"; }
 
-step "1. Install and start a throwaway cluster (port $PGOC_PORT)"
+EMU_PID=""
+REAPER_PID=""
+cleanup() {
+  [ -n "$REAPER_PID" ] && kill "$REAPER_PID" 2>/dev/null || true
+  [ -n "$EMU_PID" ] && kill "$EMU_PID" 2>/dev/null || true
+  scripts/cluster.sh destroy >/dev/null 2>&1 || true
+  rm -rf "$STORAGE_DIR"
+}
+trap cleanup EXIT
+
+step "1. Install, build, and start a throwaway cluster (port $PGOC_PORT) and storage ($BASE)"
 scripts/setup.sh >/dev/null
 scripts/install.sh >/dev/null
+cargo build -q -p reaper -p storage-emulator
+EMU=target/debug/storage-emulator
+REAPER=target/debug/reaper
 scripts/cluster.sh destroy >/dev/null
-trap 'scripts/cluster.sh destroy >/dev/null 2>&1 || true' EXIT
 scripts/cluster.sh start
 LOG="/tmp/pg_orphan_cleanup-${PGOC_PORT}/postgres.log"
+rm -rf "$STORAGE_DIR"
 
-step "2. The app: render_jobs and user_assets with $JOBS jobs of history"
+step "2. The app: render_jobs and user_assets with $JOBS jobs of history, and their files in storage"
 psql_q -f sql/app_schema.sql
-psql_q -v jobs="$JOBS" -v host="$HOST_NAME" -f sql/generate_data.sql
+psql_q -c "CREATE EXTENSION pg_orphan_cleanup"
+psql_q -v jobs="$JOBS" -v base="$BASE" -f sql/generate_data.sql
+# One object per completed job (sizes 2-20 KB), and the uploads and avatars of other asset types.
+psql_q -tA -c "SELECT orphan_cleanup.object_key(output_url) || E'\t' || (2000 + abs(hashtext(id::text)) % 18000)
+               FROM render_jobs WHERE output_url IS NOT NULL
+               UNION ALL
+               SELECT 'uploads/' || (metadata->>'path') || E'\t' || 5000 FROM user_assets WHERE metadata ? 'path'" \
+  | "$EMU" seed --data-dir "$STORAGE_DIR"
+"$EMU" serve --listen "127.0.0.1:${EMU_PORT}" --data-dir "$STORAGE_DIR" --jwt-secret "$JWT_SECRET" >/tmp/pg_orphan_cleanup-demo-storage.log 2>&1 &
+EMU_PID=$!
+SERVICE_KEY=$("$EMU" keys --jwt-secret "$JWT_SECRET" | sed -n 's/^SERVICE_ROLE_KEY=//p')
+for _ in $(seq 1 50); do curl -sf "$BASE/__emulator/health" >/dev/null && break; sleep 0.1; done
+storage_snapshot() {  # $1: table name; loads the emulator's object list into it
+  psql_q -c "SET client_min_messages = warning; DROP TABLE IF EXISTS $1; CREATE TABLE $1 (object text PRIMARY KEY, size bigint)"
+  curl -sf "$BASE/__emulator/objects.tsv" | psql_q -c "COPY $1 FROM STDIN"
+}
+storage_snapshot demo_storage_before
 psql_q -c "SELECT status, count(*) AS jobs FROM render_jobs GROUP BY 1 ORDER BY 2 DESC"
-psql_q -c "SELECT asset_type, count(*) AS assets FROM user_assets GROUP BY 1 ORDER BY 2 DESC"
+psql_q -c "SELECT split_part(object, '/', 1) AS bucket, count(*) AS objects, pg_size_pretty(sum(size)) AS size FROM demo_storage_before GROUP BY 1"
 
 step "3. Pre-deployment verification (guide step 2A)"
-psql_q -c "CREATE EXTENSION pg_orphan_cleanup"
 psql_q -c "SELECT metric, value FROM orphan_cleanup.validation_report() WHERE metric IN ('orphaned jobs (guide definition)', 'saved assets', 'jobs in the last hour', 'orphans older than 5 minutes')"
-SAVED_BEFORE=$(psql_q -tAc "SELECT count(*) FROM user_assets WHERE asset_type = 'generated_saved'")
 
-step "4. Deploy: indexes, settings, attach()"
-time psql_q -f sql/indexes.sql
+step "4. Deploy: indexes, settings, attach(), the reaper's role"
+psql_q -f sql/indexes.sql
 psql_q <<SQL
 ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders';
-ALTER SYSTEM SET orphan_cleanup.allowed_hosts = '$HOST_NAME';
+ALTER SYSTEM SET orphan_cleanup.allowed_hosts = '127.0.0.1:${EMU_PORT}';
 ALTER SYSTEM SET orphan_cleanup.min_age = '1h';
 ALTER SYSTEM SET orphan_cleanup.interval = '3s';   -- the guide tests with 3 minutes; 3 seconds here
 ALTER SYSTEM SET orphan_cleanup.max_per_cycle = 1000;
 SELECT pg_reload_conf();
+CREATE ROLE demo_reaper LOGIN IN ROLE orphan_cleanup_reaper;
 SQL
 sleep 1
 psql_q -c "SELECT * FROM orphan_cleanup.attach()"
-
-step "5. First cleanup cycles (guide step 2B): the worker, every 3 seconds"
 expected=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.preview(NULL, 1000000) WHERE verdict = 'orphan'")
-for _ in $(seq 1 60); do
-  queued=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'")
-  [ "$queued" -ge "$expected" ] && break
+echo "deletable orphans: $expected"
+
+step "5. Cleanup cycles every 3 seconds (the worker) and the reaper deleting in bulk"
+DATABASE_URL="postgres://demo_reaper@127.0.0.1:${PGOC_PORT}/postgres" SUPABASE_URL="$BASE" SUPABASE_SERVICE_ROLE_KEY="$SERVICE_KEY" \
+  "$REAPER" run --buckets renders --poll-interval 2s >/tmp/pg_orphan_cleanup-demo-reaper.log 2>&1 &
+REAPER_PID=$!
+for _ in $(seq 1 120); do
+  done_rows=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state IN ('deleted', 'absent')")
+  [ "$done_rows" -ge "$expected" ] && break
   sleep 1
 done
-grep -E "Starting comprehensive cleanup cycle|Comprehensive cleanup cycle completed" "$LOG" | sed 's/^[0-9-]* //' | head -8
-psql_q -c "SELECT id, status, actor, found, enqueued, protected, rejected, duration_ms FROM orphan_cleanup.cycle_log ORDER BY id LIMIT 8"
+kill -TERM "$REAPER_PID"; wait "$REAPER_PID" || true; REAPER_PID=""
+grep -E "Starting comprehensive cleanup cycle|Comprehensive cleanup cycle completed" "$LOG" | sed 's/^[0-9-]* //' | head -6
+echo "--- reaper log (last lines) ---"
+sed -E 's/\x1b\[[0-9;]*m//g' /tmp/pg_orphan_cleanup-demo-reaper.log | tail -4
 
 step "6. Post-deployment validation"
 psql_q -c "SELECT * FROM orphan_cleanup.validation_report()"
-psql_q -c "SELECT pending, ready, claimed, dead, rejected, health, reaping_enabled FROM orphan_cleanup.queue_status()"
 psql_q -c "SELECT check_name, status, detail FROM orphan_cleanup.health() WHERE status <> 'ok' OR check_name IN ('worker', 'last cycle', 'save guard')"
-SAVED_AFTER=$(psql_q -tAc "SELECT count(*) FROM user_assets WHERE asset_type = 'generated_saved'")
-TOUCHED=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.deletion_queue q JOIN user_assets a ON orphan_cleanup.job_ref_key(a.metadata->>'render_job_id') = q.job_id::text WHERE q.state IN ('pending', 'claimed')")
-
+storage_snapshot demo_storage_after
+psql_q <<'SQL'
+SELECT b.bucket, b.objects AS objects_before, coalesce(a.objects, 0) AS objects_after,
+       pg_size_pretty(b.bytes) AS size_before, pg_size_pretty(coalesce(a.bytes, 0)) AS size_after
+FROM (SELECT split_part(object, '/', 1) AS bucket, count(*) AS objects, sum(size) AS bytes FROM demo_storage_before GROUP BY 1) b
+LEFT JOIN (SELECT split_part(object, '/', 1) AS bucket, count(*) AS objects, sum(size) AS bytes FROM demo_storage_after GROUP BY 1) a USING (bucket)
+ORDER BY 1;
+SQL
+read -r saved saved_missing <<<"$(psql_q -tA -F ' ' -c "
+  SELECT count(*), count(*) FILTER (WHERE s.object IS NULL)
+  FROM user_assets a
+  JOIN render_jobs j ON j.id::text = orphan_cleanup.job_ref_key(a.metadata->>'render_job_id')
+  LEFT JOIN demo_storage_after s ON s.object = orphan_cleanup.object_key(j.output_url)")"
+read -r deleted_objects reclaimed orphan_bytes <<<"$(psql_q -tA -F ' ' -c "
+  SELECT (SELECT count(*) FROM demo_storage_before b WHERE NOT EXISTS (SELECT 1 FROM demo_storage_after a WHERE a.object = b.object)),
+         (SELECT sum(size) FROM demo_storage_before) - (SELECT sum(size) FROM demo_storage_after),
+         (SELECT sum(b.size) FROM demo_storage_before b JOIN orphan_cleanup.deletion_queue q
+                 ON q.state = 'deleted' AND b.object = q.bucket || '/' || q.object_path)")"
+left=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.preview(NULL, 1000000) WHERE verdict = 'orphan'")
 echo
-echo "Deletable orphans queued: $queued of $expected. Saved assets: $SAVED_BEFORE before, $SAVED_AFTER after; queued rows of saved jobs: $TOUCHED."
-if [ "$queued" -lt "$expected" ] || [ "$SAVED_BEFORE" != "$SAVED_AFTER" ] || [ "$TOUCHED" != 0 ]; then
+echo "Saved assets: $saved, their files missing from storage: $saved_missing."
+echo "Objects deleted from storage: $deleted_objects (deletable orphans found: $expected); deletable orphans left: $left."
+echo "Storage reclaimed: $reclaimed bytes; the deleted orphans' bytes: $orphan_bytes."
+if [ "$saved_missing" != 0 ] || [ "$deleted_objects" != "$expected" ] || [ "$left" != 0 ] || [ "$reclaimed" != "$orphan_bytes" ]; then
   echo "DEMO FAILED" >&2
   exit 1
 fi
-echo "Demo complete: every deletable orphan is queued for the reaper, and no saved asset's job is."
+echo "Demo complete: every deletable orphan's file is gone, and every saved asset's file is still there."

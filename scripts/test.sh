@@ -12,8 +12,8 @@ ctest() { cargo test "$@" 2>&1 | tee -a "$RESULTS"; return "${PIPESTATUS[0]}"; }
 
 scripts/setup.sh
 
-echo "==> unit and property tests"
-ctest -p object-url
+echo "==> unit and property tests (URL parser, reaper, storage emulator)"
+ctest -p object-url -p reaper -p storage-emulator
 
 echo "==> #[pg_test] tests (pgrx's own throwaway cluster, run as postgres)"
 PGRX_TEST_DIR=/tmp/pg_orphan_cleanup-pgrx-test
@@ -22,7 +22,8 @@ chown postgres:postgres "$PGRX_TEST_DIR"
 CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$PGRX_TEST_DIR/data" \
   ctest -p pg_orphan_cleanup
 
-echo "==> end-to-end tests (tests/) against a fresh cluster"
+echo "==> end-to-end tests (tests/) against a fresh cluster, the storage emulator and real reaper processes"
+cargo build -p reaper -p storage-emulator
 scripts/install.sh
 export PGOC_PORT="${PGOC_TEST_PORT:-55433}"
 scripts/cluster.sh destroy >/dev/null

@@ -1,6 +1,6 @@
 -- Realistic render history for the demo and the benchmarks. psql variables:
 --   :jobs   how many render jobs (e.g. 5000)
---   :host   the storage host the URLs name (e.g. abcd.supabase.co)
+--   :base   the project URL the output URLs start with (e.g. https://abcd.supabase.co)
 -- About 80% of jobs complete; users save about 30% of completed ones; a few saves spell the
 -- job id differently (upper case, braces); some jobs fail or are still running; uploads and
 -- avatars exist in other buckets and reference no job. Jobs are spread over the last 7 days,
@@ -9,7 +9,7 @@
 INSERT INTO public.render_jobs (id, user_id, status, output_url, prompt, created_at, updated_at, completed_at)
 SELECT id, user_id, status,
        CASE WHEN status = 'completed'
-            THEN format('https://%s/storage/v1/object/public/renders/%s/%s.png', :'host', user_id, id) END,
+            THEN format('%s/storage/v1/object/public/renders/%s/%s.png', :'base', user_id, id) END,
        'a render',
        created_at, created_at + interval '40 seconds',
        CASE WHEN status = 'completed' THEN created_at + interval '40 seconds' END

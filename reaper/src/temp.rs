@@ -76,24 +76,31 @@ mod tests {
 
     fn aged(path: &Path, age: Duration) {
         let f = File::options().write(true).open(path).unwrap();
-        f.set_times(FileTimes::new().set_modified(SystemTime::now() - age)).unwrap();
+        f.set_times(FileTimes::new().set_modified(SystemTime::now() - age))
+            .unwrap();
     }
 
     #[test]
     fn removes_old_files_keeps_young_ones_and_never_follows_symlinks() {
         let root = std::env::temp_dir().join(format!("reaper-temp-test-{}", std::process::id()));
-        let outside = std::env::temp_dir().join(format!("reaper-temp-outside-{}", std::process::id()));
+        let outside =
+            std::env::temp_dir().join(format!("reaper-temp-outside-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let _ = fs::remove_dir_all(&outside);
         fs::create_dir_all(root.join("nested")).unwrap();
         fs::create_dir_all(&outside).unwrap();
-        for (name, age) in [("old.tmp", 7200), ("nested/old.tmp", 7200), ("young.tmp", 60)] {
+        for (name, age) in [
+            ("old.tmp", 7200),
+            ("nested/old.tmp", 7200),
+            ("young.tmp", 60),
+        ] {
             fs::write(root.join(name), b"x").unwrap();
             aged(&root.join(name), Duration::from_secs(age));
         }
         fs::write(outside.join("precious.png"), b"keep me").unwrap();
         aged(&outside.join("precious.png"), Duration::from_secs(7200));
-        std::os::unix::fs::symlink(outside.join("precious.png"), root.join("link-to-file")).unwrap();
+        std::os::unix::fs::symlink(outside.join("precious.png"), root.join("link-to-file"))
+            .unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link-to-dir")).unwrap();
 
         let report = sweep(&root, Duration::from_secs(3600));
@@ -101,8 +108,14 @@ mod tests {
         assert_eq!(report.bytes, 2);
         assert!(!root.join("old.tmp").exists() && !root.join("nested/old.tmp").exists());
         assert!(root.join("young.tmp").exists());
-        assert!(outside.join("precious.png").exists(), "a symlinked file outside the directory is never removed");
-        assert!(fs::symlink_metadata(root.join("link-to-file")).is_ok(), "links themselves are left alone");
+        assert!(
+            outside.join("precious.png").exists(),
+            "a symlinked file outside the directory is never removed"
+        );
+        assert!(
+            fs::symlink_metadata(root.join("link-to-file")).is_ok(),
+            "links themselves are left alone"
+        );
         fs::remove_dir_all(&root).unwrap();
         fs::remove_dir_all(&outside).unwrap();
     }

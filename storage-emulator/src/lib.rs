@@ -127,6 +127,7 @@ pub fn router(emu: Arc<Emulator>) -> Router {
         .route("/__emulator/requests", get(get_log).delete(clear_log))
         .route("/__emulator/faults", get(get_faults).put(put_faults))
         .route("/__emulator/objects", get(all_objects))
+        .route("/__emulator/objects.tsv", get(all_objects_tsv))
         .route("/__emulator/health", get(|| async { "ok" }));
     storage
         .merge(admin)
@@ -421,6 +422,15 @@ async fn all_objects(
             .map(|(bucket, key, size)| json!({"bucket": bucket, "name": key, "size": size}))
             .collect(),
     )
+}
+
+/// `bucket/key<TAB>size` lines, easy to load with `COPY`.
+async fn all_objects_tsv(State(emu): State<Arc<Emulator>>) -> String {
+    let mut out = String::new();
+    for (bucket, key, size) in emu.store.all_objects(None) {
+        out.push_str(&format!("{bucket}/{key}\t{size}\n"));
+    }
+    out
 }
 
 fn invalid(message: &str) -> ApiError {

@@ -64,6 +64,12 @@ enum Command {
         #[arg(long, env = "STORAGE_EMULATOR_JWT_SECRET")]
         jwt_secret: String,
     },
+    /// Create objects directly in a data directory (before `serve`), from lines
+    /// `bucket/key<TAB>size` on stdin: fast seeding for the demo and benchmarks.
+    Seed {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -74,6 +80,31 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Seed { data_dir } => {
+            let mut n = 0u64;
+            for line in std::io::stdin().lines() {
+                let line = line?;
+                let (path, size) = line.split_once('\t').unwrap_or((line.as_str(), "0"));
+                let (bucket, key) = path
+                    .split_once('/')
+                    .with_context(|| format!("{path:?} is not bucket/key"))?;
+                anyhow::ensure!(
+                    storage_emulator::store::valid_bucket(bucket)
+                        && storage_emulator::store::valid_key(key),
+                    "{path:?} is not a valid object name"
+                );
+                let file = data_dir.join(bucket).join(key);
+                std::fs::create_dir_all(file.parent().expect("a key has a parent directory"))?;
+                let size: usize = size
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("bad size in {line:?}"))?;
+                std::fs::write(&file, vec![b'.'; size])?;
+                n += 1;
+            }
+            println!("seeded {n} objects into {}", data_dir.display());
+            Ok(())
+        }
         Command::Keys { jwt_secret } => {
             println!(
                 "SERVICE_ROLE_KEY={}",

@@ -76,7 +76,10 @@ fn world(name: &str, orphans: usize, extra_settings: &[(&str, &str)]) -> World {
     );
     keep.insert("avatars/a.png".into());
     let (status, _, enqueued, _, rejected) = cycle(&mut c);
-    assert_eq!((status.as_str(), enqueued, rejected), ("ok", orphans as i64, 1));
+    assert_eq!(
+        (status.as_str(), enqueued, rejected),
+        ("ok", orphans as i64, 1)
+    );
     World {
         db,
         emu,
