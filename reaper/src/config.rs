@@ -187,13 +187,20 @@ pub fn database_url(db: &DbArgs) -> Result<String, ConfigError> {
         name: "DATABASE_URL",
         fix: "set it to the reaper role's connection string, e.g. postgres://reaper:...@db-host:5432/postgres",
     })?;
-    url.parse::<tokio_postgres::Config>().map_err(|e| {
+    let config = url.parse::<tokio_postgres::Config>().map_err(|e| {
         invalid(
             "DATABASE_URL",
             e.to_string(),
             "use a postgres://user:password@host:port/database URL",
         )
     })?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(invalid(
+            "DATABASE_URL",
+            "sslmode=require: this reaper does not speak TLS to PostgreSQL yet",
+            "run it next to the database (same host or a private network) with sslmode=disable or prefer",
+        ));
+    }
     Ok(url)
 }
 

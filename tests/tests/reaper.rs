@@ -682,6 +682,12 @@ fn bad_settings_fail_at_start_naming_the_fix() {
             vec!["drain"],
             "--batch-size is invalid (1001): use 1 to 1000",
         ),
+        (
+            "DATABASE_URL",
+            "postgres://reaper@127.0.0.1:5432/postgres?sslmode=require",
+            vec!["drain"],
+            "does not speak TLS to PostgreSQL yet",
+        ),
     ] {
         let out = reaper("postgres", &emu, &args)
             .env(env, value)
@@ -691,6 +697,30 @@ fn bad_settings_fail_at_start_naming_the_fix() {
         assert_eq!(out.status.code(), Some(2), "{env}={value}: {text}");
         assert!(text.contains(expected), "{env}={value}: {text}");
     }
+    // The key from a file: a missing file is named; a readable one works.
+    let out = reaper("postgres", &emu, &["drain"])
+        .env("SUPABASE_SERVICE_ROLE_KEY", "")
+        .env("SUPABASE_SERVICE_ROLE_KEY_FILE", "/nonexistent/key")
+        .output()
+        .unwrap();
+    assert!(
+        output_text(&out).contains("SUPABASE_SERVICE_ROLE_KEY_FILE is invalid (/nonexistent/key"),
+        "{}",
+        output_text(&out)
+    );
+    let dir = TempDir::new("keyfile");
+    let file = dir.0.join("key");
+    std::fs::write(&file, format!("{}\n", emu.service_key)).unwrap();
+    let out = reaper("postgres", &emu, &["drain", "--dry-run"])
+        .env("SUPABASE_SERVICE_ROLE_KEY", "")
+        .env("SUPABASE_SERVICE_ROLE_KEY_FILE", &file)
+        .output()
+        .unwrap();
+    assert!(
+        !output_text(&out).contains("SUPABASE_SERVICE_ROLE_KEY"),
+        "{}",
+        output_text(&out)
+    );
     let out = reaper("no_such_database", &emu, &["drain", "--no-probe"])
         .output()
         .unwrap();
@@ -700,4 +730,89 @@ fn bad_settings_fail_at_start_naming_the_fix() {
         "{}",
         output_text(&out)
     );
+}
+
+#[test]
+fn hanging_requests_time_out_and_are_retried() {
+    let w = world("reaper_hang", 5, &[]);
+    let mut c = w.db.client();
+    w.emu.set_faults(json!({"hang_rate": 1.0}));
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "drain",
+            "--no-probe",
+            "--request-timeout",
+            "1s",
+            "--lease",
+            "10s",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 5)]);
+    let err: String = c
+        .query_one(
+            "SELECT last_error FROM orphan_cleanup.deletion_queue WHERE bucket = 'renders' LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(err.contains("timed out"), "{err}");
+    assert_eq!(max_attempts_seen(&mut c), 1);
+}
+
+#[test]
+fn the_daemon_survives_a_database_restart() {
+    let w = world("reaper_restart", 20, &[]);
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &["run", "--poll-interval", "1s", "--no-probe"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for(Duration::from_secs(30), "the first 20 deletions", || {
+        w.emu.objects().len() == w.keep.len()
+    });
+    let restart = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
+        .arg("restart")
+        .env("PGOC_PORT", port().to_string())
+        .output()
+        .unwrap();
+    assert!(restart.status.success(), "{}", output_text(&restart));
+    // New orphans after the restart: the daemon reconnects and deletes them too.
+    let mut c = w.db.client();
+    for i in 0..5 {
+        let key = format!("after-restart/{i}.png");
+        w.emu.upload("renders", &key, b"later");
+        job(
+            &mut c,
+            "completed",
+            Some(&w.emu.public_url("renders", &key)),
+            "2 hours",
+            "orphan",
+        );
+    }
+    assert_eq!(cycle(&mut c).2, 5);
+    wait_for(
+        Duration::from_secs(60),
+        "the deletions after the restart",
+        || w.emu.objects().len() == w.keep.len(),
+    );
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("database connection lost")
+            || text.contains("reconnecting")
+            || text.contains("database unreachable"),
+        "the lost connection is logged: {text}"
+    );
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 25)]);
 }
