@@ -13,7 +13,7 @@ setup:           ## apt packages, cargo-pgrx 0.18.0, cargo pgrx init
 install: setup   ## build and install the extension into PostgreSQL 15
 	scripts/install.sh
 
-cluster-start:   ## a throwaway cluster on port 55432 (PGOC_PORT)
+cluster-start:   ## a throwaway cluster on port 25432 (PGOC_PORT)
 	scripts/cluster.sh start
 
 cluster-stop:

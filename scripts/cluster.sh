@@ -9,16 +9,17 @@
 #   scripts/cluster.sh destroy   stop and delete the data directory
 #   scripts/cluster.sh env       print PG* variables to `eval` in a shell
 #
-# Settings (environment): PGOC_PORT (55432), PGOC_DIR (/tmp/pg_orphan_cleanup-$PGOC_PORT),
+# Settings (environment): PGOC_PORT (25432), PGOC_DIR (/tmp/pg_orphan_cleanup-$PGOC_PORT),
 # PG_MAJOR (15), PGOC_WORKER_DB (postgres: the database the background worker works in),
 # PGOC_PRELOAD (1; 0 leaves pg_orphan_cleanup out of shared_preload_libraries: no worker).
-# The directory lives under /tmp because the postgres user must be able to reach it, which a
+# Ports stay below 32768, outside Linux's ephemeral range, so that no outgoing connection or
+# port-0 listener can already hold them. The directory lives under /tmp because the postgres user must be able to reach it, which a
 # checkout under /root does not allow.
 set -euo pipefail
 
 PG_MAJOR="${PG_MAJOR:-15}"
 PG_BIN="/usr/lib/postgresql/${PG_MAJOR}/bin"
-PORT="${PGOC_PORT:-55432}"
+PORT="${PGOC_PORT:-25432}"
 DIR="${PGOC_DIR:-/tmp/pg_orphan_cleanup-${PORT}}"
 DATA="$DIR/data"
 SOCK="$DIR/sock"

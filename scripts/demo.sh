@@ -13,8 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 JOBS="${DEMO_JOBS:-5000}"
-export PGOC_PORT="${DEMO_PORT:-55440}"
-EMU_PORT="${DEMO_STORAGE_PORT:-54340}"
+export PGOC_PORT="${DEMO_PORT:-25440}"
+EMU_PORT="${DEMO_STORAGE_PORT:-25441}"
 BASE="http://127.0.0.1:${EMU_PORT}"
 STORAGE_DIR="/tmp/pg_orphan_cleanup-demo-storage"
 JWT_SECRET="demo-jwt-secret-for-the-local-storage-emulator"

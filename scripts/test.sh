@@ -25,7 +25,7 @@ CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$PGRX_TEST_DIR/data" \
 echo "==> end-to-end tests (tests/) against a fresh cluster, the storage emulator and real reaper processes"
 cargo build -p reaper -p storage-emulator
 scripts/install.sh
-export PGOC_PORT="${PGOC_TEST_PORT:-55433}"
+export PGOC_PORT="${PGOC_TEST_PORT:-25433}"
 scripts/cluster.sh destroy >/dev/null
 cleanup() {
   scripts/cluster.sh stop >/dev/null || true

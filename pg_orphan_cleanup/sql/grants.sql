@@ -17,7 +17,7 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[]),
     orphan_cleanup.confirm(text, bigint[], text),
     orphan_cleanup.fail(text, bigint[], text, boolean),
-    orphan_cleanup.release(text, bigint[]),
+    orphan_cleanup.release(text, bigint[], text),
     orphan_cleanup.peek(integer),
     orphan_cleanup.queue_status()
 TO orphan_cleanup_reaper;

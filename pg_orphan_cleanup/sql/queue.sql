@@ -412,9 +412,11 @@ BEGIN
 END
 $$;
 
--- Gives claims back without counting an attempt (clean shutdown, storage overload). With ids
--- NULL, every row this worker holds.
-CREATE FUNCTION orphan_cleanup.release(worker text, ids bigint[] DEFAULT NULL) RETURNS bigint
+-- Gives claims back without counting an attempt (clean shutdown, storage overload, a storage
+-- configuration error). With ids NULL, every row this worker holds. A reason is audited, and
+-- the latest one shows in queue_status() and health(): how a reaper that storage refuses makes
+-- itself heard in the database.
+CREATE FUNCTION orphan_cleanup.release(worker text, ids bigint[] DEFAULT NULL, reason text DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -428,13 +430,25 @@ BEGIN
         RETURNING d.id, d.job_id, d.output_url
     ),
     audited AS (
-        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor)
-        SELECT 'released', r.job_id, r.id, r.output_url, worker FROM released AS r
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'released', r.job_id, r.id, r.output_url, worker, left(orphan_cleanup.redact_url(reason), 2000)
+        FROM released AS r
     )
     SELECT count(*) INTO n FROM released;
     RETURN n;
 END
 $$;
+
+-- The latest reason a reaper gave for releasing claims, within the last hour.
+CREATE FUNCTION orphan_cleanup._reaper_alert(OUT alert text, OUT alert_at timestamptz, OUT alert_by text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT a.detail, a.at, a.actor
+    FROM orphan_cleanup.audit_log AS a
+    WHERE a.action = 'released' AND a.detail IS NOT NULL AND a.at > now() - interval '1 hour'
+    ORDER BY a.id DESC
+    LIMIT 1;
+END;
 
 -- What a claim would hand out now, without claiming: for the reaper's --dry-run.
 CREATE FUNCTION orphan_cleanup.peek(max_rows integer DEFAULT 100)

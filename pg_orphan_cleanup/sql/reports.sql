@@ -249,6 +249,16 @@ BEGIN
     END IF;
     RETURN NEXT;
 
+    check_name := 'reapers';
+    SELECT * INTO ix FROM orphan_cleanup._reaper_alert();
+    IF ix.alert IS NOT NULL AND ix.alert_at > now() - interval '15 minutes' THEN
+        status := CASE WHEN ix.alert LIKE 'storage refused%' THEN 'critical' ELSE 'warning' END;
+        detail := format('%s at %s: %s', ix.alert_by, to_char(ix.alert_at, 'YYYY-MM-DD HH24:MI:SS TZ'), ix.alert);
+    ELSE
+        status := 'ok'; detail := 'no reaper reported trouble in the last 15 minutes';
+    END IF;
+    RETURN NEXT;
+
     check_name := 'dead letters';
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'dead';
     status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
@@ -299,7 +309,8 @@ CREATE FUNCTION orphan_cleanup.queue_status()
 RETURNS TABLE (pending bigint, ready bigint, claimed bigint, dead bigint, rejected bigint,
                deleted bigint, absent bigint, oldest_pending timestamptz,
                last_cycle_at timestamptz, last_cycle_status text, last_cycle_error text,
-               health text, reaping_enabled boolean, attached boolean)
+               health text, reaping_enabled boolean, attached boolean,
+               reaper_alert text, reaper_alert_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -310,7 +321,8 @@ BEGIN
                         WHEN bool_or(h.status = 'warning') THEN 'warning' ELSE 'ok' END
             FROM orphan_cleanup.health() AS h),
            (SELECT g.reaping_enabled FROM orphan_cleanup._config() AS g),
-           EXISTS (SELECT 1 FROM orphan_cleanup.attachment)
+           EXISTS (SELECT 1 FROM orphan_cleanup.attachment),
+           r.alert, r.alert_at
     FROM (SELECT count(*) FILTER (WHERE q.state = 'pending') AS pending,
                  count(*) FILTER (WHERE q.state = 'pending' AND q.available_at <= now()) AS ready,
                  count(*) FILTER (WHERE q.state = 'claimed') AS claimed,
@@ -320,6 +332,7 @@ BEGIN
                  count(*) FILTER (WHERE q.state = 'absent') AS absent,
                  min(q.enqueued_at) FILTER (WHERE q.state = 'pending') AS oldest_pending
           FROM orphan_cleanup.deletion_queue AS q) AS c
-    LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true;
+    LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true
+    CROSS JOIN orphan_cleanup._reaper_alert() AS r;
 END
 $$;

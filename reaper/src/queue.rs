@@ -174,7 +174,12 @@ impl Queue {
     }
 
     /// Gives claims back without counting an attempt; `None` releases all of this worker's.
-    pub async fn release(&self, ids: Option<&[i64]>) -> Result<i64, QueueError> {
+    /// A `reason` is audited and shows in `queue_status()` and `health()`.
+    pub async fn release(
+        &self,
+        ids: Option<&[i64]>,
+        reason: Option<&str>,
+    ) -> Result<i64, QueueError> {
         if ids.is_some_and(|i| i.is_empty()) {
             return Ok(0);
         }
@@ -182,8 +187,8 @@ impl Queue {
         Ok(self
             .client
             .query_one(
-                "SELECT orphan_cleanup.release($1, $2)",
-                &[&self.worker, &ids],
+                "SELECT orphan_cleanup.release($1, $2, $3)",
+                &[&self.worker, &ids, &reason],
             )
             .await?
             .get(0))
@@ -213,7 +218,8 @@ impl Queue {
             .client
             .query_one(
                 "SELECT pending, ready, claimed, dead, rejected, deleted, absent, oldest_pending::text,
-                        last_cycle_at::text, last_cycle_status, last_cycle_error, health, reaping_enabled, attached
+                        last_cycle_at::text, last_cycle_status, last_cycle_error, health, reaping_enabled, attached,
+                        reaper_alert, reaper_alert_at::text
                  FROM orphan_cleanup.queue_status()",
                 &[],
             )
@@ -233,6 +239,8 @@ impl Queue {
             health: r.get(11),
             reaping_enabled: r.get(12),
             attached: r.get(13),
+            reaper_alert: r.get(14),
+            reaper_alert_at: r.get(15),
         })
     }
 }
@@ -254,29 +262,26 @@ pub struct Status {
     pub health: String,
     pub reaping_enabled: bool,
     pub attached: bool,
+    /// The latest reason a reaper released claims for, within the last hour.
+    pub reaper_alert: Option<String>,
+    pub reaper_alert_at: Option<String>,
 }
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "health:          {}", self.health)?;
-        writeln!(
-            f,
-            "reaping:         {}",
-            if self.reaping_enabled {
-                "enabled"
-            } else {
-                "DISABLED (orphan_cleanup.reaping_enabled = off)"
-            }
-        )?;
-        writeln!(
-            f,
-            "attached:        {}",
-            if self.attached {
-                "yes"
-            } else {
-                "NO: run SELECT * FROM orphan_cleanup.attach()"
-            }
-        )?;
+        let reaping = if self.reaping_enabled {
+            "enabled"
+        } else {
+            "DISABLED (orphan_cleanup.reaping_enabled = off)"
+        };
+        writeln!(f, "reaping:         {reaping}")?;
+        let attached = if self.attached {
+            "yes"
+        } else {
+            "NO: run SELECT * FROM orphan_cleanup.attach()"
+        };
+        writeln!(f, "attached:        {attached}")?;
         writeln!(
             f,
             "queue:           {} pending ({} ready), {} claimed, {} dead-lettered, {} rejected",
@@ -292,15 +297,23 @@ impl std::fmt::Display for Status {
             "oldest pending:  {}",
             self.oldest_pending.as_deref().unwrap_or("-")
         )?;
+        if let Some(alert) = &self.reaper_alert {
+            writeln!(
+                f,
+                "reaper alert:    {} ({})",
+                alert,
+                self.reaper_alert_at.as_deref().unwrap_or("")
+            )?;
+        }
         write!(
             f,
-            "last cycle:      {} {}{}",
+            "last cycle:      {} {}",
             self.last_cycle_status.as_deref().unwrap_or("none yet"),
-            self.last_cycle_at.as_deref().unwrap_or(""),
-            self.last_cycle_error
-                .as_deref()
-                .map(|e| format!("\n  error: {e}"))
-                .unwrap_or_default()
-        )
+            self.last_cycle_at.as_deref().unwrap_or("")
+        )?;
+        if let Some(e) = &self.last_cycle_error {
+            write!(f, "\n  error: {e}")?;
+        }
+        Ok(())
     }
 }

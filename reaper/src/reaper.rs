@@ -254,7 +254,7 @@ impl Reaper {
         }
         // Clean shutdown: give back anything still claimed by this worker.
         if let Some(q) = queue.filter(|q| !q.is_closed()) {
-            match q.release(None).await {
+            match q.release(None, None).await {
                 Ok(n) if n > 0 => {
                     self.add(|s| s.released += n as u64);
                     self.metrics.count("released", n as usize);
@@ -340,6 +340,7 @@ impl Reaper {
         let mut deleted_ids = Vec::new();
         let mut absent_ids = Vec::new();
         let mut release_ids = Vec::new();
+        let mut release_with_reason: HashMap<String, Vec<i64>> = HashMap::new();
         let mut retry: HashMap<String, Vec<i64>> = HashMap::new();
         let mut bytes = 0u64;
         let mut trouble = Trouble::None;
@@ -370,13 +371,20 @@ impl Reaper {
                     code,
                     message,
                 }) => {
-                    release_ids.extend(rows.iter().map(|r| r.id));
-                    trouble = Trouble::Config(format!(
-                        "HTTP {http}, statusCode {status} ({code}): {message}"
-                    ));
+                    let why = format!("HTTP {http}, statusCode {status} ({code}): {message}");
+                    release_with_reason
+                        .entry(format!("storage refused the reaper's configuration (fix SUPABASE_URL or the key): {why}"))
+                        .or_default()
+                        .extend(rows.iter().map(|r| r.id));
+                    trouble = Trouble::Config(why);
                 }
-                ChunkResult::Failed(StorageError::Overload { .. }) => {
-                    release_ids.extend(rows.iter().map(|r| r.id));
+                ChunkResult::Failed(StorageError::Overload { http, code }) => {
+                    release_with_reason
+                        .entry(format!(
+                            "storage is overloaded (HTTP {http}, {code}); the reaper slows down"
+                        ))
+                        .or_default()
+                        .extend(rows.iter().map(|r| r.id));
                     if trouble == Trouble::None {
                         trouble = Trouble::Overload;
                     }
@@ -408,7 +416,10 @@ impl Reaper {
             failed += ids.len();
             dead += results.iter().filter(|(_, r)| r == "dead-lettered").count();
         }
-        let released = q.release(Some(&release_ids)).await?;
+        let mut released = q.release(Some(&release_ids), None).await?;
+        for (reason, ids) in &release_with_reason {
+            released += q.release(Some(ids), Some(reason)).await?;
+        }
 
         self.metrics.count("deleted", deleted_ids.len());
         self.metrics.count("absent", absent_ids.len());

@@ -1,5 +1,5 @@
 //! Shared fixtures for the end-to-end tests: a database per test on the throwaway cluster that
-//! `scripts/test.sh` starts (`PGOC_PORT`, default 55433), with the app schema, the extension,
+//! `scripts/test.sh` starts (`PGOC_PORT`, default 25433), with the app schema, the extension,
 //! its indexes and `attach()` done, and helpers to change the cluster-wide settings.
 //!
 //! Settings are cluster-wide (`ALTER SYSTEM`), so the tests run one at a time
@@ -17,7 +17,7 @@ pub fn port() -> u16 {
     std::env::var("PGOC_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(55433)
+        .unwrap_or(25433)
 }
 
 /// The repository root (the tests read `sql/*.sql` from it).

@@ -256,6 +256,20 @@ fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
         0,
         "no attempt burned over a wrong key"
     );
+    // Loud in status and health too, not only in the reaper's own log.
+    let status = output_text(&reaper(&w.db.name, &w.emu, &["status"]).output().unwrap());
+    assert!(
+        status.contains("reaper alert:    storage refused the reaper's configuration"),
+        "{status}"
+    );
+    let health: String = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'reapers'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(health, "critical");
     assert_eq!(w.emu.objects().len(), 10 + w.keep.len());
 
     // A wrong URL (an unknown route) is a configuration error too.
