@@ -52,6 +52,20 @@ pub struct Claimed {
     pub attempts: i32,
 }
 
+impl Claimed {
+    /// From a row of `id, job_id::text, host, bucket, object_path, attempts`.
+    fn from_row(r: &tokio_postgres::Row) -> Claimed {
+        Claimed {
+            id: r.get(0),
+            job_id: r.get(1),
+            host: r.get(2),
+            bucket: r.get(3),
+            object_path: r.get(4),
+            attempts: r.get(5),
+        }
+    }
+}
+
 pub struct Queue {
     client: Client,
     worker: String,
@@ -122,17 +136,7 @@ impl Queue {
                 &[&self.worker, &(max_rows as i32), &lease, &buckets],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                job_id: r.get(1),
-                host: r.get(2),
-                bucket: r.get(3),
-                object_path: r.get(4),
-                attempts: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(Claimed::from_row).collect())
     }
 
     /// Confirms rows as `deleted` or `absent`; returns each id with its result.
@@ -200,17 +204,7 @@ impl Queue {
             .client
             .query("SELECT id, job_id::text, host, bucket, object_path, attempts FROM orphan_cleanup.peek($1)", &[&max_rows])
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                job_id: r.get(1),
-                host: r.get(2),
-                bucket: r.get(3),
-                object_path: r.get(4),
-                attempts: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(Claimed::from_row).collect())
     }
 
     pub async fn status(&self) -> Result<Status, QueueError> {

@@ -195,13 +195,7 @@ async fn create_bucket(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     if emu.role(&headers)? != Role::Service {
-        return Err(ApiError::new(
-            400,
-            "403",
-            "Unauthorized",
-            "AccessDenied",
-            "new row violates row-level security policy",
-        ));
+        return Err(rls_denied());
     }
     let b: NewBucket = serde_json::from_slice(&body)
         .map_err(|e| invalid(&format!("body is not valid JSON: {e}")))?;
@@ -238,13 +232,7 @@ async fn upload(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     if emu.role(&headers)? != Role::Service {
-        return Err(ApiError::new(
-            400,
-            "403",
-            "Unauthorized",
-            "AccessDenied",
-            "new row violates row-level security policy",
-        ));
+        return Err(rls_denied());
     }
     if !valid_key(&key) {
         return Err(ApiError::new(
@@ -431,6 +419,17 @@ async fn all_objects_tsv(State(emu): State<Arc<Emulator>>) -> String {
         out.push_str(&format!("{bucket}/{key}\t{size}\n"));
     }
     out
+}
+
+/// What row-level security answers a key that may not write.
+fn rls_denied() -> ApiError {
+    ApiError::new(
+        400,
+        "403",
+        "Unauthorized",
+        "AccessDenied",
+        "new row violates row-level security policy",
+    )
 }
 
 fn invalid(message: &str) -> ApiError {
