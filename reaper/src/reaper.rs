@@ -72,8 +72,11 @@ pub struct Reaper {
     pub storage_ok: AtomicBool,
     summary: Mutex<Summary>,
     absent_run: Mutex<u64>,
-    progress: Option<Box<dyn Fn(&Summary) + Send + Sync>>,
+    progress: Option<ProgressFn>,
 }
+
+/// Receives the running totals after every batch.
+type ProgressFn = Box<dyn Fn(&Summary) + Send + Sync>;
 
 /// What one bulk request came to.
 enum ChunkResult {
@@ -172,7 +175,7 @@ impl Reaper {
                         if mode == Mode::Drain {
                             return Err(e);
                         }
-                        let wait = reconnect.next();
+                        let wait = reconnect.next_delay();
                         tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "database unreachable; retrying");
                         self.sleep(wait).await;
                         continue;
@@ -187,7 +190,7 @@ impl Reaper {
                         return Err(e);
                     }
                     self.db_ok.store(false, Ordering::SeqCst);
-                    let wait = reconnect.next();
+                    let wait = reconnect.next_delay();
                     tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "claim failed; reconnecting");
                     self.sleep(wait).await;
                     continue;
@@ -218,7 +221,7 @@ impl Reaper {
                     if mode == Mode::Drain && !q.is_closed() {
                         return Err(e);
                     }
-                    self.sleep(reconnect.next()).await;
+                    self.sleep(reconnect.next_delay()).await;
                     continue;
                 }
             };
@@ -235,14 +238,14 @@ impl Reaper {
                         self.summary.lock().unwrap().config_error = Some(message);
                         break;
                     }
-                    let wait = cooldown.next();
+                    let wait = cooldown.next_delay();
                     tracing::error!(error = %message, retry_in_s = wait.as_secs_f64(),
                         "storage refuses this reaper's configuration; claims released, no attempts counted; fix SUPABASE_URL or the key");
                     self.sleep(wait).await;
                 }
                 Trouble::Overload => {
                     self.metrics.overloaded.set(1);
-                    let wait = cooldown.next();
+                    let wait = cooldown.next_delay();
                     tracing::warn!(
                         retry_in_s = wait.as_secs_f64(),
                         "storage is overloaded; slowing down"
@@ -508,7 +511,7 @@ impl Backoff {
         }
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let d = self.current;
         self.current = (self.current * 2).min(self.max);
         d.mul_f64(0.8 + rand::random::<f64>() * 0.4)

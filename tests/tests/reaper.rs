@@ -635,6 +635,7 @@ fn run_serves_metrics_and_health_and_never_logs_the_key() {
         ureq::get(&format!("http://{addr}{path}"))
             .call()
             .map(|r| (r.status(), r.into_string().unwrap()))
+            .map_err(|e| e.to_string())
     };
     wait_for(Duration::from_secs(30), "all 50 objects deleted", || {
         get("/metrics")
