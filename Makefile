@@ -1,11 +1,14 @@
 # pg_orphan_cleanup: the commands a new user needs. Each one installs what is missing.
-.PHONY: demo test setup install cluster-start cluster-stop cluster-destroy fmt lint
+.PHONY: demo test bench setup install cluster-start cluster-stop cluster-destroy fmt lint
 
 demo:            ## the whole story, end to end, on a throwaway cluster
 	scripts/demo.sh
 
 test:            ## everything CI runs: unit, property, #[pg_test] and end-to-end tests
 	scripts/test.sh
+
+bench:           ## drain throughput and memory (BENCH_SCALE=tiny|small|full); not part of test
+	scripts/bench.sh
 
 setup:           ## apt packages, cargo-pgrx 0.18.0, cargo pgrx init
 	scripts/setup.sh

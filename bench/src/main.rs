@@ -1,0 +1,337 @@
+//! `bench`: measures the drain side of pg_orphan_cleanup on this machine, side by side in one run.
+//!
+//! For N queued orphans (with real objects in the storage emulator) it measures:
+//! - `reaper drain` with default settings;
+//! - the deployment guide's approach: one request per object, sequentially (`reaper drain
+//!   --batch-size 1 --concurrency 1`, which is what `supabase-js remove([path])` in a loop sends);
+//! - the emulator's raw capacity: the same bulk deletes sent by a bare HTTP client, no database;
+//! - the reaper's peak RSS while draining, and the background worker's.
+//!
+//! Results go to `target/bench/results.json` and a table on stdout. `scripts/bench.sh` builds
+//! the release binaries, starts the cluster and calls this with the scale.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use postgres::{Client, NoTls};
+use serde::Serialize;
+
+const JWT_SECRET: &str = "bench-jwt-secret-for-the-local-storage-emulator";
+
+struct Env {
+    root: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    emu_port: u16,
+}
+
+#[derive(Serialize, Default)]
+struct DrainResult {
+    variant: String,
+    objects: u64,
+    seconds: f64,
+    objects_per_second: f64,
+    peak_rss_kib: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: BTreeMap<String, String>,
+    scale: String,
+    queued_objects: u64,
+    drain: Vec<DrainResult>,
+    ratios: BTreeMap<String, f64>,
+    cycle_backend_peak_rss_kib: Option<i64>,
+    targets: Vec<Target>,
+}
+
+#[derive(Serialize)]
+struct Target {
+    name: String,
+    goal: String,
+    measured: String,
+    met: bool,
+}
+
+fn main() -> Result<()> {
+    let scale = std::env::var("BENCH_SCALE").unwrap_or_else(|_| "small".into());
+    let (n, baseline_n) = match scale.as_str() {
+        "tiny" => (1_000u64, 200u64),
+        "small" => (10_000, 2_000),
+        "full" => (100_000, 10_000),
+        other => bail!("BENCH_SCALE={other:?}: use tiny, small or full"),
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let profile = std::env::var("BENCH_PROFILE").unwrap_or_else(|_| "release".into());
+    let env = Env {
+        bin: root.join("target").join(&profile),
+        root: root.clone(),
+        port: std::env::var("PGOC_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(25450),
+        emu_port: 25451,
+    };
+
+    let mut drain = Vec::new();
+    drain.push(raw_capacity(&env, n)?);
+    drain.push(reaper_drain(&env, "reaper (defaults)", n, &[])?);
+    drain.push(reaper_drain(&env, "one request per object (the guide)", baseline_n, &["--batch-size", "1", "--concurrency", "1"])?);
+    let worker_rss = Some(CYCLE_RSS.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
+
+    let rate = |v: &str| drain.iter().find(|d| d.variant == v).map(|d| d.objects_per_second).unwrap_or(0.0);
+    let reaper = rate("reaper (defaults)");
+    let baseline = rate("one request per object (the guide)");
+    let ceiling = rate("raw bulk deletes (no database)");
+    let mut ratios = BTreeMap::new();
+    ratios.insert("reaper/baseline".into(), round2(reaper / baseline));
+    ratios.insert("reaper/ceiling".into(), round2(reaper / ceiling));
+    let rss = drain.iter().find(|d| d.variant == "reaper (defaults)").and_then(|d| d.peak_rss_kib).unwrap_or(0);
+    let targets = vec![
+        Target {
+            name: "reaper vs one request per object".into(),
+            goal: ">= 8x".into(),
+            measured: format!("{:.1}x", reaper / baseline),
+            met: reaper >= 8.0 * baseline,
+        },
+        Target {
+            name: "reaper vs raw bulk capacity".into(),
+            goal: ">= 85%".into(),
+            measured: format!("{:.0}%", 100.0 * reaper / ceiling),
+            met: reaper >= 0.85 * ceiling,
+        },
+        Target {
+            name: "reaper peak RSS".into(),
+            goal: "< 64 MiB".into(),
+            measured: format!("{:.1} MiB", rss as f64 / 1024.0),
+            met: rss > 0 && rss < 64 * 1024,
+        },
+    ];
+    let report = Report { machine: machine(), scale: scale.clone(), queued_objects: n, drain, ratios, cycle_backend_peak_rss_kib: worker_rss, targets };
+
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&report)?)?;
+    print_table(&report);
+    println!("\nwritten: {}", out.join("results.json").display());
+    Ok(())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert("cores".into(), std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or_default());
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(line) = mem.lines().find(|l| l.starts_with("MemTotal:")) {
+        let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        m.insert("memory".into(), format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0));
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if let Some(line) = cpu.lines().find(|l| l.starts_with("model name")) {
+        m.insert("cpu".into(), line.split(':').nth(1).unwrap_or("").trim().to_string());
+    }
+    m
+}
+
+fn print_table(r: &Report) {
+    println!("\nDrain throughput, {} queued objects (scale {}), {} cores, {}", r.queued_objects, r.scale, r.machine["cores"], r.machine.get("memory").cloned().unwrap_or_default());
+    println!("| variant | objects | seconds | objects/s | peak RSS |");
+    println!("|---|---:|---:|---:|---:|");
+    for d in &r.drain {
+        let rss = d.peak_rss_kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "-".into());
+        println!("| {} | {} | {:.2} | {:.0} | {} |", d.variant, d.objects, d.seconds, d.objects_per_second, rss);
+    }
+    println!("\n| ratio | value |\n|---|---:|");
+    for (k, v) in &r.ratios {
+        println!("| {k} | {v:.2} |");
+    }
+    if let Some(w) = r.cycle_backend_peak_rss_kib {
+        println!("\npeak RSS of the backend running the first cycle (the worker runs the same code): {:.1} MiB", w as f64 / 1024.0);
+    }
+    println!("\n| target | goal | measured | met |\n|---|---|---|---|");
+    for t in &r.targets {
+        println!("| {} | {} | {} | {} |", t.name, t.goal, t.measured, if t.met { "met" } else { "NOT met" });
+    }
+}
+
+fn psql_client(env: &Env, db: &str) -> Result<Client> {
+    Client::connect(&format!("host=127.0.0.1 port={} user=postgres dbname={db}", env.port), NoTls).context("connect to the bench cluster")
+}
+
+/// The emulator with `n` objects `renders/b/<i>.png` seeded, on a fresh data directory.
+struct Emulator {
+    child: Child,
+    dir: PathBuf,
+    service_key: String,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_emulator(env: &Env, n: u64) -> Result<Emulator> {
+    let dir = std::env::temp_dir().join(format!("pgoc-bench-storage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let emu = env.bin.join("storage-emulator");
+    let mut seed = Command::new(&emu).args(["seed", "--data-dir"]).arg(&dir).stdin(Stdio::piped()).stdout(Stdio::null()).spawn()?;
+    {
+        let mut stdin = std::io::BufWriter::new(seed.stdin.take().unwrap());
+        for i in 0..n {
+            writeln!(stdin, "renders/b/{i}.png\t2048")?;
+        }
+    }
+    if !seed.wait()?.success() {
+        bail!("storage-emulator seed failed");
+    }
+    let keys = Command::new(&emu).args(["keys", "--jwt-secret", JWT_SECRET]).output()?;
+    let service_key = String::from_utf8(keys.stdout)?.lines().find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY=")).unwrap().to_string();
+    let child = Command::new(&emu)
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", env.emu_port), "--jwt-secret", JWT_SECRET, "--data-dir"])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", env.emu_port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("the emulator did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Emulator { child, dir, service_key })
+}
+
+/// A database with the app, the extension and `n` queued orphans naming `renders/b/<i>.png`.
+/// Returns the peak RSS (KiB) of the backend that ran the cycle: the worker runs the same code.
+fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
+    let mut admin = psql_client(env, "postgres")?;
+    admin.batch_execute("DROP DATABASE IF EXISTS bench_drain WITH (FORCE)")?;
+    admin.batch_execute("CREATE DATABASE bench_drain")?;
+    admin.batch_execute(&format!("ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders'; "))?;
+    admin.batch_execute(&format!("ALTER SYSTEM SET orphan_cleanup.allowed_hosts = '127.0.0.1:{}'", env.emu_port))?;
+    admin.batch_execute(&format!("ALTER SYSTEM SET orphan_cleanup.max_per_cycle = {n}"))?;
+    admin.batch_execute("ALTER SYSTEM SET orphan_cleanup.enabled = off")?;
+    admin.batch_execute("SELECT pg_reload_conf()")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = psql_client(env, "bench_drain")?;
+    c.batch_execute(&std::fs::read_to_string(env.root.join("sql/app_schema.sql"))?)?;
+    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?;
+    for stmt in std::fs::read_to_string(env.root.join("sql/indexes.sql"))?.split(';') {
+        let stmt: String = stmt.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        if !stmt.trim().is_empty() {
+            c.batch_execute(&stmt)?;
+        }
+    }
+    c.batch_execute(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bench_reaper') THEN
+                 CREATE ROLE bench_reaper LOGIN IN ROLE orphan_cleanup_reaper;
+             END IF;
+         END $$;",
+    )?;
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])?;
+    c.execute(
+        "INSERT INTO render_jobs (status, output_url, created_at)
+         SELECT 'completed', format('http://127.0.0.1:%s/storage/v1/object/public/renders/b/%s.png', $1::int, g), now() - interval '2 hours'
+         FROM generate_series(0, $2::bigint - 1) AS g",
+        &[&(env.emu_port as i32), &(n as i64)],
+    )?;
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let row = c.query_one("SELECT status, enqueued FROM orphan_cleanup.run_cycle()", &[])?;
+    let (status, enqueued): (String, i64) = (row.get(0), row.get(1));
+    if status != "ok" || enqueued as u64 != n {
+        bail!("the cycle queued {enqueued} of {n} ({status})");
+    }
+    Ok(peak_rss_of(pid))
+}
+
+fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<DrainResult> {
+    let emu = start_emulator(env, n)?;
+    let cycle_rss = queued_db(env, n)?;
+    CYCLE_RSS.fetch_max(cycle_rss.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let child = Command::new(env.bin.join("reaper"))
+        .arg("drain")
+        .args(["--buckets", "renders", "--no-probe"])
+        .args(extra)
+        .env("DATABASE_URL", format!("postgres://bench_reaper@127.0.0.1:{}/bench_drain", env.port))
+        .env("SUPABASE_URL", format!("http://127.0.0.1:{}", env.emu_port))
+        .env("SUPABASE_SERVICE_ROLE_KEY", &emu.service_key)
+        .env("REAPER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let (status, rss) = wait_with_rusage(child)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !status {
+        bail!("reaper drain failed ({variant})");
+    }
+    let mut c = psql_client(env, "bench_drain")?;
+    let deleted: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'deleted'", &[])?.get(0);
+    if deleted as u64 != n {
+        bail!("{variant}: {deleted} of {n} rows deleted");
+    }
+    Ok(DrainResult { variant: variant.into(), objects: n, seconds, objects_per_second: n as f64 / seconds, peak_rss_kib: Some(rss) })
+}
+
+/// Waits for a child and returns (success, its own peak RSS in KiB), via wait4.
+fn wait_with_rusage(child: Child) -> Result<(bool, i64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r != pid {
+        bail!("wait4 failed");
+    }
+    std::mem::forget(child);
+    Ok((libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, usage.ru_maxrss))
+}
+
+/// The ceiling: the same bulk deletes (1000 names, 4 in flight) from a bare HTTP client.
+fn raw_capacity(env: &Env, n: u64) -> Result<DrainResult> {
+    let emu = start_emulator(env, n)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let url = format!("http://127.0.0.1:{}/storage/v1/object/renders", env.emu_port);
+    let key = emu.service_key.clone();
+    let seconds = rt.block_on(async move {
+        use futures::StreamExt;
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        let batches: Vec<Vec<String>> = (0..n).collect::<Vec<_>>().chunks(1000).map(|c| c.iter().map(|i| format!("b/{i}.png")).collect()).collect();
+        let results: Vec<Result<usize>> = futures::stream::iter(batches)
+            .map(|names| {
+                let (http, url, key) = (http.clone(), url.clone(), key.clone());
+                async move {
+                    let r = http.delete(&url).bearer_auth(&key).header("apikey", &key).json(&serde_json::json!({ "prefixes": names })).send().await?;
+                    let body: Vec<serde_json::Value> = r.json().await?;
+                    Ok(body.len())
+                }
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        let deleted: usize = results.into_iter().collect::<Result<Vec<_>>>()?.into_iter().sum();
+        if deleted as u64 != n {
+            bail!("raw deletes removed {deleted} of {n}");
+        }
+        Ok::<f64, anyhow::Error>(started.elapsed().as_secs_f64())
+    })?;
+    Ok(DrainResult { variant: "raw bulk deletes (no database)".into(), objects: n, seconds, objects_per_second: n as f64 / seconds, peak_rss_kib: None })
+}
+
+/// The largest peak RSS of a backend that ran a cleanup cycle.
+static CYCLE_RSS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// A process's peak RSS (VmHWM, KiB) as the kernel reports it.
+fn peak_rss_of(pid: i32) -> Option<i64> {
+    let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+}
