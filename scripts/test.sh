@@ -43,6 +43,11 @@ echo "==> the demo, at CI size (it must not rot)"
 DEMO_JOBS="${DEMO_JOBS:-2000}" scripts/demo.sh >/tmp/pg_orphan_cleanup-demo.log 2>&1 || { cat /tmp/pg_orphan_cleanup-demo.log; exit 1; }
 tail -n 2 /tmp/pg_orphan_cleanup-demo.log
 
+echo "==> the benchmark harness, tiny and unoptimized (a smoke run so it cannot rot; its figures mean nothing)"
+BENCH_PROFILE=debug BENCH_SCALE=tiny scripts/bench.sh >/tmp/pg_orphan_cleanup-bench-smoke.log 2>&1 \
+  || { cat /tmp/pg_orphan_cleanup-bench-smoke.log; exit 1; }
+grep -E "^\| reaper \(defaults\)" /tmp/pg_orphan_cleanup-bench-smoke.log
+
 passed=$(grep -Eo '[0-9]+ passed' "$RESULTS" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$RESULTS" | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"

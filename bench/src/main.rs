@@ -65,29 +65,50 @@ fn main() -> Result<()> {
         "full" => (100_000, 10_000),
         other => bail!("BENCH_SCALE={other:?}: use tiny, small or full"),
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let profile = std::env::var("BENCH_PROFILE").unwrap_or_else(|_| "release".into());
     let env = Env {
         bin: root.join("target").join(&profile),
         root: root.clone(),
-        port: std::env::var("PGOC_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(25450),
+        port: std::env::var("PGOC_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(25450),
         emu_port: 25451,
     };
 
     let mut drain = Vec::new();
     drain.push(raw_capacity(&env, n)?);
     drain.push(reaper_drain(&env, "reaper (defaults)", n, &[])?);
-    drain.push(reaper_drain(&env, "one request per object (the guide)", baseline_n, &["--batch-size", "1", "--concurrency", "1"])?);
+    drain.push(reaper_drain(
+        &env,
+        "one request per object (the guide)",
+        baseline_n,
+        &["--batch-size", "1", "--concurrency", "1"],
+    )?);
     let worker_rss = Some(CYCLE_RSS.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
 
-    let rate = |v: &str| drain.iter().find(|d| d.variant == v).map(|d| d.objects_per_second).unwrap_or(0.0);
+    let rate = |v: &str| {
+        drain
+            .iter()
+            .find(|d| d.variant == v)
+            .map(|d| d.objects_per_second)
+            .unwrap_or(0.0)
+    };
     let reaper = rate("reaper (defaults)");
     let baseline = rate("one request per object (the guide)");
     let ceiling = rate("raw bulk deletes (no database)");
     let mut ratios = BTreeMap::new();
     ratios.insert("reaper/baseline".into(), round2(reaper / baseline));
     ratios.insert("reaper/ceiling".into(), round2(reaper / ceiling));
-    let rss = drain.iter().find(|d| d.variant == "reaper (defaults)").and_then(|d| d.peak_rss_kib).unwrap_or(0);
+    let rss = drain
+        .iter()
+        .find(|d| d.variant == "reaper (defaults)")
+        .and_then(|d| d.peak_rss_kib)
+        .unwrap_or(0);
     let targets = vec![
         Target {
             name: "reaper vs one request per object".into(),
@@ -108,11 +129,22 @@ fn main() -> Result<()> {
             met: rss > 0 && rss < 64 * 1024,
         },
     ];
-    let report = Report { machine: machine(), scale: scale.clone(), queued_objects: n, drain, ratios, cycle_backend_peak_rss_kib: worker_rss, targets };
+    let report = Report {
+        machine: machine(),
+        scale: scale.clone(),
+        queued_objects: n,
+        drain,
+        ratios,
+        cycle_backend_peak_rss_kib: worker_rss,
+        targets,
+    };
 
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     print_table(&report);
     println!("\nwritten: {}", out.join("results.json").display());
     Ok(())
@@ -124,26 +156,53 @@ fn round2(x: f64) -> f64 {
 
 fn machine() -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
-    m.insert("cores".into(), std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or_default());
+    m.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_default(),
+    );
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     if let Some(line) = mem.lines().find(|l| l.starts_with("MemTotal:")) {
-        let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-        m.insert("memory".into(), format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0));
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        m.insert(
+            "memory".into(),
+            format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0),
+        );
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     if let Some(line) = cpu.lines().find(|l| l.starts_with("model name")) {
-        m.insert("cpu".into(), line.split(':').nth(1).unwrap_or("").trim().to_string());
+        m.insert(
+            "cpu".into(),
+            line.split(':').nth(1).unwrap_or("").trim().to_string(),
+        );
     }
     m
 }
 
 fn print_table(r: &Report) {
-    println!("\nDrain throughput, {} queued objects (scale {}), {} cores, {}", r.queued_objects, r.scale, r.machine["cores"], r.machine.get("memory").cloned().unwrap_or_default());
+    println!(
+        "\nDrain throughput, {} queued objects (scale {}), {} cores, {}",
+        r.queued_objects,
+        r.scale,
+        r.machine["cores"],
+        r.machine.get("memory").cloned().unwrap_or_default()
+    );
     println!("| variant | objects | seconds | objects/s | peak RSS |");
     println!("|---|---:|---:|---:|---:|");
     for d in &r.drain {
-        let rss = d.peak_rss_kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "-".into());
-        println!("| {} | {} | {:.2} | {:.0} | {} |", d.variant, d.objects, d.seconds, d.objects_per_second, rss);
+        let rss = d
+            .peak_rss_kib
+            .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {} |",
+            d.variant, d.objects, d.seconds, d.objects_per_second, rss
+        );
     }
     println!("\n| ratio | value |\n|---|---:|");
     for (k, v) in &r.ratios {
@@ -154,12 +213,22 @@ fn print_table(r: &Report) {
     }
     println!("\n| target | goal | measured | met |\n|---|---|---|---|");
     for t in &r.targets {
-        println!("| {} | {} | {} | {} |", t.name, t.goal, t.measured, if t.met { "met" } else { "NOT met" });
+        println!(
+            "| {} | {} | {} | {} |",
+            t.name,
+            t.goal,
+            t.measured,
+            if t.met { "met" } else { "NOT met" }
+        );
     }
 }
 
 fn psql_client(env: &Env, db: &str) -> Result<Client> {
-    Client::connect(&format!("host=127.0.0.1 port={} user=postgres dbname={db}", env.port), NoTls).context("connect to the bench cluster")
+    Client::connect(
+        &format!("host=127.0.0.1 port={} user=postgres dbname={db}", env.port),
+        NoTls,
+    )
+    .context("connect to the bench cluster")
 }
 
 /// The emulator with `n` objects `renders/b/<i>.png` seeded, on a fresh data directory.
@@ -181,7 +250,12 @@ fn start_emulator(env: &Env, n: u64) -> Result<Emulator> {
     let dir = std::env::temp_dir().join(format!("pgoc-bench-storage-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let emu = env.bin.join("storage-emulator");
-    let mut seed = Command::new(&emu).args(["seed", "--data-dir"]).arg(&dir).stdin(Stdio::piped()).stdout(Stdio::null()).spawn()?;
+    let mut seed = Command::new(&emu)
+        .args(["seed", "--data-dir"])
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
     {
         let mut stdin = std::io::BufWriter::new(seed.stdin.take().unwrap());
         for i in 0..n {
@@ -191,10 +265,23 @@ fn start_emulator(env: &Env, n: u64) -> Result<Emulator> {
     if !seed.wait()?.success() {
         bail!("storage-emulator seed failed");
     }
-    let keys = Command::new(&emu).args(["keys", "--jwt-secret", JWT_SECRET]).output()?;
-    let service_key = String::from_utf8(keys.stdout)?.lines().find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY=")).unwrap().to_string();
+    let keys = Command::new(&emu)
+        .args(["keys", "--jwt-secret", JWT_SECRET])
+        .output()?;
+    let service_key = String::from_utf8(keys.stdout)?
+        .lines()
+        .find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY="))
+        .unwrap()
+        .to_string();
     let child = Command::new(&emu)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", env.emu_port), "--jwt-secret", JWT_SECRET, "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", env.emu_port),
+            "--jwt-secret",
+            JWT_SECRET,
+            "--data-dir",
+        ])
         .arg(&dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -206,7 +293,11 @@ fn start_emulator(env: &Env, n: u64) -> Result<Emulator> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(Emulator { child, dir, service_key })
+    Ok(Emulator {
+        child,
+        dir,
+        service_key,
+    })
 }
 
 /// A database with the app, the extension and `n` queued orphans naming `renders/b/<i>.png`.
@@ -215,17 +306,30 @@ fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
     let mut admin = psql_client(env, "postgres")?;
     admin.batch_execute("DROP DATABASE IF EXISTS bench_drain WITH (FORCE)")?;
     admin.batch_execute("CREATE DATABASE bench_drain")?;
-    admin.batch_execute(&format!("ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders'; "))?;
-    admin.batch_execute(&format!("ALTER SYSTEM SET orphan_cleanup.allowed_hosts = '127.0.0.1:{}'", env.emu_port))?;
-    admin.batch_execute(&format!("ALTER SYSTEM SET orphan_cleanup.max_per_cycle = {n}"))?;
+    admin.batch_execute(&format!(
+        "ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders'; "
+    ))?;
+    admin.batch_execute(&format!(
+        "ALTER SYSTEM SET orphan_cleanup.allowed_hosts = '127.0.0.1:{}'",
+        env.emu_port
+    ))?;
+    admin.batch_execute(&format!(
+        "ALTER SYSTEM SET orphan_cleanup.max_per_cycle = {n}"
+    ))?;
     admin.batch_execute("ALTER SYSTEM SET orphan_cleanup.enabled = off")?;
     admin.batch_execute("SELECT pg_reload_conf()")?;
     std::thread::sleep(Duration::from_millis(500));
     let mut c = psql_client(env, "bench_drain")?;
-    c.batch_execute(&std::fs::read_to_string(env.root.join("sql/app_schema.sql"))?)?;
+    c.batch_execute(&std::fs::read_to_string(
+        env.root.join("sql/app_schema.sql"),
+    )?)?;
     c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?;
     for stmt in std::fs::read_to_string(env.root.join("sql/indexes.sql"))?.split(';') {
-        let stmt: String = stmt.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        let stmt: String = stmt
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
         if !stmt.trim().is_empty() {
             c.batch_execute(&stmt)?;
         }
@@ -245,7 +349,10 @@ fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
         &[&(env.emu_port as i32), &(n as i64)],
     )?;
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    let row = c.query_one("SELECT status, enqueued FROM orphan_cleanup.run_cycle()", &[])?;
+    let row = c.query_one(
+        "SELECT status, enqueued FROM orphan_cleanup.run_cycle()",
+        &[],
+    )?;
     let (status, enqueued): (String, i64) = (row.get(0), row.get(1));
     if status != "ok" || enqueued as u64 != n {
         bail!("the cycle queued {enqueued} of {n} ({status})");
@@ -262,7 +369,10 @@ fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<Drai
         .arg("drain")
         .args(["--buckets", "renders", "--no-probe"])
         .args(extra)
-        .env("DATABASE_URL", format!("postgres://bench_reaper@127.0.0.1:{}/bench_drain", env.port))
+        .env(
+            "DATABASE_URL",
+            format!("postgres://bench_reaper@127.0.0.1:{}/bench_drain", env.port),
+        )
         .env("SUPABASE_URL", format!("http://127.0.0.1:{}", env.emu_port))
         .env("SUPABASE_SERVICE_ROLE_KEY", &emu.service_key)
         .env("REAPER_LOG", "warn")
@@ -275,11 +385,22 @@ fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<Drai
         bail!("reaper drain failed ({variant})");
     }
     let mut c = psql_client(env, "bench_drain")?;
-    let deleted: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'deleted'", &[])?.get(0);
+    let deleted: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'deleted'",
+            &[],
+        )?
+        .get(0);
     if deleted as u64 != n {
         bail!("{variant}: {deleted} of {n} rows deleted");
     }
-    Ok(DrainResult { variant: variant.into(), objects: n, seconds, objects_per_second: n as f64 / seconds, peak_rss_kib: Some(rss) })
+    Ok(DrainResult {
+        variant: variant.into(),
+        objects: n,
+        seconds,
+        objects_per_second: n as f64 / seconds,
+        peak_rss_kib: Some(rss),
+    })
 }
 
 /// Waits for a child and returns (success, its own peak RSS in KiB), via wait4.
@@ -292,25 +413,43 @@ fn wait_with_rusage(child: Child) -> Result<(bool, i64)> {
         bail!("wait4 failed");
     }
     std::mem::forget(child);
-    Ok((libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, usage.ru_maxrss))
+    Ok((
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        usage.ru_maxrss,
+    ))
 }
 
 /// The ceiling: the same bulk deletes (1000 names, 4 in flight) from a bare HTTP client.
 fn raw_capacity(env: &Env, n: u64) -> Result<DrainResult> {
     let emu = start_emulator(env, n)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let url = format!("http://127.0.0.1:{}/storage/v1/object/renders", env.emu_port);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let url = format!(
+        "http://127.0.0.1:{}/storage/v1/object/renders",
+        env.emu_port
+    );
     let key = emu.service_key.clone();
     let seconds = rt.block_on(async move {
         use futures::StreamExt;
         let http = reqwest::Client::new();
         let started = Instant::now();
-        let batches: Vec<Vec<String>> = (0..n).collect::<Vec<_>>().chunks(1000).map(|c| c.iter().map(|i| format!("b/{i}.png")).collect()).collect();
+        let batches: Vec<Vec<String>> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(1000)
+            .map(|c| c.iter().map(|i| format!("b/{i}.png")).collect())
+            .collect();
         let results: Vec<Result<usize>> = futures::stream::iter(batches)
             .map(|names| {
                 let (http, url, key) = (http.clone(), url.clone(), key.clone());
                 async move {
-                    let r = http.delete(&url).bearer_auth(&key).header("apikey", &key).json(&serde_json::json!({ "prefixes": names })).send().await?;
+                    let r = http
+                        .delete(&url)
+                        .bearer_auth(&key)
+                        .header("apikey", &key)
+                        .json(&serde_json::json!({ "prefixes": names }))
+                        .send()
+                        .await?;
                     let body: Vec<serde_json::Value> = r.json().await?;
                     Ok(body.len())
                 }
@@ -318,13 +457,23 @@ fn raw_capacity(env: &Env, n: u64) -> Result<DrainResult> {
             .buffer_unordered(4)
             .collect()
             .await;
-        let deleted: usize = results.into_iter().collect::<Result<Vec<_>>>()?.into_iter().sum();
+        let deleted: usize = results
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .sum();
         if deleted as u64 != n {
             bail!("raw deletes removed {deleted} of {n}");
         }
         Ok::<f64, anyhow::Error>(started.elapsed().as_secs_f64())
     })?;
-    Ok(DrainResult { variant: "raw bulk deletes (no database)".into(), objects: n, seconds, objects_per_second: n as f64 / seconds, peak_rss_kib: None })
+    Ok(DrainResult {
+        variant: "raw bulk deletes (no database)".into(),
+        objects: n,
+        seconds,
+        objects_per_second: n as f64 / seconds,
+        peak_rss_kib: None,
+    })
 }
 
 /// The largest peak RSS of a backend that ran a cleanup cycle.
@@ -332,6 +481,11 @@ static CYCLE_RSS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::n
 
 /// A process's peak RSS (VmHWM, KiB) as the kernel reports it.
 fn peak_rss_of(pid: i32) -> Option<i64> {
-    let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+    let status =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }

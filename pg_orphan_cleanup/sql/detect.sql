@@ -7,7 +7,7 @@
 -- The tables to act on, as attach() recorded them. Raises, naming the fix, when attach() has not
 -- run or when the settings, the tables or the save guard no longer match what it recorded.
 CREATE FUNCTION orphan_cleanup._require_attached(purpose text) RETURNS orphan_cleanup.attachment
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     att orphan_cleanup.attachment;
@@ -31,7 +31,7 @@ $$;
 
 -- Why the recorded attachment no longer matches the settings and the catalog, or NULL.
 CREATE FUNCTION orphan_cleanup._drift(att orphan_cleanup.attachment) RETURNS text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     cfg record;
@@ -80,7 +80,7 @@ CREATE FUNCTION orphan_cleanup._candidates(
     job_ids uuid[] DEFAULT NULL
 ) RETURNS TABLE (job_id uuid, age_ts timestamptz, output_url text, ref_state text,
                  host text, bucket text, object_path text, url_error text, shared_with uuid)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     scope text;
@@ -143,7 +143,7 @@ CREATE FUNCTION orphan_cleanup._process_chunk(
     p_dry boolean,
     OUT seen bigint, OUT last_ts timestamptz, OUT last_id uuid,
     OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
     WITH c AS MATERIALIZED (
@@ -227,7 +227,7 @@ CREATE FUNCTION orphan_cleanup._cycle_body(
     p_cycle bigint, p_actor text,
     OUT full_sweep boolean, OUT dry boolean, OUT scanned bigint, OUT rechecked bigint,
     OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     att orphan_cleanup.attachment;
@@ -329,7 +329,7 @@ $$;
 CREATE FUNCTION orphan_cleanup.run_cycle()
 RETURNS TABLE (cycle_id bigint, status text, found bigint, enqueued bigint, protected bigint,
                rejected bigint, duration_ms numeric)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_id bigint;
@@ -388,7 +388,7 @@ $$;
 -- it with their own query. Jobs referenced only through a differently spelled id count here,
 -- as they do in the guide; cycles protect them.
 CREATE FUNCTION orphan_cleanup.orphan_count(min_age interval DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     t record;
@@ -413,7 +413,7 @@ $$;
 -- The tables the read-only functions look at: attach()'s when attached, otherwise the settings'
 -- (so a DBA can count and preview before attaching).
 CREATE FUNCTION orphan_cleanup._tables(OUT jobs_oid oid, OUT assets_oid oid, OUT age_column text, OUT min_age_s integer)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     cfg record;
@@ -440,7 +440,7 @@ $$;
 CREATE FUNCTION orphan_cleanup.preview(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
 RETURNS TABLE (job_id uuid, age timestamptz, output_url text, host text, bucket text, object_path text,
                verdict text, queue_state text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     t record;
@@ -492,7 +492,7 @@ $$;
 -- max_rows orphans for the reaper, where the guide deleted job rows and left their files behind.
 CREATE FUNCTION orphan_cleanup.enqueue_orphans(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
 RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     att orphan_cleanup.attachment;
@@ -535,7 +535,7 @@ $$;
 
 -- Deletes finished history older than the retention, a bounded batch per call.
 CREATE FUNCTION orphan_cleanup._prune(retention interval) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
     DELETE FROM orphan_cleanup.deletion_queue

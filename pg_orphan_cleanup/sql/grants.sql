@@ -21,3 +21,8 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.peek(integer),
     orphan_cleanup.queue_status()
 TO orphan_cleanup_reaper;
+
+-- One row per call: without this the planner assumes 1000 and overestimates every cycle and
+-- claim by orders of magnitude (enough to trigger JIT compilation, which costs more than the work).
+ALTER FUNCTION orphan_cleanup.check_output_url(text) ROWS 1;
+ALTER FUNCTION orphan_cleanup.parse_output_url(text) ROWS 1;

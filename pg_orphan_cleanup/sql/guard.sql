@@ -13,7 +13,7 @@
 -- A queue row that was never claimed is rescued by the save (cancelled in the same transaction).
 
 CREATE FUNCTION orphan_cleanup.save_guard() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_new uuid;
@@ -108,7 +108,7 @@ $$;
 
 -- Moves refused saves noted in shared memory into the audit log.
 CREATE FUNCTION orphan_cleanup._flush_refusals() RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     n bigint;
@@ -131,7 +131,7 @@ $$;
 
 -- TRUNCATE of the assets table may make every job an orphan: the next cycle sweeps everything.
 CREATE FUNCTION orphan_cleanup.truncate_guard() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
     UPDATE orphan_cleanup.detector_state SET sweep_started_at = NULL;
@@ -142,7 +142,7 @@ $$;
 -- The indexes the design relies on, each with its CREATE INDEX CONCURRENTLY statement.
 CREATE FUNCTION orphan_cleanup._index_report(v_jobs oid, v_assets oid, v_age_column text)
 RETURNS TABLE (item text, status text, detail text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_age_attnum smallint;
@@ -196,7 +196,7 @@ $$;
 
 -- Drops the guard triggers from a table, if the table and the triggers still exist.
 CREATE FUNCTION orphan_cleanup._drop_guards(rel oid) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     tg name;
@@ -214,7 +214,7 @@ $$;
 -- setting changes cannot silently redirect cycles and claims. Idempotent.
 CREATE FUNCTION orphan_cleanup.attach()
 RETURNS TABLE (item text, status text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     cfg record;
@@ -316,7 +316,7 @@ $$;
 
 -- Removes what attach() added. The queue and the history stay; cycles and claims stop.
 CREATE FUNCTION orphan_cleanup.detach() RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     prev orphan_cleanup.attachment;

@@ -28,7 +28,7 @@ RETURN least(interval '1 hour', interval '30 seconds' * power(2, least(greatest(
 -- Claims whose lease ran out come back as pending, and the expiry counts as an attempt: a row
 -- that crashes every reaper ends up dead-lettered instead of looping forever.
 CREATE FUNCTION orphan_cleanup._expire_leases(actor text) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
@@ -72,7 +72,7 @@ CREATE FUNCTION orphan_cleanup.claim(
     lease interval DEFAULT '5 minutes',
     buckets text[] DEFAULT NULL)
 RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     cfg record;
@@ -139,7 +139,7 @@ BEGIN
             SELECT d.id,
                    CASE
                        WHEN j.id IS NULL THEN 'stale'
-                       WHEN NOT (j.id = ANY ($2)) THEN 'busy'
+                       WHEN lk.id IS NULL THEN 'busy'
                        WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'stale'
                        WHEN j.status::text <> 'completed' THEN 'stale'
                        WHEN j.%3$I >= $3 THEN 'wait'
@@ -161,8 +161,11 @@ BEGIN
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
                    END AS reason,
                    j.%3$I + $4 AS wait_until
-            FROM orphan_cleanup.deletion_queue AS d
+            -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
+            FROM unnest($1::bigint[]) AS wanted(id)
+            JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
             LEFT JOIN %1$s AS j ON j.id = d.job_id
+            LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id
             LEFT JOIN LATERAL orphan_cleanup.check_output_url(j.output_url) AS u ON true
             LEFT JOIN LATERAL (
                 SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
@@ -174,7 +177,6 @@ BEGIN
                 WHERE orphan_cleanup.object_key(j2.output_url) = d.bucket || '/' || d.object_path
                   AND j2.id <> d.job_id
             ) AS s ON true
-            WHERE d.id = ANY ($1)
         )
         SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
                array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
@@ -229,7 +231,7 @@ $$;
 -- output_url, per orphan_cleanup.on_confirm). A job row a save is holding is left for the next
 -- cycle; a delete that fails (a foreign key) falls back to clearing the URL, and says why.
 CREATE FUNCTION orphan_cleanup._cleanup_jobs(ids bigint[], mode text, actor text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     att orphan_cleanup.attachment;
@@ -262,6 +264,31 @@ BEGIN
         $sql$, att.jobs_oid::regclass) INTO v_exist USING ids;
     v_locked := coalesce(v_locked, '{}');
     v_exist := coalesce(v_exist, '{}');
+
+    -- The whole batch in one statement; row by row, with the fallback, only if that fails.
+    BEGIN
+        EXECUTE format($sql$
+            WITH done AS (
+                %s
+                RETURNING j.id
+            )
+            UPDATE orphan_cleanup.deletion_queue AS d
+               SET job_cleanup = CASE WHEN d.job_id IN (SELECT done.id FROM done) THEN $3
+                                      ELSE 'nothing to do: the job''s output_url changed' END
+             WHERE d.id = ANY ($1) AND d.job_cleanup LIKE 'pending%%' AND d.job_id = ANY ($2)
+            $sql$,
+            format(CASE WHEN mode = 'delete'
+                        THEN 'DELETE FROM %1$s AS j USING orphan_cleanup.deletion_queue AS q
+                              WHERE q.id = ANY ($1) AND q.job_cleanup LIKE ''pending%%'' AND j.id = q.job_id
+                                AND j.id = ANY ($2) AND md5(j.output_url) = q.url_hash'
+                        ELSE 'UPDATE %1$s AS j SET output_url = NULL FROM orphan_cleanup.deletion_queue AS q
+                              WHERE q.id = ANY ($1) AND q.job_cleanup LIKE ''pending%%'' AND j.id = q.job_id
+                                AND j.id = ANY ($2) AND md5(j.output_url) = q.url_hash' END,
+                   att.jobs_oid::regclass))
+        USING ids, v_locked, v_done;
+    EXCEPTION WHEN OTHERS THEN
+        NULL;  -- some row cannot be cleaned up this way (a foreign key): the loop below says which
+    END;
 
     FOR r IN
         SELECT d.id, d.job_id, d.url_hash, d.output_url FROM orphan_cleanup.deletion_queue AS d
@@ -300,7 +327,7 @@ $$;
 
 -- Confirmed rows whose job row was busy get their cleanup retried by every cycle.
 CREATE FUNCTION orphan_cleanup._retry_job_cleanup(actor text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_ids bigint[];
@@ -318,7 +345,7 @@ $$;
 -- Only rows this worker still holds are confirmed; the others come back with the reason.
 CREATE FUNCTION orphan_cleanup.confirm(worker text, ids bigint[], outcome text DEFAULT 'deleted')
 RETURNS TABLE (id bigint, result text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_done bigint[];
@@ -363,7 +390,7 @@ $$;
 -- orphan_cleanup.max_attempts, or at once when retryable is false, the row is dead-lettered.
 CREATE FUNCTION orphan_cleanup.fail(worker text, ids bigint[], error text, retryable boolean DEFAULT true)
 RETURNS TABLE (id bigint, result text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
@@ -417,7 +444,7 @@ $$;
 -- the latest one shows in queue_status() and health(): how a reaper that storage refuses makes
 -- itself heard in the database.
 CREATE FUNCTION orphan_cleanup.release(worker text, ids bigint[] DEFAULT NULL, reason text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     n bigint;
@@ -467,7 +494,7 @@ END;
 -- the same URL. A row a reaper holds right now cannot be cancelled (turn reaping off first).
 CREATE FUNCTION orphan_cleanup.cancel(ids bigint[])
 RETURNS TABLE (id bigint, result text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_done bigint[];
@@ -501,7 +528,7 @@ $$;
 
 -- DBA: puts dead-lettered rows back in the queue with fresh attempts. NULL: all of them.
 CREATE FUNCTION orphan_cleanup.requeue_dead(ids bigint[] DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     n bigint;

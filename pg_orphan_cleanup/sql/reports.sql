@@ -4,7 +4,7 @@
 -- split by what this system is doing about each orphan.
 CREATE FUNCTION orphan_cleanup.validation_report()
 RETURNS TABLE (metric text, value bigint, detail text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     t record;
@@ -99,7 +99,7 @@ $$;
 -- The guide's weekly health check: orphaned jobs per day (guide definition).
 CREATE FUNCTION orphan_cleanup.daily_orphans(days integer DEFAULT 7)
 RETURNS TABLE (day date, orphaned_jobs bigint)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     t record;
@@ -126,7 +126,7 @@ $$;
 -- The guide's storage usage trend: assets and bytes per asset type.
 CREATE FUNCTION orphan_cleanup.storage_usage()
 RETURNS TABLE (asset_type text, total_assets bigint, total_bytes numeric)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     t record;
@@ -152,7 +152,7 @@ $$;
 -- One row per check, each ok / warning / critical with a reason that says what to do.
 CREATE FUNCTION orphan_cleanup.health()
 RETURNS TABLE (check_name text, status text, detail text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     cfg record;
@@ -311,7 +311,7 @@ RETURNS TABLE (pending bigint, ready bigint, claimed bigint, dead bigint, reject
                last_cycle_at timestamptz, last_cycle_status text, last_cycle_error text,
                health text, reaping_enabled boolean, attached boolean,
                reaper_alert text, reaper_alert_at timestamptz)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
     RETURN QUERY
