@@ -80,15 +80,16 @@ fn main() -> Result<()> {
         emu_port: 25451,
     };
 
-    let mut drain = Vec::new();
-    drain.push(raw_capacity(&env, n)?);
-    drain.push(reaper_drain(&env, "reaper (defaults)", n, &[])?);
-    drain.push(reaper_drain(
-        &env,
-        "one request per object (the guide)",
-        baseline_n,
-        &["--batch-size", "1", "--concurrency", "1"],
-    )?);
+    let drain = vec![
+        raw_capacity(&env, n)?,
+        reaper_drain(&env, "reaper (defaults)", n, &[])?,
+        reaper_drain(
+            &env,
+            "one request per object (the guide)",
+            baseline_n,
+            &["--batch-size", "1", "--concurrency", "1"],
+        )?,
+    ];
     let worker_rss = Some(CYCLE_RSS.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
 
     let rate = |v: &str| {
@@ -306,9 +307,7 @@ fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
     let mut admin = psql_client(env, "postgres")?;
     admin.batch_execute("DROP DATABASE IF EXISTS bench_drain WITH (FORCE)")?;
     admin.batch_execute("CREATE DATABASE bench_drain")?;
-    admin.batch_execute(&format!(
-        "ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders'; "
-    ))?;
+    admin.batch_execute("ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders'")?;
     admin.batch_execute(&format!(
         "ALTER SYSTEM SET orphan_cleanup.allowed_hosts = '127.0.0.1:{}'",
         env.emu_port
