@@ -831,3 +831,34 @@ fn the_daemon_survives_a_database_restart() {
     );
     assert_eq!(states(&mut c), vec![("deleted".to_string(), 25)]);
 }
+
+#[test]
+fn a_key_that_deletes_nothing_is_noticed_while_running() {
+    // The probe is skipped here, as an operator might: 5000 names in a row reported absent by a
+    // key that cannot delete must still raise the alarm.
+    let emu = Emulator::start();
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", &emu.host),
+        ("max_per_cycle", "6000"),
+    ]);
+    let db = TestDb::attached("reaper_silent_key");
+    reaper_role();
+    emu.create_bucket("renders");
+    let mut c = db.client();
+    c.execute(
+        "INSERT INTO render_jobs (status, output_url, created_at, prompt)
+         SELECT 'completed', $1 || g || '.png', now() - interval '2 hours', 'orphan' FROM generate_series(1, 5001) AS g",
+        &[&emu.public_url("renders", "silent/")],
+    )
+    .unwrap();
+    assert_eq!(cycle(&mut c).2, 5001);
+    let out = reaper(&db.name, &emu, &["drain", "--no-probe"])
+        .env("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_PUBLISHABLE_KEY)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("already absent 5001"), "{text}");
+    assert!(text.contains("the key may lack delete rights"), "{text}");
+}
