@@ -81,7 +81,15 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
     let mut reaper = Reaper::new(settings.clone(), metrics, shutdown.clone());
     if mode == Mode::Drain {
-        attach_progress(&mut reaper);
+        // The bar's length: what is ready now (others may add to it or take from it meanwhile).
+        let ready =
+            match reaper::queue::Queue::connect(&settings.database_url, &settings.worker_id, false)
+                .await
+            {
+                Ok(q) => q.status().await.ok().map(|s| s.ready.max(0) as u64),
+                Err(_) => None,
+            };
+        attach_progress(&mut reaper, ready);
     }
     let reaper = Arc::new(reaper);
     if settings.probe {
@@ -131,24 +139,35 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
 }
 
 /// A progress bar on a terminal, plain lines otherwise.
-fn attach_progress(reaper: &mut Reaper) {
+fn attach_progress(reaper: &mut Reaper, total: Option<u64>) {
     if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
-        );
+        let bar = match total {
+            Some(n) => ProgressBar::new(n).with_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec} eta {eta} {msg}")
+                    .expect("valid template"),
+            ),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
+            ),
+        };
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         reaper.on_progress(move |s| {
+            bar.set_position(s.deleted + s.absent + s.failed + s.refused);
             bar.set_message(format!(
                 "deleted {} absent {} failed {} dead {}",
                 s.deleted, s.absent, s.failed, s.dead_lettered
-            ))
+            ));
         });
     } else {
-        reaper.on_progress(|s| {
+        let of = total.map(|n| format!(" of {n} ready")).unwrap_or_default();
+        reaper.on_progress(move |s| {
             eprintln!(
-                "progress: deleted {} absent {} failed {} dead-lettered {}",
-                s.deleted, s.absent, s.failed, s.dead_lettered
+                "progress: {} handled{of}: deleted {} absent {} failed {} dead-lettered {}",
+                s.deleted + s.absent + s.failed + s.refused,
+                s.deleted,
+                s.absent,
+                s.failed,
+                s.dead_lettered
             )
         });
     }
