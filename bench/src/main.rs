@@ -16,13 +16,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod detection;
+
 use anyhow::{bail, Context, Result};
 use postgres::{Client, NoTls};
 use serde::Serialize;
 
 const JWT_SECRET: &str = "bench-jwt-secret-for-the-local-storage-emulator";
 
-struct Env {
+pub(crate) struct Env {
     root: PathBuf,
     bin: PathBuf,
     port: u16,
@@ -47,6 +49,7 @@ struct Report {
     ratios: BTreeMap<String, f64>,
     cycle_backend_peak_rss_kib: Option<i64>,
     targets: Vec<Target>,
+    detection: Vec<detection::DetectionResult>,
 }
 
 #[derive(Serialize)]
@@ -59,10 +62,10 @@ struct Target {
 
 fn main() -> Result<()> {
     let scale = std::env::var("BENCH_SCALE").unwrap_or_else(|_| "small".into());
-    let (n, baseline_n) = match scale.as_str() {
-        "tiny" => (1_000u64, 200u64),
-        "small" => (10_000, 2_000),
-        "full" => (100_000, 10_000),
+    let (n, baseline_n, job_scales) = match scale.as_str() {
+        "tiny" => (1_000u64, 200u64, vec![5_000u64]),
+        "small" => (10_000, 2_000, vec![100_000]),
+        "full" => (100_000, 10_000, vec![100_000, 1_000_000]),
         other => bail!("BENCH_SCALE={other:?}: use tiny, small or full"),
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -80,6 +83,10 @@ fn main() -> Result<()> {
         emu_port: 25451,
     };
 
+    let detect = job_scales
+        .iter()
+        .map(|&jobs| detection::detection(&env, jobs))
+        .collect::<Result<Vec<_>>>()?;
     let drain = vec![
         raw_capacity(&env, n)?,
         reaper_drain(&env, "reaper (defaults)", n, &[])?,
@@ -110,7 +117,7 @@ fn main() -> Result<()> {
         .find(|d| d.variant == "reaper (defaults)")
         .and_then(|d| d.peak_rss_kib)
         .unwrap_or(0);
-    let targets = vec![
+    let mut targets = vec![
         Target {
             name: "reaper vs one request per object".into(),
             goal: ">= 8x".into(),
@@ -130,6 +137,38 @@ fn main() -> Result<()> {
             met: rss > 0 && rss < 64 * 1024,
         },
     ];
+    let largest = detect.last().expect("at least one detection scale");
+    targets.push(Target {
+        name: format!("first cycle over the backlog ({} jobs)", largest.jobs),
+        goal: ">= 50,000 orphans/s".into(),
+        measured: format!("{:.0} orphans/s", largest.first_cycle_orphans_per_second),
+        met: largest.first_cycle_orphans_per_second >= 50_000.0,
+    });
+    match (
+        detect.iter().find(|d| d.jobs == 100_000),
+        detect.iter().find(|d| d.jobs == 1_000_000),
+    ) {
+        (Some(small), Some(big)) => {
+            targets.push(Target {
+                name: "steady-state cycle at 1M jobs".into(),
+                goal: "< 50 ms".into(),
+                measured: format!("{:.1} ms", big.steady_cycle_ms),
+                met: big.steady_cycle_ms < 50.0,
+            });
+            targets.push(Target {
+                name: "steady-state growth 100k -> 1M".into(),
+                goal: "<= 2x".into(),
+                measured: format!("{:.2}x", big.steady_cycle_ms / small.steady_cycle_ms),
+                met: big.steady_cycle_ms <= 2.0 * small.steady_cycle_ms,
+            });
+        }
+        _ => targets.push(Target {
+            name: "steady-state cycle at 1M jobs".into(),
+            goal: "< 50 ms, <= 2x of 100k".into(),
+            measured: "not measured at this scale (BENCH_SCALE=full)".into(),
+            met: false,
+        }),
+    }
     let report = Report {
         machine: machine(),
         scale: scale.clone(),
@@ -138,6 +177,7 @@ fn main() -> Result<()> {
         ratios,
         cycle_backend_peak_rss_kib: worker_rss,
         targets,
+        detection: detect,
     };
 
     let out = root.join("target/bench");
@@ -186,6 +226,16 @@ fn machine() -> BTreeMap<String, String> {
 }
 
 fn print_table(r: &Report) {
+    println!("\nDetection (about 80% completed, 30% of those saved; recommended indexes present)");
+    println!("| jobs | guide count | orphan_count() | backlog orphans | first cycle | orphans/s | steady-state cycle | full sweep | idle cycle (CPU) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for d in &r.detection {
+        println!(
+            "| {} | {:.0} ms | {:.0} ms | {} | {:.0} ms | {:.0} | {:.1} ms ({} queued) | {:.0} ms | {:.1} ms ({:.0} ms) |",
+            d.jobs, d.guide_count_ms, d.orphan_count_ms, d.backlog_orphans, d.first_cycle_ms, d.first_cycle_orphans_per_second,
+            d.steady_cycle_ms, d.steady_cycle_enqueued, d.full_sweep_ms, d.idle_cycle_ms, d.idle_cycle_cpu_ms
+        );
+    }
     println!(
         "\nDrain throughput, {} queued objects (scale {}), {} cores, {}",
         r.queued_objects,
@@ -224,7 +274,7 @@ fn print_table(r: &Report) {
     }
 }
 
-fn psql_client(env: &Env, db: &str) -> Result<Client> {
+pub(crate) fn psql_client(env: &Env, db: &str) -> Result<Client> {
     Client::connect(
         &format!("host=127.0.0.1 port={} user=postgres dbname={db}", env.port),
         NoTls,
@@ -323,16 +373,7 @@ fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
         env.root.join("sql/app_schema.sql"),
     )?)?;
     c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?;
-    for stmt in std::fs::read_to_string(env.root.join("sql/indexes.sql"))?.split(';') {
-        let stmt: String = stmt
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        if !stmt.trim().is_empty() {
-            c.batch_execute(&stmt)?;
-        }
-    }
+    create_indexes(env, &mut c)?;
     c.batch_execute(
         "DO $$ BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bench_reaper') THEN
@@ -400,6 +441,21 @@ fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<Drai
         objects_per_second: n as f64 / seconds,
         peak_rss_kib: Some(rss),
     })
+}
+
+/// The indexes of `sql/indexes.sql`, one statement at a time (CONCURRENTLY needs that).
+pub(crate) fn create_indexes(env: &Env, c: &mut Client) -> Result<()> {
+    for stmt in std::fs::read_to_string(env.root.join("sql/indexes.sql"))?.split(';') {
+        let stmt: String = stmt
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if !stmt.trim().is_empty() {
+            c.batch_execute(&stmt)?;
+        }
+    }
+    Ok(())
 }
 
 /// Waits for a child and returns (success, its own peak RSS in KiB), via wait4.

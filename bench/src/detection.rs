@@ -1,0 +1,172 @@
+//! Detection at scale: the guide's count query against `orphan_count()`, the first cycle over the
+//! whole backlog, the steady-state cycle that runs every few minutes forever, a full sweep, and
+//! the CPU time of a cycle that finds nothing.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use postgres::Client;
+use serde::Serialize;
+
+use crate::Env;
+
+#[derive(Serialize, Debug)]
+pub struct DetectionResult {
+    pub jobs: u64,
+    pub guide_count_ms: f64,
+    pub orphan_count_ms: f64,
+    pub backlog_orphans: i64,
+    pub first_cycle_ms: f64,
+    pub first_cycle_orphans_per_second: f64,
+    /// 100 new orphans and 100 new saves since the last cycle.
+    pub steady_cycle_ms: f64,
+    pub steady_cycle_enqueued: i64,
+    pub full_sweep_ms: f64,
+    /// Wall time, and CPU time of the backend (10 ms clock ticks), of one cycle that finds nothing.
+    pub idle_cycle_ms: f64,
+    pub idle_cycle_cpu_ms: f64,
+}
+
+const GUIDE_COUNT: &str = "
+    SELECT COUNT(*)
+    FROM render_jobs rj
+    LEFT JOIN user_assets ua ON ua.metadata->>'render_job_id' = rj.id::text
+    WHERE rj.status = 'completed' AND rj.output_url IS NOT NULL AND ua.id IS NULL
+      AND rj.created_at < NOW() - INTERVAL '1 hour'";
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let started = Instant::now();
+    let v = f()?;
+    Ok((v, started.elapsed().as_secs_f64() * 1000.0))
+}
+
+fn reload(admin: &mut Client, settings: &[(&str, &str)]) -> Result<()> {
+    for (name, value) in settings {
+        let sql: String = admin
+            .query_one(
+                "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)",
+                &[&format!("orphan_cleanup.{name}"), value],
+            )?
+            .get(0);
+        admin.batch_execute(&sql)?;
+    }
+    admin.batch_execute("SELECT pg_reload_conf()")?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Ok(())
+}
+
+/// CPU time (user + system) of a backend, in milliseconds, from /proc.
+fn backend_cpu_ms(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1000.0 / hz
+}
+
+pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
+    let mut admin = crate::psql_client(env, "postgres")?;
+    admin.batch_execute("DROP DATABASE IF EXISTS bench_detect WITH (FORCE)")?;
+    admin.batch_execute("CREATE DATABASE bench_detect")?;
+    reload(
+        &mut admin,
+        &[
+            ("allowed_buckets", "renders"),
+            ("allowed_hosts", "bench.supabase.co"),
+            ("max_per_cycle", "10000000"),
+            ("enabled", "off"),
+            ("full_sweep_interval", "1d"),
+        ],
+    )?;
+    let mut c = crate::psql_client(env, "bench_detect")?;
+    c.batch_execute(&std::fs::read_to_string(
+        env.root.join("sql/app_schema.sql"),
+    )?)?;
+    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?;
+    let data = std::fs::read_to_string(env.root.join("sql/generate_data.sql"))?
+        .replace(":'base'", "'https://bench.supabase.co'")
+        .replace(":jobs", &jobs.to_string());
+    c.batch_execute(&data)?;
+    crate::create_indexes(env, &mut c)?;
+    c.batch_execute("ANALYZE")?;
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])?;
+
+    let (guide, guide_count_ms) = timed(|| Ok(c.query_one(GUIDE_COUNT, &[])?.get::<_, i64>(0)))?;
+    let (ours, orphan_count_ms) = timed(|| {
+        Ok(c.query_one("SELECT orphan_cleanup.orphan_count()", &[])?
+            .get::<_, i64>(0))
+    })?;
+    if guide != ours {
+        bail!("orphan_count() = {ours}, the guide's query = {guide}");
+    }
+
+    let cycle = |c: &mut Client| -> Result<(String, i64)> {
+        let r = c.query_one(
+            "SELECT status, enqueued FROM orphan_cleanup.run_cycle()",
+            &[],
+        )?;
+        Ok((r.get(0), r.get(1)))
+    };
+    let ((status, backlog), first_cycle_ms) = timed(|| cycle(&mut c))?;
+    if status != "ok" {
+        bail!("first cycle: {status}");
+    }
+
+    // Steady state: 100 new orphans just old enough, and 100 new saves, since the last cycle.
+    c.batch_execute(
+        "INSERT INTO render_jobs (status, output_url, created_at)
+         SELECT 'completed', format('https://bench.supabase.co/storage/v1/object/public/renders/new/%s.png', g),
+                now() - interval '1 hour 1 millisecond'
+         FROM generate_series(1, 100) AS g;
+         INSERT INTO user_assets (asset_type, metadata)
+         SELECT 'generated_saved', jsonb_build_object('render_job_id', id::text)
+         FROM (SELECT id FROM render_jobs WHERE status = 'completed' ORDER BY random() LIMIT 100) AS j;",
+    )?;
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let ((_, steady_enqueued), steady_cycle_ms) = timed(|| cycle(&mut c))?;
+
+    // Idle: nothing new; CPU time of this backend.
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let before = backend_cpu_ms(pid);
+    let (_, idle_cycle_ms) = timed(|| cycle(&mut c))?;
+    let idle_cycle_cpu_ms = backend_cpu_ms(pid) - before;
+
+    // A full sweep re-reads the whole history.
+    reload(
+        &mut admin,
+        &[
+            ("allowed_buckets", "renders"),
+            ("allowed_hosts", "bench.supabase.co"),
+            ("max_per_cycle", "10000000"),
+            ("enabled", "off"),
+            ("full_sweep_interval", "0"),
+        ],
+    )?;
+    let (_, full_sweep_ms) = timed(|| cycle(&mut c))?;
+    admin.batch_execute("ALTER SYSTEM RESET ALL")?;
+    reload(&mut admin, &[])?;
+
+    Ok(DetectionResult {
+        jobs,
+        guide_count_ms,
+        orphan_count_ms,
+        backlog_orphans: backlog,
+        first_cycle_ms,
+        first_cycle_orphans_per_second: backlog as f64 / (first_cycle_ms / 1000.0),
+        steady_cycle_ms,
+        steady_cycle_enqueued: steady_enqueued,
+        full_sweep_ms,
+        idle_cycle_ms,
+        idle_cycle_cpu_ms,
+    })
+}
