@@ -178,20 +178,17 @@ async fn dry_run(settings: &reaper::config::Settings) -> anyhow::Result<ExitCode
         reaper::queue::Queue::connect(&settings.database_url, &settings.worker_id, false).await?;
     let rows = queue.peek(10_000).await?;
     for row in &rows {
-        let bucket = row.bucket.clone().unwrap_or_default();
-        let key = row.object_path.clone().unwrap_or_default();
-        let obj = object_url::ObjectRef {
-            host: row.host.clone(),
-            bucket: bucket.clone(),
-            key: key.clone(),
-            form: object_url::UrlForm::Bare,
-        };
-        match settings.policy.check(&obj) {
-            Ok(()) => println!(
-                "would delete {bucket}/{key} (queue row {}, job {})",
+        let name = format!(
+            "{}/{}",
+            row.bucket.as_deref().unwrap_or(""),
+            row.object_path.as_deref().unwrap_or("")
+        );
+        match reaper::reaper::allowed(&settings.policy, row) {
+            Ok(_) => println!(
+                "would delete {name} (queue row {}, job {})",
                 row.id, row.job_id
             ),
-            Err(r) => println!("would refuse queue row {} ({bucket}/{key}): {r}", row.id),
+            Err(r) => println!("would refuse queue row {} ({name}): {r}", row.id),
         }
     }
     println!(

@@ -292,7 +292,7 @@ impl Reaper {
         let mut refused: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         let mut by_bucket: BTreeMap<String, Vec<Claimed>> = BTreeMap::new();
         for row in batch {
-            match self.check(&row) {
+            match allowed(&self.settings.policy, &row) {
                 Ok(bucket) => by_bucket.entry(bucket).or_default().push(row),
                 Err(reason) => refused.entry(reason).or_default().push(row.id),
             }
@@ -467,25 +467,22 @@ impl Reaper {
             );
         }
     }
+}
 
-    /// The reaper's own check of a row: the bucket is in --buckets and the host, if any, is
-    /// this project's. Returns the bucket, or why the row is refused.
-    fn check(&self, row: &Claimed) -> Result<String, String> {
-        let (Some(bucket), Some(key)) = (row.bucket.clone(), row.object_path.clone()) else {
-            return Err("the row names no bucket or object".into());
-        };
-        let obj = object_url::ObjectRef {
-            host: row.host.clone(),
-            bucket: bucket.clone(),
-            key,
-            form: object_url::UrlForm::Bare,
-        };
-        self.settings
-            .policy
-            .check(&obj)
-            .map_err(|r| r.to_string())?;
-        Ok(bucket)
-    }
+/// The reaper's own check of a row, whatever the database said: the bucket is in --buckets and
+/// the host, if any, is this project's. Returns the bucket, or why the row is refused.
+pub fn allowed(policy: &object_url::Policy, row: &Claimed) -> Result<String, String> {
+    let (Some(bucket), Some(key)) = (row.bucket.clone(), row.object_path.clone()) else {
+        return Err("the row names no bucket or object".into());
+    };
+    let obj = object_url::ObjectRef {
+        host: row.host.clone(),
+        bucket: bucket.clone(),
+        key,
+        form: object_url::UrlForm::Bare,
+    };
+    policy.check(&obj).map_err(|r| r.to_string())?;
+    Ok(bucket)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

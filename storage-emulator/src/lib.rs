@@ -71,15 +71,6 @@ struct LogExtra {
 }
 
 impl Emulator {
-    pub fn new(
-        store: Store,
-        jwt_secret: String,
-        hard_limits: bool,
-        faults: Faults,
-    ) -> Arc<Emulator> {
-        Emulator::with_opaque_keys(store, jwt_secret, hard_limits, faults, HashMap::new())
-    }
-
     pub fn with_opaque_keys(
         store: Store,
         jwt_secret: String,
