@@ -108,9 +108,11 @@ BEGIN
                      AND j2.id <> c.id
                      AND NOT (j2.status = 'completed'
                               AND j2.%1$I < $1
+                              -- OFFSET 0: an index probe per job, never a hash of every asset.
                               AND NOT EXISTS (
                                   SELECT 1 FROM %3$s AS a2
-                                  WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text))
+                                  WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
+                                  OFFSET 0))
                    LIMIT 1)
                END
         FROM cand AS c
@@ -154,15 +156,23 @@ BEGIN
         SELECT * FROM c WHERE c.ref_state <> 'canonical'
     ),
     fresh AS (
-        -- Orphans whose URL has no queue history that settles it already.
-        SELECT o.*, md5(o.output_url) AS url_hash
+        -- Orphans whose URL has no queue history that settles it already. A LATERAL ... LIMIT 1
+        -- rather than NOT EXISTS: the planner turned NOT EXISTS into a hash anti-join that read
+        -- the whole queue once per chunk, which made a first cycle over 1M jobs quadratic. This
+        -- form can only be an index probe per orphan (deletion_queue_job).
+        SELECT o.*, h.url_hash
         FROM orphans AS o
-        WHERE NOT EXISTS (
-            SELECT 1 FROM orphan_cleanup.deletion_queue AS q
+        CROSS JOIN LATERAL (SELECT md5(o.output_url) AS url_hash) AS h
+        LEFT JOIN LATERAL (
+            SELECT true AS settled
+            FROM orphan_cleanup.deletion_queue AS q
             WHERE q.job_id = o.job_id
-              AND q.url_hash = md5(o.output_url)
+              AND q.url_hash = h.url_hash
               AND (q.state IN ('pending', 'claimed', 'deleted', 'absent', 'dead', 'cancelled')
-                   OR (q.state = 'rejected' AND q.reason = o.url_error)))
+                   OR (q.state = 'rejected' AND q.reason = o.url_error))
+            LIMIT 1
+        ) AS s ON true
+        WHERE s.settled IS NULL
     ),
     ins_queue AS (
         INSERT INTO orphan_cleanup.deletion_queue
@@ -538,14 +548,24 @@ CREATE FUNCTION orphan_cleanup._prune(retention interval) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
-    DELETE FROM orphan_cleanup.deletion_queue
-    WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
-                 WHERE finished_at < now() - retention
-                   AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
-                 LIMIT 10000);
-    DELETE FROM orphan_cleanup.audit_log
-    WHERE id IN (SELECT id FROM orphan_cleanup.audit_log WHERE at < now() - retention ORDER BY id LIMIT 10000);
-    DELETE FROM orphan_cleanup.cycle_log
-    WHERE id IN (SELECT id FROM orphan_cleanup.cycle_log WHERE started_at < now() - retention ORDER BY id LIMIT 10000);
+    -- Every cycle calls this, and usually nothing is old enough. Each DELETE runs only when the
+    -- oldest row (min() on the time column's index: one index probe, whatever the statistics)
+    -- says there is something to prune; otherwise, with stale statistics, the planner could read
+    -- the whole history for nothing (100 ms per idle cycle at 550k audit rows).
+    IF (SELECT min(finished_at) FROM orphan_cleanup.deletion_queue WHERE finished_at IS NOT NULL) < now() - retention THEN
+        DELETE FROM orphan_cleanup.deletion_queue
+        WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
+                     WHERE finished_at < now() - retention
+                       AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
+                     ORDER BY finished_at LIMIT 10000);
+    END IF;
+    IF (SELECT min(at) FROM orphan_cleanup.audit_log) < now() - retention THEN
+        DELETE FROM orphan_cleanup.audit_log
+        WHERE id IN (SELECT id FROM orphan_cleanup.audit_log WHERE at < now() - retention ORDER BY at LIMIT 10000);
+    END IF;
+    IF (SELECT min(started_at) FROM orphan_cleanup.cycle_log) < now() - retention THEN
+        DELETE FROM orphan_cleanup.cycle_log
+        WHERE id IN (SELECT id FROM orphan_cleanup.cycle_log WHERE started_at < now() - retention ORDER BY started_at LIMIT 10000);
+    END IF;
 END
 $$;

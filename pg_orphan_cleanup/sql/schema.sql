@@ -104,6 +104,9 @@ CREATE INDEX deletion_queue_object ON orphan_cleanup.deletion_queue (bucket, obj
 CREATE INDEX deletion_queue_ready ON orphan_cleanup.deletion_queue (available_at, id) WHERE state = 'pending';
 CREATE INDEX deletion_queue_leases ON orphan_cleanup.deletion_queue (lease_until) WHERE state = 'claimed';
 CREATE INDEX deletion_queue_finished ON orphan_cleanup.deletion_queue (finished_at) WHERE finished_at IS NOT NULL;
+-- Confirmed rows whose job row still needs cleaning up: every cycle looks for them, and without
+-- this index that look read the whole queue (125 ms per idle cycle at 550k queue rows).
+CREATE INDEX deletion_queue_job_cleanup_pending ON orphan_cleanup.deletion_queue (id) WHERE job_cleanup LIKE 'pending%';
 
 -- One row per action, with the actor: the guide's "full audit trail for all cleanup operations".
 CREATE TABLE orphan_cleanup.audit_log (
