@@ -2,6 +2,12 @@
 //! bucket, delete up to `batch_size` names per request with several requests in flight, then
 //! confirm, fail or release every row.
 //!
+//! Claiming is pipelined: while one batch is deleted and confirmed on the main connection, the
+//! next batch is claimed on a second one. The database side (the claim's re-check, the confirm's
+//! audit rows and job-row cleanup) costs more than the bulk deletes, and two backends do it on
+//! two cores at once. A prefetched batch is claimed like any other: a crash leaves it to its
+//! lease, a shutdown or a storage problem releases it without counting an attempt.
+//!
 //! Nothing is lost at any moment: a crash leaves rows claimed, and their leases bring them back;
 //! a repeated delete is harmless (the object is reported absent). A bulk request fails as a whole,
 //! so its errors say something about the process (URL, key, load), and never cost a row an
@@ -153,6 +159,9 @@ impl Reaper {
     /// Drains the queue until it is empty (`Mode::Drain`) or until shutdown (`Mode::Run`).
     pub async fn drain(&self, mode: Mode) -> Result<Summary, QueueError> {
         let mut queue: Option<Queue> = None;
+        // The second connection, for claiming ahead, and the batch it claimed.
+        let mut claimer: Option<Queue> = None;
+        let mut prefetched: Option<Vec<Claimed>> = None;
         let mut reconnect = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut cooldown = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
         while !self.shutdown.is_cancelled() {
@@ -182,8 +191,12 @@ impl Reaper {
                     }
                 },
             };
-            let want = (self.settings.batch_size * self.settings.concurrency).min(10_000);
-            let batch = match q.claim(want, self.settings.lease, &self.buckets()).await {
+            let want = self.claim_size();
+            let claimed = match prefetched.take() {
+                Some(b) => Ok(b),
+                None => q.claim(want, self.settings.lease, &self.buckets()).await,
+            };
+            let batch = match claimed {
                 Ok(b) => b,
                 Err(e) => {
                     if mode == Mode::Drain && !q.is_closed() {
@@ -211,7 +224,10 @@ impl Reaper {
                 queue = Some(q);
                 continue;
             }
-            let outcome = self.process(&q, batch).await;
+            // Delete and confirm this batch while the next one is claimed on the other connection.
+            let (outcome, next) =
+                tokio::join!(self.process(&q, batch), self.claim_ahead(&mut claimer));
+            prefetched = next;
             let storage_trouble = match outcome {
                 Ok(trouble) => trouble,
                 Err(e) => {
@@ -225,6 +241,13 @@ impl Reaper {
                     continue;
                 }
             };
+            if storage_trouble != Trouble::None {
+                // The reaper is about to stop or wait: the batch claimed ahead goes back now,
+                // not when its lease runs out (which would count an attempt).
+                if let Some(ahead) = prefetched.take() {
+                    self.give_back(&q, &ahead).await;
+                }
+            }
             match storage_trouble {
                 Trouble::None => {
                     cooldown.reset();
@@ -269,6 +292,58 @@ impl Reaper {
             }
         }
         Ok(self.summary())
+    }
+
+    /// How many rows one claim asks for: enough for every request in flight.
+    fn claim_size(&self) -> usize {
+        (self.settings.batch_size * self.settings.concurrency).min(10_000)
+    }
+
+    /// Claims the next batch on the second connection, (re)connecting it when needed. Returns
+    /// `None` when there is nothing ready or the connection fails: the main loop then claims on
+    /// its own connection, as without pipelining. Nothing is claimed once shutdown has begun.
+    async fn claim_ahead(&self, claimer: &mut Option<Queue>) -> Option<Vec<Claimed>> {
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        if claimer.as_ref().is_none_or(Queue::is_closed) {
+            match Queue::connect(&self.settings.database_url, &self.settings.worker_id, false).await
+            {
+                Ok(q) => *claimer = Some(q),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no second connection for claiming ahead; claiming in turn");
+                    *claimer = None;
+                    return None;
+                }
+            }
+        }
+        let c = claimer.as_ref()?;
+        match c
+            .claim(self.claim_size(), self.settings.lease, &self.buckets())
+            .await
+        {
+            Ok(b) if !b.is_empty() => Some(b),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "claiming ahead failed; claiming in turn");
+                *claimer = None;
+                None
+            }
+        }
+    }
+
+    /// Releases a batch this reaper will not process now, without counting an attempt.
+    async fn give_back(&self, q: &Queue, rows: &[Claimed]) {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        match q.release(Some(&ids), None).await {
+            Ok(n) => {
+                self.add(|s| s.released += n as u64);
+                self.metrics.count("released", n as usize);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rows = ids.len(), "could not release the batch claimed ahead; its lease will return it")
+            }
+        }
     }
 
     async fn sleep(&self, d: Duration) {

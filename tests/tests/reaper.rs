@@ -17,6 +17,24 @@ struct World {
     keep: BTreeSet<String>,
 }
 
+/// A service-role key signed with another project's secret: storage refuses it (403).
+fn foreign_key() -> String {
+    let out = std::process::Command::new(binary("storage-emulator"))
+        .args([
+            "keys",
+            "--jwt-secret",
+            "another-project-secret-that-is-long-enough",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY="))
+        .unwrap()
+        .to_string()
+}
+
 fn world(name: &str, orphans: usize, extra_settings: &[(&str, &str)]) -> World {
     let emu = Emulator::start();
     let mut s: Vec<(&str, &str)> =
@@ -113,7 +131,14 @@ fn max_attempts_seen(c: &mut postgres::Client) -> i32 {
 #[test]
 fn drain_deletes_every_orphan_and_nothing_else() {
     let w = world("reaper_drain", 2500, &[]);
-    let out = reaper(&w.db.name, &w.emu, &["drain"]).output().unwrap();
+    // Claims of 1000 rows: three batches, each next one claimed ahead while one is deleted.
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--batch-size", "500", "--concurrency", "2"],
+    )
+    .output()
+    .unwrap();
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -142,10 +167,10 @@ fn drain_deletes_every_orphan_and_nothing_else() {
         .into_iter()
         .filter(|r| r["method"] == "DELETE")
         .collect();
-    assert!(deletes.iter().all(|r| r["names"].as_u64().unwrap() <= 1000));
+    assert!(deletes.iter().all(|r| r["names"].as_u64().unwrap() <= 500));
     assert!(
-        deletes.len() <= 4,
-        "bulk, not one request per object: {} requests",
+        deletes.len() <= 6,
+        "bulk, not one request per object: 2500 names in requests of 500, and the start-up probe's: {} requests",
         deletes.len()
     );
     assert!(w.orphans.iter().all(|o| !w.emu.objects().contains(o)));
@@ -207,23 +232,7 @@ fn server_errors_are_retried_with_attempts_then_dead_lettered() {
 fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
     let w = world("reaper_badkey", 10, &[]);
     let mut c = w.db.client();
-    // Signed with another project's secret.
-    let foreign = {
-        let out = std::process::Command::new(binary("storage-emulator"))
-            .args([
-                "keys",
-                "--jwt-secret",
-                "another-project-secret-that-is-long-enough",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY="))
-            .unwrap()
-            .to_string()
-    };
+    let foreign = foreign_key();
     let out = reaper(&w.db.name, &w.emu, &["drain"])
         .env("SUPABASE_SERVICE_ROLE_KEY", &foreign)
         .output()
@@ -282,6 +291,45 @@ fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
         .unwrap();
     assert!(!out.status.success(), "{}", output_text(&out));
     assert_eq!(max_attempts_seen(&mut c), 0);
+}
+
+/// The reaper claims the next batch on its second connection while the current one is
+/// deleted. When storage refuses the key, that batch goes back too: nothing stays claimed
+/// until a lease runs out, and no attempt is counted.
+#[test]
+fn a_batch_claimed_ahead_goes_back_when_storage_refuses_the_key() {
+    let w = world("reaper_ahead", 10, &[]);
+    let mut c = w.db.client();
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "drain",
+            "--no-probe",
+            "--batch-size",
+            "2",
+            "--concurrency",
+            "1",
+        ],
+    )
+    .env("SUPABASE_SERVICE_ROLE_KEY", foreign_key())
+    .output()
+    .unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let mut audited = |action: &str| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = $1",
+            &[&action],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(audited("claimed"), 4, "the batch and the one claimed ahead");
+    assert_eq!(audited("released"), 4, "both given back at once");
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
+    assert_eq!(max_attempts_seen(&mut c), 0);
+    assert_eq!(w.emu.objects().len(), 10 + w.keep.len());
 }
 
 #[test]
