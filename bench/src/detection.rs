@@ -25,6 +25,13 @@ pub struct DetectionResult {
     /// Wall time, and CPU time of the backend (10 ms clock ticks), of one cycle that finds nothing.
     pub idle_cycle_ms: f64,
     pub idle_cycle_cpu_ms: f64,
+    /// The guide's step 7B emergency DELETE (100 job rows per statement), run until it deletes
+    /// nothing: the rows it removed, the statements it took, and its wall time. It deletes job
+    /// rows only, leaving their files behind, so it is a baseline for detection speed alone.
+    pub guide_delete_rows: i64,
+    pub guide_delete_statements: u64,
+    pub guide_delete_ms: f64,
+    pub guide_delete_rows_per_second: f64,
 }
 
 const GUIDE_COUNT: &str = "
@@ -33,6 +40,20 @@ const GUIDE_COUNT: &str = "
     LEFT JOIN user_assets ua ON ua.metadata->>'render_job_id' = rj.id::text
     WHERE rj.status = 'completed' AND rj.output_url IS NOT NULL AND ua.id IS NULL
       AND rj.created_at < NOW() - INTERVAL '1 hour'";
+
+/// The guide's step 7B "emergency manual cleanup", verbatim.
+const GUIDE_DELETE: &str = "
+    DELETE FROM render_jobs
+    WHERE id IN (
+      SELECT rj.id
+      FROM render_jobs rj
+      LEFT JOIN user_assets ua ON ua.metadata->>'render_job_id' = rj.id::text
+      WHERE rj.status = 'completed'
+        AND rj.output_url IS NOT NULL
+        AND ua.id IS NULL
+        AND rj.created_at < NOW() - INTERVAL '1 hour'
+      LIMIT 100
+    )";
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     let started = Instant::now();
@@ -55,23 +76,16 @@ fn reload(admin: &mut Client, settings: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// CPU time (user + system) of a backend, in milliseconds, from /proc.
-fn backend_cpu_ms(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|u| u.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks * 1000.0 / hz
+/// CPU time a backend has run, in milliseconds: the scheduler's nanosecond count from
+/// /proc/PID/schedstat (the tick counts in /proc/PID/stat are 10 ms coarse).
+fn backend_cpu_ms(pid: i32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
+    let ns: f64 = stat
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("unreadable /proc/{pid}/schedstat: {stat:?}"))?;
+    Ok(ns / 1e6)
 }
 
 pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
@@ -137,9 +151,12 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
 
     // Idle: nothing new; CPU time of this backend.
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    let before = backend_cpu_ms(pid);
-    let (_, idle_cycle_ms) = timed(|| cycle(&mut c))?;
-    let idle_cycle_cpu_ms = backend_cpu_ms(pid) - before;
+    let before = backend_cpu_ms(pid)?;
+    let ((_, idle_enqueued), idle_cycle_ms) = timed(|| cycle(&mut c))?;
+    let idle_cycle_cpu_ms = backend_cpu_ms(pid)? - before;
+    if idle_enqueued != 0 {
+        bail!("the idle cycle queued {idle_enqueued} rows: it was not idle");
+    }
 
     // A full sweep re-reads the whole history.
     reload(
@@ -156,6 +173,23 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
     admin.batch_execute("ALTER SYSTEM RESET ALL")?;
     reload(&mut admin, &[])?;
 
+    // The guide's baseline last, since it deletes job rows: 100 per statement until none is left.
+    let remaining: i64 = c.query_one(GUIDE_COUNT, &[])?.get(0);
+    let ((guide_delete_rows, guide_delete_statements), guide_delete_ms) = timed(|| {
+        let (mut rows, mut statements) = (0i64, 0u64);
+        loop {
+            let n = c.execute(GUIDE_DELETE, &[])?;
+            statements += 1;
+            rows += n as i64;
+            if n == 0 {
+                return Ok((rows, statements));
+            }
+        }
+    })?;
+    if guide_delete_rows != remaining {
+        bail!("the guide's DELETE removed {guide_delete_rows} rows, its count said {remaining}");
+    }
+
     Ok(DetectionResult {
         jobs,
         guide_count_ms,
@@ -168,5 +202,9 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
         full_sweep_ms,
         idle_cycle_ms,
         idle_cycle_cpu_ms,
+        guide_delete_rows,
+        guide_delete_statements,
+        guide_delete_ms,
+        guide_delete_rows_per_second: guide_delete_rows as f64 / (guide_delete_ms / 1000.0),
     })
 }

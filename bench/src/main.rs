@@ -24,6 +24,9 @@ use serde::Serialize;
 
 const JWT_SECRET: &str = "bench-jwt-secret-for-the-local-storage-emulator";
 
+/// Rows one claim asks for with the reaper's defaults (`--batch-size 1000 --concurrency 4`).
+const DEFAULT_CLAIM_ROWS: u64 = 4_000;
+
 pub(crate) struct Env {
     root: PathBuf,
     bin: PathBuf,
@@ -50,6 +53,8 @@ struct Report {
     cycle_backend_peak_rss_kib: Option<i64>,
     targets: Vec<Target>,
     detection: Vec<detection::DetectionResult>,
+    /// Wall time of the whole run, data generation included.
+    runtime_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -61,6 +66,7 @@ struct Target {
 }
 
 fn main() -> Result<()> {
+    let run_started = Instant::now();
     let scale = std::env::var("BENCH_SCALE").unwrap_or_else(|_| "small".into());
     let (n, baseline_n, job_scales) = match scale.as_str() {
         "tiny" => (1_000u64, 200u64, vec![5_000u64]),
@@ -87,16 +93,27 @@ fn main() -> Result<()> {
         .iter()
         .map(|&jobs| detection::detection(&env, jobs))
         .collect::<Result<Vec<_>>>()?;
-    let drain = vec![
+    let mut drain = vec![
         raw_capacity(&env, n)?,
         reaper_drain(&env, "reaper (defaults)", n, &[])?,
-        reaper_drain(
-            &env,
-            "one request per object (the guide)",
-            baseline_n,
-            &["--batch-size", "1", "--concurrency", "1"],
-        )?,
     ];
+    // The same at a tenth of the queue: peak memory must not grow with queue length. A fair
+    // comparison needs both queues longer than what a reaper holds at once (two claims of
+    // 4,000 rows with the defaults), so only the full scale runs it.
+    if n / 10 >= 2 * DEFAULT_CLAIM_ROWS {
+        drain.push(reaper_drain(
+            &env,
+            "reaper (defaults), a tenth of the queue",
+            n / 10,
+            &[],
+        )?);
+    }
+    drain.extend([reaper_drain(
+        &env,
+        "one request per object (the guide)",
+        baseline_n,
+        &["--batch-size", "1", "--concurrency", "1"],
+    )?]);
     let worker_rss = Some(CYCLE_RSS.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
 
     let rate = |v: &str| {
@@ -112,11 +129,15 @@ fn main() -> Result<()> {
     let mut ratios = BTreeMap::new();
     ratios.insert("reaper/baseline".into(), round2(reaper / baseline));
     ratios.insert("reaper/ceiling".into(), round2(reaper / ceiling));
-    let rss = drain
-        .iter()
-        .find(|d| d.variant == "reaper (defaults)")
-        .and_then(|d| d.peak_rss_kib)
-        .unwrap_or(0);
+    let rss_of = |v: &str| {
+        drain
+            .iter()
+            .find(|d| d.variant == v)
+            .and_then(|d| d.peak_rss_kib)
+            .unwrap_or(0)
+    };
+    let rss = rss_of("reaper (defaults)");
+    let rss_tenth = rss_of("reaper (defaults), a tenth of the queue");
     let mut targets = vec![
         Target {
             name: "reaper vs one request per object".into(),
@@ -135,6 +156,20 @@ fn main() -> Result<()> {
             goal: "< 64 MiB".into(),
             measured: format!("{:.1} MiB", rss as f64 / 1024.0),
             met: rss > 0 && rss < 64 * 1024,
+        },
+        Target {
+            name: format!("reaper peak RSS, {} vs {} queued", n, n / 10),
+            goal: "flat (at most 10% more at 10x the queue)".into(),
+            measured: if rss_tenth > 0 {
+                format!(
+                    "{:.1} vs {:.1} MiB",
+                    rss as f64 / 1024.0,
+                    rss_tenth as f64 / 1024.0
+                )
+            } else {
+                "not measured at this scale (BENCH_SCALE=full)".into()
+            },
+            met: rss_tenth > 0 && (rss as f64) <= 1.1 * rss_tenth as f64,
         },
     ];
     let largest = detect.last().expect("at least one detection scale");
@@ -178,6 +213,7 @@ fn main() -> Result<()> {
         cycle_backend_peak_rss_kib: worker_rss,
         targets,
         detection: detect,
+        runtime_seconds: run_started.elapsed().as_secs_f64().round(),
     };
 
     let out = root.join("target/bench");
@@ -187,7 +223,11 @@ fn main() -> Result<()> {
         serde_json::to_string_pretty(&report)?,
     )?;
     print_table(&report);
-    println!("\nwritten: {}", out.join("results.json").display());
+    println!(
+        "\nwritten: {} (this run took {:.0} s)",
+        out.join("results.json").display(),
+        report.runtime_seconds
+    );
     Ok(())
 }
 
@@ -234,6 +274,21 @@ fn print_table(r: &Report) {
             "| {} | {:.0} ms | {:.0} ms | {} | {:.0} ms | {:.0} | {:.1} ms ({} queued) | {:.0} ms | {:.1} ms ({:.0} ms) |",
             d.jobs, d.guide_count_ms, d.orphan_count_ms, d.backlog_orphans, d.first_cycle_ms, d.first_cycle_orphans_per_second,
             d.steady_cycle_ms, d.steady_cycle_enqueued, d.full_sweep_ms, d.idle_cycle_ms, d.idle_cycle_cpu_ms
+        );
+    }
+    println!("\nThe guide's emergency DELETE (step 7B: 100 job rows per statement until none is left; it leaves the files behind)");
+    println!("| jobs | rows deleted | statements | seconds | rows/s | first cycle orphans/s | first cycle / guide |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for d in &r.detection {
+        println!(
+            "| {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.1}x |",
+            d.jobs,
+            d.guide_delete_rows,
+            d.guide_delete_statements,
+            d.guide_delete_ms / 1000.0,
+            d.guide_delete_rows_per_second,
+            d.first_cycle_orphans_per_second,
+            d.first_cycle_orphans_per_second / d.guide_delete_rows_per_second
         );
     }
     println!(
@@ -351,7 +406,8 @@ fn start_emulator(env: &Env, n: u64) -> Result<Emulator> {
     })
 }
 
-/// A database with the app, the extension and `n` queued orphans naming `renders/b/<i>.png`.
+/// A database with the app, the extension and `n` queued orphans naming `renders/b/<i>.png`,
+/// among `9 n` saved jobs.
 /// Returns the peak RSS (KiB) of the backend that ran the cycle: the worker runs the same code.
 fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
     let mut admin = psql_client(env, "postgres")?;
@@ -388,6 +444,20 @@ fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
          FROM generate_series(0, $2::bigint - 1) AS g",
         &[&(env.emu_port as i32), &(n as i64)],
     )?;
+    // A jobs table like production's: the queued orphans are a tenth of it, the rest are saved
+    // renders. Claims and confirms look jobs up by id and by object, so their cost depends on
+    // the table's size: a drain against a table holding only the orphans would flatter them.
+    c.execute(
+        "WITH saved AS (
+             INSERT INTO render_jobs (status, output_url, created_at)
+             SELECT 'completed', format('http://127.0.0.1:%s/storage/v1/object/public/renders/saved/%s.png', $1::int, g), now() - interval '2 hours'
+             FROM generate_series(1, 9 * $2::bigint) AS g
+             RETURNING id)
+         INSERT INTO user_assets (asset_type, metadata)
+         SELECT 'generated_saved', jsonb_build_object('render_job_id', id::text) FROM saved",
+        &[&(env.emu_port as i32), &(n as i64)],
+    )?;
+    c.batch_execute("ANALYZE render_jobs; ANALYZE user_assets")?;
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
     let row = c.query_one(
         "SELECT status, enqueued FROM orphan_cleanup.run_cycle()",
