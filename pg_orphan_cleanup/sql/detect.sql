@@ -251,6 +251,9 @@ DECLARE
     chunk record;
     v_recheck uuid[];
     v_grace interval;
+    brk record;
+    v_limit bigint;
+    v_limits text;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -290,6 +293,13 @@ BEGIN
         cur_id := st.cursor_id;
     END IF;
 
+    -- The circuit breaker's limit, unless a DBA's reset_breaker() let this cycle through.
+    IF NOT dry AND NOT st.breaker_approved THEN
+        brk := orphan_cleanup._breaker_limits(att);
+        v_limit := brk.max_rows;
+        v_limits := brk.explanation;
+    END IF;
+
     -- Jobs whose assets were deleted or changed since the last cycle.
     IF dry THEN
         SELECT array_agg(r.job_id) INTO v_recheck
@@ -306,6 +316,7 @@ BEGIN
         rechecked := cardinality(v_recheck);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
+        PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
     END IF;
 
     -- New history since the cursor, in chunks, until the budget is spent.
@@ -316,6 +327,7 @@ BEGIN
                                                least(budget, 10000)::integer, NULL, v_grace, dry);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
+        PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
         IF chunk.seen > 0 THEN
             cur_ts := chunk.last_ts;
             cur_id := chunk.last_id;
@@ -324,7 +336,7 @@ BEGIN
     END LOOP;
 
     IF NOT dry THEN
-        UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id;
+        UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
         IF n_enqueued > 0 THEN
             PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
@@ -350,6 +362,7 @@ DECLARE
     v_msg text;
     v_detail text;
     v_hint text;
+    brk record;
 BEGIN
     IF NOT pg_catalog.pg_try_advisory_xact_lock(7310246, 1) THEN
         INSERT INTO orphan_cleanup.cycle_log (status, actor, finished_at, duration_ms, error)
@@ -366,10 +379,36 @@ BEGIN
 
     PERFORM orphan_cleanup._flush_refusals();
     INSERT INTO orphan_cleanup.cycle_log (status, actor) VALUES ('running', v_actor) RETURNING id INTO v_id;
+    brk := orphan_cleanup._breaker_tripped(v_actor);
+    IF brk.tripped_at IS NOT NULL THEN
+        v_msg := format('the circuit breaker tripped at %s and stops every cycle: %s', brk.tripped_at, brk.detail);
+        UPDATE orphan_cleanup.cycle_log AS l
+           SET status = 'tripped', finished_at = clock_timestamp(), duration_ms = 0, error = v_msg
+         WHERE l.id = v_id;
+        RAISE WARNING 'Cleanup cycle not run (pg_orphan_cleanup cycle %): %', v_id, v_msg
+            USING HINT = 'Look first: SELECT * FROM orphan_cleanup.preview(); SELECT * FROM orphan_cleanup.validation_report(); '
+                         'then SELECT orphan_cleanup.reset_breaker(''why''); or raise orphan_cleanup.breaker_* limits.';
+        RETURN QUERY SELECT v_id, 'tripped'::text, 0::bigint, 0::bigint, 0::bigint, 0::bigint, 0::numeric;
+        RETURN;
+    END IF;
     RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
     BEGIN
         r := orphan_cleanup._cycle_body(v_id, v_actor);
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION WHEN SQLSTATE 'OC002' THEN
+        -- The breaker tripped: everything this cycle did is rolled back (nothing enqueued, the
+        -- cursor and the rechecks as they were), and the trip is recorded.
+        GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+        v_ms := round(extract(epoch FROM clock_timestamp() - v_started) * 1000, 1);
+        PERFORM orphan_cleanup._trip_breaker(v_id, v_actor, v_msg);
+        UPDATE orphan_cleanup.cycle_log AS l
+           SET status = 'tripped', finished_at = clock_timestamp(), duration_ms = v_ms, error = v_msg
+         WHERE l.id = v_id;
+        RAISE WARNING 'Circuit breaker tripped (pg_orphan_cleanup cycle %): %; nothing was enqueued, and cycles stay stopped', v_id, v_msg
+            USING HINT = 'Look first: SELECT * FROM orphan_cleanup.preview(); SELECT * FROM orphan_cleanup.validation_report(); '
+                         'if the orphans are real, SELECT orphan_cleanup.reset_breaker(''why''); otherwise fix the data (a renamed key, a restored table) and reset.';
+        RETURN QUERY SELECT v_id, 'tripped'::text, 0::bigint, 0::bigint, 0::bigint, 0::bigint, v_ms;
+        RETURN;
+    WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
         v_ms := round(extract(epoch FROM clock_timestamp() - v_started) * 1000, 1);
         UPDATE orphan_cleanup.cycle_log AS l
@@ -545,7 +584,7 @@ $$;
 
 -- Deletes finished history older than the retention, a bounded batch per call.
 CREATE FUNCTION orphan_cleanup._prune(retention interval) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
 AS $$
 BEGIN
     -- Every cycle calls this, and usually nothing is old enough. Each DELETE runs only when the

@@ -238,6 +238,19 @@ BEGIN
     END IF;
     RETURN NEXT;
 
+    check_name := 'circuit breaker';
+    SELECT st.breaker_tripped_at, st.breaker_detail INTO ix FROM orphan_cleanup.detector_state AS st;
+    IF ix.breaker_tripped_at IS NOT NULL THEN
+        status := 'critical';
+        detail := format('tripped at %s, cycles are stopped: %s. Look with preview() and validation_report(), then SELECT orphan_cleanup.reset_breaker(''why''); or raise the orphan_cleanup.breaker_* limits',
+                         to_char(ix.breaker_tripped_at, 'YYYY-MM-DD HH24:MI:SS TZ'), ix.breaker_detail);
+    ELSIF att.jobs_oid IS NULL OR drift IS NOT NULL THEN
+        status := 'ok'; detail := 'not tripped';
+    ELSE
+        status := 'ok'; detail := 'not tripped; ' || (SELECT b.explanation FROM orphan_cleanup._breaker_limits(att) AS b);
+    END IF;
+    RETURN NEXT;
+
     check_name := 'reaping';
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
     IF NOT cfg.reaping_enabled THEN

@@ -31,7 +31,13 @@ CREATE TABLE orphan_cleanup.detector_state (
     cursor_ts          timestamptz NOT NULL DEFAULT '-infinity',
     cursor_id          uuid NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000',
     sweep_started_at   timestamptz,
-    policy_fingerprint text
+    policy_fingerprint text,
+    -- The circuit breaker (breaker.sql): set when a cycle tripped it, cleared by reset_breaker()
+    -- or by a change of the breaker's settings. breaker_approved lets the next cycle through.
+    breaker_tripped_at timestamptz,
+    breaker_detail     text,
+    breaker_settings   text,
+    breaker_approved   boolean NOT NULL DEFAULT false
 );
 -- No row yet: the first cycle creates it. (A row inserted here would collide with the dumped
 -- row when pg_restore fills this table.)
@@ -48,7 +54,7 @@ CREATE TABLE orphan_cleanup.cycle_log (
     id          bigserial PRIMARY KEY,
     started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     finished_at timestamptz,
-    status      text NOT NULL CHECK (status IN ('running', 'ok', 'dry_run', 'failed', 'skipped')),
+    status      text NOT NULL CHECK (status IN ('running', 'ok', 'dry_run', 'failed', 'skipped', 'tripped')),
     actor       text NOT NULL,
     full_sweep  boolean NOT NULL DEFAULT false,
     scanned     bigint NOT NULL DEFAULT 0,
@@ -114,7 +120,8 @@ CREATE TABLE orphan_cleanup.audit_log (
     at         timestamptz NOT NULL DEFAULT clock_timestamp(),
     action     text NOT NULL CHECK (action IN ('enqueued', 'protected', 'rejected', 'claimed', 'deleted',
                                                'absent', 'failed', 'dead_lettered', 'rescued', 'refused',
-                                               'cancelled', 'released', 'requeued', 'job_cleanup', 'attached', 'detached')),
+                                               'cancelled', 'released', 'requeued', 'job_cleanup', 'attached', 'detached',
+                                               'breaker_tripped', 'breaker_reset')),
     job_id     uuid,
     queue_id   bigint,
     output_url text,                     -- redacted

@@ -28,6 +28,9 @@ fn _config() -> TableIterator<
         name!(history_retention_s, i32),
         name!(full_sweep_interval_s, i32),
         name!(database, String),
+        name!(breaker_factor, f64),
+        name!(breaker_min_rows, i32),
+        name!(breaker_max_fraction, f64),
     ),
 > {
     TableIterator::once((
@@ -49,5 +52,8 @@ fn _config() -> TableIterator<
         guc::HISTORY_RETENTION.get(),
         guc::FULL_SWEEP_INTERVAL.get(),
         guc::text(&guc::DATABASE),
+        guc::BREAKER_FACTOR.get(),
+        guc::BREAKER_MIN_ROWS.get(),
+        guc::BREAKER_MAX_FRACTION.get(),
     ))
 }

@@ -34,6 +34,9 @@ pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 pub static FULL_SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static BREAKER_FACTOR: GucSetting<f64> = GucSetting::<f64>::new(10.0);
+pub static BREAKER_MIN_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+pub static BREAKER_MAX_FRACTION: GucSetting<f64> = GucSetting::<f64>::new(0.5);
 
 /// What `confirm()` does to the job row once its file is gone.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -240,6 +243,36 @@ pub fn init() {
         365 * DAY,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_float_guc(
+        c"orphan_cleanup.breaker_factor",
+        c"A cycle that would enqueue more than this many times the median of recent cycles trips the circuit breaker.",
+        c"0 turns this check off. The median is over the last 10 cycles that were not working off a backlog.",
+        &BREAKER_FACTOR,
+        0.0,
+        1_000_000.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.breaker_min_rows",
+        c"The circuit breaker never trips on a cycle that would enqueue fewer rows than this.",
+        c"",
+        &BREAKER_MIN_ROWS,
+        0,
+        10_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"orphan_cleanup.breaker_max_fraction",
+        c"A cycle that would enqueue more than this fraction of the completed jobs with an output URL trips the circuit breaker.",
+        c"Estimated from the planner's row counts (reltuples), not counted. 1 turns this check off.",
+        &BREAKER_MAX_FRACTION,
+        0.0,
+        1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
 }
 

@@ -38,7 +38,12 @@ extension_sql_file!(
     requires = ["detect", refusals::_note_refusal, refusals::_take_refusals]
 );
 extension_sql_file!("../sql/queue.sql", name = "queue", requires = ["guard"]);
-extension_sql_file!("../sql/reports.sql", name = "reports", requires = ["queue"]);
+extension_sql_file!("../sql/breaker.sql", name = "breaker", requires = ["queue"]);
+extension_sql_file!(
+    "../sql/reports.sql",
+    name = "reports",
+    requires = ["breaker"]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
