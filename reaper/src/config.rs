@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// How often to look at the queue when no NOTIFY arrives.
     #[arg(long, env = "REAPER_POLL_INTERVAL", default_value = "10s")]
     pub poll_interval: String,
+    /// Most objects this reaper sends for deletion in any hour; past it, it holds back (run) or
+    /// stops (drain). A blast-radius limit beside the extension's circuit breaker. Default: none.
+    #[arg(long, env = "REAPER_MAX_DELETES_PER_HOUR")]
+    pub max_deletes_per_hour: Option<u64>,
     /// This reaper's id in the queue (default: host:pid:random, since containers all run as pid 1).
     #[arg(long, env = "REAPER_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -169,6 +173,7 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub poll_interval: Duration,
     pub worker_id: String,
+    pub max_deletes_per_hour: Option<u64>,
     pub dry_run: bool,
     pub probe: bool,
     pub metrics_addr: Option<SocketAddr>,
@@ -354,6 +359,13 @@ impl RunArgs {
                 "use e.g. 10s",
             ));
         }
+        if self.max_deletes_per_hour == Some(0) {
+            return Err(invalid(
+                "--max-deletes-per-hour",
+                "0",
+                "use at least 1, or leave it unset for no limit",
+            ));
+        }
         let worker_id = match &self.worker_id {
             Some(w) if w.trim().is_empty() || w.len() > 200 => {
                 return Err(invalid(
@@ -381,6 +393,7 @@ impl RunArgs {
             request_timeout,
             poll_interval,
             worker_id,
+            max_deletes_per_hour: self.max_deletes_per_hour,
             dry_run: self.dry_run,
             probe: !self.no_probe,
             metrics_addr: self.metrics_addr,

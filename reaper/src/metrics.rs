@@ -29,6 +29,8 @@ pub struct Metrics {
     pub overloaded: Gauge,
     /// 1 while many deletes in a row found nothing: a key that silently deletes nothing?
     pub nothing_deleted: Gauge<i64, AtomicI64>,
+    /// 1 while --max-deletes-per-hour holds the reaper back.
+    pub held_back: Gauge,
 }
 
 impl Metrics {
@@ -78,6 +80,12 @@ impl Metrics {
             "1 while many deletes in a row found nothing to delete",
             nothing_deleted.clone(),
         );
+        let held_back = Gauge::default();
+        registry.register(
+            "held_back",
+            "1 while --max-deletes-per-hour holds the reaper back",
+            held_back.clone(),
+        );
         Metrics {
             registry,
             objects,
@@ -88,6 +96,7 @@ impl Metrics {
             config_error,
             overloaded,
             nothing_deleted,
+            held_back,
         }
     }
 

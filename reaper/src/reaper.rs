@@ -22,6 +22,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::limit::HourlyLimit;
 use crate::metrics::Metrics;
 use crate::queue::{Claimed, Queue, QueueError};
 use crate::storage::{StorageClient, StorageError};
@@ -46,6 +47,8 @@ pub struct Summary {
     pub bytes: u64,
     /// Set when storage refused the reaper's configuration: `drain` exits non-zero.
     pub config_error: Option<String>,
+    /// Set when --max-deletes-per-hour (this value) stopped the drain or holds the daemon back.
+    pub held_back: Option<u64>,
 }
 
 impl std::fmt::Display for Summary {
@@ -57,6 +60,12 @@ impl std::fmt::Display for Summary {
         )?;
         if self.lease_lost > 0 {
             write!(f, ", leases lost {}", self.lease_lost)?;
+        }
+        if let Some(max) = self.held_back {
+            write!(
+                f,
+                "\nHELD BACK: --max-deletes-per-hour {max} reached; the rest of the queue waits"
+            )?;
         }
         if let Some(e) = &self.config_error {
             write!(f, "\nCONFIGURATION ERROR: {e}")?;
@@ -79,6 +88,7 @@ pub struct Reaper {
     summary: Mutex<Summary>,
     absent_run: Mutex<u64>,
     progress: Option<ProgressFn>,
+    limit: Option<Mutex<HourlyLimit>>,
 }
 
 /// Receives the running totals after every batch.
@@ -98,6 +108,9 @@ impl Reaper {
             settings.key.clone(),
             settings.request_timeout,
         );
+        let limit = settings
+            .max_deletes_per_hour
+            .map(|max| Mutex::new(HourlyLimit::new(max)));
         Reaper {
             settings,
             storage,
@@ -108,6 +121,7 @@ impl Reaper {
             summary: Mutex::new(Summary::default()),
             absent_run: Mutex::new(0),
             progress: None,
+            limit,
         }
     }
 
@@ -191,10 +205,32 @@ impl Reaper {
                     }
                 },
             };
-            let want = self.claim_size();
             let claimed = match prefetched.take() {
                 Some(b) => Ok(b),
-                None => q.claim(want, self.settings.lease, &self.buckets()).await,
+                None => match self.claim_budget() {
+                    Some(want) => {
+                        let claimed = q.claim(want, self.settings.lease, &self.buckets()).await;
+                        if let Ok(b) = &claimed {
+                            self.spend(b.len());
+                        }
+                        claimed
+                    }
+                    None => {
+                        // --max-deletes-per-hour reached: drain stops, run waits for room.
+                        if mode == Mode::Drain {
+                            break;
+                        }
+                        let wait = self.next_room();
+                        tracing::warn!(
+                            max_deletes_per_hour = self.settings.max_deletes_per_hour,
+                            resume_in_s = wait.as_secs(),
+                            "holding back: --max-deletes-per-hour reached"
+                        );
+                        self.sleep(wait).await;
+                        queue = Some(q);
+                        continue;
+                    }
+                },
             };
             let batch = match claimed {
                 Ok(b) => b,
@@ -294,9 +330,47 @@ impl Reaper {
         Ok(self.summary())
     }
 
-    /// How many rows one claim asks for: enough for every request in flight.
-    fn claim_size(&self) -> usize {
-        (self.settings.batch_size * self.settings.concurrency).min(10_000)
+    /// How many rows the next claim asks for: enough for every request in flight, within what
+    /// --max-deletes-per-hour leaves. `None` when that limit leaves nothing: the reaper holds
+    /// back, says so in its summary and metrics, and the rest of the queue waits.
+    fn claim_budget(&self) -> Option<usize> {
+        let want = (self.settings.batch_size * self.settings.concurrency).min(10_000);
+        let Some(limit) = &self.limit else {
+            return Some(want);
+        };
+        let (available, max) = {
+            let mut limit = limit.lock().unwrap();
+            (limit.available(Instant::now()), limit.max())
+        };
+        if available == 0 {
+            self.metrics.held_back.set(1);
+            self.add(|s| s.held_back = Some(max));
+            return None;
+        }
+        self.metrics.held_back.set(0);
+        Some(want.min(available as usize))
+    }
+
+    /// How long until --max-deletes-per-hour leaves room again.
+    fn next_room(&self) -> Duration {
+        self.limit
+            .as_ref()
+            .map(|l| l.lock().unwrap().next_room(Instant::now()))
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// Claimed rows count against --max-deletes-per-hour...
+    fn spend(&self, rows: usize) {
+        if let Some(limit) = &self.limit {
+            limit.lock().unwrap().claimed(rows as u64, Instant::now());
+        }
+    }
+
+    /// ...until they are given back unsent.
+    fn refund(&self, rows: u64) {
+        if let Some(limit) = &self.limit {
+            limit.lock().unwrap().released(rows, Instant::now());
+        }
     }
 
     /// Claims the next batch on the second connection, (re)connecting it when needed. Returns
@@ -317,12 +391,13 @@ impl Reaper {
                 }
             }
         }
+        let want = self.claim_budget()?;
         let c = claimer.as_ref()?;
-        match c
-            .claim(self.claim_size(), self.settings.lease, &self.buckets())
-            .await
-        {
-            Ok(b) if !b.is_empty() => Some(b),
+        match c.claim(want, self.settings.lease, &self.buckets()).await {
+            Ok(b) if !b.is_empty() => {
+                self.spend(b.len());
+                Some(b)
+            }
             Ok(_) => None,
             Err(e) => {
                 tracing::debug!(error = %e, "claiming ahead failed; claiming in turn");
@@ -337,6 +412,7 @@ impl Reaper {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         match q.release(Some(&ids), None).await {
             Ok(n) => {
+                self.refund(n as u64);
                 self.add(|s| s.released += n as u64);
                 self.metrics.count("released", n as usize);
             }
@@ -498,6 +574,7 @@ impl Reaper {
         for (reason, ids) in &release_with_reason {
             released += q.release(Some(ids), Some(reason)).await?;
         }
+        self.refund(released as u64);
 
         self.metrics.count("deleted", deleted_ids.len());
         self.metrics.count("absent", absent_ids.len());

@@ -332,6 +332,59 @@ fn a_batch_claimed_ahead_goes_back_when_storage_refuses_the_key() {
     assert_eq!(w.emu.objects().len(), 10 + w.keep.len());
 }
 
+/// `--max-deletes-per-hour` caps what one reaper sends to storage, whatever the queue holds:
+/// a drain stops at the cap and says so; the rest stays queued, untouched.
+#[test]
+fn max_deletes_per_hour_holds_the_reaper_back() {
+    let w = world("reaper_cap", 10, &[]);
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "drain",
+            "--no-probe",
+            "--batch-size",
+            "2",
+            "--concurrency",
+            "1",
+            "--max-deletes-per-hour",
+            "5",
+        ],
+    )
+    .output()
+    .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("deleted 5,") && text.contains("HELD BACK: --max-deletes-per-hour 5 reached"),
+        "{text}"
+    );
+    let mut c = w.db.client();
+    assert_eq!(
+        states(&mut c),
+        vec![("deleted".to_string(), 5), ("pending".to_string(), 5)]
+    );
+    assert_eq!(
+        w.emu.objects().len(),
+        5 + w.keep.len(),
+        "five orphans' objects remain"
+    );
+
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--max-deletes-per-hour", "0"],
+    )
+    .output()
+    .unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("--max-deletes-per-hour") && text.contains("leave it unset for no limit"),
+        "{text}"
+    );
+}
+
 #[test]
 fn an_anon_key_is_refused_at_start() {
     let w = world("reaper_anon", 3, &[]);
