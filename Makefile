@@ -7,7 +7,7 @@ demo:            ## the whole story, end to end, on a throwaway cluster
 test:            ## everything CI runs: unit, property, #[pg_test] and end-to-end tests
 	scripts/test.sh
 
-bench:           ## drain throughput and memory (BENCH_SCALE=tiny|small|full); not part of test
+bench:           ## detection at scale, drain throughput, memory (BENCH_SCALE=tiny|small|full); not part of test
 	scripts/bench.sh
 
 setup:           ## apt packages, cargo-pgrx 0.18.0, cargo pgrx init

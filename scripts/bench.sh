@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The benchmarks (`make bench`): drain throughput against the storage API's limit, and memory.
-# BENCH_SCALE=tiny|small|full (default small: 10,000 queued objects, a few minutes on 2 cores;
-# full: 100,000). BENCH_PROFILE=release (default) or debug. Results: target/bench/results.json.
-# Detection at scale (issue 4's first part) is not measured yet.
+# The benchmarks (`make bench`): detection cost as tables grow, drain throughput against the
+# storage API's limit, memory.
+# BENCH_SCALE=tiny|small|full (default small: 100,000 jobs and 10,000 queued objects, about a
+# minute on 2 cores; full: 100,000 and 1,000,000 jobs and 100,000 queued objects). BENCH_PROFILE=
+# release (default) or debug. BENCH_GUIDE_DELETE_SECONDS (300): how long the guide's emergency
+# DELETE may run before it is stopped and reported unfinished. Results: target/bench/results.json.
+# See BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE="${BENCH_PROFILE:-release}"

@@ -26,9 +26,12 @@ pub struct DetectionResult {
     pub idle_cycle_ms: f64,
     pub idle_cycle_cpu_ms: f64,
     /// The guide's step 7B emergency DELETE (100 job rows per statement), run until it deletes
-    /// nothing: the rows it removed, the statements it took, and its wall time. It deletes job
-    /// rows only, leaving their files behind, so it is a baseline for detection speed alone.
+    /// nothing or its time budget (BENCH_GUIDE_DELETE_SECONDS, default 300) is spent: the rows
+    /// it removed of those its count found, the statements it took, and its wall time. It
+    /// deletes job rows only, leaving their files behind: a baseline for detection speed alone.
     pub guide_delete_rows: i64,
+    pub guide_delete_of: i64,
+    pub guide_delete_finished: bool,
     pub guide_delete_statements: u64,
     pub guide_delete_ms: f64,
     pub guide_delete_rows_per_second: f64,
@@ -175,18 +178,29 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
 
     // The guide's baseline last, since it deletes job rows: 100 per statement until none is left.
     let remaining: i64 = c.query_one(GUIDE_COUNT, &[])?.get(0);
-    let ((guide_delete_rows, guide_delete_statements), guide_delete_ms) = timed(|| {
-        let (mut rows, mut statements) = (0i64, 0u64);
-        loop {
-            let n = c.execute(GUIDE_DELETE, &[])?;
-            statements += 1;
-            rows += n as i64;
-            if n == 0 {
-                return Ok((rows, statements));
+    let budget = std::time::Duration::from_secs(
+        std::env::var("BENCH_GUIDE_DELETE_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    );
+    let started = Instant::now();
+    let ((guide_delete_rows, guide_delete_statements, guide_delete_finished), guide_delete_ms) =
+        timed(|| {
+            let (mut rows, mut statements) = (0i64, 0u64);
+            loop {
+                let n = c.execute(GUIDE_DELETE, &[])?;
+                statements += 1;
+                rows += n as i64;
+                if n == 0 {
+                    return Ok((rows, statements, true));
+                }
+                if started.elapsed() > budget {
+                    return Ok((rows, statements, false));
+                }
             }
-        }
-    })?;
-    if guide_delete_rows != remaining {
+        })?;
+    if guide_delete_finished && guide_delete_rows != remaining {
         bail!("the guide's DELETE removed {guide_delete_rows} rows, its count said {remaining}");
     }
 
@@ -203,6 +217,8 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
         idle_cycle_ms,
         idle_cycle_cpu_ms,
         guide_delete_rows,
+        guide_delete_of: remaining,
+        guide_delete_finished,
         guide_delete_statements,
         guide_delete_ms,
         guide_delete_rows_per_second: guide_delete_rows as f64 / (guide_delete_ms / 1000.0),

@@ -50,7 +50,11 @@ struct Report {
     queued_objects: u64,
     drain: Vec<DrainResult>,
     ratios: BTreeMap<String, f64>,
+    /// VmHWM of the backend that ran the first cycle: it counts the shared buffers the
+    /// backend touched, which PostgreSQL's own shared_buffers bound, not the cycle.
     cycle_backend_peak_rss_kib: Option<i64>,
+    /// Its private (anonymous) memory after that cycle: the cycle's own heap.
+    cycle_backend_private_kib: Option<i64>,
     targets: Vec<Target>,
     detection: Vec<detection::DetectionResult>,
     /// Wall time of the whole run, data generation included.
@@ -89,10 +93,16 @@ fn main() -> Result<()> {
         emu_port: 25451,
     };
 
+    // BENCH_ONLY=detection runs the detection half alone, for profiling it.
+    let only_detection = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "detection");
     let detect = job_scales
         .iter()
         .map(|&jobs| detection::detection(&env, jobs))
         .collect::<Result<Vec<_>>>()?;
+    if only_detection {
+        println!("{detect:#?}");
+        return Ok(());
+    }
     let mut drain = vec![
         raw_capacity(&env, n)?,
         reaper_drain(&env, "reaper (defaults)", n, &[])?,
@@ -115,6 +125,8 @@ fn main() -> Result<()> {
         &["--batch-size", "1", "--concurrency", "1"],
     )?]);
     let worker_rss = Some(CYCLE_RSS.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
+    let worker_private =
+        Some(CYCLE_PRIVATE.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
 
     let rate = |v: &str| {
         drain
@@ -211,6 +223,7 @@ fn main() -> Result<()> {
         drain,
         ratios,
         cycle_backend_peak_rss_kib: worker_rss,
+        cycle_backend_private_kib: worker_private,
         targets,
         detection: detect,
         runtime_seconds: run_started.elapsed().as_secs_f64().round(),
@@ -280,10 +293,18 @@ fn print_table(r: &Report) {
     println!("| jobs | rows deleted | statements | seconds | rows/s | first cycle orphans/s | first cycle / guide |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for d in &r.detection {
+        let deleted = if d.guide_delete_finished {
+            format!("{} (all)", d.guide_delete_rows)
+        } else {
+            format!(
+                "{} of {} (stopped at the time budget)",
+                d.guide_delete_rows, d.guide_delete_of
+            )
+        };
         println!(
             "| {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.1}x |",
             d.jobs,
-            d.guide_delete_rows,
+            deleted,
             d.guide_delete_statements,
             d.guide_delete_ms / 1000.0,
             d.guide_delete_rows_per_second,
@@ -314,8 +335,13 @@ fn print_table(r: &Report) {
     for (k, v) in &r.ratios {
         println!("| {k} | {v:.2} |");
     }
-    if let Some(w) = r.cycle_backend_peak_rss_kib {
-        println!("\npeak RSS of the backend running the first cycle (the worker runs the same code): {:.1} MiB", w as f64 / 1024.0);
+    if let (Some(w), Some(p)) = (r.cycle_backend_peak_rss_kib, r.cycle_backend_private_kib) {
+        println!(
+            "\nThe backend that ran the first cycle (the worker runs the same code): peak RSS {:.1} MiB \
+             (shared buffers it touched included), private memory after the cycle {:.1} MiB",
+            w as f64 / 1024.0,
+            p as f64 / 1024.0
+        );
     }
     println!("\n| target | goal | measured | met |\n|---|---|---|---|");
     for t in &r.targets {
@@ -408,8 +434,8 @@ fn start_emulator(env: &Env, n: u64) -> Result<Emulator> {
 
 /// A database with the app, the extension and `n` queued orphans naming `renders/b/<i>.png`,
 /// among `9 n` saved jobs.
-/// Returns the peak RSS (KiB) of the backend that ran the cycle: the worker runs the same code.
-fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
+/// Returns the memory (KiB) of the backend that ran the cycle: the worker runs the same code.
+fn queued_db(env: &Env, n: u64) -> Result<Option<(i64, i64)>> {
     let mut admin = psql_client(env, "postgres")?;
     admin.batch_execute("DROP DATABASE IF EXISTS bench_drain WITH (FORCE)")?;
     admin.batch_execute("CREATE DATABASE bench_drain")?;
@@ -467,13 +493,15 @@ fn queued_db(env: &Env, n: u64) -> Result<Option<i64>> {
     if status != "ok" || enqueued as u64 != n {
         bail!("the cycle queued {enqueued} of {n} ({status})");
     }
-    Ok(peak_rss_of(pid))
+    Ok(memory_of(pid))
 }
 
 fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<DrainResult> {
     let emu = start_emulator(env, n)?;
     let cycle_rss = queued_db(env, n)?;
-    CYCLE_RSS.fetch_max(cycle_rss.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    let (peak, private) = cycle_rss.unwrap_or((0, 0));
+    CYCLE_RSS.fetch_max(peak, std::sync::atomic::Ordering::Relaxed);
+    CYCLE_PRIVATE.fetch_max(private, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     let child = Command::new(env.bin.join("reaper"))
         .arg("drain")
@@ -489,7 +517,7 @@ fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<Drai
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let (status, rss) = wait_with_rusage(child)?;
+    let (status, rss) = wait_sampling_peak_rss(child)?;
     let seconds = started.elapsed().as_secs_f64();
     if !status {
         bail!("reaper drain failed ({variant})");
@@ -528,20 +556,28 @@ pub(crate) fn create_indexes(env: &Env, c: &mut Client) -> Result<()> {
     Ok(())
 }
 
-/// Waits for a child and returns (success, its own peak RSS in KiB), via wait4.
-fn wait_with_rusage(child: Child) -> Result<(bool, i64)> {
-    let pid = child.id() as libc::pid_t;
-    let mut status: libc::c_int = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    if r != pid {
-        bail!("wait4 failed");
+/// Waits for a child and returns (success, its peak RSS in KiB). The peak is the child's own
+/// VmHWM, sampled every 5 ms while it runs: wait4's ru_maxrss would also count the memory this
+/// process had when it forked the child, which exec carries over into that figure.
+fn wait_sampling_peak_rss(mut child: Child) -> Result<(bool, i64)> {
+    let status_file = Path::new("/proc")
+        .join(child.id().to_string())
+        .join("status");
+    let mut peak = 0i64;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status.success(), peak));
+        }
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            let hwm = text
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<i64>().ok());
+            peak = peak.max(hwm.unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
-    std::mem::forget(child);
-    Ok((
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        usage.ru_maxrss,
-    ))
 }
 
 /// The ceiling: the same bulk deletes (1000 names, 4 in flight) from a bare HTTP client.
@@ -601,16 +637,21 @@ fn raw_capacity(env: &Env, n: u64) -> Result<DrainResult> {
     })
 }
 
-/// The largest peak RSS of a backend that ran a cleanup cycle.
+/// The largest peak RSS of a backend that ran a cleanup cycle, and its private memory.
 static CYCLE_RSS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+static CYCLE_PRIVATE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
-/// A process's peak RSS (VmHWM, KiB) as the kernel reports it.
-fn peak_rss_of(pid: i32) -> Option<i64> {
+/// A process's peak RSS (VmHWM) and current anonymous memory (RssAnon), in KiB, as the kernel
+/// reports them.
+fn memory_of(pid: i32) -> Option<(i64, i64)> {
     let status =
         std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmHWM:")?, field("RssAnon:")?))
 }
