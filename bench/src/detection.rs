@@ -64,6 +64,17 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     Ok((v, started.elapsed().as_secs_f64() * 1000.0))
 }
 
+/// The settings detection runs under: no worker, no cap, and the given full-sweep interval.
+fn settings(full_sweep_interval: &str) -> [(&str, &str); 5] {
+    [
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", "bench.supabase.co"),
+        ("max_per_cycle", "10000000"),
+        ("enabled", "off"),
+        ("full_sweep_interval", full_sweep_interval),
+    ]
+}
+
 fn reload(admin: &mut Client, settings: &[(&str, &str)]) -> Result<()> {
     for (name, value) in settings {
         let sql: String = admin
@@ -95,16 +106,7 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
     let mut admin = crate::psql_client(env, "postgres")?;
     admin.batch_execute("DROP DATABASE IF EXISTS bench_detect WITH (FORCE)")?;
     admin.batch_execute("CREATE DATABASE bench_detect")?;
-    reload(
-        &mut admin,
-        &[
-            ("allowed_buckets", "renders"),
-            ("allowed_hosts", "bench.supabase.co"),
-            ("max_per_cycle", "10000000"),
-            ("enabled", "off"),
-            ("full_sweep_interval", "1d"),
-        ],
-    )?;
+    reload(&mut admin, &settings("1d"))?;
     let mut c = crate::psql_client(env, "bench_detect")?;
     c.batch_execute(&std::fs::read_to_string(
         env.root.join("sql/app_schema.sql"),
@@ -162,16 +164,7 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
     }
 
     // A full sweep re-reads the whole history.
-    reload(
-        &mut admin,
-        &[
-            ("allowed_buckets", "renders"),
-            ("allowed_hosts", "bench.supabase.co"),
-            ("max_per_cycle", "10000000"),
-            ("enabled", "off"),
-            ("full_sweep_interval", "0"),
-        ],
-    )?;
+    reload(&mut admin, &settings("0"))?;
     let (_, full_sweep_ms) = timed(|| cycle(&mut c))?;
     admin.batch_execute("ALTER SYSTEM RESET ALL")?;
     reload(&mut admin, &[])?;
