@@ -130,17 +130,9 @@ fn main() -> Result<()> {
     let mut ratios = BTreeMap::new();
     ratios.insert("reaper/baseline".into(), round2(reaper / baseline));
     ratios.insert("reaper/ceiling".into(), round2(reaper / ceiling));
-    let rss_of = |v: &str| {
-        drain
-            .iter()
-            .find(|d| d.variant == v)
-            .and_then(|d| d.peak_rss_kib)
-            .unwrap_or(0)
-    };
-    let rss = rss_of("reaper (defaults)");
-    let rss_half = drain
-        .iter()
-        .find(|d| d.variant == "reaper (defaults)")
+    let reaper_run = drain.iter().find(|d| d.variant == "reaper (defaults)");
+    let rss = reaper_run.and_then(|d| d.peak_rss_kib).unwrap_or(0);
+    let rss_half = reaper_run
         .and_then(|d| d.peak_rss_first_half_kib)
         .unwrap_or(0);
     let mut targets = vec![
