@@ -4,8 +4,8 @@
 # BENCH_SCALE=tiny|small|full (default small: 100,000 jobs and 10,000 queued objects, about a
 # minute on 2 cores; full: 100,000 and 1,000,000 jobs and 100,000 queued objects). BENCH_PROFILE=
 # release (default) or debug. BENCH_GUIDE_DELETE_SECONDS (300): how long the guide's emergency
-# DELETE may run before it is stopped and reported unfinished. Results: target/bench/results.json.
-# See BENCHMARKS.md.
+# DELETE may run before it is stopped and reported unfinished. BENCH_ONLY=detection runs the
+# detection half alone (for profiling). Results: target/bench/results.json. See BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE="${BENCH_PROFILE:-release}"
