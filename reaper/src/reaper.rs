@@ -206,34 +206,26 @@ impl Reaper {
                 },
             };
             let claimed = match prefetched.take() {
-                Some(b) => Ok(b),
-                None => match self.claim_budget() {
-                    Some(want) => {
-                        let claimed = q.claim(want, self.settings.lease, &self.buckets()).await;
-                        if let Ok(b) = &claimed {
-                            self.spend(b.len());
-                        }
-                        claimed
-                    }
-                    None => {
-                        // --max-deletes-per-hour reached: drain stops, run waits for room.
-                        if mode == Mode::Drain {
-                            break;
-                        }
-                        let wait = self.next_room();
-                        tracing::warn!(
-                            max_deletes_per_hour = self.settings.max_deletes_per_hour,
-                            resume_in_s = wait.as_secs(),
-                            "holding back: --max-deletes-per-hour reached"
-                        );
-                        self.sleep(wait).await;
-                        queue = Some(q);
-                        continue;
-                    }
-                },
+                Some(b) => Ok(Some(b)),
+                None => self.claim(&q).await,
             };
             let batch = match claimed {
-                Ok(b) => b,
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    // --max-deletes-per-hour reached: drain stops, run waits for room.
+                    if mode == Mode::Drain {
+                        break;
+                    }
+                    let wait = self.next_room();
+                    tracing::warn!(
+                        max_deletes_per_hour = self.settings.max_deletes_per_hour,
+                        resume_in_s = wait.as_secs(),
+                        "holding back: --max-deletes-per-hour reached"
+                    );
+                    self.sleep(wait).await;
+                    queue = Some(q);
+                    continue;
+                }
                 Err(e) => {
                     if mode == Mode::Drain && !q.is_closed() {
                         return Err(e);
@@ -359,14 +351,23 @@ impl Reaper {
             .unwrap_or(Duration::from_secs(1))
     }
 
-    /// Claimed rows count against --max-deletes-per-hour...
-    fn spend(&self, rows: usize) {
+    /// Claims on `q` as much as the next batch needs and --max-deletes-per-hour allows, and
+    /// counts what it got against that limit. `Ok(None)`: the limit leaves nothing now.
+    async fn claim(&self, q: &Queue) -> Result<Option<Vec<Claimed>>, QueueError> {
+        let Some(want) = self.claim_budget() else {
+            return Ok(None);
+        };
+        let batch = q.claim(want, self.settings.lease, &self.buckets()).await?;
         if let Some(limit) = &self.limit {
-            limit.lock().unwrap().claimed(rows as u64, Instant::now());
+            limit
+                .lock()
+                .unwrap()
+                .claimed(batch.len() as u64, Instant::now());
         }
+        Ok(Some(batch))
     }
 
-    /// ...until they are given back unsent.
+    /// Rows given back unsent no longer count against --max-deletes-per-hour.
     fn refund(&self, rows: u64) {
         if let Some(limit) = &self.limit {
             limit.lock().unwrap().released(rows, Instant::now());
@@ -391,13 +392,9 @@ impl Reaper {
                 }
             }
         }
-        let want = self.claim_budget()?;
         let c = claimer.as_ref()?;
-        match c.claim(want, self.settings.lease, &self.buckets()).await {
-            Ok(b) if !b.is_empty() => {
-                self.spend(b.len());
-                Some(b)
-            }
+        match self.claim(c).await {
+            Ok(Some(b)) if !b.is_empty() => Some(b),
             Ok(_) => None,
             Err(e) => {
                 tracing::debug!(error = %e, "claiming ahead failed; claiming in turn");
