@@ -6,6 +6,7 @@
 #   scripts/cluster.sh start     create (first time) and start; prints the connection settings
 #   scripts/cluster.sh stop      stop it (fast shutdown)
 #   scripts/cluster.sh restart
+#   scripts/cluster.sh crash     stop like a power cut (pg_ctl -m immediate), then start: crash recovery
 #   scripts/cluster.sh destroy   stop and delete the data directory
 #   scripts/cluster.sh env       print PG* variables to `eval` in a shell
 #
@@ -78,7 +79,13 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   restart) stop; start ;;
+  crash)
+    if [ -f "$DATA/PG_VERSION" ] && running; then
+      as_postgres "$PG_BIN/pg_ctl" -D "$DATA" -m immediate -w -t 60 stop >/dev/null
+      echo "cluster on port $PORT crashed (immediate stop)"
+    fi
+    start ;;
   destroy) stop; rm -rf "$DIR"; echo "cluster on port $PORT destroyed" ;;
   env) printf 'export PGHOST=127.0.0.1 PGPORT=%s PGUSER=postgres PGDATABASE=postgres\n' "$PORT" ;;
-  *) echo "usage: $0 start|stop|restart|destroy|env" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart|crash|destroy|env" >&2; exit 2 ;;
 esac

@@ -126,6 +126,23 @@ fn bare_bucket_and_key() {
 fn hostile_values_are_refused() {
     let cases: &[(&str, ParseError)] = &[
         ("", ParseError::Empty),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/%72enders/a.png",
+            ParseError::NeedlessEscape('r'),
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/%61.png",
+            ParseError::NeedlessEscape('a'),
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/a%2Db.png",
+            ParseError::NeedlessEscape('-'),
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/object/public/renders/%20",
+            ParseError::BlankSegment,
+        ),
+        ("renders/ /a.png", ParseError::BlankSegment),
         ("   ", ParseError::Whitespace),
         (" renders/a.png", ParseError::Whitespace),
         ("renders/a.png\n", ParseError::ControlCharacter(10)),

@@ -18,11 +18,13 @@ BEGIN
 END
 $$;
 
--- Retry back-off: 30 s doubling per attempt, at most 1 h, with +-20% jitter so that rows failed
--- together do not come back together.
+-- Retry back-off: orphan_cleanup.retry_backoff (30 s) doubling per attempt, at most 1 h, with
+-- +-20% jitter so that rows failed together do not come back together.
 CREATE FUNCTION orphan_cleanup._backoff(attempt integer) RETURNS interval
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
-RETURN least(interval '1 hour', interval '30 seconds' * power(2, least(greatest(attempt, 1), 20) - 1))
+RETURN least(interval '1 hour',
+             make_interval(secs => (SELECT c.retry_backoff_s FROM orphan_cleanup._config() AS c))
+             * power(2, least(greatest(attempt, 1), 20) - 1))
        * (0.8 + random() * 0.4);
 
 -- Claims whose lease ran out come back as pending, and the expiry counts as an attempt: a row

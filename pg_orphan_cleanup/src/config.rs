@@ -31,6 +31,7 @@ fn _config() -> TableIterator<
         name!(breaker_factor, f64),
         name!(breaker_min_rows, i32),
         name!(breaker_max_fraction, f64),
+        name!(retry_backoff_s, i32),
     ),
 > {
     TableIterator::once((
@@ -55,5 +56,6 @@ fn _config() -> TableIterator<
         guc::BREAKER_FACTOR.get(),
         guc::BREAKER_MIN_ROWS.get(),
         guc::BREAKER_MAX_FRACTION.get(),
+        guc::RETRY_BACKOFF.get(),
     ))
 }

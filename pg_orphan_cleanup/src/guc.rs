@@ -32,6 +32,7 @@ pub static ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CStr
 pub static ON_CONFIRM: GucSetting<OnConfirm> = GucSetting::<OnConfirm>::new(OnConfirm::Delete);
 pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 pub static FULL_SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static BREAKER_FACTOR: GucSetting<f64> = GucSetting::<f64>::new(10.0);
@@ -223,6 +224,16 @@ pub fn init() {
         1000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.retry_backoff",
+        c"How long a failed delete (or an expired lease) waits before its first retry; each further attempt waits twice as long, at most 1 hour.",
+        c"Jittered by +-20% so rows that failed together do not come back together.",
+        &RETRY_BACKOFF,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"orphan_cleanup.history_retention",

@@ -565,7 +565,16 @@ impl Reaper {
             tracing::warn!(rows = ids.len(), error = %error, "bulk delete failed; rows retry with back-off");
             let results = q.fail(ids, error, true).await?;
             failed += ids.len();
-            dead += results.iter().filter(|(_, r)| r == "dead-lettered").count();
+            let dead_ids: Vec<i64> = results
+                .iter()
+                .filter(|(_, r)| r == "dead-lettered")
+                .map(|(id, _)| *id)
+                .collect();
+            if !dead_ids.is_empty() {
+                tracing::warn!(rows = dead_ids.len(), ids = ?dead_ids, last_error = %error,
+                    "rows dead-lettered: out of attempts; they keep their object until a DBA runs SELECT orphan_cleanup.requeue_dead()");
+            }
+            dead += dead_ids.len();
         }
         let mut released = q.release(Some(&release_ids), None).await?;
         for (reason, ids) in &release_with_reason {

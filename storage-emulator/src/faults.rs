@@ -1,5 +1,6 @@
 //! Fault injection, switchable at start (flags) and at run time (`PUT /__emulator/faults`):
-//! failure rates per status, added latency, hanging requests, and failing after N requests.
+//! failure rates per status, added latency and latency spikes, hanging requests, responses lost
+//! after the work was done, and failing after N requests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
@@ -20,8 +21,14 @@ pub struct Faults {
     pub rate_544: f64,
     /// Fraction that never answer (the client's timeout decides).
     pub hang_rate: f64,
+    /// Fraction carried out (objects deleted) whose response never comes: what a client sees
+    /// when a proxy or the network drops the answer. The retry then finds the objects gone.
+    pub lost_response_rate: f64,
     /// Added to every object request.
     pub latency_ms: u64,
+    /// Fraction of object requests delayed by a further `spike_ms`.
+    pub spike_rate: f64,
+    pub spike_ms: u64,
     /// After this many object requests, every further one fails with HTTP 500.
     pub fail_after: Option<u64>,
 }
@@ -34,6 +41,8 @@ pub struct FaultState {
 /// What to do with one request.
 pub enum Verdict {
     Proceed,
+    /// Carry the request out, then never answer.
+    ProceedThenHang,
     Fail(ApiError),
     Hang,
 }
@@ -59,8 +68,12 @@ impl FaultState {
     pub async fn judge(&self) -> Verdict {
         let f = self.get();
         let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
-        if f.latency_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(f.latency_ms)).await;
+        let mut delay = f.latency_ms;
+        if f.spike_rate > 0.0 && rand::random::<f64>() < f.spike_rate {
+            delay += f.spike_ms;
+        }
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         if f.fail_after.is_some_and(|limit| n > limit) {
             return Verdict::Fail(internal());
@@ -93,6 +106,10 @@ impl FaultState {
                 "DatabaseTimeout",
                 "The connection to the database timed out",
             ));
+        }
+        edge += f.lost_response_rate;
+        if roll < edge {
+            return Verdict::ProceedThenHang;
         }
         Verdict::Proceed
     }

@@ -130,8 +130,13 @@ pub fn router(emu: Arc<Emulator>) -> Router {
 async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
+    let mut lose_response = false;
     let response = match emu.faults.judge().await {
         Verdict::Proceed => next.run(req).await,
+        Verdict::ProceedThenHang => {
+            lose_response = true;
+            next.run(req).await
+        }
         Verdict::Fail(e) => e.into_response(),
         Verdict::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -154,11 +159,18 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
             .map(|d| d.as_millis())
             .unwrap_or(0),
     };
-    let mut log = emu.log.lock().unwrap();
-    if log.len() >= LOG_CAPACITY {
-        log.remove(0);
+    {
+        let mut log = emu.log.lock().unwrap();
+        if log.len() >= LOG_CAPACITY {
+            log.remove(0);
+        }
+        log.push(entry);
     }
-    log.push(entry);
+    if lose_response {
+        // The work is done and logged; the client never hears of it.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return StatusCode::GATEWAY_TIMEOUT.into_response();
+    }
     response
 }
 

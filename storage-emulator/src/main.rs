@@ -46,9 +46,17 @@ enum Command {
         /// Fraction of requests that hang.
         #[arg(long, default_value_t = 0.0)]
         hang_rate: f64,
+        /// Fraction of requests carried out whose response is never sent.
+        #[arg(long, default_value_t = 0.0)]
+        lost_response_rate: f64,
         /// Latency added to every storage request, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// Fraction of requests delayed by a further --spike-ms.
+        #[arg(long, default_value_t = 0.0)]
+        spike_rate: f64,
+        #[arg(long, default_value_t = 0)]
+        spike_ms: u64,
         /// Fail every storage request after this many.
         #[arg(long)]
         fail_after: Option<u64>,
@@ -125,7 +133,10 @@ async fn main() -> anyhow::Result<()> {
             rate_429,
             rate_544,
             hang_rate,
+            lost_response_rate,
             latency_ms,
+            spike_rate,
+            spike_ms,
             fail_after,
             secret_key,
             publishable_key,
@@ -137,7 +148,10 @@ async fn main() -> anyhow::Result<()> {
                 rate_429,
                 rate_544,
                 hang_rate,
+                lost_response_rate,
                 latency_ms,
+                spike_rate,
+                spike_ms,
                 fail_after,
             };
             let mut opaque = std::collections::HashMap::new();

@@ -11,6 +11,7 @@ use postgres::{Client, NoTls};
 
 pub use postgres;
 
+pub mod chaos;
 pub mod storage;
 
 pub fn port() -> u16 {

@@ -177,6 +177,13 @@ impl Emulator {
         v.as_array().unwrap().clone()
     }
 
+    /// Empties the request log (setup's uploads included).
+    pub fn clear_requests(&self) {
+        ureq::delete(&format!("{}/__emulator/requests", self.base))
+            .call()
+            .unwrap();
+    }
+
     pub fn public_url(&self, bucket: &str, key: &str) -> String {
         format!(
             "{}/storage/v1/object/public/{bucket}/{}",
