@@ -107,6 +107,10 @@ BEGIN
         RETURN;
     END IF;
     att := orphan_cleanup._require_attached('claim()');
+    -- A claim must be durable before the reaper deletes anything: with synchronous_commit off,
+    -- a crash could forget a claim whose files are already gone, and a later save would then
+    -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
+    PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
     PERFORM orphan_cleanup._expire_leases(worker);
 
     -- 1. Queue rows, oldest first; rows another transaction holds are skipped, never waited on.

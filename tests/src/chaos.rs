@@ -291,6 +291,14 @@ impl Running {
         Running { child, log }
     }
 
+    /// Panics with the reaper's output if it has exited: a wait on its progress would only
+    /// time out.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("the reaper exited ({status}): {}", self.output());
+        }
+    }
+
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -898,3 +898,26 @@ fn the_queue_and_its_history_survive_pg_dump_and_restore() {
     restored.attach();
     assert_eq!(claim(&mut r, "w2", 10).len(), 2);
 }
+
+#[test]
+fn a_claim_commits_durably_even_when_the_session_does_not() {
+    // With synchronous_commit off, a crash could forget a claim whose files the reaper has
+    // already deleted; a later save would then "rescue" a row whose file is gone.
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_durable_claim", 1);
+    let mut c = db.client();
+    c.batch_execute("SET synchronous_commit = off").unwrap();
+    let mut tx = c.transaction().unwrap();
+    let ids: Vec<i64> = tx
+        .query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 1);
+    let during: String = tx.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
+    assert_eq!(during, "on", "the claim's transaction commits synchronously");
+    tx.commit().unwrap();
+    let after: String = c.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
+    assert_eq!(after, "off", "the session's own setting comes back afterwards");
+}
