@@ -61,7 +61,7 @@ impl Ledger {
         let rows = c
             .query(
                 "INSERT INTO render_jobs (status, output_url, created_at, prompt)
-                 SELECT 'completed', u, now() - $2::text::interval, 'chaos'
+                 SELECT 'completed', u, pg_catalog.now() - $2::text::interval, 'chaos'
                  FROM unnest($1::text[]) WITH ORDINALITY AS t(u, n) ORDER BY n
                  RETURNING id::text",
                 &[&urls, &age],

@@ -545,3 +545,426 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
         &o,
     );
 }
+
+/// What the saving connections did.
+#[derive(Default)]
+struct Saves {
+    attempted: AtomicU64,
+    committed: AtomicU64,
+    refused: AtomicU64,
+    /// Saves aimed at a job that was queued or claimed at that moment.
+    aimed_at_queue: AtomicU64,
+    /// Anything but success or the guard's refusal (SQLSTATE OC001): a bug.
+    other_errors: Mutex<Vec<String>>,
+}
+
+/// One saving connection: saves random completed jobs until `stop`, a third of them jobs that are
+/// in the queue right now (pending or claimed), a third among the newest, a third among all.
+fn saver(jobs: &Mutex<Vec<String>>, saves: &Saves, stop: &AtomicBool) {
+    let mut c = connect("postgres");
+    let mut rng = rand::rng();
+    while !stop.load(Ordering::Relaxed) {
+        let target = match rng.random_range(0..3) {
+            0 => c
+                .query_opt(
+                    "SELECT job_id::text FROM orphan_cleanup.deletion_queue
+                     WHERE id > (SELECT max(id) - 300 FROM orphan_cleanup.deletion_queue)
+                       AND state IN ('pending', 'claimed')
+                     ORDER BY random() LIMIT 1",
+                    &[],
+                )
+                .unwrap()
+                .map(|r| {
+                    saves.aimed_at_queue.fetch_add(1, Ordering::Relaxed);
+                    r.get::<_, String>(0)
+                }),
+            pick => {
+                let jobs = jobs.lock().unwrap();
+                let from = if pick == 1 { jobs.len().saturating_sub(100) } else { 0 };
+                (from < jobs.len()).then(|| jobs[rng.random_range(from..jobs.len())].clone())
+            }
+        };
+        let Some(job) = target else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        saves.attempted.fetch_add(1, Ordering::Relaxed);
+        match save(&mut c, "generated_saved", &job) {
+            Ok(_) => {
+                saves.committed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.code().is_some_and(|s| s.code() == "OC001") => {
+                saves.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => saves.other_errors.lock().unwrap().push(db_error(&e)),
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..20)));
+    }
+}
+
+#[test]
+fn chaos_4_racing_saves_never_lose_a_saved_file() {
+    let seconds = by_scale(20, 60) as u64;
+    let savers = 8;
+    // min_age 0: a job is an orphan the moment it completes, so saves race the cycles and the
+    // reapers on every job. The breaker is off: a steady stream is not what it watches for.
+    let st = WorkerStage::new(
+        "chaos_race",
+        &[("min_age", "0"), ("breaker_factor", "0"), ("breaker_max_fraction", "1")],
+    );
+    let ledger = Mutex::new(Ledger::default());
+    let jobs: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let saves = Saves::default();
+    let stop = AtomicBool::new(false);
+    st.go();
+    let spawn = |i: usize| {
+        Running::spawn(
+            reaper(
+                "postgres",
+                &st.emu,
+                &[
+                    "run", "--batch-size", "50", "--concurrency", "2", "--lease", "10s",
+                    "--request-timeout", "5s", "--poll-interval", "1s", "--no-probe",
+                ],
+            ),
+            st.logs.0.join(format!("reaper-{i}.log")),
+        )
+    };
+    let mut reapers = vec![spawn(0), spawn(1)];
+    let produced = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        // The render service: 10 completed jobs every 50 ms, each with its file in storage.
+        s.spawn(|| {
+            let mut c = connect("postgres");
+            let mut batch = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let keys: Vec<String> = (0..10).map(|i| format!("race/{batch}/{i}.png")).collect();
+                let ids = ledger.lock().unwrap().renders(&mut c, &st.emu, &keys, "0 seconds");
+                produced.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                jobs.lock().unwrap().extend(ids);
+                batch += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        for _ in 0..savers {
+            s.spawn(|| saver(&jobs, &saves, &stop));
+        }
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(seconds) {
+            reapers.iter_mut().for_each(Running::assert_running);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    // Let the worker catch up with the last jobs and the reapers finish.
+    let mut c = connect("postgres");
+    let last_cycle = one(&mut c, "SELECT coalesce(max(id), 0) FROM orphan_cleanup.cycle_log");
+    wait_for(Duration::from_secs(120), "a cycle after the last save, and the drain", || {
+        reapers.iter_mut().for_each(Running::assert_running);
+        one(&mut c, &format!("SELECT count(*) FROM orphan_cleanup.cycle_log WHERE id > {last_cycle} + 1 AND status = 'ok'")) > 0
+            && unfinished(&mut c) == 0
+    });
+    for r in reapers {
+        r.stop();
+    }
+    let other = saves.other_errors.lock().unwrap().clone();
+    assert!(other.is_empty(), "saves failed for reasons other than the guard: {other:?}");
+    let ledger = ledger.into_inner().unwrap();
+    let o = check(&mut c, &st.emu, &ledger);
+    let rescued = one(&mut c, "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'rescued'");
+    let stale = state_count(&o, "stale");
+    let refused_seq = one(
+        &mut c,
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM orphan_cleanup.refused_saves",
+    );
+    let refused = saves.refused.load(Ordering::Relaxed);
+    assert_eq!(refused_seq, refused as i64, "the guard counted every refusal");
+    let attempted = saves.attempted.load(Ordering::Relaxed);
+    assert!(rescued > 0 && refused > 0, "the race was run: saves rescued queued rows and were refused on claimed ones");
+    record(
+        Report {
+            number: 4,
+            scenario: "The save race",
+            load: format!(
+                "{} jobs completed over {seconds} s (`min_age` 0: orphans at once); {savers} connections saving random jobs; the worker every 1 s; two reapers",
+                produced.load(Ordering::Relaxed)
+            ),
+            faults: format!(
+                "{attempted} saves attempted, {} of them aimed at a job queued or claimed at that moment",
+                saves.aimed_at_queue.load(Ordering::Relaxed)
+            ),
+            notes: format!(
+                "{} saves committed, {rescued} of them rescuing a queued row; {stale} rows dropped by claim()'s re-check; {refused} refused (SQLSTATE OC001: the job's file was already handed to a reaper); {} objects deleted, {} saved jobs' objects all present: deleted ∩ referenced = ∅",
+                saves.committed.load(Ordering::Relaxed),
+                o.deleted_objects,
+                o.saved
+            ),
+        },
+        &o,
+    );
+}
+
+/// Runs `sql` and returns the server's error, panicking if it succeeded.
+fn refused(c: &mut postgres::Client, sql: &str) -> String {
+    match c.batch_execute(sql) {
+        Ok(()) => panic!("{sql} succeeded"),
+        Err(e) => db_error(&e),
+    }
+}
+
+/// Functions, operators and tables in the public schema.
+const PUBLIC_OBJECTS: &str = "SELECT (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace)
+     + (SELECT count(*) FROM pg_operator WHERE oprnamespace = 'public'::regnamespace)
+     + (SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r')";
+
+#[test]
+fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
+    let mut st = stage("chaos_priv", 300, &[]);
+    let db = st.db.name.clone();
+    let mut admin = st.db.client();
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_user') THEN CREATE ROLE app_user LOGIN; END IF;
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'nobody') THEN CREATE ROLE nobody LOGIN; END IF;
+             END $$;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.render_jobs, public.user_assets TO app_user;
+             -- A database set up before PostgreSQL 15: everyone may create objects in public.
+             GRANT CREATE ON SCHEMA public TO app_user;
+             ALTER ROLE reaper_login IN DATABASE {db} SET search_path = public, pg_catalog;
+             ALTER ROLE app_user IN DATABASE {db} SET search_path = public, pg_catalog;
+             ALTER ROLE postgres IN DATABASE {db} SET search_path = public, pg_catalog;"
+        ))
+        .unwrap();
+    let mut attempts = 0;
+
+    // 1. The reaper's role: the queue API and nothing else.
+    let mut r = connect_as(&db, "reaper_login");
+    for sql in [
+        "SELECT count(*) FROM public.render_jobs",
+        "SELECT count(*) FROM public.user_assets",
+        "INSERT INTO public.user_assets (asset_type, metadata) VALUES ('x', '{}')",
+        "UPDATE public.render_jobs SET status = 'failed'",
+        "DELETE FROM public.user_assets",
+        "SELECT count(*) FROM orphan_cleanup.deletion_queue",
+        "UPDATE orphan_cleanup.deletion_queue SET state = 'deleted'",
+        "DELETE FROM orphan_cleanup.audit_log",
+        "SELECT * FROM orphan_cleanup.run_cycle()",
+        "SELECT * FROM orphan_cleanup.enqueue_orphans()",
+        "SELECT * FROM orphan_cleanup.attach()",
+        "SELECT * FROM orphan_cleanup.reset_breaker('because')",
+        "SELECT orphan_cleanup.requeue_dead()",
+        "ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'avatars'",
+        "ALTER SYSTEM SET orphan_cleanup.reaping_enabled = on",
+    ] {
+        attempts += 1;
+        let e = refused(&mut r, sql);
+        assert!(
+            e.contains("permission denied") || e.contains("must be superuser"),
+            "reaper_login: {sql}: {e}"
+        );
+    }
+    for (name, value) in [("allowed_buckets", "avatars"), ("min_age", "0"), ("jobs_table", "public.x")] {
+        attempts += 1;
+        let e = refused(&mut r, &format!("SET orphan_cleanup.{name} = '{value}'"));
+        assert!(e.contains("cannot be changed now"), "SET {name}: {e}");
+    }
+
+    // 2. Rows claimed by one worker cannot be confirmed, failed or released by another.
+    let mine: Vec<i64> = r
+        .query("SELECT id FROM orphan_cleanup.claim('worker-a', 5)", &[])
+        .unwrap()
+        .iter()
+        .map(|x| x.get(0))
+        .collect();
+    assert_eq!(mine.len(), 5);
+    let mut other = connect_as(&db, "reaper_login");
+    for sql in [
+        "SELECT result FROM orphan_cleanup.confirm('worker-b', $1)",
+        "SELECT result FROM orphan_cleanup.fail('worker-b', $1, 'HTTP 500')",
+    ] {
+        attempts += 1;
+        let results: Vec<String> = other.query(sql, &[&mine]).unwrap().iter().map(|x| x.get(0)).collect();
+        assert!(
+            results.len() == 5 && results.iter().all(|x| !x.starts_with("confirmed") && !x.contains("retry") && !x.contains("dead")),
+            "{sql}: {results:?}"
+        );
+    }
+    attempts += 1;
+    let released: i64 = other
+        .query_one("SELECT orphan_cleanup.release('worker-b', $1)", &[&mine])
+        .unwrap()
+        .get(0);
+    assert_eq!(released, 0, "another worker's claims cannot be released");
+    let still: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE id = ANY($1) AND state = 'claimed' AND claimed_by = 'worker-a' AND attempts = 0",
+            &[&mine],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 5, "worker-a's claims are untouched");
+    r.query_one("SELECT orphan_cleanup.release('worker-a', $1)", &[&mine]).unwrap();
+
+    // 3. PUBLIC (a role with no grants) gets nothing: no schema, no function, no table. The two
+    // pure functions the app's expression indexes are built on are the exception (grants.sql):
+    // PostgreSQL checks EXECUTE when an app role's insert maintains the index, and without
+    // USAGE on the schema nobody can call them by name.
+    let public_grants: Vec<String> = admin
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc AS p
+             WHERE p.pronamespace = 'orphan_cleanup'::regnamespace AND has_function_privilege('nobody', p.oid, 'EXECUTE')
+               AND p.oid NOT IN ('orphan_cleanup.object_key(text)'::regprocedure, 'orphan_cleanup.job_ref_key(text)'::regprocedure)
+             UNION ALL
+             SELECT c.oid::regclass::text FROM pg_class AS c
+             WHERE c.relnamespace = 'orphan_cleanup'::regnamespace
+               AND has_table_privilege('nobody', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')
+             UNION ALL
+             SELECT 'schema usage' WHERE has_schema_privilege('nobody', 'orphan_cleanup', 'USAGE')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|x| x.get(0))
+        .collect();
+    assert!(public_grants.is_empty(), "PUBLIC can use: {public_grants:?}");
+    attempts += 1;
+    let e = refused(&mut connect_as(&db, "nobody"), "SELECT * FROM orphan_cleanup.claim('x', 1)");
+    assert!(e.contains("permission denied"), "{e}");
+
+    // 4. Every SECURITY DEFINER function pins a search_path that starts with pg_catalog and has
+    // no schema anyone else can write to.
+    let unpinned: Vec<String> = admin
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc AS p
+             WHERE p.pronamespace = 'orphan_cleanup'::regnamespace AND p.prosecdef
+               AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS c
+                               WHERE c IN ('search_path=pg_catalog, pg_temp', 'search_path=pg_catalog'))",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|x| x.get(0))
+        .collect();
+    assert!(unpinned.is_empty(), "SECURITY DEFINER without a safe search_path: {unpinned:?}");
+    let definers = one(
+        &mut admin,
+        "SELECT count(*) FROM pg_proc WHERE pronamespace = 'orphan_cleanup'::regnamespace AND prosecdef",
+    );
+
+    // 5. The hijack: the app's role plants look-alikes of the built-ins and the extension's tables
+    // in public, which every session here searches first. Any call to one logs who ran it.
+    let public_before = one(&mut admin, PUBLIC_OBJECTS);
+    let mut app = connect_as(&db, "app_user");
+    app.batch_execute(
+        "CREATE TABLE public.hijack_log (who text, what text, at timestamptz DEFAULT clock_timestamp());
+         GRANT INSERT ON public.hijack_log TO PUBLIC;
+         CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, 'now()'); SELECT pg_catalog.now() $f$;
+         CREATE FUNCTION public.md5(text) RETURNS text LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, 'md5()'); SELECT pg_catalog.md5($1) $f$;
+         CREATE FUNCTION public.lower(text) RETURNS text LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, 'lower()'); SELECT pg_catalog.lower($1) $f$;
+         CREATE FUNCTION public.btrim(text) RETURNS text LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, 'btrim()'); SELECT pg_catalog.btrim($1) $f$;
+         CREATE FUNCTION public.length(text) RETURNS integer LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, 'length()'); SELECT pg_catalog.length($1) $f$;
+         CREATE FUNCTION public.random() RETURNS double precision LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, 'random()'); SELECT pg_catalog.random() $f$;
+         CREATE FUNCTION public.cardinality(anyarray) RETURNS integer LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, 'cardinality()'); SELECT pg_catalog.cardinality($1) $f$;
+         CREATE FUNCTION public.hijack_eq(text, text) RETURNS boolean LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, '= on text'); SELECT pg_catalog.texteq($1, $2) $f$;
+         CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.hijack_eq);
+         CREATE FUNCTION public.hijack_uuid_eq(uuid, uuid) RETURNS boolean LANGUAGE sql AS
+           $f$ INSERT INTO public.hijack_log (who, what) VALUES (current_user, '= on uuid'); SELECT pg_catalog.uuid_eq($1, $2) $f$;
+         CREATE OPERATOR public.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = public.hijack_uuid_eq);
+         CREATE TABLE public.deletion_queue (id bigint);
+         CREATE TABLE public.attachment (singleton boolean);
+         CREATE TABLE public.pg_class (oid oid);",
+    )
+    .unwrap();
+    let planted = one(&mut admin, PUBLIC_OBJECTS) - public_before;
+    // The poisoned sessions exercise every path: the app saves (the guard trigger) and deletes
+    // assets, the DBA runs cycles and reports, the reaper drains.
+    let mut app = connect_as(&db, "app_user");
+    let fresh: Vec<String> = (0..10).map(|i| format!("late/{i}.png")).collect();
+    let ids = st.ledger.renders(&mut app, &st.emu, &fresh, "2 hours");
+    save(&mut app, "generated_saved", &ids[0]).unwrap();
+    let mut dba = st.db.client();
+    assert_eq!(cycle(&mut dba).0, "ok");
+    save(&mut app, "generated_saved", &ids[1]).unwrap(); // rescues a queued row
+    for sql in [
+        "SELECT * FROM orphan_cleanup.preview()",
+        "SELECT * FROM orphan_cleanup.validation_report()",
+        "SELECT * FROM orphan_cleanup.health()",
+        "SELECT * FROM orphan_cleanup.queue_status()",
+        "SELECT orphan_cleanup.orphan_count()",
+    ] {
+        dba.batch_execute(sql).unwrap();
+    }
+    let out = reaper(&db, &st.emu, &["drain", "--batch-size", "50"]).env("REAPER_LOG", "trace").output().unwrap();
+    let drain_log = output_text(&out);
+    assert!(out.status.success(), "{drain_log}");
+    assert_eq!(cycle(&mut dba).0, "ok");
+    let hijacked: Vec<(String, String)> = admin
+        .query("SELECT who, what FROM public.hijack_log", &[])
+        .unwrap()
+        .iter()
+        .map(|x| (x.get(0), x.get(1)))
+        .collect();
+    assert!(hijacked.is_empty(), "a planted object ran inside the extension: {hijacked:?}");
+    // The trap was armed: a plain query in the same poisoned session does run it.
+    dba.batch_execute("SELECT now()").unwrap();
+    assert_eq!(one(&mut admin, "SELECT count(*) FROM public.hijack_log"), 1, "the planted now() is live");
+
+    // 6. The service key: in no log line at any level, success or failure.
+    let (_, anon) = keys();
+    let mut logs = vec![drain_log];
+    for (args, key) in [
+        (vec!["status"], st.emu.service_key.clone()),
+        (vec!["drain", "--dry-run"], st.emu.service_key.clone()),
+        (vec!["drain"], anon),
+        (vec!["drain"], "not-a-key".to_string()),
+    ] {
+        let out = reaper(&db, &st.emu, &args)
+            .env("REAPER_LOG", "trace")
+            .env("SUPABASE_SERVICE_ROLE_KEY", &key)
+            .output()
+            .unwrap();
+        let text = output_text(&out);
+        assert!(!text.contains(&key), "{args:?} logged its key: {text}");
+        logs.push(text);
+    }
+    let secret_part = st.emu.service_key.rsplit('.').next().unwrap().to_string();
+    let server_log = std::fs::read_to_string(format!("/tmp/pg_orphan_cleanup-{}/postgres.log", port())).unwrap_or_default();
+    for text in logs.iter().chain([&server_log]) {
+        assert!(!text.contains(&st.emu.service_key) && !text.contains(&secret_part), "the key leaked into a log");
+    }
+    let lines: usize = logs.iter().map(|l| l.lines().count()).sum();
+    assert!(lines > 100, "trace logging was on: {lines} lines");
+
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE reaper_login IN DATABASE {db} RESET search_path;
+             ALTER ROLE app_user IN DATABASE {db} RESET search_path;
+             ALTER ROLE postgres IN DATABASE {db} RESET search_path;"
+        ))
+        .unwrap();
+    let o = check(&mut admin, &st.emu, &st.ledger);
+    record(
+        Report {
+            number: 6,
+            scenario: "Privilege",
+            load: "310 orphans, 22 saved, 1 protected; the reaper's login role, the app's role, a role with no grants; every session's search_path puts public first".into(),
+            faults: format!(
+                "{attempts} forbidden operations (app tables, queue tables, run_cycle, settings, other workers' claims); {planted} objects planted in public (look-alike built-ins, `=` operators, tables); the reaper at trace level with good, anon and garbage keys"
+            ),
+            notes: format!(
+                "every forbidden operation refused; PUBLIC holds no privilege on the schema, its {definers} SECURITY DEFINER functions or its tables; all pin `search_path = pg_catalog, pg_temp`; no planted object ran inside the extension (one did run in a plain query, so the trap was live); the key in none of {lines} reaper log lines nor the server log"
+            ),
+        },
+        &o,
+    );
+}
