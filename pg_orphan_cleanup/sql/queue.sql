@@ -107,6 +107,13 @@ BEGIN
         RETURN;
     END IF;
     att := orphan_cleanup._require_attached('claim()');
+    -- An empty allow-list is a configuration mistake, not a policy: rejecting every row it
+    -- re-checks would empty the queue into 'rejected' until the next full sweep.
+    IF cfg.allowed_buckets = '' THEN
+        RAISE EXCEPTION 'claim() refused: orphan_cleanup.allowed_buckets is empty, so no object may be deleted; the queue is left as it is'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
+    END IF;
     -- A claim must be durable before the reaper deletes anything: with synchronous_commit off,
     -- a crash could forget a claim whose files are already gone, and a later save would then
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.

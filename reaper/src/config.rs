@@ -297,6 +297,20 @@ impl RunArgs {
                 })
             }
         };
+        if key.is_publishable_key() {
+            return Err(invalid(
+                "SUPABASE_SERVICE_ROLE_KEY",
+                "it is a publishable key (sb_publishable_...), which row-level security lets delete nothing",
+                "use a secret key (sb_secret_...) or the service_role key (Project Settings > API)",
+            ));
+        }
+        if !key.is_jwt() && !key.is_secret_key() {
+            return Err(invalid(
+                "SUPABASE_SERVICE_ROLE_KEY",
+                "it is neither a JWT (eyJ...) nor a secret key (sb_secret_...)",
+                "copy the service_role key or a secret key from Project Settings > API, whole",
+            ));
+        }
         if let Some(role) = key.jwt_role() {
             if role != "service_role" {
                 return Err(invalid(

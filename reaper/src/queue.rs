@@ -15,7 +15,7 @@ pub const CHANNEL: &str = "orphan_cleanup_queue";
 
 #[derive(Debug, Error)]
 pub enum QueueError {
-    #[error("cannot connect to the database: {0}")]
+    #[error("cannot connect to the database: {0}; check DATABASE_URL (host, port, database, user, password) and that PostgreSQL accepts connections from this host")]
     Connect(String),
     #[error("database error: {0}")]
     Db(String),
@@ -37,7 +37,19 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             s
         }
-        None => e.to_string(),
+        None => {
+            // "error connecting to server" alone does not say why; the cause is the source.
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                if !s.contains(&text) {
+                    s.push_str(&format!(": {text}"));
+                }
+                source = cause.source();
+            }
+            s
+        }
     }
 }
 

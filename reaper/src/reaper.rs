@@ -154,12 +154,12 @@ impl Reaper {
         self.storage
             .upload(&bucket, &name, b"pg_orphan_cleanup reaper probe".to_vec())
             .await
-            .map_err(|e| format!("the start-up probe could not upload {bucket}/{name}: {e}"))?;
+            .map_err(|e| format!("the start-up probe could not upload {bucket}/{name}: {e}{}", probe_fix(&e)))?;
         let deleted = self
             .storage
             .bulk_delete(&bucket, std::slice::from_ref(&name))
             .await
-            .map_err(|e| format!("the start-up probe could not delete {bucket}/{name}: {e}"))?;
+            .map_err(|e| format!("the start-up probe could not delete {bucket}/{name}: {e}{}", probe_fix(&e)))?;
         if !deleted.names.contains_key(&name) {
             return Err(format!(
                 "the start-up probe uploaded {bucket}/{name} but a bulk delete did not delete it: this key cannot delete objects \
@@ -674,5 +674,23 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.current = self.base;
+    }
+}
+
+/// What to check when the start-up probe fails, by the kind of failure.
+fn probe_fix(e: &StorageError) -> &'static str {
+    match e {
+        StorageError::Config { http, status, .. }
+            if *http == 401 || *http == 403 || status == "401" || status == "403" =>
+        {
+            "; check SUPABASE_SERVICE_ROLE_KEY: it must be this project's service_role key or a secret key (sb_secret_...)"
+        }
+        StorageError::Config { .. } => {
+            "; check SUPABASE_URL (the project's URL) and that the bucket exists"
+        }
+        StorageError::Overload { .. } => "; storage is overloaded: start the reaper again later",
+        StorageError::Retryable(_) => {
+            "; check SUPABASE_URL and that storage is reachable from this host"
+        }
     }
 }

@@ -28,6 +28,16 @@ impl ServiceKey {
         self.0.split('.').count() == 3 && !self.0.starts_with("sb_")
     }
 
+    /// An opaque secret key as new projects issue them.
+    pub fn is_secret_key(&self) -> bool {
+        self.0.starts_with("sb_secret_")
+    }
+
+    /// An opaque publishable key: the new projects' counterpart of the anon key.
+    pub fn is_publishable_key(&self) -> bool {
+        self.0.starts_with("sb_publishable_")
+    }
+
     /// The `role` claim of a JWT key, read without verifying the signature (the server does
     /// that). `None` for opaque keys or unreadable payloads.
     pub fn jwt_role(&self) -> Option<String> {

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use e2e::chaos::*;
@@ -964,6 +964,142 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
             notes: format!(
                 "every forbidden operation refused; PUBLIC holds no privilege on the schema, its {definers} SECURITY DEFINER functions or its tables; all pin `search_path = pg_catalog, pg_temp`; no planted object ran inside the extension (one did run in a plain query, so the trap was live); the key in none of {lines} reaper log lines nor the server log"
             ),
+        },
+        &o,
+    );
+}
+
+/// Nothing was deleted, claimed or charged an attempt: every queue row still pending and
+/// untouched, every object still in storage.
+fn untouched(c: &mut postgres::Client, emu: &Emulator, objects: usize, rows: i64, what: &str) {
+    assert_eq!(emu.objects().len(), objects, "{what}: nothing deleted from storage");
+    let (pending, touched): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE state = 'pending'),
+                        count(*) FILTER (WHERE attempts > 0 OR claim_count > 0)
+                 FROM orphan_cleanup.deletion_queue",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((pending, touched), (rows, 0), "{what}: no row claimed or charged an attempt");
+}
+
+/// `base` with the pairs in `extra` replacing or added.
+fn with<'a>(base: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut s = base.to_vec();
+    s.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+    s.extend_from_slice(extra);
+    s
+}
+
+#[test]
+fn chaos_7_bad_configuration_fails_clearly_and_deletes_nothing() {
+    let n = 500;
+    let st = stage("chaos_config", n, &[]);
+    let mut c = st.db.client();
+    let objects = st.emu.objects().len();
+    let rows = n as i64;
+    let base = chaos_settings(&st.emu, &[]);
+    let mut cases = Vec::new();
+    // A reaper run that must delete nothing; returns its output.
+    let drain = |env: &[(&str, &str)]| {
+        let mut cmd = reaper(&st.db.name, &st.emu, &["drain"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), output_text(&out))
+    };
+    // Fresh orphans that a working cycle would queue: they show whether a bad cycle queued any.
+    let fresh: Vec<String> = (0..5).map(|i| format!("fresh/{i}.png")).collect();
+    let mut ledger = st.ledger;
+    ledger.renders(&mut c, &st.emu, &fresh, "2 hours");
+    let objects = objects + fresh.len();
+
+    // 1. The extension's side. Each bad setting: the cycle fails naming the fix and queues
+    // nothing, attach() names every problem, and the reaper deletes nothing.
+    c.batch_execute("CREATE TABLE public.assets_text (id bigserial PRIMARY KEY, asset_type text, metadata text)").unwrap();
+    for (setting, value, expected_cycle, expected_attach) in [
+        ("assets_table", "public.no_such_assets", "attach()", "does not exist; set a schema-qualified name"),
+        ("assets_table", "public.assets_text", "attach()", "is text, expected jsonb or json"),
+        ("jobs_table", "public.no_such_jobs", "attach()", "does not exist; set a schema-qualified name"),
+        ("allowed_buckets", "", "allowed_buckets is empty", ""),
+    ] {
+        settings(&with(&base, &[(setting, value)]));
+        let status: String = c.query_one("SELECT status FROM orphan_cleanup.run_cycle()", &[]).unwrap().get(0);
+        assert_eq!(status, "failed", "{setting} = {value:?}");
+        let cycle_error: String = c
+            .query_one("SELECT coalesce(error, '') FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1", &[])
+            .unwrap()
+            .get(0);
+        assert!(cycle_error.contains(expected_cycle), "{setting} = {value:?}: the cycle says {cycle_error}");
+        if !expected_attach.is_empty() {
+            let e = db_error(&c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap_err());
+            assert!(e.contains(expected_attach) && e.contains("HINT"), "{setting} = {value:?}: attach() says {e}");
+        }
+        let (ok, text) = drain(&[]);
+        untouched(&mut c, &st.emu, objects, rows, &format!("{setting} = {value:?}"));
+        cases.push(format!("`{setting} = '{value}'`"));
+        eprintln!("{setting} = {value:?}: cycle: {cycle_error}\n  reaper ({}): {}", if ok { "exit 0" } else { "failed" }, text.lines().last().unwrap_or(""));
+    }
+    settings(&base);
+    for (value, expected) in [("soon", "invalid value for parameter"), ("0", "outside the valid range")] {
+        let e = refused(&mut connect("postgres"), &format!("ALTER SYSTEM SET orphan_cleanup.interval = '{value}'"));
+        assert!(e.contains(expected), "interval = {value}: {e}");
+        cases.push(format!("`interval = '{value}'`"));
+    }
+
+    // 2. The reaper's side: each fails at start, naming what to fix, and touches nothing.
+    let foreign = {
+        let out = std::process::Command::new(binary("storage-emulator"))
+            .args(["keys", "--jwt-secret", "another-project-secret-that-is-long-enough"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().lines().find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY=")).unwrap().to_string()
+    };
+    let (_, anon) = keys();
+    let db_url = |rest: &str| format!("postgres://{rest}");
+    for (env, value, expected) in [
+        ("DATABASE_URL", db_url(&format!("reaper_login@127.0.0.1:1/{}", st.db.name)), "Connection refused"),
+        ("DATABASE_URL", db_url(&format!("reaper_login@127.0.0.1:{}/no_such_db", port())), "cannot connect to the database"),
+        ("DATABASE_URL", db_url(&format!("no_such_role@127.0.0.1:{}/{}", port(), st.db.name)), "cannot connect to the database"),
+        ("DATABASE_URL", "not a url".to_string(), "DATABASE_URL"),
+        ("SUPABASE_URL", "not a url".to_string(), "SUPABASE_URL is invalid"),
+        ("SUPABASE_URL", "http://127.0.0.1:1".to_string(), "check SUPABASE_URL and that storage is reachable"),
+        ("SUPABASE_URL", format!("{}/wrong/prefix", st.emu.base), "SUPABASE_URL"),
+        ("SUPABASE_SERVICE_ROLE_KEY", foreign, "check SUPABASE_SERVICE_ROLE_KEY: it must be this project's service_role key"),
+        ("SUPABASE_SERVICE_ROLE_KEY", anon, "use the service_role key, not the anon key"),
+        ("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_PUBLISHABLE_KEY.to_string(), "use a secret key (sb_secret_...)"),
+        ("SUPABASE_SERVICE_ROLE_KEY", "garbage".to_string(), "neither a JWT (eyJ...) nor a secret key"),
+    ] {
+        let (ok, text) = drain(&[(env, value.as_str())]);
+        assert!(!ok, "{env}={value}: the reaper must fail: {text}");
+        assert!(text.contains(expected), "{env}={value}: expected {expected:?} in: {text}");
+        assert!(text.lines().last().unwrap_or("").contains(env), "{env}={value}: the error names {env}: {text}");
+        untouched(&mut c, &st.emu, objects, rows, &format!("{env}={value}"));
+        let shown = if env == "SUPABASE_SERVICE_ROLE_KEY" { "(a wrong key)".to_string() } else { value.clone() };
+        cases.push(format!("`{env}` {shown}"));
+        eprintln!("{env}={shown}: {}", text.lines().last().unwrap_or(""));
+    }
+
+    // 3. Fixed, everything goes through.
+    assert_eq!(cycle(&mut c).2, fresh.len() as i64);
+    let (ok, text) = drain(&[]);
+    assert!(ok, "{text}");
+    let o = check(&mut c, &st.emu, &ledger);
+    record(
+        Report {
+            number: 7,
+            scenario: "Bad configuration",
+            load: format!("{n} orphans queued, 5 more waiting for a cycle, 20 saved, 1 protected"),
+            faults: format!(
+                "{} bad settings: a missing jobs table, a missing assets table, `metadata` of type text, `allowed_buckets` empty, `interval` 'soon' and '0'; `DATABASE_URL` with a closed port, an unknown database, an unknown role, not a URL; `SUPABASE_URL` not a URL, unreachable, with a path; another project's key, the anon key, a publishable key, garbage",
+                cases.len()
+            ),
+            notes: "each refused with an error naming the fix (the cycle, attach() or the reaper at start); after each, no object deleted, no row claimed or charged an attempt; once fixed, the cycle and the drain finished the job".into(),
         },
         &o,
     );

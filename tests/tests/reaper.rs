@@ -402,9 +402,9 @@ fn an_anon_key_is_refused_at_start() {
 }
 
 #[test]
-fn a_key_that_deletes_nothing_fails_the_probe_and_an_opaque_secret_key_works() {
-    // A publishable (anon) key is opaque: the reaper cannot read its role. Storage answers its
-    // bulk deletes with `200 []`, exactly like "already gone"; the start-up probe catches it.
+fn a_publishable_key_is_refused_at_start_and_an_opaque_secret_key_works() {
+    // A publishable key is the new projects' anon key: storage would answer its bulk deletes
+    // with `200 []`, exactly like "already gone". Its prefix gives it away before any request.
     let w = world("reaper_probe", 3, &[]);
     let out = reaper(&w.db.name, &w.emu, &["drain"])
         .env("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_PUBLISHABLE_KEY)
@@ -412,7 +412,11 @@ fn a_key_that_deletes_nothing_fails_the_probe_and_an_opaque_secret_key_works() {
         .unwrap();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("start-up probe could not upload"), "{text}");
+    assert!(
+        text.contains("SUPABASE_SERVICE_ROLE_KEY is invalid (it is a publishable key")
+            && text.contains("use a secret key"),
+        "{text}"
+    );
     assert!(
         !text.contains(OPAQUE_PUBLISHABLE_KEY),
         "the key is never printed"
