@@ -1,11 +1,14 @@
 # pg_orphan_cleanup: the commands a new user needs. Each one installs what is missing.
-.PHONY: demo test bench setup install cluster-start cluster-stop cluster-destroy fmt lint
+.PHONY: demo test chaos bench setup install cluster-start cluster-stop cluster-destroy fmt lint
 
 demo:            ## the whole story, end to end, on a throwaway cluster
 	scripts/demo.sh
 
 test:            ## everything CI runs: unit, property, #[pg_test] and end-to-end tests
 	scripts/test.sh
+
+chaos:           ## the chaos suite at full scale; rewrites RELIABILITY.md (make test runs it at CI scale)
+	scripts/chaos.sh
 
 bench:           ## detection at scale, drain throughput, memory (BENCH_SCALE=tiny|small|full); not part of test
 	scripts/bench.sh
