@@ -26,8 +26,10 @@ async fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("REAPER_LOG").unwrap_or_else(|_| "info".into());
+    // Colours only on a terminal: escape codes in a journal or a log file break every grep.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
