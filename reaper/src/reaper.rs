@@ -154,12 +154,22 @@ impl Reaper {
         self.storage
             .upload(&bucket, &name, b"pg_orphan_cleanup reaper probe".to_vec())
             .await
-            .map_err(|e| format!("the start-up probe could not upload {bucket}/{name}: {e}{}", probe_fix(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "the start-up probe could not upload {bucket}/{name}: {e}{}",
+                    probe_fix(&e)
+                )
+            })?;
         let deleted = self
             .storage
             .bulk_delete(&bucket, std::slice::from_ref(&name))
             .await
-            .map_err(|e| format!("the start-up probe could not delete {bucket}/{name}: {e}{}", probe_fix(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "the start-up probe could not delete {bucket}/{name}: {e}{}",
+                    probe_fix(&e)
+                )
+            })?;
         if !deleted.names.contains_key(&name) {
             return Err(format!(
                 "the start-up probe uploaded {bucket}/{name} but a bulk delete did not delete it: this key cannot delete objects \

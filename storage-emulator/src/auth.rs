@@ -15,6 +15,8 @@ pub enum Role {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
+    /// Empty: no role claim at all (a hand-made key); storage treats it like anon.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     role: String,
     iss: String,
     exp: u64,
@@ -74,7 +76,7 @@ pub fn authorize(header: Option<&str>, secret: &str) -> Result<Role, ApiError> {
     }
 }
 
-/// Mints a key for `role` ("service_role" or "anon") signed with `secret`, valid for ten years,
+/// Mints a key for `role` ("service_role", "anon", or "" for none) signed with `secret`, valid for ten years,
 /// like the keys a Supabase project hands out.
 pub fn mint(role: &str, secret: &str) -> String {
     let exp = std::time::SystemTime::now()

@@ -67,7 +67,7 @@ enum Command {
         #[arg(long, env = "STORAGE_EMULATOR_PUBLISHABLE_KEY")]
         publishable_key: Option<String>,
     },
-    /// Print a service-role key and an anon key signed with the secret.
+    /// Print a service-role key, an anon key and a key without a role claim, signed with the secret.
     Keys {
         #[arg(long, env = "STORAGE_EMULATOR_JWT_SECRET")]
         jwt_secret: String,
@@ -121,6 +121,11 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "ANON_KEY={}",
                 storage_emulator::auth::mint("anon", &jwt_secret)
+            );
+            // Signed, but with no role claim: a client cannot tell what it may do.
+            println!(
+                "NO_ROLE_KEY={}",
+                storage_emulator::auth::mint("", &jwt_secret)
             );
             Ok(())
         }

@@ -54,10 +54,7 @@ impl Ledger {
             emu.upload("renders", key, b"render bytes");
             self.uploaded.insert(format!("renders/{key}"));
         }
-        let urls: Vec<String> = keys
-            .iter()
-            .map(|k| emu.public_url("renders", k))
-            .collect();
+        let urls: Vec<String> = keys.iter().map(|k| emu.public_url("renders", k)).collect();
         let rows = c
             .query(
                 "INSERT INTO render_jobs (status, output_url, created_at, prompt)
@@ -237,8 +234,7 @@ pub fn record(report: Report, o: &Outcome) {
     eprint!("chaos result: {row}");
     if let Ok(dir) = std::env::var("CHAOS_RESULTS") {
         std::fs::create_dir_all(&dir).unwrap();
-        let mut f =
-            std::fs::File::create(format!("{dir}/{:02}.md", report.number)).unwrap();
+        let mut f = std::fs::File::create(format!("{dir}/{:02}.md", report.number)).unwrap();
         f.write_all(row.as_bytes()).unwrap();
     }
     assert_eq!(
@@ -257,7 +253,11 @@ pub fn cluster(how: &str) {
         .env("PGOC_PORT", crate::port().to_string())
         .output()
         .unwrap();
-    assert!(out.status.success(), "cluster.sh {how}: {}", output_text(&out));
+    assert!(
+        out.status.success(),
+        "cluster.sh {how}: {}",
+        output_text(&out)
+    );
 }
 
 /// Rows not yet in a final state.

@@ -271,6 +271,16 @@ pub fn wait_until_blocked(observer: &mut Client, pid: i32) {
     );
 }
 
+/// The background worker's pid, if it is running.
+pub fn worker_pid(c: &mut Client) -> Option<i32> {
+    c.query_opt(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup'",
+        &[],
+    )
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
 pub fn backend_pid(c: &mut Client) -> i32 {
     c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0)
 }

@@ -65,7 +65,13 @@ fn stage(name: &str, orphans: usize, extra: &[(&str, &str)]) -> Stage {
 }
 
 /// Renders `n` jobs and saves every one of them.
-fn save_new_renders(ledger: &mut Ledger, c: &mut postgres::Client, emu: &Emulator, tag: &str, n: usize) {
+fn save_new_renders(
+    ledger: &mut Ledger,
+    c: &mut postgres::Client,
+    emu: &Emulator,
+    tag: &str,
+    n: usize,
+) {
     let keys: Vec<String> = (0..n).map(|i| format!("{tag}/{i}.png")).collect();
     for id in ledger.renders(c, emu, &keys, "2 hours") {
         save(c, "generated_saved", &id).unwrap();
@@ -87,6 +93,14 @@ fn state_count(o: &Outcome, state: &str) -> i64 {
     o.states.get(state).copied().unwrap_or(0)
 }
 
+/// A `reaper run` that polls every second and skips the start-up probe (the scenarios test the
+/// drain, not the key), its output in `log`.
+fn reaper_run(db: &str, emu: &Emulator, log: std::path::PathBuf, args: &[&str]) -> Running {
+    let mut all = vec!["run", "--poll-interval", "1s", "--no-probe"];
+    all.extend_from_slice(args);
+    Running::spawn(reaper(db, emu, &all), log)
+}
+
 #[test]
 fn chaos_1_a_crash_loop_of_kill_9s_loses_nothing() {
     let n = by_scale(6_000, 20_000);
@@ -96,16 +110,20 @@ fn chaos_1_a_crash_loop_of_kill_9s_loses_nothing() {
     // A little latency so that a drain lasts long enough to be killed 20 times on the way.
     st.emu.set_faults(json!({"latency_ms": 30}));
     let spawn = |i: usize| {
-        Running::spawn(
-            reaper(
-                &st.db.name,
-                &st.emu,
-                &[
-                    "run", "--batch-size", "100", "--concurrency", "2", "--lease", "10s", "--request-timeout", "5s",
-                    "--poll-interval", "1s", "--no-probe",
-                ],
-            ),
+        reaper_run(
+            &st.db.name,
+            &st.emu,
             st.logs.0.join(format!("reaper-{i}.log")),
+            &[
+                "--batch-size",
+                "100",
+                "--concurrency",
+                "2",
+                "--lease",
+                "10s",
+                "--request-timeout",
+                "5s",
+            ],
         )
     };
     let mut reapers = vec![spawn(0), spawn(1)];
@@ -113,7 +131,8 @@ fn chaos_1_a_crash_loop_of_kill_9s_loses_nothing() {
     // Kills spread over the drain: the k-th when about k/23 of the rows are confirmed, at a
     // random moment after that, on a random one of the two reapers.
     for k in 0..kills {
-        let target = (n * (k + 1) / (kills + 3) + rng.random_range(0..n / (2 * (kills + 3)))) as i64;
+        let target =
+            (n * (k + 1) / (kills + 3) + rng.random_range(0..n / (2 * (kills + 3)))) as i64;
         wait_for(Duration::from_secs(300), "the drain to progress", || {
             reapers.iter_mut().for_each(Running::assert_running);
             confirmed(&mut c) >= target
@@ -160,7 +179,11 @@ fn dead_letters_logged(log: &str) -> BTreeSet<i64> {
         .filter(|l| l.contains("rows dead-lettered"))
         .filter_map(|l| {
             let ids = l.split("ids=[").nth(1)?.split(']').next()?;
-            Some(ids.split(',').filter_map(|x| x.trim().parse().ok()).collect::<Vec<i64>>())
+            Some(
+                ids.split(',')
+                    .filter_map(|x| x.trim().parse().ok())
+                    .collect::<Vec<i64>>(),
+            )
         })
         .flatten()
         .collect()
@@ -178,21 +201,29 @@ fn chaos_2_storage_faults_are_retried_until_the_drain_completes() {
         "spike_rate": 0.05, "spike_ms": 1500, "latency_ms": 5
     }));
     st.emu.clear_requests();
-    let mut r = Running::spawn(
-        reaper(
-            &st.db.name,
-            &st.emu,
-            &[
-                "run", "--batch-size", "50", "--concurrency", "4", "--request-timeout", "2s",
-                "--lease", "1m", "--poll-interval", "1s", "--no-probe",
-            ],
-        ),
+    let mut r = reaper_run(
+        &st.db.name,
+        &st.emu,
         st.logs.0.join("reaper.log"),
+        &[
+            "--batch-size",
+            "50",
+            "--concurrency",
+            "4",
+            "--request-timeout",
+            "2s",
+            "--lease",
+            "1m",
+        ],
     );
-    wait_for(Duration::from_secs(900), "the drain under faults to finish", || {
-        r.assert_running();
-        unfinished(&mut c) == 0
-    });
+    wait_for(
+        Duration::from_secs(900),
+        "the drain under faults to finish",
+        || {
+            r.assert_running();
+            unfinished(&mut c) == 0
+        },
+    );
     let log = r.stop();
     let requests = st.emu.requests();
     let faulted = requests
@@ -213,25 +244,45 @@ fn chaos_2_storage_faults_are_retried_until_the_drain_completes() {
         .collect();
     let logged = dead_letters_logged(&log);
     for (id, attempts, last_error) in &dead {
-        assert_eq!(*attempts, max_attempts, "row {id} was dead-lettered before its attempts ran out");
+        assert_eq!(
+            *attempts, max_attempts,
+            "row {id} was dead-lettered before its attempts ran out"
+        );
         let e = last_error.as_deref().unwrap_or("");
         assert!(
-            e.contains("500") || e.contains("timed out") || e.contains("timeout") || e.contains("544"),
+            e.contains("500")
+                || e.contains("timed out")
+                || e.contains("timeout")
+                || e.contains("544"),
             "row {id}'s last error names the fault: {e:?}"
         );
-        assert!(logged.contains(id), "row {id}'s dead letter is in the reaper's log");
+        assert!(
+            logged.contains(id),
+            "row {id}'s dead letter is in the reaper's log"
+        );
     }
     // Once storage is healthy again, the DBA requeues the dead letters and they are deleted too.
     st.emu.set_faults(json!({}));
     let requeued = one(&mut c, "SELECT orphan_cleanup.requeue_dead()");
     assert_eq!(requeued, dead.len() as i64);
     if requeued > 0 {
-        let out = reaper(&st.db.name, &st.emu, &["drain", "--no-probe"]).output().unwrap();
+        let out = reaper(&st.db.name, &st.emu, &["drain", "--no-probe"])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", output_text(&out));
     }
-    let absent = one(&mut c, "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'absent'");
-    let retried = one(&mut c, "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'failed'");
-    let released = one(&mut c, "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released'");
+    let absent = one(
+        &mut c,
+        "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'absent'",
+    );
+    let retried = one(
+        &mut c,
+        "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'failed'",
+    );
+    let released = one(
+        &mut c,
+        "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released'",
+    );
     let o = check(&mut c, &st.emu, &st.ledger);
     record(
         Report {
@@ -278,8 +329,14 @@ fn chaos_5_hostile_urls_are_rejected_with_a_reason_and_never_sent() {
     let mut ledger = Ledger::default();
     // Bait: the objects the hostile values point at, or near. None may go.
     for (bucket, key) in [
-        ("renders", "a.png"), ("renders", "b.png"), ("renders", "x/a.png"), ("renders", "a/b.png"),
-        ("avatars", "a.png"), ("private", "secret.png"), ("renders", "ab.png"), ("renders", "dir/a.png"),
+        ("renders", "a.png"),
+        ("renders", "b.png"),
+        ("renders", "x/a.png"),
+        ("renders", "a/b.png"),
+        ("avatars", "a.png"),
+        ("private", "secret.png"),
+        ("renders", "ab.png"),
+        ("renders", "dir/a.png"),
     ] {
         ledger.keep(&emu, bucket, key);
     }
@@ -297,7 +354,11 @@ fn chaos_5_hostile_urls_are_rejected_with_a_reason_and_never_sent() {
     }
     let (status, _, enqueued, _, rejected) = cycle(&mut c);
     assert_eq!(status, "ok");
-    assert_eq!(enqueued, control.len() as i64, "only the control group is queued");
+    assert_eq!(
+        enqueued,
+        control.len() as i64,
+        "only the control group is queued"
+    );
 
     // Each hostile value: exactly one queue row, rejected, with a reason.
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
@@ -314,28 +375,48 @@ fn chaos_5_hostile_urls_are_rejected_with_a_reason_and_never_sent() {
             .collect();
         match rows.as_slice() {
             [(state, Some(reason))] if state == "rejected" && !reason.trim().is_empty() => {
-                *reasons.entry(reason.split(':').next().unwrap_or(reason).to_string()).or_default() += 1;
+                *reasons
+                    .entry(reason.split(':').next().unwrap_or(reason).to_string())
+                    .or_default() += 1;
             }
-            other => wrong.push(format!("[{group}] {:?}: {other:?}", url.chars().take(120).collect::<String>())),
+            other => wrong.push(format!(
+                "[{group}] {:?}: {other:?}",
+                url.chars().take(120).collect::<String>()
+            )),
         }
     }
-    assert!(wrong.is_empty(), "{} hostile values were not rejected with a reason:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} hostile values were not rejected with a reason:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
     assert_eq!(rejected, corpus.len() as i64);
 
     emu.clear_requests();
-    let out = reaper(&db.name, &emu, &["drain", "--no-probe"]).output().unwrap();
+    let out = reaper(&db.name, &emu, &["drain", "--no-probe"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", output_text(&out));
     // Storage saw the control group's 20 names and nothing else: every request a bulk delete
     // in the renders bucket, 20 names in all, 20 objects deleted (the control group, as the
     // ledger's check below confirms).
     let requests = emu.requests();
     assert!(
-        requests.iter().all(|r| r["method"] == "DELETE" && r["path"] == "/storage/v1/object/renders"),
+        requests
+            .iter()
+            .all(|r| r["method"] == "DELETE" && r["path"] == "/storage/v1/object/renders"),
         "only bulk deletes in the renders bucket: {requests:?}"
     );
     let names: u64 = requests.iter().map(|r| r["names"].as_u64().unwrap()).sum();
-    let deleted: u64 = requests.iter().map(|r| r["deleted"].as_u64().unwrap()).sum();
-    assert_eq!((names, deleted), (control.len() as u64, control.len() as u64));
+    let deleted: u64 = requests
+        .iter()
+        .map(|r| r["deleted"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        (names, deleted),
+        (control.len() as u64, control.len() as u64)
+    );
     let o = check(&mut c, &emu, &ledger);
     let groups: BTreeSet<&str> = corpus.iter().map(|(g, _)| g.as_str()).collect();
     record(
@@ -424,15 +505,6 @@ fn worker_mid_cycle(c: &mut postgres::Client) -> Option<i32> {
     .map(|r| r.get(0))
 }
 
-fn worker_pid(c: &mut postgres::Client) -> Option<i32> {
-    c.query_opt(
-        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup'",
-        &[],
-    )
-    .unwrap()
-    .map(|r| r.get(0))
-}
-
 fn queued(c: &mut postgres::Client) -> i64 {
     one(c, "SELECT count(*) FROM orphan_cleanup.deletion_queue")
 }
@@ -458,28 +530,36 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
 
     // 1. A power cut in the middle of the worker's first cycle over the backlog.
     st.go();
-    wait_for(Duration::from_secs(60), "the worker to be mid-cycle", || {
-        worker_mid_cycle(&mut c).is_some()
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "the worker to be mid-cycle",
+        || worker_mid_cycle(&mut c).is_some(),
+    );
     cluster("crash");
     let mut c = connect("postgres");
     assert_eq!(queued(&mut c), 0, "the crashed cycle left nothing behind");
-    wait_for(Duration::from_secs(120), "the worker to redo the cycle after crash recovery", || {
-        queued(&mut c) == n as i64
-    });
+    wait_for(
+        Duration::from_secs(120),
+        "the worker to redo the cycle after crash recovery",
+        || queued(&mut c) == n as i64,
+    );
 
     // 2. A restart in the middle of a drain.
     st.emu.set_faults(json!({"latency_ms": 20}));
-    let mut r = Running::spawn(
-        reaper(
-            "postgres",
-            &st.emu,
-            &[
-                "run", "--batch-size", "100", "--concurrency", "2", "--lease", "10s",
-                "--request-timeout", "5s", "--poll-interval", "1s", "--no-probe",
-            ],
-        ),
+    let mut r = reaper_run(
+        "postgres",
+        &st.emu,
         st.logs.0.join("reaper.log"),
+        &[
+            "--batch-size",
+            "100",
+            "--concurrency",
+            "2",
+            "--lease",
+            "10s",
+            "--request-timeout",
+            "5s",
+        ],
     );
     wait_for(Duration::from_secs(120), "a third of the drain", || {
         r.assert_running();
@@ -505,10 +585,14 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
     st.ledger.renders(&mut c, &st.emu, &keys, "2 hours");
     let pid = {
         let mut found = None;
-        wait_for(Duration::from_secs(60), "the worker to be mid-cycle again", || {
-            found = worker_mid_cycle(&mut c);
-            found.is_some()
-        });
+        wait_for(
+            Duration::from_secs(60),
+            "the worker to be mid-cycle again",
+            || {
+                found = worker_mid_cycle(&mut c);
+                found.is_some()
+            },
+        );
         found.unwrap()
     };
     let killed: bool = c
@@ -516,17 +600,27 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
         .unwrap()
         .get(0);
     assert!(killed);
-    assert_eq!(queued(&mut c), n as i64, "the terminated cycle queued nothing");
+    assert_eq!(
+        queued(&mut c),
+        n as i64,
+        "the terminated cycle queued nothing"
+    );
     wait_for(Duration::from_secs(60), "a new worker", || {
         worker_pid(&mut c).is_some_and(|p| p != pid)
     });
-    wait_for(Duration::from_secs(300), "everything queued and drained", || {
-        r.assert_running();
-        queued(&mut c) == (n + wave) as i64 && unfinished(&mut c) == 0
-    });
+    wait_for(
+        Duration::from_secs(300),
+        "everything queued and drained",
+        || {
+            r.assert_running();
+            queued(&mut c) == (n + wave) as i64 && unfinished(&mut c) == 0
+        },
+    );
     let log = r.stop();
     assert!(
-        log.contains("database connection lost") || log.contains("reconnect") || log.contains("database unreachable"),
+        log.contains("database connection lost")
+            || log.contains("reconnect")
+            || log.contains("database unreachable"),
         "the reaper says it lost the database and reconnected: {log}"
     );
     let o = check(&mut c, &st.emu, &st.ledger);
@@ -580,7 +674,11 @@ fn saver(jobs: &Mutex<Vec<String>>, saves: &Saves, stop: &AtomicBool) {
                 }),
             pick => {
                 let jobs = jobs.lock().unwrap();
-                let from = if pick == 1 { jobs.len().saturating_sub(100) } else { 0 };
+                let from = if pick == 1 {
+                    jobs.len().saturating_sub(100)
+                } else {
+                    0
+                };
                 (from < jobs.len()).then(|| jobs[rng.random_range(from..jobs.len())].clone())
             }
         };
@@ -610,7 +708,11 @@ fn chaos_4_racing_saves_never_lose_a_saved_file() {
     // reapers on every job. The breaker is off: a steady stream is not what it watches for.
     let st = WorkerStage::new(
         "chaos_race",
-        &[("min_age", "0"), ("breaker_factor", "0"), ("breaker_max_fraction", "1")],
+        &[
+            ("min_age", "0"),
+            ("breaker_factor", "0"),
+            ("breaker_max_fraction", "1"),
+        ],
     );
     let ledger = Mutex::new(Ledger::default());
     let jobs: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -618,16 +720,20 @@ fn chaos_4_racing_saves_never_lose_a_saved_file() {
     let stop = AtomicBool::new(false);
     st.go();
     let spawn = |i: usize| {
-        Running::spawn(
-            reaper(
-                "postgres",
-                &st.emu,
-                &[
-                    "run", "--batch-size", "50", "--concurrency", "2", "--lease", "10s",
-                    "--request-timeout", "5s", "--poll-interval", "1s", "--no-probe",
-                ],
-            ),
+        reaper_run(
+            "postgres",
+            &st.emu,
             st.logs.0.join(format!("reaper-{i}.log")),
+            &[
+                "--batch-size",
+                "50",
+                "--concurrency",
+                "2",
+                "--lease",
+                "10s",
+                "--request-timeout",
+                "5s",
+            ],
         )
     };
     let mut reapers = vec![spawn(0), spawn(1)];
@@ -639,7 +745,10 @@ fn chaos_4_racing_saves_never_lose_a_saved_file() {
             let mut batch = 0;
             while !stop.load(Ordering::Relaxed) {
                 let keys: Vec<String> = (0..10).map(|i| format!("race/{batch}/{i}.png")).collect();
-                let ids = ledger.lock().unwrap().renders(&mut c, &st.emu, &keys, "0 seconds");
+                let ids = ledger
+                    .lock()
+                    .unwrap()
+                    .renders(&mut c, &st.emu, &keys, "0 seconds");
                 produced.fetch_add(ids.len() as u64, Ordering::Relaxed);
                 jobs.lock().unwrap().extend(ids);
                 batch += 1;
@@ -659,29 +768,48 @@ fn chaos_4_racing_saves_never_lose_a_saved_file() {
 
     // Let the worker catch up with the last jobs and the reapers finish.
     let mut c = connect("postgres");
-    let last_cycle = one(&mut c, "SELECT coalesce(max(id), 0) FROM orphan_cleanup.cycle_log");
-    wait_for(Duration::from_secs(120), "a cycle after the last save, and the drain", || {
-        reapers.iter_mut().for_each(Running::assert_running);
-        one(&mut c, &format!("SELECT count(*) FROM orphan_cleanup.cycle_log WHERE id > {last_cycle} + 1 AND status = 'ok'")) > 0
+    let last_cycle = one(
+        &mut c,
+        "SELECT coalesce(max(id), 0) FROM orphan_cleanup.cycle_log",
+    );
+    wait_for(
+        Duration::from_secs(120),
+        "a cycle after the last save, and the drain",
+        || {
+            reapers.iter_mut().for_each(Running::assert_running);
+            one(&mut c, &format!("SELECT count(*) FROM orphan_cleanup.cycle_log WHERE id > {last_cycle} + 1 AND status = 'ok'")) > 0
             && unfinished(&mut c) == 0
-    });
+        },
+    );
     for r in reapers {
         r.stop();
     }
     let other = saves.other_errors.lock().unwrap().clone();
-    assert!(other.is_empty(), "saves failed for reasons other than the guard: {other:?}");
+    assert!(
+        other.is_empty(),
+        "saves failed for reasons other than the guard: {other:?}"
+    );
     let ledger = ledger.into_inner().unwrap();
     let o = check(&mut c, &st.emu, &ledger);
-    let rescued = one(&mut c, "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'rescued'");
+    let rescued = one(
+        &mut c,
+        "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'rescued'",
+    );
     let stale = state_count(&o, "stale");
     let refused_seq = one(
         &mut c,
         "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM orphan_cleanup.refused_saves",
     );
     let refused = saves.refused.load(Ordering::Relaxed);
-    assert_eq!(refused_seq, refused as i64, "the guard counted every refusal");
+    assert_eq!(
+        refused_seq, refused as i64,
+        "the guard counted every refusal"
+    );
     let attempted = saves.attempted.load(Ordering::Relaxed);
-    assert!(rescued > 0 && refused > 0, "the race was run: saves rescued queued rows and were refused on claimed ones");
+    assert!(
+        rescued > 0 && refused > 0,
+        "the race was run: saves rescued queued rows and were refused on claimed ones"
+    );
     record(
         Report {
             number: 4,
@@ -765,7 +893,11 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
             "reaper_login: {sql}: {e}"
         );
     }
-    for (name, value) in [("allowed_buckets", "avatars"), ("min_age", "0"), ("jobs_table", "public.x")] {
+    for (name, value) in [
+        ("allowed_buckets", "avatars"),
+        ("min_age", "0"),
+        ("jobs_table", "public.x"),
+    ] {
         attempts += 1;
         let e = refused(&mut r, &format!("SET orphan_cleanup.{name} = '{value}'"));
         assert!(e.contains("cannot be changed now"), "SET {name}: {e}");
@@ -785,9 +917,17 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
         "SELECT result FROM orphan_cleanup.fail('worker-b', $1, 'HTTP 500')",
     ] {
         attempts += 1;
-        let results: Vec<String> = other.query(sql, &[&mine]).unwrap().iter().map(|x| x.get(0)).collect();
+        let results: Vec<String> = other
+            .query(sql, &[&mine])
+            .unwrap()
+            .iter()
+            .map(|x| x.get(0))
+            .collect();
         assert!(
-            results.len() == 5 && results.iter().all(|x| !x.starts_with("confirmed") && !x.contains("retry") && !x.contains("dead")),
+            results.len() == 5
+                && results.iter().all(|x| !x.starts_with("confirmed")
+                    && !x.contains("retry")
+                    && !x.contains("dead")),
             "{sql}: {results:?}"
         );
     }
@@ -805,7 +945,8 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(still, 5, "worker-a's claims are untouched");
-    r.query_one("SELECT orphan_cleanup.release('worker-a', $1)", &[&mine]).unwrap();
+    r.query_one("SELECT orphan_cleanup.release('worker-a', $1)", &[&mine])
+        .unwrap();
 
     // 3. PUBLIC (a role with no grants) gets nothing: no schema, no function, no table. The two
     // pure functions the app's expression indexes are built on are the exception (grants.sql):
@@ -828,9 +969,15 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
         .iter()
         .map(|x| x.get(0))
         .collect();
-    assert!(public_grants.is_empty(), "PUBLIC can use: {public_grants:?}");
+    assert!(
+        public_grants.is_empty(),
+        "PUBLIC can use: {public_grants:?}"
+    );
     attempts += 1;
-    let e = refused(&mut connect_as(&db, "nobody"), "SELECT * FROM orphan_cleanup.claim('x', 1)");
+    let e = refused(
+        &mut connect_as(&db, "nobody"),
+        "SELECT * FROM orphan_cleanup.claim('x', 1)",
+    );
     assert!(e.contains("permission denied"), "{e}");
 
     // 4. Every SECURITY DEFINER function pins a search_path that starts with pg_catalog and has
@@ -847,7 +994,10 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
         .iter()
         .map(|x| x.get(0))
         .collect();
-    assert!(unpinned.is_empty(), "SECURITY DEFINER without a safe search_path: {unpinned:?}");
+    assert!(
+        unpinned.is_empty(),
+        "SECURITY DEFINER without a safe search_path: {unpinned:?}"
+    );
     let definers = one(
         &mut admin,
         "SELECT count(*) FROM pg_proc WHERE pronamespace = 'orphan_cleanup'::regnamespace AND prosecdef",
@@ -904,7 +1054,10 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
     ] {
         dba.batch_execute(sql).unwrap();
     }
-    let out = reaper(&db, &st.emu, &["drain", "--batch-size", "50"]).env("REAPER_LOG", "trace").output().unwrap();
+    let out = reaper(&db, &st.emu, &["drain", "--batch-size", "50"])
+        .env("REAPER_LOG", "trace")
+        .output()
+        .unwrap();
     let drain_log = output_text(&out);
     assert!(out.status.success(), "{drain_log}");
     assert_eq!(cycle(&mut dba).0, "ok");
@@ -914,10 +1067,17 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
         .iter()
         .map(|x| (x.get(0), x.get(1)))
         .collect();
-    assert!(hijacked.is_empty(), "a planted object ran inside the extension: {hijacked:?}");
+    assert!(
+        hijacked.is_empty(),
+        "a planted object ran inside the extension: {hijacked:?}"
+    );
     // The trap was armed: a plain query in the same poisoned session does run it.
     dba.batch_execute("SELECT now()").unwrap();
-    assert_eq!(one(&mut admin, "SELECT count(*) FROM public.hijack_log"), 1, "the planted now() is live");
+    assert_eq!(
+        one(&mut admin, "SELECT count(*) FROM public.hijack_log"),
+        1,
+        "the planted now() is live"
+    );
 
     // 6. The service key: in no log line at any level, success or failure.
     let (_, anon) = keys();
@@ -938,9 +1098,14 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
         logs.push(text);
     }
     let secret_part = st.emu.service_key.rsplit('.').next().unwrap().to_string();
-    let server_log = std::fs::read_to_string(format!("/tmp/pg_orphan_cleanup-{}/postgres.log", port())).unwrap_or_default();
+    let server_log =
+        std::fs::read_to_string(format!("/tmp/pg_orphan_cleanup-{}/postgres.log", port()))
+            .unwrap_or_default();
     for text in logs.iter().chain([&server_log]) {
-        assert!(!text.contains(&st.emu.service_key) && !text.contains(&secret_part), "the key leaked into a log");
+        assert!(
+            !text.contains(&st.emu.service_key) && !text.contains(&secret_part),
+            "the key leaked into a log"
+        );
     }
     let lines: usize = logs.iter().map(|l| l.lines().count()).sum();
     assert!(lines > 100, "trace logging was on: {lines} lines");
@@ -972,7 +1137,11 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
 /// Nothing was deleted, claimed or charged an attempt: every queue row still pending and
 /// untouched, every object still in storage.
 fn untouched(c: &mut postgres::Client, emu: &Emulator, objects: usize, rows: i64, what: &str) {
-    assert_eq!(emu.objects().len(), objects, "{what}: nothing deleted from storage");
+    assert_eq!(
+        emu.objects().len(),
+        objects,
+        "{what}: nothing deleted from storage"
+    );
     let (pending, touched): (i64, i64) = {
         let r = c
             .query_one(
@@ -984,7 +1153,11 @@ fn untouched(c: &mut postgres::Client, emu: &Emulator, objects: usize, rows: i64
             .unwrap();
         (r.get(0), r.get(1))
     };
-    assert_eq!((pending, touched), (rows, 0), "{what}: no row claimed or charged an attempt");
+    assert_eq!(
+        (pending, touched),
+        (rows, 0),
+        "{what}: no row claimed or charged an attempt"
+    );
 }
 
 /// `base` with the pairs in `extra` replacing or added.
@@ -1023,31 +1196,77 @@ fn chaos_7_bad_configuration_fails_clearly_and_deletes_nothing() {
     // nothing, attach() names every problem, and the reaper deletes nothing.
     c.batch_execute("CREATE TABLE public.assets_text (id bigserial PRIMARY KEY, asset_type text, metadata text)").unwrap();
     for (setting, value, expected_cycle, expected_attach) in [
-        ("assets_table", "public.no_such_assets", "attach()", "does not exist; set a schema-qualified name"),
-        ("assets_table", "public.assets_text", "attach()", "is text, expected jsonb or json"),
-        ("jobs_table", "public.no_such_jobs", "attach()", "does not exist; set a schema-qualified name"),
+        (
+            "assets_table",
+            "public.no_such_assets",
+            "attach()",
+            "does not exist; set a schema-qualified name",
+        ),
+        (
+            "assets_table",
+            "public.assets_text",
+            "attach()",
+            "is text, expected jsonb or json",
+        ),
+        (
+            "jobs_table",
+            "public.no_such_jobs",
+            "attach()",
+            "does not exist; set a schema-qualified name",
+        ),
         ("allowed_buckets", "", "allowed_buckets is empty", ""),
     ] {
         settings(&with(&base, &[(setting, value)]));
-        let status: String = c.query_one("SELECT status FROM orphan_cleanup.run_cycle()", &[]).unwrap().get(0);
-        assert_eq!(status, "failed", "{setting} = {value:?}");
-        let cycle_error: String = c
-            .query_one("SELECT coalesce(error, '') FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1", &[])
+        let status: String = c
+            .query_one("SELECT status FROM orphan_cleanup.run_cycle()", &[])
             .unwrap()
             .get(0);
-        assert!(cycle_error.contains(expected_cycle), "{setting} = {value:?}: the cycle says {cycle_error}");
+        assert_eq!(status, "failed", "{setting} = {value:?}");
+        let cycle_error: String = c
+            .query_one(
+                "SELECT coalesce(error, '') FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(
+            cycle_error.contains(expected_cycle),
+            "{setting} = {value:?}: the cycle says {cycle_error}"
+        );
         if !expected_attach.is_empty() {
-            let e = db_error(&c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap_err());
-            assert!(e.contains(expected_attach) && e.contains("HINT"), "{setting} = {value:?}: attach() says {e}");
+            let e = db_error(
+                &c.query("SELECT * FROM orphan_cleanup.attach()", &[])
+                    .unwrap_err(),
+            );
+            assert!(
+                e.contains(expected_attach) && e.contains("HINT"),
+                "{setting} = {value:?}: attach() says {e}"
+            );
         }
         let (ok, text) = drain(&[]);
-        untouched(&mut c, &st.emu, objects, rows, &format!("{setting} = {value:?}"));
+        untouched(
+            &mut c,
+            &st.emu,
+            objects,
+            rows,
+            &format!("{setting} = {value:?}"),
+        );
         cases.push(format!("`{setting} = '{value}'`"));
-        eprintln!("{setting} = {value:?}: cycle: {cycle_error}\n  reaper ({}): {}", if ok { "exit 0" } else { "failed" }, text.lines().last().unwrap_or(""));
+        eprintln!(
+            "{setting} = {value:?}: cycle: {cycle_error}\n  reaper ({}): {}",
+            if ok { "exit 0" } else { "failed" },
+            text.lines().last().unwrap_or("")
+        );
     }
     settings(&base);
-    for (value, expected) in [("soon", "invalid value for parameter"), ("0", "outside the valid range")] {
-        let e = refused(&mut connect("postgres"), &format!("ALTER SYSTEM SET orphan_cleanup.interval = '{value}'"));
+    for (value, expected) in [
+        ("soon", "invalid value for parameter"),
+        ("0", "outside the valid range"),
+    ] {
+        let e = refused(
+            &mut connect("postgres"),
+            &format!("ALTER SYSTEM SET orphan_cleanup.interval = '{value}'"),
+        );
         assert!(e.contains(expected), "interval = {value}: {e}");
         cases.push(format!("`interval = '{value}'`"));
     }
@@ -1055,32 +1274,91 @@ fn chaos_7_bad_configuration_fails_clearly_and_deletes_nothing() {
     // 2. The reaper's side: each fails at start, naming what to fix, and touches nothing.
     let foreign = {
         let out = std::process::Command::new(binary("storage-emulator"))
-            .args(["keys", "--jwt-secret", "another-project-secret-that-is-long-enough"])
+            .args([
+                "keys",
+                "--jwt-secret",
+                "another-project-secret-that-is-long-enough",
+            ])
             .output()
             .unwrap();
-        String::from_utf8(out.stdout).unwrap().lines().find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY=")).unwrap().to_string()
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY="))
+            .unwrap()
+            .to_string()
     };
     let (_, anon) = keys();
     let db_url = |rest: &str| format!("postgres://{rest}");
     for (env, value, expected) in [
-        ("DATABASE_URL", db_url(&format!("reaper_login@127.0.0.1:1/{}", st.db.name)), "Connection refused"),
-        ("DATABASE_URL", db_url(&format!("reaper_login@127.0.0.1:{}/no_such_db", port())), "cannot connect to the database"),
-        ("DATABASE_URL", db_url(&format!("no_such_role@127.0.0.1:{}/{}", port(), st.db.name)), "cannot connect to the database"),
+        (
+            "DATABASE_URL",
+            db_url(&format!("reaper_login@127.0.0.1:1/{}", st.db.name)),
+            "Connection refused",
+        ),
+        (
+            "DATABASE_URL",
+            db_url(&format!("reaper_login@127.0.0.1:{}/no_such_db", port())),
+            "cannot connect to the database",
+        ),
+        (
+            "DATABASE_URL",
+            db_url(&format!("no_such_role@127.0.0.1:{}/{}", port(), st.db.name)),
+            "cannot connect to the database",
+        ),
         ("DATABASE_URL", "not a url".to_string(), "DATABASE_URL"),
-        ("SUPABASE_URL", "not a url".to_string(), "SUPABASE_URL is invalid"),
-        ("SUPABASE_URL", "http://127.0.0.1:1".to_string(), "check SUPABASE_URL and that storage is reachable"),
-        ("SUPABASE_URL", format!("{}/wrong/prefix", st.emu.base), "SUPABASE_URL"),
-        ("SUPABASE_SERVICE_ROLE_KEY", foreign, "check SUPABASE_SERVICE_ROLE_KEY: it must be this project's service_role key"),
-        ("SUPABASE_SERVICE_ROLE_KEY", anon, "use the service_role key, not the anon key"),
-        ("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_PUBLISHABLE_KEY.to_string(), "use a secret key (sb_secret_...)"),
-        ("SUPABASE_SERVICE_ROLE_KEY", "garbage".to_string(), "neither a JWT (eyJ...) nor a secret key"),
+        (
+            "SUPABASE_URL",
+            "not a url".to_string(),
+            "SUPABASE_URL is invalid",
+        ),
+        (
+            "SUPABASE_URL",
+            "http://127.0.0.1:1".to_string(),
+            "check SUPABASE_URL and that storage is reachable",
+        ),
+        (
+            "SUPABASE_URL",
+            format!("{}/wrong/prefix", st.emu.base),
+            "SUPABASE_URL",
+        ),
+        (
+            "SUPABASE_SERVICE_ROLE_KEY",
+            foreign,
+            "check SUPABASE_SERVICE_ROLE_KEY: it must be this project's service_role key",
+        ),
+        (
+            "SUPABASE_SERVICE_ROLE_KEY",
+            anon,
+            "use the service_role key, not the anon key",
+        ),
+        (
+            "SUPABASE_SERVICE_ROLE_KEY",
+            OPAQUE_PUBLISHABLE_KEY.to_string(),
+            "use a secret key (sb_secret_...)",
+        ),
+        (
+            "SUPABASE_SERVICE_ROLE_KEY",
+            "garbage".to_string(),
+            "neither a JWT (eyJ...) nor a secret key",
+        ),
     ] {
         let (ok, text) = drain(&[(env, value.as_str())]);
         assert!(!ok, "{env}={value}: the reaper must fail: {text}");
-        assert!(text.contains(expected), "{env}={value}: expected {expected:?} in: {text}");
-        assert!(text.lines().last().unwrap_or("").contains(env), "{env}={value}: the error names {env}: {text}");
+        assert!(
+            text.contains(expected),
+            "{env}={value}: expected {expected:?} in: {text}"
+        );
+        assert!(
+            text.lines().last().unwrap_or("").contains(env),
+            "{env}={value}: the error names {env}: {text}"
+        );
         untouched(&mut c, &st.emu, objects, rows, &format!("{env}={value}"));
-        let shown = if env == "SUPABASE_SERVICE_ROLE_KEY" { "(a wrong key)".to_string() } else { value.clone() };
+        let shown = if env == "SUPABASE_SERVICE_ROLE_KEY" {
+            "(a wrong key)".to_string()
+        } else {
+            value.clone()
+        };
         cases.push(format!("`{env}` {shown}"));
         eprintln!("{env}={shown}: {}", text.lines().last().unwrap_or(""));
     }

@@ -916,8 +916,14 @@ fn a_claim_commits_durably_even_when_the_session_does_not() {
         .collect();
     assert_eq!(ids.len(), 1);
     let during: String = tx.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
-    assert_eq!(during, "on", "the claim's transaction commits synchronously");
+    assert_eq!(
+        during, "on",
+        "the claim's transaction commits synchronously"
+    );
     tx.commit().unwrap();
     let after: String = c.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
-    assert_eq!(after, "off", "the session's own setting comes back afterwards");
+    assert_eq!(
+        after, "off",
+        "the session's own setting comes back afterwards"
+    );
 }

@@ -940,7 +940,20 @@ fn the_daemon_survives_a_database_restart() {
 #[test]
 fn a_key_that_deletes_nothing_is_noticed_while_running() {
     // The probe is skipped here, as an operator might: 5000 names in a row reported absent by a
-    // key that cannot delete must still raise the alarm.
+    // key that cannot delete must still raise the alarm. The key is signed but has no role
+    // claim, so the reaper cannot refuse it at start (anon and publishable keys it does refuse).
+    let no_role_key = String::from_utf8(
+        std::process::Command::new(binary("storage-emulator"))
+            .args(["keys", "--jwt-secret", JWT_SECRET])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .lines()
+    .find_map(|l| l.strip_prefix("NO_ROLE_KEY="))
+    .unwrap()
+    .to_string();
     let emu = Emulator::start();
     settings(&[
         ("allowed_buckets", "renders"),
@@ -959,7 +972,7 @@ fn a_key_that_deletes_nothing_is_noticed_while_running() {
     .unwrap();
     assert_eq!(cycle(&mut c).2, 5001);
     let out = reaper(&db.name, &emu, &["drain", "--no-probe"])
-        .env("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_PUBLISHABLE_KEY)
+        .env("SUPABASE_SERVICE_ROLE_KEY", &no_role_key)
         .output()
         .unwrap();
     let text = output_text(&out);

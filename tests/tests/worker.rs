@@ -5,15 +5,6 @@ use std::time::Duration;
 
 use e2e::*;
 
-fn worker_pid(c: &mut postgres::Client) -> Option<i32> {
-    c.query_opt(
-        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup'",
-        &[],
-    )
-    .unwrap()
-    .map(|r| r.get(0))
-}
-
 fn worker_cycles(c: &mut postgres::Client, status: &str) -> i64 {
     c.query_one(
         "SELECT count(*) FROM orphan_cleanup.cycle_log WHERE actor = 'worker' AND status = $1",
