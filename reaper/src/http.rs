@@ -1,5 +1,6 @@
 //! `/metrics`, `/livez` (the process works) and `/readyz` (database and storage reachable,
-//! credentials accepted), for `reaper run --metrics-addr`.
+//! credentials accepted, and whether --max-deletes-per-hour holds deletes back), for
+//! `reaper run --metrics-addr`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -40,7 +41,7 @@ async fn metrics(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
 async fn readyz(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
     let db = reaper.db_ok.load(Ordering::SeqCst);
     let storage = reaper.storage_ok.load(Ordering::SeqCst);
-    let body = format!(
+    let mut body = format!(
         "database: {}\nstorage: {}\n",
         if db { "ok" } else { "unreachable" },
         if storage {
@@ -49,6 +50,14 @@ async fn readyz(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
             "not verified or refusing the key"
         }
     );
+    // Held back is not unready: the reaper works, it has only used up its hourly budget.
+    if reaper.metrics.held_back.get() > 0 {
+        if let Some(max) = reaper.settings.max_deletes_per_hour {
+            body.push_str(&format!(
+                "deletes: HELD BACK: --max-deletes-per-hour {max} reached; resumes as the hour slides\n"
+            ));
+        }
+    }
     (
         if db && storage {
             StatusCode::OK

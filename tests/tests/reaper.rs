@@ -370,6 +370,54 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
         "five orphans' objects remain"
     );
 
+    // The daemon says so in its metrics and on /readyz, and stays ready.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "run",
+            "--no-probe",
+            "--batch-size",
+            "1",
+            "--concurrency",
+            "1",
+            "--max-deletes-per-hour",
+            "3",
+            "--metrics-addr",
+            &addr,
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let get = |path: &str| {
+        ureq::get(&format!("http://{addr}{path}"))
+            .call()
+            .map(|r| (r.status(), r.into_string().unwrap()))
+            .map_err(|e| e.to_string())
+    };
+    wait_for(Duration::from_secs(30), "the run to be held back", || {
+        get("/metrics").is_ok_and(|(_, m)| m.contains("reaper_held_back 1"))
+    });
+    let (status, body) = get("/readyz").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("HELD BACK: --max-deletes-per-hour 3 reached"),
+        "{body}"
+    );
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(
+        states(&mut c),
+        vec![("deleted".to_string(), 8), ("pending".to_string(), 2)]
+    );
+
     let out = reaper(
         &w.db.name,
         &w.emu,
