@@ -18,13 +18,12 @@ BEGIN
 END
 $$;
 
--- Retry back-off: orphan_cleanup.retry_backoff (30 s) doubling per attempt, at most 1 h, with
--- +-20% jitter so that rows failed together do not come back together.
-CREATE FUNCTION orphan_cleanup._backoff(attempt integer) RETURNS interval
+-- Retry back-off: base (orphan_cleanup.retry_backoff, 30 s) doubling per attempt, at most 1 h,
+-- with +-20% jitter so that rows failed together do not come back together. Callers read the
+-- base once per statement, not once per row.
+CREATE FUNCTION orphan_cleanup._backoff(attempt integer, base_s integer) RETURNS interval
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
-RETURN least(interval '1 hour',
-             make_interval(secs => (SELECT c.retry_backoff_s FROM orphan_cleanup._config() AS c))
-             * power(2, least(greatest(attempt, 1), 20) - 1))
+RETURN least(interval '1 hour', make_interval(secs => base_s) * power(2, least(greatest(attempt, 1), 20) - 1))
        * (0.8 + random() * 0.4);
 
 -- Claims whose lease ran out come back as pending, and the expiry counts as an attempt: a row
@@ -34,6 +33,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
 AS $$
 DECLARE
     v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
+    v_backoff_s integer := (SELECT retry_backoff_s FROM orphan_cleanup._config());
     n bigint;
 BEGIN
     WITH expired AS (
@@ -45,7 +45,7 @@ BEGIN
         UPDATE orphan_cleanup.deletion_queue AS d
            SET attempts = d.attempts + 1,
                state = CASE WHEN d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
-               available_at = now() + orphan_cleanup._backoff(d.attempts + 1),
+               available_at = now() + orphan_cleanup._backoff(d.attempts + 1, v_backoff_s),
                last_error = format('lease expired: %s claimed it at %s and never confirmed', d.claimed_by, d.claimed_at),
                lease_until = NULL,
                finished_at = CASE WHEN d.attempts + 1 >= v_max THEN now() END,
@@ -435,6 +435,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
 AS $$
 DECLARE
     v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
+    v_backoff_s integer := (SELECT retry_backoff_s FROM orphan_cleanup._config());
     v_moved bigint[];
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -448,7 +449,7 @@ BEGIN
         UPDATE orphan_cleanup.deletion_queue AS d
            SET attempts = d.attempts + 1,
                state = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
-               available_at = now() + orphan_cleanup._backoff(d.attempts + 1),
+               available_at = now() + orphan_cleanup._backoff(d.attempts + 1, v_backoff_s),
                last_error = left(orphan_cleanup.redact_url(error), 2000),
                lease_until = NULL,
                finished_at = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN now() END,

@@ -167,7 +167,6 @@ pub fn check(c: &mut Client, emu: &Emulator, ledger: &Ledger) -> Outcome {
         }
     }
     o.deleted_objects = ledger.uploaded.difference(&present).count();
-    let one = |c: &mut Client, sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
     o.rows = one(c, "SELECT count(*) FROM orphan_cleanup.deletion_queue");
     // Lost: a row the audit log says was queued that is not in the queue, or a queue row no
     // audit row says was ever queued.
@@ -180,10 +179,7 @@ pub fn check(c: &mut Client, emu: &Emulator, ledger: &Ledger) -> Outcome {
                  WHERE NOT EXISTS (SELECT 1 FROM orphan_cleanup.audit_log AS a
                                    WHERE a.queue_id = d.id AND a.action IN ('enqueued', 'rejected')))",
     );
-    o.rows_unfinished = one(
-        c,
-        "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state IN ('pending', 'claimed')",
-    );
+    o.rows_unfinished = unfinished(c);
     // Unexplained: a final state without the audit row that records it, or a row confirmed
     // gone more than once.
     o.rows_unexplained = one(
@@ -260,14 +256,17 @@ pub fn cluster(how: &str) {
     );
 }
 
+/// The one number a query returns.
+pub fn one(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
 /// Rows not yet in a final state.
 pub fn unfinished(c: &mut Client) -> i64 {
-    c.query_one(
+    one(
+        c,
         "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state IN ('pending', 'claimed')",
-        &[],
     )
-    .unwrap()
-    .get(0)
 }
 
 /// A reaper child whose output goes to a file, so a long run cannot fill a pipe and block.

@@ -244,8 +244,8 @@ pub fn cycle(c: &mut Client) -> (String, i64, i64, i64, i64) {
     (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
 }
 
-/// Claims for `worker` and returns the claimed queue ids.
-pub fn claim(c: &mut Client, worker: &str, max: i32) -> Vec<i64> {
+/// Claims for `worker` and returns the claimed queue ids (in a transaction too).
+pub fn claim(c: &mut impl postgres::GenericClient, worker: &str, max: i32) -> Vec<i64> {
     c.query(
         "SELECT id FROM orphan_cleanup.claim($1, $2)",
         &[&worker, &max],

@@ -25,18 +25,47 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// Keys signed with [`JWT_SECRET`]: (service_role, anon).
 pub fn keys() -> (String, String) {
+    (
+        minted_key(JWT_SECRET, "SERVICE_ROLE_KEY"),
+        minted_key(JWT_SECRET, "ANON_KEY"),
+    )
+}
+
+/// One of the keys `storage-emulator keys` prints for `secret`: `SERVICE_ROLE_KEY`, `ANON_KEY`
+/// or `NO_ROLE_KEY` (signed, but without a role claim).
+pub fn minted_key(secret: &str, which: &str) -> String {
     let out = Command::new(binary("storage-emulator"))
-        .args(["keys", "--jwt-secret", JWT_SECRET])
+        .args(["keys", "--jwt-secret", secret])
         .output()
         .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let get = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap()
-            .to_string()
-    };
-    (get("SERVICE_ROLE_KEY="), get("ANON_KEY="))
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(which)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("storage-emulator keys prints no {which}"))
+        .to_string()
+}
+
+/// A service-role key signed with another project's secret: storage refuses it (403).
+pub fn foreign_key() -> String {
+    minted_key(
+        "another-project-secret-that-is-long-enough",
+        "SERVICE_ROLE_KEY",
+    )
+}
+
+/// A free local address for `reaper run --metrics-addr`.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+/// GET `path` from a reaper's metrics address: (status, body), or the error's text.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    ureq::get(&format!("http://{addr}{path}"))
+        .call()
+        .map(|r| (r.status(), r.into_string().unwrap()))
+        .map_err(|e| e.to_string())
 }
 
 /// A running emulator on a free port, killed when dropped.

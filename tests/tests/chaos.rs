@@ -78,10 +78,6 @@ fn save_new_renders(
     }
 }
 
-fn one(c: &mut postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
-
 fn confirmed(c: &mut postgres::Client) -> i64 {
     one(
         c,
@@ -904,12 +900,7 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
     }
 
     // 2. Rows claimed by one worker cannot be confirmed, failed or released by another.
-    let mine: Vec<i64> = r
-        .query("SELECT id FROM orphan_cleanup.claim('worker-a', 5)", &[])
-        .unwrap()
-        .iter()
-        .map(|x| x.get(0))
-        .collect();
+    let mine: Vec<i64> = claim(&mut r, "worker-a", 5);
     assert_eq!(mine.len(), 5);
     let mut other = connect_as(&db, "reaper_login");
     for sql in [
@@ -1272,22 +1263,7 @@ fn chaos_7_bad_configuration_fails_clearly_and_deletes_nothing() {
     }
 
     // 2. The reaper's side: each fails at start, naming what to fix, and touches nothing.
-    let foreign = {
-        let out = std::process::Command::new(binary("storage-emulator"))
-            .args([
-                "keys",
-                "--jwt-secret",
-                "another-project-secret-that-is-long-enough",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY="))
-            .unwrap()
-            .to_string()
-    };
+    let foreign = foreign_key();
     let (_, anon) = keys();
     let db_url = |rest: &str| format!("postgres://{rest}");
     for (env, value, expected) in [

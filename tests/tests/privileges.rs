@@ -123,12 +123,7 @@ fn bad_setting_values_are_refused_with_a_message() {
 fn the_reaper_role_uses_the_queue_api_and_nothing_else() {
     let db = reaper_db("priv_reaper");
     let mut r = connect_as(&db.name, "reaper_login");
-    let ids: Vec<i64> = r
-        .query("SELECT id FROM orphan_cleanup.claim('r1', 2)", &[])
-        .unwrap()
-        .iter()
-        .map(|x| x.get(0))
-        .collect();
+    let ids: Vec<i64> = claim(&mut r, "r1", 2);
     assert_eq!(ids.len(), 2);
     r.query(
         "SELECT * FROM orphan_cleanup.confirm('r1', $1)",

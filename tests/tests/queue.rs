@@ -908,12 +908,7 @@ fn a_claim_commits_durably_even_when_the_session_does_not() {
     let mut c = db.client();
     c.batch_execute("SET synchronous_commit = off").unwrap();
     let mut tx = c.transaction().unwrap();
-    let ids: Vec<i64> = tx
-        .query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<i64> = claim(&mut tx, "w1", 10);
     assert_eq!(ids.len(), 1);
     let during: String = tx.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
     assert_eq!(

@@ -17,24 +17,6 @@ struct World {
     keep: BTreeSet<String>,
 }
 
-/// A service-role key signed with another project's secret: storage refuses it (403).
-fn foreign_key() -> String {
-    let out = std::process::Command::new(binary("storage-emulator"))
-        .args([
-            "keys",
-            "--jwt-secret",
-            "another-project-secret-that-is-long-enough",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("SERVICE_ROLE_KEY="))
-        .unwrap()
-        .to_string()
-}
-
 fn world(name: &str, orphans: usize, extra_settings: &[(&str, &str)]) -> World {
     let emu = Emulator::start();
     let mut s: Vec<(&str, &str)> =
@@ -371,10 +353,7 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
     );
 
     // The daemon says so in its metrics and on /readyz, and stays ready.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-    };
+    let addr = free_addr();
     let child = reaper(
         &w.db.name,
         &w.emu,
@@ -395,12 +374,7 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let get = |path: &str| {
-        ureq::get(&format!("http://{addr}{path}"))
-            .call()
-            .map(|r| (r.status(), r.into_string().unwrap()))
-            .map_err(|e| e.to_string())
-    };
+    let get = |path: &str| http_get(&addr, path);
     wait_for(Duration::from_secs(30), "the run to be held back", || {
         get("/metrics").is_ok_and(|(_, m)| m.contains("reaper_held_back 1"))
     });
@@ -769,11 +743,7 @@ fn status_reads_at_a_glance() {
 #[test]
 fn run_serves_metrics_and_health_and_never_logs_the_key() {
     let w = world("reaper_metrics", 50, &[]);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let child = reaper(
         &w.db.name,
         &w.emu,
@@ -784,12 +754,7 @@ fn run_serves_metrics_and_health_and_never_logs_the_key() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let get = |path: &str| {
-        ureq::get(&format!("http://{addr}{path}"))
-            .call()
-            .map(|r| (r.status(), r.into_string().unwrap()))
-            .map_err(|e| e.to_string())
-    };
+    let get = |path: &str| http_get(&addr, path);
     wait_for(Duration::from_secs(30), "all 50 objects deleted", || {
         get("/metrics")
             .map(|(_, body)| body.contains("reaper_objects_total{outcome=\"deleted\"} 50"))
@@ -990,18 +955,7 @@ fn a_key_that_deletes_nothing_is_noticed_while_running() {
     // The probe is skipped here, as an operator might: 5000 names in a row reported absent by a
     // key that cannot delete must still raise the alarm. The key is signed but has no role
     // claim, so the reaper cannot refuse it at start (anon and publishable keys it does refuse).
-    let no_role_key = String::from_utf8(
-        std::process::Command::new(binary("storage-emulator"))
-            .args(["keys", "--jwt-secret", JWT_SECRET])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .lines()
-    .find_map(|l| l.strip_prefix("NO_ROLE_KEY="))
-    .unwrap()
-    .to_string();
+    let no_role_key = minted_key(JWT_SECRET, "NO_ROLE_KEY");
     let emu = Emulator::start();
     settings(&[
         ("allowed_buckets", "renders"),

@@ -215,12 +215,7 @@ fn a_claim_in_flight_makes_the_save_wait_then_refuses_it() {
     let mut reaper = db.client();
     let mut observer = db.client();
     let mut tx = reaper.transaction().unwrap();
-    let ids: Vec<i64> = tx
-        .query("SELECT id FROM orphan_cleanup.claim('w1', 10)", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<i64> = claim(&mut tx, "w1", 10);
     assert_eq!(ids.len(), 1);
 
     let name = db.name.clone();
