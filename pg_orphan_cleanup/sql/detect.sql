@@ -394,6 +394,7 @@ BEGIN
     RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
     BEGIN
         r := orphan_cleanup._cycle_body(v_id, v_actor);
+        PERFORM orphan_cleanup._pause_point('cycle');
     EXCEPTION WHEN SQLSTATE 'OC002' THEN
         -- The breaker tripped: everything this cycle did is rolled back (nothing enqueued, the
         -- cursor and the rechecks as they were), and the trip is recorded.
@@ -602,6 +603,9 @@ BEGIN
         DELETE FROM orphan_cleanup.audit_log
         WHERE id IN (SELECT id FROM orphan_cleanup.audit_log WHERE at < now() - retention ORDER BY at LIMIT 10000);
     END IF;
+    -- Reapers that have not claimed for that long, and old refusals: small tables.
+    DELETE FROM orphan_cleanup.reapers WHERE last_claim_at < now() - retention;
+    DELETE FROM orphan_cleanup.refusals WHERE at < now() - retention;
     IF (SELECT min(started_at) FROM orphan_cleanup.cycle_log) < now() - retention THEN
         DELETE FROM orphan_cleanup.cycle_log
         WHERE id IN (SELECT id FROM orphan_cleanup.cycle_log WHERE started_at < now() - retention ORDER BY started_at LIMIT 10000);

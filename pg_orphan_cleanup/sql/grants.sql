@@ -14,10 +14,11 @@ GRANT EXECUTE ON FUNCTION orphan_cleanup.job_ref_key(text) TO PUBLIC;
 
 GRANT USAGE ON SCHEMA orphan_cleanup TO orphan_cleanup_reaper;
 GRANT EXECUTE ON FUNCTION
-    orphan_cleanup.claim(text, integer, interval, text[]),
+    orphan_cleanup.claim(text, integer, interval, text[], text[]),
     orphan_cleanup.confirm(text, bigint[], text),
     orphan_cleanup.fail(text, bigint[], text, boolean),
     orphan_cleanup.release(text, bigint[], text),
+    orphan_cleanup.refuse(text, bigint[], text),
     orphan_cleanup.peek(integer),
     orphan_cleanup.queue_status()
 TO orphan_cleanup_reaper;

@@ -66,13 +66,61 @@ BEGIN
 END
 $$;
 
+-- Whether a reaper that serves these buckets and hosts (NULL: any) may delete an object in
+-- `bucket` named through `host`. A bare bucket/key value has no host: every reaper serves it.
+CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], bucket text, host text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (buckets IS NULL OR bucket OPERATOR(pg_catalog.=) ANY (buckets))
+   AND (hosts IS NULL OR host IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts));
+
+-- Records what a reaper serves, and which ready rows its claim leaves to other reapers (among
+-- the oldest max_rows ready rows: the ones it would otherwise have taken). A reaper whose lists
+-- changed (restarted with a fixed --storage-hosts under the same --worker-id) may be handed the
+-- rows it refused before again.
+CREATE FUNCTION orphan_cleanup._note_reaper(p_reaper text, p_max integer, p_buckets text[], p_hosts text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_passed bigint := 0;
+    v_what text;
+BEGIN
+    IF p_buckets IS NOT NULL OR p_hosts IS NOT NULL THEN
+        SELECT count(*), string_agg(DISTINCT format('%s @ %s', s.bucket, s.host), ', ')
+          INTO v_passed, v_what
+        FROM (SELECT d.bucket, d.host FROM orphan_cleanup.deletion_queue AS d
+              WHERE d.state = 'pending' AND d.available_at <= now()
+              ORDER BY d.available_at, d.id
+              LIMIT p_max) AS s
+        WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, s.bucket, s.host);
+    END IF;
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r
+               WHERE r.reaper = p_reaper
+                 AND (r.buckets IS DISTINCT FROM p_buckets OR r.hosts IS DISTINCT FROM p_hosts)) THEN
+        DELETE FROM orphan_cleanup.refusals AS f WHERE f.refused_by = p_reaper;
+    END IF;
+    INSERT INTO orphan_cleanup.reapers AS r (reaper, buckets, hosts, passed_over, passed_over_what, passed_over_at)
+    VALUES (p_reaper, p_buckets, p_hosts, v_passed, v_what, CASE WHEN v_passed > 0 THEN now() END)
+    ON CONFLICT (reaper) DO UPDATE
+       SET buckets = EXCLUDED.buckets, hosts = EXCLUDED.hosts, last_claim_at = now(),
+           passed_over = EXCLUDED.passed_over,
+           passed_over_what = coalesce(EXCLUDED.passed_over_what, r.passed_over_what),
+           passed_over_at = coalesce(EXCLUDED.passed_over_at, r.passed_over_at);
+END
+$$;
+
 -- Hands up to max_rows queued objects to a reaper for lease. Each row is re-checked under the
 -- save-guard protocol first; a row that fails a check is never handed out.
+--
+-- buckets and hosts are what the reaper serves (its own allow-list: --buckets, and the hosts of
+-- SUPABASE_URL and --storage-hosts). A row naming another bucket or host is never handed to it
+-- and waits for a reaper that serves it; NULL serves every bucket or host. Rows this reaper
+-- refused before (refuse()) are never handed to it again.
 CREATE FUNCTION orphan_cleanup.claim(
     worker text,
     max_rows integer DEFAULT 1000,
     lease interval DEFAULT '5 minutes',
-    buckets text[] DEFAULT NULL)
+    buckets text[] DEFAULT NULL,
+    hosts text[] DEFAULT NULL)
 RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -102,6 +150,13 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
     END IF;
+    IF array_position(buckets, NULL) IS NOT NULL OR array_position(hosts, NULL) IS NOT NULL
+       OR EXISTS (SELECT 1 FROM unnest(buckets || hosts) AS x WHERE btrim(x) = '') THEN
+        RAISE EXCEPTION 'buckets and hosts must not contain NULL or empty entries, got buckets % and hosts %', buckets, hosts
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the reaper''s own lists, e.g. ARRAY[''renders''] and ARRAY[''abcd.supabase.co''], or NULL for any.';
+    END IF;
+    hosts := (SELECT array_agg(lower(h)) FROM unnest(hosts) AS h);
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reaping_enabled THEN
         RETURN;
@@ -119,12 +174,16 @@ BEGIN
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
     PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
     PERFORM orphan_cleanup._expire_leases(worker);
+    PERFORM orphan_cleanup._note_reaper(worker, max_rows, buckets, hosts);
 
-    -- 1. Queue rows, oldest first; rows another transaction holds are skipped, never waited on.
+    -- 1. Queue rows this reaper serves, oldest first; rows another transaction holds are
+    --    skipped, never waited on.
     SELECT array_agg(r.id) INTO v_ids
     FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
-            AND (buckets IS NULL OR d.bucket = ANY (buckets))
+            AND orphan_cleanup._serves(buckets, hosts, d.bucket, d.host)
+            AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
+                            WHERE f.queue_id = d.id AND f.refused_by = worker)
           ORDER BY d.available_at, d.id
           LIMIT max_rows
           FOR UPDATE SKIP LOCKED) AS r;
@@ -250,6 +309,10 @@ BEGIN
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT 'claimed', c.job_id, c.id, c.output_url, worker, format('lease %s', lease) FROM claimed AS c
+    ),
+    counted AS (
+        UPDATE orphan_cleanup.reapers AS r SET claimed = r.claimed + (SELECT count(*) FROM claimed)
+         WHERE r.reaper = worker
     )
     SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts FROM claimed AS c ORDER BY c.id;
 END
@@ -445,6 +508,13 @@ BEGIN
     IF error IS NULL OR btrim(error) = '' THEN
         RAISE EXCEPTION 'error must say what went wrong' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- A reaper older than 0.2.0 reports rows its own allow-list refuses as a failure that is not
+    -- retryable, which dead-lettered rows another reaper could delete. Such a refusal says
+    -- something about that reaper, not about the row: the rows go back for another reaper.
+    IF NOT coalesce(retryable, true) AND error LIKE 'refused by the reaper: %' THEN
+        RETURN QUERY SELECT * FROM orphan_cleanup.refuse(worker, ids, substr(error, length('refused by the reaper: ') + 1));
+        RETURN;
+    END IF;
     WITH moved AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET attempts = d.attempts + 1,
@@ -505,6 +575,64 @@ BEGIN
     )
     SELECT count(*) INTO n FROM released;
     RETURN n;
+END
+$$;
+
+-- The reaper's own allow-list refuses these rows (its SUPABASE_URL, --storage-hosts or
+-- --buckets do not cover them): they go back to the queue at once for another reaper, without
+-- counting an attempt, and are never handed to this reaper again. Refusing says something about
+-- the reaper, not about the row, so it must not dead-letter rows a well-configured reaper
+-- would delete. Audited, counted per reaper, and named by health() and queue_status().
+CREATE FUNCTION orphan_cleanup.refuse(worker text, ids bigint[], reason text)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_back bigint[];
+    v_reason text;
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'reason must say why the reaper refuses the rows' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_reason := left(orphan_cleanup.redact_url(reason), 2000);
+    WITH back AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'pending', lease_until = NULL, available_at = now(), updated_at = now()
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+        RETURNING d.id, d.job_id, d.output_url
+    ),
+    noted AS (
+        INSERT INTO orphan_cleanup.refusals AS f (queue_id, refused_by, reason)
+        SELECT b.id, worker, v_reason FROM back AS b
+        ON CONFLICT (queue_id, refused_by) DO UPDATE SET reason = EXCLUDED.reason, at = now()
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'released', b.job_id, b.id, b.output_url, worker,
+               'refused by the reaper''s own allow-list, given back for another reaper: ' || v_reason
+        FROM back AS b
+    )
+    SELECT array_agg(b.id) INTO v_back FROM back AS b;
+    v_back := coalesce(v_back, '{}');
+    IF cardinality(v_back) > 0 THEN
+        INSERT INTO orphan_cleanup.reapers AS r (reaper, refused, last_refusal, last_refusal_at)
+        VALUES (worker, cardinality(v_back), v_reason, now())
+        ON CONFLICT (reaper) DO UPDATE
+           SET refused = r.refused + EXCLUDED.refused, last_refusal = EXCLUDED.last_refusal,
+               last_refusal_at = now();
+    END IF;
+    RETURN QUERY
+    SELECT i.id,
+           CASE WHEN i.id = ANY (v_back) THEN 'given back'
+                WHEN d.id IS NULL THEN 'not given back: no such queue row'
+                ELSE format('not given back: the row is %s%s', d.state, coalesce(' by ' || d.claimed_by, '')) END
+    FROM unnest(ids) WITH ORDINALITY AS i(id, n)
+    LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
+    ORDER BY i.n;
 END
 $$;
 

@@ -149,6 +149,43 @@ BEGIN
 END
 $$;
 
+-- What the reapers that claimed in the last 15 minutes leave undone: ready rows none of them
+-- serves (by its buckets and hosts), rows they refused in the last hour, and the reapers whose
+-- lists left rows to others or whose own allow-list refused rows, by name.
+CREATE FUNCTION orphan_cleanup._reaper_coverage(
+    OUT active integer, OUT unserved bigint, OUT unserved_what text,
+    OUT refused_last_hour bigint, OUT misconfigured text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    SELECT count(*) INTO active FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '15 minutes';
+    unserved := 0;
+    IF active > 0 THEN
+        SELECT coalesce(sum(g.n), 0), string_agg(format('%s @ %s', g.bucket, coalesce(g.host, '(no host)')), ', ' ORDER BY g.bucket, g.host)
+          INTO unserved, unserved_what
+        FROM (SELECT q.bucket, q.host, count(*) AS n
+              FROM orphan_cleanup.deletion_queue AS q
+              WHERE q.state = 'pending' AND q.available_at <= now()
+              GROUP BY q.bucket, q.host) AS g
+        WHERE NOT EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r
+                          WHERE r.last_claim_at > now() - interval '15 minutes'
+                            AND orphan_cleanup._serves(r.buckets, r.hosts, g.bucket, g.host));
+    END IF;
+    SELECT count(*) INTO refused_last_hour FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour';
+    SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', r.reaper,
+                             coalesce(array_to_string(r.buckets, ','), 'any'), coalesce(array_to_string(r.hosts, ','), 'any'),
+                             concat_ws(' and ',
+                                 CASE WHEN r.passed_over_at > now() - interval '15 minutes'
+                                      THEN format('left ready rows it does not serve (%s) to other reapers', r.passed_over_what) END,
+                                 CASE WHEN r.last_refusal_at > now() - interval '1 hour'
+                                      THEN format('refused %s rows it was handed (%s)', r.refused, r.last_refusal) END)),
+                      '; ' ORDER BY r.reaper)
+      INTO misconfigured
+    FROM orphan_cleanup.reapers AS r
+    WHERE r.passed_over_at > now() - interval '15 minutes' OR r.last_refusal_at > now() - interval '1 hour';
+END
+$$;
+
 -- One row per check, each ok / warning / critical with a reason that says what to do.
 CREATE FUNCTION orphan_cleanup.health()
 RETURNS TABLE (check_name text, status text, detail text)
@@ -165,6 +202,7 @@ DECLARE
     v_workers integer;
     n bigint;
     ix record;
+    cov record;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_interval := make_interval(secs => cfg.interval_s);
@@ -272,6 +310,21 @@ BEGIN
     END IF;
     RETURN NEXT;
 
+    check_name := 'reaper allow-lists';
+    cov := orphan_cleanup._reaper_coverage();
+    IF cov.misconfigured IS NOT NULL OR cov.unserved > 0 THEN
+        status := 'warning';
+        detail := concat_ws('; ',
+                      CASE WHEN cov.unserved > 0 THEN format('%s ready rows are served by no reaper active in the last 15 minutes (%s)', cov.unserved, cov.unserved_what) END,
+                      cov.misconfigured)
+                  || '. Check each reaper''s SUPABASE_URL, --storage-hosts and --buckets against orphan_cleanup.allowed_hosts and allowed_buckets';
+    ELSIF cov.active = 0 THEN
+        status := 'ok'; detail := 'no reaper has claimed in the last 15 minutes';
+    ELSE
+        status := 'ok'; detail := format('%s reapers active in the last 15 minutes; between them they serve every ready row', cov.active);
+    END IF;
+    RETURN NEXT;
+
     check_name := 'dead letters';
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'dead';
     status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
@@ -323,7 +376,8 @@ RETURNS TABLE (pending bigint, ready bigint, claimed bigint, dead bigint, reject
                deleted bigint, absent bigint, oldest_pending timestamptz,
                last_cycle_at timestamptz, last_cycle_status text, last_cycle_error text,
                health text, reaping_enabled boolean, attached boolean,
-               reaper_alert text, reaper_alert_at timestamptz)
+               reaper_alert text, reaper_alert_at timestamptz,
+               reapers integer, unserved bigint, refused_by_reapers bigint, misconfigured_reapers text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
@@ -335,7 +389,8 @@ BEGIN
             FROM orphan_cleanup.health() AS h),
            (SELECT g.reaping_enabled FROM orphan_cleanup._config() AS g),
            EXISTS (SELECT 1 FROM orphan_cleanup.attachment),
-           r.alert, r.alert_at
+           r.alert, r.alert_at,
+           v.active, v.unserved, v.refused_last_hour, v.misconfigured
     FROM (SELECT count(*) FILTER (WHERE q.state = 'pending') AS pending,
                  count(*) FILTER (WHERE q.state = 'pending' AND q.available_at <= now()) AS ready,
                  count(*) FILTER (WHERE q.state = 'claimed') AS claimed,
@@ -346,6 +401,7 @@ BEGIN
                  min(q.enqueued_at) FILTER (WHERE q.state = 'pending') AS oldest_pending
           FROM orphan_cleanup.deletion_queue AS q) AS c
     LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true
-    CROSS JOIN orphan_cleanup._reaper_alert() AS r;
+    CROSS JOIN orphan_cleanup._reaper_alert() AS r
+    CROSS JOIN orphan_cleanup._reaper_coverage() AS v;
 END
 $$;

@@ -132,6 +132,36 @@ CREATE TABLE orphan_cleanup.audit_log (
 CREATE INDEX audit_log_at ON orphan_cleanup.audit_log (at);
 CREATE INDEX audit_log_job ON orphan_cleanup.audit_log (job_id);
 
+-- The reapers that claim from this queue, as each last described itself to claim(): what it
+-- serves (its buckets and hosts), what it was handed, what it passed over and what it refused.
+-- health() names a reaper whose lists leave ready rows to others or whose own allow-list
+-- refused rows: a staging reaper pointed at production, an old deployment still running.
+CREATE TABLE orphan_cleanup.reapers (
+    reaper             text PRIMARY KEY,     -- the worker id it claims with
+    buckets            text[],               -- NULL: it did not say (serves every bucket)
+    hosts              text[],               -- NULL: it did not say (an older reaper: every host)
+    first_seen_at      timestamptz NOT NULL DEFAULT now(),
+    last_claim_at      timestamptz NOT NULL DEFAULT now(),
+    claimed            bigint NOT NULL DEFAULT 0,   -- rows handed to it
+    passed_over        bigint NOT NULL DEFAULT 0,   -- ready rows its latest claim left: not its bucket or host
+    passed_over_what   text,                        -- which, e.g. 'renders @ staging.example.com'
+    passed_over_at     timestamptz,                 -- when a claim last left any
+    refused            bigint NOT NULL DEFAULT 0,   -- rows it was handed and gave back: its allow-list refused them
+    last_refusal       text,
+    last_refusal_at    timestamptz
+);
+
+-- Rows a reaper refused with refuse(): claim() never hands them to that reaper again, so a
+-- misconfigured reaper cannot take the same rows over and over, and another reaper gets them.
+CREATE TABLE orphan_cleanup.refusals (
+    queue_id   bigint NOT NULL,
+    refused_by text NOT NULL,
+    reason     text NOT NULL,
+    at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue_id, refused_by)
+);
+CREATE INDEX refusals_at ON orphan_cleanup.refusals (at);
+
 -- Counts saves refused by the save guard. A refused save rolls its transaction back, audit row
 -- included; a sequence is not transactional, so the count survives.
 CREATE SEQUENCE orphan_cleanup.refused_saves;
@@ -147,6 +177,8 @@ SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.deletion_queue_id_seq
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refused_saves', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reapers', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refusals', '');
 
 -- A reference to a job, whatever its spelling: upper case, surrounding spaces or braces,
 -- hyphens or none. Returns the canonical uuid text, or NULL when it is no uuid at all.

@@ -38,6 +38,8 @@ pub static FULL_SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(86_400)
 pub static BREAKER_FACTOR: GucSetting<f64> = GucSetting::<f64>::new(10.0);
 pub static BREAKER_MIN_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static BREAKER_MAX_FRACTION: GucSetting<f64> = GucSetting::<f64>::new(0.5);
+/// Read by SQL (`_pause_point()` in sql/pause.sql) through current_setting().
+pub static PAUSE_POINTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// What `confirm()` does to the job row once its file is gone.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -282,6 +284,14 @@ pub fn init() {
         &BREAKER_MAX_FRACTION,
         0.0,
         1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"orphan_cleanup.pause_points",
+        c"For tests: named points (e.g. cycle) where work waits while a session holds the point's advisory lock.",
+        c"Empty in production. A named point waits only while someone holds pg_advisory_lock(7310247, hashtext('<point>')).",
+        &PAUSE_POINTS,
         GucContext::Sighup,
         GucFlags::default(),
     );

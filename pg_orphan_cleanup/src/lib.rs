@@ -21,11 +21,13 @@ mod worker;
 ::pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/pause.sql", name = "pause", requires = ["schema"]);
 extension_sql_file!(
     "../sql/detect.sql",
     name = "detect",
     requires = [
         "schema",
+        "pause",
         urls::check_output_url,
         urls::object_key,
         urls::redact_url,

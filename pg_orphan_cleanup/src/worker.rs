@@ -5,7 +5,12 @@
 //! while the extension does not exist in its database. Errors inside a cycle are caught and
 //! recorded by `run_cycle()` itself; anything that escapes ends the process with exit code 1,
 //! and the postmaster starts it again after `RESTART_AFTER`.
+//!
+//! It says what it is doing in `pg_stat_activity.query` (`paused: ...`, `idle: ...`, `running a
+//! cleanup cycle`), so a DBA sees at a glance why no cycle runs, and a test can wait for the
+//! worker to have taken a reloaded setting into account instead of sleeping and hoping.
 
+use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
@@ -44,7 +49,18 @@ enum Tick {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SIGTERM (pg_terminate_backend, DROP DATABASE ... WITH (FORCE), a fast shutdown) is
+    // handled the way a regular backend handles it: PostgreSQL's own `die` marks the process for
+    // termination, and the next interrupt check (inside any query, lock wait or latch wait) ends
+    // it. pgrx's handler only sets a flag the loop reads between cycles, so a worker in a long
+    // cycle, or waiting on a lock, ignored pg_terminate_backend until the cycle ended.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(libc_sigterm(), Some(postgres_die));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(libc_sigterm(), Some(postgres_die));
+    }
     let database = guc::text(&guc::DATABASE);
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     log!("pg_orphan_cleanup worker started in database \"{database}\"");
@@ -52,7 +68,9 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
     let mut next_run = Instant::now();
     let mut said_missing = false;
     let mut said_standby = false;
+    let mut activity = Activity::default();
     while BackgroundWorker::wait_latch(Some(TICK)) {
+        pgrx::check_for_interrupts!();
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -62,9 +80,18 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
         let interval = Duration::from_secs(guc::INTERVAL.get().max(1) as u64);
         // A shorter interval set by reload applies at once, not after the old one ran out.
         next_run = next_run.min(Instant::now() + interval);
-        if !guc::ENABLED.get() || Instant::now() < next_run {
+        if !guc::ENABLED.get() {
+            activity.idle("paused: orphan_cleanup.enabled = off".into());
             continue;
         }
+        if Instant::now() < next_run {
+            activity.idle(format!(
+                "idle: cycles every {} s (orphan_cleanup.interval)",
+                interval.as_secs()
+            ));
+            continue;
+        }
+        activity.running("running a cleanup cycle");
         match BackgroundWorker::transaction(run_due_cycle) {
             Tick::Ran => {
                 said_missing = false;
@@ -76,6 +103,7 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
                     log!("pg_orphan_cleanup worker: this server is a standby; cycles run on the primary only");
                     said_standby = true;
                 }
+                activity.idle("standby: cycles run on the primary only".into());
                 next_run = Instant::now() + MISSING_EXTENSION_RECHECK;
             }
             Tick::NoExtension | Tick::NotAttached => {
@@ -83,14 +111,54 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
                     log!("pg_orphan_cleanup worker: waiting in database \"{database}\": run CREATE EXTENSION pg_orphan_cleanup and SELECT * FROM orphan_cleanup.attach() there");
                     said_missing = true;
                 }
+                activity.idle(format!("waiting: run CREATE EXTENSION pg_orphan_cleanup and SELECT * FROM orphan_cleanup.attach() in database \"{database}\""));
                 next_run = Instant::now() + MISSING_EXTENSION_RECHECK;
             }
         }
     }
+    // Only the postmaster's death ends the loop; SIGTERM ends the process through `die`.
     log!("pg_orphan_cleanup worker stopping");
     // Exit code 1 asks the postmaster to start the worker again (after pg_terminate_backend);
     // during a server shutdown it is simply not restarted.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+unsafe extern "C-unwind" {
+    /// PostgreSQL's SIGTERM handler for backends (tcop/postgres.c). pgrx's `pg_sys::die` is a
+    /// Rust wrapper, not a signal handler.
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
+}
+
+fn libc_sigterm() -> std::ffi::c_int {
+    pg_sys::SIGTERM as std::ffi::c_int
+}
+
+/// What the worker shows in `pg_stat_activity` (`state` and `query`), reported only when it
+/// changes.
+#[derive(Default)]
+struct Activity {
+    shown: String,
+}
+
+impl Activity {
+    fn idle(&mut self, text: String) {
+        self.report(pg_sys::BackendState::STATE_IDLE, text);
+    }
+
+    fn running(&mut self, text: &str) {
+        self.report(pg_sys::BackendState::STATE_RUNNING, text.to_string());
+    }
+
+    fn report(&mut self, state: pg_sys::BackendState::Type, text: String) {
+        if self.shown == text {
+            return;
+        }
+        let c = CString::new(text.clone()).unwrap_or_default();
+        // SAFETY: copies the string into the backend's status entry; called outside any SPI use.
+        unsafe { pg_sys::pgstat_report_activity(state, c.as_ptr()) };
+        self.shown = text;
+    }
 }
 
 /// Writes refused saves noted in shared memory to the audit log.

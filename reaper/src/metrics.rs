@@ -31,6 +31,10 @@ pub struct Metrics {
     pub nothing_deleted: Gauge<i64, AtomicI64>,
     /// 1 while --max-deletes-per-hour holds the reaper back.
     pub held_back: Gauge,
+    /// Ready rows that no active reaper serves (queue_status().unserved).
+    pub unserved: Gauge,
+    /// 1 while the database names this reaper as leaving rows to others or refusing rows.
+    pub misconfigured: Gauge,
 }
 
 impl Metrics {
@@ -86,6 +90,18 @@ impl Metrics {
             "1 while --max-deletes-per-hour holds the reaper back",
             held_back.clone(),
         );
+        let unserved = Gauge::default();
+        registry.register(
+            "queue_unserved",
+            "Ready rows in the queue that no active reaper serves (their bucket or host)",
+            unserved.clone(),
+        );
+        let misconfigured = Gauge::default();
+        registry.register(
+            "misconfigured",
+            "1 while the database names this reaper as leaving ready rows to other reapers or refusing rows",
+            misconfigured.clone(),
+        );
         Metrics {
             registry,
             objects,
@@ -97,6 +113,8 @@ impl Metrics {
             overloaded,
             nothing_deleted,
             held_back,
+            unserved,
+            misconfigured,
         }
     }
 

@@ -1,5 +1,5 @@
 //! The deletion queue, through pg_orphan_cleanup's SQL API (`claim`, `confirm`, `fail`,
-//! `release`, `peek`, `queue_status`): the reaper's role may call nothing else.
+//! `release`, `refuse`, `peek`, `queue_status`): the reaper's role may call nothing else.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,12 +13,35 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 /// The channel pg_orphan_cleanup notifies when it queues rows.
 pub const CHANNEL: &str = "orphan_cleanup_queue";
 
+/// The oldest extension this reaper works with: 0.2.0 brought `claim(..., hosts)` and
+/// `refuse()`, without which a reaper is handed rows of hosts it does not serve.
+pub const MIN_EXTENSION: (u32, u32, u32) = (0, 2, 0);
+
 #[derive(Debug, Error)]
 pub enum QueueError {
     #[error("cannot connect to the database: {0}; check DATABASE_URL (host, port, database, user, password) and that PostgreSQL accepts connections from this host")]
     Connect(String),
     #[error("database error: {0}")]
     Db(String),
+    #[error("pg_orphan_cleanup is not installed in this database; run CREATE EXTENSION pg_orphan_cleanup there, or point DATABASE_URL at the database that has it")]
+    NotInstalled,
+    #[error("pg_orphan_cleanup {0} is installed, and this reaper needs {min} or later; run ALTER EXTENSION pg_orphan_cleanup UPDATE in the database", min = min_extension())]
+    TooOld(String),
+}
+
+fn min_extension() -> String {
+    let (a, b, c) = MIN_EXTENSION;
+    format!("{a}.{b}.{c}")
+}
+
+/// Whether an `extversion` is at least [`MIN_EXTENSION`]. Unparsable versions (a developer's
+/// build) are accepted: the SQL calls then say what is missing.
+pub fn supported(version: &str) -> bool {
+    let parts: Vec<Option<u32>> = version.split('.').map(|p| p.parse().ok()).collect();
+    match parts.as_slice() {
+        [Some(a), Some(b), Some(c)] => (*a, *b, *c) >= MIN_EXTENSION,
+        _ => true,
+    }
 }
 
 impl From<tokio_postgres::Error> for QueueError {
@@ -113,6 +136,18 @@ impl Queue {
         client
             .batch_execute("SET application_name = 'pg_orphan_cleanup reaper'")
             .await?;
+        let version: Option<String> = client
+            .query_opt(
+                "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_orphan_cleanup'",
+                &[],
+            )
+            .await?
+            .map(|r| r.get(0));
+        match version {
+            None => return Err(QueueError::NotInstalled),
+            Some(v) if !supported(&v) => return Err(QueueError::TooOld(v)),
+            Some(_) => {}
+        }
         if listen {
             client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         }
@@ -133,19 +168,23 @@ impl Queue {
         let _ = tokio::time::timeout(timeout, self.notified.notified()).await;
     }
 
+    /// Claims up to `max_rows` rows this reaper serves: objects in `buckets`, named through one
+    /// of `hosts` or through no host at all. Rows of other buckets and hosts wait for a reaper
+    /// that serves them.
     pub async fn claim(
         &self,
         max_rows: usize,
         lease: Duration,
         buckets: &[String],
+        hosts: &[String],
     ) -> Result<Vec<Claimed>, QueueError> {
         let lease = format!("{} seconds", lease.as_secs());
         let rows = self
             .client
             .query(
                 "SELECT id, job_id::text, host, bucket, object_path, attempts
-                 FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4)",
-                &[&self.worker, &(max_rows as i32), &lease, &buckets],
+                 FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4, $5)",
+                &[&self.worker, &(max_rows as i32), &lease, &buckets, &hosts],
             )
             .await?;
         Ok(rows.iter().map(Claimed::from_row).collect())
@@ -189,6 +228,26 @@ impl Queue {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Gives back rows this reaper's own allow-list refuses, for another reaper: no attempt is
+    /// counted, they are never handed to this reaper again, and health() names it.
+    pub async fn refuse(
+        &self,
+        ids: &[i64],
+        reason: &str,
+    ) -> Result<Vec<(i64, String)>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT id, result FROM orphan_cleanup.refuse($1, $2, $3)",
+                &[&self.worker, &ids, &reason],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// Gives claims back without counting an attempt; `None` releases all of this worker's.
     /// A `reason` is audited and shows in `queue_status()` and `health()`.
     pub async fn release(
@@ -225,7 +284,8 @@ impl Queue {
             .query_one(
                 "SELECT pending, ready, claimed, dead, rejected, deleted, absent, oldest_pending::text,
                         last_cycle_at::text, last_cycle_status, last_cycle_error, health, reaping_enabled, attached,
-                        reaper_alert, reaper_alert_at::text
+                        reaper_alert, reaper_alert_at::text,
+                        reapers, unserved, refused_by_reapers, misconfigured_reapers
                  FROM orphan_cleanup.queue_status()",
                 &[],
             )
@@ -247,6 +307,10 @@ impl Queue {
             attached: r.get(13),
             reaper_alert: r.get(14),
             reaper_alert_at: r.get(15),
+            reapers: r.get(16),
+            unserved: r.get(17),
+            refused_by_reapers: r.get(18),
+            misconfigured_reapers: r.get(19),
         })
     }
 }
@@ -271,6 +335,23 @@ pub struct Status {
     /// The latest reason a reaper released claims for, within the last hour.
     pub reaper_alert: Option<String>,
     pub reaper_alert_at: Option<String>,
+    /// Reapers that claimed in the last 15 minutes.
+    pub reapers: i32,
+    /// Ready rows that none of those reapers serves (their bucket or host).
+    pub unserved: i64,
+    /// Rows reapers refused (gave back) in the last hour.
+    pub refused_by_reapers: i64,
+    /// The reapers that left ready rows to others or refused rows, with their lists.
+    pub misconfigured_reapers: Option<String>,
+}
+
+impl Status {
+    /// Whether `worker` is among the reapers queue_status() names as misconfigured.
+    pub fn names(&self, worker: &str) -> bool {
+        self.misconfigured_reapers
+            .as_deref()
+            .is_some_and(|m| m.contains(&format!("reaper {worker} (")))
+    }
 }
 
 impl std::fmt::Display for Status {
@@ -303,6 +384,14 @@ impl std::fmt::Display for Status {
             "oldest pending:  {}",
             self.oldest_pending.as_deref().unwrap_or("-")
         )?;
+        writeln!(
+            f,
+            "reapers:         {} active in the last 15 minutes; {} ready rows none of them serves; {} rows refused in the last hour",
+            self.reapers, self.unserved, self.refused_by_reapers
+        )?;
+        if let Some(m) = &self.misconfigured_reapers {
+            writeln!(f, "misconfigured:   {m}")?;
+        }
         if let Some(alert) = &self.reaper_alert {
             writeln!(
                 f,
@@ -321,5 +410,19 @@ impl std::fmt::Display for Status {
             write!(f, "\n  error: {e}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supported;
+
+    #[test]
+    fn extension_versions_from_0_2_0_on_are_supported() {
+        assert!(!supported("0.1.0"));
+        assert!(supported("0.2.0"));
+        assert!(supported("0.10.0"));
+        assert!(supported("1.0.0"));
+        assert!(supported("0.3.0-dev"), "unparsable: the SQL calls tell");
     }
 }

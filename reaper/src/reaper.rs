@@ -1,6 +1,6 @@
-//! The drain loop: claim a batch, refuse what the reaper's own allow-list refuses, group by
-//! bucket, delete up to `batch_size` names per request with several requests in flight, then
-//! confirm, fail or release every row.
+//! The drain loop: claim a batch of the rows this reaper serves, give back what its own
+//! allow-list still refuses, group by bucket, delete up to `batch_size` names per request with
+//! several requests in flight, then confirm, fail or release every row.
 //!
 //! Claiming is pipelined: while one batch is deleted and confirmed on the main connection, the
 //! next batch is claimed on a second one. The database side (the claim's re-check, the confirm's
@@ -138,6 +138,11 @@ impl Reaper {
         self.settings.policy.buckets.clone()
     }
 
+    /// The hosts this reaper serves: SUPABASE_URL's and --storage-hosts.
+    fn hosts(&self) -> Vec<String> {
+        self.settings.policy.hosts.clone()
+    }
+
     /// Proves the key can delete: uploads one tiny object into the first allowed bucket and
     /// deletes it in bulk. An anon key cannot upload; a key that can upload but not delete gets
     /// `200 []`. Either way the reaper would report every object "already absent" forever.
@@ -209,7 +214,11 @@ impl Reaper {
                             return Err(e);
                         }
                         let wait = reconnect.next_delay();
-                        tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "database unreachable; retrying");
+                        if matches!(e, QueueError::NotInstalled | QueueError::TooOld(_)) {
+                            tracing::error!(error = %e, retry_in_s = wait.as_secs_f64(), "the database cannot serve this reaper; retrying");
+                        } else {
+                            tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "database unreachable; retrying");
+                        }
                         self.sleep(wait).await;
                         continue;
                     }
@@ -252,7 +261,7 @@ impl Reaper {
                     break;
                 }
                 if let Ok(status) = q.status().await {
-                    self.metrics.queue_depth.set(status.pending);
+                    self.watch_status(&status);
                 }
                 let poll = self.settings.poll_interval;
                 tokio::select! {
@@ -367,7 +376,9 @@ impl Reaper {
         let Some(want) = self.claim_budget() else {
             return Ok(None);
         };
-        let batch = q.claim(want, self.settings.lease, &self.buckets()).await?;
+        let batch = q
+            .claim(want, self.settings.lease, &self.buckets(), &self.hosts())
+            .await?;
         if let Some(limit) = &self.limit {
             limit
                 .lock()
@@ -456,17 +467,17 @@ impl Reaper {
             }
         }
         for (reason, ids) in &refused {
-            tracing::warn!(rows = ids.len(), reason = %reason, "rows refused by the reaper's allow-list; never sent to storage");
-            let results = q
-                .fail(ids, &format!("refused by the reaper: {reason}"), false)
-                .await?;
-            let dead = results.iter().filter(|(_, r)| r == "dead-lettered").count();
-            self.metrics.count("refused", ids.len());
-            self.metrics.count("dead_lettered", dead);
-            self.add(|s| {
-                s.refused += ids.len() as u64;
-                s.dead_lettered += dead as u64;
-            });
+            // claim() hands out only rows of this reaper's buckets and hosts, so this is rare:
+            // a row the database and this reaper judge differently. It is the reaper's problem,
+            // not the row's: give it back for another reaper, costing it no attempt.
+            tracing::warn!(worker = %self.settings.worker_id, rows = ids.len(), reason = %reason,
+                "rows refused by this reaper's allow-list; given back for another reaper, never sent to storage");
+            let results = q.refuse(ids, reason).await?;
+            let back = results.iter().filter(|(_, r)| r == "given back").count();
+            self.metrics.count("refused", back);
+            self.metrics.misconfigured.set(1);
+            self.refund(back as u64);
+            self.add(|s| s.refused += back as u64);
         }
 
         // 2. Bulk deletes, several in flight.
@@ -612,6 +623,26 @@ impl Reaper {
             s.bytes += bytes;
         });
         Ok(trouble)
+    }
+
+    /// What queue_status() says, as metrics; and whether it names this reaper as one that leaves
+    /// ready rows to others (its buckets or hosts do not cover them) or refused rows.
+    fn watch_status(&self, status: &crate::queue::Status) {
+        self.metrics.queue_depth.set(status.pending);
+        self.metrics.unserved.set(status.unserved);
+        let named = status.names(&self.settings.worker_id);
+        let was = self.metrics.misconfigured.get() == 1;
+        self.metrics.misconfigured.set(i64::from(named));
+        if named && !was {
+            tracing::warn!(
+                worker = %self.settings.worker_id,
+                buckets = ?self.settings.policy.buckets,
+                hosts = ?self.settings.policy.hosts,
+                detail = status.misconfigured_reapers.as_deref().unwrap_or(""),
+                "the database says this reaper leaves ready rows it does not serve to other reapers: if no other reaper serves them, \
+                 fix SUPABASE_URL, --storage-hosts or --buckets to match orphan_cleanup.allowed_hosts and allowed_buckets"
+            );
+        }
     }
 
     /// A key without delete rights gets `200 []`, which looks exactly like "already gone". The

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod error;
 pub mod faults;
+pub mod gate;
 pub mod store;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use serde_json::{json, Value};
 use crate::auth::{authorize, Role};
 use crate::error::ApiError;
 use crate::faults::{FaultState, Faults, Verdict};
+use crate::gate::{Gate, GateSetting, GateState};
 use crate::store::{valid_bucket, valid_key, Store, StoreError};
 
 /// How many names one bulk request may carry (hosted projects enforce it).
@@ -47,6 +49,8 @@ pub struct Emulator {
     /// Refuse more than [`BULK_LIMIT`] names, as hosted projects do.
     pub hard_limits: bool,
     pub faults: FaultState,
+    /// Holds bulk deletes past a count, for tests that act mid-drain.
+    pub gate: Gate,
     log: Mutex<Vec<LogEntry>>,
 }
 
@@ -84,6 +88,7 @@ impl Emulator {
             opaque_keys,
             hard_limits,
             faults: FaultState::new(faults),
+            gate: Gate::default(),
             log: Mutex::new(Vec::new()),
         })
     }
@@ -117,6 +122,7 @@ pub fn router(emu: Arc<Emulator>) -> Router {
     let admin = Router::new()
         .route("/__emulator/requests", get(get_log).delete(clear_log))
         .route("/__emulator/faults", get(get_faults).put(put_faults))
+        .route("/__emulator/gate", get(get_gate).put(put_gate))
         .route("/__emulator/objects", get(all_objects))
         .route("/__emulator/objects.tsv", get(all_objects_tsv))
         .route("/__emulator/health", get(|| async { "ok" }));
@@ -131,6 +137,9 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let mut lose_response = false;
+    if req.method() == Method::DELETE && is_bulk_delete(&path) {
+        emu.gate.pass().await;
+    }
     let response = match emu.faults.judge().await {
         Verdict::Proceed => next.run(req).await,
         Verdict::ProceedThenHang => {
@@ -172,6 +181,23 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
         return StatusCode::GATEWAY_TIMEOUT.into_response();
     }
     response
+}
+
+/// `/storage/v1/object/{bucket}`: one segment after `object/`.
+fn is_bulk_delete(path: &str) -> bool {
+    path.strip_prefix("/storage/v1/object/")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+}
+
+async fn get_gate(State(emu): State<Arc<Emulator>>) -> Json<GateState> {
+    Json(emu.gate.state())
+}
+
+async fn put_gate(
+    State(emu): State<Arc<Emulator>>,
+    Json(setting): Json<GateSetting>,
+) -> Json<GateState> {
+    Json(emu.gate.set(setting))
 }
 
 async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {

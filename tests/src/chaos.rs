@@ -9,11 +9,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use postgres::{Client, GenericClient};
 
+use crate::process::{Hermetic, Proc};
 use crate::storage::{output_text, Emulator};
 
 /// `CHAOS_SCALE=full` (what `make chaos` runs) holds the loads the README's table reports;
@@ -247,8 +248,7 @@ pub fn cluster(how: &str) {
     let out = Command::new(crate::repo_root().join("scripts/cluster.sh"))
         .arg(how)
         .env("PGOC_PORT", crate::port().to_string())
-        .output()
-        .unwrap();
+        .run();
     assert!(
         out.status.success(),
         "cluster.sh {how}: {}",
@@ -270,8 +270,9 @@ pub fn unfinished(c: &mut Client) -> i64 {
 }
 
 /// A reaper child whose output goes to a file, so a long run cannot fill a pipe and block.
+/// Killed with its test (see [`crate::process`]).
 pub struct Running {
-    pub child: Child,
+    pub child: Proc,
     pub log: std::path::PathBuf,
 }
 
@@ -282,18 +283,17 @@ impl Running {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = cmd
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .spawn()
-            .unwrap();
+        let child = Proc::spawn(
+            cmd.stdout(Stdio::from(file.try_clone().unwrap()))
+                .stderr(Stdio::from(file)),
+        );
         Running { child, log }
     }
 
     /// Panics with the reaper's output if it has exited: a wait on its progress would only
     /// time out.
     pub fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
+        if let Some(status) = self.child.try_wait() {
             panic!("the reaper exited ({status}): {}", self.output());
         }
     }
@@ -304,10 +304,10 @@ impl Running {
 
     /// SIGTERM, then waits for a clean exit.
     pub fn stop(mut self) -> String {
-        crate::storage::signal(&self.child, libc::SIGTERM);
+        self.child.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.child.try_wait() {
                 let text = self.output();
                 assert!(status.success(), "the reaper did not stop cleanly: {text}");
                 return text;
@@ -321,8 +321,8 @@ impl Running {
         }
     }
 
-    pub fn kill(mut self) {
-        crate::storage::signal(&self.child, libc::SIGKILL);
-        let _ = self.child.wait();
+    /// `kill -9`, as a crash would.
+    pub fn kill(self) {
+        self.child.kill();
     }
 }

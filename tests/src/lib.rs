@@ -3,7 +3,10 @@
 //! its indexes and `attach()` done, and helpers to change the cluster-wide settings.
 //!
 //! Settings are cluster-wide (`ALTER SYSTEM`), so the tests run one at a time
-//! (`--test-threads=1`), and every fixture starts from `ALTER SYSTEM RESET ALL`.
+//! (`--test-threads=1`). Every test starts from a clean slate, even after an earlier test failed:
+//! its first connection resets every setting the suite may have changed (`ALTER SYSTEM RESET
+//! ALL`) and waits until new sessions see the defaults. libtest runs each test in a thread of
+//! its own, named after it; the reset happens once per such thread.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +15,7 @@ use postgres::{Client, NoTls};
 pub use postgres;
 
 pub mod chaos;
+pub mod process;
 pub mod storage;
 
 pub fn port() -> u16 {
@@ -34,6 +38,52 @@ pub fn connect(db: &str) -> Client {
 }
 
 pub fn connect_as(db: &str, user: &str) -> Client {
+    start_of_test();
+    raw_connect(db, user)
+}
+
+thread_local! {
+    static STARTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Once per test (per libtest thread, which carries the test's name; helper threads a test
+/// spawns have no name and never reset): resets every setting an earlier test may have left.
+fn start_of_test() {
+    let is_test_thread = std::thread::current().name().is_some_and(|n| n != "main");
+    if !is_test_thread || STARTED.get() {
+        return;
+    }
+    STARTED.set(true);
+    reset_settings();
+}
+
+/// `ALTER SYSTEM RESET ALL`, reloaded, and waited for: afterwards no new session sees any value
+/// from `postgresql.auto.conf`.
+pub fn reset_settings() {
+    let mut admin = raw_connect("postgres", "postgres");
+    let from_auto_conf = "SELECT count(*) FROM pg_catalog.pg_file_settings WHERE sourcefile LIKE '%/postgresql.auto.conf'";
+    let left: i64 = admin.query_one(from_auto_conf, &[]).unwrap().get(0);
+    if left > 0 {
+        admin.batch_execute("ALTER SYSTEM RESET ALL").unwrap();
+        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "the settings of an earlier test to be reset",
+        || {
+            raw_connect("postgres", "postgres")
+                .query_one(
+                    "SELECT count(*) FROM pg_catalog.pg_settings WHERE sourcefile LIKE '%/postgresql.auto.conf'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+        },
+    );
+}
+
+fn raw_connect(db: &str, user: &str) -> Client {
     let dsn = format!(
         "host=127.0.0.1 port={} user={user} dbname={db} application_name=e2e",
         port()
@@ -54,7 +104,8 @@ pub fn connect_as(db: &str, user: &str) -> Client {
 /// Sets `orphan_cleanup.*` settings cluster-wide after resetting all of them, reloads, and waits
 /// until a new session sees every value. Give values as `SHOW` prints them (`'1s'`, `'0'`).
 pub fn settings(pairs: &[(&str, &str)]) {
-    let mut admin = connect("postgres");
+    start_of_test();
+    let mut admin = raw_connect("postgres", "postgres");
     admin.batch_execute("ALTER SYSTEM RESET ALL").unwrap();
     for (name, value) in pairs {
         let sql: String = admin
@@ -68,7 +119,7 @@ pub fn settings(pairs: &[(&str, &str)]) {
     }
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
     wait_for(Duration::from_secs(10), "settings to be reloaded", || {
-        let mut c = connect("postgres");
+        let mut c = raw_connect("postgres", "postgres");
         // The library defines the settings; load it so SHOW knows them.
         c.batch_execute("LOAD 'pg_orphan_cleanup'").unwrap();
         pairs.iter().all(|(name, value)| {
@@ -101,6 +152,12 @@ pub struct TestDb {
 impl TestDb {
     /// Creates the database afresh. Does not attach: call [`TestDb::attach`].
     pub fn create(name: &str) -> TestDb {
+        TestDb::create_at(name, None)
+    }
+
+    /// Like [`TestDb::create`], with the extension at `version` (a released version's install
+    /// script, from `pg_orphan_cleanup/released/`) instead of the current one.
+    pub fn create_at(name: &str, version: Option<&str>) -> TestDb {
         let mut admin = connect("postgres");
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -111,7 +168,7 @@ impl TestDb {
         let db = TestDb {
             name: name.to_string(),
         };
-        install_app(&mut db.client());
+        install_app_at(&mut db.client(), version);
         db
     }
 
@@ -155,10 +212,17 @@ pub fn teardown_postgres_db(c: &mut Client) {
 /// Loads `sql/app_schema.sql`, creates the extension and the indexes of `sql/indexes.sql`
 /// (one statement at a time: CREATE INDEX CONCURRENTLY cannot run in a transaction block).
 pub fn install_app(c: &mut Client) {
+    install_app_at(c, None)
+}
+
+fn install_app_at(c: &mut Client, version: Option<&str>) {
     let read = |f: &str| std::fs::read_to_string(repo_root().join(f)).unwrap();
     c.batch_execute(&read("sql/app_schema.sql")).unwrap();
-    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")
-        .unwrap();
+    let create = match version {
+        Some(v) => format!("CREATE EXTENSION pg_orphan_cleanup VERSION '{v}'"),
+        None => "CREATE EXTENSION pg_orphan_cleanup".to_string(),
+    };
+    c.batch_execute(&create).unwrap();
     for stmt in sql_statements(&read("sql/indexes.sql")) {
         c.batch_execute(&stmt).unwrap();
     }
@@ -267,6 +331,78 @@ pub fn wait_until_blocked(observer: &mut Client, pid: i32) {
                 .query_one("SELECT cardinality(pg_blocking_pids($1)) > 0", &[&pid])
                 .unwrap()
                 .get::<_, bool>(0)
+        },
+    );
+}
+
+/// The advisory lock class of the extension's pause points (sql/pause.sql).
+const PAUSE_CLASS: i32 = 7310247;
+
+/// Holds pause point `point` on session `c`: work that reaches it (with
+/// `orphan_cleanup.pause_points` naming it) waits until [`release_pause_point`] or until `c`'s
+/// session ends.
+pub fn hold_pause_point(c: &mut Client, point: &str) {
+    c.execute(
+        "SELECT pg_advisory_lock($1, hashtext($2))",
+        &[&PAUSE_CLASS, &point],
+    )
+    .unwrap();
+}
+
+pub fn release_pause_point(c: &mut Client, point: &str) {
+    let released: bool = c
+        .query_one(
+            "SELECT pg_advisory_unlock($1, hashtext($2))",
+            &[&PAUSE_CLASS, &point],
+        )
+        .unwrap()
+        .get(0);
+    assert!(released, "this session did not hold pause point {point}");
+}
+
+/// Waits until a backend other than `except` waits at pause point `point`, and returns its
+/// pid. The point is reached for certain (the work must pass it), so this waits for an event,
+/// not for a window.
+pub fn wait_paused_at(observer: &mut Client, point: &str, except: Option<i32>) -> i32 {
+    let mut pid = None;
+    wait_for(
+        Duration::from_secs(120),
+        &format!("a backend to wait at pause point {point}"),
+        || {
+            pid = observer
+                .query_opt(
+                    "SELECT l.pid FROM pg_catalog.pg_locks AS l
+                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.classid = $1::int::oid
+                       AND l.objid = hashtext($2)::oid AND l.objsubid = 2 AND l.pid IS DISTINCT FROM $3
+                     LIMIT 1",
+                    &[&PAUSE_CLASS, &point, &except],
+                )
+                .unwrap()
+                .map(|r| r.get(0));
+            pid.is_some()
+        },
+    );
+    pid.unwrap()
+}
+
+/// Waits until the background worker says (in pg_stat_activity.query) what `prefix` says:
+/// `paused`, `idle`, `waiting`, `running`. It says so only after it has read a reloaded setting,
+/// so this is how a test knows the worker, not only new sessions, sees a change.
+pub fn wait_worker(observer: &mut Client, prefix: &str) {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("the worker to say {prefix:?} in pg_stat_activity"),
+        || {
+            observer
+                .query_opt(
+                    "SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup'",
+                    &[],
+                )
+                .unwrap()
+                .is_some_and(|r| {
+                    r.get::<_, Option<String>>(0)
+                        .is_some_and(|q| q.starts_with(prefix))
+                })
         },
     );
 }

@@ -3,8 +3,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+
+use crate::process::{hermetic, Proc};
 
 use serde_json::{json, Value};
 
@@ -34,10 +36,10 @@ pub fn keys() -> (String, String) {
 /// One of the keys `storage-emulator keys` prints for `secret`: `SERVICE_ROLE_KEY`, `ANON_KEY`
 /// or `NO_ROLE_KEY` (signed, but without a role claim).
 pub fn minted_key(secret: &str, which: &str) -> String {
-    let out = Command::new(binary("storage-emulator"))
-        .args(["keys", "--jwt-secret", secret])
-        .output()
-        .unwrap();
+    let out = crate::process::output(
+        Command::new(binary("storage-emulator")).args(["keys", "--jwt-secret", secret]),
+        Duration::from_secs(30),
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -68,9 +70,9 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
         .map_err(|e| e.to_string())
 }
 
-/// A running emulator on a free port, killed when dropped.
+/// A running emulator on a free port, killed when dropped (or when its test's thread ends).
 pub struct Emulator {
-    child: Child,
+    _proc: Proc,
     pub base: String,
     pub host: String,
     pub service_key: String,
@@ -114,28 +116,28 @@ fn rand_suffix() -> u64 {
 impl Emulator {
     pub fn start() -> Emulator {
         let dir = TempDir::new("emulator");
-        let mut child = Command::new(binary("storage-emulator"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--jwt-secret",
-                JWT_SECRET,
-            ])
-            .args([
-                "--secret-key",
-                OPAQUE_SECRET_KEY,
-                "--publishable-key",
-                OPAQUE_PUBLISHABLE_KEY,
-                "--data-dir",
-            ])
-            .arg(&dir.0)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Proc::spawn(
+            Command::new(binary("storage-emulator"))
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--jwt-secret",
+                    JWT_SECRET,
+                ])
+                .args([
+                    "--secret-key",
+                    OPAQUE_SECRET_KEY,
+                    "--publishable-key",
+                    OPAQUE_PUBLISHABLE_KEY,
+                    "--data-dir",
+                ])
+                .arg(&dir.0)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped()),
+        );
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
+        BufReader::new(child.take_stdout().unwrap())
             .read_line(&mut line)
             .unwrap();
         let base = line
@@ -146,13 +148,18 @@ impl Emulator {
         let host = base.trim_start_matches("http://").to_string();
         let (service_key, anon_key) = keys();
         Emulator {
-            child,
+            _proc: child,
             base,
             host,
             service_key,
             anon_key,
             _dir: dir,
         }
+    }
+
+    /// The emulator's process id.
+    pub fn pid(&self) -> u32 {
+        self._proc.id()
     }
 
     fn storage(&self, path: &str) -> String {
@@ -201,6 +208,44 @@ impl Emulator {
             .unwrap();
     }
 
+    /// Lets `allow` more bulk deletes through, then holds every further one until
+    /// [`Emulator::open_gate`]. See `storage-emulator/src/gate.rs`.
+    pub fn gate(&self, allow: u64) {
+        ureq::put(&format!("{}/__emulator/gate", self.base))
+            .send_json(json!({ "allow": allow }))
+            .unwrap();
+    }
+
+    pub fn open_gate(&self) {
+        ureq::put(&format!("{}/__emulator/gate", self.base))
+            .send_json(json!({}))
+            .unwrap();
+    }
+
+    /// The gate's counters: `passed`, `held` (waiting now), `held_total` (ever held).
+    pub fn gate_state(&self) -> Value {
+        ureq::get(&format!("{}/__emulator/gate", self.base))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+
+    /// Waits until a bulk delete is held at the gate beyond the `held_total` a test saw before:
+    /// then a request is in flight and the drain cannot get past it until the gate opens.
+    pub fn wait_for_held(&self, seen_before: u64) -> u64 {
+        let mut total = 0;
+        crate::wait_for(
+            Duration::from_secs(120),
+            "a bulk delete to be held at the emulator's gate",
+            || {
+                total = self.gate_state()["held_total"].as_u64().unwrap();
+                total > seen_before
+            },
+        );
+        total
+    }
+
     /// The request log: (method, path, status, names, deleted) per storage request.
     pub fn requests(&self) -> Vec<Value> {
         let v: Value = ureq::get(&format!("{}/__emulator/requests", self.base))
@@ -227,16 +272,11 @@ impl Emulator {
     }
 }
 
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A reaper command against `db` and `emu`, as the reaper's own login role.
+/// A reaper command against `db` and `emu`, as the reaper's own login role. Hermetic: the
+/// process dies with the test's thread. Start it with [`Proc::spawn`] or [`run`].
 pub fn reaper(db: &str, emu: &Emulator, args: &[&str]) -> Command {
     let mut cmd = Command::new(binary("reaper"));
+    hermetic(&mut cmd);
     cmd.args(args)
         .env(
             "DATABASE_URL",
@@ -271,28 +311,17 @@ pub fn reaper_role() {
         .unwrap();
 }
 
+/// Runs a command to completion (a `reaper drain`, say) with a deadline of five minutes.
+pub fn run(cmd: &mut Command) -> Output {
+    crate::process::output(cmd, Duration::from_secs(300))
+}
+
 /// Sends `signal` to a child process.
-pub fn signal(child: &Child, signal: i32) {
-    unsafe {
-        libc::kill(child.id() as i32, signal);
-    }
+pub fn signal(child: &Proc, signal: i32) {
+    child.signal(signal);
 }
 
 /// Waits for a child with a deadline; kills it and panics past the deadline.
-pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> Output {
-    let start = std::time::Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "process did not exit within {deadline:?}: {}",
-                output_text(&out)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_with_deadline(child: Proc, deadline: Duration) -> Output {
+    child.wait_with_deadline(deadline)
 }

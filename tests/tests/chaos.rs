@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use e2e::chaos::*;
+use e2e::process::Hermetic;
 use e2e::storage::*;
 use e2e::*;
 use rand::Rng;
@@ -78,13 +79,6 @@ fn save_new_renders(
     }
 }
 
-fn confirmed(c: &mut postgres::Client) -> i64 {
-    one(
-        c,
-        "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state IN ('deleted', 'absent')",
-    )
-}
-
 fn state_count(o: &Outcome, state: &str) -> i64 {
     o.states.get(state).copied().unwrap_or(0)
 }
@@ -103,7 +97,7 @@ fn chaos_1_a_crash_loop_of_kill_9s_loses_nothing() {
     let kills = 20;
     let st = stage("chaos_crash", n, &[]);
     let mut c = st.db.client();
-    // A little latency so that a drain lasts long enough to be killed 20 times on the way.
+    // Storage as far away as a real one (the kills below do not depend on it: the gate times them).
     st.emu.set_faults(json!({"latency_ms": 30}));
     let spawn = |i: usize| {
         reaper_run(
@@ -124,20 +118,22 @@ fn chaos_1_a_crash_loop_of_kill_9s_loses_nothing() {
     };
     let mut reapers = vec![spawn(0), spawn(1)];
     let mut rng = rand::rng();
-    // Kills spread over the drain: the k-th when about k/23 of the rows are confirmed, at a
-    // random moment after that, on a random one of the two reapers.
+    // Kills spread over the drain, each one while a bulk delete is held at the emulator's gate:
+    // mid-drain by construction, however fast or slow the machine is. Before the k-th kill the
+    // gate lets a random share of about 1/23 of the drain's requests through. The drain needs at
+    // least n/100 requests and the kills let fewer through, so a request always reaches the gate.
+    let requests = n / 100;
+    let mut held = 0;
     for k in 0..kills {
-        let target =
-            (n * (k + 1) / (kills + 3) + rng.random_range(0..n / (2 * (kills + 3)))) as i64;
-        wait_for(Duration::from_secs(300), "the drain to progress", || {
-            reapers.iter_mut().for_each(Running::assert_running);
-            confirmed(&mut c) >= target
-        });
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..200)));
+        st.emu
+            .gate(rng.random_range(1..=(requests / (kills + 3)).max(1)) as u64);
+        held = st.emu.wait_for_held(held);
+        reapers.iter_mut().for_each(Running::assert_running);
         let victim = rng.random_range(0..2);
         reapers.remove(victim).kill();
         reapers.insert(victim, spawn(kills + k));
     }
+    st.emu.open_gate();
     // The claims the killed reapers held come back when their leases run out (an attempt
     // each) and the survivors finish them.
     wait_for(Duration::from_secs(300), "the drain to finish", || {
@@ -157,7 +153,7 @@ fn chaos_1_a_crash_loop_of_kill_9s_loses_nothing() {
             number: 1,
             scenario: "Crash loop",
             load: format!("{n} orphans, 20 saved, 1 protected; two reapers draining at once"),
-            faults: format!("{kills} `kill -9`s at random moments, each reaper restarted at once; 10 s leases; 30 ms storage latency"),
+            faults: format!("{kills} `kill -9`s, each while a bulk delete was in flight (held at the emulator's gate), of a random one of the two reapers, restarted at once; 10 s leases; 30 ms storage latency"),
             notes: format!(
                 "{} rows came back through expired leases; {} confirmed deleted, {} confirmed already absent (deleted by a reaper killed before it confirmed)",
                 expired,
@@ -262,9 +258,7 @@ fn chaos_2_storage_faults_are_retried_until_the_drain_completes() {
     let requeued = one(&mut c, "SELECT orphan_cleanup.requeue_dead()");
     assert_eq!(requeued, dead.len() as i64);
     if requeued > 0 {
-        let out = reaper(&st.db.name, &st.emu, &["drain", "--no-probe"])
-            .output()
-            .unwrap();
+        let out = reaper(&st.db.name, &st.emu, &["drain", "--no-probe"]).run();
         assert!(out.status.success(), "{}", output_text(&out));
     }
     let absent = one(
@@ -390,9 +384,7 @@ fn chaos_5_hostile_urls_are_rejected_with_a_reason_and_never_sent() {
     assert_eq!(rejected, corpus.len() as i64);
 
     emu.clear_requests();
-    let out = reaper(&db.name, &emu, &["drain", "--no-probe"])
-        .output()
-        .unwrap();
+    let out = reaper(&db.name, &emu, &["drain", "--no-probe"]).run();
     assert!(out.status.success(), "{}", output_text(&out));
     // Storage saw the control group's 20 names and nothing else: every request a bulk delete
     // in the renders bucket, 20 names in all, 20 objects deleted (the control group, as the
@@ -459,6 +451,8 @@ impl WorkerStage {
             settings: all,
         };
         st.apply(&[("enabled", "off")]);
+        // The worker must have seen `enabled = off` before the app appears in its database.
+        wait_worker(&mut connect("postgres"), "paused");
         setup_postgres_db();
         reaper_role();
         st.emu.create_bucket("renders");
@@ -490,15 +484,23 @@ impl Drop for WorkerStage {
     }
 }
 
-/// The worker's pid while it is inside a transaction that has run for 200 ms: a cycle.
-fn worker_mid_cycle(c: &mut postgres::Client) -> Option<i32> {
-    c.query_opt(
-        "SELECT pid FROM pg_stat_activity
-         WHERE backend_type = 'pg_orphan_cleanup' AND xact_start < clock_timestamp() - interval '200 ms'",
-        &[],
-    )
-    .unwrap()
-    .map(|r| r.get(0))
+/// Terminates backend `pid` and waits until it is gone.
+fn terminate(c: &mut postgres::Client, pid: i32) {
+    let killed: bool = c
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap()
+        .get(0);
+    assert!(killed, "backend {pid} was there to terminate");
+    wait_for(
+        Duration::from_secs(30),
+        "the terminated backend to be gone",
+        || {
+            one(
+                c,
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+            ) == 0
+        },
+    );
 }
 
 fn queued(c: &mut postgres::Client) -> i64 {
@@ -513,7 +515,11 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
     // tests (tests/tests/breaker.rs) cover it.
     let mut st = WorkerStage::new(
         "chaos_database",
-        &[("breaker_factor", "0"), ("breaker_max_fraction", "1")],
+        &[
+            ("breaker_factor", "0"),
+            ("breaker_max_fraction", "1"),
+            ("pause_points", "cycle"),
+        ],
     );
     let mut c = connect("postgres");
     // The throwaway cluster runs with synchronous_commit = off; the app's saves here must survive
@@ -524,14 +530,15 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
     save_new_renders(&mut st.ledger, &mut c, &st.emu, "saved", 20);
     st.ledger.keep(&st.emu, "avatars", "a.png");
 
-    // 1. A power cut in the middle of the worker's first cycle over the backlog.
+    // 1. A power cut in the middle of the worker's first cycle over the backlog: the test holds
+    //    the cycle's pause point, so the cycle waits there with its rows queued but not
+    //    committed, and the crash comes while it waits.
+    let mut gatekeeper = connect("postgres");
+    hold_pause_point(&mut gatekeeper, "cycle");
     st.go();
-    wait_for(
-        Duration::from_secs(60),
-        "the worker to be mid-cycle",
-        || worker_mid_cycle(&mut c).is_some(),
-    );
+    wait_paused_at(&mut c, "cycle", None);
     cluster("crash");
+    drop(gatekeeper);
     let mut c = connect("postgres");
     assert_eq!(queued(&mut c), 0, "the crashed cycle left nothing behind");
     wait_for(
@@ -540,8 +547,11 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
         || queued(&mut c) == n as i64,
     );
 
-    // 2. A restart in the middle of a drain.
+    // 2. A restart in the middle of a drain: the emulator's gate lets a third of the drain's
+    //    bulk deletes through and holds the next one, in flight, while the cluster restarts.
     st.emu.set_faults(json!({"latency_ms": 20}));
+    let third = (n / 100 / 3) as u64;
+    st.emu.gate(third);
     let mut r = reaper_run(
         "postgres",
         &st.emu,
@@ -557,52 +567,50 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
             "5s",
         ],
     );
-    wait_for(Duration::from_secs(120), "a third of the drain", || {
-        r.assert_running();
-        confirmed(&mut c) >= n as i64 / 3
-    });
+    let held = st.emu.wait_for_held(0);
+    r.assert_running();
     cluster("restart");
     let mut c = connect("postgres");
 
-    // 3. The reaper's backends terminated in the middle of the drain.
-    wait_for(Duration::from_secs(120), "two thirds of the drain", || {
-        r.assert_running();
-        confirmed(&mut c) >= 2 * n as i64 / 3
-    });
+    // 3. The reaper's backends terminated in the middle of the drain: another third through,
+    //    the next request held, and the backends terminated while it waits.
+    st.emu.gate(third);
+    st.emu.wait_for_held(held);
+    r.assert_running();
     let terminated = one(
         &mut c,
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'reaper_login') AS t",
     );
     assert!(terminated > 0, "the reaper's connections were terminated");
+    st.emu.open_gate();
 
     // 4. A wave of new orphans, and the worker's backend terminated in the middle of the cycle
-    // that queues them.
+    //    that queues them. The test holds the pause point again; the first cycle to wait there
+    //    started before the wave and is terminated too, so that the one after it (the restarted
+    //    worker's) is sure to include the wave; that one is terminated while it waits.
+    let mut gatekeeper = connect("postgres");
+    hold_pause_point(&mut gatekeeper, "cycle");
+    let before_wave = wait_paused_at(&mut c, "cycle", None);
     let keys: Vec<String> = (0..wave).map(|i| format!("wave/{i}.png")).collect();
     st.ledger.renders(&mut c, &st.emu, &keys, "2 hours");
-    let pid = {
-        let mut found = None;
-        wait_for(
-            Duration::from_secs(60),
-            "the worker to be mid-cycle again",
-            || {
-                found = worker_mid_cycle(&mut c);
-                found.is_some()
-            },
-        );
-        found.unwrap()
-    };
-    let killed: bool = c
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-        .unwrap()
-        .get(0);
-    assert!(killed);
+    let queued_before = queued(&mut c);
+    assert_eq!(queued_before, n as i64);
+    terminate(&mut c, before_wave);
+    let with_wave = wait_paused_at(&mut c, "cycle", Some(before_wave));
     assert_eq!(
         queued(&mut c),
-        n as i64,
+        queued_before,
+        "a cycle waiting at its pause point has committed nothing"
+    );
+    terminate(&mut c, with_wave);
+    assert_eq!(
+        queued(&mut c),
+        queued_before,
         "the terminated cycle queued nothing"
     );
+    release_pause_point(&mut gatekeeper, "cycle");
     wait_for(Duration::from_secs(60), "a new worker", || {
-        worker_pid(&mut c).is_some_and(|p| p != pid)
+        worker_pid(&mut c).is_some_and(|p| p != with_wave)
     });
     wait_for(
         Duration::from_secs(300),
@@ -625,7 +633,7 @@ fn chaos_3_database_restarts_and_killed_backends_lose_nothing() {
             number: 3,
             scenario: "Database faults",
             load: format!("{n} orphans, then a wave of {wave} more; 20 saved, 1 protected; the background worker (1 s interval) and one reaper"),
-            faults: "power cut (`pg_ctl -m immediate`) mid-cycle; restart (`-m fast`) mid-drain; the reaper's backends terminated mid-drain; the worker's backend terminated mid-cycle".into(),
+            faults: "power cut (`pg_ctl -m immediate`) mid-cycle; restart (`-m fast`) mid-drain; the reaper's backends terminated mid-drain; the worker's backend terminated mid-cycle, twice; each moment forced (a cycle held at its pause point, a bulk delete held at the emulator's gate)".into(),
             notes: format!(
                 "the crashed cycle rolled back whole (0 rows) and the worker redid it after crash recovery; the reaper reconnected each time; the terminated cycle rolled back and the restarted worker queued the whole wave; {} confirmed deleted, {} already absent (deleted before a fault cut the confirmation)",
                 state_count(&o, "deleted"),
@@ -1047,8 +1055,7 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
     }
     let out = reaper(&db, &st.emu, &["drain", "--batch-size", "50"])
         .env("REAPER_LOG", "trace")
-        .output()
-        .unwrap();
+        .run();
     let drain_log = output_text(&out);
     assert!(out.status.success(), "{drain_log}");
     assert_eq!(cycle(&mut dba).0, "ok");
@@ -1082,8 +1089,7 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
         let out = reaper(&db, &st.emu, &args)
             .env("REAPER_LOG", "trace")
             .env("SUPABASE_SERVICE_ROLE_KEY", &key)
-            .output()
-            .unwrap();
+            .run();
         let text = output_text(&out);
         assert!(!text.contains(&key), "{args:?} logged its key: {text}");
         logs.push(text);
@@ -1174,7 +1180,7 @@ fn chaos_7_bad_configuration_fails_clearly_and_deletes_nothing() {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let out = cmd.output().unwrap();
+        let out = cmd.run();
         (out.status.success(), output_text(&out))
     };
     // Fresh orphans that a working cycle would queue: they show whether a bad cycle queued any.

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use e2e::process::Hermetic;
 use e2e::*;
 
 /// A database with `n` queued orphans; returns it and the job ids.
@@ -837,14 +838,16 @@ fn the_queue_and_its_history_survive_pg_dump_and_restore() {
             "-d",
             &db.name,
         ])
-        .output()
-        .unwrap();
+        .run();
     assert!(
         dump.status.success(),
         "{}",
         String::from_utf8_lossy(&dump.stderr)
     );
-    let mut restore = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_restore")
+    let dir = e2e::storage::TempDir::new("dump");
+    let file = dir.0.join("queue.dump");
+    std::fs::write(&file, &dump.stdout).unwrap();
+    let out = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_restore")
         .args([
             "-h",
             "127.0.0.1",
@@ -856,18 +859,8 @@ fn the_queue_and_its_history_survive_pg_dump_and_restore() {
             "-d",
             &restored.name,
         ])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    restore
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&dump.stdout)
-        .unwrap();
-    let out = restore.wait_with_output().unwrap();
+        .arg(&file)
+        .run();
     assert!(
         out.status.success(),
         "{}",
@@ -920,5 +913,256 @@ fn a_claim_commits_durably_even_when_the_session_does_not() {
     assert_eq!(
         after, "off",
         "the session's own setting comes back afterwards"
+    );
+}
+
+/// Claims as the reaper does since 0.2.0: its buckets and hosts.
+fn claim_serving(
+    c: &mut postgres::Client,
+    worker: &str,
+    buckets: Option<&[&str]>,
+    hosts: Option<&[&str]>,
+) -> Vec<(i64, Option<String>)> {
+    let buckets: Option<Vec<String>> = buckets.map(|b| b.iter().map(|s| s.to_string()).collect());
+    let hosts: Option<Vec<String>> = hosts.map(|h| h.iter().map(|s| s.to_string()).collect());
+    c.query(
+        "SELECT id, host FROM orphan_cleanup.claim($1, 100, '5 minutes', $2, $3)",
+        &[&worker, &buckets, &hosts],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+#[test]
+fn claim_hands_a_reaper_only_the_rows_of_its_buckets_and_hosts() {
+    let hosts = format!("{HOST},staging.example.com");
+    settings(&[
+        ("allowed_buckets", "renders,thumbs"),
+        ("allowed_hosts", &hosts),
+    ]);
+    let db = TestDb::attached("queue_claim_hosts");
+    let mut c = db.client();
+    for (url, tag) in [
+        (public_url("renders", "p.png"), "production"),
+        (
+            "https://staging.example.com/storage/v1/object/public/renders/s.png".to_string(),
+            "staging",
+        ),
+        ("renders/bare.png".to_string(), "bare"),
+        (public_url("thumbs", "t.png"), "other bucket"),
+    ] {
+        job(&mut c, "completed", Some(&url), "2 hours", tag);
+    }
+    assert_eq!(cycle(&mut c).2, 4);
+
+    // Hosts are compared as the parser spells them (lower case), whatever the reaper sent.
+    let got = claim_serving(
+        &mut c,
+        "prod",
+        Some(&["renders"]),
+        Some(&["ABCD.supabase.co"]),
+    );
+    let hosts_got: BTreeSet<Option<String>> = got.iter().map(|(_, h)| h.clone()).collect();
+    assert_eq!(
+        hosts_got,
+        BTreeSet::from([Some(HOST.to_string()), None]),
+        "its own host's row and the bare row, which every reaper serves"
+    );
+    let (left, what): (i64, String) = c
+        .query_one(
+            "SELECT passed_over, passed_over_what FROM orphan_cleanup.reapers WHERE reaper = 'prod'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        left, 2,
+        "the staging row and the thumbs row were left to others"
+    );
+    assert_eq!(
+        what,
+        format!("renders @ staging.example.com, thumbs @ {HOST}")
+    );
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaper allow-lists'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        detail.contains("2 ready rows are served by no reaper active in the last 15 minutes")
+            && detail.contains("reaper prod (buckets renders; hosts abcd.supabase.co) left ready rows it does not serve"),
+        "{detail}"
+    );
+
+    // A reaper that serves the rest takes it, and nothing is left unserved.
+    let got = claim_serving(
+        &mut c,
+        "staging",
+        Some(&["renders", "thumbs"]),
+        Some(&["staging.example.com", HOST]),
+    );
+    assert_eq!(got.len(), 2);
+    let unserved: i64 = c
+        .query_one("SELECT unserved FROM orphan_cleanup.queue_status()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(unserved, 0);
+
+    // Lists with holes are refused, naming the fix.
+    let e = c
+        .query(
+            "SELECT * FROM orphan_cleanup.claim('x', 10, '5 minutes', ARRAY['renders'], ARRAY[''])",
+            &[],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("buckets and hosts must not contain NULL or empty entries"),
+        "{}",
+        db_error(&e)
+    );
+}
+
+#[test]
+fn a_reaper_refusing_rows_gives_them_back_and_is_never_handed_them_again() {
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_refuse", 3);
+    let mut c = db.client();
+    // What a reaper older than 0.2.0 sends, word for word: a claim without hosts, then its
+    // allow-list's refusal as a failure that is not retryable. That dead-lettered every row a
+    // well-configured reaper would have deleted.
+    let old_claim = |c: &mut postgres::Client| -> Vec<i64> {
+        let buckets = vec!["renders".to_string()];
+        c.query(
+            "SELECT id, job_id::text, host, bucket, object_path, attempts
+             FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4)",
+            &[&"old-reaper", &100i32, &"300 seconds", &buckets],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let ids = old_claim(&mut c);
+    assert_eq!(ids.len(), 3);
+    let reason = format!(
+        "refused by the reaper: host \"{HOST}\" is not in the host allow-list (it may be another project's)"
+    );
+    let res = results(
+        c.query(
+            "SELECT id, result FROM orphan_cleanup.fail($1, $2, $3, $4)",
+            &[&"old-reaper", &ids, &reason, &false],
+        )
+        .unwrap(),
+    );
+    assert!(res.iter().all(|(_, r)| r == "given back"), "{res:?}");
+    for id in &ids {
+        assert_eq!(
+            state_of(&mut c, *id),
+            ("pending".to_string(), 0),
+            "no attempt counted"
+        );
+    }
+    let dead: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'dead_lettered'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 0);
+    let audited: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND actor = 'old-reaper'
+               AND detail LIKE 'refused by the reaper''s own allow-list, given back for another reaper: host %'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 3, "every refusal is audited");
+
+    // Never handed to that reaper again, so it cannot take them over and over...
+    assert!(old_claim(&mut c).is_empty());
+    // ...and the DBA sees who refused what.
+    let (refused, named): (i64, Option<String>) = c
+        .query_one(
+            "SELECT refused_by_reapers, misconfigured_reapers FROM orphan_cleanup.queue_status()",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(refused, 3);
+    let named = named.unwrap_or_default();
+    assert!(
+        named.contains(
+            "reaper old-reaper (buckets renders; hosts any) refused 3 rows it was handed"
+        ),
+        "{named}"
+    );
+    let (status, detail): (String, String) = c
+        .query_one(
+            "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'reaper allow-lists'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(status, "warning");
+    assert!(
+        detail.contains("old-reaper") && detail.contains("SUPABASE_URL"),
+        "{detail}"
+    );
+
+    // Another reaper gets them at once, with no back-off.
+    assert_eq!(claim(&mut c, "new-reaper", 100).len(), 3);
+
+    // refuse() itself: only the holder's claims, with a reason.
+    let e = c
+        .query(
+            "SELECT * FROM orphan_cleanup.refuse('new-reaper', $1, '')",
+            &[&ids],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("reason must say why"),
+        "{}",
+        db_error(&e)
+    );
+    let res = results(
+        c.query(
+            "SELECT * FROM orphan_cleanup.refuse('someone-else', $1, 'not mine')",
+            &[&ids],
+        )
+        .unwrap(),
+    );
+    assert!(
+        res.iter()
+            .all(|(_, r)| r == "not given back: the row is claimed by new-reaper"),
+        "{res:?}"
+    );
+}
+
+#[test]
+fn a_reaper_whose_lists_change_may_be_handed_what_it_refused_before() {
+    // A DBA fixes a reaper's --storage-hosts and restarts it under the same --worker-id: the
+    // rows it refused with its old lists are its to delete now.
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_refuse_fixed", 2);
+    let mut c = db.client();
+    let ids: Vec<i64> = claim_serving(&mut c, "r", Some(&["renders"]), None)
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    c.query(
+        "SELECT * FROM orphan_cleanup.refuse('r', $1, 'not my host')",
+        &[&ids],
+    )
+    .unwrap();
+    assert!(claim_serving(&mut c, "r", Some(&["renders"]), None).is_empty());
+    assert_eq!(
+        claim_serving(&mut c, "r", Some(&["renders"]), Some(&[HOST])).len(),
+        2
     );
 }

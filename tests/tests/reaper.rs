@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
+use e2e::process::Hermetic;
 use e2e::storage::*;
 use e2e::*;
 use serde_json::json;
@@ -119,8 +120,7 @@ fn drain_deletes_every_orphan_and_nothing_else() {
         &w.emu,
         &["drain", "--batch-size", "500", "--concurrency", "2"],
     )
-    .output()
-    .unwrap();
+    .run();
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -163,9 +163,7 @@ fn server_errors_are_retried_with_attempts_then_dead_lettered() {
     let w = world("reaper_retry", 20, &[("max_attempts", "2")]);
     let mut c = w.db.client();
     w.emu.set_faults(json!({"rate_500": 1.0}));
-    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
-        .output()
-        .unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     let text = output_text(&out);
     assert!(
         out.status.success(),
@@ -186,9 +184,7 @@ fn server_errors_are_retried_with_attempts_then_dead_lettered() {
     // Second failure: out of attempts.
     c.batch_execute("UPDATE orphan_cleanup.deletion_queue SET available_at = now()")
         .unwrap();
-    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
-        .output()
-        .unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     assert!(
         output_text(&out).contains("dead-lettered 20"),
         "{}",
@@ -204,7 +200,7 @@ fn server_errors_are_retried_with_attempts_then_dead_lettered() {
     w.emu.set_faults(json!({}));
     c.query_one("SELECT orphan_cleanup.requeue_dead()", &[])
         .unwrap();
-    let out = reaper(&w.db.name, &w.emu, &["drain"]).output().unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain"]).run();
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(states(&mut c), vec![("deleted".to_string(), 20)]);
     assert_eq!(w.emu.objects(), w.keep);
@@ -217,8 +213,7 @@ fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
     let foreign = foreign_key();
     let out = reaper(&w.db.name, &w.emu, &["drain"])
         .env("SUPABASE_SERVICE_ROLE_KEY", &foreign)
-        .output()
-        .unwrap();
+        .run();
     let text = output_text(&out);
     assert!(!out.status.success());
     assert!(
@@ -229,8 +224,7 @@ fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
 
     let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
         .env("SUPABASE_SERVICE_ROLE_KEY", &foreign)
-        .output()
-        .unwrap();
+        .run();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
@@ -248,7 +242,7 @@ fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
         "no attempt burned over a wrong key"
     );
     // Loud in status and health too, not only in the reaper's own log.
-    let status = output_text(&reaper(&w.db.name, &w.emu, &["status"]).output().unwrap());
+    let status = output_text(&reaper(&w.db.name, &w.emu, &["status"]).run());
     assert!(
         status.contains("reaper alert:    storage refused the reaper's configuration"),
         "{status}"
@@ -269,8 +263,7 @@ fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
             "SUPABASE_URL",
             format!("{}/storage/v1", w.emu.base).replace("/storage/v1", "/nope"),
         )
-        .output()
-        .unwrap();
+        .run();
     assert!(!out.status.success(), "{}", output_text(&out));
     assert_eq!(max_attempts_seen(&mut c), 0);
 }
@@ -295,8 +288,7 @@ fn a_batch_claimed_ahead_goes_back_when_storage_refuses_the_key() {
         ],
     )
     .env("SUPABASE_SERVICE_ROLE_KEY", foreign_key())
-    .output()
-    .unwrap();
+    .run();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     let mut audited = |action: &str| -> i64 {
@@ -333,8 +325,7 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
             "5",
         ],
     )
-    .output()
-    .unwrap();
+    .run();
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -372,8 +363,7 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    .start();
     let get = |path: &str| http_get(&addr, path);
     wait_for(Duration::from_secs(30), "the run to be held back", || {
         get("/metrics").is_ok_and(|(_, m)| m.contains("reaper_held_back 1"))
@@ -397,8 +387,7 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
         &w.emu,
         &["drain", "--max-deletes-per-hour", "0"],
     )
-    .output()
-    .unwrap();
+    .run();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
@@ -412,8 +401,7 @@ fn an_anon_key_is_refused_at_start() {
     let w = world("reaper_anon", 3, &[]);
     let out = reaper(&w.db.name, &w.emu, &["drain"])
         .env("SUPABASE_SERVICE_ROLE_KEY", &w.emu.anon_key)
-        .output()
-        .unwrap();
+        .run();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
@@ -430,8 +418,7 @@ fn a_publishable_key_is_refused_at_start_and_an_opaque_secret_key_works() {
     let w = world("reaper_probe", 3, &[]);
     let out = reaper(&w.db.name, &w.emu, &["drain"])
         .env("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_PUBLISHABLE_KEY)
-        .output()
-        .unwrap();
+        .run();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
@@ -447,8 +434,7 @@ fn a_publishable_key_is_refused_at_start_and_an_opaque_secret_key_works() {
     // The opaque secret key travels in `apikey` alone and works.
     let out = reaper(&w.db.name, &w.emu, &["drain"])
         .env("SUPABASE_SERVICE_ROLE_KEY", OPAQUE_SECRET_KEY)
-        .output()
-        .unwrap();
+        .run();
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(w.emu.objects(), w.keep);
 }
@@ -465,8 +451,7 @@ fn overload_slows_down_and_releases_rows_without_attempts() {
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    .start();
     wait_for(Duration::from_secs(30), "two overloaded answers", || {
         w.emu
             .requests()
@@ -497,7 +482,9 @@ fn overload_slows_down_and_releases_rows_without_attempts() {
 fn a_reaper_killed_mid_drain_loses_nothing() {
     let w = world("reaper_kill", 400, &[]);
     let mut c = w.db.client();
-    w.emu.set_faults(json!({"latency_ms": 150}));
+    // Three bulk deletes go through; the fourth is held at the emulator's gate, in flight, when
+    // the reaper is killed: mid-drain by construction.
+    w.emu.gate(3);
     let child = reaper(
         &w.db.name,
         &w.emu,
@@ -515,28 +502,18 @@ fn a_reaper_killed_mid_drain_loses_nothing() {
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    wait_for(Duration::from_secs(30), "some deletions", || {
-        w.emu
-            .requests()
-            .iter()
-            .filter(|r| r["deleted"].as_u64().unwrap_or(0) > 0)
-            .count()
-            >= 3
-    });
+    .start();
+    w.emu.wait_for_held(0);
     signal(&child, libc::SIGKILL);
     let _ = wait_with_deadline(child, Duration::from_secs(10));
-    w.emu.set_faults(json!({}));
+    w.emu.open_gate();
     // A second reaper takes what is pending now, then what the dead one held once its leases expire.
     wait_for(
         // Expired leases count as an attempt and back off (about 30 s) before they return.
         Duration::from_secs(120),
         "the second reaper to finish everything",
         || {
-            let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
-                .output()
-                .unwrap();
+            let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
             assert!(out.status.success(), "{}", output_text(&out));
             let s = states(&mut c);
             s.iter()
@@ -557,7 +534,8 @@ fn a_reaper_killed_mid_drain_loses_nothing() {
 fn sigterm_finishes_in_flight_requests_and_releases_the_rest() {
     let w = world("reaper_sigterm", 300, &[]);
     let mut c = w.db.client();
-    w.emu.set_faults(json!({"latency_ms": 300}));
+    // One bulk delete of 10 goes through; the second is held at the gate when SIGTERM comes.
+    w.emu.gate(1);
     let child = reaper(
         &w.db.name,
         &w.emu,
@@ -572,41 +550,30 @@ fn sigterm_finishes_in_flight_requests_and_releases_the_rest() {
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    wait_for(Duration::from_secs(30), "the first deletions", || {
-        w.emu
-            .requests()
-            .iter()
-            .any(|r| r["deleted"].as_u64().unwrap_or(0) > 0)
-    });
+    .start();
+    w.emu.wait_for_held(0);
     signal(&child, libc::SIGTERM);
+    // The request in flight is finished, not abandoned: let it through.
+    w.emu.open_gate();
     let out = wait_with_deadline(child, Duration::from_secs(20));
     assert!(
         out.status.success(),
         "exit 0 on SIGTERM: {}",
         output_text(&out)
     );
-    let s = states(&mut c);
-    assert!(
-        s.iter()
-            .all(|(state, _)| state == "deleted" || state == "pending"),
-        "nothing left claimed: {s:?}"
+    assert_eq!(
+        states(&mut c),
+        vec![("deleted".to_string(), 20), ("pending".to_string(), 280)],
+        "the request in flight at SIGTERM was finished and confirmed, nothing new was sent, nothing is left claimed"
     );
-    assert_eq!(s.iter().map(|(_, n)| n).sum::<i64>(), 300);
     assert_eq!(
         max_attempts_seen(&mut c),
         0,
         "a clean stop costs no attempt"
     );
-    let deleted = s
-        .iter()
-        .find(|(st, _)| st == "deleted")
-        .map(|(_, n)| *n)
-        .unwrap_or(0) as usize;
     assert_eq!(
         w.emu.objects().len(),
-        300 - deleted + w.keep.len(),
+        300 - 20 + w.keep.len(),
         "every deleted object was confirmed"
     );
 }
@@ -623,8 +590,7 @@ fn two_reapers_at_once_never_delete_the_same_row_twice() {
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .start()
     };
     let (a, b) = (spawn(), spawn());
     let (oa, ob) = (
@@ -665,9 +631,21 @@ fn two_reapers_at_once_never_delete_the_same_row_twice() {
     assert_eq!(workers, 2, "both reapers took part");
 }
 
+/// The 'reaper allow-lists' line of health(): (status, detail).
+fn allow_list_health(c: &mut postgres::Client) -> (String, String) {
+    c.query_one(
+        "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'reaper allow-lists'",
+        &[],
+    )
+    .map(|r| (r.get(0), r.get(1)))
+    .unwrap()
+}
+
 #[test]
-fn rows_another_project_would_own_are_refused_not_sent() {
-    // The extension allows a staging host too, but this reaper serves production only.
+fn rows_of_a_host_this_reaper_does_not_serve_are_left_for_another_reaper() {
+    // The extension allows a staging host too, but this reaper serves production only. Its
+    // claims are never handed the staging row: a reaper used to dead-letter such rows, which
+    // stopped the cleanup a staging reaper would have done.
     let emu = Emulator::start();
     let hosts = format!("{},staging.example.com", emu.host);
     settings(&[("allowed_buckets", "renders"), ("allowed_hosts", &hosts)]);
@@ -684,28 +662,41 @@ fn rows_another_project_would_own_are_refused_not_sent() {
         "staging",
     );
     cycle(&mut c);
-    let out = reaper(&db.name, &emu, &["drain"]).output().unwrap();
-    assert!(out.status.success(), "{}", output_text(&out));
+    let out = reaper(
+        &db.name,
+        &emu,
+        &["drain", "--worker-id", "production-reaper"],
+    )
+    .run();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
     assert!(
-        output_text(&out).contains("refused 1"),
-        "{}",
-        output_text(&out)
+        text.contains("deleted 0,") && text.contains("refused 0,"),
+        "{text}"
     );
     assert!(
         emu.objects().contains("renders/same-name.png"),
         "the production object of the same name stays"
     );
-    let (state, err): (String, String) = c
+    let (state, attempts, claims): (String, i32, i32) = c
         .query_one(
-            "SELECT state, last_error FROM orphan_cleanup.deletion_queue",
+            "SELECT state, attempts, claim_count FROM orphan_cleanup.deletion_queue",
             &[],
         )
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .unwrap();
-    assert_eq!(state, "dead");
+    assert_eq!(
+        (state.as_str(), attempts, claims),
+        ("pending", 0, 0),
+        "never handed to this reaper; waiting for one that serves staging"
+    );
+    let (status, detail) = allow_list_health(&mut c);
+    assert_eq!(status, "warning", "{detail}");
     assert!(
-        err.contains("refused by the reaper") && err.contains("staging.example.com"),
-        "{err}"
+        detail.contains("reaper production-reaper (buckets renders; hosts ")
+            && detail.contains("renders @ staging.example.com")
+            && detail.contains("1 ready rows are served by no reaper"),
+        "{detail}"
     );
     assert!(!emu.requests().iter().any(|r| r["method"] == "DELETE"
         && r["path"] == "/storage/v1/object/renders"
@@ -714,11 +705,129 @@ fn rows_another_project_would_own_are_refused_not_sent() {
 }
 
 #[test]
+fn two_reapers_with_different_host_lists_share_a_queue_and_nothing_is_dead_lettered() {
+    // A staging reaper pointed at production's database, or an old deployment still running:
+    // its SUPABASE_URL names another host than the rows do. Here it reaches the same storage by
+    // another name (localhost instead of 127.0.0.1), so that anything it were handed it could
+    // really delete.
+    let w = world("reaper_two_hosts", 200, &[]);
+    let mut c = w.db.client();
+    let wrong_url = w.emu.base.replace("127.0.0.1", "localhost");
+    let addr = free_addr();
+    let wrong = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "run",
+            "--no-probe",
+            "--poll-interval",
+            "1s",
+            "--worker-id",
+            "staging-reaper",
+            "--metrics-addr",
+            &addr,
+        ],
+    )
+    .env("SUPABASE_URL", &wrong_url)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .start();
+    // It claims, is handed nothing, and the database notes the rows it left.
+    wait_for(
+        Duration::from_secs(30),
+        "the staging reaper's first claim",
+        || {
+            c.query_one(
+                "SELECT count(*) FROM orphan_cleanup.reapers WHERE reaper = 'staging-reaper' AND passed_over_at IS NOT NULL",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        },
+    );
+    let (status, detail) = allow_list_health(&mut c);
+    assert_eq!(status, "warning", "{detail}");
+    assert!(
+        detail.contains("200 ready rows are served by no reaper")
+            && detail.contains(&format!(
+                "reaper staging-reaper (buckets renders; hosts localhost:{}",
+                w.emu.base.rsplit(':').next().unwrap()
+            ))
+            && detail.contains(&format!("renders @ {}", w.emu.host)),
+        "{detail}"
+    );
+
+    // The right reaper deletes everything.
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--worker-id", "production-reaper"],
+    )
+    .run();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("deleted 200,") && text.contains("dead-lettered 0,"),
+        "{text}"
+    );
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 200)]);
+    assert_eq!(w.emu.objects(), w.keep);
+
+    // The wrong one deleted nothing, refused nothing, and knows it is misconfigured.
+    wait_for(
+        Duration::from_secs(30),
+        "the staging reaper's metrics",
+        || http_get(&addr, "/metrics").is_ok_and(|(_, m)| m.contains("reaper_misconfigured 1")),
+    );
+    let (_, metrics) = http_get(&addr, "/metrics").unwrap();
+    assert!(!metrics.contains("outcome=\"deleted\""), "{metrics}");
+    assert!(!metrics.contains("outcome=\"refused\""), "{metrics}");
+    signal(&wrong, libc::SIGTERM);
+    let out = wait_with_deadline(wrong, Duration::from_secs(20));
+    let log = output_text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("leaves ready rows it does not serve to other reapers"),
+        "{log}"
+    );
+    let claimed_by_wrong: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE actor = 'staging-reaper'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(claimed_by_wrong, 0, "the staging reaper was handed nothing");
+
+    // health() still names it, and only it; queue_status() too.
+    let (status, detail) = allow_list_health(&mut c);
+    assert_eq!(status, "warning", "{detail}");
+    assert!(detail.contains("reaper staging-reaper ("), "{detail}");
+    assert!(!detail.contains("production-reaper"), "{detail}");
+    assert!(
+        !detail.contains("served by no reaper"),
+        "nothing is waiting now: {detail}"
+    );
+    let named: Option<String> = c
+        .query_one(
+            "SELECT misconfigured_reapers FROM orphan_cleanup.queue_status()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        named
+            .as_deref()
+            .is_some_and(|m| m.contains("staging-reaper") && !m.contains("production-reaper")),
+        "{named:?}"
+    );
+}
+
+#[test]
 fn dry_run_claims_and_deletes_nothing() {
     let w = world("reaper_dry", 5, &[]);
-    let out = reaper(&w.db.name, &w.emu, &["drain", "--dry-run"])
-        .output()
-        .unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--dry-run"]).run();
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches("would delete renders/o/").count(), 5, "{text}");
@@ -730,7 +839,7 @@ fn dry_run_claims_and_deletes_nothing() {
 #[test]
 fn status_reads_at_a_glance() {
     let w = world("reaper_status", 4, &[]);
-    let out = reaper(&w.db.name, &w.emu, &["status"]).output().unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["status"]).run();
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -752,8 +861,7 @@ fn run_serves_metrics_and_health_and_never_logs_the_key() {
     .env("REAPER_LOG", "debug")
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    .start();
     let get = |path: &str| http_get(&addr, path);
     wait_for(Duration::from_secs(30), "all 50 objects deleted", || {
         get("/metrics")
@@ -822,10 +930,7 @@ fn bad_settings_fail_at_start_naming_the_fix() {
             "does not speak TLS to PostgreSQL yet",
         ),
     ] {
-        let out = reaper("postgres", &emu, &args)
-            .env(env, value)
-            .output()
-            .unwrap();
+        let out = reaper("postgres", &emu, &args).env(env, value).run();
         let text = output_text(&out);
         assert_eq!(out.status.code(), Some(2), "{env}={value}: {text}");
         assert!(text.contains(expected), "{env}={value}: {text}");
@@ -834,8 +939,7 @@ fn bad_settings_fail_at_start_naming_the_fix() {
     let out = reaper("postgres", &emu, &["drain"])
         .env("SUPABASE_SERVICE_ROLE_KEY", "")
         .env("SUPABASE_SERVICE_ROLE_KEY_FILE", "/nonexistent/key")
-        .output()
-        .unwrap();
+        .run();
     assert!(
         output_text(&out).contains("SUPABASE_SERVICE_ROLE_KEY_FILE is invalid (/nonexistent/key"),
         "{}",
@@ -847,16 +951,13 @@ fn bad_settings_fail_at_start_naming_the_fix() {
     let out = reaper("postgres", &emu, &["drain", "--dry-run"])
         .env("SUPABASE_SERVICE_ROLE_KEY", "")
         .env("SUPABASE_SERVICE_ROLE_KEY_FILE", &file)
-        .output()
-        .unwrap();
+        .run();
     assert!(
         !output_text(&out).contains("SUPABASE_SERVICE_ROLE_KEY"),
         "{}",
         output_text(&out)
     );
-    let out = reaper("no_such_database", &emu, &["drain", "--no-probe"])
-        .output()
-        .unwrap();
+    let out = reaper("no_such_database", &emu, &["drain", "--no-probe"]).run();
     assert!(!out.status.success());
     assert!(
         output_text(&out).contains("cannot connect to the database"),
@@ -882,8 +983,7 @@ fn hanging_requests_time_out_and_are_retried() {
             "10s",
         ],
     )
-    .output()
-    .unwrap();
+    .run();
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(states(&mut c), vec![("pending".to_string(), 5)]);
     let err: String = c
@@ -907,16 +1007,14 @@ fn the_daemon_survives_a_database_restart() {
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    .start();
     wait_for(Duration::from_secs(30), "the first 20 deletions", || {
         w.emu.objects().len() == w.keep.len()
     });
     let restart = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
         .arg("restart")
         .env("PGOC_PORT", port().to_string())
-        .output()
-        .unwrap();
+        .run();
     assert!(restart.status.success(), "{}", output_text(&restart));
     // New orphans after the restart: the daemon reconnects and deletes them too.
     let mut c = w.db.client();
@@ -975,8 +1073,7 @@ fn a_key_that_deletes_nothing_is_noticed_while_running() {
     assert_eq!(cycle(&mut c).2, 5001);
     let out = reaper(&db.name, &emu, &["drain", "--no-probe"])
         .env("SUPABASE_SERVICE_ROLE_KEY", &no_role_key)
-        .output()
-        .unwrap();
+        .run();
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("already absent 5001"), "{text}");

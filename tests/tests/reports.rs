@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use e2e::postgres::fallible_iterator::FallibleIterator;
+use e2e::process::Hermetic;
 use e2e::*;
 
 fn seeded(name: &str) -> TestDb {
@@ -250,8 +251,7 @@ fn without_shared_preload_libraries_everything_but_the_worker_works() {
             .arg(cmd)
             .env("PGOC_PORT", port)
             .env("PGOC_PRELOAD", "0")
-            .output()
-            .unwrap();
+            .run();
         assert!(
             out.status.success(),
             "cluster.sh {cmd}: {}{}",
@@ -261,6 +261,15 @@ fn without_shared_preload_libraries_everything_but_the_worker_works() {
     };
     cluster("destroy");
     cluster("start");
+    let _stopped = e2e::process::Defer::new({
+        let port = port.to_string();
+        move || {
+            let _ = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
+                .arg("destroy")
+                .env("PGOC_PORT", &port)
+                .run();
+        }
+    });
     let dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
     let mut c = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
     let preload: String = c
@@ -276,7 +285,20 @@ fn without_shared_preload_libraries_everything_but_the_worker_works() {
     ))
     .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The library is not preloaded: load it so SHOW knows the setting, in a new session each
+    // time until the reload has reached them.
+    wait_for(
+        Duration::from_secs(30),
+        "the settings to be reloaded",
+        || {
+            let mut n = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
+            n.batch_execute("LOAD 'pg_orphan_cleanup'").unwrap();
+            n.query_one("SHOW orphan_cleanup.allowed_buckets", &[])
+                .unwrap()
+                .get::<_, String>(0)
+                == "renders"
+        },
+    );
     let mut c = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
     c.query("SELECT * FROM orphan_cleanup.attach()", &[])
         .unwrap();

@@ -3,6 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use e2e::process::Hermetic;
 use e2e::*;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -13,8 +14,7 @@ fn as_postgres(args: &[&str]) {
         .arg("postgres")
         .arg("--")
         .args(args)
-        .output()
-        .unwrap();
+        .run();
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -72,6 +72,26 @@ fn on_a_hot_standby_the_worker_idles_and_health_says_so() {
         "--checkpoint=fast",
         "--no-sync",
     ]);
+    // Stopped however the test ends: a standby left running would replay into the next run.
+    let _stopped = e2e::process::Defer::new({
+        let data = data.clone();
+        move || {
+            let _ = Command::new("runuser")
+                .args([
+                    "-u",
+                    "postgres",
+                    "--",
+                    &format!("{PG_BIN}/pg_ctl"),
+                    "-D",
+                    &data,
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ])
+                .run();
+        }
+    });
     let opts = format!("-p {standby_port} -c unix_socket_directories={dir}");
     as_postgres(&[
         &format!("{PG_BIN}/pg_ctl"),

@@ -34,6 +34,10 @@ fn the_worker_runs_cycles_reloads_settings_pauses_survives_errors_and_restarts()
         ("allowed_hosts", HOST),
         ("interval", "1s"),
     ]);
+    wait_worker(
+        &mut admin,
+        "waiting: run CREATE EXTENSION pg_orphan_cleanup",
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         worker_pid(&mut admin),
@@ -82,7 +86,8 @@ fn the_worker_runs_cycles_reloads_settings_pauses_survives_errors_and_restarts()
         ("interval", "1s"),
         ("enabled", "off"),
     ]);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once the worker says it is paused, it has read the reload: no cycle may start after that.
+    wait_worker(&mut c, "paused: orphan_cleanup.enabled = off");
     let paused_at = worker_cycles(&mut c, "ok");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(

@@ -1,0 +1,796 @@
+-- pg_orphan_cleanup 0.1.0 -> 0.2.0
+--
+-- A reaper is handed only the rows it serves (its buckets and hosts), and gives back what its
+-- own allow-list still refuses instead of dead-lettering it; the reapers are recorded, and
+-- health() and queue_status() name a misconfigured one. Cycles gain a pause point for tests.
+-- Run by ALTER EXTENSION pg_orphan_cleanup UPDATE; the queue and its history are kept.
+-- tests/tests/upgrade.rs checks that the result equals a fresh install of 0.2.0.
+
+\echo Use "ALTER EXTENSION pg_orphan_cleanup UPDATE TO '0.2.0'" to load this file. \quit
+
+-- New tables: the reapers registry and their refusals.
+
+CREATE TABLE orphan_cleanup.reapers (
+    reaper             text PRIMARY KEY,     -- the worker id it claims with
+    buckets            text[],               -- NULL: it did not say (serves every bucket)
+    hosts              text[],               -- NULL: it did not say (an older reaper: every host)
+    first_seen_at      timestamptz NOT NULL DEFAULT now(),
+    last_claim_at      timestamptz NOT NULL DEFAULT now(),
+    claimed            bigint NOT NULL DEFAULT 0,   -- rows handed to it
+    passed_over        bigint NOT NULL DEFAULT 0,   -- ready rows its latest claim left: not its bucket or host
+    passed_over_what   text,                        -- which, e.g. 'renders @ staging.example.com'
+    passed_over_at     timestamptz,                 -- when a claim last left any
+    refused            bigint NOT NULL DEFAULT 0,   -- rows it was handed and gave back: its allow-list refused them
+    last_refusal       text,
+    last_refusal_at    timestamptz
+);
+
+-- Rows a reaper refused with refuse(): claim() never hands them to that reaper again, so a
+-- misconfigured reaper cannot take the same rows over and over, and another reaper gets them.
+CREATE TABLE orphan_cleanup.refusals (
+    queue_id   bigint NOT NULL,
+    refused_by text NOT NULL,
+    reason     text NOT NULL,
+    at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue_id, refused_by)
+);
+CREATE INDEX refusals_at ON orphan_cleanup.refusals (at);
+
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reapers', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refusals', '');
+REVOKE ALL ON orphan_cleanup.reapers, orphan_cleanup.refusals FROM PUBLIC;
+
+-- Pause points (sql/pause.sql) and the cycle's use of one; pruning of the new tables.
+
+CREATE FUNCTION orphan_cleanup._pause_point(point text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF point = ANY (string_to_array(replace(current_setting('orphan_cleanup.pause_points', true), ' ', ''), ',')) THEN
+        PERFORM pg_advisory_xact_lock_shared(7310247, hashtext(point));
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.run_cycle()
+RETURNS TABLE (cycle_id bigint, status text, found bigint, enqueued bigint, protected bigint,
+               rejected bigint, duration_ms numeric)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_id bigint;
+    v_actor text := orphan_cleanup._actor();
+    v_started timestamptz := clock_timestamp();
+    v_ms numeric;
+    r record;
+    v_msg text;
+    v_detail text;
+    v_hint text;
+    brk record;
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(7310246, 1) THEN
+        INSERT INTO orphan_cleanup.cycle_log (status, actor, finished_at, duration_ms, error)
+        VALUES ('skipped', v_actor, clock_timestamp(), 0, 'another cleanup cycle was running')
+        RETURNING id INTO v_id;
+        RAISE NOTICE 'pg_orphan_cleanup: another cleanup cycle is running; cycle % skipped', v_id;
+        RETURN QUERY SELECT v_id, 'skipped'::text, 0::bigint, 0::bigint, 0::bigint, 0::bigint, 0::numeric;
+        RETURN;
+    END IF;
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE NOTICE 'pg_orphan_cleanup: this server is a standby; cleanup cycles run on the primary';
+        RETURN;
+    END IF;
+
+    PERFORM orphan_cleanup._flush_refusals();
+    INSERT INTO orphan_cleanup.cycle_log (status, actor) VALUES ('running', v_actor) RETURNING id INTO v_id;
+    brk := orphan_cleanup._breaker_tripped(v_actor);
+    IF brk.tripped_at IS NOT NULL THEN
+        v_msg := format('the circuit breaker tripped at %s and stops every cycle: %s', brk.tripped_at, brk.detail);
+        UPDATE orphan_cleanup.cycle_log AS l
+           SET status = 'tripped', finished_at = clock_timestamp(), duration_ms = 0, error = v_msg
+         WHERE l.id = v_id;
+        RAISE WARNING 'Cleanup cycle not run (pg_orphan_cleanup cycle %): %', v_id, v_msg
+            USING HINT = 'Look first: SELECT * FROM orphan_cleanup.preview(); SELECT * FROM orphan_cleanup.validation_report(); '
+                         'then SELECT orphan_cleanup.reset_breaker(''why''); or raise orphan_cleanup.breaker_* limits.';
+        RETURN QUERY SELECT v_id, 'tripped'::text, 0::bigint, 0::bigint, 0::bigint, 0::bigint, 0::numeric;
+        RETURN;
+    END IF;
+    RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
+    BEGIN
+        r := orphan_cleanup._cycle_body(v_id, v_actor);
+        PERFORM orphan_cleanup._pause_point('cycle');
+    EXCEPTION WHEN SQLSTATE 'OC002' THEN
+        -- The breaker tripped: everything this cycle did is rolled back (nothing enqueued, the
+        -- cursor and the rechecks as they were), and the trip is recorded.
+        GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+        v_ms := round(extract(epoch FROM clock_timestamp() - v_started) * 1000, 1);
+        PERFORM orphan_cleanup._trip_breaker(v_id, v_actor, v_msg);
+        UPDATE orphan_cleanup.cycle_log AS l
+           SET status = 'tripped', finished_at = clock_timestamp(), duration_ms = v_ms, error = v_msg
+         WHERE l.id = v_id;
+        RAISE WARNING 'Circuit breaker tripped (pg_orphan_cleanup cycle %): %; nothing was enqueued, and cycles stay stopped', v_id, v_msg
+            USING HINT = 'Look first: SELECT * FROM orphan_cleanup.preview(); SELECT * FROM orphan_cleanup.validation_report(); '
+                         'if the orphans are real, SELECT orphan_cleanup.reset_breaker(''why''); otherwise fix the data (a renamed key, a restored table) and reset.';
+        RETURN QUERY SELECT v_id, 'tripped'::text, 0::bigint, 0::bigint, 0::bigint, 0::bigint, v_ms;
+        RETURN;
+    WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+        v_ms := round(extract(epoch FROM clock_timestamp() - v_started) * 1000, 1);
+        UPDATE orphan_cleanup.cycle_log AS l
+           SET status = 'failed', finished_at = clock_timestamp(), duration_ms = v_ms,
+               error = v_msg || coalesce(E'\nDETAIL: ' || nullif(v_detail, ''), '') || coalesce(E'\nHINT: ' || nullif(v_hint, ''), '')
+         WHERE l.id = v_id;
+        RAISE WARNING 'Comprehensive cleanup cycle failed (pg_orphan_cleanup cycle %): %', v_id,
+            v_msg || coalesce(E'\nDETAIL: ' || nullif(v_detail, ''), '') || coalesce(E'\nHINT: ' || nullif(v_hint, ''), '');
+        RETURN QUERY SELECT v_id, 'failed'::text, 0::bigint, 0::bigint, 0::bigint, 0::bigint, v_ms;
+        RETURN;
+    END;
+    v_ms := round(extract(epoch FROM clock_timestamp() - v_started) * 1000, 1);
+    UPDATE orphan_cleanup.cycle_log AS l
+       SET status = CASE WHEN r.dry THEN 'dry_run' ELSE 'ok' END, finished_at = clock_timestamp(),
+           duration_ms = v_ms, full_sweep = r.full_sweep, scanned = r.scanned, rechecked = r.rechecked,
+           found = r.n_found, enqueued = r.n_enqueued, protected = r.n_protected, rejected = r.n_rejected
+     WHERE l.id = v_id;
+    RAISE LOG 'Comprehensive cleanup cycle completed (pg_orphan_cleanup cycle %): found %, %enqueued %, protected %, rejected %, scanned %, % ms%',
+        v_id, r.n_found, CASE WHEN r.dry THEN 'dry run, would have ' ELSE '' END, r.n_enqueued, r.n_protected, r.n_rejected,
+        r.scanned, v_ms, CASE WHEN r.full_sweep THEN ', full sweep' ELSE '' END;
+    RETURN QUERY SELECT v_id, CASE WHEN r.dry THEN 'dry_run' ELSE 'ok' END, r.n_found, r.n_enqueued, r.n_protected, r.n_rejected, v_ms;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._prune(retention interval) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
+AS $$
+BEGIN
+    -- Every cycle calls this, and usually nothing is old enough. Each DELETE runs only when the
+    -- oldest row (min() on the time column's index: one index probe, whatever the statistics)
+    -- says there is something to prune; otherwise, with stale statistics, the planner could read
+    -- the whole history for nothing (100 ms per idle cycle at 550k audit rows).
+    IF (SELECT min(finished_at) FROM orphan_cleanup.deletion_queue WHERE finished_at IS NOT NULL) < now() - retention THEN
+        DELETE FROM orphan_cleanup.deletion_queue
+        WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
+                     WHERE finished_at < now() - retention
+                       AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
+                     ORDER BY finished_at LIMIT 10000);
+    END IF;
+    IF (SELECT min(at) FROM orphan_cleanup.audit_log) < now() - retention THEN
+        DELETE FROM orphan_cleanup.audit_log
+        WHERE id IN (SELECT id FROM orphan_cleanup.audit_log WHERE at < now() - retention ORDER BY at LIMIT 10000);
+    END IF;
+    -- Reapers that have not claimed for that long, and old refusals: small tables.
+    DELETE FROM orphan_cleanup.reapers WHERE last_claim_at < now() - retention;
+    DELETE FROM orphan_cleanup.refusals WHERE at < now() - retention;
+    IF (SELECT min(started_at) FROM orphan_cleanup.cycle_log) < now() - retention THEN
+        DELETE FROM orphan_cleanup.cycle_log
+        WHERE id IN (SELECT id FROM orphan_cleanup.cycle_log WHERE started_at < now() - retention ORDER BY started_at LIMIT 10000);
+    END IF;
+END
+$$;
+
+-- claim() takes the reaper's hosts: the old signature goes, the new one replaces it.
+DROP FUNCTION orphan_cleanup.claim(text, integer, interval, text[]);
+
+CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], bucket text, host text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (buckets IS NULL OR bucket OPERATOR(pg_catalog.=) ANY (buckets))
+   AND (hosts IS NULL OR host IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts));
+
+CREATE FUNCTION orphan_cleanup._note_reaper(p_reaper text, p_max integer, p_buckets text[], p_hosts text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_passed bigint := 0;
+    v_what text;
+BEGIN
+    IF p_buckets IS NOT NULL OR p_hosts IS NOT NULL THEN
+        SELECT count(*), string_agg(DISTINCT format('%s @ %s', s.bucket, s.host), ', ')
+          INTO v_passed, v_what
+        FROM (SELECT d.bucket, d.host FROM orphan_cleanup.deletion_queue AS d
+              WHERE d.state = 'pending' AND d.available_at <= now()
+              ORDER BY d.available_at, d.id
+              LIMIT p_max) AS s
+        WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, s.bucket, s.host);
+    END IF;
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r
+               WHERE r.reaper = p_reaper
+                 AND (r.buckets IS DISTINCT FROM p_buckets OR r.hosts IS DISTINCT FROM p_hosts)) THEN
+        DELETE FROM orphan_cleanup.refusals AS f WHERE f.refused_by = p_reaper;
+    END IF;
+    INSERT INTO orphan_cleanup.reapers AS r (reaper, buckets, hosts, passed_over, passed_over_what, passed_over_at)
+    VALUES (p_reaper, p_buckets, p_hosts, v_passed, v_what, CASE WHEN v_passed > 0 THEN now() END)
+    ON CONFLICT (reaper) DO UPDATE
+       SET buckets = EXCLUDED.buckets, hosts = EXCLUDED.hosts, last_claim_at = now(),
+           passed_over = EXCLUDED.passed_over,
+           passed_over_what = coalesce(EXCLUDED.passed_over_what, r.passed_over_what),
+           passed_over_at = coalesce(EXCLUDED.passed_over_at, r.passed_over_at);
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.claim(
+    worker text,
+    max_rows integer DEFAULT 1000,
+    lease interval DEFAULT '5 minutes',
+    buckets text[] DEFAULT NULL,
+    hosts text[] DEFAULT NULL)
+RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    cfg record;
+    att orphan_cleanup.attachment;
+    v_ids bigint[];
+    v_locked uuid[];
+    v_ok bigint[];
+    v_bad bigint[];
+    v_bad_state text[];
+    v_bad_reason text[];
+    v_wait bigint[];
+    v_wait_until timestamptz[];
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    IF max_rows IS NULL OR max_rows < 1 OR max_rows > 10000 THEN
+        RAISE EXCEPTION 'max_rows must be between 1 and 10000, got %', coalesce(max_rows::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF lease IS NULL OR lease < interval '1 second' OR lease > interval '1 day' THEN
+        RAISE EXCEPTION 'lease must be between 1 second and 1 day, got %', coalesce(lease::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'claim() must run at READ COMMITTED isolation, not %', current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
+    END IF;
+    IF array_position(buckets, NULL) IS NOT NULL OR array_position(hosts, NULL) IS NOT NULL
+       OR EXISTS (SELECT 1 FROM unnest(buckets || hosts) AS x WHERE btrim(x) = '') THEN
+        RAISE EXCEPTION 'buckets and hosts must not contain NULL or empty entries, got buckets % and hosts %', buckets, hosts
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the reaper''s own lists, e.g. ARRAY[''renders''] and ARRAY[''abcd.supabase.co''], or NULL for any.';
+    END IF;
+    hosts := (SELECT array_agg(lower(h)) FROM unnest(hosts) AS h);
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    IF NOT cfg.reaping_enabled THEN
+        RETURN;
+    END IF;
+    att := orphan_cleanup._require_attached('claim()');
+    -- An empty allow-list is a configuration mistake, not a policy: rejecting every row it
+    -- re-checks would empty the queue into 'rejected' until the next full sweep.
+    IF cfg.allowed_buckets = '' THEN
+        RAISE EXCEPTION 'claim() refused: orphan_cleanup.allowed_buckets is empty, so no object may be deleted; the queue is left as it is'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
+    END IF;
+    -- A claim must be durable before the reaper deletes anything: with synchronous_commit off,
+    -- a crash could forget a claim whose files are already gone, and a later save would then
+    -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
+    PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
+    PERFORM orphan_cleanup._expire_leases(worker);
+    PERFORM orphan_cleanup._note_reaper(worker, max_rows, buckets, hosts);
+
+    -- 1. Queue rows this reaper serves, oldest first; rows another transaction holds are
+    --    skipped, never waited on.
+    SELECT array_agg(r.id) INTO v_ids
+    FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+          WHERE d.state = 'pending' AND d.available_at <= now()
+            AND orphan_cleanup._serves(buckets, hosts, d.bucket, d.host)
+            AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
+                            WHERE f.queue_id = d.id AND f.refused_by = worker)
+          ORDER BY d.available_at, d.id
+          LIMIT max_rows
+          FOR UPDATE SKIP LOCKED) AS r;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- 2. Their job rows, and every job row naming the same objects. A row held by a save in
+    --    flight (FOR KEY SHARE) is skipped, and with it the queue row.
+    --    Two index lookups joined by UNION: written as `id IN (...) OR object_key(...) IN (...)`
+    --    the planner could only scan the whole jobs table (2.8 s per claim at 1M jobs).
+    EXECUTE format($sql$
+        SELECT array_agg(l.id)
+        FROM (SELECT d.job_id FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1)
+              UNION
+              SELECT s.id
+              FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS object_key
+                    FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1)) AS k
+              CROSS JOIN LATERAL (SELECT j2.id FROM %1$s AS j2
+                                  WHERE orphan_cleanup.object_key(j2.output_url) = k.object_key
+                                  OFFSET 0) AS s) AS w(id)
+        -- Each lookup an index probe, whatever the statistics say: OFFSET 0 and FOR UPDATE keep
+        -- these subqueries per row, where a join let the planner read the whole jobs table.
+        CROSS JOIN LATERAL (SELECT j.id FROM %1$s AS j WHERE j.id = w.id FOR UPDATE SKIP LOCKED) AS l
+        $sql$, att.jobs_oid::regclass)
+    INTO v_locked USING v_ids;
+    v_locked := coalesce(v_locked, '{}');
+
+    -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
+    --    committed meanwhile are visible here.
+    EXECUTE format($sql$
+        WITH v AS (
+            SELECT d.id,
+                   CASE
+                       WHEN j.id IS NULL THEN 'stale'
+                       WHEN lk.id IS NULL THEN 'busy'
+                       WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'stale'
+                       WHEN j.status::text <> 'completed' THEN 'stale'
+                       WHEN j.%3$I >= $3 THEN 'wait'
+                       WHEN r.referenced IS NOT NULL THEN 'stale'
+                       WHEN u.error IS NOT NULL THEN 'rejected'
+                       WHEN s.unlocked THEN 'busy'
+                       WHEN s.keeper IS NOT NULL THEN 'stale'
+                       ELSE 'ok'
+                   END AS verdict,
+                   CASE
+                       WHEN j.id IS NULL THEN 'the job row no longer exists'
+                       WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'the job''s output_url changed after it was queued'
+                       WHEN j.status::text <> 'completed' THEN format('the job''s status is now %%s', j.status)
+                       WHEN r.referenced IS NOT NULL THEN 'the job is referenced by an asset'
+                       WHEN u.error IS NOT NULL THEN u.error
+                       WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
+                   END AS reason,
+                   j.%3$I + $4 AS wait_until
+            -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
+            FROM unnest($1::bigint[]) AS wanted(id)
+            JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
+            LEFT JOIN %1$s AS j ON j.id = d.job_id
+            LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id
+            -- Once per row, as an index probe (LIMIT keeps the planner from hashing the whole
+            -- assets table instead, 2 s per claim when the queue had no statistics yet): the
+            -- verdict and its reason both need it.
+            LEFT JOIN LATERAL (
+                SELECT true AS referenced
+                FROM %2$s AS a
+                WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text
+                LIMIT 1
+            ) AS r ON true
+            LEFT JOIN LATERAL orphan_cleanup.check_output_url(j.output_url) AS u ON true
+            LEFT JOIN LATERAL (
+                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
+                       (array_agg(j2.id) FILTER (
+                           WHERE NOT (j2.status::text = 'completed' AND j2.%3$I < $3
+                                      AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
+                                                      WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
+                                                      OFFSET 0))))[1] AS keeper
+                FROM %1$s AS j2
+                WHERE orphan_cleanup.object_key(j2.output_url) = d.bucket || '/' || d.object_path
+                  AND j2.id <> d.job_id
+            ) AS s ON true
+        )
+        SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
+               array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
+               array_agg(v.verdict) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
+               array_agg(v.reason) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
+               array_agg(v.id) FILTER (WHERE v.verdict = 'wait'),
+               array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait')
+        FROM v
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column)
+    INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until
+    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s);
+
+    IF v_bad IS NOT NULL THEN
+        WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
+        moved AS (
+            UPDATE orphan_cleanup.deletion_queue AS d
+               SET state = b.state, reason = b.reason, finished_at = now(), updated_at = now()
+              FROM b WHERE d.id = b.id
+            RETURNING d.id, d.job_id, d.output_url, d.state, d.reason)
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT CASE WHEN m.state = 'rejected' THEN 'rejected' ELSE 'cancelled' END,
+               m.job_id, m.id, m.output_url, worker, 'at claim: ' || m.reason
+        FROM moved AS m;
+    END IF;
+    IF v_wait IS NOT NULL THEN
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET available_at = w.until, updated_at = now()
+          FROM unnest(v_wait, v_wait_until) AS w(id, until)
+         WHERE d.id = w.id;
+    END IF;
+    IF v_ok IS NULL THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH claimed AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'claimed', claim_count = d.claim_count + 1, claimed_by = worker,
+               claimed_at = now(), lease_until = now() + lease, updated_at = now()
+         WHERE d.id = ANY (v_ok)
+        RETURNING d.id, d.job_id, d.host, d.bucket, d.object_path, d.attempts, d.output_url
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'claimed', c.job_id, c.id, c.output_url, worker, format('lease %s', lease) FROM claimed AS c
+    ),
+    counted AS (
+        UPDATE orphan_cleanup.reapers AS r SET claimed = r.claimed + (SELECT count(*) FROM claimed)
+         WHERE r.reaper = worker
+    )
+    SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts FROM claimed AS c ORDER BY c.id;
+END
+$$;
+
+-- refuse(), and fail() giving a 0.1.0 reaper's refusals back instead of dead-lettering them.
+
+CREATE FUNCTION orphan_cleanup.refuse(worker text, ids bigint[], reason text)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_back bigint[];
+    v_reason text;
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'reason must say why the reaper refuses the rows' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_reason := left(orphan_cleanup.redact_url(reason), 2000);
+    WITH back AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'pending', lease_until = NULL, available_at = now(), updated_at = now()
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+        RETURNING d.id, d.job_id, d.output_url
+    ),
+    noted AS (
+        INSERT INTO orphan_cleanup.refusals AS f (queue_id, refused_by, reason)
+        SELECT b.id, worker, v_reason FROM back AS b
+        ON CONFLICT (queue_id, refused_by) DO UPDATE SET reason = EXCLUDED.reason, at = now()
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'released', b.job_id, b.id, b.output_url, worker,
+               'refused by the reaper''s own allow-list, given back for another reaper: ' || v_reason
+        FROM back AS b
+    )
+    SELECT array_agg(b.id) INTO v_back FROM back AS b;
+    v_back := coalesce(v_back, '{}');
+    IF cardinality(v_back) > 0 THEN
+        INSERT INTO orphan_cleanup.reapers AS r (reaper, refused, last_refusal, last_refusal_at)
+        VALUES (worker, cardinality(v_back), v_reason, now())
+        ON CONFLICT (reaper) DO UPDATE
+           SET refused = r.refused + EXCLUDED.refused, last_refusal = EXCLUDED.last_refusal,
+               last_refusal_at = now();
+    END IF;
+    RETURN QUERY
+    SELECT i.id,
+           CASE WHEN i.id = ANY (v_back) THEN 'given back'
+                WHEN d.id IS NULL THEN 'not given back: no such queue row'
+                ELSE format('not given back: the row is %s%s', d.state, coalesce(' by ' || d.claimed_by, '')) END
+    FROM unnest(ids) WITH ORDINALITY AS i(id, n)
+    LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
+    ORDER BY i.n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.fail(worker text, ids bigint[], error text, retryable boolean DEFAULT true)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
+    v_backoff_s integer := (SELECT retry_backoff_s FROM orphan_cleanup._config());
+    v_moved bigint[];
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF error IS NULL OR btrim(error) = '' THEN
+        RAISE EXCEPTION 'error must say what went wrong' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A reaper older than 0.2.0 reports rows its own allow-list refuses as a failure that is not
+    -- retryable, which dead-lettered rows another reaper could delete. Such a refusal says
+    -- something about that reaper, not about the row: the rows go back for another reaper.
+    IF NOT coalesce(retryable, true) AND error LIKE 'refused by the reaper: %' THEN
+        RETURN QUERY SELECT * FROM orphan_cleanup.refuse(worker, ids, substr(error, length('refused by the reaper: ') + 1));
+        RETURN;
+    END IF;
+    WITH moved AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET attempts = d.attempts + 1,
+               state = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
+               available_at = now() + orphan_cleanup._backoff(d.attempts + 1, v_backoff_s),
+               last_error = left(orphan_cleanup.redact_url(error), 2000),
+               lease_until = NULL,
+               finished_at = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN now() END,
+               updated_at = now()
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+        RETURNING d.id, d.job_id, d.output_url, d.state, d.attempts, d.last_error
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'failed', m.job_id, m.id, m.output_url, worker,
+               format('%s (attempt %s%s)', m.last_error, m.attempts, CASE WHEN NOT coalesce(retryable, true) THEN ', not retryable' ELSE '' END)
+        FROM moved AS m
+        UNION ALL
+        SELECT 'dead_lettered', m.job_id, m.id, m.output_url, worker,
+               CASE WHEN NOT coalesce(retryable, true) THEN 'not retryable: ' ELSE format('out of attempts (%s): ', m.attempts) END || m.last_error
+        FROM moved AS m WHERE m.state = 'dead'
+    )
+    SELECT array_agg(m.id) INTO v_moved FROM moved AS m;
+    v_moved := coalesce(v_moved, '{}');
+    RETURN QUERY
+    SELECT i.id,
+           CASE WHEN i.id = ANY (v_moved) AND d.state = 'dead' THEN 'dead-lettered'
+                WHEN i.id = ANY (v_moved) THEN format('retry after %s', to_char(d.available_at, 'YYYY-MM-DD HH24:MI:SS TZ'))
+                WHEN d.id IS NULL THEN 'not failed: no such queue row'
+                ELSE format('not failed: the row is %s%s', d.state, coalesce(' by ' || d.claimed_by, '')) END
+    FROM unnest(ids) WITH ORDINALITY AS i(id, n)
+    LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
+    ORDER BY i.n;
+END
+$$;
+
+-- health() and queue_status() report the reapers; queue_status() returns more columns.
+
+CREATE FUNCTION orphan_cleanup._reaper_coverage(
+    OUT active integer, OUT unserved bigint, OUT unserved_what text,
+    OUT refused_last_hour bigint, OUT misconfigured text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    SELECT count(*) INTO active FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '15 minutes';
+    unserved := 0;
+    IF active > 0 THEN
+        SELECT coalesce(sum(g.n), 0), string_agg(format('%s @ %s', g.bucket, coalesce(g.host, '(no host)')), ', ' ORDER BY g.bucket, g.host)
+          INTO unserved, unserved_what
+        FROM (SELECT q.bucket, q.host, count(*) AS n
+              FROM orphan_cleanup.deletion_queue AS q
+              WHERE q.state = 'pending' AND q.available_at <= now()
+              GROUP BY q.bucket, q.host) AS g
+        WHERE NOT EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r
+                          WHERE r.last_claim_at > now() - interval '15 minutes'
+                            AND orphan_cleanup._serves(r.buckets, r.hosts, g.bucket, g.host));
+    END IF;
+    SELECT count(*) INTO refused_last_hour FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour';
+    SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', r.reaper,
+                             coalesce(array_to_string(r.buckets, ','), 'any'), coalesce(array_to_string(r.hosts, ','), 'any'),
+                             concat_ws(' and ',
+                                 CASE WHEN r.passed_over_at > now() - interval '15 minutes'
+                                      THEN format('left ready rows it does not serve (%s) to other reapers', r.passed_over_what) END,
+                                 CASE WHEN r.last_refusal_at > now() - interval '1 hour'
+                                      THEN format('refused %s rows it was handed (%s)', r.refused, r.last_refusal) END)),
+                      '; ' ORDER BY r.reaper)
+      INTO misconfigured
+    FROM orphan_cleanup.reapers AS r
+    WHERE r.passed_over_at > now() - interval '15 minutes' OR r.last_refusal_at > now() - interval '1 hour';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.health()
+RETURNS TABLE (check_name text, status text, detail text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    cfg record;
+    att orphan_cleanup.attachment;
+    drift text;
+    last orphan_cleanup.cycle_log;
+    last_ok timestamptz;
+    v_interval interval;
+    v_preloaded boolean;
+    v_workers integer;
+    n bigint;
+    ix record;
+    cov record;
+BEGIN
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    v_interval := make_interval(secs => cfg.interval_s);
+
+    check_name := 'attached';
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF att.jobs_oid IS NULL THEN
+        status := 'critical'; detail := 'not attached: run SELECT * FROM orphan_cleanup.attach();';
+    ELSE
+        drift := orphan_cleanup._drift(att);
+        IF drift IS NULL THEN
+            status := 'ok'; detail := format('jobs %s, assets %s, age column %s', att.jobs_table, att.assets_table, att.age_column);
+        ELSE
+            status := 'critical'; detail := drift || '; cycles and claims are stopped until attach() runs again';
+        END IF;
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'save guard';
+    IF att.jobs_oid IS NULL THEN
+        status := 'critical'; detail := 'not installed (not attached)';
+    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_save_guard') THEN
+        status := 'critical'; detail := 'trigger orphan_cleanup_save_guard is missing: claims are refused; run attach() again';
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_save_guard' AND tgenabled = 'D') THEN
+        status := 'critical'; detail := format('trigger orphan_cleanup_save_guard is disabled: claims are refused; ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', att.assets_oid::regclass);
+    ELSE
+        status := 'ok'; detail := 'trigger orphan_cleanup_save_guard present and enabled';
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'allowed buckets';
+    IF cfg.allowed_buckets = '' THEN
+        status := 'critical'; detail := 'orphan_cleanup.allowed_buckets is empty: nothing may be deleted and cycles refuse to run';
+    ELSE
+        status := 'ok'; detail := format('buckets %s; prefixes %s; hosts %s', cfg.allowed_buckets,
+                                         coalesce(nullif(cfg.allowed_prefixes, ''), '(whole buckets)'),
+                                         coalesce(nullif(cfg.allowed_hosts, ''), '(none: bare bucket/path values only)'));
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'worker';
+    v_preloaded := 'pg_orphan_cleanup' = ANY (string_to_array(replace(current_setting('shared_preload_libraries'), ' ', ''), ','));
+    SELECT count(*) INTO v_workers FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup';
+    IF NOT v_preloaded THEN
+        status := 'ok'; detail := 'not in shared_preload_libraries: schedule SELECT * FROM orphan_cleanup.run_cycle() yourself (pg_cron, cron)';
+    ELSIF v_workers = 0 THEN
+        status := 'critical'; detail := 'preloaded, but no pg_orphan_cleanup worker is running; see the server log';
+    ELSIF NOT cfg.enabled THEN
+        status := 'warning'; detail := 'orphan_cleanup.enabled = off: cycles are paused';
+    ELSE
+        status := 'ok'; detail := format('running in database %s, every %s', cfg.database, v_interval);
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'last cycle';
+    SELECT * INTO last FROM orphan_cleanup.cycle_log AS l WHERE l.status <> 'skipped' ORDER BY l.id DESC LIMIT 1;
+    SELECT max(l.started_at) INTO last_ok FROM orphan_cleanup.cycle_log AS l WHERE l.status IN ('ok', 'dry_run');
+    IF last.id IS NULL THEN
+        status := 'warning'; detail := 'no cycle has run yet';
+    ELSIF last.status = 'failed' THEN
+        status := 'critical'; detail := format('cycle %s failed at %s: %s', last.id, to_char(last.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), last.error);
+    ELSIF last.status = 'running' AND last.started_at < now() - v_interval THEN
+        status := 'warning'; detail := format('cycle %s has been running since %s', last.id, last.started_at);
+    ELSIF (v_preloaded AND cfg.enabled OR NOT v_preloaded) AND last_ok < now() - 2 * v_interval - interval '1 minute' THEN
+        status := CASE WHEN last_ok < now() - 4 * v_interval THEN 'critical' ELSE 'warning' END;
+        detail := format('overdue: the last successful cycle started at %s, interval is %s', to_char(last_ok, 'YYYY-MM-DD HH24:MI:SS TZ'), v_interval);
+    ELSE
+        status := 'ok';
+        detail := format('cycle %s (%s) at %s: %s found, %s enqueued', last.id, last.status,
+                         to_char(last.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), last.found, last.enqueued);
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'circuit breaker';
+    SELECT st.breaker_tripped_at, st.breaker_detail INTO ix FROM orphan_cleanup.detector_state AS st;
+    IF ix.breaker_tripped_at IS NOT NULL THEN
+        status := 'critical';
+        detail := format('tripped at %s, cycles are stopped: %s. Look with preview() and validation_report(), then SELECT orphan_cleanup.reset_breaker(''why''); or raise the orphan_cleanup.breaker_* limits',
+                         to_char(ix.breaker_tripped_at, 'YYYY-MM-DD HH24:MI:SS TZ'), ix.breaker_detail);
+    ELSIF att.jobs_oid IS NULL OR drift IS NOT NULL THEN
+        status := 'ok'; detail := 'not tripped';
+    ELSE
+        status := 'ok'; detail := 'not tripped; ' || (SELECT b.explanation FROM orphan_cleanup._breaker_limits(att) AS b);
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'reaping';
+    SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
+    IF NOT cfg.reaping_enabled THEN
+        status := 'warning'; detail := 'orphan_cleanup.reaping_enabled = off: claim() hands out nothing';
+    ELSIF n > 0 THEN
+        status := 'warning'; detail := format('%s claimed rows are past their lease (a reaper died?); they are retried as attempts', n);
+    ELSE
+        status := 'ok'; detail := 'claims are handed out';
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'reapers';
+    SELECT * INTO ix FROM orphan_cleanup._reaper_alert();
+    IF ix.alert IS NOT NULL AND ix.alert_at > now() - interval '15 minutes' THEN
+        status := CASE WHEN ix.alert LIKE 'storage refused%' THEN 'critical' ELSE 'warning' END;
+        detail := format('%s at %s: %s', ix.alert_by, to_char(ix.alert_at, 'YYYY-MM-DD HH24:MI:SS TZ'), ix.alert);
+    ELSE
+        status := 'ok'; detail := 'no reaper reported trouble in the last 15 minutes';
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'reaper allow-lists';
+    cov := orphan_cleanup._reaper_coverage();
+    IF cov.misconfigured IS NOT NULL OR cov.unserved > 0 THEN
+        status := 'warning';
+        detail := concat_ws('; ',
+                      CASE WHEN cov.unserved > 0 THEN format('%s ready rows are served by no reaper active in the last 15 minutes (%s)', cov.unserved, cov.unserved_what) END,
+                      cov.misconfigured)
+                  || '. Check each reaper''s SUPABASE_URL, --storage-hosts and --buckets against orphan_cleanup.allowed_hosts and allowed_buckets';
+    ELSIF cov.active = 0 THEN
+        status := 'ok'; detail := 'no reaper has claimed in the last 15 minutes';
+    ELSE
+        status := 'ok'; detail := format('%s reapers active in the last 15 minutes; between them they serve every ready row', cov.active);
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'dead letters';
+    SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'dead';
+    status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
+    detail := CASE WHEN n > 0 THEN format('%s rows are dead-lettered; inspect last_error in deletion_queue, then SELECT orphan_cleanup.requeue_dead();', n)
+                   ELSE 'none' END;
+    RETURN NEXT;
+
+    check_name := 'rejected URLs';
+    SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'rejected';
+    status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
+    detail := CASE WHEN n > 0 THEN format('%s orphans have URLs that are malformed or not allowed; their files are never deleted. See SELECT reason, count(*) FROM orphan_cleanup.deletion_queue WHERE state = ''rejected'' GROUP BY 1;', n)
+                   ELSE 'none' END;
+    RETURN NEXT;
+
+    check_name := 'non-canonical references';
+    n := coalesce(last.protected, 0);
+    status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
+    detail := CASE WHEN n > 0 THEN format('the last cycle protected %s jobs referenced through a differently spelled id (case, spaces, braces) or sharing an object; the guide''s query counts them as orphans. See audit_log action ''protected''.', n)
+                   ELSE 'none in the last cycle' END;
+    RETURN NEXT;
+
+    check_name := 'refused saves';
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO n FROM orphan_cleanup.refused_saves;
+    status := CASE WHEN n > 0 THEN 'warning' ELSE 'ok' END;
+    detail := CASE WHEN n > 0 THEN format('%s saves were refused because the job''s file may already be deleted; consider a larger min_age or grace', n)
+                   ELSE 'none' END;
+    RETURN NEXT;
+
+    IF att.jobs_oid IS NOT NULL AND drift IS NULL THEN
+        FOR ix IN SELECT * FROM orphan_cleanup._index_report(att.jobs_oid, att.assets_oid, att.age_column) LOOP
+            check_name := ix.item; status := ix.status; detail := ix.detail;
+            RETURN NEXT;
+        END LOOP;
+    END IF;
+
+    check_name := 'standby';
+    IF pg_catalog.pg_is_in_recovery() THEN
+        status := 'warning'; detail := 'this server is a standby: cycles and claims run on the primary';
+    ELSE
+        status := 'ok'; detail := 'primary';
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+DROP FUNCTION orphan_cleanup.queue_status();
+
+CREATE FUNCTION orphan_cleanup.queue_status()
+RETURNS TABLE (pending bigint, ready bigint, claimed bigint, dead bigint, rejected bigint,
+               deleted bigint, absent bigint, oldest_pending timestamptz,
+               last_cycle_at timestamptz, last_cycle_status text, last_cycle_error text,
+               health text, reaping_enabled boolean, attached boolean,
+               reaper_alert text, reaper_alert_at timestamptz,
+               reapers integer, unserved bigint, refused_by_reapers bigint, misconfigured_reapers text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT c.pending, c.ready, c.claimed, c.dead, c.rejected, c.deleted, c.absent, c.oldest_pending,
+           l.started_at, l.status, l.error,
+           (SELECT CASE WHEN bool_or(h.status = 'critical') THEN 'critical'
+                        WHEN bool_or(h.status = 'warning') THEN 'warning' ELSE 'ok' END
+            FROM orphan_cleanup.health() AS h),
+           (SELECT g.reaping_enabled FROM orphan_cleanup._config() AS g),
+           EXISTS (SELECT 1 FROM orphan_cleanup.attachment),
+           r.alert, r.alert_at,
+           v.active, v.unserved, v.refused_last_hour, v.misconfigured
+    FROM (SELECT count(*) FILTER (WHERE q.state = 'pending') AS pending,
+                 count(*) FILTER (WHERE q.state = 'pending' AND q.available_at <= now()) AS ready,
+                 count(*) FILTER (WHERE q.state = 'claimed') AS claimed,
+                 count(*) FILTER (WHERE q.state = 'dead') AS dead,
+                 count(*) FILTER (WHERE q.state = 'rejected') AS rejected,
+                 count(*) FILTER (WHERE q.state = 'deleted') AS deleted,
+                 count(*) FILTER (WHERE q.state = 'absent') AS absent,
+                 min(q.enqueued_at) FILTER (WHERE q.state = 'pending') AS oldest_pending
+          FROM orphan_cleanup.deletion_queue AS q) AS c
+    LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true
+    CROSS JOIN orphan_cleanup._reaper_alert() AS r
+    CROSS JOIN orphan_cleanup._reaper_coverage() AS v;
+END
+$$;
+
+-- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
+REVOKE ALL ON FUNCTION
+    orphan_cleanup._pause_point(text),
+    orphan_cleanup._serves(text[], text[], text, text),
+    orphan_cleanup._note_reaper(text, integer, text[], text[]),
+    orphan_cleanup.claim(text, integer, interval, text[], text[]),
+    orphan_cleanup.refuse(text, bigint[], text),
+    orphan_cleanup._reaper_coverage(),
+    orphan_cleanup.queue_status()
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    orphan_cleanup.claim(text, integer, interval, text[], text[]),
+    orphan_cleanup.refuse(text, bigint[], text),
+    orphan_cleanup.queue_status()
+TO orphan_cleanup_reaper;

@@ -1,0 +1,202 @@
+//! Upgrades: a DBA who installed a released version runs `ALTER EXTENSION pg_orphan_cleanup
+//! UPDATE` and must end up with exactly what a fresh install of the new version gives, with
+//! their queue and history intact. The released versions' install scripts are kept, as they
+//! shipped, in `pg_orphan_cleanup/released/`.
+
+use std::collections::BTreeSet;
+
+use e2e::process::Hermetic;
+use e2e::*;
+
+/// Everything of the extension a DBA or the reaper can tell apart, one row per object: function
+/// signatures, results, bodies, flags, settings and grants; tables, columns, defaults,
+/// constraints, indexes, sequences; the extension's members and dumped tables; triggers on the
+/// app's tables that call the extension's functions.
+const CATALOG: &str = r#"
+WITH ns AS (SELECT 'orphan_cleanup'::regnamespace AS oid),
+     ext AS (SELECT oid, extconfig, extcondition FROM pg_extension WHERE extname = 'pg_orphan_cleanup')
+SELECT 'function', p.oid::regprocedure::text,
+       concat_ws(' | ', pg_get_function_arguments(p.oid), pg_get_function_result(p.oid), p.prokind, p.prosecdef,
+                 p.provolatile, p.proparallel, p.proisstrict, p.prorows, p.proconfig::text, p.proacl::text,
+                 md5(p.prosrc), md5(coalesce(pg_get_function_sqlbody(p.oid), '')))
+FROM pg_proc AS p, ns WHERE p.pronamespace = ns.oid
+UNION ALL
+SELECT 'relation', c.relname, concat_ws(' | ', c.relkind, c.relpersistence, c.relacl::text)
+FROM pg_class AS c, ns WHERE c.relnamespace = ns.oid
+UNION ALL
+SELECT 'column', x.relname || '.' || x.attname, x.def
+FROM (SELECT c.relname, a.attname,
+             concat_ws(' | ', row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum), format_type(a.atttypid, a.atttypmod),
+                       a.attnotnull, pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated, a.attacl::text) AS def
+      FROM pg_class AS c
+      JOIN ns ON c.relnamespace = ns.oid
+      JOIN pg_attribute AS a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+      LEFT JOIN pg_attrdef AS d ON d.adrelid = c.oid AND d.adnum = a.attnum) AS x
+UNION ALL
+SELECT 'constraint', co.conrelid::regclass::text || ' ' || co.conname, pg_get_constraintdef(co.oid)
+FROM pg_constraint AS co, ns WHERE co.connamespace = ns.oid
+UNION ALL
+SELECT 'index', i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid, ns WHERE c.relnamespace = ns.oid
+UNION ALL
+SELECT 'sequence', s.seqrelid::regclass::text, concat_ws(' | ', format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmax, s.seqmin, s.seqcache, s.seqcycle)
+FROM pg_sequence AS s JOIN pg_class AS c ON c.oid = s.seqrelid, ns WHERE c.relnamespace = ns.oid
+UNION ALL
+SELECT 'member', pg_describe_object(d.classid, d.objid, d.objsubid), ''
+FROM pg_depend AS d, ext WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = ext.oid AND d.deptype = 'e'
+UNION ALL
+SELECT 'dumped', t.rel::regclass::text, coalesce(t.cond, '')
+FROM ext, unnest(ext.extconfig, ext.extcondition) AS t(rel, cond)
+UNION ALL
+SELECT 'schema', n.nspname, n.nspacl::text FROM pg_namespace AS n, ns WHERE n.oid = ns.oid
+UNION ALL
+SELECT 'trigger', t.tgrelid::regclass::text || ' ' || t.tgname, pg_get_triggerdef(t.oid)
+FROM pg_trigger AS t JOIN pg_proc AS p ON p.oid = t.tgfoid, ns WHERE p.pronamespace = ns.oid
+"#;
+
+fn catalog(c: &mut postgres::Client) -> BTreeSet<(String, String, String)> {
+    c.query(CATALOG, &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn states(c: &mut postgres::Client) -> Vec<(String, i64)> {
+    c.query(
+        "SELECT state, count(*) FROM orphan_cleanup.deletion_queue GROUP BY 1 ORDER BY 1",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+#[test]
+fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
+    settings(BASE_SETTINGS);
+    let fresh = TestDb::attached("upgrade_fresh");
+    let old = TestDb::create_at("upgrade_from_0_1_0", Some("0.1.0"));
+    old.attach();
+    let mut c = old.client();
+    let version = |c: &mut postgres::Client| -> String {
+        c.query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_orphan_cleanup'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(version(&mut c), "0.1.0");
+
+    // A queue as 0.1.0 leaves it: three orphans queued, one claimed by a running reaper.
+    for i in 0..3 {
+        job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("u/{i}.png"))),
+            "2 hours",
+            "orphan",
+        );
+    }
+    assert_eq!(cycle(&mut c).2, 3);
+    let buckets = vec!["renders".to_string()];
+    let held: i64 = c
+        .query_one(
+            "SELECT id FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4)",
+            &[&"reaper-0.1", &1i32, &"300 seconds", &buckets],
+        )
+        .unwrap()
+        .get(0);
+    let audit_before: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[])
+        .unwrap()
+        .get(0);
+
+    c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
+        .unwrap();
+    let mut f = fresh.client();
+    assert_eq!(version(&mut c), version(&mut f));
+    assert_ne!(version(&mut c), "0.1.0");
+
+    let (upgraded, installed) = (catalog(&mut c), catalog(&mut f));
+    let missing: Vec<_> = installed.difference(&upgraded).collect();
+    let extra: Vec<_> = upgraded.difference(&installed).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "the upgrade differs from a fresh install\nonly in a fresh install: {missing:#?}\nonly after the upgrade: {extra:#?}"
+    );
+
+    // The queue and its history came through, and the new API works on them.
+    assert_eq!(
+        states(&mut c),
+        vec![("claimed".to_string(), 1), ("pending".to_string(), 2)]
+    );
+    let audit_after: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(audit_after, audit_before);
+    let confirmed: String = c
+        .query_one(
+            "SELECT result FROM orphan_cleanup.confirm('reaper-0.1', ARRAY[$1::bigint], 'deleted')",
+            &[&held],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        confirmed, "confirmed",
+        "a claim made before the upgrade is confirmed after it"
+    );
+    let hosts = vec![HOST.to_string()];
+    let claimed = c
+        .query(
+            "SELECT id FROM orphan_cleanup.claim('reaper-0.2', 10, '5 minutes', $1, $2)",
+            &[&buckets, &hosts],
+        )
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let (status, _, _, _, _) = cycle(&mut c);
+    assert_eq!(status, "ok");
+}
+
+#[test]
+fn a_reaper_refuses_a_database_whose_extension_is_missing_or_too_old() {
+    let emu = e2e::storage::Emulator::start();
+    settings(BASE_SETTINGS);
+    e2e::storage::reaper_role();
+    let old = TestDb::create_at("upgrade_old_for_reaper", Some("0.1.0"));
+    old.client()
+        .batch_execute("GRANT CONNECT ON DATABASE upgrade_old_for_reaper TO orphan_cleanup_reaper")
+        .unwrap();
+    let out = e2e::storage::reaper(&old.name, &emu, &["drain", "--no-probe"]).run();
+    let text = e2e::storage::output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("pg_orphan_cleanup 0.1.0 is installed, and this reaper needs 0.2.0 or later; run ALTER EXTENSION pg_orphan_cleanup UPDATE"),
+        "{text}"
+    );
+    // Once updated, the same reaper works.
+    old.client()
+        .batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
+        .unwrap();
+    old.attach();
+    let out = e2e::storage::reaper(&old.name, &emu, &["drain", "--no-probe"]).run();
+    assert!(out.status.success(), "{}", e2e::storage::output_text(&out));
+
+    let mut admin = connect("postgres");
+    for sql in [
+        "DROP DATABASE IF EXISTS upgrade_no_extension WITH (FORCE)",
+        "CREATE DATABASE upgrade_no_extension",
+    ] {
+        admin.batch_execute(sql).unwrap();
+    }
+    let out = e2e::storage::reaper("upgrade_no_extension", &emu, &["drain", "--no-probe"]).run();
+    let text = e2e::storage::output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("pg_orphan_cleanup is not installed in this database; run CREATE EXTENSION pg_orphan_cleanup there"),
+        "{text}"
+    );
+}
