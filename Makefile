@@ -1,11 +1,14 @@
 # pg_orphan_cleanup: the commands a new user needs. Each one installs what is missing.
-.PHONY: demo test chaos bench setup install cluster-start cluster-stop cluster-destroy fmt lint
+.PHONY: demo test repeat chaos bench setup install cluster-start cluster-stop cluster-destroy fmt lint
 
 demo:            ## the whole story, end to end, on a throwaway cluster
 	scripts/demo.sh
 
 test:            ## everything CI runs: unit, property, #[pg_test] and end-to-end tests
 	scripts/test.sh
+
+repeat:          ## the repeat gate: make test N times (N=5) in a clean clone with one core kept busy
+	scripts/repeat.sh $(N)
 
 chaos:           ## the chaos suite at full scale; rewrites RELIABILITY.md (make test runs it at CI scale)
 	scripts/chaos.sh

@@ -10,6 +10,11 @@ RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
 ctest() { cargo test "$@" 2>&1 | tee -a "$RESULTS"; return "${PIPESTATUS[0]}"; }
 
+# The e2e tests' cluster; +1 and +2 are clusters some tests start for themselves.
+export PGOC_PORT="${PGOC_TEST_PORT:-25433}"
+# Nothing from an earlier run may act on this run's cluster (issue 10): refuse, naming the pid.
+scripts/leftovers.sh "$PGOC_PORT"
+
 scripts/setup.sh
 
 echo "==> unit and property tests (URL parser, reaper, storage emulator)"
@@ -25,7 +30,6 @@ CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$PGRX_TEST_DIR/data" \
 echo "==> end-to-end tests (tests/) against a fresh cluster, the storage emulator and real reaper processes"
 cargo build -p reaper -p storage-emulator
 scripts/install.sh
-export PGOC_PORT="${PGOC_TEST_PORT:-25433}"
 scripts/cluster.sh destroy >/dev/null
 cleanup() {
   scripts/cluster.sh stop >/dev/null || true
