@@ -604,7 +604,8 @@ BEGIN
         WHERE id IN (SELECT id FROM orphan_cleanup.audit_log WHERE at < now() - retention ORDER BY at LIMIT 10000);
     END IF;
     -- Reapers that have not claimed for that long, and old refusals: small tables.
-    DELETE FROM orphan_cleanup.reapers WHERE last_claim_at < now() - retention;
+    DELETE FROM orphan_cleanup.reapers AS r
+     WHERE r.last_claim_at < now() - retention AND orphan_cleanup._lock_reaper_row(r.reaper);
     DELETE FROM orphan_cleanup.refusals WHERE at < now() - retention;
     IF (SELECT min(started_at) FROM orphan_cleanup.cycle_log) < now() - retention THEN
         DELETE FROM orphan_cleanup.cycle_log

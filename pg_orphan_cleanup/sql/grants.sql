@@ -14,7 +14,7 @@ GRANT EXECUTE ON FUNCTION orphan_cleanup.job_ref_key(text) TO PUBLIC;
 
 GRANT USAGE ON SCHEMA orphan_cleanup TO orphan_cleanup_reaper;
 GRANT EXECUTE ON FUNCTION
-    orphan_cleanup.claim(text, integer, interval, text[], text[]),
+    orphan_cleanup.claim(text, integer, interval, text[], text[], text),
     orphan_cleanup.confirm(text, bigint[], text),
     orphan_cleanup.fail(text, bigint[], text, boolean),
     orphan_cleanup.release(text, bigint[], text),

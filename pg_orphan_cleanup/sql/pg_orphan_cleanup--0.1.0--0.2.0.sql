@@ -14,15 +14,13 @@ CREATE TABLE orphan_cleanup.reapers (
     reaper             text PRIMARY KEY,     -- the worker id it claims with
     buckets            text[],               -- NULL: it did not say (serves every bucket)
     hosts              text[],               -- NULL: it did not say (an older reaper: every host)
+    home               text,                 -- its SUPABASE_URL's host; NULL: it did not say
     first_seen_at      timestamptz NOT NULL DEFAULT now(),
     last_claim_at      timestamptz NOT NULL DEFAULT now(),
-    claimed            bigint NOT NULL DEFAULT 0,   -- rows handed to it
-    passed_over        bigint NOT NULL DEFAULT 0,   -- ready rows its latest claim left: not its bucket or host
+    claimed            bigint NOT NULL DEFAULT 0,   -- rows handed to it (bookkeeping a busy row skips)
+    passed_over        bigint NOT NULL DEFAULT 0,   -- ready rows its latest short claim left: not its bucket or host
     passed_over_what   text,                        -- which, e.g. 'renders @ staging.example.com'
-    passed_over_at     timestamptz,                 -- when a claim last left any
-    refused            bigint NOT NULL DEFAULT 0,   -- rows it was handed and gave back: its allow-list refused them
-    last_refusal       text,
-    last_refusal_at    timestamptz
+    passed_over_at     timestamptz                  -- when a claim last left any
 );
 
 -- Rows a reaper refused with refuse(): claim() never hands them to that reaper again, so a
@@ -158,7 +156,8 @@ BEGIN
         WHERE id IN (SELECT id FROM orphan_cleanup.audit_log WHERE at < now() - retention ORDER BY at LIMIT 10000);
     END IF;
     -- Reapers that have not claimed for that long, and old refusals: small tables.
-    DELETE FROM orphan_cleanup.reapers WHERE last_claim_at < now() - retention;
+    DELETE FROM orphan_cleanup.reapers AS r
+     WHERE r.last_claim_at < now() - retention AND orphan_cleanup._lock_reaper_row(r.reaper);
     DELETE FROM orphan_cleanup.refusals WHERE at < now() - retention;
     IF (SELECT min(started_at) FROM orphan_cleanup.cycle_log) < now() - retention THEN
         DELETE FROM orphan_cleanup.cycle_log
@@ -170,39 +169,73 @@ $$;
 -- claim() takes the reaper's hosts: the old signature goes, the new one replaces it.
 DROP FUNCTION orphan_cleanup.claim(text, integer, interval, text[]);
 
-CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], bucket text, host text) RETURNS boolean
+-- The allow-list's hosts and a reaper's hosts, spelled as the URL parser spells them (Rust).
+CREATE FUNCTION orphan_cleanup."_allowed_hosts"() RETURNS TEXT[]
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_allowed_hosts_wrapper';
+CREATE FUNCTION orphan_cleanup."_normalize_hosts"("hosts" TEXT[]) RETURNS TEXT[]
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_normalize_hosts_wrapper';
+
+CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], bare_ok boolean, bucket text, host text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN (buckets IS NULL OR bucket OPERATOR(pg_catalog.=) ANY (buckets))
-   AND (hosts IS NULL OR host IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts));
+   AND CASE WHEN host IS NULL THEN bare_ok
+            ELSE hosts IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts) END;
 
-CREATE FUNCTION orphan_cleanup._note_reaper(p_reaper text, p_max integer, p_buckets text[], p_hosts text[]) RETURNS void
+CREATE FUNCTION orphan_cleanup._bare_ok(hosts text[], home text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN hosts IS NULL
+    OR (SELECT c.allowed_hosts = '' FROM orphan_cleanup._config() AS c)
+    OR home = ANY (orphan_cleanup._allowed_hosts());
+
+CREATE FUNCTION orphan_cleanup._lock_reaper_row(p_reaper text) RETURNS boolean
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+RETURN pg_try_advisory_xact_lock(7310248, hashtext(p_reaper));
+
+CREATE FUNCTION orphan_cleanup._note_reaper(p_reaper text, p_buckets text[], p_hosts text[], p_home text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
-DECLARE
-    v_passed bigint := 0;
-    v_what text;
 BEGIN
-    IF p_buckets IS NOT NULL OR p_hosts IS NOT NULL THEN
-        SELECT count(*), string_agg(DISTINCT format('%s @ %s', s.bucket, s.host), ', ')
-          INTO v_passed, v_what
-        FROM (SELECT d.bucket, d.host FROM orphan_cleanup.deletion_queue AS d
-              WHERE d.state = 'pending' AND d.available_at <= now()
-              ORDER BY d.available_at, d.id
-              LIMIT p_max) AS s
-        WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, s.bucket, s.host);
+    IF NOT orphan_cleanup._lock_reaper_row(p_reaper) THEN
+        RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r
                WHERE r.reaper = p_reaper
-                 AND (r.buckets IS DISTINCT FROM p_buckets OR r.hosts IS DISTINCT FROM p_hosts)) THEN
+                 AND (r.buckets IS DISTINCT FROM p_buckets OR r.hosts IS DISTINCT FROM p_hosts OR r.home IS DISTINCT FROM p_home)) THEN
         DELETE FROM orphan_cleanup.refusals AS f WHERE f.refused_by = p_reaper;
     END IF;
-    INSERT INTO orphan_cleanup.reapers AS r (reaper, buckets, hosts, passed_over, passed_over_what, passed_over_at)
-    VALUES (p_reaper, p_buckets, p_hosts, v_passed, v_what, CASE WHEN v_passed > 0 THEN now() END)
+    INSERT INTO orphan_cleanup.reapers AS r (reaper, buckets, hosts, home)
+    VALUES (p_reaper, p_buckets, p_hosts, p_home)
     ON CONFLICT (reaper) DO UPDATE
-       SET buckets = EXCLUDED.buckets, hosts = EXCLUDED.hosts, last_claim_at = now(),
-           passed_over = EXCLUDED.passed_over,
-           passed_over_what = coalesce(EXCLUDED.passed_over_what, r.passed_over_what),
-           passed_over_at = coalesce(EXCLUDED.passed_over_at, r.passed_over_at);
+       SET buckets = EXCLUDED.buckets, hosts = EXCLUDED.hosts, home = EXCLUDED.home, last_claim_at = now();
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._note_passed_over(p_reaper text, p_max integer, p_buckets text[], p_hosts text[], p_bare_ok boolean) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_passed bigint;
+    v_what text;
+BEGIN
+    IF NOT orphan_cleanup._lock_reaper_row(p_reaper) THEN
+        RETURN;
+    END IF;
+    SELECT count(*), string_agg(DISTINCT format('%s @ %s', s.bucket, coalesce(s.host, '(no host: a bare bucket/key value)')), ', ')
+      INTO v_passed, v_what
+    FROM (SELECT d.bucket, d.host FROM orphan_cleanup.deletion_queue AS d
+          WHERE d.state = 'pending' AND d.available_at <= now()
+          ORDER BY d.available_at, d.id
+          LIMIT p_max) AS s
+    WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, p_bare_ok, s.bucket, s.host);
+    UPDATE orphan_cleanup.reapers AS r
+       SET passed_over = v_passed,
+           passed_over_what = CASE WHEN v_passed > 0 THEN v_what ELSE r.passed_over_what END,
+           passed_over_at = CASE WHEN v_passed > 0 THEN now() ELSE r.passed_over_at END
+     WHERE r.reaper = p_reaper;
 END
 $$;
 
@@ -211,7 +244,8 @@ CREATE FUNCTION orphan_cleanup.claim(
     max_rows integer DEFAULT 1000,
     lease interval DEFAULT '5 minutes',
     buckets text[] DEFAULT NULL,
-    hosts text[] DEFAULT NULL)
+    hosts text[] DEFAULT NULL,
+    home_host text DEFAULT NULL)
 RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -226,6 +260,8 @@ DECLARE
     v_bad_reason text[];
     v_wait bigint[];
     v_wait_until timestamptz[];
+    v_bare_ok boolean;
+    v_n bigint;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
     IF max_rows IS NULL OR max_rows < 1 OR max_rows > 10000 THEN
@@ -241,13 +277,16 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
     END IF;
-    IF array_position(buckets, NULL) IS NOT NULL OR array_position(hosts, NULL) IS NOT NULL
-       OR EXISTS (SELECT 1 FROM unnest(buckets || hosts) AS x WHERE btrim(x) = '') THEN
-        RAISE EXCEPTION 'buckets and hosts must not contain NULL or empty entries, got buckets % and hosts %', buckets, hosts
+    IF array_position(buckets, NULL) IS NOT NULL OR EXISTS (SELECT 1 FROM unnest(buckets) AS x WHERE btrim(x) = '') THEN
+        RAISE EXCEPTION 'buckets must not contain NULL or empty entries, got %', buckets
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass the reaper''s own lists, e.g. ARRAY[''renders''] and ARRAY[''abcd.supabase.co''], or NULL for any.';
+                  HINT = 'Pass the reaper''s own list, e.g. ARRAY[''renders''], or NULL for any.';
     END IF;
-    hosts := (SELECT array_agg(lower(h)) FROM unnest(hosts) AS h);
+    -- Spelled as the parser spells a URL's host; anything else is refused, naming it.
+    hosts := orphan_cleanup._normalize_hosts(hosts);
+    IF home_host IS NOT NULL THEN
+        home_host := (orphan_cleanup._normalize_hosts(ARRAY[home_host]))[1];
+    END IF;
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reaping_enabled THEN
         RETURN;
@@ -265,19 +304,23 @@ BEGIN
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
     PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
     PERFORM orphan_cleanup._expire_leases(worker);
-    PERFORM orphan_cleanup._note_reaper(worker, max_rows, buckets, hosts);
+    v_bare_ok := orphan_cleanup._bare_ok(hosts, home_host);
+    PERFORM orphan_cleanup._note_reaper(worker, buckets, hosts, home_host);
 
     -- 1. Queue rows this reaper serves, oldest first; rows another transaction holds are
     --    skipped, never waited on.
     SELECT array_agg(r.id) INTO v_ids
     FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
-            AND orphan_cleanup._serves(buckets, hosts, d.bucket, d.host)
+            AND orphan_cleanup._serves(buckets, hosts, v_bare_ok, d.bucket, d.host)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                             WHERE f.queue_id = d.id AND f.refused_by = worker)
           ORDER BY d.available_at, d.id
           LIMIT max_rows
           FOR UPDATE SKIP LOCKED) AS r;
+    IF coalesce(cardinality(v_ids), 0) < max_rows AND (buckets IS NOT NULL OR hosts IS NOT NULL) THEN
+        PERFORM orphan_cleanup._note_passed_over(worker, max_rows, buckets, hosts, v_bare_ok);
+    END IF;
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
@@ -400,12 +443,12 @@ BEGIN
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT 'claimed', c.job_id, c.id, c.output_url, worker, format('lease %s', lease) FROM claimed AS c
-    ),
-    counted AS (
-        UPDATE orphan_cleanup.reapers AS r SET claimed = r.claimed + (SELECT count(*) FROM claimed)
-         WHERE r.reaper = worker
     )
     SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts FROM claimed AS c ORDER BY c.id;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF orphan_cleanup._lock_reaper_row(worker) THEN
+        UPDATE orphan_cleanup.reapers AS r SET claimed = r.claimed + v_n WHERE r.reaper = worker;
+    END IF;
 END
 $$;
 
@@ -446,13 +489,6 @@ BEGIN
     )
     SELECT array_agg(b.id) INTO v_back FROM back AS b;
     v_back := coalesce(v_back, '{}');
-    IF cardinality(v_back) > 0 THEN
-        INSERT INTO orphan_cleanup.reapers AS r (reaper, refused, last_refusal, last_refusal_at)
-        VALUES (worker, cardinality(v_back), v_reason, now())
-        ON CONFLICT (reaper) DO UPDATE
-           SET refused = r.refused + EXCLUDED.refused, last_refusal = EXCLUDED.last_refusal,
-               last_refusal_at = now();
-    END IF;
     RETURN QUERY
     SELECT i.id,
            CASE WHEN i.id = ANY (v_back) THEN 'given back'
@@ -484,7 +520,7 @@ BEGIN
     -- retryable, which dead-lettered rows another reaper could delete. Such a refusal says
     -- something about that reaper, not about the row: the rows go back for another reaper.
     IF NOT coalesce(retryable, true) AND error LIKE 'refused by the reaper: %' THEN
-        RETURN QUERY SELECT * FROM orphan_cleanup.refuse(worker, ids, substr(error, length('refused by the reaper: ') + 1));
+        RETURN QUERY SELECT * FROM orphan_cleanup.refuse(worker, ids, coalesce(nullif(btrim(substr(error, length('refused by the reaper: ') + 1)), ''), error));
         RETURN;
     END IF;
     WITH moved AS (
@@ -530,32 +566,70 @@ CREATE FUNCTION orphan_cleanup._reaper_coverage(
     OUT refused_last_hour bigint, OUT misconfigured text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
+DECLARE
+    v_any_host boolean := (SELECT c.allowed_hosts = '' FROM orphan_cleanup._config() AS c);
+    v_homes text;
+    v_active orphan_cleanup.reapers[];
+    by_refusals record;
 BEGIN
-    SELECT count(*) INTO active FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '15 minutes';
+    SELECT coalesce(array_agg(r), '{}') INTO v_active
+    FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '15 minutes';
+    active := cardinality(v_active);
     unserved := 0;
     IF active > 0 THEN
+        -- By the lists: one pass over the ready rows, grouped by bucket and host.
         SELECT coalesce(sum(g.n), 0), string_agg(format('%s @ %s', g.bucket, coalesce(g.host, '(no host)')), ', ' ORDER BY g.bucket, g.host)
           INTO unserved, unserved_what
         FROM (SELECT q.bucket, q.host, count(*) AS n
               FROM orphan_cleanup.deletion_queue AS q
               WHERE q.state = 'pending' AND q.available_at <= now()
               GROUP BY q.bucket, q.host) AS g
-        WHERE NOT EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r
-                          WHERE r.last_claim_at > now() - interval '15 minutes'
-                            AND orphan_cleanup._serves(r.buckets, r.hosts, g.bucket, g.host));
+        WHERE NOT EXISTS (SELECT 1 FROM unnest(v_active) AS a
+                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), g.bucket, g.host));
+        -- By refusals: rows some active reaper serves, but every one that does refused.
+        SELECT count(DISTINCT q.id) AS n, string_agg(DISTINCT format('%s @ %s', q.bucket, coalesce(q.host, '(no host)')), ', ') AS what
+          INTO by_refusals
+        FROM orphan_cleanup.refusals AS f
+        JOIN orphan_cleanup.deletion_queue AS q ON q.id = f.queue_id
+        WHERE q.state = 'pending' AND q.available_at <= now()
+          AND EXISTS (SELECT 1 FROM unnest(v_active) AS a
+                      WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), q.bucket, q.host))
+          AND NOT EXISTS (SELECT 1 FROM unnest(v_active) AS a
+                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), q.bucket, q.host)
+                            AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f2
+                                            WHERE f2.queue_id = q.id AND f2.refused_by = a.reaper));
+        IF by_refusals.n > 0 THEN
+            unserved := unserved + by_refusals.n;
+            unserved_what := concat_ws(', ', unserved_what, by_refusals.what || ' (refused by every reaper that serves it)');
+        END IF;
+        IF v_any_host THEN
+            SELECT string_agg(format('%s at %s', a.reaper, a.home), ', ' ORDER BY a.reaper) INTO v_homes
+            FROM unnest(v_active) AS a
+            WHERE a.home IS NOT NULL
+            HAVING count(DISTINCT a.home) > 1;
+        END IF;
     END IF;
     SELECT count(*) INTO refused_last_hour FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour';
-    SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', r.reaper,
+    SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', x.reaper,
                              coalesce(array_to_string(r.buckets, ','), 'any'), coalesce(array_to_string(r.hosts, ','), 'any'),
                              concat_ws(' and ',
                                  CASE WHEN r.passed_over_at > now() - interval '15 minutes'
                                       THEN format('left ready rows it does not serve (%s) to other reapers', r.passed_over_what) END,
-                                 CASE WHEN r.last_refusal_at > now() - interval '1 hour'
-                                      THEN format('refused %s rows it was handed (%s)', r.refused, r.last_refusal) END)),
-                      '; ' ORDER BY r.reaper)
+                                 CASE WHEN f.n IS NOT NULL
+                                      THEN format('refused %s rows it was handed (%s)', f.n, f.reason) END)),
+                      '; ' ORDER BY x.reaper)
       INTO misconfigured
-    FROM orphan_cleanup.reapers AS r
-    WHERE r.passed_over_at > now() - interval '15 minutes' OR r.last_refusal_at > now() - interval '1 hour';
+    FROM (SELECT r.reaper FROM orphan_cleanup.reapers AS r WHERE r.passed_over_at > now() - interval '15 minutes'
+          UNION
+          SELECT f.refused_by FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour') AS x
+    LEFT JOIN orphan_cleanup.reapers AS r ON r.reaper = x.reaper
+    LEFT JOIN (SELECT f.refused_by, count(*) AS n, (array_agg(f.reason ORDER BY f.at DESC))[1] AS reason
+               FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour'
+               GROUP BY f.refused_by) AS f ON f.refused_by = x.reaper;
+    IF v_homes IS NOT NULL THEN
+        misconfigured := concat_ws('; ', misconfigured,
+            format('reapers of different projects claim from this queue (%s), and with orphan_cleanup.allowed_hosts empty the database cannot tell which one serves its bare bucket/key rows: set allowed_hosts to this project''s host', v_homes));
+    END IF;
 END
 $$;
 
@@ -732,6 +806,16 @@ BEGIN
         END LOOP;
     END IF;
 
+    check_name := 'pause points';
+    IF coalesce(current_setting('orphan_cleanup.pause_points', true), '') <> '' THEN
+        status := 'warning';
+        detail := format('orphan_cleanup.pause_points = %L is a test hook: any session holding its advisory lock holds cycles open; ALTER SYSTEM RESET orphan_cleanup.pause_points; SELECT pg_reload_conf();',
+                         current_setting('orphan_cleanup.pause_points', true));
+    ELSE
+        status := 'ok'; detail := 'none (test hooks off)';
+    END IF;
+    RETURN NEXT;
+
     check_name := 'standby';
     IF pg_catalog.pg_is_in_recovery() THEN
         status := 'warning'; detail := 'this server is a standby: cycles and claims run on the primary';
@@ -782,15 +866,20 @@ $$;
 -- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
     orphan_cleanup._pause_point(text),
-    orphan_cleanup._serves(text[], text[], text, text),
-    orphan_cleanup._note_reaper(text, integer, text[], text[]),
-    orphan_cleanup.claim(text, integer, interval, text[], text[]),
+    orphan_cleanup._allowed_hosts(),
+    orphan_cleanup._normalize_hosts(text[]),
+    orphan_cleanup._serves(text[], text[], boolean, text, text),
+    orphan_cleanup._bare_ok(text[], text),
+    orphan_cleanup._lock_reaper_row(text),
+    orphan_cleanup._note_reaper(text, text[], text[], text),
+    orphan_cleanup._note_passed_over(text, integer, text[], text[], boolean),
+    orphan_cleanup.claim(text, integer, interval, text[], text[], text),
     orphan_cleanup.refuse(text, bigint[], text),
     orphan_cleanup._reaper_coverage(),
     orphan_cleanup.queue_status()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    orphan_cleanup.claim(text, integer, interval, text[], text[]),
+    orphan_cleanup.claim(text, integer, interval, text[], text[], text),
     orphan_cleanup.refuse(text, bigint[], text),
     orphan_cleanup.queue_status()
 TO orphan_cleanup_reaper;

@@ -67,44 +67,81 @@ END
 $$;
 
 -- Whether a reaper that serves these buckets and hosts (NULL: any) may delete an object in
--- `bucket` named through `host`. A bare bucket/key value has no host: every reaper serves it.
-CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], bucket text, host text) RETURNS boolean
+-- `bucket` named through `host`. A bare bucket/key value names no host: it belongs to this
+-- database's project, and bare_ok says whether the reaper is that project's (see claim()).
+CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], bare_ok boolean, bucket text, host text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN (buckets IS NULL OR bucket OPERATOR(pg_catalog.=) ANY (buckets))
-   AND (hosts IS NULL OR host IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts));
+   AND CASE WHEN host IS NULL THEN bare_ok
+            ELSE hosts IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts) END;
 
--- Records what a reaper serves, and which ready rows its claim leaves to other reapers (among
--- the oldest max_rows ready rows: the ones it would otherwise have taken). A reaper whose lists
--- changed (restarted with a fixed --storage-hosts under the same --worker-id) may be handed the
--- rows it refused before again.
-CREATE FUNCTION orphan_cleanup._note_reaper(p_reaper text, p_max integer, p_buckets text[], p_hosts text[]) RETURNS void
+-- Whether a reaper whose own host (its SUPABASE_URL's) is `home` may delete the objects that
+-- bare bucket/key values name: when it is one of orphan_cleanup.allowed_hosts, or when that list
+-- is empty (the database cannot tell projects apart; health() then warns if reapers of several
+-- hosts claim), or for a caller that names no hosts at all (a reaper older than 0.2.0).
+CREATE FUNCTION orphan_cleanup._bare_ok(hosts text[], home text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN hosts IS NULL
+    OR (SELECT c.allowed_hosts = '' FROM orphan_cleanup._config() AS c)
+    OR home = ANY (orphan_cleanup._allowed_hosts());
+
+-- The reapers registry is bookkeeping: a claim never waits for it. Whoever writes a reaper's
+-- row first takes this transaction-scoped advisory lock without waiting; a claim that cannot
+-- get it (the reaper's second connection claiming at the same moment, or anyone holding a
+-- transaction open under its worker id) skips the bookkeeping, and the other claim records the
+-- same. Without it, the first claim of a new worker id, left uncommitted, made every other
+-- claim under that id wait on its INSERT.
+CREATE FUNCTION orphan_cleanup._lock_reaper_row(p_reaper text) RETURNS boolean
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+RETURN pg_try_advisory_xact_lock(7310248, hashtext(p_reaper));
+
+-- Records what a reaper serves. A reaper whose lists changed (restarted with a fixed
+-- --storage-hosts under the same --worker-id) may be handed the rows it refused before again.
+CREATE FUNCTION orphan_cleanup._note_reaper(p_reaper text, p_buckets text[], p_hosts text[], p_home text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
-DECLARE
-    v_passed bigint := 0;
-    v_what text;
 BEGIN
-    IF p_buckets IS NOT NULL OR p_hosts IS NOT NULL THEN
-        SELECT count(*), string_agg(DISTINCT format('%s @ %s', s.bucket, s.host), ', ')
-          INTO v_passed, v_what
-        FROM (SELECT d.bucket, d.host FROM orphan_cleanup.deletion_queue AS d
-              WHERE d.state = 'pending' AND d.available_at <= now()
-              ORDER BY d.available_at, d.id
-              LIMIT p_max) AS s
-        WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, s.bucket, s.host);
+    IF NOT orphan_cleanup._lock_reaper_row(p_reaper) THEN
+        RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r
                WHERE r.reaper = p_reaper
-                 AND (r.buckets IS DISTINCT FROM p_buckets OR r.hosts IS DISTINCT FROM p_hosts)) THEN
+                 AND (r.buckets IS DISTINCT FROM p_buckets OR r.hosts IS DISTINCT FROM p_hosts OR r.home IS DISTINCT FROM p_home)) THEN
         DELETE FROM orphan_cleanup.refusals AS f WHERE f.refused_by = p_reaper;
     END IF;
-    INSERT INTO orphan_cleanup.reapers AS r (reaper, buckets, hosts, passed_over, passed_over_what, passed_over_at)
-    VALUES (p_reaper, p_buckets, p_hosts, v_passed, v_what, CASE WHEN v_passed > 0 THEN now() END)
+    INSERT INTO orphan_cleanup.reapers AS r (reaper, buckets, hosts, home)
+    VALUES (p_reaper, p_buckets, p_hosts, p_home)
     ON CONFLICT (reaper) DO UPDATE
-       SET buckets = EXCLUDED.buckets, hosts = EXCLUDED.hosts, last_claim_at = now(),
-           passed_over = EXCLUDED.passed_over,
-           passed_over_what = coalesce(EXCLUDED.passed_over_what, r.passed_over_what),
-           passed_over_at = coalesce(EXCLUDED.passed_over_at, r.passed_over_at);
+       SET buckets = EXCLUDED.buckets, hosts = EXCLUDED.hosts, home = EXCLUDED.home, last_claim_at = now();
+END
+$$;
+
+-- Notes which ready rows a claim that came back short left to other reapers, looking among the
+-- oldest max_rows ready rows (the ones it would otherwise have taken). Only short claims look:
+-- a reaper that gets all it asks for is not waiting on rows it cannot serve, and a full claim
+-- pays nothing for this. Skipped, like _note_reaper(), while another claim writes the row.
+CREATE FUNCTION orphan_cleanup._note_passed_over(p_reaper text, p_max integer, p_buckets text[], p_hosts text[], p_bare_ok boolean) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_passed bigint;
+    v_what text;
+BEGIN
+    IF NOT orphan_cleanup._lock_reaper_row(p_reaper) THEN
+        RETURN;
+    END IF;
+    SELECT count(*), string_agg(DISTINCT format('%s @ %s', s.bucket, coalesce(s.host, '(no host: a bare bucket/key value)')), ', ')
+      INTO v_passed, v_what
+    FROM (SELECT d.bucket, d.host FROM orphan_cleanup.deletion_queue AS d
+          WHERE d.state = 'pending' AND d.available_at <= now()
+          ORDER BY d.available_at, d.id
+          LIMIT p_max) AS s
+    WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, p_bare_ok, s.bucket, s.host);
+    UPDATE orphan_cleanup.reapers AS r
+       SET passed_over = v_passed,
+           passed_over_what = CASE WHEN v_passed > 0 THEN v_what ELSE r.passed_over_what END,
+           passed_over_at = CASE WHEN v_passed > 0 THEN now() ELSE r.passed_over_at END
+     WHERE r.reaper = p_reaper;
 END
 $$;
 
@@ -112,15 +149,18 @@ $$;
 -- save-guard protocol first; a row that fails a check is never handed out.
 --
 -- buckets and hosts are what the reaper serves (its own allow-list: --buckets, and the hosts of
--- SUPABASE_URL and --storage-hosts). A row naming another bucket or host is never handed to it
--- and waits for a reaper that serves it; NULL serves every bucket or host. Rows this reaper
--- refused before (refuse()) are never handed to it again.
+-- SUPABASE_URL and --storage-hosts); home_host is its SUPABASE_URL's host. A row naming another
+-- bucket or host is never handed to it and waits for a reaper that serves it; a bare bucket/key
+-- row only to a reaper of this project (_bare_ok()). NULL lists serve every bucket or host (the
+-- call of a reaper older than 0.2.0). Rows this reaper refused before (refuse()) are never
+-- handed to it again while its lists stay the same.
 CREATE FUNCTION orphan_cleanup.claim(
     worker text,
     max_rows integer DEFAULT 1000,
     lease interval DEFAULT '5 minutes',
     buckets text[] DEFAULT NULL,
-    hosts text[] DEFAULT NULL)
+    hosts text[] DEFAULT NULL,
+    home_host text DEFAULT NULL)
 RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -135,6 +175,8 @@ DECLARE
     v_bad_reason text[];
     v_wait bigint[];
     v_wait_until timestamptz[];
+    v_bare_ok boolean;
+    v_n bigint;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
     IF max_rows IS NULL OR max_rows < 1 OR max_rows > 10000 THEN
@@ -150,13 +192,16 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
     END IF;
-    IF array_position(buckets, NULL) IS NOT NULL OR array_position(hosts, NULL) IS NOT NULL
-       OR EXISTS (SELECT 1 FROM unnest(buckets || hosts) AS x WHERE btrim(x) = '') THEN
-        RAISE EXCEPTION 'buckets and hosts must not contain NULL or empty entries, got buckets % and hosts %', buckets, hosts
+    IF array_position(buckets, NULL) IS NOT NULL OR EXISTS (SELECT 1 FROM unnest(buckets) AS x WHERE btrim(x) = '') THEN
+        RAISE EXCEPTION 'buckets must not contain NULL or empty entries, got %', buckets
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass the reaper''s own lists, e.g. ARRAY[''renders''] and ARRAY[''abcd.supabase.co''], or NULL for any.';
+                  HINT = 'Pass the reaper''s own list, e.g. ARRAY[''renders''], or NULL for any.';
     END IF;
-    hosts := (SELECT array_agg(lower(h)) FROM unnest(hosts) AS h);
+    -- Spelled as the parser spells a URL's host; anything else is refused, naming it.
+    hosts := orphan_cleanup._normalize_hosts(hosts);
+    IF home_host IS NOT NULL THEN
+        home_host := (orphan_cleanup._normalize_hosts(ARRAY[home_host]))[1];
+    END IF;
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reaping_enabled THEN
         RETURN;
@@ -174,19 +219,23 @@ BEGIN
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
     PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
     PERFORM orphan_cleanup._expire_leases(worker);
-    PERFORM orphan_cleanup._note_reaper(worker, max_rows, buckets, hosts);
+    v_bare_ok := orphan_cleanup._bare_ok(hosts, home_host);
+    PERFORM orphan_cleanup._note_reaper(worker, buckets, hosts, home_host);
 
     -- 1. Queue rows this reaper serves, oldest first; rows another transaction holds are
     --    skipped, never waited on.
     SELECT array_agg(r.id) INTO v_ids
     FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
-            AND orphan_cleanup._serves(buckets, hosts, d.bucket, d.host)
+            AND orphan_cleanup._serves(buckets, hosts, v_bare_ok, d.bucket, d.host)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                             WHERE f.queue_id = d.id AND f.refused_by = worker)
           ORDER BY d.available_at, d.id
           LIMIT max_rows
           FOR UPDATE SKIP LOCKED) AS r;
+    IF coalesce(cardinality(v_ids), 0) < max_rows AND (buckets IS NOT NULL OR hosts IS NOT NULL) THEN
+        PERFORM orphan_cleanup._note_passed_over(worker, max_rows, buckets, hosts, v_bare_ok);
+    END IF;
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
@@ -309,12 +358,12 @@ BEGIN
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT 'claimed', c.job_id, c.id, c.output_url, worker, format('lease %s', lease) FROM claimed AS c
-    ),
-    counted AS (
-        UPDATE orphan_cleanup.reapers AS r SET claimed = r.claimed + (SELECT count(*) FROM claimed)
-         WHERE r.reaper = worker
     )
     SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts FROM claimed AS c ORDER BY c.id;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF orphan_cleanup._lock_reaper_row(worker) THEN
+        UPDATE orphan_cleanup.reapers AS r SET claimed = r.claimed + v_n WHERE r.reaper = worker;
+    END IF;
 END
 $$;
 
@@ -512,7 +561,7 @@ BEGIN
     -- retryable, which dead-lettered rows another reaper could delete. Such a refusal says
     -- something about that reaper, not about the row: the rows go back for another reaper.
     IF NOT coalesce(retryable, true) AND error LIKE 'refused by the reaper: %' THEN
-        RETURN QUERY SELECT * FROM orphan_cleanup.refuse(worker, ids, substr(error, length('refused by the reaper: ') + 1));
+        RETURN QUERY SELECT * FROM orphan_cleanup.refuse(worker, ids, coalesce(nullif(btrim(substr(error, length('refused by the reaper: ') + 1)), ''), error));
         RETURN;
     END IF;
     WITH moved AS (
@@ -580,9 +629,10 @@ $$;
 
 -- The reaper's own allow-list refuses these rows (its SUPABASE_URL, --storage-hosts or
 -- --buckets do not cover them): they go back to the queue at once for another reaper, without
--- counting an attempt, and are never handed to this reaper again. Refusing says something about
--- the reaper, not about the row, so it must not dead-letter rows a well-configured reaper
--- would delete. Audited, counted per reaper, and named by health() and queue_status().
+-- counting an attempt, and are not handed to this reaper again while its lists stay the same
+-- (orphan_cleanup.refusals, kept for history_retention). Refusing says something about the
+-- reaper, not about the row, so it must not dead-letter rows a well-configured reaper would
+-- delete. Audited (as 'released', with the reason), and named by health() and queue_status().
 CREATE FUNCTION orphan_cleanup.refuse(worker text, ids bigint[], reason text)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -618,13 +668,6 @@ BEGIN
     )
     SELECT array_agg(b.id) INTO v_back FROM back AS b;
     v_back := coalesce(v_back, '{}');
-    IF cardinality(v_back) > 0 THEN
-        INSERT INTO orphan_cleanup.reapers AS r (reaper, refused, last_refusal, last_refusal_at)
-        VALUES (worker, cardinality(v_back), v_reason, now())
-        ON CONFLICT (reaper) DO UPDATE
-           SET refused = r.refused + EXCLUDED.refused, last_refusal = EXCLUDED.last_refusal,
-               last_refusal_at = now();
-    END IF;
     RETURN QUERY
     SELECT i.id,
            CASE WHEN i.id = ANY (v_back) THEN 'given back'

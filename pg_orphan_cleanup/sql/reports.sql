@@ -150,39 +150,79 @@ END
 $$;
 
 -- What the reapers that claimed in the last 15 minutes leave undone: ready rows none of them
--- serves (by its buckets and hosts), rows they refused in the last hour, and the reapers whose
--- lists left rows to others or whose own allow-list refused rows, by name.
+-- serves (by its buckets and hosts) or that every one that could serve refused (however long
+-- ago), rows refused in the last hour, and the reapers to blame, by name: those whose lists left
+-- ready rows to others, those whose own allow-list refused rows, and, while
+-- orphan_cleanup.allowed_hosts is empty, reapers of several projects claiming from one queue.
 CREATE FUNCTION orphan_cleanup._reaper_coverage(
     OUT active integer, OUT unserved bigint, OUT unserved_what text,
     OUT refused_last_hour bigint, OUT misconfigured text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
+DECLARE
+    v_any_host boolean := (SELECT c.allowed_hosts = '' FROM orphan_cleanup._config() AS c);
+    v_homes text;
+    v_active orphan_cleanup.reapers[];
+    by_refusals record;
 BEGIN
-    SELECT count(*) INTO active FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '15 minutes';
+    SELECT coalesce(array_agg(r), '{}') INTO v_active
+    FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '15 minutes';
+    active := cardinality(v_active);
     unserved := 0;
     IF active > 0 THEN
+        -- By the lists: one pass over the ready rows, grouped by bucket and host.
         SELECT coalesce(sum(g.n), 0), string_agg(format('%s @ %s', g.bucket, coalesce(g.host, '(no host)')), ', ' ORDER BY g.bucket, g.host)
           INTO unserved, unserved_what
         FROM (SELECT q.bucket, q.host, count(*) AS n
               FROM orphan_cleanup.deletion_queue AS q
               WHERE q.state = 'pending' AND q.available_at <= now()
               GROUP BY q.bucket, q.host) AS g
-        WHERE NOT EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r
-                          WHERE r.last_claim_at > now() - interval '15 minutes'
-                            AND orphan_cleanup._serves(r.buckets, r.hosts, g.bucket, g.host));
+        WHERE NOT EXISTS (SELECT 1 FROM unnest(v_active) AS a
+                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), g.bucket, g.host));
+        -- By refusals: rows some active reaper serves, but every one that does refused.
+        SELECT count(DISTINCT q.id) AS n, string_agg(DISTINCT format('%s @ %s', q.bucket, coalesce(q.host, '(no host)')), ', ') AS what
+          INTO by_refusals
+        FROM orphan_cleanup.refusals AS f
+        JOIN orphan_cleanup.deletion_queue AS q ON q.id = f.queue_id
+        WHERE q.state = 'pending' AND q.available_at <= now()
+          AND EXISTS (SELECT 1 FROM unnest(v_active) AS a
+                      WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), q.bucket, q.host))
+          AND NOT EXISTS (SELECT 1 FROM unnest(v_active) AS a
+                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), q.bucket, q.host)
+                            AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f2
+                                            WHERE f2.queue_id = q.id AND f2.refused_by = a.reaper));
+        IF by_refusals.n > 0 THEN
+            unserved := unserved + by_refusals.n;
+            unserved_what := concat_ws(', ', unserved_what, by_refusals.what || ' (refused by every reaper that serves it)');
+        END IF;
+        IF v_any_host THEN
+            SELECT string_agg(format('%s at %s', a.reaper, a.home), ', ' ORDER BY a.reaper) INTO v_homes
+            FROM unnest(v_active) AS a
+            WHERE a.home IS NOT NULL
+            HAVING count(DISTINCT a.home) > 1;
+        END IF;
     END IF;
     SELECT count(*) INTO refused_last_hour FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour';
-    SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', r.reaper,
+    SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', x.reaper,
                              coalesce(array_to_string(r.buckets, ','), 'any'), coalesce(array_to_string(r.hosts, ','), 'any'),
                              concat_ws(' and ',
                                  CASE WHEN r.passed_over_at > now() - interval '15 minutes'
                                       THEN format('left ready rows it does not serve (%s) to other reapers', r.passed_over_what) END,
-                                 CASE WHEN r.last_refusal_at > now() - interval '1 hour'
-                                      THEN format('refused %s rows it was handed (%s)', r.refused, r.last_refusal) END)),
-                      '; ' ORDER BY r.reaper)
+                                 CASE WHEN f.n IS NOT NULL
+                                      THEN format('refused %s rows it was handed (%s)', f.n, f.reason) END)),
+                      '; ' ORDER BY x.reaper)
       INTO misconfigured
-    FROM orphan_cleanup.reapers AS r
-    WHERE r.passed_over_at > now() - interval '15 minutes' OR r.last_refusal_at > now() - interval '1 hour';
+    FROM (SELECT r.reaper FROM orphan_cleanup.reapers AS r WHERE r.passed_over_at > now() - interval '15 minutes'
+          UNION
+          SELECT f.refused_by FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour') AS x
+    LEFT JOIN orphan_cleanup.reapers AS r ON r.reaper = x.reaper
+    LEFT JOIN (SELECT f.refused_by, count(*) AS n, (array_agg(f.reason ORDER BY f.at DESC))[1] AS reason
+               FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour'
+               GROUP BY f.refused_by) AS f ON f.refused_by = x.reaper;
+    IF v_homes IS NOT NULL THEN
+        misconfigured := concat_ws('; ', misconfigured,
+            format('reapers of different projects claim from this queue (%s), and with orphan_cleanup.allowed_hosts empty the database cannot tell which one serves its bare bucket/key rows: set allowed_hosts to this project''s host', v_homes));
+    END IF;
 END
 $$;
 
@@ -359,6 +399,16 @@ BEGIN
             RETURN NEXT;
         END LOOP;
     END IF;
+
+    check_name := 'pause points';
+    IF coalesce(current_setting('orphan_cleanup.pause_points', true), '') <> '' THEN
+        status := 'warning';
+        detail := format('orphan_cleanup.pause_points = %L is a test hook: any session holding its advisory lock holds cycles open; ALTER SYSTEM RESET orphan_cleanup.pause_points; SELECT pg_reload_conf();',
+                         current_setting('orphan_cleanup.pause_points', true));
+    ELSE
+        status := 'ok'; detail := 'none (test hooks off)';
+    END IF;
+    RETURN NEXT;
 
     check_name := 'standby';
     IF pg_catalog.pg_is_in_recovery() THEN

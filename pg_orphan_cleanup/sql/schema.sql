@@ -133,22 +133,21 @@ CREATE INDEX audit_log_at ON orphan_cleanup.audit_log (at);
 CREATE INDEX audit_log_job ON orphan_cleanup.audit_log (job_id);
 
 -- The reapers that claim from this queue, as each last described itself to claim(): what it
--- serves (its buckets and hosts), what it was handed, what it passed over and what it refused.
--- health() names a reaper whose lists leave ready rows to others or whose own allow-list
--- refused rows: a staging reaper pointed at production, an old deployment still running.
+-- serves (its buckets and hosts, and its own host), how many rows it was handed, and which ready
+-- rows its latest short claim left to other reapers. With orphan_cleanup.refusals, health()
+-- names a reaper whose lists leave ready rows to others or whose own allow-list refused rows:
+-- a staging reaper pointed at production, an old deployment still running.
 CREATE TABLE orphan_cleanup.reapers (
     reaper             text PRIMARY KEY,     -- the worker id it claims with
     buckets            text[],               -- NULL: it did not say (serves every bucket)
     hosts              text[],               -- NULL: it did not say (an older reaper: every host)
+    home               text,                 -- its SUPABASE_URL's host; NULL: it did not say
     first_seen_at      timestamptz NOT NULL DEFAULT now(),
     last_claim_at      timestamptz NOT NULL DEFAULT now(),
-    claimed            bigint NOT NULL DEFAULT 0,   -- rows handed to it
-    passed_over        bigint NOT NULL DEFAULT 0,   -- ready rows its latest claim left: not its bucket or host
+    claimed            bigint NOT NULL DEFAULT 0,   -- rows handed to it (bookkeeping a busy row skips)
+    passed_over        bigint NOT NULL DEFAULT 0,   -- ready rows its latest short claim left: not its bucket or host
     passed_over_what   text,                        -- which, e.g. 'renders @ staging.example.com'
-    passed_over_at     timestamptz,                 -- when a claim last left any
-    refused            bigint NOT NULL DEFAULT 0,   -- rows it was handed and gave back: its allow-list refused them
-    last_refusal       text,
-    last_refusal_at    timestamptz
+    passed_over_at     timestamptz                  -- when a claim last left any
 );
 
 -- Rows a reaper refused with refuse(): claim() never hands them to that reaper again, so a

@@ -59,3 +59,39 @@ fn _config() -> TableIterator<
         guc::RETRY_BACKOFF.get(),
     ))
 }
+
+/// The hosts of `orphan_cleanup.allowed_hosts`, spelled as the parser spells a URL's host, for
+/// claim() to tell whether a reaper's own host is this project's.
+#[pg_extern(stable, parallel_safe)]
+fn _allowed_hosts() -> Vec<String> {
+    guc::policy().map(|p| p.hosts).unwrap_or_default()
+}
+
+/// A reaper's hosts, spelled as the parser spells a URL's host (lower case, default port
+/// dropped, IDNA), so that claim() compares like with like. Anything that is not one bare host
+/// or `host:port` is refused, naming it.
+#[pg_extern(immutable, parallel_safe)]
+fn _normalize_hosts(hosts: Vec<Option<String>>) -> Vec<String> {
+    hosts
+        .into_iter()
+        .map(|h| {
+            let h = h.unwrap_or_default();
+            match object_url::Policy::from_lists("", "", &h) {
+                Ok(p) if p.hosts.len() == 1 => p.hosts[0].clone(),
+                Ok(_) => bad_host(&h, "it must be one host"),
+                Err(e) => bad_host(&h, &e.to_string()),
+            }
+        })
+        .collect()
+}
+
+fn bad_host(host: &str, why: &str) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("host {host:?} is not a host this reaper can serve: {why}"),
+        "_normalize_hosts",
+    )
+    .set_hint("Pass bare hosts as the reaper does, e.g. ARRAY['abcd.supabase.co'] or ARRAY['127.0.0.1:54321'] (no scheme, path or empty entries).")
+    .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR does not return")
+}

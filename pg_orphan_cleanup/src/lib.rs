@@ -39,7 +39,11 @@ extension_sql_file!(
     name = "guard",
     requires = ["detect", refusals::_note_refusal, refusals::_take_refusals]
 );
-extension_sql_file!("../sql/queue.sql", name = "queue", requires = ["guard"]);
+extension_sql_file!(
+    "../sql/queue.sql",
+    name = "queue",
+    requires = ["guard", config::_allowed_hosts, config::_normalize_hosts]
+);
 extension_sql_file!("../sql/breaker.sql", name = "breaker", requires = ["queue"]);
 extension_sql_file!(
     "../sql/reports.sql",

@@ -6,11 +6,17 @@
 //! rollback. The background worker (within a second) and every cycle move the notes into
 //! `orphan_cleanup.audit_log` as `refused` rows. Shared memory needs `shared_preload_libraries`;
 //! without it the sequence `orphan_cleanup.refused_saves` still counts every refusal.
+//!
+//! Taking notes is transactional: a flush marks the notes it takes, and they leave the ring only
+//! when its transaction commits (with their audit rows). If it aborts (a cycle rolled back,
+//! terminated or timed out) they are unmarked and the next flush writes them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+use pgrx::{
+    pg_shmem_init, register_xact_callback, PGRXSharedMemory, PgLwLock, PgXactCallbackEvent,
+};
 
 /// Refusals held between two flushes. Past this, the oldest are dropped and counted.
 const CAPACITY: usize = 256;
@@ -24,6 +30,8 @@ struct Note {
     unix_micros: i64,
     actor: [u8; ACTOR_LEN],
     actor_len: u8,
+    /// The pid of the backend whose open transaction took the note; 0 while nobody has.
+    taken_by: i32,
 }
 
 const EMPTY: Note = Note {
@@ -33,6 +41,7 @@ const EMPTY: Note = Note {
     unix_micros: 0,
     actor: [0; ACTOR_LEN],
     actor_len: 0,
+    taken_by: 0,
 };
 
 #[derive(Copy, Clone)]
@@ -71,7 +80,7 @@ pub fn pending(database: u32) -> bool {
         let ring = RING.share();
         ring.notes[..ring.len]
             .iter()
-            .any(|n| n.database == database)
+            .any(|n| n.database == database && n.taken_by == 0)
     }
 }
 
@@ -106,7 +115,8 @@ fn _note_refusal(job: pgrx::Uuid, queue_id: i64, actor: &str) -> bool {
     true
 }
 
-/// Removes and returns the refusals noted in the current database.
+/// Returns the refusals noted in the current database that no other transaction has taken, and
+/// takes them: they leave the ring when this transaction commits, and are given back if it aborts.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _take_refusals() -> TableIterator<
     'static,
@@ -120,11 +130,12 @@ fn _take_refusals() -> TableIterator<
     let mut taken = Vec::new();
     if READY.load(Ordering::Relaxed) {
         let database = u32::from(unsafe { pg_sys::MyDatabaseId });
+        let me = unsafe { pg_sys::MyProcPid };
         let mut ring = RING.exclusive();
-        let mut kept = 0;
-        for i in 0..ring.len {
-            let note = ring.notes[i];
-            if note.database == database {
+        let len = ring.len;
+        for note in ring.notes[..len].iter_mut() {
+            if note.database == database && note.taken_by == 0 {
+                note.taken_by = me;
                 let actor =
                     String::from_utf8_lossy(&note.actor[..note.actor_len as usize]).into_owned();
                 taken.push((
@@ -133,12 +144,33 @@ fn _take_refusals() -> TableIterator<
                     actor,
                     note.unix_micros,
                 ));
-            } else {
-                ring.notes[kept] = note;
-                kept += 1;
             }
         }
-        ring.len = kept;
+    }
+    if !taken.is_empty() {
+        register_xact_callback(PgXactCallbackEvent::Commit, || settle(true));
+        register_xact_callback(PgXactCallbackEvent::Prepare, || settle(true));
+        register_xact_callback(PgXactCallbackEvent::Abort, || settle(false));
     }
     TableIterator::new(taken)
+}
+
+/// At the end of a transaction that took notes: drops them (committed: their audit rows exist)
+/// or gives them back (aborted).
+fn settle(committed: bool) {
+    let me = unsafe { pg_sys::MyProcPid };
+    let mut ring = RING.exclusive();
+    let mut kept = 0;
+    for i in 0..ring.len {
+        let mut note = ring.notes[i];
+        if note.taken_by == me {
+            if committed {
+                continue;
+            }
+            note.taken_by = 0;
+        }
+        ring.notes[kept] = note;
+        kept += 1;
+    }
+    ring.len = kept;
 }

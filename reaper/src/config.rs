@@ -167,6 +167,10 @@ pub struct Settings {
     pub storage_base: url::Url,
     pub key: ServiceKey,
     pub policy: object_url::Policy,
+    /// SUPABASE_URL's host, as the parser spells it: the project this reaper deletes in. The
+    /// database hands bare `bucket/key` rows only to a reaper whose home is one of its
+    /// `orphan_cleanup.allowed_hosts`.
+    pub home_host: String,
     pub batch_size: usize,
     pub concurrency: usize,
     pub lease: Duration,
@@ -334,6 +338,8 @@ impl RunArgs {
         let hosts = format!("{own_host},{}", self.storage_hosts);
         let policy = object_url::Policy::from_lists(&buckets, "", &hosts)
             .map_err(|e| invalid("--buckets/--storage-hosts", e.to_string(), "fix the list"))?;
+        // The first host of the list is SUPABASE_URL's, spelled as the parser spells hosts.
+        let home_host = policy.hosts[0].clone();
 
         if !(1..=1000).contains(&self.batch_size) {
             return Err(invalid(
@@ -401,6 +407,7 @@ impl RunArgs {
             storage_base,
             key,
             policy,
+            home_host,
             batch_size: self.batch_size,
             concurrency: self.concurrency,
             lease,

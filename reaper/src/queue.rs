@@ -34,14 +34,22 @@ fn min_extension() -> String {
     format!("{a}.{b}.{c}")
 }
 
-/// Whether an `extversion` is at least [`MIN_EXTENSION`]. Unparsable versions (a developer's
-/// build) are accepted: the SQL calls then say what is missing.
+/// Whether an `extversion` is at least [`MIN_EXTENSION`]: `0.2.0`, `0.2`, `1.0.0-rc1`. A
+/// pre-release of a version counts as that version's predecessor (`0.2.0-rc1` is not 0.2.0).
+/// A version that starts with no number (a developer's build) is accepted: the SQL calls then
+/// say what is missing.
 pub fn supported(version: &str) -> bool {
-    let parts: Vec<Option<u32>> = version.split('.').map(|p| p.parse().ok()).collect();
-    match parts.as_slice() {
-        [Some(a), Some(b), Some(c)] => (*a, *b, *c) >= MIN_EXTENSION,
-        _ => true,
+    let (release, pre) = match version.split_once('-') {
+        Some((r, _)) => (r, true),
+        None => (version, false),
+    };
+    let parts: Vec<Option<u32>> = release.split('.').map(|p| p.parse().ok()).collect();
+    if parts.is_empty() || parts.iter().any(Option::is_none) || parts.len() > 3 {
+        return true;
     }
+    let n = |i: usize| parts.get(i).copied().flatten().unwrap_or(0);
+    let v = (n(0), n(1), n(2));
+    v > MIN_EXTENSION || (v == MIN_EXTENSION && !pre)
 }
 
 impl From<tokio_postgres::Error> for QueueError {
@@ -74,6 +82,13 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             s
         }
     }
+}
+
+/// What a reaper serves, as claim() takes it.
+pub struct Serves<'a> {
+    pub buckets: &'a [String],
+    pub hosts: &'a [String],
+    pub home: &'a str,
 }
 
 /// One claimed row: the object to delete.
@@ -169,22 +184,28 @@ impl Queue {
     }
 
     /// Claims up to `max_rows` rows this reaper serves: objects in `buckets`, named through one
-    /// of `hosts` or through no host at all. Rows of other buckets and hosts wait for a reaper
-    /// that serves them.
+    /// of `hosts`, or bare `bucket/key` rows when `home` (SUPABASE_URL's host) is this
+    /// database's project. Rows of other buckets and hosts wait for a reaper that serves them.
     pub async fn claim(
         &self,
         max_rows: usize,
         lease: Duration,
-        buckets: &[String],
-        hosts: &[String],
+        serves: &Serves<'_>,
     ) -> Result<Vec<Claimed>, QueueError> {
         let lease = format!("{} seconds", lease.as_secs());
         let rows = self
             .client
             .query(
                 "SELECT id, job_id::text, host, bucket, object_path, attempts
-                 FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4, $5)",
-                &[&self.worker, &(max_rows as i32), &lease, &buckets, &hosts],
+                 FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4, $5, $6)",
+                &[
+                    &self.worker,
+                    &(max_rows as i32),
+                    &lease,
+                    &serves.buckets,
+                    &serves.hosts,
+                    &serves.home,
+                ],
             )
             .await?;
         Ok(rows.iter().map(Claimed::from_row).collect())
@@ -423,6 +444,14 @@ mod tests {
         assert!(supported("0.2.0"));
         assert!(supported("0.10.0"));
         assert!(supported("1.0.0"));
-        assert!(supported("0.3.0-dev"), "unparsable: the SQL calls tell");
+        assert!(supported("0.3.0-dev"));
+        assert!(supported("0.2"));
+        assert!(!supported("0.1"));
+        assert!(!supported("0.1.0-rc1"));
+        assert!(
+            !supported("0.2.0-rc1"),
+            "a pre-release of 0.2.0 is older than 0.2.0"
+        );
+        assert!(supported("dev"), "no number: the SQL calls tell");
     }
 }

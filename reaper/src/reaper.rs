@@ -74,6 +74,9 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// How often an idle reaper reads queue_status() for its metrics.
+const STATUS_EVERY: Duration = Duration::from_secs(30);
+
 /// Names in a row that found nothing to delete, before the reaper suspects its key.
 const SUSPICIOUS_ABSENT_RUN: u64 = 5000;
 
@@ -87,6 +90,8 @@ pub struct Reaper {
     pub storage_ok: AtomicBool,
     summary: Mutex<Summary>,
     absent_run: Mutex<u64>,
+    /// When queue_status() was last read for the metrics (it scans the ready rows).
+    status_read: Mutex<Option<Instant>>,
     progress: Option<ProgressFn>,
     limit: Option<Mutex<HourlyLimit>>,
 }
@@ -120,6 +125,7 @@ impl Reaper {
             storage_ok: AtomicBool::new(false),
             summary: Mutex::new(Summary::default()),
             absent_run: Mutex::new(0),
+            status_read: Mutex::new(None),
             progress: None,
             limit,
         }
@@ -260,8 +266,10 @@ impl Reaper {
                 if mode == Mode::Drain {
                     break;
                 }
-                if let Ok(status) = q.status().await {
-                    self.watch_status(&status);
+                if self.status_due() {
+                    if let Ok(status) = q.status().await {
+                        self.watch_status(&status);
+                    }
                 }
                 let poll = self.settings.poll_interval;
                 tokio::select! {
@@ -376,9 +384,13 @@ impl Reaper {
         let Some(want) = self.claim_budget() else {
             return Ok(None);
         };
-        let batch = q
-            .claim(want, self.settings.lease, &self.buckets(), &self.hosts())
-            .await?;
+        let (buckets, hosts) = (self.buckets(), self.hosts());
+        let serves = crate::queue::Serves {
+            buckets: &buckets,
+            hosts: &hosts,
+            home: &self.settings.home_host,
+        };
+        let batch = q.claim(want, self.settings.lease, &serves).await?;
         if let Some(limit) = &self.limit {
             limit
                 .lock()
@@ -623,6 +635,17 @@ impl Reaper {
             s.bytes += bytes;
         });
         Ok(trouble)
+    }
+
+    /// Whether to read queue_status() on this idle poll: at most every [`STATUS_EVERY`], since
+    /// it reads every ready row, and an idle reaper beside a backlog it does not serve polls often.
+    fn status_due(&self) -> bool {
+        let mut last = self.status_read.lock().unwrap();
+        let due = last.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
     }
 
     /// What queue_status() says, as metrics; and whether it names this reaper as one that leaves

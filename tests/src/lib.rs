@@ -118,7 +118,7 @@ pub fn settings(pairs: &[(&str, &str)]) {
         admin.batch_execute(&sql).unwrap();
     }
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
-    wait_for(Duration::from_secs(10), "settings to be reloaded", || {
+    wait_for(Duration::from_secs(30), "settings to be reloaded", || {
         let mut c = raw_connect("postgres", "postgres");
         // The library defines the settings; load it so SHOW knows them.
         c.batch_execute("LOAD 'pg_orphan_cleanup'").unwrap();

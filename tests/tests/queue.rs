@@ -916,23 +916,33 @@ fn a_claim_commits_durably_even_when_the_session_does_not() {
     );
 }
 
-/// Claims as the reaper does since 0.2.0: its buckets and hosts.
+/// Claims as the reaper does since 0.2.0: its buckets, its hosts, and its own (home) host.
 fn claim_serving(
     c: &mut postgres::Client,
     worker: &str,
     buckets: Option<&[&str]>,
     hosts: Option<&[&str]>,
+    home: Option<&str>,
 ) -> Vec<(i64, Option<String>)> {
     let buckets: Option<Vec<String>> = buckets.map(|b| b.iter().map(|s| s.to_string()).collect());
     let hosts: Option<Vec<String>> = hosts.map(|h| h.iter().map(|s| s.to_string()).collect());
     c.query(
-        "SELECT id, host FROM orphan_cleanup.claim($1, 100, '5 minutes', $2, $3)",
-        &[&worker, &buckets, &hosts],
+        "SELECT id, host FROM orphan_cleanup.claim($1, 100, '5 minutes', $2, $3, $4)",
+        &[&worker, &buckets, &hosts, &home],
     )
     .unwrap()
     .iter()
     .map(|r| (r.get(0), r.get(1)))
     .collect()
+}
+
+fn allow_list_health(c: &mut postgres::Client) -> (String, String) {
+    c.query_one(
+        "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'reaper allow-lists'",
+        &[],
+    )
+    .map(|r| (r.get(0), r.get(1)))
+    .unwrap()
 }
 
 #[test]
@@ -963,6 +973,7 @@ fn claim_hands_a_reaper_only_the_rows_of_its_buckets_and_hosts() {
         "prod",
         Some(&["renders"]),
         Some(&["ABCD.supabase.co"]),
+        Some("abcd.supabase.co:443"),
     );
     let hosts_got: BTreeSet<Option<String>> = got.iter().map(|(_, h)| h.clone()).collect();
     assert_eq!(
@@ -1004,6 +1015,7 @@ fn claim_hands_a_reaper_only_the_rows_of_its_buckets_and_hosts() {
         "staging",
         Some(&["renders", "thumbs"]),
         Some(&["staging.example.com", HOST]),
+        Some("staging.example.com"),
     );
     assert_eq!(got.len(), 2);
     let unserved: i64 = c
@@ -1012,18 +1024,189 @@ fn claim_hands_a_reaper_only_the_rows_of_its_buckets_and_hosts() {
         .get(0);
     assert_eq!(unserved, 0);
 
-    // Lists with holes are refused, naming the fix.
+    // Hosts that are not bare hosts are refused, naming the value and the fix.
+    for (hosts, named) in [
+        ("ARRAY['']", "host \"\""),
+        (
+            "ARRAY['https://abcd.supabase.co/']",
+            "host \"https://abcd.supabase.co/\"",
+        ),
+        ("ARRAY['a.co,b.co']", "host \"a.co,b.co\""),
+    ] {
+        let e = c
+            .query(
+                &format!("SELECT * FROM orphan_cleanup.claim('x', 10, '5 minutes', ARRAY['renders'], {hosts})"),
+                &[],
+            )
+            .unwrap_err();
+        let text = db_error(&e);
+        assert!(
+            text.contains(named)
+                && text.contains("is not a host this reaper can serve")
+                && text.contains("HINT: Pass bare hosts"),
+            "{text}"
+        );
+    }
     let e = c
         .query(
-            "SELECT * FROM orphan_cleanup.claim('x', 10, '5 minutes', ARRAY['renders'], ARRAY[''])",
+            "SELECT * FROM orphan_cleanup.claim('x', 10, '5 minutes', ARRAY['renders', NULL])",
             &[],
         )
         .unwrap_err();
     assert!(
-        db_error(&e).contains("buckets and hosts must not contain NULL or empty entries"),
+        db_error(&e).contains("buckets must not contain NULL or empty entries"),
         "{}",
         db_error(&e)
     );
+}
+
+#[test]
+fn bare_rows_go_only_to_a_reaper_of_this_project() {
+    // A bare bucket/key value names no host: it is this database's project's object. A staging
+    // reaper pointed at production's database must not take it: it would delete staging's
+    // object of the same name, or find none and close production's row, leaking its file.
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("queue_bare_rows");
+    let mut c = db.client();
+    job(
+        &mut c,
+        "completed",
+        Some("renders/bare.png"),
+        "2 hours",
+        "bare",
+    );
+    assert_eq!(cycle(&mut c).2, 1);
+    let staging = Some("staging.supabase.co");
+    assert!(
+        claim_serving(
+            &mut c,
+            "staging",
+            Some(&["renders"]),
+            Some(&["staging.supabase.co"]),
+            staging
+        )
+        .is_empty(),
+        "not the staging reaper's"
+    );
+    assert!(
+        claim_serving(&mut c, "hostless", Some(&["renders"]), Some(&[]), None).is_empty(),
+        "nor a caller that names hosts but not its own"
+    );
+    let (status, detail) = allow_list_health(&mut c);
+    assert_eq!(status, "warning");
+    assert!(
+        detail.contains("reaper staging (buckets renders; hosts staging.supabase.co) left ready rows it does not serve (renders @ (no host: a bare bucket/key value))"),
+        "{detail}"
+    );
+    assert_eq!(
+        claim_serving(
+            &mut c,
+            "production",
+            Some(&["renders"]),
+            Some(&[HOST]),
+            Some(HOST)
+        )
+        .len(),
+        1,
+        "the reaper whose own host is in allowed_hosts takes it"
+    );
+}
+
+#[test]
+fn with_no_allowed_hosts_reapers_of_two_projects_on_one_queue_are_named() {
+    // allowed_hosts empty: only bare values are queued, and the database cannot tell which
+    // project a reaper belongs to. It hands bare rows to any reaper, and says so when reapers
+    // with different own hosts claim from the same queue.
+    settings(&[("allowed_buckets", "renders")]);
+    let db = TestDb::attached("queue_two_projects");
+    let mut c = db.client();
+    job(
+        &mut c,
+        "completed",
+        Some("renders/bare.png"),
+        "2 hours",
+        "bare",
+    );
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(
+        claim_serving(
+            &mut c,
+            "a",
+            Some(&["renders"]),
+            Some(&["abcd.supabase.co"]),
+            Some("abcd.supabase.co")
+        )
+        .len(),
+        1
+    );
+    let (status, _) = allow_list_health(&mut c);
+    assert_eq!(status, "ok", "one project's reapers: nothing to say");
+    claim_serving(
+        &mut c,
+        "b",
+        Some(&["renders"]),
+        Some(&["wxyz.supabase.co"]),
+        Some("wxyz.supabase.co"),
+    );
+    let (status, detail) = allow_list_health(&mut c);
+    assert_eq!(status, "warning");
+    assert!(
+        detail.contains("reapers of different projects claim from this queue (a at abcd.supabase.co, b at wxyz.supabase.co)")
+            && detail.contains("set allowed_hosts to this project's host"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_claim_never_waits_for_the_reapers_bookkeeping() {
+    // Anyone with the reaper role can name any worker id. A transaction left open after a claim
+    // holds that reaper's bookkeeping row; the real reaper's claims must not wait for it.
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_registry_busy", 2);
+    let mut squatter = db.client();
+    let mut tx = squatter.transaction().unwrap();
+    tx.query(
+        "SELECT * FROM orphan_cleanup.claim('w', 1, '5 minutes', ARRAY['renders'], ARRAY['abcd.supabase.co'], 'abcd.supabase.co')",
+        &[],
+    )
+    .unwrap();
+    let mut c = db.client();
+    c.batch_execute("SET statement_timeout = '5s'").unwrap();
+    let got = claim_serving(&mut c, "w", Some(&["renders"]), Some(&[HOST]), Some(HOST));
+    assert_eq!(got.len(), 1, "the other row, at once");
+    tx.rollback().unwrap();
+}
+
+#[test]
+fn stuck_rows_refused_by_every_reaper_are_reported_however_old_the_refusal() {
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_refused_stuck", 1);
+    let mut c = db.client();
+    let ids: Vec<i64> = claim_serving(&mut c, "r", Some(&["renders"]), Some(&[HOST]), Some(HOST))
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    c.query(
+        "SELECT * FROM orphan_cleanup.refuse('r', $1, 'not today')",
+        &[&ids],
+    )
+    .unwrap();
+    // The refusal is a day old; the reaper still claims (and is still the only one).
+    c.batch_execute("UPDATE orphan_cleanup.refusals SET at = now() - interval '1 day'")
+        .unwrap();
+    assert!(claim_serving(&mut c, "r", Some(&["renders"]), Some(&[HOST]), Some(HOST)).is_empty());
+    let (status, detail) = allow_list_health(&mut c);
+    assert_eq!(status, "warning", "{detail}");
+    assert!(
+        detail.contains("1 ready rows are served by no reaper active in the last 15 minutes")
+            && detail.contains("refused by every reaper that serves it"),
+        "{detail}"
+    );
+    let unserved: i64 = c
+        .query_one("SELECT unserved FROM orphan_cleanup.queue_status()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(unserved, 1);
 }
 
 #[test]
@@ -1151,7 +1334,9 @@ fn a_reaper_whose_lists_change_may_be_handed_what_it_refused_before() {
     settings(BASE_SETTINGS);
     let (db, _) = queued_db("queue_refuse_fixed", 2);
     let mut c = db.client();
-    let ids: Vec<i64> = claim_serving(&mut c, "r", Some(&["renders"]), None)
+    // Its old lists: every host (as a reaper older than 0.2.0 claims).
+    let old_lists = None;
+    let ids: Vec<i64> = claim_serving(&mut c, "r", Some(&["renders"]), old_lists, Some(HOST))
         .iter()
         .map(|(id, _)| *id)
         .collect();
@@ -1160,9 +1345,9 @@ fn a_reaper_whose_lists_change_may_be_handed_what_it_refused_before() {
         &[&ids],
     )
     .unwrap();
-    assert!(claim_serving(&mut c, "r", Some(&["renders"]), None).is_empty());
+    assert!(claim_serving(&mut c, "r", Some(&["renders"]), old_lists, Some(HOST)).is_empty());
     assert_eq!(
-        claim_serving(&mut c, "r", Some(&["renders"]), Some(&[HOST])).len(),
+        claim_serving(&mut c, "r", Some(&["renders"]), Some(&[HOST]), Some(HOST)).len(),
         2
     );
 }

@@ -202,7 +202,7 @@ fn cycles_that_enqueue_notify_the_reapers() {
     let mut c = db.client();
     cycle(&mut c);
     let mut got = Vec::new();
-    wait_for(Duration::from_secs(5), "the NOTIFY", || {
+    wait_for(Duration::from_secs(30), "the NOTIFY", || {
         listener.batch_execute("SELECT 1").unwrap();
         let mut notes = listener.notifications();
         let mut pending = notes.iter();
@@ -235,7 +235,7 @@ fn the_server_log_has_the_guides_cycle_lines() {
     let log_path = std::env::var("PGOC_DIR")
         .map(|d| format!("{d}/postgres.log"))
         .unwrap_or_else(|_| format!("/tmp/pg_orphan_cleanup-{}/postgres.log", port()));
-    wait_for(Duration::from_secs(5), "the cycle's log lines", || {
+    wait_for(Duration::from_secs(30), "the cycle's log lines", || {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         log.contains(&format!("Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle {id}"))
             && log.contains(&format!("Comprehensive cleanup cycle completed (pg_orphan_cleanup cycle {id}): found 7, enqueued 7"))

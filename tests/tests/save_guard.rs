@@ -35,7 +35,7 @@ fn saved_assets(c: &mut postgres::Client, j: &uuid_text::Uuid) -> i64 {
     .get(0)
 }
 
-fn audit_count(c: &mut postgres::Client, j: &uuid_text::Uuid, action: &str) -> i64 {
+fn audit_count(c: &mut impl postgres::GenericClient, j: &uuid_text::Uuid, action: &str) -> i64 {
     c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE job_id = $1::text::uuid AND action = $2", &[&j.0, &action])
         .unwrap()
         .get(0)
@@ -378,4 +378,34 @@ fn the_guard_fires_under_session_replication_role_replica() {
         REFUSED,
         "the trigger is ENABLE ALWAYS"
     );
+}
+
+#[test]
+fn a_refused_save_is_audited_even_when_the_cycle_that_took_its_note_rolls_back() {
+    // The note of a refused save leaves shared memory only with the commit of the transaction
+    // that wrote its audit row: a cycle rolled back (a DBA's BEGIN ... ROLLBACK, a
+    // statement_timeout, a worker terminated mid-cycle) gives it back for the next one.
+    let (db, j) = one_queued("guard_refusal_rollback");
+    let mut c = db.client();
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    let e = save(&mut c, "generated_saved", &j.0).unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "OC001");
+    let mut tx = c.transaction().unwrap();
+    tx.query("SELECT * FROM orphan_cleanup.run_cycle()", &[])
+        .unwrap();
+    assert_eq!(
+        audit_count(&mut tx, &j, "refused"),
+        1,
+        "the rolled-back cycle wrote it"
+    );
+    tx.rollback().unwrap();
+    assert_eq!(audit_count(&mut c, &j, "refused"), 0);
+    cycle(&mut c);
+    assert_eq!(
+        audit_count(&mut c, &j, "refused"),
+        1,
+        "the next cycle wrote it again"
+    );
+    cycle(&mut c);
+    assert_eq!(audit_count(&mut c, &j, "refused"), 1, "once, not twice");
 }
