@@ -8,11 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+export PGOC_PORT="${PGOC_CHAOS_PORT:-25460}"
+# Nothing from an earlier run may act on this run's cluster: refuse, naming the pid.
+scripts/leftovers.sh "$PGOC_PORT"
+
 scripts/setup.sh
 cargo build -p reaper -p storage-emulator
 scripts/install.sh
 
-export PGOC_PORT="${PGOC_CHAOS_PORT:-25460}"
 export CHAOS_SCALE="${CHAOS_SCALE:-full}"
 RESULTS=$(mktemp -d)
 export CHAOS_RESULTS="$RESULTS"

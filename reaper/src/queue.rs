@@ -217,17 +217,7 @@ impl Queue {
         ids: &[i64],
         outcome: &str,
     ) -> Result<Vec<(i64, String)>, QueueError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = self
-            .client
-            .query(
-                "SELECT id, result FROM orphan_cleanup.confirm($1, $2, $3)",
-                &[&self.worker, &ids, &outcome],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        self.per_row("confirm($1, $2, $3)", ids, &[&outcome]).await
     }
 
     pub async fn fail(
@@ -236,34 +226,38 @@ impl Queue {
         error: &str,
         retryable: bool,
     ) -> Result<Vec<(i64, String)>, QueueError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = self
-            .client
-            .query(
-                "SELECT id, result FROM orphan_cleanup.fail($1, $2, $3, $4)",
-                &[&self.worker, &ids, &error, &retryable],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        self.per_row("fail($1, $2, $3, $4)", ids, &[&error, &retryable])
+            .await
     }
 
     /// Gives back rows this reaper's own allow-list refuses, for another reaper: no attempt is
-    /// counted, they are never handed to this reaper again, and health() names it.
+    /// counted, they are not handed to this reaper again, and health() names it.
     pub async fn refuse(
         &self,
         ids: &[i64],
         reason: &str,
     ) -> Result<Vec<(i64, String)>, QueueError> {
+        self.per_row("refuse($1, $2, $3)", ids, &[&reason]).await
+    }
+
+    /// Calls one of the queue functions that take (worker, ids, ...) and answer a result per id.
+    async fn per_row(
+        &self,
+        call: &str,
+        ids: &[i64],
+        rest: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<(i64, String)>, QueueError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let ids = ids.to_vec();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&self.worker, &ids];
+        params.extend_from_slice(rest);
         let rows = self
             .client
             .query(
-                "SELECT id, result FROM orphan_cleanup.refuse($1, $2, $3)",
-                &[&self.worker, &ids, &reason],
+                &format!("SELECT id, result FROM orphan_cleanup.{call}"),
+                &params,
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

@@ -407,6 +407,16 @@ pub fn wait_worker(observer: &mut Client, prefix: &str) {
     );
 }
 
+/// The 'reaper allow-lists' line of health(): (status, detail).
+pub fn allow_list_health(c: &mut Client) -> (String, String) {
+    c.query_one(
+        "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'reaper allow-lists'",
+        &[],
+    )
+    .map(|r| (r.get(0), r.get(1)))
+    .unwrap()
+}
+
 /// The background worker's pid, if it is running.
 pub fn worker_pid(c: &mut Client) -> Option<i32> {
     c.query_opt(

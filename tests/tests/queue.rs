@@ -936,15 +936,6 @@ fn claim_serving(
     .collect()
 }
 
-fn allow_list_health(c: &mut postgres::Client) -> (String, String) {
-    c.query_one(
-        "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'reaper allow-lists'",
-        &[],
-    )
-    .map(|r| (r.get(0), r.get(1)))
-    .unwrap()
-}
-
 #[test]
 fn claim_hands_a_reaper_only_the_rows_of_its_buckets_and_hosts() {
     let hosts = format!("{HOST},staging.example.com");

@@ -631,16 +631,6 @@ fn two_reapers_at_once_never_delete_the_same_row_twice() {
     assert_eq!(workers, 2, "both reapers took part");
 }
 
-/// The 'reaper allow-lists' line of health(): (status, detail).
-fn allow_list_health(c: &mut postgres::Client) -> (String, String) {
-    c.query_one(
-        "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'reaper allow-lists'",
-        &[],
-    )
-    .map(|r| (r.get(0), r.get(1)))
-    .unwrap()
-}
-
 #[test]
 fn rows_of_a_host_this_reaper_does_not_serve_are_left_for_another_reaper() {
     // The extension allows a staging host too, but this reaper serves production only. Its

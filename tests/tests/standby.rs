@@ -22,6 +22,24 @@ fn as_postgres(args: &[&str]) {
     );
 }
 
+/// Stops the cluster in `data` like a power cut, if it runs; any left from an earlier run too.
+fn stop_immediately(data: &str) {
+    let _ = Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            data,
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ])
+        .run();
+}
+
 #[test]
 fn on_a_hot_standby_the_worker_idles_and_health_says_so() {
     settings(&[
@@ -35,19 +53,7 @@ fn on_a_hot_standby_the_worker_idles_and_health_says_so() {
     let dir = format!("/tmp/pg_orphan_cleanup-standby-{standby_port}");
     let data = format!("{dir}/data");
     let log = format!("{dir}/postgres.log");
-    let _ = Command::new("runuser")
-        .args([
-            "-u",
-            "postgres",
-            "--",
-            &format!("{PG_BIN}/pg_ctl"),
-            "-D",
-            &data,
-            "-m",
-            "immediate",
-            "stop",
-        ])
-        .output();
+    stop_immediately(&data);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     assert!(Command::new("chown")
@@ -75,22 +81,7 @@ fn on_a_hot_standby_the_worker_idles_and_health_says_so() {
     // Stopped however the test ends: a standby left running would replay into the next run.
     let _stopped = e2e::process::Defer::new({
         let data = data.clone();
-        move || {
-            let _ = Command::new("runuser")
-                .args([
-                    "-u",
-                    "postgres",
-                    "--",
-                    &format!("{PG_BIN}/pg_ctl"),
-                    "-D",
-                    &data,
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ])
-                .run();
-        }
+        move || stop_immediately(&data)
     });
     let opts = format!("-p {standby_port} -c unix_socket_directories={dir}");
     as_postgres(&[
