@@ -50,6 +50,7 @@ unix_socket_directories = '$SOCK'
 shared_preload_libraries = '$( [ "${PGOC_PRELOAD:-1}" = 1 ] && echo pg_orphan_cleanup )'
 orphan_cleanup.database = '${PGOC_WORKER_DB:-postgres}'
 max_connections = 100
+max_prepared_transactions = 10
 log_line_prefix = '%m [%p] %q%u@%d '
 fsync = off
 synchronous_commit = off

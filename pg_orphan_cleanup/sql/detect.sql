@@ -258,7 +258,7 @@ BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
     dry := cfg.dry_run;
-    IF cfg.allowed_buckets = '' AND NOT dry THEN
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) AND NOT dry THEN
         RAISE EXCEPTION 'orphan_cleanup.allowed_buckets is empty, so no object may be deleted and a cycle would only reject every URL'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();  -- preview() shows what cycles would find meanwhile';
@@ -559,7 +559,7 @@ BEGIN
     END IF;
     att := orphan_cleanup._require_attached('enqueue_orphans()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
-    IF cfg.allowed_buckets = '' THEN
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
         RAISE EXCEPTION 'orphan_cleanup.allowed_buckets is empty, so no object may be deleted'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';

@@ -306,7 +306,7 @@ BEGIN
                               ELSE 'confirm() cannot delete referenced jobs and clears their output_url instead (audited)' END);
         RETURN NEXT;
     END LOOP;
-    IF cfg.allowed_buckets = '' THEN
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
         item := 'allowed_buckets'; status := 'warning';
         detail := 'empty: cycles will refuse to run until you set orphan_cleanup.allowed_buckets'; RETURN NEXT;
     END IF;

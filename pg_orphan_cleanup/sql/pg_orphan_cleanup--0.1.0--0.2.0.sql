@@ -50,6 +50,269 @@ BEGIN
 END
 $$;
 
+-- An allow-list of only spaces and commas reads as empty everywhere, as the parser reads it.
+
+CREATE FUNCTION orphan_cleanup._no_entries(list text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN pg_catalog.translate(COALESCE(list, ''), E', \t\r\n', '') OPERATOR(pg_catalog.=) '';
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._cycle_body(
+    p_cycle bigint, p_actor text,
+    OUT full_sweep boolean, OUT dry boolean, OUT scanned bigint, OUT rechecked bigint,
+    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    cfg record;
+    st orphan_cleanup.detector_state;
+    cutoff timestamptz;
+    fingerprint text;
+    cur_ts timestamptz;
+    cur_id uuid;
+    budget bigint;
+    chunk record;
+    v_recheck uuid[];
+    v_grace interval;
+    brk record;
+    v_limit bigint;
+    v_limits text;
+BEGIN
+    att := orphan_cleanup._require_attached('run_cycle()');
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    dry := cfg.dry_run;
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) AND NOT dry THEN
+        RAISE EXCEPTION 'orphan_cleanup.allowed_buckets is empty, so no object may be deleted and a cycle would only reject every URL'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();  -- preview() shows what cycles would find meanwhile';
+    END IF;
+    cutoff := now() - make_interval(secs => cfg.min_age_s);
+    v_grace := make_interval(secs => cfg.grace_s);
+    scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
+
+    IF NOT dry THEN
+        PERFORM orphan_cleanup._expire_leases(p_actor);
+        PERFORM orphan_cleanup._retry_job_cleanup(p_actor);
+    END IF;
+
+    -- A full sweep re-reads all history: when due, on the first cycle after attach(), and when
+    -- the allow-lists or min_age changed (a rejected URL may be allowed now).
+    INSERT INTO orphan_cleanup.detector_state DEFAULT VALUES ON CONFLICT (singleton) DO NOTHING;
+    SELECT * INTO st FROM orphan_cleanup.detector_state FOR UPDATE;
+    fingerprint := md5(concat_ws('|', cfg.allowed_buckets, cfg.allowed_prefixes, cfg.allowed_hosts, cfg.min_age_s));
+    full_sweep := st.sweep_started_at IS NULL
+               OR st.policy_fingerprint IS DISTINCT FROM fingerprint
+               OR now() - st.sweep_started_at >= make_interval(secs => cfg.full_sweep_interval_s);
+    IF full_sweep THEN
+        cur_ts := '-infinity';
+        cur_id := '00000000-0000-0000-0000-000000000000';
+        IF NOT dry THEN
+            UPDATE orphan_cleanup.detector_state
+               SET sweep_started_at = now(), policy_fingerprint = fingerprint,
+                   cursor_ts = cur_ts, cursor_id = cur_id;
+        END IF;
+    ELSE
+        cur_ts := st.cursor_ts;
+        cur_id := st.cursor_id;
+    END IF;
+
+    -- The circuit breaker's limit, unless a DBA's reset_breaker() let this cycle through.
+    IF NOT dry AND NOT st.breaker_approved THEN
+        brk := orphan_cleanup._breaker_limits(att);
+        v_limit := brk.max_rows;
+        v_limits := brk.explanation;
+    END IF;
+
+    -- Jobs whose assets were deleted or changed since the last cycle.
+    IF dry THEN
+        SELECT array_agg(r.job_id) INTO v_recheck
+        FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 10000) AS r;
+    ELSE
+        WITH taken AS (
+            DELETE FROM orphan_cleanup.recheck
+            WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 10000)
+            RETURNING job_id)
+        SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
+    END IF;
+    IF v_recheck IS NOT NULL THEN
+        chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry);
+        rechecked := cardinality(v_recheck);
+        scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
+        n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
+        PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
+    END IF;
+
+    -- New history since the cursor, in chunks, until the budget is spent.
+    LOOP
+        budget := cfg.max_per_cycle - n_enqueued;
+        EXIT WHEN budget <= 0;
+        chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
+                                               least(budget, 10000)::integer, NULL, v_grace, dry);
+        scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
+        n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
+        PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
+        IF chunk.seen > 0 THEN
+            cur_ts := chunk.last_ts;
+            cur_id := chunk.last_id;
+        END IF;
+        EXIT WHEN chunk.seen < least(budget, 10000);
+    END LOOP;
+
+    IF NOT dry THEN
+        UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
+        PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
+        IF n_enqueued > 0 THEN
+            PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
+        END IF;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.enqueue_orphans(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    cfg record;
+    cutoff timestamptz;
+    cur_ts timestamptz := '-infinity';
+    cur_id uuid := '00000000-0000-0000-0000-000000000000';
+    total bigint := 0;
+    chunk record;
+    budget bigint;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be at least 1, got %', max_rows USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    att := orphan_cleanup._require_attached('enqueue_orphans()');
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
+        RAISE EXCEPTION 'orphan_cleanup.allowed_buckets is empty, so no object may be deleted'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
+    END IF;
+    cutoff := now() - coalesce(min_age, make_interval(secs => cfg.min_age_s));
+    LOOP
+        budget := max_rows - total;
+        EXIT WHEN budget <= 0;
+        chunk := orphan_cleanup._process_chunk(att, NULL, session_user::text, cutoff, cur_ts, cur_id,
+                                               least(budget, 10000)::integer, NULL,
+                                               make_interval(secs => cfg.grace_s), false);
+        total := total + chunk.n_enqueued;
+        EXIT WHEN chunk.seen < least(budget, 10000);
+        cur_ts := chunk.last_ts;
+        cur_id := chunk.last_id;
+    END LOOP;
+    IF total > 0 THEN
+        PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', total::text);
+    END IF;
+    RETURN total;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.attach()
+RETURNS TABLE (item text, status text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    cfg record;
+    v_jobs oid;
+    v_assets oid;
+    problems text[] := '{}';
+    prev orphan_cleanup.attachment;
+    want record;
+    v_type text;
+    v_typtype "char";
+    fk record;
+BEGIN
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
+    v_assets := pg_catalog.to_regclass(cfg.assets_table);
+    IF v_jobs IS NULL THEN
+        problems := problems || format('jobs table %s (orphan_cleanup.jobs_table) does not exist; set a schema-qualified name such as public.render_jobs', cfg.jobs_table);
+    END IF;
+    IF v_assets IS NULL THEN
+        problems := problems || format('assets table %s (orphan_cleanup.assets_table) does not exist; set a schema-qualified name such as public.user_assets', cfg.assets_table);
+    END IF;
+    FOR want IN
+        SELECT * FROM (VALUES
+            (v_jobs, 'id', ARRAY['uuid'], 'the job id the assets reference'),
+            (v_jobs, 'status', ARRAY['text', 'character varying', 'enum'], 'completed jobs have status ''completed'''),
+            (v_jobs, 'output_url', ARRAY['text', 'character varying'], 'the storage URL of the job''s file'),
+            (v_jobs, cfg.age_column, ARRAY['timestamp with time zone', 'timestamp without time zone'], 'orphan_cleanup.age_column'),
+            (v_assets, 'id', NULL, 'the guide''s orphan query joins on it'),
+            (v_assets, 'metadata', ARRAY['jsonb', 'json'], 'holds render_job_id')
+        ) AS w(rel, col, types, why)
+        WHERE w.rel IS NOT NULL
+    LOOP
+        SELECT pg_catalog.format_type(a.atttypid, NULL), t.typtype INTO v_type, v_typtype
+        FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid
+        WHERE a.attrelid = want.rel AND a.attname = want.col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF NOT FOUND THEN
+            problems := problems || format('column %I is missing from %s (%s)', want.col, want.rel::regclass, want.why);
+        ELSIF want.types IS NOT NULL AND NOT (v_type = ANY (want.types) OR (v_typtype = 'e' AND 'enum' = ANY (want.types))) THEN
+            problems := problems || format('column %I of %s is %s, expected %s (%s)', want.col, want.rel::regclass, v_type,
+                                           array_to_string(want.types, ' or '), want.why);
+        END IF;
+    END LOOP;
+    IF cardinality(problems) > 0 THEN
+        RAISE EXCEPTION 'attach() found % problem(s) with the configured tables; nothing was changed', cardinality(problems)
+            USING ERRCODE = 'undefined_object',
+                  DETAIL = array_to_string(problems, E'\n'),
+                  HINT = 'Fix the tables or the orphan_cleanup.jobs_table / assets_table / age_column settings (ALTER SYSTEM SET ...; SELECT pg_reload_conf();), then run attach() again.';
+    END IF;
+
+    SELECT * INTO prev FROM orphan_cleanup.attachment;
+    IF FOUND AND prev.assets_oid <> v_assets THEN
+        PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
+    END IF;
+    INSERT INTO orphan_cleanup.attachment AS a (singleton, jobs_table, jobs_oid, assets_table, assets_oid, age_column)
+    VALUES (true, cfg.jobs_table, v_jobs, cfg.assets_table, v_assets, cfg.age_column)
+    ON CONFLICT (singleton) DO UPDATE
+       SET jobs_table = excluded.jobs_table, jobs_oid = excluded.jobs_oid,
+           assets_table = excluded.assets_table, assets_oid = excluded.assets_oid,
+           age_column = excluded.age_column, attached_at = now(), attached_by = current_user;
+    IF prev IS NULL OR prev.jobs_oid <> v_jobs OR prev.assets_oid <> v_assets OR prev.age_column <> cfg.age_column THEN
+        UPDATE orphan_cleanup.detector_state SET sweep_started_at = NULL;
+    END IF;
+
+    PERFORM orphan_cleanup._drop_guards(v_assets);
+    EXECUTE format('CREATE TRIGGER orphan_cleanup_save_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.save_guard()', v_assets::regclass);
+    -- ALWAYS: the guard fires under session_replication_role = replica too (logical replication).
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', v_assets::regclass);
+    EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.truncate_guard()', v_assets::regclass);
+
+    INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
+    VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
+
+    item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
+    item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
+    item := 'save guard'; status := 'ok';
+    detail := format('trigger orphan_cleanup_save_guard installed on %s (enabled ALWAYS)', v_assets::regclass); RETURN NEXT;
+    FOR fk IN
+        SELECT c.conname, c.conrelid::regclass AS tbl, c.confdeltype
+        FROM pg_catalog.pg_constraint AS c
+        WHERE c.confrelid = v_jobs AND c.contype = 'f'
+    LOOP
+        item := 'foreign key ' || fk.conname;
+        status := 'warning';
+        detail := format('%s references the jobs table ON DELETE %s: %s', fk.tbl,
+                         CASE fk.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT'
+                                             WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION' END,
+                         CASE WHEN fk.confdeltype IN ('c', 'n', 'd')
+                              THEN 'with on_confirm = delete, confirm() also changes the referencing rows; set orphan_cleanup.on_confirm = clear_url to keep them'
+                              ELSE 'confirm() cannot delete referenced jobs and clears their output_url instead (audited)' END);
+        RETURN NEXT;
+    END LOOP;
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
+        item := 'allowed_buckets'; status := 'warning';
+        detail := 'empty: cycles will refuse to run until you set orphan_cleanup.allowed_buckets'; RETURN NEXT;
+    END IF;
+    RETURN QUERY SELECT * FROM orphan_cleanup._index_report(v_jobs, v_assets, cfg.age_column);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION orphan_cleanup.run_cycle()
 RETURNS TABLE (cycle_id bigint, status text, found bigint, enqueued bigint, protected bigint,
                rejected bigint, duration_ms numeric)
@@ -174,22 +437,22 @@ CREATE FUNCTION orphan_cleanup."_allowed_hosts"() RETURNS TEXT[]
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_allowed_hosts_wrapper';
-CREATE FUNCTION orphan_cleanup."_normalize_hosts"("hosts" TEXT[]) RETURNS TEXT[]
+CREATE FUNCTION orphan_cleanup."_normalize_hosts"("hosts" TEXT[], "what" TEXT) RETURNS TEXT[]
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_normalize_hosts_wrapper';
 
-CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], bare_ok boolean, bucket text, host text) RETURNS boolean
+CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], home_ok boolean, bucket text, host text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN (buckets IS NULL OR bucket OPERATOR(pg_catalog.=) ANY (buckets))
-   AND CASE WHEN host IS NULL THEN bare_ok
-            ELSE hosts IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts) END;
+RETURN home_ok
+   AND (buckets IS NULL OR bucket OPERATOR(pg_catalog.=) ANY (buckets))
+   AND (host IS NULL OR hosts IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts));
 
-CREATE FUNCTION orphan_cleanup._bare_ok(hosts text[], home text) RETURNS boolean
+CREATE FUNCTION orphan_cleanup._home_ok(hosts text[], home text) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 RETURN hosts IS NULL
-    OR (SELECT c.allowed_hosts = '' FROM orphan_cleanup._config() AS c)
-    OR home = ANY (orphan_cleanup._allowed_hosts());
+    OR orphan_cleanup._no_entries((SELECT c.allowed_hosts FROM orphan_cleanup._config() AS c))
+    OR coalesce(home = ANY (orphan_cleanup._allowed_hosts()), false);
 
 CREATE FUNCTION orphan_cleanup._lock_reaper_row(p_reaper text) RETURNS boolean
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -214,7 +477,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._note_passed_over(p_reaper text, p_max integer, p_buckets text[], p_hosts text[], p_bare_ok boolean) RETURNS void
+CREATE FUNCTION orphan_cleanup._note_passed_over(p_reaper text, p_max integer, p_buckets text[], p_hosts text[], p_home_ok boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -230,7 +493,7 @@ BEGIN
           WHERE d.state = 'pending' AND d.available_at <= now()
           ORDER BY d.available_at, d.id
           LIMIT p_max) AS s
-    WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, p_bare_ok, s.bucket, s.host);
+    WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, p_home_ok, s.bucket, s.host);
     UPDATE orphan_cleanup.reapers AS r
        SET passed_over = v_passed,
            passed_over_what = CASE WHEN v_passed > 0 THEN v_what ELSE r.passed_over_what END,
@@ -260,7 +523,7 @@ DECLARE
     v_bad_reason text[];
     v_wait bigint[];
     v_wait_until timestamptz[];
-    v_bare_ok boolean;
+    v_home_ok boolean;
     v_n bigint;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -277,15 +540,16 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
     END IF;
-    IF array_position(buckets, NULL) IS NOT NULL OR EXISTS (SELECT 1 FROM unnest(buckets) AS x WHERE btrim(x) = '') THEN
-        RAISE EXCEPTION 'buckets must not contain NULL or empty entries, got %', buckets
+    IF cardinality(buckets) = 0 OR array_position(buckets, NULL) IS NOT NULL
+       OR EXISTS (SELECT 1 FROM unnest(buckets) AS x WHERE btrim(x) = '') THEN
+        RAISE EXCEPTION 'buckets must name at least one bucket, with no NULL or empty entries, got %', buckets
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Pass the reaper''s own list, e.g. ARRAY[''renders''], or NULL for any.';
     END IF;
     -- Spelled as the parser spells a URL's host; anything else is refused, naming it.
-    hosts := orphan_cleanup._normalize_hosts(hosts);
+    hosts := orphan_cleanup._normalize_hosts(hosts, 'hosts');
     IF home_host IS NOT NULL THEN
-        home_host := (orphan_cleanup._normalize_hosts(ARRAY[home_host]))[1];
+        home_host := (orphan_cleanup._normalize_hosts(ARRAY[home_host], 'home_host'))[1];
     END IF;
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reaping_enabled THEN
@@ -294,7 +558,7 @@ BEGIN
     att := orphan_cleanup._require_attached('claim()');
     -- An empty allow-list is a configuration mistake, not a policy: rejecting every row it
     -- re-checks would empty the queue into 'rejected' until the next full sweep.
-    IF cfg.allowed_buckets = '' THEN
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
         RAISE EXCEPTION 'claim() refused: orphan_cleanup.allowed_buckets is empty, so no object may be deleted; the queue is left as it is'
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
@@ -304,7 +568,7 @@ BEGIN
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
     PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
     PERFORM orphan_cleanup._expire_leases(worker);
-    v_bare_ok := orphan_cleanup._bare_ok(hosts, home_host);
+    v_home_ok := orphan_cleanup._home_ok(hosts, home_host);
     PERFORM orphan_cleanup._note_reaper(worker, buckets, hosts, home_host);
 
     -- 1. Queue rows this reaper serves, oldest first; rows another transaction holds are
@@ -312,14 +576,14 @@ BEGIN
     SELECT array_agg(r.id) INTO v_ids
     FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
-            AND orphan_cleanup._serves(buckets, hosts, v_bare_ok, d.bucket, d.host)
+            AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                             WHERE f.queue_id = d.id AND f.refused_by = worker)
           ORDER BY d.available_at, d.id
           LIMIT max_rows
           FOR UPDATE SKIP LOCKED) AS r;
     IF coalesce(cardinality(v_ids), 0) < max_rows AND (buckets IS NOT NULL OR hosts IS NOT NULL) THEN
-        PERFORM orphan_cleanup._note_passed_over(worker, max_rows, buckets, hosts, v_bare_ok);
+        PERFORM orphan_cleanup._note_passed_over(worker, max_rows, buckets, hosts, v_home_ok);
     END IF;
     IF v_ids IS NULL THEN
         RETURN;
@@ -567,7 +831,7 @@ CREATE FUNCTION orphan_cleanup._reaper_coverage(
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
-    v_any_host boolean := (SELECT c.allowed_hosts = '' FROM orphan_cleanup._config() AS c);
+    v_any_host boolean := orphan_cleanup._no_entries((SELECT c.allowed_hosts FROM orphan_cleanup._config() AS c));
     v_homes text;
     v_active orphan_cleanup.reapers[];
     by_refusals record;
@@ -585,7 +849,7 @@ BEGIN
               WHERE q.state = 'pending' AND q.available_at <= now()
               GROUP BY q.bucket, q.host) AS g
         WHERE NOT EXISTS (SELECT 1 FROM unnest(v_active) AS a
-                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), g.bucket, g.host));
+                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._home_ok(a.hosts, a.home), g.bucket, g.host));
         -- By refusals: rows some active reaper serves, but every one that does refused.
         SELECT count(DISTINCT q.id) AS n, string_agg(DISTINCT format('%s @ %s', q.bucket, coalesce(q.host, '(no host)')), ', ') AS what
           INTO by_refusals
@@ -593,9 +857,9 @@ BEGIN
         JOIN orphan_cleanup.deletion_queue AS q ON q.id = f.queue_id
         WHERE q.state = 'pending' AND q.available_at <= now()
           AND EXISTS (SELECT 1 FROM unnest(v_active) AS a
-                      WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), q.bucket, q.host))
+                      WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._home_ok(a.hosts, a.home), q.bucket, q.host))
           AND NOT EXISTS (SELECT 1 FROM unnest(v_active) AS a
-                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), q.bucket, q.host)
+                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._home_ok(a.hosts, a.home), q.bucket, q.host)
                             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f2
                                             WHERE f2.queue_id = q.id AND f2.refused_by = a.reaper));
         IF by_refusals.n > 0 THEN
@@ -613,13 +877,20 @@ BEGIN
     SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', x.reaper,
                              coalesce(array_to_string(r.buckets, ','), 'any'), coalesce(array_to_string(r.hosts, ','), 'any'),
                              concat_ws(' and ',
-                                 CASE WHEN r.passed_over_at > now() - interval '15 minutes'
+                                 CASE WHEN NOT orphan_cleanup._home_ok(r.hosts, r.home)
+                                      THEN format('is another project''s: its own host %s is not one of orphan_cleanup.allowed_hosts, so it is handed nothing', coalesce(r.home, '(unsaid)')) END,
+                                 CASE WHEN r.hosts IS NULL AND NOT v_any_host
+                                      THEN 'says nothing of the hosts it serves (a reaper older than 0.2.0), so it is handed rows of every host: upgrade it' END,
+                                 CASE WHEN r.passed_over_at > now() - interval '15 minutes' AND orphan_cleanup._home_ok(r.hosts, r.home)
                                       THEN format('left ready rows it does not serve (%s) to other reapers', r.passed_over_what) END,
                                  CASE WHEN f.n IS NOT NULL
                                       THEN format('refused %s rows it was handed (%s)', f.n, f.reason) END)),
                       '; ' ORDER BY x.reaper)
       INTO misconfigured
     FROM (SELECT r.reaper FROM orphan_cleanup.reapers AS r WHERE r.passed_over_at > now() - interval '15 minutes'
+          UNION
+          SELECT a.reaper FROM unnest(v_active) AS a
+          WHERE NOT orphan_cleanup._home_ok(a.hosts, a.home) OR (a.hosts IS NULL AND NOT v_any_host)
           UNION
           SELECT f.refused_by FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour') AS x
     LEFT JOIN orphan_cleanup.reapers AS r ON r.reaper = x.reaper
@@ -649,6 +920,7 @@ DECLARE
     n bigint;
     ix record;
     cov record;
+    v_ready_since timestamptz;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_interval := make_interval(secs => cfg.interval_s);
@@ -680,7 +952,7 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'allowed buckets';
-    IF cfg.allowed_buckets = '' THEN
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
         status := 'critical'; detail := 'orphan_cleanup.allowed_buckets is empty: nothing may be deleted and cycles refuse to run';
     ELSE
         status := 'ok'; detail := format('buckets %s; prefixes %s; hosts %s', cfg.allowed_buckets,
@@ -765,7 +1037,16 @@ BEGIN
                       cov.misconfigured)
                   || '. Check each reaper''s SUPABASE_URL, --storage-hosts and --buckets against orphan_cleanup.allowed_hosts and allowed_buckets';
     ELSIF cov.active = 0 THEN
-        status := 'ok'; detail := 'no reaper has claimed in the last 15 minutes';
+        SELECT min(q.available_at) INTO v_ready_since FROM orphan_cleanup.deletion_queue AS q
+        WHERE q.state = 'pending' AND q.available_at <= now();
+        IF v_ready_since < now() - interval '1 hour'
+           AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '1 hour') THEN
+            status := 'warning';
+            detail := format('rows have been ready since %s and no reaper has claimed in the last hour: is a reaper running (reaper run, or reaper drain on a schedule)?',
+                             to_char(v_ready_since, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        ELSE
+            status := 'ok'; detail := 'no reaper has claimed in the last 15 minutes';
+        END IF;
     ELSE
         status := 'ok'; detail := format('%s reapers active in the last 15 minutes; between them they serve every ready row', cov.active);
     END IF;
@@ -867,9 +1148,10 @@ $$;
 REVOKE ALL ON FUNCTION
     orphan_cleanup._pause_point(text),
     orphan_cleanup._allowed_hosts(),
-    orphan_cleanup._normalize_hosts(text[]),
+    orphan_cleanup._normalize_hosts(text[], text),
     orphan_cleanup._serves(text[], text[], boolean, text, text),
-    orphan_cleanup._bare_ok(text[], text),
+    orphan_cleanup._home_ok(text[], text),
+    orphan_cleanup._no_entries(text),
     orphan_cleanup._lock_reaper_row(text),
     orphan_cleanup._note_reaper(text, text[], text[], text),
     orphan_cleanup._note_passed_over(text, integer, text[], text[], boolean),

@@ -66,24 +66,28 @@ BEGIN
 END
 $$;
 
--- Whether a reaper that serves these buckets and hosts (NULL: any) may delete an object in
--- `bucket` named through `host`. A bare bucket/key value names no host: it belongs to this
--- database's project, and bare_ok says whether the reaper is that project's (see claim()).
-CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], bare_ok boolean, bucket text, host text) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN (buckets IS NULL OR bucket OPERATOR(pg_catalog.=) ANY (buckets))
-   AND CASE WHEN host IS NULL THEN bare_ok
-            ELSE hosts IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts) END;
-
--- Whether a reaper whose own host (its SUPABASE_URL's) is `home` may delete the objects that
--- bare bucket/key values name: when it is one of orphan_cleanup.allowed_hosts, or when that list
--- is empty (the database cannot tell projects apart; health() then warns if reapers of several
--- hosts claim), or for a caller that names no hosts at all (a reaper older than 0.2.0).
-CREATE FUNCTION orphan_cleanup._bare_ok(hosts text[], home text) RETURNS boolean
+-- Whether a reaper is this database's project's: its own host (its SUPABASE_URL's, `home`) is one
+-- of orphan_cleanup.allowed_hosts. A reaper deletes every object through its own SUPABASE_URL,
+-- whatever host the row names, so a reaper of another project (a staging reaper pointed at
+-- production's database, even one that lists production's host) must be handed nothing: it would
+-- delete its own project's objects of the same names and close this project's rows. Undecidable,
+-- and so allowed, when allowed_hosts names no host (only bare bucket/key values are queued then;
+-- health() warns when reapers of several hosts claim) or when the caller names no hosts at all
+-- (a reaper older than 0.2.0; health() names it).
+CREATE FUNCTION orphan_cleanup._home_ok(hosts text[], home text) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 RETURN hosts IS NULL
-    OR (SELECT c.allowed_hosts = '' FROM orphan_cleanup._config() AS c)
-    OR home = ANY (orphan_cleanup._allowed_hosts());
+    OR orphan_cleanup._no_entries((SELECT c.allowed_hosts FROM orphan_cleanup._config() AS c))
+    OR coalesce(home = ANY (orphan_cleanup._allowed_hosts()), false);
+
+-- Whether a reaper that serves these buckets and hosts (NULL: any), and is this project's
+-- (home_ok, see _home_ok()), may delete an object in `bucket` named through `host`. A bare
+-- bucket/key value names no host: every reaper of this project serves it.
+CREATE FUNCTION orphan_cleanup._serves(buckets text[], hosts text[], home_ok boolean, bucket text, host text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN home_ok
+   AND (buckets IS NULL OR bucket OPERATOR(pg_catalog.=) ANY (buckets))
+   AND (host IS NULL OR hosts IS NULL OR host OPERATOR(pg_catalog.=) ANY (hosts));
 
 -- The reapers registry is bookkeeping: a claim never waits for it. Whoever writes a reaper's
 -- row first takes this transaction-scoped advisory lock without waiting; a claim that cannot
@@ -120,7 +124,7 @@ $$;
 -- oldest max_rows ready rows (the ones it would otherwise have taken). Only short claims look:
 -- a reaper that gets all it asks for is not waiting on rows it cannot serve, and a full claim
 -- pays nothing for this. Skipped, like _note_reaper(), while another claim writes the row.
-CREATE FUNCTION orphan_cleanup._note_passed_over(p_reaper text, p_max integer, p_buckets text[], p_hosts text[], p_bare_ok boolean) RETURNS void
+CREATE FUNCTION orphan_cleanup._note_passed_over(p_reaper text, p_max integer, p_buckets text[], p_hosts text[], p_home_ok boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -136,7 +140,7 @@ BEGIN
           WHERE d.state = 'pending' AND d.available_at <= now()
           ORDER BY d.available_at, d.id
           LIMIT p_max) AS s
-    WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, p_bare_ok, s.bucket, s.host);
+    WHERE NOT orphan_cleanup._serves(p_buckets, p_hosts, p_home_ok, s.bucket, s.host);
     UPDATE orphan_cleanup.reapers AS r
        SET passed_over = v_passed,
            passed_over_what = CASE WHEN v_passed > 0 THEN v_what ELSE r.passed_over_what END,
@@ -149,10 +153,10 @@ $$;
 -- save-guard protocol first; a row that fails a check is never handed out.
 --
 -- buckets and hosts are what the reaper serves (its own allow-list: --buckets, and the hosts of
--- SUPABASE_URL and --storage-hosts); home_host is its SUPABASE_URL's host. A row naming another
--- bucket or host is never handed to it and waits for a reaper that serves it; a bare bucket/key
--- row only to a reaper of this project (_bare_ok()). NULL lists serve every bucket or host (the
--- call of a reaper older than 0.2.0). Rows this reaper refused before (refuse()) are never
+-- SUPABASE_URL and --storage-hosts); home_host is its SUPABASE_URL's host. A reaper of another
+-- project (_home_ok()) is handed nothing; a row naming another bucket or host is never handed to
+-- it and waits for a reaper that serves it. NULL lists serve every bucket or host (the call of a
+-- reaper older than 0.2.0). Rows this reaper refused before (refuse()) are never
 -- handed to it again while its lists stay the same.
 CREATE FUNCTION orphan_cleanup.claim(
     worker text,
@@ -175,7 +179,7 @@ DECLARE
     v_bad_reason text[];
     v_wait bigint[];
     v_wait_until timestamptz[];
-    v_bare_ok boolean;
+    v_home_ok boolean;
     v_n bigint;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -192,15 +196,16 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
     END IF;
-    IF array_position(buckets, NULL) IS NOT NULL OR EXISTS (SELECT 1 FROM unnest(buckets) AS x WHERE btrim(x) = '') THEN
-        RAISE EXCEPTION 'buckets must not contain NULL or empty entries, got %', buckets
+    IF cardinality(buckets) = 0 OR array_position(buckets, NULL) IS NOT NULL
+       OR EXISTS (SELECT 1 FROM unnest(buckets) AS x WHERE btrim(x) = '') THEN
+        RAISE EXCEPTION 'buckets must name at least one bucket, with no NULL or empty entries, got %', buckets
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Pass the reaper''s own list, e.g. ARRAY[''renders''], or NULL for any.';
     END IF;
     -- Spelled as the parser spells a URL's host; anything else is refused, naming it.
-    hosts := orphan_cleanup._normalize_hosts(hosts);
+    hosts := orphan_cleanup._normalize_hosts(hosts, 'hosts');
     IF home_host IS NOT NULL THEN
-        home_host := (orphan_cleanup._normalize_hosts(ARRAY[home_host]))[1];
+        home_host := (orphan_cleanup._normalize_hosts(ARRAY[home_host], 'home_host'))[1];
     END IF;
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reaping_enabled THEN
@@ -209,7 +214,7 @@ BEGIN
     att := orphan_cleanup._require_attached('claim()');
     -- An empty allow-list is a configuration mistake, not a policy: rejecting every row it
     -- re-checks would empty the queue into 'rejected' until the next full sweep.
-    IF cfg.allowed_buckets = '' THEN
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
         RAISE EXCEPTION 'claim() refused: orphan_cleanup.allowed_buckets is empty, so no object may be deleted; the queue is left as it is'
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
@@ -219,7 +224,7 @@ BEGIN
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
     PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
     PERFORM orphan_cleanup._expire_leases(worker);
-    v_bare_ok := orphan_cleanup._bare_ok(hosts, home_host);
+    v_home_ok := orphan_cleanup._home_ok(hosts, home_host);
     PERFORM orphan_cleanup._note_reaper(worker, buckets, hosts, home_host);
 
     -- 1. Queue rows this reaper serves, oldest first; rows another transaction holds are
@@ -227,14 +232,14 @@ BEGIN
     SELECT array_agg(r.id) INTO v_ids
     FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
-            AND orphan_cleanup._serves(buckets, hosts, v_bare_ok, d.bucket, d.host)
+            AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                             WHERE f.queue_id = d.id AND f.refused_by = worker)
           ORDER BY d.available_at, d.id
           LIMIT max_rows
           FOR UPDATE SKIP LOCKED) AS r;
     IF coalesce(cardinality(v_ids), 0) < max_rows AND (buckets IS NOT NULL OR hosts IS NOT NULL) THEN
-        PERFORM orphan_cleanup._note_passed_over(worker, max_rows, buckets, hosts, v_bare_ok);
+        PERFORM orphan_cleanup._note_passed_over(worker, max_rows, buckets, hosts, v_home_ok);
     END IF;
     IF v_ids IS NULL THEN
         RETURN;

@@ -152,15 +152,16 @@ $$;
 -- What the reapers that claimed in the last 15 minutes leave undone: ready rows none of them
 -- serves (by its buckets and hosts) or that every one that could serve refused (however long
 -- ago), rows refused in the last hour, and the reapers to blame, by name: those whose lists left
--- ready rows to others, those whose own allow-list refused rows, and, while
--- orphan_cleanup.allowed_hosts is empty, reapers of several projects claiming from one queue.
+-- ready rows to others, those of another project (own host not in allowed_hosts), those whose own
+-- allow-list refused rows, reapers older than 0.2.0 that say nothing of their hosts, and, while
+-- orphan_cleanup.allowed_hosts is empty, reapers of several hosts claiming from one queue.
 CREATE FUNCTION orphan_cleanup._reaper_coverage(
     OUT active integer, OUT unserved bigint, OUT unserved_what text,
     OUT refused_last_hour bigint, OUT misconfigured text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
-    v_any_host boolean := (SELECT c.allowed_hosts = '' FROM orphan_cleanup._config() AS c);
+    v_any_host boolean := orphan_cleanup._no_entries((SELECT c.allowed_hosts FROM orphan_cleanup._config() AS c));
     v_homes text;
     v_active orphan_cleanup.reapers[];
     by_refusals record;
@@ -178,7 +179,7 @@ BEGIN
               WHERE q.state = 'pending' AND q.available_at <= now()
               GROUP BY q.bucket, q.host) AS g
         WHERE NOT EXISTS (SELECT 1 FROM unnest(v_active) AS a
-                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), g.bucket, g.host));
+                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._home_ok(a.hosts, a.home), g.bucket, g.host));
         -- By refusals: rows some active reaper serves, but every one that does refused.
         SELECT count(DISTINCT q.id) AS n, string_agg(DISTINCT format('%s @ %s', q.bucket, coalesce(q.host, '(no host)')), ', ') AS what
           INTO by_refusals
@@ -186,9 +187,9 @@ BEGIN
         JOIN orphan_cleanup.deletion_queue AS q ON q.id = f.queue_id
         WHERE q.state = 'pending' AND q.available_at <= now()
           AND EXISTS (SELECT 1 FROM unnest(v_active) AS a
-                      WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), q.bucket, q.host))
+                      WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._home_ok(a.hosts, a.home), q.bucket, q.host))
           AND NOT EXISTS (SELECT 1 FROM unnest(v_active) AS a
-                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._bare_ok(a.hosts, a.home), q.bucket, q.host)
+                          WHERE orphan_cleanup._serves(a.buckets, a.hosts, orphan_cleanup._home_ok(a.hosts, a.home), q.bucket, q.host)
                             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f2
                                             WHERE f2.queue_id = q.id AND f2.refused_by = a.reaper));
         IF by_refusals.n > 0 THEN
@@ -206,13 +207,20 @@ BEGIN
     SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', x.reaper,
                              coalesce(array_to_string(r.buckets, ','), 'any'), coalesce(array_to_string(r.hosts, ','), 'any'),
                              concat_ws(' and ',
-                                 CASE WHEN r.passed_over_at > now() - interval '15 minutes'
+                                 CASE WHEN NOT orphan_cleanup._home_ok(r.hosts, r.home)
+                                      THEN format('is another project''s: its own host %s is not one of orphan_cleanup.allowed_hosts, so it is handed nothing', coalesce(r.home, '(unsaid)')) END,
+                                 CASE WHEN r.hosts IS NULL AND NOT v_any_host
+                                      THEN 'says nothing of the hosts it serves (a reaper older than 0.2.0), so it is handed rows of every host: upgrade it' END,
+                                 CASE WHEN r.passed_over_at > now() - interval '15 minutes' AND orphan_cleanup._home_ok(r.hosts, r.home)
                                       THEN format('left ready rows it does not serve (%s) to other reapers', r.passed_over_what) END,
                                  CASE WHEN f.n IS NOT NULL
                                       THEN format('refused %s rows it was handed (%s)', f.n, f.reason) END)),
                       '; ' ORDER BY x.reaper)
       INTO misconfigured
     FROM (SELECT r.reaper FROM orphan_cleanup.reapers AS r WHERE r.passed_over_at > now() - interval '15 minutes'
+          UNION
+          SELECT a.reaper FROM unnest(v_active) AS a
+          WHERE NOT orphan_cleanup._home_ok(a.hosts, a.home) OR (a.hosts IS NULL AND NOT v_any_host)
           UNION
           SELECT f.refused_by FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour') AS x
     LEFT JOIN orphan_cleanup.reapers AS r ON r.reaper = x.reaper
@@ -243,6 +251,7 @@ DECLARE
     n bigint;
     ix record;
     cov record;
+    v_ready_since timestamptz;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_interval := make_interval(secs => cfg.interval_s);
@@ -274,7 +283,7 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'allowed buckets';
-    IF cfg.allowed_buckets = '' THEN
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
         status := 'critical'; detail := 'orphan_cleanup.allowed_buckets is empty: nothing may be deleted and cycles refuse to run';
     ELSE
         status := 'ok'; detail := format('buckets %s; prefixes %s; hosts %s', cfg.allowed_buckets,
@@ -359,7 +368,16 @@ BEGIN
                       cov.misconfigured)
                   || '. Check each reaper''s SUPABASE_URL, --storage-hosts and --buckets against orphan_cleanup.allowed_hosts and allowed_buckets';
     ELSIF cov.active = 0 THEN
-        status := 'ok'; detail := 'no reaper has claimed in the last 15 minutes';
+        SELECT min(q.available_at) INTO v_ready_since FROM orphan_cleanup.deletion_queue AS q
+        WHERE q.state = 'pending' AND q.available_at <= now();
+        IF v_ready_since < now() - interval '1 hour'
+           AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '1 hour') THEN
+            status := 'warning';
+            detail := format('rows have been ready since %s and no reaper has claimed in the last hour: is a reaper running (reaper run, or reaper drain on a schedule)?',
+                             to_char(v_ready_since, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        ELSE
+            status := 'ok'; detail := 'no reaper has claimed in the last 15 minutes';
+        END IF;
     ELSE
         status := 'ok'; detail := format('%s reapers active in the last 15 minutes; between them they serve every ready row', cov.active);
     END IF;

@@ -179,6 +179,12 @@ SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refused_saves', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reapers', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refusals', '');
 
+-- Whether a comma-separated list setting names nothing: '', ' ' and ' , ' all read as empty,
+-- as the URL parser reads the allow-lists (a raw = '' test let ' ' through).
+CREATE FUNCTION orphan_cleanup._no_entries(list text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN pg_catalog.translate(COALESCE(list, ''), E', \t\r\n', '') OPERATOR(pg_catalog.=) '';
+
 -- A reference to a job, whatever its spelling: upper case, surrounding spaces or braces,
 -- hyphens or none. Returns the canonical uuid text, or NULL when it is no uuid at all.
 -- Plain SQL and fully qualified, so the planner inlines it and an index on it is usable.

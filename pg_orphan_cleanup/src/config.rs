@@ -69,29 +69,35 @@ fn _allowed_hosts() -> Vec<String> {
 
 /// A reaper's hosts, spelled as the parser spells a URL's host (lower case, default port
 /// dropped, IDNA), so that claim() compares like with like. Anything that is not one bare host
-/// or `host:port` is refused, naming it.
+/// or `host:port` is refused, naming the argument (`what`) and the value.
 #[pg_extern(immutable, parallel_safe)]
-fn _normalize_hosts(hosts: Vec<Option<String>>) -> Vec<String> {
+fn _normalize_hosts(hosts: Vec<Option<String>>, what: &str) -> Vec<String> {
     hosts
         .into_iter()
         .map(|h| {
-            let h = h.unwrap_or_default();
+            let Some(h) = h.filter(|h| !h.trim().is_empty()) else {
+                bad_host(what, None, "an entry is empty or NULL")
+            };
             match object_url::Policy::from_lists("", "", &h) {
                 Ok(p) if p.hosts.len() == 1 => p.hosts[0].clone(),
-                Ok(_) => bad_host(&h, "it must be one host"),
-                Err(e) => bad_host(&h, &e.to_string()),
+                Ok(_) => bad_host(what, Some(&h), "it must be one host"),
+                Err(e) => bad_host(what, Some(&h), &e.to_string()),
             }
         })
         .collect()
 }
 
-fn bad_host(host: &str, why: &str) -> ! {
+fn bad_host(what: &str, host: Option<&str>, why: &str) -> ! {
+    let message = match host {
+        Some(h) => format!("{what} {h:?} is not a host a reaper can serve: {why}"),
+        None => format!("{what} is not a list of hosts a reaper can serve: {why}"),
+    };
     pgrx::pg_sys::panic::ErrorReport::new(
         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-        format!("host {host:?} is not a host this reaper can serve: {why}"),
+        message,
         "_normalize_hosts",
     )
-    .set_hint("Pass bare hosts as the reaper does, e.g. ARRAY['abcd.supabase.co'] or ARRAY['127.0.0.1:54321'] (no scheme, path or empty entries).")
+    .set_hint("Pass bare hosts as the reaper does, e.g. hosts ARRAY['abcd.supabase.co'] and home_host 'abcd.supabase.co' (no scheme, path, port 443 or empty entries needed); NULL hosts means any.")
     .report(PgLogLevel::ERROR);
     unreachable!("an ERROR does not return")
 }

@@ -105,9 +105,26 @@ fn _note_refusal(job: pgrx::Uuid, queue_id: i64, actor: &str) -> bool {
 
     let mut ring = RING.exclusive();
     if ring.len == CAPACITY {
-        ring.notes.copy_within(1.., 0);
+        // Full: drop the oldest note no transaction is writing right now (if that transaction
+        // aborted, a taken note dropped here would be lost), or else the oldest.
+        let victim = ring.notes[..ring.len]
+            .iter()
+            .position(|n| n.taken_by == 0)
+            .unwrap_or(0);
+        ring.notes.copy_within(victim + 1.., victim);
         ring.len -= 1;
         ring.dropped += 1;
+        let dropped = ring.dropped;
+        drop(ring);
+        warning!(
+            "pg_orphan_cleanup: {CAPACITY} refused saves wait to be audited; the oldest note was dropped ({dropped} so far). \
+             orphan_cleanup.refused_saves still counts it; the worker or a cycle writes the notes to audit_log"
+        );
+        ring = RING.exclusive();
+        if ring.len == CAPACITY {
+            // Another refusal filled it meanwhile; this one goes uncounted in the ring.
+            return true;
+        }
     }
     let len = ring.len;
     ring.notes[len] = note;
@@ -128,7 +145,12 @@ fn _take_refusals() -> TableIterator<
     ),
 > {
     let mut taken = Vec::new();
-    if READY.load(Ordering::Relaxed) {
+    // Only a top-level transaction takes notes: a savepoint rolled back after taking them would
+    // undo their audit rows but keep them taken until the commit dropped them. Inside one (psql's
+    // ON_ERROR_ROLLBACK, a caller's exception block) this takes nothing; the worker flushes
+    // within a second, and the next cycle at top level.
+    let top_level = unsafe { pg_sys::GetCurrentTransactionNestLevel() } == 1;
+    if READY.load(Ordering::Relaxed) && top_level {
         let database = u32::from(unsafe { pg_sys::MyDatabaseId });
         let me = unsafe { pg_sys::MyProcPid };
         let mut ring = RING.exclusive();
@@ -149,8 +171,12 @@ fn _take_refusals() -> TableIterator<
     }
     if !taken.is_empty() {
         register_xact_callback(PgXactCallbackEvent::Commit, || settle(true));
-        register_xact_callback(PgXactCallbackEvent::Prepare, || settle(true));
         register_xact_callback(PgXactCallbackEvent::Abort, || settle(false));
+        // Whether a prepared transaction commits or rolls back is decided later, maybe by another
+        // session: its notes could be neither kept nor dropped correctly. Refused, like NOTIFY.
+        register_xact_callback(PgXactCallbackEvent::PrePrepare, || {
+            error!("cannot PREPARE a transaction that has written refused-save audit rows (orphan_cleanup._flush_refusals(), run_cycle()); commit it, or run the cycle in a transaction of its own")
+        });
     }
     TableIterator::new(taken)
 }

@@ -1015,29 +1015,56 @@ fn claim_hands_a_reaper_only_the_rows_of_its_buckets_and_hosts() {
         .get(0);
     assert_eq!(unserved, 0);
 
-    // Hosts that are not bare hosts are refused, naming the value and the fix.
-    for (hosts, named) in [
-        ("ARRAY['']", "host \"\""),
+    // Hosts that are not bare hosts are refused, naming the argument, the value and the fix.
+    for (args, named) in [
+        (
+            "ARRAY['']",
+            "hosts is not a list of hosts a reaper can serve: an entry is empty or NULL",
+        ),
+        (
+            "ARRAY[NULL]",
+            "hosts is not a list of hosts a reaper can serve: an entry is empty or NULL",
+        ),
         (
             "ARRAY['https://abcd.supabase.co/']",
-            "host \"https://abcd.supabase.co/\"",
+            "hosts \"https://abcd.supabase.co/\" is not a host a reaper can serve",
         ),
-        ("ARRAY['a.co,b.co']", "host \"a.co,b.co\""),
+        (
+            "ARRAY['a.co,b.co']",
+            "hosts \"a.co,b.co\" is not a host a reaper can serve",
+        ),
+        (
+            "ARRAY['abcd.supabase.co'], 'https://abcd.supabase.co'",
+            "home_host \"https://abcd.supabase.co\" is not a host a reaper can serve",
+        ),
+        (
+            "ARRAY['abcd.supabase.co'], ''",
+            "home_host is not a list of hosts a reaper can serve: an entry is empty or NULL",
+        ),
     ] {
         let e = c
             .query(
-                &format!("SELECT * FROM orphan_cleanup.claim('x', 10, '5 minutes', ARRAY['renders'], {hosts})"),
+                &format!("SELECT * FROM orphan_cleanup.claim('x', 10, '5 minutes', ARRAY['renders'], {args})"),
                 &[],
             )
             .unwrap_err();
         let text = db_error(&e);
         assert!(
-            text.contains(named)
-                && text.contains("is not a host this reaper can serve")
-                && text.contains("HINT: Pass bare hosts"),
-            "{text}"
+            text.contains(named) && text.contains("HINT: Pass bare hosts"),
+            "{args}: {text}"
         );
     }
+    let e = c
+        .query(
+            "SELECT * FROM orphan_cleanup.claim('x', 10, '5 minutes', '{}')",
+            &[],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("buckets must name at least one bucket"),
+        "{}",
+        db_error(&e)
+    );
     let e = c
         .query(
             "SELECT * FROM orphan_cleanup.claim('x', 10, '5 minutes', ARRAY['renders', NULL])",
@@ -1045,7 +1072,8 @@ fn claim_hands_a_reaper_only_the_rows_of_its_buckets_and_hosts() {
         )
         .unwrap_err();
     assert!(
-        db_error(&e).contains("buckets must not contain NULL or empty entries"),
+        db_error(&e)
+            .contains("buckets must name at least one bucket, with no NULL or empty entries"),
         "{}",
         db_error(&e)
     );
@@ -1086,7 +1114,8 @@ fn bare_rows_go_only_to_a_reaper_of_this_project() {
     let (status, detail) = allow_list_health(&mut c);
     assert_eq!(status, "warning");
     assert!(
-        detail.contains("reaper staging (buckets renders; hosts staging.supabase.co) left ready rows it does not serve (renders @ (no host: a bare bucket/key value))"),
+        detail.contains("reaper staging (buckets renders; hosts staging.supabase.co) is another project's: its own host staging.supabase.co is not one of orphan_cleanup.allowed_hosts, so it is handed nothing")
+            && detail.contains("reaper hostless (buckets renders; hosts ) is another project's: its own host (unsaid)"),
         "{detail}"
     );
     assert_eq!(
@@ -1271,9 +1300,8 @@ fn a_reaper_refusing_rows_gives_them_back_and_is_never_handed_them_again() {
     assert_eq!(refused, 3);
     let named = named.unwrap_or_default();
     assert!(
-        named.contains(
-            "reaper old-reaper (buckets renders; hosts any) refused 3 rows it was handed"
-        ),
+        named.contains("reaper old-reaper (buckets renders; hosts any) says nothing of the hosts it serves")
+            && named.contains("and refused 3 rows it was handed (host \"abcd.supabase.co\" is not in the host allow-list"),
         "{named}"
     );
     let (status, detail): (String, String) = c
@@ -1340,5 +1368,110 @@ fn a_reaper_whose_lists_change_may_be_handed_what_it_refused_before() {
     assert_eq!(
         claim_serving(&mut c, "r", Some(&["renders"]), Some(&[HOST]), Some(HOST)).len(),
         2
+    );
+}
+
+#[test]
+fn a_reaper_of_another_project_is_handed_nothing_even_rows_of_hosts_it_lists() {
+    // A reaper deletes through its own SUPABASE_URL whatever host a row names. A staging reaper
+    // whose --storage-hosts was copied from production would delete staging's objects of the
+    // same names and close production's rows: its own host decides, not its list.
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_other_project", 3);
+    let mut c = db.client();
+    let staging = Some("staging.supabase.co");
+    assert!(claim_serving(
+        &mut c,
+        "staging",
+        Some(&["renders"]),
+        Some(&["staging.supabase.co", HOST]),
+        staging
+    )
+    .is_empty());
+    let (_, detail) = allow_list_health(&mut c);
+    assert!(
+        detail.contains("3 ready rows are served by no reaper")
+            && detail.contains("reaper staging (buckets renders; hosts staging.supabase.co,abcd.supabase.co) is another project's"),
+        "{detail}"
+    );
+    assert_eq!(
+        claim_serving(
+            &mut c,
+            "production",
+            Some(&["renders"]),
+            Some(&[HOST]),
+            Some(HOST)
+        )
+        .len(),
+        3
+    );
+}
+
+#[test]
+fn a_reaper_older_than_0_2_0_is_named_for_saying_nothing_of_its_hosts() {
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_legacy_named", 1);
+    let mut c = db.client();
+    let buckets = vec!["renders".to_string()];
+    c.query(
+        "SELECT id FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4)",
+        &[&"old-reaper", &100i32, &"300 seconds", &buckets],
+    )
+    .unwrap();
+    let (status, detail) = allow_list_health(&mut c);
+    assert_eq!(status, "warning");
+    assert!(
+        detail.contains("reaper old-reaper (buckets renders; hosts any) says nothing of the hosts it serves (a reaper older than 0.2.0), so it is handed rows of every host: upgrade it"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn allow_lists_of_only_spaces_and_commas_read_as_empty() {
+    // ' , ' parses as no host at all: bare values only, as with ''; a raw = '' test stranded
+    // every bare row. And ' ' for buckets must refuse like '' does, not reject the queue.
+    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", " , ")]);
+    let db = TestDb::attached("queue_blank_lists");
+    let mut c = db.client();
+    job(
+        &mut c,
+        "completed",
+        Some("renders/bare.png"),
+        "2 hours",
+        "bare",
+    );
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(
+        claim_serving(&mut c, "r", Some(&["renders"]), Some(&[HOST]), Some(HOST)).len(),
+        1
+    );
+    settings(&[("allowed_buckets", " "), ("allowed_hosts", " , ")]);
+    let e = c
+        .query("SELECT * FROM orphan_cleanup.claim('r', 10)", &[])
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("orphan_cleanup.allowed_buckets is empty"),
+        "{}",
+        db_error(&e)
+    );
+    assert_eq!(cycle(&mut c).0, "failed", "a cycle refuses too");
+}
+
+#[test]
+fn health_asks_whether_a_reaper_runs_when_rows_have_waited_an_hour() {
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_no_reaper", 2);
+    let mut c = db.client();
+    let (status, _) = allow_list_health(&mut c);
+    assert_eq!(status, "ok", "rows just queued: nothing to say yet");
+    c.batch_execute(
+        "UPDATE orphan_cleanup.deletion_queue SET available_at = now() - interval '2 hours'",
+    )
+    .unwrap();
+    let (status, detail) = allow_list_health(&mut c);
+    assert_eq!(status, "warning");
+    assert!(
+        detail.contains("no reaper has claimed in the last hour: is a reaper running"),
+        "{detail}"
     );
 }

@@ -409,3 +409,108 @@ fn a_refused_save_is_audited_even_when_the_cycle_that_took_its_note_rolls_back()
     cycle(&mut c);
     assert_eq!(audit_count(&mut c, &j, "refused"), 1, "once, not twice");
 }
+
+/// Claims every queued row and tries to save each job; returns the job ids refused.
+fn refuse_saves(c: &mut postgres::Client, n: usize, tag: &str) -> Vec<String> {
+    let jobs: Vec<String> = (0..n)
+        .map(|i| {
+            job(
+                c,
+                "completed",
+                Some(&public_url("renders", &format!("{tag}/{i}.png"))),
+                "2 hours",
+                "orphan",
+            )
+            .0
+        })
+        .collect();
+    cycle(c);
+    claim(c, tag, 10_000);
+    for j in &jobs {
+        let e = save(c, "generated_saved", j).unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "OC001");
+    }
+    jobs
+}
+
+fn refused_audited(c: &mut impl postgres::GenericClient, jobs: &[String]) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'refused' AND job_id::text = ANY ($1)",
+        &[&jobs],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn a_flush_inside_a_savepoint_takes_no_refused_save_notes() {
+    // A savepoint rolled back after taking notes would undo their audit rows while the notes
+    // stayed taken until the commit dropped them (psql's ON_ERROR_ROLLBACK does this).
+    let (db, _) = one_queued("guard_refusal_savepoint");
+    let mut c = db.client();
+    let jobs = refuse_saves(&mut c, 1, "sp");
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    let taken: i64 = tx
+        .query_one("SELECT orphan_cleanup._flush_refusals()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(taken, 0, "nothing taken inside a savepoint");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    tx.commit().unwrap();
+    cycle(&mut c);
+    assert_eq!(refused_audited(&mut c, &jobs), 1);
+}
+
+#[test]
+fn a_transaction_that_took_refused_save_notes_cannot_be_prepared() {
+    let (db, _) = one_queued("guard_refusal_prepare");
+    let mut c = db.client();
+    let jobs = refuse_saves(&mut c, 1, "prep");
+    let mut tx = c.transaction().unwrap();
+    let taken: i64 = tx
+        .query_one("SELECT orphan_cleanup._flush_refusals()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(taken, 1);
+    let e = tx
+        .batch_execute("PREPARE TRANSACTION 'guard_refusal_prepare'")
+        .unwrap_err();
+    assert!(
+        db_error(&e)
+            .contains("cannot PREPARE a transaction that has written refused-save audit rows"),
+        "{}",
+        db_error(&e)
+    );
+    drop(tx);
+    cycle(&mut c);
+    assert_eq!(
+        refused_audited(&mut c, &jobs),
+        1,
+        "the note came back and was written"
+    );
+}
+
+#[test]
+fn a_full_ring_of_notes_drops_one_nobody_is_writing() {
+    // 256 notes fit. A cycle that took the oldest and then rolls back must find it again, even
+    // if the ring filled meanwhile: the ring drops an untaken note first.
+    let (db, _) = one_queued("guard_refusal_ring");
+    let mut c = db.client();
+    let first = refuse_saves(&mut c, 1, "ring-first");
+    let mut holder = db.client();
+    let mut tx = holder.transaction().unwrap();
+    let taken: i64 = tx
+        .query_one("SELECT orphan_cleanup._flush_refusals()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(taken, 1);
+    refuse_saves(&mut c, 256, "ring-fill");
+    tx.rollback().unwrap();
+    cycle(&mut c);
+    assert_eq!(
+        refused_audited(&mut c, &first),
+        1,
+        "the taken note survived the full ring"
+    );
+}
