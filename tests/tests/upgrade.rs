@@ -152,8 +152,8 @@ fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
     let hosts = vec![HOST.to_string()];
     let claimed = c
         .query(
-            "SELECT id FROM orphan_cleanup.claim('reaper-0.2', 10, '5 minutes', $1, $2)",
-            &[&buckets, &hosts],
+            "SELECT id FROM orphan_cleanup.claim('reaper-0.2', 10, '5 minutes', $1, $2, $3)",
+            &[&buckets, &hosts, &HOST],
         )
         .unwrap();
     assert_eq!(claimed.len(), 2);
