@@ -103,32 +103,32 @@ fn _note_refusal(job: pgrx::Uuid, queue_id: i64, actor: &str) -> bool {
     note.actor[..n].copy_from_slice(&bytes[..n]);
     note.actor_len = n as u8;
 
-    let mut ring = RING.exclusive();
-    if ring.len == CAPACITY {
-        // Full: drop the oldest note no transaction is writing right now (if that transaction
-        // aborted, a taken note dropped here would be lost), or else the oldest.
-        let victim = ring.notes[..ring.len]
-            .iter()
-            .position(|n| n.taken_by == 0)
-            .unwrap_or(0);
-        ring.notes.copy_within(victim + 1.., victim);
-        ring.len -= 1;
-        ring.dropped += 1;
-        let dropped = ring.dropped;
-        drop(ring);
+    let dropped = {
+        let mut ring = RING.exclusive();
+        let full = ring.len == CAPACITY;
+        if full {
+            // Drop the oldest note no transaction is writing right now (if that transaction
+            // aborted, a taken note dropped here would be lost), or else the oldest.
+            let victim = ring.notes[..ring.len]
+                .iter()
+                .position(|n| n.taken_by == 0)
+                .unwrap_or(0);
+            ring.notes.copy_within(victim + 1.., victim);
+            ring.len -= 1;
+            ring.dropped += 1;
+        }
+        let len = ring.len;
+        ring.notes[len] = note;
+        ring.len += 1;
+        full.then_some(ring.dropped)
+    };
+    // Outside the lock: a WARNING may be sent to the client.
+    if let Some(dropped) = dropped {
         warning!(
             "pg_orphan_cleanup: {CAPACITY} refused saves wait to be audited; the oldest note was dropped ({dropped} so far). \
              orphan_cleanup.refused_saves still counts it; the worker or a cycle writes the notes to audit_log"
         );
-        ring = RING.exclusive();
-        if ring.len == CAPACITY {
-            // Another refusal filled it meanwhile; this one goes uncounted in the ring.
-            return true;
-        }
     }
-    let len = ring.len;
-    ring.notes[len] = note;
-    ring.len += 1;
     true
 }
 

@@ -168,8 +168,8 @@ pub struct Settings {
     pub key: ServiceKey,
     pub policy: object_url::Policy,
     /// SUPABASE_URL's host, as the parser spells it: the project this reaper deletes in. The
-    /// database hands bare `bucket/key` rows only to a reaper whose home is one of its
-    /// `orphan_cleanup.allowed_hosts`.
+    /// database hands nothing to a reaper whose home is not one of its
+    /// `orphan_cleanup.allowed_hosts` (it would delete another project's objects).
     pub home_host: String,
     pub batch_size: usize,
     pub concurrency: usize,

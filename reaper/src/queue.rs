@@ -184,8 +184,9 @@ impl Queue {
     }
 
     /// Claims up to `max_rows` rows this reaper serves: objects in `buckets`, named through one
-    /// of `hosts`, or bare `bucket/key` rows when `home` (SUPABASE_URL's host) is this
-    /// database's project. Rows of other buckets and hosts wait for a reaper that serves them.
+    /// of `hosts` or through no host (bare `bucket/key` rows). Nothing at all when `home`
+    /// (SUPABASE_URL's host) is not this database's project. Rows of other buckets and hosts wait
+    /// for a reaper that serves them.
     pub async fn claim(
         &self,
         max_rows: usize,

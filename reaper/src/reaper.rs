@@ -144,11 +144,6 @@ impl Reaper {
         self.settings.policy.buckets.clone()
     }
 
-    /// The hosts this reaper serves: SUPABASE_URL's and --storage-hosts.
-    fn hosts(&self) -> Vec<String> {
-        self.settings.policy.hosts.clone()
-    }
-
     /// Proves the key can delete: uploads one tiny object into the first allowed bucket and
     /// deletes it in bulk. An anon key cannot upload; a key that can upload but not delete gets
     /// `200 []`. Either way the reaper would report every object "already absent" forever.
@@ -384,10 +379,10 @@ impl Reaper {
         let Some(want) = self.claim_budget() else {
             return Ok(None);
         };
-        let (buckets, hosts) = (self.buckets(), self.hosts());
+        // What it serves: --buckets, the hosts of SUPABASE_URL and --storage-hosts, its own host.
         let serves = crate::queue::Serves {
-            buckets: &buckets,
-            hosts: &hosts,
+            buckets: &self.settings.policy.buckets,
+            hosts: &self.settings.policy.hosts,
             home: &self.settings.home_host,
         };
         let batch = q.claim(want, self.settings.lease, &serves).await?;
