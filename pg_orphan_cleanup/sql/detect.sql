@@ -29,6 +29,53 @@ BEGIN
 END
 $$;
 
+-- What is wrong with the guard triggers, or NULL. Only the exact triggers attach() creates
+-- count: the right table, events and function, fired for each row, no WHEN clause, and enabled
+-- ALWAYS. Enabled ORIGIN ('O', what DISABLE/ENABLE TRIGGER ALL leaves) does not fire under
+-- session_replication_role = replica (logical replication); REPLICA fires only there.
+CREATE FUNCTION orphan_cleanup._guard_problem(att orphan_cleanup.attachment) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    want record;
+    t record;
+    rel regclass;
+BEGIN
+    FOR want IN
+        SELECT * FROM (VALUES
+            (att.assets_oid, 'orphan_cleanup_save_guard', 'orphan_cleanup.save_guard()'::regprocedure, 29::int2, 'AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW'),
+            (att.jobs_oid, 'orphan_cleanup_job_guard', 'orphan_cleanup.job_guard()'::regprocedure, 21::int2, 'AFTER INSERT OR UPDATE ... FOR EACH ROW'),
+            (att.assets_oid, 'orphan_cleanup_truncate_guard', 'orphan_cleanup.truncate_guard()'::regprocedure, 32::int2, 'AFTER TRUNCATE ... FOR EACH STATEMENT')
+        ) AS w(rel, name, fn, tgtype, events)
+    LOOP
+        -- A row trigger of a partitioned table fires through its clone on each partition, which
+        -- can be disabled on its own: every table of the tree is checked.
+        FOR rel IN
+            SELECT want.rel
+            UNION
+            SELECT pt.relid FROM pg_catalog.pg_partition_tree(want.rel) AS pt WHERE (want.tgtype & 1) = 1
+        LOOP
+            SELECT tg.tgfoid, tg.tgtype, tg.tgenabled, tg.tgqual IS NOT NULL AS has_when, tg.tgattr::text AS cols INTO t
+            FROM pg_catalog.pg_trigger AS tg
+            WHERE tg.tgrelid = rel AND tg.tgname = want.name;
+            IF NOT FOUND THEN
+                RETURN format('the guard trigger %s is missing on %s', want.name, rel::regclass);
+            ELSIF t.tgfoid <> want.fn OR t.tgtype <> want.tgtype OR t.has_when OR t.cols <> '' THEN
+                RETURN format('the trigger %s on %s is not the guard attach() installs (it must be %s EXECUTE FUNCTION %s, with no WHEN clause or column list)',
+                              want.name, rel::regclass, want.events, want.fn);
+            ELSIF t.tgenabled <> 'A' THEN
+                RETURN format('the guard trigger %s on %s is %s, not enabled ALWAYS (ALTER TABLE %s ENABLE ALWAYS TRIGGER %s)',
+                              want.name, rel::regclass,
+                              CASE t.tgenabled WHEN 'D' THEN 'disabled' WHEN 'R' THEN 'enabled REPLICA only'
+                                               ELSE 'enabled ORIGIN only (skipped under session_replication_role = replica)' END,
+                              rel::regclass, want.name);
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
 -- Why the recorded attachment no longer matches the settings and the catalog, or NULL.
 CREATE FUNCTION orphan_cleanup._drift(att orphan_cleanup.attachment) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -37,7 +84,6 @@ DECLARE
     cfg record;
     v_jobs oid;
     v_assets oid;
-    v_enabled "char";
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
@@ -53,16 +99,13 @@ BEGIN
     IF cfg.age_column IS DISTINCT FROM att.age_column THEN
         RETURN format('orphan_cleanup.age_column is %L, but attach() recorded %L', cfg.age_column, att.age_column);
     END IF;
-    SELECT t.tgenabled INTO v_enabled
-    FROM pg_catalog.pg_trigger AS t
-    WHERE t.tgrelid = att.assets_oid AND t.tgname = 'orphan_cleanup_save_guard';
-    IF NOT FOUND THEN
-        RETURN format('the save guard trigger orphan_cleanup_save_guard is missing on %s', att.assets_oid::regclass);
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+               WHERE a.attrelid = att.jobs_oid AND a.attname = att.age_column AND NOT a.attisdropped
+                 AND a.atttypid <> 'timestamptz'::regtype) THEN
+        RETURN format('the age column %I of %s is no longer timestamptz (a timestamp without time zone is read in each session''s TimeZone)',
+                      att.age_column, att.jobs_oid::regclass);
     END IF;
-    IF v_enabled = 'D' THEN
-        RETURN format('the save guard trigger orphan_cleanup_save_guard on %s is disabled (ALTER TABLE %s ENABLE TRIGGER orphan_cleanup_save_guard)',
-                      att.assets_oid::regclass, att.assets_oid::regclass);
-    END IF;
+    RETURN orphan_cleanup._guard_problem(att);
     RETURN NULL;
 END
 $$;
@@ -106,13 +149,14 @@ BEGIN
                    FROM %2$s AS j2
                    WHERE orphan_cleanup.object_key(j2.output_url) = u.bucket || '/' || u.object_path
                      AND j2.id <> c.id
-                     AND NOT (j2.status = 'completed'
+                     -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
+                     AND NOT coalesce(j2.status = 'completed'
                               AND j2.%1$I < $1
                               -- OFFSET 0: an index probe per job, never a hash of every asset.
                               AND NOT EXISTS (
                                   SELECT 1 FROM %3$s AS a2
                                   WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
-                                  OFFSET 0))
+                                  OFFSET 0), false)
                    LIMIT 1)
                END
         FROM cand AS c
@@ -338,6 +382,7 @@ BEGIN
     IF NOT dry THEN
         UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
+        PERFORM orphan_cleanup._prune_objects(att);
         IF n_enqueued > 0 THEN
             PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
         END IF;
@@ -611,5 +656,77 @@ BEGIN
         DELETE FROM orphan_cleanup.cycle_log
         WHERE id IN (SELECT id FROM orphan_cleanup.cycle_log WHERE started_at < now() - retention ORDER BY started_at LIMIT 10000);
     END IF;
+END
+$$;
+
+-- How long the save guarantee's records live, a bounded batch per call (every cycle):
+--   - an object never handed out and not kept: a day after it was created. Its row only ever
+--     carries locks, and whoever needs it next (a save, a job write, a claim) creates it again;
+--   - an object handed out: 30 days after the latest hand-out, once no live (pending, claimed,
+--     dead) queue row and no job row names it. While a job names it, that job can never be
+--     saved; such a row is looked at again a day later. After that, a job the app creates with
+--     the URL of an object deleted that long ago can be saved, pointing at a file that has long
+--     been gone; nothing is deleted because of it;
+--   - an object kept by cancel(): never;
+--   - a job's fence row: a day after the save or job write that wrote it.
+-- Up to 8 batches of 50,000 rows per kind and call: millions a day at the default interval.
+CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
+AS $$
+DECLARE
+    v_buckets text[];
+    v_paths text[];
+    v_n bigint;
+BEGIN
+    FOR batch IN 1 .. 8 LOOP
+        EXIT WHEN NOT coalesce((SELECT min(o.touched_at) FROM orphan_cleanup.objects AS o
+                                WHERE o.handouts = 0 AND o.kept_at IS NULL) < now() - interval '1 day', false);
+        DELETE FROM orphan_cleanup.objects AS o
+        WHERE (o.bucket, o.object_path) IN (
+            SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
+            WHERE o2.handouts = 0 AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
+            ORDER BY o2.touched_at LIMIT 50000
+            FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        EXIT WHEN v_n < 50000;
+    END LOOP;
+
+    IF (SELECT min(o.last_handed_out_at) FROM orphan_cleanup.objects AS o WHERE o.handouts > 0) < now() - interval '30 days' THEN
+        -- Locked first, checked in a second statement: its snapshot is taken after the locks, so
+        -- a job write that committed before them is seen (one in flight holds the row: skipped).
+        SELECT array_agg(l.bucket), array_agg(l.object_path) INTO v_buckets, v_paths
+        FROM (SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
+              WHERE o2.handouts > 0 AND o2.last_handed_out_at < now() - interval '30 days'
+                AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
+              ORDER BY o2.last_handed_out_at LIMIT 50000
+              FOR UPDATE SKIP LOCKED) AS l;
+        IF v_paths IS NOT NULL THEN
+            EXECUTE format($sql$
+                DELETE FROM orphan_cleanup.objects AS o
+                USING unnest($1::text[], $2::text[]) AS k(bucket, object_path)
+                WHERE o.bucket = k.bucket AND o.object_path = k.object_path
+                  AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
+                                  WHERE d.bucket = o.bucket AND d.object_path = o.object_path
+                                    AND d.state IN ('pending', 'claimed', 'dead'))
+                  AND NOT EXISTS (SELECT 1 FROM %s AS j
+                                  WHERE orphan_cleanup.object_key(j.output_url) = o.bucket || '/' || o.object_path)
+                $sql$, att.jobs_oid::regclass)
+            USING v_buckets, v_paths;
+            -- The ones something still names: not looked at again for a day.
+            UPDATE orphan_cleanup.objects AS o SET touched_at = now()
+            FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
+            WHERE o.bucket = k.bucket AND o.object_path = k.object_path;
+        END IF;
+    END IF;
+
+    FOR batch IN 1 .. 8 LOOP
+        EXIT WHEN NOT coalesce((SELECT min(f.touched_at) FROM orphan_cleanup.job_fences AS f) < now() - interval '1 day', false);
+        DELETE FROM orphan_cleanup.job_fences AS f
+        WHERE f.job_id IN (SELECT f2.job_id FROM orphan_cleanup.job_fences AS f2
+                           WHERE f2.touched_at < now() - interval '1 day'
+                           ORDER BY f2.touched_at LIMIT 50000 FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        EXIT WHEN v_n < 50000;
+    END LOOP;
 END
 $$;

@@ -1,16 +1,77 @@
 -- The save guard and attach(): no saved asset ever loses its file.
 --
--- The protocol. A save (an asset row that starts referencing job J) runs the trigger below, which
---   1. locks J's job row FOR KEY SHARE, then
---   2. locks every queue row that could hand out J's file (J's own rows, and rows of other jobs
---      naming the same object) FOR UPDATE.
--- claim() locks queue rows, then job rows, both with SKIP LOCKED, and only then re-checks the
--- references in a new statement (a fresh snapshot). So:
---   - a save in flight holds J's row: claim() skips the row and hands out nothing for J;
---   - a claim in flight holds J's row FOR UPDATE: the save waits for it, then finds the row
---     claimed and is refused (the file may be gone by now);
---   - a save that committed before claim() re-checked is seen by the re-check: the row goes stale.
--- A queue row that was never claimed is rescued by the save (cancelled in the same transaction).
+-- The unit of safety is the storage object (bucket and key), not the job and not the URL text.
+-- The invariant: once a claim has handed an object to a reaper, no job naming that object can be
+-- saved, and no saved job can be pointed at it. orphan_cleanup.objects records the hand-out, in
+-- the claim's own transaction, and nothing but a proven-unsent release ever clears it.
+--
+-- The protocol. The object's row (orphan_cleanup.objects) is where saves and claims meet:
+--   - a save (an asset row that starts referencing job J) writes J's fence row, locks J's row
+--     FOR KEY SHARE, then creates the row of J's object if it has none and locks it FOR SHARE,
+--     and is refused if the object was handed out;
+--   - a write that points a job at an object (INSERT, or an UPDATE that changes the object)
+--     holds the object's row the same way; if it was handed out, it writes the job's fence row
+--     and is refused if the job is saved. An INSERT (or a change of id) writes the fence row
+--     first in any case: a save may have come before the job existed;
+--   - claim() locks the object rows FOR UPDATE SKIP LOCKED, re-checks every job naming the
+--     object in a new statement (a fresh snapshot), and counts the hand-out in the object's row.
+-- A save or job write in flight holds the object's row: the claim skips it. A claim in flight
+-- holds it: the save waits, then sees the hand-out and is refused (OC001). At REPEATABLE READ or
+-- SERIALIZABLE a save whose snapshot predates the claim cannot see the hand-out, but it meets a
+-- row version it cannot see (the claim created the row, or updated it) and fails with a
+-- serialization error (40001); the app's retry then sees the hand-out and gets OC001. Saves of
+-- different jobs naming one object share its row's lock and do not wait for each other. A save
+-- and a job write of the same job meet on the job's fence row, which both write: at READ
+-- COMMITTED the later one sees the other's commit (the save reads the job row after writing
+-- the fence), at REPEATABLE READ it fails with 40001.
+-- A queue row that was never handed out is rescued by the save (retired in its transaction).
+
+-- Writes the fence row of a job (see job_fences).
+CREATE FUNCTION orphan_cleanup._fence_job(p_job uuid) RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    INSERT INTO orphan_cleanup.job_fences AS f (job_id) VALUES (p_job)
+    ON CONFLICT (job_id) DO UPDATE SET touched_at = now();
+END;
+
+-- Holds the row of an object (creating it if it has none) with a shared lock and returns it:
+-- what a save and a job write do before they look at the object (see the protocol above). A row
+-- pruned between the two statements is created again.
+CREATE FUNCTION orphan_cleanup._hold_object(p_bucket text, p_path text) RETURNS orphan_cleanup.objects
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ob orphan_cleanup.objects;
+BEGIN
+    FOR attempt IN 1 .. 3 LOOP
+        INSERT INTO orphan_cleanup.objects AS o (bucket, object_path) VALUES (p_bucket, p_path)
+        ON CONFLICT (bucket, object_path) DO NOTHING;
+        SELECT * INTO ob FROM orphan_cleanup.objects AS o
+        WHERE o.bucket = p_bucket AND o.object_path = p_path
+        FOR SHARE;
+        IF FOUND THEN
+            RETURN ob;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'the row of object %/% was deleted under this transaction three times; try again', p_bucket, p_path
+        USING ERRCODE = 'serialization_failure';
+END
+$$;
+
+-- Refuses a save: counted and noted (the refusal rolls its transaction back, audit row included;
+-- the sequence and the shared-memory note survive it, and the next cycle writes the audit row).
+CREATE FUNCTION orphan_cleanup._refuse_save(p_job uuid, p_queue_id bigint, p_detail text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pg_catalog.nextval('orphan_cleanup.refused_saves');
+    PERFORM orphan_cleanup._note_refusal(p_job, p_queue_id, session_user::text);
+    RAISE EXCEPTION 'render job % cannot be saved: its output expired as an orphan and may already be deleted from storage', p_job
+        USING ERRCODE = 'OC001',
+              DETAIL = p_detail,
+              HINT = 'Render the job again to save it; the database cannot bring the old file back.';
+END
+$$;
 
 CREATE FUNCTION orphan_cleanup.save_guard() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -20,13 +81,10 @@ DECLARE
     v_old uuid;
     att orphan_cleanup.attachment;
     v_url text;
-    v_rows bigint;
     v_bucket text;
     v_path text;
+    ob orphan_cleanup.objects;
     q record;
-    v_refuse_id bigint;
-    v_refuse_detail text;
-    v_rescue bigint[] := '{}';
 BEGIN
     IF TG_OP <> 'DELETE' THEN
         v_new := orphan_cleanup.job_ref_key(NEW.metadata ->> 'render_job_id')::uuid;
@@ -48,59 +106,112 @@ BEGIN
         RETURN NULL;
     END IF;
 
-    -- 1. The job row first: a claim that has not locked it yet will now skip it.
+    -- 1. The job's fence row, which a write pointing the job at a handed-out object (and any
+    --    INSERT of the job) writes too; then the job row, read after it (FOR KEY SHARE: a claim
+    --    skips the job while this save is in flight).
+    PERFORM orphan_cleanup._fence_job(v_new);
     EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
        INTO v_url USING v_new;
-    GET DIAGNOSTICS v_rows = ROW_COUNT;
     IF v_url IS NOT NULL THEN
         SELECT p.bucket, p.object_path INTO v_bucket, v_path FROM orphan_cleanup.parse_output_url(v_url) AS p;
     END IF;
 
-    -- 2. Then every queue row that could hand out this job's file.
-    FOR q IN
-        SELECT d.id, d.job_id, d.state, d.claim_count, d.claimed_by, d.url_hash, d.output_url
-        FROM orphan_cleanup.deletion_queue AS d
-        WHERE (d.job_id = v_new OR (d.bucket = v_bucket AND d.object_path = v_path))
-          AND d.state IN ('pending', 'claimed', 'dead', 'deleted', 'absent')
-        ORDER BY d.id
-        FOR UPDATE
-    LOOP
-        IF (q.state IN ('pending', 'claimed', 'dead') AND q.claim_count > 0)
-           OR (q.state IN ('deleted', 'absent') AND q.job_id = v_new
-               AND (v_rows = 0 OR q.url_hash = md5(v_url))) THEN
-            v_refuse_id := q.id;
-            v_refuse_detail := format('Deletion queue row %s (state %s) handed %s to a reaper (%s).',
-                                      q.id, q.state, q.output_url,
-                                      coalesce('last claimed by ' || q.claimed_by, 'claimed before'));
-            EXIT;
-        ELSIF q.state = 'pending' THEN
-            v_rescue := v_rescue || q.id;
+    -- 2. The object's row: refused if a claim ever handed the object out.
+    IF v_bucket IS NOT NULL THEN
+        ob := orphan_cleanup._hold_object(v_bucket, v_path);
+        IF ob.handouts > 0 THEN
+            PERFORM orphan_cleanup._refuse_save(v_new, ob.last_queue_id,
+                format('Object %s/%s was handed to a reaper %s time(s), last by %s at %s (deletion queue row %s).',
+                       ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id));
         END IF;
-    END LOOP;
-
-    IF v_refuse_id IS NOT NULL THEN
-        -- The refusal rolls back this transaction, audit row included. The sequence and the
-        -- shared-memory note survive it; the worker or the next cycle writes the audit row.
-        PERFORM pg_catalog.nextval('orphan_cleanup.refused_saves');
-        PERFORM orphan_cleanup._note_refusal(v_new, v_refuse_id, session_user::text);
-        RAISE EXCEPTION 'render job % cannot be saved: its output expired as an orphan and may already be deleted from storage', v_new
-            USING ERRCODE = 'OC001',
-                  DETAIL = v_refuse_detail,
-                  HINT = 'Render the job again to save it; the database cannot bring the old file back.';
+    ELSE
+        -- The job names no object now (its row is gone, or confirm() cleared its output_url):
+        -- refused if an object it named was handed out.
+        SELECT d.id, d.state, d.output_url, o.last_handed_to INTO q
+        FROM orphan_cleanup.deletion_queue AS d
+        JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
+        WHERE d.job_id = v_new AND d.claim_count > 0 AND o.handouts > 0
+        ORDER BY d.id DESC LIMIT 1;
+        IF FOUND THEN
+            PERFORM orphan_cleanup._refuse_save(v_new, q.id,
+                format('Deletion queue row %s (state %s) handed %s to a reaper (last claimed by %s), and the job names no file now.',
+                       q.id, q.state, q.output_url, q.last_handed_to));
+        END IF;
     END IF;
 
-    IF cardinality(v_rescue) > 0 THEN
-        WITH rescued AS (
-            UPDATE orphan_cleanup.deletion_queue AS d
-               SET state = 'rescued', reason = format('job %s was saved before any reaper claimed it', v_new),
-                   finished_at = now(), updated_at = now()
-             WHERE d.id = ANY (v_rescue)
-            RETURNING d.id, d.job_id, d.output_url)
-        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
-        SELECT 'rescued', r.job_id, r.id, r.output_url, session_user,
-               CASE WHEN r.job_id = v_new THEN 'saved by an asset'
-                    ELSE format('its object is also the output of job %s, which was saved', v_new) END
-        FROM rescued AS r;
+    -- 3. Rows that would still hand out this job's file, never claimed: rescued.
+    WITH rescued AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'rescued', reason = format('job %s was saved before any reaper claimed it', v_new),
+               finished_at = now(), updated_at = now()
+         WHERE d.id IN (SELECT d2.id FROM orphan_cleanup.deletion_queue AS d2
+                        WHERE d2.state = 'pending'
+                          AND (d2.job_id = v_new OR (d2.bucket = v_bucket AND d2.object_path = v_path))
+                        ORDER BY d2.id
+                        FOR UPDATE)
+           AND d.state = 'pending'
+        RETURNING d.id, d.job_id, d.output_url)
+    INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+    SELECT 'rescued', r.job_id, r.id, r.output_url, session_user,
+           CASE WHEN r.job_id = v_new THEN 'saved by an asset'
+                ELSE format('its object is also the output of job %s, which was saved', v_new) END
+    FROM rescued AS r;
+    RETURN NULL;
+END
+$$;
+
+-- The other half of the guard, on the jobs table: a write that points a job at an object
+-- (INSERT, or an UPDATE that changes the object its output_url names; a refreshed signed-URL
+-- token names the same object) writes the object's row, so a claim of that object and this
+-- write are ordered. Pointing a saved job at a handed-out object is refused (OC002); an unsaved
+-- job may name it (a render cache hit), but can then never be saved (OC001).
+CREATE FUNCTION orphan_cleanup.job_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    v_bucket text;
+    v_path text;
+    ob orphan_cleanup.objects;
+    v_fenced boolean := false;
+    v_saved boolean;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- A new job id (an INSERT, or an UPDATE of id): a save of that id may have come before the
+    -- job existed, and found no row to lock. Meet it on the fence row.
+    IF TG_OP = 'INSERT' OR NEW.id IS DISTINCT FROM OLD.id THEN
+        PERFORM orphan_cleanup._fence_job(NEW.id);
+        v_fenced := true;
+    ELSIF orphan_cleanup.object_key(NEW.output_url) IS NOT DISTINCT FROM orphan_cleanup.object_key(OLD.output_url) THEN
+        RETURN NULL;  -- the same object (a refreshed signed-URL token), or still none
+    END IF;
+    IF NEW.output_url IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT p.bucket, p.object_path INTO v_bucket, v_path FROM orphan_cleanup.parse_output_url(NEW.output_url) AS p;
+    IF v_bucket IS NULL THEN
+        RETURN NULL;
+    END IF;
+    ob := orphan_cleanup._hold_object(v_bucket, v_path);
+    IF ob.handouts = 0 THEN
+        RETURN NULL;
+    END IF;
+    IF NOT v_fenced THEN
+        PERFORM orphan_cleanup._fence_job(NEW.id);
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = $1)',
+                   att.assets_oid::regclass, 'render_job_id')
+       INTO v_saved USING NEW.id::text;
+    IF v_saved THEN
+        RAISE EXCEPTION 'render job % is saved and cannot point at %/%: that object was handed to a reaper and may already be deleted from storage',
+                        NEW.id, v_bucket, v_path
+            USING ERRCODE = 'OC002',
+                  DETAIL = format('Object %s/%s was handed out %s time(s), last by %s at %s (deletion queue row %s).',
+                                  ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id),
+                  HINT = 'Render the job again to a new object path; a saved job must keep a file that exists.';
     END IF;
     RETURN NULL;
 END
@@ -203,7 +314,7 @@ DECLARE
 BEGIN
     FOR tg IN
         SELECT t.tgname FROM pg_catalog.pg_trigger AS t
-        WHERE t.tgrelid = rel AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard')
+        WHERE t.tgrelid = rel AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard', 'orphan_cleanup_job_guard')
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', tg, rel::regclass);
     END LOOP;
@@ -214,7 +325,7 @@ $$;
 -- setting changes cannot silently redirect cycles and claims. Idempotent.
 CREATE FUNCTION orphan_cleanup.attach()
 RETURNS TABLE (item text, status text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET lock_timeout = '10s'
 AS $$
 DECLARE
     cfg record;
@@ -241,7 +352,7 @@ BEGIN
             (v_jobs, 'id', ARRAY['uuid'], 'the job id the assets reference'),
             (v_jobs, 'status', ARRAY['text', 'character varying', 'enum'], 'completed jobs have status ''completed'''),
             (v_jobs, 'output_url', ARRAY['text', 'character varying'], 'the storage URL of the job''s file'),
-            (v_jobs, cfg.age_column, ARRAY['timestamp with time zone', 'timestamp without time zone'], 'orphan_cleanup.age_column'),
+            (v_jobs, cfg.age_column, ARRAY['timestamp with time zone'], 'orphan_cleanup.age_column'),
             (v_assets, 'id', NULL, 'the guide''s orphan query joins on it'),
             (v_assets, 'metadata', ARRAY['jsonb', 'json'], 'holds render_job_id')
         ) AS w(rel, col, types, why)
@@ -252,6 +363,10 @@ BEGIN
         WHERE a.attrelid = want.rel AND a.attname = want.col AND a.attnum > 0 AND NOT a.attisdropped;
         IF NOT FOUND THEN
             problems := problems || format('column %I is missing from %s (%s)', want.col, want.rel::regclass, want.why);
+        ELSIF want.col = cfg.age_column AND want.rel = v_jobs AND v_type = 'timestamp without time zone' THEN
+            -- Read in each session's TimeZone: a DBA in UTC+9 would age every job by nine hours.
+            problems := problems || format('column %I of %s is timestamp without time zone, whose values each session reads in its own TimeZone (a cycle run from a session in UTC+9 would age every job by nine hours); store it as timestamptz: ALTER TABLE %s ALTER COLUMN %I TYPE timestamptz USING %I AT TIME ZONE %L',
+                                           want.col, want.rel::regclass, want.rel::regclass, want.col, want.col, 'UTC');
         ELSIF want.types IS NOT NULL AND NOT (v_type = ANY (want.types) OR (v_typtype = 'e' AND 'enum' = ANY (want.types))) THEN
             problems := problems || format('column %I of %s is %s, expected %s (%s)', want.col, want.rel::regclass, v_type,
                                            array_to_string(want.types, ' or '), want.why);
@@ -268,6 +383,9 @@ BEGIN
     IF FOUND AND prev.assets_oid <> v_assets THEN
         PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     END IF;
+    IF FOUND AND prev.jobs_oid <> v_jobs THEN
+        PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
+    END IF;
     INSERT INTO orphan_cleanup.attachment AS a (singleton, jobs_table, jobs_oid, assets_table, assets_oid, age_column)
     VALUES (true, cfg.jobs_table, v_jobs, cfg.assets_table, v_assets, cfg.age_column)
     ON CONFLICT (singleton) DO UPDATE
@@ -278,11 +396,26 @@ BEGIN
         UPDATE orphan_cleanup.detector_state SET sweep_started_at = NULL;
     END IF;
 
-    PERFORM orphan_cleanup._drop_guards(v_assets);
-    EXECUTE format('CREATE TRIGGER orphan_cleanup_save_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.save_guard()', v_assets::regclass);
-    -- ALWAYS: the guard fires under session_replication_role = replica too (logical replication).
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', v_assets::regclass);
-    EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.truncate_guard()', v_assets::regclass);
+    -- The triggers need a brief SHARE ROW EXCLUSIVE lock on the app's tables. Waiting behind a
+    -- long transaction would stall every write of the app queued behind this one: give up after
+    -- lock_timeout (10 s, set on this function) instead, and say so.
+    BEGIN
+        PERFORM orphan_cleanup._drop_guards(v_assets);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_save_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.save_guard()', v_assets::regclass);
+        -- ALWAYS: the guard fires under session_replication_role = replica too (logical replication).
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', v_assets::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.truncate_guard()', v_assets::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', v_assets::regclass);
+        -- The jobs table's half: every write that points a job at an object (no column list: an
+        -- app's own BEFORE trigger may set output_url without naming it).
+        PERFORM orphan_cleanup._drop_guards(v_jobs);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', v_jobs::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', v_jobs::regclass);
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION 'attach() gave up waiting for a lock on % or %: a long transaction is using them; nothing was changed', v_jobs::regclass, v_assets::regclass
+            USING ERRCODE = 'lock_not_available',
+                  HINT = 'Find it in pg_stat_activity (SELECT pid, xact_start, query FROM pg_stat_activity WHERE xact_start < now() - interval ''10 seconds''), let it finish, and run attach() again.';
+    END;
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
@@ -291,6 +424,8 @@ BEGIN
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
     item := 'save guard'; status := 'ok';
     detail := format('trigger orphan_cleanup_save_guard installed on %s (enabled ALWAYS)', v_assets::regclass); RETURN NEXT;
+    item := 'job guard'; status := 'ok';
+    detail := format('trigger orphan_cleanup_job_guard installed on %s (enabled ALWAYS)', v_jobs::regclass); RETURN NEXT;
     FOR fk IN
         SELECT c.conname, c.conrelid::regclass AS tbl, c.confdeltype
         FROM pg_catalog.pg_constraint AS c
@@ -325,7 +460,15 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'not attached; nothing to do';
     END IF;
+    -- Without the guards a save of a job whose file a reaper is deleting right now would commit.
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+        RAISE EXCEPTION 'detach() refused: % queue row(s) are claimed by reapers, whose files may be being deleted; the save guard must stay until they are done',
+                        (SELECT count(*) FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed')
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf(); then wait until queue_status() shows no claimed rows (or their leases expire), and detach again.';
+    END IF;
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
+    PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     DELETE FROM orphan_cleanup.attachment;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('detached', session_user, format('from jobs %s, assets %s', prev.jobs_table, prev.assets_table));

@@ -3,10 +3,17 @@
 -- A reaper is handed only the rows it serves (its buckets and hosts), and gives back what its
 -- own allow-list still refuses instead of dead-lettering it; the reapers are recorded, and
 -- health() and queue_status() name a misconfigured one. Cycles gain a pause point for tests.
+-- The save guarantee becomes per object (orphan_cleanup.objects): a hand-out is recorded on the
+-- object and outlives the queue row; saves, job writes and claims conflict on the object's row
+-- at every isolation level; the jobs table gets a guard of its own; cancel() keeps the object.
 -- Run by ALTER EXTENSION pg_orphan_cleanup UPDATE; the queue and its history are kept.
 -- tests/tests/upgrade.rs checks that the result equals a fresh install of 0.2.0.
 
 \echo Use "ALTER EXTENSION pg_orphan_cleanup UPDATE TO '0.2.0'" to load this file. \quit
+
+-- Every lock below is brief, but waiting behind a long transaction would stall the app's writes
+-- queued behind this update: give up after 10 s instead (run the update again at a quieter time).
+SET LOCAL lock_timeout = '10s';
 
 -- New tables: the reapers registry and their refusals.
 
@@ -33,6 +40,56 @@ CREATE TABLE orphan_cleanup.refusals (
     PRIMARY KEY (queue_id, refused_by)
 );
 CREATE INDEX refusals_at ON orphan_cleanup.refusals (at);
+
+
+-- The per-object record of the save guarantee, and the jobs' fence rows.
+
+CREATE TABLE orphan_cleanup.objects (
+    bucket              text NOT NULL,
+    object_path         text NOT NULL,
+    handouts            integer NOT NULL DEFAULT 0,   -- claims that may have sent a delete
+    first_handed_out_at timestamptz,
+    last_handed_out_at  timestamptz,
+    last_handed_to      text,                         -- the worker id of the latest claim
+    last_queue_id       bigint,                       -- the queue row it handed out
+    kept_at             timestamptz,                  -- cancel() kept the object: never handed out
+    kept_by             text,
+    touched_at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (bucket, object_path)
+);
+CREATE INDEX objects_untainted ON orphan_cleanup.objects (touched_at) WHERE handouts = 0 AND kept_at IS NULL;
+CREATE INDEX objects_handed_out ON orphan_cleanup.objects (last_handed_out_at) WHERE handouts > 0;
+
+-- The row a save of a job, an INSERT of the job, and a write that points the job at a
+-- handed-out object all write: their conflict is what stops a saved job from being pointed at a
+-- deleted file, at every isolation level, even when the save comes before the job row exists.
+-- Pruned after a day.
+CREATE TABLE orphan_cleanup.job_fences (
+    job_id     uuid PRIMARY KEY,
+    touched_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX job_fences_touched_at ON orphan_cleanup.job_fences (touched_at);
+
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.objects', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_fences', '');
+REVOKE ALL ON orphan_cleanup.objects, orphan_cleanup.job_fences FROM PUBLIC;
+
+-- Objects a 0.1.0 claim already handed out keep refusing saves: every claim counts as a
+-- hand-out. The queue is locked against claims first (EXCLUSIVE: reads go on), so that no 0.1.0
+-- claim can commit after this reads the queue and before the new save guard is in place; its
+-- reaper's next claim waits for this update to commit.
+LOCK TABLE orphan_cleanup.deletion_queue IN EXCLUSIVE MODE;
+INSERT INTO orphan_cleanup.objects (bucket, object_path, handouts, first_handed_out_at, last_handed_out_at, last_handed_to, last_queue_id)
+SELECT d.bucket, d.object_path,
+       sum(d.claim_count)::integer,
+       min(d.claimed_at) FILTER (WHERE d.claim_count > 0),
+       max(d.claimed_at) FILTER (WHERE d.claim_count > 0),
+       (array_agg(d.claimed_by ORDER BY d.claimed_at DESC NULLS LAST) FILTER (WHERE d.claim_count > 0))[1],
+       max(d.id) FILTER (WHERE d.claim_count > 0)
+FROM orphan_cleanup.deletion_queue AS d
+WHERE d.bucket IS NOT NULL AND d.object_path IS NOT NULL
+  AND (d.claim_count > 0 OR d.state IN ('pending', 'claimed', 'dead'))
+GROUP BY d.bucket, d.object_path;
 
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reapers', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refusals', '');
@@ -161,6 +218,7 @@ BEGIN
     IF NOT dry THEN
         UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
+        PERFORM orphan_cleanup._prune_objects(att);
         IF n_enqueued > 0 THEN
             PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
         END IF;
@@ -213,7 +271,7 @@ $$;
 
 CREATE OR REPLACE FUNCTION orphan_cleanup.attach()
 RETURNS TABLE (item text, status text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET lock_timeout = '10s'
 AS $$
 DECLARE
     cfg record;
@@ -240,7 +298,7 @@ BEGIN
             (v_jobs, 'id', ARRAY['uuid'], 'the job id the assets reference'),
             (v_jobs, 'status', ARRAY['text', 'character varying', 'enum'], 'completed jobs have status ''completed'''),
             (v_jobs, 'output_url', ARRAY['text', 'character varying'], 'the storage URL of the job''s file'),
-            (v_jobs, cfg.age_column, ARRAY['timestamp with time zone', 'timestamp without time zone'], 'orphan_cleanup.age_column'),
+            (v_jobs, cfg.age_column, ARRAY['timestamp with time zone'], 'orphan_cleanup.age_column'),
             (v_assets, 'id', NULL, 'the guide''s orphan query joins on it'),
             (v_assets, 'metadata', ARRAY['jsonb', 'json'], 'holds render_job_id')
         ) AS w(rel, col, types, why)
@@ -251,6 +309,10 @@ BEGIN
         WHERE a.attrelid = want.rel AND a.attname = want.col AND a.attnum > 0 AND NOT a.attisdropped;
         IF NOT FOUND THEN
             problems := problems || format('column %I is missing from %s (%s)', want.col, want.rel::regclass, want.why);
+        ELSIF want.col = cfg.age_column AND want.rel = v_jobs AND v_type = 'timestamp without time zone' THEN
+            -- Read in each session's TimeZone: a DBA in UTC+9 would age every job by nine hours.
+            problems := problems || format('column %I of %s is timestamp without time zone, whose values each session reads in its own TimeZone (a cycle run from a session in UTC+9 would age every job by nine hours); store it as timestamptz: ALTER TABLE %s ALTER COLUMN %I TYPE timestamptz USING %I AT TIME ZONE %L',
+                                           want.col, want.rel::regclass, want.rel::regclass, want.col, want.col, 'UTC');
         ELSIF want.types IS NOT NULL AND NOT (v_type = ANY (want.types) OR (v_typtype = 'e' AND 'enum' = ANY (want.types))) THEN
             problems := problems || format('column %I of %s is %s, expected %s (%s)', want.col, want.rel::regclass, v_type,
                                            array_to_string(want.types, ' or '), want.why);
@@ -267,6 +329,9 @@ BEGIN
     IF FOUND AND prev.assets_oid <> v_assets THEN
         PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     END IF;
+    IF FOUND AND prev.jobs_oid <> v_jobs THEN
+        PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
+    END IF;
     INSERT INTO orphan_cleanup.attachment AS a (singleton, jobs_table, jobs_oid, assets_table, assets_oid, age_column)
     VALUES (true, cfg.jobs_table, v_jobs, cfg.assets_table, v_assets, cfg.age_column)
     ON CONFLICT (singleton) DO UPDATE
@@ -277,11 +342,26 @@ BEGIN
         UPDATE orphan_cleanup.detector_state SET sweep_started_at = NULL;
     END IF;
 
-    PERFORM orphan_cleanup._drop_guards(v_assets);
-    EXECUTE format('CREATE TRIGGER orphan_cleanup_save_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.save_guard()', v_assets::regclass);
-    -- ALWAYS: the guard fires under session_replication_role = replica too (logical replication).
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', v_assets::regclass);
-    EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.truncate_guard()', v_assets::regclass);
+    -- The triggers need a brief SHARE ROW EXCLUSIVE lock on the app's tables. Waiting behind a
+    -- long transaction would stall every write of the app queued behind this one: give up after
+    -- lock_timeout (10 s, set on this function) instead, and say so.
+    BEGIN
+        PERFORM orphan_cleanup._drop_guards(v_assets);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_save_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.save_guard()', v_assets::regclass);
+        -- ALWAYS: the guard fires under session_replication_role = replica too (logical replication).
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', v_assets::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.truncate_guard()', v_assets::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', v_assets::regclass);
+        -- The jobs table's half: every write that points a job at an object (no column list: an
+        -- app's own BEFORE trigger may set output_url without naming it).
+        PERFORM orphan_cleanup._drop_guards(v_jobs);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', v_jobs::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', v_jobs::regclass);
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION 'attach() gave up waiting for a lock on % or %: a long transaction is using them; nothing was changed', v_jobs::regclass, v_assets::regclass
+            USING ERRCODE = 'lock_not_available',
+                  HINT = 'Find it in pg_stat_activity (SELECT pid, xact_start, query FROM pg_stat_activity WHERE xact_start < now() - interval ''10 seconds''), let it finish, and run attach() again.';
+    END;
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
@@ -290,6 +370,8 @@ BEGIN
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
     item := 'save guard'; status := 'ok';
     detail := format('trigger orphan_cleanup_save_guard installed on %s (enabled ALWAYS)', v_assets::regclass); RETURN NEXT;
+    item := 'job guard'; status := 'ok';
+    detail := format('trigger orphan_cleanup_job_guard installed on %s (enabled ALWAYS)', v_jobs::regclass); RETURN NEXT;
     FOR fk IN
         SELECT c.conname, c.conrelid::regclass AS tbl, c.confdeltype
         FROM pg_catalog.pg_constraint AS c
@@ -502,6 +584,41 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup._new_objects(p_buckets text[], p_paths text[]) RETURNS text[]
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET lock_timeout = '20ms'
+AS $$
+DECLARE
+    v_made text[];
+    v_one text;
+    i integer;
+BEGIN
+    BEGIN
+        WITH made AS (
+            INSERT INTO orphan_cleanup.objects AS o (bucket, object_path)
+            SELECT * FROM unnest(p_buckets, p_paths)
+            ON CONFLICT (bucket, object_path) DO NOTHING
+            RETURNING o.bucket || '/' || o.object_path AS key)
+        SELECT array_agg(m.key) INTO v_made FROM made AS m;
+    EXCEPTION WHEN lock_not_available THEN
+        v_made := '{}';
+        FOR i IN 1 .. cardinality(p_paths) LOOP
+            BEGIN
+                v_one := NULL;
+                INSERT INTO orphan_cleanup.objects AS o (bucket, object_path) VALUES (p_buckets[i], p_paths[i])
+                ON CONFLICT (bucket, object_path) DO NOTHING
+                RETURNING o.bucket || '/' || o.object_path INTO v_one;
+                IF v_one IS NOT NULL THEN
+                    v_made := v_made || v_one;
+                END IF;
+            EXCEPTION WHEN lock_not_available THEN
+                NULL;  -- being created by a save or job write in flight: skipped this time
+            END;
+        END LOOP;
+    END;
+    RETURN coalesce(v_made, '{}');
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup.claim(
     worker text,
     max_rows integer DEFAULT 1000,
@@ -517,6 +634,9 @@ DECLARE
     att orphan_cleanup.attachment;
     v_ids bigint[];
     v_locked uuid[];
+    v_objs text[];
+    v_new_buckets text[];
+    v_new_paths text[];
     v_ok bigint[];
     v_bad bigint[];
     v_bad_state text[];
@@ -554,6 +674,19 @@ BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reaping_enabled THEN
         RETURN;
+    END IF;
+    -- The app's tables in ROW EXCLUSIVE mode, without waiting: a transaction that is changing
+    -- their triggers (ALTER TABLE ... DISABLE TRIGGER, pg_restore --disable-triggers) holds a
+    -- lock that conflicts, and its saves are not guarded until it commits. Such a claim hands out
+    -- nothing; the guard check below then reads the catalog as of after the lock.
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    -- (Tables that no longer exist, e.g. after a restore, are left to _require_attached().)
+    IF FOUND AND (SELECT count(*) FROM pg_catalog.pg_class AS c WHERE c.oid IN (att.jobs_oid, att.assets_oid)) = 2 THEN
+        BEGIN
+            EXECUTE format('LOCK TABLE %s, %s IN ROW EXCLUSIVE MODE NOWAIT', att.jobs_oid::regclass, att.assets_oid::regclass);
+        EXCEPTION WHEN lock_not_available OR undefined_table THEN
+            RETURN;
+        END;
     END IF;
     att := orphan_cleanup._require_attached('claim()');
     -- An empty allow-list is a configuration mistake, not a policy: rejecting every row it
@@ -610,6 +743,26 @@ BEGIN
     INTO v_locked USING v_ids;
     v_locked := coalesce(v_locked, '{}');
 
+    -- 2b. Their objects' rows, the rows every save and job write naming the object writes too
+    --    (see guard.sql). A row a save or job write holds is skipped, and with it the queue row.
+    SELECT array_agg(l.bucket || '/' || l.object_path) INTO v_objs
+    FROM (SELECT o.bucket, o.object_path
+          FROM orphan_cleanup.objects AS o
+          JOIN (SELECT DISTINCT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY (v_ids)) AS k
+            ON o.bucket = k.bucket AND o.object_path = k.object_path
+          ORDER BY o.bucket, o.object_path
+          FOR UPDATE OF o SKIP LOCKED) AS l;
+    --    An object with no row yet gets one, created by this claim (and so held by it).
+    SELECT array_agg(d.bucket), array_agg(d.object_path) INTO v_new_buckets, v_new_paths
+    FROM (SELECT DISTINCT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
+          WHERE d.id = ANY (v_ids)
+            AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS o
+                            WHERE o.bucket = d.bucket AND o.object_path = d.object_path)) AS d;
+    IF v_new_paths IS NOT NULL THEN
+        v_objs := coalesce(v_objs, '{}') || orphan_cleanup._new_objects(v_new_buckets, v_new_paths);
+    END IF;
+    v_objs := coalesce(v_objs, '{}');
+
     -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
     --    committed meanwhile are visible here.
     EXECUTE format($sql$
@@ -617,9 +770,12 @@ BEGIN
             SELECT d.id,
                    CASE
                        WHEN j.id IS NULL THEN 'stale'
-                       WHEN lk.id IS NULL THEN 'busy'
-                       WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'stale'
-                       WHEN j.status::text <> 'completed' THEN 'stale'
+                       WHEN lk.id IS NULL OR ob.key IS NULL THEN 'busy'
+                       WHEN o.kept_at IS NOT NULL THEN 'cancelled'
+                       -- Objects, not URL text: a refreshed signed-URL token names the same object.
+                       WHEN orphan_cleanup.object_key(j.output_url) IS DISTINCT FROM d.bucket || '/' || d.object_path THEN 'stale'
+                       -- Unknown (NULL) status or age keeps the object.
+                       WHEN j.status::text IS DISTINCT FROM 'completed' OR j.%3$I IS NULL THEN 'stale'
                        WHEN j.%3$I >= $3 THEN 'wait'
                        WHEN r.referenced IS NOT NULL THEN 'stale'
                        WHEN u.error IS NOT NULL THEN 'rejected'
@@ -629,8 +785,10 @@ BEGIN
                    END AS verdict,
                    CASE
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
-                       WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'the job''s output_url changed after it was queued'
-                       WHEN j.status::text <> 'completed' THEN format('the job''s status is now %%s', j.status)
+                       WHEN o.kept_at IS NOT NULL THEN format('its object was kept by %%s at %%s (cancel())', o.kept_by, o.kept_at)
+                       WHEN orphan_cleanup.object_key(j.output_url) IS DISTINCT FROM d.bucket || '/' || d.object_path THEN 'the job''s output_url names another object now'
+                       WHEN j.status::text IS DISTINCT FROM 'completed' THEN format('the job''s status is now %%s', coalesce(j.status::text, 'NULL'))
+                       WHEN j.%3$I IS NULL THEN format('the job''s %%s is NULL', %4$L)
                        WHEN r.referenced IS NOT NULL THEN 'the job is referenced by an asset'
                        WHEN u.error IS NOT NULL THEN u.error
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
@@ -641,6 +799,8 @@ BEGIN
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
             LEFT JOIN %1$s AS j ON j.id = d.job_id
             LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id
+            LEFT JOIN unnest($5::text[]) AS ob(key) ON ob.key = d.bucket || '/' || d.object_path
+            LEFT JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
             -- Once per row, as an index probe (LIMIT keeps the planner from hashing the whole
             -- assets table instead, 2 s per claim when the queue had no statistics yet): the
             -- verdict and its reason both need it.
@@ -654,25 +814,25 @@ BEGIN
             LEFT JOIN LATERAL (
                 SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
                        (array_agg(j2.id) FILTER (
-                           WHERE NOT (j2.status::text = 'completed' AND j2.%3$I < $3
+                           WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
                                       AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
                                                       WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
-                                                      OFFSET 0))))[1] AS keeper
+                                                      OFFSET 0), false)))[1] AS keeper
                 FROM %1$s AS j2
                 WHERE orphan_cleanup.object_key(j2.output_url) = d.bucket || '/' || d.object_path
                   AND j2.id <> d.job_id
             ) AS s ON true
         )
         SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
-               array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
-               array_agg(v.verdict) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
-               array_agg(v.reason) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
+               array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
+               array_agg(v.verdict) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
+               array_agg(v.reason) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
                array_agg(v.id) FILTER (WHERE v.verdict = 'wait'),
                array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait')
         FROM v
-        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column)
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until
-    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s);
+    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
@@ -680,10 +840,13 @@ BEGIN
             UPDATE orphan_cleanup.deletion_queue AS d
                SET state = b.state, reason = b.reason, finished_at = now(), updated_at = now()
               FROM b WHERE d.id = b.id
-            RETURNING d.id, d.job_id, d.output_url, d.state, d.reason)
+            RETURNING d.id, d.job_id, d.output_url, d.state, d.reason, d.claim_count)
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT CASE WHEN m.state = 'rejected' THEN 'rejected' ELSE 'cancelled' END,
-               m.job_id, m.id, m.output_url, worker, 'at claim: ' || m.reason
+               m.job_id, m.id, m.output_url, worker,
+               CASE WHEN m.claim_count > 0
+                    THEN 'retired at claim without a confirmed deletion, after it had been handed out (the object may be deleted; no job naming it can be saved): '
+                    ELSE 'at claim: ' END || m.reason
         FROM moved AS m;
     END IF;
     IF v_wait IS NOT NULL THEN
@@ -703,6 +866,15 @@ BEGIN
                claimed_at = now(), lease_until = now() + lease, updated_at = now()
          WHERE d.id = ANY (v_ok)
         RETURNING d.id, d.job_id, d.host, d.bucket, d.object_path, d.attempts, d.output_url
+    ),
+    -- The hand-out, recorded on the object in this transaction: from its commit on, no job
+    -- naming the object can be saved.
+    tainted AS (
+        UPDATE orphan_cleanup.objects AS o
+           SET handouts = o.handouts + t.n, first_handed_out_at = coalesce(o.first_handed_out_at, now()),
+               last_handed_out_at = now(), last_handed_to = worker, last_queue_id = t.last_id, touched_at = now()
+          FROM (SELECT c.bucket, c.object_path, count(*) AS n, max(c.id) AS last_id FROM claimed AS c GROUP BY 1, 2) AS t
+         WHERE o.bucket = t.bucket AND o.object_path = t.object_path
     ),
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
@@ -825,9 +997,15 @@ $$;
 
 -- health() and queue_status() report the reapers; queue_status() returns more columns.
 
-CREATE FUNCTION orphan_cleanup._reaper_coverage(
-    OUT active integer, OUT unserved bigint, OUT unserved_what text,
-    OUT refused_last_hour bigint, OUT misconfigured text)
+CREATE TYPE orphan_cleanup.reaper_coverage AS (
+    active            integer,   -- reapers that claimed in the last 15 minutes
+    unserved          bigint,    -- ready rows none of them serves, or every one that could refused
+    unserved_what     text,      -- which buckets and hosts
+    refused_last_hour bigint,    -- rows reapers gave back with refuse()
+    misconfigured     text       -- the reapers to blame, by name, and why
+);
+
+CREATE FUNCTION orphan_cleanup._reaper_coverage() RETURNS orphan_cleanup.reaper_coverage
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -835,15 +1013,16 @@ DECLARE
     v_homes text;
     v_active orphan_cleanup.reapers[];
     by_refusals record;
+    c orphan_cleanup.reaper_coverage;
 BEGIN
     SELECT coalesce(array_agg(r), '{}') INTO v_active
     FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '15 minutes';
-    active := cardinality(v_active);
-    unserved := 0;
-    IF active > 0 THEN
+    c.active := cardinality(v_active);
+    c.unserved := 0;
+    IF c.active > 0 THEN
         -- By the lists: one pass over the ready rows, grouped by bucket and host.
         SELECT coalesce(sum(g.n), 0), string_agg(format('%s @ %s', g.bucket, coalesce(g.host, '(no host)')), ', ' ORDER BY g.bucket, g.host)
-          INTO unserved, unserved_what
+          INTO c.unserved, c.unserved_what
         FROM (SELECT q.bucket, q.host, count(*) AS n
               FROM orphan_cleanup.deletion_queue AS q
               WHERE q.state = 'pending' AND q.available_at <= now()
@@ -863,8 +1042,8 @@ BEGIN
                             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f2
                                             WHERE f2.queue_id = q.id AND f2.refused_by = a.reaper));
         IF by_refusals.n > 0 THEN
-            unserved := unserved + by_refusals.n;
-            unserved_what := concat_ws(', ', unserved_what, by_refusals.what || ' (refused by every reaper that serves it)');
+            c.unserved := c.unserved + by_refusals.n;
+            c.unserved_what := concat_ws(', ', c.unserved_what, by_refusals.what || ' (refused by every reaper that serves it)');
         END IF;
         IF v_any_host THEN
             SELECT string_agg(format('%s at %s', a.reaper, a.home), ', ' ORDER BY a.reaper) INTO v_homes
@@ -873,7 +1052,7 @@ BEGIN
             HAVING count(DISTINCT a.home) > 1;
         END IF;
     END IF;
-    SELECT count(*) INTO refused_last_hour FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour';
+    SELECT count(*) INTO c.refused_last_hour FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour';
     SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', x.reaper,
                              coalesce(array_to_string(r.buckets, ','), 'any'), coalesce(array_to_string(r.hosts, ','), 'any'),
                              concat_ws(' and ',
@@ -886,7 +1065,7 @@ BEGIN
                                  CASE WHEN f.n IS NOT NULL
                                       THEN format('refused %s rows it was handed (%s)', f.n, f.reason) END)),
                       '; ' ORDER BY x.reaper)
-      INTO misconfigured
+      INTO c.misconfigured
     FROM (SELECT r.reaper FROM orphan_cleanup.reapers AS r WHERE r.passed_over_at > now() - interval '15 minutes'
           UNION
           SELECT a.reaper FROM unnest(v_active) AS a
@@ -898,13 +1077,14 @@ BEGIN
                FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour'
                GROUP BY f.refused_by) AS f ON f.refused_by = x.reaper;
     IF v_homes IS NOT NULL THEN
-        misconfigured := concat_ws('; ', misconfigured,
+        c.misconfigured := concat_ws('; ', c.misconfigured,
             format('reapers of different projects claim from this queue (%s), and with orphan_cleanup.allowed_hosts empty the database cannot tell which one serves its bare bucket/key rows: set allowed_hosts to this project''s host', v_homes));
     END IF;
+    RETURN c;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION orphan_cleanup.health()
+CREATE FUNCTION orphan_cleanup._health(cov orphan_cleanup.reaper_coverage)
 RETURNS TABLE (check_name text, status text, detail text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -919,7 +1099,6 @@ DECLARE
     v_workers integer;
     n bigint;
     ix record;
-    cov record;
     v_ready_since timestamptz;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -942,12 +1121,10 @@ BEGIN
     check_name := 'save guard';
     IF att.jobs_oid IS NULL THEN
         status := 'critical'; detail := 'not installed (not attached)';
-    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_save_guard') THEN
-        status := 'critical'; detail := 'trigger orphan_cleanup_save_guard is missing: claims are refused; run attach() again';
-    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_save_guard' AND tgenabled = 'D') THEN
-        status := 'critical'; detail := format('trigger orphan_cleanup_save_guard is disabled: claims are refused; ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', att.assets_oid::regclass);
+    ELSIF orphan_cleanup._guard_problem(att) IS NOT NULL THEN
+        status := 'critical'; detail := orphan_cleanup._guard_problem(att) || ': claims are refused; run SELECT * FROM orphan_cleanup.attach(); to reinstall the guards';
     ELSE
-        status := 'ok'; detail := 'trigger orphan_cleanup_save_guard present and enabled';
+        status := 'ok'; detail := 'triggers orphan_cleanup_save_guard, orphan_cleanup_job_guard and orphan_cleanup_truncate_guard present and enabled ALWAYS';
     END IF;
     RETURN NEXT;
 
@@ -1029,7 +1206,6 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'reaper allow-lists';
-    cov := orphan_cleanup._reaper_coverage();
     IF cov.misconfigured IS NOT NULL OR cov.unserved > 0 THEN
         status := 'warning';
         detail := concat_ws('; ',
@@ -1107,6 +1283,11 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION orphan_cleanup.health()
+RETURNS TABLE (check_name text, status text, detail text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$ SELECT * FROM orphan_cleanup._health(orphan_cleanup._reaper_coverage()) $$;
+
 DROP FUNCTION orphan_cleanup.queue_status();
 
 CREATE FUNCTION orphan_cleanup.queue_status()
@@ -1124,7 +1305,7 @@ BEGIN
            l.started_at, l.status, l.error,
            (SELECT CASE WHEN bool_or(h.status = 'critical') THEN 'critical'
                         WHEN bool_or(h.status = 'warning') THEN 'warning' ELSE 'ok' END
-            FROM orphan_cleanup.health() AS h),
+            FROM orphan_cleanup._health(v) AS h),
            (SELECT g.reaping_enabled FROM orphan_cleanup._config() AS g),
            EXISTS (SELECT 1 FROM orphan_cleanup.attachment),
            r.alert, r.alert_at,
@@ -1140,9 +1321,795 @@ BEGIN
           FROM orphan_cleanup.deletion_queue AS q) AS c
     LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true
     CROSS JOIN orphan_cleanup._reaper_alert() AS r
+    -- Computed once, for these columns and for the health checks above (it reads every ready row).
     CROSS JOIN orphan_cleanup._reaper_coverage() AS v;
 END
 $$;
+
+-- The per-object save guard: saves, job writes, claims, job cleanup and cancel().
+
+CREATE FUNCTION orphan_cleanup._fence_job(p_job uuid) RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    INSERT INTO orphan_cleanup.job_fences AS f (job_id) VALUES (p_job)
+    ON CONFLICT (job_id) DO UPDATE SET touched_at = now();
+END;
+
+CREATE FUNCTION orphan_cleanup._hold_object(p_bucket text, p_path text) RETURNS orphan_cleanup.objects
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ob orphan_cleanup.objects;
+BEGIN
+    FOR attempt IN 1 .. 3 LOOP
+        INSERT INTO orphan_cleanup.objects AS o (bucket, object_path) VALUES (p_bucket, p_path)
+        ON CONFLICT (bucket, object_path) DO NOTHING;
+        SELECT * INTO ob FROM orphan_cleanup.objects AS o
+        WHERE o.bucket = p_bucket AND o.object_path = p_path
+        FOR SHARE;
+        IF FOUND THEN
+            RETURN ob;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'the row of object %/% was deleted under this transaction three times; try again', p_bucket, p_path
+        USING ERRCODE = 'serialization_failure';
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._refuse_save(p_job uuid, p_queue_id bigint, p_detail text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pg_catalog.nextval('orphan_cleanup.refused_saves');
+    PERFORM orphan_cleanup._note_refusal(p_job, p_queue_id, session_user::text);
+    RAISE EXCEPTION 'render job % cannot be saved: its output expired as an orphan and may already be deleted from storage', p_job
+        USING ERRCODE = 'OC001',
+              DETAIL = p_detail,
+              HINT = 'Render the job again to save it; the database cannot bring the old file back.';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.save_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_new uuid;
+    v_old uuid;
+    att orphan_cleanup.attachment;
+    v_url text;
+    v_bucket text;
+    v_path text;
+    ob orphan_cleanup.objects;
+    q record;
+BEGIN
+    IF TG_OP <> 'DELETE' THEN
+        v_new := orphan_cleanup.job_ref_key(NEW.metadata ->> 'render_job_id')::uuid;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        v_old := orphan_cleanup.job_ref_key(OLD.metadata ->> 'render_job_id')::uuid;
+    END IF;
+    -- An asset stopped referencing a job: look at that job again in the next cycle.
+    IF v_old IS NOT NULL AND v_old IS DISTINCT FROM v_new THEN
+        INSERT INTO orphan_cleanup.recheck (job_id, reason)
+        VALUES (v_old, 'asset ' || lower(TG_OP))
+        ON CONFLICT (job_id) DO NOTHING;
+    END IF;
+    IF v_new IS NULL OR v_new IS NOT DISTINCT FROM v_old THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+
+    -- 1. The job's fence row, which a write pointing the job at a handed-out object (and any
+    --    INSERT of the job) writes too; then the job row, read after it (FOR KEY SHARE: a claim
+    --    skips the job while this save is in flight).
+    PERFORM orphan_cleanup._fence_job(v_new);
+    EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
+       INTO v_url USING v_new;
+    IF v_url IS NOT NULL THEN
+        SELECT p.bucket, p.object_path INTO v_bucket, v_path FROM orphan_cleanup.parse_output_url(v_url) AS p;
+    END IF;
+
+    -- 2. The object's row: refused if a claim ever handed the object out.
+    IF v_bucket IS NOT NULL THEN
+        ob := orphan_cleanup._hold_object(v_bucket, v_path);
+        IF ob.handouts > 0 THEN
+            PERFORM orphan_cleanup._refuse_save(v_new, ob.last_queue_id,
+                format('Object %s/%s was handed to a reaper %s time(s), last by %s at %s (deletion queue row %s).',
+                       ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id));
+        END IF;
+    ELSE
+        -- The job names no object now (its row is gone, or confirm() cleared its output_url):
+        -- refused if an object it named was handed out.
+        SELECT d.id, d.state, d.output_url, o.last_handed_to INTO q
+        FROM orphan_cleanup.deletion_queue AS d
+        JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
+        WHERE d.job_id = v_new AND d.claim_count > 0 AND o.handouts > 0
+        ORDER BY d.id DESC LIMIT 1;
+        IF FOUND THEN
+            PERFORM orphan_cleanup._refuse_save(v_new, q.id,
+                format('Deletion queue row %s (state %s) handed %s to a reaper (last claimed by %s), and the job names no file now.',
+                       q.id, q.state, q.output_url, q.last_handed_to));
+        END IF;
+    END IF;
+
+    -- 3. Rows that would still hand out this job's file, never claimed: rescued.
+    WITH rescued AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'rescued', reason = format('job %s was saved before any reaper claimed it', v_new),
+               finished_at = now(), updated_at = now()
+         WHERE d.id IN (SELECT d2.id FROM orphan_cleanup.deletion_queue AS d2
+                        WHERE d2.state = 'pending'
+                          AND (d2.job_id = v_new OR (d2.bucket = v_bucket AND d2.object_path = v_path))
+                        ORDER BY d2.id
+                        FOR UPDATE)
+           AND d.state = 'pending'
+        RETURNING d.id, d.job_id, d.output_url)
+    INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+    SELECT 'rescued', r.job_id, r.id, r.output_url, session_user,
+           CASE WHEN r.job_id = v_new THEN 'saved by an asset'
+                ELSE format('its object is also the output of job %s, which was saved', v_new) END
+    FROM rescued AS r;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.job_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    v_bucket text;
+    v_path text;
+    ob orphan_cleanup.objects;
+    v_fenced boolean := false;
+    v_saved boolean;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- A new job id (an INSERT, or an UPDATE of id): a save of that id may have come before the
+    -- job existed, and found no row to lock. Meet it on the fence row.
+    IF TG_OP = 'INSERT' OR NEW.id IS DISTINCT FROM OLD.id THEN
+        PERFORM orphan_cleanup._fence_job(NEW.id);
+        v_fenced := true;
+    ELSIF orphan_cleanup.object_key(NEW.output_url) IS NOT DISTINCT FROM orphan_cleanup.object_key(OLD.output_url) THEN
+        RETURN NULL;  -- the same object (a refreshed signed-URL token), or still none
+    END IF;
+    IF NEW.output_url IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT p.bucket, p.object_path INTO v_bucket, v_path FROM orphan_cleanup.parse_output_url(NEW.output_url) AS p;
+    IF v_bucket IS NULL THEN
+        RETURN NULL;
+    END IF;
+    ob := orphan_cleanup._hold_object(v_bucket, v_path);
+    IF ob.handouts = 0 THEN
+        RETURN NULL;
+    END IF;
+    IF NOT v_fenced THEN
+        PERFORM orphan_cleanup._fence_job(NEW.id);
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = $1)',
+                   att.assets_oid::regclass, 'render_job_id')
+       INTO v_saved USING NEW.id::text;
+    IF v_saved THEN
+        RAISE EXCEPTION 'render job % is saved and cannot point at %/%: that object was handed to a reaper and may already be deleted from storage',
+                        NEW.id, v_bucket, v_path
+            USING ERRCODE = 'OC002',
+                  DETAIL = format('Object %s/%s was handed out %s time(s), last by %s at %s (deletion queue row %s).',
+                                  ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id),
+                  HINT = 'Render the job again to a new object path; a saved job must keep a file that exists.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._drop_guards(rel oid) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    tg name;
+BEGIN
+    FOR tg IN
+        SELECT t.tgname FROM pg_catalog.pg_trigger AS t
+        WHERE t.tgrelid = rel AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard', 'orphan_cleanup_job_guard')
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', tg, rel::regclass);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.detach() RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    prev orphan_cleanup.attachment;
+BEGIN
+    SELECT * INTO prev FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN 'not attached; nothing to do';
+    END IF;
+    -- Without the guards a save of a job whose file a reaper is deleting right now would commit.
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+        RAISE EXCEPTION 'detach() refused: % queue row(s) are claimed by reapers, whose files may be being deleted; the save guard must stay until they are done',
+                        (SELECT count(*) FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed')
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf(); then wait until queue_status() shows no claimed rows (or their leases expire), and detach again.';
+    END IF;
+    PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
+    PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
+    DELETE FROM orphan_cleanup.attachment;
+    INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
+    VALUES ('detached', session_user, format('from jobs %s, assets %s', prev.jobs_table, prev.assets_table));
+    RETURN format('detached from %s and %s; cycles and claims stop until attach() runs again', prev.jobs_table, prev.assets_table);
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._guard_problem(att orphan_cleanup.attachment) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    want record;
+    t record;
+    rel regclass;
+BEGIN
+    FOR want IN
+        SELECT * FROM (VALUES
+            (att.assets_oid, 'orphan_cleanup_save_guard', 'orphan_cleanup.save_guard()'::regprocedure, 29::int2, 'AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW'),
+            (att.jobs_oid, 'orphan_cleanup_job_guard', 'orphan_cleanup.job_guard()'::regprocedure, 21::int2, 'AFTER INSERT OR UPDATE ... FOR EACH ROW'),
+            (att.assets_oid, 'orphan_cleanup_truncate_guard', 'orphan_cleanup.truncate_guard()'::regprocedure, 32::int2, 'AFTER TRUNCATE ... FOR EACH STATEMENT')
+        ) AS w(rel, name, fn, tgtype, events)
+    LOOP
+        -- A row trigger of a partitioned table fires through its clone on each partition, which
+        -- can be disabled on its own: every table of the tree is checked.
+        FOR rel IN
+            SELECT want.rel
+            UNION
+            SELECT pt.relid FROM pg_catalog.pg_partition_tree(want.rel) AS pt WHERE (want.tgtype & 1) = 1
+        LOOP
+            SELECT tg.tgfoid, tg.tgtype, tg.tgenabled, tg.tgqual IS NOT NULL AS has_when, tg.tgattr::text AS cols INTO t
+            FROM pg_catalog.pg_trigger AS tg
+            WHERE tg.tgrelid = rel AND tg.tgname = want.name;
+            IF NOT FOUND THEN
+                RETURN format('the guard trigger %s is missing on %s', want.name, rel::regclass);
+            ELSIF t.tgfoid <> want.fn OR t.tgtype <> want.tgtype OR t.has_when OR t.cols <> '' THEN
+                RETURN format('the trigger %s on %s is not the guard attach() installs (it must be %s EXECUTE FUNCTION %s, with no WHEN clause or column list)',
+                              want.name, rel::regclass, want.events, want.fn);
+            ELSIF t.tgenabled <> 'A' THEN
+                RETURN format('the guard trigger %s on %s is %s, not enabled ALWAYS (ALTER TABLE %s ENABLE ALWAYS TRIGGER %s)',
+                              want.name, rel::regclass,
+                              CASE t.tgenabled WHEN 'D' THEN 'disabled' WHEN 'R' THEN 'enabled REPLICA only'
+                                               ELSE 'enabled ORIGIN only (skipped under session_replication_role = replica)' END,
+                              rel::regclass, want.name);
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._drift(att orphan_cleanup.attachment) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    cfg record;
+    v_jobs oid;
+    v_assets oid;
+BEGIN
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
+    IF v_jobs IS DISTINCT FROM att.jobs_oid THEN
+        RETURN format('orphan_cleanup.jobs_table is %L (%s), but attach() recorded %s (oid %s)',
+                      cfg.jobs_table, coalesce(v_jobs::regclass::text, 'no such table'), att.jobs_table, att.jobs_oid);
+    END IF;
+    v_assets := pg_catalog.to_regclass(cfg.assets_table);
+    IF v_assets IS DISTINCT FROM att.assets_oid THEN
+        RETURN format('orphan_cleanup.assets_table is %L (%s), but attach() recorded %s (oid %s)',
+                      cfg.assets_table, coalesce(v_assets::regclass::text, 'no such table'), att.assets_table, att.assets_oid);
+    END IF;
+    IF cfg.age_column IS DISTINCT FROM att.age_column THEN
+        RETURN format('orphan_cleanup.age_column is %L, but attach() recorded %L', cfg.age_column, att.age_column);
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+               WHERE a.attrelid = att.jobs_oid AND a.attname = att.age_column AND NOT a.attisdropped
+                 AND a.atttypid <> 'timestamptz'::regtype) THEN
+        RETURN format('the age column %I of %s is no longer timestamptz (a timestamp without time zone is read in each session''s TimeZone)',
+                      att.age_column, att.jobs_oid::regclass);
+    END IF;
+    RETURN orphan_cleanup._guard_problem(att);
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._candidates(
+    att orphan_cleanup.attachment,
+    cutoff timestamptz,
+    after_ts timestamptz,
+    after_id uuid,
+    max_rows integer,
+    job_ids uuid[] DEFAULT NULL
+) RETURNS TABLE (job_id uuid, age_ts timestamptz, output_url text, ref_state text,
+                 host text, bucket text, object_path text, url_error text, shared_with uuid)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    scope text;
+BEGIN
+    IF job_ids IS NULL THEN
+        scope := format('(j.%1$I, j.id) > ($2, $3) ORDER BY j.%1$I, j.id LIMIT $4', att.age_column);
+    ELSE
+        scope := format('j.id = ANY ($5) ORDER BY j.%1$I, j.id', att.age_column);
+    END IF;
+    RETURN QUERY EXECUTE format($sql$
+        WITH cand AS (
+            SELECT j.id, j.%1$I::timestamptz AS age_ts, j.output_url
+            FROM %2$s AS j
+            WHERE j.status = 'completed'
+              AND j.output_url IS NOT NULL
+              AND j.%1$I < $1
+              AND %4$s
+        )
+        SELECT c.id, c.age_ts, c.output_url, r.ref_state,
+               u.host, u.bucket, u.object_path, u.error,
+               CASE WHEN u.error IS NULL AND r.ref_state = 'none' THEN (
+                   SELECT j2.id
+                   FROM %2$s AS j2
+                   WHERE orphan_cleanup.object_key(j2.output_url) = u.bucket || '/' || u.object_path
+                     AND j2.id <> c.id
+                     -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
+                     AND NOT coalesce(j2.status = 'completed'
+                              AND j2.%1$I < $1
+                              -- OFFSET 0: an index probe per job, never a hash of every asset.
+                              AND NOT EXISTS (
+                                  SELECT 1 FROM %3$s AS a2
+                                  WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
+                                  OFFSET 0), false)
+                   LIMIT 1)
+               END
+        FROM cand AS c
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN bool_or(a.metadata ->> 'render_job_id' = c.id::text) THEN 'canonical'
+                        WHEN count(*) > 0 THEN 'noncanonical'
+                        ELSE 'none'
+                   END AS ref_state
+            FROM %3$s AS a
+            WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = c.id::text
+        ) AS r
+        CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
+        $sql$, att.age_column, att.jobs_oid::regclass, att.assets_oid::regclass, scope)
+    USING cutoff, after_ts, after_id, max_rows, job_ids;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._process_chunk(
+    att orphan_cleanup.attachment,
+    p_cycle bigint,
+    p_actor text,
+    cutoff timestamptz,
+    after_ts timestamptz,
+    after_id uuid,
+    max_rows integer,
+    job_ids uuid[],
+    p_grace interval,
+    p_dry boolean,
+    OUT seen bigint, OUT last_ts timestamptz, OUT last_id uuid,
+    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    WITH c AS MATERIALIZED (
+        SELECT * FROM orphan_cleanup._candidates(att, cutoff, after_ts, after_id, max_rows, job_ids)
+    ),
+    orphans AS (
+        -- The guide's orphans: no asset references the job by its exact id text.
+        SELECT * FROM c WHERE c.ref_state <> 'canonical'
+    ),
+    fresh AS (
+        -- Orphans whose URL has no queue history that settles it already. A LATERAL ... LIMIT 1
+        -- rather than NOT EXISTS: the planner turned NOT EXISTS into a hash anti-join that read
+        -- the whole queue once per chunk, which made a first cycle over 1M jobs quadratic. This
+        -- form can only be an index probe per orphan (deletion_queue_job).
+        SELECT o.*, h.url_hash
+        FROM orphans AS o
+        CROSS JOIN LATERAL (SELECT md5(o.output_url) AS url_hash) AS h
+        LEFT JOIN LATERAL (
+            SELECT true AS settled
+            FROM orphan_cleanup.deletion_queue AS q
+            WHERE q.job_id = o.job_id
+              AND q.url_hash = h.url_hash
+              AND (q.state IN ('pending', 'claimed', 'deleted', 'absent', 'dead', 'cancelled')
+                   OR (q.state = 'rejected' AND q.reason = o.url_error))
+            LIMIT 1
+        ) AS s ON true
+        WHERE s.settled IS NULL
+    ),
+    ins_queue AS (
+        INSERT INTO orphan_cleanup.deletion_queue
+            (job_id, output_url, url_hash, host, bucket, object_path, state, available_at, cycle_id)
+        SELECT f.job_id, orphan_cleanup.redact_url(f.output_url), f.url_hash, f.host, f.bucket, f.object_path,
+               'pending', now() + p_grace, p_cycle
+        FROM fresh AS f
+        WHERE NOT p_dry AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL
+        ON CONFLICT (job_id) WHERE state IN ('pending', 'claimed') DO NOTHING
+        RETURNING id, job_id, output_url
+    ),
+    ins_rejected AS (
+        INSERT INTO orphan_cleanup.deletion_queue
+            (job_id, output_url, url_hash, host, bucket, object_path, state, reason, cycle_id, finished_at)
+        SELECT f.job_id, orphan_cleanup.redact_url(f.output_url), f.url_hash, f.host, f.bucket, f.object_path,
+               'rejected', f.url_error, p_cycle, now()
+        FROM fresh AS f
+        WHERE NOT p_dry AND f.ref_state = 'none' AND f.url_error IS NOT NULL
+        RETURNING id, job_id, output_url, reason
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail, cycle_id)
+        SELECT 'enqueued', i.job_id, i.id, i.output_url, p_actor, NULL, p_cycle FROM ins_queue AS i
+        UNION ALL
+        SELECT 'rejected', r.job_id, r.id, r.output_url, p_actor, r.reason, p_cycle FROM ins_rejected AS r
+        UNION ALL
+        SELECT 'protected', f.job_id, NULL, orphan_cleanup.redact_url(f.output_url), p_actor,
+               CASE WHEN f.ref_state = 'noncanonical'
+                    THEN 'referenced by an asset through a non-canonical spelling of the job id'
+                    ELSE format('shares its object with job %s, which is not an orphan', f.shared_with)
+               END,
+               p_cycle
+        FROM fresh AS f
+        WHERE NOT p_dry AND (f.ref_state = 'noncanonical' OR f.shared_with IS NOT NULL)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM c),
+           (SELECT c.age_ts FROM c ORDER BY c.age_ts DESC, c.job_id DESC LIMIT 1),
+           (SELECT c.job_id FROM c ORDER BY c.age_ts DESC, c.job_id DESC LIMIT 1),
+           (SELECT count(*) FROM orphans),
+           CASE WHEN p_dry
+                THEN (SELECT count(*) FROM fresh AS f
+                      WHERE f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL)
+                ELSE (SELECT count(*) FROM ins_queue)
+           END,
+           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'noncanonical' OR o.shared_with IS NOT NULL),
+           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'none' AND o.url_error IS NOT NULL)
+      INTO seen, last_ts, last_id, n_found, n_enqueued, n_protected, n_rejected;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
+AS $$
+DECLARE
+    v_buckets text[];
+    v_paths text[];
+    v_n bigint;
+BEGIN
+    FOR batch IN 1 .. 8 LOOP
+        EXIT WHEN NOT coalesce((SELECT min(o.touched_at) FROM orphan_cleanup.objects AS o
+                                WHERE o.handouts = 0 AND o.kept_at IS NULL) < now() - interval '1 day', false);
+        DELETE FROM orphan_cleanup.objects AS o
+        WHERE (o.bucket, o.object_path) IN (
+            SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
+            WHERE o2.handouts = 0 AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
+            ORDER BY o2.touched_at LIMIT 50000
+            FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        EXIT WHEN v_n < 50000;
+    END LOOP;
+
+    IF (SELECT min(o.last_handed_out_at) FROM orphan_cleanup.objects AS o WHERE o.handouts > 0) < now() - interval '30 days' THEN
+        -- Locked first, checked in a second statement: its snapshot is taken after the locks, so
+        -- a job write that committed before them is seen (one in flight holds the row: skipped).
+        SELECT array_agg(l.bucket), array_agg(l.object_path) INTO v_buckets, v_paths
+        FROM (SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
+              WHERE o2.handouts > 0 AND o2.last_handed_out_at < now() - interval '30 days'
+                AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
+              ORDER BY o2.last_handed_out_at LIMIT 50000
+              FOR UPDATE SKIP LOCKED) AS l;
+        IF v_paths IS NOT NULL THEN
+            EXECUTE format($sql$
+                DELETE FROM orphan_cleanup.objects AS o
+                USING unnest($1::text[], $2::text[]) AS k(bucket, object_path)
+                WHERE o.bucket = k.bucket AND o.object_path = k.object_path
+                  AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
+                                  WHERE d.bucket = o.bucket AND d.object_path = o.object_path
+                                    AND d.state IN ('pending', 'claimed', 'dead'))
+                  AND NOT EXISTS (SELECT 1 FROM %s AS j
+                                  WHERE orphan_cleanup.object_key(j.output_url) = o.bucket || '/' || o.object_path)
+                $sql$, att.jobs_oid::regclass)
+            USING v_buckets, v_paths;
+            -- The ones something still names: not looked at again for a day.
+            UPDATE orphan_cleanup.objects AS o SET touched_at = now()
+            FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
+            WHERE o.bucket = k.bucket AND o.object_path = k.object_path;
+        END IF;
+    END IF;
+
+    FOR batch IN 1 .. 8 LOOP
+        EXIT WHEN NOT coalesce((SELECT min(f.touched_at) FROM orphan_cleanup.job_fences AS f) < now() - interval '1 day', false);
+        DELETE FROM orphan_cleanup.job_fences AS f
+        WHERE f.job_id IN (SELECT f2.job_id FROM orphan_cleanup.job_fences AS f2
+                           WHERE f2.touched_at < now() - interval '1 day'
+                           ORDER BY f2.touched_at LIMIT 50000 FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        EXIT WHEN v_n < 50000;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._keep_jobs(att orphan_cleanup.attachment, ids bigint[], locked uuid[], actor text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    EXECUTE format($sql$
+        WITH why AS (
+            SELECT q.id,
+                   CASE WHEN orphan_cleanup.object_key(j.output_url) IS DISTINCT FROM q.bucket || '/' || q.object_path
+                        THEN 'the job''s output_url names another object now'
+                        WHEN j.status::text IS DISTINCT FROM 'completed'
+                        THEN format('the job is no longer completed (status %%s)', coalesce(j.status::text, 'NULL'))
+                        ELSE 'the job is referenced by an asset' END AS reason
+            FROM orphan_cleanup.deletion_queue AS q
+            JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = q.job_id
+            JOIN %1$s AS j ON j.id = lk.id
+            WHERE q.id = ANY ($1) AND q.job_cleanup LIKE 'pending%%'
+        ),
+        kept AS (
+            UPDATE orphan_cleanup.deletion_queue AS d
+               SET job_cleanup = 'nothing to do: ' || w.reason
+              FROM why AS w
+             WHERE d.id = w.id
+            RETURNING d.id, d.job_id, d.output_url, w.reason
+        )
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'job_cleanup', k.job_id, k.id, k.output_url, $3, 'job row kept: ' || k.reason FROM kept AS k
+        $sql$, att.jobs_oid::regclass)
+    USING ids, locked, actor;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._cleanup_jobs(ids bigint[], mode text, actor text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    v_locked uuid[];
+    v_exist uuid[];
+    r record;
+    v_msg text;
+    -- Only a job that is still the completed, unreferenced orphan it was (a job re-run with the
+    -- same URL since, or saved, keeps its row).
+    v_still text := 'j.id = $1 AND orphan_cleanup.object_key(j.output_url) = $2 AND j.status::text = ''completed''
+                     AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)';
+    v_action text := CASE WHEN mode = 'delete' THEN 'DELETE FROM %1$s AS j WHERE ' || v_still
+                          ELSE 'UPDATE %1$s AS j SET output_url = NULL WHERE ' || v_still END;
+    v_done text := CASE WHEN mode = 'delete' THEN 'job row deleted' ELSE 'output_url cleared' END;
+BEGIN
+    IF ids IS NULL OR cardinality(ids) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'pending: not attached'
+         WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%';
+        RETURN;
+    END IF;
+    EXECUTE format($sql$
+        SELECT array_agg(l.id) FROM (
+            SELECT j.id FROM %s AS j
+            WHERE j.id IN (SELECT d.job_id FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1))
+            FOR UPDATE SKIP LOCKED) AS l
+        $sql$, att.jobs_oid::regclass) INTO v_locked USING ids;
+    EXECUTE format($sql$
+        SELECT array_agg(j.id) FROM %s AS j
+        WHERE j.id IN (SELECT d.job_id FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1))
+        $sql$, att.jobs_oid::regclass) INTO v_exist USING ids;
+    v_locked := coalesce(v_locked, '{}');
+    v_exist := coalesce(v_exist, '{}');
+
+    -- The whole batch in two statements; row by row, with the fallback, only if they fail.
+    -- Sets are joined, never searched: `j.id = ANY ($2)` in an index condition re-sorted the
+    -- whole array on every probe, and a join to the CTE of cleaned jobs rescanned it per row
+    -- (3 to 4 s for a 4,000-row confirm at 1M jobs). The cleaned rows come back as queue ids,
+    -- so marking them is one primary-key probe each.
+    BEGIN
+        EXECUTE format($sql$
+            WITH done AS (
+                %s
+                RETURNING q.id
+            )
+            UPDATE orphan_cleanup.deletion_queue AS d
+               SET job_cleanup = $3
+              FROM done
+             WHERE d.id = done.id
+            $sql$,
+            format(CASE WHEN mode = 'delete'
+                        THEN 'DELETE FROM %1$s AS j USING orphan_cleanup.deletion_queue AS q, unnest($2::uuid[]) AS lk(id)
+                              WHERE q.id = ANY ($1) AND q.job_cleanup LIKE ''pending%%'' AND lk.id = q.job_id
+                                AND j.id = lk.id AND orphan_cleanup.object_key(j.output_url) = q.bucket || ''/'' || q.object_path
+                                AND j.status::text = ''completed''
+                                AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)'
+                        ELSE 'UPDATE %1$s AS j SET output_url = NULL FROM orphan_cleanup.deletion_queue AS q, unnest($2::uuid[]) AS lk(id)
+                              WHERE q.id = ANY ($1) AND q.job_cleanup LIKE ''pending%%'' AND lk.id = q.job_id
+                                AND j.id = lk.id AND orphan_cleanup.object_key(j.output_url) = q.bucket || ''/'' || q.object_path
+                                AND j.status::text = ''completed''
+                                AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)' END,
+                   att.jobs_oid::regclass, att.assets_oid::regclass))
+        USING ids, v_locked, v_done;
+        -- Locked jobs left alone: no longer the completed, unreferenced orphan they were.
+        PERFORM orphan_cleanup._keep_jobs(att, ids, v_locked, actor);
+    EXCEPTION WHEN OTHERS THEN
+        NULL;  -- some row cannot be cleaned up this way (a foreign key): the loop below says which
+    END;
+
+    FOR r IN
+        SELECT d.id, d.job_id, d.bucket || '/' || d.object_path AS object_key, d.output_url FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND d.job_id = ANY (v_locked)
+        ORDER BY d.id
+    LOOP
+        BEGIN
+            EXECUTE format(v_action, att.jobs_oid::regclass, att.assets_oid::regclass) USING r.job_id, r.object_key;
+            IF FOUND THEN
+                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done WHERE d.id = r.id;
+            ELSE
+                PERFORM orphan_cleanup._keep_jobs(att, ARRAY[r.id], ARRAY[r.job_id], actor);
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+            BEGIN
+                EXECUTE format('UPDATE %1$s AS j SET output_url = NULL WHERE ' || v_still, att.jobs_oid::regclass, att.assets_oid::regclass)
+                USING r.job_id, r.object_key;
+                UPDATE orphan_cleanup.deletion_queue AS d
+                   SET job_cleanup = 'output_url cleared because ' || lower(mode) || ' failed: ' || v_msg
+                 WHERE d.id = r.id;
+                INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+                VALUES ('job_cleanup', r.job_id, r.id, r.output_url, actor,
+                        'job row not deleted (' || v_msg || '); its output_url was cleared instead');
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'failed: ' || v_msg WHERE d.id = r.id;
+                INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+                VALUES ('job_cleanup', r.job_id, r.id, r.output_url, actor, 'job row cleanup failed: ' || v_msg);
+            END;
+        END;
+    END LOOP;
+    UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'nothing to do: the job row no longer exists'
+     WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND NOT (d.job_id = ANY (v_exist));
+    -- The rest are held by another transaction (a save in flight): the next cycle retries them.
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.cancel(ids bigint[])
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_keep text[];
+    v_done bigint[];
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The objects' rows, locked: a claim of them waits for this, or this for the claim.
+    INSERT INTO orphan_cleanup.objects AS o (bucket, object_path)
+    SELECT DISTINCT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
+    WHERE d.id = ANY (ids) AND d.state IN ('pending', 'dead') AND d.bucket IS NOT NULL
+    ON CONFLICT (bucket, object_path) DO NOTHING;
+    WITH locked AS (
+        SELECT o.bucket, o.object_path, o.handouts
+        FROM orphan_cleanup.objects AS o
+        WHERE (o.bucket, o.object_path) IN (SELECT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
+                                            WHERE d.id = ANY (ids) AND d.state IN ('pending', 'dead'))
+        ORDER BY o.bucket, o.object_path
+        FOR UPDATE OF o
+    ),
+    kept AS (
+        UPDATE orphan_cleanup.objects AS o
+           SET kept_at = coalesce(o.kept_at, now()), kept_by = coalesce(o.kept_by, session_user::text), touched_at = now()
+          FROM locked AS l
+         WHERE o.bucket = l.bucket AND o.object_path = l.object_path AND l.handouts = 0
+        RETURNING o.bucket || '/' || o.object_path AS key
+    )
+    SELECT array_agg(k.key) INTO v_keep FROM kept AS k;
+    v_keep := coalesce(v_keep, '{}');
+    WITH cancelled AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'cancelled', reason = format('cancelled by %s', session_user), finished_at = now(), updated_at = now()
+         WHERE d.state IN ('pending', 'dead')
+           AND (d.id = ANY (ids) OR (d.bucket || '/' || d.object_path) = ANY (v_keep))
+        RETURNING d.id, d.job_id, d.output_url, (d.bucket || '/' || d.object_path) = ANY (v_keep) AS kept
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'cancelled', c.job_id, c.id, c.output_url, session_user,
+               CASE WHEN NOT c.kept THEN 'cancelled by a DBA after its object had been handed to a reaper: it may be deleted, and no job naming it can be saved'
+                    WHEN c.id = ANY (ids) THEN 'cancelled by a DBA; its object is kept'
+                    ELSE 'cancelled by a DBA with a row naming the same object; the object is kept' END
+        FROM cancelled AS c
+    )
+    SELECT array_agg(c.id) INTO v_done FROM cancelled AS c;
+    v_done := coalesce(v_done, '{}');
+    RETURN QUERY
+    SELECT i.id,
+           CASE WHEN i.id = ANY (v_done) AND o.handouts > 0
+                THEN format('cancelled, but its object %s/%s was already handed to a reaper (row %s, by %s at %s) and may be deleted; no job naming it can be saved',
+                            o.bucket, o.object_path, o.last_queue_id, o.last_handed_to, o.last_handed_out_at)
+                WHEN i.id = ANY (v_done) THEN 'cancelled'
+                WHEN d.id IS NULL THEN 'not cancelled: no such queue row'
+                WHEN d.state = 'claimed' THEN format('not cancelled: claimed by %s until %s; its object may already be deleted', d.claimed_by, d.lease_until)
+                ELSE format('not cancelled: the row is already %s', d.state) END
+    FROM unnest(ids) WITH ORDINALITY AS i(id, n)
+    LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
+    LEFT JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
+    UNION ALL
+    SELECT x.id, 'cancelled: names the same object as a row you cancelled'
+    FROM unnest(v_done) AS x(id)
+    WHERE NOT (x.id = ANY (ids));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.requeue_dead(ids bigint[] DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    n bigint;
+    skipped text;
+BEGIN
+    SELECT string_agg(format('row %s (job %s already has row %s %s)', d.id, d.job_id, l.id,
+                             CASE WHEN l.state = 'dead' THEN 'requeued' ELSE l.state END), ', ' ORDER BY d.id)
+      INTO skipped
+    FROM orphan_cleanup.deletion_queue AS d
+    JOIN LATERAL (SELECT l.id, l.state FROM orphan_cleanup.deletion_queue AS l
+                  WHERE l.job_id = d.job_id
+                    AND (l.state IN ('pending', 'claimed')
+                         OR (l.state = 'dead' AND l.id < d.id AND (ids IS NULL OR l.id = ANY (ids))))
+                  ORDER BY l.state = 'dead', l.id LIMIT 1) AS l ON true
+    WHERE d.state = 'dead' AND (ids IS NULL OR d.id = ANY (ids));
+    WITH requeued AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'pending', attempts = 0, available_at = now(), finished_at = NULL, updated_at = now()
+         WHERE d.state = 'dead' AND (ids IS NULL OR d.id = ANY (ids))
+           AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS l
+                           WHERE l.job_id = d.job_id AND l.state IN ('pending', 'claimed'))
+           AND d.id = (SELECT min(d2.id) FROM orphan_cleanup.deletion_queue AS d2
+                       WHERE d2.job_id = d.job_id AND d2.state = 'dead' AND (ids IS NULL OR d2.id = ANY (ids)))
+        RETURNING d.id, d.job_id, d.output_url, d.last_error
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'requeued', r.job_id, r.id, r.output_url, session_user, 'last error: ' || coalesce(r.last_error, 'none')
+        FROM requeued AS r
+    )
+    SELECT count(*) INTO n FROM requeued;
+    IF skipped IS NOT NULL THEN
+        RAISE NOTICE 'requeue_dead() skipped %', skipped
+            USING HINT = 'A job has one live row at a time; these stay dead.';
+    END IF;
+    IF n > 0 THEN
+        PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n::text);
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- An attached database gets the jobs table's guard now, as attach() installs it, and its
+-- truncate guard fires under session_replication_role = replica too.
+DO $upgrade$
+DECLARE
+    att orphan_cleanup.attachment;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
+        PERFORM orphan_cleanup._drop_guards(att.jobs_oid);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', att.jobs_oid::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', att.jobs_oid::regclass);
+    END IF;
+    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_truncate_guard') THEN
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', att.assets_oid::regclass);
+    END IF;
+END
+$upgrade$;
 
 -- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
@@ -1158,7 +2125,17 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
     orphan_cleanup.refuse(text, bigint[], text),
     orphan_cleanup._reaper_coverage(),
-    orphan_cleanup.queue_status()
+    orphan_cleanup._health(orphan_cleanup.reaper_coverage),
+    orphan_cleanup.health(),
+    orphan_cleanup.queue_status(),
+    orphan_cleanup._fence_job(uuid),
+    orphan_cleanup._new_objects(text[], text[]),
+    orphan_cleanup._hold_object(text, text),
+    orphan_cleanup._refuse_save(uuid, bigint, text),
+    orphan_cleanup.job_guard(),
+    orphan_cleanup._guard_problem(orphan_cleanup.attachment),
+    orphan_cleanup._prune_objects(orphan_cleanup.attachment),
+    orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

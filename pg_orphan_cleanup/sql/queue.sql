@@ -149,6 +149,46 @@ BEGIN
 END
 $$;
 
+-- Creates the rows of objects that have none yet, for claim(), and returns the ones it created
+-- (which this transaction now holds). A save or job write of the same object in flight may be
+-- creating the row at this moment: a claim never waits for the app, so it gives up on such an
+-- object after a short lock_timeout (retrying the others one by one) and leaves its queue row
+-- for a later claim. ON CONFLICT DO NOTHING skips rows another transaction committed meanwhile.
+CREATE FUNCTION orphan_cleanup._new_objects(p_buckets text[], p_paths text[]) RETURNS text[]
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET lock_timeout = '20ms'
+AS $$
+DECLARE
+    v_made text[];
+    v_one text;
+    i integer;
+BEGIN
+    BEGIN
+        WITH made AS (
+            INSERT INTO orphan_cleanup.objects AS o (bucket, object_path)
+            SELECT * FROM unnest(p_buckets, p_paths)
+            ON CONFLICT (bucket, object_path) DO NOTHING
+            RETURNING o.bucket || '/' || o.object_path AS key)
+        SELECT array_agg(m.key) INTO v_made FROM made AS m;
+    EXCEPTION WHEN lock_not_available THEN
+        v_made := '{}';
+        FOR i IN 1 .. cardinality(p_paths) LOOP
+            BEGIN
+                v_one := NULL;
+                INSERT INTO orphan_cleanup.objects AS o (bucket, object_path) VALUES (p_buckets[i], p_paths[i])
+                ON CONFLICT (bucket, object_path) DO NOTHING
+                RETURNING o.bucket || '/' || o.object_path INTO v_one;
+                IF v_one IS NOT NULL THEN
+                    v_made := v_made || v_one;
+                END IF;
+            EXCEPTION WHEN lock_not_available THEN
+                NULL;  -- being created by a save or job write in flight: skipped this time
+            END;
+        END LOOP;
+    END;
+    RETURN coalesce(v_made, '{}');
+END
+$$;
+
 -- Hands up to max_rows queued objects to a reaper for lease. Each row is re-checked under the
 -- save-guard protocol first; a row that fails a check is never handed out.
 --
@@ -173,6 +213,9 @@ DECLARE
     att orphan_cleanup.attachment;
     v_ids bigint[];
     v_locked uuid[];
+    v_objs text[];
+    v_new_buckets text[];
+    v_new_paths text[];
     v_ok bigint[];
     v_bad bigint[];
     v_bad_state text[];
@@ -210,6 +253,19 @@ BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reaping_enabled THEN
         RETURN;
+    END IF;
+    -- The app's tables in ROW EXCLUSIVE mode, without waiting: a transaction that is changing
+    -- their triggers (ALTER TABLE ... DISABLE TRIGGER, pg_restore --disable-triggers) holds a
+    -- lock that conflicts, and its saves are not guarded until it commits. Such a claim hands out
+    -- nothing; the guard check below then reads the catalog as of after the lock.
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    -- (Tables that no longer exist, e.g. after a restore, are left to _require_attached().)
+    IF FOUND AND (SELECT count(*) FROM pg_catalog.pg_class AS c WHERE c.oid IN (att.jobs_oid, att.assets_oid)) = 2 THEN
+        BEGIN
+            EXECUTE format('LOCK TABLE %s, %s IN ROW EXCLUSIVE MODE NOWAIT', att.jobs_oid::regclass, att.assets_oid::regclass);
+        EXCEPTION WHEN lock_not_available OR undefined_table THEN
+            RETURN;
+        END;
     END IF;
     att := orphan_cleanup._require_attached('claim()');
     -- An empty allow-list is a configuration mistake, not a policy: rejecting every row it
@@ -266,6 +322,26 @@ BEGIN
     INTO v_locked USING v_ids;
     v_locked := coalesce(v_locked, '{}');
 
+    -- 2b. Their objects' rows, the rows every save and job write naming the object writes too
+    --    (see guard.sql). A row a save or job write holds is skipped, and with it the queue row.
+    SELECT array_agg(l.bucket || '/' || l.object_path) INTO v_objs
+    FROM (SELECT o.bucket, o.object_path
+          FROM orphan_cleanup.objects AS o
+          JOIN (SELECT DISTINCT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY (v_ids)) AS k
+            ON o.bucket = k.bucket AND o.object_path = k.object_path
+          ORDER BY o.bucket, o.object_path
+          FOR UPDATE OF o SKIP LOCKED) AS l;
+    --    An object with no row yet gets one, created by this claim (and so held by it).
+    SELECT array_agg(d.bucket), array_agg(d.object_path) INTO v_new_buckets, v_new_paths
+    FROM (SELECT DISTINCT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
+          WHERE d.id = ANY (v_ids)
+            AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS o
+                            WHERE o.bucket = d.bucket AND o.object_path = d.object_path)) AS d;
+    IF v_new_paths IS NOT NULL THEN
+        v_objs := coalesce(v_objs, '{}') || orphan_cleanup._new_objects(v_new_buckets, v_new_paths);
+    END IF;
+    v_objs := coalesce(v_objs, '{}');
+
     -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
     --    committed meanwhile are visible here.
     EXECUTE format($sql$
@@ -273,9 +349,12 @@ BEGIN
             SELECT d.id,
                    CASE
                        WHEN j.id IS NULL THEN 'stale'
-                       WHEN lk.id IS NULL THEN 'busy'
-                       WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'stale'
-                       WHEN j.status::text <> 'completed' THEN 'stale'
+                       WHEN lk.id IS NULL OR ob.key IS NULL THEN 'busy'
+                       WHEN o.kept_at IS NOT NULL THEN 'cancelled'
+                       -- Objects, not URL text: a refreshed signed-URL token names the same object.
+                       WHEN orphan_cleanup.object_key(j.output_url) IS DISTINCT FROM d.bucket || '/' || d.object_path THEN 'stale'
+                       -- Unknown (NULL) status or age keeps the object.
+                       WHEN j.status::text IS DISTINCT FROM 'completed' OR j.%3$I IS NULL THEN 'stale'
                        WHEN j.%3$I >= $3 THEN 'wait'
                        WHEN r.referenced IS NOT NULL THEN 'stale'
                        WHEN u.error IS NOT NULL THEN 'rejected'
@@ -285,8 +364,10 @@ BEGIN
                    END AS verdict,
                    CASE
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
-                       WHEN md5(j.output_url) IS DISTINCT FROM d.url_hash THEN 'the job''s output_url changed after it was queued'
-                       WHEN j.status::text <> 'completed' THEN format('the job''s status is now %%s', j.status)
+                       WHEN o.kept_at IS NOT NULL THEN format('its object was kept by %%s at %%s (cancel())', o.kept_by, o.kept_at)
+                       WHEN orphan_cleanup.object_key(j.output_url) IS DISTINCT FROM d.bucket || '/' || d.object_path THEN 'the job''s output_url names another object now'
+                       WHEN j.status::text IS DISTINCT FROM 'completed' THEN format('the job''s status is now %%s', coalesce(j.status::text, 'NULL'))
+                       WHEN j.%3$I IS NULL THEN format('the job''s %%s is NULL', %4$L)
                        WHEN r.referenced IS NOT NULL THEN 'the job is referenced by an asset'
                        WHEN u.error IS NOT NULL THEN u.error
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
@@ -297,6 +378,8 @@ BEGIN
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
             LEFT JOIN %1$s AS j ON j.id = d.job_id
             LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id
+            LEFT JOIN unnest($5::text[]) AS ob(key) ON ob.key = d.bucket || '/' || d.object_path
+            LEFT JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
             -- Once per row, as an index probe (LIMIT keeps the planner from hashing the whole
             -- assets table instead, 2 s per claim when the queue had no statistics yet): the
             -- verdict and its reason both need it.
@@ -310,25 +393,25 @@ BEGIN
             LEFT JOIN LATERAL (
                 SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
                        (array_agg(j2.id) FILTER (
-                           WHERE NOT (j2.status::text = 'completed' AND j2.%3$I < $3
+                           WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
                                       AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
                                                       WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
-                                                      OFFSET 0))))[1] AS keeper
+                                                      OFFSET 0), false)))[1] AS keeper
                 FROM %1$s AS j2
                 WHERE orphan_cleanup.object_key(j2.output_url) = d.bucket || '/' || d.object_path
                   AND j2.id <> d.job_id
             ) AS s ON true
         )
         SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
-               array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
-               array_agg(v.verdict) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
-               array_agg(v.reason) FILTER (WHERE v.verdict IN ('stale', 'rejected')),
+               array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
+               array_agg(v.verdict) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
+               array_agg(v.reason) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
                array_agg(v.id) FILTER (WHERE v.verdict = 'wait'),
                array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait')
         FROM v
-        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column)
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until
-    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s);
+    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
@@ -336,10 +419,13 @@ BEGIN
             UPDATE orphan_cleanup.deletion_queue AS d
                SET state = b.state, reason = b.reason, finished_at = now(), updated_at = now()
               FROM b WHERE d.id = b.id
-            RETURNING d.id, d.job_id, d.output_url, d.state, d.reason)
+            RETURNING d.id, d.job_id, d.output_url, d.state, d.reason, d.claim_count)
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT CASE WHEN m.state = 'rejected' THEN 'rejected' ELSE 'cancelled' END,
-               m.job_id, m.id, m.output_url, worker, 'at claim: ' || m.reason
+               m.job_id, m.id, m.output_url, worker,
+               CASE WHEN m.claim_count > 0
+                    THEN 'retired at claim without a confirmed deletion, after it had been handed out (the object may be deleted; no job naming it can be saved): '
+                    ELSE 'at claim: ' END || m.reason
         FROM moved AS m;
     END IF;
     IF v_wait IS NOT NULL THEN
@@ -359,6 +445,15 @@ BEGIN
                claimed_at = now(), lease_until = now() + lease, updated_at = now()
          WHERE d.id = ANY (v_ok)
         RETURNING d.id, d.job_id, d.host, d.bucket, d.object_path, d.attempts, d.output_url
+    ),
+    -- The hand-out, recorded on the object in this transaction: from its commit on, no job
+    -- naming the object can be saved.
+    tainted AS (
+        UPDATE orphan_cleanup.objects AS o
+           SET handouts = o.handouts + t.n, first_handed_out_at = coalesce(o.first_handed_out_at, now()),
+               last_handed_out_at = now(), last_handed_to = worker, last_queue_id = t.last_id, touched_at = now()
+          FROM (SELECT c.bucket, c.object_path, count(*) AS n, max(c.id) AS last_id FROM claimed AS c GROUP BY 1, 2) AS t
+         WHERE o.bucket = t.bucket AND o.object_path = t.object_path
     ),
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
@@ -384,8 +479,12 @@ DECLARE
     v_exist uuid[];
     r record;
     v_msg text;
-    v_action text := CASE WHEN mode = 'delete' THEN 'DELETE FROM %1$s AS j WHERE j.id = $1 AND md5(j.output_url) = $2'
-                          ELSE 'UPDATE %1$s AS j SET output_url = NULL WHERE j.id = $1 AND md5(j.output_url) = $2' END;
+    -- Only a job that is still the completed, unreferenced orphan it was (a job re-run with the
+    -- same URL since, or saved, keeps its row).
+    v_still text := 'j.id = $1 AND orphan_cleanup.object_key(j.output_url) = $2 AND j.status::text = ''completed''
+                     AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)';
+    v_action text := CASE WHEN mode = 'delete' THEN 'DELETE FROM %1$s AS j WHERE ' || v_still
+                          ELSE 'UPDATE %1$s AS j SET output_url = NULL WHERE ' || v_still END;
     v_done text := CASE WHEN mode = 'delete' THEN 'job row deleted' ELSE 'output_url cleared' END;
 BEGIN
     IF ids IS NULL OR cardinality(ids) = 0 THEN
@@ -429,36 +528,39 @@ BEGIN
             format(CASE WHEN mode = 'delete'
                         THEN 'DELETE FROM %1$s AS j USING orphan_cleanup.deletion_queue AS q, unnest($2::uuid[]) AS lk(id)
                               WHERE q.id = ANY ($1) AND q.job_cleanup LIKE ''pending%%'' AND lk.id = q.job_id
-                                AND j.id = lk.id AND md5(j.output_url) = q.url_hash'
+                                AND j.id = lk.id AND orphan_cleanup.object_key(j.output_url) = q.bucket || ''/'' || q.object_path
+                                AND j.status::text = ''completed''
+                                AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)'
                         ELSE 'UPDATE %1$s AS j SET output_url = NULL FROM orphan_cleanup.deletion_queue AS q, unnest($2::uuid[]) AS lk(id)
                               WHERE q.id = ANY ($1) AND q.job_cleanup LIKE ''pending%%'' AND lk.id = q.job_id
-                                AND j.id = lk.id AND md5(j.output_url) = q.url_hash' END,
-                   att.jobs_oid::regclass))
+                                AND j.id = lk.id AND orphan_cleanup.object_key(j.output_url) = q.bucket || ''/'' || q.object_path
+                                AND j.status::text = ''completed''
+                                AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)' END,
+                   att.jobs_oid::regclass, att.assets_oid::regclass))
         USING ids, v_locked, v_done;
-        -- Locked jobs left alone: their URL no longer matches the queued one.
-        UPDATE orphan_cleanup.deletion_queue AS d
-           SET job_cleanup = 'nothing to do: the job''s output_url changed'
-          FROM unnest(v_locked) AS lk(id)
-         WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND d.job_id = lk.id;
+        -- Locked jobs left alone: no longer the completed, unreferenced orphan they were.
+        PERFORM orphan_cleanup._keep_jobs(att, ids, v_locked, actor);
     EXCEPTION WHEN OTHERS THEN
         NULL;  -- some row cannot be cleaned up this way (a foreign key): the loop below says which
     END;
 
     FOR r IN
-        SELECT d.id, d.job_id, d.url_hash, d.output_url FROM orphan_cleanup.deletion_queue AS d
+        SELECT d.id, d.job_id, d.bucket || '/' || d.object_path AS object_key, d.output_url FROM orphan_cleanup.deletion_queue AS d
         WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND d.job_id = ANY (v_locked)
         ORDER BY d.id
     LOOP
         BEGIN
-            EXECUTE format(v_action, att.jobs_oid::regclass) USING r.job_id, r.url_hash;
-            UPDATE orphan_cleanup.deletion_queue AS d
-               SET job_cleanup = CASE WHEN FOUND THEN v_done ELSE 'nothing to do: the job''s output_url changed' END
-             WHERE d.id = r.id;
+            EXECUTE format(v_action, att.jobs_oid::regclass, att.assets_oid::regclass) USING r.job_id, r.object_key;
+            IF FOUND THEN
+                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done WHERE d.id = r.id;
+            ELSE
+                PERFORM orphan_cleanup._keep_jobs(att, ARRAY[r.id], ARRAY[r.job_id], actor);
+            END IF;
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
             BEGIN
-                EXECUTE format('UPDATE %s AS j SET output_url = NULL WHERE j.id = $1 AND md5(j.output_url) = $2', att.jobs_oid::regclass)
-                USING r.job_id, r.url_hash;
+                EXECUTE format('UPDATE %1$s AS j SET output_url = NULL WHERE ' || v_still, att.jobs_oid::regclass, att.assets_oid::regclass)
+                USING r.job_id, r.object_key;
                 UPDATE orphan_cleanup.deletion_queue AS d
                    SET job_cleanup = 'output_url cleared because ' || lower(mode) || ' failed: ' || v_msg
                  WHERE d.id = r.id;
@@ -476,6 +578,39 @@ BEGIN
     UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'nothing to do: the job row no longer exists'
      WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND NOT (d.job_id = ANY (v_exist));
     -- The rest are held by another transaction (a save in flight): the next cycle retries them.
+END
+$$;
+
+-- Confirmed rows whose (locked) job row is no longer the completed, unreferenced orphan it was:
+-- the job row is kept, and the queue row and the audit log say why.
+CREATE FUNCTION orphan_cleanup._keep_jobs(att orphan_cleanup.attachment, ids bigint[], locked uuid[], actor text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    EXECUTE format($sql$
+        WITH why AS (
+            SELECT q.id,
+                   CASE WHEN orphan_cleanup.object_key(j.output_url) IS DISTINCT FROM q.bucket || '/' || q.object_path
+                        THEN 'the job''s output_url names another object now'
+                        WHEN j.status::text IS DISTINCT FROM 'completed'
+                        THEN format('the job is no longer completed (status %%s)', coalesce(j.status::text, 'NULL'))
+                        ELSE 'the job is referenced by an asset' END AS reason
+            FROM orphan_cleanup.deletion_queue AS q
+            JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = q.job_id
+            JOIN %1$s AS j ON j.id = lk.id
+            WHERE q.id = ANY ($1) AND q.job_cleanup LIKE 'pending%%'
+        ),
+        kept AS (
+            UPDATE orphan_cleanup.deletion_queue AS d
+               SET job_cleanup = 'nothing to do: ' || w.reason
+              FROM why AS w
+             WHERE d.id = w.id
+            RETURNING d.id, d.job_id, d.output_url, w.reason
+        )
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'job_cleanup', k.job_id, k.id, k.output_url, $3, 'job row kept: ' || k.reason FROM kept AS k
+        $sql$, att.jobs_oid::regclass)
+    USING ids, locked, actor;
 END
 $$;
 
@@ -708,53 +843,107 @@ BEGIN ATOMIC
     LIMIT greatest(coalesce(max_rows, 100), 0);
 END;
 
--- DBA: removes rows from the queue before they are claimed. The job is not queued again for
--- the same URL. A row a reaper holds right now cannot be cancelled (turn reaping off first).
+-- DBA: keeps objects from being deleted. Cancels the given pending or dead rows and every other
+-- pending or dead row naming the same objects, and marks the objects kept, so that no row of
+-- any job naming them is handed out later (claim() retires such rows). The jobs are not queued
+-- again for the same URL. An object already handed to a reaper cannot be kept: it may be gone.
 CREATE FUNCTION orphan_cleanup.cancel(ids bigint[])
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
+    v_keep text[];
     v_done bigint[];
 BEGIN
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The objects' rows, locked: a claim of them waits for this, or this for the claim.
+    INSERT INTO orphan_cleanup.objects AS o (bucket, object_path)
+    SELECT DISTINCT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
+    WHERE d.id = ANY (ids) AND d.state IN ('pending', 'dead') AND d.bucket IS NOT NULL
+    ON CONFLICT (bucket, object_path) DO NOTHING;
+    WITH locked AS (
+        SELECT o.bucket, o.object_path, o.handouts
+        FROM orphan_cleanup.objects AS o
+        WHERE (o.bucket, o.object_path) IN (SELECT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
+                                            WHERE d.id = ANY (ids) AND d.state IN ('pending', 'dead'))
+        ORDER BY o.bucket, o.object_path
+        FOR UPDATE OF o
+    ),
+    kept AS (
+        UPDATE orphan_cleanup.objects AS o
+           SET kept_at = coalesce(o.kept_at, now()), kept_by = coalesce(o.kept_by, session_user::text), touched_at = now()
+          FROM locked AS l
+         WHERE o.bucket = l.bucket AND o.object_path = l.object_path AND l.handouts = 0
+        RETURNING o.bucket || '/' || o.object_path AS key
+    )
+    SELECT array_agg(k.key) INTO v_keep FROM kept AS k;
+    v_keep := coalesce(v_keep, '{}');
     WITH cancelled AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = 'cancelled', reason = format('cancelled by %s', session_user), finished_at = now(), updated_at = now()
-         WHERE d.id = ANY (ids) AND d.state IN ('pending', 'dead')
-        RETURNING d.id, d.job_id, d.output_url
+         WHERE d.state IN ('pending', 'dead')
+           AND (d.id = ANY (ids) OR (d.bucket || '/' || d.object_path) = ANY (v_keep))
+        RETURNING d.id, d.job_id, d.output_url, (d.bucket || '/' || d.object_path) = ANY (v_keep) AS kept
     ),
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
-        SELECT 'cancelled', c.job_id, c.id, c.output_url, session_user, 'cancelled by a DBA' FROM cancelled AS c
+        SELECT 'cancelled', c.job_id, c.id, c.output_url, session_user,
+               CASE WHEN NOT c.kept THEN 'cancelled by a DBA after its object had been handed to a reaper: it may be deleted, and no job naming it can be saved'
+                    WHEN c.id = ANY (ids) THEN 'cancelled by a DBA; its object is kept'
+                    ELSE 'cancelled by a DBA with a row naming the same object; the object is kept' END
+        FROM cancelled AS c
     )
     SELECT array_agg(c.id) INTO v_done FROM cancelled AS c;
     v_done := coalesce(v_done, '{}');
     RETURN QUERY
     SELECT i.id,
-           CASE WHEN i.id = ANY (v_done) THEN 'cancelled'
+           CASE WHEN i.id = ANY (v_done) AND o.handouts > 0
+                THEN format('cancelled, but its object %s/%s was already handed to a reaper (row %s, by %s at %s) and may be deleted; no job naming it can be saved',
+                            o.bucket, o.object_path, o.last_queue_id, o.last_handed_to, o.last_handed_out_at)
+                WHEN i.id = ANY (v_done) THEN 'cancelled'
                 WHEN d.id IS NULL THEN 'not cancelled: no such queue row'
-                WHEN d.state = 'claimed' THEN format('not cancelled: claimed by %s until %s; set orphan_cleanup.reaping_enabled = off to stop reapers', d.claimed_by, d.lease_until)
+                WHEN d.state = 'claimed' THEN format('not cancelled: claimed by %s until %s; its object may already be deleted', d.claimed_by, d.lease_until)
                 ELSE format('not cancelled: the row is already %s', d.state) END
     FROM unnest(ids) WITH ORDINALITY AS i(id, n)
     LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
-    ORDER BY i.n;
+    LEFT JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
+    UNION ALL
+    SELECT x.id, 'cancelled: names the same object as a row you cancelled'
+    FROM unnest(v_done) AS x(id)
+    WHERE NOT (x.id = ANY (ids));
 END
 $$;
 
--- DBA: puts dead-lettered rows back in the queue with fresh attempts. NULL: all of them.
+-- DBA: puts dead-lettered rows back in the queue with fresh attempts. NULL: all of them. A job
+-- has one live row at a time: a dead row whose job has a live (pending or claimed) row already,
+-- or another dead row requeued now, is skipped, named in a NOTICE, and left dead.
 CREATE FUNCTION orphan_cleanup.requeue_dead(ids bigint[] DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     n bigint;
+    skipped text;
 BEGIN
+    SELECT string_agg(format('row %s (job %s already has row %s %s)', d.id, d.job_id, l.id,
+                             CASE WHEN l.state = 'dead' THEN 'requeued' ELSE l.state END), ', ' ORDER BY d.id)
+      INTO skipped
+    FROM orphan_cleanup.deletion_queue AS d
+    JOIN LATERAL (SELECT l.id, l.state FROM orphan_cleanup.deletion_queue AS l
+                  WHERE l.job_id = d.job_id
+                    AND (l.state IN ('pending', 'claimed')
+                         OR (l.state = 'dead' AND l.id < d.id AND (ids IS NULL OR l.id = ANY (ids))))
+                  ORDER BY l.state = 'dead', l.id LIMIT 1) AS l ON true
+    WHERE d.state = 'dead' AND (ids IS NULL OR d.id = ANY (ids));
     WITH requeued AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = 'pending', attempts = 0, available_at = now(), finished_at = NULL, updated_at = now()
          WHERE d.state = 'dead' AND (ids IS NULL OR d.id = ANY (ids))
+           AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS l
+                           WHERE l.job_id = d.job_id AND l.state IN ('pending', 'claimed'))
+           AND d.id = (SELECT min(d2.id) FROM orphan_cleanup.deletion_queue AS d2
+                       WHERE d2.job_id = d.job_id AND d2.state = 'dead' AND (ids IS NULL OR d2.id = ANY (ids)))
         RETURNING d.id, d.job_id, d.output_url, d.last_error
     ),
     audited AS (
@@ -763,6 +952,10 @@ BEGIN
         FROM requeued AS r
     )
     SELECT count(*) INTO n FROM requeued;
+    IF skipped IS NOT NULL THEN
+        RAISE NOTICE 'requeue_dead() skipped %', skipped
+            USING HINT = 'A job has one live row at a time; these stay dead.';
+    END IF;
     IF n > 0 THEN
         PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n::text);
     END IF;

@@ -149,15 +149,23 @@ BEGIN
 END
 $$;
 
+-- What _reaper_coverage() finds, passed on to _health() so that queue_status() reads the ready
+-- rows once, not once for its own columns and again inside health().
+CREATE TYPE orphan_cleanup.reaper_coverage AS (
+    active            integer,   -- reapers that claimed in the last 15 minutes
+    unserved          bigint,    -- ready rows none of them serves, or every one that could refused
+    unserved_what     text,      -- which buckets and hosts
+    refused_last_hour bigint,    -- rows reapers gave back with refuse()
+    misconfigured     text       -- the reapers to blame, by name, and why
+);
+
 -- What the reapers that claimed in the last 15 minutes leave undone: ready rows none of them
 -- serves (by its buckets and hosts) or that every one that could serve refused (however long
 -- ago), rows refused in the last hour, and the reapers to blame, by name: those whose lists left
 -- ready rows to others, those of another project (own host not in allowed_hosts), those whose own
 -- allow-list refused rows, reapers older than 0.2.0 that say nothing of their hosts, and, while
 -- orphan_cleanup.allowed_hosts is empty, reapers of several hosts claiming from one queue.
-CREATE FUNCTION orphan_cleanup._reaper_coverage(
-    OUT active integer, OUT unserved bigint, OUT unserved_what text,
-    OUT refused_last_hour bigint, OUT misconfigured text)
+CREATE FUNCTION orphan_cleanup._reaper_coverage() RETURNS orphan_cleanup.reaper_coverage
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -165,15 +173,16 @@ DECLARE
     v_homes text;
     v_active orphan_cleanup.reapers[];
     by_refusals record;
+    c orphan_cleanup.reaper_coverage;
 BEGIN
     SELECT coalesce(array_agg(r), '{}') INTO v_active
     FROM orphan_cleanup.reapers AS r WHERE r.last_claim_at > now() - interval '15 minutes';
-    active := cardinality(v_active);
-    unserved := 0;
-    IF active > 0 THEN
+    c.active := cardinality(v_active);
+    c.unserved := 0;
+    IF c.active > 0 THEN
         -- By the lists: one pass over the ready rows, grouped by bucket and host.
         SELECT coalesce(sum(g.n), 0), string_agg(format('%s @ %s', g.bucket, coalesce(g.host, '(no host)')), ', ' ORDER BY g.bucket, g.host)
-          INTO unserved, unserved_what
+          INTO c.unserved, c.unserved_what
         FROM (SELECT q.bucket, q.host, count(*) AS n
               FROM orphan_cleanup.deletion_queue AS q
               WHERE q.state = 'pending' AND q.available_at <= now()
@@ -193,8 +202,8 @@ BEGIN
                             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f2
                                             WHERE f2.queue_id = q.id AND f2.refused_by = a.reaper));
         IF by_refusals.n > 0 THEN
-            unserved := unserved + by_refusals.n;
-            unserved_what := concat_ws(', ', unserved_what, by_refusals.what || ' (refused by every reaper that serves it)');
+            c.unserved := c.unserved + by_refusals.n;
+            c.unserved_what := concat_ws(', ', c.unserved_what, by_refusals.what || ' (refused by every reaper that serves it)');
         END IF;
         IF v_any_host THEN
             SELECT string_agg(format('%s at %s', a.reaper, a.home), ', ' ORDER BY a.reaper) INTO v_homes
@@ -203,7 +212,7 @@ BEGIN
             HAVING count(DISTINCT a.home) > 1;
         END IF;
     END IF;
-    SELECT count(*) INTO refused_last_hour FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour';
+    SELECT count(*) INTO c.refused_last_hour FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour';
     SELECT string_agg(format('reaper %s (buckets %s; hosts %s) %s', x.reaper,
                              coalesce(array_to_string(r.buckets, ','), 'any'), coalesce(array_to_string(r.hosts, ','), 'any'),
                              concat_ws(' and ',
@@ -216,7 +225,7 @@ BEGIN
                                  CASE WHEN f.n IS NOT NULL
                                       THEN format('refused %s rows it was handed (%s)', f.n, f.reason) END)),
                       '; ' ORDER BY x.reaper)
-      INTO misconfigured
+      INTO c.misconfigured
     FROM (SELECT r.reaper FROM orphan_cleanup.reapers AS r WHERE r.passed_over_at > now() - interval '15 minutes'
           UNION
           SELECT a.reaper FROM unnest(v_active) AS a
@@ -228,14 +237,15 @@ BEGIN
                FROM orphan_cleanup.refusals AS f WHERE f.at > now() - interval '1 hour'
                GROUP BY f.refused_by) AS f ON f.refused_by = x.reaper;
     IF v_homes IS NOT NULL THEN
-        misconfigured := concat_ws('; ', misconfigured,
+        c.misconfigured := concat_ws('; ', c.misconfigured,
             format('reapers of different projects claim from this queue (%s), and with orphan_cleanup.allowed_hosts empty the database cannot tell which one serves its bare bucket/key rows: set allowed_hosts to this project''s host', v_homes));
     END IF;
+    RETURN c;
 END
 $$;
 
--- One row per check, each ok / warning / critical with a reason that says what to do.
-CREATE FUNCTION orphan_cleanup.health()
+-- health()'s checks, given what _reaper_coverage() found.
+CREATE FUNCTION orphan_cleanup._health(cov orphan_cleanup.reaper_coverage)
 RETURNS TABLE (check_name text, status text, detail text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -250,7 +260,6 @@ DECLARE
     v_workers integer;
     n bigint;
     ix record;
-    cov record;
     v_ready_since timestamptz;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -273,12 +282,10 @@ BEGIN
     check_name := 'save guard';
     IF att.jobs_oid IS NULL THEN
         status := 'critical'; detail := 'not installed (not attached)';
-    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_save_guard') THEN
-        status := 'critical'; detail := 'trigger orphan_cleanup_save_guard is missing: claims are refused; run attach() again';
-    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_save_guard' AND tgenabled = 'D') THEN
-        status := 'critical'; detail := format('trigger orphan_cleanup_save_guard is disabled: claims are refused; ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard', att.assets_oid::regclass);
+    ELSIF orphan_cleanup._guard_problem(att) IS NOT NULL THEN
+        status := 'critical'; detail := orphan_cleanup._guard_problem(att) || ': claims are refused; run SELECT * FROM orphan_cleanup.attach(); to reinstall the guards';
     ELSE
-        status := 'ok'; detail := 'trigger orphan_cleanup_save_guard present and enabled';
+        status := 'ok'; detail := 'triggers orphan_cleanup_save_guard, orphan_cleanup_job_guard and orphan_cleanup_truncate_guard present and enabled ALWAYS';
     END IF;
     RETURN NEXT;
 
@@ -360,7 +367,6 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'reaper allow-lists';
-    cov := orphan_cleanup._reaper_coverage();
     IF cov.misconfigured IS NOT NULL OR cov.unserved > 0 THEN
         status := 'warning';
         detail := concat_ws('; ',
@@ -438,6 +444,12 @@ BEGIN
 END
 $$;
 
+-- One row per check, each ok / warning / critical with a reason that says what to do.
+CREATE FUNCTION orphan_cleanup.health()
+RETURNS TABLE (check_name text, status text, detail text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$ SELECT * FROM orphan_cleanup._health(orphan_cleanup._reaper_coverage()) $$;
+
 -- What a reaper's status screen needs, in one row.
 CREATE FUNCTION orphan_cleanup.queue_status()
 RETURNS TABLE (pending bigint, ready bigint, claimed bigint, dead bigint, rejected bigint,
@@ -454,7 +466,7 @@ BEGIN
            l.started_at, l.status, l.error,
            (SELECT CASE WHEN bool_or(h.status = 'critical') THEN 'critical'
                         WHEN bool_or(h.status = 'warning') THEN 'warning' ELSE 'ok' END
-            FROM orphan_cleanup.health() AS h),
+            FROM orphan_cleanup._health(v) AS h),
            (SELECT g.reaping_enabled FROM orphan_cleanup._config() AS g),
            EXISTS (SELECT 1 FROM orphan_cleanup.attachment),
            r.alert, r.alert_at,
@@ -470,6 +482,7 @@ BEGIN
           FROM orphan_cleanup.deletion_queue AS q) AS c
     LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true
     CROSS JOIN orphan_cleanup._reaper_alert() AS r
+    -- Computed once, for these columns and for the health checks above (it reads every ready row).
     CROSS JOIN orphan_cleanup._reaper_coverage() AS v;
 END
 $$;

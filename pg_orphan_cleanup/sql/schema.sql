@@ -161,6 +161,40 @@ CREATE TABLE orphan_cleanup.refusals (
 );
 CREATE INDEX refusals_at ON orphan_cleanup.refusals (at);
 
+-- One row per storage object (bucket and key, however a URL spells it) that a claim, a save or a
+-- job write has touched: the unit of the save guarantee. A save and a write that points a job at
+-- an object create the row if it is missing and lock it; a claim locks it and writes the
+-- hand-out. So they conflict at every isolation level (a snapshot read would not see a claim
+-- that committed after the snapshot; a row version it cannot see fails it with 40001).
+-- handouts > 0: a claim handed the object to a reaper, so a delete may have been sent; no job
+-- naming it can be saved from then on. Retiring, re-queuing, job cleanup and history pruning
+-- never lower it. How long a row lives: see _prune_objects() (detect.sql).
+CREATE TABLE orphan_cleanup.objects (
+    bucket              text NOT NULL,
+    object_path         text NOT NULL,
+    handouts            integer NOT NULL DEFAULT 0,   -- claims that may have sent a delete
+    first_handed_out_at timestamptz,
+    last_handed_out_at  timestamptz,
+    last_handed_to      text,                         -- the worker id of the latest claim
+    last_queue_id       bigint,                       -- the queue row it handed out
+    kept_at             timestamptz,                  -- cancel() kept the object: never handed out
+    kept_by             text,
+    touched_at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (bucket, object_path)
+);
+CREATE INDEX objects_untainted ON orphan_cleanup.objects (touched_at) WHERE handouts = 0 AND kept_at IS NULL;
+CREATE INDEX objects_handed_out ON orphan_cleanup.objects (last_handed_out_at) WHERE handouts > 0;
+
+-- The row a save of a job, an INSERT of the job, and a write that points the job at a
+-- handed-out object all write: their conflict is what stops a saved job from being pointed at a
+-- deleted file, at every isolation level, even when the save comes before the job row exists.
+-- Pruned after a day.
+CREATE TABLE orphan_cleanup.job_fences (
+    job_id     uuid PRIMARY KEY,
+    touched_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX job_fences_touched_at ON orphan_cleanup.job_fences (touched_at);
+
 -- Counts saves refused by the save guard. A refused save rolls its transaction back, audit row
 -- included; a sequence is not transactional, so the count survives.
 CREATE SEQUENCE orphan_cleanup.refused_saves;
@@ -178,6 +212,8 @@ SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.audit_log_id_seq', ''
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refused_saves', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reapers', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refusals', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.objects', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_fences', '');
 
 -- Whether a comma-separated list setting names nothing: '', ' ' and ' , ' all read as empty,
 -- as the URL parser reads the allow-lists (a raw = '' test let ' ' through).

@@ -622,7 +622,7 @@ fn a_disabled_or_missing_save_guard_stops_claims() {
         .unwrap_err();
     assert!(
         db_error(&err).contains(
-            "save guard trigger orphan_cleanup_save_guard on public.user_assets is disabled"
+            "the guard trigger orphan_cleanup_save_guard on public.user_assets is disabled, not enabled ALWAYS"
         ),
         "{}",
         db_error(&err)

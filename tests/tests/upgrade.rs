@@ -138,6 +138,33 @@ fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
         .unwrap()
         .get(0);
     assert_eq!(audit_after, audit_before);
+    // The save guarantee holds for a row a 0.1.0 reaper holds in flight: its object counts as
+    // handed out, so its job cannot be saved, nor a job that names the same object.
+    let held_job: String = c
+        .query_one(
+            "SELECT job_id::text FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&held],
+        )
+        .unwrap()
+        .get(0);
+    let refused = save(&mut c, "generated_saved", &held_job).unwrap_err();
+    assert_eq!(refused.code().unwrap().code(), "OC001", "{refused}");
+    let twin_url: String = c
+        .query_one(
+            "SELECT bucket || '/' || object_path FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&held],
+        )
+        .unwrap()
+        .get(0);
+    let twin = job(
+        &mut c,
+        "completed",
+        Some(&twin_url),
+        "1 minute",
+        "cache hit",
+    );
+    let refused = save(&mut c, "generated_saved", &twin.0).unwrap_err();
+    assert_eq!(refused.code().unwrap().code(), "OC001", "{refused}");
     let confirmed: String = c
         .query_one(
             "SELECT result FROM orphan_cleanup.confirm('reaper-0.1', ARRAY[$1::bigint], 'deleted')",
@@ -199,4 +226,43 @@ fn a_reaper_refuses_a_database_whose_extension_is_missing_or_too_old() {
         text.contains("pg_orphan_cleanup is not installed in this database; run CREATE EXTENSION pg_orphan_cleanup there"),
         "{text}"
     );
+}
+
+/// A 0.1.0 reaper that claims while the update runs: its claim must count as a hand-out after
+/// the update, or a save of its job would commit while the reaper deletes the file.
+#[test]
+fn a_claim_committing_during_the_upgrade_still_refuses_the_save() {
+    settings(BASE_SETTINGS);
+    let old = TestDb::create_at("upgrade_racing_claim", Some("0.1.0"));
+    old.attach();
+    let mut c = old.client();
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "race.png")),
+        "2 hours",
+        "orphan",
+    );
+    assert_eq!(cycle(&mut c).2, 1);
+    let mut reaper = old.client();
+    let mut tx = reaper.transaction().unwrap();
+    let claimed = tx
+        .query("SELECT id FROM orphan_cleanup.claim('reaper-0.1', 10)", &[])
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let name = old.name.clone();
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let update = std::thread::spawn(move || {
+        let mut u = connect(&name);
+        pid_tx.send(backend_pid(&mut u)).unwrap();
+        u.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
+    });
+    let pid = pid_rx.recv().unwrap();
+    // The update waits for the claim in flight...
+    wait_until_blocked(&mut c, pid);
+    tx.commit().unwrap();
+    update.join().unwrap().unwrap();
+    // ...and so knows about it.
+    let err = save(&mut c, "generated_saved", &j.0).unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "OC001", "{err}");
 }

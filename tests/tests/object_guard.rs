@@ -1,0 +1,879 @@
+//! The save guarantee, per object. Each test is one of the sequences that broke the job- and
+//! URL-centric guard of 0.1.0 (issue 11), driven step by step between connections. The rule they
+//! all check: once an object (bucket and key, however a URL spells it) has been handed to a
+//! reaper, no job naming that object can be saved, and no saved job can be pointed at it.
+
+use std::thread;
+
+use e2e::*;
+
+const REFUSED: &str = "OC001";
+const REPOINT_REFUSED: &str = "OC002";
+const SERIALIZATION_FAILURE: &str = "40001";
+
+fn signed_url(bucket: &str, key: &str, token: &str) -> String {
+    format!("https://{HOST}/storage/v1/object/sign/{bucket}/{key}?token={token}")
+}
+
+/// A database attached to the default tables, with the issue's settings.
+fn db(name: &str) -> TestDb {
+    settings(BASE_SETTINGS);
+    TestDb::attached(name)
+}
+
+fn db_with(name: &str, extra: &[(&str, &str)]) -> TestDb {
+    let mut all: Vec<(&str, &str)> = BASE_SETTINGS.to_vec();
+    all.extend_from_slice(extra);
+    settings(&all);
+    TestDb::attached(name)
+}
+
+fn orphan(c: &mut postgres::Client, url: &str) -> uuid_text::Uuid {
+    job(c, "completed", Some(url), "2 days", "orphan")
+}
+
+fn confirm(c: &mut postgres::Client, worker: &str, ids: &[i64]) {
+    let rows = c
+        .query(
+            "SELECT result FROM orphan_cleanup.confirm($1, $2)",
+            &[&worker, &ids],
+        )
+        .unwrap();
+    for r in rows {
+        assert_eq!(r.get::<_, String>(0), "confirmed");
+    }
+}
+
+/// The SQLSTATE of a failed statement.
+fn code(r: Result<u64, postgres::Error>) -> String {
+    r.expect_err("the statement must fail")
+        .code()
+        .expect("a database error")
+        .code()
+        .to_string()
+}
+
+fn assert_refused(c: &mut postgres::Client, j: &uuid_text::Uuid) {
+    assert_eq!(code(save(c, "generated_saved", &j.0)), REFUSED);
+}
+
+fn queue_row(c: &mut postgres::Client, j: &uuid_text::Uuid) -> (i64, String) {
+    let r = c
+        .query_one(
+            "SELECT id, state FROM orphan_cleanup.deletion_queue WHERE job_id = $1::text::uuid ORDER BY id DESC LIMIT 1",
+            &[&j.0],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn exec(c: &mut postgres::Client, sql: &str) {
+    c.batch_execute(sql).unwrap();
+}
+
+// 1.
+#[test]
+fn seq01_a_shared_object_handed_out_through_one_job_cannot_be_saved_through_the_other() {
+    let db = db("obj_shared");
+    let mut c = db.client();
+    let a = orphan(&mut c, "renders/x.png");
+    let b = orphan(&mut c, &public_url("renders", "x.png"));
+    assert_eq!(
+        cycle(&mut c).2,
+        2,
+        "both jobs are orphans naming one object"
+    );
+    let ids = claim(&mut c, "r1", 1);
+    assert_eq!(ids.len(), 1);
+    confirm(&mut c, "r1", &ids);
+    let other = if queue_row(&mut c, &a).0 == ids[0] {
+        &b
+    } else {
+        &a
+    };
+    assert_refused(&mut c, other);
+}
+
+// 2.
+#[test]
+fn seq02_a_refreshed_signed_url_token_names_the_same_object() {
+    let db = db("obj_token");
+    let mut c = db.client();
+    let a = orphan(&mut c, &signed_url("renders", "s.png", "T1"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    assert_eq!(ids.len(), 1);
+    c.execute(
+        "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+        &[&signed_url("renders", "s.png", "T2"), &a.0],
+    )
+    .unwrap();
+    confirm(&mut c, "r1", &ids);
+    assert_refused(&mut c, &a);
+}
+
+#[test]
+fn seq02_a_token_refreshed_before_the_claim_does_not_make_the_row_stale() {
+    let db = db("obj_token_early");
+    let mut c = db.client();
+    let a = orphan(&mut c, &signed_url("renders", "t.png", "T1"));
+    cycle(&mut c);
+    c.execute(
+        "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+        &[&signed_url("renders", "t.png", "T2"), &a.0],
+    )
+    .unwrap();
+    assert_eq!(
+        claim(&mut c, "r1", 10).len(),
+        1,
+        "a new token is not a new object: the orphan is still deleted"
+    );
+    assert_eq!(queue_row(&mut c, &a).1, "claimed");
+}
+
+// 3. Retired rows do not forget the hand-out.
+fn claimed_then_released(name: &str, extra: &[(&str, &str)]) -> (TestDb, uuid_text::Uuid, i64) {
+    let db = db_with(name, extra);
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", &format!("{name}.png")));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    assert_eq!(ids.len(), 1);
+    c.query_one("SELECT orphan_cleanup.release('r1')", &[])
+        .unwrap();
+    (db, a, ids[0])
+}
+
+#[test]
+fn seq03_a_row_retired_stale_after_a_status_flip_still_refuses_the_save() {
+    let (db, a, id) = claimed_then_released("obj_stale", &[]);
+    let mut c = db.client();
+    c.execute(
+        "UPDATE render_jobs SET status = 'running' WHERE id = $1::text::uuid",
+        &[&a.0],
+    )
+    .unwrap();
+    assert!(claim(&mut c, "r1", 10).is_empty());
+    assert_eq!(queue_row(&mut c, &a).1, "stale");
+    c.execute(
+        "UPDATE render_jobs SET status = 'completed' WHERE id = $1::text::uuid",
+        &[&a.0],
+    )
+    .unwrap();
+    assert_refused(&mut c, &a);
+    // The audit trail says the row left without a deletion after a hand-out (15, last item).
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.audit_log WHERE queue_id = $1 AND action = 'cancelled'",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        detail.contains("without a confirmed deletion, after it had been handed out"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn seq03_a_row_rejected_while_the_bucket_was_not_allowed_still_refuses_the_save() {
+    let (db, a, _) = claimed_then_released("obj_rejected", &[]);
+    let mut c = db.client();
+    settings(&[("allowed_buckets", "other"), ("allowed_hosts", HOST)]);
+    assert!(claim(&mut c, "r1", 10).is_empty());
+    assert_eq!(queue_row(&mut c, &a).1, "rejected");
+    settings(BASE_SETTINGS);
+    assert_refused(&mut c, &a);
+}
+
+#[test]
+fn seq03_a_dead_row_cancelled_by_a_dba_still_refuses_the_save() {
+    let db = db("obj_dead_cancel");
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "dead.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    c.query(
+        "SELECT * FROM orphan_cleanup.fail('r1', $1, 'storage said 500', false)",
+        &[&ids],
+    )
+    .unwrap();
+    assert_eq!(queue_row(&mut c, &a).1, "dead");
+    let result: String = c
+        .query_one("SELECT result FROM orphan_cleanup.cancel($1)", &[&ids])
+        .unwrap()
+        .get(0);
+    assert!(result.starts_with("cancelled"), "{result}");
+    assert!(result.contains("may be deleted"), "{result}");
+    assert_eq!(queue_row(&mut c, &a).1, "cancelled");
+    assert_refused(&mut c, &a);
+}
+
+#[test]
+fn seq03_a_job_deleted_and_inserted_again_cannot_be_saved() {
+    let (db, a, _) = claimed_then_released("obj_reinsert", &[]);
+    let mut c = db.client();
+    let url: String = c
+        .query_one(
+            "DELETE FROM render_jobs WHERE id = $1::text::uuid RETURNING output_url",
+            &[&a.0],
+        )
+        .unwrap()
+        .get(0);
+    // The next claim finds the job gone and retires the row.
+    assert!(claim(&mut c, "r1", 10).is_empty());
+    assert_eq!(queue_row(&mut c, &a).1, "stale");
+    c.execute(
+        "INSERT INTO render_jobs (id, status, output_url, created_at) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 days')",
+        &[&a.0, &url],
+    )
+    .unwrap();
+    assert_refused(&mut c, &a);
+}
+
+#[test]
+fn seq03_a_job_whose_row_confirm_deleted_cannot_be_saved_when_inserted_again() {
+    let db = db("obj_reinsert_confirmed");
+    let mut c = db.client();
+    let url = public_url("renders", "reinsert.png");
+    let a = orphan(&mut c, &url);
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    confirm(&mut c, "r1", &ids);
+    let gone: i64 = c
+        .query_one(
+            "SELECT count(*) FROM render_jobs WHERE id = $1::text::uuid",
+            &[&a.0],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(gone, 0, "on_confirm = delete removed the job row");
+    assert_refused(&mut c, &a);
+    c.execute(
+        "INSERT INTO render_jobs (id, status, output_url, created_at) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 days')",
+        &[&a.0, &url],
+    )
+    .unwrap();
+    assert_refused(&mut c, &a);
+}
+
+#[test]
+fn seq03_history_pruned_after_retention_still_refuses_a_save() {
+    let db = db_with("obj_pruned", &[("history_retention", "1h")]);
+    let mut c = db.client();
+    let url = public_url("renders", "pruned.png");
+    orphan(&mut c, &url);
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    confirm(&mut c, "r1", &ids);
+    exec(
+        &mut c,
+        "UPDATE orphan_cleanup.deletion_queue SET finished_at = now() - interval '2 hours';
+         UPDATE orphan_cleanup.audit_log SET at = now() - interval '2 hours';",
+    );
+    cycle(&mut c);
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the queue's history was pruned");
+    // A render cache hit hands out the same URL again; that job cannot be saved.
+    let b = job(&mut c, "completed", Some(&url), "1 minute", "cache hit");
+    assert_refused(&mut c, &b);
+}
+
+// 4.
+fn save_at_isolation_after_a_claim(level: &str) {
+    let db = db(&format!("obj_{}", level.replace(' ', "_").to_lowercase()));
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "rr.png"));
+    let mut app = db.client();
+    let mut tx = app
+        .build_transaction()
+        .isolation_level(match level {
+            "REPEATABLE READ" => postgres::IsolationLevel::RepeatableRead,
+            _ => postgres::IsolationLevel::Serializable,
+        })
+        .start()
+        .unwrap();
+    // The app's snapshot is taken now, before the cycle and the claim.
+    tx.query_one("SELECT count(*) FROM user_assets", &[])
+        .unwrap();
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(claim(&mut c, "r1", 10).len(), 1);
+    let saved = tx.execute(
+        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+        &[&a.0],
+    );
+    let err = match saved {
+        Err(e) => {
+            drop(tx);
+            e
+        }
+        Ok(_) => tx.commit().expect_err("the save must not commit"),
+    };
+    let got = err.code().unwrap().code().to_string();
+    assert!(
+        got == REFUSED || got == SERIALIZATION_FAILURE,
+        "{level}: {got}: {err}"
+    );
+    // The app's retry gets the refusal.
+    assert_refused(&mut app, &a);
+}
+
+#[test]
+fn seq04_a_repeatable_read_save_whose_snapshot_predates_the_claim_does_not_commit() {
+    save_at_isolation_after_a_claim("REPEATABLE READ");
+}
+
+#[test]
+fn seq04_a_serializable_save_whose_snapshot_predates_the_claim_does_not_commit() {
+    save_at_isolation_after_a_claim("SERIALIZABLE");
+}
+
+// 6.
+#[test]
+fn seq06_a_saved_job_cannot_be_pointed_at_a_claimed_object() {
+    let db = db("obj_repoint");
+    let mut c = db.client();
+    orphan(&mut c, &public_url("renders", "k.png"));
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "j.png")),
+        "2 days",
+        "saved",
+    );
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    cycle(&mut c);
+    assert_eq!(claim(&mut c, "r1", 10).len(), 1);
+    let err = c
+        .execute(
+            "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+            &[&public_url("renders", "k.png"), &j.0],
+        )
+        .unwrap_err();
+    let db_err = err.as_db_error().unwrap();
+    assert_eq!(db_err.code().code(), REPOINT_REFUSED);
+    assert!(
+        db_err
+            .message()
+            .contains("is saved and cannot point at renders/k.png"),
+        "{}",
+        db_err.message()
+    );
+}
+
+#[test]
+fn seq06_a_repoint_waits_for_a_claim_in_flight_then_is_refused() {
+    let db = db("obj_repoint_inflight");
+    let mut c = db.client();
+    orphan(&mut c, &public_url("renders", "k2.png"));
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "j2.png")),
+        "2 days",
+        "saved",
+    );
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    cycle(&mut c);
+    let mut reaper = db.client();
+    let mut tx = reaper.transaction().unwrap();
+    assert_eq!(claim(&mut tx, "r1", 10).len(), 1);
+    let name = db.name.clone();
+    let jid = j.0.clone();
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let writer = thread::spawn(move || {
+        let mut w = connect(&name);
+        pid_tx.send(backend_pid(&mut w)).unwrap();
+        w.execute(
+            "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+            &[&public_url("renders", "k2.png"), &jid],
+        )
+    });
+    let pid = pid_rx.recv().unwrap();
+    wait_until_blocked(&mut c, pid);
+    tx.commit().unwrap();
+    assert_eq!(code(writer.join().unwrap()), REPOINT_REFUSED);
+}
+
+#[test]
+fn seq06_a_render_cache_hit_on_a_deleted_object_cannot_be_saved() {
+    let db = db("obj_cache_hit");
+    let mut c = db.client();
+    let url = public_url("renders", "cached.png");
+    orphan(&mut c, &url);
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    confirm(&mut c, "r1", &ids);
+    // The app may still create a job naming the object (it is not saved)...
+    let hit = job(&mut c, "completed", Some(&url), "1 second", "cache hit");
+    // ...but not save it.
+    assert_refused(&mut c, &hit);
+}
+
+// 7.
+#[test]
+fn seq07_a_job_whose_url_confirm_cleared_cannot_be_saved() {
+    let db = db_with("obj_clear_url", &[("on_confirm", "clear_url")]);
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "cleared.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    confirm(&mut c, "r1", &ids);
+    let url: Option<String> = c
+        .query_one(
+            "SELECT output_url FROM render_jobs WHERE id = $1::text::uuid",
+            &[&a.0],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(url, None, "clear_url cleared it");
+    assert_refused(&mut c, &a);
+}
+
+// 8.
+fn guard_health(c: &mut postgres::Client) -> (String, String) {
+    let r = c
+        .query_one(
+            "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'save guard'",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn claim_refusal(c: &mut postgres::Client) -> String {
+    db_error(
+        &c.query("SELECT * FROM orphan_cleanup.claim('r1', 10)", &[])
+            .unwrap_err(),
+    )
+}
+
+#[test]
+fn seq08_any_guard_trigger_but_the_exact_one_enabled_always_stops_claims() {
+    let db = db("obj_trigger_state");
+    let mut c = db.client();
+    orphan(&mut c, &public_url("renders", "trig.png"));
+    cycle(&mut c);
+    let cases: &[(&str, &str)] = &[
+        (
+            "ALTER TABLE user_assets ENABLE REPLICA TRIGGER orphan_cleanup_save_guard",
+            "enabled REPLICA only",
+        ),
+        (
+            "ALTER TABLE user_assets DISABLE TRIGGER ALL; ALTER TABLE user_assets ENABLE TRIGGER ALL",
+            "enabled ORIGIN only",
+        ),
+        (
+            "ALTER TABLE render_jobs DISABLE TRIGGER orphan_cleanup_job_guard",
+            "disabled",
+        ),
+        (
+            "DROP TRIGGER orphan_cleanup_save_guard ON user_assets;
+             CREATE FUNCTION public.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+             CREATE TRIGGER orphan_cleanup_save_guard AFTER INSERT OR UPDATE OR DELETE ON user_assets
+                 FOR EACH ROW EXECUTE FUNCTION public.noop();
+             ALTER TABLE user_assets ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard",
+            "is not the guard attach() installs",
+        ),
+        (
+            "DROP TRIGGER orphan_cleanup_job_guard ON render_jobs",
+            "orphan_cleanup_job_guard is missing",
+        ),
+    ];
+    for (breakage, says) in cases {
+        db.attach();
+        assert_eq!(guard_health(&mut c).0, "ok");
+        exec(&mut c, breakage);
+        let (status, detail) = guard_health(&mut c);
+        assert_eq!(status, "critical", "{breakage}: {detail}");
+        assert!(detail.contains(says), "{breakage}: {detail}");
+        let refusal = claim_refusal(&mut c);
+        assert!(refusal.contains(says), "{breakage}: {refusal}");
+    }
+    db.attach();
+    assert_eq!(guard_health(&mut c).0, "ok");
+    assert_eq!(claim(&mut c, "r1", 10).len(), 1, "attach() put it right");
+}
+
+// 9.
+#[test]
+fn seq09_a_job_with_an_unknown_age_or_status_keeps_a_shared_object() {
+    let db = db_with("obj_nulls", &[("age_column", "completed_at")]);
+    let mut c = db.client();
+    exec(
+        &mut c,
+        "ALTER TABLE render_jobs ALTER COLUMN status DROP NOT NULL",
+    );
+    db.attach();
+    for (key, keeper_sql) in [
+        (
+            "null-age.png",
+            "INSERT INTO render_jobs (status, output_url, completed_at) VALUES ('completed', $1, NULL)",
+        ),
+        (
+            "null-status.png",
+            "INSERT INTO render_jobs (status, output_url, completed_at) VALUES (NULL, $1, now() - interval '2 days')",
+        ),
+    ] {
+        let url = public_url("renders", key);
+        c.execute(
+            "INSERT INTO render_jobs (status, output_url, completed_at) VALUES ('completed', $1, now() - interval '2 days')",
+            &[&format!("renders/{key}")],
+        )
+        .unwrap();
+        // Queued first, then a job with an unknown age or status names the same object.
+        cycle(&mut c);
+        c.execute(keeper_sql, &[&url]).unwrap();
+        assert!(
+            claim(&mut c, "r1", 10).is_empty(),
+            "{key}: unknown must keep the object"
+        );
+    }
+    // And a cycle never queues an orphan whose object such a job names.
+    let url = public_url("renders", "null-late.png");
+    c.execute(
+        "INSERT INTO render_jobs (status, output_url, completed_at) VALUES ('completed', $1, NULL)",
+        &[&url],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO render_jobs (status, output_url, completed_at) VALUES ('completed', 'renders/null-late.png', now() - interval '2 days')",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cycle(&mut c).2, 0);
+}
+
+// 12.
+#[test]
+fn seq12_confirm_keeps_a_job_that_was_rerun_since_the_claim() {
+    let db = db("obj_rerun");
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "rerun.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    c.execute(
+        "UPDATE render_jobs SET status = 'running' WHERE id = $1::text::uuid",
+        &[&a.0],
+    )
+    .unwrap();
+    confirm(&mut c, "r1", &ids);
+    let status: String = c
+        .query_one(
+            "SELECT status FROM render_jobs WHERE id = $1::text::uuid",
+            &[&a.0],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "running", "the re-run job keeps its row");
+    let (cleanup, audited): (String, i64) = {
+        let r = c
+            .query_one(
+                "SELECT job_cleanup, (SELECT count(*) FROM orphan_cleanup.audit_log WHERE queue_id = d.id AND action = 'job_cleanup' AND detail LIKE 'job row kept: %')
+                 FROM orphan_cleanup.deletion_queue AS d WHERE d.id = $1",
+                &[&ids[0]],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        cleanup,
+        "nothing to do: the job is no longer completed (status running)"
+    );
+    assert_eq!(audited, 1);
+}
+
+// 13.
+#[test]
+fn seq13_cancel_keeps_the_object_not_just_the_row() {
+    let db = db("obj_cancel");
+    let mut c = db.client();
+    let a = orphan(&mut c, "renders/kept.png");
+    let b = orphan(&mut c, &public_url("renders", "kept.png"));
+    assert_eq!(cycle(&mut c).2, 2);
+    let (b_row, _) = queue_row(&mut c, &b);
+    let results: Vec<(i64, String)> = c
+        .query(
+            "SELECT id, result FROM orphan_cleanup.cancel($1)",
+            &[&vec![b_row]],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(results[0], (b_row, "cancelled".to_string()));
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(queue_row(&mut c, &a).1, "cancelled");
+    assert!(claim(&mut c, "r1", 10).is_empty());
+    // A later job naming the kept object is queued by a cycle but never handed out.
+    let late = orphan(&mut c, &public_url("renders", "kept.png"));
+    cycle(&mut c);
+    assert!(claim(&mut c, "r1", 10).is_empty());
+    assert_eq!(queue_row(&mut c, &late).1, "cancelled");
+}
+
+#[test]
+fn seq13_cancel_of_a_row_whose_object_a_reaper_holds_says_so() {
+    let db = db("obj_cancel_claimed");
+    let mut c = db.client();
+    orphan(&mut c, "renders/held.png");
+    let b = orphan(&mut c, &public_url("renders", "held.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 1);
+    assert_eq!(ids.len(), 1);
+    let (b_row, _) = queue_row(&mut c, &b);
+    let target = if b_row == ids[0] {
+        // The claim took B's row: cancel the other one.
+        c.query_one(
+            "SELECT id FROM orphan_cleanup.deletion_queue WHERE id <> $1",
+            &[&b_row],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+    } else {
+        b_row
+    };
+    let result: String = c
+        .query_one(
+            "SELECT result FROM orphan_cleanup.cancel($1)",
+            &[&vec![target]],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        result.contains("already handed to a reaper") && result.contains("may be deleted"),
+        "{result}"
+    );
+}
+
+// 15, first item.
+#[test]
+fn seq15_requeue_dead_requeues_the_others_and_names_the_row_it_skips() {
+    // Full sweeps: the cycle after A's URL changes looks at A again.
+    let db = db_with("obj_requeue", &[("full_sweep_interval", "0")]);
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "a-old.png"));
+    let b = orphan(&mut c, &public_url("renders", "b.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    c.query(
+        "SELECT * FROM orphan_cleanup.fail('r1', $1, 'storage said 500', false)",
+        &[&ids],
+    )
+    .unwrap();
+    let (a_dead, _) = queue_row(&mut c, &a);
+    // A's job now names another object, which a cycle queues: A has a live row.
+    c.execute(
+        "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+        &[&public_url("renders", "a-new.png"), &a.0],
+    )
+    .unwrap();
+    assert_eq!(cycle(&mut c).2, 1);
+
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = notices.clone();
+    let mut dba = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port())
+        .user("postgres")
+        .dbname(&db.name)
+        .notice_callback(move |n| sink.lock().unwrap().push(n.message().to_string()))
+        .connect(postgres::NoTls)
+        .unwrap();
+    let n: i64 = dba
+        .query_one("SELECT orphan_cleanup.requeue_dead(NULL)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "B's dead row is requeued");
+    assert_eq!(queue_row(&mut c, &b).1, "pending");
+    let a_state: String = c
+        .query_one(
+            "SELECT state FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&a_dead],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(a_state, "dead");
+    let said = notices.lock().unwrap().join("\n");
+    assert!(
+        said.contains(&format!("row {a_dead} (job {} already has row", a.0)),
+        "{said}"
+    );
+}
+
+// 15, third item.
+#[test]
+fn seq15_attach_refuses_an_age_column_without_time_zone() {
+    let db = db_with("obj_tz", &[("age_column", "completed_at")]);
+    let mut c = db.client();
+    exec(
+        &mut c,
+        "ALTER TABLE render_jobs ALTER COLUMN completed_at TYPE timestamp",
+    );
+    // Attached before: cycles and claims stop, naming the column.
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.run_cycle()", &[])
+        .map(|rows| rows[0].get::<_, String>(1))
+        .unwrap();
+    assert_eq!(err, "failed");
+    let why: String = c
+        .query_one(
+            "SELECT error FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(why.contains("no longer timestamptz"), "{why}");
+    let err = c
+        .query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap_err();
+    let msg = db_error(&err);
+    assert!(
+        msg.contains("is timestamp without time zone")
+            && msg.contains(
+                "ALTER COLUMN completed_at TYPE timestamptz USING completed_at AT TIME ZONE 'UTC'"
+            ),
+        "{msg}"
+    );
+}
+
+// Found by the adversarial review of this change.
+
+/// Whether a saved asset points at a job whose object a claim handed out: the property, read
+/// off the tables.
+fn saved_job_names_a_handed_out_object(c: &mut postgres::Client, j: &uuid_text::Uuid) -> bool {
+    c.query_one(
+        "SELECT EXISTS (
+             SELECT 1 FROM render_jobs AS r
+             JOIN orphan_cleanup.objects AS o ON o.bucket || '/' || o.object_path = orphan_cleanup.object_key(r.output_url)
+             WHERE r.id = $1::text::uuid AND o.handouts > 0
+               AND EXISTS (SELECT 1 FROM user_assets AS a
+                           WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = r.id::text))",
+        &[&j.0],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn review_an_asset_saved_before_its_job_exists_keeps_the_object() {
+    let db = db("obj_asset_first");
+    let mut c = db.client();
+    let url = public_url("renders", "early-asset.png");
+    orphan(&mut c, &url);
+    assert_eq!(cycle(&mut c).2, 1);
+    let j = uuid_text::Uuid(
+        c.query_one("SELECT gen_random_uuid()::text", &[])
+            .unwrap()
+            .get(0),
+    );
+    // 1. The app saves an asset for job J before J's row exists; not committed yet.
+    let mut saver = db.client();
+    let mut tx = saver.transaction().unwrap();
+    tx.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))", &[&j.0])
+        .unwrap();
+    // 2. Another session inserts J, completed and old, naming the queued object.
+    let (name, jid, jurl) = (db.name.clone(), j.0.clone(), url.clone());
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let writer = thread::spawn(move || {
+        let mut w = connect(&name);
+        pid_tx.send(backend_pid(&mut w)).unwrap();
+        w.execute(
+            "INSERT INTO render_jobs (id, status, output_url, created_at) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 days')",
+            &[&jid, &jurl],
+        )
+    });
+    let pid = pid_rx.recv().unwrap();
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "the job insert to finish or to wait",
+        || {
+            writer.is_finished()
+                || c.query_one("SELECT cardinality(pg_blocking_pids($1)) > 0", &[&pid])
+                    .unwrap()
+                    .get::<_, bool>(0)
+        },
+    );
+    // 3. A reaper claims; 4. the save commits; then the job insert ends, one way or the other.
+    claim(&mut c, "r1", 10);
+    tx.commit().unwrap();
+    let inserted = writer.join().unwrap();
+    assert!(
+        !saved_job_names_a_handed_out_object(&mut c, &j),
+        "a saved asset points at job {} whose object was handed out (insert: {inserted:?})",
+        j.0
+    );
+}
+
+#[test]
+fn review_two_saves_of_one_job_and_an_update_of_it_do_not_deadlock() {
+    let db = db("obj_two_saves");
+    let mut c = db.client();
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "twice.png")),
+        "1 minute",
+        "fresh",
+    );
+    let mut first = db.client();
+    let mut tx = first.transaction().unwrap();
+    tx.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))", &[&j.0])
+        .unwrap();
+    let (name, jid) = (db.name.clone(), j.0.clone());
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let second = thread::spawn(move || {
+        let mut s = connect(&name);
+        pid_tx.send(backend_pid(&mut s)).unwrap();
+        save(&mut s, "generated_saved", &jid)
+    });
+    let pid = pid_rx.recv().unwrap();
+    wait_until_blocked(&mut c, pid);
+    // The first saver's app also updates the job in the same transaction.
+    tx.execute(
+        "UPDATE render_jobs SET prompt = 'saved' WHERE id = $1::text::uuid",
+        &[&j.0],
+    )
+    .expect("no deadlock with the second save");
+    tx.commit().unwrap();
+    second.join().unwrap().expect("the second save commits");
+}
+
+#[test]
+fn review_claims_hand_out_nothing_while_a_transaction_disables_the_guard() {
+    let db = db("obj_disable_in_tx");
+    let mut c = db.client();
+    orphan(&mut c, &public_url("renders", "restore.png"));
+    cycle(&mut c);
+    let mut dba = db.client();
+    let mut tx = dba.transaction().unwrap();
+    tx.batch_execute("ALTER TABLE user_assets DISABLE TRIGGER orphan_cleanup_save_guard")
+        .unwrap();
+    // The claim neither waits nor hands anything out while the guard is off, uncommitted.
+    assert!(claim(&mut c, "r1", 10).is_empty());
+    tx.rollback().unwrap();
+    assert_eq!(claim(&mut c, "r1", 10).len(), 1);
+}
+
+#[test]
+fn review_detach_is_refused_while_rows_are_claimed() {
+    let db = db("obj_detach_claimed");
+    let mut c = db.client();
+    orphan(&mut c, &public_url("renders", "detach.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    let err = c
+        .query_one("SELECT orphan_cleanup.detach()", &[])
+        .unwrap_err();
+    let msg = db_error(&err);
+    assert!(
+        msg.contains("detach() refused: 1 queue row(s) are claimed")
+            && msg.contains("reaping_enabled = off"),
+        "{msg}"
+    );
+    confirm(&mut c, "r1", &ids);
+    c.query_one("SELECT orphan_cleanup.detach()", &[]).unwrap();
+}
