@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod detection;
+mod queue_cost;
 
 use anyhow::{bail, Context, Result};
 use postgres::{Client, NoTls};
@@ -49,6 +50,8 @@ struct Report {
     scale: String,
     queued_objects: u64,
     drain: Vec<DrainResult>,
+    /// Claim and confirm per row, with no storage: the last release and this version.
+    queue: Vec<queue_cost::QueueCost>,
     ratios: BTreeMap<String, f64>,
     /// VmHWM of the backend that ran the first cycle: it counts the shared buffers the
     /// backend touched, which PostgreSQL's own shared_buffers bound, not the cycle.
@@ -113,6 +116,11 @@ fn main() -> Result<()> {
             &["--batch-size", "1", "--concurrency", "1"],
         )?,
     ];
+    // Claim and confirm on their own, the last release against this version, same data.
+    let queue = vec![
+        queue_cost::queue_cost(&env, n, Some("0.1.0"))?,
+        queue_cost::queue_cost(&env, n, None)?,
+    ];
     let worker_rss = Some(CYCLE_RSS.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
     let worker_private =
         Some(CYCLE_PRIVATE.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
@@ -171,6 +179,18 @@ fn main() -> Result<()> {
             met: n >= 100_000 && rss_half > 0 && (rss as f64) <= 1.1 * rss_half as f64,
         },
     ];
+    let (before, now) = (&queue[0], &queue[1]);
+    for (what, b, a) in [
+        ("claim", before.claim_us_per_row, now.claim_us_per_row),
+        ("confirm", before.confirm_us_per_row, now.confirm_us_per_row),
+    ] {
+        targets.push(Target {
+            name: format!("{what} per row, {} vs {}", now.version, before.version),
+            goal: "<= 1.2x".into(),
+            measured: format!("{a:.0} vs {b:.0} us ({:.2}x)", a / b),
+            met: a <= 1.2 * b,
+        });
+    }
     let largest = detect.last().expect("at least one detection scale");
     targets.push(Target {
         name: format!("first cycle over the backlog ({} jobs)", largest.jobs),
@@ -208,6 +228,7 @@ fn main() -> Result<()> {
         scale: scale.clone(),
         queued_objects: n,
         drain,
+        queue,
         ratios,
         cycle_backend_peak_rss_kib: worker_rss,
         cycle_backend_private_kib: worker_private,
@@ -318,6 +339,18 @@ fn print_table(r: &Report) {
             d.variant, d.objects, d.seconds, d.objects_per_second, rss
         );
     }
+    println!(
+        "\nClaim and confirm per row, no storage ({} queued beside {} saved jobs, batches of 4,000)",
+        r.queued_objects,
+        9 * r.queued_objects
+    );
+    println!("| version | rows | claim (us/row) | confirm (us/row) |\n|---|---:|---:|---:|");
+    for q in &r.queue {
+        println!(
+            "| {} | {} | {:.0} | {:.0} |",
+            q.version, q.rows, q.claim_us_per_row, q.confirm_us_per_row
+        );
+    }
     println!("\n| ratio | value |\n|---|---:|");
     for (k, v) in &r.ratios {
         println!("| {k} | {v:.2} |");
@@ -423,6 +456,12 @@ fn start_emulator(env: &Env, n: u64) -> Result<Emulator> {
 /// among `9 n` saved jobs.
 /// Returns the memory (KiB) of the backend that ran the cycle: the worker runs the same code.
 fn queued_db(env: &Env, n: u64) -> Result<Option<(i64, i64)>> {
+    queued_db_at(env, n, None)
+}
+
+/// [`queued_db`] with the extension at `version` (a released version's install script), or
+/// at this one.
+pub(crate) fn queued_db_at(env: &Env, n: u64, version: Option<&str>) -> Result<Option<(i64, i64)>> {
     let mut admin = psql_client(env, "postgres")?;
     admin.batch_execute("DROP DATABASE IF EXISTS bench_drain WITH (FORCE)")?;
     admin.batch_execute("CREATE DATABASE bench_drain")?;
@@ -441,7 +480,10 @@ fn queued_db(env: &Env, n: u64) -> Result<Option<(i64, i64)>> {
     c.batch_execute(&std::fs::read_to_string(
         env.root.join("sql/app_schema.sql"),
     )?)?;
-    c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?;
+    match version {
+        Some(v) => c.batch_execute(&format!("CREATE EXTENSION pg_orphan_cleanup VERSION '{v}'"))?,
+        None => c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?,
+    }
     create_indexes(env, &mut c)?;
     c.batch_execute(
         "DO $$ BEGIN

@@ -214,6 +214,9 @@ DECLARE
     v_ids bigint[];
     v_locked uuid[];
     v_objs text[];
+    v_kept text[];
+    v_buckets text[];
+    v_paths text[];
     v_new_buckets text[];
     v_new_paths text[];
     v_ok bigint[];
@@ -285,8 +288,8 @@ BEGIN
 
     -- 1. Queue rows this reaper serves, oldest first; rows another transaction holds are
     --    skipped, never waited on.
-    SELECT array_agg(r.id) INTO v_ids
-    FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+    SELECT array_agg(r.id), array_agg(r.bucket), array_agg(r.object_path) INTO v_ids, v_buckets, v_paths
+    FROM (SELECT d.id, d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
             AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
@@ -322,25 +325,29 @@ BEGIN
     INTO v_locked USING v_ids;
     v_locked := coalesce(v_locked, '{}');
 
-    -- 2b. Their objects' rows, the rows every save and job write naming the object writes too
+    -- 2b. Their objects' rows, the rows every save and job write naming the object locks too
     --    (see guard.sql). A row a save or job write holds is skipped, and with it the queue row.
-    SELECT array_agg(l.bucket || '/' || l.object_path) INTO v_objs
-    FROM (SELECT o.bucket, o.object_path
-          FROM orphan_cleanup.objects AS o
-          JOIN (SELECT DISTINCT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY (v_ids)) AS k
-            ON o.bucket = k.bucket AND o.object_path = k.object_path
-          ORDER BY o.bucket, o.object_path
-          FOR UPDATE OF o SKIP LOCKED) AS l;
-    --    An object with no row yet gets one, created by this claim (and so held by it).
-    SELECT array_agg(d.bucket), array_agg(d.object_path) INTO v_new_buckets, v_new_paths
-    FROM (SELECT DISTINCT d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
-          WHERE d.id = ANY (v_ids)
-            AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS o
-                            WHERE o.bucket = d.bucket AND o.object_path = d.object_path)) AS d;
-    IF v_new_paths IS NOT NULL THEN
-        v_objs := coalesce(v_objs, '{}') || orphan_cleanup._new_objects(v_new_buckets, v_new_paths);
+    --    A kept object (cancel()) is noted: its rows are retired below.
+    SELECT array_agg(l.key) FILTER (WHERE NOT l.kept), array_agg(l.key) FILTER (WHERE l.kept)
+      INTO v_objs, v_kept
+    FROM (SELECT o.bucket || '/' || o.object_path AS key, o.kept_at IS NOT NULL AS kept
+          FROM (SELECT DISTINCT k.bucket, k.object_path FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)) AS k
+          CROSS JOIN LATERAL (SELECT o.* FROM orphan_cleanup.objects AS o
+                              WHERE o.bucket = k.bucket AND o.object_path = k.object_path
+                              FOR UPDATE SKIP LOCKED) AS o) AS l;
+    --    An object with no row yet gets one, created by this claim (and so held by it). Looked
+    --    for only when some object was not locked above (skipped, or without a row).
+    IF coalesce(cardinality(v_objs), 0) + coalesce(cardinality(v_kept), 0) < cardinality(v_ids) THEN
+        SELECT array_agg(m.bucket), array_agg(m.object_path) INTO v_new_buckets, v_new_paths
+        FROM (SELECT DISTINCT k.bucket, k.object_path FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
+              WHERE NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS o
+                                WHERE o.bucket = k.bucket AND o.object_path = k.object_path)) AS m;
+        IF v_new_paths IS NOT NULL THEN
+            v_objs := coalesce(v_objs, '{}') || orphan_cleanup._new_objects(v_new_buckets, v_new_paths);
+        END IF;
     END IF;
     v_objs := coalesce(v_objs, '{}');
+    v_kept := coalesce(v_kept, '{}');
 
     -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
     --    committed meanwhile are visible here.
@@ -349,10 +356,9 @@ BEGIN
             SELECT d.id,
                    CASE
                        WHEN j.id IS NULL THEN 'stale'
+                       WHEN kp.key IS NOT NULL THEN 'cancelled'
                        WHEN lk.id IS NULL OR ob.key IS NULL THEN 'busy'
-                       WHEN o.kept_at IS NOT NULL THEN 'cancelled'
-                       -- Objects, not URL text: a refreshed signed-URL token names the same object.
-                       WHEN orphan_cleanup.object_key(j.output_url) IS DISTINCT FROM d.bucket || '/' || d.object_path THEN 'stale'
+                       WHEN NOT so.same_object THEN 'stale'
                        -- Unknown (NULL) status or age keeps the object.
                        WHEN j.status::text IS DISTINCT FROM 'completed' OR j.%3$I IS NULL THEN 'stale'
                        WHEN j.%3$I >= $3 THEN 'wait'
@@ -364,8 +370,8 @@ BEGIN
                    END AS verdict,
                    CASE
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
-                       WHEN o.kept_at IS NOT NULL THEN format('its object was kept by %%s at %%s (cancel())', o.kept_by, o.kept_at)
-                       WHEN orphan_cleanup.object_key(j.output_url) IS DISTINCT FROM d.bucket || '/' || d.object_path THEN 'the job''s output_url names another object now'
+                       WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
+                       WHEN NOT so.same_object THEN 'the job''s output_url names another object now'
                        WHEN j.status::text IS DISTINCT FROM 'completed' THEN format('the job''s status is now %%s', coalesce(j.status::text, 'NULL'))
                        WHEN j.%3$I IS NULL THEN format('the job''s %%s is NULL', %4$L)
                        WHEN r.referenced IS NOT NULL THEN 'the job is referenced by an asset'
@@ -379,7 +385,14 @@ BEGIN
             LEFT JOIN %1$s AS j ON j.id = d.job_id
             LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id
             LEFT JOIN unnest($5::text[]) AS ob(key) ON ob.key = d.bucket || '/' || d.object_path
-            LEFT JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
+            LEFT JOIN unnest($6::text[]) AS kp(key) ON kp.key = d.bucket || '/' || d.object_path
+            -- Objects, not URL text: a refreshed signed-URL token names the same object. The URL
+            -- is parsed only when its text changed (the CASE keeps that order).
+            CROSS JOIN LATERAL (
+                SELECT CASE WHEN md5(j.output_url) = d.url_hash THEN true
+                            ELSE coalesce(orphan_cleanup.object_key(j.output_url) = d.bucket || '/' || d.object_path, false)
+                       END AS same_object
+            ) AS so
             -- Once per row, as an index probe (LIMIT keeps the planner from hashing the whole
             -- assets table instead, 2 s per claim when the queue had no statistics yet): the
             -- verdict and its reason both need it.
@@ -411,7 +424,7 @@ BEGIN
         FROM v
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until
-    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs;
+    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
@@ -446,24 +459,27 @@ BEGIN
          WHERE d.id = ANY (v_ok)
         RETURNING d.id, d.job_id, d.host, d.bucket, d.object_path, d.attempts, d.output_url
     ),
-    -- The hand-out, recorded on the object in this transaction: from its commit on, no job
-    -- naming the object can be saved.
-    tainted AS (
-        UPDATE orphan_cleanup.objects AS o
-           SET handouts = o.handouts + t.n, first_handed_out_at = coalesce(o.first_handed_out_at, now()),
-               last_handed_out_at = now(), last_handed_to = worker, last_queue_id = t.last_id, touched_at = now()
-          FROM (SELECT c.bucket, c.object_path, count(*) AS n, max(c.id) AS last_id FROM claimed AS c GROUP BY 1, 2) AS t
-         WHERE o.bucket = t.bucket AND o.object_path = t.object_path
-    ),
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT 'claimed', c.job_id, c.id, c.output_url, worker, format('lease %s', lease) FROM claimed AS c
     )
     SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts FROM claimed AS c ORDER BY c.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    -- The hand-out, recorded on the objects in this transaction: from its commit on, no job
+    -- naming them can be saved. (A row per object, probed by its key: the arrays keep the
+    -- planner's estimate small, so it never reads the whole table.)
+    UPDATE orphan_cleanup.objects AS o
+       SET handouts = o.handouts + t.n, first_handed_out_at = coalesce(o.first_handed_out_at, now()),
+           last_handed_out_at = now(), last_handed_to = worker, last_queue_id = t.last_id, touched_at = now()
+      FROM (SELECT d.bucket, d.object_path, count(*) AS n, max(d.id) AS last_id
+            FROM unnest(v_ok) AS k(id)
+            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id
+            GROUP BY 1, 2) AS t
+     WHERE o.bucket = t.bucket AND o.object_path = t.object_path;
     IF orphan_cleanup._lock_reaper_row(worker) THEN
         UPDATE orphan_cleanup.reapers AS r SET claimed = r.claimed + v_n WHERE r.reaper = worker;
     END IF;
+    PERFORM orphan_cleanup._pause_point('claim');
 END
 $$;
 

@@ -364,11 +364,13 @@ impl RunArgs {
             ));
         }
         let request_timeout = parse_duration("--request-timeout", &self.request_timeout)?;
-        if request_timeout.is_zero() || request_timeout >= lease {
+        // A batch may be sent until the lease less a tenth of it less one request's timeout has
+        // passed (reaper::Batch): at least half the lease must be left for sending.
+        if request_timeout.is_zero() || request_timeout > lease / 2 {
             return Err(invalid(
                 "--request-timeout",
                 self.request_timeout.clone(),
-                "use more than 0 and less than --lease",
+                "use more than 0 and at most half of --lease (a batch is sent only while its lease has a request's time and a tenth of itself left)",
             ));
         }
         let poll_interval = parse_duration("--poll-interval", &self.poll_interval)?;

@@ -44,6 +44,8 @@ pub struct Summary {
     pub refused: u64,
     pub released: u64,
     pub lease_lost: u64,
+    /// Rows given back unsent because their lease was too close to expiry (the reaper stalled).
+    pub late: u64,
     pub bytes: u64,
     /// Set when storage refused the reaper's configuration: `drain` exits non-zero.
     pub config_error: Option<String>,
@@ -60,6 +62,9 @@ impl std::fmt::Display for Summary {
         )?;
         if self.lease_lost > 0 {
             write!(f, ", leases lost {}", self.lease_lost)?;
+        }
+        if self.late > 0 {
+            write!(f, ", not sent (lease too close to expiry) {}", self.late)?;
         }
         if let Some(max) = self.held_back {
             write!(
@@ -104,6 +109,32 @@ enum ChunkResult {
     Done(crate::storage::Deleted),
     Failed(StorageError),
     NotSent,
+    /// Not sent: the batch's lease could run out before the request ends.
+    Late,
+}
+
+/// A claimed batch, and the last moment a delete of it may be sent.
+///
+/// The lease is the database's promise that no one else deletes or saves these objects until
+/// it runs out. A reaper that stalls (a long pause, SIGSTOP, a partition from the database) must
+/// not act on a lease that may be over: another reaper may have the rows by now, and the rows
+/// may be retired. So the reaper keeps its own deadline, on its own monotonic clock, started
+/// before the claim was sent (the database's lease starts later, when the claim runs): the lease,
+/// less a tenth of it as a safety margin, less the longest a request may take. A chunk whose
+/// request could end after that is not sent; its rows are released for a later claim.
+pub struct Batch {
+    rows: Vec<Claimed>,
+    send_by: Instant,
+}
+
+impl Batch {
+    /// The deadline of a batch whose claim was sent at `claim_sent`.
+    fn send_by(claim_sent: Instant, lease: Duration, request_timeout: Duration) -> Instant {
+        claim_sent
+            + lease
+                .saturating_sub(lease / 10)
+                .saturating_sub(request_timeout)
+    }
 }
 
 impl Reaper {
@@ -191,7 +222,7 @@ impl Reaper {
         let mut queue: Option<Queue> = None;
         // The second connection, for claiming ahead, and the batch it claimed.
         let mut claimer: Option<Queue> = None;
-        let mut prefetched: Option<Vec<Claimed>> = None;
+        let mut prefetched: Option<Batch> = None;
         let mut reconnect = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut cooldown = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
         while !self.shutdown.is_cancelled() {
@@ -257,7 +288,7 @@ impl Reaper {
                     continue;
                 }
             };
-            if batch.is_empty() {
+            if batch.rows.is_empty() {
                 if mode == Mode::Drain {
                     break;
                 }
@@ -295,7 +326,7 @@ impl Reaper {
                 // The reaper is about to stop or wait: the batch claimed ahead goes back now,
                 // not when its lease runs out (which would count an attempt).
                 if let Some(ahead) = prefetched.take() {
-                    self.give_back(&q, &ahead).await;
+                    self.give_back(&q, &ahead.rows).await;
                 }
             }
             match storage_trouble {
@@ -375,7 +406,7 @@ impl Reaper {
 
     /// Claims on `q` as much as the next batch needs and --max-deletes-per-hour allows, and
     /// counts what it got against that limit. `Ok(None)`: the limit leaves nothing now.
-    async fn claim(&self, q: &Queue) -> Result<Option<Vec<Claimed>>, QueueError> {
+    async fn claim(&self, q: &Queue) -> Result<Option<Batch>, QueueError> {
         let Some(want) = self.claim_budget() else {
             return Ok(None);
         };
@@ -385,14 +416,20 @@ impl Reaper {
             hosts: &self.settings.policy.hosts,
             home: &self.settings.home_host,
         };
-        let batch = q.claim(want, self.settings.lease, &serves).await?;
+        let claim_sent = Instant::now();
+        let rows = q.claim(want, self.settings.lease, &serves).await?;
         if let Some(limit) = &self.limit {
             limit
                 .lock()
                 .unwrap()
-                .claimed(batch.len() as u64, Instant::now());
+                .claimed(rows.len() as u64, Instant::now());
         }
-        Ok(Some(batch))
+        let send_by = Batch::send_by(
+            claim_sent,
+            self.settings.lease,
+            self.settings.request_timeout,
+        );
+        Ok(Some(Batch { rows, send_by }))
     }
 
     /// Rows given back unsent no longer count against --max-deletes-per-hour.
@@ -405,7 +442,7 @@ impl Reaper {
     /// Claims the next batch on the second connection, (re)connecting it when needed. Returns
     /// `None` when there is nothing ready or the connection fails: the main loop then claims on
     /// its own connection, as without pipelining. Nothing is claimed once shutdown has begun.
-    async fn claim_ahead(&self, claimer: &mut Option<Queue>) -> Option<Vec<Claimed>> {
+    async fn claim_ahead(&self, claimer: &mut Option<Queue>) -> Option<Batch> {
         if self.shutdown.is_cancelled() {
             return None;
         }
@@ -422,7 +459,7 @@ impl Reaper {
         }
         let c = claimer.as_ref()?;
         match self.claim(c).await {
-            Ok(Some(b)) if !b.is_empty() => Some(b),
+            Ok(Some(b)) if !b.rows.is_empty() => Some(b),
             Ok(_) => None,
             Err(e) => {
                 tracing::debug!(error = %e, "claiming ahead failed; claiming in turn");
@@ -463,11 +500,12 @@ impl Reaper {
     }
 
     /// Deletes one claimed batch and records every row's fate. Returns the storage trouble seen.
-    async fn process(&self, q: &Queue, batch: Vec<Claimed>) -> Result<Trouble, QueueError> {
+    async fn process(&self, q: &Queue, batch: Batch) -> Result<Trouble, QueueError> {
+        let send_by = batch.send_by;
         // 1. The reaper's own allow-list, whatever the database said.
         let mut refused: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         let mut by_bucket: BTreeMap<String, Vec<Claimed>> = BTreeMap::new();
-        for row in batch {
+        for row in batch.rows {
             match allowed(&self.settings.policy, &row) {
                 Ok(bucket) => by_bucket.entry(bucket).or_default().push(row),
                 Err(reason) => refused.entry(reason).or_default().push(row.id),
@@ -499,6 +537,9 @@ impl Reaper {
                 if self.shutdown.is_cancelled() {
                     return (rows, ChunkResult::NotSent);
                 }
+                if Instant::now() >= send_by {
+                    return (rows, ChunkResult::Late);
+                }
                 let names: Vec<String> =
                     rows.iter().filter_map(|r| r.object_path.clone()).collect();
                 let started = Instant::now();
@@ -519,6 +560,7 @@ impl Reaper {
         let mut deleted_ids = Vec::new();
         let mut absent_ids = Vec::new();
         let mut release_ids = Vec::new();
+        let mut late_ids = Vec::new();
         let mut release_with_reason: HashMap<String, Vec<i64>> = HashMap::new();
         let mut retry: HashMap<String, Vec<i64>> = HashMap::new();
         let mut bytes = 0u64;
@@ -544,6 +586,7 @@ impl Reaper {
                     self.metrics.last_success.set(now);
                 }
                 ChunkResult::NotSent => release_ids.extend(rows.iter().map(|r| r.id)),
+                ChunkResult::Late => late_ids.extend(rows.iter().map(|r| r.id)),
                 ChunkResult::Failed(StorageError::Config {
                     http,
                     status,
@@ -605,6 +648,16 @@ impl Reaper {
             dead += dead_ids.len();
         }
         let mut released = q.release(Some(&release_ids), None).await?;
+        if !late_ids.is_empty() {
+            let overdue = Instant::now().saturating_duration_since(send_by);
+            tracing::warn!(rows = late_ids.len(), overdue_s = overdue.as_secs_f64(),
+                "rows not sent: their lease too close to expiry (did this reaper stall?); given back unsent");
+            let reason = format!(
+                "not sent: the lease was too close to expiry ({:.1} s past this reaper's deadline for sending; it stalled)",
+                overdue.as_secs_f64()
+            );
+            released += q.release(Some(&late_ids), Some(&reason)).await?;
+        }
         for (reason, ids) in &release_with_reason {
             released += q.release(Some(ids), Some(reason)).await?;
         }
@@ -627,6 +680,7 @@ impl Reaper {
             s.dead_lettered += dead as u64;
             s.released += released as u64;
             s.lease_lost += lost as u64;
+            s.late += late_ids.len() as u64;
             s.bytes += bytes;
         });
         Ok(trouble)

@@ -320,6 +320,23 @@ pub fn claim(c: &mut impl postgres::GenericClient, worker: &str, max: i32) -> Ve
     .collect()
 }
 
+/// Runs `f` on a new session of database `db` in its own thread, and returns the thread and
+/// the session's backend pid (for [`wait_until_blocked`]) as soon as the session exists: the
+/// way a test starts a statement that must wait for another session.
+pub fn session_in_thread<T: Send + 'static>(
+    db: &str,
+    f: impl FnOnce(&mut Client) -> T + Send + 'static,
+) -> (std::thread::JoinHandle<T>, i32) {
+    let db = db.to_string();
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let mut s = connect(&db);
+        pid_tx.send(backend_pid(&mut s)).unwrap();
+        f(&mut s)
+    });
+    (handle, pid_rx.recv().unwrap())
+}
+
 /// Waits until session `pid` is blocked by another session (pg_blocking_pids), so a test can
 /// drive an interleaving step by step without sleeps.
 pub fn wait_until_blocked(observer: &mut Client, pid: i32) {

@@ -3,8 +3,6 @@
 //! all check: once an object (bucket and key, however a URL spells it) has been handed to a
 //! reaper, no job naming that object can be saved, and no saved job can be pointed at it.
 
-use std::thread;
-
 use e2e::*;
 
 const REFUSED: &str = "OC001";
@@ -332,20 +330,27 @@ fn seq04_a_serializable_save_whose_snapshot_predates_the_claim_does_not_commit()
 }
 
 // 6.
-#[test]
-fn seq06_a_saved_job_cannot_be_pointed_at_a_claimed_object() {
-    let db = db("obj_repoint");
+/// A saved job J, and an orphan naming `renders/<key>` queued by a cycle.
+fn saved_job_beside_a_queued_orphan(name: &str, key: &str) -> (TestDb, uuid_text::Uuid) {
+    let db = db(name);
     let mut c = db.client();
-    orphan(&mut c, &public_url("renders", "k.png"));
+    orphan(&mut c, &public_url("renders", key));
     let j = job(
         &mut c,
         "completed",
-        Some(&public_url("renders", "j.png")),
+        Some(&public_url("renders", &format!("saved-{key}"))),
         "2 days",
         "saved",
     );
     save(&mut c, "generated_saved", &j.0).unwrap();
-    cycle(&mut c);
+    assert_eq!(cycle(&mut c).2, 1);
+    (db, j)
+}
+
+#[test]
+fn seq06_a_saved_job_cannot_be_pointed_at_a_claimed_object() {
+    let (db, j) = saved_job_beside_a_queued_orphan("obj_repoint", "k.png");
+    let mut c = db.client();
     assert_eq!(claim(&mut c, "r1", 10).len(), 1);
     let err = c
         .execute(
@@ -366,33 +371,19 @@ fn seq06_a_saved_job_cannot_be_pointed_at_a_claimed_object() {
 
 #[test]
 fn seq06_a_repoint_waits_for_a_claim_in_flight_then_is_refused() {
-    let db = db("obj_repoint_inflight");
+    let (db, j) = saved_job_beside_a_queued_orphan("obj_repoint_inflight", "k2.png");
     let mut c = db.client();
-    orphan(&mut c, &public_url("renders", "k2.png"));
-    let j = job(
-        &mut c,
-        "completed",
-        Some(&public_url("renders", "j2.png")),
-        "2 days",
-        "saved",
-    );
-    save(&mut c, "generated_saved", &j.0).unwrap();
-    cycle(&mut c);
     let mut reaper = db.client();
     let mut tx = reaper.transaction().unwrap();
     assert_eq!(claim(&mut tx, "r1", 10).len(), 1);
     let name = db.name.clone();
     let jid = j.0.clone();
-    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-    let writer = thread::spawn(move || {
-        let mut w = connect(&name);
-        pid_tx.send(backend_pid(&mut w)).unwrap();
+    let (writer, pid) = session_in_thread(&name, move |w| {
         w.execute(
             "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
             &[&public_url("renders", "k2.png"), &jid],
         )
     });
-    let pid = pid_rx.recv().unwrap();
     wait_until_blocked(&mut c, pid);
     tx.commit().unwrap();
     assert_eq!(code(writer.join().unwrap()), REPOINT_REFUSED);
@@ -777,16 +768,12 @@ fn review_an_asset_saved_before_its_job_exists_keeps_the_object() {
         .unwrap();
     // 2. Another session inserts J, completed and old, naming the queued object.
     let (name, jid, jurl) = (db.name.clone(), j.0.clone(), url.clone());
-    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-    let writer = thread::spawn(move || {
-        let mut w = connect(&name);
-        pid_tx.send(backend_pid(&mut w)).unwrap();
+    let (writer, pid) = session_in_thread(&name, move |w| {
         w.execute(
-            "INSERT INTO render_jobs (id, status, output_url, created_at) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 days')",
-            &[&jid, &jurl],
-        )
+        "INSERT INTO render_jobs (id, status, output_url, created_at) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 days')",
+        &[&jid, &jurl],
+    )
     });
-    let pid = pid_rx.recv().unwrap();
     wait_for(
         std::time::Duration::from_secs(10),
         "the job insert to finish or to wait",
@@ -824,13 +811,7 @@ fn review_two_saves_of_one_job_and_an_update_of_it_do_not_deadlock() {
     tx.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))", &[&j.0])
         .unwrap();
     let (name, jid) = (db.name.clone(), j.0.clone());
-    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-    let second = thread::spawn(move || {
-        let mut s = connect(&name);
-        pid_tx.send(backend_pid(&mut s)).unwrap();
-        save(&mut s, "generated_saved", &jid)
-    });
-    let pid = pid_rx.recv().unwrap();
+    let (second, pid) = session_in_thread(&name, move |s| save(s, "generated_saved", &jid));
     wait_until_blocked(&mut c, pid);
     // The first saver's app also updates the job in the same transaction.
     tx.execute(

@@ -1069,3 +1069,100 @@ fn a_key_that_deletes_nothing_is_noticed_while_running() {
     assert!(text.contains("already absent 5001"), "{text}");
     assert!(text.contains("the key may lack delete rights"), "{text}");
 }
+
+/// Issue 11, sequence 10: a reaper stalls past its lease (here `SIGSTOP` while its claim
+/// commits), so the row may have been taken over by another reaper, retired, or saved, then the
+/// stalled reaper resumes. It measures the lease on its own monotonic clock from before it sent
+/// the claim, so it must not send the delete: it gives the rows back unsent.
+#[test]
+fn seq10_a_reaper_stopped_past_its_lease_never_sends_the_delete() {
+    let w = world("reaper_sigstop", 1, &[("pause_points", "claim")]);
+    let mut c = w.db.client();
+    let mut holder = w.db.client();
+    hold_pause_point(&mut holder, "claim");
+    w.emu.clear_requests();
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "run",
+            "--no-probe",
+            "--lease",
+            "10s",
+            "--request-timeout",
+            "2s",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .start();
+    // 1. The reaper's claim has handed the row out and waits at the pause point, uncommitted.
+    wait_paused_at(&mut c, "claim", None);
+    // 2. The reaper stalls; its claim commits without it.
+    signal(&child, libc::SIGSTOP);
+    release_pause_point(&mut holder, "claim");
+    // 3. The lease runs out (another reaper could now expire the row and take it over).
+    wait_for(
+        Duration::from_secs(60),
+        "the stalled reaper's lease to run out",
+        || {
+            c.query_one(
+            "SELECT bool_and(lease_until < now()) FROM orphan_cleanup.deletion_queue WHERE state = 'claimed'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, Option<bool>>(0)
+            == Some(true)
+        },
+    );
+    // 4. The stalled reaper resumes, and must not send the delete of a row whose lease is gone.
+    signal(&child, libc::SIGCONT);
+    wait_for(
+        Duration::from_secs(60),
+        "the resumed reaper to give its stale claim back",
+        || {
+            c.query_one(
+                "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND detail LIKE 'not sent: the lease was too close to expiry%'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                > 0
+                || w.emu.requests().iter().any(|r| r["method"] == "DELETE")
+        },
+    );
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    // Given back unsent: the row went back to the queue (and this reaper may well have claimed
+    // it again, with a fresh lease, and deleted it: that is fine). No delete went out before.
+    let given_back_ms: Option<f64> = c
+        .query_one(
+            "SELECT (extract(epoch FROM min(at)) * 1000)::float8 FROM orphan_cleanup.audit_log
+             WHERE action = 'released' AND detail LIKE 'not sent: the lease was too close to expiry%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let given_back_ms = given_back_ms.unwrap_or_else(|| {
+        panic!(
+            "the stalled reaper did not give its claim back unsent\n{}",
+            output_text(&out)
+        )
+    });
+    let early: Vec<_> = w
+        .emu
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "DELETE" && r["unix_ms"].as_f64().unwrap() < given_back_ms)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "the stalled reaper sent a delete on its expired lease: {early:?}\n{}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("not sent (lease too close to expiry) 1"),
+        "{}",
+        output_text(&out)
+    );
+}

@@ -4,8 +4,6 @@
 //! The invariant: once a row has been handed to a reaper, no committed user_assets row
 //! references its job, and none can commit afterwards.
 
-use std::thread;
-
 use e2e::*;
 
 const REFUSED: &str = "OC001";
@@ -220,13 +218,7 @@ fn a_claim_in_flight_makes_the_save_wait_then_refuses_it() {
 
     let name = db.name.clone();
     let job_id = j.0.clone();
-    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-    let saver = thread::spawn(move || {
-        let mut s = connect(&name);
-        pid_tx.send(backend_pid(&mut s)).unwrap();
-        save(&mut s, "generated_saved", &job_id)
-    });
-    let saver_pid = pid_rx.recv().unwrap();
+    let (saver, saver_pid) = session_in_thread(&name, move |s| save(s, "generated_saved", &job_id));
     wait_until_blocked(&mut observer, saver_pid);
     tx.commit().unwrap();
     let err = saver.join().unwrap().unwrap_err();
@@ -249,13 +241,8 @@ fn a_claim_rolled_back_lets_the_waiting_save_rescue_the_row() {
 
     let name = db.name.clone();
     let job_id = j.0.clone();
-    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-    let saver = thread::spawn(move || {
-        let mut s = connect(&name);
-        pid_tx.send(backend_pid(&mut s)).unwrap();
-        save(&mut s, "generated_saved", &job_id)
-    });
-    wait_until_blocked(&mut observer, pid_rx.recv().unwrap());
+    let (saver, saver_pid) = session_in_thread(&name, move |s| save(s, "generated_saved", &job_id));
+    wait_until_blocked(&mut observer, saver_pid);
     tx.rollback().unwrap();
     saver
         .join()

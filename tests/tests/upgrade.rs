@@ -251,13 +251,9 @@ fn a_claim_committing_during_the_upgrade_still_refuses_the_save() {
         .unwrap();
     assert_eq!(claimed.len(), 1);
     let name = old.name.clone();
-    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-    let update = std::thread::spawn(move || {
-        let mut u = connect(&name);
-        pid_tx.send(backend_pid(&mut u)).unwrap();
+    let (update, pid) = session_in_thread(&name, move |u| {
         u.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
     });
-    let pid = pid_rx.recv().unwrap();
     // The update waits for the claim in flight...
     wait_until_blocked(&mut c, pid);
     tx.commit().unwrap();

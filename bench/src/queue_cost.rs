@@ -1,0 +1,71 @@
+//! What `claim()` and `confirm()` cost per row on their own, with no storage and no reaper: the
+//! database work every drain is made of. Measured for this version and for the last release
+//! (0.1.0, installed from its script in `pg_orphan_cleanup/released/`) on the same data, so a
+//! change to the save guard's protocol shows its price (issue 11 allows at most 20% more).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use crate::{psql_client, queued_db_at, Env};
+
+#[derive(Serialize)]
+pub struct QueueCost {
+    pub version: String,
+    pub rows: u64,
+    pub claim_us_per_row: f64,
+    pub confirm_us_per_row: f64,
+}
+
+/// Queues `n` orphans (beside 9n saved jobs) with the extension at `version` (None: this
+/// one), then claims them 4,000 at a time, as the reaper does, confirming each batch.
+pub fn queue_cost(env: &Env, n: u64, version: Option<&str>) -> Result<QueueCost> {
+    queued_db_at(env, n, version)?;
+    let mut c = psql_client(env, "bench_drain")?;
+    let installed: String = c
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_orphan_cleanup'",
+            &[],
+        )?
+        .get(0);
+    let (mut claim_s, mut confirm_s, mut rows) = (0.0, 0.0, 0u64);
+    loop {
+        let t = Instant::now();
+        let ids: Vec<i64> = c
+            .query(
+                "SELECT id FROM orphan_cleanup.claim('bench-cost', 4000)",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        claim_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let results = c.query(
+            "SELECT result FROM orphan_cleanup.confirm('bench-cost', $1, 'deleted')",
+            &[&ids],
+        )?;
+        confirm_s += t.elapsed().as_secs_f64();
+        if let Some(r) = results
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .find(|r| r != "confirmed")
+        {
+            bail!("{installed}: a confirm came back {r:?}");
+        }
+        rows += ids.len() as u64;
+    }
+    if rows != n {
+        bail!("{installed}: claimed {rows} of {n} queued rows");
+    }
+    Ok(QueueCost {
+        version: installed,
+        rows,
+        claim_us_per_row: claim_s * 1e6 / rows as f64,
+        confirm_us_per_row: confirm_s * 1e6 / rows as f64,
+    })
+}
