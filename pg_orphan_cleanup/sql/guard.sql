@@ -411,6 +411,8 @@ BEGIN
         PERFORM orphan_cleanup._drop_guards(v_jobs);
         EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', v_jobs::regclass);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', v_jobs::regclass);
+        -- confirm()'s writes to the jobs table run as its owner.
+        PERFORM orphan_cleanup._own_job_writer(v_jobs);
     EXCEPTION WHEN lock_not_available THEN
         RAISE EXCEPTION 'attach() gave up waiting for a lock on % or %: a long transaction is using them; nothing was changed', v_jobs::regclass, v_assets::regclass
             USING ERRCODE = 'lock_not_available',

@@ -483,9 +483,55 @@ BEGIN
 END
 $$;
 
+-- The one write to the application's jobs table: deletes the given jobs, or clears their
+-- output_url. It runs as the jobs table's owner, never as the extension's owner (a superuser):
+-- _own_job_writer() makes it SECURITY DEFINER and owned by that role before every use, so the
+-- app's own triggers, rules and index expressions on the table run with that role's rights.
+-- Whoever owns it can only ever act as themselves through it.
+CREATE FUNCTION orphan_cleanup._write_jobs(rel regclass, mode text, ids uuid[]) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF mode = 'delete' THEN
+        EXECUTE format('DELETE FROM %s AS j USING unnest($1::uuid[]) AS k(id) WHERE j.id = k.id', rel) USING ids;
+    ELSE
+        EXECUTE format('UPDATE %s AS j SET output_url = NULL FROM unnest($1::uuid[]) AS k(id) WHERE j.id = k.id', rel) USING ids;
+    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Makes _write_jobs() SECURITY DEFINER and owned by the owner of `rel`, if it is not (after
+-- attach(), a change of the table's owner, a restore), and keeps it so until commit.
+CREATE FUNCTION orphan_cleanup._own_job_writer(rel regclass) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    fn regprocedure := 'orphan_cleanup._write_jobs(regclass, text, uuid[])'::regprocedure;
+    v_owner oid := (SELECT c.relowner FROM pg_catalog.pg_class AS c WHERE c.oid = rel);
+BEGIN
+    -- Its catalog row, locked until this transaction ends: whoever owns the function (a role
+    -- that would also need USAGE on this schema) cannot make it SECURITY INVOKER between this
+    -- check and the write that follows, which would then run as the caller, a superuser.
+    PERFORM 1 FROM pg_catalog.pg_proc AS p WHERE p.oid = fn FOR SHARE;
+    IF NOT (SELECT p.prosecdef FROM pg_catalog.pg_proc AS p WHERE p.oid = fn) THEN
+        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', fn);
+    END IF;
+    IF (SELECT p.proowner FROM pg_catalog.pg_proc AS p WHERE p.oid = fn) IS DISTINCT FROM v_owner THEN
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %I', fn, v_owner::regrole::text);
+    END IF;
+END
+$$;
+
 -- What confirm() does to the job rows of confirmed queue rows: delete them (or clear their
--- output_url, per orphan_cleanup.on_confirm). A job row a save is holding is left for the next
--- cycle; a delete that fails (a foreign key) falls back to clearing the URL, and says why.
+-- output_url, per orphan_cleanup.on_confirm), if each is still the completed, unreferenced job
+-- naming that object (a job re-run since, or saved, keeps its row; _keep_jobs() says why). A
+-- job row a save is holding is left for the next cycle; a delete that fails (a foreign key)
+-- falls back to clearing the URL, and says why. The writes go through _write_jobs(), with the
+-- jobs table owner's rights.
 CREATE FUNCTION orphan_cleanup._cleanup_jobs(ids bigint[], mode text, actor text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -493,14 +539,10 @@ DECLARE
     att orphan_cleanup.attachment;
     v_locked uuid[];
     v_exist uuid[];
+    v_qids bigint[];
+    v_jids uuid[];
     r record;
     v_msg text;
-    -- Only a job that is still the completed, unreferenced orphan it was (a job re-run with the
-    -- same URL since, or saved, keeps its row).
-    v_still text := 'j.id = $1 AND orphan_cleanup.object_key(j.output_url) = $2 AND j.status::text = ''completed''
-                     AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)';
-    v_action text := CASE WHEN mode = 'delete' THEN 'DELETE FROM %1$s AS j WHERE ' || v_still
-                          ELSE 'UPDATE %1$s AS j SET output_url = NULL WHERE ' || v_still END;
     v_done text := CASE WHEN mode = 'delete' THEN 'job row deleted' ELSE 'output_url cleared' END;
 BEGIN
     IF ids IS NULL OR cardinality(ids) = 0 THEN
@@ -525,72 +567,62 @@ BEGIN
     v_locked := coalesce(v_locked, '{}');
     v_exist := coalesce(v_exist, '{}');
 
-    -- The whole batch in two statements; row by row, with the fallback, only if they fail.
-    -- Sets are joined, never searched: `j.id = ANY ($2)` in an index condition re-sorted the
-    -- whole array on every probe, and a join to the CTE of cleaned jobs rescanned it per row
-    -- (3 to 4 s for a 4,000-row confirm at 1M jobs). The cleaned rows come back as queue ids,
-    -- so marking them is one primary-key probe each.
-    BEGIN
-        EXECUTE format($sql$
-            WITH done AS (
-                %s
-                RETURNING q.id
-            )
-            UPDATE orphan_cleanup.deletion_queue AS d
-               SET job_cleanup = $3
-              FROM done
-             WHERE d.id = done.id
-            $sql$,
-            format(CASE WHEN mode = 'delete'
-                        THEN 'DELETE FROM %1$s AS j USING orphan_cleanup.deletion_queue AS q, unnest($2::uuid[]) AS lk(id)
-                              WHERE q.id = ANY ($1) AND q.job_cleanup LIKE ''pending%%'' AND lk.id = q.job_id
-                                AND j.id = lk.id AND orphan_cleanup.object_key(j.output_url) = q.bucket || ''/'' || q.object_path
-                                AND j.status::text = ''completed''
-                                AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)'
-                        ELSE 'UPDATE %1$s AS j SET output_url = NULL FROM orphan_cleanup.deletion_queue AS q, unnest($2::uuid[]) AS lk(id)
-                              WHERE q.id = ANY ($1) AND q.job_cleanup LIKE ''pending%%'' AND lk.id = q.job_id
-                                AND j.id = lk.id AND orphan_cleanup.object_key(j.output_url) = q.bucket || ''/'' || q.object_path
-                                AND j.status::text = ''completed''
-                                AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') = j.id::text)' END,
-                   att.jobs_oid::regclass, att.assets_oid::regclass))
-        USING ids, v_locked, v_done;
-        -- Locked jobs left alone: no longer the completed, unreferenced orphan they were.
-        PERFORM orphan_cleanup._keep_jobs(att, ids, v_locked, actor);
-    EXCEPTION WHEN OTHERS THEN
-        NULL;  -- some row cannot be cleaned up this way (a foreign key): the loop below says which
-    END;
+    -- The locked jobs that are still the completed, unreferenced jobs naming the confirmed
+    -- objects. Sets are joined, never searched: `j.id = ANY ($2)` in an index condition
+    -- re-sorted the whole array on every probe (3 to 4 s for a 4,000-row confirm at 1M jobs).
+    EXECUTE format($sql$
+        SELECT array_agg(q.id ORDER BY q.id), array_agg(q.job_id ORDER BY q.id)
+        FROM orphan_cleanup.deletion_queue AS q
+        JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = q.job_id
+        JOIN %1$s AS j ON j.id = lk.id
+        WHERE q.id = ANY ($1) AND q.job_cleanup LIKE 'pending%%'
+          AND orphan_cleanup.object_key(j.output_url) = q.bucket || '/' || q.object_path
+          AND j.status::text = 'completed'
+          AND NOT EXISTS (SELECT 1 FROM %2$s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass)
+    INTO v_qids, v_jids USING ids, v_locked;
+    -- The other locked jobs keep their rows, and the queue rows say why.
+    PERFORM orphan_cleanup._keep_jobs(att, ids, ARRAY(SELECT unnest(v_locked) EXCEPT SELECT unnest(v_jids)), actor);
 
-    FOR r IN
-        SELECT d.id, d.job_id, d.bucket || '/' || d.object_path AS object_key, d.output_url FROM orphan_cleanup.deletion_queue AS d
-        WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND d.job_id = ANY (v_locked)
-        ORDER BY d.id
-    LOOP
+    -- The whole batch in one write; row by row, with the fallback, only if it fails.
+    IF v_jids IS NOT NULL THEN
+        PERFORM orphan_cleanup._own_job_writer(att.jobs_oid);
         BEGIN
-            EXECUTE format(v_action, att.jobs_oid::regclass, att.assets_oid::regclass) USING r.job_id, r.object_key;
-            IF FOUND THEN
-                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done WHERE d.id = r.id;
-            ELSE
-                PERFORM orphan_cleanup._keep_jobs(att, ARRAY[r.id], ARRAY[r.job_id], actor);
-            END IF;
+            PERFORM orphan_cleanup._write_jobs(att.jobs_oid, mode, v_jids);
+            UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done
+              FROM unnest(v_qids) AS k(id) WHERE d.id = k.id;
         EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+            NULL;  -- some row cannot be cleaned up this way (a foreign key): the loop below says which
+        END;
+        FOR r IN
+            SELECT x.qid, x.jid, d.output_url
+            FROM unnest(v_qids, v_jids) AS x(qid, jid)
+            JOIN orphan_cleanup.deletion_queue AS d ON d.id = x.qid
+            WHERE d.job_cleanup LIKE 'pending%'
+            ORDER BY x.qid
+        LOOP
             BEGIN
-                EXECUTE format('UPDATE %1$s AS j SET output_url = NULL WHERE ' || v_still, att.jobs_oid::regclass, att.assets_oid::regclass)
-                USING r.job_id, r.object_key;
-                UPDATE orphan_cleanup.deletion_queue AS d
-                   SET job_cleanup = 'output_url cleared because ' || lower(mode) || ' failed: ' || v_msg
-                 WHERE d.id = r.id;
-                INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
-                VALUES ('job_cleanup', r.job_id, r.id, r.output_url, actor,
-                        'job row not deleted (' || v_msg || '); its output_url was cleared instead');
+                PERFORM orphan_cleanup._write_jobs(att.jobs_oid, mode, ARRAY[r.jid]);
+                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done WHERE d.id = r.qid;
             EXCEPTION WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
-                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'failed: ' || v_msg WHERE d.id = r.id;
-                INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
-                VALUES ('job_cleanup', r.job_id, r.id, r.output_url, actor, 'job row cleanup failed: ' || v_msg);
+                BEGIN
+                    PERFORM orphan_cleanup._write_jobs(att.jobs_oid, 'clear_url', ARRAY[r.jid]);
+                    UPDATE orphan_cleanup.deletion_queue AS d
+                       SET job_cleanup = 'output_url cleared because ' || lower(mode) || ' failed: ' || v_msg
+                     WHERE d.id = r.qid;
+                    INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+                    VALUES ('job_cleanup', r.jid, r.qid, r.output_url, actor,
+                            'job row not deleted (' || v_msg || '); its output_url was cleared instead');
+                EXCEPTION WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+                    UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'failed: ' || v_msg WHERE d.id = r.qid;
+                    INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+                    VALUES ('job_cleanup', r.jid, r.qid, r.output_url, actor, 'job row cleanup failed: ' || v_msg);
+                END;
             END;
-        END;
-    END LOOP;
+        END LOOP;
+    END IF;
     UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'nothing to do: the job row no longer exists'
      WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%' AND NOT (d.job_id = ANY (v_exist));
     -- The rest are held by another transaction (a save in flight): the next cycle retries them.

@@ -538,6 +538,60 @@ fn seq09_a_job_with_an_unknown_age_or_status_keeps_a_shared_object() {
     assert_eq!(cycle(&mut c).2, 0);
 }
 
+// 11.
+#[test]
+fn seq11_confirm_writes_the_jobs_table_with_its_owners_rights_only() {
+    let db = db("obj_owner_rights");
+    let mut c = db.client();
+    // The jobs table belongs to an ordinary role, which puts a trigger of its own on it that
+    // records who runs it.
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_owner') THEN
+                 CREATE ROLE app_owner NOLOGIN NOSUPERUSER;
+             END IF;
+         END $$;
+         ALTER TABLE render_jobs OWNER TO app_owner;
+         CREATE TABLE public.who_ran (who text, superuser boolean);
+         ALTER TABLE public.who_ran OWNER TO app_owner;
+         CREATE FUNCTION public.record_who() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO public.who_ran SELECT current_user, r.rolsuper FROM pg_roles AS r WHERE r.rolname = current_user;
+             RETURN OLD;
+         END $$;
+         ALTER FUNCTION public.record_who() OWNER TO app_owner;
+         SET ROLE app_owner;
+         CREATE TRIGGER record_who BEFORE DELETE ON render_jobs FOR EACH ROW EXECUTE FUNCTION public.record_who();
+         RESET ROLE;",
+    );
+    db.attach();
+    let a = orphan(&mut c, &public_url("renders", "owned.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    confirm(&mut c, "r1", &ids);
+    let ran: Vec<(String, bool)> = c
+        .query("SELECT who, superuser FROM public.who_ran", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        ran,
+        vec![("app_owner".to_string(), false)],
+        "the app's trigger ran with the table owner's rights, not a superuser's"
+    );
+    assert_eq!(queue_row(&mut c, &a).1, "deleted");
+    let gone: i64 = c
+        .query_one(
+            "SELECT count(*) FROM render_jobs WHERE id = $1::text::uuid",
+            &[&a.0],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(gone, 0, "and the job row was deleted");
+}
+
 // 12.
 #[test]
 fn seq12_confirm_keeps_a_job_that_was_rerun_since_the_claim() {
@@ -857,4 +911,56 @@ fn review_detach_is_refused_while_rows_are_claimed() {
     );
     confirm(&mut c, "r1", &ids);
     c.query_one("SELECT orphan_cleanup.detach()", &[]).unwrap();
+}
+
+/// Sequence 11, the race: the function that writes the jobs table belongs to the table's owner.
+/// Were that role to make it SECURITY INVOKER between the check and the write, the write would
+/// run as the superuser calling it. The check locks the function's catalog row until commit.
+#[test]
+fn seq11_the_jobs_writer_cannot_be_altered_while_a_cleanup_uses_it() {
+    let db = db("obj_writer_race");
+    let mut c = db.client();
+    exec(
+        &mut c,
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_owner') THEN
+                 CREATE ROLE app_owner NOLOGIN NOSUPERUSER;
+             END IF;
+         END $$;
+         ALTER TABLE render_jobs OWNER TO app_owner;
+         GRANT USAGE ON SCHEMA orphan_cleanup TO app_owner;",
+    );
+    db.attach();
+    let mut cleanup = db.client();
+    let mut tx = cleanup.transaction().unwrap();
+    tx.execute(
+        "SELECT orphan_cleanup._own_job_writer('render_jobs'::regclass)",
+        &[],
+    )
+    .unwrap();
+    let (alter, pid) = session_in_thread(&db.name, |s| {
+        s.batch_execute(
+            "SET ROLE app_owner;
+             ALTER FUNCTION orphan_cleanup._write_jobs(regclass, text, uuid[]) SECURITY INVOKER",
+        )
+    });
+    wait_until_blocked(&mut c, pid);
+    tx.commit().unwrap();
+    alter.join().unwrap().unwrap();
+    // The next cleanup puts it right before it writes.
+    let mut tx = cleanup.transaction().unwrap();
+    tx.execute(
+        "SELECT orphan_cleanup._own_job_writer('render_jobs'::regclass)",
+        &[],
+    )
+    .unwrap();
+    let definer: bool = tx
+        .query_one(
+            "SELECT prosecdef FROM pg_proc WHERE oid = 'orphan_cleanup._write_jobs(regclass,text,uuid[])'::regprocedure",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(definer);
+    tx.commit().unwrap();
 }
