@@ -964,3 +964,52 @@ fn seq11_the_jobs_writer_cannot_be_altered_while_a_cleanup_uses_it() {
     assert!(definer);
     tx.commit().unwrap();
 }
+
+/// Sequence 8 on a partitioned assets table: the save guard fires through its clone on each
+/// partition, and a clone disabled on one partition stops claims like the parent's would.
+#[test]
+fn seq08_a_guard_disabled_on_one_partition_stops_claims() {
+    let mut all: Vec<(&str, &str)> = BASE_SETTINGS.to_vec();
+    all.push(("assets_table", "public.assets_by_type"));
+    settings(&all);
+    let db = TestDb::create("obj_partitioned");
+    let mut c = db.client();
+    exec(
+        &mut c,
+        "CREATE TABLE public.assets_by_type (
+             id uuid NOT NULL DEFAULT gen_random_uuid(),
+             asset_type text NOT NULL,
+             metadata jsonb NOT NULL DEFAULT '{}'
+         ) PARTITION BY LIST (asset_type);
+         CREATE TABLE public.assets_saved PARTITION OF public.assets_by_type FOR VALUES IN ('generated_saved');
+         CREATE TABLE public.assets_other PARTITION OF public.assets_by_type DEFAULT;",
+    );
+    db.attach();
+    let a = orphan(&mut c, &public_url("renders", "part.png"));
+    cycle(&mut c);
+    assert_eq!(guard_health(&mut c).0, "ok");
+    exec(
+        &mut c,
+        "ALTER TABLE public.assets_saved DISABLE TRIGGER orphan_cleanup_save_guard",
+    );
+    let (status, detail) = guard_health(&mut c);
+    assert_eq!(status, "critical", "{detail}");
+    assert!(
+        detail.contains("orphan_cleanup_save_guard on public.assets_saved is disabled"),
+        "{detail}"
+    );
+    assert!(claim_refusal(&mut c).contains("assets_saved"));
+    exec(
+        &mut c,
+        "ALTER TABLE public.assets_saved ENABLE ALWAYS TRIGGER orphan_cleanup_save_guard",
+    );
+    assert_eq!(claim(&mut c, "r1", 10).len(), 1);
+    // And the guard holds through the partition: the job cannot be saved now.
+    let err = c
+        .execute(
+            "INSERT INTO public.assets_by_type (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+            &[&a.0],
+        )
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), REFUSED);
+}
