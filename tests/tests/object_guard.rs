@@ -539,21 +539,29 @@ fn seq09_a_job_with_an_unknown_age_or_status_keeps_a_shared_object() {
 }
 
 // 11.
+/// The jobs table belongs to an ordinary role, `app_owner`.
+fn jobs_owned_by_app_owner(c: &mut postgres::Client) {
+    exec(
+        c,
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_owner') THEN
+                 CREATE ROLE app_owner NOLOGIN NOSUPERUSER;
+             END IF;
+         END $$;
+         ALTER TABLE render_jobs OWNER TO app_owner;",
+    );
+}
+
 #[test]
 fn seq11_confirm_writes_the_jobs_table_with_its_owners_rights_only() {
     let db = db("obj_owner_rights");
     let mut c = db.client();
     // The jobs table belongs to an ordinary role, which puts a trigger of its own on it that
     // records who runs it.
+    jobs_owned_by_app_owner(&mut c);
     exec(
         &mut c,
-        "DO $$ BEGIN
-             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_owner') THEN
-                 CREATE ROLE app_owner NOLOGIN NOSUPERUSER;
-             END IF;
-         END $$;
-         ALTER TABLE render_jobs OWNER TO app_owner;
-         CREATE TABLE public.who_ran (who text, superuser boolean);
+        "CREATE TABLE public.who_ran (who text, superuser boolean);
          ALTER TABLE public.who_ran OWNER TO app_owner;
          CREATE FUNCTION public.record_who() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
@@ -920,16 +928,8 @@ fn review_detach_is_refused_while_rows_are_claimed() {
 fn seq11_the_jobs_writer_cannot_be_altered_while_a_cleanup_uses_it() {
     let db = db("obj_writer_race");
     let mut c = db.client();
-    exec(
-        &mut c,
-        "DO $$ BEGIN
-             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_owner') THEN
-                 CREATE ROLE app_owner NOLOGIN NOSUPERUSER;
-             END IF;
-         END $$;
-         ALTER TABLE render_jobs OWNER TO app_owner;
-         GRANT USAGE ON SCHEMA orphan_cleanup TO app_owner;",
-    );
+    jobs_owned_by_app_owner(&mut c);
+    exec(&mut c, "GRANT USAGE ON SCHEMA orphan_cleanup TO app_owner");
     db.attach();
     let mut cleanup = db.client();
     let mut tx = cleanup.transaction().unwrap();
