@@ -1110,6 +1110,7 @@ DECLARE
     cfg record;
     att orphan_cleanup.attachment;
     drift text;
+    guard_problem text;
     last orphan_cleanup.cycle_log;
     last_ok timestamptz;
     v_interval interval;
@@ -1137,10 +1138,13 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'save guard';
+    IF att.jobs_oid IS NOT NULL THEN
+        guard_problem := orphan_cleanup._guard_problem(att);
+    END IF;
     IF att.jobs_oid IS NULL THEN
         status := 'critical'; detail := 'not installed (not attached)';
-    ELSIF orphan_cleanup._guard_problem(att) IS NOT NULL THEN
-        status := 'critical'; detail := orphan_cleanup._guard_problem(att) || ': claims are refused; run SELECT * FROM orphan_cleanup.attach(); to reinstall the guards';
+    ELSIF guard_problem IS NOT NULL THEN
+        status := 'critical'; detail := guard_problem || ': claims are refused; run SELECT * FROM orphan_cleanup.attach(); to reinstall the guards';
     ELSE
         status := 'ok'; detail := 'triggers orphan_cleanup_save_guard, orphan_cleanup_job_guard and orphan_cleanup_truncate_guard present and enabled ALWAYS';
     END IF;
@@ -2096,24 +2100,24 @@ DECLARE
     n bigint;
     skipped text;
 BEGIN
-    SELECT string_agg(format('row %s (job %s already has row %s %s)', d.id, d.job_id, l.id,
-                             CASE WHEN l.state = 'dead' THEN 'requeued' ELSE l.state END), ', ' ORDER BY d.id)
-      INTO skipped
-    FROM orphan_cleanup.deletion_queue AS d
-    JOIN LATERAL (SELECT l.id, l.state FROM orphan_cleanup.deletion_queue AS l
-                  WHERE l.job_id = d.job_id
-                    AND (l.state IN ('pending', 'claimed')
-                         OR (l.state = 'dead' AND l.id < d.id AND (ids IS NULL OR l.id = ANY (ids))))
-                  ORDER BY l.state = 'dead', l.id LIMIT 1) AS l ON true
-    WHERE d.state = 'dead' AND (ids IS NULL OR d.id = ANY (ids));
-    WITH requeued AS (
+    WITH candidate AS (
+        -- Each dead row asked for, with what keeps it dead: a live row of its job, or a dead row
+        -- of its job with a smaller id that is requeued now. One rule for both the update and
+        -- the NOTICE.
+        SELECT d.id, d.job_id, b.id AS blocker, b.state AS blocker_state
+        FROM orphan_cleanup.deletion_queue AS d
+        LEFT JOIN LATERAL (SELECT l.id, l.state FROM orphan_cleanup.deletion_queue AS l
+                           WHERE l.job_id = d.job_id
+                             AND (l.state IN ('pending', 'claimed')
+                                  OR (l.state = 'dead' AND l.id < d.id AND (ids IS NULL OR l.id = ANY (ids))))
+                           ORDER BY l.state = 'dead', l.id LIMIT 1) AS b ON true
+        WHERE d.state = 'dead' AND (ids IS NULL OR d.id = ANY (ids))
+    ),
+    requeued AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = 'pending', attempts = 0, available_at = now(), finished_at = NULL, updated_at = now()
-         WHERE d.state = 'dead' AND (ids IS NULL OR d.id = ANY (ids))
-           AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS l
-                           WHERE l.job_id = d.job_id AND l.state IN ('pending', 'claimed'))
-           AND d.id = (SELECT min(d2.id) FROM orphan_cleanup.deletion_queue AS d2
-                       WHERE d2.job_id = d.job_id AND d2.state = 'dead' AND (ids IS NULL OR d2.id = ANY (ids)))
+          FROM candidate AS c
+         WHERE d.id = c.id AND c.blocker IS NULL
         RETURNING d.id, d.job_id, d.output_url, d.last_error
     ),
     audited AS (
@@ -2121,7 +2125,12 @@ BEGIN
         SELECT 'requeued', r.job_id, r.id, r.output_url, session_user, 'last error: ' || coalesce(r.last_error, 'none')
         FROM requeued AS r
     )
-    SELECT count(*) INTO n FROM requeued;
+    SELECT (SELECT count(*) FROM requeued),
+           (SELECT string_agg(format('row %s (job %s already has row %s %s)', c.id, c.job_id, c.blocker,
+                                     CASE WHEN c.blocker_state = 'dead' THEN 'requeued' ELSE c.blocker_state END),
+                              ', ' ORDER BY c.id)
+            FROM candidate AS c WHERE c.blocker IS NOT NULL)
+      INTO n, skipped;
     IF skipped IS NOT NULL THEN
         RAISE NOTICE 'requeue_dead() skipped %', skipped
             USING HINT = 'A job has one live row at a time; these stay dead.';

@@ -253,6 +253,7 @@ DECLARE
     cfg record;
     att orphan_cleanup.attachment;
     drift text;
+    guard_problem text;
     last orphan_cleanup.cycle_log;
     last_ok timestamptz;
     v_interval interval;
@@ -280,10 +281,13 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'save guard';
+    IF att.jobs_oid IS NOT NULL THEN
+        guard_problem := orphan_cleanup._guard_problem(att);
+    END IF;
     IF att.jobs_oid IS NULL THEN
         status := 'critical'; detail := 'not installed (not attached)';
-    ELSIF orphan_cleanup._guard_problem(att) IS NOT NULL THEN
-        status := 'critical'; detail := orphan_cleanup._guard_problem(att) || ': claims are refused; run SELECT * FROM orphan_cleanup.attach(); to reinstall the guards';
+    ELSIF guard_problem IS NOT NULL THEN
+        status := 'critical'; detail := guard_problem || ': claims are refused; run SELECT * FROM orphan_cleanup.attach(); to reinstall the guards';
     ELSE
         status := 'ok'; detail := 'triggers orphan_cleanup_save_guard, orphan_cleanup_job_guard and orphan_cleanup_truncate_guard present and enabled ALWAYS';
     END IF;

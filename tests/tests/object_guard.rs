@@ -207,6 +207,15 @@ fn seq03_a_dead_row_cancelled_by_a_dba_still_refuses_the_save() {
     assert_refused(&mut c, &a);
 }
 
+/// Inserts job `j` again, completed two days ago, naming `url`.
+fn insert_again(c: &mut postgres::Client, j: &uuid_text::Uuid, url: &str) {
+    c.execute(
+        "INSERT INTO render_jobs (id, status, output_url, created_at) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 days')",
+        &[&j.0, &url],
+    )
+    .unwrap();
+}
+
 #[test]
 fn seq03_a_job_deleted_and_inserted_again_cannot_be_saved() {
     let (db, a, _) = claimed_then_released("obj_reinsert", &[]);
@@ -221,11 +230,7 @@ fn seq03_a_job_deleted_and_inserted_again_cannot_be_saved() {
     // The next claim finds the job gone and retires the row.
     assert!(claim(&mut c, "r1", 10).is_empty());
     assert_eq!(queue_row(&mut c, &a).1, "stale");
-    c.execute(
-        "INSERT INTO render_jobs (id, status, output_url, created_at) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 days')",
-        &[&a.0, &url],
-    )
-    .unwrap();
+    insert_again(&mut c, &a, &url);
     assert_refused(&mut c, &a);
 }
 
@@ -247,11 +252,7 @@ fn seq03_a_job_whose_row_confirm_deleted_cannot_be_saved_when_inserted_again() {
         .get(0);
     assert_eq!(gone, 0, "on_confirm = delete removed the job row");
     assert_refused(&mut c, &a);
-    c.execute(
-        "INSERT INTO render_jobs (id, status, output_url, created_at) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 days')",
-        &[&a.0, &url],
-    )
-    .unwrap();
+    insert_again(&mut c, &a, &url);
     assert_refused(&mut c, &a);
 }
 
