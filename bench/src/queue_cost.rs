@@ -32,23 +32,33 @@ pub fn queue_cost(env: &Env, n: u64, version: Option<&str>) -> Result<QueueCost>
     let (mut claim_s, mut confirm_s, mut rows) = (0.0, 0.0, 0u64);
     loop {
         let t = Instant::now();
-        let ids: Vec<i64> = c
-            .query(
-                "SELECT id FROM orphan_cleanup.claim('bench-cost', 4000)",
-                &[],
-            )?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        // 0.1.0's claim has no lease token, and its confirm takes none.
+        let with_token = installed != "0.1.0";
+        let rows_claimed = c.query(
+            if with_token {
+                "SELECT id, lease_token FROM orphan_cleanup.claim('bench-cost', 4000)"
+            } else {
+                "SELECT id, NULL::text FROM orphan_cleanup.claim('bench-cost', 4000)"
+            },
+            &[],
+        )?;
+        let ids: Vec<i64> = rows_claimed.iter().map(|r| r.get(0)).collect();
         if ids.is_empty() {
             break;
         }
+        let lease: Option<String> = rows_claimed[0].get(1);
         claim_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let results = c.query(
-            "SELECT result FROM orphan_cleanup.confirm('bench-cost', $1, 'deleted')",
-            &[&ids],
-        )?;
+        let results = match &lease {
+            Some(lease) => c.query(
+                "SELECT result FROM orphan_cleanup.confirm('bench-cost', $1, $2, 'deleted')",
+                &[lease, &ids],
+            )?,
+            None => c.query(
+                "SELECT result FROM orphan_cleanup.confirm('bench-cost', $1, 'deleted')",
+                &[&ids],
+            )?,
+        };
         confirm_s += t.elapsed().as_secs_f64();
         if let Some(r) = results
             .iter()

@@ -13,9 +13,11 @@
 //! - `<base>/storage/v1/render/image/{public|authenticated|sign}/<bucket>/<key>`
 //! - a bare `<bucket>/<key>`, taken literally (no percent-decoding).
 
+mod lenient;
 mod policy;
 mod redact;
 
+pub use lenient::protected_key;
 pub use policy::{Policy, PolicyError, Refusal};
 pub use redact::redact;
 

@@ -361,6 +361,94 @@ fn redaction() {
     assert_eq!(redact("renders/a.png"), "renders/a.png");
 }
 
+/// Issue 11, sequence 5: spellings the strict parser refuses still protect the object they
+/// could name.
+#[test]
+fn refused_spellings_still_name_an_object_to_protect() {
+    let h = "https://abcd.supabase.co/storage/v1";
+    for (raw, want) in [
+        (
+            format!("{h}/object/public/renders/my render.png"),
+            "renders/my render.png",
+        ),
+        (format!("{h}/object/renders/x.png"), "renders/x.png"),
+        (format!("{h}/object/public/renders/x.png "), "renders/x.png"),
+        (
+            format!("{h}/object/public/renders/x.png\n"),
+            "renders/x.png",
+        ),
+        (
+            format!("\"{h}/object/public/renders/x.png\""),
+            "renders/x.png",
+        ),
+        (
+            format!("<{h}/object/public/renders/x.png>"),
+            "renders/x.png",
+        ),
+        (format!("{h}/object/public/renders//x.png"), "renders/x.png"),
+        (
+            format!("{h}/object/public/renders/a/../x.png"),
+            "renders/x.png",
+        ),
+        (
+            format!("{h}/object/public/renders/%78.png"),
+            "renders/x.png",
+        ),
+        (
+            format!("{h}/Object/Public/renders/x.png?download#frag"),
+            "renders/x.png",
+        ),
+        (format!("{h}/object/info/renders/x.png"), "renders/x.png"),
+        (" renders/x.png\n".to_string(), "renders/x.png"),
+        ("/renders/x.png".to_string(), "renders/x.png"),
+        ("renders\\x.png".to_string(), "renders/x.png"),
+        // Without a scheme or host: the route is found, not taken for a bucket.
+        (
+            "/storage/v1/object/public/renders/x.png".to_string(),
+            "renders/x.png",
+        ),
+        (
+            "//abcd.supabase.co/storage/v1/object/public/renders/x.png".to_string(),
+            "renders/x.png",
+        ),
+        (
+            "https:/abcd.supabase.co/storage/v1/object/public/renders/x.png".to_string(),
+            "renders/x.png",
+        ),
+        // Dot segments resolve over the whole path before the route is read.
+        (
+            format!("{h}/object/./public/renders/x.png"),
+            "renders/x.png",
+        ),
+        (
+            format!("{h}/object/public/renders/../../public/renders/x.png"),
+            "renders/x.png",
+        ),
+    ] {
+        assert!(
+            parse(&raw).is_err(),
+            "{raw:?} is one the strict parser refuses"
+        );
+        assert_eq!(protected_key(&raw).as_deref(), Some(want), "{raw:?}");
+    }
+    // Case in the host is no spelling of its own: the strict parser reads it already.
+    let upper = "HTTPS://ABCD.SUPABASE.CO/storage/v1/object/public/renders/x.png";
+    assert_eq!(
+        protected_key(upper),
+        parse(upper).ok().map(|o| o.object_key())
+    );
+    for raw in [
+        "",
+        "   ",
+        "renders",
+        "renders/",
+        "https://abcd.supabase.co/",
+        "javascript:alert(1)/x/y",
+    ] {
+        assert_eq!(protected_key(raw), None, "{raw:?} names no object");
+    }
+}
+
 fn key_segment() -> impl Strategy<Value = String> {
     "[A-Za-z0-9_!*'()&$=@;:+,-][A-Za-z0-9_.!*'()&$=@;:+,-]{0,20}"
         .prop_filter("no dot segments", |s| s != "." && s != "..")
@@ -400,6 +488,20 @@ proptest! {
         prop_assert_eq!(&o.key, &key);
         let bare = parse(&format!("{bucket}/{key}")).unwrap();
         prop_assert_eq!(bare.key, key);
+    }
+
+    /// Protection reads whatever deletion reads exactly as deletion reads it, and never panics.
+    #[test]
+    fn protected_key_agrees_with_the_strict_parser(s in "(https://h\\.co/storage/v1/(object|render/image)/(public|sign|authenticated)/)?[a-z%./\\\\ ]{0,6}/[a-zA-Z0-9%./\\\\ ?#]{0,30}") {
+        let lenient = protected_key(&s);
+        if let Ok(o) = parse(&s) {
+            prop_assert_eq!(lenient, Some(o.object_key()));
+        }
+    }
+
+    #[test]
+    fn protected_key_never_panics(s in "\\PC*") {
+        let _ = protected_key(&s);
     }
 
     /// Splicing a dot segment, plain or encoded, anywhere into a valid URL gets it refused.

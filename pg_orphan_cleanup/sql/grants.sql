@@ -15,6 +15,11 @@ GRANT EXECUTE ON FUNCTION orphan_cleanup.job_ref_key(text) TO PUBLIC;
 GRANT USAGE ON SCHEMA orphan_cleanup TO orphan_cleanup_reaper;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
+    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.fail(text, text, bigint[], text, boolean),
+    orphan_cleanup.release(text, text, bigint[], text, boolean),
+    orphan_cleanup.refuse(text, text, bigint[], text),
+    -- The signatures without a lease token only say that one is needed (a reaper older than 0.2.0).
     orphan_cleanup.confirm(text, bigint[], text),
     orphan_cleanup.fail(text, bigint[], text, boolean),
     orphan_cleanup.release(text, bigint[], text),

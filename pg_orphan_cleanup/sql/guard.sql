@@ -27,6 +27,15 @@
 -- A queue row that was never handed out is rescued by the save (retired in its transaction).
 
 -- Writes the fence row of a job (see job_fences).
+-- The object a job's URL names for protection (object_key(), read leniently: a spelling the
+-- strict parser refuses still names the object it could mean), as bucket and path.
+CREATE FUNCTION orphan_cleanup._object_of(url text, OUT bucket text, OUT object_path text)
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT split_part(k.key, '/', 1), substr(k.key, strpos(k.key, '/') + 1)
+    FROM (SELECT orphan_cleanup.object_key(url) AS key) AS k;
+END;
+
 CREATE FUNCTION orphan_cleanup._fence_job(p_job uuid) RETURNS void
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
@@ -113,7 +122,7 @@ BEGIN
     EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
        INTO v_url USING v_new;
     IF v_url IS NOT NULL THEN
-        SELECT p.bucket, p.object_path INTO v_bucket, v_path FROM orphan_cleanup.parse_output_url(v_url) AS p;
+        SELECT k.bucket, k.object_path INTO v_bucket, v_path FROM orphan_cleanup._object_of(v_url) AS k;
     END IF;
 
     -- 2. The object's row: refused if a claim ever handed the object out.
@@ -124,9 +133,11 @@ BEGIN
                 format('Object %s/%s was handed to a reaper %s time(s), last by %s at %s (deletion queue row %s).',
                        ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id));
         END IF;
-    ELSE
-        -- The job names no object now (its row is gone, or confirm() cleared its output_url):
-        -- refused if an object it named was handed out.
+    END IF;
+    IF v_bucket IS NULL OR (SELECT p.error IS NOT NULL FROM orphan_cleanup.parse_output_url(v_url) AS p) THEN
+        -- The job names no object now (its row is gone, or confirm() cleared its output_url), or
+        -- names it in a spelling only the lenient reading understands (which may be misread):
+        -- refused if an object it named before was handed out.
         SELECT d.id, d.state, d.output_url, o.last_handed_to INTO q
         FROM orphan_cleanup.deletion_queue AS d
         JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
@@ -134,7 +145,7 @@ BEGIN
         ORDER BY d.id DESC LIMIT 1;
         IF FOUND THEN
             PERFORM orphan_cleanup._refuse_save(v_new, q.id,
-                format('Deletion queue row %s (state %s) handed %s to a reaper (last claimed by %s), and the job names no file now.',
+                format('Deletion queue row %s (state %s) handed %s to a reaper (last claimed by %s), and the job names no file now, or none the strict parser reads.',
                        q.id, q.state, q.output_url, q.last_handed_to));
         END IF;
     END IF;
@@ -191,7 +202,7 @@ BEGIN
     IF NEW.output_url IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT p.bucket, p.object_path INTO v_bucket, v_path FROM orphan_cleanup.parse_output_url(NEW.output_url) AS p;
+    SELECT k.bucket, k.object_path INTO v_bucket, v_path FROM orphan_cleanup._object_of(NEW.output_url) AS k;
     IF v_bucket IS NULL THEN
         RETURN NULL;
     END IF;

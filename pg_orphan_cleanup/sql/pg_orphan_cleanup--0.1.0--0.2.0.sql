@@ -15,6 +15,17 @@
 -- queued behind this update: give up after 10 s instead (run the update again at a quieter time).
 SET LOCAL lock_timeout = '10s';
 
+-- This session must run the 0.2.0 library: a backend that loaded the previous build before it
+-- was replaced keeps running it, and would rebuild indexes with the old object_key().
+DO $probe$
+BEGIN
+    IF orphan_cleanup.object_key('renders/x.png ') IS NULL THEN
+        RAISE EXCEPTION 'this session runs the pg_orphan_cleanup library of the previous version'
+            USING HINT = 'Install the 0.2.0 build first; then reconnect (restart PostgreSQL if the library is preloaded) and run ALTER EXTENSION pg_orphan_cleanup UPDATE again.';
+    END IF;
+END
+$probe$;
+
 -- New tables: the reapers registry and their refusals.
 
 CREATE TABLE orphan_cleanup.reapers (
@@ -621,6 +632,142 @@ BEGIN
 END
 $$;
 
+-- Lease tokens: claim() returns one per claim (the queue keeps its hash); confirm, fail, release
+-- and refuse require it. Their signatures without a token only say so (a 0.1.0 reaper): rows a
+-- 0.1.0 reaper holds now cannot be confirmed after this update and come back when their lease
+-- ends, still counted as handed out.
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN lease_hash bytea;
+
+CREATE FUNCTION orphan_cleanup._lease_hash(lease_token text) RETURNS bytea
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF lease_token IS NULL OR lease_token !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        RAISE EXCEPTION 'lease_token must be the lease_token that claim() returned with these rows'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Each claim() returns one lease_token for all of its rows; confirm, fail, release and refuse need it.';
+    END IF;
+    RETURN sha256(uuid_send(lease_token::uuid));
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._needs_lease_token(fn text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION '%() needs the lease token that claim() returned: call orphan_cleanup.%(worker, lease_token, ids, ...)', fn, fn
+        USING ERRCODE = 'undefined_function',
+              HINT = 'A reaper older than pg_orphan_cleanup 0.2.0 cannot work with this version: stop it and run reaper 0.2.0 or later. Rows it holds come back when their lease ends.';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.confirm(worker text, ids bigint[], outcome text DEFAULT 'deleted')
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM orphan_cleanup._needs_lease_token('confirm'); END $$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.fail(worker text, ids bigint[], error text, retryable boolean DEFAULT true)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM orphan_cleanup._needs_lease_token('fail'); END $$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.release(worker text, ids bigint[] DEFAULT NULL, reason text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM orphan_cleanup._needs_lease_token('release'); RETURN NULL; END $$;
+
+CREATE FUNCTION orphan_cleanup.refuse(worker text, ids bigint[], reason text)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM orphan_cleanup._needs_lease_token('refuse'); END $$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._expire_leases(actor text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
+AS $$
+DECLARE
+    v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
+    v_backoff_s integer := (SELECT retry_backoff_s FROM orphan_cleanup._config());
+    n bigint;
+BEGIN
+    WITH expired AS (
+        SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.state = 'claimed' AND d.lease_until < now()
+        FOR UPDATE SKIP LOCKED
+    ),
+    moved AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET attempts = d.attempts + 1,
+               state = CASE WHEN d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
+               available_at = now() + orphan_cleanup._backoff(d.attempts + 1, v_backoff_s),
+               last_error = format('lease expired: %s claimed it at %s and never confirmed', d.claimed_by, d.claimed_at),
+               lease_until = NULL, lease_hash = NULL,
+               finished_at = CASE WHEN d.attempts + 1 >= v_max THEN now() END,
+               updated_at = now()
+          FROM expired
+         WHERE d.id = expired.id
+        RETURNING d.id, d.job_id, d.output_url, d.state, d.last_error, d.attempts
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'failed', m.job_id, m.id, m.output_url, actor, format('%s (attempt %s)', m.last_error, m.attempts) FROM moved AS m
+        UNION ALL
+        SELECT 'dead_lettered', m.job_id, m.id, m.output_url, actor, format('out of attempts (%s): %s', m.attempts, m.last_error)
+        FROM moved AS m WHERE m.state = 'dead'
+    )
+    SELECT count(*) INTO n FROM moved;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._reaper_alert(OUT alert text, OUT alert_at timestamptz, OUT alert_by text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT a.detail, a.at, a.actor
+    FROM orphan_cleanup.audit_log AS a
+    WHERE a.action = 'released' AND a.detail IS NOT NULL AND a.detail <> '(nothing was sent)'
+      AND a.at > now() - interval '1 hour'
+    ORDER BY a.id DESC
+    LIMIT 1;
+END;
+
+CREATE FUNCTION orphan_cleanup._not_held(d orphan_cleanup.deletion_queue, worker text, lease bytea) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN d.id IS NULL THEN 'no such queue row'
+            WHEN d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash IS DISTINCT FROM lease
+                THEN 'the lease token does not match this claim (a later claim holds it, or the token is wrong)'
+            WHEN d.state = 'claimed' THEN format('lease lost, the row is now claimed by %s', d.claimed_by)
+            WHEN d.state = 'pending' THEN 'lease lost, the row was requeued'
+            ELSE format('the row is already %s', d.state) END;
+
+CREATE FUNCTION orphan_cleanup._unsent(ids bigint[], actor text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    WITH t AS (
+        SELECT d.bucket, d.object_path, array_agg(d.id) AS ids, count(*)::integer AS n
+        FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.id = ANY (ids) AND d.bucket IS NOT NULL AND d.claim_count > 0
+        GROUP BY d.bucket, d.object_path
+    ),
+    locked AS (
+        SELECT t.* FROM t
+        CROSS JOIN LATERAL (SELECT 1 FROM orphan_cleanup.objects AS o
+                            WHERE o.bucket = t.bucket AND o.object_path = t.object_path
+                            FOR UPDATE SKIP LOCKED) AS o
+    ),
+    untainted AS (
+        UPDATE orphan_cleanup.objects AS o
+           SET handouts = greatest(o.handouts - l.n, 0), touched_at = now()
+          FROM locked AS l
+         WHERE o.bucket = l.bucket AND o.object_path = l.object_path
+        RETURNING o.bucket
+    )
+    UPDATE orphan_cleanup.deletion_queue AS d
+       SET claim_count = d.claim_count - 1
+      FROM locked AS l
+     WHERE d.id = ANY (l.ids);
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup.claim(
     worker text,
     max_rows integer DEFAULT 1000,
@@ -628,10 +775,13 @@ CREATE FUNCTION orphan_cleanup.claim(
     buckets text[] DEFAULT NULL,
     hosts text[] DEFAULT NULL,
     home_host text DEFAULT NULL)
-RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer)
+RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer, lease_token text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
+    -- The fencing token of this claim: returned with its rows, kept only as a hash.
+    v_token text := gen_random_uuid()::text;
+    v_lease bytea := orphan_cleanup._lease_hash(v_token);
     cfg record;
     att orphan_cleanup.attachment;
     v_ids bigint[];
@@ -878,7 +1028,8 @@ BEGIN
     WITH claimed AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = 'claimed', claim_count = d.claim_count + 1, claimed_by = worker,
-               claimed_at = now(), lease_until = now() + lease, updated_at = now()
+               claimed_at = now(), lease_until = now() + lease, lease_hash = v_lease,
+               updated_at = now()
          WHERE d.id = ANY (v_ok)
         RETURNING d.id, d.job_id, d.host, d.bucket, d.object_path, d.attempts, d.output_url
     ),
@@ -886,7 +1037,7 @@ BEGIN
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT 'claimed', c.job_id, c.id, c.output_url, worker, format('lease %s', lease) FROM claimed AS c
     )
-    SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts FROM claimed AS c ORDER BY c.id;
+    SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts, v_token FROM claimed AS c ORDER BY c.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     -- The hand-out, recorded on the objects in this transaction: from its commit on, no job
     -- naming them can be saved. (A row per object, probed by its key: the arrays keep the
@@ -906,76 +1057,65 @@ BEGIN
 END
 $$;
 
--- refuse(), and fail() giving a 0.1.0 reaper's refusals back instead of dead-lettering them.
-
-CREATE FUNCTION orphan_cleanup.refuse(worker text, ids bigint[], reason text)
+CREATE FUNCTION orphan_cleanup.confirm(worker text, lease_token text, ids bigint[], outcome text)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
-    v_back bigint[];
-    v_reason text;
+    v_lease bytea;
+    v_done bigint[];
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
+    v_lease := orphan_cleanup._lease_hash(lease_token);
+    IF outcome IS NULL OR outcome NOT IN ('deleted', 'absent') THEN
+        RAISE EXCEPTION 'outcome must be ''deleted'' or ''absent'', got %', coalesce(quote_literal(outcome), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF reason IS NULL OR btrim(reason) = '' THEN
-        RAISE EXCEPTION 'reason must say why the reaper refuses the rows' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    v_reason := left(orphan_cleanup.redact_url(reason), 2000);
-    WITH back AS (
+    WITH mine AS (
         UPDATE orphan_cleanup.deletion_queue AS d
-           SET state = 'pending', lease_until = NULL, available_at = now(), updated_at = now()
-         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+           SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL, lease_hash = NULL,
+               job_cleanup = 'pending'
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
         RETURNING d.id, d.job_id, d.output_url
     ),
-    noted AS (
-        INSERT INTO orphan_cleanup.refusals AS f (queue_id, refused_by, reason)
-        SELECT b.id, worker, v_reason FROM back AS b
-        ON CONFLICT (queue_id, refused_by) DO UPDATE SET reason = EXCLUDED.reason, at = now()
-    ),
     audited AS (
-        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
-        SELECT 'released', b.job_id, b.id, b.output_url, worker,
-               'refused by the reaper''s own allow-list, given back for another reaper: ' || v_reason
-        FROM back AS b
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor)
+        SELECT outcome, m.job_id, m.id, m.output_url, worker FROM mine AS m
     )
-    SELECT array_agg(b.id) INTO v_back FROM back AS b;
-    v_back := coalesce(v_back, '{}');
+    SELECT array_agg(m.id) INTO v_done FROM mine AS m;
+    v_done := coalesce(v_done, '{}');
+    PERFORM orphan_cleanup._cleanup_jobs(v_done, (SELECT on_confirm FROM orphan_cleanup._config()), worker);
     RETURN QUERY
     SELECT i.id,
-           CASE WHEN i.id = ANY (v_back) THEN 'given back'
-                WHEN d.id IS NULL THEN 'not given back: no such queue row'
-                ELSE format('not given back: the row is %s%s', d.state, coalesce(' by ' || d.claimed_by, '')) END
+           CASE WHEN i.id = ANY (v_done) THEN 'confirmed'
+                ELSE 'not confirmed: ' || orphan_cleanup._not_held(d, worker, v_lease)
+           END
     FROM unnest(ids) WITH ORDINALITY AS i(id, n)
     LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
     ORDER BY i.n;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION orphan_cleanup.fail(worker text, ids bigint[], error text, retryable boolean DEFAULT true)
+CREATE FUNCTION orphan_cleanup.fail(worker text, lease_token text, ids bigint[], error text, retryable boolean)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
     v_backoff_s integer := (SELECT retry_backoff_s FROM orphan_cleanup._config());
+    v_lease bytea;
     v_moved bigint[];
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
+    v_lease := orphan_cleanup._lease_hash(lease_token);
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF error IS NULL OR btrim(error) = '' THEN
         RAISE EXCEPTION 'error must say what went wrong' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- A reaper older than 0.2.0 reports rows its own allow-list refuses as a failure that is not
-    -- retryable, which dead-lettered rows another reaper could delete. Such a refusal says
-    -- something about that reaper, not about the row: the rows go back for another reaper.
-    IF NOT coalesce(retryable, true) AND error LIKE 'refused by the reaper: %' THEN
-        RETURN QUERY SELECT * FROM orphan_cleanup.refuse(worker, ids, coalesce(nullif(btrim(substr(error, length('refused by the reaper: ') + 1)), ''), error));
-        RETURN;
     END IF;
     WITH moved AS (
         UPDATE orphan_cleanup.deletion_queue AS d
@@ -983,10 +1123,10 @@ BEGIN
                state = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
                available_at = now() + orphan_cleanup._backoff(d.attempts + 1, v_backoff_s),
                last_error = left(orphan_cleanup.redact_url(error), 2000),
-               lease_until = NULL,
+               lease_until = NULL, lease_hash = NULL,
                finished_at = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN now() END,
                updated_at = now()
-         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
         RETURNING d.id, d.job_id, d.output_url, d.state, d.attempts, d.last_error
     ),
     audited AS (
@@ -1005,8 +1145,93 @@ BEGIN
     SELECT i.id,
            CASE WHEN i.id = ANY (v_moved) AND d.state = 'dead' THEN 'dead-lettered'
                 WHEN i.id = ANY (v_moved) THEN format('retry after %s', to_char(d.available_at, 'YYYY-MM-DD HH24:MI:SS TZ'))
-                WHEN d.id IS NULL THEN 'not failed: no such queue row'
-                ELSE format('not failed: the row is %s%s', d.state, coalesce(' by ' || d.claimed_by, '')) END
+                ELSE 'not failed: ' || orphan_cleanup._not_held(d, worker, v_lease) END
+    FROM unnest(ids) WITH ORDINALITY AS i(id, n)
+    LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
+    ORDER BY i.n;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.release(worker text, lease_token text, ids bigint[], reason text,
+                                       nothing_sent boolean DEFAULT false) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_lease bytea;
+    v_back bigint[];
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    v_lease := orphan_cleanup._lease_hash(lease_token);
+    IF nothing_sent IS NULL THEN
+        RAISE EXCEPTION 'nothing_sent must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH released AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'pending', lease_until = NULL, lease_hash = NULL, available_at = now(), updated_at = now()
+         WHERE d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
+           AND (ids IS NULL OR d.id = ANY (ids))
+        RETURNING d.id, d.job_id, d.output_url
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'released', r.job_id, r.id, r.output_url, worker,
+               CASE WHEN nothing_sent THEN coalesce(left(orphan_cleanup.redact_url(reason), 2000) || ' ', '') || '(nothing was sent)'
+                    ELSE left(orphan_cleanup.redact_url(reason), 2000) END
+        FROM released AS r
+    )
+    SELECT array_agg(r.id) INTO v_back FROM released AS r;
+    IF nothing_sent AND v_back IS NOT NULL THEN
+        PERFORM orphan_cleanup._unsent(v_back, worker);
+    END IF;
+    RETURN coalesce(cardinality(v_back), 0);
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.refuse(worker text, lease_token text, ids bigint[], reason text)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_back bigint[];
+    v_reason text;
+    v_lease bytea;
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    v_lease := orphan_cleanup._lease_hash(lease_token);
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'reason must say why the reaper refuses the rows' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_reason := left(orphan_cleanup.redact_url(reason), 2000);
+    WITH back AS (
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET state = 'pending', lease_until = NULL, lease_hash = NULL, available_at = now(), updated_at = now()
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
+        RETURNING d.id, d.job_id, d.output_url
+    ),
+    noted AS (
+        INSERT INTO orphan_cleanup.refusals AS f (queue_id, refused_by, reason)
+        SELECT b.id, worker, v_reason FROM back AS b
+        ON CONFLICT (queue_id, refused_by) DO UPDATE SET reason = EXCLUDED.reason, at = now()
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+        SELECT 'released', b.job_id, b.id, b.output_url, worker,
+               'refused by the reaper''s own allow-list, given back for another reaper: ' || v_reason
+        FROM back AS b
+    )
+    SELECT array_agg(b.id) INTO v_back FROM back AS b;
+    v_back := coalesce(v_back, '{}');
+    -- Refused rows never reach storage: as good as never handed out.
+    IF cardinality(v_back) > 0 THEN
+        PERFORM orphan_cleanup._unsent(v_back, worker);
+    END IF;
+    RETURN QUERY
+    SELECT i.id,
+           CASE WHEN i.id = ANY (v_back) THEN 'given back'
+                ELSE 'not given back: ' || orphan_cleanup._not_held(d, worker, v_lease) END
     FROM unnest(ids) WITH ORDINALITY AS i(id, n)
     LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
     ORDER BY i.n;
@@ -1391,6 +1616,13 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup._object_of(url text, OUT bucket text, OUT object_path text)
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT split_part(k.key, '/', 1), substr(k.key, strpos(k.key, '/') + 1)
+    FROM (SELECT orphan_cleanup.object_key(url) AS key) AS k;
+END;
+
 CREATE OR REPLACE FUNCTION orphan_cleanup.save_guard() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -1431,7 +1663,7 @@ BEGIN
     EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
        INTO v_url USING v_new;
     IF v_url IS NOT NULL THEN
-        SELECT p.bucket, p.object_path INTO v_bucket, v_path FROM orphan_cleanup.parse_output_url(v_url) AS p;
+        SELECT k.bucket, k.object_path INTO v_bucket, v_path FROM orphan_cleanup._object_of(v_url) AS k;
     END IF;
 
     -- 2. The object's row: refused if a claim ever handed the object out.
@@ -1442,9 +1674,11 @@ BEGIN
                 format('Object %s/%s was handed to a reaper %s time(s), last by %s at %s (deletion queue row %s).',
                        ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id));
         END IF;
-    ELSE
-        -- The job names no object now (its row is gone, or confirm() cleared its output_url):
-        -- refused if an object it named was handed out.
+    END IF;
+    IF v_bucket IS NULL OR (SELECT p.error IS NOT NULL FROM orphan_cleanup.parse_output_url(v_url) AS p) THEN
+        -- The job names no object now (its row is gone, or confirm() cleared its output_url), or
+        -- names it in a spelling only the lenient reading understands (which may be misread):
+        -- refused if an object it named before was handed out.
         SELECT d.id, d.state, d.output_url, o.last_handed_to INTO q
         FROM orphan_cleanup.deletion_queue AS d
         JOIN orphan_cleanup.objects AS o ON o.bucket = d.bucket AND o.object_path = d.object_path
@@ -1452,7 +1686,7 @@ BEGIN
         ORDER BY d.id DESC LIMIT 1;
         IF FOUND THEN
             PERFORM orphan_cleanup._refuse_save(v_new, q.id,
-                format('Deletion queue row %s (state %s) handed %s to a reaper (last claimed by %s), and the job names no file now.',
+                format('Deletion queue row %s (state %s) handed %s to a reaper (last claimed by %s), and the job names no file now, or none the strict parser reads.',
                        q.id, q.state, q.output_url, q.last_handed_to));
         END IF;
     END IF;
@@ -1504,7 +1738,7 @@ BEGIN
     IF NEW.output_url IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT p.bucket, p.object_path INTO v_bucket, v_path FROM orphan_cleanup.parse_output_url(NEW.output_url) AS p;
+    SELECT k.bucket, k.object_path INTO v_bucket, v_path FROM orphan_cleanup._object_of(NEW.output_url) AS k;
     IF v_bucket IS NULL THEN
         RETURN NULL;
     END IF;
@@ -2162,6 +2396,38 @@ BEGIN
 END
 $upgrade$;
 
+-- object_key() now reads a URL the strict parser refuses leniently (the object it could name),
+-- where 0.1.0 returned NULL. An index on it built by 0.1.0 holds NULL for such rows, and the
+-- keeper checks would miss them: rebuild the jobs table's object_key() indexes when it has any
+-- such row. (REINDEX holds writes to the jobs table while it runs: a few seconds per million
+-- rows; the lock_timeout above still applies to taking the lock.)
+DO $reindex$
+DECLARE
+    att orphan_cleanup.attachment;
+    stale boolean;
+    ix regclass;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
+        RETURN;
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS j CROSS JOIN LATERAL orphan_cleanup.parse_output_url(j.output_url) AS p
+                                   WHERE j.output_url IS NOT NULL AND p.error IS NOT NULL
+                                     AND orphan_cleanup.object_key(j.output_url) IS NOT NULL)', att.jobs_oid::regclass)
+       INTO stale;
+    IF NOT stale THEN
+        RETURN;
+    END IF;
+    FOR ix IN SELECT i.indexrelid::regclass FROM pg_catalog.pg_index AS i
+              WHERE i.indrelid = att.jobs_oid AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%object_key(%'
+    LOOP
+        RAISE NOTICE 'rebuilding index % (object_key() now names the object of URLs the strict parser refuses)', ix;
+        EXECUTE format('REINDEX INDEX %s', ix);
+    END LOOP;
+END
+$reindex$;
+
+
 -- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
     orphan_cleanup._pause_point(text),
@@ -2175,6 +2441,15 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._note_passed_over(text, integer, text[], text[], boolean),
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
     orphan_cleanup.refuse(text, bigint[], text),
+    orphan_cleanup._lease_hash(text),
+    orphan_cleanup._needs_lease_token(text),
+    orphan_cleanup._not_held(orphan_cleanup.deletion_queue, text, bytea),
+    orphan_cleanup._unsent(bigint[], text),
+    orphan_cleanup._object_of(text),
+    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.fail(text, text, bigint[], text, boolean),
+    orphan_cleanup.release(text, text, bigint[], text, boolean),
+    orphan_cleanup.refuse(text, text, bigint[], text),
     orphan_cleanup._reaper_coverage(),
     orphan_cleanup._health(orphan_cleanup.reaper_coverage),
     orphan_cleanup.health(),
@@ -2193,5 +2468,9 @@ FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
     orphan_cleanup.refuse(text, bigint[], text),
+    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.fail(text, text, bigint[], text, boolean),
+    orphan_cleanup.release(text, text, bigint[], text, boolean),
+    orphan_cleanup.refuse(text, text, bigint[], text),
     orphan_cleanup.queue_status()
 TO orphan_cleanup_reaper;

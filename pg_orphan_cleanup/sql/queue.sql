@@ -2,9 +2,11 @@
 -- And the DBA's levers on it: cancel, requeue_dead.
 --
 -- A row moves pending -> claimed -> deleted | absent, or back to pending on fail/release/lease
--- expiry, or to dead once out of attempts. Only the holder of a claim can confirm, fail or
--- release it. Once a row has been claimed even once, its file may be gone: the save guard then
--- refuses saves of that job (see guard.sql).
+-- expiry, or to dead once out of attempts. Only the holder of a claim can confirm, fail, release
+-- or refuse it: each claim() returns a secret lease token (a fencing token) that those calls
+-- require; the queue keeps only its hash. Once an object has been handed out, its file may be
+-- gone: the save guard refuses saves of every job naming it (see guard.sql), unless the holder
+-- gives the claim back saying that nothing was sent (release(..., nothing_sent => true), refuse()).
 
 CREATE FUNCTION orphan_cleanup._check_worker(worker text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
@@ -17,6 +19,53 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The hash a claim's lease token is kept as. The token is a uuid from gen_random_uuid() (122
+-- random bits from the server's strong random source), passed as text; anything else is refused.
+CREATE FUNCTION orphan_cleanup._lease_hash(lease_token text) RETURNS bytea
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF lease_token IS NULL OR lease_token !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        RAISE EXCEPTION 'lease_token must be the lease_token that claim() returned with these rows'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Each claim() returns one lease_token for all of its rows; confirm, fail, release and refuse need it.';
+    END IF;
+    RETURN sha256(uuid_send(lease_token::uuid));
+END
+$$;
+
+-- A reaper older than 0.2.0 calls confirm, fail, release and refuse without a lease token: those
+-- signatures are kept only to say so. (The new ones take more arguments, none of them optional
+-- up to that count, so that a call of either kind resolves to exactly one function.)
+CREATE FUNCTION orphan_cleanup._needs_lease_token(fn text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION '%() needs the lease token that claim() returned: call orphan_cleanup.%(worker, lease_token, ids, ...)', fn, fn
+        USING ERRCODE = 'undefined_function',
+              HINT = 'A reaper older than pg_orphan_cleanup 0.2.0 cannot work with this version: stop it and run reaper 0.2.0 or later. Rows it holds come back when their lease ends.';
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.confirm(worker text, ids bigint[], outcome text DEFAULT 'deleted')
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM orphan_cleanup._needs_lease_token('confirm'); END $$;
+
+CREATE FUNCTION orphan_cleanup.fail(worker text, ids bigint[], error text, retryable boolean DEFAULT true)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM orphan_cleanup._needs_lease_token('fail'); END $$;
+
+CREATE FUNCTION orphan_cleanup.release(worker text, ids bigint[] DEFAULT NULL, reason text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM orphan_cleanup._needs_lease_token('release'); RETURN NULL; END $$;
+
+CREATE FUNCTION orphan_cleanup.refuse(worker text, ids bigint[], reason text)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN PERFORM orphan_cleanup._needs_lease_token('refuse'); END $$;
 
 -- Retry back-off: base (orphan_cleanup.retry_backoff, 30 s) doubling per attempt, at most 1 h,
 -- with +-20% jitter so that rows failed together do not come back together. Callers read the
@@ -47,7 +96,7 @@ BEGIN
                state = CASE WHEN d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
                available_at = now() + orphan_cleanup._backoff(d.attempts + 1, v_backoff_s),
                last_error = format('lease expired: %s claimed it at %s and never confirmed', d.claimed_by, d.claimed_at),
-               lease_until = NULL,
+               lease_until = NULL, lease_hash = NULL,
                finished_at = CASE WHEN d.attempts + 1 >= v_max THEN now() END,
                updated_at = now()
           FROM expired
@@ -205,10 +254,13 @@ CREATE FUNCTION orphan_cleanup.claim(
     buckets text[] DEFAULT NULL,
     hosts text[] DEFAULT NULL,
     home_host text DEFAULT NULL)
-RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer)
+RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer, lease_token text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
+    -- The fencing token of this claim: returned with its rows, kept only as a hash.
+    v_token text := gen_random_uuid()::text;
+    v_lease bytea := orphan_cleanup._lease_hash(v_token);
     cfg record;
     att orphan_cleanup.attachment;
     v_ids bigint[];
@@ -455,7 +507,8 @@ BEGIN
     WITH claimed AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = 'claimed', claim_count = d.claim_count + 1, claimed_by = worker,
-               claimed_at = now(), lease_until = now() + lease, updated_at = now()
+               claimed_at = now(), lease_until = now() + lease, lease_hash = v_lease,
+               updated_at = now()
          WHERE d.id = ANY (v_ok)
         RETURNING d.id, d.job_id, d.host, d.bucket, d.object_path, d.attempts, d.output_url
     ),
@@ -463,7 +516,7 @@ BEGIN
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT 'claimed', c.job_id, c.id, c.output_url, worker, format('lease %s', lease) FROM claimed AS c
     )
-    SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts FROM claimed AS c ORDER BY c.id;
+    SELECT c.id, c.job_id, c.host, c.bucket, c.object_path, c.attempts, v_token FROM claimed AS c ORDER BY c.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     -- The hand-out, recorded on the objects in this transaction: from its commit on, no job
     -- naming them can be saved. (A row per object, probed by its key: the arrays keep the
@@ -681,17 +734,63 @@ BEGIN
 END
 $$;
 
+-- Why a row is not this claim's to confirm, fail, release or refuse.
+CREATE FUNCTION orphan_cleanup._not_held(d orphan_cleanup.deletion_queue, worker text, lease bytea) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN d.id IS NULL THEN 'no such queue row'
+            WHEN d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash IS DISTINCT FROM lease
+                THEN 'the lease token does not match this claim (a later claim holds it, or the token is wrong)'
+            WHEN d.state = 'claimed' THEN format('lease lost, the row is now claimed by %s', d.claimed_by)
+            WHEN d.state = 'pending' THEN 'lease lost, the row was requeued'
+            ELSE format('the row is already %s', d.state) END;
+
+-- Claims given back by their holder with nothing sent to storage (released unsent, refused by
+-- the reaper's own allow-list): as good as never handed out. Each row takes back its own
+-- hand-out from its object, so an object another claim handed out stays handed out. An object
+-- whose row a save holds right now is left counted (never waited for): safe, only stricter.
+CREATE FUNCTION orphan_cleanup._unsent(ids bigint[], actor text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    WITH t AS (
+        SELECT d.bucket, d.object_path, array_agg(d.id) AS ids, count(*)::integer AS n
+        FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.id = ANY (ids) AND d.bucket IS NOT NULL AND d.claim_count > 0
+        GROUP BY d.bucket, d.object_path
+    ),
+    locked AS (
+        SELECT t.* FROM t
+        CROSS JOIN LATERAL (SELECT 1 FROM orphan_cleanup.objects AS o
+                            WHERE o.bucket = t.bucket AND o.object_path = t.object_path
+                            FOR UPDATE SKIP LOCKED) AS o
+    ),
+    untainted AS (
+        UPDATE orphan_cleanup.objects AS o
+           SET handouts = greatest(o.handouts - l.n, 0), touched_at = now()
+          FROM locked AS l
+         WHERE o.bucket = l.bucket AND o.object_path = l.object_path
+        RETURNING o.bucket
+    )
+    UPDATE orphan_cleanup.deletion_queue AS d
+       SET claim_count = d.claim_count - 1
+      FROM locked AS l
+     WHERE d.id = ANY (l.ids);
+END
+$$;
+
 -- The reaper reports objects gone: outcome 'deleted' (storage listed it as deleted) or 'absent'
 -- (it was already gone). The file is recorded as gone first, then the job row is cleaned up.
 -- Only rows this worker still holds are confirmed; the others come back with the reason.
-CREATE FUNCTION orphan_cleanup.confirm(worker text, ids bigint[], outcome text DEFAULT 'deleted')
+CREATE FUNCTION orphan_cleanup.confirm(worker text, lease_token text, ids bigint[], outcome text)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
+    v_lease bytea;
     v_done bigint[];
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
+    v_lease := orphan_cleanup._lease_hash(lease_token);
     IF outcome IS NULL OR outcome NOT IN ('deleted', 'absent') THEN
         RAISE EXCEPTION 'outcome must be ''deleted'' or ''absent'', got %', coalesce(quote_literal(outcome), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
@@ -701,9 +800,9 @@ BEGIN
     END IF;
     WITH mine AS (
         UPDATE orphan_cleanup.deletion_queue AS d
-           SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL,
+           SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL, lease_hash = NULL,
                job_cleanup = 'pending'
-         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
         RETURNING d.id, d.job_id, d.output_url
     ),
     audited AS (
@@ -716,10 +815,7 @@ BEGIN
     RETURN QUERY
     SELECT i.id,
            CASE WHEN i.id = ANY (v_done) THEN 'confirmed'
-                WHEN d.id IS NULL THEN 'not confirmed: no such queue row'
-                WHEN d.state = 'claimed' THEN format('not confirmed: lease lost, the row is now claimed by %s', d.claimed_by)
-                WHEN d.state = 'pending' THEN 'not confirmed: lease lost, the row was requeued'
-                ELSE format('not confirmed: the row is already %s', d.state)
+                ELSE 'not confirmed: ' || orphan_cleanup._not_held(d, worker, v_lease)
            END
     FROM unnest(ids) WITH ORDINALITY AS i(id, n)
     LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
@@ -729,28 +825,23 @@ $$;
 
 -- The reaper could not delete these objects. Counts an attempt and retries with back-off; after
 -- orphan_cleanup.max_attempts, or at once when retryable is false, the row is dead-lettered.
-CREATE FUNCTION orphan_cleanup.fail(worker text, ids bigint[], error text, retryable boolean DEFAULT true)
+CREATE FUNCTION orphan_cleanup.fail(worker text, lease_token text, ids bigint[], error text, retryable boolean)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_max integer := (SELECT max_attempts FROM orphan_cleanup._config());
     v_backoff_s integer := (SELECT retry_backoff_s FROM orphan_cleanup._config());
+    v_lease bytea;
     v_moved bigint[];
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
+    v_lease := orphan_cleanup._lease_hash(lease_token);
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF error IS NULL OR btrim(error) = '' THEN
         RAISE EXCEPTION 'error must say what went wrong' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- A reaper older than 0.2.0 reports rows its own allow-list refuses as a failure that is not
-    -- retryable, which dead-lettered rows another reaper could delete. Such a refusal says
-    -- something about that reaper, not about the row: the rows go back for another reaper.
-    IF NOT coalesce(retryable, true) AND error LIKE 'refused by the reaper: %' THEN
-        RETURN QUERY SELECT * FROM orphan_cleanup.refuse(worker, ids, coalesce(nullif(btrim(substr(error, length('refused by the reaper: ') + 1)), ''), error));
-        RETURN;
     END IF;
     WITH moved AS (
         UPDATE orphan_cleanup.deletion_queue AS d
@@ -758,10 +849,10 @@ BEGIN
                state = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN 'dead' ELSE 'pending' END,
                available_at = now() + orphan_cleanup._backoff(d.attempts + 1, v_backoff_s),
                last_error = left(orphan_cleanup.redact_url(error), 2000),
-               lease_until = NULL,
+               lease_until = NULL, lease_hash = NULL,
                finished_at = CASE WHEN NOT coalesce(retryable, true) OR d.attempts + 1 >= v_max THEN now() END,
                updated_at = now()
-         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
         RETURNING d.id, d.job_id, d.output_url, d.state, d.attempts, d.last_error
     ),
     audited AS (
@@ -780,8 +871,7 @@ BEGIN
     SELECT i.id,
            CASE WHEN i.id = ANY (v_moved) AND d.state = 'dead' THEN 'dead-lettered'
                 WHEN i.id = ANY (v_moved) THEN format('retry after %s', to_char(d.available_at, 'YYYY-MM-DD HH24:MI:SS TZ'))
-                WHEN d.id IS NULL THEN 'not failed: no such queue row'
-                ELSE format('not failed: the row is %s%s', d.state, coalesce(' by ' || d.claimed_by, '')) END
+                ELSE 'not failed: ' || orphan_cleanup._not_held(d, worker, v_lease) END
     FROM unnest(ids) WITH ORDINALITY AS i(id, n)
     LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
     ORDER BY i.n;
@@ -792,26 +882,38 @@ $$;
 -- configuration error). With ids NULL, every row this worker holds. A reason is audited, and
 -- the latest one shows in queue_status() and health(): how a reaper that storage refuses makes
 -- itself heard in the database.
-CREATE FUNCTION orphan_cleanup.release(worker text, ids bigint[] DEFAULT NULL, reason text DEFAULT NULL) RETURNS bigint
+CREATE FUNCTION orphan_cleanup.release(worker text, lease_token text, ids bigint[], reason text,
+                                       nothing_sent boolean DEFAULT false) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
-    n bigint;
+    v_lease bytea;
+    v_back bigint[];
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
+    v_lease := orphan_cleanup._lease_hash(lease_token);
+    IF nothing_sent IS NULL THEN
+        RAISE EXCEPTION 'nothing_sent must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     WITH released AS (
         UPDATE orphan_cleanup.deletion_queue AS d
-           SET state = 'pending', lease_until = NULL, available_at = now(), updated_at = now()
-         WHERE d.state = 'claimed' AND d.claimed_by = worker AND (ids IS NULL OR d.id = ANY (ids))
+           SET state = 'pending', lease_until = NULL, lease_hash = NULL, available_at = now(), updated_at = now()
+         WHERE d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
+           AND (ids IS NULL OR d.id = ANY (ids))
         RETURNING d.id, d.job_id, d.output_url
     ),
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
-        SELECT 'released', r.job_id, r.id, r.output_url, worker, left(orphan_cleanup.redact_url(reason), 2000)
+        SELECT 'released', r.job_id, r.id, r.output_url, worker,
+               CASE WHEN nothing_sent THEN coalesce(left(orphan_cleanup.redact_url(reason), 2000) || ' ', '') || '(nothing was sent)'
+                    ELSE left(orphan_cleanup.redact_url(reason), 2000) END
         FROM released AS r
     )
-    SELECT count(*) INTO n FROM released;
-    RETURN n;
+    SELECT array_agg(r.id) INTO v_back FROM released AS r;
+    IF nothing_sent AND v_back IS NOT NULL THEN
+        PERFORM orphan_cleanup._unsent(v_back, worker);
+    END IF;
+    RETURN coalesce(cardinality(v_back), 0);
 END
 $$;
 
@@ -821,15 +923,17 @@ $$;
 -- (orphan_cleanup.refusals, kept for history_retention). Refusing says something about the
 -- reaper, not about the row, so it must not dead-letter rows a well-configured reaper would
 -- delete. Audited (as 'released', with the reason), and named by health() and queue_status().
-CREATE FUNCTION orphan_cleanup.refuse(worker text, ids bigint[], reason text)
+CREATE FUNCTION orphan_cleanup.refuse(worker text, lease_token text, ids bigint[], reason text)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     v_back bigint[];
     v_reason text;
+    v_lease bytea;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
+    v_lease := orphan_cleanup._lease_hash(lease_token);
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -839,8 +943,8 @@ BEGIN
     v_reason := left(orphan_cleanup.redact_url(reason), 2000);
     WITH back AS (
         UPDATE orphan_cleanup.deletion_queue AS d
-           SET state = 'pending', lease_until = NULL, available_at = now(), updated_at = now()
-         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker
+           SET state = 'pending', lease_until = NULL, lease_hash = NULL, available_at = now(), updated_at = now()
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
         RETURNING d.id, d.job_id, d.output_url
     ),
     noted AS (
@@ -856,24 +960,29 @@ BEGIN
     )
     SELECT array_agg(b.id) INTO v_back FROM back AS b;
     v_back := coalesce(v_back, '{}');
+    -- Refused rows never reach storage: as good as never handed out.
+    IF cardinality(v_back) > 0 THEN
+        PERFORM orphan_cleanup._unsent(v_back, worker);
+    END IF;
     RETURN QUERY
     SELECT i.id,
            CASE WHEN i.id = ANY (v_back) THEN 'given back'
-                WHEN d.id IS NULL THEN 'not given back: no such queue row'
-                ELSE format('not given back: the row is %s%s', d.state, coalesce(' by ' || d.claimed_by, '')) END
+                ELSE 'not given back: ' || orphan_cleanup._not_held(d, worker, v_lease) END
     FROM unnest(ids) WITH ORDINALITY AS i(id, n)
     LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
     ORDER BY i.n;
 END
 $$;
 
--- The latest reason a reaper gave for releasing claims, within the last hour.
+-- The latest reason a reaper gave for releasing claims, within the last hour (a release that
+-- only says nothing was sent, a batch claimed ahead and given back, is no alert).
 CREATE FUNCTION orphan_cleanup._reaper_alert(OUT alert text, OUT alert_at timestamptz, OUT alert_by text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     SELECT a.detail, a.at, a.actor
     FROM orphan_cleanup.audit_log AS a
-    WHERE a.action = 'released' AND a.detail IS NOT NULL AND a.at > now() - interval '1 hour'
+    WHERE a.action = 'released' AND a.detail IS NOT NULL AND a.detail <> '(nothing was sent)'
+      AND a.at > now() - interval '1 hour'
     ORDER BY a.id DESC
     LIMIT 1;
 END;

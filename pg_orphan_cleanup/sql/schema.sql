@@ -101,7 +101,8 @@ CREATE TABLE orphan_cleanup.deletion_queue (
     cycle_id     bigint,
     enqueued_at  timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now(),
-    finished_at  timestamptz
+    finished_at  timestamptz,
+    lease_hash   bytea                   -- sha256 of the claim's lease token (never the token)
 );
 CREATE UNIQUE INDEX deletion_queue_one_live_row_per_job
     ON orphan_cleanup.deletion_queue (job_id) WHERE state IN ('pending', 'claimed');

@@ -66,11 +66,15 @@ fn check_output_url(
     TableIterator::once(row)
 }
 
-/// `bucket/key` of the object a URL names, or NULL. Immutable, so jobs can be indexed by the
-/// object they point to and two jobs sharing one object are found cheaply.
+/// `bucket/key` of the object a URL names, or could reasonably name, or NULL. The one identity
+/// of an object for *protection*: saves, job writes and the keeper checks of cycles and claims.
+/// A spelling the strict parser refuses (a raw space, a trailing newline, `/object/<bucket>/...`)
+/// still names the object a user kept, so it is read leniently here and fails closed; deletion
+/// reads URLs strictly (`parse_output_url`, `check_output_url`), and where the strict parser
+/// accepts a URL both agree. Immutable, so jobs can be indexed by the object they point to.
 #[pg_extern(immutable, parallel_safe, strict)]
 fn object_key(url: &str) -> Option<String> {
-    object_url::parse(url).ok().map(|o| o.object_key())
+    object_url::protected_key(url)
 }
 
 /// The URL with signed-URL tokens and other credentials replaced by `REDACTED`.

@@ -84,11 +84,44 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// What a reaper says, when it gives rows back, about the deletes it sent for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sent {
+    /// A delete may have reached storage (it was sent, and its answer, if any, does not prove
+    /// that nothing was deleted): the objects stay handed out, and no job naming them can be
+    /// saved.
+    Maybe,
+    /// No delete of these rows was sent, or storage refused the request as a whole with an
+    /// HTTP 4xx answer (it authenticates and validates a request before deleting anything).
+    /// The objects count as never handed out: saves of jobs naming them go through again.
+    Nothing,
+}
+
 /// What a reaper serves, as claim() takes it.
 pub struct Serves<'a> {
     pub buckets: &'a [String],
     pub hosts: &'a [String],
     pub home: &'a str,
+}
+
+/// A claim's lease token: the secret that proves this reaper holds the rows one `claim()` gave
+/// it (a fencing token). `confirm`, `fail`, `release` and `refuse` need it, so no one who merely
+/// knows this reaper's worker id can act on its claims, and a stalled reaper cannot act on rows
+/// claimed again since. The database keeps only its hash. Never printed: `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LeaseToken(String);
+
+impl std::fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseToken(<secret>)")
+    }
+}
+
+/// What one `claim()` handed out: its rows and their lease token (none when no rows).
+#[derive(Debug)]
+pub struct Claim {
+    pub rows: Vec<Claimed>,
+    pub lease: Option<LeaseToken>,
 }
 
 /// One claimed row: the object to delete.
@@ -192,12 +225,12 @@ impl Queue {
         max_rows: usize,
         lease: Duration,
         serves: &Serves<'_>,
-    ) -> Result<Vec<Claimed>, QueueError> {
+    ) -> Result<Claim, QueueError> {
         let lease = format!("{} seconds", lease.as_secs());
         let rows = self
             .client
             .query(
-                "SELECT id, job_id::text, host, bucket, object_path, attempts
+                "SELECT id, job_id::text, host, bucket, object_path, attempts, lease_token
                  FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4, $5, $6)",
                 &[
                     &self.worker,
@@ -209,42 +242,58 @@ impl Queue {
                 ],
             )
             .await?;
-        Ok(rows.iter().map(Claimed::from_row).collect())
+        Ok(Claim {
+            lease: rows.first().map(|r| LeaseToken(r.get(6))),
+            rows: rows.iter().map(Claimed::from_row).collect(),
+        })
     }
 
     /// Confirms rows as `deleted` or `absent`; returns each id with its result.
     pub async fn confirm(
         &self,
+        lease: &LeaseToken,
         ids: &[i64],
         outcome: &str,
     ) -> Result<Vec<(i64, String)>, QueueError> {
-        self.per_row("confirm($1, $2, $3)", ids, &[&outcome]).await
+        self.per_row("confirm($1, $2, $3, $4)", lease, ids, &[&outcome])
+            .await
     }
 
     pub async fn fail(
         &self,
+        lease: &LeaseToken,
         ids: &[i64],
         error: &str,
         retryable: bool,
     ) -> Result<Vec<(i64, String)>, QueueError> {
-        self.per_row("fail($1, $2, $3, $4)", ids, &[&error, &retryable])
-            .await
+        self.per_row(
+            "fail($1, $2, $3, $4, $5)",
+            lease,
+            ids,
+            &[&error, &retryable],
+        )
+        .await
     }
 
     /// Gives back rows this reaper's own allow-list refuses, for another reaper: no attempt is
-    /// counted, they are not handed to this reaper again, and health() names it.
+    /// counted, they are not handed to this reaper again, and health() names it. They were never
+    /// sent to storage, so their objects count as never handed out.
     pub async fn refuse(
         &self,
+        lease: &LeaseToken,
         ids: &[i64],
         reason: &str,
     ) -> Result<Vec<(i64, String)>, QueueError> {
-        self.per_row("refuse($1, $2, $3)", ids, &[&reason]).await
+        self.per_row("refuse($1, $2, $3, $4)", lease, ids, &[&reason])
+            .await
     }
 
-    /// Calls one of the queue functions that take (worker, ids, ...) and answer a result per id.
+    /// Calls one of the queue functions that take (worker, lease_token, ids, ...) and answer a
+    /// result per id.
     async fn per_row(
         &self,
         call: &str,
+        lease: &LeaseToken,
         ids: &[i64],
         rest: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<(i64, String)>, QueueError> {
@@ -252,7 +301,8 @@ impl Queue {
             return Ok(Vec::new());
         }
         let ids = ids.to_vec();
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&self.worker, &ids];
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&self.worker, &lease.0, &ids];
         params.extend_from_slice(rest);
         let rows = self
             .client
@@ -264,22 +314,26 @@ impl Queue {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Gives claims back without counting an attempt; `None` releases all of this worker's.
-    /// A `reason` is audited and shows in `queue_status()` and `health()`.
+    /// Gives claims back without counting an attempt; `None` releases all of the claim's rows.
+    /// A `reason` is audited and shows in `queue_status()` and `health()`. What was [`Sent`]
+    /// decides whether the objects still count as handed out.
     pub async fn release(
         &self,
+        lease: &LeaseToken,
         ids: Option<&[i64]>,
         reason: Option<&str>,
+        sent: Sent,
     ) -> Result<i64, QueueError> {
         if ids.is_some_and(|i| i.is_empty()) {
             return Ok(0);
         }
         let ids: Option<Vec<i64>> = ids.map(<[i64]>::to_vec);
+        let nothing_sent = sent == Sent::Nothing;
         Ok(self
             .client
             .query_one(
-                "SELECT orphan_cleanup.release($1, $2, $3)",
-                &[&self.worker, &ids, &reason],
+                "SELECT orphan_cleanup.release($1, $2, $3, $4, $5)",
+                &[&self.worker, &lease.0, &ids, &reason, &nothing_sent],
             )
             .await?
             .get(0))

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::limit::HourlyLimit;
 use crate::metrics::Metrics;
-use crate::queue::{Claimed, Queue, QueueError};
+use crate::queue::{Claimed, LeaseToken, Queue, QueueError, Sent};
 use crate::storage::{StorageClient, StorageError};
 
 /// `drain` stops when the queue has nothing ready; `run` waits for more.
@@ -122,8 +122,12 @@ enum ChunkResult {
 /// before the claim was sent (the database's lease starts later, when the claim runs): the lease,
 /// less a tenth of it as a safety margin, less the longest a request may take. A chunk whose
 /// request could end after that is not sent; its rows are released for a later claim.
+///
+/// The batch's lease token proves the claim to the database; without it no one can confirm, fail
+/// or give back these rows.
 pub struct Batch {
     rows: Vec<Claimed>,
+    lease: Option<LeaseToken>,
     send_by: Instant,
 }
 
@@ -326,7 +330,7 @@ impl Reaper {
                 // The reaper is about to stop or wait: the batch claimed ahead goes back now,
                 // not when its lease runs out (which would count an attempt).
                 if let Some(ahead) = prefetched.take() {
-                    self.give_back(&q, &ahead.rows).await;
+                    self.give_back(&q, &ahead).await;
                 }
             }
             match storage_trouble {
@@ -359,17 +363,13 @@ impl Reaper {
             }
             queue = Some(q);
         }
-        // Clean shutdown: give back anything still claimed by this worker.
-        if let Some(q) = queue.filter(|q| !q.is_closed()) {
-            match q.release(None, None).await {
-                Ok(n) if n > 0 => {
-                    self.add(|s| s.released += n as u64);
-                    self.metrics.count("released", n as usize);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not release claims at shutdown; their leases will return them")
-                }
+        // Clean shutdown: the batch claimed ahead goes back, unsent. (Rows of a batch whose
+        // results could not be recorded stay claimed: the leases return them.)
+        if let Some(ahead) = prefetched.take() {
+            if let Some(q) = queue.as_ref().filter(|q| !q.is_closed()) {
+                self.give_back(q, &ahead).await;
+            } else if let Some(c) = claimer.as_ref().filter(|c| !c.is_closed()) {
+                self.give_back(c, &ahead).await;
             }
         }
         Ok(self.summary())
@@ -417,19 +417,23 @@ impl Reaper {
             home: &self.settings.home_host,
         };
         let claim_sent = Instant::now();
-        let rows = q.claim(want, self.settings.lease, &serves).await?;
+        let claim = q.claim(want, self.settings.lease, &serves).await?;
         if let Some(limit) = &self.limit {
             limit
                 .lock()
                 .unwrap()
-                .claimed(rows.len() as u64, Instant::now());
+                .claimed(claim.rows.len() as u64, Instant::now());
         }
         let send_by = Batch::send_by(
             claim_sent,
             self.settings.lease,
             self.settings.request_timeout,
         );
-        Ok(Some(Batch { rows, send_by }))
+        Ok(Some(Batch {
+            rows: claim.rows,
+            lease: claim.lease,
+            send_by,
+        }))
     }
 
     /// Rows given back unsent no longer count against --max-deletes-per-hour.
@@ -469,10 +473,12 @@ impl Reaper {
         }
     }
 
-    /// Releases a batch this reaper will not process now, without counting an attempt.
-    async fn give_back(&self, q: &Queue, rows: &[Claimed]) {
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        match q.release(Some(&ids), None).await {
+    /// Releases a batch this reaper will not process now, without counting an attempt. Nothing
+    /// of it was sent, so its objects count as never handed out.
+    async fn give_back(&self, q: &Queue, batch: &Batch) {
+        let Some(lease) = &batch.lease else { return };
+        let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+        match q.release(lease, Some(&ids), None, Sent::Nothing).await {
             Ok(n) => {
                 self.refund(n as u64);
                 self.add(|s| s.released += n as u64);
@@ -502,6 +508,10 @@ impl Reaper {
     /// Deletes one claimed batch and records every row's fate. Returns the storage trouble seen.
     async fn process(&self, q: &Queue, batch: Batch) -> Result<Trouble, QueueError> {
         let send_by = batch.send_by;
+        let Some(lease) = batch.lease else {
+            return Ok(Trouble::None);
+        };
+        let lease = &lease;
         // 1. The reaper's own allow-list, whatever the database said.
         let mut refused: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         let mut by_bucket: BTreeMap<String, Vec<Claimed>> = BTreeMap::new();
@@ -517,7 +527,7 @@ impl Reaper {
             // not the row's: give it back for another reaper, costing it no attempt.
             tracing::warn!(worker = %self.settings.worker_id, rows = ids.len(), reason = %reason,
                 "rows refused by this reaper's allow-list; given back for another reaper, never sent to storage");
-            let results = q.refuse(ids, reason).await?;
+            let results = q.refuse(lease, ids, reason).await?;
             let back = results.iter().filter(|(_, r)| r == "given back").count();
             self.metrics.count("refused", back);
             self.metrics.misconfigured.set(1);
@@ -561,7 +571,7 @@ impl Reaper {
         let mut absent_ids = Vec::new();
         let mut release_ids = Vec::new();
         let mut late_ids = Vec::new();
-        let mut release_with_reason: HashMap<String, Vec<i64>> = HashMap::new();
+        let mut release_with_reason: HashMap<(String, Sent), Vec<i64>> = HashMap::new();
         let mut retry: HashMap<String, Vec<i64>> = HashMap::new();
         let mut bytes = 0u64;
         let mut trouble = Trouble::None;
@@ -587,23 +597,28 @@ impl Reaper {
                 }
                 ChunkResult::NotSent => release_ids.extend(rows.iter().map(|r| r.id)),
                 ChunkResult::Late => late_ids.extend(rows.iter().map(|r| r.id)),
-                ChunkResult::Failed(StorageError::Config {
-                    http,
-                    status,
-                    code,
-                    message,
-                }) => {
+                ChunkResult::Failed(
+                    ref e @ StorageError::Config {
+                        http,
+                        ref status,
+                        ref code,
+                        ref message,
+                    },
+                ) => {
                     let why = format!("HTTP {http}, statusCode {status} ({code}): {message}");
                     release_with_reason
-                        .entry(format!("storage refused the reaper's configuration (fix SUPABASE_URL or the key): {why}"))
+                        .entry((format!("storage refused the reaper's configuration (fix SUPABASE_URL or the key): {why}"), sent_by(e)))
                         .or_default()
                         .extend(rows.iter().map(|r| r.id));
                     trouble = Trouble::Config(why);
                 }
-                ChunkResult::Failed(StorageError::Overload { http, code }) => {
+                ChunkResult::Failed(ref e @ StorageError::Overload { http, ref code }) => {
                     release_with_reason
-                        .entry(format!(
-                            "storage is overloaded (HTTP {http}, {code}); the reaper slows down"
+                        .entry((
+                            format!(
+                                "storage is overloaded (HTTP {http}, {code}); the reaper slows down"
+                            ),
+                            sent_by(e),
                         ))
                         .or_default()
                         .extend(rows.iter().map(|r| r.id));
@@ -620,8 +635,8 @@ impl Reaper {
             }
         }
 
-        let confirmed_deleted = q.confirm(&deleted_ids, "deleted").await?;
-        let confirmed_absent = q.confirm(&absent_ids, "absent").await?;
+        let confirmed_deleted = q.confirm(lease, &deleted_ids, "deleted").await?;
+        let confirmed_absent = q.confirm(lease, &absent_ids, "absent").await?;
         let lost = confirmed_deleted
             .iter()
             .chain(&confirmed_absent)
@@ -634,7 +649,7 @@ impl Reaper {
         let mut dead = 0;
         for (error, ids) in &retry {
             tracing::warn!(rows = ids.len(), error = %error, "bulk delete failed; rows retry with back-off");
-            let results = q.fail(ids, error, true).await?;
+            let results = q.fail(lease, ids, error, true).await?;
             failed += ids.len();
             let dead_ids: Vec<i64> = results
                 .iter()
@@ -647,7 +662,9 @@ impl Reaper {
             }
             dead += dead_ids.len();
         }
-        let mut released = q.release(Some(&release_ids), None).await?;
+        let mut released = q
+            .release(lease, Some(&release_ids), None, Sent::Nothing)
+            .await?;
         if !late_ids.is_empty() {
             let overdue = Instant::now().saturating_duration_since(send_by);
             tracing::warn!(rows = late_ids.len(), overdue_s = overdue.as_secs_f64(),
@@ -656,10 +673,12 @@ impl Reaper {
                 "not sent: the lease was too close to expiry ({:.1} s past this reaper's deadline for sending; it stalled)",
                 overdue.as_secs_f64()
             );
-            released += q.release(Some(&late_ids), Some(&reason)).await?;
+            released += q
+                .release(lease, Some(&late_ids), Some(&reason), Sent::Nothing)
+                .await?;
         }
-        for (reason, ids) in &release_with_reason {
-            released += q.release(Some(ids), Some(reason)).await?;
+        for ((reason, sent), ids) in &release_with_reason {
+            released += q.release(lease, Some(ids), Some(reason), *sent).await?;
         }
         self.refund(released as u64);
 
@@ -754,6 +773,15 @@ pub fn allowed(policy: &object_url::Policy, row: &Claimed) -> Result<String, Str
     };
     policy.check(&obj).map_err(|r| r.to_string())?;
     Ok(bucket)
+}
+
+/// What a failed bulk request says about the deletes it carried.
+fn sent_by(e: &StorageError) -> Sent {
+    if e.deleted_nothing() {
+        Sent::Nothing
+    } else {
+        Sent::Maybe
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

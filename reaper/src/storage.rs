@@ -30,6 +30,24 @@ pub enum StorageError {
     Retryable(String),
 }
 
+impl StorageError {
+    /// Whether the answer proves that nothing was deleted: the key was refused (HTTP 401 or 403,
+    /// or HTTP 400 with `statusCode` 401 or 403), or the body was refused as too large (413).
+    /// Authentication and the body's size are checked before any work. Any other error may come
+    /// after part of the request was done (the server deletes a bulk request in sub-batches,
+    /// each committed on its own), and so proves nothing: a 429, a 544, a 400 of another kind, a
+    /// 5xx, a timeout, a dropped connection.
+    pub fn deleted_nothing(&self) -> bool {
+        match self {
+            StorageError::Config { http, status, .. } => {
+                matches!(http, 401 | 403 | 413)
+                    || (*http == 400 && matches!(status.as_str(), "401" | "403"))
+            }
+            StorageError::Overload { .. } | StorageError::Retryable(_) => false,
+        }
+    }
+}
+
 /// What a successful bulk delete says: the names it deleted, with their sizes where known.
 #[derive(Debug, Default, Clone)]
 pub struct Deleted {
@@ -229,6 +247,25 @@ mod tests {
             classify(429, br#"{"statusCode":"429","code":"SlowDown"}"#),
             StorageError::Overload { .. }
         ));
+        // Only a refused key or a refused body proves that nothing was deleted.
+        let refused_key = classify(400, br#"{"statusCode":"403","error":"Unauthorized","code":"AccessDenied","message":"invalid signature"}"#);
+        assert!(refused_key.deleted_nothing(), "{refused_key:?}");
+        assert!(classify(413, b"Request Entity Too Large").deleted_nothing());
+        for (http, body) in [
+            (
+                400,
+                &br#"{"statusCode":"400","code":"InvalidRequest","message":"x"}"#[..],
+            ),
+            (400, br#"{"statusCode":"544","code":"DatabaseTimeout"}"#),
+            (429, br#"{"statusCode":"429","code":"SlowDown"}"#),
+            (500, br#"{"statusCode":"500","code":"InternalError"}"#),
+        ] {
+            let e = classify(http, body);
+            assert!(
+                !e.deleted_nothing(),
+                "{e:?} may come after part of a request was done"
+            );
+        }
         assert!(matches!(
             classify(544, br#"{"statusCode":"544","code":"DatabaseTimeout"}"#),
             StorageError::Overload { .. }

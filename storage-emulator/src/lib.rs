@@ -64,14 +64,18 @@ pub struct LogEntry {
     pub names: usize,
     /// Objects the request deleted.
     pub deleted: usize,
+    /// Their names, `bucket/key`: what a checker needs to tell which object went when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted_names: Vec<String>,
     pub unix_ms: u128,
 }
 
 /// What a handler adds to its request's log entry.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct LogExtra {
     names: usize,
     deleted: usize,
+    deleted_names: Vec<String>,
 }
 
 impl Emulator {
@@ -155,7 +159,7 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
     let extra = response
         .extensions()
         .get::<LogExtra>()
-        .copied()
+        .cloned()
         .unwrap_or_default();
     let entry = LogEntry {
         method,
@@ -163,6 +167,7 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
         status: response.status().as_u16(),
         names: extra.names,
         deleted: extra.deleted,
+        deleted_names: extra.deleted_names,
         unix_ms: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -353,6 +358,10 @@ async fn bulk_delete(
     response.extensions_mut().insert(LogExtra {
         names: names.len(),
         deleted: deleted.len(),
+        deleted_names: deleted
+            .iter()
+            .map(|(name, _)| format!("{bucket}/{name}"))
+            .collect(),
     });
     Ok(response)
 }
@@ -381,6 +390,7 @@ async fn single_delete(
     response.extensions_mut().insert(LogExtra {
         names: 1,
         deleted: 1,
+        deleted_names: vec![format!("{bucket}/{key}")],
     });
     Ok(response)
 }

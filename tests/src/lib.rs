@@ -308,16 +308,41 @@ pub fn cycle(c: &mut Client) -> (String, i64, i64, i64, i64) {
     (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
 }
 
-/// Claims for `worker` and returns the claimed queue ids (in a transaction too).
-pub fn claim(c: &mut impl postgres::GenericClient, worker: &str, max: i32) -> Vec<i64> {
-    c.query(
-        "SELECT id FROM orphan_cleanup.claim($1, $2)",
+/// What one claim() handed out: the queue ids, and the claim's lease token, which confirm,
+/// fail, release and refuse need (empty when nothing was claimed). Reads as its ids.
+#[derive(Debug, Clone, Default)]
+pub struct Claim {
+    pub ids: Vec<i64>,
+    pub lease: String,
+}
+
+impl std::ops::Deref for Claim {
+    type Target = Vec<i64>;
+    fn deref(&self) -> &Vec<i64> {
+        &self.ids
+    }
+}
+
+/// Claims for `worker` (in a transaction too).
+pub fn claim(c: &mut impl postgres::GenericClient, worker: &str, max: i32) -> Claim {
+    claim_sql(
+        c,
+        "SELECT id, lease_token FROM orphan_cleanup.claim($1, $2)",
         &[&worker, &max],
     )
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
+}
+
+/// A claim by a query whose first two columns are claim()'s id and lease_token.
+pub fn claim_sql(
+    c: &mut impl postgres::GenericClient,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Claim {
+    let rows = c.query(sql, params).unwrap();
+    Claim {
+        lease: rows.first().map(|r| r.get(1)).unwrap_or_default(),
+        ids: rows.iter().map(|r| r.get(0)).collect(),
+    }
 }
 
 /// Runs `f` on a new session of database `db` in its own thread, and returns the thread and

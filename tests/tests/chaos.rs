@@ -19,6 +19,9 @@ use e2e::*;
 use rand::Rng;
 use serde_json::json;
 
+#[path = "chaos/history.rs"]
+mod history;
+
 /// A database with `orphans` old renders in the queue, 20 saved renders and an avatar (in a
 /// bucket no cleanup may touch), an emulator holding all their objects, and a folder for logs.
 struct Stage {
@@ -907,45 +910,56 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
         assert!(e.contains("cannot be changed now"), "SET {name}: {e}");
     }
 
-    // 2. Rows claimed by one worker cannot be confirmed, failed or released by another.
-    let mine: Vec<i64> = claim(&mut r, "worker-a", 5);
+    // 2. Rows claimed by one worker cannot be confirmed, failed or released by another: not by
+    // a worker that has the claim's lease token under its own id, nor by one that knows the
+    // holder's worker id (confirm's results name it) but not the token.
+    let mine = claim(&mut r, "worker-a", 5);
     assert_eq!(mine.len(), 5);
     let mut other = connect_as(&db, "reaper_login");
-    for sql in [
-        "SELECT result FROM orphan_cleanup.confirm('worker-b', $1)",
-        "SELECT result FROM orphan_cleanup.fail('worker-b', $1, 'HTTP 500')",
-    ] {
+    let guessed = "3f1e2d4c-5b6a-4978-8a9b-0c1d2e3f4a5b".to_string();
+    for (worker, token) in [("worker-b", &mine.lease), ("worker-a", &guessed)] {
+        for sql in [
+            "SELECT result FROM orphan_cleanup.confirm($1, $2, $3, 'deleted')",
+            "SELECT result FROM orphan_cleanup.fail($1, $2, $3, 'HTTP 500', true)",
+        ] {
+            attempts += 1;
+            let results: Vec<String> = other
+                .query(sql, &[&worker, token, &mine.ids])
+                .unwrap()
+                .iter()
+                .map(|x| x.get(0))
+                .collect();
+            assert!(
+                results.len() == 5
+                    && results.iter().all(|x| !x.starts_with("confirmed")
+                        && !x.contains("retry")
+                        && !x.contains("dead")),
+                "{sql} as {worker}: {results:?}"
+            );
+        }
         attempts += 1;
-        let results: Vec<String> = other
-            .query(sql, &[&mine])
+        let released: i64 = other
+            .query_one(
+                "SELECT orphan_cleanup.release($1, $2, $3, NULL, nothing_sent => true)",
+                &[&worker, token, &mine.ids],
+            )
             .unwrap()
-            .iter()
-            .map(|x| x.get(0))
-            .collect();
-        assert!(
-            results.len() == 5
-                && results.iter().all(|x| !x.starts_with("confirmed")
-                    && !x.contains("retry")
-                    && !x.contains("dead")),
-            "{sql}: {results:?}"
-        );
+            .get(0);
+        assert_eq!(released, 0, "{worker} cannot release worker-a's claims");
     }
-    attempts += 1;
-    let released: i64 = other
-        .query_one("SELECT orphan_cleanup.release('worker-b', $1)", &[&mine])
-        .unwrap()
-        .get(0);
-    assert_eq!(released, 0, "another worker's claims cannot be released");
     let still: i64 = admin
         .query_one(
             "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE id = ANY($1) AND state = 'claimed' AND claimed_by = 'worker-a' AND attempts = 0",
-            &[&mine],
+            &[&mine.ids],
         )
         .unwrap()
         .get(0);
     assert_eq!(still, 5, "worker-a's claims are untouched");
-    r.query_one("SELECT orphan_cleanup.release('worker-a', $1)", &[&mine])
-        .unwrap();
+    r.query_one(
+        "SELECT orphan_cleanup.release('worker-a', $1, NULL, NULL)",
+        &[&mine.lease],
+    )
+    .unwrap();
 
     // 3. PUBLIC (a role with no grants) gets nothing: no schema, no function, no table. The two
     // pure functions the app's expression indexes are built on are the exception (grants.sql):

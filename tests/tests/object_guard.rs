@@ -30,11 +30,11 @@ fn orphan(c: &mut postgres::Client, url: &str) -> uuid_text::Uuid {
     job(c, "completed", Some(url), "2 days", "orphan")
 }
 
-fn confirm(c: &mut postgres::Client, worker: &str, ids: &[i64]) {
+fn confirm(c: &mut postgres::Client, worker: &str, claimed: &Claim) {
     let rows = c
         .query(
-            "SELECT result FROM orphan_cleanup.confirm($1, $2)",
-            &[&worker, &ids],
+            "SELECT result FROM orphan_cleanup.confirm($1, $2, $3, 'deleted')",
+            &[&worker, &claimed.lease, &claimed.ids],
         )
         .unwrap();
     for r in rows {
@@ -137,8 +137,11 @@ fn claimed_then_released(name: &str, extra: &[(&str, &str)]) -> (TestDb, uuid_te
     cycle(&mut c);
     let ids = claim(&mut c, "r1", 10);
     assert_eq!(ids.len(), 1);
-    c.query_one("SELECT orphan_cleanup.release('r1')", &[])
-        .unwrap();
+    c.query_one(
+        "SELECT orphan_cleanup.release('r1', $1, NULL, NULL)",
+        &[&ids.lease],
+    )
+    .unwrap();
     (db, a, ids[0])
 }
 
@@ -192,13 +195,13 @@ fn seq03_a_dead_row_cancelled_by_a_dba_still_refuses_the_save() {
     cycle(&mut c);
     let ids = claim(&mut c, "r1", 10);
     c.query(
-        "SELECT * FROM orphan_cleanup.fail('r1', $1, 'storage said 500', false)",
-        &[&ids],
+        "SELECT * FROM orphan_cleanup.fail('r1', $1, $2, 'storage said 500', false)",
+        &[&ids.lease, &ids.ids],
     )
     .unwrap();
     assert_eq!(queue_row(&mut c, &a).1, "dead");
     let result: String = c
-        .query_one("SELECT result FROM orphan_cleanup.cancel($1)", &[&ids])
+        .query_one("SELECT result FROM orphan_cleanup.cancel($1)", &[&ids.ids])
         .unwrap()
         .get(0);
     assert!(result.starts_with("cancelled"), "{result}");
@@ -714,8 +717,8 @@ fn seq15_requeue_dead_requeues_the_others_and_names_the_row_it_skips() {
     cycle(&mut c);
     let ids = claim(&mut c, "r1", 10);
     c.query(
-        "SELECT * FROM orphan_cleanup.fail('r1', $1, 'storage said 500', false)",
-        &[&ids],
+        "SELECT * FROM orphan_cleanup.fail('r1', $1, $2, 'storage said 500', false)",
+        &[&ids.lease, &ids.ids],
     )
     .unwrap();
     let (a_dead, _) = queue_row(&mut c, &a);
@@ -1013,4 +1016,371 @@ fn seq08_a_guard_disabled_on_one_partition_stops_claims() {
         )
         .unwrap_err();
     assert_eq!(err.code().unwrap().code(), REFUSED);
+}
+
+// 14. "Handed out" means "a delete may have been sent".
+fn handouts(c: &mut postgres::Client, key: &str) -> i32 {
+    c.query_one(
+        "SELECT coalesce(max(handouts), 0) FROM orphan_cleanup.objects WHERE bucket || '/' || object_path = $1",
+        &[&key],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn seq14_a_claim_given_back_with_nothing_sent_leaves_the_job_savable() {
+    let db = db("obj_unsent");
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "unsent.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(handouts(&mut c, "renders/unsent.png"), 1);
+    let n: i64 = c
+        .query_one(
+            "SELECT orphan_cleanup.release('r1', $1, $2, 'storage refused the key', nothing_sent => true)",
+            &[&ids.lease, &ids.ids],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert_eq!(handouts(&mut c, "renders/unsent.png"), 0);
+    let (state, claims): (String, i32) = c
+        .query_one(
+            "SELECT state, claim_count FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&ids[0]],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), claims),
+        ("pending", 0),
+        "as good as never claimed"
+    );
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.audit_log WHERE action = 'released' AND queue_id = $1",
+            &[&ids[0]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(detail, "storage refused the key (nothing was sent)");
+    save(&mut c, "generated_saved", &a.0)
+        .expect("nothing was sent, so the file is there: the save commits");
+}
+
+#[test]
+fn seq14_an_unsent_release_takes_back_only_its_own_hand_out() {
+    // Two jobs name one object; each row is handed out by its own claim. One reaper sent its
+    // delete, the other gives its claim back unsent: the object stays handed out.
+    let db = db("obj_unsent_shared");
+    let mut c = db.client();
+    let a = orphan(&mut c, "renders/twice.png");
+    let b = orphan(&mut c, &public_url("renders", "twice.png"));
+    cycle(&mut c);
+    let first = claim(&mut c, "r1", 1);
+    let second = claim(&mut c, "r2", 1);
+    assert_eq!((first.len(), second.len()), (1, 1));
+    assert_eq!(handouts(&mut c, "renders/twice.png"), 2);
+    c.query_one(
+        "SELECT orphan_cleanup.release('r2', $1, NULL, NULL, nothing_sent => true)",
+        &[&second.lease],
+    )
+    .unwrap();
+    assert_eq!(handouts(&mut c, "renders/twice.png"), 1);
+    assert_refused(&mut c, &a);
+    assert_refused(&mut c, &b);
+}
+
+#[test]
+fn seq14_a_lease_that_expired_counts_as_sent_whatever_the_reaper_says_later() {
+    let db = db("obj_unsent_late");
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "late.png"));
+    cycle(&mut c);
+    let stalled = claim_sql(
+        &mut c,
+        "SELECT id, lease_token FROM orphan_cleanup.claim('r1', 10, '1 second')",
+        &[],
+    );
+    assert_eq!(stalled.len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // Another claim expires the lease (the row goes back, with back-off).
+    assert!(claim(&mut c, "r2", 10).is_empty());
+    let n: i64 = c
+        .query_one(
+            "SELECT orphan_cleanup.release('r1', $1, NULL, NULL, nothing_sent => true)",
+            &[&stalled.lease],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the lease is over: nothing of it to give back");
+    assert_eq!(handouts(&mut c, "renders/late.png"), 1);
+    assert_refused(&mut c, &a);
+}
+
+#[test]
+fn seq14_rows_a_reaper_refuses_count_as_never_handed_out() {
+    let db = db("obj_refused_unsent");
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "refused.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    let res: String = c
+        .query_one(
+            "SELECT result FROM orphan_cleanup.refuse('r1', $1, $2, 'not my bucket')",
+            &[&ids.lease, &ids.ids],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(res, "given back");
+    assert_eq!(handouts(&mut c, "renders/refused.png"), 0);
+    save(&mut c, "generated_saved", &a.0).expect("refused rows were never sent");
+}
+
+// 15, second item: a fencing token per claim.
+#[test]
+fn seq15_only_the_claims_lease_token_confirms_fails_releases_or_refuses() {
+    let db = db("obj_lease_token");
+    let mut c = db.client();
+    orphan(&mut c, &public_url("renders", "fenced.png"));
+    cycle(&mut c);
+    let held = claim_sql(
+        &mut c,
+        "SELECT id, lease_token FROM orphan_cleanup.claim('r1', 10, '1 second')",
+        &[],
+    );
+    assert_eq!(held.len(), 1);
+    let guessed = "9b2f7c1e-0d3a-4e5f-8a6b-7c8d9e0f1a2b".to_string();
+    // Another role that learned the worker id (confirm's results name it) but not the token.
+    for sql in [
+        "SELECT result FROM orphan_cleanup.confirm('r1', $1, $2, 'deleted')",
+        "SELECT result FROM orphan_cleanup.fail('r1', $1, $2, 'HTTP 500', true)",
+        "SELECT result FROM orphan_cleanup.refuse('r1', $1, $2, 'not mine')",
+    ] {
+        let r: String = c.query_one(sql, &[&guessed, &held.ids]).unwrap().get(0);
+        assert!(
+            r.ends_with("the lease token does not match this claim (a later claim holds it, or the token is wrong)"),
+            "{sql}: {r}"
+        );
+    }
+    let n: i64 = c
+        .query_one(
+            "SELECT orphan_cleanup.release('r1', $1, NULL, NULL)",
+            &[&guessed],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    assert_eq!(queue_row_state(&mut c, held[0]), "claimed");
+    // Not a token at all, or none: a clear error. The 0.1.0 signature says what is missing.
+    let e = c
+        .query(
+            "SELECT * FROM orphan_cleanup.confirm('r1', 'r1', $1, 'deleted')",
+            &[&held.ids],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("lease_token must be the lease_token that claim() returned"),
+        "{}",
+        db_error(&e)
+    );
+    let e = c
+        .query(
+            "SELECT * FROM orphan_cleanup.confirm('r1', $1)",
+            &[&held.ids],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("confirm() needs the lease token that claim() returned")
+            && e.as_db_error()
+                .unwrap()
+                .hint()
+                .unwrap()
+                .contains("reaper 0.2.0 or later"),
+        "{}",
+        db_error(&e)
+    );
+    // The same worker id claims the row again after its lease ran out: the old token is fenced off.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    c.execute("SELECT orphan_cleanup._expire_leases('test')", &[])
+        .unwrap();
+    c.execute(
+        "UPDATE orphan_cleanup.deletion_queue SET available_at = now()",
+        &[],
+    )
+    .unwrap();
+    let again = claim(&mut c, "r1", 10);
+    assert_eq!(again.ids, held.ids);
+    assert_ne!(again.lease, held.lease, "a new token per claim");
+    // The queue keeps a hash, never the token; the audit trail neither.
+    let (hashed, plain): (i64, i64) = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE lease_hash IS NOT NULL),
+                    (SELECT count(*) FROM orphan_cleanup.deletion_queue AS d WHERE strpos(d::text, $1) > 0)
+                  + (SELECT count(*) FROM orphan_cleanup.audit_log AS a WHERE strpos(a::text, $1) > 0)",
+            &[&again.lease],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((hashed, plain), (1, 0));
+    let r: String = c
+        .query_one(
+            "SELECT result FROM orphan_cleanup.confirm('r1', $1, $2, 'deleted')",
+            &[&held.lease, &held.ids],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(r, "not confirmed: the lease token does not match this claim (a later claim holds it, or the token is wrong)");
+    let r: String = c
+        .query_one(
+            "SELECT result FROM orphan_cleanup.confirm('r1', $1, $2, 'deleted')",
+            &[&again.lease, &again.ids],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(r, "confirmed");
+}
+
+fn queue_row_state(c: &mut postgres::Client, id: i64) -> String {
+    c.query_one(
+        "SELECT state FROM orphan_cleanup.deletion_queue WHERE id = $1",
+        &[&id],
+    )
+    .unwrap()
+    .get(0)
+}
+
+// 5. Spellings the strict parser refuses still protect the object they could name.
+fn odd_spellings(n: usize) -> Vec<(String, String)> {
+    // (A's URL, spelled as the strict parser accepts it; B's URL, naming the same object another way)
+    let h = format!("https://{HOST}/storage/v1/object");
+    let upper = format!("https://{}/storage/v1/object", HOST.to_uppercase());
+    (0..n)
+        .map(|i| {
+            let a = format!("{h}/public/renders/k{i}/my%20render.png");
+            let b = match i % 5 {
+                0 => format!("{h}/public/renders/k{i}/my render.png"),
+                1 => format!("{h}/renders/k{i}/my%20render.png"),
+                2 => format!("{h}/public/renders/k{i}/my%20render.png\n"),
+                3 => format!("{upper}/public/renders/k{i}/my render.png"),
+                _ => format!("{h}/public/renders/k{i}/x/../my%20render.png"),
+            };
+            (a, b)
+        })
+        .collect()
+}
+
+fn strict_error(c: &mut postgres::Client, url: &str) -> Option<String> {
+    c.query_one(
+        "SELECT (orphan_cleanup.parse_output_url($1)).error",
+        &[&url],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn seq05_a_saved_job_keeps_its_object_whatever_its_urls_spelling() {
+    let db = db("obj_spellings");
+    let mut c = db.client();
+    let pairs = odd_spellings(5);
+    for (a, b) in &pairs {
+        assert!(strict_error(&mut c, a).is_none(), "{a}");
+        assert!(
+            strict_error(&mut c, b).is_some(),
+            "the strict parser refuses {b:?}"
+        );
+        let saved = job(
+            &mut c,
+            "completed",
+            Some(b),
+            "2 days",
+            "saved, odd spelling",
+        );
+        save(&mut c, "generated_saved", &saved.0).unwrap();
+        orphan(&mut c, a);
+    }
+    cycle(&mut c);
+    assert!(
+        claim(&mut c, "r1", 10).is_empty(),
+        "an object a saved job names is never handed out"
+    );
+    let queued: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state IN ('pending', 'claimed')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 0);
+}
+
+#[test]
+fn seq05_saving_a_job_with_an_odd_spelling_rescues_the_object_or_is_refused() {
+    let db = db("obj_spellings_later");
+    let mut c = db.client();
+    let pairs = odd_spellings(10);
+    let mut orphans = Vec::new();
+    for (a, _) in &pairs {
+        orphans.push(orphan(&mut c, a));
+    }
+    assert_eq!(cycle(&mut c).2, 10);
+    // The first five objects are handed out; the others stay queued.
+    let handed = claim(&mut c, "r1", 5);
+    assert_eq!(handed.len(), 5);
+    let handed_jobs: Vec<String> = c
+        .query(
+            "SELECT job_id::text FROM orphan_cleanup.deletion_queue WHERE id = ANY($1)",
+            &[&handed.ids],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for ((_, b), a_job) in pairs.iter().zip(&orphans) {
+        // A render cache hit: another job with the same file, spelled differently; a user saves it.
+        let hit = job(
+            &mut c,
+            "completed",
+            Some(b),
+            "1 minute",
+            "cache hit, odd spelling",
+        );
+        let result = save(&mut c, "generated_saved", &hit.0);
+        if handed_jobs.contains(&a_job.0) {
+            assert_eq!(code(result), REFUSED, "{b:?} names a handed-out object");
+        } else {
+            result.unwrap_or_else(|e| panic!("{b:?}: {e}"));
+            assert_eq!(queue_row(&mut c, a_job).1, "rescued", "{b:?}");
+        }
+    }
+    assert!(claim(&mut c, "r2", 10).is_empty());
+}
+
+#[test]
+fn review_a_handed_out_job_pointed_at_a_spelling_only_the_lenient_reading_understands_stays_unsavable(
+) {
+    // The lenient reading may misread such a spelling (review finding): a job that was handed
+    // out once keeps refusing saves while its URL is one the strict parser refuses.
+    let db = db("obj_lenient_fallback");
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "before.png"));
+    cycle(&mut c);
+    assert_eq!(claim(&mut c, "r1", 10).len(), 1);
+    let odd = format!("https://{HOST}/storage/v1/object/public/renders/after pic.png");
+    c.execute(
+        "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+        &[&odd, &a.0],
+    )
+    .unwrap();
+    assert_refused(&mut c, &a);
+    // Spelled so that the strict parser reads it, the new object is the job's, and it saves.
+    c.execute(
+        "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+        &[&public_url("renders", "after%20pic.png"), &a.0],
+    )
+    .unwrap();
+    save(&mut c, "generated_saved", &a.0).expect("the job names an object never handed out");
 }

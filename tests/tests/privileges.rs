@@ -123,20 +123,23 @@ fn bad_setting_values_are_refused_with_a_message() {
 fn the_reaper_role_uses_the_queue_api_and_nothing_else() {
     let db = reaper_db("priv_reaper");
     let mut r = connect_as(&db.name, "reaper_login");
-    let ids: Vec<i64> = claim(&mut r, "r1", 2);
+    let ids = claim(&mut r, "r1", 2);
     assert_eq!(ids.len(), 2);
     r.query(
-        "SELECT * FROM orphan_cleanup.confirm('r1', $1)",
-        &[&vec![ids[0]]],
+        "SELECT * FROM orphan_cleanup.confirm('r1', $1, $2, 'deleted')",
+        &[&ids.lease, &vec![ids[0]]],
     )
     .unwrap();
     r.query(
-        "SELECT * FROM orphan_cleanup.fail('r1', $1, 'HTTP 500')",
-        &[&vec![ids[1]]],
+        "SELECT * FROM orphan_cleanup.fail('r1', $1, $2, 'HTTP 500', true)",
+        &[&ids.lease, &vec![ids[1]]],
     )
     .unwrap();
-    r.query_one("SELECT orphan_cleanup.release('r1')", &[])
-        .unwrap();
+    r.query_one(
+        "SELECT orphan_cleanup.release('r1', $1, NULL, NULL)",
+        &[&ids.lease],
+    )
+    .unwrap();
     r.query("SELECT * FROM orphan_cleanup.peek()", &[]).unwrap();
     r.query_one("SELECT * FROM orphan_cleanup.queue_status()", &[])
         .unwrap();

@@ -54,26 +54,31 @@ fn claim_then_confirm_deleted_and_absent_cleans_up_job_rows() {
     settings(BASE_SETTINGS);
     let (db, jobs) = queued_db("queue_confirm", 4);
     let mut c = db.client();
-    let rows = c.query("SELECT id, job_id::text, host, bucket, object_path, attempts FROM orphan_cleanup.claim('w1', 10)", &[]).unwrap();
+    let rows = c.query("SELECT id, job_id::text, host, bucket, object_path, attempts, lease_token FROM orphan_cleanup.claim('w1', 10)", &[]).unwrap();
     assert_eq!(rows.len(), 4);
     let r0 = &rows[0];
     assert_eq!(r0.get::<_, Option<String>>(2).as_deref(), Some(HOST));
     assert_eq!(r0.get::<_, String>(3), "renders");
     assert!(r0.get::<_, String>(4).starts_with("q/"));
     let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let lease: String = r0.get(6);
+    assert!(
+        rows.iter().all(|r| r.get::<_, String>(6) == lease),
+        "one lease token per claim"
+    );
 
     let res = results(
         c.query(
-            "SELECT * FROM orphan_cleanup.confirm('w1', $1, 'deleted')",
-            &[&ids[..2].to_vec()],
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+            &[&lease, &ids[..2].to_vec()],
         )
         .unwrap(),
     );
     assert!(res.iter().all(|(_, r)| r == "confirmed"), "{res:?}");
     let res = results(
         c.query(
-            "SELECT * FROM orphan_cleanup.confirm('w1', $1, 'absent')",
-            &[&ids[2..].to_vec()],
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'absent')",
+            &[&lease, &ids[2..].to_vec()],
         )
         .unwrap(),
     );
@@ -94,8 +99,8 @@ fn claim_then_confirm_deleted_and_absent_cleans_up_job_rows() {
     // Confirming again is harmless and says why nothing happened.
     let res = results(
         c.query(
-            "SELECT * FROM orphan_cleanup.confirm('w1', $1)",
-            &[&vec![ids[0], 999_999]],
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+            &[&lease, &vec![ids[0], 999_999]],
         )
         .unwrap(),
     );
@@ -103,8 +108,8 @@ fn claim_then_confirm_deleted_and_absent_cleans_up_job_rows() {
     assert_eq!(res[1].1, "not confirmed: no such queue row");
     let err = c
         .query(
-            "SELECT * FROM orphan_cleanup.confirm('w1', $1, 'gone')",
-            &[&ids],
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'gone')",
+            &[&lease, &ids],
         )
         .unwrap_err();
     assert!(
@@ -123,8 +128,11 @@ fn on_confirm_clear_url_keeps_the_job_row() {
     let (db, jobs) = queued_db("queue_clear_url", 1);
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
-    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids])
-        .unwrap();
+    c.query(
+        "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+        &[&ids.lease, &ids.ids],
+    )
+    .unwrap();
     let url: Option<String> = c
         .query_one(
             "SELECT output_url FROM render_jobs WHERE id = $1::text::uuid",
@@ -165,8 +173,11 @@ fn confirm_falls_back_to_clearing_the_url_when_a_foreign_key_blocks_the_delete()
     );
     let ids = claim(&mut c, "w1", 10);
     let res = results(
-        c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids])
-            .unwrap(),
+        c.query(
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+            &[&ids.lease, &ids.ids],
+        )
+        .unwrap(),
     );
     assert!(res.iter().all(|(_, r)| r == "confirmed"), "{res:?}");
     assert!(job_exists(&mut c, &jobs[0]), "the referenced job row stays");
@@ -215,8 +226,8 @@ fn fail_backs_off_and_dead_letters_after_max_attempts() {
         );
         let res = results(
             c.query(
-                "SELECT * FROM orphan_cleanup.fail('w1', $1, 'HTTP 500 from storage')",
-                &[&ids],
+                "SELECT * FROM orphan_cleanup.fail('w1', $1, $2, 'HTTP 500 from storage', true)",
+                &[&ids.lease, &ids.ids],
             )
             .unwrap(),
         );
@@ -293,8 +304,8 @@ fn a_non_retryable_failure_dead_letters_at_once() {
     let ids = claim(&mut c, "w1", 10);
     let res = results(
         c.query(
-            "SELECT * FROM orphan_cleanup.fail('w1', $1, 'bucket not allowed by --buckets', false)",
-            &[&ids],
+            "SELECT * FROM orphan_cleanup.fail('w1', $1, $2, 'bucket not allowed by --buckets', false)",
+            &[&ids.lease, &ids.ids],
         )
         .unwrap(),
     );
@@ -311,13 +322,12 @@ fn an_expired_lease_counts_as_an_attempt_and_ends_dead() {
     ]);
     let (db, _) = queued_db("queue_lease", 1);
     let mut c = db.client();
-    let ids = c
-        .query(
-            "SELECT id FROM orphan_cleanup.claim('crashing', 10, '1 second')",
-            &[],
-        )
-        .unwrap();
-    let id: i64 = ids[0].get(0);
+    let crashed = claim_sql(
+        &mut c,
+        "SELECT id, lease_token FROM orphan_cleanup.claim('crashing', 10, '1 second')",
+        &[],
+    );
+    let id: i64 = crashed[0];
     std::thread::sleep(std::time::Duration::from_millis(1100));
     // The next claim expires the lease: an attempt, with back-off.
     assert!(claim(&mut c, "w2", 10).is_empty());
@@ -336,8 +346,8 @@ fn an_expired_lease_counts_as_an_attempt_and_ends_dead() {
     // The crashed worker cannot confirm any more.
     let res = results(
         c.query(
-            "SELECT * FROM orphan_cleanup.confirm('crashing', $1)",
-            &[&vec![id]],
+            "SELECT * FROM orphan_cleanup.confirm('crashing', $1, $2, 'deleted')",
+            &[&crashed.lease, &vec![id]],
         )
         .unwrap(),
     );
@@ -372,21 +382,30 @@ fn release_gives_claims_back_without_an_attempt() {
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
     let n: i64 = c
-        .query_one("SELECT orphan_cleanup.release('w1', $1)", &[&vec![ids[0]]])
+        .query_one(
+            "SELECT orphan_cleanup.release('w1', $1, $2, NULL)",
+            &[&ids.lease, &vec![ids[0]]],
+        )
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
     let n: i64 = c
-        .query_one("SELECT orphan_cleanup.release('other-worker')", &[])
+        .query_one(
+            "SELECT orphan_cleanup.release('other-worker', $1, NULL, NULL)",
+            &[&ids.lease],
+        )
         .unwrap()
         .get(0);
     assert_eq!(n, 0, "a worker releases only its own claims");
     let n: i64 = c
-        .query_one("SELECT orphan_cleanup.release('w1')", &[])
+        .query_one(
+            "SELECT orphan_cleanup.release('w1', $1, NULL, NULL)",
+            &[&ids.lease],
+        )
         .unwrap()
         .get(0);
-    assert_eq!(n, 2);
-    for id in &ids {
+    assert_eq!(n, 2, "NULL ids: every row of the claim");
+    for id in ids.iter() {
         assert_eq!(state_of(&mut c, *id), ("pending".to_string(), 0));
     }
     assert_eq!(claim(&mut c, "w2", 10).len(), 3);
@@ -399,18 +418,27 @@ fn only_the_holder_can_confirm_or_fail() {
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
     let res = results(
-        c.query("SELECT * FROM orphan_cleanup.confirm('w2', $1)", &[&ids])
-            .unwrap(),
+        c.query(
+            "SELECT * FROM orphan_cleanup.confirm('w2', $1, $2, 'deleted')",
+            &[&ids.lease, &ids.ids],
+        )
+        .unwrap(),
     );
     assert_eq!(
         res[0].1,
         "not confirmed: lease lost, the row is now claimed by w1"
     );
     let res = results(
-        c.query("SELECT * FROM orphan_cleanup.fail('w2', $1, 'x')", &[&ids])
-            .unwrap(),
+        c.query(
+            "SELECT * FROM orphan_cleanup.fail('w2', $1, $2, 'x', true)",
+            &[&ids.lease, &ids.ids],
+        )
+        .unwrap(),
     );
-    assert_eq!(res[0].1, "not failed: the row is claimed by w1");
+    assert_eq!(
+        res[0].1,
+        "not failed: lease lost, the row is now claimed by w1"
+    );
     assert_eq!(state_of(&mut c, ids[0]).0, "claimed");
 }
 
@@ -513,7 +541,7 @@ fn two_workers_claiming_at_once_never_get_the_same_row() {
                     if ids.is_empty() {
                         break;
                     }
-                    got.extend(ids);
+                    got.extend(ids.ids);
                 }
                 got
             })
@@ -757,8 +785,8 @@ fn history_older_than_the_retention_is_pruned() {
     let mut c = db.client();
     let ids = claim(&mut c, "w1", 10);
     c.query(
-        "SELECT * FROM orphan_cleanup.confirm('w1', $1)",
-        &[&vec![ids[0]]],
+        "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+        &[&ids.lease, &vec![ids[0]]],
     )
     .unwrap();
     c.batch_execute(&format!(
@@ -901,7 +929,7 @@ fn a_claim_commits_durably_even_when_the_session_does_not() {
     let mut c = db.client();
     c.batch_execute("SET synchronous_commit = off").unwrap();
     let mut tx = c.transaction().unwrap();
-    let ids: Vec<i64> = claim(&mut tx, "w1", 10);
+    let ids = claim(&mut tx, "w1", 10).ids;
     assert_eq!(ids.len(), 1);
     let during: String = tx.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
     assert_eq!(
@@ -1202,13 +1230,14 @@ fn stuck_rows_refused_by_every_reaper_are_reported_however_old_the_refusal() {
     settings(BASE_SETTINGS);
     let (db, _) = queued_db("queue_refused_stuck", 1);
     let mut c = db.client();
-    let ids: Vec<i64> = claim_serving(&mut c, "r", Some(&["renders"]), Some(&[HOST]), Some(HOST))
-        .iter()
-        .map(|(id, _)| *id)
-        .collect();
+    let ids = claim_sql(
+        &mut c,
+        "SELECT id, lease_token FROM orphan_cleanup.claim('r', 100, '5 minutes', ARRAY['renders'], $1, $2)",
+        &[&vec![HOST.to_string()], &HOST],
+    );
     c.query(
-        "SELECT * FROM orphan_cleanup.refuse('r', $1, 'not today')",
-        &[&ids],
+        "SELECT * FROM orphan_cleanup.refuse('r', $1, $2, 'not today')",
+        &[&ids.lease, &ids.ids],
     )
     .unwrap();
     // The refusal is a day old; the reaper still claims (and is still the only one).
@@ -1234,35 +1263,49 @@ fn a_reaper_refusing_rows_gives_them_back_and_is_never_handed_them_again() {
     settings(BASE_SETTINGS);
     let (db, _) = queued_db("queue_refuse", 3);
     let mut c = db.client();
-    // What a reaper older than 0.2.0 sends, word for word: a claim without hosts, then its
-    // allow-list's refusal as a failure that is not retryable. That dead-lettered every row a
-    // well-configured reaper would have deleted.
-    let old_claim = |c: &mut postgres::Client| -> Vec<i64> {
+    // A reaper that names no hosts (it serves any): its own allow-list refuses what it is handed.
+    let old_claim = |c: &mut postgres::Client| -> Claim {
         let buckets = vec!["renders".to_string()];
-        c.query(
-            "SELECT id, job_id::text, host, bucket, object_path, attempts
-             FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4)",
+        claim_sql(
+            c,
+            "SELECT id, lease_token FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4)",
             &[&"old-reaper", &100i32, &"300 seconds", &buckets],
         )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
     };
     let ids = old_claim(&mut c);
     assert_eq!(ids.len(), 3);
-    let reason = format!(
-        "refused by the reaper: host \"{HOST}\" is not in the host allow-list (it may be another project's)"
+    let reason =
+        format!("host \"{HOST}\" is not in the host allow-list (it may be another project's)");
+    // What a reaper older than 0.2.0 sent, word for word: its refusal as a failure that is not
+    // retryable, which dead-lettered rows a well-configured reaper would delete. It has no lease
+    // token, and is told so; the rows stay its until their lease ends.
+    let e = c
+        .query(
+            "SELECT id, result FROM orphan_cleanup.fail($1, $2, $3, $4)",
+            &[
+                &"old-reaper",
+                &ids.ids,
+                &format!("refused by the reaper: {reason}"),
+                &false,
+            ],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("fail() needs the lease token that claim() returned")
+            && db_error(&e).contains("reaper 0.2.0"),
+        "{}",
+        db_error(&e)
     );
+    assert_eq!(state_of(&mut c, ids[0]), ("claimed".to_string(), 0));
     let res = results(
         c.query(
-            "SELECT id, result FROM orphan_cleanup.fail($1, $2, $3, $4)",
-            &[&"old-reaper", &ids, &reason, &false],
+            "SELECT id, result FROM orphan_cleanup.refuse($1, $2, $3, $4)",
+            &[&"old-reaper", &ids.lease, &ids.ids, &reason],
         )
         .unwrap(),
     );
     assert!(res.iter().all(|(_, r)| r == "given back"), "{res:?}");
-    for id in &ids {
+    for id in ids.iter() {
         assert_eq!(
             state_of(&mut c, *id),
             ("pending".to_string(), 0),
@@ -1318,13 +1361,14 @@ fn a_reaper_refusing_rows_gives_them_back_and_is_never_handed_them_again() {
     );
 
     // Another reaper gets them at once, with no back-off.
-    assert_eq!(claim(&mut c, "new-reaper", 100).len(), 3);
+    let new = claim(&mut c, "new-reaper", 100);
+    assert_eq!(new.len(), 3);
 
     // refuse() itself: only the holder's claims, with a reason.
     let e = c
         .query(
-            "SELECT * FROM orphan_cleanup.refuse('new-reaper', $1, '')",
-            &[&ids],
+            "SELECT * FROM orphan_cleanup.refuse('new-reaper', $1, $2, '')",
+            &[&new.lease, &ids.ids],
         )
         .unwrap_err();
     assert!(
@@ -1334,14 +1378,14 @@ fn a_reaper_refusing_rows_gives_them_back_and_is_never_handed_them_again() {
     );
     let res = results(
         c.query(
-            "SELECT * FROM orphan_cleanup.refuse('someone-else', $1, 'not mine')",
-            &[&ids],
+            "SELECT * FROM orphan_cleanup.refuse('someone-else', $1, $2, 'not mine')",
+            &[&new.lease, &ids.ids],
         )
         .unwrap(),
     );
     assert!(
         res.iter()
-            .all(|(_, r)| r == "not given back: the row is claimed by new-reaper"),
+            .all(|(_, r)| r == "not given back: lease lost, the row is now claimed by new-reaper"),
         "{res:?}"
     );
 }
@@ -1355,13 +1399,15 @@ fn a_reaper_whose_lists_change_may_be_handed_what_it_refused_before() {
     let mut c = db.client();
     // Its old lists: every host (as a reaper older than 0.2.0 claims).
     let old_lists = None;
-    let ids: Vec<i64> = claim_serving(&mut c, "r", Some(&["renders"]), old_lists, Some(HOST))
-        .iter()
-        .map(|(id, _)| *id)
-        .collect();
+    let ids = claim_sql(
+        &mut c,
+        "SELECT id, lease_token FROM orphan_cleanup.claim('r', 100, '5 minutes', ARRAY['renders'], NULL, $1)",
+        &[&HOST],
+    );
+    assert_eq!(ids.len(), 2);
     c.query(
-        "SELECT * FROM orphan_cleanup.refuse('r', $1, 'not my host')",
-        &[&ids],
+        "SELECT * FROM orphan_cleanup.refuse('r', $1, $2, 'not my host')",
+        &[&ids.lease, &ids.ids],
     )
     .unwrap();
     assert!(claim_serving(&mut c, "r", Some(&["renders"]), old_lists, Some(HOST)).is_empty());

@@ -1166,3 +1166,93 @@ fn seq10_a_reaper_stopped_past_its_lease_never_sends_the_delete() {
         output_text(&out)
     );
 }
+
+/// Issue 11, sequence 14: a reaper that storage refuses (here: another project's key, so every
+/// bulk delete gets 400 / statusCode 403) keeps claiming and giving back. Nothing was deleted,
+/// so nothing may stay "handed out": every job stays savable. Before, every one of these jobs
+/// refused its save with OC001 for good.
+#[test]
+fn seq14_a_reaper_that_storage_refuses_leaves_every_job_savable() {
+    let w = world("reaper_refused_key", 300, &[]);
+    let mut c = w.db.client();
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "run",
+            "--no-probe",
+            "--batch-size",
+            "50",
+            "--concurrency",
+            "2",
+        ],
+    )
+    .env("SUPABASE_SERVICE_ROLE_KEY", foreign_key())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .start();
+    // Until it has claimed (and been refused) more than once: the first batch, the one claimed
+    // ahead, and at least one more after its cool-down.
+    wait_for(
+        Duration::from_secs(60),
+        "the reaper to claim at least 300 rows in all",
+        || {
+            let claimed: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'claimed'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            claimed >= 300
+        },
+    );
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(
+        w.emu.objects().len(),
+        300 + w.keep.len(),
+        "nothing was deleted"
+    );
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 300)]);
+    let tainted: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.objects WHERE handouts > 0",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(tainted, 0, "no object counts as handed out");
+    let unsent: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND detail LIKE '%(nothing was sent)'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let claimed: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'claimed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        unsent, claimed,
+        "every claim was given back, saying nothing was sent"
+    );
+    let jobs: Vec<String> = c
+        .query(
+            "SELECT id::text FROM render_jobs WHERE output_url LIKE '%/o/%' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(jobs.len(), 300);
+    for j in &jobs {
+        save(&mut c, "generated_saved", j).expect("the file is still there: the save commits");
+    }
+}

@@ -130,7 +130,7 @@ fn validation_report_splits_the_guides_count() {
         .map(|r| r.get(0))
         .collect();
     c.execute("UPDATE orphan_cleanup.deletion_queue SET available_at = now() + interval '1 day' WHERE id <> $1", &[&ids[0]]).unwrap();
-    assert_eq!(claim(&mut c, "w1", 10), ids);
+    assert_eq!(claim(&mut c, "w1", 10).ids, ids);
     let report: std::collections::HashMap<String, Option<i64>> = c
         .query(
             "SELECT metric, value FROM orphan_cleanup.validation_report()",

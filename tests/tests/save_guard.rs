@@ -103,8 +103,11 @@ fn a_save_after_a_claim_is_refused_with_its_own_sqlstate() {
     assert_eq!(actor, "postgres");
 
     // Released (file maybe gone), still refused. Confirmed and job row deleted: still refused.
-    c.query_one("SELECT orphan_cleanup.release('w1')", &[])
-        .unwrap();
+    c.query_one(
+        "SELECT orphan_cleanup.release('w1', $1, NULL, NULL)",
+        &[&ids.lease],
+    )
+    .unwrap();
     assert_eq!(
         save(&mut c, "generated_saved", &j.0)
             .unwrap_err()
@@ -114,8 +117,11 @@ fn a_save_after_a_claim_is_refused_with_its_own_sqlstate() {
         REFUSED
     );
     let ids = claim(&mut c, "w1", 10);
-    c.query("SELECT * FROM orphan_cleanup.confirm('w1', $1)", &[&ids])
-        .unwrap();
+    c.query(
+        "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+        &[&ids.lease, &ids.ids],
+    )
+    .unwrap();
     assert_eq!(
         save(&mut c, "generated_saved", &j.0)
             .unwrap_err()
@@ -213,7 +219,7 @@ fn a_claim_in_flight_makes_the_save_wait_then_refuses_it() {
     let mut reaper = db.client();
     let mut observer = db.client();
     let mut tx = reaper.transaction().unwrap();
-    let ids: Vec<i64> = claim(&mut tx, "w1", 10);
+    let ids = claim(&mut tx, "w1", 10).ids;
     assert_eq!(ids.len(), 1);
 
     let name = db.name.clone();

@@ -165,17 +165,24 @@ fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
     );
     let refused = save(&mut c, "generated_saved", &twin.0).unwrap_err();
     assert_eq!(refused.code().unwrap().code(), "OC001", "{refused}");
-    let confirmed: String = c
+    // The 0.1.0 reaper has no lease token: it is told to upgrade, and its row comes back when
+    // its lease ends, still handed out.
+    let e = c
         .query_one(
             "SELECT result FROM orphan_cleanup.confirm('reaper-0.1', ARRAY[$1::bigint], 'deleted')",
             &[&held],
         )
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        confirmed, "confirmed",
-        "a claim made before the upgrade is confirmed after it"
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("confirm() needs the lease token that claim() returned"),
+        "{}",
+        db_error(&e)
     );
+    c.execute(
+        "UPDATE orphan_cleanup.deletion_queue SET lease_until = now() - interval '1 second' WHERE id = $1",
+        &[&held],
+    )
+    .unwrap();
     let hosts = vec![HOST.to_string()];
     let claimed = c
         .query(
@@ -184,6 +191,20 @@ fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
         )
         .unwrap();
     assert_eq!(claimed.len(), 2);
+    let (state, attempts): (String, i32) = c
+        .query_one(
+            "SELECT state, attempts FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&held],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), attempts),
+        ("pending", 1),
+        "its lease expired"
+    );
+    let refused = save(&mut c, "generated_saved", &twin.0).unwrap_err();
+    assert_eq!(refused.code().unwrap().code(), "OC001", "{refused}");
     let (status, _, _, _, _) = cycle(&mut c);
     assert_eq!(status, "ok");
 }
@@ -261,4 +282,45 @@ fn a_claim_committing_during_the_upgrade_still_refuses_the_save() {
     // ...and so knows about it.
     let err = save(&mut c, "generated_saved", &j.0).unwrap_err();
     assert_eq!(err.code().unwrap().code(), "OC001", "{err}");
+}
+
+/// 0.2.0's object_key() names the object of a URL the strict parser refuses (issue 11, sequence
+/// 5), where 0.1.0's returned NULL: an index built by 0.1.0 would hide such a saved job from the
+/// keeper checks. The update rebuilds the jobs table's object_key() index when the table holds
+/// such a URL, and leaves it alone otherwise.
+#[test]
+fn the_upgrade_rebuilds_the_object_key_index_when_a_url_reads_differently() {
+    settings(BASE_SETTINGS);
+    let filenode = |c: &mut postgres::Client| -> u32 {
+        c.query_one(
+            "SELECT relfilenode FROM pg_class WHERE oid = 'public.render_jobs_object_key_idx'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get::<_, postgres::types::Oid>(0)
+    };
+    for (name, odd) in [
+        ("upgrade_reindex_odd", true),
+        ("upgrade_reindex_plain", false),
+    ] {
+        let old = TestDb::create_at(name, Some("0.1.0"));
+        old.attach();
+        let mut c = old.client();
+        let url = if odd {
+            format!("https://{HOST}/storage/v1/object/public/renders/my render.png")
+        } else {
+            public_url("renders", "plain.png")
+        };
+        let j = job(&mut c, "completed", Some(&url), "2 days", "saved");
+        save(&mut c, "generated_saved", &j.0).unwrap();
+        let before = filenode(&mut c);
+        c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
+            .unwrap();
+        let after = filenode(&mut c);
+        assert_eq!(
+            before != after,
+            odd,
+            "{name}: rebuilt only when a URL reads differently"
+        );
+    }
 }
