@@ -351,6 +351,14 @@ fn print_table(r: &Report) {
             q.version, q.rows, q.claim_us_per_row, q.confirm_us_per_row
         );
     }
+    for q in &r.queue {
+        if let Some(o) = &q.record {
+            println!(
+                "\nThe per-object record after that drain ({}): {} rows ({} bytes per row with its indexes); after the pruning a day later {}; 30 days later {}",
+                q.version, o.after_drain, o.bytes_per_row, o.after_a_day, o.after_30_days
+            );
+        }
+    }
     println!("\n| ratio | value |\n|---|---:|");
     for (k, v) in &r.ratios {
         println!("| {k} | {v:.2} |");

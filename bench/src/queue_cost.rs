@@ -16,6 +16,52 @@ pub struct QueueCost {
     pub rows: u64,
     pub claim_us_per_row: f64,
     pub confirm_us_per_row: f64,
+    /// The per-object record (`orphan_cleanup.objects`, 0.2.0 on): rows after the drain, then
+    /// after the pruning of a day later and of 30 days later (the clock moved by rewriting the
+    /// rows' times), and the table's bytes per row after the drain.
+    pub record: Option<ObjectRecord>,
+}
+
+#[derive(Serialize)]
+pub struct ObjectRecord {
+    pub after_drain: i64,
+    pub after_a_day: i64,
+    pub after_30_days: i64,
+    pub bytes_per_row: i64,
+}
+
+/// How the per-object record grows with a drain and shrinks as it ages.
+fn object_record(c: &mut postgres::Client) -> Result<ObjectRecord> {
+    let count = |c: &mut postgres::Client| -> Result<i64> {
+        Ok(
+            c.query_one("SELECT count(*) FROM orphan_cleanup.objects", &[])?
+                .get(0),
+        )
+    };
+    let after_drain = count(c)?;
+    let bytes: i64 = c
+        .query_one(
+            "SELECT pg_total_relation_size('orphan_cleanup.objects')",
+            &[],
+        )?
+        .get(0);
+    let prune =
+        "SELECT orphan_cleanup._prune_objects(a, 'bench') FROM orphan_cleanup.attachment AS a";
+    c.batch_execute(&format!(
+        "UPDATE orphan_cleanup.objects SET touched_at = touched_at - interval '2 days'; {prune};"
+    ))?;
+    let after_a_day = count(c)?;
+    c.batch_execute(&format!(
+        "UPDATE orphan_cleanup.objects SET touched_at = touched_at - interval '31 days',
+                last_handed_out_at = last_handed_out_at - interval '31 days'; {prune};"
+    ))?;
+    let after_30_days = count(c)?;
+    Ok(ObjectRecord {
+        after_drain,
+        after_a_day,
+        after_30_days,
+        bytes_per_row: bytes / after_drain.max(1),
+    })
 }
 
 /// Queues `n` orphans (beside 9n saved jobs) with the extension at `version` (None: this
@@ -72,7 +118,13 @@ pub fn queue_cost(env: &Env, n: u64, version: Option<&str>) -> Result<QueueCost>
     if rows != n {
         bail!("{installed}: claimed {rows} of {n} queued rows");
     }
+    let record = if installed == "0.1.0" {
+        None
+    } else {
+        Some(object_record(&mut c)?)
+    };
     Ok(QueueCost {
+        record,
         version: installed,
         rows,
         claim_us_per_row: claim_s * 1e6 / rows as f64,

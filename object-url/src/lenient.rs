@@ -47,7 +47,9 @@ pub fn protected_key(raw: &str) -> Option<String> {
     } else {
         rest
     };
-    let segments = normalize(path, has_route);
+    // Decoded even when bare: `%` is no character of an object name, so `renders/a%20b.png`
+    // can only mean `renders/a b.png`.
+    let segments = normalize(path);
     let object = if has_route {
         after_route(&segments)?
     } else {
@@ -66,11 +68,12 @@ fn after_authority(rest: &str) -> &str {
     &rest[rest.find(['/', '?', '#']).unwrap_or(rest.len())..]
 }
 
-/// The segments after the storage route, found at the start of the path or after a leading host
-/// (`abcd.supabase.co/storage/v1/...`): `object/{public|authenticated|sign|info}/`, `object/` alone
-/// (the authenticated download), or `render/image/{public|authenticated|sign}/`, in any case.
+/// The segments after the storage route, wherever `storage/v1` starts (after a host without a
+/// scheme, or a proxy's own prefix): `object/{public|authenticated|sign}/`,
+/// `object/info/[public|authenticated]/`, `object/upload/sign/`, `object/` alone (the
+/// authenticated download), or `render/image/{public|authenticated|sign}/`, in any case.
 fn after_route(segments: &[String]) -> Option<&[String]> {
-    let start = (0..segments.len().min(2)).find(|&i| {
+    let start = (0..segments.len()).find(|&i| {
         segments.len() > i + 1
             && segments[i].eq_ignore_ascii_case("storage")
             && segments[i + 1].eq_ignore_ascii_case("v1")
@@ -81,6 +84,8 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
         .collect();
     let route: Vec<&str> = route.iter().map(String::as_str).collect();
     let skip = match route.as_slice() {
+        ["object", "info", "public" | "authenticated", _, _, ..] => 3,
+        ["object", "upload", "sign", _, _, ..] => 3,
         ["object", "public" | "authenticated" | "sign" | "info", _, _, ..] => 2,
         ["object", _, _, ..] => 1,
         ["render", "image", "public" | "authenticated" | "sign", _, _, ..] => 3,
@@ -90,13 +95,9 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
 }
 
 /// Path segments as a server would see them: percent-decoded (an invalid escape stays as
-/// written) when `decode`, with empty and `.` segments dropped and `..` resolved.
-fn normalize(path: &str, decode: bool) -> Vec<String> {
-    let text = if decode {
-        String::from_utf8_lossy(&percent_decode_str(path).collect::<Vec<u8>>()).into_owned()
-    } else {
-        path.to_string()
-    };
+/// written), with empty and `.` segments dropped and `..` resolved.
+fn normalize(path: &str) -> Vec<String> {
+    let text = String::from_utf8_lossy(&percent_decode_str(path).collect::<Vec<u8>>()).into_owned();
     let mut out: Vec<String> = Vec::new();
     for part in text.split(['/', '\\']) {
         match part {

@@ -415,6 +415,22 @@ fn refused_spellings_still_name_an_object_to_protect() {
             "https:/abcd.supabase.co/storage/v1/object/public/renders/x.png".to_string(),
             "renders/x.png",
         ),
+        // Other routes, and a proxy's prefix before the storage path.
+        (
+            format!("{h}/object/upload/sign/renders/x.png?token=t"),
+            "renders/x.png",
+        ),
+        (
+            format!("{h}/object/info/public/renders/x.png"),
+            "renders/x.png",
+        ),
+        (
+            "https://gw.example.com/api/supabase/storage/v1/object/public/renders/x.png"
+                .to_string(),
+            "renders/x.png",
+        ),
+        // A bare value with an escape: `%` names no object, so it decodes.
+        ("renders/a%20b.png".to_string(), "renders/a b.png"),
         // Dot segments resolve over the whole path before the route is read.
         (
             format!("{h}/object/./public/renders/x.png"),

@@ -382,7 +382,7 @@ BEGIN
     IF NOT dry THEN
         UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
-        PERFORM orphan_cleanup._prune_objects(att);
+        PERFORM orphan_cleanup._prune_objects(att, p_actor);
         IF n_enqueued > 0 THEN
             PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
         END IF;
@@ -670,7 +670,7 @@ $$;
 --   - an object kept by cancel(): never;
 --   - a job's fence row: a day after the save or job write that wrote it.
 -- Up to 8 batches of 50,000 rows per kind and call: millions a day at the default interval.
-CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment) RETURNS void
+CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment, actor text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
 AS $$
 DECLARE
@@ -701,17 +701,25 @@ BEGIN
               ORDER BY o2.last_handed_out_at LIMIT 50000
               FOR UPDATE SKIP LOCKED) AS l;
         IF v_paths IS NOT NULL THEN
+            -- Audited: from now on a job naming the object can be saved again.
             EXECUTE format($sql$
-                DELETE FROM orphan_cleanup.objects AS o
-                USING unnest($1::text[], $2::text[]) AS k(bucket, object_path)
-                WHERE o.bucket = k.bucket AND o.object_path = k.object_path
-                  AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
-                                  WHERE d.bucket = o.bucket AND d.object_path = o.object_path
-                                    AND d.state IN ('pending', 'claimed', 'dead'))
-                  AND NOT EXISTS (SELECT 1 FROM %s AS j
-                                  WHERE orphan_cleanup.object_key(j.output_url) = o.bucket || '/' || o.object_path)
+                WITH forgotten AS (
+                    DELETE FROM orphan_cleanup.objects AS o
+                    USING unnest($1::text[], $2::text[]) AS k(bucket, object_path)
+                    WHERE o.bucket = k.bucket AND o.object_path = k.object_path
+                      AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
+                                      WHERE d.bucket = o.bucket AND d.object_path = o.object_path
+                                        AND d.state IN ('pending', 'claimed', 'dead'))
+                      AND NOT EXISTS (SELECT 1 FROM %s AS j
+                                      WHERE orphan_cleanup.object_key(j.output_url) = o.bucket || '/' || o.object_path)
+                    RETURNING o.*)
+                INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail)
+                SELECT 'forgotten', f.last_queue_id, f.bucket || '/' || f.object_path, $3,
+                       format('the record of object %%s/%%s (handed out %%s time(s), last by %%s at %%s) is pruned after 30 days with no job naming it: a job naming it can be saved again',
+                              f.bucket, f.object_path, f.handouts, f.last_handed_to, f.last_handed_out_at)
+                FROM forgotten AS f
                 $sql$, att.jobs_oid::regclass)
-            USING v_buckets, v_paths;
+            USING v_buckets, v_paths, actor;
             -- The ones something still names: not looked at again for a day.
             UPDATE orphan_cleanup.objects AS o SET touched_at = now()
             FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)

@@ -316,13 +316,15 @@ BEGIN
 END
 $$;
 
--- Drops the guard triggers from a table, if the table and the triggers still exist.
+-- Drops the guard triggers from a table, if the table and the triggers still exist. The guard
+-- watcher below lets attach(), detach() and the upgrade do that (until their transaction ends).
 CREATE FUNCTION orphan_cleanup._drop_guards(rel oid) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     tg name;
 BEGIN
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
     FOR tg IN
         SELECT t.tgname FROM pg_catalog.pg_trigger AS t
         WHERE t.tgrelid = rel AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard', 'orphan_cleanup_job_guard')
@@ -391,6 +393,9 @@ BEGIN
     END IF;
 
     SELECT * INTO prev FROM orphan_cleanup.attachment;
+    IF FOUND AND (prev.assets_oid <> v_assets OR prev.jobs_oid <> v_jobs) THEN
+        PERFORM orphan_cleanup._refuse_while_claimed('attach() to other tables', ARRAY[prev.assets_oid, prev.jobs_oid]);
+    END IF;
     IF FOUND AND prev.assets_oid <> v_assets THEN
         PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     END IF;
@@ -463,6 +468,64 @@ END
 $$;
 
 -- Removes what attach() added. The queue and the history stay; cycles and claims stop.
+-- Refuses to go on while reapers hold claims (`what` says who asks): without the guards a save
+-- of a job whose file a reaper is deleting right now would commit. The tables are locked first
+-- (SHARE ROW EXCLUSIVE): a claim in flight holds ROW EXCLUSIVE on them from its start, so this
+-- waits for it, and the check, a statement of its own, then sees what it claimed.
+CREATE FUNCTION orphan_cleanup._refuse_while_claimed(what text, rels oid[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel oid;
+    n bigint;
+BEGIN
+    -- Only tables that still carry a guard matter (after a restore the recorded ones are gone).
+    rels := ARRAY(SELECT DISTINCT t.tgrelid FROM pg_catalog.pg_trigger AS t
+                  WHERE t.tgrelid = ANY (rels)
+                    AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard', 'orphan_cleanup_job_guard')
+                  ORDER BY 1);
+    IF cardinality(rels) = 0 THEN
+        RETURN;
+    END IF;
+    FOREACH rel IN ARRAY rels LOOP
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel::regclass);
+    END LOOP;
+    SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed';
+    IF n > 0 THEN
+        RAISE EXCEPTION '% refused: % queue row(s) are claimed by reapers, whose files may be being deleted; the save guard must stay until they are done', what, n
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf(); then wait until queue_status() shows no claimed rows (or their leases expire), and try again.';
+    END IF;
+END
+$$;
+
+-- Keeps the guard triggers in place while reapers hold claims: an ALTER TABLE ... DISABLE TRIGGER
+-- (a bulk load, pg_restore --disable-triggers), a DROP TRIGGER or a trigger replaced, that leaves
+-- the attached tables without their exact guards while any row is claimed, is refused. (With
+-- nothing claimed it goes through; claims then stop and health() is critical until attach().)
+CREATE FUNCTION orphan_cleanup._watch_guards() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    problem text;
+BEGIN
+    IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
+        RETURN;  -- attach(), detach() or the upgrade, which check the claims themselves
+    END IF;
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND OR (SELECT count(*) FROM pg_catalog.pg_class AS c WHERE c.oid IN (att.jobs_oid, att.assets_oid)) < 2 THEN
+        RETURN;
+    END IF;
+    problem := orphan_cleanup._guard_problem(att);
+    IF problem IS NOT NULL AND EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+        RAISE EXCEPTION '% refused: it would leave the save guard not in force (%) while reapers hold claims', tg_tag, problem
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Saves made meanwhile could keep files a reaper is deleting. Stop the reapers first (ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf();), wait until queue_status() shows no claimed rows, then run this again; afterwards run SELECT * FROM orphan_cleanup.attach();';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup.detach() RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -473,13 +536,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'not attached; nothing to do';
     END IF;
-    -- Without the guards a save of a job whose file a reaper is deleting right now would commit.
-    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
-        RAISE EXCEPTION 'detach() refused: % queue row(s) are claimed by reapers, whose files may be being deleted; the save guard must stay until they are done',
-                        (SELECT count(*) FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed')
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf(); then wait until queue_status() shows no claimed rows (or their leases expire), and detach again.';
-    END IF;
+    PERFORM orphan_cleanup._refuse_while_claimed('detach()', ARRAY[prev.assets_oid, prev.jobs_oid]);
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     DELETE FROM orphan_cleanup.attachment;
@@ -488,3 +545,9 @@ BEGIN
     RETURN format('detached from %s and %s; cycles and claims stop until attach() runs again', prev.jobs_table, prev.assets_table);
 END
 $$;
+
+CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER')
+    EXECUTE FUNCTION orphan_cleanup._watch_guards();
+-- ALWAYS: it fires under session_replication_role = replica too, as the guards do.
+ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;

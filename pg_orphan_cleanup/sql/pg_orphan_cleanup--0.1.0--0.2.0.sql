@@ -229,7 +229,7 @@ BEGIN
     IF NOT dry THEN
         UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
-        PERFORM orphan_cleanup._prune_objects(att);
+        PERFORM orphan_cleanup._prune_objects(att, p_actor);
         IF n_enqueued > 0 THEN
             PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
         END IF;
@@ -337,6 +337,9 @@ BEGIN
     END IF;
 
     SELECT * INTO prev FROM orphan_cleanup.attachment;
+    IF FOUND AND (prev.assets_oid <> v_assets OR prev.jobs_oid <> v_jobs) THEN
+        PERFORM orphan_cleanup._refuse_while_claimed('attach() to other tables', ARRAY[prev.assets_oid, prev.jobs_oid]);
+    END IF;
     IF FOUND AND prev.assets_oid <> v_assets THEN
         PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     END IF;
@@ -1770,12 +1773,63 @@ AS $$
 DECLARE
     tg name;
 BEGIN
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
     FOR tg IN
         SELECT t.tgname FROM pg_catalog.pg_trigger AS t
         WHERE t.tgrelid = rel AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard', 'orphan_cleanup_job_guard')
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', tg, rel::regclass);
     END LOOP;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._refuse_while_claimed(what text, rels oid[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel oid;
+    n bigint;
+BEGIN
+    -- Only tables that still carry a guard matter (after a restore the recorded ones are gone).
+    rels := ARRAY(SELECT DISTINCT t.tgrelid FROM pg_catalog.pg_trigger AS t
+                  WHERE t.tgrelid = ANY (rels)
+                    AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard', 'orphan_cleanup_job_guard')
+                  ORDER BY 1);
+    IF cardinality(rels) = 0 THEN
+        RETURN;
+    END IF;
+    FOREACH rel IN ARRAY rels LOOP
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel::regclass);
+    END LOOP;
+    SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed';
+    IF n > 0 THEN
+        RAISE EXCEPTION '% refused: % queue row(s) are claimed by reapers, whose files may be being deleted; the save guard must stay until they are done', what, n
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf(); then wait until queue_status() shows no claimed rows (or their leases expire), and try again.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._watch_guards() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    problem text;
+BEGIN
+    IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
+        RETURN;  -- attach(), detach() or the upgrade, which check the claims themselves
+    END IF;
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND OR (SELECT count(*) FROM pg_catalog.pg_class AS c WHERE c.oid IN (att.jobs_oid, att.assets_oid)) < 2 THEN
+        RETURN;
+    END IF;
+    problem := orphan_cleanup._guard_problem(att);
+    IF problem IS NOT NULL AND EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+        RAISE EXCEPTION '% refused: it would leave the save guard not in force (%) while reapers hold claims', tg_tag, problem
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Saves made meanwhile could keep files a reaper is deleting. Stop the reapers first (ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf();), wait until queue_status() shows no claimed rows, then run this again; afterwards run SELECT * FROM orphan_cleanup.attach();';
+    END IF;
 END
 $$;
 
@@ -1789,13 +1843,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'not attached; nothing to do';
     END IF;
-    -- Without the guards a save of a job whose file a reaper is deleting right now would commit.
-    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
-        RAISE EXCEPTION 'detach() refused: % queue row(s) are claimed by reapers, whose files may be being deleted; the save guard must stay until they are done',
-                        (SELECT count(*) FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed')
-            USING ERRCODE = 'object_in_use',
-                  HINT = 'ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf(); then wait until queue_status() shows no claimed rows (or their leases expire), and detach again.';
-    END IF;
+    PERFORM orphan_cleanup._refuse_while_claimed('detach()', ARRAY[prev.assets_oid, prev.jobs_oid]);
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     DELETE FROM orphan_cleanup.attachment;
@@ -2033,7 +2081,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment) RETURNS void
+CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment, actor text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
 AS $$
 DECLARE
@@ -2064,17 +2112,25 @@ BEGIN
               ORDER BY o2.last_handed_out_at LIMIT 50000
               FOR UPDATE SKIP LOCKED) AS l;
         IF v_paths IS NOT NULL THEN
+            -- Audited: from now on a job naming the object can be saved again.
             EXECUTE format($sql$
-                DELETE FROM orphan_cleanup.objects AS o
-                USING unnest($1::text[], $2::text[]) AS k(bucket, object_path)
-                WHERE o.bucket = k.bucket AND o.object_path = k.object_path
-                  AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
-                                  WHERE d.bucket = o.bucket AND d.object_path = o.object_path
-                                    AND d.state IN ('pending', 'claimed', 'dead'))
-                  AND NOT EXISTS (SELECT 1 FROM %s AS j
-                                  WHERE orphan_cleanup.object_key(j.output_url) = o.bucket || '/' || o.object_path)
+                WITH forgotten AS (
+                    DELETE FROM orphan_cleanup.objects AS o
+                    USING unnest($1::text[], $2::text[]) AS k(bucket, object_path)
+                    WHERE o.bucket = k.bucket AND o.object_path = k.object_path
+                      AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
+                                      WHERE d.bucket = o.bucket AND d.object_path = o.object_path
+                                        AND d.state IN ('pending', 'claimed', 'dead'))
+                      AND NOT EXISTS (SELECT 1 FROM %s AS j
+                                      WHERE orphan_cleanup.object_key(j.output_url) = o.bucket || '/' || o.object_path)
+                    RETURNING o.*)
+                INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail)
+                SELECT 'forgotten', f.last_queue_id, f.bucket || '/' || f.object_path, $3,
+                       format('the record of object %%s/%%s (handed out %%s time(s), last by %%s at %%s) is pruned after 30 days with no job naming it: a job naming it can be saved again',
+                              f.bucket, f.object_path, f.handouts, f.last_handed_to, f.last_handed_out_at)
+                FROM forgotten AS f
                 $sql$, att.jobs_oid::regclass)
-            USING v_buckets, v_paths;
+            USING v_buckets, v_paths, actor;
             -- The ones something still names: not looked at again for a day.
             UPDATE orphan_cleanup.objects AS o SET touched_at = now()
             FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
@@ -2396,6 +2452,23 @@ BEGIN
 END
 $upgrade$;
 
+-- A pruned hand-out record is audited ('forgotten').
+ALTER TABLE orphan_cleanup.audit_log DROP CONSTRAINT audit_log_action_check;
+ALTER TABLE orphan_cleanup.audit_log ADD CONSTRAINT audit_log_action_check
+    CHECK (action IN ('enqueued', 'protected', 'rejected', 'claimed', 'deleted',
+                      'absent', 'failed', 'dead_lettered', 'rescued', 'refused',
+                      'cancelled', 'released', 'requeued', 'job_cleanup', 'attached', 'detached',
+                      'breaker_tripped', 'breaker_reset', 'forgotten'));
+
+
+-- The guard watcher: no DDL may leave the attached tables without their exact guards while
+-- reapers hold claims.
+CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER')
+    EXECUTE FUNCTION orphan_cleanup._watch_guards();
+ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
+
+
 -- object_key() now reads a URL the strict parser refuses leniently (the object it could name),
 -- where 0.1.0 returned NULL. An index on it built by 0.1.0 holds NULL for such rows, and the
 -- keeper checks would miss them: rebuild the jobs table's object_key() indexes when it has any
@@ -2446,6 +2519,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._not_held(orphan_cleanup.deletion_queue, text, bytea),
     orphan_cleanup._unsent(bigint[], text),
     orphan_cleanup._object_of(text),
+    orphan_cleanup._refuse_while_claimed(text, oid[]),
+    orphan_cleanup._watch_guards(),
     orphan_cleanup.confirm(text, text, bigint[], text),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
@@ -2462,7 +2537,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_save(uuid, bigint, text),
     orphan_cleanup.job_guard(),
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
-    orphan_cleanup._prune_objects(orphan_cleanup.attachment),
+    orphan_cleanup._prune_objects(orphan_cleanup.attachment, text),
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION

@@ -1384,3 +1384,106 @@ fn review_a_handed_out_job_pointed_at_a_spelling_only_the_lenient_reading_unders
     .unwrap();
     save(&mut c, "generated_saved", &a.0).expect("the job names an object never handed out");
 }
+
+#[test]
+fn review_detach_waits_for_a_claim_in_flight_then_refuses() {
+    // detach() checked for claimed rows before it dropped the guards: a claim committing in
+    // between left the reaper deleting a file that nothing guarded any more.
+    let db = db_with("obj_detach_race", &[("pause_points", "claim")]);
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "race.png"));
+    cycle(&mut c);
+    let mut holder = db.client();
+    hold_pause_point(&mut holder, "claim");
+    let (claimer, _) = session_in_thread(&db.name, |r| claim(r, "r1", 10).len());
+    wait_paused_at(&mut c, "claim", None);
+    let (detacher, pid) = session_in_thread(&db.name, |d| {
+        d.query_one("SELECT orphan_cleanup.detach()", &[])
+            .map(|r| r.get::<_, String>(0))
+    });
+    wait_until_blocked(&mut c, pid);
+    release_pause_point(&mut holder, "claim");
+    assert_eq!(claimer.join().unwrap(), 1);
+    let e = detacher.join().unwrap().unwrap_err();
+    assert!(
+        db_error(&e).contains("detach() refused: 1 queue row(s) are claimed"),
+        "{}",
+        db_error(&e)
+    );
+    assert_refused(&mut c, &a);
+}
+
+#[test]
+fn review_the_guards_cannot_be_disabled_while_rows_are_claimed() {
+    // A bulk load or pg_restore --disable-triggers while a reaper holds claims: saves made
+    // meanwhile would keep files being deleted.
+    let db = db("obj_guard_watch");
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "watched.png"));
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    assert_eq!(ids.len(), 1);
+    for sql in [
+        "ALTER TABLE user_assets DISABLE TRIGGER ALL",
+        "ALTER TABLE user_assets DISABLE TRIGGER orphan_cleanup_save_guard",
+        "ALTER TABLE user_assets ENABLE REPLICA TRIGGER orphan_cleanup_save_guard",
+        "DROP TRIGGER orphan_cleanup_save_guard ON user_assets",
+        "ALTER TABLE render_jobs DISABLE TRIGGER ALL",
+        "SET session_replication_role = replica; ALTER TABLE user_assets DISABLE TRIGGER ALL",
+    ] {
+        let e = c.batch_execute(sql).expect_err(sql);
+        assert!(
+            db_error(&e).contains("refused: it would leave the save guard not in force"),
+            "{sql}: {}",
+            db_error(&e)
+        );
+        c.batch_execute("RESET session_replication_role").unwrap();
+    }
+    assert_refused(&mut c, &a);
+    // Nothing claimed: the DBA may (claims then stop until attach() puts the guards back).
+    confirm(&mut c, "r1", &ids);
+    exec(
+        &mut c,
+        "ALTER TABLE user_assets DISABLE TRIGGER ALL; ALTER TABLE user_assets ENABLE TRIGGER ALL",
+    );
+    assert!(claim_refusal(&mut c).contains("orphan_cleanup_save_guard"));
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap();
+    assert_refused(&mut c, &a);
+}
+
+#[test]
+fn seq03_a_hand_out_record_lives_while_a_job_names_it_and_30_days_after_and_its_end_is_audited() {
+    let db = db("obj_forgotten");
+    let mut c = db.client();
+    let url = public_url("renders", "old.png");
+    orphan(&mut c, &url);
+    cycle(&mut c);
+    let ids = claim(&mut c, "r1", 10);
+    confirm(&mut c, "r1", &ids);
+    let age = "UPDATE orphan_cleanup.objects SET last_handed_out_at = last_handed_out_at - interval '31 days',
+                                              touched_at = touched_at - interval '2 days'";
+    // A render cache hit names the object: however old the hand-out, the record stays.
+    let hit = job(&mut c, "completed", Some(&url), "1 minute", "cache hit");
+    exec(&mut c, age);
+    cycle(&mut c);
+    assert_refused(&mut c, &hit);
+    // Nothing names it any more, 31 days on: the record goes, and the audit log says so.
+    exec(&mut c, "DELETE FROM render_jobs");
+    exec(&mut c, age);
+    cycle(&mut c);
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.audit_log WHERE action = 'forgotten'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        detail.contains("renders/old.png") && detail.contains("can be saved again"),
+        "{detail}"
+    );
+    let late = job(&mut c, "completed", Some(&url), "1 minute", "much later");
+    save(&mut c, "generated_saved", &late.0)
+        .expect("the documented limit: 30 days with no job naming it");
+}

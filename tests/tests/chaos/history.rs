@@ -9,8 +9,11 @@
 //! own object list and request log:
 //!
 //! 1. every committed asset's job's object is present;
-//! 2. every object the emulator deleted was handed out by a claim, and no save of a job naming
-//!    it committed after that claim (a save whose INSERT began after the claim's audit row);
+//! 2. every object the emulator deleted was handed out by a claim before; and no save of a job
+//!    naming an object committed while a hand-out of it stood: from the claim's audit row until
+//!    its holder gave it back saying nothing was sent (forever, otherwise). A save counts from
+//!    the moment its INSERT had run (the guard then holds the object's row), on the database's
+//!    clock, so a save in flight when the claim came is checked too;
 //! 3. every deletable orphan's object is gone;
 //! 4. every queue row's final state is explained by its audit rows, and none is lost.
 //!
@@ -70,11 +73,11 @@ struct Job {
     key: String,
 }
 
-/// A save that committed: its job, the object the job named, when its INSERT began.
+/// A save that committed: its job, the object the job named, and the moment its INSERT had run.
 struct Saved {
     job: String,
     object: String,
-    began_ms: f64,
+    held_ms: f64,
 }
 
 #[derive(Default)]
@@ -120,12 +123,25 @@ fn app(n: usize, mut rng: StdRng, base: &str, keys: &[String], tally: &Tally, st
     while !stop.load(Ordering::Relaxed) {
         tally.ops.fetch_add(1, Ordering::Relaxed);
         let roll = rng.random_range(0..100);
-        if jobs.is_empty() || roll < 30 {
+        if jobs.is_empty() || roll < 35 {
             let key = keys[rng.random_range(0..keys.len())].clone();
             let url = spell(&mut rng, base, &key);
+            let status = if rng.random_bool(0.9) {
+                "completed"
+            } else {
+                "running"
+            };
+            if rng.random_bool(0.1) {
+                // Rendered and saved in one transaction.
+                if let Some(id) = render_and_save(&mut c, &url, tally) {
+                    tally.note(&key, format!("app{n}: job {id} inserted and saved at once"));
+                    jobs.push(Job { id, url, key });
+                }
+                continue;
+            }
             match c.query_one(
-                "INSERT INTO render_jobs (status, output_url, prompt) VALUES ('completed', $1, 'history') RETURNING id::text",
-                &[&url],
+                "INSERT INTO render_jobs (status, output_url, prompt) VALUES ($2, $1, 'history') RETURNING id::text",
+                &[&url, &status],
             ) {
                 Ok(r) => {
                     let id: String = r.get(0);
@@ -139,17 +155,17 @@ fn app(n: usize, mut rng: StdRng, base: &str, keys: &[String], tally: &Tally, st
         let i = rng.random_range(0..jobs.len());
         let j = jobs[i].clone();
         match roll {
-            30..=59 => save_at(&mut c, &mut rng, n, &j, tally),
-            60..=67 => {
+            35..=54 => save_at(&mut c, &mut rng, n, &j, tally),
+            55..=69 => {
                 if let Err(e) = c.execute(
-                    "DELETE FROM user_assets WHERE metadata ->> 'render_job_id' = $1",
+                    "DELETE FROM user_assets WHERE orphan_cleanup.job_ref_key(metadata ->> 'render_job_id') = $1",
                     &[&j.id],
                 ) {
                     tally.unexpected("unsave", &e);
                 }
                 tally.note(&j.key, format!("app{n}: job {} unsaved", j.id));
             }
-            68..=74 if j.url.contains("?token=") => {
+            70..=76 if j.url.contains("?token=") => {
                 let url = format!(
                     "{}?token=t{}",
                     j.url.split('?').next().unwrap(),
@@ -163,9 +179,9 @@ fn app(n: usize, mut rng: StdRng, base: &str, keys: &[String], tally: &Tally, st
                     Err(e) => tally.unexpected("token refresh", &e),
                 }
             }
-            75..=84 => {
+            77..=84 => {
                 // Re-run (back to running) or complete again.
-                let sql = if rng.random_bool(0.5) {
+                let sql = if rng.random_bool(0.3) {
                     "UPDATE render_jobs SET status = 'running' WHERE id = $1::text::uuid"
                 } else {
                     "UPDATE render_jobs SET status = 'completed', created_at = now() WHERE id = $1::text::uuid"
@@ -239,6 +255,13 @@ fn save_at(c: &mut postgres::Client, rng: &mut StdRng, n: usize, j: &Job, tally:
         _ => IsolationLevel::Serializable,
     };
     let pause = Duration::from_millis(rng.random_range(0..40));
+    // The id as apps write it: mostly canonical, sometimes upper-case, braced or padded.
+    let reference = match rng.random_range(0..6) {
+        0 => j.id.to_uppercase(),
+        1 => format!("{{{}}}", j.id),
+        2 => format!(" {} ", j.id),
+        _ => j.id.clone(),
+    };
     for attempt in 0..2 {
         tally.saves.fetch_add(1, Ordering::Relaxed);
         let level = if attempt == 0 {
@@ -250,29 +273,29 @@ fn save_at(c: &mut postgres::Client, rng: &mut StdRng, n: usize, j: &Job, tally:
             let mut tx = c.build_transaction().isolation_level(level).start()?;
             tx.query_one("SELECT count(*) FROM user_assets", &[])?;
             std::thread::sleep(pause);
-            let began: f64 = tx
+            tx.execute(
+                "INSERT INTO user_assets (asset_type, metadata, file_size) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text), 1)",
+                &[&reference],
+            )?;
+            let held: f64 = tx
                 .query_one(
                     "SELECT extract(epoch FROM clock_timestamp())::float8 * 1000",
                     &[],
                 )?
                 .get(0);
-            tx.execute(
-                "INSERT INTO user_assets (asset_type, metadata, file_size) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text), 1)",
-                &[&j.id],
-            )?;
             tx.commit()?;
-            Ok(began)
+            Ok(held)
         })();
         match result {
-            Ok(began_ms) => {
+            Ok(held_ms) => {
                 tally.note(
                     &j.key,
-                    format!("app{n}: job {} saved ({level:?}) at {began_ms:.0}", j.id),
+                    format!("app{n}: job {} saved ({level:?}) at {held_ms:.0}", j.id),
                 );
                 tally.committed.lock().unwrap().push(Saved {
                     job: j.id.clone(),
                     object: format!("renders/{}", j.key),
-                    began_ms,
+                    held_ms,
                 });
                 return;
             }
@@ -287,6 +310,36 @@ fn save_at(c: &mut postgres::Client, rng: &mut StdRng, n: usize, j: &Job, tally:
                 tally.unexpected("save", &e);
                 return;
             }
+        }
+    }
+}
+
+/// Inserts a completed job and saves it in the same transaction; returns its id if it committed.
+fn render_and_save(c: &mut postgres::Client, url: &str, tally: &Tally) -> Option<String> {
+    let result = (|| -> Result<String, postgres::Error> {
+        let mut tx = c.transaction()?;
+        let id: String = tx
+            .query_one(
+                "INSERT INTO render_jobs (status, output_url, prompt) VALUES ('completed', $1, 'history, saved at once') RETURNING id::text",
+                &[&url],
+            )?
+            .get(0);
+        tx.execute(
+            "INSERT INTO user_assets (asset_type, metadata, file_size) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text), 1)",
+            &[&id],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    })();
+    match result {
+        Ok(id) => Some(id),
+        Err(e) if sqlstate(&e) == "OC001" || sqlstate(&e) == "OC002" => {
+            tally.refused.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        Err(e) => {
+            tally.unexpected("render and save", &e);
+            None
         }
     }
 }
@@ -338,7 +391,7 @@ fn chaos_8_a_randomized_history_never_deletes_a_saved_file() {
     eprintln!("history seed {seed} (replay the generator's choices with HISTORY_SEED={seed})");
     let seconds = by_scale(25, 150) as u64;
     let apps = 4;
-    let keys = pool(by_scale(40, 120));
+    let keys = pool(by_scale(80, 200));
     let st = WorkerStage::new(
         "chaos_history",
         &[
@@ -352,8 +405,9 @@ fn chaos_8_a_randomized_history_never_deletes_a_saved_file() {
     for key in &keys {
         st.emu.upload("renders", key, b"history");
     }
-    st.emu
-        .set_faults(json!({"lost_response_rate": 0.05, "rate_500": 0.02, "latency_ms": 5}));
+    st.emu.set_faults(
+        json!({"lost_response_rate": 0.05, "rate_500": 0.02, "rate_429": 0.02, "latency_ms": 5}),
+    );
     let lease = 10;
     let spawn = |i: usize| {
         reaper_run(
@@ -461,6 +515,12 @@ fn chaos_8_a_randomized_history_never_deletes_a_saved_file() {
         }
         panic!("{text}");
     }
+    let claims = handouts(&mut c).len();
+    let committed = tally.committed.lock().unwrap().len();
+    assert!(
+        claims > 0 && committed > 0 && tally.refused.load(Ordering::Relaxed) > 0,
+        "history seed {seed}: the run must hand objects out, commit saves and refuse some ({claims} hand-outs, {committed} saves)"
+    );
     let deleted = st
         .emu
         .requests()
@@ -477,12 +537,12 @@ fn chaos_8_a_randomized_history_never_deletes_a_saved_file() {
                 keys.len()
             ),
             faults: format!(
-                "one reaper SIGSTOPped for {} s (past its lease) and resumed, the other `kill -9`ed and restarted ({restarts}); 5% of responses lost after the delete, 2% HTTP 500; a DBA cancelling rows ({}) and requeueing dead letters",
+                "one reaper SIGSTOPped for {} s (past its lease) and resumed, the other `kill -9`ed and restarted ({restarts}); 5% of responses lost after the delete, 2% HTTP 500, 2% HTTP 429; a DBA cancelling rows ({}) and requeueing dead letters",
                 lease + 2,
                 cancelled.load(Ordering::Relaxed)
             ),
             notes: format!(
-                "{} saves attempted: {} committed, {} refused (OC001), {} serialization failures retried; {} job writes refused (OC002: a saved job pointed at a handed-out object); {deleted} objects deleted by storage, each after a claim no committed save followed; every saved asset's object present",
+                "{} saves attempted: {} committed, {} refused (OC001), {} serialization failures retried; {} job writes refused (OC002: a saved job pointed at a handed-out object); {deleted} objects deleted by storage, each after a claim; no save committed while a hand-out of its object stood ({claims} hand-outs checked); every saved asset's object present",
                 tally.saves.load(Ordering::Relaxed),
                 tally.committed.lock().unwrap().len(),
                 tally.refused.load(Ordering::Relaxed),
@@ -502,7 +562,8 @@ fn check_history(c: &mut postgres::Client, emu: &Emulator, tally: &Tally) -> Vec
     for r in c
         .query(
             "SELECT DISTINCT j.id::text, orphan_cleanup.object_key(j.output_url)
-             FROM user_assets AS a JOIN render_jobs AS j ON j.id::text = a.metadata ->> 'render_job_id'
+             FROM user_assets AS a
+             JOIN render_jobs AS j ON j.id::text = orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id')
              WHERE j.output_url IS NOT NULL",
             &[],
         )
@@ -515,47 +576,45 @@ fn check_history(c: &mut postgres::Client, emu: &Emulator, tally: &Tally) -> Vec
             }
         }
     }
-    // 2. Every deleted object was handed out by a claim that no committed save followed.
-    let claims: BTreeMap<String, Vec<f64>> = c
-        .query(
-            "SELECT d.bucket || '/' || d.object_path, extract(epoch FROM a.at)::float8 * 1000
-             FROM orphan_cleanup.audit_log AS a JOIN orphan_cleanup.deletion_queue AS d ON d.id = a.queue_id
-             WHERE a.action = 'claimed'",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .fold(BTreeMap::new(), |mut m, r| {
-            m.entry(r.get::<_, String>(0)).or_insert_with(Vec::new).push(r.get(1));
-            m
-        });
-    let committed = tally.committed.lock().unwrap();
+    // 2a. Every deleted object was handed out by a claim before it was deleted.
+    let handouts = handouts(c);
     for entry in emu.requests() {
         let at = entry["unix_ms"].as_f64().unwrap_or(0.0);
         for object in entry["deleted_names"].as_array().into_iter().flatten() {
             let object = object.as_str().unwrap_or("").to_string();
-            let Some(claimed) = claims
-                .get(&object)
-                .and_then(|t| t.iter().copied().filter(|t| *t <= at).reduce(f64::max))
-            else {
+            if !handouts
+                .iter()
+                .any(|h| h.object == object && h.from_ms <= at)
+            {
                 problems.push((
                     object.clone(),
                     format!("{object} was deleted at {at:.0} without a claim before it"),
                 ));
-                continue;
-            };
-            for s in committed
-                .iter()
-                .filter(|s| s.object == object && s.began_ms > claimed)
-            {
-                problems.push((
-                    object.clone(),
-                    format!(
-                        "{object} was deleted at {at:.0}, handed out by a claim at {claimed:.0}, yet a save of job {} began at {:.0} and committed",
-                        s.job, s.began_ms
-                    ),
-                ));
             }
+        }
+    }
+    // 2b. No save committed while a hand-out of its object stood.
+    let committed = tally.committed.lock().unwrap();
+    for h in &handouts {
+        for s in committed.iter().filter(|s| {
+            s.object == h.object
+                && s.held_ms > h.from_ms
+                && h.until_ms.is_none_or(|u| s.held_ms < u)
+        }) {
+            problems.push((
+                h.object.clone(),
+                format!(
+                    "a save of job {} committed at {:.0}, while {} was handed out (row {}, claimed at {:.0}{})",
+                    s.job,
+                    s.held_ms,
+                    h.object,
+                    h.queue_id,
+                    h.from_ms,
+                    h.until_ms
+                        .map(|u| format!(", given back unsent at {u:.0}"))
+                        .unwrap_or_default()
+                ),
+            ));
         }
     }
     // 3. Every deletable orphan's object is gone: a completed, unsaved job whose URL the strict
@@ -586,6 +645,39 @@ fn check_history(c: &mut postgres::Client, emu: &Emulator, tally: &Tally) -> Vec
         }
     }
     problems
+}
+
+/// One hand-out: a claim of a queue row naming `object`, from its audit row until its holder gave
+/// it back saying nothing was sent (a release with "(nothing was sent)", or a refusal) before any
+/// later claim of the row.
+struct Handout {
+    object: String,
+    queue_id: i64,
+    from_ms: f64,
+    until_ms: Option<f64>,
+}
+
+fn handouts(c: &mut postgres::Client) -> Vec<Handout> {
+    c.query(
+        "SELECT d.bucket || '/' || d.object_path, a.queue_id, extract(epoch FROM a.at)::float8 * 1000,
+                (SELECT extract(epoch FROM min(e.at))::float8 * 1000 FROM orphan_cleanup.audit_log AS e
+                 WHERE e.queue_id = a.queue_id AND e.id > a.id AND e.action = 'released'
+                   AND (e.detail LIKE '%(nothing was sent)' OR e.detail LIKE 'refused by the reaper''s own allow-list%')
+                   AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.audit_log AS n
+                                   WHERE n.queue_id = a.queue_id AND n.action = 'claimed' AND n.id > a.id AND n.id < e.id))
+         FROM orphan_cleanup.audit_log AS a JOIN orphan_cleanup.deletion_queue AS d ON d.id = a.queue_id
+         WHERE a.action = 'claimed'",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| Handout {
+        object: r.get(0),
+        queue_id: r.get(1),
+        from_ms: r.get(2),
+        until_ms: r.get(3),
+    })
+    .collect()
 }
 
 /// What the database and storage recorded about one object.
