@@ -642,8 +642,12 @@ BEGIN
         PERFORM orphan_cleanup._own_job_writer(att.jobs_oid);
         BEGIN
             PERFORM orphan_cleanup._write_jobs(att.jobs_oid, mode, v_jids);
-            UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done
-              FROM unnest(v_qids) AS k(id) WHERE d.id = k.id;
+            WITH done AS (
+                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done
+                  FROM unnest(v_qids) AS k(id) WHERE d.id = k.id
+                RETURNING d.id, d.job_id, d.output_url)
+            INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+            SELECT 'job_cleanup', x.job_id, x.id, x.output_url, actor, v_done FROM done AS x;
         EXCEPTION WHEN OTHERS THEN
             NULL;  -- some row cannot be cleaned up this way (a foreign key): the loop below says which
         END;
@@ -657,6 +661,8 @@ BEGIN
             BEGIN
                 PERFORM orphan_cleanup._write_jobs(att.jobs_oid, mode, ARRAY[r.jid]);
                 UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done WHERE d.id = r.qid;
+                INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
+                VALUES ('job_cleanup', r.jid, r.qid, r.output_url, actor, v_done);
             EXCEPTION WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
                 BEGIN

@@ -96,6 +96,12 @@ fn claim_then_confirm_deleted_and_absent_cleans_up_job_rows() {
         .unwrap()
         .get(0);
     assert_eq!(audited, 4);
+    // The app's job rows it deleted are audited too, one row each.
+    let cleaned: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'job_cleanup' AND detail = 'job row deleted' AND actor = 'w1'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(cleaned, 4);
     // Confirming again is harmless and says why nothing happened.
     let res = results(
         c.query(
