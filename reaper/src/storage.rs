@@ -72,7 +72,10 @@ impl std::fmt::Debug for StorageClient {
 
 impl StorageClient {
     pub fn new(base: url::Url, key: ServiceKey, timeout: Duration) -> StorageClient {
+        // No redirects: reqwest would follow one to another host with the custom `apikey`
+        // header (it strips only Authorization), and re-send the delete there.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .pool_max_idle_per_host(64)
             .user_agent(concat!(
@@ -112,6 +115,9 @@ impl StorageClient {
             .json(&serde_json::json!({ "prefixes": names }));
         let response = req.send().await.map_err(transport)?;
         let http = response.status().as_u16();
+        if response.status().is_redirection() {
+            return Err(redirected(http, response.headers()));
+        }
         let body = response.bytes().await.map_err(transport)?;
         if http == 200 {
             let items: Vec<Value> = serde_json::from_slice(&body).map_err(|e| {
@@ -151,6 +157,9 @@ impl StorageClient {
             .body(bytes);
         let response = req.send().await.map_err(transport)?;
         let http = response.status().as_u16();
+        if response.status().is_redirection() {
+            return Err(redirected(http, response.headers()));
+        }
         let body = response.bytes().await.map_err(transport)?;
         if http == 200 {
             Ok(())
@@ -170,6 +179,25 @@ fn transport(e: reqwest::Error) -> StorageError {
     };
     // reqwest errors carry the URL, never headers: no key can leak through them.
     StorageError::Retryable(format!("{kind}: {e}"))
+}
+
+/// A redirect is never followed: it would carry the key and the delete to wherever it points.
+/// It says the reaper's SUPABASE_URL is not the storage server itself (a proxy in between, a
+/// moved project, a host someone else controls), which no retry can fix.
+fn redirected(http: u16, headers: &reqwest::header::HeaderMap) -> StorageError {
+    let location = headers
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(object_url::redact)
+        .unwrap_or_else(|| "nowhere (no Location header)".into());
+    StorageError::Config {
+        http,
+        status: http.to_string(),
+        code: "Redirect".into(),
+        message: format!(
+            "storage answered with a redirect to {location}; the reaper follows no redirects (the key and the delete would go there): set SUPABASE_URL to the address that answers itself"
+        ),
+    }
 }
 
 /// Classifies an error response by HTTP status and by the `statusCode` string in its body.

@@ -31,6 +31,9 @@ pub struct Faults {
     pub spike_ms: u64,
     /// After this many object requests, every further one fails with HTTP 500.
     pub fail_after: Option<u64>,
+    /// Every object request is answered `302 Found` with this `Location` (the same path under
+    /// it): what a misconfigured proxy, a moved project or a hostile middlebox does.
+    pub redirect_to: Option<String>,
 }
 
 pub struct FaultState {
@@ -45,6 +48,8 @@ pub enum Verdict {
     ProceedThenHang,
     Fail(ApiError),
     Hang,
+    /// Answer `302 Found` with `Location: <base><path>`.
+    Redirect(String),
 }
 
 impl FaultState {
@@ -74,6 +79,9 @@ impl FaultState {
         }
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if let Some(base) = f.redirect_to {
+            return Verdict::Redirect(base);
         }
         if f.fail_after.is_some_and(|limit| n > limit) {
             return Verdict::Fail(internal());

@@ -151,6 +151,14 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
             next.run(req).await
         }
         Verdict::Fail(e) => e.into_response(),
+        Verdict::Redirect(base) => (
+            StatusCode::FOUND,
+            [(
+                axum::http::header::LOCATION,
+                format!("{}{}", base.trim_end_matches('/'), path),
+            )],
+        )
+            .into_response(),
         Verdict::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()

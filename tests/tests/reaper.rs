@@ -1256,3 +1256,40 @@ fn seq14_a_reaper_that_storage_refuses_leaves_every_job_savable() {
         save(&mut c, "generated_saved", j).expect("the file is still there: the save commits");
     }
 }
+
+/// Issue 12, finding 2: reqwest followed redirects across hosts, re-sending the delete with the
+/// `apikey` header. Now a redirect is a configuration error that names where it pointed, and
+/// nothing reaches the other host.
+#[test]
+fn a_redirect_is_never_followed_and_is_named() {
+    let w = world("reaper_redirect", 10, &[]);
+    let mut c = w.db.client();
+    let elsewhere = Emulator::start();
+    w.emu.set_faults(json!({ "redirect_to": elsewhere.base }));
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("CONFIGURATION ERROR")
+            && text.contains(&format!("a redirect to {}", elsewhere.base))
+            && text.contains("follows no redirects"),
+        "{text}"
+    );
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the redirect's target got: {:?}",
+        elsewhere.requests()
+    );
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
+    assert_eq!(max_attempts_seen(&mut c), 0);
+    assert_eq!(w.emu.objects().len(), 10 + w.keep.len());
+    // The start-up probe is refused the same way, before any claim.
+    let out = reaper(&w.db.name, &w.emu, &["drain"]).run();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("probe") && text.contains("follows no redirects"),
+        "{text}"
+    );
+    assert!(elsewhere.requests().is_empty());
+}
