@@ -125,14 +125,7 @@ impl StorageClient {
                     "HTTP 200 with a body that is not a JSON array: {e}"
                 ))
             })?;
-            let mut deleted = Deleted::default();
-            for item in items {
-                if let Some(name) = item.get("name").and_then(Value::as_str) {
-                    let size = item.pointer("/metadata/size").and_then(Value::as_u64);
-                    deleted.names.insert(name.to_string(), size);
-                }
-            }
-            return Ok(deleted);
+            return deleted_objects(bucket, names, &items);
         }
         Err(classify(http, &body))
     }
@@ -179,6 +172,57 @@ fn transport(e: reqwest::Error) -> StorageError {
     };
     // reqwest errors carry the URL, never headers: no key can leak through them.
     StorageError::Retryable(format!("{kind}: {e}"))
+}
+
+/// What a `200` answer to a bulk delete of `names` in `bucket` says was deleted, if it can be
+/// believed: every item must be an object (a JSON object with a string `name`) of that bucket
+/// (`bucket_id`), and one of the names sent. Any other answer (bare strings, another bucket's
+/// objects, names never asked for) comes from something that is not this project's storage
+/// doing the work: a proxy, a cache, another server. Believing it would confirm every name it
+/// leaves out as already absent, deleting job rows whose files stay in storage for good. It is
+/// a configuration error instead, and the rows go back.
+fn deleted_objects(
+    bucket: &str,
+    names: &[String],
+    items: &[Value],
+) -> Result<Deleted, StorageError> {
+    let unverifiable = |i: usize, why: String| {
+        StorageError::Config {
+        http: 200,
+        status: "200".into(),
+        code: "UnverifiableAnswer".into(),
+        message: format!(
+            "item {i} of the answer {why}, so the answer cannot be believed and nothing is confirmed; \
+             is SUPABASE_URL this project's storage itself (no proxy or cache answering for it)?"
+        ),
+    }
+    };
+    let sent: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+    let mut deleted = Deleted::default();
+    for (i, item) in items.iter().enumerate() {
+        let Some(name) = item.get("name").and_then(Value::as_str) else {
+            return Err(unverifiable(i, "is not an object with a name".into()));
+        };
+        match item.get("bucket_id").and_then(Value::as_str) {
+            Some(b) if b == bucket => {}
+            Some(b) => {
+                return Err(unverifiable(
+                    i,
+                    format!("is an object of bucket {b:?}, not {bucket:?}"),
+                ))
+            }
+            None => return Err(unverifiable(i, "names no bucket_id".into())),
+        }
+        if !sent.contains(name) {
+            return Err(unverifiable(
+                i,
+                format!("names {name:?}, which was not asked for"),
+            ));
+        }
+        let size = item.pointer("/metadata/size").and_then(Value::as_u64);
+        deleted.names.insert(name.to_string(), size);
+    }
+    Ok(deleted)
 }
 
 /// A redirect is never followed: it would carry the key and the delete to wherever it points.
@@ -275,6 +319,26 @@ mod tests {
             classify(429, br#"{"statusCode":"429","code":"SlowDown"}"#),
             StorageError::Overload { .. }
         ));
+        // A 200 answer is believed only when every item is an object of the bucket, asked for.
+        let names = vec!["a.png".to_string(), "b.png".to_string()];
+        let ok = deleted_objects("renders", &names, &[serde_json::json!({"name": "a.png", "bucket_id": "renders", "metadata": {"size": 3}})]).unwrap();
+        assert_eq!(ok.names.get("a.png"), Some(&Some(3)));
+        for bad in [
+            serde_json::json!("a.png"),
+            serde_json::json!({"name": "a.png"}),
+            serde_json::json!({"name": "a.png", "bucket_id": "other"}),
+            serde_json::json!({"name": "c.png", "bucket_id": "renders"}),
+        ] {
+            let e = deleted_objects("renders", &names, &[bad.clone()]).unwrap_err();
+            assert!(
+                matches!(e, StorageError::Config { http: 200, .. }),
+                "{bad}: {e:?}"
+            );
+            assert!(
+                !e.deleted_nothing(),
+                "an answer we cannot believe proves nothing"
+            );
+        }
         // Only a refused key or a refused body proves that nothing was deleted.
         let refused_key = classify(400, br#"{"statusCode":"403","error":"Unauthorized","code":"AccessDenied","message":"invalid signature"}"#);
         assert!(refused_key.deleted_nothing(), "{refused_key:?}");

@@ -34,6 +34,9 @@ pub struct Faults {
     /// Every object request is answered `302 Found` with this `Location` (the same path under
     /// it): what a misconfigured proxy, a moved project or a hostile middlebox does.
     pub redirect_to: Option<String>,
+    /// Every bulk delete is answered `200` with this body, and nothing is deleted: a server,
+    /// proxy or cache that answers without doing the work (the answer the reaper must not believe).
+    pub bulk_answer: Option<serde_json::Value>,
 }
 
 pub struct FaultState {

@@ -159,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
                 spike_ms,
                 fail_after,
                 redirect_to: None,
+                bulk_answer: None,
             };
             let mut opaque = std::collections::HashMap::new();
             if let Some(k) = secret_key {

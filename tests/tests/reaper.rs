@@ -1293,3 +1293,43 @@ fn a_redirect_is_never_followed_and_is_named() {
     );
     assert!(elsewhere.requests().is_empty());
 }
+
+/// Issue 12, finding 1 (its first fix): any `200` JSON array was believed. Items that were not
+/// objects were skipped, `bucket_id` never checked, so every name sent was confirmed `absent`
+/// and its job row deleted while the file stayed in storage for good. Now such an answer is a
+/// configuration error and the rows go back, their job rows untouched.
+#[test]
+fn a_200_answer_that_is_not_this_buckets_objects_is_not_believed() {
+    let w = world("reaper_unverifiable", 10, &[]);
+    let mut c = w.db.client();
+    let jobs = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM render_jobs WHERE output_url LIKE '%/o/%'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    for answer in [
+        json!(["o/1 render.png", "o/2 render.png"]),
+        json!([{ "name": "o/1 render.png", "bucket_id": "avatars" }]),
+        json!([{ "name": "something/else.png", "bucket_id": "renders" }]),
+    ] {
+        w.emu.set_faults(json!({ "bulk_answer": answer }));
+        let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{answer}: {text}");
+        assert!(
+            text.contains("CONFIGURATION ERROR") && text.contains("cannot be believed"),
+            "{answer}: {text}"
+        );
+        assert_eq!(states(&mut c), vec![("pending".to_string(), 10)], "{answer}");
+        assert_eq!(jobs(&mut c), 10, "{answer}: no job row deleted");
+        assert_eq!(w.emu.objects().len(), 10 + w.keep.len());
+    }
+    // Storage answering for itself again: the same reaper drains everything.
+    w.emu.set_faults(json!({}));
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 10)]);
+}
