@@ -26,7 +26,6 @@
 -- the fence), at REPEATABLE READ it fails with 40001.
 -- A queue row that was never handed out is rescued by the save (retired in its transaction).
 
--- Writes the fence row of a job (see job_fences).
 -- The object a job's URL names for protection (object_key(), read leniently: a spelling the
 -- strict parser refuses still names the object it could mean), as bucket and path.
 CREATE FUNCTION orphan_cleanup._object_of(url text, OUT bucket text, OUT object_path text)
@@ -36,6 +35,7 @@ BEGIN ATOMIC
     FROM (SELECT orphan_cleanup.object_key(url) AS key) AS k;
 END;
 
+-- Writes the fence row of a job (see job_fences).
 CREATE FUNCTION orphan_cleanup._fence_job(p_job uuid) RETURNS void
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
@@ -467,7 +467,6 @@ BEGIN
 END
 $$;
 
--- Removes what attach() added. The queue and the history stay; cycles and claims stop.
 -- Refuses to go on while reapers hold claims (`what` says who asks): without the guards a save
 -- of a job whose file a reaper is deleting right now would commit. The tables are locked first
 -- (SHARE ROW EXCLUSIVE): a claim in flight holds ROW EXCLUSIVE on them from its start, so this
@@ -526,6 +525,7 @@ BEGIN
 END
 $$;
 
+-- Removes what attach() added. The queue and the history stay; cycles and claims stop.
 CREATE FUNCTION orphan_cleanup.detach() RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$

@@ -775,7 +775,6 @@ BEGIN
            SET handouts = greatest(o.handouts - l.n, 0), touched_at = now()
           FROM locked AS l
          WHERE o.bucket = l.bucket AND o.object_path = l.object_path
-        RETURNING o.bucket
     )
     UPDATE orphan_cleanup.deletion_queue AS d
        SET claim_count = d.claim_count - 1

@@ -91,9 +91,9 @@ pub enum Sent {
     /// that nothing was deleted): the objects stay handed out, and no job naming them can be
     /// saved.
     Maybe,
-    /// No delete of these rows was sent, or storage refused the request as a whole with an
-    /// HTTP 4xx answer (it authenticates and validates a request before deleting anything).
-    /// The objects count as never handed out: saves of jobs naming them go through again.
+    /// No delete of these rows was sent, or storage's answer proves that nothing was deleted
+    /// (a refused key or body: [`crate::storage::StorageError::deleted_nothing`]). The objects
+    /// count as never handed out: saves of jobs naming them go through again.
     Nothing,
 }
 

@@ -113,11 +113,8 @@ impl StorageClient {
         let req = self
             .authorized(self.http.delete(url))
             .json(&serde_json::json!({ "prefixes": names }));
-        let response = req.send().await.map_err(transport)?;
+        let response = send(req).await?;
         let http = response.status().as_u16();
-        if response.status().is_redirection() {
-            return Err(redirected(http, response.headers()));
-        }
         let body = response.bytes().await.map_err(transport)?;
         if http == 200 {
             let items: Vec<Value> = serde_json::from_slice(&body).map_err(|e| {
@@ -148,11 +145,8 @@ impl StorageClient {
             .header("x-upsert", "true")
             .header("content-type", "text/plain")
             .body(bytes);
-        let response = req.send().await.map_err(transport)?;
+        let response = send(req).await?;
         let http = response.status().as_u16();
-        if response.status().is_redirection() {
-            return Err(redirected(http, response.headers()));
-        }
         let body = response.bytes().await.map_err(transport)?;
         if http == 200 {
             Ok(())
@@ -223,6 +217,15 @@ fn deleted_objects(
         deleted.names.insert(name.to_string(), size);
     }
     Ok(deleted)
+}
+
+/// Sends a request, refusing a redirect as an answer (the client follows none).
+async fn send(req: reqwest::RequestBuilder) -> Result<reqwest::Response, StorageError> {
+    let response = req.send().await.map_err(transport)?;
+    if response.status().is_redirection() {
+        return Err(redirected(response.status().as_u16(), response.headers()));
+    }
+    Ok(response)
 }
 
 /// A redirect is never followed: it would carry the key and the delete to wherever it points.
@@ -329,7 +332,7 @@ mod tests {
             serde_json::json!({"name": "a.png", "bucket_id": "other"}),
             serde_json::json!({"name": "c.png", "bucket_id": "renders"}),
         ] {
-            let e = deleted_objects("renders", &names, &[bad.clone()]).unwrap_err();
+            let e = deleted_objects("renders", &names, std::slice::from_ref(&bad)).unwrap_err();
             assert!(
                 matches!(e, StorageError::Config { http: 200, .. }),
                 "{bad}: {e:?}"

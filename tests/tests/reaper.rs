@@ -1323,7 +1323,11 @@ fn a_200_answer_that_is_not_this_buckets_objects_is_not_believed() {
             text.contains("CONFIGURATION ERROR") && text.contains("cannot be believed"),
             "{answer}: {text}"
         );
-        assert_eq!(states(&mut c), vec![("pending".to_string(), 10)], "{answer}");
+        assert_eq!(
+            states(&mut c),
+            vec![("pending".to_string(), 10)],
+            "{answer}"
+        );
         assert_eq!(jobs(&mut c), 10, "{answer}: no job row deleted");
         assert_eq!(w.emu.objects().len(), 10 + w.keep.len());
     }
