@@ -25,7 +25,8 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.release(text, bigint[], text),
     orphan_cleanup.refuse(text, bigint[], text),
     orphan_cleanup.peek(integer),
-    orphan_cleanup.queue_status()
+    orphan_cleanup.queue_status(),
+    orphan_cleanup.verifies_absence()
 TO orphan_cleanup_reaper;
 
 -- One row per call: without this the planner assumes 1000 and overestimates every cycle and

@@ -1059,6 +1059,44 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup.verifies_absence() RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN pg_catalog.to_regclass('storage.objects') IS NOT NULL
+       AND pg_catalog.has_table_privilege('storage.objects', 'SELECT');
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._still_stored(ids bigint[]) RETURNS bigint[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_current text := '';
+    v_ids bigint[];
+BEGIN
+    IF NOT orphan_cleanup.verifies_absence() OR coalesce(cardinality(ids), 0) = 0 THEN
+        RETURN '{}';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'storage.objects'::regclass
+               AND attname = 'is_delete_marker' AND NOT attisdropped) THEN
+        v_current := v_current || ' AND NOT o.is_delete_marker';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'storage.objects'::regclass
+               AND attname = 'archived_at' AND NOT attisdropped) THEN
+        v_current := v_current || ' AND o.archived_at IS NULL';
+    END IF;
+    EXECUTE format($sql$
+        SELECT array_agg(d.id) FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.id = ANY ($1)
+          AND EXISTS (SELECT 1 FROM storage.objects AS o
+                      WHERE o.bucket_id = d.bucket AND o.name = d.object_path %s)
+        $sql$, v_current)
+    INTO v_ids USING ids;
+    RETURN coalesce(v_ids, '{}');
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup.confirm(worker text, lease_token text, ids bigint[], outcome text)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -1066,6 +1104,7 @@ AS $$
 DECLARE
     v_lease bytea;
     v_done bigint[];
+    v_stored bigint[];
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
     v_lease := orphan_cleanup._lease_hash(lease_token);
@@ -1076,11 +1115,13 @@ BEGIN
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    v_stored := orphan_cleanup._still_stored(ids);
     WITH mine AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL, lease_hash = NULL,
                job_cleanup = 'pending'
          WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
+           AND d.id <> ALL (v_stored)
         RETURNING d.id, d.job_id, d.output_url
     ),
     audited AS (
@@ -1093,6 +1134,10 @@ BEGIN
     RETURN QUERY
     SELECT i.id,
            CASE WHEN i.id = ANY (v_done) THEN 'confirmed'
+                WHEN i.id = ANY (v_stored) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
+                THEN format('not confirmed: still in storage.objects (%s/%s): storage answered %s without deleting it',
+                            d.bucket, d.object_path,
+                            CASE outcome WHEN 'deleted' THEN 'that it deleted it' ELSE 'that it was already absent' END)
                 ELSE 'not confirmed: ' || orphan_cleanup._not_held(d, worker, v_lease)
            END
     FROM unnest(ids) WITH ORDINALITY AS i(id, n)
@@ -2543,7 +2588,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.job_guard(),
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text),
-    orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text)
+    orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
+    orphan_cleanup.verifies_absence(),
+    orphan_cleanup._still_stored(bigint[])
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
@@ -2552,5 +2599,6 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
     orphan_cleanup.refuse(text, text, bigint[], text),
-    orphan_cleanup.queue_status()
+    orphan_cleanup.queue_status(),
+    orphan_cleanup.verifies_absence()
 TO orphan_cleanup_reaper;

@@ -88,6 +88,15 @@ pub struct RunArgs {
     /// stops (drain). A blast-radius limit beside the extension's circuit breaker. Default: none.
     #[arg(long, env = "REAPER_MAX_DELETES_PER_HOUR")]
     pub max_deletes_per_hour: Option<u64>,
+    /// Names storage may report "already absent" in a row, with nothing deleted, before the
+    /// reaper stops believing it and gives the rows back (a key that cannot delete, a proxy that
+    /// answers for storage). Applies only where the database cannot check storage.objects.
+    #[arg(long, env = "REAPER_MAX_ABSENT_RUN", default_value_t = 2000)]
+    pub max_absent_run: u64,
+    /// Allow an http:// SUPABASE_URL to a host other than this machine: the key then crosses
+    /// the network in cleartext. Only for a network you trust (a private link, a sidecar).
+    #[arg(long, env = "REAPER_ALLOW_PLAIN_HTTP")]
+    pub allow_plain_http: bool,
     /// This reaper's id in the queue (default: host:pid:random, since containers all run as pid 1).
     #[arg(long, env = "REAPER_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -178,6 +187,7 @@ pub struct Settings {
     pub poll_interval: Duration,
     pub worker_id: String,
     pub max_deletes_per_hour: Option<u64>,
+    pub max_absent_run: u64,
     pub dry_run: bool,
     pub probe: bool,
     pub metrics_addr: Option<SocketAddr>,
@@ -213,6 +223,16 @@ pub fn database_url(db: &DbArgs) -> Result<String, ConfigError> {
     Ok(url)
 }
 
+/// Whether a URL's host is this machine (localhost, 127.0.0.0/8, ::1).
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 impl TempArgs {
     pub fn settings(&self) -> Result<Option<TempSettings>, ConfigError> {
         let Some(dir) = &self.temp_dir else {
@@ -225,10 +245,26 @@ impl TempArgs {
                 "point it at an existing directory",
             ));
         }
+        let max_age = parse_duration("--temp-max-age", &self.temp_max_age)?;
+        if max_age.is_zero() {
+            return Err(invalid(
+                "--temp-max-age",
+                self.temp_max_age.clone(),
+                "use e.g. 1h: 0 would remove files that are being written",
+            ));
+        }
+        let interval = parse_duration("--temp-interval", &self.temp_interval)?;
+        if interval.is_zero() {
+            return Err(invalid(
+                "--temp-interval",
+                self.temp_interval.clone(),
+                "use e.g. 1h: 0 would sweep without pause",
+            ));
+        }
         Ok(Some(TempSettings {
             dir: dir.clone(),
-            max_age: parse_duration("--temp-max-age", &self.temp_max_age)?,
-            interval: parse_duration("--temp-interval", &self.temp_interval)?,
+            max_age,
+            interval,
         }))
     }
 }
@@ -265,6 +301,13 @@ impl RunArgs {
                 "use e.g. https://abcd.supabase.co",
             )
         })?;
+        if base.scheme() == "http" && !is_loopback(&base) && !self.allow_plain_http {
+            return Err(invalid(
+                "SUPABASE_URL",
+                format!("http://{host} is not this machine, and the key would cross the network in cleartext"),
+                "use the https:// URL, or pass --allow-plain-http if the network to it is private and trusted",
+            ));
+        }
         let path = base.path().trim_end_matches('/');
         if !(path.is_empty() || path == "/storage/v1") {
             return Err(invalid(
@@ -381,6 +424,13 @@ impl RunArgs {
                 "use e.g. 10s",
             ));
         }
+        if self.max_absent_run == 0 {
+            return Err(invalid(
+                "--max-absent-run",
+                "0",
+                "use at least 1 (the default is 2000): a run of \"already absent\" answers is how a key that deletes nothing shows",
+            ));
+        }
         if self.max_deletes_per_hour == Some(0) {
             return Err(invalid(
                 "--max-deletes-per-hour",
@@ -417,6 +467,7 @@ impl RunArgs {
             poll_interval,
             worker_id,
             max_deletes_per_hour: self.max_deletes_per_hour,
+            max_absent_run: self.max_absent_run,
             dry_run: self.dry_run,
             probe: !self.no_probe,
             metrics_addr: self.metrics_addr,

@@ -133,11 +133,13 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     }
     let summary = reaper.drain(mode).await?;
     println!("{summary}");
-    Ok(if summary.config_error.is_some() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(
+        if summary.config_error.is_some() || summary.outage.is_some() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 /// A progress bar on a terminal, plain lines otherwise.

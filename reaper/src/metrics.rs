@@ -27,6 +27,10 @@ pub struct Metrics {
     pub config_error: Gauge,
     /// 1 while storage asks the reaper to slow down.
     pub overloaded: Gauge,
+    /// The bulk limit storage answered with, when lower than --batch-size (0: none seen).
+    pub bulk_limit: Gauge,
+    /// 1 while storage cannot be reached or answers nothing usable (an outage).
+    pub storage_unreachable: Gauge,
     /// 1 while many deletes in a row found nothing: a key that silently deletes nothing?
     pub nothing_deleted: Gauge<i64, AtomicI64>,
     /// 1 while --max-deletes-per-hour holds the reaper back.
@@ -78,10 +82,22 @@ impl Metrics {
             "1 while storage asks the reaper to slow down",
             overloaded.clone(),
         );
+        let bulk_limit = Gauge::default();
+        registry.register(
+            "bulk_limit",
+            "Names per bulk delete that storage said it accepts, when fewer than --batch-size (0: none seen)",
+            bulk_limit.clone(),
+        );
+        let storage_unreachable = Gauge::default();
+        registry.register(
+            "storage_unreachable",
+            "1 while storage cannot be reached or answers nothing usable; rows wait with no attempt counted",
+            storage_unreachable.clone(),
+        );
         let nothing_deleted = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "nothing_deleted_suspected",
-            "1 while many deletes in a row found nothing to delete",
+            "1 while storage reports names already absent, with nothing deleted, past --max-absent-run (not believed)",
             nothing_deleted.clone(),
         );
         let held_back = Gauge::default();
@@ -111,6 +127,8 @@ impl Metrics {
             last_success,
             config_error,
             overloaded,
+            storage_unreachable,
+            bulk_limit,
             nothing_deleted,
             held_back,
             unserved,

@@ -152,6 +152,8 @@ impl Claimed {
 pub struct Queue {
     client: Client,
     worker: String,
+    /// Whether confirm() checks every reported deletion against storage.objects here.
+    verifies_absence: bool,
     closed: Arc<AtomicBool>,
     notified: Arc<Notify>,
 }
@@ -199,12 +201,23 @@ impl Queue {
         if listen {
             client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         }
+        let verifies_absence = client
+            .query_one("SELECT orphan_cleanup.verifies_absence()", &[])
+            .await?
+            .get(0);
         Ok(Queue {
             client,
             worker: worker.to_string(),
+            verifies_absence,
             closed,
             notified,
         })
+    }
+
+    /// Whether this database checks what storage reports deleted or absent against
+    /// storage.objects (a Supabase database): then an "already absent" answer is verified there.
+    pub fn verifies_absence(&self) -> bool {
+        self.verifies_absence
     }
 
     pub fn is_closed(&self) -> bool {

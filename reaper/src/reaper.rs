@@ -49,8 +49,12 @@ pub struct Summary {
     pub bytes: u64,
     /// Set when storage refused the reaper's configuration: `drain` exits non-zero.
     pub config_error: Option<String>,
+    /// Set when storage could not be reached at all: `drain` stops and exits non-zero.
+    pub outage: Option<String>,
     /// Set when --max-deletes-per-hour (this value) stopped the drain or holds the daemon back.
     pub held_back: Option<u64>,
+    /// The bulk limit storage answered with, when lower than --batch-size.
+    pub bulk_limit: Option<usize>,
 }
 
 impl std::fmt::Display for Summary {
@@ -66,6 +70,12 @@ impl std::fmt::Display for Summary {
         if self.late > 0 {
             write!(f, ", not sent (lease too close to expiry) {}", self.late)?;
         }
+        if let Some(n) = self.bulk_limit {
+            write!(
+                f,
+                "\nstorage limits bulk deletes to {n} names per request: set --batch-size {n}"
+            )?;
+        }
         if let Some(max) = self.held_back {
             write!(
                 f,
@@ -75,15 +85,18 @@ impl std::fmt::Display for Summary {
         if let Some(e) = &self.config_error {
             write!(f, "\nCONFIGURATION ERROR: {e}")?;
         }
+        if let Some(e) = &self.outage {
+            write!(
+                f,
+                "\nSTORAGE UNREACHABLE: {e}; the rows were given back with no attempt counted"
+            )?;
+        }
         Ok(())
     }
 }
 
 /// How often an idle reaper reads queue_status() for its metrics.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
-
-/// Names in a row that found nothing to delete, before the reaper suspects its key.
-const SUSPICIOUS_ABSENT_RUN: u64 = 5000;
 
 pub struct Reaper {
     pub settings: Settings,
@@ -95,6 +108,8 @@ pub struct Reaper {
     pub storage_ok: AtomicBool,
     summary: Mutex<Summary>,
     absent_run: Mutex<u64>,
+    /// Names per bulk request: --batch-size, or less once storage says its limit is lower.
+    bulk_limit: std::sync::atomic::AtomicUsize,
     /// When queue_status() was last read for the metrics (it scans the ready rows).
     status_read: Mutex<Option<Instant>>,
     progress: Option<ProgressFn>,
@@ -105,9 +120,14 @@ pub struct Reaper {
 type ProgressFn = Box<dyn Fn(&Summary) + Send + Sync>;
 
 /// What one bulk request came to.
+#[derive(Clone)]
 enum ChunkResult {
     Done(crate::storage::Deleted),
     Failed(StorageError),
+    /// Only a request carrying this one row's name fails, while storage handles the others.
+    Isolated(StorageError),
+    /// Storage does not answer at all: no row is at fault.
+    Outage(StorageError),
     NotSent,
     /// Not sent: the batch's lease could run out before the request ends.
     Late,
@@ -151,6 +171,7 @@ impl Reaper {
         let limit = settings
             .max_deletes_per_hour
             .map(|max| Mutex::new(HourlyLimit::new(max)));
+        let batch_size = settings.batch_size;
         Reaper {
             settings,
             storage,
@@ -160,6 +181,7 @@ impl Reaper {
             storage_ok: AtomicBool::new(false),
             summary: Mutex::new(Summary::default()),
             absent_run: Mutex::new(0),
+            bulk_limit: std::sync::atomic::AtomicUsize::new(batch_size),
             status_read: Mutex::new(None),
             progress: None,
             limit,
@@ -338,6 +360,7 @@ impl Reaper {
                     cooldown.reset();
                     self.metrics.overloaded.set(0);
                     self.metrics.config_error.set(0);
+                    self.metrics.storage_unreachable.set(0);
                 }
                 Trouble::Config(message) => {
                     self.metrics.config_error.set(1);
@@ -348,7 +371,7 @@ impl Reaper {
                     }
                     let wait = cooldown.next_delay();
                     tracing::error!(error = %message, retry_in_s = wait.as_secs_f64(),
-                        "storage refuses this reaper's configuration; claims released, no attempts counted; fix SUPABASE_URL or the key");
+                        "storage refuses this reaper's configuration, or answers what cannot be believed; claims released, no attempts counted");
                     self.sleep(wait).await;
                 }
                 Trouble::Overload => {
@@ -358,6 +381,18 @@ impl Reaper {
                         retry_in_s = wait.as_secs_f64(),
                         "storage is overloaded; slowing down"
                     );
+                    self.sleep(wait).await;
+                }
+                Trouble::Outage(message) => {
+                    self.metrics.storage_unreachable.set(1);
+                    self.storage_ok.store(false, Ordering::SeqCst);
+                    if mode == Mode::Drain {
+                        self.summary.lock().unwrap().outage = Some(message);
+                        break;
+                    }
+                    let wait = cooldown.next_delay();
+                    tracing::error!(error = %message, retry_in_s = wait.as_secs_f64(),
+                        "storage is unreachable or answers nothing usable; rows released with no attempt counted, backing off");
                     self.sleep(wait).await;
                 }
             }
@@ -538,118 +573,292 @@ impl Reaper {
         // 2. Bulk deletes, several in flight.
         let mut chunks: Vec<(String, Vec<Claimed>)> = Vec::new();
         for (bucket, rows) in by_bucket {
-            for chunk in rows.chunks(self.settings.batch_size) {
+            for chunk in rows.chunks(self.bulk_limit.load(Ordering::SeqCst)) {
                 chunks.push((bucket.clone(), chunk.to_vec()));
             }
         }
         let results: Vec<(Vec<Claimed>, ChunkResult)> = futures::stream::iter(chunks)
-            .map(|(bucket, rows)| async move {
-                if self.shutdown.is_cancelled() {
-                    return (rows, ChunkResult::NotSent);
-                }
-                if Instant::now() >= send_by {
-                    return (rows, ChunkResult::Late);
-                }
-                let names: Vec<String> =
-                    rows.iter().filter_map(|r| r.object_path.clone()).collect();
-                let started = Instant::now();
-                let result = self.storage.bulk_delete(&bucket, &names).await;
-                self.metrics
-                    .batch_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                match result {
-                    Ok(d) => (rows, ChunkResult::Done(d)),
-                    Err(e) => (rows, ChunkResult::Failed(e)),
-                }
-            })
+            .map(|(bucket, rows)| async move { self.delete_chunk(&bucket, rows, send_by).await })
             .buffer_unordered(self.settings.concurrency)
-            .collect()
-            .await;
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
 
-        // 3. Record the outcome of every row.
-        let mut deleted_ids = Vec::new();
-        let mut absent_ids = Vec::new();
-        let mut release_ids = Vec::new();
-        let mut late_ids = Vec::new();
-        let mut release_with_reason: HashMap<(String, Sent), Vec<i64>> = HashMap::new();
-        let mut retry: HashMap<String, Vec<i64>> = HashMap::new();
-        let mut bytes = 0u64;
-        let mut trouble = Trouble::None;
-        for (rows, result) in results {
-            match result {
-                ChunkResult::Done(d) => {
-                    for row in rows {
-                        let name = row.object_path.clone().unwrap_or_default();
-                        match d.names.get(&name) {
-                            Some(size) => {
-                                bytes += size.unwrap_or(0);
-                                deleted_ids.push(row.id);
-                            }
-                            None => absent_ids.push(row.id),
+        // 3. What the answers say about every row, checked before anything is recorded.
+        let mut out = Outcomes::sort(results);
+        if out.answered {
+            self.storage_ok.store(true, Ordering::SeqCst);
+            self.metrics.last_success.set(unix_now());
+        }
+        self.believe_absent(q, &mut out);
+
+        // 4. Record it.
+        let stored = self.record_confirms(q, lease, &mut out).await?;
+        let (mut failed, mut dead) = self.record_failures(q, lease, &out.retry, true).await?;
+        let (f, d) = self.record_failures(q, lease, &out.dead, false).await?;
+        failed += f;
+        dead += d;
+        let mut released = q
+            .release(lease, Some(&out.release_ids), None, Sent::Nothing)
+            .await?;
+        if !out.late_ids.is_empty() {
+            let overdue = Instant::now().saturating_duration_since(send_by);
+            tracing::warn!(rows = out.late_ids.len(), overdue_s = overdue.as_secs_f64(),
+                "rows not sent: their lease too close to expiry (did this reaper stall?); given back unsent");
+            let reason = format!(
+                "not sent: the lease was too close to expiry ({:.1} s past this reaper's deadline for sending; it stalled)",
+                overdue.as_secs_f64()
+            );
+            released += q
+                .release(lease, Some(&out.late_ids), Some(&reason), Sent::Nothing)
+                .await?;
+        }
+        for ((reason, sent), ids) in &out.release_with_reason {
+            released += q.release(lease, Some(ids), Some(reason), *sent).await?;
+        }
+        self.refund(released as u64);
+
+        self.metrics.count("deleted", out.deleted_ids.len());
+        self.metrics.count("absent", out.absent_ids.len());
+        self.metrics.count("failed", failed);
+        self.metrics.count("dead_lettered", dead);
+        self.metrics.count("released", released as usize);
+        self.metrics.bytes_deleted.inc_by(out.bytes);
+        self.add(|s| {
+            s.deleted += out.deleted_ids.len() as u64;
+            s.absent += out.absent_ids.len() as u64;
+            s.failed += failed as u64;
+            s.dead_lettered += dead as u64;
+            s.released += released as u64;
+            s.lease_lost += stored.lost as u64;
+            s.late += out.late_ids.len() as u64;
+            s.bytes += out.bytes;
+        });
+        Ok(out.trouble)
+    }
+
+    /// Deletes one chunk's names. A request that fails in a way one name could cause (a 5xx, a
+    /// timeout, an unusable answer, a proxy's refusal) is split in halves, and the halves again,
+    /// until the names it fails on are alone: those rows alone carry the failure, and the rest
+    /// are deleted. Before splitting, storage is asked whether it answers at all: when it does
+    /// not, it is an outage and nothing is split or blamed. When no request of the chunk
+    /// succeeds within [`SPLIT_BUDGET`] failures, no name is to blame either: every request
+    /// fails. A smaller bulk limit than the chunk's size is learned and kept.
+    async fn delete_chunk(
+        &self,
+        bucket: &str,
+        rows: Vec<Claimed>,
+        send_by: Instant,
+    ) -> Vec<(Vec<Claimed>, ChunkResult)> {
+        let single = rows.len() == 1;
+        let mut todo = vec![rows];
+        let mut done = Vec::new();
+        let mut suspects: Vec<(Claimed, StorageError)> = Vec::new();
+        let (mut answered, mut failures) = (0usize, 0usize);
+        let mut storage_answers: Option<bool> = None;
+        while let Some(rows) = todo.pop() {
+            if self.shutdown.is_cancelled() {
+                done.push((rows, ChunkResult::NotSent));
+                continue;
+            }
+            if Instant::now() >= send_by {
+                done.push((rows, ChunkResult::Late));
+                continue;
+            }
+            let limit = self.bulk_limit.load(Ordering::SeqCst);
+            if rows.len() > limit {
+                todo.extend(rows.chunks(limit).map(<[Claimed]>::to_vec));
+                continue;
+            }
+            match self.send_chunk(bucket, &rows).await {
+                Ok(d) => {
+                    answered += 1;
+                    done.push((rows, ChunkResult::Done(d)));
+                }
+                Err(StorageError::BulkLimit(n)) if rows.len() > 1 => {
+                    self.lower_bulk_limit(n.min(rows.len() / 2).max(1));
+                    todo.push(rows);
+                }
+                Err(e) if e.may_be_a_name() => {
+                    failures += 1;
+                    if storage_answers.is_none() {
+                        storage_answers = Some(self.storage.answers(bucket).await.is_ok());
+                    }
+                    if storage_answers == Some(false) || (answered == 0 && failures > SPLIT_BUDGET)
+                    {
+                        let why = if storage_answers == Some(false) {
+                            ChunkResult::Outage(e.clone())
+                        } else {
+                            no_name_to_blame(e.clone())
+                        };
+                        for rest in std::iter::once(rows).chain(todo.drain(..)) {
+                            done.push((rest, why.clone()));
                         }
+                        suspects
+                            .drain(..)
+                            .for_each(|(row, _)| done.push((vec![row], why.clone())));
+                        break;
                     }
-                    self.storage_ok.store(true, Ordering::SeqCst);
-                    let now = SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs_f64())
-                        .unwrap_or(0.0);
-                    self.metrics.last_success.set(now);
-                }
-                ChunkResult::NotSent => release_ids.extend(rows.iter().map(|r| r.id)),
-                ChunkResult::Late => late_ids.extend(rows.iter().map(|r| r.id)),
-                ChunkResult::Failed(
-                    ref e @ StorageError::Config {
-                        http,
-                        ref status,
-                        ref code,
-                        ref message,
-                    },
-                ) => {
-                    let why = format!("HTTP {http}, statusCode {status} ({code}): {message}");
-                    release_with_reason
-                        .entry((format!("storage refused the reaper's configuration (fix SUPABASE_URL or the key): {why}"), sent_by(e)))
-                        .or_default()
-                        .extend(rows.iter().map(|r| r.id));
-                    trouble = Trouble::Config(why);
-                }
-                ChunkResult::Failed(ref e @ StorageError::Overload { http, ref code }) => {
-                    release_with_reason
-                        .entry((
-                            format!(
-                                "storage is overloaded (HTTP {http}, {code}); the reaper slows down"
-                            ),
-                            sent_by(e),
-                        ))
-                        .or_default()
-                        .extend(rows.iter().map(|r| r.id));
-                    if trouble == Trouble::None {
-                        trouble = Trouble::Overload;
+                    if rows.len() == 1 {
+                        suspects.push((rows[0].clone(), e));
+                    } else {
+                        let (a, b) = rows.split_at(rows.len() / 2);
+                        todo.push(b.to_vec());
+                        todo.push(a.to_vec());
                     }
                 }
-                ChunkResult::Failed(StorageError::Retryable(e)) => {
-                    retry
-                        .entry(e)
-                        .or_default()
-                        .extend(rows.iter().map(|r| r.id));
-                }
+                Err(e) => done.push((rows, ChunkResult::Failed(e))),
             }
         }
+        for (row, e) in suspects {
+            // Blamed when storage handled other names of the chunk, or when the chunk was this
+            // one name and storage answers (a proxy's refusal of a lone name is not blamed: a
+            // firewall that refuses every delete looks the same).
+            let blame = answered > 0 || (single && matches!(e, StorageError::Retryable(_)));
+            if blame {
+                tracing::warn!(bucket, name = row.object_path.as_deref().unwrap_or_default(), queue_id = row.id, error = %e,
+                    "a request carrying this name fails while storage handles the others: the row carries the failure");
+                done.push((vec![row], ChunkResult::Isolated(e)));
+            } else {
+                done.push((vec![row], no_name_to_blame(e)));
+            }
+        }
+        done
+    }
 
-        let confirmed_deleted = q.confirm(lease, &deleted_ids, "deleted").await?;
-        let confirmed_absent = q.confirm(lease, &absent_ids, "absent").await?;
-        let lost = confirmed_deleted
+    /// One bulk request, timed.
+    async fn send_chunk(
+        &self,
+        bucket: &str,
+        rows: &[Claimed],
+    ) -> Result<crate::storage::Deleted, StorageError> {
+        let names: Vec<String> = rows.iter().filter_map(|r| r.object_path.clone()).collect();
+        let started = Instant::now();
+        let result = self.storage.bulk_delete(bucket, &names).await;
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Storage limits bulk deletes to `n` names: send no more from now on, and say so once.
+    fn lower_bulk_limit(&self, n: usize) {
+        let before = self.bulk_limit.fetch_min(n, Ordering::SeqCst);
+        if n < before {
+            tracing::warn!(limit = n, was = before,
+                "storage limits bulk deletes to fewer names than --batch-size (a project's own limit): sending {n} per request from now on; set --batch-size {n} to start there");
+            self.metrics.bulk_limit.set(n as i64);
+            self.add(|s| s.bulk_limit = Some(n));
+        }
+    }
+
+    /// A key without delete rights, a proxy or a cache answering for storage, another project's
+    /// storage: each answers "nothing to delete", which reads exactly like "already gone", and
+    /// confirming it deletes job rows whose files stay in storage for good. Where the database
+    /// checks storage.objects (confirm() refuses what it still lists), the answer is checked
+    /// there. Elsewhere, a run of more than --max-absent-run such names with nothing deleted is
+    /// not believed: the rows go back and the reaper stops (drain) or waits (run), until
+    /// something is deleted again.
+    fn believe_absent(&self, q: &Queue, out: &mut Outcomes) {
+        let mut run = self.absent_run.lock().unwrap();
+        if !out.deleted_ids.is_empty() || q.verifies_absence() {
+            *run = 0;
+            self.metrics.nothing_deleted.set(0);
+            return;
+        }
+        if out.absent_ids.is_empty() {
+            return;
+        }
+        let limit = self.settings.max_absent_run;
+        if *run + out.absent_ids.len() as u64 <= limit {
+            *run += out.absent_ids.len() as u64;
+            return;
+        }
+        self.metrics.nothing_deleted.set(1);
+        let why = format!(
+            "storage answered that {} names in a row were already absent and deleted nothing, more than --max-absent-run {limit}, \
+             and this database has no storage.objects to check that against: the key may lack delete rights (the anon key deletes \
+             nothing and says so with 200 []), or something other than this project's storage answers at SUPABASE_URL. If these \
+             objects really were removed by other means, raise --max-absent-run",
+            *run + out.absent_ids.len() as u64
+        );
+        tracing::error!(
+            names = *run + out.absent_ids.len() as u64,
+            max_absent_run = limit,
+            "{why}"
+        );
+        out.release_with_reason
+            .entry((format!("not confirmed absent: {why}"), Sent::Maybe))
+            .or_default()
+            .append(&mut out.absent_ids);
+        out.trouble = std::mem::take(&mut out.trouble).worst(Trouble::Config(why));
+    }
+
+    /// Confirms what storage deleted and what it found absent. A row the database does not
+    /// confirm because storage.objects still lists its object goes back (the delete did not
+    /// happen, whatever the answer said) and is a configuration error.
+    async fn record_confirms(
+        &self,
+        q: &Queue,
+        lease: &LeaseToken,
+        out: &mut Outcomes,
+    ) -> Result<Confirmed, QueueError> {
+        let mut results = q.confirm(lease, &out.deleted_ids, "deleted").await?;
+        results.extend(q.confirm(lease, &out.absent_ids, "absent").await?);
+        let stored: Vec<i64> = results
             .iter()
-            .chain(&confirmed_absent)
-            .filter(|(_, r)| r != "confirmed")
-            .count();
+            .filter(|(_, r)| r.starts_with("not confirmed: still in storage.objects"))
+            .map(|(id, _)| *id)
+            .collect();
+        let lost = results.iter().filter(|(_, r)| r != "confirmed").count() - stored.len();
         if lost > 0 {
             tracing::warn!(rows = lost, "some rows were no longer ours to confirm (lease expired and taken over); the other reaper records them");
         }
-        let mut failed = 0;
-        let mut dead = 0;
-        for (error, ids) in &retry {
-            tracing::warn!(rows = ids.len(), error = %error, "bulk delete failed; rows retry with back-off");
-            let results = q.fail(lease, ids, error, true).await?;
+        if !stored.is_empty() {
+            let example = results
+                .iter()
+                .find(|(_, r)| r.starts_with("not confirmed: still in storage.objects"))
+                .map(|(_, r)| r.trim_start_matches("not confirmed: ").to_string())
+                .unwrap_or_default();
+            let why = format!(
+                "storage's answer is contradicted by storage.objects for {} objects (e.g. {example}): the key may lack delete \
+                 rights, or something other than this project's storage answers at SUPABASE_URL",
+                stored.len()
+            );
+            tracing::error!(rows = stored.len(), "{why}");
+            out.deleted_ids.retain(|id| !stored.contains(id));
+            out.absent_ids.retain(|id| !stored.contains(id));
+            q.release(
+                lease,
+                Some(&stored),
+                Some(&format!("not confirmed: {why}")),
+                Sent::Maybe,
+            )
+            .await?;
+            self.refund(stored.len() as u64);
+            self.add(|s| s.released += stored.len() as u64);
+            self.metrics.count("released", stored.len());
+            out.trouble = std::mem::take(&mut out.trouble).worst(Trouble::Config(why));
+        }
+        Ok(Confirmed { lost })
+    }
+
+    /// Fails rows whose requests failed for what they carried: an attempt each, back-off, and
+    /// the dead-letter state once out of attempts (at once when not `retryable`). Returns
+    /// (failed, dead-lettered).
+    async fn record_failures(
+        &self,
+        q: &Queue,
+        lease: &LeaseToken,
+        failures: &HashMap<String, Vec<i64>>,
+        retryable: bool,
+    ) -> Result<(usize, usize), QueueError> {
+        let (mut failed, mut dead) = (0, 0);
+        for (error, ids) in failures {
+            tracing::warn!(rows = ids.len(), error = %error, retryable, "bulk delete failed for these rows while storage handles others");
+            let results = q.fail(lease, ids, error, retryable).await?;
             failed += ids.len();
             let dead_ids: Vec<i64> = results
                 .iter()
@@ -662,47 +871,7 @@ impl Reaper {
             }
             dead += dead_ids.len();
         }
-        let mut released = q
-            .release(lease, Some(&release_ids), None, Sent::Nothing)
-            .await?;
-        if !late_ids.is_empty() {
-            let overdue = Instant::now().saturating_duration_since(send_by);
-            tracing::warn!(rows = late_ids.len(), overdue_s = overdue.as_secs_f64(),
-                "rows not sent: their lease too close to expiry (did this reaper stall?); given back unsent");
-            let reason = format!(
-                "not sent: the lease was too close to expiry ({:.1} s past this reaper's deadline for sending; it stalled)",
-                overdue.as_secs_f64()
-            );
-            released += q
-                .release(lease, Some(&late_ids), Some(&reason), Sent::Nothing)
-                .await?;
-        }
-        for ((reason, sent), ids) in &release_with_reason {
-            released += q.release(lease, Some(ids), Some(reason), *sent).await?;
-        }
-        self.refund(released as u64);
-
-        self.metrics.count("deleted", deleted_ids.len());
-        self.metrics.count("absent", absent_ids.len());
-        self.metrics.count("failed", failed);
-        self.metrics.count("dead_lettered", dead);
-        self.metrics.count("released", released as usize);
-        self.metrics.bytes_deleted.inc_by(bytes);
-        self.watch_for_a_key_that_deletes_nothing(
-            deleted_ids.len() as u64,
-            absent_ids.len() as u64,
-        );
-        self.add(|s| {
-            s.deleted += deleted_ids.len() as u64;
-            s.absent += absent_ids.len() as u64;
-            s.failed += failed as u64;
-            s.dead_lettered += dead as u64;
-            s.released += released as u64;
-            s.lease_lost += lost as u64;
-            s.late += late_ids.len() as u64;
-            s.bytes += bytes;
-        });
-        Ok(trouble)
+        Ok((failed, dead))
     }
 
     /// Whether to read queue_status() on this idle poll: at most every [`STATUS_EVERY`], since
@@ -735,28 +904,6 @@ impl Reaper {
             );
         }
     }
-
-    /// A key without delete rights gets `200 []`, which looks exactly like "already gone". The
-    /// probe catches that at start; this catches it later (a key rotated under a running reaper).
-    fn watch_for_a_key_that_deletes_nothing(&self, deleted: u64, absent: u64) {
-        let mut run = self.absent_run.lock().unwrap();
-        if deleted > 0 {
-            *run = 0;
-            self.metrics.nothing_deleted.set(0);
-            return;
-        }
-        let before = *run;
-        *run += absent;
-        if before < SUSPICIOUS_ABSENT_RUN && *run >= SUSPICIOUS_ABSENT_RUN {
-            self.metrics.nothing_deleted.set(1);
-            tracing::error!(
-                names = *run,
-                "the last {} names sent to storage were all already absent: if that is unexpected, the key may lack delete rights \
-                 (an anon key deletes nothing and reports nothing); check SUPABASE_SERVICE_ROLE_KEY",
-                *run
-            );
-        }
-    }
 }
 
 /// The reaper's own check of a row, whatever the database said: the bucket is in --buckets and
@@ -775,6 +922,149 @@ pub fn allowed(policy: &object_url::Policy, row: &Claimed) -> Result<String, Str
     Ok(bucket)
 }
 
+/// Rows the database confirmed, and how many were no longer this claim's.
+struct Confirmed {
+    lost: usize,
+}
+
+/// What the answers to one batch's requests say about each of its rows.
+#[derive(Default)]
+struct Outcomes {
+    deleted_ids: Vec<i64>,
+    absent_ids: Vec<i64>,
+    /// Never sent (shutdown): given back.
+    release_ids: Vec<i64>,
+    /// Never sent: the lease was too close to expiry.
+    late_ids: Vec<i64>,
+    /// Given back with a reason, and what was sent.
+    release_with_reason: HashMap<(String, Sent), Vec<i64>>,
+    /// Failed, by error: an attempt each.
+    retry: HashMap<String, Vec<i64>>,
+    /// Failed for good, by error: dead-lettered at once.
+    dead: HashMap<String, Vec<i64>>,
+    bytes: u64,
+    /// Whether any request got a usable answer.
+    answered: bool,
+    trouble: Trouble,
+}
+
+impl Outcomes {
+    fn sort(results: Vec<(Vec<Claimed>, ChunkResult)>) -> Outcomes {
+        let mut out = Outcomes::default();
+        for (rows, result) in results {
+            let ids = rows.iter().map(|r| r.id);
+            match result {
+                ChunkResult::Done(d) => {
+                    out.answered = true;
+                    for row in &rows {
+                        let name = row.object_path.as_deref().unwrap_or_default();
+                        match d.names.get(name) {
+                            Some(size) => {
+                                out.bytes += size.unwrap_or(0);
+                                out.deleted_ids.push(row.id);
+                            }
+                            None => out.absent_ids.push(row.id),
+                        }
+                    }
+                }
+                ChunkResult::NotSent => out.release_ids.extend(ids),
+                ChunkResult::Late => out.late_ids.extend(ids),
+                ChunkResult::Isolated(e) => {
+                    out.answered = true;
+                    match e {
+                        StorageError::Refused { .. } => out
+                            .dead
+                            .entry(format!(
+                                "{e}; every request carrying this name is refused, so the reaper will not delete it: \
+                                 let it through the proxy or firewall and requeue it, or delete it by hand"
+                            ))
+                            .or_default()
+                            .extend(ids),
+                        e => out.retry.entry(e.to_string()).or_default().extend(ids),
+                    }
+                }
+                ChunkResult::Outage(e) => {
+                    let why = format!("storage is unreachable or answers nothing usable ({e})");
+                    out.release_with_reason
+                        .entry((format!("not attempted: {why}"), Sent::Maybe))
+                        .or_default()
+                        .extend(ids);
+                    out.trouble = std::mem::take(&mut out.trouble).worst(Trouble::Outage(why));
+                }
+                ChunkResult::Failed(e) => {
+                    let sent = sent_by(&e);
+                    let trouble = match e {
+                        StorageError::Config {
+                            http,
+                            status,
+                            code,
+                            message,
+                        } => {
+                            let why =
+                                format!("HTTP {http}, statusCode {status} ({code}): {message}");
+                            out.release_with_reason
+                                .entry((format!("storage refused the reaper's configuration or its answer cannot be believed: {why}"), sent))
+                                .or_default()
+                                .extend(ids);
+                            Trouble::Config(why)
+                        }
+                        StorageError::Overload { http, code } => {
+                            out.release_with_reason
+                                .entry((format!("storage is overloaded (HTTP {http}, {code}); the reaper slows down"), sent))
+                                .or_default()
+                                .extend(ids);
+                            Trouble::Overload
+                        }
+                        StorageError::Retryable(e) => {
+                            out.retry.entry(e).or_default().extend(ids);
+                            Trouble::None
+                        }
+                        e @ (StorageError::Refused { .. } | StorageError::BulkLimit(_)) => {
+                            let why = format!("{e}, and every request of the batch was refused: a proxy or firewall in front of storage refuses the reaper's deletes; let DELETE /storage/v1/object/* through");
+                            out.release_with_reason
+                                .entry((format!("not deleted: {why}"), sent))
+                                .or_default()
+                                .extend(ids);
+                            Trouble::Config(why)
+                        }
+                        e @ StorageError::OverQuota { .. } => {
+                            let why = format!("{e}; deletes are refused until the project's plan or spend cap allows them, the reaper pauses");
+                            out.release_with_reason
+                                .entry((format!("not deleted: {why}"), sent))
+                                .or_default()
+                                .extend(ids);
+                            Trouble::Config(why)
+                        }
+                    };
+                    out.trouble = std::mem::take(&mut out.trouble).worst(trouble);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Failures of every request of a chunk, with no name to blame: for a 5xx or a timeout on
+/// every delete, an outage of the delete path; for a proxy's refusal of everything, its
+/// configuration.
+fn no_name_to_blame(e: StorageError) -> ChunkResult {
+    match e {
+        StorageError::Retryable(_) => ChunkResult::Outage(e),
+        e => ChunkResult::Failed(e),
+    }
+}
+
+/// Failed requests, with no request of the chunk succeeding, before no name is blamed. One
+/// poisoned name among 1000 costs at most about 2 x log2(1000) = 20 failed requests to find.
+const SPLIT_BUDGET: usize = 24;
+
 /// What a failed bulk request says about the deletes it carried.
 fn sent_by(e: &StorageError) -> Sent {
     if e.deleted_nothing() {
@@ -784,11 +1074,32 @@ fn sent_by(e: &StorageError) -> Sent {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 enum Trouble {
+    #[default]
     None,
     Config(String),
     Overload,
+    /// Storage did not answer at all (transport errors, 5xx, unusable bodies) on every request
+    /// of a batch, and not to a plain read either: no row is at fault.
+    Outage(String),
+}
+
+impl Trouble {
+    /// Keeps the worse of two: a configuration error over an outage over overload.
+    fn worst(self, other: Trouble) -> Trouble {
+        let rank = |t: &Trouble| match t {
+            Trouble::None => 0,
+            Trouble::Overload => 1,
+            Trouble::Outage(_) => 2,
+            Trouble::Config(_) => 3,
+        };
+        if rank(&other) > rank(&self) {
+            other
+        } else {
+            self
+        }
+    }
 }
 
 /// Exponential back-off with jitter.
@@ -832,6 +1143,13 @@ fn probe_fix(e: &StorageError) -> &'static str {
         StorageError::Overload { .. } => "; storage is overloaded: start the reaper again later",
         StorageError::Retryable(_) => {
             "; check SUPABASE_URL and that storage is reachable from this host"
+        }
+        StorageError::Refused { .. } => {
+            "; a proxy or firewall between this host and storage refuses the request: let it pass DELETE /storage/v1/object/*"
+        }
+        StorageError::BulkLimit(_) => "; the project's bulk limit refused a single name",
+        StorageError::OverQuota { .. } => {
+            "; the project is over its quota: raise the plan or spend cap, then start the reaper again"
         }
     }
 }

@@ -25,9 +25,23 @@ pub enum StorageError {
     /// The server is overloaded (429 SlowDown, 544 database timeout): slow down, no attempt lost.
     #[error("storage is overloaded (HTTP {http}, {code})")]
     Overload { http: u16, code: String },
-    /// 5xx, timeouts, dropped connections: the rows are failed as retryable.
+    /// 5xx, timeouts, dropped connections, answers that are not JSON: nothing is known about
+    /// the rows. The reaper asks whether storage answers at all (an outage costs no attempt),
+    /// and otherwise splits the request to find the names it fails on.
     #[error("storage request failed: {0}")]
     Retryable(String),
+    /// Refused for what the request carries, before the storage server saw it or before any
+    /// work: a proxy or web firewall's own 403 or 413 page (not the server's JSON), or a body too
+    /// large. The reaper splits the request until the name it refuses is alone.
+    #[error("the request was refused for what it carries (HTTP {http}): {message}")]
+    Refused { http: u16, message: String },
+    /// The project limits bulk deletes to fewer names than were sent (`limited to N objects`).
+    #[error("storage limits bulk deletes to {0} names per request")]
+    BulkLimit(usize),
+    /// The project is over its quota: every delete is refused (HTTP 402) until its plan or spend
+    /// cap changes. Nothing a retry can fix soon.
+    #[error("the project is over its storage quota (HTTP {http}): {message}")]
+    OverQuota { http: u16, message: String },
 }
 
 impl StorageError {
@@ -43,8 +57,22 @@ impl StorageError {
                 matches!(http, 401 | 403 | 413)
                     || (*http == 400 && matches!(status.as_str(), "401" | "403"))
             }
-            StorageError::Overload { .. } | StorageError::Retryable(_) => false,
+            // A proxy's refusal never reached the server; the bulk limit and the body's size are
+            // checked before the first delete.
+            StorageError::Refused { .. } | StorageError::BulkLimit(_) => true,
+            StorageError::Overload { .. }
+            | StorageError::Retryable(_)
+            | StorageError::OverQuota { .. } => false,
         }
+    }
+
+    /// Whether the failure may be caused by one of the names the request carried, so that
+    /// splitting the request can find it.
+    pub fn may_be_a_name(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Retryable(_) | StorageError::Refused { .. }
+        )
     }
 }
 
@@ -115,16 +143,31 @@ impl StorageClient {
             .json(&serde_json::json!({ "prefixes": names }));
         let response = send(req).await?;
         let http = response.status().as_u16();
-        let body = response.bytes().await.map_err(transport)?;
+        let body = read_capped(response).await?;
         if http == 200 {
-            let items: Vec<Value> = serde_json::from_slice(&body).map_err(|e| {
-                StorageError::Retryable(format!(
-                    "HTTP 200 with a body that is not a JSON array: {e}"
-                ))
-            })?;
+            let items: Vec<Value> = json_array(&body)?;
             return deleted_objects(bucket, names, &items);
         }
         Err(classify(http, &body))
+    }
+
+    /// Whether storage itself answers: `POST /object/list/{bucket}` for one object, a read with no
+    /// effect that goes through the same gateway, server and database as a delete. Asked when
+    /// every delete of a batch failed, to tell an outage (the rows are not at fault: no attempt
+    /// counted) from requests that fail because of what they carry.
+    pub async fn answers(&self, bucket: &str) -> Result<(), StorageError> {
+        let url = self.url(&format!("object/list/{}", encode_segment(bucket)));
+        let req = self
+            .authorized(self.http.post(url))
+            .json(&serde_json::json!({ "prefix": "", "limit": 1, "offset": 0 }));
+        let response = send(req).await?;
+        let http = response.status().as_u16();
+        let body = read_capped(response).await?;
+        if http == 200 {
+            json_array(&body).map(|_| ())
+        } else {
+            Err(classify(http, &body))
+        }
     }
 
     /// `POST /object/{bucket}/{path}` (upsert): the probe's tiny object.
@@ -147,13 +190,53 @@ impl StorageClient {
             .body(bytes);
         let response = send(req).await?;
         let http = response.status().as_u16();
-        let body = response.bytes().await.map_err(transport)?;
+        let body = read_capped(response).await?;
         if http == 200 {
             Ok(())
         } else {
             Err(classify(http, &body))
         }
     }
+}
+
+/// The most of an answer the reaper reads: a bulk delete of 1000 names answers about 600 KB. A
+/// broken upstream (an endless error page, a stream that never ends) must not exhaust memory.
+pub const MAX_BODY: usize = 8 << 20;
+
+/// Reads a response body, refusing one longer than [`MAX_BODY`] as an unusable answer.
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, StorageError> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_BODY as u64)
+    {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn too_long() -> StorageError {
+    StorageError::Retryable(format!(
+        "the answer is longer than {} MiB, which no storage answer is; not read",
+        MAX_BODY >> 20
+    ))
+}
+
+/// A `200` body that must be a JSON array. Anything else (a CDN's HTML error page, a truncated
+/// body) says nothing about the rows: it is treated like a failed request.
+fn json_array(body: &[u8]) -> Result<Vec<Value>, StorageError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let start = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
+        StorageError::Retryable(format!(
+            "HTTP 200 with a body that is not a JSON array ({e}; it starts {start:?})"
+        ))
+    })
 }
 
 fn transport(e: reqwest::Error) -> StorageError {
@@ -262,6 +345,26 @@ pub fn classify(http: u16, body: &[u8]) -> StorageError {
     let message = field("message")
         .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
     let real = status.parse::<u16>().unwrap_or(http);
+    if http == 402 || real == 402 {
+        return StorageError::OverQuota { http, message };
+    }
+    if let Some(n) = bulk_limit(&message) {
+        return StorageError::BulkLimit(n);
+    }
+    // The server's own errors are JSON with a statusCode; a bare 403 or 413 page is a proxy's.
+    if http == 413 || real == 413 || (http == 403 && parsed.is_none()) {
+        return StorageError::Refused {
+            http,
+            message: if parsed.is_none() {
+                format!(
+                    "a proxy or web firewall answered {}",
+                    message.split_whitespace().collect::<Vec<_>>().join(" ")
+                )
+            } else {
+                message
+            },
+        };
+    }
     if http == 429 || http == 544 || real == 429 || real == 544 || code == "SlowDown" {
         return StorageError::Overload {
             http,
@@ -283,6 +386,13 @@ pub fn classify(http: u16, body: &[u8]) -> StorageError {
         code,
         message,
     }
+}
+
+/// The limit in "Bulk object requests are limited to N objects per request."
+fn bulk_limit(message: &str) -> Option<usize> {
+    let rest = message.split("limited to ").nth(1)?;
+    let n: usize = rest.split_whitespace().next()?.parse().ok()?;
+    (rest.contains("objects") && n > 0).then_some(n)
 }
 
 /// Percent-encodes one path segment the way `encodeURIComponent` does.
@@ -346,6 +456,27 @@ mod tests {
         let refused_key = classify(400, br#"{"statusCode":"403","error":"Unauthorized","code":"AccessDenied","message":"invalid signature"}"#);
         assert!(refused_key.deleted_nothing(), "{refused_key:?}");
         assert!(classify(413, b"Request Entity Too Large").deleted_nothing());
+        assert!(matches!(
+            classify(413, b"<html>413</html>"),
+            StorageError::Refused { .. }
+        ));
+        assert!(matches!(
+            classify(403, b"<html>403 Forbidden</html>"),
+            StorageError::Refused { .. }
+        ));
+        assert!(matches!(
+            classify(
+                403,
+                br#"{"statusCode":"403","code":"AccessDenied","message":"x"}"#
+            ),
+            StorageError::Config { .. }
+        ));
+        assert_eq!(classify(400, br#"{"statusCode":"400","error":"InvalidRequest","code":"InvalidRequest","message":"Bulk object requests are limited to 250 objects per request."}"#), StorageError::BulkLimit(250));
+        assert!(matches!(
+            classify(402, br#"{"statusCode":"402","message":"over quota"}"#),
+            StorageError::OverQuota { .. }
+        ));
+        assert!(!classify(402, b"").deleted_nothing());
         for (http, body) in [
             (
                 400,

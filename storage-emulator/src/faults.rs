@@ -37,6 +37,20 @@ pub struct Faults {
     /// Every bulk delete is answered `200` with this body, and nothing is deleted: a server,
     /// proxy or cache that answers without doing the work (the answer the reaper must not believe).
     pub bulk_answer: Option<serde_json::Value>,
+    /// Every bulk delete carrying a name that contains this text is refused as a whole, before
+    /// anything is deleted, with `reject_http`: 500 (the server fails on that name), or 403 or
+    /// 413 as a proxy or web firewall in front of the server answers (an HTML page, not the
+    /// server's JSON). Other requests go through.
+    pub reject_names: Option<String>,
+    pub reject_http: Option<u16>,
+    /// Every object request is answered `200` with a CDN's HTML error page: an outage behind a
+    /// CDN that answers for the server.
+    pub answer_html: bool,
+    /// A project's own bulk limit, lower than 1000: more names get the server's 400 "Bulk object
+    /// requests are limited to N objects per request."
+    pub bulk_limit: Option<usize>,
+    /// The project is over its quota: every delete is answered 402 and nothing is deleted.
+    pub over_quota: bool,
 }
 
 pub struct FaultState {
@@ -53,6 +67,8 @@ pub enum Verdict {
     Hang,
     /// Answer `302 Found` with `Location: <base><path>`.
     Redirect(String),
+    /// Answer `200` with an HTML page.
+    Html,
 }
 
 impl FaultState {
@@ -85,6 +101,9 @@ impl FaultState {
         }
         if let Some(base) = f.redirect_to {
             return Verdict::Redirect(base);
+        }
+        if f.answer_html {
+            return Verdict::Html;
         }
         if f.fail_after.is_some_and(|limit| n > limit) {
             return Verdict::Fail(internal());

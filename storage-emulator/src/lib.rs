@@ -167,6 +167,12 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
+        Verdict::Html => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "text/html")],
+            "<!DOCTYPE html><html><head><title>Origin unreachable</title></head><body><h1>Error 523</h1><p>The origin is unreachable.</p></body></html>\n",
+        )
+            .into_response(),
     };
     let extra = response
         .extensions()
@@ -347,6 +353,34 @@ async fn bulk_delete(
     if names.is_empty() {
         return Err(invalid("body/prefixes must NOT have fewer than 1 items"));
     }
+    let faults = emu.faults.get();
+    if faults.over_quota {
+        // The body's exact wording is not confirmed against the hosted platform; the reaper
+        // reads the 402 from the HTTP status or the body's statusCode.
+        return Err(ApiError::new(
+            402,
+            "402",
+            "Payment Required",
+            "QuotaExceeded",
+            "The project has exceeded its storage quota",
+        ));
+    }
+    if let Some(limit) = faults.bulk_limit.filter(|l| names.len() > *l) {
+        return Err(ApiError::new(
+            400,
+            "400",
+            "InvalidRequest",
+            "InvalidRequest",
+            &format!("Bulk object requests are limited to {limit} objects per request."),
+        ));
+    }
+    if let Some(pattern) = faults
+        .reject_names
+        .filter(|p| names.iter().any(|n| n.contains(p.as_str())))
+    {
+        tracing::debug!(%pattern, "refusing a bulk delete that carries a rejected name");
+        return Ok(rejected(faults.reject_http.unwrap_or(500)));
+    }
     if emu.hard_limits && names.len() > BULK_LIMIT {
         return Err(ApiError::new(
             400,
@@ -473,6 +507,32 @@ async fn all_objects_tsv(State(emu): State<Arc<Emulator>>) -> String {
 }
 
 /// What row-level security answers a key that may not write.
+/// The answer to a request carrying a rejected name: the server's own 500, or a proxy's page.
+fn rejected(http: u16) -> Response {
+    match http {
+        403 | 413 => {
+            let status = StatusCode::from_u16(http).unwrap_or(StatusCode::FORBIDDEN);
+            let page = format!(
+                "<html><head><title>{status}</title></head><body><center><h1>{status}</h1></center><hr><center>nginx</center></body></html>\n"
+            );
+            (
+                status,
+                [(axum::http::header::CONTENT_TYPE, "text/html")],
+                page,
+            )
+                .into_response()
+        }
+        _ => ApiError::new(
+            500,
+            "500",
+            "internal",
+            "InternalError",
+            "Internal Server Error",
+        )
+        .into_response(),
+    }
+}
+
 fn rls_denied() -> ApiError {
     ApiError::new(
         400,

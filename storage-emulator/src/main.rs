@@ -158,8 +158,7 @@ async fn main() -> anyhow::Result<()> {
                 spike_rate,
                 spike_ms,
                 fail_after,
-                redirect_to: None,
-                bulk_answer: None,
+                ..Faults::default()
             };
             let mut opaque = std::collections::HashMap::new();
             if let Some(k) = secret_key {

@@ -158,45 +158,115 @@ fn drain_deletes_every_orphan_and_nothing_else() {
     assert!(w.orphans.iter().all(|o| !w.emu.objects().contains(o)));
 }
 
+/// Issue 12, finding 4: an outage (every request failing, storage not answering even a read)
+/// counted an attempt for every row, so a storage outage of about three hours dead-lettered the
+/// whole queue. Now the rows go back with no attempt counted and `drain` stops, saying so.
 #[test]
-fn server_errors_are_retried_with_attempts_then_dead_lettered() {
-    let w = world("reaper_retry", 20, &[("max_attempts", "2")]);
+fn an_outage_costs_no_attempt_and_drain_says_so() {
+    let w = world("reaper_outage", 20, &[("max_attempts", "2")]);
     let mut c = w.db.client();
-    w.emu.set_faults(json!({"rate_500": 1.0}));
+    // A port nothing listens on, which the database counts as this project's too (the reaper
+    // deletes through SUPABASE_URL; --storage-hosts lets it serve the rows of the emulator's).
+    let closed_host = format!("127.0.0.1:{}", free_port());
+    let closed = format!("http://{closed_host}");
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", &format!("{},{closed_host}", w.emu.host)),
+        ("max_attempts", "2"),
+    ]);
+    for (what, faults, url) in [
+        ("HTTP 500 on every request", json!({"rate_500": 1.0}), None),
+        (
+            "a CDN's HTML page with 200",
+            json!({"answer_html": true}),
+            None,
+        ),
+        ("connection refused", json!({}), Some(closed.as_str())),
+    ] {
+        w.emu.set_faults(faults);
+        let mut cmd = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]);
+        if let Some(url) = url {
+            cmd.env("SUPABASE_URL", url)
+                .env("REAPER_STORAGE_HOSTS", &w.emu.host);
+        }
+        for round in 0..3 {
+            let out = cmd.run();
+            let text = output_text(&out);
+            assert_eq!(out.status.code(), Some(1), "{what}, round {round}: {text}");
+            assert!(text.contains("STORAGE UNREACHABLE"), "{what}: {text}");
+            assert_eq!(states(&mut c), vec![("pending".to_string(), 20)], "{what}");
+            assert_eq!(
+                max_attempts_seen(&mut c),
+                0,
+                "{what}: an outage costs no attempt"
+            );
+        }
+    }
+    assert!(
+        w.orphans.iter().all(|o| w.emu.objects().contains(o)),
+        "nothing was deleted"
+    );
+    // Storage recovers: the same queue drains, nothing was dead-lettered.
+    w.emu.set_faults(json!({}));
+    let out = reaper(&w.db.name, &w.emu, &["drain"]).run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 20)]);
+    assert_eq!(w.emu.objects(), w.keep);
+}
+
+/// A name that storage fails on every time (here HTTP 500 for any request that carries it) costs
+/// only its own row attempts: the reaper splits the request until the name is alone, deletes
+/// the rest, and the row is dead-lettered once out of attempts.
+#[test]
+fn a_name_storage_fails_on_costs_only_its_row_attempts() {
+    let w = world("reaper_poisoned", 20, &[("max_attempts", "2")]);
+    let mut c = w.db.client();
+    w.emu
+        .set_faults(json!({"reject_names": "o/7 ", "reject_http": 500}));
     let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     let text = output_text(&out);
     assert!(
         out.status.success(),
-        "a server error is not a configuration error: {text}"
+        "one bad name is not a configuration error: {text}"
     );
-    assert!(text.contains("failed 20"), "{text}");
-    assert_eq!(states(&mut c), vec![("pending".to_string(), 20)]);
+    assert!(
+        text.contains("deleted 19") && text.contains("failed 1"),
+        "{text}"
+    );
+    assert_eq!(
+        states(&mut c),
+        vec![("deleted".to_string(), 19), ("pending".to_string(), 1)]
+    );
     assert_eq!(max_attempts_seen(&mut c), 1);
     let err: String = c
         .query_one(
-            "SELECT last_error FROM orphan_cleanup.deletion_queue WHERE bucket = 'renders' LIMIT 1",
+            "SELECT last_error FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
             &[],
         )
         .unwrap()
         .get(0);
     assert!(err.contains("HTTP 500"), "{err}");
-
-    // Second failure: out of attempts.
+    let deletes = w
+        .emu
+        .requests()
+        .iter()
+        .filter(|r| r["method"] == "DELETE")
+        .count();
+    assert!(
+        deletes <= 12,
+        "found by splitting, not one request per name: {deletes}"
+    );
     c.batch_execute("UPDATE orphan_cleanup.deletion_queue SET available_at = now()")
         .unwrap();
     let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     assert!(
-        output_text(&out).contains("dead-lettered 20"),
+        output_text(&out).contains("dead-lettered 1"),
         "{}",
         output_text(&out)
     );
-    assert_eq!(states(&mut c), vec![("dead".to_string(), 20)]);
-    assert!(
-        w.orphans.iter().all(|o| w.emu.objects().contains(o)),
-        "nothing was deleted"
-    );
-
-    // The storage recovers; the DBA requeues; the drain finishes.
+    let left: BTreeSet<String> = w.emu.objects().difference(&w.keep).cloned().collect();
+    assert_eq!(left, BTreeSet::from(["renders/o/7 render.png".to_string()]));
+    // Storage fixed; the DBA requeues; the drain finishes.
     w.emu.set_faults(json!({}));
     c.query_one("SELECT orphan_cleanup.requeue_dead()", &[])
         .unwrap();
@@ -204,6 +274,101 @@ fn server_errors_are_retried_with_attempts_then_dead_lettered() {
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(states(&mut c), vec![("deleted".to_string(), 20)]);
     assert_eq!(w.emu.objects(), w.keep);
+}
+
+/// Issue 12, finding 3: a proxy or web firewall that refuses one name (403 or 413, its own HTML
+/// page) was called "fix SUPABASE_URL or the key" and looped forever. Now the name is isolated
+/// and its row alone dead-lettered with the reason; a proxy that refuses every delete is a
+/// configuration error that costs no row anything.
+#[test]
+fn a_proxy_that_refuses_one_name_dead_letters_that_row_alone() {
+    for http in [403, 413] {
+        let w = world(&format!("reaper_proxy_{http}"), 10, &[]);
+        let mut c = w.db.client();
+        w.emu
+            .set_faults(json!({"reject_names": "o/3 ", "reject_http": http}));
+        let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+        let text = output_text(&out);
+        assert!(out.status.success(), "{http}: {text}");
+        assert!(
+            text.contains("deleted 9") && text.contains("dead-lettered 1"),
+            "{http}: {text}"
+        );
+        let (state, err): (String, String) = c
+            .query_one(
+                "SELECT state, last_error FROM orphan_cleanup.deletion_queue WHERE object_path = 'o/3 render.png'",
+                &[],
+            )
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        assert_eq!(state, "dead", "{http}");
+        assert!(
+            err.contains(&format!("HTTP {http}")) && err.contains("proxy or web firewall"),
+            "{http}: {err}"
+        );
+        assert!(w.emu.objects().contains("renders/o/3 render.png"));
+
+        // Every name refused: nothing is blamed on a row.
+        c.query_one("SELECT orphan_cleanup.requeue_dead()", &[])
+            .unwrap();
+        w.emu
+            .set_faults(json!({"reject_names": "o/", "reject_http": http}));
+        let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{http}: {text}");
+        assert!(
+            text.contains("CONFIGURATION ERROR") && text.contains("refuses the reaper's deletes"),
+            "{http}: {text}"
+        );
+        assert_eq!(
+            c.query_one(
+                "SELECT state, attempts FROM orphan_cleanup.deletion_queue WHERE object_path = 'o/3 render.png'",
+                &[],
+            )
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
+            .unwrap(),
+            ("pending".to_string(), 0),
+            "{http}"
+        );
+    }
+}
+
+/// Issue 12, finding 3: a project's own bulk limit below 1000 answered every request with a 400
+/// the reaper called a configuration error, forever. Now it halves to the limit, says so, and
+/// drains.
+#[test]
+fn a_lower_bulk_limit_is_learned_and_reported() {
+    let w = world("reaper_bulk_limit", 25, &[]);
+    let mut c = w.db.client();
+    w.emu.set_faults(json!({"bulk_limit": 4}));
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("storage limits bulk deletes to 4 names per request"),
+        "{text}"
+    );
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 25)]);
+    assert_eq!(max_attempts_seen(&mut c), 0);
+    assert_eq!(w.emu.objects(), w.keep);
+}
+
+/// Issue 12, finding 3: a project over its quota (402 to every delete) is said to be so, and
+/// the reaper pauses; no row is charged.
+#[test]
+fn over_quota_is_named_and_costs_no_attempt() {
+    let w = world("reaper_quota", 10, &[]);
+    let mut c = w.db.client();
+    w.emu.set_faults(json!({"over_quota": true}));
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("over its storage quota") && text.contains("pauses"),
+        "{text}"
+    );
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
+    assert_eq!(max_attempts_seen(&mut c), 0);
 }
 
 #[test]
@@ -919,6 +1084,32 @@ fn bad_settings_fail_at_start_naming_the_fix() {
             vec!["drain"],
             "does not speak TLS to PostgreSQL yet",
         ),
+        // Issue 12, finding 7: the key never crosses a network in cleartext unless told to.
+        (
+            "SUPABASE_URL",
+            "http://storage.example.com",
+            vec!["drain"],
+            "the key would cross the network in cleartext",
+        ),
+        (
+            "REAPER_MAX_ABSENT_RUN",
+            "0",
+            vec!["drain"],
+            "--max-absent-run is invalid (0)",
+        ),
+        // Issue 12, finding 6: a sweep with no age or no pause.
+        (
+            "REAPER_TEMP_MAX_AGE",
+            "0",
+            vec!["sweep-temp", "--temp-dir", "/tmp"],
+            "--temp-max-age is invalid",
+        ),
+        (
+            "REAPER_TEMP_INTERVAL",
+            "0s",
+            vec!["sweep-temp", "--temp-dir", "/tmp"],
+            "--temp-interval is invalid",
+        ),
     ] {
         let out = reaper("postgres", &emu, &args).env(env, value).run();
         let text = output_text(&out);
@@ -956,8 +1147,10 @@ fn bad_settings_fail_at_start_naming_the_fix() {
     );
 }
 
+/// Storage that accepts connections and never answers (reads included) is an outage: the
+/// requests time out, the rows go back with no attempt counted.
 #[test]
-fn hanging_requests_time_out_and_are_retried() {
+fn hanging_storage_times_out_and_costs_no_attempt() {
     let w = world("reaper_hang", 5, &[]);
     let mut c = w.db.client();
     w.emu.set_faults(json!({"hang_rate": 1.0}));
@@ -974,17 +1167,14 @@ fn hanging_requests_time_out_and_are_retried() {
         ],
     )
     .run();
-    assert!(out.status.success(), "{}", output_text(&out));
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("STORAGE UNREACHABLE") && text.contains("timed out"),
+        "{text}"
+    );
     assert_eq!(states(&mut c), vec![("pending".to_string(), 5)]);
-    let err: String = c
-        .query_one(
-            "SELECT last_error FROM orphan_cleanup.deletion_queue WHERE bucket = 'renders' LIMIT 1",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert!(err.contains("timed out"), "{err}");
-    assert_eq!(max_attempts_seen(&mut c), 1);
+    assert_eq!(max_attempts_seen(&mut c), 0);
 }
 
 #[test]
@@ -1065,9 +1255,123 @@ fn a_key_that_deletes_nothing_is_noticed_while_running() {
         .env("SUPABASE_SERVICE_ROLE_KEY", &no_role_key)
         .run();
     let text = output_text(&out);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("already absent 5001"), "{text}");
-    assert!(text.contains("the key may lack delete rights"), "{text}");
+    // Issue 12, finding 1: the run used to be only logged, after every row had been confirmed
+    // absent and its job row deleted. Now it is not believed: nothing is confirmed.
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("CONFIGURATION ERROR") && text.contains("--max-absent-run 2000"),
+        "{text}"
+    );
+    assert!(text.contains("already absent 0"), "{text}");
+    let pending: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending' AND attempts = 0",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 5001);
+    let jobs: i64 = c
+        .query_one("SELECT count(*) FROM render_jobs", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(jobs, 5001, "no job row deleted");
+    // A run below the limit is believed (a re-run after a crash finds a few objects gone).
+    let out = reaper(
+        &db.name,
+        &emu,
+        &["drain", "--no-probe", "--max-absent-run", "6000"],
+    )
+    .env("SUPABASE_SERVICE_ROLE_KEY", &no_role_key)
+    .run();
+    assert!(
+        output_text(&out).contains("already absent 5001"),
+        "{}",
+        output_text(&out)
+    );
+}
+
+/// Issue 12, finding 1 (its third fix): where storage.objects is in the database, as on every
+/// Supabase project, an answer is checked against it before anything is confirmed. Storage's
+/// `200 []` for objects that storage.objects still lists is not believed, whatever
+/// --max-absent-run says; objects it no longer lists are confirmed absent.
+#[test]
+fn storage_objects_checks_what_storage_says() {
+    let w = world("reaper_storage_objects", 10, &[]);
+    let mut c = w.db.client();
+    // The columns the real table has that the check reads, as in storage v1.70.6.
+    c.batch_execute(
+        "CREATE SCHEMA storage;
+         CREATE TABLE storage.objects (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), bucket_id text, name text,
+             metadata jsonb, archived_at timestamptz, is_delete_marker boolean NOT NULL DEFAULT false,
+             UNIQUE (bucket_id, name));",
+    )
+    .unwrap();
+    for key in &w.orphans {
+        let (bucket, name) = key.split_once('/').unwrap();
+        c.execute(
+            "INSERT INTO storage.objects (bucket_id, name) VALUES ($1, $2)",
+            &[&bucket, &name],
+        )
+        .unwrap();
+    }
+    let jobs = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM render_jobs WHERE output_url LIKE '%/o/%'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    // A key that deletes nothing (or a proxy that answers for storage): 200 [].
+    w.emu.set_faults(json!({"bulk_answer": []}));
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--no-probe", "--max-absent-run", "100000"],
+    )
+    .run();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("CONFIGURATION ERROR") && text.contains("contradicted by storage.objects"),
+        "{text}"
+    );
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
+    assert_eq!(jobs(&mut c), 10);
+    // An answer that names the objects deleted is checked the same way.
+    let echo: Vec<serde_json::Value> = w
+        .orphans
+        .iter()
+        .map(|k| json!({"name": k.trim_start_matches("renders/"), "bucket_id": "renders"}))
+        .collect();
+    w.emu.set_faults(json!({"bulk_answer": echo}));
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
+    assert_eq!(jobs(&mut c), 10);
+
+    // Half of them really are gone (storage.objects no longer lists them; a delete marker of a
+    // versioned bucket is not the object): those are confirmed absent, with a run limit of 1.
+    c.batch_execute(
+        "DELETE FROM storage.objects WHERE name IN ('o/0 render.png', 'o/1 render.png', 'o/2 render.png', 'o/3 render.png');
+         UPDATE storage.objects SET is_delete_marker = true WHERE name = 'o/4 render.png';",
+    )
+    .unwrap();
+    w.emu.set_faults(json!({"bulk_answer": []}));
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--no-probe", "--max-absent-run", "1"],
+    )
+    .run();
+    let text = output_text(&out);
+    assert!(text.contains("already absent 5"), "{text}");
+    assert_eq!(
+        states(&mut c),
+        vec![("absent".to_string(), 5), ("pending".to_string(), 5)]
+    );
+    assert_eq!(jobs(&mut c), 5);
 }
 
 /// Issue 11, sequence 10: a reaper stalls past its lease (here `SIGSTOP` while its claim
