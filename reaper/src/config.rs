@@ -48,6 +48,25 @@ pub struct DbArgs {
     /// PostgreSQL connection string of the reaper's role (a member of orphan_cleanup_reaper).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// The longest any database call may take, lock waits included (statement_timeout and
+    /// lock_timeout of the reaper's sessions); past it the call fails, the reaper reconnects and
+    /// backs off, and /readyz says so.
+    #[arg(long, env = "REAPER_DB_TIMEOUT", default_value = "30s")]
+    pub db_timeout: String,
+}
+
+impl DbArgs {
+    pub fn timeout(&self) -> Result<Duration, ConfigError> {
+        let t = parse_duration("--db-timeout", &self.db_timeout)?;
+        if t < Duration::from_secs(1) || t > Duration::from_secs(3600) {
+            return Err(invalid(
+                "--db-timeout",
+                self.db_timeout.clone(),
+                "use 1s to 1h (the default is 30s)",
+            ));
+        }
+        Ok(t)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -172,6 +191,7 @@ pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, Config
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub database_url: String,
+    pub db_timeout: Duration,
     /// Base URL of the Storage API, ending in `/storage/v1`.
     pub storage_base: url::Url,
     pub key: ServiceKey,
@@ -456,6 +476,7 @@ impl RunArgs {
         };
         Ok(Settings {
             database_url,
+            db_timeout: self.db.timeout()?,
             storage_base,
             key,
             policy,

@@ -1,4 +1,4 @@
-//! `/metrics`, `/livez` (the process works) and `/readyz` (database and storage reachable,
+//! `/metrics`, `/livez` (the drain loop makes progress) and `/readyz` (database and storage reachable,
 //! credentials accepted, and whether --max-deletes-per-hour holds deletes back), for
 //! `reaper run --metrics-addr`.
 
@@ -20,7 +20,7 @@ pub async fn serve(addr: SocketAddr, reaper: Arc<Reaper>) -> std::io::Result<()>
     let shutdown = reaper.shutdown.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(reaper);
     axum::serve(listener, app)
@@ -38,14 +38,30 @@ async fn metrics(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
     )
 }
 
+/// Alive while the drain loop makes progress: each of its steps is bounded, and one that runs
+/// far past its bound is stuck where no timeout reaches (restart the process).
+async fn livez(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
+    match reaper.live.stuck(std::time::Instant::now()) {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("stuck: {why}\n")),
+    }
+}
+
 async fn readyz(State(reaper): State<Arc<Reaper>>) -> impl IntoResponse {
     let db = reaper.db_ok.load(Ordering::SeqCst);
     let storage = reaper.storage_ok.load(Ordering::SeqCst);
+    let db_error = reaper.db_error.lock().unwrap().clone();
     let mut body = format!(
         "database: {}\nstorage: {}\n",
-        if db { "ok" } else { "unreachable" },
+        match (db, db_error) {
+            (true, _) => "ok".to_string(),
+            (false, Some(e)) => format!("unreachable: {e}"),
+            (false, None) => "not connected yet".to_string(),
+        },
         if storage {
             "ok"
+        } else if reaper.metrics.storage_unreachable.get() > 0 {
+            "unreachable (an outage: rows wait with no attempt counted)"
         } else {
             "not verified or refusing the key"
         }

@@ -2,12 +2,13 @@
 //!
 //! `main.rs` is a thin shell over this library: `config` reads and checks the settings,
 //! `queue` talks to the extension's SQL API, `storage` to the Storage API, `reaper` is the drain
-//! loop, `limit` its optional hourly cap, `shutdown` turns signals into a clean stop, `metrics`
+//! loop, `limit` its optional hourly cap, `live` whether it makes progress (/livez), `shutdown` turns signals into a clean stop, `metrics`
 //! and `http` expose what happens, and `temp` is the guide's local temp-file cleanup.
 
 pub mod config;
 pub mod http;
 pub mod limit;
+pub mod live;
 pub mod metrics;
 pub mod queue;
 pub mod reaper;

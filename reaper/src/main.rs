@@ -41,7 +41,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Status(db) => {
             let url = reaper::config::database_url(&db)?;
-            let queue = reaper::queue::Queue::connect(&url, "status", false).await?;
+            let queue = reaper::queue::Queue::connect(&url, "status", false, db.timeout()?).await?;
             println!("{}", queue.status().await?);
             Ok(ExitCode::SUCCESS)
         }
@@ -84,13 +84,17 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     let mut reaper = Reaper::new(settings.clone(), metrics, shutdown.clone());
     if mode == Mode::Drain {
         // The bar's length: what is ready now (others may add to it or take from it meanwhile).
-        let ready =
-            match reaper::queue::Queue::connect(&settings.database_url, &settings.worker_id, false)
-                .await
-            {
-                Ok(q) => q.status().await.ok().map(|s| s.ready.max(0) as u64),
-                Err(_) => None,
-            };
+        let ready = match reaper::queue::Queue::connect(
+            &settings.database_url,
+            &settings.worker_id,
+            false,
+            settings.db_timeout,
+        )
+        .await
+        {
+            Ok(q) => q.status().await.ok().map(|s| s.ready.max(0) as u64),
+            Err(_) => None,
+        };
         attach_progress(&mut reaper, ready);
     }
     let reaper = Arc::new(reaper);
@@ -178,8 +182,13 @@ fn attach_progress(reaper: &mut Reaper, total: Option<u64>) {
 }
 
 async fn dry_run(settings: &reaper::config::Settings) -> anyhow::Result<ExitCode> {
-    let queue =
-        reaper::queue::Queue::connect(&settings.database_url, &settings.worker_id, false).await?;
+    let queue = reaper::queue::Queue::connect(
+        &settings.database_url,
+        &settings.worker_id,
+        false,
+        settings.db_timeout,
+    )
+    .await?;
     let rows = queue.peek(10_000).await?;
     for row in &rows {
         let name = format!(

@@ -27,6 +27,10 @@ pub enum QueueError {
     NotInstalled,
     #[error("pg_orphan_cleanup {0} is installed, and this reaper needs {min} or later; run ALTER EXTENSION pg_orphan_cleanup UPDATE in the database", min = min_extension())]
     TooOld(String),
+    /// A call took longer than --db-timeout: the server cancelled it (statement or lock
+    /// timeout), or no answer came at all (a partition, a stopped server).
+    #[error("the database did not answer within --db-timeout ({0}); a lock held on the orphan_cleanup tables (see pg_locks), an overloaded server or a network partition")]
+    Timeout(String),
 }
 
 fn min_extension() -> String {
@@ -54,7 +58,11 @@ pub fn supported(version: &str) -> bool {
 
 impl From<tokio_postgres::Error> for QueueError {
     fn from(e: tokio_postgres::Error) -> QueueError {
-        QueueError::Db(describe(&e))
+        // 57014: cancelled by statement_timeout; 55P03: lock_timeout.
+        match e.code().map(|c| c.code()) {
+            Some("57014") | Some("55P03") => QueueError::Timeout(describe(&e)),
+            _ => QueueError::Db(describe(&e)),
+        }
     }
 }
 
@@ -151,6 +159,8 @@ impl Claimed {
 
 pub struct Queue {
     client: Client,
+    /// --db-timeout: how long any call may take.
+    timeout: Duration,
     worker: String,
     /// Whether confirm() checks every reported deletion against storage.objects here.
     verifies_absence: bool,
@@ -161,9 +171,32 @@ pub struct Queue {
 impl Queue {
     /// Connects and, when `listen`, subscribes to the queue's NOTIFY channel. A NOTIFY only
     /// arrives on a session connection; through a transaction-mode pooler the reaper polls.
-    pub async fn connect(url: &str, worker: &str, listen: bool) -> Result<Queue, QueueError> {
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+    ///
+    /// Every call is bounded by `timeout`: the server cancels a statement or a lock wait that
+    /// takes longer (statement_timeout, lock_timeout), and the reaper gives up on a call whose
+    /// answer does not come a few seconds after that (the connection is then dropped). TCP
+    /// keepalives keep an idle connection from going half-open behind a NAT or a firewall.
+    pub async fn connect(
+        url: &str,
+        worker: &str,
+        listen: bool,
+        timeout: Duration,
+    ) -> Result<Queue, QueueError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| QueueError::Connect(describe(&e)))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(timeout.min(Duration::from_secs(10)));
+        }
+        config.keepalives(true);
+        if !url.contains("keepalives_idle") {
+            config.keepalives_idle(Duration::from_secs(60));
+        }
+        let (client, mut connection) = tokio::time::timeout(timeout + GRACE, config.connect(NoTls))
             .await
+            .map_err(|_| {
+                QueueError::Connect(format!("no answer within {}s", (timeout + GRACE).as_secs()))
+            })?
             .map_err(|e| QueueError::Connect(describe(&e)))?;
         let closed = Arc::new(AtomicBool::new(false));
         let notified = Arc::new(Notify::new());
@@ -183,35 +216,62 @@ impl Queue {
             c.store(true, Ordering::SeqCst);
             n.notify_one();
         });
-        client
-            .batch_execute("SET application_name = 'pg_orphan_cleanup reaper'")
-            .await?;
-        let version: Option<String> = client
-            .query_opt(
+        let ms = timeout.as_millis();
+        bounded(
+            timeout,
+            &closed,
+            client.batch_execute(&format!(
+                "SET application_name = 'pg_orphan_cleanup reaper'; SET statement_timeout = {ms}; SET lock_timeout = {ms}"
+            )),
+        )
+        .await?;
+        let version: Option<String> = bounded(
+            timeout,
+            &closed,
+            client.query_opt(
                 "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_orphan_cleanup'",
                 &[],
-            )
-            .await?
-            .map(|r| r.get(0));
+            ),
+        )
+        .await?
+        .map(|r| r.get(0));
         match version {
             None => return Err(QueueError::NotInstalled),
             Some(v) if !supported(&v) => return Err(QueueError::TooOld(v)),
             Some(_) => {}
         }
         if listen {
-            client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+            bounded(
+                timeout,
+                &closed,
+                client.batch_execute(&format!("LISTEN {CHANNEL}")),
+            )
+            .await?;
         }
-        let verifies_absence = client
-            .query_one("SELECT orphan_cleanup.verifies_absence()", &[])
-            .await?
-            .get(0);
+        let verifies_absence = bounded(
+            timeout,
+            &closed,
+            client.query_one("SELECT orphan_cleanup.verifies_absence()", &[]),
+        )
+        .await?
+        .get(0);
         Ok(Queue {
             client,
+            timeout,
             worker: worker.to_string(),
             verifies_absence,
             closed,
             notified,
         })
+    }
+
+    /// Runs one call within --db-timeout (and a little more, for the server's own timeout to
+    /// answer first). A call with no answer at all closes this connection: its state is unknown.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, QueueError> {
+        bounded(self.timeout, &self.closed, call).await
     }
 
     /// Whether this database checks what storage reports deleted or absent against
@@ -241,8 +301,7 @@ impl Queue {
     ) -> Result<Claim, QueueError> {
         let lease = format!("{} seconds", lease.as_secs());
         let rows = self
-            .client
-            .query(
+            .bounded(self.client.query(
                 "SELECT id, job_id::text, host, bucket, object_path, attempts, lease_token
                  FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4, $5, $6)",
                 &[
@@ -253,7 +312,7 @@ impl Queue {
                     &serves.hosts,
                     &serves.home,
                 ],
-            )
+            ))
             .await?;
         Ok(Claim {
             lease: rows.first().map(|r| LeaseToken(r.get(6))),
@@ -317,13 +376,8 @@ impl Queue {
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             vec![&self.worker, &lease.0, &ids];
         params.extend_from_slice(rest);
-        let rows = self
-            .client
-            .query(
-                &format!("SELECT id, result FROM orphan_cleanup.{call}"),
-                &params,
-            )
-            .await?;
+        let sql = format!("SELECT id, result FROM orphan_cleanup.{call}");
+        let rows = self.bounded(self.client.query(&sql, &params)).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -343,11 +397,10 @@ impl Queue {
         let ids: Option<Vec<i64>> = ids.map(<[i64]>::to_vec);
         let nothing_sent = sent == Sent::Nothing;
         Ok(self
-            .client
-            .query_one(
+            .bounded(self.client.query_one(
                 "SELECT orphan_cleanup.release($1, $2, $3, $4, $5)",
                 &[&self.worker, &lease.0, &ids, &reason, &nothing_sent],
-            )
+            ))
             .await?
             .get(0))
     }
@@ -355,23 +408,21 @@ impl Queue {
     /// What a claim would hand out, for --dry-run.
     pub async fn peek(&self, max_rows: i32) -> Result<Vec<Claimed>, QueueError> {
         let rows = self
-            .client
-            .query("SELECT id, job_id::text, host, bucket, object_path, attempts FROM orphan_cleanup.peek($1)", &[&max_rows])
+            .bounded(self.client.query("SELECT id, job_id::text, host, bucket, object_path, attempts FROM orphan_cleanup.peek($1)", &[&max_rows]))
             .await?;
         Ok(rows.iter().map(Claimed::from_row).collect())
     }
 
     pub async fn status(&self) -> Result<Status, QueueError> {
         let r = self
-            .client
-            .query_one(
+            .bounded(self.client.query_one(
                 "SELECT pending, ready, claimed, dead, rejected, deleted, absent, oldest_pending::text,
                         last_cycle_at::text, last_cycle_status, last_cycle_error, health, reaping_enabled, attached,
                         reaper_alert, reaper_alert_at::text,
                         reapers, unserved, refused_by_reapers, misconfigured_reapers
                  FROM orphan_cleanup.queue_status()",
                 &[],
-            )
+            ))
             .await?;
         Ok(Status {
             pending: r.get(0),
@@ -395,6 +446,26 @@ impl Queue {
             refused_by_reapers: r.get(18),
             misconfigured_reapers: r.get(19),
         })
+    }
+}
+
+/// Beyond --db-timeout, how long to wait for the server's own cancellation to arrive.
+const GRACE: Duration = Duration::from_secs(5);
+
+async fn bounded<T>(
+    timeout: Duration,
+    closed: &AtomicBool,
+    call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, QueueError> {
+    match tokio::time::timeout(timeout + GRACE, call).await {
+        Ok(result) => result.map_err(QueueError::from),
+        Err(_) => {
+            closed.store(true, Ordering::SeqCst);
+            Err(QueueError::Timeout(format!(
+                "no answer within {}s; the connection is dropped",
+                (timeout + GRACE).as_secs()
+            )))
+        }
     }
 }
 

@@ -106,6 +106,10 @@ pub struct Reaper {
     /// Readiness for /readyz: database reachable, storage accepting the key.
     pub db_ok: AtomicBool,
     pub storage_ok: AtomicBool,
+    /// For /livez: the loop's current step and how long it may take.
+    pub live: crate::live::Liveness,
+    /// The last database error, for /readyz, until a connection works again.
+    pub db_error: Mutex<Option<String>>,
     summary: Mutex<Summary>,
     absent_run: Mutex<u64>,
     /// Names per bulk request: --batch-size, or less once storage says its limit is lower.
@@ -179,6 +183,8 @@ impl Reaper {
             shutdown,
             db_ok: AtomicBool::new(false),
             storage_ok: AtomicBool::new(false),
+            live: crate::live::Liveness::new(),
+            db_error: Mutex::new(None),
             summary: Mutex::new(Summary::default()),
             absent_run: Mutex::new(0),
             bulk_limit: std::sync::atomic::AtomicUsize::new(batch_size),
@@ -252,22 +258,25 @@ impl Reaper {
         let mut reconnect = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut cooldown = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
         while !self.shutdown.is_cancelled() {
+            self.live.step("connecting to the database", self.db_call());
             let q = match queue.take().filter(|q| !q.is_closed()) {
                 Some(q) => q,
                 None => match Queue::connect(
                     &self.settings.database_url,
                     &self.settings.worker_id,
                     mode == Mode::Run,
+                    self.settings.db_timeout,
                 )
                 .await
                 {
                     Ok(q) => {
                         self.db_ok.store(true, Ordering::SeqCst);
+                        *self.db_error.lock().unwrap() = None;
                         reconnect.reset();
                         q
                     }
                     Err(e) => {
-                        self.db_ok.store(false, Ordering::SeqCst);
+                        self.db_down(&e);
                         if mode == Mode::Drain {
                             return Err(e);
                         }
@@ -282,6 +291,7 @@ impl Reaper {
                     }
                 },
             };
+            self.live.step("claiming", self.db_call());
             let claimed = match prefetched.take() {
                 Some(b) => Ok(Some(b)),
                 None => self.claim(&q).await,
@@ -307,7 +317,7 @@ impl Reaper {
                     if mode == Mode::Drain && !q.is_closed() {
                         return Err(e);
                     }
-                    self.db_ok.store(false, Ordering::SeqCst);
+                    self.db_down(&e);
                     let wait = reconnect.next_delay();
                     tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "claim failed; reconnecting");
                     self.sleep(wait).await;
@@ -319,11 +329,13 @@ impl Reaper {
                     break;
                 }
                 if self.status_due() {
+                    self.live.step("reading queue_status()", self.db_call());
                     if let Ok(status) = q.status().await {
                         self.watch_status(&status);
                     }
                 }
                 let poll = self.settings.poll_interval;
+                self.live.step("waiting for work", poll);
                 tokio::select! {
                     _ = q.wait(poll) => {}
                     _ = self.shutdown.cancelled() => {}
@@ -332,6 +344,8 @@ impl Reaper {
                 continue;
             }
             // Delete and confirm this batch while the next one is claimed on the other connection.
+            self.live
+                .step("deleting and confirming a batch", self.batch_bound());
             let (outcome, next) =
                 tokio::join!(self.process(&q, batch), self.claim_ahead(&mut claimer));
             prefetched = next;
@@ -339,7 +353,7 @@ impl Reaper {
                 Ok(trouble) => trouble,
                 Err(e) => {
                     // Rows stay claimed; their leases bring them back. Reconnect and go on.
-                    self.db_ok.store(false, Ordering::SeqCst);
+                    self.db_down(&e);
                     tracing::warn!(error = %e, "database error while recording results; the leases will return the rows");
                     if mode == Mode::Drain && !q.is_closed() {
                         return Err(e);
@@ -486,7 +500,13 @@ impl Reaper {
             return None;
         }
         if claimer.as_ref().is_none_or(Queue::is_closed) {
-            match Queue::connect(&self.settings.database_url, &self.settings.worker_id, false).await
+            match Queue::connect(
+                &self.settings.database_url,
+                &self.settings.worker_id,
+                false,
+                self.settings.db_timeout,
+            )
+            .await
             {
                 Ok(q) => *claimer = Some(q),
                 Err(e) => {
@@ -508,9 +528,27 @@ impl Reaper {
         }
     }
 
+    /// The database failed a call: /readyz says so, with why, until a connection works again.
+    fn db_down(&self, e: &QueueError) {
+        self.db_ok.store(false, Ordering::SeqCst);
+        *self.db_error.lock().unwrap() = Some(e.to_string());
+    }
+
+    /// The longest one database call may take before the reaper gives up on it.
+    fn db_call(&self) -> Duration {
+        self.settings.db_timeout + Duration::from_secs(10)
+    }
+
+    /// The longest one batch may take: its deletes are sent only within the lease, and each
+    /// takes at most --request-timeout; then a handful of bounded database calls record it.
+    fn batch_bound(&self) -> Duration {
+        self.settings.lease + self.settings.request_timeout + self.db_call() * 8
+    }
+
     /// Releases a batch this reaper will not process now, without counting an attempt. Nothing
     /// of it was sent, so its objects count as never handed out.
     async fn give_back(&self, q: &Queue, batch: &Batch) {
+        self.live.step("giving back a batch", self.db_call());
         let Some(lease) = &batch.lease else { return };
         let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
         match q.release(lease, Some(&ids), None, Sent::Nothing).await {
@@ -526,6 +564,7 @@ impl Reaper {
     }
 
     async fn sleep(&self, d: Duration) {
+        self.live.step("waiting", d);
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
             _ = self.shutdown.cancelled() => {}

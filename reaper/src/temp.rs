@@ -1,10 +1,16 @@
 //! The deployment guide's local temp-file cleanup (`TEMP_DIR_CLEANUP_INTERVAL_MS`,
 //! `MAX_TEMP_FILE_AGE_MS`): remove regular files older than an age under one directory. Symlinks
-//! are never followed (neither to files nor to directories), so nothing outside the directory
-//! is ever touched.
+//! are never followed (neither to files nor to directories), and every step works through
+//! directory handles, so nothing outside the directory is ever touched, even when someone who
+//! can write to it swaps its parts while a sweep runs.
 
-use std::path::Path;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, SystemTime};
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
@@ -14,59 +20,165 @@ pub struct SweepReport {
     pub errors: u64,
 }
 
+/// A directory still to sweep: its name inside a parent that is already open.
+struct Pending {
+    parent: Rc<OwnedFd>,
+    name: CString,
+    path: PathBuf,
+}
+
+/// Removes regular files older than `max_age` under `dir`.
+///
+/// Every step works relative to an open directory handle, never on a full path: a directory is
+/// opened from its parent's handle with `O_NOFOLLOW | O_DIRECTORY` and must be the very
+/// directory (device and inode) that was listed, and a file is removed with `unlinkat` in the
+/// directory it was found in. So a directory swapped for a symlink (or for another directory)
+/// between the look and the act leads nowhere outside: anyone who can write to the temp
+/// directory cannot make the sweeper delete elsewhere. Other filesystems mounted inside are
+/// left alone. The walk keeps its own list instead of recursing, so no nesting depth can
+/// overflow the stack, and holds a handle only for directories whose subdirectories wait.
 pub fn sweep(dir: &Path, max_age: Duration) -> SweepReport {
     let mut report = SweepReport::default();
     let now = SystemTime::now();
-    walk(dir, max_age, now, &mut report);
+    // The configured directory itself is the operator's choice and may be a symlink.
+    let root = match rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot open temp directory");
+            report.errors += 1;
+            return report;
+        }
+    };
+    let device = match rustix::fs::fstat(&root) {
+        Ok(st) => st.st_dev,
+        Err(_) => {
+            report.errors += 1;
+            return report;
+        }
+    };
+    let mut todo: Vec<Pending> = Vec::new();
+    sweep_one(
+        root,
+        dir.to_path_buf(),
+        device,
+        max_age,
+        now,
+        &mut todo,
+        &mut report,
+    );
+    while let Some(p) = todo.pop() {
+        let Some(fd) = open_subdir(&p, device, &mut report) else {
+            continue;
+        };
+        drop(p.parent);
+        sweep_one(fd, p.path, device, max_age, now, &mut todo, &mut report);
+    }
     report
 }
 
-fn walk(dir: &Path, max_age: Duration, now: SystemTime, report: &mut SweepReport) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
+/// Opens a listed subdirectory from its parent's handle, refusing a symlink, a non-directory,
+/// another filesystem, and anything that is not the directory that was listed.
+fn open_subdir(p: &Pending, device: u64, report: &mut SweepReport) -> Option<OwnedFd> {
+    let listed = rustix::fs::statat(
+        p.parent.as_fd(),
+        p.name.as_c_str(),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .ok()?;
+    if listed.st_dev != device {
+        report.kept += 1;
+        return None;
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(p.parent.as_fd(), p.name.as_c_str(), flags, Mode::empty()) {
+        Ok(fd) => fd,
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot read temp directory");
+            tracing::warn!(dir = %p.path.display(), error = %e, "not sweeping a directory that changed while the sweep ran");
+            report.errors += 1;
+            return None;
+        }
+    };
+    let opened = rustix::fs::fstat(&fd).ok()?;
+    if (opened.st_dev, opened.st_ino) != (listed.st_dev, listed.st_ino) {
+        tracing::warn!(dir = %p.path.display(), "not sweeping a directory that was swapped while the sweep ran");
+        report.errors += 1;
+        return None;
+    }
+    Some(fd)
+}
+
+/// Sweeps the files of one open directory and lists its subdirectories in `todo`.
+fn sweep_one(
+    fd: OwnedFd,
+    path: PathBuf,
+    device: u64,
+    max_age: Duration,
+    now: SystemTime,
+    todo: &mut Vec<Pending>,
+    report: &mut SweepReport,
+) {
+    let names = match list(&fd) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(dir = %path.display(), error = %e, "cannot read temp directory");
             report.errors += 1;
             return;
         }
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        // symlink_metadata: a link is judged as a link, never by what it points to.
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+    let fd = Rc::new(fd);
+    for name in names {
+        let entry_path = path.join(name.to_string_lossy().as_ref());
+        // A link is judged as a link, never by what it points to.
+        let Ok(st) = rustix::fs::statat(fd.as_fd(), name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+        else {
             report.errors += 1;
             continue;
         };
-        let kind = meta.file_type();
-        if kind.is_symlink() {
-            report.kept += 1;
-        } else if kind.is_dir() {
-            walk(&path, max_age, now, report);
-        } else if kind.is_file() {
-            let age = meta
-                .modified()
-                .ok()
-                .and_then(|m| now.duration_since(m).ok())
-                .unwrap_or_default();
-            if age > max_age {
-                match std::fs::remove_file(&path) {
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory if st.st_dev == device => todo.push(Pending {
+                parent: fd.clone(),
+                name,
+                path: entry_path,
+            }),
+            FileType::RegularFile if age(&st, now) > max_age => {
+                match rustix::fs::unlinkat(fd.as_fd(), name.as_c_str(), AtFlags::empty()) {
                     Ok(()) => {
-                        tracing::info!(file = %path.display(), age_s = age.as_secs(), bytes = meta.len(), "removed old temp file");
+                        tracing::info!(file = %entry_path.display(), age_s = age(&st, now).as_secs(), bytes = st.st_size, "removed old temp file");
                         report.removed += 1;
-                        report.bytes += meta.len();
+                        report.bytes += st.st_size.max(0) as u64;
                     }
                     Err(e) => {
-                        tracing::warn!(file = %path.display(), error = %e, "cannot remove temp file");
+                        tracing::warn!(file = %entry_path.display(), error = %e, "cannot remove temp file");
                         report.errors += 1;
                     }
                 }
-            } else {
-                report.kept += 1;
             }
-        } else {
-            report.kept += 1;
+            _ => report.kept += 1,
         }
     }
+}
+
+/// The names in a directory, without `.` and `..`.
+fn list(fd: &OwnedFd) -> rustix::io::Result<Vec<CString>> {
+    let mut names = Vec::new();
+    for entry in Dir::read_from(fd)? {
+        let entry = entry?;
+        let name: &CStr = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+fn age(st: &Stat, now: SystemTime) -> Duration {
+    let modified =
+        SystemTime::UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+    now.duration_since(modified).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -118,5 +230,131 @@ mod tests {
         );
         fs::remove_dir_all(&root).unwrap();
         fs::remove_dir_all(&outside).unwrap();
+    }
+
+    /// Issue 12, finding 6: the sweeper checked with `symlink_metadata` and then removed by full
+    /// path, so a directory swapped for a symlink in between (`renameat2(RENAME_EXCHANGE)`)
+    /// redirected its deletes to wherever the link pointed. Here a thread keeps exchanging a
+    /// directory of old files with a symlink to a victim directory while the sweeper runs again
+    /// and again: the victim's files must all survive.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_mid_sweep_leads_nowhere_outside() {
+        use rustix::fs::{openat, renameat_with, RenameFlags, CWD};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let base = std::env::temp_dir().join(format!("reaper-temp-swap-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let (root, victim) = (base.join("temp"), base.join("victim"));
+        fs::create_dir_all(root.join("sub")).unwrap();
+        fs::create_dir_all(&victim).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("link")).unwrap();
+        let names: Vec<String> = (0..20).map(|i| format!("f{i}.tmp")).collect();
+        for n in &names {
+            fs::write(victim.join(n), b"precious").unwrap();
+            aged(&victim.join(n), Duration::from_secs(7200));
+        }
+        // The real directory, by handle: refilled without ever going through the link.
+        let sub = openat(
+            CWD,
+            root.join("sub"),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (stop, root) = (stop.clone(), root.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    renameat_with(
+                        CWD,
+                        root.join("sub"),
+                        CWD,
+                        root.join("link"),
+                        RenameFlags::EXCHANGE,
+                    )
+                    .unwrap();
+                }
+            })
+        };
+        let mut removed = 0;
+        for _ in 0..300 {
+            for n in &names {
+                let fd = openat(
+                    &sub,
+                    n.as_str(),
+                    OFlags::WRONLY | OFlags::CREATE,
+                    Mode::from_raw_mode(0o600),
+                )
+                .unwrap();
+                File::from(fd)
+                    .set_times(
+                        FileTimes::new()
+                            .set_modified(SystemTime::now() - Duration::from_secs(7200)),
+                    )
+                    .unwrap();
+            }
+            removed += sweep(&root, Duration::from_secs(3600)).removed;
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        let survivors = names
+            .iter()
+            .filter(|n| victim.join(n.as_str()).exists())
+            .count();
+        assert_eq!(
+            survivors,
+            names.len(),
+            "files outside the temp directory were deleted"
+        );
+        assert!(removed > 0, "the sweeper did sweep the real directory");
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Issue 12, finding 6: the sweeper recursed on the stack, and 2,030 nested directories
+    /// overflowed the blocking thread's and aborted the daemon at start-up (a crash loop under
+    /// Restart=always). Deeper than any path may be long, on a 2 MiB stack like the blocking
+    /// pool's, the sweep finishes and removes the old file at the bottom.
+    #[test]
+    fn nesting_deeper_than_a_path_is_long_is_swept() {
+        use rustix::fs::{mkdirat, openat};
+        let root = std::env::temp_dir().join(format!("reaper-temp-deep-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let mut fd = openat(
+            rustix::fs::CWD,
+            &root,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..5000 {
+            mkdirat(&fd, "d", Mode::from_raw_mode(0o700)).unwrap();
+            fd = openat(&fd, "d", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        }
+        let file = openat(
+            &fd,
+            "old.tmp",
+            OFlags::WRONLY | OFlags::CREATE,
+            Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        File::from(file)
+            .set_times(FileTimes::new().set_modified(SystemTime::now() - Duration::from_secs(7200)))
+            .unwrap();
+        let r = root.clone();
+        let report = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || sweep(&r, Duration::from_secs(3600)))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(report.removed, 1, "{report:?}");
+        // Clean up from the bottom, by handle (the path is too long for remove_dir_all).
+        drop(fd);
+        let _ = std::process::Command::new("rm")
+            .arg("-rf")
+            .arg(&root)
+            .status();
     }
 }

@@ -500,11 +500,3 @@ pub mod uuid_text {
         }
     }
 }
-
-/// A TCP port on 127.0.0.1 that nothing listens on (it was free a moment ago).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}

@@ -62,12 +62,15 @@ pub fn free_addr() -> String {
     format!("127.0.0.1:{}", l.local_addr().unwrap().port())
 }
 
-/// GET `path` from a reaper's metrics address: (status, body), or the error's text.
+/// GET `path` from a reaper's metrics address: (status, body) whatever the status, or the
+/// transport error's text.
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
-    ureq::get(&format!("http://{addr}{path}"))
-        .call()
-        .map(|r| (r.status(), r.into_string().unwrap()))
-        .map_err(|e| e.to_string())
+    match ureq::get(&format!("http://{addr}{path}")).call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => {
+            Ok((r.status(), r.into_string().map_err(|e| e.to_string())?))
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A running emulator on a free port, killed when dropped (or when its test's thread ends).

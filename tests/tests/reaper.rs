@@ -167,7 +167,7 @@ fn an_outage_costs_no_attempt_and_drain_says_so() {
     let mut c = w.db.client();
     // A port nothing listens on, which the database counts as this project's too (the reaper
     // deletes through SUPABASE_URL; --storage-hosts lets it serve the rows of the emulator's).
-    let closed_host = format!("127.0.0.1:{}", free_port());
+    let closed_host = free_addr();
     let closed = format!("http://{closed_host}");
     settings(&[
         ("allowed_buckets", "renders"),
@@ -1175,6 +1175,127 @@ fn hanging_storage_times_out_and_costs_no_attempt() {
     );
     assert_eq!(states(&mut c), vec![("pending".to_string(), 5)]);
     assert_eq!(max_attempts_seen(&mut c), 0);
+}
+
+/// Issue 12, finding 5: with no database timeouts, a session holding a lock on the queue hung
+/// the reaper in claim() for as long as it held it, /livez and /readyz said ok, and SIGTERM,
+/// SIGINT and SIGTERM again did nothing. Now every call is bounded by --db-timeout: a drain
+/// fails naming the cause, a daemon retries with /readyz failing and stops on SIGTERM, and a
+/// second signal exits at once even while a call waits.
+#[test]
+fn a_held_lock_never_hangs_the_reaper() {
+    let w = world("reaper_lock", 10, &[]);
+    let mut c = w.db.client();
+    let mut locker = w.db.client();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE orphan_cleanup.deletion_queue IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--no-probe", "--db-timeout", "2s"],
+    )
+    .run();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("did not answer within --db-timeout"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let addr = free_addr();
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "run",
+            "--no-probe",
+            "--db-timeout",
+            "2s",
+            "--metrics-addr",
+            &addr,
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .start();
+    wait_for(
+        Duration::from_secs(30),
+        "/readyz to name the timeout",
+        || {
+            http_get(&addr, "/readyz").is_ok_and(|(status, body)| {
+                status == 503 && body.contains("did not answer within --db-timeout")
+            })
+        },
+    );
+    assert_eq!(
+        http_get(&addr, "/livez").unwrap().0,
+        200,
+        "a loop that retries is alive"
+    );
+    let asked = std::time::Instant::now();
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // A call that may wait a minute: the first SIGTERM waits for it, the second exits at once.
+    let child = reaper(
+        &w.db.name,
+        &w.emu,
+        &["run", "--no-probe", "--db-timeout", "60s"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .start();
+    wait_for(
+        Duration::from_secs(30),
+        "the claim to wait on the lock",
+        || {
+            c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_orphan_cleanup reaper' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+        },
+    );
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_secs(2));
+    let asked = std::time::Instant::now();
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(10));
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(143), "{text}");
+    assert!(text.contains("second signal: exiting at once"), "{text}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // The lock goes; everything drains. (The exited reaper's backend still waits in its claim
+    // and would claim once the lock goes, for its lease to bring back: end it first.)
+    c.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_orphan_cleanup reaper'",
+    )
+    .unwrap();
+    locker.batch_execute("COMMIT").unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 10)]);
 }
 
 #[test]
