@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The chaos suite at full scale (`make chaos`): the eight scenarios of tests/tests/chaos.rs
+# The chaos suite at full scale (`make chaos`): the nine scenarios of tests/tests/chaos.rs
 # against a throwaway cluster of its own, the real extension, real reaper processes and the
 # storage emulator, then RELIABILITY.md regenerated from what they recorded.
 #
@@ -33,7 +33,7 @@ cargo test -p e2e --test chaos -- --test-threads=1 || status=$?
 elapsed=$(( $(date +%s) - started ))
 
 rows=""
-for n in 1 2 3 4 5 6 7 8; do
+for n in 1 2 3 4 5 6 7 8 9; do
   f="$RESULTS/0$n.md"
   if [ -f "$f" ]; then
     rows+="$(cat "$f")"$'\n'
@@ -117,8 +117,15 @@ ${rows}
    objects and request log: every saved asset's object present; every deleted object handed out
    by a claim that no committed save followed; every deletable orphan's object gone. A failure
    prints the seed (\`HISTORY_SEED\`) and the object's history.
+9. **A broken upstream** (\`chaos_9_...\`, issue 12): one reaper daemon drains while storage turns,
+   in turn, into everything a real upstream can be: HTTP 500 on every request, a CDN's HTML page
+   with 200, a redirect to another host, a 200 answer naming no object of this bucket, a lower
+   bulk limit, a proxy refusing one name, a project over quota, requests that never answer, and
+   a DBA's lock on the queue; healthy stretches in between. Beyond the four checks: the other host
+   received nothing, no row was charged an attempt for an outage, and the only dead letter is
+   the name the proxy refuses, with its reason.
 
-Rerun: \`make chaos\` (about $(( (elapsed + 59) / 60 )) minutes here). \`make test\` runs the same eight
+Rerun: \`make chaos\` (about $(( (elapsed + 59) / 60 )) minutes here). \`make test\` runs the same nine
 scenarios at CI scale (smaller loads, the same faults).
 EOF
 echo "RELIABILITY.md written"

@@ -26,7 +26,8 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.refuse(text, bigint[], text),
     orphan_cleanup.peek(integer),
     orphan_cleanup.queue_status(),
-    orphan_cleanup.verifies_absence()
+    orphan_cleanup.verifies_absence(),
+    orphan_cleanup.sent_last_hour(text, boolean)
 TO orphan_cleanup_reaper;
 
 -- One row per call: without this the planner assumes 1000 and overestimates every cycle and

@@ -1097,6 +1097,33 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup.sent_last_hour(worker text, same_host boolean)
+RETURNS TABLE (age_s double precision, objects bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH mine AS (
+        SELECT a.at, a.action, a.queue_id, a.actor, a.detail
+        FROM orphan_cleanup.audit_log AS a
+        WHERE a.at > now() - interval '1 hour' AND a.action IN ('claimed', 'released')
+          AND CASE WHEN same_host THEN starts_with(a.actor, split_part(worker, ':', 1) || ':')
+                   ELSE a.actor = worker END
+    ),
+    claims AS (
+        SELECT m.at, m.queue_id, m.actor,
+               lead(m.at) OVER (PARTITION BY m.queue_id, m.actor ORDER BY m.at) AS next_claim
+        FROM mine AS m WHERE m.action = 'claimed'
+    )
+    SELECT extract(epoch FROM now() - date_trunc('second', c.at))::double precision, count(*)
+    FROM claims AS c
+    WHERE NOT EXISTS (
+        SELECT 1 FROM mine AS b
+        WHERE b.action = 'released' AND b.queue_id = c.queue_id AND b.actor = c.actor
+          AND b.at >= c.at AND (c.next_claim IS NULL OR b.at < c.next_claim)
+          AND (b.detail LIKE '%(nothing was sent)' OR b.detail LIKE 'refused by the reaper''s own allow-list%'))
+    GROUP BY date_trunc('second', c.at)
+    ORDER BY 1 DESC;
+END;
+
 CREATE FUNCTION orphan_cleanup.confirm(worker text, lease_token text, ids bigint[], outcome text)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -2590,7 +2617,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text),
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
     orphan_cleanup.verifies_absence(),
-    orphan_cleanup._still_stored(bigint[])
+    orphan_cleanup._still_stored(bigint[]),
+    orphan_cleanup.sent_last_hour(text, boolean)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
@@ -2600,5 +2628,6 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.release(text, text, bigint[], text, boolean),
     orphan_cleanup.refuse(text, text, bigint[], text),
     orphan_cleanup.queue_status(),
-    orphan_cleanup.verifies_absence()
+    orphan_cleanup.verifies_absence(),
+    orphan_cleanup.sent_last_hour(text, boolean)
 TO orphan_cleanup_reaper;

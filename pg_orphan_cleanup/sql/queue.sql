@@ -1049,6 +1049,39 @@ BEGIN ATOMIC
     LIMIT 1;
 END;
 
+-- What a reaper sent for deletion in the last hour, per second of claiming, read from the audit
+-- log: its claims, less the rows it gave back with nothing sent (released unsent, or refused by
+-- its own allow-list) from that very claim. A reaper with --max-deletes-per-hour starts from
+-- this, so a restart does not reset its budget. `worker` is the reaper's id; with `same_host`,
+-- every id that starts with the same host (`host:`, as a reaper without --worker-id names
+-- itself with a new pid each start) counts.
+CREATE FUNCTION orphan_cleanup.sent_last_hour(worker text, same_host boolean)
+RETURNS TABLE (age_s double precision, objects bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH mine AS (
+        SELECT a.at, a.action, a.queue_id, a.actor, a.detail
+        FROM orphan_cleanup.audit_log AS a
+        WHERE a.at > now() - interval '1 hour' AND a.action IN ('claimed', 'released')
+          AND CASE WHEN same_host THEN starts_with(a.actor, split_part(worker, ':', 1) || ':')
+                   ELSE a.actor = worker END
+    ),
+    claims AS (
+        SELECT m.at, m.queue_id, m.actor,
+               lead(m.at) OVER (PARTITION BY m.queue_id, m.actor ORDER BY m.at) AS next_claim
+        FROM mine AS m WHERE m.action = 'claimed'
+    )
+    SELECT extract(epoch FROM now() - date_trunc('second', c.at))::double precision, count(*)
+    FROM claims AS c
+    WHERE NOT EXISTS (
+        SELECT 1 FROM mine AS b
+        WHERE b.action = 'released' AND b.queue_id = c.queue_id AND b.actor = c.actor
+          AND b.at >= c.at AND (c.next_claim IS NULL OR b.at < c.next_claim)
+          AND (b.detail LIKE '%(nothing was sent)' OR b.detail LIKE 'refused by the reaper''s own allow-list%'))
+    GROUP BY date_trunc('second', c.at)
+    ORDER BY 1 DESC;
+END;
+
 -- What a claim would hand out now, without claiming: for the reaper's --dry-run.
 CREATE FUNCTION orphan_cleanup.peek(max_rows integer DEFAULT 100)
 RETURNS TABLE (id bigint, job_id uuid, host text, bucket text, object_path text, attempts integer,

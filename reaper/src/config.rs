@@ -206,6 +206,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub poll_interval: Duration,
     pub worker_id: String,
+    /// Whether the id was made up at start (host:pid:random) rather than given.
+    pub worker_id_generated: bool,
     pub max_deletes_per_hour: Option<u64>,
     pub max_absent_run: u64,
     pub dry_run: bool,
@@ -486,6 +488,7 @@ impl RunArgs {
             lease,
             request_timeout,
             poll_interval,
+            worker_id_generated: self.worker_id.is_none(),
             worker_id,
             max_deletes_per_hour: self.max_deletes_per_hour,
             max_absent_run: self.max_absent_run,

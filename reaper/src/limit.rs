@@ -3,8 +3,10 @@
 //! in any sliding hour.
 //!
 //! Rows count when they are claimed, since a claimed row may be deleted at any moment after, and
-//! are given back to the budget when they are released unsent. Counting at claim time keeps the
-//! limit exact with a batch claimed ahead.
+//! are given back to the claim they came from when they are released unsent (a refund dated at
+//! the release would let later claims exceed the cap). Counting at claim time keeps the limit
+//! exact with a batch claimed ahead. A reaper starts from what the audit log says it sent in the
+//! last hour ([`HourlyLimit::seed`]), so a restart does not reset the budget.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -14,8 +16,8 @@ const HOUR: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 pub struct HourlyLimit {
     max: u64,
-    /// (when, rows): claims count positive, rows released unsent negative.
-    spent: VecDeque<(Instant, i64)>,
+    /// (when claimed, rows still counted), oldest first.
+    spent: VecDeque<(Instant, u64)>,
 }
 
 impl HourlyLimit {
@@ -43,17 +45,33 @@ impl HourlyLimit {
     /// Rows that may still be claimed now.
     pub fn available(&mut self, now: Instant) -> u64 {
         self.forget_older_than_an_hour(now);
-        let used: i64 = self.spent.iter().map(|(_, n)| n).sum();
-        self.max.saturating_sub(used.max(0) as u64)
+        let used: u64 = self.spent.iter().map(|(_, n)| n).sum();
+        self.max.saturating_sub(used)
     }
 
-    pub fn claimed(&mut self, rows: u64, now: Instant) {
-        self.spent.push_back((now, rows as i64));
+    /// Counts a claim of `rows` made at `at` (the batch keeps `at` for its refunds).
+    pub fn claimed(&mut self, rows: u64, at: Instant) {
+        self.spent.push_back((at, rows));
     }
 
-    /// Rows given back without being sent to storage.
-    pub fn released(&mut self, rows: u64, now: Instant) {
-        self.spent.push_back((now, -(rows as i64)));
+    /// Rows of the claim made at `claimed_at` given back without being sent to storage. A claim
+    /// already older than an hour no longer counts: nothing to give back.
+    pub fn released(&mut self, rows: u64, claimed_at: Instant) {
+        if let Some((_, n)) = self.spent.iter_mut().find(|(at, _)| *at == claimed_at) {
+            *n = n.saturating_sub(rows);
+        }
+    }
+
+    /// What was sent in the last hour before this process started: `(how long ago, rows)`.
+    pub fn seed(&mut self, sent: &[(Duration, u64)], now: Instant) {
+        let mut entries: Vec<(Instant, u64)> = sent
+            .iter()
+            .filter(|(ago, _)| *ago < HOUR)
+            .filter_map(|(ago, n)| now.checked_sub(*ago).map(|at| (at, *n)))
+            .collect();
+        entries.extend(self.spent.drain(..));
+        entries.sort_by_key(|(at, _)| *at);
+        self.spent = entries.into();
     }
 
     /// When some of the budget comes back, if none is left now.
@@ -94,5 +112,42 @@ mod tests {
         l.claimed(8, t0);
         l.released(5, t0);
         assert_eq!(l.available(t0), 7);
+    }
+
+    /// Issue 12, finding 7: a refund was dated at the release, so once its claim aged out it
+    /// stayed as a credit and the next hour's claims could exceed the cap (up to twice).
+    #[test]
+    fn a_refund_late_in_the_hour_lends_nothing_to_the_next_hour() {
+        let t0 = Instant::now();
+        let mut l = HourlyLimit::new(10);
+        l.claimed(10, t0);
+        l.released(10, t0); // at t0 + 59 min, say: the refund belongs to the claim at t0
+        assert_eq!(l.available(t0 + Duration::from_secs(3540)), 10);
+        let t1 = t0 + Duration::from_secs(3550);
+        l.claimed(10, t1);
+        assert_eq!(
+            l.available(t0 + HOUR + Duration::from_secs(1)),
+            0,
+            "never more than 10 in an hour"
+        );
+    }
+
+    #[test]
+    fn a_restart_starts_from_what_was_sent() {
+        let now = Instant::now();
+        let mut l = HourlyLimit::new(10);
+        l.seed(
+            &[
+                (Duration::from_secs(600), 6),
+                (Duration::from_secs(4000), 9),
+            ],
+            now,
+        );
+        assert_eq!(
+            l.available(now),
+            4,
+            "the claim of an hour and more ago no longer counts"
+        );
+        assert_eq!(l.available(now + Duration::from_secs(3000)), 10);
     }
 }

@@ -405,6 +405,29 @@ impl Queue {
             .get(0))
     }
 
+    /// What this reaper (or, with `same_host`, any reaper of its host) sent for deletion in the
+    /// last hour: `(how long ago, rows)` per second of claiming.
+    pub async fn sent_last_hour(
+        &self,
+        worker: &str,
+        same_host: bool,
+    ) -> Result<Vec<(Duration, u64)>, QueueError> {
+        let rows = self
+            .bounded(self.client.query(
+                "SELECT age_s, objects FROM orphan_cleanup.sent_last_hour($1, $2)",
+                &[&worker, &same_host],
+            ))
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let age: f64 = r.get(0);
+                let n: i64 = r.get(1);
+                (Duration::from_secs_f64(age.max(0.0)), n.max(0) as u64)
+            })
+            .collect())
+    }
+
     /// What a claim would hand out, for --dry-run.
     pub async fn peek(&self, max_rows: i32) -> Result<Vec<Claimed>, QueueError> {
         let rows = self
@@ -446,6 +469,89 @@ impl Queue {
             refused_by_reapers: r.get(18),
             misconfigured_reapers: r.get(19),
         })
+    }
+}
+
+/// The calls that record a batch's results, retried while the batch's lease lasts when the
+/// server cancels one for taking longer than --db-timeout (a lock held for a while, a burst of
+/// load). The cancelled statement changed nothing, so the retry is safe; without it the rows
+/// would wait for their lease to run out, and its expiry costs each an attempt. A call with no
+/// answer at all is not retried: its connection is dropped, its outcome unknown.
+pub struct Recorder<'a> {
+    pub queue: &'a Queue,
+    pub lease: &'a LeaseToken,
+    /// The last moment a call may be retried: the lease's end, less a margin.
+    pub until: std::time::Instant,
+    /// Told of every timeout, retried or not (the reaper's /readyz reports it).
+    pub on_timeout: &'a (dyn Fn(&QueueError) + Sync),
+}
+
+impl Recorder<'_> {
+    async fn retried<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, QueueError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, QueueError>>,
+    {
+        let mut wait = Duration::from_millis(250);
+        loop {
+            let result = call().await;
+            if let Err(e @ QueueError::Timeout(_)) = &result {
+                (self.on_timeout)(e);
+            }
+            match result {
+                Err(QueueError::Timeout(e))
+                    if !self.queue.is_closed()
+                        && std::time::Instant::now() + wait + self.queue.timeout < self.until =>
+                {
+                    tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "{what} took longer than --db-timeout; retrying while the lease lasts");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    pub async fn confirm(
+        &self,
+        ids: &[i64],
+        outcome: &str,
+    ) -> Result<Vec<(i64, String)>, QueueError> {
+        self.retried("confirm()", || self.queue.confirm(self.lease, ids, outcome))
+            .await
+    }
+
+    pub async fn fail(
+        &self,
+        ids: &[i64],
+        error: &str,
+        retryable: bool,
+    ) -> Result<Vec<(i64, String)>, QueueError> {
+        self.retried("fail()", || {
+            self.queue.fail(self.lease, ids, error, retryable)
+        })
+        .await
+    }
+
+    pub async fn refuse(
+        &self,
+        ids: &[i64],
+        reason: &str,
+    ) -> Result<Vec<(i64, String)>, QueueError> {
+        self.retried("refuse()", || self.queue.refuse(self.lease, ids, reason))
+            .await
+    }
+
+    pub async fn release(
+        &self,
+        ids: &[i64],
+        reason: Option<&str>,
+        sent: Sent,
+    ) -> Result<i64, QueueError> {
+        self.retried("release()", || {
+            self.queue.release(self.lease, Some(ids), reason, sent)
+        })
+        .await
     }
 }
 

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::limit::HourlyLimit;
 use crate::metrics::Metrics;
-use crate::queue::{Claimed, LeaseToken, Queue, QueueError, Sent};
+use crate::queue::{Claimed, LeaseToken, Queue, QueueError, Recorder, Sent};
 use crate::storage::{StorageClient, StorageError};
 
 /// `drain` stops when the queue has nothing ready; `run` waits for more.
@@ -112,6 +112,8 @@ pub struct Reaper {
     pub db_error: Mutex<Option<String>>,
     summary: Mutex<Summary>,
     absent_run: Mutex<u64>,
+    /// Whether --max-deletes-per-hour has been started from the audit log.
+    seeded: AtomicBool,
     /// Names per bulk request: --batch-size, or less once storage says its limit is lower.
     bulk_limit: std::sync::atomic::AtomicUsize,
     /// When queue_status() was last read for the metrics (it scans the ready rows).
@@ -153,6 +155,11 @@ pub struct Batch {
     rows: Vec<Claimed>,
     lease: Option<LeaseToken>,
     send_by: Instant,
+    /// When the claim was counted against --max-deletes-per-hour: its refunds go there.
+    claimed_at: Instant,
+    /// The lease's end on this reaper's clock, less a tenth as a margin: results are recorded
+    /// before it (retried past a slow call until then).
+    lease_end: Instant,
 }
 
 impl Batch {
@@ -188,6 +195,7 @@ impl Reaper {
             summary: Mutex::new(Summary::default()),
             absent_run: Mutex::new(0),
             bulk_limit: std::sync::atomic::AtomicUsize::new(batch_size),
+            seeded: AtomicBool::new(false),
             status_read: Mutex::new(None),
             progress: None,
             limit,
@@ -273,6 +281,9 @@ impl Reaper {
                         self.db_ok.store(true, Ordering::SeqCst);
                         *self.db_error.lock().unwrap() = None;
                         reconnect.reset();
+                        if !self.seeded.load(Ordering::SeqCst) {
+                            self.seed_limit(&q).await;
+                        }
                         q
                     }
                     Err(e) => {
@@ -350,7 +361,10 @@ impl Reaper {
                 tokio::join!(self.process(&q, batch), self.claim_ahead(&mut claimer));
             prefetched = next;
             let storage_trouble = match outcome {
-                Ok(trouble) => trouble,
+                Ok(trouble) => {
+                    self.db_ok.store(true, Ordering::SeqCst);
+                    trouble
+                }
                 Err(e) => {
                     // Rows stay claimed; their leases bring them back. Reconnect and go on.
                     self.db_down(&e);
@@ -367,6 +381,13 @@ impl Reaper {
                 // not when its lease runs out (which would count an attempt).
                 if let Some(ahead) = prefetched.take() {
                     self.give_back(&q, &ahead).await;
+                }
+            }
+            // The queue's depth for the metrics, during a backlog too (at most every 30 s).
+            if self.status_due() {
+                self.live.step("reading queue_status()", self.db_call());
+                if let Ok(status) = q.status().await {
+                    self.watch_status(&status);
                 }
             }
             match storage_trouble {
@@ -467,11 +488,12 @@ impl Reaper {
         };
         let claim_sent = Instant::now();
         let claim = q.claim(want, self.settings.lease, &serves).await?;
+        let claimed_at = Instant::now();
         if let Some(limit) = &self.limit {
             limit
                 .lock()
                 .unwrap()
-                .claimed(claim.rows.len() as u64, Instant::now());
+                .claimed(claim.rows.len() as u64, claimed_at);
         }
         let send_by = Batch::send_by(
             claim_sent,
@@ -482,13 +504,40 @@ impl Reaper {
             rows: claim.rows,
             lease: claim.lease,
             send_by,
+            claimed_at,
+            lease_end: claim_sent + self.settings.lease - self.settings.lease / 10,
         }))
     }
 
-    /// Rows given back unsent no longer count against --max-deletes-per-hour.
-    fn refund(&self, rows: u64) {
+    /// Rows of the claim made at `claimed_at` given back unsent no longer count against
+    /// --max-deletes-per-hour. (Rows given back after a request that may have deleted them
+    /// still count.)
+    fn refund(&self, rows: u64, claimed_at: Instant) {
         if let Some(limit) = &self.limit {
-            limit.lock().unwrap().released(rows, Instant::now());
+            limit.lock().unwrap().released(rows, claimed_at);
+        }
+    }
+
+    /// Starts --max-deletes-per-hour from what this reaper (its --worker-id, or any reaper of
+    /// this host when the id is generated) sent in the last hour, as the audit log says.
+    async fn seed_limit(&self, q: &Queue) {
+        let Some(limit) = &self.limit else { return };
+        match q
+            .sent_last_hour(&self.settings.worker_id, self.settings.worker_id_generated)
+            .await
+        {
+            Ok(sent) => {
+                let total: u64 = sent.iter().map(|(_, n)| n).sum();
+                limit.lock().unwrap().seed(&sent, Instant::now());
+                self.seeded.store(true, Ordering::SeqCst);
+                tracing::info!(
+                    sent_last_hour = total,
+                    "--max-deletes-per-hour starts from what the audit log says was sent in the last hour"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read what was sent in the last hour; --max-deletes-per-hour starts empty")
+            }
         }
     }
 
@@ -553,7 +602,7 @@ impl Reaper {
         let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
         match q.release(lease, Some(&ids), None, Sent::Nothing).await {
             Ok(n) => {
-                self.refund(n as u64);
+                self.refund(n as u64, batch.claimed_at);
                 self.add(|s| s.released += n as u64);
                 self.metrics.count("released", n as usize);
             }
@@ -581,11 +630,17 @@ impl Reaper {
 
     /// Deletes one claimed batch and records every row's fate. Returns the storage trouble seen.
     async fn process(&self, q: &Queue, batch: Batch) -> Result<Trouble, QueueError> {
-        let send_by = batch.send_by;
+        let (send_by, claimed_at) = (batch.send_by, batch.claimed_at);
         let Some(lease) = batch.lease else {
             return Ok(Trouble::None);
         };
-        let lease = &lease;
+        let db_down = |e: &QueueError| self.db_down(e);
+        let rec = Recorder {
+            queue: q,
+            lease: &lease,
+            until: batch.lease_end,
+            on_timeout: &db_down,
+        };
         // 1. The reaper's own allow-list, whatever the database said.
         let mut refused: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         let mut by_bucket: BTreeMap<String, Vec<Claimed>> = BTreeMap::new();
@@ -601,11 +656,11 @@ impl Reaper {
             // not the row's: give it back for another reaper, costing it no attempt.
             tracing::warn!(worker = %self.settings.worker_id, rows = ids.len(), reason = %reason,
                 "rows refused by this reaper's allow-list; given back for another reaper, never sent to storage");
-            let results = q.refuse(lease, ids, reason).await?;
+            let results = rec.refuse(ids, reason).await?;
             let back = results.iter().filter(|(_, r)| r == "given back").count();
             self.metrics.count("refused", back);
             self.metrics.misconfigured.set(1);
-            self.refund(back as u64);
+            self.refund(back as u64, claimed_at);
             self.add(|s| s.refused += back as u64);
         }
 
@@ -634,14 +689,13 @@ impl Reaper {
         self.believe_absent(q, &mut out);
 
         // 4. Record it.
-        let stored = self.record_confirms(q, lease, &mut out).await?;
-        let (mut failed, mut dead) = self.record_failures(q, lease, &out.retry, true).await?;
-        let (f, d) = self.record_failures(q, lease, &out.dead, false).await?;
+        let confirmed = self.record_confirms(&rec, &mut out).await?;
+        let (mut failed, mut dead) = self.record_failures(&rec, &out.retry, true).await?;
+        let (f, d) = self.record_failures(&rec, &out.dead, false).await?;
         failed += f;
         dead += d;
-        let mut released = q
-            .release(lease, Some(&out.release_ids), None, Sent::Nothing)
-            .await?;
+        let mut released = rec.release(&out.release_ids, None, Sent::Nothing).await?;
+        let mut unsent = released;
         if !out.late_ids.is_empty() {
             let overdue = Instant::now().saturating_duration_since(send_by);
             tracing::warn!(rows = out.late_ids.len(), overdue_s = overdue.as_secs_f64(),
@@ -650,28 +704,35 @@ impl Reaper {
                 "not sent: the lease was too close to expiry ({:.1} s past this reaper's deadline for sending; it stalled)",
                 overdue.as_secs_f64()
             );
-            released += q
-                .release(lease, Some(&out.late_ids), Some(&reason), Sent::Nothing)
+            let n = rec
+                .release(&out.late_ids, Some(&reason), Sent::Nothing)
                 .await?;
+            released += n;
+            unsent += n;
         }
         for ((reason, sent), ids) in &out.release_with_reason {
-            released += q.release(lease, Some(ids), Some(reason), *sent).await?;
+            let n = rec.release(ids, Some(reason), *sent).await?;
+            released += n;
+            if *sent == Sent::Nothing {
+                unsent += n;
+            }
         }
-        self.refund(released as u64);
+        self.refund(unsent as u64, claimed_at);
 
-        self.metrics.count("deleted", out.deleted_ids.len());
-        self.metrics.count("absent", out.absent_ids.len());
+        // Only what this claim confirmed: a row whose lease was lost is the other reaper's.
+        self.metrics.count("deleted", confirmed.deleted);
+        self.metrics.count("absent", confirmed.absent);
         self.metrics.count("failed", failed);
         self.metrics.count("dead_lettered", dead);
         self.metrics.count("released", released as usize);
         self.metrics.bytes_deleted.inc_by(out.bytes);
         self.add(|s| {
-            s.deleted += out.deleted_ids.len() as u64;
-            s.absent += out.absent_ids.len() as u64;
+            s.deleted += confirmed.deleted as u64;
+            s.absent += confirmed.absent as u64;
             s.failed += failed as u64;
             s.dead_lettered += dead as u64;
             s.released += released as u64;
-            s.lease_lost += stored.lost as u64;
+            s.lease_lost += confirmed.lost as u64;
             s.late += out.late_ids.len() as u64;
             s.bytes += out.bytes;
         });
@@ -717,7 +778,8 @@ impl Reaper {
                     done.push((rows, ChunkResult::Done(d)));
                 }
                 Err(StorageError::BulkLimit(n)) if rows.len() > 1 => {
-                    self.lower_bulk_limit(n.min(rows.len() / 2).max(1));
+                    let limit = if n < rows.len() { n } else { rows.len() / 2 };
+                    self.lower_bulk_limit(limit.max(1));
                     todo.push(rows);
                 }
                 Err(e) if e.may_be_a_name() => {
@@ -840,12 +902,15 @@ impl Reaper {
     /// happen, whatever the answer said) and is a configuration error.
     async fn record_confirms(
         &self,
-        q: &Queue,
-        lease: &LeaseToken,
+        rec: &Recorder<'_>,
         out: &mut Outcomes,
     ) -> Result<Confirmed, QueueError> {
-        let mut results = q.confirm(lease, &out.deleted_ids, "deleted").await?;
-        results.extend(q.confirm(lease, &out.absent_ids, "absent").await?);
+        let deleted = rec.confirm(&out.deleted_ids, "deleted").await?;
+        let absent = rec.confirm(&out.absent_ids, "absent").await?;
+        let confirmed = |r: &[(i64, String)]| r.iter().filter(|(_, r)| r == "confirmed").count();
+        let (n_deleted, n_absent) = (confirmed(&deleted), confirmed(&absent));
+        let mut results = deleted;
+        results.extend(absent);
         let stored: Vec<i64> = results
             .iter()
             .filter(|(_, r)| r.starts_with("not confirmed: still in storage.objects"))
@@ -869,19 +934,17 @@ impl Reaper {
             tracing::error!(rows = stored.len(), "{why}");
             out.deleted_ids.retain(|id| !stored.contains(id));
             out.absent_ids.retain(|id| !stored.contains(id));
-            q.release(
-                lease,
-                Some(&stored),
-                Some(&format!("not confirmed: {why}")),
-                Sent::Maybe,
-            )
-            .await?;
-            self.refund(stored.len() as u64);
+            rec.release(&stored, Some(&format!("not confirmed: {why}")), Sent::Maybe)
+                .await?;
             self.add(|s| s.released += stored.len() as u64);
             self.metrics.count("released", stored.len());
             out.trouble = std::mem::take(&mut out.trouble).worst(Trouble::Config(why));
         }
-        Ok(Confirmed { lost })
+        Ok(Confirmed {
+            deleted: n_deleted,
+            absent: n_absent,
+            lost,
+        })
     }
 
     /// Fails rows whose requests failed for what they carried: an attempt each, back-off, and
@@ -889,15 +952,14 @@ impl Reaper {
     /// (failed, dead-lettered).
     async fn record_failures(
         &self,
-        q: &Queue,
-        lease: &LeaseToken,
+        rec: &Recorder<'_>,
         failures: &HashMap<String, Vec<i64>>,
         retryable: bool,
     ) -> Result<(usize, usize), QueueError> {
         let (mut failed, mut dead) = (0, 0);
         for (error, ids) in failures {
             tracing::warn!(rows = ids.len(), error = %error, retryable, "bulk delete failed for these rows while storage handles others");
-            let results = q.fail(lease, ids, error, retryable).await?;
+            let results = rec.fail(ids, error, retryable).await?;
             failed += ids.len();
             let dead_ids: Vec<i64> = results
                 .iter()
@@ -963,6 +1025,8 @@ pub fn allowed(policy: &object_url::Policy, row: &Claimed) -> Result<String, Str
 
 /// Rows the database confirmed, and how many were no longer this claim's.
 struct Confirmed {
+    deleted: usize,
+    absent: usize,
     lost: usize,
 }
 

@@ -1378,3 +1378,178 @@ fn chaos_7_bad_configuration_fails_clearly_and_deletes_nothing() {
         &o,
     );
 }
+
+/// Rows confirmed deleted so far.
+fn deleted_rows(c: &mut postgres::Client) -> i64 {
+    one(
+        c,
+        "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state IN ('deleted', 'absent')",
+    )
+}
+
+/// Issue 12, "a broken upstream": one reaper daemon drains while storage turns, in turn, into
+/// everything a real upstream can be: down (500s, a CDN's HTML page, hanging), a redirect to
+/// another host, a proxy answering for the server with what is not this bucket's objects, a
+/// project with a lower bulk limit, a proxy refusing one name, a project over quota; and a
+/// DBA's lock holds the queue. Healthy stretches come in between, so that the reaper meets every
+/// behaviour (it backs off further after each trouble in a row). The usual checks follow (a
+/// job row confirmed while its file remained would leave that object behind for good), and:
+/// the other host received nothing (neither the key nor a delete), no row was charged an attempt
+/// for an outage, and the one row dead-lettered is the one the proxy refuses, with the reason.
+#[test]
+fn chaos_9_a_broken_upstream_gets_nothing_wrong() {
+    let n = by_scale(4_000, 20_000);
+    let st = stage("chaos_upstream", n, &[("max_attempts", "2")]);
+    let mut c = st.db.client();
+    let catcher = Emulator::start();
+    let addr = free_addr();
+    let mut r = reaper_run(
+        &st.db.name,
+        &st.emu,
+        st.logs.0.join("reaper.log"),
+        &[
+            "--batch-size",
+            "50",
+            "--concurrency",
+            "4",
+            "--request-timeout",
+            "2s",
+            "--lease",
+            "1m",
+            "--db-timeout",
+            "2s",
+            "--metrics-addr",
+            &addr,
+        ],
+    );
+    let refused_name = "orphan/77.png";
+    let troubles = [
+        ("HTTP 500 on every request", json!({"rate_500": 1.0})),
+        (
+            "a CDN's HTML page with HTTP 200",
+            json!({"answer_html": true}),
+        ),
+        (
+            "a redirect to another host",
+            json!({"redirect_to": catcher.base}),
+        ),
+        (
+            "a 200 answer naming no object of this bucket",
+            json!({"bulk_answer": ["orphan/1.png", {"name": "orphan/2.png", "bucket_id": "avatars"}]}),
+        ),
+        ("a bulk limit of 30 names", json!({"bulk_limit": 30})),
+        (
+            "a proxy refusing one name (403)",
+            json!({"reject_names": refused_name, "reject_http": 403}),
+        ),
+        (
+            "the project over its quota (402)",
+            json!({"over_quota": true}),
+        ),
+        ("requests that never answer", json!({"hang_rate": 1.0})),
+    ];
+    let mut met = Vec::new();
+    for (what, faults) in &troubles {
+        // A healthy stretch: the reaper deletes again (its back-off resets).
+        st.emu.set_faults(json!({}));
+        let before = deleted_rows(&mut c);
+        wait_for(Duration::from_secs(120), "deletes to resume", || {
+            r.assert_running();
+            deleted_rows(&mut c) > before
+        });
+        st.emu.clear_requests();
+        st.emu.set_faults(faults.clone());
+        if what.contains("never answer") {
+            std::thread::sleep(Duration::from_secs(6));
+        } else {
+            wait_for(Duration::from_secs(120), what, || {
+                r.assert_running();
+                st.emu.requests().iter().any(|q| q["method"] == "DELETE")
+            });
+        }
+        met.push(*what);
+    }
+    // A DBA's session locks the queue for a while: /readyz names it, nothing hangs.
+    st.emu.set_faults(json!({}));
+    let mut locker = st.db.client();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE orphan_cleanup.deletion_queue IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "/readyz to name the lock's timeout",
+        || {
+            http_get(&addr, "/readyz")
+                .is_ok_and(|(s, body)| s == 503 && body.contains("--db-timeout"))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    locker.batch_execute("COMMIT").unwrap();
+    wait_for(Duration::from_secs(60), "/readyz to be ready again", || {
+        http_get(&addr, "/readyz").is_ok_and(|(s, _)| s == 200)
+    });
+    met.push("a lock held on the queue");
+
+    // Healthy to the end: everything but the refused name drains.
+    wait_for(Duration::from_secs(600), "the drain to finish", || {
+        r.assert_running();
+        unfinished(&mut c) == 0
+    });
+    let log = r.stop();
+    assert!(
+        catcher.requests().is_empty(),
+        "the redirect's target received: {:?}",
+        catcher.requests()
+    );
+    let dead: Vec<(String, String)> = c
+        .query(
+            "SELECT object_path, last_error FROM orphan_cleanup.deletion_queue WHERE state = 'dead'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(dead.len() <= 1, "dead letters: {dead:?}");
+    for (name, error) in &dead {
+        assert_eq!(
+            name, refused_name,
+            "only the refused name is dead-lettered: {error}"
+        );
+        assert!(error.contains("proxy or web firewall"), "{error}");
+    }
+    let charged = one(
+        &mut c,
+        &format!(
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE attempts > 0 AND object_path <> '{refused_name}'"
+        ),
+    );
+    assert_eq!(
+        charged, 0,
+        "no row is charged an attempt for an outage or a refusal: {log}"
+    );
+    // The proxy lets it through; the DBA requeues; it is deleted too.
+    let requeued = one(&mut c, "SELECT orphan_cleanup.requeue_dead()");
+    if requeued > 0 {
+        let out = reaper(&st.db.name, &st.emu, &["drain", "--no-probe"]).run();
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
+    let released = one(
+        &mut c,
+        "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released'",
+    );
+    let o = check(&mut c, &st.emu, &st.ledger);
+    record(
+        Report {
+            number: 9,
+            scenario: "A broken upstream",
+            load: format!("{n} orphans, 20 saved, 1 protected; one reaper daemon, 4 requests of 50 names in flight; `max_attempts` 2"),
+            faults: format!("in turn, with healthy stretches between: {}", met.join("; ")),
+            notes: format!(
+                "the other host received nothing; {released} rows handed back without an attempt; no row charged an attempt except the one the proxy refuses ({} dead-lettered with the proxy's reason, then requeued and deleted)",
+                dead.len()
+            ),
+        },
+        &o,
+    );
+}
