@@ -27,7 +27,7 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.peek(integer),
     orphan_cleanup.queue_status(),
     orphan_cleanup.verifies_absence(),
-    orphan_cleanup.sent_last_hour(text, boolean)
+    orphan_cleanup.sent_by_reaper(text, interval)
 TO orphan_cleanup_reaper;
 
 -- One row per call: without this the planner assumes 1000 and overestimates every cycle and

@@ -1080,7 +1080,7 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'storage.objects'::regclass
                AND attname = 'is_delete_marker' AND NOT attisdropped) THEN
-        v_current := v_current || ' AND NOT o.is_delete_marker';
+        v_current := v_current || ' AND o.is_delete_marker IS NOT TRUE';
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'storage.objects'::regclass
                AND attname = 'archived_at' AND NOT attisdropped) THEN
@@ -1097,27 +1097,25 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup.sent_last_hour(worker text, same_host boolean)
+CREATE FUNCTION orphan_cleanup.sent_by_reaper(worker text, within interval)
 RETURNS TABLE (age_s double precision, objects bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     WITH mine AS (
-        SELECT a.at, a.action, a.queue_id, a.actor, a.detail
+        SELECT a.at, a.action, a.queue_id, a.detail
         FROM orphan_cleanup.audit_log AS a
-        WHERE a.at > now() - interval '1 hour' AND a.action IN ('claimed', 'released')
-          AND CASE WHEN same_host THEN starts_with(a.actor, split_part(worker, ':', 1) || ':')
-                   ELSE a.actor = worker END
+        WHERE a.at > now() - within AND a.action IN ('claimed', 'released') AND a.actor = worker
     ),
     claims AS (
-        SELECT m.at, m.queue_id, m.actor,
-               lead(m.at) OVER (PARTITION BY m.queue_id, m.actor ORDER BY m.at) AS next_claim
+        SELECT m.at, m.queue_id,
+               lead(m.at) OVER (PARTITION BY m.queue_id ORDER BY m.at) AS next_claim
         FROM mine AS m WHERE m.action = 'claimed'
     )
-    SELECT extract(epoch FROM now() - date_trunc('second', c.at))::double precision, count(*)
+    SELECT extract(epoch FROM now() - max(c.at))::double precision, count(*)
     FROM claims AS c
     WHERE NOT EXISTS (
         SELECT 1 FROM mine AS b
-        WHERE b.action = 'released' AND b.queue_id = c.queue_id AND b.actor = c.actor
+        WHERE b.action = 'released' AND b.queue_id = c.queue_id
           AND b.at >= c.at AND (c.next_claim IS NULL OR b.at < c.next_claim)
           AND (b.detail LIKE '%(nothing was sent)' OR b.detail LIKE 'refused by the reaper''s own allow-list%'))
     GROUP BY date_trunc('second', c.at)
@@ -1250,7 +1248,8 @@ BEGIN
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
         SELECT 'released', r.job_id, r.id, r.output_url, worker,
                CASE WHEN nothing_sent THEN coalesce(left(orphan_cleanup.redact_url(reason), 2000) || ' ', '') || '(nothing was sent)'
-                    ELSE left(orphan_cleanup.redact_url(reason), 2000) END
+                    -- A reason (upstream text among it) never passes for the nothing-sent mark.
+                    ELSE replace(left(orphan_cleanup.redact_url(reason), 2000), '(nothing was sent)', '(nothing was sent?)') END
         FROM released AS r
     )
     SELECT array_agg(r.id) INTO v_back FROM released AS r;
@@ -2366,7 +2365,12 @@ BEGIN
                 UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done WHERE d.id = r.qid;
                 INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
                 VALUES ('job_cleanup', r.jid, r.qid, r.output_url, actor, v_done);
-            EXCEPTION WHEN OTHERS THEN
+            EXCEPTION WHEN lock_not_available OR deadlock_detected OR serialization_failure THEN
+                -- Transient (a lock the app's triggers or cascades wait for): the cycles retry it.
+                GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+                UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'pending: retried after ' || v_msg
+                 WHERE d.id = r.qid;
+            WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
                 BEGIN
                     PERFORM orphan_cleanup._write_jobs(att.jobs_oid, 'clear_url', ARRAY[r.jid]);
@@ -2618,7 +2622,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup._still_stored(bigint[]),
-    orphan_cleanup.sent_last_hour(text, boolean)
+    orphan_cleanup.sent_by_reaper(text, interval)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
@@ -2629,5 +2633,5 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.refuse(text, text, bigint[], text),
     orphan_cleanup.queue_status(),
     orphan_cleanup.verifies_absence(),
-    orphan_cleanup.sent_last_hour(text, boolean)
+    orphan_cleanup.sent_by_reaper(text, interval)
 TO orphan_cleanup_reaper;

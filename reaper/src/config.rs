@@ -107,11 +107,6 @@ pub struct RunArgs {
     /// stops (drain). A blast-radius limit beside the extension's circuit breaker. Default: none.
     #[arg(long, env = "REAPER_MAX_DELETES_PER_HOUR")]
     pub max_deletes_per_hour: Option<u64>,
-    /// Names storage may report "already absent" in a row, with nothing deleted, before the
-    /// reaper stops believing it and gives the rows back (a key that cannot delete, a proxy that
-    /// answers for storage). Applies only where the database cannot check storage.objects.
-    #[arg(long, env = "REAPER_MAX_ABSENT_RUN", default_value_t = 2000)]
-    pub max_absent_run: u64,
     /// Allow an http:// SUPABASE_URL to a host other than this machine: the key then crosses
     /// the network in cleartext. Only for a network you trust (a private link, a sidecar).
     #[arg(long, env = "REAPER_ALLOW_PLAIN_HTTP")]
@@ -206,10 +201,7 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub poll_interval: Duration,
     pub worker_id: String,
-    /// Whether the id was made up at start (host:pid:random) rather than given.
-    pub worker_id_generated: bool,
     pub max_deletes_per_hour: Option<u64>,
-    pub max_absent_run: u64,
     pub dry_run: bool,
     pub probe: bool,
     pub metrics_addr: Option<SocketAddr>,
@@ -446,18 +438,18 @@ impl RunArgs {
                 "use e.g. 10s",
             ));
         }
-        if self.max_absent_run == 0 {
-            return Err(invalid(
-                "--max-absent-run",
-                "0",
-                "use at least 1 (the default is 2000): a run of \"already absent\" answers is how a key that deletes nothing shows",
-            ));
-        }
         if self.max_deletes_per_hour == Some(0) {
             return Err(invalid(
                 "--max-deletes-per-hour",
                 "0",
                 "use at least 1, or leave it unset for no limit",
+            ));
+        }
+        if self.max_deletes_per_hour.is_some() && self.worker_id.is_none() {
+            return Err(invalid(
+                "--max-deletes-per-hour",
+                "set without --worker-id",
+                "give this reaper a stable --worker-id (REAPER_WORKER_ID): the hourly budget is kept per id in the audit log, so that a restart, or a new container, does not reset it",
             ));
         }
         let worker_id = match &self.worker_id {
@@ -488,10 +480,8 @@ impl RunArgs {
             lease,
             request_timeout,
             poll_interval,
-            worker_id_generated: self.worker_id.is_none(),
             worker_id,
             max_deletes_per_hour: self.max_deletes_per_hour,
-            max_absent_run: self.max_absent_run,
             dry_run: self.dry_run,
             probe: !self.no_probe,
             metrics_addr: self.metrics_addr,

@@ -2,7 +2,9 @@
 //! breaker. Whatever the queue holds, this reaper sends at most that many objects for deletion
 //! in any sliding hour.
 //!
-//! Rows count when they are claimed, since a claimed row may be deleted at any moment after, and
+//! Rows count when they are claimed, since a claimed row may be deleted at any moment after (up
+//! to a lease later: a claim counts for an hour and a lease, so that no sliding hour of sends
+//! holds more than the limit), and
 //! are given back to the claim they came from when they are released unsent (a refund dated at
 //! the release would let later claims exceed the cap). Counting at claim time keeps the limit
 //! exact with a batch claimed ahead. A reaper starts from what the audit log says it sent in the
@@ -16,16 +18,24 @@ const HOUR: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 pub struct HourlyLimit {
     max: u64,
+    /// How long a claim counts: an hour, and the lease within which its rows may be sent.
+    hold: Duration,
     /// (when claimed, rows still counted), oldest first.
     spent: VecDeque<(Instant, u64)>,
 }
 
 impl HourlyLimit {
-    pub fn new(max: u64) -> HourlyLimit {
+    pub fn new(max: u64, lease: Duration) -> HourlyLimit {
         HourlyLimit {
             max,
+            hold: HOUR + lease,
             spent: VecDeque::new(),
         }
+    }
+
+    /// How far back claims count.
+    pub fn hold(&self) -> Duration {
+        self.hold
     }
 
     pub fn max(&self) -> u64 {
@@ -36,7 +46,7 @@ impl HourlyLimit {
         while self
             .spent
             .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) >= HOUR)
+            .is_some_and(|(at, _)| now.duration_since(*at) >= self.hold)
         {
             self.spent.pop_front();
         }
@@ -62,11 +72,11 @@ impl HourlyLimit {
         }
     }
 
-    /// What was sent in the last hour before this process started: `(how long ago, rows)`.
+    /// What was sent in the last hour (and lease) before this process started: `(how long ago, rows)`.
     pub fn seed(&mut self, sent: &[(Duration, u64)], now: Instant) {
         let mut entries: Vec<(Instant, u64)> = sent
             .iter()
-            .filter(|(ago, _)| *ago < HOUR)
+            .filter(|(ago, _)| *ago < self.hold)
             .filter_map(|(ago, n)| now.checked_sub(*ago).map(|at| (at, *n)))
             .collect();
         entries.extend(self.spent.drain(..));
@@ -79,7 +89,7 @@ impl HourlyLimit {
         self.forget_older_than_an_hour(now);
         self.spent
             .front()
-            .map(|(at, _)| HOUR.saturating_sub(now.duration_since(*at)))
+            .map(|(at, _)| self.hold.saturating_sub(now.duration_since(*at)))
             .unwrap_or(Duration::ZERO)
             .max(Duration::from_secs(1))
     }
@@ -92,7 +102,7 @@ mod tests {
     #[test]
     fn claims_spend_the_budget_and_an_hour_later_it_is_back() {
         let t0 = Instant::now();
-        let mut l = HourlyLimit::new(10);
+        let mut l = HourlyLimit::new(10, Duration::ZERO);
         assert_eq!(l.available(t0), 10);
         l.claimed(4, t0);
         l.claimed(6, t0 + Duration::from_secs(60));
@@ -108,7 +118,7 @@ mod tests {
     #[test]
     fn rows_released_unsent_are_given_back() {
         let t0 = Instant::now();
-        let mut l = HourlyLimit::new(10);
+        let mut l = HourlyLimit::new(10, Duration::ZERO);
         l.claimed(8, t0);
         l.released(5, t0);
         assert_eq!(l.available(t0), 7);
@@ -119,7 +129,7 @@ mod tests {
     #[test]
     fn a_refund_late_in_the_hour_lends_nothing_to_the_next_hour() {
         let t0 = Instant::now();
-        let mut l = HourlyLimit::new(10);
+        let mut l = HourlyLimit::new(10, Duration::ZERO);
         l.claimed(10, t0);
         l.released(10, t0); // at t0 + 59 min, say: the refund belongs to the claim at t0
         assert_eq!(l.available(t0 + Duration::from_secs(3540)), 10);
@@ -135,7 +145,7 @@ mod tests {
     #[test]
     fn a_restart_starts_from_what_was_sent() {
         let now = Instant::now();
-        let mut l = HourlyLimit::new(10);
+        let mut l = HourlyLimit::new(10, Duration::ZERO);
         l.seed(
             &[
                 (Duration::from_secs(600), 6),

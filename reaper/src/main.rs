@@ -14,13 +14,25 @@ use reaper::reaper::{Mode, Reaper};
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match run(cli.command).await {
+    let code = match run(cli.command).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("reaper: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // Exit here rather than return: dropping the runtime would wait for a temp sweep still
+    // running on a blocking thread, with the signal handlers gone (a second SIGTERM could then
+    // not end it). Everything worth finishing has finished: the drain has returned.
+    let status = if code == ExitCode::SUCCESS {
+        0
+    } else if code == ExitCode::FAILURE {
+        1
+    } else {
+        2
+    };
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(status)
 }
 
 fn init_logging(format: LogFormat) {
@@ -113,14 +125,16 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
         });
     }
     if let (Mode::Run, Some(temp)) = (mode, settings.temp.clone()) {
+        // Pinned now: a directory put in its place later is not swept.
+        let root = reaper::temp::TempRoot::new(&temp.dir)
+            .map_err(|e| anyhow::anyhow!("--temp-dir {}: {e}", temp.dir.display()))?;
         let token = shutdown.clone();
         tokio::spawn(async move {
             loop {
-                let dir = temp.dir.clone();
-                let report =
-                    tokio::task::spawn_blocking(move || reaper::temp::sweep(&dir, temp.max_age))
-                        .await
-                        .unwrap_or_default();
+                let root = root.clone();
+                let report = tokio::task::spawn_blocking(move || root.sweep(temp.max_age))
+                    .await
+                    .unwrap_or_default();
                 tracing::info!(
                     removed = report.removed,
                     bytes = report.bytes,

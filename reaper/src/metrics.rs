@@ -31,7 +31,8 @@ pub struct Metrics {
     pub bulk_limit: Gauge,
     /// 1 while storage cannot be reached or answers nothing usable (an outage).
     pub storage_unreachable: Gauge,
-    /// 1 while many deletes in a row found nothing: a key that silently deletes nothing?
+    /// 1 while "already absent" answers are contradicted or cannot be checked: a key that
+    /// silently deletes nothing, or a proxy answering for storage.
     pub nothing_deleted: Gauge<i64, AtomicI64>,
     /// 1 while --max-deletes-per-hour holds the reaper back.
     pub held_back: Gauge,
@@ -97,7 +98,7 @@ impl Metrics {
         let nothing_deleted = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "nothing_deleted_suspected",
-            "1 while storage reports names already absent, with nothing deleted, past --max-absent-run (not believed)",
+            "1 while storage says objects are already absent that it still has, or that cannot be checked",
             nothing_deleted.clone(),
         );
         let held_back = Gauge::default();

@@ -31,6 +31,9 @@ pub enum QueueError {
     /// timeout), or no answer came at all (a partition, a stopped server).
     #[error("the database did not answer within --db-timeout ({0}); a lock held on the orphan_cleanup tables (see pg_locks), an overloaded server or a network partition")]
     Timeout(String),
+    /// The server rolled the call back for a deadlock or a serialization failure: safe to retry.
+    #[error("the database rolled the call back to resolve a conflict ({0})")]
+    Conflict(String),
 }
 
 fn min_extension() -> String {
@@ -61,6 +64,7 @@ impl From<tokio_postgres::Error> for QueueError {
         // 57014: cancelled by statement_timeout; 55P03: lock_timeout.
         match e.code().map(|c| c.code()) {
             Some("57014") | Some("55P03") => QueueError::Timeout(describe(&e)),
+            Some("40P01") | Some("40001") => QueueError::Conflict(describe(&e)),
             _ => QueueError::Db(describe(&e)),
         }
     }
@@ -405,17 +409,17 @@ impl Queue {
             .get(0))
     }
 
-    /// What this reaper (or, with `same_host`, any reaper of its host) sent for deletion in the
-    /// last hour: `(how long ago, rows)` per second of claiming.
-    pub async fn sent_last_hour(
+    /// What this reaper sent for deletion within the last `within`: `(how long ago, rows)` per
+    /// second of claiming.
+    pub async fn sent_by_reaper(
         &self,
-        worker: &str,
-        same_host: bool,
+        within: Duration,
     ) -> Result<Vec<(Duration, u64)>, QueueError> {
+        let within = format!("{} seconds", within.as_secs());
         let rows = self
             .bounded(self.client.query(
-                "SELECT age_s, objects FROM orphan_cleanup.sent_last_hour($1, $2)",
-                &[&worker, &same_host],
+                "SELECT age_s, objects FROM orphan_cleanup.sent_by_reaper($1, $2::text::interval)",
+                &[&self.worker, &within],
             ))
             .await?;
         Ok(rows
@@ -472,6 +476,8 @@ impl Queue {
     }
 }
 
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// The calls that record a batch's results, retried while the batch's lease lasts when the
 /// server cancels one for taking longer than --db-timeout (a lock held for a while, a burst of
 /// load). The cancelled statement changed nothing, so the retry is safe; without it the rows
@@ -499,11 +505,11 @@ impl Recorder<'_> {
                 (self.on_timeout)(e);
             }
             match result {
-                Err(QueueError::Timeout(e))
+                Err(QueueError::Timeout(e) | QueueError::Conflict(e))
                     if !self.queue.is_closed()
                         && std::time::Instant::now() + wait + self.queue.timeout < self.until =>
                 {
-                    tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "{what} took longer than --db-timeout; retrying while the lease lasts");
+                    tracing::warn!(error = %e, retry_in_s = wait.as_secs_f64(), "{what} was cancelled (a timeout or a conflict); retrying while the lease lasts");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
@@ -512,13 +518,39 @@ impl Recorder<'_> {
         }
     }
 
-    pub async fn confirm(
-        &self,
-        ids: &[i64],
-        outcome: &str,
-    ) -> Result<Vec<(i64, String)>, QueueError> {
-        self.retried("confirm()", || self.queue.confirm(self.lease, ids, outcome))
-            .await
+    /// Confirms rows. A confirm cancelled for taking longer than --db-timeout (the job rows'
+    /// cleanup runs the app's triggers and cascades, which can be slow) is retried in halves,
+    /// so that each part fits, rather than whole again.
+    pub fn confirm<'s>(
+        &'s self,
+        ids: &'s [i64],
+        outcome: &'s str,
+    ) -> BoxFuture<'s, Result<Vec<(i64, String)>, QueueError>> {
+        Box::pin(async move {
+            if ids.len() <= 1 {
+                return self
+                    .retried("confirm()", || self.queue.confirm(self.lease, ids, outcome))
+                    .await;
+            }
+            match self.queue.confirm(self.lease, ids, outcome).await {
+                Err(e @ QueueError::Timeout(_))
+                    if !self.queue.is_closed()
+                        && std::time::Instant::now() + self.queue.timeout < self.until =>
+                {
+                    (self.on_timeout)(&e);
+                    tracing::warn!(error = %e, rows = ids.len(), "confirm() took longer than --db-timeout; confirming in halves");
+                    let (a, b) = ids.split_at(ids.len() / 2);
+                    let mut results = self.confirm(a, outcome).await?;
+                    results.extend(self.confirm(b, outcome).await?);
+                    Ok(results)
+                }
+                Err(QueueError::Conflict(_)) => {
+                    self.retried("confirm()", || self.queue.confirm(self.lease, ids, outcome))
+                        .await
+                }
+                result => result,
+            }
+        })
     }
 
     pub async fn fail(

@@ -27,6 +27,11 @@ use crate::metrics::Metrics;
 use crate::queue::{Claimed, LeaseToken, Queue, QueueError, Recorder, Sent};
 use crate::storage::{StorageClient, StorageError};
 
+mod outcomes;
+mod split;
+
+use outcomes::{Confirmed, Outcomes};
+
 /// `drain` stops when the queue has nothing ready; `run` waits for more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -111,7 +116,6 @@ pub struct Reaper {
     /// The last database error, for /readyz, until a connection works again.
     pub db_error: Mutex<Option<String>>,
     summary: Mutex<Summary>,
-    absent_run: Mutex<u64>,
     /// Whether --max-deletes-per-hour has been started from the audit log.
     seeded: AtomicBool,
     /// Names per bulk request: --batch-size, or less once storage says its limit is lower.
@@ -124,20 +128,6 @@ pub struct Reaper {
 
 /// Receives the running totals after every batch.
 type ProgressFn = Box<dyn Fn(&Summary) + Send + Sync>;
-
-/// What one bulk request came to.
-#[derive(Clone)]
-enum ChunkResult {
-    Done(crate::storage::Deleted),
-    Failed(StorageError),
-    /// Only a request carrying this one row's name fails, while storage handles the others.
-    Isolated(StorageError),
-    /// Storage does not answer at all: no row is at fault.
-    Outage(StorageError),
-    NotSent,
-    /// Not sent: the batch's lease could run out before the request ends.
-    Late,
-}
 
 /// A claimed batch, and the last moment a delete of it may be sent.
 ///
@@ -181,8 +171,9 @@ impl Reaper {
         );
         let limit = settings
             .max_deletes_per_hour
-            .map(|max| Mutex::new(HourlyLimit::new(max)));
+            .map(|max| Mutex::new(HourlyLimit::new(max, settings.lease)));
         let batch_size = settings.batch_size;
+        let settings_has_no_limit = settings.max_deletes_per_hour.is_none();
         Reaper {
             settings,
             storage,
@@ -193,9 +184,8 @@ impl Reaper {
             live: crate::live::Liveness::new(),
             db_error: Mutex::new(None),
             summary: Mutex::new(Summary::default()),
-            absent_run: Mutex::new(0),
             bulk_limit: std::sync::atomic::AtomicUsize::new(batch_size),
-            seeded: AtomicBool::new(false),
+            seeded: AtomicBool::new(settings_has_no_limit),
             status_read: Mutex::new(None),
             progress: None,
             limit,
@@ -224,10 +214,7 @@ impl Reaper {
             .into_iter()
             .next()
             .ok_or("no bucket to probe")?;
-        let name = format!(
-            ".pg_orphan_cleanup-probe/{}.txt",
-            self.settings.worker_id.replace(['/', ':'], "_")
-        );
+        let name = crate::absence::canary_name(&self.settings.worker_id);
         self.storage
             .upload(&bucket, &name, b"pg_orphan_cleanup reaper probe".to_vec())
             .await
@@ -265,6 +252,8 @@ impl Reaper {
         let mut prefetched: Option<Batch> = None;
         let mut reconnect = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut cooldown = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+        // A database error that ends a drain, once what it claimed ahead is given back.
+        let mut failure: Option<QueueError> = None;
         while !self.shutdown.is_cancelled() {
             self.live.step("connecting to the database", self.db_call());
             let q = match queue.take().filter(|q| !q.is_closed()) {
@@ -281,15 +270,13 @@ impl Reaper {
                         self.db_ok.store(true, Ordering::SeqCst);
                         *self.db_error.lock().unwrap() = None;
                         reconnect.reset();
-                        if !self.seeded.load(Ordering::SeqCst) {
-                            self.seed_limit(&q).await;
-                        }
                         q
                     }
                     Err(e) => {
                         self.db_down(&e);
                         if mode == Mode::Drain {
-                            return Err(e);
+                            failure = Some(e);
+                            break;
                         }
                         let wait = reconnect.next_delay();
                         if matches!(e, QueueError::NotInstalled | QueueError::TooOld(_)) {
@@ -302,6 +289,19 @@ impl Reaper {
                     }
                 },
             };
+            if !self.seeded.load(Ordering::SeqCst) {
+                // The hourly budget is not known yet: claim nothing until it is.
+                if let Err(e) = self.seed_limit(&q).await {
+                    self.db_down(&e);
+                    if mode == Mode::Drain {
+                        failure = Some(e);
+                        break;
+                    }
+                    tracing::warn!(error = %e, "cannot read what this reaper sent in the last hour; claiming nothing until it can");
+                    self.sleep(reconnect.next_delay()).await;
+                    continue;
+                }
+            }
             self.live.step("claiming", self.db_call());
             let claimed = match prefetched.take() {
                 Some(b) => Ok(Some(b)),
@@ -326,7 +326,9 @@ impl Reaper {
                 }
                 Err(e) => {
                     if mode == Mode::Drain && !q.is_closed() {
-                        return Err(e);
+                        queue = Some(q);
+                        failure = Some(e);
+                        break;
                     }
                     self.db_down(&e);
                     let wait = reconnect.next_delay();
@@ -370,7 +372,9 @@ impl Reaper {
                     self.db_down(&e);
                     tracing::warn!(error = %e, "database error while recording results; the leases will return the rows");
                     if mode == Mode::Drain && !q.is_closed() {
-                        return Err(e);
+                        queue = Some(q);
+                        failure = Some(e);
+                        break;
                     }
                     self.sleep(reconnect.next_delay()).await;
                     continue;
@@ -433,16 +437,19 @@ impl Reaper {
             }
             queue = Some(q);
         }
-        // Clean shutdown: the batch claimed ahead goes back, unsent. (Rows of a batch whose
-        // results could not be recorded stay claimed: the leases return them.)
+        // The batch claimed ahead goes back, unsent, whatever ended the loop. (Rows of a batch
+        // whose results could not be recorded stay claimed: the leases return them.)
         if let Some(ahead) = prefetched.take() {
-            if let Some(q) = queue.as_ref().filter(|q| !q.is_closed()) {
-                self.give_back(q, &ahead).await;
-            } else if let Some(c) = claimer.as_ref().filter(|c| !c.is_closed()) {
+            if let Some(c) = claimer.as_ref().filter(|c| !c.is_closed()) {
                 self.give_back(c, &ahead).await;
+            } else if let Some(q) = queue.as_ref().filter(|q| !q.is_closed()) {
+                self.give_back(q, &ahead).await;
             }
         }
-        Ok(self.summary())
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(self.summary()),
+        }
     }
 
     /// How many rows the next claim asks for: enough for every request in flight, within what
@@ -518,27 +525,22 @@ impl Reaper {
         }
     }
 
-    /// Starts --max-deletes-per-hour from what this reaper (its --worker-id, or any reaper of
-    /// this host when the id is generated) sent in the last hour, as the audit log says.
-    async fn seed_limit(&self, q: &Queue) {
-        let Some(limit) = &self.limit else { return };
-        match q
-            .sent_last_hour(&self.settings.worker_id, self.settings.worker_id_generated)
-            .await
-        {
-            Ok(sent) => {
-                let total: u64 = sent.iter().map(|(_, n)| n).sum();
-                limit.lock().unwrap().seed(&sent, Instant::now());
-                self.seeded.store(true, Ordering::SeqCst);
-                tracing::info!(
-                    sent_last_hour = total,
-                    "--max-deletes-per-hour starts from what the audit log says was sent in the last hour"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read what was sent in the last hour; --max-deletes-per-hour starts empty")
-            }
-        }
+    /// Starts --max-deletes-per-hour from what this reaper (its --worker-id) sent within the
+    /// last hour and lease, as the audit log says. Until that is known, nothing is claimed.
+    async fn seed_limit(&self, q: &Queue) -> Result<(), QueueError> {
+        let Some(limit) = &self.limit else {
+            return Ok(());
+        };
+        let hold = limit.lock().unwrap().hold();
+        let sent = q.sent_by_reaper(hold).await?;
+        let total: u64 = sent.iter().map(|(_, n)| n).sum();
+        limit.lock().unwrap().seed(&sent, Instant::now());
+        self.seeded.store(true, Ordering::SeqCst);
+        tracing::info!(
+            sent_recently = total,
+            "--max-deletes-per-hour starts from what the audit log says this reaper sent in the last hour"
+        );
+        Ok(())
     }
 
     /// Claims the next batch on the second connection, (re)connecting it when needed. Returns
@@ -630,7 +632,7 @@ impl Reaper {
 
     /// Deletes one claimed batch and records every row's fate. Returns the storage trouble seen.
     async fn process(&self, q: &Queue, batch: Batch) -> Result<Trouble, QueueError> {
-        let (send_by, claimed_at) = (batch.send_by, batch.claimed_at);
+        let (send_by, claimed_at, lease_end) = (batch.send_by, batch.claimed_at, batch.lease_end);
         let Some(lease) = batch.lease else {
             return Ok(Trouble::None);
         };
@@ -641,6 +643,12 @@ impl Reaper {
             until: batch.lease_end,
             on_timeout: &db_down,
         };
+        // Each row's object, for the absence checks.
+        let objects: HashMap<i64, (String, String)> = batch
+            .rows
+            .iter()
+            .filter_map(|r| Some((r.id, (r.bucket.clone()?, r.object_path.clone()?))))
+            .collect();
         // 1. The reaper's own allow-list, whatever the database said.
         let mut refused: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         let mut by_bucket: BTreeMap<String, Vec<Claimed>> = BTreeMap::new();
@@ -671,7 +679,7 @@ impl Reaper {
                 chunks.push((bucket.clone(), chunk.to_vec()));
             }
         }
-        let results: Vec<(Vec<Claimed>, ChunkResult)> = futures::stream::iter(chunks)
+        let results: Vec<split::Piece> = futures::stream::iter(chunks)
             .map(|(bucket, rows)| async move { self.delete_chunk(&bucket, rows, send_by).await })
             .buffer_unordered(self.settings.concurrency)
             .collect::<Vec<_>>()
@@ -686,7 +694,7 @@ impl Reaper {
             self.storage_ok.store(true, Ordering::SeqCst);
             self.metrics.last_success.set(unix_now());
         }
-        self.believe_absent(q, &mut out);
+        self.check_absences(q, &objects, lease_end, &mut out).await;
 
         // 4. Record it.
         let confirmed = self.record_confirms(&rec, &mut out).await?;
@@ -739,162 +747,94 @@ impl Reaper {
         Ok(out.trouble)
     }
 
-    /// Deletes one chunk's names. A request that fails in a way one name could cause (a 5xx, a
-    /// timeout, an unusable answer, a proxy's refusal) is split in halves, and the halves again,
-    /// until the names it fails on are alone: those rows alone carry the failure, and the rest
-    /// are deleted. Before splitting, storage is asked whether it answers at all: when it does
-    /// not, it is an outage and nothing is split or blamed. When no request of the chunk
-    /// succeeds within [`SPLIT_BUDGET`] failures, no name is to blame either: every request
-    /// fails. A smaller bulk limit than the chunk's size is learned and kept.
-    async fn delete_chunk(
+    /// No "already absent" is confirmed without evidence ([`crate::absence`]): where the
+    /// database checks storage.objects, confirm() does; elsewhere storage is asked about each
+    /// name. A name still there goes back (the delete did not happen, whatever the answer said)
+    /// and is a configuration error; so are names that cannot be checked.
+    async fn check_absences(
         &self,
-        bucket: &str,
-        rows: Vec<Claimed>,
-        send_by: Instant,
-    ) -> Vec<(Vec<Claimed>, ChunkResult)> {
-        let single = rows.len() == 1;
-        let mut todo = vec![rows];
-        let mut done = Vec::new();
-        let mut suspects: Vec<(Claimed, StorageError)> = Vec::new();
-        let (mut answered, mut failures) = (0usize, 0usize);
-        let mut storage_answers: Option<bool> = None;
-        while let Some(rows) = todo.pop() {
-            if self.shutdown.is_cancelled() {
-                done.push((rows, ChunkResult::NotSent));
-                continue;
-            }
-            if Instant::now() >= send_by {
-                done.push((rows, ChunkResult::Late));
-                continue;
-            }
-            let limit = self.bulk_limit.load(Ordering::SeqCst);
-            if rows.len() > limit {
-                todo.extend(rows.chunks(limit).map(<[Claimed]>::to_vec));
-                continue;
-            }
-            match self.send_chunk(bucket, &rows).await {
-                Ok(d) => {
-                    answered += 1;
-                    done.push((rows, ChunkResult::Done(d)));
-                }
-                Err(StorageError::BulkLimit(n)) if rows.len() > 1 => {
-                    let limit = if n < rows.len() { n } else { rows.len() / 2 };
-                    self.lower_bulk_limit(limit.max(1));
-                    todo.push(rows);
-                }
-                Err(e) if e.may_be_a_name() => {
-                    failures += 1;
-                    if storage_answers.is_none() {
-                        storage_answers = Some(self.storage.answers(bucket).await.is_ok());
-                    }
-                    if storage_answers == Some(false) || (answered == 0 && failures > SPLIT_BUDGET)
-                    {
-                        let why = if storage_answers == Some(false) {
-                            ChunkResult::Outage(e.clone())
-                        } else {
-                            no_name_to_blame(e.clone())
-                        };
-                        for rest in std::iter::once(rows).chain(todo.drain(..)) {
-                            done.push((rest, why.clone()));
-                        }
-                        suspects
-                            .drain(..)
-                            .for_each(|(row, _)| done.push((vec![row], why.clone())));
-                        break;
-                    }
-                    if rows.len() == 1 {
-                        suspects.push((rows[0].clone(), e));
-                    } else {
-                        let (a, b) = rows.split_at(rows.len() / 2);
-                        todo.push(b.to_vec());
-                        todo.push(a.to_vec());
-                    }
-                }
-                Err(e) => done.push((rows, ChunkResult::Failed(e))),
+        q: &Queue,
+        objects: &HashMap<i64, (String, String)>,
+        lease_end: Instant,
+        out: &mut Outcomes,
+    ) {
+        if out.absent_ids.is_empty() || q.verifies_absence() {
+            return;
+        }
+        let mut by_bucket: BTreeMap<&str, Vec<(i64, &String)>> = BTreeMap::new();
+        for id in &out.absent_ids {
+            if let Some((bucket, name)) = objects.get(id) {
+                by_bucket.entry(bucket).or_default().push((*id, name));
             }
         }
-        for (row, e) in suspects {
-            // Blamed when storage handled other names of the chunk, or when the chunk was this
-            // one name and storage answers (a proxy's refusal of a lone name is not blamed: a
-            // firewall that refuses every delete looks the same).
-            let blame = answered > 0 || (single && matches!(e, StorageError::Retryable(_)));
-            if blame {
-                tracing::warn!(bucket, name = row.object_path.as_deref().unwrap_or_default(), queue_id = row.id, error = %e,
-                    "a request carrying this name fails while storage handles the others: the row carries the failure");
-                done.push((vec![row], ChunkResult::Isolated(e)));
-            } else {
-                done.push((vec![row], no_name_to_blame(e)));
-            }
+        let canary = crate::absence::canary_name(&self.settings.worker_id);
+        let mut back: Vec<i64> = Vec::new();
+        for (bucket, rows) in by_bucket {
+            let names: Vec<String> = rows.iter().map(|(_, n)| (*n).clone()).collect();
+            // Bounded like the deletes: done before the lease ends (with time left to record
+            // the results), and not at all once shutdown has begun.
+            let check = crate::absence::still_there(
+                &self.storage,
+                bucket,
+                &canary,
+                &names,
+                self.settings.concurrency * 4,
+            );
+            let deadline = lease_end
+                .checked_sub(self.db_call() * 4)
+                .unwrap_or_else(Instant::now);
+            let checked = tokio::select! {
+                r = check => r,
+                _ = tokio::time::sleep_until(deadline.into()) => Err(StorageError::Retryable(
+                    "the checks could not finish before the batch's lease ends".into(),
+                )),
+                _ = self.shutdown.cancelled() => Err(StorageError::Retryable(
+                    "not checked: shutting down".into(),
+                )),
+            };
+            let (ids, why, trouble): (Vec<i64>, String, Trouble) = match checked {
+                Ok(present) if present.is_empty() => continue,
+                Ok(present) => {
+                    let ids: Vec<i64> = rows
+                        .iter()
+                        .filter(|(_, n)| present.contains(*n))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let why = format!(
+                        "storage answered that {} objects of {bucket} were already absent, but it still has them (e.g. {}): \
+                         the key may lack delete rights, or something other than this project's storage answers at SUPABASE_URL",
+                        ids.len(),
+                        present.iter().next().map(String::as_str).unwrap_or_default()
+                    );
+                    (ids, why.clone(), Trouble::Config(why))
+                }
+                Err(e) => {
+                    let why = format!(
+                        "{} \"already absent\" answers of {bucket} could not be checked: {e}",
+                        rows.len()
+                    );
+                    let trouble = match e {
+                        _ if self.shutdown.is_cancelled() => Trouble::None,
+                        StorageError::Retryable(_) => Trouble::Outage(why.clone()),
+                        StorageError::Overload { .. } => Trouble::Overload,
+                        _ => Trouble::Config(why.clone()),
+                    };
+                    (rows.iter().map(|(id, _)| *id).collect(), why, trouble)
+                }
+            };
+            tracing::error!(bucket, rows = ids.len(), "{why}");
+            self.metrics.nothing_deleted.set(1);
+            out.release_with_reason
+                .entry((format!("not confirmed absent: {why}"), Sent::Maybe))
+                .or_default()
+                .extend(&ids);
+            back.extend(ids);
+            out.trouble = std::mem::take(&mut out.trouble).worst(trouble);
         }
-        done
-    }
-
-    /// One bulk request, timed.
-    async fn send_chunk(
-        &self,
-        bucket: &str,
-        rows: &[Claimed],
-    ) -> Result<crate::storage::Deleted, StorageError> {
-        let names: Vec<String> = rows.iter().filter_map(|r| r.object_path.clone()).collect();
-        let started = Instant::now();
-        let result = self.storage.bulk_delete(bucket, &names).await;
-        self.metrics
-            .batch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result
-    }
-
-    /// Storage limits bulk deletes to `n` names: send no more from now on, and say so once.
-    fn lower_bulk_limit(&self, n: usize) {
-        let before = self.bulk_limit.fetch_min(n, Ordering::SeqCst);
-        if n < before {
-            tracing::warn!(limit = n, was = before,
-                "storage limits bulk deletes to fewer names than --batch-size (a project's own limit): sending {n} per request from now on; set --batch-size {n} to start there");
-            self.metrics.bulk_limit.set(n as i64);
-            self.add(|s| s.bulk_limit = Some(n));
-        }
-    }
-
-    /// A key without delete rights, a proxy or a cache answering for storage, another project's
-    /// storage: each answers "nothing to delete", which reads exactly like "already gone", and
-    /// confirming it deletes job rows whose files stay in storage for good. Where the database
-    /// checks storage.objects (confirm() refuses what it still lists), the answer is checked
-    /// there. Elsewhere, a run of more than --max-absent-run such names with nothing deleted is
-    /// not believed: the rows go back and the reaper stops (drain) or waits (run), until
-    /// something is deleted again.
-    fn believe_absent(&self, q: &Queue, out: &mut Outcomes) {
-        let mut run = self.absent_run.lock().unwrap();
-        if !out.deleted_ids.is_empty() || q.verifies_absence() {
-            *run = 0;
+        if back.is_empty() {
             self.metrics.nothing_deleted.set(0);
-            return;
         }
-        if out.absent_ids.is_empty() {
-            return;
-        }
-        let limit = self.settings.max_absent_run;
-        if *run + out.absent_ids.len() as u64 <= limit {
-            *run += out.absent_ids.len() as u64;
-            return;
-        }
-        self.metrics.nothing_deleted.set(1);
-        let why = format!(
-            "storage answered that {} names in a row were already absent and deleted nothing, more than --max-absent-run {limit}, \
-             and this database has no storage.objects to check that against: the key may lack delete rights (the anon key deletes \
-             nothing and says so with 200 []), or something other than this project's storage answers at SUPABASE_URL. If these \
-             objects really were removed by other means, raise --max-absent-run",
-            *run + out.absent_ids.len() as u64
-        );
-        tracing::error!(
-            names = *run + out.absent_ids.len() as u64,
-            max_absent_run = limit,
-            "{why}"
-        );
-        out.release_with_reason
-            .entry((format!("not confirmed absent: {why}"), Sent::Maybe))
-            .or_default()
-            .append(&mut out.absent_ids);
-        out.trouble = std::mem::take(&mut out.trouble).worst(Trouble::Config(why));
+        out.absent_ids.retain(|id| !back.contains(id));
     }
 
     /// Confirms what storage deleted and what it found absent. A row the database does not
@@ -1023,158 +963,11 @@ pub fn allowed(policy: &object_url::Policy, row: &Claimed) -> Result<String, Str
     Ok(bucket)
 }
 
-/// Rows the database confirmed, and how many were no longer this claim's.
-struct Confirmed {
-    deleted: usize,
-    absent: usize,
-    lost: usize,
-}
-
-/// What the answers to one batch's requests say about each of its rows.
-#[derive(Default)]
-struct Outcomes {
-    deleted_ids: Vec<i64>,
-    absent_ids: Vec<i64>,
-    /// Never sent (shutdown): given back.
-    release_ids: Vec<i64>,
-    /// Never sent: the lease was too close to expiry.
-    late_ids: Vec<i64>,
-    /// Given back with a reason, and what was sent.
-    release_with_reason: HashMap<(String, Sent), Vec<i64>>,
-    /// Failed, by error: an attempt each.
-    retry: HashMap<String, Vec<i64>>,
-    /// Failed for good, by error: dead-lettered at once.
-    dead: HashMap<String, Vec<i64>>,
-    bytes: u64,
-    /// Whether any request got a usable answer.
-    answered: bool,
-    trouble: Trouble,
-}
-
-impl Outcomes {
-    fn sort(results: Vec<(Vec<Claimed>, ChunkResult)>) -> Outcomes {
-        let mut out = Outcomes::default();
-        for (rows, result) in results {
-            let ids = rows.iter().map(|r| r.id);
-            match result {
-                ChunkResult::Done(d) => {
-                    out.answered = true;
-                    for row in &rows {
-                        let name = row.object_path.as_deref().unwrap_or_default();
-                        match d.names.get(name) {
-                            Some(size) => {
-                                out.bytes += size.unwrap_or(0);
-                                out.deleted_ids.push(row.id);
-                            }
-                            None => out.absent_ids.push(row.id),
-                        }
-                    }
-                }
-                ChunkResult::NotSent => out.release_ids.extend(ids),
-                ChunkResult::Late => out.late_ids.extend(ids),
-                ChunkResult::Isolated(e) => {
-                    out.answered = true;
-                    match e {
-                        StorageError::Refused { .. } => out
-                            .dead
-                            .entry(format!(
-                                "{e}; every request carrying this name is refused, so the reaper will not delete it: \
-                                 let it through the proxy or firewall and requeue it, or delete it by hand"
-                            ))
-                            .or_default()
-                            .extend(ids),
-                        e => out.retry.entry(e.to_string()).or_default().extend(ids),
-                    }
-                }
-                ChunkResult::Outage(e) => {
-                    let why = format!("storage is unreachable or answers nothing usable ({e})");
-                    out.release_with_reason
-                        .entry((format!("not attempted: {why}"), Sent::Maybe))
-                        .or_default()
-                        .extend(ids);
-                    out.trouble = std::mem::take(&mut out.trouble).worst(Trouble::Outage(why));
-                }
-                ChunkResult::Failed(e) => {
-                    let sent = sent_by(&e);
-                    let trouble = match e {
-                        StorageError::Config {
-                            http,
-                            status,
-                            code,
-                            message,
-                        } => {
-                            let why =
-                                format!("HTTP {http}, statusCode {status} ({code}): {message}");
-                            out.release_with_reason
-                                .entry((format!("storage refused the reaper's configuration or its answer cannot be believed: {why}"), sent))
-                                .or_default()
-                                .extend(ids);
-                            Trouble::Config(why)
-                        }
-                        StorageError::Overload { http, code } => {
-                            out.release_with_reason
-                                .entry((format!("storage is overloaded (HTTP {http}, {code}); the reaper slows down"), sent))
-                                .or_default()
-                                .extend(ids);
-                            Trouble::Overload
-                        }
-                        StorageError::Retryable(e) => {
-                            out.retry.entry(e).or_default().extend(ids);
-                            Trouble::None
-                        }
-                        e @ (StorageError::Refused { .. } | StorageError::BulkLimit(_)) => {
-                            let why = format!("{e}, and every request of the batch was refused: a proxy or firewall in front of storage refuses the reaper's deletes; let DELETE /storage/v1/object/* through");
-                            out.release_with_reason
-                                .entry((format!("not deleted: {why}"), sent))
-                                .or_default()
-                                .extend(ids);
-                            Trouble::Config(why)
-                        }
-                        e @ StorageError::OverQuota { .. } => {
-                            let why = format!("{e}; deletes are refused until the project's plan or spend cap allows them, the reaper pauses");
-                            out.release_with_reason
-                                .entry((format!("not deleted: {why}"), sent))
-                                .or_default()
-                                .extend(ids);
-                            Trouble::Config(why)
-                        }
-                    };
-                    out.trouble = std::mem::take(&mut out.trouble).worst(trouble);
-                }
-            }
-        }
-        out
-    }
-}
-
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-/// Failures of every request of a chunk, with no name to blame: for a 5xx or a timeout on
-/// every delete, an outage of the delete path; for a proxy's refusal of everything, its
-/// configuration.
-fn no_name_to_blame(e: StorageError) -> ChunkResult {
-    match e {
-        StorageError::Retryable(_) => ChunkResult::Outage(e),
-        e => ChunkResult::Failed(e),
-    }
-}
-
-/// Failed requests, with no request of the chunk succeeding, before no name is blamed. One
-/// poisoned name among 1000 costs at most about 2 x log2(1000) = 20 failed requests to find.
-const SPLIT_BUDGET: usize = 24;
-
-/// What a failed bulk request says about the deletes it carried.
-fn sent_by(e: &StorageError) -> Sent {
-    if e.deleted_nothing() {
-        Sent::Nothing
-    } else {
-        Sent::Maybe
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

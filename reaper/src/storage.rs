@@ -66,6 +66,41 @@ impl StorageError {
         }
     }
 
+    /// The same error with every occurrence of `secret` in its text replaced.
+    pub fn without(self, secret: &str) -> StorageError {
+        if secret.is_empty() {
+            return self;
+        }
+        let cut = |s: String| s.replace(secret, "<the key, redacted>");
+        match self {
+            StorageError::Config {
+                http,
+                status,
+                code,
+                message,
+            } => StorageError::Config {
+                http,
+                status: cut(status),
+                code: cut(code),
+                message: cut(message),
+            },
+            StorageError::Overload { http, code } => StorageError::Overload {
+                http,
+                code: cut(code),
+            },
+            StorageError::Retryable(m) => StorageError::Retryable(cut(m)),
+            StorageError::Refused { http, message } => StorageError::Refused {
+                http,
+                message: cut(message),
+            },
+            StorageError::BulkLimit(n) => StorageError::BulkLimit(n),
+            StorageError::OverQuota { http, message } => StorageError::OverQuota {
+                http,
+                message: cut(message),
+            },
+        }
+    }
+
     /// Whether the failure may be caused by one of the names the request carried, so that
     /// splitting the request can find it.
     pub fn may_be_a_name(&self) -> bool {
@@ -102,8 +137,11 @@ impl StorageClient {
     pub fn new(base: url::Url, key: ServiceKey, timeout: Duration) -> StorageClient {
         // No redirects: reqwest would follow one to another host with the custom `apikey`
         // header (it strips only Authorization), and re-send the delete there.
+        // No proxy from the environment either (HTTP_PROXY, ALL_PROXY): the key would go to it,
+        // in cleartext for an http:// SUPABASE_URL.
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .timeout(timeout)
             .pool_max_idle_per_host(64)
             .user_agent(concat!(
@@ -130,8 +168,44 @@ impl StorageClient {
         }
     }
 
-    /// `DELETE /object/{bucket}` with `{"prefixes": names}` (at most 1000 names).
+    /// `DELETE /object/{bucket}` with `{"prefixes": names}` (at most 1000 names); see
+    /// [`StorageClient::bulk_delete_raw`].
     pub async fn bulk_delete(
+        &self,
+        bucket: &str,
+        names: &[String],
+    ) -> Result<Deleted, StorageError> {
+        self.scrub(self.bulk_delete_raw(bucket, names).await)
+    }
+
+    /// Whether storage answers a plain read; see [`StorageClient::answers_raw`].
+    pub async fn answers(&self, bucket: &str) -> Result<(), StorageError> {
+        self.scrub(self.answers_raw(bucket).await)
+    }
+
+    /// Whether an object exists; see [`StorageClient::exists_raw`].
+    pub async fn exists(&self, bucket: &str, name: &str) -> Result<bool, StorageError> {
+        self.scrub(self.exists_raw(bucket, name).await)
+    }
+
+    /// Uploads (upserts) a small object; see [`StorageClient::upload_raw`].
+    pub async fn upload(
+        &self,
+        bucket: &str,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        self.scrub(self.upload_raw(bucket, path, bytes).await)
+    }
+
+    /// Whatever an upstream says goes into logs and the audit log: if it echoes the key (a
+    /// proxy's debug page, a reflected header), the key is cut out first.
+    fn scrub<T>(&self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+        result.map_err(|e| e.without(self.key.expose()))
+    }
+
+    /// `DELETE /object/{bucket}` with `{"prefixes": names}` (at most 1000 names).
+    async fn bulk_delete_raw(
         &self,
         bucket: &str,
         names: &[String],
@@ -155,7 +229,7 @@ impl StorageClient {
     /// effect that goes through the same gateway, server and database as a delete. Asked when
     /// every delete of a batch failed, to tell an outage (the rows are not at fault: no attempt
     /// counted) from requests that fail because of what they carry.
-    pub async fn answers(&self, bucket: &str) -> Result<(), StorageError> {
+    async fn answers_raw(&self, bucket: &str) -> Result<(), StorageError> {
         let url = self.url(&format!("object/list/{}", encode_segment(bucket)));
         let req = self
             .authorized(self.http.post(url))
@@ -170,18 +244,59 @@ impl StorageClient {
         }
     }
 
+    /// Whether `name` exists in `bucket`, as `GET /object/info/authenticated/{bucket}/{name}`
+    /// says: 200 with the object's info, or the server's 400 with `statusCode` 404 (`NoSuchKey`,
+    /// or `NoSuchBucket`: a bucket must be empty to be deleted). Row-level security answers the
+    /// same 404 for an object the key may not see: only a key shown to see objects (the
+    /// reaper's canary, [`crate::reaper`]) makes a "no" mean absent.
+    async fn exists_raw(&self, bucket: &str, name: &str) -> Result<bool, StorageError> {
+        let url = self.url(&format!(
+            "object/info/authenticated/{}/{}",
+            encode_segment(bucket),
+            encode_path(name)
+        ));
+        let response = send(self.authorized(self.http.get(url))).await?;
+        let http = response.status().as_u16();
+        let body = read_capped(response).await?;
+        if http == 200 {
+            let info: Value = serde_json::from_slice(&body).map_err(|e| {
+                StorageError::Retryable(format!("HTTP 200 with object info that is not JSON ({e})"))
+            })?;
+            if info.get("name").and_then(Value::as_str) != Some(name) {
+                return Err(StorageError::Config {
+                    http,
+                    status: "200".into(),
+                    code: "UnverifiableAnswer".into(),
+                    message: format!(
+                        "the info of {bucket}/{name} names another object, so the answer cannot be believed; \
+                         is SUPABASE_URL this project's storage itself (no proxy or cache answering for it)?"
+                    ),
+                });
+            }
+            return Ok(true);
+        }
+        let e = classify(http, &body);
+        match &e {
+            StorageError::Config { status, code, .. }
+                if status == "404" && matches!(code.as_str(), "NoSuchKey" | "NoSuchBucket") =>
+            {
+                Ok(false)
+            }
+            _ => Err(e),
+        }
+    }
+
     /// `POST /object/{bucket}/{path}` (upsert): the probe's tiny object.
-    pub async fn upload(
+    async fn upload_raw(
         &self,
         bucket: &str,
         path: &str,
         bytes: Vec<u8>,
     ) -> Result<(), StorageError> {
-        let encoded: Vec<String> = path.split('/').map(encode_segment).collect();
         let url = self.url(&format!(
             "object/{}/{}",
             encode_segment(bucket),
-            encoded.join("/")
+            encode_path(path)
         ));
         let req = self
             .authorized(self.http.post(url))
@@ -348,8 +463,10 @@ pub fn classify(http: u16, body: &[u8]) -> StorageError {
     if http == 402 || real == 402 {
         return StorageError::OverQuota { http, message };
     }
-    if let Some(n) = bulk_limit(&message) {
-        return StorageError::BulkLimit(n);
+    if http == 400 && status == "400" {
+        if let Some(n) = bulk_limit(&message) {
+            return StorageError::BulkLimit(n);
+        }
     }
     // The server's own errors are JSON with a statusCode; a bare 403 or 413 page is a proxy's.
     if http == 413 || real == 413 || (http == 403 && parsed.is_none()) {
@@ -393,6 +510,14 @@ fn bulk_limit(message: &str) -> Option<usize> {
     let rest = message.split("limited to ").nth(1)?;
     let n: usize = rest.split_whitespace().next()?.parse().ok()?;
     (rest.contains("objects") && n > 0).then_some(n)
+}
+
+/// Percent-encodes each segment of an object name, keeping its slashes.
+pub fn encode_path(name: &str) -> String {
+    name.split('/')
+        .map(encode_segment)
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Percent-encodes one path segment the way `encodeURIComponent` does.
@@ -504,6 +629,18 @@ mod tests {
             classify(502, b"<html>bad gateway</html>"),
             StorageError::Retryable(_)
         ));
+    }
+
+    #[test]
+    fn an_upstream_that_echoes_the_key_has_it_cut_out() {
+        let key = "sb_secret_abcdefghijklmnop";
+        let e = classify(
+            400,
+            format!(r#"{{"statusCode":"403","message":"bad apikey {key}"}}"#).as_bytes(),
+        );
+        let e = e.without(key);
+        assert!(!format!("{e} {e:?}").contains(key), "{e:?}");
+        assert!(e.to_string().contains("<the key, redacted>"));
     }
 
     #[test]

@@ -25,59 +25,108 @@ struct Pending {
     parent: Rc<OwnedFd>,
     name: CString,
     path: PathBuf,
+    depth: usize,
 }
 
-/// Removes regular files older than `max_age` under `dir`.
-///
-/// Every step works relative to an open directory handle, never on a full path: a directory is
-/// opened from its parent's handle with `O_NOFOLLOW | O_DIRECTORY` and must be the very
-/// directory (device and inode) that was listed, and a file is removed with `unlinkat` in the
-/// directory it was found in. So a directory swapped for a symlink (or for another directory)
-/// between the look and the act leads nowhere outside: anyone who can write to the temp
-/// directory cannot make the sweeper delete elsewhere. Other filesystems mounted inside are
-/// left alone. The walk keeps its own list instead of recursing, so no nesting depth can
-/// overflow the stack, and holds a handle only for directories whose subdirectories wait.
+/// Directories nested deeper than this below the temp directory are left alone. The walk holds
+/// a handle for each level whose subdirectories wait, so this bounds the handles it can hold
+/// (a wide tree nested thousands deep would otherwise exhaust the process's file descriptors,
+/// the daemon's sockets among them). Render temp files live a few levels down.
+pub const MAX_DEPTH: usize = 256;
+
+/// The temp directory, pinned: the directory `--temp-dir` named when the reaper started (its
+/// device and inode), found again by its resolved path, with no symlink followed, before every
+/// sweep. A directory someone replaced since (with a symlink or another directory) is not swept.
+#[derive(Debug, Clone)]
+pub struct TempRoot {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl TempRoot {
+    pub fn new(dir: &Path) -> std::io::Result<TempRoot> {
+        let path = dir.canonicalize()?;
+        let st = rustix::fs::stat(&path)?;
+        Ok(TempRoot {
+            path,
+            id: (st.st_dev, st.st_ino),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn open(&self) -> Result<OwnedFd, String> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(&self.path, flags, Mode::empty()).map_err(|e| e.to_string())?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| e.to_string())?;
+        if (st.st_dev, st.st_ino) != self.id {
+            return Err("it is no longer the directory it was when the reaper started (replaced since); restart the reaper if that was intended".into());
+        }
+        Ok(fd)
+    }
+
+    /// Removes regular files older than `max_age` under the directory.
+    ///
+    /// Every step works relative to an open directory handle, never on a full path: a
+    /// directory is opened from its parent's handle with `O_NOFOLLOW | O_DIRECTORY` and must be
+    /// the very directory (device and inode) that was listed, and a file is removed with
+    /// `unlinkat` in the directory it was found in. So a directory swapped for a symlink (or for
+    /// another directory) between the look and the act leads nowhere outside: anyone who can
+    /// write to the temp directory cannot make the sweeper delete elsewhere. Other filesystems
+    /// mounted inside are left alone. The walk keeps its own list instead of recursing, so no
+    /// nesting depth can overflow the stack.
+    pub fn sweep(&self, max_age: Duration) -> SweepReport {
+        let mut report = SweepReport::default();
+        let now = SystemTime::now();
+        let root = match self.open() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), error = %e, "not sweeping the temp directory");
+                report.errors += 1;
+                return report;
+            }
+        };
+        let device = self.id.0;
+        let mut todo: Vec<Pending> = Vec::new();
+        let mut walk = Walk {
+            device,
+            max_age,
+            now,
+            todo: &mut todo,
+            report: &mut report,
+        };
+        walk.sweep_one(root, self.path.clone(), 0);
+        while let Some(p) = walk.todo.pop() {
+            if p.depth > MAX_DEPTH {
+                tracing::warn!(dir = %p.path.display(), max_depth = MAX_DEPTH, "not sweeping a directory nested this deep");
+                walk.report.kept += 1;
+                continue;
+            }
+            let Some(fd) = open_subdir(&p, device, walk.report) else {
+                continue;
+            };
+            let (path, depth) = (p.path.clone(), p.depth);
+            drop(p);
+            walk.sweep_one(fd, path, depth);
+        }
+        report
+    }
+}
+
+/// Sweeps `dir` once (`reaper sweep-temp`).
 pub fn sweep(dir: &Path, max_age: Duration) -> SweepReport {
-    let mut report = SweepReport::default();
-    let now = SystemTime::now();
-    // The configured directory itself is the operator's choice and may be a symlink.
-    let root = match rustix::fs::open(
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(fd) => fd,
+    match TempRoot::new(dir) {
+        Ok(root) => root.sweep(max_age),
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot open temp directory");
-            report.errors += 1;
-            return report;
+            SweepReport {
+                errors: 1,
+                ..SweepReport::default()
+            }
         }
-    };
-    let device = match rustix::fs::fstat(&root) {
-        Ok(st) => st.st_dev,
-        Err(_) => {
-            report.errors += 1;
-            return report;
-        }
-    };
-    let mut todo: Vec<Pending> = Vec::new();
-    sweep_one(
-        root,
-        dir.to_path_buf(),
-        device,
-        max_age,
-        now,
-        &mut todo,
-        &mut report,
-    );
-    while let Some(p) = todo.pop() {
-        let Some(fd) = open_subdir(&p, device, &mut report) else {
-            continue;
-        };
-        drop(p.parent);
-        sweep_one(fd, p.path, device, max_age, now, &mut todo, &mut report);
     }
-    report
 }
 
 /// Opens a listed subdirectory from its parent's handle, refusing a symlink, a non-directory,
@@ -111,53 +160,57 @@ fn open_subdir(p: &Pending, device: u64, report: &mut SweepReport) -> Option<Own
     Some(fd)
 }
 
-/// Sweeps the files of one open directory and lists its subdirectories in `todo`.
-fn sweep_one(
-    fd: OwnedFd,
-    path: PathBuf,
+/// One sweep's state.
+struct Walk<'a> {
     device: u64,
     max_age: Duration,
     now: SystemTime,
-    todo: &mut Vec<Pending>,
-    report: &mut SweepReport,
-) {
-    let names = match list(&fd) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(dir = %path.display(), error = %e, "cannot read temp directory");
-            report.errors += 1;
-            return;
-        }
-    };
-    let fd = Rc::new(fd);
-    for name in names {
-        let entry_path = path.join(name.to_string_lossy().as_ref());
-        // A link is judged as a link, never by what it points to.
-        let Ok(st) = rustix::fs::statat(fd.as_fd(), name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
-        else {
-            report.errors += 1;
-            continue;
+    todo: &'a mut Vec<Pending>,
+    report: &'a mut SweepReport,
+}
+
+impl Walk<'_> {
+    /// Sweeps the files of one open directory and lists its subdirectories in `todo`.
+    fn sweep_one(&mut self, fd: OwnedFd, path: PathBuf, depth: usize) {
+        let names = match list(&fd) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot read temp directory");
+                self.report.errors += 1;
+                return;
+            }
         };
-        match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory if st.st_dev == device => todo.push(Pending {
-                parent: fd.clone(),
-                name,
-                path: entry_path,
-            }),
-            FileType::RegularFile if age(&st, now) > max_age => {
-                match rustix::fs::unlinkat(fd.as_fd(), name.as_c_str(), AtFlags::empty()) {
-                    Ok(()) => {
-                        tracing::info!(file = %entry_path.display(), age_s = age(&st, now).as_secs(), bytes = st.st_size, "removed old temp file");
-                        report.removed += 1;
-                        report.bytes += st.st_size.max(0) as u64;
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %entry_path.display(), error = %e, "cannot remove temp file");
-                        report.errors += 1;
+        let fd = Rc::new(fd);
+        for name in names {
+            let entry_path = path.join(name.to_string_lossy().as_ref());
+            // A link is judged as a link, never by what it points to.
+            let Ok(st) = rustix::fs::statat(fd.as_fd(), name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+            else {
+                self.report.errors += 1;
+                continue;
+            };
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory if st.st_dev == self.device => self.todo.push(Pending {
+                    parent: fd.clone(),
+                    name,
+                    path: entry_path,
+                    depth: depth + 1,
+                }),
+                FileType::RegularFile if age(&st, self.now) > self.max_age => {
+                    match rustix::fs::unlinkat(fd.as_fd(), name.as_c_str(), AtFlags::empty()) {
+                        Ok(()) => {
+                            tracing::info!(file = %entry_path.display(), age_s = age(&st, self.now).as_secs(), bytes = st.st_size, "removed old temp file");
+                            self.report.removed += 1;
+                            self.report.bytes += st.st_size.max(0) as u64;
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = %entry_path.display(), error = %e, "cannot remove temp file");
+                            self.report.errors += 1;
+                        }
                     }
                 }
+                _ => self.report.kept += 1,
             }
-            _ => report.kept += 1,
         }
     }
 }
@@ -314,13 +367,28 @@ mod tests {
     /// Issue 12, finding 6: the sweeper recursed on the stack, and 2,030 nested directories
     /// overflowed the blocking thread's and aborted the daemon at start-up (a crash loop under
     /// Restart=always). Deeper than any path may be long, on a 2 MiB stack like the blocking
-    /// pool's, the sweep finishes and removes the old file at the bottom.
+    /// pool's, the sweep finishes: it removes the old file a few levels down, and leaves what is
+    /// nested deeper than [`MAX_DEPTH`] alone.
     #[test]
-    fn nesting_deeper_than_a_path_is_long_is_swept() {
+    fn nesting_deeper_than_a_path_is_long_is_swept_without_crashing() {
         use rustix::fs::{mkdirat, openat};
         let root = std::env::temp_dir().join(format!("reaper-temp-deep-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
+        let old_file = |dir: &OwnedFd| {
+            let file = openat(
+                dir,
+                "old.tmp",
+                OFlags::WRONLY | OFlags::CREATE,
+                Mode::from_raw_mode(0o600),
+            )
+            .unwrap();
+            File::from(file)
+                .set_times(
+                    FileTimes::new().set_modified(SystemTime::now() - Duration::from_secs(7200)),
+                )
+                .unwrap();
+        };
         let mut fd = openat(
             rustix::fs::CWD,
             &root,
@@ -328,20 +396,14 @@ mod tests {
             Mode::empty(),
         )
         .unwrap();
-        for _ in 0..5000 {
+        for level in 1..=5000 {
             mkdirat(&fd, "d", Mode::from_raw_mode(0o700)).unwrap();
             fd = openat(&fd, "d", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+            if level == 3 {
+                old_file(&fd);
+            }
         }
-        let file = openat(
-            &fd,
-            "old.tmp",
-            OFlags::WRONLY | OFlags::CREATE,
-            Mode::from_raw_mode(0o600),
-        )
-        .unwrap();
-        File::from(file)
-            .set_times(FileTimes::new().set_modified(SystemTime::now() - Duration::from_secs(7200)))
-            .unwrap();
+        old_file(&fd);
         let r = root.clone();
         let report = std::thread::Builder::new()
             .stack_size(2 << 20)
@@ -350,11 +412,32 @@ mod tests {
             .join()
             .unwrap();
         assert_eq!(report.removed, 1, "{report:?}");
-        // Clean up from the bottom, by handle (the path is too long for remove_dir_all).
+        assert!(!root.join("d/d/d/old.tmp").exists());
         drop(fd);
         let _ = std::process::Command::new("rm")
             .arg("-rf")
             .arg(&root)
             .status();
+    }
+
+    /// A temp directory replaced after the reaper started (here by a symlink to another
+    /// directory, by someone who can write to its parent) is not swept.
+    #[test]
+    fn a_temp_directory_replaced_since_start_is_not_swept() {
+        let base = std::env::temp_dir().join(format!("reaper-temp-pin-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let (dir, victim) = (base.join("temp"), base.join("victim"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(&victim).unwrap();
+        fs::write(victim.join("precious.png"), b"keep me").unwrap();
+        aged(&victim.join("precious.png"), Duration::from_secs(7200));
+        let root = TempRoot::new(&dir).unwrap();
+        assert_eq!(root.sweep(Duration::from_secs(3600)).errors, 0);
+        fs::remove_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&victim, &dir).unwrap();
+        let report = root.sweep(Duration::from_secs(3600));
+        assert_eq!((report.removed, report.errors), (0, 1));
+        assert!(victim.join("precious.png").exists());
+        fs::remove_dir_all(&base).unwrap();
     }
 }

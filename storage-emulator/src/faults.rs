@@ -37,6 +37,9 @@ pub struct Faults {
     /// Every bulk delete is answered `200` with this body, and nothing is deleted: a server,
     /// proxy or cache that answers without doing the work (the answer the reaper must not believe).
     pub bulk_answer: Option<serde_json::Value>,
+    /// With `bulk_answer`: only bulk deletes carrying a name that contains this text get the
+    /// canned answer; the others are carried out (a proxy with rules for some paths).
+    pub bulk_answer_names: Option<String>,
     /// Every bulk delete carrying a name that contains this text is refused as a whole, before
     /// anything is deleted, with `reject_http`: 500 (the server fails on that name), or 403 or
     /// 413 as a proxy or web firewall in front of the server answers (an HTML page, not the

@@ -117,6 +117,11 @@ pub fn router(emu: Arc<Emulator>) -> Router {
     let storage = Router::new()
         .route("/storage/v1/bucket", post(create_bucket))
         .route("/storage/v1/object/list/{bucket}", post(list_objects))
+        .route(
+            "/storage/v1/object/info/authenticated/{bucket}/{*path}",
+            get(object_info),
+        )
+        .route("/storage/v1/object/info/{bucket}/{*path}", get(object_info))
         .route("/storage/v1/object/{bucket}", delete(bulk_delete))
         .route(
             "/storage/v1/object/{bucket}/{*path}",
@@ -144,9 +149,11 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
     if req.method() == Method::DELETE && is_bulk_delete(&path) {
         emu.gate.pass().await;
     }
-    let canned = (req.method() == Method::DELETE && is_bulk_delete(&path))
-        .then(|| emu.faults.get().bulk_answer)
-        .flatten();
+    let (req, canned) = if req.method() == Method::DELETE && is_bulk_delete(&path) {
+        canned_answer(&emu, req).await
+    } else {
+        (req, None)
+    };
     let response = match emu.faults.judge().await {
         Verdict::Proceed if canned.is_some() => Json(canned.unwrap_or_default()).into_response(),
         Verdict::Proceed => next.run(req).await,
@@ -204,6 +211,34 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
         return StatusCode::GATEWAY_TIMEOUT.into_response();
     }
     response
+}
+
+/// The canned answer a bulk delete gets (`faults.bulk_answer`), if any: for every bulk delete,
+/// or, with `faults.bulk_answer_names`, only for one that carries a name containing that text
+/// (the body is read to decide, and handed on).
+async fn canned_answer(emu: &Emulator, req: Request) -> (Request, Option<Value>) {
+    let faults = emu.faults.get();
+    let Some(answer) = faults.bulk_answer else {
+        return (req, None);
+    };
+    let Some(pattern) = faults.bulk_answer_names else {
+        return (req, Some(answer));
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, JSON_BODY_LIMIT * 2)
+        .await
+        .unwrap_or_default();
+    let matches = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("prefixes").cloned())
+        .and_then(|p| p.as_array().cloned())
+        .is_some_and(|names| {
+            names
+                .iter()
+                .any(|n| n.as_str().is_some_and(|n| n.contains(pattern.as_str())))
+        });
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    (req, matches.then_some(answer))
 }
 
 /// `/storage/v1/object/{bucket}`: one segment after `object/`.
@@ -439,6 +474,44 @@ async fn single_delete(
         deleted_names: vec![format!("{bucket}/{key}")],
     });
     Ok(response)
+}
+
+/// `GET /object/info/authenticated/{bucket}/{path}` (and `/object/info/{bucket}/{path}`): the
+/// object's info, as the server's InfoRenderer gives it. A missing bucket or object is the
+/// server's 400 with `statusCode` 404. Row-level security hides the objects of a private bucket
+/// from a key that is not the service role, exactly as if they were absent; a public bucket's
+/// objects are visible to any key.
+async fn object_info(
+    State(emu): State<Arc<Emulator>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let role = emu.role(&headers)?;
+    let Some(public) = emu.store.is_public(&bucket) else {
+        return Err(ApiError::new(
+            400,
+            "404",
+            "Bucket not found",
+            "NoSuchBucket",
+            "Bucket not found",
+        ));
+    };
+    let meta = emu
+        .store
+        .get(&bucket, &key)
+        .filter(|_| public || role == Role::Service)
+        .ok_or_else(|| ApiError::new(400, "404", "not_found", "NoSuchKey", "Object not found"))?;
+    Ok(Json(json!({
+        "id": meta.id,
+        "name": key,
+        "version": uuid::Uuid::new_v4(),
+        "size": meta.size,
+        "content_type": meta.mimetype,
+        "cache_control": "no-cache",
+        "etag": format!("\"{}\"", meta.id.simple()),
+        "metadata": null,
+        "created_at": meta.created_at,
+    })))
 }
 
 #[derive(Deserialize, Default)]

@@ -183,6 +183,15 @@ impl Store {
         deleted
     }
 
+    /// An object's metadata, if it exists.
+    pub fn get(&self, bucket: &str, key: &str) -> Option<ObjectMeta> {
+        self.buckets
+            .read()
+            .unwrap()
+            .get(bucket)
+            .and_then(|b| b.objects.get(key).cloned())
+    }
+
     pub fn exists(&self, bucket: &str, key: &str) -> bool {
         self.buckets
             .read()

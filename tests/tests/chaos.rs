@@ -1422,7 +1422,8 @@ fn chaos_9_a_broken_upstream_gets_nothing_wrong() {
             &addr,
         ],
     );
-    let refused_name = "orphan/77.png";
+    // The proxy refuses the name claimed next when its phase begins (set below).
+    let refused_name = std::cell::RefCell::new(String::new());
     let troubles = [
         ("HTTP 500 on every request", json!({"rate_500": 1.0})),
         (
@@ -1437,10 +1438,18 @@ fn chaos_9_a_broken_upstream_gets_nothing_wrong() {
             "a 200 answer naming no object of this bucket",
             json!({"bulk_answer": ["orphan/1.png", {"name": "orphan/2.png", "bucket_id": "avatars"}]}),
         ),
+        (
+            "a 200 [] answer (a key or proxy that deletes nothing)",
+            json!({"bulk_answer": []}),
+        ),
         ("a bulk limit of 30 names", json!({"bulk_limit": 30})),
         (
             "a proxy refusing one name (403)",
-            json!({"reject_names": refused_name, "reject_http": 403}),
+            json!({"reject_http": 403}),
+        ),
+        (
+            "HTTP 500 on every delete, while reads work",
+            json!({"reject_names": "", "reject_http": 500}),
         ),
         (
             "the project over its quota (402)",
@@ -1458,6 +1467,34 @@ fn chaos_9_a_broken_upstream_gets_nothing_wrong() {
             deleted_rows(&mut c) > before
         });
         st.emu.clear_requests();
+        if what.contains("refusing one name") {
+            // The next row a claim takes; the phase lasts until that row alone is dead-lettered.
+            let next: String = c
+                .query_one(
+                    "SELECT object_path FROM orphan_cleanup.deletion_queue WHERE state = 'pending'
+                     ORDER BY available_at, id LIMIT 1",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            *refused_name.borrow_mut() = next.clone();
+            let mut f = faults.clone();
+            f["reject_names"] = json!(next);
+            st.emu.set_faults(f);
+            wait_for(
+                Duration::from_secs(120),
+                "the refused row to be dead-lettered",
+                || {
+                    r.assert_running();
+                    one(
+                    &mut c,
+                    &format!("SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'dead' AND object_path = '{next}'"),
+                ) == 1
+                },
+            );
+            met.push(*what);
+            continue;
+        }
         st.emu.set_faults(faults.clone());
         if what.contains("never answer") {
             std::thread::sleep(Duration::from_secs(6));
@@ -1510,10 +1547,11 @@ fn chaos_9_a_broken_upstream_gets_nothing_wrong() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert!(dead.len() <= 1, "dead letters: {dead:?}");
+    let refused_name = refused_name.into_inner();
+    assert_eq!(dead.len(), 1, "dead letters: {dead:?}");
     for (name, error) in &dead {
         assert_eq!(
-            name, refused_name,
+            *name, refused_name,
             "only the refused name is dead-lettered: {error}"
         );
         assert!(error.contains("proxy or web firewall"), "{error}");

@@ -214,6 +214,80 @@ fn confirm_falls_back_to_clearing_the_url_when_a_foreign_key_blocks_the_delete()
     );
 }
 
+/// A job row whose cleanup waits for a lock (the app's trigger, a cascade) past the session's
+/// lock_timeout is not marked failed for good, nor has its URL cleared: it stays pending, and the
+/// next cycle deletes it once the lock is gone. (Found by the issue 12 review: such a row was
+/// left "failed", never retried.)
+#[test]
+fn a_job_cleanup_that_waits_for_a_lock_is_retried_by_the_next_cycle() {
+    settings(BASE_SETTINGS);
+    let (db, jobs) = queued_db("queue_cleanup_lock", 1);
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE job_archive (job_id uuid);
+         CREATE FUNCTION archive_job() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO public.job_archive VALUES (OLD.id); RETURN OLD; END $$;
+         CREATE TRIGGER archive BEFORE DELETE OR UPDATE ON render_jobs FOR EACH ROW EXECUTE FUNCTION archive_job();",
+    )
+    .unwrap();
+    let mut holder = db.client();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE job_archive IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let ids = claim(&mut c, "w1", 10);
+    c.batch_execute("SET lock_timeout = '200ms'").unwrap();
+    let res = results(
+        c.query(
+            "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+            &[&ids.lease, &ids.ids],
+        )
+        .unwrap(),
+    );
+    assert!(res.iter().all(|(_, r)| r == "confirmed"), "{res:?}");
+    let cleanup: String = c
+        .query_one("SELECT job_cleanup FROM orphan_cleanup.deletion_queue", &[])
+        .unwrap()
+        .get(0);
+    assert!(cleanup.starts_with("pending: retried after"), "{cleanup}");
+    assert!(job_exists(&mut c, &jobs[0]));
+    holder.batch_execute("COMMIT").unwrap();
+    c.batch_execute("RESET lock_timeout").unwrap();
+    cycle(&mut c);
+    assert!(!job_exists(&mut c, &jobs[0]), "the next cycle deleted it");
+}
+
+/// A reason given with a release never passes for the nothing-sent mark that gives a row's
+/// hand-out back and refunds a reaper's hourly budget (found by the issue 12 review: the reason
+/// carries text from storage, which an upstream chooses).
+#[test]
+fn a_reason_cannot_forge_the_nothing_sent_mark() {
+    settings(BASE_SETTINGS);
+    let (db, _) = queued_db("queue_forged_mark", 1);
+    let mut c = db.client();
+    let claim = claim(&mut c, "w1", 10);
+    let released: i64 = c
+        .query_one(
+            "SELECT orphan_cleanup.release('w1', $1, $2, 'HTTP 500: oops (nothing was sent)', false)",
+            &[&claim.lease, &claim.ids],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(released, 1);
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.audit_log WHERE action = 'released'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!detail.ends_with("(nothing was sent)"), "{detail}");
+    let handouts: i32 = c
+        .query_one("SELECT sum(handouts)::int FROM orphan_cleanup.objects", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(handouts, 1, "still handed out");
+}
+
 #[test]
 fn fail_backs_off_and_dead_letters_after_max_attempts() {
     settings(&[

@@ -181,10 +181,23 @@ fn an_outage_costs_no_attempt_and_drain_says_so() {
             json!({"answer_html": true}),
             None,
         ),
+        // Found by the review: a request of one name was charged while only deletes failed
+        // (the list that shows storage answering works): the reaper's own canary's delete fails
+        // too, so it is an outage.
+        (
+            "HTTP 500 on every delete, reads answered",
+            json!({"reject_names": "", "reject_http": 500}),
+            None,
+        ),
         ("connection refused", json!({}), Some(closed.as_str())),
     ] {
         w.emu.set_faults(faults);
-        let mut cmd = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]);
+        // One name per request: a lone name must not be blamed for an outage either.
+        let mut cmd = reaper(
+            &w.db.name,
+            &w.emu,
+            &["drain", "--no-probe", "--batch-size", "1"],
+        );
         if let Some(url) = url {
             cmd.env("SUPABASE_URL", url)
                 .env("REAPER_STORAGE_HOSTS", &w.emu.host);
@@ -211,7 +224,15 @@ fn an_outage_costs_no_attempt_and_drain_says_so() {
     let out = reaper(&w.db.name, &w.emu, &["drain"]).run();
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(states(&mut c), vec![("deleted".to_string(), 20)]);
-    assert_eq!(w.emu.objects(), w.keep);
+    assert_eq!(without_canaries(w.emu.objects()), w.keep);
+}
+
+/// The objects, less the reaper's canaries that storage refused to delete during a check.
+fn without_canaries(objects: BTreeSet<String>) -> BTreeSet<String> {
+    objects
+        .into_iter()
+        .filter(|o| !o.contains("/.pg_orphan_cleanup-probe/"))
+        .collect()
 }
 
 /// A name that storage fails on every time (here HTTP 500 for any request that carries it) costs
@@ -276,6 +297,55 @@ fn a_name_storage_fails_on_costs_only_its_row_attempts() {
     assert_eq!(w.emu.objects(), w.keep);
 }
 
+/// Found by the issue 12 review: a request that failed in a way that may follow deletes (here
+/// the server's 500) was split, and the halves, cut short by SIGTERM before they were sent, were
+/// given back as "nothing was sent": their hand-out lifted, a save of such a job went through
+/// while its file may have been deleted by the first request. Rows once carried by a request
+/// that may have been carried out stay handed out when given back.
+#[test]
+fn rows_a_failed_request_carried_stay_handed_out_when_given_back() {
+    let w = world("reaper_maybe_sent", 10, &[]);
+    let mut c = w.db.client();
+    w.emu
+        .set_faults(json!({"reject_names": "o/", "reject_http": 500, "latency_ms": 1500}));
+    let child = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .start();
+    wait_for(Duration::from_secs(30), "the first delete to fail", || {
+        w.emu
+            .requests()
+            .iter()
+            .any(|r| r["method"] == "DELETE" && r["status"] == 500)
+    });
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
+    assert_eq!(max_attempts_seen(&mut c), 0);
+    let job: String = c
+        .query_one(
+            "SELECT id::text FROM render_jobs WHERE output_url LIKE '%/o/1%20render.png'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let refused = save(&mut c, "generated_saved", &job).unwrap_err();
+    assert_eq!(
+        refused.code().map(|c| c.code()),
+        Some("OC001"),
+        "the save is refused while the file may be gone: {refused}"
+    );
+    let unsent: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND detail LIKE '%(nothing was sent)'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(unsent, 0, "no row was given back as never sent");
+}
+
 /// Issue 12, finding 3: a proxy or web firewall that refuses one name (403 or 413, its own HTML
 /// page) was called "fix SUPABASE_URL or the key" and looped forever. Now the name is isolated
 /// and its row alone dead-lettered with the reason; a proxy that refuses every delete is a
@@ -311,8 +381,9 @@ fn a_proxy_that_refuses_one_name_dead_letters_that_row_alone() {
         // Every name refused: nothing is blamed on a row.
         c.query_one("SELECT orphan_cleanup.requeue_dead()", &[])
             .unwrap();
+        // (Every name, the reaper's own canary among them: a firewall refusing all deletes.)
         w.emu
-            .set_faults(json!({"reject_names": "o/", "reject_http": http}));
+            .set_faults(json!({"reject_names": "", "reject_http": http}));
         let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
         let text = output_text(&out);
         assert_eq!(out.status.code(), Some(1), "{http}: {text}");
@@ -488,6 +559,8 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
             "1",
             "--max-deletes-per-hour",
             "5",
+            "--worker-id",
+            "capped-reaper",
         ],
     )
     .run();
@@ -521,6 +594,8 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
             "1",
             "--max-deletes-per-hour",
             "3",
+            "--worker-id",
+            "capped-reaper",
             "--metrics-addr",
             &addr,
         ],
@@ -541,8 +616,8 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
     signal(&child, libc::SIGTERM);
     let out = wait_with_deadline(child, Duration::from_secs(20));
     assert!(out.status.success(), "{}", output_text(&out));
-    // Issue 12, finding 7: the budget used to reset on restart. This reaper (another process on
-    // the same host, with no --worker-id) starts from the 5 sent in the last hour, past its 3.
+    // Issue 12, finding 7: the budget used to reset on restart. This reaper (the same id, a new
+    // process) starts from the 5 it sent in the last hour, past its 3.
     assert_eq!(
         states(&mut c),
         vec![("deleted".to_string(), 5), ("pending".to_string(), 5)],
@@ -594,6 +669,58 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
         output_text(&out)
     );
 
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--max-deletes-per-hour", "0"],
+    )
+    .run();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    // The budget cannot be read (here its function is revoked): nothing is claimed (found by
+    // the review: the reaper started with a full budget).
+    let mut admin = connect(&w.db.name);
+    admin
+        .batch_execute("REVOKE EXECUTE ON FUNCTION orphan_cleanup.sent_by_reaper(text, interval) FROM orphan_cleanup_reaper")
+        .unwrap();
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "drain",
+            "--no-probe",
+            "--max-deletes-per-hour",
+            "100",
+            "--worker-id",
+            "third-reaper",
+        ],
+    )
+    .run();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("permission denied"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(
+        states(&mut c),
+        vec![("deleted".to_string(), 8), ("pending".to_string(), 2)]
+    );
+    admin
+        .batch_execute("GRANT EXECUTE ON FUNCTION orphan_cleanup.sent_by_reaper(text, interval) TO orphan_cleanup_reaper")
+        .unwrap();
+    // Without a stable id the budget could not outlive the process: refused, naming the fix.
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &["drain", "--max-deletes-per-hour", "3"],
+    )
+    .run();
+    assert!(
+        output_text(&out).contains("--max-deletes-per-hour is invalid (set without --worker-id)"),
+        "{}",
+        output_text(&out)
+    );
     let out = reaper(
         &w.db.name,
         &w.emu,
@@ -1138,12 +1265,6 @@ fn bad_settings_fail_at_start_naming_the_fix() {
             vec!["drain"],
             "the key would cross the network in cleartext",
         ),
-        (
-            "REAPER_MAX_ABSENT_RUN",
-            "0",
-            vec!["drain"],
-            "--max-absent-run is invalid (0)",
-        ),
         // Issue 12, finding 6: a sweep with no age or no pause.
         (
             "REAPER_TEMP_MAX_AGE",
@@ -1424,10 +1545,12 @@ fn a_key_that_deletes_nothing_is_noticed_while_running() {
         .run();
     let text = output_text(&out);
     // Issue 12, finding 1: the run used to be only logged, after every row had been confirmed
-    // absent and its job row deleted. Now it is not believed: nothing is confirmed.
+    // absent and its job row deleted. Now no absence is believed unchecked: this key cannot
+    // upload the reaper's canary, so it cannot be shown to see objects, and nothing is confirmed.
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains("CONFIGURATION ERROR") && text.contains("--max-absent-run 2000"),
+        text.contains("CONFIGURATION ERROR")
+            && text.contains("\"already absent\" answers of renders could not be checked"),
         "{text}"
     );
     assert!(text.contains("already absent 0"), "{text}");
@@ -1444,25 +1567,77 @@ fn a_key_that_deletes_nothing_is_noticed_while_running() {
         .unwrap()
         .get(0);
     assert_eq!(jobs, 5001, "no job row deleted");
-    // A run below the limit is believed (a re-run after a crash finds a few objects gone).
-    let out = reaper(
-        &db.name,
-        &emu,
-        &["drain", "--no-probe", "--max-absent-run", "6000"],
-    )
-    .env("SUPABASE_SERVICE_ROLE_KEY", &no_role_key)
-    .run();
+    // The service key: storage shows it sees and deletes (the canary), and says each of these
+    // objects, never uploaded, is absent: believed.
+    let out = reaper(&db.name, &emu, &["drain", "--no-probe"]).run();
     assert!(
         output_text(&out).contains("already absent 5001"),
         "{}",
         output_text(&out)
     );
+    let info = emu
+        .requests()
+        .iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.contains("/object/info/"))
+        })
+        .count();
+    assert!(info >= 1000, "each absence checked: {info}");
+}
+
+/// Issue 12, finding 1 (its third fix, where storage.objects is not in the database): a proxy
+/// that answers `200 []` for the app's objects (while the reaper's own canary goes through) made
+/// every row "already absent". Now each such name is looked up, the objects are found, and
+/// nothing is confirmed; a proxy that answers `200 []` to everything fails the canary.
+#[test]
+fn an_empty_answer_is_checked_with_storage_itself() {
+    let w = world("reaper_check_absent", 10, &[]);
+    let mut c = w.db.client();
+    let jobs = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM render_jobs WHERE output_url LIKE '%/o/%'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    for (faults, expected) in [
+        (
+            json!({"bulk_answer": [], "bulk_answer_names": "o/"}),
+            "but it still has them",
+        ),
+        (json!({"bulk_answer": []}), "did not delete it"),
+    ] {
+        w.emu.set_faults(faults.clone());
+        let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{faults}: {text}");
+        assert!(
+            text.contains("CONFIGURATION ERROR") && text.contains(expected),
+            "{faults}: {text}"
+        );
+        assert_eq!(
+            states(&mut c),
+            vec![("pending".to_string(), 10)],
+            "{faults}"
+        );
+        assert_eq!(jobs(&mut c), 10, "{faults}: no job row deleted");
+        assert_eq!(max_attempts_seen(&mut c), 0);
+    }
+    w.emu.set_faults(json!({}));
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 10)]);
+    // (A canary storage refused to delete stays: a tiny object under .pg_orphan_cleanup-probe/.)
+    assert_eq!(without_canaries(w.emu.objects()), w.keep);
 }
 
 /// Issue 12, finding 1 (its third fix): where storage.objects is in the database, as on every
 /// Supabase project, an answer is checked against it before anything is confirmed. Storage's
-/// `200 []` for objects that storage.objects still lists is not believed, whatever
-/// --max-absent-run says; objects it no longer lists are confirmed absent.
+/// `200 []` for objects that storage.objects still lists is not believed; objects it no longer
+/// lists are confirmed absent, with no request to storage.
 #[test]
 fn storage_objects_checks_what_storage_says() {
     let w = world("reaper_storage_objects", 10, &[]);
@@ -1493,12 +1668,7 @@ fn storage_objects_checks_what_storage_says() {
     };
     // A key that deletes nothing (or a proxy that answers for storage): 200 [].
     w.emu.set_faults(json!({"bulk_answer": []}));
-    let out = reaper(
-        &w.db.name,
-        &w.emu,
-        &["drain", "--no-probe", "--max-absent-run", "100000"],
-    )
-    .run();
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
@@ -1520,19 +1690,14 @@ fn storage_objects_checks_what_storage_says() {
     assert_eq!(jobs(&mut c), 10);
 
     // Half of them really are gone (storage.objects no longer lists them; a delete marker of a
-    // versioned bucket is not the object): those are confirmed absent, with a run limit of 1.
+    // versioned bucket is not the object): those are confirmed absent.
     c.batch_execute(
         "DELETE FROM storage.objects WHERE name IN ('o/0 render.png', 'o/1 render.png', 'o/2 render.png', 'o/3 render.png');
          UPDATE storage.objects SET is_delete_marker = true WHERE name = 'o/4 render.png';",
     )
     .unwrap();
     w.emu.set_faults(json!({"bulk_answer": []}));
-    let out = reaper(
-        &w.db.name,
-        &w.emu,
-        &["drain", "--no-probe", "--max-absent-run", "1"],
-    )
-    .run();
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     let text = output_text(&out);
     assert!(text.contains("already absent 5"), "{text}");
     assert_eq!(
@@ -1755,7 +1920,22 @@ fn a_redirect_is_never_followed_and_is_named() {
     assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
     assert_eq!(max_attempts_seen(&mut c), 0);
     assert_eq!(w.emu.objects().len(), 10 + w.keep.len());
+    // No proxy from the environment either (found by the review): the key would go to it.
+    w.emu.set_faults(json!({}));
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"])
+        .env("HTTP_PROXY", &elsewhere.base)
+        .env("http_proxy", &elsewhere.base)
+        .env("ALL_PROXY", &elsewhere.base)
+        .run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the proxy got: {:?}",
+        elsewhere.requests()
+    );
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 10)]);
     // The start-up probe is refused the same way, before any claim.
+    w.emu.set_faults(json!({ "redirect_to": elsewhere.base }));
     let out = reaper(&w.db.name, &w.emu, &["drain"]).run();
     let text = output_text(&out);
     assert!(!out.status.success(), "{text}");
