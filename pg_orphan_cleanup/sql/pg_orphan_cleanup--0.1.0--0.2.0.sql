@@ -2288,9 +2288,10 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION orphan_cleanup._cleanup_jobs(ids bigint[], mode text, actor text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET lock_timeout = '2s'
 AS $$
 DECLARE
+    v_busy boolean := false;
     att orphan_cleanup.attachment;
     v_locked uuid[];
     v_exist uuid[];
@@ -2360,6 +2361,7 @@ BEGIN
             WHERE d.job_cleanup LIKE 'pending%'
             ORDER BY x.qid
         LOOP
+            CONTINUE WHEN v_busy;
             BEGIN
                 PERFORM orphan_cleanup._write_jobs(att.jobs_oid, mode, ARRAY[r.jid]);
                 UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done WHERE d.id = r.qid;
@@ -2370,6 +2372,7 @@ BEGIN
                 GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
                 UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'pending: retried after ' || v_msg
                  WHERE d.id = r.qid;
+                v_busy := true;
             WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
                 BEGIN

@@ -585,10 +585,14 @@ $$;
 -- job row a save is holding is left for the next cycle; a delete that fails (a foreign key)
 -- falls back to clearing the URL, and says why. The writes go through _write_jobs(), with the
 -- jobs table owner's rights.
+-- A lock the app's triggers or cascades wait for is waited for 2 s at most (lock_timeout), and
+-- then no further row is tried this time: the rows stay 'pending' and the next cycle retries
+-- them, instead of the confirm that called this running into the reaper's statement_timeout.
 CREATE FUNCTION orphan_cleanup._cleanup_jobs(ids bigint[], mode text, actor text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET lock_timeout = '2s'
 AS $$
 DECLARE
+    v_busy boolean := false;
     att orphan_cleanup.attachment;
     v_locked uuid[];
     v_exist uuid[];
@@ -658,6 +662,7 @@ BEGIN
             WHERE d.job_cleanup LIKE 'pending%'
             ORDER BY x.qid
         LOOP
+            CONTINUE WHEN v_busy;
             BEGIN
                 PERFORM orphan_cleanup._write_jobs(att.jobs_oid, mode, ARRAY[r.jid]);
                 UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = v_done WHERE d.id = r.qid;
@@ -668,6 +673,7 @@ BEGIN
                 GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
                 UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'pending: retried after ' || v_msg
                  WHERE d.id = r.qid;
+                v_busy := true;
             WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
                 BEGIN

@@ -7,7 +7,14 @@
 //! `verifies_absence()` once per connection). Elsewhere the reaper asks storage itself, name by
 //! name (`GET /object/info/authenticated/...`), after showing that the same key, through the same
 //! URL, sees and deletes objects of that bucket: it uploads a tiny canary, must find it by the
-//! same request, and must see a bulk delete list it. A "no" is believed only then.
+//! same request, and must see a bulk delete list it. A "no" is believed only then. A few of the
+//! names the same answers said were deleted are looked up too: an upstream that forges "deleted"
+//! for names it never deleted is caught the same way.
+//!
+//! Each check has a canary of its own (`.pg_orphan_cleanup-probe/<worker>-<random>.png`, a
+//! 1x1 PNG, which buckets limited to images accept), so checks running at once, in this reaper
+//! or another, never touch each other's. A canary storage refused to delete is removed by the
+//! next check of the same reaper that works.
 
 use std::collections::HashSet;
 
@@ -15,29 +22,56 @@ use futures::StreamExt;
 
 use crate::storage::{StorageClient, StorageError};
 
-const CANARY_BYTES: &[u8] = b"pg_orphan_cleanup reaper canary";
+/// A transparent 1x1 PNG.
+const CANARY_PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0b, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x60, 0x00, 0x02, 0x00,
+    0x00, 0x05, 0x00, 0x01, 0x7a, 0x5e, 0xab, 0x3f, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44,
+    0xae, 0x42, 0x60, 0x82,
+];
 
-/// The reaper's own object for the start-up probe and the checks: `.pg_orphan_cleanup-probe/<worker>.txt`.
+/// The folder of the reaper's own objects.
+pub const CANARY_FOLDER: &str = ".pg_orphan_cleanup-probe/";
+
+/// How a worker's canaries start, inside [`CANARY_FOLDER`].
+fn canary_stem(worker: &str) -> String {
+    format!("{}-", worker.replace(['/', ':'], "_"))
+}
+
+/// A new canary's name for `worker`: `.pg_orphan_cleanup-probe/<worker>-<random>.png`.
 pub fn canary_name(worker: &str) -> String {
     format!(
-        ".pg_orphan_cleanup-probe/{}.txt",
-        worker.replace(['/', ':'], "_")
+        "{CANARY_FOLDER}{}{:016x}.png",
+        canary_stem(worker),
+        rand::random::<u64>()
     )
 }
 
-/// Which of `names`, reported absent by a bulk delete in `bucket`, storage still has. An error
-/// when the key cannot be shown to see and delete objects there, or storage does not answer.
-pub async fn still_there(
+/// Uploads a canary (upsert).
+pub async fn upload_canary(
     storage: &StorageClient,
     bucket: &str,
     canary: &str,
+) -> Result<(), StorageError> {
+    storage
+        .upload(bucket, canary, CANARY_PNG.to_vec(), "image/png")
+        .await
+}
+
+/// Of `absent` (reported absent by bulk deletes in `bucket`) and `deleted` (a sample of the
+/// names reported deleted), the names storage still has. An error when the key cannot be shown
+/// to see and delete objects there, or storage does not answer.
+pub async fn still_there(
+    storage: &StorageClient,
+    bucket: &str,
+    worker: &str,
     names: &[String],
     concurrency: usize,
 ) -> Result<HashSet<String>, StorageError> {
-    storage
-        .upload(bucket, canary, CANARY_BYTES.to_vec())
-        .await?;
-    if !storage.exists(bucket, canary).await? {
+    let canary = canary_name(worker);
+    upload_canary(storage, bucket, &canary).await?;
+    if !storage.exists(bucket, &canary).await? {
         return Err(unverifiable(format!(
             "the key cannot see {bucket}/{canary}, which it has just uploaded, so it cannot tell an absent object from one it may not see"
         )));
@@ -53,30 +87,48 @@ pub async fn still_there(
             present.insert(name.clone());
         }
     }
-    let deleted = storage.bulk_delete(bucket, &[canary.to_string()]).await?;
-    if !deleted.names.contains_key(canary) {
+    let deleted = storage
+        .bulk_delete(bucket, std::slice::from_ref(&canary))
+        .await?;
+    if !deleted.names.contains_key(&canary) {
         return Err(unverifiable(format!(
             "a bulk delete of {bucket}/{canary} did not delete it, so its \"nothing to delete\" answers cannot be believed (a key without delete rights, or something other than this project's storage answering at SUPABASE_URL)"
         )));
     }
+    remove_leftovers(storage, bucket, worker).await;
     Ok(present)
 }
 
-/// Whether a bulk delete works in `bucket` for the reaper's own canary (uploaded, then deleted):
-/// asked when a request carrying one name fails and nothing else of its chunk succeeded, to
-/// tell a name that storage fails on from a delete path that fails for every name.
-pub async fn deletes_work(storage: &StorageClient, bucket: &str, canary: &str) -> bool {
-    if storage
-        .upload(bucket, canary, CANARY_BYTES.to_vec())
-        .await
-        .is_err()
-    {
+/// Whether a bulk delete works in `bucket` for a canary of the reaper's own (uploaded, then
+/// deleted): asked when a request carrying one name fails and nothing else of its chunk
+/// succeeded, to tell a name that storage fails on from a delete path that fails for every name.
+pub async fn deletes_work(storage: &StorageClient, bucket: &str, worker: &str) -> bool {
+    let canary = canary_name(worker);
+    if upload_canary(storage, bucket, &canary).await.is_err() {
         return false;
     }
     storage
-        .bulk_delete(bucket, &[canary.to_string()])
+        .bulk_delete(bucket, std::slice::from_ref(&canary))
         .await
-        .is_ok_and(|d| d.names.contains_key(canary))
+        .is_ok_and(|d| d.names.contains_key(&canary))
+}
+
+/// Deletes this worker's canaries that an earlier check could not (storage refused then). Best
+/// effort: a failure leaves them for the next check.
+async fn remove_leftovers(storage: &StorageClient, bucket: &str, worker: &str) {
+    let stem = canary_stem(worker);
+    let Ok(names) = storage.list_folder(bucket, CANARY_FOLDER).await else {
+        return;
+    };
+    let mine: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with(&stem) && n.ends_with(".png"))
+        .map(|n| format!("{CANARY_FOLDER}{n}"))
+        .take(1000)
+        .collect();
+    if !mine.is_empty() {
+        let _ = storage.bulk_delete(bucket, &mine).await;
+    }
 }
 
 fn unverifiable(message: String) -> StorageError {

@@ -278,6 +278,19 @@ impl Queue {
         bounded(self.timeout, &self.closed, call).await
     }
 
+    /// Holds, for this connection's life, a lock on this reaper's id: two processes running with
+    /// one --worker-id would each spend the whole hourly budget kept under it. `false` when
+    /// another connection holds it.
+    pub async fn hold_worker_id(&self) -> Result<bool, QueueError> {
+        Ok(self
+            .bounded(self.client.query_one(
+                "SELECT pg_catalog.pg_try_advisory_lock(7310249, pg_catalog.hashtext($1))",
+                &[&self.worker],
+            ))
+            .await?
+            .get(0))
+    }
+
     /// Whether this database checks what storage reports deleted or absent against
     /// storage.objects (a Supabase database): then an "already absent" answer is verified there.
     pub fn verifies_absence(&self) -> bool {

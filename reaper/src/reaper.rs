@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::queue::{Claimed, LeaseToken, Queue, QueueError, Recorder, Sent};
 use crate::storage::{StorageClient, StorageError};
 
+mod evidence;
 mod outcomes;
 mod split;
 
@@ -215,8 +216,7 @@ impl Reaper {
             .next()
             .ok_or("no bucket to probe")?;
         let name = crate::absence::canary_name(&self.settings.worker_id);
-        self.storage
-            .upload(&bucket, &name, b"pg_orphan_cleanup reaper probe".to_vec())
+        crate::absence::upload_canary(&self.storage, &bucket, &name)
             .await
             .map_err(|e| {
                 format!(
@@ -255,7 +255,9 @@ impl Reaper {
         // A database error that ends a drain, once what it claimed ahead is given back.
         let mut failure: Option<QueueError> = None;
         while !self.shutdown.is_cancelled() {
-            self.live.step("connecting to the database", self.db_call());
+            // A connection makes a handful of bounded calls (settings, version, LISTEN, checks).
+            self.live
+                .step("connecting to the database", self.db_call() * 6);
             let q = match queue.take().filter(|q| !q.is_closed()) {
                 Some(q) => q,
                 None => match Queue::connect(
@@ -266,12 +268,24 @@ impl Reaper {
                 )
                 .await
                 {
-                    Ok(q) => {
-                        self.db_ok.store(true, Ordering::SeqCst);
-                        *self.db_error.lock().unwrap() = None;
-                        reconnect.reset();
-                        q
-                    }
+                    Ok(q) => match self.own_worker_id(&q).await {
+                        Ok(()) => {
+                            self.db_ok.store(true, Ordering::SeqCst);
+                            *self.db_error.lock().unwrap() = None;
+                            reconnect.reset();
+                            q
+                        }
+                        Err(e) => {
+                            self.db_down(&e);
+                            if mode == Mode::Drain {
+                                failure = Some(e);
+                                break;
+                            }
+                            tracing::error!(error = %e, "not claiming");
+                            self.sleep(reconnect.next_delay()).await;
+                            continue;
+                        }
+                    },
                     Err(e) => {
                         self.db_down(&e);
                         if mode == Mode::Drain {
@@ -290,6 +304,7 @@ impl Reaper {
                 },
             };
             if !self.seeded.load(Ordering::SeqCst) {
+                self.live.step("reading the hourly budget", self.db_call());
                 // The hourly budget is not known yet: claim nothing until it is.
                 if let Err(e) = self.seed_limit(&q).await {
                     self.db_down(&e);
@@ -525,6 +540,18 @@ impl Reaper {
         }
     }
 
+    /// With --max-deletes-per-hour, this reaper's id is its alone while it runs (the budget is
+    /// kept under the id).
+    async fn own_worker_id(&self, q: &Queue) -> Result<(), QueueError> {
+        if self.limit.is_none() || q.hold_worker_id().await? {
+            return Ok(());
+        }
+        Err(QueueError::Db(format!(
+            "another reaper is running with --worker-id {} and --max-deletes-per-hour: the hourly budget is kept per id, so each reaper needs an id of its own",
+            self.settings.worker_id
+        )))
+    }
+
     /// Starts --max-deletes-per-hour from what this reaper (its --worker-id) sent within the
     /// last hour and lease, as the audit log says. Until that is known, nothing is claimed.
     async fn seed_limit(&self, q: &Queue) -> Result<(), QueueError> {
@@ -694,7 +721,7 @@ impl Reaper {
             self.storage_ok.store(true, Ordering::SeqCst);
             self.metrics.last_success.set(unix_now());
         }
-        self.check_absences(q, &objects, lease_end, &mut out).await;
+        self.check_answers(q, &objects, lease_end, &mut out).await;
 
         // 4. Record it.
         let confirmed = self.record_confirms(&rec, &mut out).await?;
@@ -745,96 +772,6 @@ impl Reaper {
             s.bytes += out.bytes;
         });
         Ok(out.trouble)
-    }
-
-    /// No "already absent" is confirmed without evidence ([`crate::absence`]): where the
-    /// database checks storage.objects, confirm() does; elsewhere storage is asked about each
-    /// name. A name still there goes back (the delete did not happen, whatever the answer said)
-    /// and is a configuration error; so are names that cannot be checked.
-    async fn check_absences(
-        &self,
-        q: &Queue,
-        objects: &HashMap<i64, (String, String)>,
-        lease_end: Instant,
-        out: &mut Outcomes,
-    ) {
-        if out.absent_ids.is_empty() || q.verifies_absence() {
-            return;
-        }
-        let mut by_bucket: BTreeMap<&str, Vec<(i64, &String)>> = BTreeMap::new();
-        for id in &out.absent_ids {
-            if let Some((bucket, name)) = objects.get(id) {
-                by_bucket.entry(bucket).or_default().push((*id, name));
-            }
-        }
-        let canary = crate::absence::canary_name(&self.settings.worker_id);
-        let mut back: Vec<i64> = Vec::new();
-        for (bucket, rows) in by_bucket {
-            let names: Vec<String> = rows.iter().map(|(_, n)| (*n).clone()).collect();
-            // Bounded like the deletes: done before the lease ends (with time left to record
-            // the results), and not at all once shutdown has begun.
-            let check = crate::absence::still_there(
-                &self.storage,
-                bucket,
-                &canary,
-                &names,
-                self.settings.concurrency * 4,
-            );
-            let deadline = lease_end
-                .checked_sub(self.db_call() * 4)
-                .unwrap_or_else(Instant::now);
-            let checked = tokio::select! {
-                r = check => r,
-                _ = tokio::time::sleep_until(deadline.into()) => Err(StorageError::Retryable(
-                    "the checks could not finish before the batch's lease ends".into(),
-                )),
-                _ = self.shutdown.cancelled() => Err(StorageError::Retryable(
-                    "not checked: shutting down".into(),
-                )),
-            };
-            let (ids, why, trouble): (Vec<i64>, String, Trouble) = match checked {
-                Ok(present) if present.is_empty() => continue,
-                Ok(present) => {
-                    let ids: Vec<i64> = rows
-                        .iter()
-                        .filter(|(_, n)| present.contains(*n))
-                        .map(|(id, _)| *id)
-                        .collect();
-                    let why = format!(
-                        "storage answered that {} objects of {bucket} were already absent, but it still has them (e.g. {}): \
-                         the key may lack delete rights, or something other than this project's storage answers at SUPABASE_URL",
-                        ids.len(),
-                        present.iter().next().map(String::as_str).unwrap_or_default()
-                    );
-                    (ids, why.clone(), Trouble::Config(why))
-                }
-                Err(e) => {
-                    let why = format!(
-                        "{} \"already absent\" answers of {bucket} could not be checked: {e}",
-                        rows.len()
-                    );
-                    let trouble = match e {
-                        _ if self.shutdown.is_cancelled() => Trouble::None,
-                        StorageError::Retryable(_) => Trouble::Outage(why.clone()),
-                        StorageError::Overload { .. } => Trouble::Overload,
-                        _ => Trouble::Config(why.clone()),
-                    };
-                    (rows.iter().map(|(id, _)| *id).collect(), why, trouble)
-                }
-            };
-            tracing::error!(bucket, rows = ids.len(), "{why}");
-            self.metrics.nothing_deleted.set(1);
-            out.release_with_reason
-                .entry((format!("not confirmed absent: {why}"), Sent::Maybe))
-                .or_default()
-                .extend(&ids);
-            back.extend(ids);
-            out.trouble = std::mem::take(&mut out.trouble).worst(trouble);
-        }
-        if back.is_empty() {
-            self.metrics.nothing_deleted.set(0);
-        }
-        out.absent_ids.retain(|id| !back.contains(id));
     }
 
     /// Confirms what storage deleted and what it found absent. A row the database does not
@@ -1032,6 +969,9 @@ fn probe_fix(e: &StorageError) -> &'static str {
             if *http == 401 || *http == 403 || status == "401" || status == "403" =>
         {
             "; check SUPABASE_SERVICE_ROLE_KEY: it must be this project's service_role key or a secret key (sb_secret_...)"
+        }
+        StorageError::Config { http, status, .. } if *http == 415 || status == "415" => {
+            "; the bucket's allowed MIME types refuse the probe's 1x1 image/png: allow image/png in the bucket, or run with --no-probe (absences are then checked the same way, and fail the same way)"
         }
         StorageError::Config { .. } => {
             "; check SUPABASE_URL (the project's URL) and that the bucket exists"

@@ -194,8 +194,51 @@ impl StorageClient {
         bucket: &str,
         path: &str,
         bytes: Vec<u8>,
+        content_type: &str,
     ) -> Result<(), StorageError> {
-        self.scrub(self.upload_raw(bucket, path, bytes).await)
+        self.scrub(self.upload_raw(bucket, path, bytes, content_type).await)
+    }
+
+    /// The names of the objects (not folders) directly in `folder` (ending in `/`), up to 1000.
+    pub async fn list_folder(
+        &self,
+        bucket: &str,
+        folder: &str,
+    ) -> Result<Vec<String>, StorageError> {
+        self.scrub(self.list_folder_raw(bucket, folder).await)
+    }
+
+    async fn list_folder_raw(
+        &self,
+        bucket: &str,
+        folder: &str,
+    ) -> Result<Vec<String>, StorageError> {
+        let url = self.url(&format!("object/list/{}", encode_segment(bucket)));
+        let req = self
+            .authorized(self.http.post(url))
+            .json(&serde_json::json!({ "prefix": folder, "limit": 1000, "offset": 0 }));
+        let response = send(req).await?;
+        let http = response.status().as_u16();
+        let body = self.cleaned(read_capped(response).await?);
+        if http != 200 {
+            return Err(classify(http, &body));
+        }
+        Ok(json_array(&body)?
+            .iter()
+            .filter(|o| !o.get("id").is_none_or(Value::is_null))
+            .filter_map(|o| o.get("name").and_then(Value::as_str).map(str::to_string))
+            .collect())
+    }
+
+    /// A body with the key cut out, before any of it is cut short into a message.
+    fn cleaned(&self, body: Vec<u8>) -> Vec<u8> {
+        let key = self.key.expose().as_bytes();
+        if key.is_empty() || body.len() < key.len() || !body.windows(key.len()).any(|w| w == key) {
+            return body;
+        }
+        String::from_utf8_lossy(&body)
+            .replace(self.key.expose(), "<the key, redacted>")
+            .into_bytes()
     }
 
     /// Whatever an upstream says goes into logs and the audit log: if it echoes the key (a
@@ -217,7 +260,7 @@ impl StorageClient {
             .json(&serde_json::json!({ "prefixes": names }));
         let response = send(req).await?;
         let http = response.status().as_u16();
-        let body = read_capped(response).await?;
+        let body = self.cleaned(read_capped(response).await?);
         if http == 200 {
             let items: Vec<Value> = json_array(&body)?;
             return deleted_objects(bucket, names, &items);
@@ -236,7 +279,7 @@ impl StorageClient {
             .json(&serde_json::json!({ "prefix": "", "limit": 1, "offset": 0 }));
         let response = send(req).await?;
         let http = response.status().as_u16();
-        let body = read_capped(response).await?;
+        let body = self.cleaned(read_capped(response).await?);
         if http == 200 {
             json_array(&body).map(|_| ())
         } else {
@@ -257,7 +300,7 @@ impl StorageClient {
         ));
         let response = send(self.authorized(self.http.get(url))).await?;
         let http = response.status().as_u16();
-        let body = read_capped(response).await?;
+        let body = self.cleaned(read_capped(response).await?);
         if http == 200 {
             let info: Value = serde_json::from_slice(&body).map_err(|e| {
                 StorageError::Retryable(format!("HTTP 200 with object info that is not JSON ({e})"))
@@ -292,6 +335,7 @@ impl StorageClient {
         bucket: &str,
         path: &str,
         bytes: Vec<u8>,
+        content_type: &str,
     ) -> Result<(), StorageError> {
         let url = self.url(&format!(
             "object/{}/{}",
@@ -301,11 +345,11 @@ impl StorageClient {
         let req = self
             .authorized(self.http.post(url))
             .header("x-upsert", "true")
-            .header("content-type", "text/plain")
+            .header("content-type", content_type)
             .body(bytes);
         let response = send(req).await?;
         let http = response.status().as_u16();
-        let body = read_capped(response).await?;
+        let body = self.cleaned(read_capped(response).await?);
         if http == 200 {
             Ok(())
         } else {
@@ -629,6 +673,19 @@ mod tests {
             classify(502, b"<html>bad gateway</html>"),
             StorageError::Retryable(_)
         ));
+    }
+
+    #[test]
+    fn a_key_echoed_across_the_cut_of_a_message_leaves_no_part_of_it() {
+        let key = "sb_secret_abcdefghijklmnopqrstuvwxyz0123456789";
+        let client = StorageClient::new(
+            url::Url::parse("http://127.0.0.1:1/storage/v1/").unwrap(),
+            ServiceKey::new(key.to_string()),
+            Duration::from_secs(1),
+        );
+        let body = format!("<html>{}{key}{}</html>", "x".repeat(180), "y".repeat(100));
+        let e = classify(502, &client.cleaned(body.into_bytes()));
+        assert!(!e.to_string().contains("sb_secret_abc"), "{e}");
     }
 
     #[test]

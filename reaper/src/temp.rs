@@ -41,15 +41,29 @@ pub const MAX_DEPTH: usize = 256;
 pub struct TempRoot {
     path: PathBuf,
     id: (u64, u64),
+    mount: Option<u64>,
+}
+
+/// The mount a directory is on (`statx` `STATX_MNT_ID`, Linux 5.8 and later): a bind mount of the
+/// same filesystem has the same device number, and only this tells it apart.
+fn mount_id(fd: &OwnedFd) -> Option<u64> {
+    let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, rustix::fs::StatxFlags::MNT_ID).ok()?;
+    (st.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(st.stx_mnt_id)
 }
 
 impl TempRoot {
     pub fn new(dir: &Path) -> std::io::Result<TempRoot> {
         let path = dir.canonicalize()?;
-        let st = rustix::fs::stat(&path)?;
+        let fd = rustix::fs::open(
+            &path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = rustix::fs::fstat(&fd)?;
         Ok(TempRoot {
             path,
             id: (st.st_dev, st.st_ino),
+            mount: mount_id(&fd),
         })
     }
 
@@ -104,7 +118,7 @@ impl TempRoot {
                 walk.report.kept += 1;
                 continue;
             }
-            let Some(fd) = open_subdir(&p, device, walk.report) else {
+            let Some(fd) = open_subdir(&p, device, self.mount, walk.report) else {
                 continue;
             };
             let (path, depth) = (p.path.clone(), p.depth);
@@ -130,8 +144,13 @@ pub fn sweep(dir: &Path, max_age: Duration) -> SweepReport {
 }
 
 /// Opens a listed subdirectory from its parent's handle, refusing a symlink, a non-directory,
-/// another filesystem, and anything that is not the directory that was listed.
-fn open_subdir(p: &Pending, device: u64, report: &mut SweepReport) -> Option<OwnedFd> {
+/// another filesystem or mount, and anything that is not the directory that was listed.
+fn open_subdir(
+    p: &Pending,
+    device: u64,
+    mount: Option<u64>,
+    report: &mut SweepReport,
+) -> Option<OwnedFd> {
     let listed = rustix::fs::statat(
         p.parent.as_fd(),
         p.name.as_c_str(),
@@ -155,6 +174,11 @@ fn open_subdir(p: &Pending, device: u64, report: &mut SweepReport) -> Option<Own
     if (opened.st_dev, opened.st_ino) != (listed.st_dev, listed.st_ino) {
         tracing::warn!(dir = %p.path.display(), "not sweeping a directory that was swapped while the sweep ran");
         report.errors += 1;
+        return None;
+    }
+    if mount.is_some() && mount_id(&fd).is_some_and(|m| Some(m) != mount) {
+        // A mount inside the temp directory (a bind mount of the same filesystem, say).
+        report.kept += 1;
         return None;
     }
     Some(fd)

@@ -46,6 +46,8 @@ pub struct Faults {
     /// server's JSON). Other requests go through.
     pub reject_names: Option<String>,
     pub reject_http: Option<u16>,
+    /// With `reject_names`: only the first this many such requests are refused (a blip).
+    pub reject_times: Option<u64>,
     /// Every object request is answered `200` with a CDN's HTML error page: an outage behind a
     /// CDN that answers for the server.
     pub answer_html: bool,
@@ -59,6 +61,8 @@ pub struct Faults {
 pub struct FaultState {
     faults: RwLock<Faults>,
     requests: AtomicU64,
+    /// Requests refused for `reject_names` since the faults were set.
+    rejected: AtomicU64,
 }
 
 /// What to do with one request.
@@ -79,6 +83,7 @@ impl FaultState {
         FaultState {
             faults: RwLock::new(faults),
             requests: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
         }
     }
 
@@ -90,6 +95,21 @@ impl FaultState {
     pub fn set(&self, faults: Faults) {
         *self.faults.write().unwrap() = faults;
         self.requests.store(0, Ordering::SeqCst);
+        self.rejected.store(0, Ordering::SeqCst);
+    }
+
+    /// Whether a bulk delete carrying `names` is refused (`reject_names`, `reject_times`).
+    pub fn rejects(&self, names: &[String]) -> Option<u16> {
+        let f = self.get();
+        let pattern = f.reject_names?;
+        if !names.iter().any(|n| n.contains(pattern.as_str())) {
+            return None;
+        }
+        let n = self.rejected.fetch_add(1, Ordering::SeqCst);
+        if f.reject_times.is_some_and(|times| n >= times) {
+            return None;
+        }
+        Some(f.reject_http.unwrap_or(500))
     }
 
     pub async fn judge(&self) -> Verdict {

@@ -409,12 +409,9 @@ async fn bulk_delete(
             &format!("Bulk object requests are limited to {limit} objects per request."),
         ));
     }
-    if let Some(pattern) = faults
-        .reject_names
-        .filter(|p| names.iter().any(|n| n.contains(p.as_str())))
-    {
-        tracing::debug!(%pattern, "refusing a bulk delete that carries a rejected name");
-        return Ok(rejected(faults.reject_http.unwrap_or(500)));
+    if let Some(http) = emu.faults.rejects(&names) {
+        tracing::debug!(http, "refusing a bulk delete that carries a rejected name");
+        return Ok(rejected(http));
     }
     if emu.hard_limits && names.len() > BULK_LIMIT {
         return Err(ApiError::new(

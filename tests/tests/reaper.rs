@@ -274,8 +274,8 @@ fn a_name_storage_fails_on_costs_only_its_row_attempts() {
         .filter(|r| r["method"] == "DELETE")
         .count();
     assert!(
-        deletes <= 12,
-        "found by splitting, not one request per name: {deletes}"
+        deletes <= 16,
+        "found by splitting (and sent alone twice more), not one request per name: {deletes}"
     );
     c.batch_execute("UPDATE orphan_cleanup.deletion_queue SET available_at = now()")
         .unwrap();
@@ -344,6 +344,79 @@ fn rows_a_failed_request_carried_stay_handed_out_when_given_back() {
         .unwrap()
         .get(0);
     assert_eq!(unsent, 0, "no row was given back as never sent");
+}
+
+/// Found by the second review: one failure of a request carrying a lone name, a blip (a pod
+/// restarting), got the row charged an attempt, and a proxy's refusal twice dead-lettered it.
+/// A lone name is now sent again, twice, before its row is charged.
+#[test]
+fn a_blip_on_a_lone_name_charges_nothing() {
+    let w = world("reaper_blip", 10, &[]);
+    let mut c = w.db.client();
+    for http in [500, 403] {
+        w.emu
+            .set_faults(json!({"reject_names": "o/", "reject_http": http, "reject_times": 2}));
+        let out = reaper(
+            &w.db.name,
+            &w.emu,
+            &[
+                "drain",
+                "--no-probe",
+                "--batch-size",
+                "1",
+                "--max-deletes-per-hour",
+                "5",
+                "--worker-id",
+                &format!("blip-{http}"),
+            ],
+        )
+        .run();
+        assert!(out.status.success(), "{http}: {}", output_text(&out));
+        assert_eq!(
+            max_attempts_seen(&mut c),
+            0,
+            "{http}: {}",
+            output_text(&out)
+        );
+        assert!(
+            output_text(&out).contains("deleted 5,"),
+            "{http}: {}",
+            output_text(&out)
+        );
+    }
+    assert_eq!(states(&mut c), vec![("deleted".to_string(), 10)]);
+}
+
+/// Found by the second review: the absence check had to end a fixed 160 s before the lease's
+/// end, so with a lease under about three minutes it gave up at once and every "already
+/// absent" came back forever as an outage. Objects removed by hand, a lease of 10 s.
+#[test]
+fn absences_are_checked_within_a_short_lease() {
+    let w = world("reaper_short_lease", 0, &[]);
+    let mut c = w.db.client();
+    c.execute(
+        "INSERT INTO render_jobs (status, output_url, created_at, prompt)
+         SELECT 'completed', $1 || g || '.png', now() - interval '2 hours', 'gone' FROM generate_series(1, 20) AS g",
+        &[&w.emu.public_url("renders", "gone/")],
+    )
+    .unwrap();
+    assert_eq!(cycle(&mut c).2, 20);
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "drain",
+            "--no-probe",
+            "--lease",
+            "10s",
+            "--request-timeout",
+            "2s",
+        ],
+    )
+    .run();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("already absent 20"), "{text}");
 }
 
 /// Issue 12, finding 3: a proxy or web firewall that refuses one name (403 or 413, its own HTML
@@ -709,6 +782,57 @@ fn max_deletes_per_hour_holds_the_reaper_back() {
     admin
         .batch_execute("GRANT EXECUTE ON FUNCTION orphan_cleanup.sent_by_reaper(text, interval) TO orphan_cleanup_reaper")
         .unwrap();
+    // Two processes with one id would each spend the whole budget kept under it (found by the
+    // second review): the second is refused while the first runs.
+    let first = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "run",
+            "--no-probe",
+            "--max-deletes-per-hour",
+            "3",
+            "--worker-id",
+            "twin",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .start();
+    wait_for(
+        Duration::from_secs(30),
+        "the first twin to hold its id",
+        || {
+            c.query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7310249",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        },
+    );
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "drain",
+            "--no-probe",
+            "--max-deletes-per-hour",
+            "3",
+            "--worker-id",
+            "twin",
+        ],
+    )
+    .run();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("another reaper is running with --worker-id twin"),
+        "{}",
+        output_text(&out)
+    );
+    signal(&first, libc::SIGTERM);
+    wait_with_deadline(first, Duration::from_secs(30));
     // Without a stable id the budget could not outlive the process: refused, naming the fix.
     let out = reaper(
         &w.db.name,
@@ -861,7 +985,8 @@ fn a_reaper_killed_mid_drain_loses_nothing() {
     );
     let total: i64 = states(&mut c).iter().map(|(_, n)| n).sum();
     assert_eq!(total, 400, "no queue row lost");
-    assert_eq!(w.emu.objects(), w.keep);
+    // (The killed reaper may have left a canary of a check it was in.)
+    assert_eq!(without_canaries(w.emu.objects()), w.keep);
     let expired: i64 = c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'failed' AND detail LIKE 'lease expired%'", &[]).unwrap().get(0);
     assert!(
         expired > 0,

@@ -14,7 +14,7 @@
 //! never lifts their hand-out: a save of such a job stays refused while its file may be gone.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Reaper;
 use crate::queue::Claimed;
@@ -54,8 +54,6 @@ const RECHECK_EVERY: usize = 8;
 struct Part {
     rows: Vec<Claimed>,
     maybe_sent: bool,
-    /// A lone name a proxy refused once: refused again, it is blamed.
-    refused_once: bool,
 }
 
 impl Reaper {
@@ -69,7 +67,6 @@ impl Reaper {
         let mut todo = vec![Part {
             rows,
             maybe_sent: false,
-            refused_once: false,
         }];
         let mut done = Vec::new();
         let mut suspects: Vec<(Claimed, StorageError, bool)> = Vec::new();
@@ -146,17 +143,6 @@ impl Reaper {
                         break;
                     }
                     match part.rows.as_slice() {
-                        [row]
-                            if matches!(e, StorageError::Refused { .. }) && !part.refused_once =>
-                        {
-                            // A proxy's refusal is blamed on a name only when it repeats.
-                            let row = row.clone();
-                            todo.push(Part {
-                                rows: vec![row],
-                                maybe_sent,
-                                refused_once: true,
-                            });
-                        }
                         [row] => suspects.push((row.clone(), e, maybe_sent)),
                         rows => {
                             let (a, b) = rows.split_at(rows.len() / 2);
@@ -164,7 +150,6 @@ impl Reaper {
                                 todo.push(Part {
                                     rows: half.to_vec(),
                                     maybe_sent,
-                                    refused_once: false,
                                 });
                             }
                         }
@@ -177,19 +162,25 @@ impl Reaper {
         // succeeded, when a delete of the reaper's own canary works: then it is the names.
         let blame = answered > 0
             || (!suspects.is_empty()
-                && crate::absence::deletes_work(
-                    &self.storage,
-                    bucket,
-                    &crate::absence::canary_name(&self.settings.worker_id),
-                )
-                .await);
+                && crate::absence::deletes_work(&self.storage, bucket, &self.settings.worker_id)
+                    .await);
         for (row, e, maybe_sent) in suspects {
-            let result = if blame {
-                tracing::warn!(bucket, name = row.object_path.as_deref().unwrap_or_default(), queue_id = row.id, error = %e,
-                    "a request carrying this name fails while storage handles others: the row carries the failure");
-                ChunkResult::Isolated(e)
-            } else {
+            let result = if !blame {
                 no_name_to_blame(e)
+            } else {
+                // A blip (a pod restarting, a rate rule) must not be pinned on a name: it is sent
+                // again, twice, after a pause, before the row is charged.
+                match self.send_again(bucket, &row, send_by).await {
+                    None if self.shutdown.is_cancelled() => ChunkResult::NotSent,
+                    None => ChunkResult::Late,
+                    Some(Ok(d)) => ChunkResult::Done(d),
+                    Some(Err(e)) if e.may_be_a_name() => {
+                        tracing::warn!(bucket, name = row.object_path.as_deref().unwrap_or_default(), queue_id = row.id, error = %e,
+                            "a request carrying this name fails, three times, while storage handles others: the row carries the failure");
+                        ChunkResult::Isolated(e)
+                    }
+                    Some(Err(e)) => ChunkResult::Failed(e),
+                }
             };
             done.push(Piece {
                 rows: vec![row],
@@ -198,6 +189,29 @@ impl Reaper {
             });
         }
         done
+    }
+
+    /// Sends one name again, after 0.5 s and after 2 s more, while the batch may still be sent:
+    /// the first success, or the last failure once both were sent. `None` when they could not
+    /// both be sent (shutdown, or the lease too close to expiry): then nothing is blamed.
+    async fn send_again(
+        &self,
+        bucket: &str,
+        row: &Claimed,
+        send_by: Instant,
+    ) -> Option<Result<Deleted, StorageError>> {
+        let mut last = None;
+        for pause in [Duration::from_millis(500), Duration::from_secs(2)] {
+            if self.shutdown.is_cancelled() || Instant::now() + pause >= send_by {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            match self.send_chunk(bucket, std::slice::from_ref(row)).await {
+                Ok(d) => return Some(Ok(d)),
+                Err(e) => last = Some(Err(e)),
+            }
+        }
+        last
     }
 
     /// One bulk request, timed.

@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+# Writes pg_orphan_cleanup/sql/pg_orphan_cleanup--0.1.0--0.2.0.sql from the sql/*.sql sources:
+# every function the update creates or replaces is cut from its source file, so the upgrade
+# script never drifts from a fresh install (tests/tests/upgrade.rs compares the two catalogs).
+# Run it after changing any function the update touches:  python3 scripts/upgrade-0.2.0.py
+import os
+import re
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+src={}
+for f in ['schema','pause','detect','guard','queue','reports']:
+    src[f]=open(os.path.join(ROOT, f'pg_orphan_cleanup/sql/{f}.sql')).read()
+
+def fn(file, name, replace=True, sig=None):
+    s=src[file]
+    i=s.index(f"CREATE FUNCTION orphan_cleanup.{name}(" + (sig or ""))
+    j_dollar=s.find('\n$$;', i)
+    j_return=s.find(';\n', i)
+    k=s.find('AS $$', i)
+    line_end=s.find('\n', k)
+    atomic=s.find('BEGIN ATOMIC', i)
+    if atomic!=-1 and atomic < j_return:
+        j=s.index('\nEND;', i)+len('\nEND;')
+    elif k!=-1 and k < j_return and s[k:line_end].rstrip().endswith('$$;') and s[k:line_end].count('$$')==2:
+        j=line_end
+    elif k!=-1 and k < j_return:
+        j=j_dollar+len('\n$$;')
+    else:
+        j=j_return+1
+    body=s[i:j]
+    if replace:
+        body=body.replace("CREATE FUNCTION","CREATE OR REPLACE FUNCTION",1)
+    return body+"\n"
+
+def section(file, start, end):
+    s=src[file]
+    i=s.index(start); j=s.index(end, i)+len(end)
+    return s[i:j]+"\n"
+
+out=[]
+out.append("""-- pg_orphan_cleanup 0.1.0 -> 0.2.0
+--
+-- A reaper is handed only the rows it serves (its buckets and hosts), and gives back what its
+-- own allow-list still refuses instead of dead-lettering it; the reapers are recorded, and
+-- health() and queue_status() name a misconfigured one. Cycles gain a pause point for tests.
+-- The save guarantee becomes per object (orphan_cleanup.objects): a hand-out is recorded on the
+-- object and outlives the queue row; saves, job writes and claims conflict on the object's row
+-- at every isolation level; the jobs table gets a guard of its own; cancel() keeps the object.
+-- Run by ALTER EXTENSION pg_orphan_cleanup UPDATE; the queue and its history are kept.
+-- tests/tests/upgrade.rs checks that the result equals a fresh install of 0.2.0.
+
+\\echo Use "ALTER EXTENSION pg_orphan_cleanup UPDATE TO '0.2.0'" to load this file. \\quit
+
+-- Every lock below is brief, but waiting behind a long transaction would stall the app's writes
+-- queued behind this update: give up after 10 s instead (run the update again at a quieter time).
+SET LOCAL lock_timeout = '10s';
+
+-- This session must run the 0.2.0 library: a backend that loaded the previous build before it
+-- was replaced keeps running it, and would rebuild indexes with the old object_key().
+DO $probe$
+BEGIN
+    IF orphan_cleanup.object_key('renders/x.png ') IS NULL THEN
+        RAISE EXCEPTION 'this session runs the pg_orphan_cleanup library of the previous version'
+            USING HINT = 'Install the 0.2.0 build first; then reconnect (restart PostgreSQL if the library is preloaded) and run ALTER EXTENSION pg_orphan_cleanup UPDATE again.';
+    END IF;
+END
+$probe$;
+
+-- New tables: the reapers registry and their refusals.
+""")
+out.append(section('schema', "CREATE TABLE orphan_cleanup.reapers (", "CREATE INDEX refusals_at ON orphan_cleanup.refusals (at);"))
+out.append("\n-- The per-object record of the save guarantee, and the jobs' fence rows.\n")
+out.append(section('schema', "CREATE TABLE orphan_cleanup.objects (", "CREATE INDEX job_fences_touched_at ON orphan_cleanup.job_fences (touched_at);"))
+out.append("""SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.objects', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_fences', '');
+REVOKE ALL ON orphan_cleanup.objects, orphan_cleanup.job_fences FROM PUBLIC;
+
+-- Objects a 0.1.0 claim already handed out keep refusing saves: every claim counts as a
+-- hand-out. The queue is locked against claims first (EXCLUSIVE: reads go on), so that no 0.1.0
+-- claim can commit after this reads the queue and before the new save guard is in place; its
+-- reaper's next claim waits for this update to commit.
+LOCK TABLE orphan_cleanup.deletion_queue IN EXCLUSIVE MODE;
+INSERT INTO orphan_cleanup.objects (bucket, object_path, handouts, first_handed_out_at, last_handed_out_at, last_handed_to, last_queue_id)
+SELECT d.bucket, d.object_path,
+       sum(d.claim_count)::integer,
+       min(d.claimed_at) FILTER (WHERE d.claim_count > 0),
+       max(d.claimed_at) FILTER (WHERE d.claim_count > 0),
+       (array_agg(d.claimed_by ORDER BY d.claimed_at DESC NULLS LAST) FILTER (WHERE d.claim_count > 0))[1],
+       max(d.id) FILTER (WHERE d.claim_count > 0)
+FROM orphan_cleanup.deletion_queue AS d
+WHERE d.bucket IS NOT NULL AND d.object_path IS NOT NULL
+  AND (d.claim_count > 0 OR d.state IN ('pending', 'claimed', 'dead'))
+GROUP BY d.bucket, d.object_path;
+""")
+
+out.append("""SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reapers', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refusals', '');
+REVOKE ALL ON orphan_cleanup.reapers, orphan_cleanup.refusals FROM PUBLIC;
+
+-- Pause points (sql/pause.sql) and the cycle's use of one; pruning of the new tables.
+""")
+out.append(fn('pause','_pause_point', replace=False))
+out.append("""-- An allow-list of only spaces and commas reads as empty everywhere, as the parser reads it.
+""")
+out.append(fn('schema','_no_entries', replace=False))
+out.append(fn('detect','_cycle_body'))
+out.append(fn('detect','enqueue_orphans'))
+out.append(fn('guard','attach'))
+out.append(fn('detect','run_cycle'))
+out.append(fn('detect','_prune'))
+out.append("""-- claim() takes the reaper's hosts: the old signature goes, the new one replaces it.
+DROP FUNCTION orphan_cleanup.claim(text, integer, interval, text[]);
+""")
+out.append("""-- The allow-list's hosts and a reaper's hosts, spelled as the URL parser spells them (Rust).
+CREATE FUNCTION orphan_cleanup."_allowed_hosts"() RETURNS TEXT[]
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_allowed_hosts_wrapper';
+CREATE FUNCTION orphan_cleanup."_normalize_hosts"("hosts" TEXT[], "what" TEXT) RETURNS TEXT[]
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_normalize_hosts_wrapper';
+""")
+out.append(fn('queue','_serves', replace=False))
+out.append(fn('queue','_home_ok', replace=False))
+out.append(fn('queue','_lock_reaper_row', replace=False))
+out.append(fn('queue','_note_reaper', replace=False))
+out.append(fn('queue','_note_passed_over', replace=False))
+out.append(fn('queue','_new_objects', replace=False))
+out.append("""-- Lease tokens: claim() returns one per claim (the queue keeps its hash); confirm, fail, release
+-- and refuse require it. Their signatures without a token only say so (a 0.1.0 reaper): rows a
+-- 0.1.0 reaper holds now cannot be confirmed after this update and come back when their lease
+-- ends, still counted as handed out.
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN lease_hash bytea;
+""")
+out.append(fn('queue','_lease_hash', replace=False))
+out.append(fn('queue','_needs_lease_token', replace=False))
+out.append(fn('queue','confirm', sig='worker text, ids bigint[]'))
+out.append(fn('queue','fail', sig='worker text, ids bigint[]'))
+out.append(fn('queue','release', sig='worker text, ids bigint[]'))
+out.append(fn('queue','refuse', replace=False, sig='worker text, ids bigint[]'))
+out.append(fn('queue','_expire_leases'))
+out.append(fn('queue','_reaper_alert'))
+out.append(fn('queue','_not_held', replace=False))
+out.append(fn('queue','_unsent', replace=False))
+out.append(fn('queue','claim', replace=False))
+out.append(fn('queue','verifies_absence', replace=False))
+out.append(fn('queue','_still_stored', replace=False))
+out.append(fn('queue','sent_by_reaper', replace=False))
+out.append(fn('queue','confirm', replace=False, sig='worker text, lease_token text'))
+out.append(fn('queue','fail', replace=False, sig='worker text, lease_token text'))
+out.append(fn('queue','release', replace=False, sig='worker text, lease_token text'))
+out.append(fn('queue','refuse', replace=False, sig='worker text, lease_token text'))
+out.append("""-- health() and queue_status() report the reapers; queue_status() returns more columns.
+""")
+out.append(section('reports', "CREATE TYPE orphan_cleanup.reaper_coverage AS (", "\n);"))
+out.append(fn('reports','_reaper_coverage', replace=False))
+out.append(fn('reports','_health', replace=False))
+out.append(fn('reports','health'))
+out.append("DROP FUNCTION orphan_cleanup.queue_status();\n")
+out.append(fn('reports','queue_status', replace=False))
+out.append("-- The per-object save guard: saves, job writes, claims, job cleanup and cancel().\n")
+out.append(fn('guard','_fence_job', replace=False))
+out.append(fn('guard','_hold_object', replace=False))
+out.append(fn('guard','_refuse_save', replace=False))
+out.append(fn('guard','_object_of', replace=False))
+out.append(fn('guard','save_guard'))
+out.append(fn('guard','job_guard', replace=False))
+out.append(fn('guard','_drop_guards'))
+out.append(fn('guard','_refuse_while_claimed', replace=False))
+out.append(fn('guard','_watch_guards', replace=False))
+out.append(fn('guard','detach'))
+out.append(fn('detect','_guard_problem', replace=False))
+out.append(fn('detect','_drift'))
+out.append(fn('detect','_candidates'))
+out.append(fn('detect','_process_chunk'))
+out.append(fn('detect','_prune_objects', replace=False))
+out.append(fn('queue','_keep_jobs', replace=False))
+out.append(fn('queue','_write_jobs', replace=False))
+out.append(fn('queue','_own_job_writer', replace=False))
+out.append(fn('queue','_cleanup_jobs'))
+out.append(fn('queue','cancel'))
+out.append(fn('queue','requeue_dead'))
+out.append("""-- An attached database gets the jobs table's guard now, as attach() installs it, its truncate
+-- guard fires under session_replication_role = replica too, and confirm()'s writes to the jobs
+-- table run as that table's owner.
+DO $upgrade$
+DECLARE
+    att orphan_cleanup.attachment;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
+        PERFORM orphan_cleanup._drop_guards(att.jobs_oid);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', att.jobs_oid::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', att.jobs_oid::regclass);
+        PERFORM orphan_cleanup._own_job_writer(att.jobs_oid);
+    END IF;
+    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_truncate_guard') THEN
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', att.assets_oid::regclass);
+    END IF;
+END
+$upgrade$;
+""")
+out.append("""-- A pruned hand-out record is audited ('forgotten').
+ALTER TABLE orphan_cleanup.audit_log DROP CONSTRAINT audit_log_action_check;
+ALTER TABLE orphan_cleanup.audit_log ADD CONSTRAINT audit_log_action_check
+    CHECK (action IN ('enqueued', 'protected', 'rejected', 'claimed', 'deleted',
+                      'absent', 'failed', 'dead_lettered', 'rescued', 'refused',
+                      'cancelled', 'released', 'requeued', 'job_cleanup', 'attached', 'detached',
+                      'breaker_tripped', 'breaker_reset', 'forgotten'));
+
+""")
+out.append("""-- The guard watcher: no DDL may leave the attached tables without their exact guards while
+-- reapers hold claims.
+CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER')
+    EXECUTE FUNCTION orphan_cleanup._watch_guards();
+ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
+
+""")
+out.append("""-- object_key() now reads a URL the strict parser refuses leniently (the object it could name),
+-- where 0.1.0 returned NULL. An index on it built by 0.1.0 holds NULL for such rows, and the
+-- keeper checks would miss them: rebuild the jobs table's object_key() indexes when it has any
+-- such row. (REINDEX holds writes to the jobs table while it runs: a few seconds per million
+-- rows; the lock_timeout above still applies to taking the lock.)
+DO $reindex$
+DECLARE
+    att orphan_cleanup.attachment;
+    stale boolean;
+    ix regclass;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
+        RETURN;
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS j CROSS JOIN LATERAL orphan_cleanup.parse_output_url(j.output_url) AS p
+                                   WHERE j.output_url IS NOT NULL AND p.error IS NOT NULL
+                                     AND orphan_cleanup.object_key(j.output_url) IS NOT NULL)', att.jobs_oid::regclass)
+       INTO stale;
+    IF NOT stale THEN
+        RETURN;
+    END IF;
+    FOR ix IN SELECT i.indexrelid::regclass FROM pg_catalog.pg_index AS i
+              WHERE i.indrelid = att.jobs_oid AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%object_key(%'
+    LOOP
+        RAISE NOTICE 'rebuilding index % (object_key() now names the object of URLs the strict parser refuses)', ix;
+        EXECUTE format('REINDEX INDEX %s', ix);
+    END LOOP;
+END
+$reindex$;
+
+""")
+out.append("""-- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
+REVOKE ALL ON FUNCTION
+    orphan_cleanup._pause_point(text),
+    orphan_cleanup._allowed_hosts(),
+    orphan_cleanup._normalize_hosts(text[], text),
+    orphan_cleanup._serves(text[], text[], boolean, text, text),
+    orphan_cleanup._home_ok(text[], text),
+    orphan_cleanup._no_entries(text),
+    orphan_cleanup._lock_reaper_row(text),
+    orphan_cleanup._note_reaper(text, text[], text[], text),
+    orphan_cleanup._note_passed_over(text, integer, text[], text[], boolean),
+    orphan_cleanup.claim(text, integer, interval, text[], text[], text),
+    orphan_cleanup.refuse(text, bigint[], text),
+    orphan_cleanup._lease_hash(text),
+    orphan_cleanup._needs_lease_token(text),
+    orphan_cleanup._not_held(orphan_cleanup.deletion_queue, text, bytea),
+    orphan_cleanup._unsent(bigint[], text),
+    orphan_cleanup._object_of(text),
+    orphan_cleanup._refuse_while_claimed(text, oid[]),
+    orphan_cleanup._watch_guards(),
+    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.fail(text, text, bigint[], text, boolean),
+    orphan_cleanup.release(text, text, bigint[], text, boolean),
+    orphan_cleanup.refuse(text, text, bigint[], text),
+    orphan_cleanup._reaper_coverage(),
+    orphan_cleanup._health(orphan_cleanup.reaper_coverage),
+    orphan_cleanup.health(),
+    orphan_cleanup.queue_status(),
+    orphan_cleanup._fence_job(uuid),
+    orphan_cleanup._write_jobs(regclass, text, uuid[]),
+    orphan_cleanup._own_job_writer(regclass),
+    orphan_cleanup._new_objects(text[], text[]),
+    orphan_cleanup._hold_object(text, text),
+    orphan_cleanup._refuse_save(uuid, bigint, text),
+    orphan_cleanup.job_guard(),
+    orphan_cleanup._guard_problem(orphan_cleanup.attachment),
+    orphan_cleanup._prune_objects(orphan_cleanup.attachment, text),
+    orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
+    orphan_cleanup.verifies_absence(),
+    orphan_cleanup._still_stored(bigint[]),
+    orphan_cleanup.sent_by_reaper(text, interval)
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    orphan_cleanup.claim(text, integer, interval, text[], text[], text),
+    orphan_cleanup.refuse(text, bigint[], text),
+    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.fail(text, text, bigint[], text, boolean),
+    orphan_cleanup.release(text, text, bigint[], text, boolean),
+    orphan_cleanup.refuse(text, text, bigint[], text),
+    orphan_cleanup.queue_status(),
+    orphan_cleanup.verifies_absence(),
+    orphan_cleanup.sent_by_reaper(text, interval)
+TO orphan_cleanup_reaper;
+""")
+open(os.path.join(ROOT, 'pg_orphan_cleanup/sql/pg_orphan_cleanup--0.1.0--0.2.0.sql'),'w').write("\n".join(out))
