@@ -119,6 +119,8 @@ pub struct Reaper {
     summary: Mutex<Summary>,
     /// Whether --max-deletes-per-hour has been started from the audit log.
     seeded: AtomicBool,
+    /// Whether a request of the last batch got a usable answer.
+    answered_last: AtomicBool,
     /// Names per bulk request: --batch-size, or less once storage says its limit is lower.
     bulk_limit: std::sync::atomic::AtomicUsize,
     /// When queue_status() was last read for the metrics (it scans the ready rows).
@@ -187,6 +189,7 @@ impl Reaper {
             summary: Mutex::new(Summary::default()),
             bulk_limit: std::sync::atomic::AtomicUsize::new(batch_size),
             seeded: AtomicBool::new(settings_has_no_limit),
+            answered_last: AtomicBool::new(false),
             status_read: Mutex::new(None),
             progress: None,
             limit,
@@ -408,6 +411,11 @@ impl Reaper {
                 if let Ok(status) = q.status().await {
                     self.watch_status(&status);
                 }
+            }
+            if self.answered_last.swap(false, Ordering::SeqCst) {
+                // Storage deleted something in this batch, whatever else went wrong: what
+                // follows is a fresh trouble, not the next step of a long one.
+                cooldown.reset();
             }
             match storage_trouble {
                 Trouble::None => {
@@ -717,6 +725,7 @@ impl Reaper {
 
         // 3. What the answers say about every row, checked before anything is recorded.
         let mut out = Outcomes::sort(results);
+        self.answered_last.store(out.answered, Ordering::SeqCst);
         if out.answered {
             self.storage_ok.store(true, Ordering::SeqCst);
             self.metrics.last_success.set(unix_now());

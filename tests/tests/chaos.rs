@@ -1398,7 +1398,8 @@ fn deleted_rows(c: &mut postgres::Client) -> i64 {
 /// for an outage, and the one row dead-lettered is the one the proxy refuses, with the reason.
 #[test]
 fn chaos_9_a_broken_upstream_gets_nothing_wrong() {
-    let n = by_scale(4_000, 20_000);
+    // Enough rows that the healthy stretches between eleven troubles never drain the queue.
+    let n = by_scale(12_000, 30_000);
     let st = stage("chaos_upstream", n, &[("max_attempts", "2")]);
     let mut c = st.db.client();
     let catcher = Emulator::start();
@@ -1466,6 +1467,14 @@ fn chaos_9_a_broken_upstream_gets_nothing_wrong() {
             r.assert_running();
             deleted_rows(&mut c) > before
         });
+        let ready = one(
+            &mut c,
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
+        );
+        assert!(
+            ready > 400,
+            "the queue ran dry before {what} ({ready} left): raise n"
+        );
         st.emu.clear_requests();
         if what.contains("refusing one name") {
             // The next row a claim takes; the phase lasts until that row alone is dead-lettered.
@@ -1503,6 +1512,18 @@ fn chaos_9_a_broken_upstream_gets_nothing_wrong() {
                 r.assert_running();
                 st.emu.requests().iter().any(|q| q["method"] == "DELETE")
             });
+        }
+        if what.contains("500 on every request") {
+            // An outage: /readyz says so (the reaper works; storage does not).
+            wait_for(
+                Duration::from_secs(60),
+                "/readyz to name the outage",
+                || {
+                    http_get(&addr, "/readyz")
+                        .is_ok_and(|(s, body)| s == 503 && body.contains("an outage"))
+                },
+            );
+            assert_eq!(http_get(&addr, "/livez").unwrap().0, 200);
         }
         met.push(*what);
     }
