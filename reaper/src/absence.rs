@@ -59,44 +59,80 @@ pub async fn upload_canary(
         .await
 }
 
-/// Of `absent` (reported absent by bulk deletes in `bucket`) and `deleted` (a sample of the
-/// names reported deleted), the names storage still has. An error when the key cannot be shown
-/// to see and delete objects there, or storage does not answer.
+/// What a check found: the names storage still has, and those it could not be asked about (a
+/// lookup that kept failing): neither kind may be confirmed gone.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub present: HashSet<String>,
+    pub unchecked: HashSet<String>,
+}
+
+/// A call that may fail for a moment (a 5xx, a timeout, a 429), tried three times in all.
+async fn patiently<T, F, Fut>(mut call: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let mut pause = std::time::Duration::from_millis(200);
+    let mut tries = 1;
+    loop {
+        match call().await {
+            Err(StorageError::Retryable(_) | StorageError::Overload { .. }) if tries < 3 => {
+                tokio::time::sleep(pause).await;
+                pause *= 3;
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Of `names` (reported absent by bulk deletes in `bucket`, and a sample of those reported
+/// deleted), which storage still has, and which could not be looked up. An error when the key
+/// cannot be shown to see and delete objects there, or storage does not answer that far. Each
+/// request is tried three times before it counts as failed, and one name's failed lookup leaves
+/// only that name unchecked.
 pub async fn still_there(
     storage: &StorageClient,
     bucket: &str,
     worker: &str,
     names: &[String],
     concurrency: usize,
-) -> Result<HashSet<String>, StorageError> {
+) -> Result<Checked, StorageError> {
     let canary = canary_name(worker);
-    upload_canary(storage, bucket, &canary).await?;
-    if !storage.exists(bucket, &canary).await? {
+    patiently(|| upload_canary(storage, bucket, &canary)).await?;
+    if !patiently(|| storage.exists(bucket, &canary)).await? {
         return Err(unverifiable(format!(
             "the key cannot see {bucket}/{canary}, which it has just uploaded, so it cannot tell an absent object from one it may not see"
         )));
     }
     let answers: Vec<(&String, Result<bool, StorageError>)> = futures::stream::iter(names)
-        .map(|name| async move { (name, storage.exists(bucket, name).await) })
+        .map(|name| async move { (name, patiently(|| storage.exists(bucket, name)).await) })
         .buffer_unordered(concurrency)
         .collect()
         .await;
-    let mut present = HashSet::new();
+    let mut checked = Checked::default();
     for (name, answer) in answers {
-        if answer? {
-            present.insert(name.clone());
+        match answer {
+            Ok(true) => {
+                checked.present.insert(name.clone());
+            }
+            Ok(false) => {}
+            // An answer that cannot be believed says something about the upstream, not the name.
+            Err(e @ StorageError::Config { .. }) => return Err(e),
+            Err(_) => {
+                checked.unchecked.insert(name.clone());
+            }
         }
     }
-    let deleted = storage
-        .bulk_delete(bucket, std::slice::from_ref(&canary))
-        .await?;
+    let deleted = patiently(|| storage.bulk_delete(bucket, std::slice::from_ref(&canary))).await?;
     if !deleted.names.contains_key(&canary) {
         return Err(unverifiable(format!(
             "a bulk delete of {bucket}/{canary} did not delete it, so its \"nothing to delete\" answers cannot be believed (a key without delete rights, or something other than this project's storage answering at SUPABASE_URL)"
         )));
     }
     remove_leftovers(storage, bucket, worker).await;
-    Ok(present)
+    Ok(checked)
 }
 
 /// Whether a bulk delete works in `bucket` for a canary of the reaper's own (uploaded, then

@@ -67,9 +67,10 @@ impl Reaper {
                 .map(|(_, n)| (*n).clone())
                 .collect();
             let (ids, why, trouble) = match self.look_up(bucket, &names, lease_end).await {
-                Ok(present) if present.is_empty() => continue,
-                Ok(present) => {
-                    if let Some((_, forged)) = sample.iter().find(|(_, n)| present.contains(*n)) {
+                Ok(checked) => {
+                    if let Some((_, forged)) =
+                        sample.iter().find(|(_, n)| checked.present.contains(*n))
+                    {
                         // A "deleted" answer that is not true: none of this bucket's answers is.
                         let why = format!(
                             "storage answered that it deleted {bucket}/{forged}, but it still has it: its answers cannot be believed \
@@ -82,20 +83,40 @@ impl Reaper {
                             .map(|(id, _)| *id)
                             .collect();
                         (ids, why.clone(), Trouble::Config(why))
+                    } else if asked
+                        .absent
+                        .iter()
+                        .any(|(_, n)| checked.present.contains(*n))
+                    {
+                        let ids: Vec<i64> = asked
+                            .absent
+                            .iter()
+                            .filter(|(_, n)| {
+                                checked.present.contains(*n) || checked.unchecked.contains(*n)
+                            })
+                            .map(|(id, _)| *id)
+                            .collect();
+                        let why = format!(
+                            "storage answered that objects of {bucket} were already absent, but it still has them (e.g. {}): \
+                             the key may lack delete rights, or something other than this project's storage answers at SUPABASE_URL",
+                            checked.present.iter().next().map(String::as_str).unwrap_or_default()
+                        );
+                        (ids, why.clone(), Trouble::Config(why))
                     } else {
                         let ids: Vec<i64> = asked
                             .absent
                             .iter()
-                            .filter(|(_, n)| present.contains(*n))
+                            .filter(|(_, n)| checked.unchecked.contains(*n))
                             .map(|(id, _)| *id)
                             .collect();
+                        if ids.is_empty() {
+                            continue;
+                        }
                         let why = format!(
-                            "storage answered that {} objects of {bucket} were already absent, but it still has them (e.g. {}): \
-                             the key may lack delete rights, or something other than this project's storage answers at SUPABASE_URL",
-                            ids.len(),
-                            present.iter().next().map(String::as_str).unwrap_or_default()
+                            "{} \"already absent\" answers of {bucket} could not be checked (their lookups kept failing)",
+                            ids.len()
                         );
-                        (ids, why.clone(), Trouble::Config(why))
+                        (ids, why, Trouble::None)
                     }
                 }
                 Err(e) => {
@@ -144,7 +165,7 @@ impl Reaper {
         bucket: &str,
         names: &[String],
         lease_end: Instant,
-    ) -> Result<std::collections::HashSet<String>, StorageError> {
+    ) -> Result<crate::absence::Checked, StorageError> {
         let left = lease_end.saturating_duration_since(Instant::now());
         let check = crate::absence::still_there(
             &self.storage,
