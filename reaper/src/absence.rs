@@ -135,18 +135,43 @@ pub async fn still_there(
     Ok(checked)
 }
 
-/// Whether a bulk delete works in `bucket` for a canary of the reaper's own (uploaded, then
-/// deleted): asked when a request carrying one name fails and nothing else of its chunk
-/// succeeded, to tell a name that storage fails on from a delete path that fails for every name.
-pub async fn deletes_work(storage: &StorageClient, bucket: &str, worker: &str) -> bool {
-    let canary = canary_name(worker);
-    if upload_canary(storage, bucket, &canary).await.is_err() {
-        return false;
-    }
-    storage
-        .bulk_delete(bucket, std::slice::from_ref(&canary))
+/// How a canary's upload-then-bulk-delete went wrong.
+#[derive(Debug)]
+pub enum RoundTrip {
+    Upload(StorageError),
+    Delete(StorageError),
+    /// The bulk delete answered, and did not list the canary: the key deletes nothing.
+    NotDeleted,
+}
+
+/// Uploads `canary` to `bucket` and deletes it in bulk, which must list it: the start-up probe,
+/// and [`deletes_work`].
+pub async fn round_trip(
+    storage: &StorageClient,
+    bucket: &str,
+    canary: &str,
+) -> Result<(), RoundTrip> {
+    upload_canary(storage, bucket, canary)
         .await
-        .is_ok_and(|d| d.names.contains_key(&canary))
+        .map_err(RoundTrip::Upload)?;
+    let deleted = storage
+        .bulk_delete(bucket, &[canary.to_string()])
+        .await
+        .map_err(RoundTrip::Delete)?;
+    if deleted.names.contains_key(canary) {
+        Ok(())
+    } else {
+        Err(RoundTrip::NotDeleted)
+    }
+}
+
+/// Whether a bulk delete works in `bucket` for a canary of the reaper's own: asked when a
+/// request carrying one name fails and nothing else of its chunk succeeded, to tell a name that
+/// storage fails on from a delete path that fails for every name.
+pub async fn deletes_work(storage: &StorageClient, bucket: &str, worker: &str) -> bool {
+    round_trip(storage, bucket, &canary_name(worker))
+        .await
+        .is_ok()
 }
 
 /// Deletes this worker's canaries that an earlier check could not (storage refused then). Best

@@ -219,30 +219,23 @@ impl Reaper {
             .next()
             .ok_or("no bucket to probe")?;
         let name = crate::absence::canary_name(&self.settings.worker_id);
-        crate::absence::upload_canary(&self.storage, &bucket, &name)
+        use crate::absence::RoundTrip;
+        crate::absence::round_trip(&self.storage, &bucket, &name)
             .await
-            .map_err(|e| {
-                format!(
+            .map_err(|e| match e {
+                RoundTrip::Upload(e) => format!(
                     "the start-up probe could not upload {bucket}/{name}: {e}{}",
                     probe_fix(&e)
-                )
-            })?;
-        let deleted = self
-            .storage
-            .bulk_delete(&bucket, std::slice::from_ref(&name))
-            .await
-            .map_err(|e| {
-                format!(
+                ),
+                RoundTrip::Delete(e) => format!(
                     "the start-up probe could not delete {bucket}/{name}: {e}{}",
                     probe_fix(&e)
-                )
+                ),
+                RoundTrip::NotDeleted => format!(
+                    "the start-up probe uploaded {bucket}/{name} but a bulk delete did not delete it: this key cannot delete objects \
+                     (is it the service_role key?)"
+                ),
             })?;
-        if !deleted.names.contains_key(&name) {
-            return Err(format!(
-                "the start-up probe uploaded {bucket}/{name} but a bulk delete did not delete it: this key cannot delete objects \
-                 (is it the service_role key?)"
-            ));
-        }
         self.storage_ok.store(true, Ordering::SeqCst);
         Ok(())
     }

@@ -56,6 +56,17 @@ struct Part {
     maybe_sent: bool,
 }
 
+impl Part {
+    /// These rows, and what came of them.
+    fn came_to(self, result: ChunkResult) -> Piece {
+        Piece {
+            rows: self.rows,
+            result,
+            maybe_sent: self.maybe_sent,
+        }
+    }
+}
+
 impl Reaper {
     /// Deletes one chunk's names (see the module's documentation).
     pub(super) async fn delete_chunk(
@@ -73,17 +84,12 @@ impl Reaper {
         let (mut answered, mut failed_in_a_row) = (0usize, 0usize);
         let mut storage_answers: Option<bool> = None;
         while let Some(part) = todo.pop() {
-            let piece = |result| Piece {
-                rows: part.rows.clone(),
-                result,
-                maybe_sent: part.maybe_sent,
-            };
             if self.shutdown.is_cancelled() {
-                done.push(piece(ChunkResult::NotSent));
+                done.push(part.came_to(ChunkResult::NotSent));
                 continue;
             }
             if Instant::now() >= send_by {
-                done.push(piece(ChunkResult::Late));
+                done.push(part.came_to(ChunkResult::Late));
                 continue;
             }
             let limit = self.bulk_limit.load(Ordering::SeqCst);
@@ -98,7 +104,7 @@ impl Reaper {
                 Ok(d) => {
                     answered += 1;
                     failed_in_a_row = 0;
-                    done.push(piece(ChunkResult::Done(d)));
+                    done.push(part.came_to(ChunkResult::Done(d)));
                 }
                 Err(StorageError::BulkLimit(n)) if part.rows.len() > 1 => {
                     let limit = if n < part.rows.len() {
@@ -127,11 +133,7 @@ impl Reaper {
                             maybe_sent,
                         });
                         for rest in todo.drain(..) {
-                            done.push(Piece {
-                                rows: rest.rows,
-                                result: why.clone(),
-                                maybe_sent: rest.maybe_sent,
-                            });
+                            done.push(rest.came_to(why.clone()));
                         }
                         for (row, _, sent) in suspects.drain(..) {
                             done.push(Piece {
@@ -155,7 +157,7 @@ impl Reaper {
                         }
                     }
                 }
-                Err(e) => done.push(piece(ChunkResult::Failed(e))),
+                Err(e) => done.push(part.came_to(ChunkResult::Failed(e))),
             }
         }
         // Blamed when storage handled other names of this chunk, or, when nothing of it
