@@ -7,7 +7,7 @@ import os
 import re
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 src={}
-for f in ['schema','pause','detect','guard','queue','reports']:
+for f in ['schema','pause','detect','guard','queue','reports','breaker']:
     src[f]=open(os.path.join(ROOT, f'pg_orphan_cleanup/sql/{f}.sql')).read()
 
 def fn(file, name, replace=True, sig=None):
@@ -64,6 +64,40 @@ BEGIN
     END IF;
 END
 $probe$;
+
+-- _config() returns the new setting cycle_time_budget too (Rust; its row type changes).
+DROP FUNCTION orphan_cleanup._config();
+CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
+	"enabled" bool,
+	"reaping_enabled" bool,
+	"interval_s" INT,
+	"min_age_s" INT,
+	"age_column" TEXT,
+	"grace_s" INT,
+	"max_per_cycle" INT,
+	"jobs_table" TEXT,
+	"assets_table" TEXT,
+	"allowed_buckets" TEXT,
+	"allowed_prefixes" TEXT,
+	"allowed_hosts" TEXT,
+	"on_confirm" TEXT,
+	"dry_run" bool,
+	"max_attempts" INT,
+	"history_retention_s" INT,
+	"full_sweep_interval_s" INT,
+	"database" TEXT,
+	"breaker_factor" double precision,
+	"breaker_min_rows" INT,
+	"breaker_max_fraction" double precision,
+	"retry_backoff_s" INT,
+	"cycle_time_budget_ms" INT
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_config_wrapper';
+
+-- Cycles stop at orphan_cleanup.cycle_time_budget; the log says which did.
+ALTER TABLE orphan_cleanup.cycle_log ADD COLUMN out_of_time boolean NOT NULL DEFAULT false;
 
 -- New tables: the reapers registry and their refusals.
 """)
@@ -171,6 +205,13 @@ out.append(fn('guard','_watch_guards', replace=False))
 out.append(fn('guard','detach'))
 out.append(fn('detect','_guard_problem', replace=False))
 out.append(fn('detect','_drift'))
+out.append("-- Cycles, claims and previews refuse to run without the indexes their lookups need.\n")
+out.append(fn('guard','_required_indexes', replace=False))
+out.append(fn('guard','_index_problem', replace=False))
+out.append(fn('guard','_index_report'))
+out.append(fn('detect','_require_attached'))
+out.append(fn('detect','preview'))
+out.append(fn('breaker','_breaker_limits'))
 out.append(fn('detect','_candidates'))
 out.append(fn('detect','_process_chunk'))
 out.append(fn('detect','_prune_objects', replace=False))
@@ -285,7 +326,10 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_save(uuid, bigint, text),
     orphan_cleanup.job_guard(),
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
-    orphan_cleanup._prune_objects(orphan_cleanup.attachment, text),
+    orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
+    orphan_cleanup._config(),
+    orphan_cleanup._required_indexes(oid, oid, text),
+    orphan_cleanup._index_problem(oid, oid, text),
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup._still_stored(bigint[]),

@@ -46,7 +46,7 @@ fn object_record(c: &mut postgres::Client) -> Result<ObjectRecord> {
         )?
         .get(0);
     let prune =
-        "SELECT orphan_cleanup._prune_objects(a, 'bench') FROM orphan_cleanup.attachment AS a";
+        "SELECT orphan_cleanup._prune_objects(a, 'bench', clock_timestamp() + interval '1 hour') FROM orphan_cleanup.attachment AS a";
     c.batch_execute(&format!(
         "UPDATE orphan_cleanup.objects SET touched_at = touched_at - interval '2 days'; {prune};"
     ))?;

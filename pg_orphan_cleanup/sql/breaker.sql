@@ -4,8 +4,9 @@
 --
 -- A cycle is compared with two limits, whichever is lower, never below breaker_min_rows:
 --   breaker_factor       x the median of the last 10 cycles (since attach()) that were not
---                        working off a backlog (a cycle that enqueued max_per_cycle rows stopped
---                        at its budget, so its count says nothing about the usual rate);
+--                        working off a backlog (a cycle that enqueued max_per_cycle rows, or
+--                        ran out of cycle_time_budget, stopped early, so its count says nothing
+--                        about the usual rate);
 --   breaker_max_fraction x the completed jobs with an output URL, as the planner estimates them
 --                        (reltuples and column statistics: no count(*) per cycle).
 -- The breaker arms itself once 3 such cycles exist: the first backlog after installation runs
@@ -32,6 +33,7 @@ BEGIN
       FROM (SELECT l.enqueued
             FROM orphan_cleanup.cycle_log AS l
             WHERE l.status = 'ok' AND l.started_at >= att.attached_at AND l.enqueued < cfg.max_per_cycle
+              AND NOT l.out_of_time
             ORDER BY l.id DESC
             LIMIT 10) AS h;
     armed := history >= 3;

@@ -5,7 +5,8 @@
 -- (which quotes itself) and column names go through %I.
 
 -- The tables to act on, as attach() recorded them. Raises, naming the fix, when attach() has not
--- run or when the settings, the tables or the save guard no longer match what it recorded.
+-- run, when the settings, the tables or the save guard no longer match what it recorded, or
+-- when an index the per-row lookups need is missing or unusable.
 CREATE FUNCTION orphan_cleanup._require_attached(purpose text) RETURNS orphan_cleanup.attachment
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -24,6 +25,14 @@ BEGIN
         RAISE EXCEPTION '% refused: %', purpose, problem
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Fix the setting or the table, then run SELECT * FROM orphan_cleanup.attach(); to confirm the tables again.';
+    END IF;
+    -- Checked on every call, not only by attach(): an index dropped by a migration tool, or
+    -- left invalid by a failed rebuild, must stop the next cycle or claim, not make it run for hours.
+    problem := orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '% refused: %', purpose, problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'SELECT * FROM orphan_cleanup.health(); shows each index. Cycles and claims resume by themselves once the indexes exist.';
     END IF;
     RETURN att;
 END
@@ -298,6 +307,8 @@ DECLARE
     brk record;
     v_limit bigint;
     v_limits text;
+    deadline timestamptz;
+    v_out_of_time boolean := false;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -309,6 +320,9 @@ BEGIN
     END IF;
     cutoff := now() - make_interval(secs => cfg.min_age_s);
     v_grace := make_interval(secs => cfg.grace_s);
+    -- The time budget: chunks of at most 2,000 jobs run while it lasts (at least one of each
+    -- kind, so that every cycle makes progress), then the cycle commits where it got to.
+    deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
     IF NOT dry THEN
@@ -344,31 +358,38 @@ BEGIN
         v_limits := brk.explanation;
     END IF;
 
-    -- Jobs whose assets were deleted or changed since the last cycle.
-    IF dry THEN
-        SELECT array_agg(r.job_id) INTO v_recheck
-        FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 10000) AS r;
-    ELSE
-        WITH taken AS (
-            DELETE FROM orphan_cleanup.recheck
-            WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 10000)
-            RETURNING job_id)
-        SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
-    END IF;
-    IF v_recheck IS NOT NULL THEN
+    -- Jobs whose assets were deleted or changed since the last cycle. A dry run takes none of
+    -- them, so it looks at the oldest chunk only.
+    LOOP
+        IF dry THEN
+            SELECT array_agg(r.job_id) INTO v_recheck
+            FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 2000) AS r;
+        ELSE
+            WITH taken AS (
+                DELETE FROM orphan_cleanup.recheck
+                WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 2000)
+                RETURNING job_id)
+            SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
+        END IF;
+        EXIT WHEN v_recheck IS NULL;
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry);
-        rechecked := cardinality(v_recheck);
+        rechecked := rechecked + cardinality(v_recheck);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
-    END IF;
+        EXIT WHEN dry OR cardinality(v_recheck) < 2000;
+        IF clock_timestamp() >= deadline THEN
+            v_out_of_time := true;
+            EXIT;
+        END IF;
+    END LOOP;
 
-    -- New history since the cursor, in chunks, until the budget is spent.
+    -- New history since the cursor, in chunks, until max_per_cycle or the time budget is spent.
     LOOP
         budget := cfg.max_per_cycle - n_enqueued;
         EXIT WHEN budget <= 0;
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
-                                               least(budget, 10000)::integer, NULL, v_grace, dry);
+                                               least(budget, 2000)::integer, NULL, v_grace, dry);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
@@ -376,13 +397,22 @@ BEGIN
             cur_ts := chunk.last_ts;
             cur_id := chunk.last_id;
         END IF;
-        EXIT WHEN chunk.seen < least(budget, 10000);
+        EXIT WHEN chunk.seen < least(budget, 2000);
+        IF clock_timestamp() >= deadline THEN
+            v_out_of_time := true;
+            EXIT;
+        END IF;
     END LOOP;
+    IF v_out_of_time THEN
+        UPDATE orphan_cleanup.cycle_log AS l SET out_of_time = true WHERE l.id = p_cycle;
+        RAISE LOG 'pg_orphan_cleanup cycle %: stopped at its time budget (orphan_cleanup.cycle_time_budget = % ms) after % jobs; the next cycle goes on from there',
+            p_cycle, cfg.cycle_time_budget_ms, scanned;
+    END IF;
 
     IF NOT dry THEN
         UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
-        PERFORM orphan_cleanup._prune_objects(att, p_actor);
+        PERFORM orphan_cleanup._prune_objects(att, p_actor, deadline);
         IF n_enqueued > 0 THEN
             PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
         END IF;
@@ -546,11 +576,18 @@ DECLARE
     got integer := 0;
     seen integer;
     r record;
+    v_problem text;
 BEGIN
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'max_rows must be at least 1, got %', max_rows USING ERRCODE = 'invalid_parameter_value';
     END IF;
     t := orphan_cleanup._tables();
+    v_problem := orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'preview() refused: %', v_problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'orphan_count() and validation_report() run the guide''s own queries and need no index.';
+    END IF;
     att := ROW(true, '', t.jobs_oid, '', t.assets_oid, t.age_column, now(), '')::orphan_cleanup.attachment;
     cutoff := now() - coalesce(min_age, make_interval(secs => t.min_age_s));
     LOOP
@@ -669,8 +706,9 @@ $$;
 --     been gone; nothing is deleted because of it;
 --   - an object kept by cancel(): never;
 --   - a job's fence row: a day after the save or job write that wrote it.
--- Up to 8 batches of 50,000 rows per kind and call: millions a day at the default interval.
-CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment, actor text) RETURNS void
+-- Batches of 10,000 rows, up to 40 per kind and call while the cycle's time budget (deadline)
+-- lasts: millions a day at the default interval.
+CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment, actor text, deadline timestamptz) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
 AS $$
 DECLARE
@@ -678,17 +716,18 @@ DECLARE
     v_paths text[];
     v_n bigint;
 BEGIN
-    FOR batch IN 1 .. 8 LOOP
+    FOR batch IN 1 .. 40 LOOP
+        EXIT WHEN batch > 1 AND clock_timestamp() >= deadline;
         EXIT WHEN NOT coalesce((SELECT min(o.touched_at) FROM orphan_cleanup.objects AS o
                                 WHERE o.handouts = 0 AND o.kept_at IS NULL) < now() - interval '1 day', false);
         DELETE FROM orphan_cleanup.objects AS o
         WHERE (o.bucket, o.object_path) IN (
             SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
             WHERE o2.handouts = 0 AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
-            ORDER BY o2.touched_at LIMIT 50000
+            ORDER BY o2.touched_at LIMIT 10000
             FOR UPDATE SKIP LOCKED);
         GET DIAGNOSTICS v_n = ROW_COUNT;
-        EXIT WHEN v_n < 50000;
+        EXIT WHEN v_n < 10000;
     END LOOP;
 
     IF (SELECT min(o.last_handed_out_at) FROM orphan_cleanup.objects AS o WHERE o.handouts > 0) < now() - interval '30 days' THEN
@@ -698,7 +737,7 @@ BEGIN
         FROM (SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
               WHERE o2.handouts > 0 AND o2.last_handed_out_at < now() - interval '30 days'
                 AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
-              ORDER BY o2.last_handed_out_at LIMIT 50000
+              ORDER BY o2.last_handed_out_at LIMIT 10000
               FOR UPDATE SKIP LOCKED) AS l;
         IF v_paths IS NOT NULL THEN
             -- Audited: from now on a job naming the object can be saved again.
@@ -727,14 +766,15 @@ BEGIN
         END IF;
     END IF;
 
-    FOR batch IN 1 .. 8 LOOP
+    FOR batch IN 1 .. 40 LOOP
+        EXIT WHEN batch > 1 AND clock_timestamp() >= deadline;
         EXIT WHEN NOT coalesce((SELECT min(f.touched_at) FROM orphan_cleanup.job_fences AS f) < now() - interval '1 day', false);
         DELETE FROM orphan_cleanup.job_fences AS f
         WHERE f.job_id IN (SELECT f2.job_id FROM orphan_cleanup.job_fences AS f2
                            WHERE f2.touched_at < now() - interval '1 day'
-                           ORDER BY f2.touched_at LIMIT 50000 FOR UPDATE SKIP LOCKED);
+                           ORDER BY f2.touched_at LIMIT 10000 FOR UPDATE SKIP LOCKED);
         GET DIAGNOSTICS v_n = ROW_COUNT;
-        EXIT WHEN v_n < 50000;
+        EXIT WHEN v_n < 10000;
     END LOOP;
 END
 $$;

@@ -26,6 +26,40 @@ BEGIN
 END
 $probe$;
 
+-- _config() returns the new setting cycle_time_budget too (Rust; its row type changes).
+DROP FUNCTION orphan_cleanup._config();
+CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
+	"enabled" bool,
+	"reaping_enabled" bool,
+	"interval_s" INT,
+	"min_age_s" INT,
+	"age_column" TEXT,
+	"grace_s" INT,
+	"max_per_cycle" INT,
+	"jobs_table" TEXT,
+	"assets_table" TEXT,
+	"allowed_buckets" TEXT,
+	"allowed_prefixes" TEXT,
+	"allowed_hosts" TEXT,
+	"on_confirm" TEXT,
+	"dry_run" bool,
+	"max_attempts" INT,
+	"history_retention_s" INT,
+	"full_sweep_interval_s" INT,
+	"database" TEXT,
+	"breaker_factor" double precision,
+	"breaker_min_rows" INT,
+	"breaker_max_fraction" double precision,
+	"retry_backoff_s" INT,
+	"cycle_time_budget_ms" INT
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_config_wrapper';
+
+-- Cycles stop at orphan_cleanup.cycle_time_budget; the log says which did.
+ALTER TABLE orphan_cleanup.cycle_log ADD COLUMN out_of_time boolean NOT NULL DEFAULT false;
+
 -- New tables: the reapers registry and their refusals.
 
 CREATE TABLE orphan_cleanup.reapers (
@@ -145,6 +179,8 @@ DECLARE
     brk record;
     v_limit bigint;
     v_limits text;
+    deadline timestamptz;
+    v_out_of_time boolean := false;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -156,6 +192,9 @@ BEGIN
     END IF;
     cutoff := now() - make_interval(secs => cfg.min_age_s);
     v_grace := make_interval(secs => cfg.grace_s);
+    -- The time budget: chunks of at most 2,000 jobs run while it lasts (at least one of each
+    -- kind, so that every cycle makes progress), then the cycle commits where it got to.
+    deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
     IF NOT dry THEN
@@ -191,31 +230,38 @@ BEGIN
         v_limits := brk.explanation;
     END IF;
 
-    -- Jobs whose assets were deleted or changed since the last cycle.
-    IF dry THEN
-        SELECT array_agg(r.job_id) INTO v_recheck
-        FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 10000) AS r;
-    ELSE
-        WITH taken AS (
-            DELETE FROM orphan_cleanup.recheck
-            WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 10000)
-            RETURNING job_id)
-        SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
-    END IF;
-    IF v_recheck IS NOT NULL THEN
+    -- Jobs whose assets were deleted or changed since the last cycle. A dry run takes none of
+    -- them, so it looks at the oldest chunk only.
+    LOOP
+        IF dry THEN
+            SELECT array_agg(r.job_id) INTO v_recheck
+            FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 2000) AS r;
+        ELSE
+            WITH taken AS (
+                DELETE FROM orphan_cleanup.recheck
+                WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 2000)
+                RETURNING job_id)
+            SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
+        END IF;
+        EXIT WHEN v_recheck IS NULL;
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry);
-        rechecked := cardinality(v_recheck);
+        rechecked := rechecked + cardinality(v_recheck);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
-    END IF;
+        EXIT WHEN dry OR cardinality(v_recheck) < 2000;
+        IF clock_timestamp() >= deadline THEN
+            v_out_of_time := true;
+            EXIT;
+        END IF;
+    END LOOP;
 
-    -- New history since the cursor, in chunks, until the budget is spent.
+    -- New history since the cursor, in chunks, until max_per_cycle or the time budget is spent.
     LOOP
         budget := cfg.max_per_cycle - n_enqueued;
         EXIT WHEN budget <= 0;
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
-                                               least(budget, 10000)::integer, NULL, v_grace, dry);
+                                               least(budget, 2000)::integer, NULL, v_grace, dry);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
@@ -223,13 +269,22 @@ BEGIN
             cur_ts := chunk.last_ts;
             cur_id := chunk.last_id;
         END IF;
-        EXIT WHEN chunk.seen < least(budget, 10000);
+        EXIT WHEN chunk.seen < least(budget, 2000);
+        IF clock_timestamp() >= deadline THEN
+            v_out_of_time := true;
+            EXIT;
+        END IF;
     END LOOP;
+    IF v_out_of_time THEN
+        UPDATE orphan_cleanup.cycle_log AS l SET out_of_time = true WHERE l.id = p_cycle;
+        RAISE LOG 'pg_orphan_cleanup cycle %: stopped at its time budget (orphan_cleanup.cycle_time_budget = % ms) after % jobs; the next cycle goes on from there',
+            p_cycle, cfg.cycle_time_budget_ms, scanned;
+    END IF;
 
     IF NOT dry THEN
         UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
-        PERFORM orphan_cleanup._prune_objects(att, p_actor);
+        PERFORM orphan_cleanup._prune_objects(att, p_actor, deadline);
         IF n_enqueued > 0 THEN
             PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', n_enqueued::text);
         END IF;
@@ -1999,6 +2054,263 @@ BEGIN
 END
 $$;
 
+-- Cycles, claims and previews refuse to run without the indexes their lookups need.
+
+CREATE FUNCTION orphan_cleanup._required_indexes(v_jobs oid, v_assets oid, v_age_column text)
+RETURNS TABLE (item text, usable boolean, problem text, statement text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_age smallint;
+    v_id smallint;
+    want record;
+    ix record;
+    v_defect text;
+BEGIN
+    SELECT a.attnum INTO v_age FROM pg_catalog.pg_attribute AS a
+    WHERE a.attrelid = v_jobs AND a.attname = v_age_column AND NOT a.attisdropped;
+    SELECT a.attnum INTO v_id FROM pg_catalog.pg_attribute AS a
+    WHERE a.attrelid = v_jobs AND a.attname = 'id' AND NOT a.attisdropped;
+    FOR want IN
+        SELECT * FROM (VALUES
+            (1, 'index: assets by job reference', v_assets, 'render_job_id',
+             'orphan_cleanup.job_ref_key((metadata ->> ''render_job_id''::text))', '_render_job_ref_idx',
+             format('(orphan_cleanup.job_ref_key(metadata ->> %L))', 'render_job_id')),
+            (2, 'index: completed jobs by age', v_jobs, NULL, NULL, '_orphan_scan_idx',
+             format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed')),
+            (3, 'index: jobs by storage object', v_jobs, 'output_url',
+             'orphan_cleanup.object_key(output_url)', '_object_key_idx',
+             '(orphan_cleanup.object_key(output_url))')
+        ) AS w(n, item, rel, mentions, expr, suffix, def)
+        ORDER BY w.n
+    LOOP
+        item := want.item;
+        usable := false;
+        problem := NULL;
+        FOR ix IN
+            SELECT i.indexrelid::regclass AS name,
+                   i.indisvalid AND i.indisready AND i.indislive AS valid,
+                   am.amname,
+                   pg_catalog.pg_get_expr(i.indpred, i.indrelid) AS pred,
+                   pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) AS col1,
+                   i.indkey[0] AS key1, i.indkey[1] AS key2, i.indnkeyatts AS nkeys,
+                   coalesce((SELECT bool_and(opc.opcdefault) FROM pg_catalog.pg_opclass AS opc
+                             WHERE opc.oid = ANY (i.indclass::oid[])), false) AS default_opclass,
+                   i.indcollation[0] IN (0, 100) AS default_collation
+            FROM pg_catalog.pg_index AS i
+            JOIN pg_catalog.pg_class AS c ON c.oid = i.indexrelid
+            JOIN pg_catalog.pg_am AS am ON am.oid = c.relam
+            WHERE i.indrelid = want.rel
+            ORDER BY i.indexrelid
+        LOOP
+            IF want.expr IS NOT NULL THEN
+                -- Another index on the same column (the guide's, or another expression) is
+                -- named, so that the DBA does not take it for the one these lookups need.
+                IF ix.key1 <> 0 OR ix.col1 <> want.expr THEN
+                    IF problem IS NULL AND ix.col1 LIKE '%' || want.mentions || '%' THEN
+                        problem := format('%s indexes %s, which these lookups (on %s) cannot use', ix.name, ix.col1, want.expr);
+                    END IF;
+                    CONTINUE;
+                END IF;
+            ELSIF ix.key1 IS DISTINCT FROM v_age OR (ix.nkeys > 1 AND ix.key2 IS DISTINCT FROM v_id) THEN
+                CONTINUE;
+            END IF;
+            v_defect := CASE
+                WHEN NOT ix.valid THEN format('%s is invalid (a CREATE INDEX CONCURRENTLY that failed or is still running; DROP INDEX CONCURRENTLY %s; first)', ix.name, ix.name)
+                WHEN ix.amname <> 'btree' THEN format('%s is a %s index, not btree', ix.name, ix.amname)
+                WHEN NOT ix.default_opclass OR NOT ix.default_collation THEN format('%s uses a non-default operator class or collation', ix.name)
+                WHEN ix.pred IS NULL THEN NULL
+                -- The recommended predicate, whatever the type of status (text, varchar, enum).
+                WHEN want.expr IS NULL
+                     AND regexp_replace(regexp_replace(ix.pred, '::[a-z_."]+( varying)?', '', 'gi'), '[()]', '', 'g')
+                         IN ('status = ''completed'' AND output_url IS NOT NULL', 'output_url IS NOT NULL AND status = ''completed''') THEN NULL
+                ELSE format('%s is partial (WHERE %s)', ix.name, ix.pred)
+            END;
+            IF v_defect IS NULL THEN
+                usable := true;
+                EXIT;
+            END IF;
+            problem := v_defect;
+        END LOOP;
+        IF usable THEN
+            problem := NULL;
+            statement := NULL;
+        ELSE
+            problem := coalesce(problem, 'missing');
+            -- CONCURRENTLY does not block the app's writes, but PostgreSQL refuses it on a
+            -- partitioned table: there the plain statement builds it on every partition.
+            statement := format('CREATE INDEX %s%I ON %s %s;',
+                                CASE WHEN (SELECT c.relkind FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel) = 'p'
+                                     THEN '' ELSE 'CONCURRENTLY ' END,
+                                left((SELECT c.relname FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel) || want.suffix, 63),
+                                want.rel::regclass, want.def);
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._index_problem(v_jobs oid, v_assets oid, v_age_column text) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+    SELECT format('the indexes pg_orphan_cleanup relies on are not usable (%s): without them each lookup reads a whole table, for every row, which takes hours on a large table and holds a transaction open all that time. Run, outside a transaction block: %s',
+                  string_agg(r.item || ': ' || r.problem, '; '), string_agg(r.statement, ' '))
+    FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
+    WHERE NOT r.usable
+    HAVING count(*) > 0
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._index_report(v_jobs oid, v_assets oid, v_age_column text)
+RETURNS TABLE (item text, status text, detail text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+    SELECT r.item,
+           CASE WHEN r.usable THEN 'ok' ELSE 'critical' END,
+           CASE WHEN r.usable THEN 'present and valid'
+                ELSE format('%s; cycles, claims and preview() refuse to run until it exists. Run: %s', r.problem, r.statement)
+           END
+    FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._require_attached(purpose text) RETURNS orphan_cleanup.attachment
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    problem text;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pg_orphan_cleanup is not attached to any tables, so % cannot run', purpose
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Check orphan_cleanup.jobs_table and orphan_cleanup.assets_table, then run SELECT * FROM orphan_cleanup.attach();';
+    END IF;
+    problem := orphan_cleanup._drift(att);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '% refused: %', purpose, problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Fix the setting or the table, then run SELECT * FROM orphan_cleanup.attach(); to confirm the tables again.';
+    END IF;
+    -- Checked on every call, not only by attach(): an index dropped by a migration tool, or
+    -- left invalid by a failed rebuild, must stop the next cycle or claim, not make it run for hours.
+    problem := orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '% refused: %', purpose, problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'SELECT * FROM orphan_cleanup.health(); shows each index. Cycles and claims resume by themselves once the indexes exist.';
+    END IF;
+    RETURN att;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.preview(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
+RETURNS TABLE (job_id uuid, age timestamptz, output_url text, host text, bucket text, object_path text,
+               verdict text, queue_state text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    t record;
+    att orphan_cleanup.attachment;
+    cur_ts timestamptz := '-infinity';
+    cur_id uuid := '00000000-0000-0000-0000-000000000000';
+    cutoff timestamptz;
+    got integer := 0;
+    seen integer;
+    r record;
+    v_problem text;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be at least 1, got %', max_rows USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    t := orphan_cleanup._tables();
+    v_problem := orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'preview() refused: %', v_problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'orphan_count() and validation_report() run the guide''s own queries and need no index.';
+    END IF;
+    att := ROW(true, '', t.jobs_oid, '', t.assets_oid, t.age_column, now(), '')::orphan_cleanup.attachment;
+    cutoff := now() - coalesce(min_age, make_interval(secs => t.min_age_s));
+    LOOP
+        seen := 0;
+        FOR r IN SELECT * FROM orphan_cleanup._candidates(att, cutoff, cur_ts, cur_id, 5000) LOOP
+            seen := seen + 1;
+            cur_ts := r.age_ts;
+            cur_id := r.job_id;
+            CONTINUE WHEN r.ref_state = 'canonical';
+            job_id := r.job_id;
+            age := r.age_ts;
+            output_url := orphan_cleanup.redact_url(r.output_url);
+            host := r.host;
+            bucket := r.bucket;
+            object_path := r.object_path;
+            verdict := CASE
+                WHEN r.ref_state = 'noncanonical' THEN 'protected: referenced by an asset through a non-canonical spelling of the job id'
+                WHEN r.url_error IS NOT NULL THEN 'rejected: ' || r.url_error
+                WHEN r.shared_with IS NOT NULL THEN format('protected: shares its object with job %s, which is not an orphan', r.shared_with)
+                ELSE 'orphan'
+            END;
+            SELECT q.state INTO queue_state FROM orphan_cleanup.deletion_queue AS q
+            WHERE q.job_id = r.job_id ORDER BY q.id DESC LIMIT 1;
+            RETURN NEXT;
+            got := got + 1;
+            EXIT WHEN got >= max_rows;
+        END LOOP;
+        EXIT WHEN got >= max_rows OR seen < 5000;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._breaker_limits(
+    att orphan_cleanup.attachment,
+    OUT armed boolean, OUT history integer, OUT median numeric, OUT completed_estimate bigint,
+    OUT max_rows bigint, OUT explanation text)
+-- VOLATILE only because PostgreSQL allows EXPLAIN in no other kind of function: it writes nothing.
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    cfg record;
+    v_plan json;
+    by_median bigint;
+    by_fraction bigint;
+BEGIN
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY h.enqueued)
+      INTO history, median
+      FROM (SELECT l.enqueued
+            FROM orphan_cleanup.cycle_log AS l
+            WHERE l.status = 'ok' AND l.started_at >= att.attached_at AND l.enqueued < cfg.max_per_cycle
+              AND NOT l.out_of_time
+            ORDER BY l.id DESC
+            LIMIT 10) AS h;
+    armed := history >= 3;
+    -- The planner's estimate of the deletable population: planning only, nothing is read.
+    EXECUTE format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s AS j WHERE j.status = ''completed'' AND j.output_url IS NOT NULL',
+                   att.jobs_oid::regclass)
+    INTO v_plan;
+    completed_estimate := (v_plan -> 0 -> 'Plan' ->> 'Plan Rows')::numeric::bigint;
+    IF armed AND cfg.breaker_factor > 0 THEN
+        by_median := ceil(cfg.breaker_factor * median);
+    END IF;
+    IF armed AND cfg.breaker_max_fraction < 1 AND completed_estimate > 0 THEN
+        by_fraction := floor(cfg.breaker_max_fraction * completed_estimate);
+    END IF;
+    IF by_median IS NOT NULL OR by_fraction IS NOT NULL THEN
+        max_rows := greatest(cfg.breaker_min_rows, least(by_median, by_fraction));
+    END IF;
+    explanation := CASE
+        WHEN NOT armed THEN format('not armed yet: %s of the 3 cycles it needs as history (the first backlog runs under max_per_cycle alone)', history)
+        WHEN max_rows IS NULL THEN 'off: breaker_factor = 0 and breaker_max_fraction = 1'
+        ELSE format('a cycle may enqueue at most %s rows: %s', max_rows,
+                    concat_ws(', ', format('breaker_min_rows %s', cfg.breaker_min_rows),
+                              CASE WHEN by_median IS NOT NULL
+                                   THEN format('breaker_factor %s x median %s of the last %s cycles', cfg.breaker_factor, round(median, 1), history) END,
+                              CASE WHEN by_fraction IS NOT NULL
+                                   THEN format('breaker_max_fraction %s of about %s completed jobs', cfg.breaker_max_fraction, completed_estimate) END))
+    END;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION orphan_cleanup._candidates(
     att orphan_cleanup.attachment,
     cutoff timestamptz,
@@ -2151,7 +2463,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment, actor text) RETURNS void
+CREATE FUNCTION orphan_cleanup._prune_objects(att orphan_cleanup.attachment, actor text, deadline timestamptz) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
 AS $$
 DECLARE
@@ -2159,17 +2471,18 @@ DECLARE
     v_paths text[];
     v_n bigint;
 BEGIN
-    FOR batch IN 1 .. 8 LOOP
+    FOR batch IN 1 .. 40 LOOP
+        EXIT WHEN batch > 1 AND clock_timestamp() >= deadline;
         EXIT WHEN NOT coalesce((SELECT min(o.touched_at) FROM orphan_cleanup.objects AS o
                                 WHERE o.handouts = 0 AND o.kept_at IS NULL) < now() - interval '1 day', false);
         DELETE FROM orphan_cleanup.objects AS o
         WHERE (o.bucket, o.object_path) IN (
             SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
             WHERE o2.handouts = 0 AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
-            ORDER BY o2.touched_at LIMIT 50000
+            ORDER BY o2.touched_at LIMIT 10000
             FOR UPDATE SKIP LOCKED);
         GET DIAGNOSTICS v_n = ROW_COUNT;
-        EXIT WHEN v_n < 50000;
+        EXIT WHEN v_n < 10000;
     END LOOP;
 
     IF (SELECT min(o.last_handed_out_at) FROM orphan_cleanup.objects AS o WHERE o.handouts > 0) < now() - interval '30 days' THEN
@@ -2179,7 +2492,7 @@ BEGIN
         FROM (SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
               WHERE o2.handouts > 0 AND o2.last_handed_out_at < now() - interval '30 days'
                 AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
-              ORDER BY o2.last_handed_out_at LIMIT 50000
+              ORDER BY o2.last_handed_out_at LIMIT 10000
               FOR UPDATE SKIP LOCKED) AS l;
         IF v_paths IS NOT NULL THEN
             -- Audited: from now on a job naming the object can be saved again.
@@ -2208,14 +2521,15 @@ BEGIN
         END IF;
     END IF;
 
-    FOR batch IN 1 .. 8 LOOP
+    FOR batch IN 1 .. 40 LOOP
+        EXIT WHEN batch > 1 AND clock_timestamp() >= deadline;
         EXIT WHEN NOT coalesce((SELECT min(f.touched_at) FROM orphan_cleanup.job_fences AS f) < now() - interval '1 day', false);
         DELETE FROM orphan_cleanup.job_fences AS f
         WHERE f.job_id IN (SELECT f2.job_id FROM orphan_cleanup.job_fences AS f2
                            WHERE f2.touched_at < now() - interval '1 day'
-                           ORDER BY f2.touched_at LIMIT 50000 FOR UPDATE SKIP LOCKED);
+                           ORDER BY f2.touched_at LIMIT 10000 FOR UPDATE SKIP LOCKED);
         GET DIAGNOSTICS v_n = ROW_COUNT;
-        EXIT WHEN v_n < 50000;
+        EXIT WHEN v_n < 10000;
     END LOOP;
 END
 $$;
@@ -2307,6 +2621,14 @@ BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND THEN
         UPDATE orphan_cleanup.deletion_queue AS d SET job_cleanup = 'pending: not attached'
+         WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%';
+        RETURN;
+    END IF;
+    -- Without the indexes the re-check below reads the assets table for every job: the rows wait
+    -- (the deletions themselves are recorded), and the first cycle once the indexes exist does it.
+    IF orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column) IS NOT NULL THEN
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET job_cleanup = 'pending: waiting for the indexes pg_orphan_cleanup relies on (see health())'
          WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%';
         RETURN;
     END IF;
@@ -2621,7 +2943,10 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_save(uuid, bigint, text),
     orphan_cleanup.job_guard(),
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
-    orphan_cleanup._prune_objects(orphan_cleanup.attachment, text),
+    orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
+    orphan_cleanup._config(),
+    orphan_cleanup._required_indexes(oid, oid, text),
+    orphan_cleanup._index_problem(oid, oid, text),
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup._still_stored(bigint[]),

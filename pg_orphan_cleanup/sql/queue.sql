@@ -611,6 +611,14 @@ BEGIN
          WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%';
         RETURN;
     END IF;
+    -- Without the indexes the re-check below reads the assets table for every job: the rows wait
+    -- (the deletions themselves are recorded), and the first cycle once the indexes exist does it.
+    IF orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column) IS NOT NULL THEN
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET job_cleanup = 'pending: waiting for the indexes pg_orphan_cleanup relies on (see health())'
+         WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%';
+        RETURN;
+    END IF;
     EXECUTE format($sql$
         SELECT array_agg(l.id) FROM (
             SELECT j.id FROM %s AS j

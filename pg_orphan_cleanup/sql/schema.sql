@@ -64,7 +64,9 @@ CREATE TABLE orphan_cleanup.cycle_log (
     rejected    bigint NOT NULL DEFAULT 0,
     rechecked   bigint NOT NULL DEFAULT 0,
     duration_ms numeric,
-    error       text
+    error       text,
+    -- The cycle stopped at orphan_cleanup.cycle_time_budget and left the rest to the next one.
+    out_of_time boolean NOT NULL DEFAULT false
 );
 CREATE INDEX cycle_log_started_at ON orphan_cleanup.cycle_log (started_at);
 

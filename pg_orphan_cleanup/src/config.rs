@@ -32,6 +32,7 @@ fn _config() -> TableIterator<
         name!(breaker_min_rows, i32),
         name!(breaker_max_fraction, f64),
         name!(retry_backoff_s, i32),
+        name!(cycle_time_budget_ms, i32),
     ),
 > {
     TableIterator::once((
@@ -57,6 +58,7 @@ fn _config() -> TableIterator<
         guc::BREAKER_MIN_ROWS.get(),
         guc::BREAKER_MAX_FRACTION.get(),
         guc::RETRY_BACKOFF.get(),
+        guc::CYCLE_TIME_BUDGET.get(),
     ))
 }
 

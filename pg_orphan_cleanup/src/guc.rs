@@ -22,6 +22,10 @@ pub static AGE_COLUMN: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"created_at"));
 pub static GRACE: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_PER_CYCLE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Milliseconds. A cycle's transaction ends once this much time is spent: it holds a snapshot
+/// (and so holds back vacuum) for at most about this long, and the next cycle goes on from
+/// where it stopped.
+pub static CYCLE_TIME_BUDGET: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static JOBS_TABLE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"public.render_jobs"));
 pub static ASSETS_TABLE: GucSetting<Option<CString>> =
@@ -143,6 +147,16 @@ pub fn init() {
         10_000_000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.cycle_time_budget",
+        c"How long one cleanup cycle may work before it commits and leaves the rest to the next cycle.",
+        c"Bounds the cycle's transaction, and so how long it holds back vacuum and how long a cycle runs at all.",
+        &CYCLE_TIME_BUDGET,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     unsafe {
         GucRegistry::define_string_guc_with_hooks(

@@ -44,6 +44,9 @@ enum Tick {
     Standby,
     NoExtension,
     NotAttached,
+    /// An index the cycle's per-row lookups need is missing or unusable: why, and the statements
+    /// that fix it. Every cycle would refuse, so none is started until the indexes exist.
+    NoIndexes(String),
 }
 
 #[pg_guard]
@@ -68,6 +71,7 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
     let mut next_run = Instant::now();
     let mut said_missing = false;
     let mut said_standby = false;
+    let mut said_indexes: Option<String> = None;
     let mut activity = Activity::default();
     while BackgroundWorker::wait_latch(Some(TICK)) {
         pgrx::check_for_interrupts!();
@@ -94,6 +98,9 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
         activity.running("running a cleanup cycle");
         match BackgroundWorker::transaction(run_due_cycle) {
             Tick::Ran => {
+                if said_indexes.take().is_some() {
+                    log!("pg_orphan_cleanup worker: the indexes are usable now; cycles resume");
+                }
                 said_missing = false;
                 said_standby = false;
                 next_run = Instant::now() + interval;
@@ -104,6 +111,15 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
                     said_standby = true;
                 }
                 activity.idle("standby: cycles run on the primary only".into());
+                next_run = Instant::now() + MISSING_EXTENSION_RECHECK;
+            }
+            Tick::NoIndexes(problem) => {
+                // Said once per distinct problem, not every 10 s; health() keeps saying it.
+                if said_indexes.as_deref() != Some(problem.as_str()) {
+                    warning!("pg_orphan_cleanup worker: cycles refused: {problem}");
+                    said_indexes = Some(problem);
+                }
+                activity.idle("waiting: an index pg_orphan_cleanup relies on is missing or unusable; see SELECT * FROM orphan_cleanup.health()".into());
                 next_run = Instant::now() + MISSING_EXTENSION_RECHECK;
             }
             Tick::NoExtension | Tick::NotAttached => {
@@ -183,10 +199,32 @@ fn run_due_cycle() -> Tick {
     if !select_bool("SELECT EXISTS (SELECT 1 FROM orphan_cleanup.attachment)") {
         return Tick::NotAttached;
     }
+    // Looked at before the cycle rather than left to run_cycle()'s refusal: the worker then waits
+    // quietly, instead of recording a failed cycle and a warning every interval. (On an
+    // extension too old to have the function, the query fails and the cycle runs as before.)
+    if let Some(problem) = select_text(
+        "SELECT orphan_cleanup._index_problem(a.jobs_oid, a.assets_oid, a.age_column)
+         FROM orphan_cleanup.attachment AS a
+         WHERE orphan_cleanup._drift(a) IS NULL",
+    ) {
+        return Tick::NoIndexes(problem);
+    }
     if let Err(e) = Spi::run("SELECT * FROM orphan_cleanup.run_cycle()") {
         warning!("pg_orphan_cleanup worker: run_cycle() failed: {e}");
     }
     Tick::Ran
+}
+
+/// Runs a read-only query that returns one text, or none.
+fn select_text(sql: &str) -> Option<String> {
+    Spi::connect(|client| {
+        client
+            .select(sql, Some(1), &[])?
+            .first()
+            .get_one::<String>()
+    })
+    .ok()
+    .flatten()
 }
 
 /// Runs a read-only query that returns one boolean. Read-only matters: pgrx's `Spi::get_one`

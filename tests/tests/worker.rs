@@ -166,3 +166,139 @@ fn a_second_cycle_started_while_one_runs_is_skipped_at_once() {
         .get(0);
     assert_eq!(logged, 1);
 }
+
+/// The worker's SIGTERM is PostgreSQL's own `die`: pg_terminate_backend and a fast shutdown end
+/// a running cycle at the next interrupt check, its work rolls back as a crash's would, and the
+/// worker started again completes the cycles that follow. The cycle is made long on purpose: a
+/// backlog of 150,000 orphans and a time budget of an hour.
+#[test]
+fn a_long_cycle_ends_at_once_on_terminate_and_on_fast_shutdown_and_nothing_is_lost() {
+    const N: i64 = 150_000;
+    let long_cycles = || {
+        let mut s = BASE_SETTINGS.to_vec();
+        s.extend([
+            ("interval", "1s"),
+            ("max_per_cycle", "10000000"),
+            ("cycle_time_budget", "1h"),
+        ]);
+        settings(&s);
+    };
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("enabled", "off"));
+    settings(&s);
+    let mut c = connect("postgres");
+    teardown_postgres_db(&mut c);
+    install_app(&mut c);
+    c.execute(
+        &format!(
+            "INSERT INTO render_jobs (status, output_url, created_at, prompt)
+             SELECT 'completed', 'https://{HOST}/storage/v1/object/public/renders/long/' || g || '.png',
+                    now() - interval '2 hours', 'long'
+             FROM generate_series(1, $1::bigint) AS g"
+        ),
+        &[&N],
+    )
+    .unwrap();
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap();
+    let queued = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue", &[])
+            .unwrap()
+            .get(0)
+    };
+    // Waits until the worker is a second into its cycle, then returns its pid.
+    let in_a_long_cycle = |c: &mut postgres::Client| -> i32 {
+        wait_worker(c, "running a cleanup cycle");
+        std::thread::sleep(Duration::from_secs(1));
+        worker_pid(c).unwrap()
+    };
+
+    // A fast shutdown while the cycle runs.
+    long_cycles();
+    in_a_long_cycle(&mut c);
+    drop(c);
+    let started = std::time::Instant::now();
+    let stop = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
+        .arg("stop")
+        .status()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(stop.success());
+    assert!(
+        took < Duration::from_secs(5),
+        "a fast shutdown waited {took:?} for the cycle"
+    );
+    let start = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
+        .arg("start")
+        .status()
+        .unwrap();
+    assert!(start.success());
+    let mut c = connect("postgres");
+    assert_eq!(queued(&mut c), 0, "the stopped cycle's work rolled back");
+
+    // pg_terminate_backend while the cycle runs.
+    let pid = in_a_long_cycle(&mut c);
+    let started = std::time::Instant::now();
+    assert!(c
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap()
+        .get::<_, bool>(0));
+    wait_for(
+        Duration::from_secs(3),
+        "the terminated worker to exit",
+        || {
+            c.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        },
+    );
+    let took = started.elapsed();
+    assert_eq!(queued(&mut c), 0, "the terminated cycle's work rolled back");
+    assert_eq!(
+        c.query_one(
+            "SELECT count(*) FROM orphan_cleanup.cycle_log WHERE status = 'running'",
+            &[]
+        )
+        .unwrap()
+        .get::<_, i64>(0),
+        0,
+        "no cycle is left looking as if it ran"
+    );
+
+    // The worker comes back, and its cycles (a second each now) queue every orphan once.
+    let mut s = BASE_SETTINGS.to_vec();
+    s.extend([
+        ("interval", "1s"),
+        ("max_per_cycle", "10000000"),
+        ("cycle_time_budget", "1s"),
+    ]);
+    settings(&s);
+    wait_for(Duration::from_secs(600), "the backlog to be queued", || {
+        queued(&mut c) == N
+    });
+    let (distinct, cycles): (i64, i64) = c
+        .query_one(
+            "SELECT (SELECT count(DISTINCT job_id) FROM orphan_cleanup.deletion_queue),
+                    (SELECT count(*) FROM orphan_cleanup.cycle_log WHERE actor = 'worker' AND status = 'ok' AND enqueued > 0)",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(distinct, N);
+    // The work the terminated cycle had ahead of it took several one-second cycles: a worker
+    // that ignored the signal would not have exited within the 3 s waited above.
+    assert!(
+        cycles >= 4,
+        "the backlog took {cycles} cycles; make it longer"
+    );
+    eprintln!(
+        "terminated worker exited after {took:?}; the backlog then took {cycles} cycles of 1 s"
+    );
+
+    settings(&[]);
+    teardown_postgres_db(&mut c);
+}

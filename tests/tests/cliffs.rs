@@ -1,0 +1,354 @@
+//! No performance cliffs (issue 13). Without the indexes its per-row lookups need, the extension
+//! refuses to cycle, claim or preview, naming the statements to run, instead of reading a whole
+//! table for every row for hours inside one transaction. A cycle stops at its time budget and
+//! the next one goes on from there. A running cycle stops at once when its backend is told to.
+
+use std::time::{Duration, Instant};
+
+use e2e::*;
+
+const REF_IDX: &str = "CREATE INDEX CONCURRENTLY user_assets_render_job_ref_idx ON public.user_assets (orphan_cleanup.job_ref_key(metadata ->> 'render_job_id'));";
+const KEY_IDX: &str = "CREATE INDEX CONCURRENTLY render_jobs_object_key_idx ON public.render_jobs (orphan_cleanup.object_key(output_url));";
+const SCAN_IDX: &str = "CREATE INDEX CONCURRENTLY render_jobs_orphan_scan_idx ON public.render_jobs (created_at, id) WHERE status = 'completed' AND output_url IS NOT NULL;";
+
+fn count(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Every entry point that probes per row refuses, each naming `why` and every statement of
+/// `run`; health() is critical with the same statements; nothing is queued.
+fn assert_refused(c: &mut postgres::Client, why: &str, run: &[&str]) {
+    let queued = count(c, "SELECT count(*) FROM orphan_cleanup.deletion_queue");
+    let says_all = |text: &str, what: &str| {
+        assert!(text.contains(why), "{what} does not say {why:?}: {text}");
+        for stmt in run {
+            assert!(text.contains(stmt), "{what} does not name {stmt:?}: {text}");
+        }
+    };
+
+    let (status, ..) = cycle(c);
+    assert_eq!(status, "failed", "a cycle without the indexes must refuse");
+    let error: String = c
+        .query_one(
+            "SELECT error FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(error.starts_with("run_cycle() refused: "), "{error}");
+    says_all(&error, "the cycle's error");
+
+    for (call, name) in [
+        ("SELECT * FROM orphan_cleanup.claim('w1', 100)", "claim()"),
+        ("SELECT * FROM orphan_cleanup.preview()", "preview()"),
+        (
+            "SELECT orphan_cleanup.enqueue_orphans()",
+            "enqueue_orphans()",
+        ),
+    ] {
+        let e = c.query(call, &[]).expect_err(name);
+        let text = db_error(&e);
+        assert!(text.contains(&format!("{name} refused: ")), "{text}");
+        says_all(&text, name);
+    }
+
+    let critical: Vec<String> = c
+        .query(
+            "SELECT check_name || ': ' || detail FROM orphan_cleanup.health() WHERE status = 'critical' AND check_name LIKE 'index:%'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    says_all(&critical.join("\n"), "health()");
+    assert_eq!(
+        count(c, "SELECT count(*) FROM orphan_cleanup.deletion_queue"),
+        queued,
+        "a refused cycle or claim changes nothing"
+    );
+}
+
+#[test]
+fn without_usable_indexes_cycles_claims_and_previews_refuse_naming_the_statements() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::create("cliffs_refusal");
+    let mut c = db.client();
+    c.batch_execute("DROP INDEX render_jobs_object_key_idx")
+        .unwrap();
+
+    // attach() works on an empty table, and already says the index is missing.
+    let attach: Vec<(String, String, String)> = c
+        .query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        attach.iter().any(
+            |(item, status, detail)| item == "index: jobs by storage object"
+                && status == "critical"
+                && detail.contains(KEY_IDX)
+        ),
+        "{attach:?}"
+    );
+
+    // The table grows after attach(): nothing depends on its size, the refusal stays.
+    c.batch_execute(&format!(
+        "INSERT INTO render_jobs (status, output_url, created_at, prompt)
+         SELECT 'completed', 'https://{HOST}/storage/v1/object/public/renders/grew/' || g || '.png',
+                now() - interval '2 hours', 'grew'
+         FROM generate_series(1, 1000) AS g"
+    ))
+    .unwrap();
+    assert_refused(&mut c, "index: jobs by storage object: missing", &[KEY_IDX]);
+
+    // An index on the wrong expression: the raw URL.
+    c.batch_execute("CREATE INDEX render_jobs_output_url_idx ON render_jobs (output_url)")
+        .unwrap();
+    assert_refused(
+        &mut c,
+        "public.render_jobs_output_url_idx indexes output_url, which these lookups (on orphan_cleanup.object_key(output_url)) cannot use",
+        &[KEY_IDX],
+    );
+
+    // A partial index with another predicate.
+    c.batch_execute(
+        "CREATE INDEX render_jobs_failed_key_idx ON render_jobs (orphan_cleanup.object_key(output_url)) WHERE status = 'failed'",
+    )
+    .unwrap();
+    assert_refused(
+        &mut c,
+        "public.render_jobs_failed_key_idx is partial (WHERE (status = 'failed'::text))",
+        &[KEY_IDX],
+    );
+    c.batch_execute("DROP INDEX render_jobs_failed_key_idx")
+        .unwrap();
+
+    // A CREATE INDEX CONCURRENTLY that failed leaves an invalid index behind.
+    let dup = public_url("renders", "grew/1.png");
+    job(&mut c, "completed", Some(&dup), "2 hours", "same object");
+    let failed = c.batch_execute(
+        "CREATE UNIQUE INDEX CONCURRENTLY render_jobs_object_key_idx ON render_jobs (orphan_cleanup.object_key(output_url))",
+    );
+    assert!(
+        failed.is_err(),
+        "two jobs share an object: the unique build fails"
+    );
+    assert_refused(
+        &mut c,
+        "public.render_jobs_object_key_idx is invalid (a CREATE INDEX CONCURRENTLY that failed or is still running; DROP INDEX CONCURRENTLY public.render_jobs_object_key_idx; first)",
+        &[KEY_IDX],
+    );
+    c.batch_execute("DROP INDEX CONCURRENTLY render_jobs_object_key_idx")
+        .unwrap();
+
+    // The assets: the guide's own index on the raw text does not serve job_ref_key() lookups,
+    // and every missing index is named at once.
+    c.batch_execute(
+        "DROP INDEX user_assets_render_job_ref_idx; DROP INDEX render_jobs_orphan_scan_idx; DROP INDEX render_jobs_created_at_idx",
+    )
+    .unwrap();
+    assert_refused(
+        &mut c,
+        "public.user_assets_render_job_id_idx indexes ((metadata ->> 'render_job_id'::text)), which these lookups",
+        &[REF_IDX, SCAN_IDX, KEY_IDX],
+    );
+
+    // The statements, run as given, end the refusal.
+    for stmt in [REF_IDX, SCAN_IDX, KEY_IDX] {
+        c.batch_execute(stmt).unwrap();
+    }
+    let (status, found, enqueued, ..) = cycle(&mut c);
+    assert_eq!(status, "ok");
+    assert_eq!(found, 1001);
+    assert!(enqueued >= 1000, "enqueued {enqueued}");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM orphan_cleanup.health() WHERE status = 'critical'"
+        ),
+        0
+    );
+    let claimed = claim(&mut c, "w1", 10);
+    assert_eq!(claimed.len(), 10);
+}
+
+#[test]
+fn a_confirm_without_the_indexes_records_the_deletion_and_leaves_the_job_row_for_later() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("cliffs_confirm");
+    let mut c = db.client();
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "confirm/1.png")),
+        "2 hours",
+        "orphan",
+    );
+    assert_eq!(cycle(&mut c).2, 1);
+    let claimed = claim(&mut c, "w1", 10);
+    assert_eq!(claimed.len(), 1);
+    c.batch_execute("DROP INDEX user_assets_render_job_ref_idx")
+        .unwrap();
+
+    c.query(
+        "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+        &[&claimed.lease, &claimed.ids],
+    )
+    .unwrap();
+    let (state, cleanup): (String, String) = c
+        .query_one(
+            "SELECT state, job_cleanup FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&claimed.ids[0]],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(state, "deleted", "the deletion itself is recorded");
+    assert!(
+        cleanup.starts_with("pending: waiting for the indexes"),
+        "{cleanup}"
+    );
+    let job_rows = |c: &mut postgres::Client| {
+        c.query_one(
+            "SELECT count(*) FROM render_jobs WHERE id = $1::text::uuid",
+            &[&j.0],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    assert_eq!(job_rows(&mut c), 1, "the job row waits for the indexes");
+
+    c.batch_execute(REF_IDX).unwrap();
+    assert_eq!(cycle(&mut c).0, "ok");
+    assert_eq!(job_rows(&mut c), 0, "the next cycle cleans the job row up");
+}
+
+/// `n` completed, unsaved jobs, two hours old, inserted before attach() (no guard rows).
+fn backlog(c: &mut postgres::Client, n: i64, tag: &str) {
+    c.execute(
+        &format!(
+            "INSERT INTO render_jobs (status, output_url, created_at, prompt)
+             SELECT 'completed', 'https://{HOST}/storage/v1/object/public/renders/{tag}/' || g || '.png',
+                    now() - interval '2 hours', $1
+             FROM generate_series(1, $2::bigint) AS g"
+        ),
+        &[&tag, &n],
+    )
+    .unwrap();
+    c.batch_execute("ANALYZE render_jobs").unwrap();
+}
+
+#[test]
+fn a_cycle_stops_at_its_time_budget_and_the_next_goes_on_from_there() {
+    const N: i64 = 20_000;
+    let with_budget = |budget: &'static str| {
+        let mut s = BASE_SETTINGS.to_vec();
+        s.push(("max_per_cycle", "1000000"));
+        s.push(("cycle_time_budget", budget));
+        settings(&s);
+    };
+
+    // The control: with a budget of an hour, one cycle queues the whole backlog.
+    with_budget("1h");
+    let db = TestDb::create("cliffs_budget");
+    let mut c = db.client();
+    backlog(&mut c, N, "budget");
+    db.attach();
+    assert_eq!(cycle(&mut c).2, N);
+
+    // With the smallest budget the same backlog takes several cycles, each stopping at its
+    // budget, and every orphan is queued exactly once.
+    with_budget("100ms");
+    let db = TestDb::create("cliffs_budget");
+    let mut c = db.client();
+    backlog(&mut c, N, "budget");
+    db.attach();
+    let first = cycle(&mut c);
+    assert_eq!(first.0, "ok");
+    assert!(
+        first.2 > 0 && first.2 < N,
+        "the first cycle stops at its budget: queued {} of {N}",
+        first.2
+    );
+    let mut cycles = 1;
+    while count(&mut c, "SELECT count(*) FROM orphan_cleanup.deletion_queue") < N {
+        assert_eq!(cycle(&mut c).0, "ok");
+        cycles += 1;
+        assert!(cycles < 1000, "the backlog must be worked off");
+    }
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(DISTINCT job_id) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'"
+        ),
+        N
+    );
+    let (status, _, enqueued, ..) = cycle(&mut c);
+    assert_eq!((status.as_str(), enqueued), ("ok", 0));
+    // The log says which cycles ran out of time; the circuit breaker does not take them for
+    // the usual rate (it stays unarmed through the backlog, as with max_per_cycle).
+    let out_of_time: Vec<bool> = c
+        .query(
+            "SELECT out_of_time FROM orphan_cleanup.cycle_log WHERE status = 'ok' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(out_of_time[0], "{out_of_time:?}");
+    assert!(!out_of_time[out_of_time.len() - 1], "{out_of_time:?}");
+    let breaker: String = c
+        .query_one(
+            "SELECT explanation FROM orphan_cleanup._breaker_limits((SELECT a FROM orphan_cleanup.attachment AS a))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        breaker.starts_with("not armed yet: 1 of the 3"),
+        "{breaker}"
+    );
+}
+
+#[test]
+fn drop_database_with_force_ends_a_running_cycle_at_once() {
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("max_per_cycle", "10000000"));
+    s.push(("cycle_time_budget", "1h"));
+    settings(&s);
+    let db = TestDb::create("cliffs_drop");
+    let mut c = db.client();
+    backlog(&mut c, 150_000, "drop");
+    db.attach();
+    drop(c);
+
+    let (cycle_thread, pid) = session_in_thread("cliffs_drop", |s| {
+        s.query("SELECT * FROM orphan_cleanup.run_cycle()", &[])
+    });
+    let mut admin = connect("postgres");
+    wait_for(Duration::from_secs(30), "the cycle to be running", || {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query LIKE '%run_cycle%'",
+                &[&pid],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    admin
+        .batch_execute("DROP DATABASE cliffs_drop WITH (FORCE)")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        cycle_thread.join().unwrap().is_err(),
+        "the cycle was ended, not finished"
+    );
+    // The cycle queues 150,000 orphans (tens of seconds); DROP DATABASE waits for its backend
+    // to exit, which its SIGTERM does at the next interrupt check.
+    assert!(took < Duration::from_secs(5), "DROP DATABASE took {took:?}");
+}
