@@ -66,6 +66,8 @@ END
 $probe$;
 
 -- _config() returns the new setting cycle_time_budget too (Rust; its row type changes).
+-- _breaker_settings() (a SQL-standard body, which depends on it) goes first and comes back below.
+DROP FUNCTION orphan_cleanup._breaker_settings();
 DROP FUNCTION orphan_cleanup._config();
 CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
 	"enabled" bool,
@@ -212,6 +214,9 @@ out.append(fn('guard','_index_report'))
 out.append(fn('detect','_require_attached'))
 out.append(fn('detect','preview'))
 out.append(fn('breaker','_breaker_limits'))
+out.append(fn('breaker','_breaker_settings', replace=False))
+out.append(fn('breaker','reset_breaker'))
+out.append(fn('queue','_retry_job_cleanup'))
 out.append(fn('detect','_candidates'))
 out.append(fn('detect','_process_chunk'))
 out.append(fn('detect','_prune_objects', replace=False))
@@ -328,8 +333,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
+    orphan_cleanup._breaker_settings(),
     orphan_cleanup._required_indexes(oid, oid, text),
-    orphan_cleanup._index_problem(oid, oid, text),
+    orphan_cleanup._index_problem(oid, oid, text, boolean),
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup._still_stored(bigint[]),

@@ -192,6 +192,41 @@ fn main() -> Result<()> {
         });
     }
     let largest = detect.last().expect("at least one detection scale");
+    let n = &largest.no_indexes;
+    targets.push(Target {
+        name: format!("first cycle without the indexes ({} jobs)", largest.jobs),
+        goal: "within 20x of the guide's count, or a clear refusal naming the statements".into(),
+        measured: if n.cycle_status == "failed" {
+            format!(
+                "refused in {:.1} ms (guide count {:.0} ms)",
+                n.cycle_ms, n.guide_count_ms
+            )
+        } else {
+            format!("{:.1}x the guide's count", n.cycle_ms / n.guide_count_ms)
+        },
+        met: (n.cycle_status == "failed" && n.cycle_names_statements)
+            || (n.cycle_status == "ok" && n.cycle_ms <= 20.0 * n.guide_count_ms),
+    });
+    targets.push(Target {
+        name: format!("claim without the indexes ({} jobs)", largest.jobs),
+        goal: "bounded per row, or a clear refusal".into(),
+        measured: if n.claim_refused {
+            format!("refused in {:.1} ms", n.claim_ms)
+        } else {
+            "ran".into()
+        },
+        met: n.claim_refused,
+    });
+    let b = &largest.backlog;
+    targets.push(Target {
+        name: format!(
+            "longest cycle transaction during a backlog ({} jobs)",
+            largest.jobs
+        ),
+        goal: format!("<= cycle_time_budget ({} ms)", b.budget_ms),
+        measured: format!("{:.0} ms over {} cycles", b.longest_cycle_ms, b.cycles),
+        met: b.longest_cycle_ms <= b.budget_ms as f64,
+    });
     targets.push(Target {
         name: format!("first cycle over the backlog ({} jobs)", largest.jobs),
         goal: ">= 50,000 orphans/s".into(),
@@ -295,6 +330,67 @@ fn print_table(r: &Report) {
             "| {} | {:.0} ms | {:.0} ms | {} | {:.0} ms | {:.0} | {:.1} ms ({} queued) | {:.0} ms | {:.1} ms ({:.0} ms) |",
             d.jobs, d.guide_count_ms, d.orphan_count_ms, d.backlog_orphans, d.first_cycle_ms, d.first_cycle_orphans_per_second,
             d.steady_cycle_ms, d.steady_cycle_enqueued, d.full_sweep_ms, d.idle_cycle_ms, d.idle_cycle_cpu_ms
+        );
+    }
+    println!("\nWithout the recommended indexes (the same data before sql/indexes.sql; the app's own indexes and the guide's are there)");
+    println!("| jobs | guide count | first cycle | claim |\n|---:|---:|---|---|");
+    for d in &r.detection {
+        let n = &d.no_indexes;
+        let cycle = if n.cycle_status == "failed" && n.cycle_names_statements {
+            format!(
+                "refused in {:.1} ms, naming the CREATE INDEX statements",
+                n.cycle_ms
+            )
+        } else {
+            format!(
+                "{} in {:.0} ms ({:.1}x the guide's count)",
+                n.cycle_status,
+                n.cycle_ms,
+                n.cycle_ms / n.guide_count_ms
+            )
+        };
+        let claim = if n.claim_refused {
+            format!("refused in {:.1} ms, naming them", n.claim_ms)
+        } else {
+            format!("ran, {:.0} ms", n.claim_ms)
+        };
+        println!(
+            "| {} | {:.0} ms | {cycle} | {claim} |",
+            d.jobs, n.guide_count_ms
+        );
+    }
+    println!("\nBuilding the recommended indexes (CREATE INDEX CONCURRENTLY: the app's writes go on meanwhile)");
+    if let Some(first) = r.detection.first() {
+        let names: Vec<&str> = first
+            .index_builds
+            .iter()
+            .map(|b| b.index.as_str())
+            .collect();
+        println!("| jobs | {} | total |", names.join(" | "));
+        println!("|---:|{}---:|", "---:|".repeat(names.len()));
+    }
+    for d in &r.detection {
+        let each: Vec<String> = d
+            .index_builds
+            .iter()
+            .map(|b| format!("{:.1} s", b.seconds))
+            .collect();
+        let total: f64 = d.index_builds.iter().map(|b| b.seconds).sum();
+        println!("| {} | {} | {total:.1} s |", d.jobs, each.join(" | "));
+    }
+    println!("\nThe backlog worked off under the default cycle_time_budget, no row cap (each cycle is one transaction)");
+    println!("| jobs | budget | orphans | cycles | longest cycle | total | orphans/s |\n|---:|---:|---:|---:|---:|---:|---:|");
+    for d in &r.detection {
+        let b = &d.backlog;
+        println!(
+            "| {} | {} ms | {} | {} | {:.0} ms | {:.1} s | {:.0} |",
+            d.jobs,
+            b.budget_ms,
+            b.enqueued,
+            b.cycles,
+            b.longest_cycle_ms,
+            b.total_ms / 1000.0,
+            b.enqueued as f64 / (b.total_ms / 1000.0)
         );
     }
     println!("\nThe guide's emergency DELETE (step 7B: 100 job rows per statement until none is left; it leaves the files behind)");
@@ -482,6 +578,8 @@ pub(crate) fn queued_db_at(env: &Env, n: u64, version: Option<&str>) -> Result<O
         "ALTER SYSTEM SET orphan_cleanup.max_per_cycle = {n}"
     ))?;
     admin.batch_execute("ALTER SYSTEM SET orphan_cleanup.enabled = off")?;
+    // One cycle queues all n (the drain's data, not a measurement of cycles).
+    admin.batch_execute("ALTER SYSTEM SET orphan_cleanup.cycle_time_budget = '1h'")?;
     admin.batch_execute("SELECT pg_reload_conf()")?;
     std::thread::sleep(Duration::from_millis(500));
     let mut c = psql_client(env, "bench_drain")?;
@@ -581,17 +679,24 @@ fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<Drai
 
 /// The indexes of `sql/indexes.sql`, one statement at a time (CONCURRENTLY needs that).
 pub(crate) fn create_indexes(env: &Env, c: &mut Client) -> Result<()> {
-    for stmt in std::fs::read_to_string(env.root.join("sql/indexes.sql"))?.split(';') {
-        let stmt: String = stmt
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        if !stmt.trim().is_empty() {
-            c.batch_execute(&stmt)?;
-        }
+    for stmt in index_statements(env)? {
+        c.batch_execute(&stmt)?;
     }
     Ok(())
+}
+
+/// The statements of `sql/indexes.sql`, comments left out.
+pub(crate) fn index_statements(env: &Env) -> Result<Vec<String>> {
+    Ok(std::fs::read_to_string(env.root.join("sql/indexes.sql"))?
+        .split(';')
+        .map(|stmt| {
+            stmt.lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .filter(|stmt| !stmt.trim().is_empty())
+        .collect())
 }
 
 /// Waits for a child and returns (success, its peak RSS, its peak RSS over the first half of

@@ -149,6 +149,6 @@ BEGIN
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('breaker_reset', session_user,
             format('%s (the trip at %s: %s)', left(reason, 2000), st.breaker_tripped_at, st.breaker_detail));
-    RETURN format('circuit breaker reset by %s; the next cycle runs without it (max_per_cycle still applies)', session_user);
+    RETURN format('circuit breaker reset by %s; the next cycle runs without it, and so do the cycles that carry on its backlog while they run out of cycle_time_budget (max_per_cycle still applies)', session_user);
 END
 $$;

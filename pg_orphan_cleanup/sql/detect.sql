@@ -28,7 +28,8 @@ BEGIN
     END IF;
     -- Checked on every call, not only by attach(): an index dropped by a migration tool, or
     -- left invalid by a failed rebuild, must stop the next cycle or claim, not make it run for hours.
-    problem := orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column);
+    problem := orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column,
+                                             with_scan => purpose <> 'claim()');
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION '% refused: %', purpose, problem
             USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -93,6 +94,7 @@ DECLARE
     cfg record;
     v_jobs oid;
     v_assets oid;
+    problem text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
@@ -107,6 +109,15 @@ BEGIN
     END IF;
     IF cfg.age_column IS DISTINCT FROM att.age_column THEN
         RETURN format('orphan_cleanup.age_column is %L, but attach() recorded %L', cfg.age_column, att.age_column);
+    END IF;
+    -- A migration that renamed or dropped a column would otherwise read as a missing index.
+    problem := (SELECT string_agg(format('%s.%I', w.rel::regclass, w.col), ', ')
+                FROM (VALUES (att.jobs_oid, 'id'), (att.jobs_oid, 'status'), (att.jobs_oid, 'output_url'),
+                             (att.jobs_oid, att.age_column), (att.assets_oid, 'metadata')) AS w(rel, col)
+                WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                                  WHERE a.attrelid = w.rel AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped));
+    IF problem IS NOT NULL THEN
+        RETURN format('column %s no longer exists (renamed or dropped since attach())', problem);
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
                WHERE a.attrelid = att.jobs_oid AND a.attname = att.age_column AND NOT a.attisdropped
@@ -309,6 +320,9 @@ DECLARE
     v_limits text;
     deadline timestamptz;
     v_out_of_time boolean := false;
+    v_chunk_started timestamptz;
+    v_caught_up boolean;
+    v_carried bigint;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -320,8 +334,9 @@ BEGIN
     END IF;
     cutoff := now() - make_interval(secs => cfg.min_age_s);
     v_grace := make_interval(secs => cfg.grace_s);
-    -- The time budget: chunks of at most 2,000 jobs run while it lasts (at least one of each
-    -- kind, so that every cycle makes progress), then the cycle commits where it got to.
+    -- The time budget: chunks of at most 2,000 jobs run while another one like the last fits
+    -- in it (at least one of each kind, so that every cycle makes progress), then the cycle
+    -- commits where it got to.
     deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
@@ -335,9 +350,17 @@ BEGIN
     INSERT INTO orphan_cleanup.detector_state DEFAULT VALUES ON CONFLICT (singleton) DO NOTHING;
     SELECT * INTO st FROM orphan_cleanup.detector_state FOR UPDATE;
     fingerprint := md5(concat_ws('|', cfg.allowed_buckets, cfg.allowed_prefixes, cfg.allowed_hosts, cfg.min_age_s));
+    -- A periodic sweep starts only once the cursor has reached the end of the history: the last
+    -- cycle neither ran out of time nor stopped at max_per_cycle. Otherwise a sweep longer than
+    -- a day of cycles would start again before it ended, and the newest jobs would never be read.
+    SELECT NOT (l.out_of_time OR l.enqueued >= cfg.max_per_cycle) INTO v_caught_up
+    FROM orphan_cleanup.cycle_log AS l
+    WHERE l.status = 'ok' AND l.id < p_cycle
+    ORDER BY l.id DESC LIMIT 1;
     full_sweep := st.sweep_started_at IS NULL
                OR st.policy_fingerprint IS DISTINCT FROM fingerprint
-               OR now() - st.sweep_started_at >= make_interval(secs => cfg.full_sweep_interval_s);
+               OR (now() - st.sweep_started_at >= make_interval(secs => cfg.full_sweep_interval_s)
+                   AND coalesce(v_caught_up, true));
     IF full_sweep THEN
         cur_ts := '-infinity';
         cur_id := '00000000-0000-0000-0000-000000000000';
@@ -356,6 +379,18 @@ BEGIN
         brk := orphan_cleanup._breaker_limits(att);
         v_limit := brk.max_rows;
         v_limits := brk.explanation;
+        -- Cycles that ran out of time work off one backlog together: what the ones just before
+        -- this one queued counts against this one's limit, so that a runaway spread over many
+        -- short cycles trips the breaker as one long cycle would have.
+        SELECT coalesce(sum(l.enqueued), 0) INTO v_carried
+        FROM orphan_cleanup.cycle_log AS l
+        WHERE l.status = 'ok' AND l.out_of_time AND l.id < p_cycle
+          AND l.id > coalesce((SELECT max(l2.id) FROM orphan_cleanup.cycle_log AS l2
+                               WHERE l2.status IN ('ok', 'tripped') AND NOT l2.out_of_time AND l2.id < p_cycle), 0);
+        IF v_carried > 0 AND v_limit IS NOT NULL THEN
+            v_limit := greatest(v_limit - v_carried, 0);
+            v_limits := v_limits || format(' (of which the cycles just before this one, which ran out of time on the same backlog, queued %s)', v_carried);
+        END IF;
     END IF;
 
     -- Jobs whose assets were deleted or changed since the last cycle. A dry run takes none of
@@ -372,13 +407,14 @@ BEGIN
             SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
         END IF;
         EXIT WHEN v_recheck IS NULL;
+        v_chunk_started := clock_timestamp();
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry);
         rechecked := rechecked + cardinality(v_recheck);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
         EXIT WHEN dry OR cardinality(v_recheck) < 2000;
-        IF clock_timestamp() >= deadline THEN
+        IF clock_timestamp() + (clock_timestamp() - v_chunk_started) >= deadline THEN
             v_out_of_time := true;
             EXIT;
         END IF;
@@ -388,6 +424,7 @@ BEGIN
     LOOP
         budget := cfg.max_per_cycle - n_enqueued;
         EXIT WHEN budget <= 0;
+        v_chunk_started := clock_timestamp();
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
                                                least(budget, 2000)::integer, NULL, v_grace, dry);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
@@ -398,7 +435,7 @@ BEGIN
             cur_id := chunk.last_id;
         END IF;
         EXIT WHEN chunk.seen < least(budget, 2000);
-        IF clock_timestamp() >= deadline THEN
+        IF clock_timestamp() + (clock_timestamp() - v_chunk_started) >= deadline THEN
             v_out_of_time := true;
             EXIT;
         END IF;
@@ -410,7 +447,10 @@ BEGIN
     END IF;
 
     IF NOT dry THEN
-        UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
+        -- A DBA's reset_breaker() lets one backlog through: the approved cycle, and the cycles
+        -- that carry on its work while they run out of time.
+        UPDATE orphan_cleanup.detector_state
+           SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = breaker_approved AND v_out_of_time;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
         PERFORM orphan_cleanup._prune_objects(att, p_actor, deadline);
         IF n_enqueued > 0 THEN

@@ -265,9 +265,9 @@ $$;
 -- the closest one when none is, and the statement that creates one. Usable is read from the
 -- catalog, never guessed from a name: valid, ready and live (a failed or unfinished CREATE INDEX
 -- CONCURRENTLY leaves an invalid index behind, which the planner never uses), btree with the
--- default operator classes and collation, the lookup's expression as the first key column, and
--- no WHERE clause (the scan index: none, or the recommended one). The guide's own index on
--- (metadata ->> 'render_job_id') does not count: lookups go through job_ref_key().
+-- default operator classes and collation, the lookup's column or expression as the first key
+-- column, and no WHERE clause (the scan index: none, or the recommended one). The guide's own
+-- index on (metadata ->> 'render_job_id') does not count: lookups go through job_ref_key().
 CREATE FUNCTION orphan_cleanup._required_indexes(v_jobs oid, v_assets oid, v_age_column text)
 RETURNS TABLE (item text, usable boolean, problem text, statement text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -275,14 +275,20 @@ AS $$
 DECLARE
     v_age smallint;
     v_id smallint;
+    v_status_is_text boolean;
+    v_partitioned boolean;
     want record;
     ix record;
     v_defect text;
+    v_pred text;
 BEGIN
     SELECT a.attnum INTO v_age FROM pg_catalog.pg_attribute AS a
     WHERE a.attrelid = v_jobs AND a.attname = v_age_column AND NOT a.attisdropped;
     SELECT a.attnum INTO v_id FROM pg_catalog.pg_attribute AS a
     WHERE a.attrelid = v_jobs AND a.attname = 'id' AND NOT a.attisdropped;
+    SELECT t.typcategory = 'S' INTO v_status_is_text
+    FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid
+    WHERE a.attrelid = v_jobs AND a.attname = 'status' AND NOT a.attisdropped;
     FOR want IN
         SELECT * FROM (VALUES
             (1, 'index: assets by job reference', v_assets, 'render_job_id',
@@ -292,13 +298,16 @@ BEGIN
              format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed')),
             (3, 'index: jobs by storage object', v_jobs, 'output_url',
              'orphan_cleanup.object_key(output_url)', '_object_key_idx',
-             '(orphan_cleanup.object_key(output_url))')
+             '(orphan_cleanup.object_key(output_url))'),
+            -- Every claim, confirm and save looks jobs up by id: a primary key usually is it.
+            (4, 'index: jobs by id', v_jobs, NULL, NULL, '_id_idx', '(id)')
         ) AS w(n, item, rel, mentions, expr, suffix, def)
         ORDER BY w.n
     LOOP
         item := want.item;
         usable := false;
         problem := NULL;
+        v_partitioned := (SELECT c.relkind = 'p' FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel);
         FOR ix IN
             SELECT i.indexrelid::regclass AS name,
                    i.indisvalid AND i.indisready AND i.indislive AS valid,
@@ -324,18 +333,28 @@ BEGIN
                     END IF;
                     CONTINUE;
                 END IF;
-            ELSIF ix.key1 IS DISTINCT FROM v_age OR (ix.nkeys > 1 AND ix.key2 IS DISTINCT FROM v_id) THEN
-                CONTINUE;
+            ELSIF want.n = 2 THEN
+                CONTINUE WHEN ix.key1 IS DISTINCT FROM v_age OR (ix.nkeys > 1 AND ix.key2 IS DISTINCT FROM v_id);
+            ELSE
+                CONTINUE WHEN ix.key1 IS DISTINCT FROM v_id;
             END IF;
+            -- The predicate as the cycle's scan can match it: casts of the literal dropped (text,
+            -- varchar, an enum in any schema), the column's implicit cast to text only when status
+            -- is a string type (an enum's status::text = 'completed' cannot serve status = 'completed').
+            v_pred := regexp_replace(ix.pred, '(''[^'']*'')::(character varying|[a-zA-Z0-9_."$]+)', '\1', 'g');
+            IF v_status_is_text THEN
+                v_pred := replace(v_pred, '(status)::text', 'status');
+            END IF;
+            v_pred := translate(v_pred, '()', '');
             v_defect := CASE
+                WHEN NOT ix.valid AND v_partitioned THEN
+                    format('%s is not valid: a partition lacks its index (build it there with CREATE INDEX CONCURRENTLY, then ALTER INDEX %s ATTACH PARTITION that index)', ix.name, ix.name)
                 WHEN NOT ix.valid THEN format('%s is invalid (a CREATE INDEX CONCURRENTLY that failed or is still running; DROP INDEX CONCURRENTLY %s; first)', ix.name, ix.name)
                 WHEN ix.amname <> 'btree' THEN format('%s is a %s index, not btree', ix.name, ix.amname)
                 WHEN NOT ix.default_opclass OR NOT ix.default_collation THEN format('%s uses a non-default operator class or collation', ix.name)
                 WHEN ix.pred IS NULL THEN NULL
-                -- The recommended predicate, whatever the type of status (text, varchar, enum).
-                WHEN want.expr IS NULL
-                     AND regexp_replace(regexp_replace(ix.pred, '::[a-z_."]+( varying)?', '', 'gi'), '[()]', '', 'g')
-                         IN ('status = ''completed'' AND output_url IS NOT NULL', 'output_url IS NOT NULL AND status = ''completed''') THEN NULL
+                WHEN want.n = 2 AND v_pred IN ('status = ''completed'' AND output_url IS NOT NULL',
+                                               'output_url IS NOT NULL AND status = ''completed''') THEN NULL
                 ELSE format('%s is partial (WHERE %s)', ix.name, ix.pred)
             END;
             IF v_defect IS NULL THEN
@@ -351,9 +370,12 @@ BEGIN
             problem := coalesce(problem, 'missing');
             -- CONCURRENTLY does not block the app's writes, but PostgreSQL refuses it on a
             -- partitioned table: there the plain statement builds it on every partition.
+            IF v_partitioned THEN
+                problem := problem || format(' (%s is partitioned: the statement below holds its writes while it builds; to avoid that, CREATE INDEX ... ON ONLY %s, CREATE INDEX CONCURRENTLY on each partition, and ALTER INDEX ... ATTACH PARTITION each)',
+                                             want.rel::regclass, want.rel::regclass);
+            END IF;
             statement := format('CREATE INDEX %s%I ON %s %s;',
-                                CASE WHEN (SELECT c.relkind FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel) = 'p'
-                                     THEN '' ELSE 'CONCURRENTLY ' END,
+                                CASE WHEN v_partitioned THEN '' ELSE 'CONCURRENTLY ' END,
                                 left((SELECT c.relname FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel) || want.suffix, 63),
                                 want.rel::regclass, want.def);
         END IF;
@@ -365,19 +387,20 @@ $$;
 -- Why cycles, claims and previews must not run on these tables for want of indexes, with the
 -- statements that fix it; NULL when nothing is missing. Without the indexes every per-row
 -- lookup reads a whole table: a first cycle over 5,000 jobs took over three minutes, all of it
--- inside one transaction.
-CREATE FUNCTION orphan_cleanup._index_problem(v_jobs oid, v_assets oid, v_age_column text) RETURNS text
+-- inside one transaction. Claims and confirms (with_scan false) look jobs up by reference and
+-- by object only, never scan them by age.
+CREATE FUNCTION orphan_cleanup._index_problem(v_jobs oid, v_assets oid, v_age_column text, with_scan boolean DEFAULT true) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
     SELECT format('the indexes pg_orphan_cleanup relies on are not usable (%s): without them each lookup reads a whole table, for every row, which takes hours on a large table and holds a transaction open all that time. Run, outside a transaction block: %s',
                   string_agg(r.item || ': ' || r.problem, '; '), string_agg(r.statement, ' '))
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
-    WHERE NOT r.usable
+    WHERE NOT r.usable AND (with_scan OR r.item <> 'index: completed jobs by age')
     HAVING count(*) > 0
 $$;
 
 -- The indexes, as health() and attach() report them: critical while one is not usable, since
--- cycles, claims and previews refuse to run without it.
+-- cycles and previews (and, for the two lookup indexes, claims) refuse to run without it.
 CREATE FUNCTION orphan_cleanup._index_report(v_jobs oid, v_assets oid, v_age_column text)
 RETURNS TABLE (item text, status text, detail text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -385,7 +408,10 @@ AS $$
     SELECT r.item,
            CASE WHEN r.usable THEN 'ok' ELSE 'critical' END,
            CASE WHEN r.usable THEN 'present and valid'
-                ELSE format('%s; cycles, claims and preview() refuse to run until it exists. Run: %s', r.problem, r.statement)
+                ELSE format('%s; %s refuse to run until it exists. Run: %s', r.problem,
+                            CASE WHEN r.item = 'index: completed jobs by age' THEN 'cycles and preview()'
+                                 ELSE 'cycles, claims and preview()' END,
+                            r.statement)
            END
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
 $$;

@@ -27,6 +27,8 @@ END
 $probe$;
 
 -- _config() returns the new setting cycle_time_budget too (Rust; its row type changes).
+-- _breaker_settings() (a SQL-standard body, which depends on it) goes first and comes back below.
+DROP FUNCTION orphan_cleanup._breaker_settings();
 DROP FUNCTION orphan_cleanup._config();
 CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
 	"enabled" bool,
@@ -181,6 +183,9 @@ DECLARE
     v_limits text;
     deadline timestamptz;
     v_out_of_time boolean := false;
+    v_chunk_started timestamptz;
+    v_caught_up boolean;
+    v_carried bigint;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -192,8 +197,9 @@ BEGIN
     END IF;
     cutoff := now() - make_interval(secs => cfg.min_age_s);
     v_grace := make_interval(secs => cfg.grace_s);
-    -- The time budget: chunks of at most 2,000 jobs run while it lasts (at least one of each
-    -- kind, so that every cycle makes progress), then the cycle commits where it got to.
+    -- The time budget: chunks of at most 2,000 jobs run while another one like the last fits
+    -- in it (at least one of each kind, so that every cycle makes progress), then the cycle
+    -- commits where it got to.
     deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
@@ -207,9 +213,17 @@ BEGIN
     INSERT INTO orphan_cleanup.detector_state DEFAULT VALUES ON CONFLICT (singleton) DO NOTHING;
     SELECT * INTO st FROM orphan_cleanup.detector_state FOR UPDATE;
     fingerprint := md5(concat_ws('|', cfg.allowed_buckets, cfg.allowed_prefixes, cfg.allowed_hosts, cfg.min_age_s));
+    -- A periodic sweep starts only once the cursor has reached the end of the history: the last
+    -- cycle neither ran out of time nor stopped at max_per_cycle. Otherwise a sweep longer than
+    -- a day of cycles would start again before it ended, and the newest jobs would never be read.
+    SELECT NOT (l.out_of_time OR l.enqueued >= cfg.max_per_cycle) INTO v_caught_up
+    FROM orphan_cleanup.cycle_log AS l
+    WHERE l.status = 'ok' AND l.id < p_cycle
+    ORDER BY l.id DESC LIMIT 1;
     full_sweep := st.sweep_started_at IS NULL
                OR st.policy_fingerprint IS DISTINCT FROM fingerprint
-               OR now() - st.sweep_started_at >= make_interval(secs => cfg.full_sweep_interval_s);
+               OR (now() - st.sweep_started_at >= make_interval(secs => cfg.full_sweep_interval_s)
+                   AND coalesce(v_caught_up, true));
     IF full_sweep THEN
         cur_ts := '-infinity';
         cur_id := '00000000-0000-0000-0000-000000000000';
@@ -228,6 +242,18 @@ BEGIN
         brk := orphan_cleanup._breaker_limits(att);
         v_limit := brk.max_rows;
         v_limits := brk.explanation;
+        -- Cycles that ran out of time work off one backlog together: what the ones just before
+        -- this one queued counts against this one's limit, so that a runaway spread over many
+        -- short cycles trips the breaker as one long cycle would have.
+        SELECT coalesce(sum(l.enqueued), 0) INTO v_carried
+        FROM orphan_cleanup.cycle_log AS l
+        WHERE l.status = 'ok' AND l.out_of_time AND l.id < p_cycle
+          AND l.id > coalesce((SELECT max(l2.id) FROM orphan_cleanup.cycle_log AS l2
+                               WHERE l2.status IN ('ok', 'tripped') AND NOT l2.out_of_time AND l2.id < p_cycle), 0);
+        IF v_carried > 0 AND v_limit IS NOT NULL THEN
+            v_limit := greatest(v_limit - v_carried, 0);
+            v_limits := v_limits || format(' (of which the cycles just before this one, which ran out of time on the same backlog, queued %s)', v_carried);
+        END IF;
     END IF;
 
     -- Jobs whose assets were deleted or changed since the last cycle. A dry run takes none of
@@ -244,13 +270,14 @@ BEGIN
             SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
         END IF;
         EXIT WHEN v_recheck IS NULL;
+        v_chunk_started := clock_timestamp();
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry);
         rechecked := rechecked + cardinality(v_recheck);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
         EXIT WHEN dry OR cardinality(v_recheck) < 2000;
-        IF clock_timestamp() >= deadline THEN
+        IF clock_timestamp() + (clock_timestamp() - v_chunk_started) >= deadline THEN
             v_out_of_time := true;
             EXIT;
         END IF;
@@ -260,6 +287,7 @@ BEGIN
     LOOP
         budget := cfg.max_per_cycle - n_enqueued;
         EXIT WHEN budget <= 0;
+        v_chunk_started := clock_timestamp();
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
                                                least(budget, 2000)::integer, NULL, v_grace, dry);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
@@ -270,7 +298,7 @@ BEGIN
             cur_id := chunk.last_id;
         END IF;
         EXIT WHEN chunk.seen < least(budget, 2000);
-        IF clock_timestamp() >= deadline THEN
+        IF clock_timestamp() + (clock_timestamp() - v_chunk_started) >= deadline THEN
             v_out_of_time := true;
             EXIT;
         END IF;
@@ -282,7 +310,10 @@ BEGIN
     END IF;
 
     IF NOT dry THEN
-        UPDATE orphan_cleanup.detector_state SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = false;
+        -- A DBA's reset_breaker() lets one backlog through: the approved cycle, and the cycles
+        -- that carry on its work while they run out of time.
+        UPDATE orphan_cleanup.detector_state
+           SET cursor_ts = cur_ts, cursor_id = cur_id, breaker_approved = breaker_approved AND v_out_of_time;
         PERFORM orphan_cleanup._prune(make_interval(secs => cfg.history_retention_s));
         PERFORM orphan_cleanup._prune_objects(att, p_actor, deadline);
         IF n_enqueued > 0 THEN
@@ -2028,6 +2059,7 @@ DECLARE
     cfg record;
     v_jobs oid;
     v_assets oid;
+    problem text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
@@ -2042,6 +2074,15 @@ BEGIN
     END IF;
     IF cfg.age_column IS DISTINCT FROM att.age_column THEN
         RETURN format('orphan_cleanup.age_column is %L, but attach() recorded %L', cfg.age_column, att.age_column);
+    END IF;
+    -- A migration that renamed or dropped a column would otherwise read as a missing index.
+    problem := (SELECT string_agg(format('%s.%I', w.rel::regclass, w.col), ', ')
+                FROM (VALUES (att.jobs_oid, 'id'), (att.jobs_oid, 'status'), (att.jobs_oid, 'output_url'),
+                             (att.jobs_oid, att.age_column), (att.assets_oid, 'metadata')) AS w(rel, col)
+                WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                                  WHERE a.attrelid = w.rel AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped));
+    IF problem IS NOT NULL THEN
+        RETURN format('column %s no longer exists (renamed or dropped since attach())', problem);
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
                WHERE a.attrelid = att.jobs_oid AND a.attname = att.age_column AND NOT a.attisdropped
@@ -2063,14 +2104,20 @@ AS $$
 DECLARE
     v_age smallint;
     v_id smallint;
+    v_status_is_text boolean;
+    v_partitioned boolean;
     want record;
     ix record;
     v_defect text;
+    v_pred text;
 BEGIN
     SELECT a.attnum INTO v_age FROM pg_catalog.pg_attribute AS a
     WHERE a.attrelid = v_jobs AND a.attname = v_age_column AND NOT a.attisdropped;
     SELECT a.attnum INTO v_id FROM pg_catalog.pg_attribute AS a
     WHERE a.attrelid = v_jobs AND a.attname = 'id' AND NOT a.attisdropped;
+    SELECT t.typcategory = 'S' INTO v_status_is_text
+    FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid
+    WHERE a.attrelid = v_jobs AND a.attname = 'status' AND NOT a.attisdropped;
     FOR want IN
         SELECT * FROM (VALUES
             (1, 'index: assets by job reference', v_assets, 'render_job_id',
@@ -2080,13 +2127,16 @@ BEGIN
              format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed')),
             (3, 'index: jobs by storage object', v_jobs, 'output_url',
              'orphan_cleanup.object_key(output_url)', '_object_key_idx',
-             '(orphan_cleanup.object_key(output_url))')
+             '(orphan_cleanup.object_key(output_url))'),
+            -- Every claim, confirm and save looks jobs up by id: a primary key usually is it.
+            (4, 'index: jobs by id', v_jobs, NULL, NULL, '_id_idx', '(id)')
         ) AS w(n, item, rel, mentions, expr, suffix, def)
         ORDER BY w.n
     LOOP
         item := want.item;
         usable := false;
         problem := NULL;
+        v_partitioned := (SELECT c.relkind = 'p' FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel);
         FOR ix IN
             SELECT i.indexrelid::regclass AS name,
                    i.indisvalid AND i.indisready AND i.indislive AS valid,
@@ -2112,18 +2162,28 @@ BEGIN
                     END IF;
                     CONTINUE;
                 END IF;
-            ELSIF ix.key1 IS DISTINCT FROM v_age OR (ix.nkeys > 1 AND ix.key2 IS DISTINCT FROM v_id) THEN
-                CONTINUE;
+            ELSIF want.n = 2 THEN
+                CONTINUE WHEN ix.key1 IS DISTINCT FROM v_age OR (ix.nkeys > 1 AND ix.key2 IS DISTINCT FROM v_id);
+            ELSE
+                CONTINUE WHEN ix.key1 IS DISTINCT FROM v_id;
             END IF;
+            -- The predicate as the cycle's scan can match it: casts of the literal dropped (text,
+            -- varchar, an enum in any schema), the column's implicit cast to text only when status
+            -- is a string type (an enum's status::text = 'completed' cannot serve status = 'completed').
+            v_pred := regexp_replace(ix.pred, '(''[^'']*'')::(character varying|[a-zA-Z0-9_."$]+)', '\1', 'g');
+            IF v_status_is_text THEN
+                v_pred := replace(v_pred, '(status)::text', 'status');
+            END IF;
+            v_pred := translate(v_pred, '()', '');
             v_defect := CASE
+                WHEN NOT ix.valid AND v_partitioned THEN
+                    format('%s is not valid: a partition lacks its index (build it there with CREATE INDEX CONCURRENTLY, then ALTER INDEX %s ATTACH PARTITION that index)', ix.name, ix.name)
                 WHEN NOT ix.valid THEN format('%s is invalid (a CREATE INDEX CONCURRENTLY that failed or is still running; DROP INDEX CONCURRENTLY %s; first)', ix.name, ix.name)
                 WHEN ix.amname <> 'btree' THEN format('%s is a %s index, not btree', ix.name, ix.amname)
                 WHEN NOT ix.default_opclass OR NOT ix.default_collation THEN format('%s uses a non-default operator class or collation', ix.name)
                 WHEN ix.pred IS NULL THEN NULL
-                -- The recommended predicate, whatever the type of status (text, varchar, enum).
-                WHEN want.expr IS NULL
-                     AND regexp_replace(regexp_replace(ix.pred, '::[a-z_."]+( varying)?', '', 'gi'), '[()]', '', 'g')
-                         IN ('status = ''completed'' AND output_url IS NOT NULL', 'output_url IS NOT NULL AND status = ''completed''') THEN NULL
+                WHEN want.n = 2 AND v_pred IN ('status = ''completed'' AND output_url IS NOT NULL',
+                                               'output_url IS NOT NULL AND status = ''completed''') THEN NULL
                 ELSE format('%s is partial (WHERE %s)', ix.name, ix.pred)
             END;
             IF v_defect IS NULL THEN
@@ -2139,9 +2199,12 @@ BEGIN
             problem := coalesce(problem, 'missing');
             -- CONCURRENTLY does not block the app's writes, but PostgreSQL refuses it on a
             -- partitioned table: there the plain statement builds it on every partition.
+            IF v_partitioned THEN
+                problem := problem || format(' (%s is partitioned: the statement below holds its writes while it builds; to avoid that, CREATE INDEX ... ON ONLY %s, CREATE INDEX CONCURRENTLY on each partition, and ALTER INDEX ... ATTACH PARTITION each)',
+                                             want.rel::regclass, want.rel::regclass);
+            END IF;
             statement := format('CREATE INDEX %s%I ON %s %s;',
-                                CASE WHEN (SELECT c.relkind FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel) = 'p'
-                                     THEN '' ELSE 'CONCURRENTLY ' END,
+                                CASE WHEN v_partitioned THEN '' ELSE 'CONCURRENTLY ' END,
                                 left((SELECT c.relname FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel) || want.suffix, 63),
                                 want.rel::regclass, want.def);
         END IF;
@@ -2150,13 +2213,13 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._index_problem(v_jobs oid, v_assets oid, v_age_column text) RETURNS text
+CREATE FUNCTION orphan_cleanup._index_problem(v_jobs oid, v_assets oid, v_age_column text, with_scan boolean DEFAULT true) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
     SELECT format('the indexes pg_orphan_cleanup relies on are not usable (%s): without them each lookup reads a whole table, for every row, which takes hours on a large table and holds a transaction open all that time. Run, outside a transaction block: %s',
                   string_agg(r.item || ': ' || r.problem, '; '), string_agg(r.statement, ' '))
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
-    WHERE NOT r.usable
+    WHERE NOT r.usable AND (with_scan OR r.item <> 'index: completed jobs by age')
     HAVING count(*) > 0
 $$;
 
@@ -2167,7 +2230,10 @@ AS $$
     SELECT r.item,
            CASE WHEN r.usable THEN 'ok' ELSE 'critical' END,
            CASE WHEN r.usable THEN 'present and valid'
-                ELSE format('%s; cycles, claims and preview() refuse to run until it exists. Run: %s', r.problem, r.statement)
+                ELSE format('%s; %s refuse to run until it exists. Run: %s', r.problem,
+                            CASE WHEN r.item = 'index: completed jobs by age' THEN 'cycles and preview()'
+                                 ELSE 'cycles, claims and preview()' END,
+                            r.statement)
            END
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
 $$;
@@ -2193,7 +2259,8 @@ BEGIN
     END IF;
     -- Checked on every call, not only by attach(): an index dropped by a migration tool, or
     -- left invalid by a failed rebuild, must stop the next cycle or claim, not make it run for hours.
-    problem := orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column);
+    problem := orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column,
+                                             with_scan => purpose <> 'claim()');
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION '% refused: %', purpose, problem
             USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -2308,6 +2375,50 @@ BEGIN
                               CASE WHEN by_fraction IS NOT NULL
                                    THEN format('breaker_max_fraction %s of about %s completed jobs', cfg.breaker_max_fraction, completed_estimate) END))
     END;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._breaker_settings() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN (SELECT format('breaker_factor %s, breaker_min_rows %s, breaker_max_fraction %s',
+                      c.breaker_factor, c.breaker_min_rows, c.breaker_max_fraction)
+        FROM orphan_cleanup._config() AS c);
+
+CREATE OR REPLACE FUNCTION orphan_cleanup.reset_breaker(reason text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    st orphan_cleanup.detector_state;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'reset_breaker() needs a reason, for the audit log'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'SELECT orphan_cleanup.reset_breaker(''checked preview(): the assets migration really removed these references'');';
+    END IF;
+    SELECT * INTO st FROM orphan_cleanup.detector_state FOR UPDATE;
+    IF st.breaker_tripped_at IS NULL THEN
+        RETURN 'the circuit breaker is not tripped; nothing to reset';
+    END IF;
+    UPDATE orphan_cleanup.detector_state
+       SET breaker_tripped_at = NULL, breaker_detail = NULL, breaker_settings = NULL, breaker_approved = true;
+    INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
+    VALUES ('breaker_reset', session_user,
+            format('%s (the trip at %s: %s)', left(reason, 2000), st.breaker_tripped_at, st.breaker_detail));
+    RETURN format('circuit breaker reset by %s; the next cycle runs without it, and so do the cycles that carry on its backlog while they run out of cycle_time_budget (max_per_cycle still applies)', session_user);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION orphan_cleanup._retry_job_cleanup(actor text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
+AS $$
+DECLARE
+    v_ids bigint[];
+BEGIN
+    SELECT array_agg(r.id) INTO v_ids
+    FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+          WHERE d.job_cleanup LIKE 'pending%' AND d.state IN ('deleted', 'absent')
+          ORDER BY d.id LIMIT 2000) AS r;
+    PERFORM orphan_cleanup._cleanup_jobs(v_ids, (SELECT on_confirm FROM orphan_cleanup._config()), actor);
 END
 $$;
 
@@ -2626,7 +2737,7 @@ BEGIN
     END IF;
     -- Without the indexes the re-check below reads the assets table for every job: the rows wait
     -- (the deletions themselves are recorded), and the first cycle once the indexes exist does it.
-    IF orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column) IS NOT NULL THEN
+    IF orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false) IS NOT NULL THEN
         UPDATE orphan_cleanup.deletion_queue AS d
            SET job_cleanup = 'pending: waiting for the indexes pg_orphan_cleanup relies on (see health())'
          WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%';
@@ -2945,8 +3056,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
+    orphan_cleanup._breaker_settings(),
     orphan_cleanup._required_indexes(oid, oid, text),
-    orphan_cleanup._index_problem(oid, oid, text),
+    orphan_cleanup._index_problem(oid, oid, text, boolean),
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup._still_stored(bigint[]),

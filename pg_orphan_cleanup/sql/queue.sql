@@ -613,7 +613,7 @@ BEGIN
     END IF;
     -- Without the indexes the re-check below reads the assets table for every job: the rows wait
     -- (the deletions themselves are recorded), and the first cycle once the indexes exist does it.
-    IF orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column) IS NOT NULL THEN
+    IF orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false) IS NOT NULL THEN
         UPDATE orphan_cleanup.deletion_queue AS d
            SET job_cleanup = 'pending: waiting for the indexes pg_orphan_cleanup relies on (see health())'
          WHERE d.id = ANY (ids) AND d.job_cleanup LIKE 'pending%';
@@ -754,7 +754,7 @@ BEGIN
     SELECT array_agg(r.id) INTO v_ids
     FROM (SELECT d.id FROM orphan_cleanup.deletion_queue AS d
           WHERE d.job_cleanup LIKE 'pending%' AND d.state IN ('deleted', 'absent')
-          ORDER BY d.id LIMIT 10000) AS r;
+          ORDER BY d.id LIMIT 2000) AS r;
     PERFORM orphan_cleanup._cleanup_jobs(v_ids, (SELECT on_confirm FROM orphan_cleanup._config()), actor);
 END
 $$;

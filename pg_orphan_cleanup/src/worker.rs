@@ -40,7 +40,11 @@ pub fn register() {
 
 /// What the worker found when a cycle was due.
 enum Tick {
-    Ran,
+    /// A cycle ran; `more` when it stopped at its time budget with work left, so that the next
+    /// one follows at once instead of an interval later.
+    Ran {
+        more: bool,
+    },
     Standby,
     NoExtension,
     NotAttached,
@@ -97,13 +101,15 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
         }
         activity.running("running a cleanup cycle");
         match BackgroundWorker::transaction(run_due_cycle) {
-            Tick::Ran => {
+            Tick::Ran { more } => {
                 if said_indexes.take().is_some() {
                     log!("pg_orphan_cleanup worker: the indexes are usable now; cycles resume");
                 }
                 said_missing = false;
                 said_standby = false;
-                next_run = Instant::now() + interval;
+                // A cycle that ran out of time (a backlog, a long full sweep) is carried on at
+                // the next tick: each transaction stays short, and the work still gets done.
+                next_run = Instant::now() + if more { TICK } else { interval };
             }
             Tick::Standby => {
                 if !said_standby {
@@ -200,19 +206,40 @@ fn run_due_cycle() -> Tick {
         return Tick::NotAttached;
     }
     // Looked at before the cycle rather than left to run_cycle()'s refusal: the worker then waits
-    // quietly, instead of recording a failed cycle and a warning every interval. (On an
-    // extension too old to have the function, the query fails and the cycle runs as before.)
-    if let Some(problem) = select_text(
-        "SELECT orphan_cleanup._index_problem(a.jobs_oid, a.assets_oid, a.age_column)
+    // quietly, instead of recording a failed cycle and a warning every interval. (An error in
+    // a query here would end the worker: the function is looked for first, since an extension
+    // not yet updated to this library's version lacks it.)
+    let current = select_bool(
+        "SELECT to_regprocedure('orphan_cleanup._index_problem(oid, oid, text, boolean)') IS NOT NULL",
+    );
+    if let Some(problem) = current
+        .then(|| {
+            select_text(
+                "SELECT orphan_cleanup._index_problem(a.jobs_oid, a.assets_oid, a.age_column)
          FROM orphan_cleanup.attachment AS a
          WHERE orphan_cleanup._drift(a) IS NULL",
-    ) {
+            )
+        })
+        .flatten()
+    {
         return Tick::NoIndexes(problem);
     }
-    if let Err(e) = Spi::run("SELECT * FROM orphan_cleanup.run_cycle()") {
-        warning!("pg_orphan_cleanup worker: run_cycle() failed: {e}");
-    }
-    Tick::Ran
+    let cycle = match Spi::get_one::<i64>("SELECT cycle_id FROM orphan_cleanup.run_cycle()") {
+        Ok(id) => id,
+        Err(e) => {
+            warning!("pg_orphan_cleanup worker: run_cycle() failed: {e}");
+            None
+        }
+    };
+    // The cycle's own row says whether it ran out of time (a statement of its own: the one that
+    // ran the cycle could not see the row the cycle wrote).
+    let more = match cycle {
+        Some(id) if current => select_bool(&format!(
+            "SELECT out_of_time FROM orphan_cleanup.cycle_log WHERE id = {id}"
+        )),
+        _ => false,
+    };
+    Tick::Ran { more }
 }
 
 /// Runs a read-only query that returns one text, or none.

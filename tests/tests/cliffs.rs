@@ -16,12 +16,17 @@ fn count(c: &mut postgres::Client, sql: &str) -> i64 {
 }
 
 /// Every entry point that probes per row refuses, each naming `why` and every statement of
-/// `run`; health() is critical with the same statements; nothing is queued.
+/// `run` (claim() only those of the two lookup indexes: it never scans jobs by age); health() is
+/// critical with the same statements; nothing is queued.
 fn assert_refused(c: &mut postgres::Client, why: &str, run: &[&str]) {
     let queued = count(c, "SELECT count(*) FROM orphan_cleanup.deletion_queue");
     let says_all = |text: &str, what: &str| {
         assert!(text.contains(why), "{what} does not say {why:?}: {text}");
         for stmt in run {
+            if what == "claim()" && *stmt == SCAN_IDX {
+                assert!(!text.contains(stmt), "claim() needs no scan index: {text}");
+                continue;
+            }
             assert!(text.contains(stmt), "{what} does not name {stmt:?}: {text}");
         }
     };
@@ -172,6 +177,17 @@ fn without_usable_indexes_cycles_claims_and_previews_refuse_naming_the_statement
     );
     let claimed = claim(&mut c, "w1", 10);
     assert_eq!(claimed.len(), 10);
+
+    // Without an index to scan jobs by age, cycles refuse; claims, which never scan, go on.
+    c.batch_execute("DROP INDEX render_jobs_orphan_scan_idx")
+        .unwrap();
+    let (status, ..) = cycle(&mut c);
+    assert_eq!(status, "failed");
+    let e = c
+        .query("SELECT * FROM orphan_cleanup.preview()", &[])
+        .expect_err("preview() scans by age");
+    assert!(db_error(&e).contains(SCAN_IDX), "{}", db_error(&e));
+    assert_eq!(claim(&mut c, "w2", 10).len(), 10);
 }
 
 #[test]
@@ -351,4 +367,224 @@ fn drop_database_with_force_ends_a_running_cycle_at_once() {
     // The cycle queues 150,000 orphans (tens of seconds); DROP DATABASE waits for its backend
     // to exit, which its SIGTERM does at the next interrupt check.
     assert!(took < Duration::from_secs(5), "DROP DATABASE took {took:?}");
+}
+
+/// Which indexes count, read from the catalog: an enum status in a schema and of a type whose
+/// names have digits, a partial index on another status, a jobs table without an index on id,
+/// a varchar status, and a partitioned table whose parent index is not valid yet.
+#[test]
+fn the_index_check_reads_what_the_planner_can_use() {
+    let db = TestDb::create("cliffs_catalog");
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE SCHEMA app2;
+         CREATE TYPE app2.job_status_v2 AS ENUM ('queued', 'completed');
+         CREATE TABLE app2.jobs (id uuid NOT NULL, status app2.job_status_v2, output_url text, created_at timestamptz);
+         CREATE INDEX jobs_queued_scan ON app2.jobs (created_at, id) WHERE status = 'queued' AND output_url IS NOT NULL;",
+    )
+    .unwrap();
+    let report = |c: &mut postgres::Client,
+                  jobs: &str|
+     -> Vec<(String, bool, Option<String>, Option<String>)> {
+        c.query(
+            "SELECT item, usable, problem, statement FROM orphan_cleanup._required_indexes($1::text::regclass, 'public.user_assets'::regclass, 'created_at')",
+            &[&jobs],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+    };
+    let item = |rows: &[(String, bool, Option<String>, Option<String>)], name: &str| {
+        rows.iter().find(|r| r.0 == name).cloned().unwrap()
+    };
+
+    let rows = report(&mut c, "app2.jobs");
+    let scan = item(&rows, "index: completed jobs by age");
+    assert!(
+        !scan.1,
+        "an index of queued jobs cannot serve the scan: {scan:?}"
+    );
+    assert_eq!(
+        scan.2.as_deref(),
+        Some("app2.jobs_queued_scan is partial (WHERE ((status = 'queued'::app2.job_status_v2) AND (output_url IS NOT NULL)))")
+    );
+    let by_id = item(&rows, "index: jobs by id");
+    assert!(!by_id.1);
+    assert_eq!(by_id.2.as_deref(), Some("missing"));
+    assert_eq!(
+        by_id.3.as_deref(),
+        Some("CREATE INDEX CONCURRENTLY jobs_id_idx ON app2.jobs (id);")
+    );
+
+    // The recommended predicate, as PostgreSQL spells it for an enum of a schema with a digit.
+    c.batch_execute(
+        "CREATE INDEX jobs_scan ON app2.jobs (created_at, id) WHERE status = 'completed' AND output_url IS NOT NULL;
+         ALTER TABLE app2.jobs ADD PRIMARY KEY (id);",
+    )
+    .unwrap();
+    let rows = report(&mut c, "app2.jobs");
+    assert!(item(&rows, "index: completed jobs by age").1, "{rows:?}");
+    assert!(item(&rows, "index: jobs by id").1, "{rows:?}");
+
+    // A varchar status: the column's implicit cast to text is what the cycle's query has too.
+    c.batch_execute(
+        "CREATE TABLE app2.vjobs (id uuid PRIMARY KEY, status varchar(20), output_url text, created_at timestamptz);
+         CREATE INDEX vjobs_scan ON app2.vjobs (created_at, id) WHERE status = 'completed' AND output_url IS NOT NULL;",
+    )
+    .unwrap();
+    assert!(
+        item(
+            &report(&mut c, "app2.vjobs"),
+            "index: completed jobs by age"
+        )
+        .1
+    );
+
+    // A partitioned table: the parent's index built ON ONLY is not valid until every partition
+    // has one attached, and the advice says how, not DROP INDEX CONCURRENTLY (refused there).
+    c.batch_execute(
+        "CREATE TABLE app2.pjobs (id uuid NOT NULL, status text, output_url text, created_at timestamptz) PARTITION BY RANGE (created_at);
+         CREATE TABLE app2.pjobs_2026 PARTITION OF app2.pjobs FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         CREATE INDEX pjobs_key ON ONLY app2.pjobs (orphan_cleanup.object_key(output_url));",
+    )
+    .unwrap();
+    let rows = report(&mut c, "app2.pjobs");
+    let key = item(&rows, "index: jobs by storage object");
+    assert!(
+        key.2.as_deref().unwrap().starts_with("app2.pjobs_key is not valid: a partition lacks its index (build it there with CREATE INDEX CONCURRENTLY, then ALTER INDEX app2.pjobs_key ATTACH PARTITION that index)"),
+        "{key:?}"
+    );
+    assert!(
+        key.2
+            .as_deref()
+            .unwrap()
+            .contains("CREATE INDEX ... ON ONLY app2.pjobs"),
+        "{key:?}"
+    );
+    assert_eq!(
+        key.3.as_deref(),
+        Some("CREATE INDEX pjobs_object_key_idx ON app2.pjobs (orphan_cleanup.object_key(output_url));")
+    );
+    c.batch_execute(
+        "CREATE INDEX pjobs_2026_key ON app2.pjobs_2026 (orphan_cleanup.object_key(output_url));
+         ALTER INDEX app2.pjobs_key ATTACH PARTITION app2.pjobs_2026_key;",
+    )
+    .unwrap();
+    assert!(
+        item(
+            &report(&mut c, "app2.pjobs"),
+            "index: jobs by storage object"
+        )
+        .1
+    );
+}
+
+#[test]
+fn a_column_renamed_after_attach_is_named_not_taken_for_a_missing_index() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("cliffs_renamed");
+    let mut c = db.client();
+    c.batch_execute("ALTER TABLE render_jobs RENAME COLUMN created_at TO made_at")
+        .unwrap();
+    let (status, ..) = cycle(&mut c);
+    assert_eq!(status, "failed");
+    let error: String = c
+        .query_one(
+            "SELECT error FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        error.contains("column public.render_jobs.created_at no longer exists (renamed or dropped since attach())"),
+        "{error}"
+    );
+    assert!(!error.contains("CREATE INDEX"), "{error}");
+}
+
+/// A full sweep longer than one cycle carries on from cycle to cycle; the next periodic sweep
+/// starts only once it reached the end. With full_sweep_interval = 0 ("every cycle") each cycle
+/// used to start over, and the history past the first chunks was never read.
+#[test]
+fn a_sweep_longer_than_a_cycle_is_finished_before_the_next_one_starts() {
+    let mut s = BASE_SETTINGS.to_vec();
+    s.extend([
+        ("max_per_cycle", "1000000"),
+        ("cycle_time_budget", "100ms"),
+        ("full_sweep_interval", "0"),
+    ]);
+    settings(&s);
+    const N: i64 = 20_000;
+    let db = TestDb::create("cliffs_sweep");
+    let mut c = db.client();
+    backlog(&mut c, N, "sweep");
+    db.attach();
+    let newest = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "sweep/newest.png")),
+        "61 minutes",
+        "the newest orphan",
+    );
+    let mut cycles = 0;
+    while queue_states(&mut c, &newest).is_empty() {
+        assert_eq!(cycle(&mut c).0, "ok");
+        cycles += 1;
+        assert!(cycles < 200, "the sweep never reached the newest job");
+    }
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM orphan_cleanup.deletion_queue"),
+        N + 1
+    );
+    assert!(
+        cycles > 1,
+        "the sweep took {cycles} cycle(s): make the backlog longer"
+    );
+}
+
+/// The circuit breaker weighs cycles that ran out of time on one backlog together: a mass of
+/// new orphans spread over short cycles, each under the limit, trips it as one cycle would.
+#[test]
+fn the_breaker_adds_up_cycles_that_ran_out_of_time() {
+    let mut s = BASE_SETTINGS.to_vec();
+    s.extend([
+        ("max_per_cycle", "1000000"),
+        ("cycle_time_budget", "100ms"),
+        ("breaker_min_rows", "5000"),
+        ("breaker_max_fraction", "1"),
+    ]);
+    settings(&s);
+    let db = TestDb::attached("cliffs_breaker");
+    let mut c = db.client();
+    for _ in 0..3 {
+        assert_eq!(cycle(&mut c).0, "ok");
+    }
+    backlog(&mut c, 12_000, "mass");
+    let mut statuses = Vec::new();
+    loop {
+        let (status, _, enqueued, ..) = cycle(&mut c);
+        assert!(
+            enqueued < 5000,
+            "one cycle alone stayed under the limit: {enqueued}"
+        );
+        statuses.push(status.clone());
+        if status == "tripped" || statuses.len() > 20 {
+            break;
+        }
+    }
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("tripped"),
+        "{statuses:?}"
+    );
+    let error: String = c
+        .query_one("SELECT error FROM orphan_cleanup.cycle_log WHERE status = 'tripped' ORDER BY id LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        error.contains("ran out of time on the same backlog"),
+        "{error}"
+    );
+    assert!(count(&mut c, "SELECT count(*) FROM orphan_cleanup.deletion_queue") <= 5000);
 }

@@ -805,7 +805,7 @@ fn attach_names_every_problem_with_the_tables() {
         .iter()
         .find(|r| r.get::<_, String>(0) == "index: completed jobs by age")
         .unwrap();
-    assert_eq!(missing_index.get::<_, String>(1), "warning");
+    assert_eq!(missing_index.get::<_, String>(1), "critical");
     assert!(missing_index.get::<_, String>(2).contains("CREATE INDEX CONCURRENTLY render_jobs_orphan_scan_idx ON public.render_jobs (completed_at, id)"));
     // attach() is idempotent.
     c.query("SELECT * FROM orphan_cleanup.attach()", &[])

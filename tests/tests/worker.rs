@@ -269,10 +269,11 @@ fn a_long_cycle_ends_at_once_on_terminate_and_on_fast_shutdown_and_nothing_is_lo
         "no cycle is left looking as if it ran"
     );
 
-    // The worker comes back, and its cycles (a second each now) queue every orphan once.
+    // The worker comes back, and its cycles (a second each now) queue every orphan once. The
+    // interval is an hour: a cycle that ran out of time is carried on at the next tick.
     let mut s = BASE_SETTINGS.to_vec();
     s.extend([
-        ("interval", "1s"),
+        ("interval", "1h"),
         ("max_per_cycle", "10000000"),
         ("cycle_time_budget", "1s"),
     ]);
@@ -299,6 +300,76 @@ fn a_long_cycle_ends_at_once_on_terminate_and_on_fast_shutdown_and_nothing_is_lo
         "terminated worker exited after {took:?}; the backlog then took {cycles} cycles of 1 s"
     );
 
+    settings(&[]);
+    teardown_postgres_db(&mut c);
+}
+
+/// Without a usable index the worker starts no cycle: it says why once in the server log (with
+/// the statement to run), shows it in pg_stat_activity, records no failed cycles, and resumes
+/// by itself once the index exists.
+#[test]
+fn without_the_indexes_the_worker_says_so_once_waits_and_resumes_by_itself() {
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("enabled", "off"));
+    settings(&s);
+    let mut c = setup_postgres_db();
+    job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "w/idx.png")),
+        "2 hours",
+        "orphan",
+    );
+    c.batch_execute("DROP INDEX render_jobs_object_key_idx")
+        .unwrap();
+    let log_path = std::env::var("PGOC_DIR")
+        .map(|d| format!("{d}/postgres.log"))
+        .unwrap_or_else(|_| format!("/tmp/pg_orphan_cleanup-{}/postgres.log", port()));
+    let log_len = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0) as usize;
+    let refusals = || {
+        let log = std::fs::read(&log_path).unwrap_or_default();
+        String::from_utf8_lossy(&log[log_len.min(log.len())..])
+            .matches("pg_orphan_cleanup worker: cycles refused: the indexes pg_orphan_cleanup relies on are not usable (index: jobs by storage object: missing)")
+            .count()
+    };
+
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("interval", "1s"));
+    settings(&s);
+    wait_worker(
+        &mut c,
+        "waiting: an index pg_orphan_cleanup relies on is missing or unusable",
+    );
+    // Ten chances to repeat itself (it looks again every 10 s; interval is 1 s).
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(refusals(), 1, "the refusal is logged once");
+    let log = std::fs::read(&log_path).unwrap_or_default();
+    assert!(String::from_utf8_lossy(&log[log_len.min(log.len())..]).contains(
+        "CREATE INDEX CONCURRENTLY render_jobs_object_key_idx ON public.render_jobs (orphan_cleanup.object_key(output_url));"
+    ));
+    let cycles: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.cycle_log", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(cycles, 0, "no cycle was started, so none failed");
+
+    c.batch_execute(
+        "CREATE INDEX CONCURRENTLY render_jobs_object_key_idx ON public.render_jobs (orphan_cleanup.object_key(output_url))",
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the worker to queue the orphan",
+        || {
+            c.query_one(
+                "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        },
+    );
     settings(&[]);
     teardown_postgres_db(&mut c);
 }
