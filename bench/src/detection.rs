@@ -39,7 +39,7 @@ pub struct DetectionResult {
     pub guide_delete_rows_per_second: f64,
     pub no_indexes: NoIndexes,
     pub index_builds: Vec<IndexBuild>,
-    pub backlog: BudgetedBacklog,
+    pub budgeted_backlog: BudgetedBacklog,
 }
 
 /// The same data before the recommended indexes exist (the app's own, and the guide's index on
@@ -272,7 +272,7 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
     let no_indexes = without_indexes(&mut c)?;
     let index_builds = build_indexes(env, &mut c)?;
     c.batch_execute("ANALYZE")?;
-    let backlog = budgeted_backlog(&mut admin, &mut c)?;
+    let budgeted = budgeted_backlog(&mut admin, &mut c)?;
     reload(&mut admin, &settings("1d", "1h"))?;
 
     let (guide, guide_count_ms) = timed(|| Ok(c.query_one(GUIDE_COUNT, &[])?.get::<_, i64>(0)))?;
@@ -372,6 +372,6 @@ pub fn detection(env: &Env, jobs: u64) -> Result<DetectionResult> {
         guide_delete_rows_per_second: guide_delete_rows as f64 / (guide_delete_ms / 1000.0),
         no_indexes,
         index_builds,
-        backlog,
+        budgeted_backlog: budgeted,
     })
 }

@@ -2138,18 +2138,22 @@ BEGIN
         problem := NULL;
         v_partitioned := (SELECT c.relkind = 'p' FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel);
         FOR ix IN
+            -- Every cycle and claim runs this: lookups by oid, and the deparsing (the costly
+            -- part) only where a column is an expression or there is a WHERE clause.
             SELECT i.indexrelid::regclass AS name,
                    i.indisvalid AND i.indisready AND i.indislive AS valid,
-                   am.amname,
-                   pg_catalog.pg_get_expr(i.indpred, i.indrelid) AS pred,
-                   pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) AS col1,
+                   (SELECT am.amname FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_am AS am ON am.oid = c.relam
+                    WHERE c.oid = i.indexrelid) AS amname,
+                   CASE WHEN i.indpred IS NOT NULL THEN pg_catalog.pg_get_expr(i.indpred, i.indrelid) END AS pred,
+                   CASE WHEN i.indkey[0] = 0 THEN pg_catalog.pg_get_indexdef(i.indexrelid, 1, false)
+                        ELSE (SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
+                              WHERE a.attrelid = i.indrelid AND a.attnum = i.indkey[0]) END AS col1,
                    i.indkey[0] AS key1, i.indkey[1] AS key2, i.indnkeyatts AS nkeys,
-                   coalesce((SELECT bool_and(opc.opcdefault) FROM pg_catalog.pg_opclass AS opc
-                             WHERE opc.oid = ANY (i.indclass::oid[])), false) AS default_opclass,
+                   NOT EXISTS (SELECT 1 FROM unnest(i.indclass::oid[]) AS k(opc)
+                               JOIN pg_catalog.pg_opclass AS opc ON opc.oid = k.opc
+                               WHERE NOT opc.opcdefault) AS default_opclass,
                    i.indcollation[0] IN (0, 100) AS default_collation
             FROM pg_catalog.pg_index AS i
-            JOIN pg_catalog.pg_class AS c ON c.oid = i.indexrelid
-            JOIN pg_catalog.pg_am AS am ON am.oid = c.relam
             WHERE i.indrelid = want.rel
             ORDER BY i.indexrelid
         LOOP

@@ -232,10 +232,11 @@ fn run_due_cycle() -> Tick {
         }
     };
     // The cycle's own row says whether it ran out of time (a statement of its own: the one that
-    // ran the cycle could not see the row the cycle wrote).
+    // ran the cycle could not see the row the cycle wrote). A dry run moves no cursor, so its
+    // next cycle would only read the same jobs again: it waits for the interval.
     let more = match cycle {
         Some(id) if current => select_bool(&format!(
-            "SELECT out_of_time FROM orphan_cleanup.cycle_log WHERE id = {id}"
+            "SELECT out_of_time AND status = 'ok' FROM orphan_cleanup.cycle_log WHERE id = {id}"
         )),
         _ => false,
     };
