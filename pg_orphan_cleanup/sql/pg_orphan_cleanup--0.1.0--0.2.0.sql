@@ -198,8 +198,8 @@ BEGIN
     cutoff := now() - make_interval(secs => cfg.min_age_s);
     v_grace := make_interval(secs => cfg.grace_s);
     -- The time budget: chunks of at most 2,000 jobs run while another one like the last fits
-    -- in it (at least one of each kind, so that every cycle makes progress), then the cycle
-    -- commits where it got to.
+    -- in it with half of one to spare (chunks vary, and pruning comes after them), at least one
+    -- of each kind so that every cycle makes progress; then the cycle commits where it got to.
     deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
@@ -277,7 +277,7 @@ BEGIN
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
         EXIT WHEN dry OR cardinality(v_recheck) < 2000;
-        IF clock_timestamp() + (clock_timestamp() - v_chunk_started) >= deadline THEN
+        IF clock_timestamp() + 1.5 * (clock_timestamp() - v_chunk_started) >= deadline THEN
             v_out_of_time := true;
             EXIT;
         END IF;
@@ -298,7 +298,7 @@ BEGIN
             cur_id := chunk.last_id;
         END IF;
         EXIT WHEN chunk.seen < least(budget, 2000);
-        IF clock_timestamp() + (clock_timestamp() - v_chunk_started) >= deadline THEN
+        IF clock_timestamp() + 1.5 * (clock_timestamp() - v_chunk_started) >= deadline THEN
             v_out_of_time := true;
             EXIT;
         END IF;

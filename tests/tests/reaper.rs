@@ -515,6 +515,27 @@ fn over_quota_is_named_and_costs_no_attempt() {
     assert_eq!(max_attempts_seen(&mut c), 0);
 }
 
+/// A claim refused for want of an index (dropped by a migration tool after the cycle queued the
+/// rows): the reaper says which statement to run, deletes nothing and charges nothing.
+#[test]
+fn a_claim_refused_for_a_missing_index_is_named_and_deletes_nothing() {
+    let w = world("reaper_no_index", 10, &[]);
+    let mut c = w.db.client();
+    c.batch_execute("DROP INDEX render_jobs_object_key_idx").unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("claim() refused: the indexes pg_orphan_cleanup relies on are not usable")
+            && text.contains("CREATE INDEX CONCURRENTLY render_jobs_object_key_idx ON public.render_jobs (orphan_cleanup.object_key(output_url));"),
+        "{text}"
+    );
+    assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
+    assert_eq!(max_attempts_seen(&mut c), 0);
+    let stored = without_canaries(w.emu.objects());
+    assert!(w.orphans.iter().all(|o| stored.contains(o)), "nothing was deleted");
+}
+
 #[test]
 fn a_wrong_key_fails_loudly_and_costs_no_attempt() {
     let w = world("reaper_badkey", 10, &[]);
