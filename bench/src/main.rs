@@ -332,6 +332,14 @@ fn print_table(r: &Report) {
             d.steady_cycle_ms, d.steady_cycle_enqueued, d.full_sweep_ms, d.idle_cycle_ms, d.idle_cycle_cpu_ms
         );
     }
+    println!("\nSaves while the backlog is queued (100 in one INSERT, the save guard on each)");
+    println!("| jobs | queued | 100 saves |\n|---:|---:|---:|");
+    for d in &r.detection {
+        println!(
+            "| {} | {} | {:.0} ms |",
+            d.jobs, d.backlog_orphans, d.saves_during_backlog_ms
+        );
+    }
     println!("\nWithout the recommended indexes (the same data before sql/indexes.sql; the app's own indexes and the guide's are there)");
     println!("| jobs | guide count | first cycle | claim |\n|---:|---:|---|---|");
     for d in &r.detection {

@@ -521,7 +521,8 @@ fn over_quota_is_named_and_costs_no_attempt() {
 fn a_claim_refused_for_a_missing_index_is_named_and_deletes_nothing() {
     let w = world("reaper_no_index", 10, &[]);
     let mut c = w.db.client();
-    c.batch_execute("DROP INDEX render_jobs_object_key_idx").unwrap();
+    c.batch_execute("DROP INDEX render_jobs_object_key_idx")
+        .unwrap();
     let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -533,7 +534,10 @@ fn a_claim_refused_for_a_missing_index_is_named_and_deletes_nothing() {
     assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);
     assert_eq!(max_attempts_seen(&mut c), 0);
     let stored = without_canaries(w.emu.objects());
-    assert!(w.orphans.iter().all(|o| stored.contains(o)), "nothing was deleted");
+    assert!(
+        w.orphans.iter().all(|o| stored.contains(o)),
+        "nothing was deleted"
+    );
 }
 
 #[test]
