@@ -1794,6 +1794,7 @@ DECLARE
     v_path text;
     ob orphan_cleanup.objects;
     q record;
+    v_ids bigint[];
 BEGIN
     IF TG_OP <> 'DELETE' THEN
         v_new := orphan_cleanup.job_ref_key(NEW.metadata ->> 'render_job_id')::uuid;
@@ -1850,24 +1851,32 @@ BEGIN
         END IF;
     END IF;
 
-    -- 3. Rows that would still hand out this job's file, never claimed: rescued.
+    -- 3. Rows that would still hand out this job's file, never claimed: rescued. Found by two
+    --    index probes, then locked and changed by id, each a statement of its own: written as one
+    --    statement (with OR, or with IN and UNION), the planner read the whole queue for every
+    --    save, or rescanned a spilled copy of it, during a backlog (minutes for 100 saves with
+    --    550,000 rows queued), inside the app's own transaction.
+    SELECT array_agg(x.id ORDER BY x.id) INTO v_ids
+    FROM (SELECT d3.id FROM orphan_cleanup.deletion_queue AS d3
+          WHERE d3.job_id = v_new AND d3.state = 'pending'
+          UNION
+          SELECT d4.id FROM orphan_cleanup.deletion_queue AS d4
+          WHERE d4.bucket = v_bucket AND d4.object_path = v_path AND d4.state = 'pending') AS x;
+    IF v_ids IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- Locked in id order (no deadlock with a claim locking the same rows); a row a claim took
+    -- meanwhile is no longer pending and stays as it is.
+    PERFORM 1 FROM orphan_cleanup.deletion_queue AS d
+    WHERE d.id = ANY (v_ids) AND d.state = 'pending'
+    ORDER BY d.id
+    FOR UPDATE;
     WITH rescued AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = 'rescued', reason = format('job %s was saved before any reaper claimed it', v_new),
                finished_at = now(), updated_at = now()
-         -- Two index lookups joined by UNION, then locked in id order: written with OR, the
-         -- planner read the whole queue for every save (minutes for 100 saves during a backlog
-         -- of 550,000 queued rows), in the app's own transaction.
-         WHERE d.id IN (SELECT d2.id FROM orphan_cleanup.deletion_queue AS d2
-                        WHERE d2.id IN (SELECT d3.id FROM orphan_cleanup.deletion_queue AS d3
-                                        WHERE d3.state = 'pending' AND d3.job_id = v_new
-                                        UNION
-                                        SELECT d4.id FROM orphan_cleanup.deletion_queue AS d4
-                                        WHERE d4.state = 'pending' AND d4.bucket = v_bucket AND d4.object_path = v_path)
-                          AND d2.state = 'pending'
-                        ORDER BY d2.id
-                        FOR UPDATE)
-           AND d.state = 'pending'
+          FROM unnest(v_ids) AS k(id)
+         WHERE d.id = k.id AND d.state = 'pending'
         RETURNING d.id, d.job_id, d.output_url)
     INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor, detail)
     SELECT 'rescued', r.job_id, r.id, r.output_url, session_user,

@@ -525,7 +525,8 @@ fn a_claim_refused_for_a_missing_index_is_named_and_deletes_nothing() {
         .unwrap();
     let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     let text = output_text(&out);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    // A database error ends a drain with exit code 2, its message the server's.
+    assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
         text.contains("claim() refused: the indexes pg_orphan_cleanup relies on are not usable")
             && text.contains("CREATE INDEX CONCURRENTLY render_jobs_object_key_idx ON public.render_jobs (orphan_cleanup.object_key(output_url));"),
