@@ -1865,8 +1865,9 @@ BEGIN
     IF v_ids IS NULL THEN
         RETURN NULL;
     END IF;
-    -- Locked in id order (no deadlock with a claim locking the same rows); a row a claim took
-    -- meanwhile is no longer pending and stays as it is.
+    -- Locked in id order, so that two saves rescuing the same rows cannot deadlock. A row that
+    -- is no longer pending (a claim retired it meanwhile: a claim never hands out a row of a job
+    -- or object this save holds) stays as it is.
     PERFORM 1 FROM orphan_cleanup.deletion_queue AS d
     WHERE d.id = ANY (v_ids) AND d.state = 'pending'
     ORDER BY d.id
