@@ -296,6 +296,12 @@ RETURN coalesce(
      WHERE pid = pg_catalog.pg_backend_pid() AND backend_type = 'pg_orphan_cleanup'),
     session_user::text);
 
+-- Whether another chunk like the one that started at `started` ends before `deadline`, with half
+-- a chunk to spare (chunks vary, and pruning comes after them): how a cycle keeps to its budget.
+CREATE FUNCTION orphan_cleanup._another_chunk_fits(started timestamptz, deadline timestamptz) RETURNS boolean
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+RETURN clock_timestamp() + 1.5 * (clock_timestamp() - started) < deadline;
+
 -- The body of one cycle. Raises on any problem; run_cycle() records it.
 CREATE FUNCTION orphan_cleanup._cycle_body(
     p_cycle bigint, p_actor text,
@@ -323,6 +329,8 @@ DECLARE
     v_chunk_started timestamptz;
     v_caught_up boolean;
     v_carried bigint;
+    -- Jobs per chunk: small enough that the time budget is kept to within a chunk or so.
+    chunk_rows CONSTANT integer := 2000;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -334,9 +342,9 @@ BEGIN
     END IF;
     cutoff := now() - make_interval(secs => cfg.min_age_s);
     v_grace := make_interval(secs => cfg.grace_s);
-    -- The time budget: chunks of at most 2,000 jobs run while another one like the last fits
-    -- in it with half of one to spare (chunks vary, and pruning comes after them), at least one
-    -- of each kind so that every cycle makes progress; then the cycle commits where it got to.
+    -- The time budget: chunks run while another one like the last fits in it
+    -- (_another_chunk_fits), at least one of each kind so that every cycle makes progress; then
+    -- the cycle commits where it got to.
     deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
@@ -398,11 +406,11 @@ BEGIN
     LOOP
         IF dry THEN
             SELECT array_agg(r.job_id) INTO v_recheck
-            FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 2000) AS r;
+            FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows) AS r;
         ELSE
             WITH taken AS (
                 DELETE FROM orphan_cleanup.recheck
-                WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 2000)
+                WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows)
                 RETURNING job_id)
             SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
         END IF;
@@ -413,8 +421,8 @@ BEGIN
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
-        EXIT WHEN dry OR cardinality(v_recheck) < 2000;
-        IF clock_timestamp() + 1.5 * (clock_timestamp() - v_chunk_started) >= deadline THEN
+        EXIT WHEN dry OR cardinality(v_recheck) < chunk_rows;
+        IF NOT orphan_cleanup._another_chunk_fits(v_chunk_started, deadline) THEN
             v_out_of_time := true;
             EXIT;
         END IF;
@@ -426,7 +434,7 @@ BEGIN
         EXIT WHEN budget <= 0;
         v_chunk_started := clock_timestamp();
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
-                                               least(budget, 2000)::integer, NULL, v_grace, dry);
+                                               least(budget, chunk_rows)::integer, NULL, v_grace, dry);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
@@ -434,8 +442,8 @@ BEGIN
             cur_ts := chunk.last_ts;
             cur_id := chunk.last_id;
         END IF;
-        EXIT WHEN chunk.seen < least(budget, 2000);
-        IF clock_timestamp() + 1.5 * (clock_timestamp() - v_chunk_started) >= deadline THEN
+        EXIT WHEN chunk.seen < least(budget, chunk_rows);
+        IF NOT orphan_cleanup._another_chunk_fits(v_chunk_started, deadline) THEN
             v_out_of_time := true;
             EXIT;
         END IF;

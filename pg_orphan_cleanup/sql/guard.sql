@@ -289,7 +289,7 @@ $$;
 -- column, and no WHERE clause (the scan index: none, or the recommended one). The guide's own
 -- index on (metadata ->> 'render_job_id') does not count: lookups go through job_ref_key().
 CREATE FUNCTION orphan_cleanup._required_indexes(v_jobs oid, v_assets oid, v_age_column text)
-RETURNS TABLE (item text, usable boolean, problem text, statement text)
+RETURNS TABLE (item text, usable boolean, problem text, statement text, for_claims boolean)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -313,18 +313,20 @@ BEGIN
         SELECT * FROM (VALUES
             (1, 'index: assets by job reference', v_assets, 'render_job_id',
              'orphan_cleanup.job_ref_key((metadata ->> ''render_job_id''::text))', '_render_job_ref_idx',
-             format('(orphan_cleanup.job_ref_key(metadata ->> %L))', 'render_job_id')),
+             format('(orphan_cleanup.job_ref_key(metadata ->> %L))', 'render_job_id'), true),
+            -- Only cycles and previews scan jobs by age; claims and confirms never do.
             (2, 'index: completed jobs by age', v_jobs, NULL, NULL, '_orphan_scan_idx',
-             format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed')),
+             format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed'), false),
             (3, 'index: jobs by storage object', v_jobs, 'output_url',
              'orphan_cleanup.object_key(output_url)', '_object_key_idx',
-             '(orphan_cleanup.object_key(output_url))'),
+             '(orphan_cleanup.object_key(output_url))', true),
             -- Every claim, confirm and save looks jobs up by id: a primary key usually is it.
-            (4, 'index: jobs by id', v_jobs, NULL, NULL, '_id_idx', '(id)')
-        ) AS w(n, item, rel, mentions, expr, suffix, def)
+            (4, 'index: jobs by id', v_jobs, NULL, NULL, '_id_idx', '(id)', true)
+        ) AS w(n, item, rel, mentions, expr, suffix, def, for_claims)
         ORDER BY w.n
     LOOP
         item := want.item;
+        for_claims := want.for_claims;
         usable := false;
         problem := NULL;
         v_partitioned := (SELECT c.relkind = 'p' FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel);
@@ -411,20 +413,20 @@ $$;
 -- Why cycles, claims and previews must not run on these tables for want of indexes, with the
 -- statements that fix it; NULL when nothing is missing. Without the indexes every per-row
 -- lookup reads a whole table: a first cycle over 5,000 jobs took over three minutes, all of it
--- inside one transaction. Claims and confirms (with_scan false) look jobs up by reference and
--- by object only, never scan them by age.
+-- inside one transaction. Claims and confirms (with_scan false) look jobs up by reference, by
+-- object and by id, never scan them by age.
 CREATE FUNCTION orphan_cleanup._index_problem(v_jobs oid, v_assets oid, v_age_column text, with_scan boolean DEFAULT true) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
     SELECT format('the indexes pg_orphan_cleanup relies on are not usable (%s): without them each lookup reads a whole table, for every row, which takes hours on a large table and holds a transaction open all that time. Run, outside a transaction block: %s',
                   string_agg(r.item || ': ' || r.problem, '; '), string_agg(r.statement, ' '))
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
-    WHERE NOT r.usable AND (with_scan OR r.item <> 'index: completed jobs by age')
+    WHERE NOT r.usable AND (with_scan OR r.for_claims)
     HAVING count(*) > 0
 $$;
 
 -- The indexes, as health() and attach() report them: critical while one is not usable, since
--- cycles and previews (and, for the two lookup indexes, claims) refuse to run without it.
+-- cycles and previews (and, for the lookup indexes, claims) refuse to run without it.
 CREATE FUNCTION orphan_cleanup._index_report(v_jobs oid, v_assets oid, v_age_column text)
 RETURNS TABLE (item text, status text, detail text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -433,8 +435,8 @@ AS $$
            CASE WHEN r.usable THEN 'ok' ELSE 'critical' END,
            CASE WHEN r.usable THEN 'present and valid'
                 ELSE format('%s; %s refuse to run until it exists. Run: %s', r.problem,
-                            CASE WHEN r.item = 'index: completed jobs by age' THEN 'cycles and preview()'
-                                 ELSE 'cycles, claims and preview()' END,
+                            CASE WHEN r.for_claims THEN 'cycles, claims and preview()'
+                                 ELSE 'cycles and preview()' END,
                             r.statement)
            END
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r

@@ -160,6 +160,10 @@ CREATE FUNCTION orphan_cleanup._no_entries(list text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN pg_catalog.translate(COALESCE(list, ''), E', \t\r\n', '') OPERATOR(pg_catalog.=) '';
 
+CREATE FUNCTION orphan_cleanup._another_chunk_fits(started timestamptz, deadline timestamptz) RETURNS boolean
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+RETURN clock_timestamp() + 1.5 * (clock_timestamp() - started) < deadline;
+
 CREATE OR REPLACE FUNCTION orphan_cleanup._cycle_body(
     p_cycle bigint, p_actor text,
     OUT full_sweep boolean, OUT dry boolean, OUT scanned bigint, OUT rechecked bigint,
@@ -186,6 +190,8 @@ DECLARE
     v_chunk_started timestamptz;
     v_caught_up boolean;
     v_carried bigint;
+    -- Jobs per chunk: small enough that the time budget is kept to within a chunk or so.
+    chunk_rows CONSTANT integer := 2000;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
@@ -197,9 +203,9 @@ BEGIN
     END IF;
     cutoff := now() - make_interval(secs => cfg.min_age_s);
     v_grace := make_interval(secs => cfg.grace_s);
-    -- The time budget: chunks of at most 2,000 jobs run while another one like the last fits
-    -- in it with half of one to spare (chunks vary, and pruning comes after them), at least one
-    -- of each kind so that every cycle makes progress; then the cycle commits where it got to.
+    -- The time budget: chunks run while another one like the last fits in it
+    -- (_another_chunk_fits), at least one of each kind so that every cycle makes progress; then
+    -- the cycle commits where it got to.
     deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
@@ -261,11 +267,11 @@ BEGIN
     LOOP
         IF dry THEN
             SELECT array_agg(r.job_id) INTO v_recheck
-            FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 2000) AS r;
+            FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows) AS r;
         ELSE
             WITH taken AS (
                 DELETE FROM orphan_cleanup.recheck
-                WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT 2000)
+                WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows)
                 RETURNING job_id)
             SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
         END IF;
@@ -276,8 +282,8 @@ BEGIN
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
-        EXIT WHEN dry OR cardinality(v_recheck) < 2000;
-        IF clock_timestamp() + 1.5 * (clock_timestamp() - v_chunk_started) >= deadline THEN
+        EXIT WHEN dry OR cardinality(v_recheck) < chunk_rows;
+        IF NOT orphan_cleanup._another_chunk_fits(v_chunk_started, deadline) THEN
             v_out_of_time := true;
             EXIT;
         END IF;
@@ -289,7 +295,7 @@ BEGIN
         EXIT WHEN budget <= 0;
         v_chunk_started := clock_timestamp();
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
-                                               least(budget, 2000)::integer, NULL, v_grace, dry);
+                                               least(budget, chunk_rows)::integer, NULL, v_grace, dry);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
@@ -297,8 +303,8 @@ BEGIN
             cur_ts := chunk.last_ts;
             cur_id := chunk.last_id;
         END IF;
-        EXIT WHEN chunk.seen < least(budget, 2000);
-        IF clock_timestamp() + 1.5 * (clock_timestamp() - v_chunk_started) >= deadline THEN
+        EXIT WHEN chunk.seen < least(budget, chunk_rows);
+        IF NOT orphan_cleanup._another_chunk_fits(v_chunk_started, deadline) THEN
             v_out_of_time := true;
             EXIT;
         END IF;
@@ -2118,7 +2124,7 @@ $$;
 -- Cycles, claims and previews refuse to run without the indexes their lookups need.
 
 CREATE FUNCTION orphan_cleanup._required_indexes(v_jobs oid, v_assets oid, v_age_column text)
-RETURNS TABLE (item text, usable boolean, problem text, statement text)
+RETURNS TABLE (item text, usable boolean, problem text, statement text, for_claims boolean)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -2142,18 +2148,20 @@ BEGIN
         SELECT * FROM (VALUES
             (1, 'index: assets by job reference', v_assets, 'render_job_id',
              'orphan_cleanup.job_ref_key((metadata ->> ''render_job_id''::text))', '_render_job_ref_idx',
-             format('(orphan_cleanup.job_ref_key(metadata ->> %L))', 'render_job_id')),
+             format('(orphan_cleanup.job_ref_key(metadata ->> %L))', 'render_job_id'), true),
+            -- Only cycles and previews scan jobs by age; claims and confirms never do.
             (2, 'index: completed jobs by age', v_jobs, NULL, NULL, '_orphan_scan_idx',
-             format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed')),
+             format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed'), false),
             (3, 'index: jobs by storage object', v_jobs, 'output_url',
              'orphan_cleanup.object_key(output_url)', '_object_key_idx',
-             '(orphan_cleanup.object_key(output_url))'),
+             '(orphan_cleanup.object_key(output_url))', true),
             -- Every claim, confirm and save looks jobs up by id: a primary key usually is it.
-            (4, 'index: jobs by id', v_jobs, NULL, NULL, '_id_idx', '(id)')
-        ) AS w(n, item, rel, mentions, expr, suffix, def)
+            (4, 'index: jobs by id', v_jobs, NULL, NULL, '_id_idx', '(id)', true)
+        ) AS w(n, item, rel, mentions, expr, suffix, def, for_claims)
         ORDER BY w.n
     LOOP
         item := want.item;
+        for_claims := want.for_claims;
         usable := false;
         problem := NULL;
         v_partitioned := (SELECT c.relkind = 'p' FROM pg_catalog.pg_class AS c WHERE c.oid = want.rel);
@@ -2243,7 +2251,7 @@ AS $$
     SELECT format('the indexes pg_orphan_cleanup relies on are not usable (%s): without them each lookup reads a whole table, for every row, which takes hours on a large table and holds a transaction open all that time. Run, outside a transaction block: %s',
                   string_agg(r.item || ': ' || r.problem, '; '), string_agg(r.statement, ' '))
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
-    WHERE NOT r.usable AND (with_scan OR r.item <> 'index: completed jobs by age')
+    WHERE NOT r.usable AND (with_scan OR r.for_claims)
     HAVING count(*) > 0
 $$;
 
@@ -2255,8 +2263,8 @@ AS $$
            CASE WHEN r.usable THEN 'ok' ELSE 'critical' END,
            CASE WHEN r.usable THEN 'present and valid'
                 ELSE format('%s; %s refuse to run until it exists. Run: %s', r.problem,
-                            CASE WHEN r.item = 'index: completed jobs by age' THEN 'cycles and preview()'
-                                 ELSE 'cycles, claims and preview()' END,
+                            CASE WHEN r.for_claims THEN 'cycles, claims and preview()'
+                                 ELSE 'cycles and preview()' END,
                             r.statement)
            END
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
@@ -3080,6 +3088,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
+    orphan_cleanup._another_chunk_fits(timestamptz, timestamptz),
     orphan_cleanup._breaker_settings(),
     orphan_cleanup._required_indexes(oid, oid, text),
     orphan_cleanup._index_problem(oid, oid, text, boolean),

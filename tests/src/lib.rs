@@ -277,6 +277,23 @@ pub fn job(
     uuid_text::Uuid(row.get(0))
 }
 
+/// Inserts `n` completed, unsaved jobs, two hours old, whose objects are
+/// `renders/<tag>/<1..n>.png`, and analyzes the table: a backlog of orphans. Before attach() it
+/// writes no guard rows, so large backlogs are quick to make.
+pub fn backlog(c: &mut postgres::Client, n: i64, tag: &str) {
+    c.execute(
+        &format!(
+            "INSERT INTO render_jobs (status, output_url, created_at, prompt)
+             SELECT 'completed', 'https://{HOST}/storage/v1/object/public/renders/{tag}/' || g || '.png',
+                    now() - interval '2 hours', $1
+             FROM generate_series(1, $2::bigint) AS g"
+        ),
+        &[&tag, &n],
+    )
+    .unwrap();
+    c.batch_execute("ANALYZE render_jobs").unwrap();
+}
+
 /// Saves a job: a user_assets row whose metadata.render_job_id is `reference`.
 pub fn save(c: &mut Client, asset_type: &str, reference: &str) -> Result<u64, postgres::Error> {
     c.execute(

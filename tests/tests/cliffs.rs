@@ -99,13 +99,7 @@ fn without_usable_indexes_cycles_claims_and_previews_refuse_naming_the_statement
     );
 
     // The table grows after attach(): nothing depends on its size, the refusal stays.
-    c.batch_execute(&format!(
-        "INSERT INTO render_jobs (status, output_url, created_at, prompt)
-         SELECT 'completed', 'https://{HOST}/storage/v1/object/public/renders/grew/' || g || '.png',
-                now() - interval '2 hours', 'grew'
-         FROM generate_series(1, 1000) AS g"
-    ))
-    .unwrap();
+    backlog(&mut c, 1000, "grew");
     assert_refused(&mut c, "index: jobs by storage object: missing", &[KEY_IDX]);
 
     // An index on the wrong expression: the raw URL.
@@ -238,21 +232,6 @@ fn a_confirm_without_the_indexes_records_the_deletion_and_leaves_the_job_row_for
     c.batch_execute(REF_IDX).unwrap();
     assert_eq!(cycle(&mut c).0, "ok");
     assert_eq!(job_rows(&mut c), 0, "the next cycle cleans the job row up");
-}
-
-/// `n` completed, unsaved jobs, two hours old, inserted before attach() (no guard rows).
-fn backlog(c: &mut postgres::Client, n: i64, tag: &str) {
-    c.execute(
-        &format!(
-            "INSERT INTO render_jobs (status, output_url, created_at, prompt)
-             SELECT 'completed', 'https://{HOST}/storage/v1/object/public/renders/{tag}/' || g || '.png',
-                    now() - interval '2 hours', $1
-             FROM generate_series(1, $2::bigint) AS g"
-        ),
-        &[&tag, &n],
-    )
-    .unwrap();
-    c.batch_execute("ANALYZE render_jobs").unwrap();
 }
 
 #[test]

@@ -189,16 +189,7 @@ fn a_long_cycle_ends_at_once_on_terminate_and_on_fast_shutdown_and_nothing_is_lo
     let mut c = connect("postgres");
     teardown_postgres_db(&mut c);
     install_app(&mut c);
-    c.execute(
-        &format!(
-            "INSERT INTO render_jobs (status, output_url, created_at, prompt)
-             SELECT 'completed', 'https://{HOST}/storage/v1/object/public/renders/long/' || g || '.png',
-                    now() - interval '2 hours', 'long'
-             FROM generate_series(1, $1::bigint) AS g"
-        ),
-        &[&N],
-    )
-    .unwrap();
+    backlog(&mut c, N, "long");
     c.query("SELECT * FROM orphan_cleanup.attach()", &[])
         .unwrap();
     let queued = |c: &mut postgres::Client| -> i64 {
