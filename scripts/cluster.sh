@@ -56,6 +56,8 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 CONF
+    # PGOC_EXTRA_CONF: more lines for postgresql.conf (the bench's BENCH_AUTO_EXPLAIN uses it).
+    [ -n "${PGOC_EXTRA_CONF:-}" ] && printf '%s\n' "$PGOC_EXTRA_CONF" >>"$DATA/postgresql.conf"
   fi
   if running; then
     echo "cluster already running on port $PORT ($DATA)"

@@ -139,6 +139,7 @@ out.append("""-- An allow-list of only spaces and commas reads as empty everywhe
 """)
 out.append(fn('schema','_no_entries', replace=False))
 out.append(fn('detect','_another_chunk_fits', replace=False))
+out.append(fn('detect','_refresh_statistics', replace=False))
 out.append(fn('detect','_cycle_body'))
 out.append(fn('detect','enqueue_orphans'))
 out.append(fn('guard','attach'))
@@ -335,6 +336,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
     orphan_cleanup._another_chunk_fits(timestamptz, timestamptz),
+    orphan_cleanup._refresh_statistics(text),
     orphan_cleanup._breaker_settings(),
     orphan_cleanup._required_indexes(oid, oid, text),
     orphan_cleanup._index_problem(oid, oid, text, boolean),

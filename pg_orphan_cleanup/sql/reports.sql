@@ -262,6 +262,7 @@ DECLARE
     n bigint;
     ix record;
     v_ready_since timestamptz;
+    v_analyze text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_interval := make_interval(secs => cfg.interval_s);
@@ -426,6 +427,23 @@ BEGIN
             check_name := ix.item; status := ix.status; detail := ix.detail;
             RETURN NEXT;
         END LOOP;
+        -- The extension analyzes its own tables when autovacuum is behind (_refresh_statistics);
+        -- the app's are the DBA's, named here by the same test.
+        check_name := 'app table statistics';
+        SELECT string_agg(format('%s: its statistics count %s rows while %s rows changed since its last ANALYZE',
+                                 c.oid::regclass, greatest(c.reltuples, 0)::bigint, pg_stat_get_mod_since_analyze(c.oid)), '; '),
+               string_agg(format('ANALYZE %s;', c.oid::regclass), ' ')
+          INTO detail, v_analyze
+          FROM pg_catalog.pg_class AS c
+         WHERE c.oid IN (att.jobs_oid, att.assets_oid)
+           AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 10000);
+        IF detail IS NULL THEN
+            status := 'ok'; detail := 'current';
+        ELSE
+            status := 'warning';
+            detail := detail || format('. Until autovacuum analyzes it, claims and confirms may read the whole table per batch; run %s', v_analyze);
+        END IF;
+        RETURN NEXT;
     END IF;
 
     check_name := 'pause points';

@@ -567,3 +567,221 @@ fn the_breaker_adds_up_cycles_that_ran_out_of_time() {
     );
     assert!(count(&mut c, "SELECT count(*) FROM orphan_cleanup.deletion_queue") <= 5000);
 }
+
+#[test]
+fn leases_that_ran_out_together_come_back_a_bounded_batch_per_cycle_and_none_is_lost() {
+    // Reapers that died holding 12,000 claimed rows: each cycle gives back at most 5,000 of them
+    // (the longest-expired first), so that no cycle's time budget goes to one long statement,
+    // and after three cycles every row is pending again, charged one attempt, audited once.
+    const N: i64 = 12_000;
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("max_per_cycle", "1000000"));
+    s.push(("cycle_time_budget", "1h"));
+    settings(&s);
+    let db = TestDb::create("cliffs_leases");
+    let mut c = db.client();
+    backlog(&mut c, N, "leases");
+    db.attach();
+    assert_eq!(cycle(&mut c).2, N);
+    for worker in ["r1", "r2", "r3"] {
+        assert_eq!(claim(&mut c, worker, 4000).ids.len(), 4000);
+    }
+    c.batch_execute(
+        "UPDATE orphan_cleanup.deletion_queue SET lease_until = now() - interval '1 minute' WHERE state = 'claimed'",
+    )
+    .unwrap();
+
+    let claimed = |c: &mut postgres::Client| {
+        count(
+            c,
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'claimed'",
+        )
+    };
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        assert_eq!(cycle(&mut c).0, "ok");
+        left.push(claimed(&mut c));
+    }
+    assert_eq!(left, [7000, 2000, 0], "claimed rows left after each cycle");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending' AND attempts = 1 AND last_error LIKE 'lease expired:%'"
+        ),
+        N
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(DISTINCT queue_id) FROM orphan_cleanup.audit_log WHERE action = 'failed' AND detail LIKE 'lease expired:%'"
+        ),
+        N
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'failed'"
+        ),
+        N,
+        "one audit row per expiry"
+    );
+}
+
+/// No autovacuum on the test database's tables: it would put right statistics a test sets
+/// wrong, or reset the count of changes that tells a cycle or a claim to analyze.
+fn no_autovacuum(c: &mut postgres::Client) {
+    c.batch_execute(
+        "DO $$ DECLARE t regclass; BEGIN
+           FOR t IN SELECT oid FROM pg_class WHERE relnamespace IN ('orphan_cleanup'::regnamespace, 'public'::regnamespace) AND relkind = 'r' LOOP
+             EXECUTE format('ALTER TABLE %s SET (autovacuum_enabled = off)', t);
+           END LOOP; END $$",
+    )
+    .unwrap();
+}
+
+/// Pages of the extension's own tables and indexes read by `sql`, from the statistics
+/// collector (flushed before and after by the same session).
+fn pages_read(c: &mut postgres::Client, sql: &str) -> i64 {
+    let read = |c: &mut postgres::Client| {
+        c.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+        count(
+            c,
+            "SELECT (sum(coalesce(heap_blks_read, 0) + coalesce(heap_blks_hit, 0)
+                        + coalesce(idx_blks_read, 0) + coalesce(idx_blks_hit, 0)))::bigint
+             FROM pg_statio_user_tables WHERE schemaname = 'orphan_cleanup'",
+        )
+    };
+    let before = read(c);
+    c.batch_execute(sql).unwrap();
+    read(c) - before
+}
+
+#[test]
+fn an_idle_cycle_reads_a_few_pages_even_with_statistics_from_empty_tables() {
+    // After a backlog the history tables hold hundreds of thousands of rows while their
+    // statistics, until autovacuum's next ANALYZE, may still be those of empty tables. The
+    // planner then thinks a scan of a whole index as cheap as a probe. The bench at 1M jobs
+    // caught every cycle reading all 1.1M audit rows to learn that none was old enough to prune.
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("cycle_time_budget", "1h"));
+    settings(&s);
+    let db = TestDb::create("cliffs_stale_statistics");
+    let mut c = db.client();
+    no_autovacuum(&mut c);
+    backlog(&mut c, 100, "stale");
+    db.attach();
+    assert_eq!(cycle(&mut c).2, 100);
+    c.batch_execute(
+        "INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
+         SELECT 'enqueued', 'history', 'an older backlog' FROM generate_series(1, 300000);
+         INSERT INTO orphan_cleanup.cycle_log (status, actor, started_at, finished_at)
+         SELECT 'ok', 'history', now(), now() FROM generate_series(1, 20000);",
+    )
+    .unwrap();
+    // Statistics as ANALYZE leaves them on an empty table that still has a page.
+    c.batch_execute(
+        "UPDATE pg_class SET reltuples = 0, relpages = 1
+         WHERE relnamespace = 'orphan_cleanup'::regnamespace AND relkind IN ('r', 'i')",
+    )
+    .unwrap();
+
+    assert_eq!(cycle(&mut c).0, "ok");
+    let pages = pages_read(&mut c, "SELECT * FROM orphan_cleanup.run_cycle()");
+    // The audit_log_at index alone is some 800 pages, its table some 3,000.
+    assert!(
+        pages < 300,
+        "an idle cycle read {pages} pages of the extension's tables"
+    );
+}
+
+#[test]
+fn claims_and_confirms_probe_per_row_even_with_statistics_from_empty_tables() {
+    // Autovacuum ran while the backlog cycle was still inserting: the statistics of the queue's
+    // tables count no rows. A claim then read the whole queue, and a confirm the queue once per
+    // job where the app's tables had the same statistics (91,000 pages per confirmed row, 195 s
+    // for 1,000 rows).
+    const N: i64 = 60_000;
+    const ROWS: i64 = 500;
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("max_per_cycle", "1000000"));
+    s.push(("cycle_time_budget", "1h"));
+    settings(&s);
+    let db = TestDb::create("cliffs_stale_claims");
+    let mut c = db.client();
+    no_autovacuum(&mut c);
+    backlog(&mut c, N, "stale");
+    db.attach();
+    assert_eq!(cycle(&mut c).2, N);
+    let stale = |c: &mut postgres::Client, schema: &str| {
+        c.batch_execute(&format!(
+            "UPDATE pg_class SET reltuples = 0, relpages = 1
+             WHERE relnamespace = '{schema}'::regnamespace AND relkind IN ('r', 'i')"
+        ))
+        .unwrap()
+    };
+    let claim_and_confirm = |c: &mut postgres::Client| {
+        c.batch_execute("DROP TABLE IF EXISTS held").unwrap();
+        let claim_pages = pages_read(
+            c,
+            &format!("CREATE TEMP TABLE held AS SELECT id, lease_token FROM orphan_cleanup.claim('r1', {ROWS})"),
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM held"), ROWS);
+        let confirm_pages = pages_read(
+            c,
+            "SELECT orphan_cleanup.confirm('r1', (SELECT min(lease_token) FROM held), (SELECT array_agg(id) FROM held), 'deleted')",
+        );
+        assert_eq!(
+            count(c, "SELECT count(*) FROM orphan_cleanup.deletion_queue AS d JOIN held USING (id)
+                      WHERE d.state = 'deleted' AND d.job_cleanup = 'job row deleted'"),
+            ROWS,
+            "every confirmed row is recorded and its job row deleted"
+        );
+        (claim_pages, confirm_pages)
+    };
+
+    // The queue's own tables: the claim analyzes them first, and both stay at their cost with
+    // fresh statistics (about 45 pages per claimed row and 60 per confirmed row here).
+    stale(&mut c, "orphan_cleanup");
+    let (claim_pages, confirm_pages) = claim_and_confirm(&mut c);
+    assert!(
+        count(&mut c, "SELECT reltuples::bigint FROM pg_class WHERE oid = 'orphan_cleanup.deletion_queue'::regclass") > N / 2,
+        "the claim analyzed the queue"
+    );
+    assert!(claim_pages < 80 * ROWS, "the claim read {claim_pages} pages for {ROWS} rows");
+    assert!(confirm_pages < 120 * ROWS, "the confirm read {confirm_pages} pages for {ROWS} rows");
+
+    // The app's tables too: those are the DBA's to analyze, and health() says so. Until then a
+    // confirm may read the jobs table once, never once per job.
+    c.batch_execute(
+        "INSERT INTO render_jobs (status, created_at) SELECT 'running', now() FROM generate_series(1, 20000)",
+    )
+    .unwrap();
+    stale(&mut c, "public");
+    c.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+    let (detail,): (String,) = c
+        .query_one(
+            "SELECT status || ': ' || detail FROM orphan_cleanup.health() WHERE check_name = 'app table statistics'",
+            &[],
+        )
+        .map(|r| (r.get(0),))
+        .unwrap();
+    assert!(
+        detail.starts_with("warning: public.render_jobs: its statistics count 0 rows while ")
+            && detail.ends_with("run ANALYZE public.render_jobs;"),
+        "{detail}"
+    );
+    let (_, confirm_pages) = claim_and_confirm(&mut c);
+    assert!(
+        confirm_pages < 10 * N,
+        "the confirm read {confirm_pages} pages for {ROWS} rows of {N} jobs"
+    );
+    c.batch_execute("ANALYZE public.render_jobs").unwrap();
+    let (status,): (String,) = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'app table statistics'",
+            &[],
+        )
+        .map(|r| (r.get(0),))
+        .unwrap();
+    assert_eq!(status, "ok");
+}
