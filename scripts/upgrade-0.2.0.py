@@ -101,6 +101,12 @@ AS 'MODULE_PATHNAME', '_config_wrapper';
 -- Cycles stop at orphan_cleanup.cycle_time_budget; the log says which did.
 ALTER TABLE orphan_cleanup.cycle_log ADD COLUMN out_of_time boolean NOT NULL DEFAULT false;
 
+-- The pruning's index leaves out dead letters, which are kept until a DBA acts.
+DROP INDEX orphan_cleanup.deletion_queue_finished;
+""")
+out.append(section('schema', "CREATE INDEX deletion_queue_prunable", "'stale', 'rejected');"))
+out.append("""
+
 -- New tables: the reapers registry and their refusals.
 """)
 out.append(section('schema', "CREATE TABLE orphan_cleanup.reapers (", "CREATE INDEX refusals_at ON orphan_cleanup.refusals (at);"))
@@ -115,13 +121,14 @@ REVOKE ALL ON orphan_cleanup.objects, orphan_cleanup.job_fences FROM PUBLIC;
 -- claim can commit after this reads the queue and before the new save guard is in place; its
 -- reaper's next claim waits for this update to commit.
 LOCK TABLE orphan_cleanup.deletion_queue IN EXCLUSIVE MODE;
-INSERT INTO orphan_cleanup.objects (bucket, object_path, handouts, first_handed_out_at, last_handed_out_at, last_handed_to, last_queue_id)
+INSERT INTO orphan_cleanup.objects (bucket, object_path, handouts, first_handed_out_at, last_handed_out_at, last_handed_to, last_queue_id, forget_at)
 SELECT d.bucket, d.object_path,
        sum(d.claim_count)::integer,
        min(d.claimed_at) FILTER (WHERE d.claim_count > 0),
        max(d.claimed_at) FILTER (WHERE d.claim_count > 0),
        (array_agg(d.claimed_by ORDER BY d.claimed_at DESC NULLS LAST) FILTER (WHERE d.claim_count > 0))[1],
-       max(d.id) FILTER (WHERE d.claim_count > 0)
+       max(d.id) FILTER (WHERE d.claim_count > 0),
+       coalesce(max(d.claimed_at) FILTER (WHERE d.claim_count > 0), now()) + interval '30 days'
 FROM orphan_cleanup.deletion_queue AS d
 WHERE d.bucket IS NOT NULL AND d.object_path IS NOT NULL
   AND (d.claim_count > 0 OR d.state IN ('pending', 'claimed', 'dead'))

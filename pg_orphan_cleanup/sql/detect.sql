@@ -161,34 +161,46 @@ BEGIN
               AND j.output_url IS NOT NULL
               AND j.%1$I < $1
               AND %4$s
+        ),
+        judged AS MATERIALIZED (
+            SELECT c.id, c.age_ts, c.output_url, r.ref_state, u.host, u.bucket, u.object_path, u.error
+            FROM cand AS c
+            CROSS JOIN LATERAL (
+                SELECT CASE WHEN bool_or(a.metadata ->> 'render_job_id' = c.id::text) THEN 'canonical'
+                            WHEN count(*) > 0 THEN 'noncanonical'
+                            ELSE 'none'
+                       END AS ref_state
+                FROM %3$s AS a
+                WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = c.id::text
+            ) AS r
+            CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
+        ),
+        -- A job that is not an orphan and names the same object keeps it: looked for once per
+        -- object, not once per job. Per job, K jobs naming one object (a render cache's hits)
+        -- cost K x K probes when all are orphans. The orphan itself can never be its object's
+        -- keeper (it is completed, old enough and unreferenced), so it need not be left out.
+        keepers AS MATERIALIZED (
+            SELECT o.key, k.id AS keeper
+            FROM (SELECT DISTINCT g.bucket || '/' || g.object_path AS key
+                  FROM judged AS g WHERE g.error IS NULL AND g.ref_state = 'none') AS o
+            CROSS JOIN LATERAL (
+                SELECT j2.id
+                FROM %2$s AS j2
+                WHERE orphan_cleanup.object_key(j2.output_url) = o.key
+                  -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
+                  AND NOT coalesce(j2.status = 'completed'
+                           AND j2.%1$I < $1
+                           -- OFFSET 0: an index probe per job, never a hash of every asset.
+                           AND NOT EXISTS (
+                               SELECT 1 FROM %3$s AS a2
+                               WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
+                               OFFSET 0), false)
+                LIMIT 1) AS k
         )
-        SELECT c.id, c.age_ts, c.output_url, r.ref_state,
-               u.host, u.bucket, u.object_path, u.error,
-               CASE WHEN u.error IS NULL AND r.ref_state = 'none' THEN (
-                   SELECT j2.id
-                   FROM %2$s AS j2
-                   WHERE orphan_cleanup.object_key(j2.output_url) = u.bucket || '/' || u.object_path
-                     AND j2.id <> c.id
-                     -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
-                     AND NOT coalesce(j2.status = 'completed'
-                              AND j2.%1$I < $1
-                              -- OFFSET 0: an index probe per job, never a hash of every asset.
-                              AND NOT EXISTS (
-                                  SELECT 1 FROM %3$s AS a2
-                                  WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
-                                  OFFSET 0), false)
-                   LIMIT 1)
-               END
-        FROM cand AS c
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN bool_or(a.metadata ->> 'render_job_id' = c.id::text) THEN 'canonical'
-                        WHEN count(*) > 0 THEN 'noncanonical'
-                        ELSE 'none'
-                   END AS ref_state
-            FROM %3$s AS a
-            WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = c.id::text
-        ) AS r
-        CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
+        SELECT g.id, g.age_ts, g.output_url, g.ref_state, g.host, g.bucket, g.object_path, g.error,
+               CASE WHEN g.error IS NULL AND g.ref_state = 'none' THEN k.keeper END
+        FROM judged AS g
+        LEFT JOIN keepers AS k ON k.key = g.bucket || '/' || g.object_path
         $sql$, att.age_column, att.jobs_oid::regclass, att.assets_oid::regclass, scope)
     USING cutoff, after_ts, after_id, max_rows, job_ids;
 END
@@ -714,15 +726,18 @@ BEGIN
 END
 $$;
 
--- Statistics for the extension's own tables when autovacuum has not caught up with them. A
--- backlog cycle writes hundreds of thousands of rows in one transaction; an autovacuum or
--- ANALYZE that runs meanwhile does not count rows still being inserted and records a table of
--- many pages and almost no rows, and until its next ANALYZE (a minute on an idle server, hours
--- when autovacuum is busy elsewhere) the planner takes whole-table reads for probes: a claim
--- then read the whole queue, and a confirm the queue once per job. So every cycle and every
--- claim looks (a catalog read) for a table changed more since its last ANALYZE than the rows
--- its statistics count, at least 10,000, and analyzes it: a sample of 30,000 rows, about a
--- tenth of a second at a million. SKIP_LOCKED: an autovacuum already at work on it goes on.
+-- Statistics for the tables cycles and claims read, when autovacuum has not caught up with
+-- them. A backlog cycle writes hundreds of thousands of rows in one transaction, an app loads
+-- jobs in bulk; an autovacuum or ANALYZE that runs meanwhile does not count rows still being
+-- inserted and records a table of many pages and almost no rows. Until its next ANALYZE (a minute
+-- on an idle server, hours when autovacuum is busy elsewhere) the planner takes a scan of a whole
+-- table or index for a probe: a claim read the whole queue, a confirm the queue once per job,
+-- and a claim the whole jobs table once per object (13 minutes for 500 rows of 60,000 jobs).
+-- So every cycle and every claim looks (a catalog read) for a table, the extension's own or the
+-- attached jobs and assets tables, changed more since its last ANALYZE than the rows its
+-- statistics count (and at least 1,000), and analyzes it: a sample of at most 30,000 rows,
+-- about a tenth of a second at a million. Tables it may not analyze (not their owner) are left
+-- to health()'s warning.
 CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -733,14 +748,26 @@ BEGIN
         SELECT c.oid::regclass AS rel, pg_stat_get_mod_since_analyze(c.oid) AS changed,
                greatest(c.reltuples, 0)::bigint AS counted
         FROM pg_catalog.pg_class AS c
-        WHERE c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass,
-                        'orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
-                        'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass)
-          AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 10000)
+        WHERE (c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass,
+                         'orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
+                         'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass)
+               OR c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
+                            UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a))
+          AND c.relkind = 'r'
+          AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000)
+          AND (pg_catalog.pg_has_role(c.relowner, 'USAGE')
+               OR (SELECT r.rolsuper FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user))
     LOOP
-        RAISE LOG 'pg_orphan_cleanup: ANALYZE %, whose statistics count % rows while % rows changed since its last ANALYZE (%)',
-            t.rel, t.counted, t.changed, actor;
-        EXECUTE format('ANALYZE (SKIP_LOCKED) %s', t.rel);
+        BEGIN
+            -- ANALYZE's own lock, without waiting and without SKIP_LOCKED's warning to the
+            -- caller: an autovacuum or another claim already at work on the table goes on.
+            EXECUTE format('LOCK TABLE %s IN SHARE UPDATE EXCLUSIVE MODE NOWAIT', t.rel);
+            RAISE LOG 'pg_orphan_cleanup: ANALYZE %, whose statistics count % rows while % rows changed since its last ANALYZE (%)',
+                t.rel, t.counted, t.changed, actor;
+            EXECUTE format('ANALYZE %s', t.rel);
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
     END LOOP;
 END
 $$;
@@ -758,7 +785,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
     SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 BEGIN
-    IF (SELECT d.finished_at FROM orphan_cleanup.deletion_queue AS d WHERE d.finished_at IS NOT NULL
+    IF (SELECT d.finished_at FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
         ORDER BY d.finished_at LIMIT 1) < now() - retention THEN
         DELETE FROM orphan_cleanup.deletion_queue
         WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
@@ -817,15 +845,16 @@ BEGIN
         EXIT WHEN v_n < 10000;
     END LOOP;
 
-    IF (SELECT o.last_handed_out_at FROM orphan_cleanup.objects AS o WHERE o.handouts > 0
-        ORDER BY o.last_handed_out_at LIMIT 1) < now() - interval '30 days' THEN
+    -- Handed-out objects due for a look (forget_at): only those are read, so objects that stay
+    -- named for months (by dead letters, say) cost one look a day each, not one per cycle.
+    IF (SELECT o.forget_at FROM orphan_cleanup.objects AS o WHERE o.handouts > 0 AND o.kept_at IS NULL
+        ORDER BY o.forget_at LIMIT 1) < now() THEN
         -- Locked first, checked in a second statement: its snapshot is taken after the locks, so
         -- a job write that committed before them is seen (one in flight holds the row: skipped).
         SELECT array_agg(l.bucket), array_agg(l.object_path) INTO v_buckets, v_paths
         FROM (SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
-              WHERE o2.handouts > 0 AND o2.last_handed_out_at < now() - interval '30 days'
-                AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
-              ORDER BY o2.last_handed_out_at LIMIT 10000
+              WHERE o2.handouts > 0 AND o2.kept_at IS NULL AND o2.forget_at < now()
+              ORDER BY o2.forget_at LIMIT 10000
               FOR UPDATE SKIP LOCKED) AS l;
         IF v_paths IS NOT NULL THEN
             -- Audited: from now on a job naming the object can be saved again.
@@ -834,6 +863,8 @@ BEGIN
                     DELETE FROM orphan_cleanup.objects AS o
                     USING unnest($1::text[], $2::text[]) AS k(bucket, object_path)
                     WHERE o.bucket = k.bucket AND o.object_path = k.object_path
+                      AND o.last_handed_out_at < now() - interval '30 days'
+                      AND o.touched_at < now() - interval '1 day'
                       AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
                                       WHERE d.bucket = o.bucket AND d.object_path = o.object_path
                                         AND d.state IN ('pending', 'claimed', 'dead'))
@@ -847,8 +878,8 @@ BEGIN
                 FROM forgotten AS f
                 $sql$, att.jobs_oid::regclass)
             USING v_buckets, v_paths, actor;
-            -- The ones something still names: not looked at again for a day.
-            UPDATE orphan_cleanup.objects AS o SET touched_at = now()
+            -- The ones something still names (or touched in the last day): looked at a day on.
+            UPDATE orphan_cleanup.objects AS o SET forget_at = now() + interval '1 day'
             FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
             WHERE o.bucket = k.bucket AND o.object_path = k.object_path;
         END IF;

@@ -62,6 +62,14 @@ AS 'MODULE_PATHNAME', '_config_wrapper';
 -- Cycles stop at orphan_cleanup.cycle_time_budget; the log says which did.
 ALTER TABLE orphan_cleanup.cycle_log ADD COLUMN out_of_time boolean NOT NULL DEFAULT false;
 
+-- The pruning's index leaves out dead letters, which are kept until a DBA acts.
+DROP INDEX orphan_cleanup.deletion_queue_finished;
+
+CREATE INDEX deletion_queue_prunable ON orphan_cleanup.deletion_queue (finished_at)
+    WHERE state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected');
+
+
+
 -- New tables: the reapers registry and their refusals.
 
 CREATE TABLE orphan_cleanup.reapers (
@@ -102,10 +110,14 @@ CREATE TABLE orphan_cleanup.objects (
     kept_at             timestamptz,                  -- cancel() kept the object: never handed out
     kept_by             text,
     touched_at          timestamptz NOT NULL DEFAULT now(),
+    forget_at           timestamptz,                  -- handed out: when _prune_objects() looks at it next
     PRIMARY KEY (bucket, object_path)
 );
 CREATE INDEX objects_untainted ON orphan_cleanup.objects (touched_at) WHERE handouts = 0 AND kept_at IS NULL;
-CREATE INDEX objects_handed_out ON orphan_cleanup.objects (last_handed_out_at) WHERE handouts > 0;
+-- Handed-out objects by when _prune_objects() looks at them next (30 days after the latest
+-- hand-out, then daily while something still names them), so that it never walks past the ones
+-- it is not due to look at. Kept ones (cancel()) are never forgotten and are not in it.
+CREATE INDEX objects_handed_out ON orphan_cleanup.objects (forget_at) WHERE handouts > 0 AND kept_at IS NULL;
 
 -- The row a save of a job, an INSERT of the job, and a write that points the job at a
 -- handed-out object all write: their conflict is what stops a saved job from being pointed at a
@@ -126,13 +138,14 @@ REVOKE ALL ON orphan_cleanup.objects, orphan_cleanup.job_fences FROM PUBLIC;
 -- claim can commit after this reads the queue and before the new save guard is in place; its
 -- reaper's next claim waits for this update to commit.
 LOCK TABLE orphan_cleanup.deletion_queue IN EXCLUSIVE MODE;
-INSERT INTO orphan_cleanup.objects (bucket, object_path, handouts, first_handed_out_at, last_handed_out_at, last_handed_to, last_queue_id)
+INSERT INTO orphan_cleanup.objects (bucket, object_path, handouts, first_handed_out_at, last_handed_out_at, last_handed_to, last_queue_id, forget_at)
 SELECT d.bucket, d.object_path,
        sum(d.claim_count)::integer,
        min(d.claimed_at) FILTER (WHERE d.claim_count > 0),
        max(d.claimed_at) FILTER (WHERE d.claim_count > 0),
        (array_agg(d.claimed_by ORDER BY d.claimed_at DESC NULLS LAST) FILTER (WHERE d.claim_count > 0))[1],
-       max(d.id) FILTER (WHERE d.claim_count > 0)
+       max(d.id) FILTER (WHERE d.claim_count > 0),
+       coalesce(max(d.claimed_at) FILTER (WHERE d.claim_count > 0), now()) + interval '30 days'
 FROM orphan_cleanup.deletion_queue AS d
 WHERE d.bucket IS NOT NULL AND d.object_path IS NOT NULL
   AND (d.claim_count > 0 OR d.state IN ('pending', 'claimed', 'dead'))
@@ -174,14 +187,26 @@ BEGIN
         SELECT c.oid::regclass AS rel, pg_stat_get_mod_since_analyze(c.oid) AS changed,
                greatest(c.reltuples, 0)::bigint AS counted
         FROM pg_catalog.pg_class AS c
-        WHERE c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass,
-                        'orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
-                        'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass)
-          AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 10000)
+        WHERE (c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass,
+                         'orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
+                         'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass)
+               OR c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
+                            UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a))
+          AND c.relkind = 'r'
+          AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000)
+          AND (pg_catalog.pg_has_role(c.relowner, 'USAGE')
+               OR (SELECT r.rolsuper FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user))
     LOOP
-        RAISE LOG 'pg_orphan_cleanup: ANALYZE %, whose statistics count % rows while % rows changed since its last ANALYZE (%)',
-            t.rel, t.counted, t.changed, actor;
-        EXECUTE format('ANALYZE (SKIP_LOCKED) %s', t.rel);
+        BEGIN
+            -- ANALYZE's own lock, without waiting and without SKIP_LOCKED's warning to the
+            -- caller: an autovacuum or another claim already at work on the table goes on.
+            EXECUTE format('LOCK TABLE %s IN SHARE UPDATE EXCLUSIVE MODE NOWAIT', t.rel);
+            RAISE LOG 'pg_orphan_cleanup: ANALYZE %, whose statistics count % rows while % rows changed since its last ANALYZE (%)',
+                t.rel, t.counted, t.changed, actor;
+            EXECUTE format('ANALYZE %s', t.rel);
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
     END LOOP;
 END
 $$;
@@ -617,7 +642,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
     SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 BEGIN
-    IF (SELECT d.finished_at FROM orphan_cleanup.deletion_queue AS d WHERE d.finished_at IS NOT NULL
+    IF (SELECT d.finished_at FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
         ORDER BY d.finished_at LIMIT 1) < now() - retention THEN
         DELETE FROM orphan_cleanup.deletion_queue
         WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
@@ -932,6 +958,13 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
     END IF;
+    IF current_setting('transaction_read_only')::boolean THEN
+        RAISE EXCEPTION 'claim() needs a read-write transaction: %',
+            CASE WHEN pg_catalog.pg_is_in_recovery() THEN 'this server is a standby, and claims run on the primary'
+                 ELSE 'this one is read-only' END
+            USING ERRCODE = 'read_only_sql_transaction',
+                  HINT = 'Connect to the primary (with a multi-host connection string, target_session_attrs=read-write), or SET TRANSACTION READ WRITE.';
+    END IF;
     IF cardinality(buckets) = 0 OR array_position(buckets, NULL) IS NOT NULL
        OR EXISTS (SELECT 1 FROM unnest(buckets) AS x WHERE btrim(x) = '') THEN
         RAISE EXCEPTION 'buckets must name at least one bucket, with no NULL or empty entries, got %', buckets
@@ -947,6 +980,8 @@ BEGIN
     IF NOT cfg.reaping_enabled THEN
         RETURN;
     END IF;
+    -- Before the app's tables are locked: an ANALYZE here never makes the app's DDL wait.
+    PERFORM orphan_cleanup._refresh_statistics(worker);
     -- The app's tables in ROW EXCLUSIVE mode, without waiting: a transaction that is changing
     -- their triggers (ALTER TABLE ... DISABLE TRIGGER, pg_restore --disable-triggers) holds a
     -- lock that conflicts, and its saves are not guarded until it commits. Such a claim hands out
@@ -972,7 +1007,6 @@ BEGIN
     -- a crash could forget a claim whose files are already gone, and a later save would then
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
     PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
-    PERFORM orphan_cleanup._refresh_statistics(worker);
     PERFORM orphan_cleanup._expire_leases(worker);
     v_home_ok := orphan_cleanup._home_ok(hosts, home_host);
     PERFORM orphan_cleanup._note_reaper(worker, buckets, hosts, home_host);
@@ -1043,7 +1077,29 @@ BEGIN
     -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
     --    committed meanwhile are visible here.
     EXECUTE format($sql$
-        WITH v AS (
+        -- Whether another job naming a row's object is not held by this claim, or keeps the
+        -- object (not an orphan): looked at once per object, not once per row, so that K rows
+        -- of one object (a render cache's hits) cost K probes, not K x K. A row's own job is
+        -- held (or the row is 'busy' before this is looked at) and is never a keeper when this
+        -- is looked at (completed, old enough, unreferenced), so it need not be left out.
+        WITH shared AS MATERIALIZED (
+            SELECT k.key, s.unlocked, s.keeper
+            FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS key
+                  FROM unnest($1::bigint[]) AS wanted(id)
+                  JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id) AS k
+            CROSS JOIN LATERAL (
+                SELECT bool_or(lk2.id IS NULL) AS unlocked,
+                       (array_agg(j2.id) FILTER (
+                           WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
+                                      AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
+                                                      WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
+                                                      OFFSET 0), false)))[1] AS keeper
+                FROM %1$s AS j2
+                LEFT JOIN unnest($2::uuid[]) AS lk2(id) ON lk2.id = j2.id
+                WHERE orphan_cleanup.object_key(j2.output_url) = k.key
+            ) AS s
+        ),
+        v AS (
             SELECT d.id,
                    CASE
                        WHEN j.id IS NULL THEN 'stale'
@@ -1094,17 +1150,7 @@ BEGIN
                 LIMIT 1
             ) AS r ON true
             LEFT JOIN LATERAL orphan_cleanup.check_output_url(j.output_url) AS u ON true
-            LEFT JOIN LATERAL (
-                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
-                       (array_agg(j2.id) FILTER (
-                           WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
-                                      AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
-                                                      WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
-                                                      OFFSET 0), false)))[1] AS keeper
-                FROM %1$s AS j2
-                WHERE orphan_cleanup.object_key(j2.output_url) = d.bucket || '/' || d.object_path
-                  AND j2.id <> d.job_id
-            ) AS s ON true
+            LEFT JOIN shared AS s ON s.key = d.bucket || '/' || d.object_path
         )
         SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
                array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
@@ -1162,7 +1208,8 @@ BEGIN
     -- planner's estimate small, so it never reads the whole table.)
     UPDATE orphan_cleanup.objects AS o
        SET handouts = o.handouts + t.n, first_handed_out_at = coalesce(o.first_handed_out_at, now()),
-           last_handed_out_at = now(), last_handed_to = worker, last_queue_id = t.last_id, touched_at = now()
+           last_handed_out_at = now(), last_handed_to = worker, last_queue_id = t.last_id, touched_at = now(),
+           forget_at = now() + interval '30 days'
       FROM (SELECT d.bucket, d.object_path, count(*) AS n, max(d.id) AS last_id
             FROM unnest(v_ok) AS k(id)
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id
@@ -1698,8 +1745,8 @@ BEGIN
             check_name := ix.item; status := ix.status; detail := ix.detail;
             RETURN NEXT;
         END LOOP;
-        -- The extension analyzes its own tables when autovacuum is behind (_refresh_statistics);
-        -- the app's are the DBA's, named here by the same test.
+        -- Cycles and claims analyze these when autovacuum is behind (_refresh_statistics); this
+        -- names them meanwhile, and always where the extension may not analyze them.
         check_name := 'app table statistics';
         SELECT string_agg(format('%s: its statistics count %s rows while %s rows changed since its last ANALYZE',
                                  c.oid::regclass, greatest(c.reltuples, 0)::bigint, pg_stat_get_mod_since_analyze(c.oid)), '; '),
@@ -1707,12 +1754,12 @@ BEGIN
           INTO detail, v_analyze
           FROM pg_catalog.pg_class AS c
          WHERE c.oid IN (att.jobs_oid, att.assets_oid)
-           AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 10000);
+           AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000);
         IF detail IS NULL THEN
             status := 'ok'; detail := 'current';
         ELSE
             status := 'warning';
-            detail := detail || format('. Until autovacuum analyzes it, claims and confirms may read the whole table per batch; run %s', v_analyze);
+            detail := detail || format('. Until it is analyzed (the next cycle or claim does it, where the extension owns or may analyze it), claims and confirms may read the whole table; run %s', v_analyze);
         END IF;
         RETURN NEXT;
     END IF;
@@ -2523,34 +2570,46 @@ BEGIN
               AND j.output_url IS NOT NULL
               AND j.%1$I < $1
               AND %4$s
+        ),
+        judged AS MATERIALIZED (
+            SELECT c.id, c.age_ts, c.output_url, r.ref_state, u.host, u.bucket, u.object_path, u.error
+            FROM cand AS c
+            CROSS JOIN LATERAL (
+                SELECT CASE WHEN bool_or(a.metadata ->> 'render_job_id' = c.id::text) THEN 'canonical'
+                            WHEN count(*) > 0 THEN 'noncanonical'
+                            ELSE 'none'
+                       END AS ref_state
+                FROM %3$s AS a
+                WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = c.id::text
+            ) AS r
+            CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
+        ),
+        -- A job that is not an orphan and names the same object keeps it: looked for once per
+        -- object, not once per job. Per job, K jobs naming one object (a render cache's hits)
+        -- cost K x K probes when all are orphans. The orphan itself can never be its object's
+        -- keeper (it is completed, old enough and unreferenced), so it need not be left out.
+        keepers AS MATERIALIZED (
+            SELECT o.key, k.id AS keeper
+            FROM (SELECT DISTINCT g.bucket || '/' || g.object_path AS key
+                  FROM judged AS g WHERE g.error IS NULL AND g.ref_state = 'none') AS o
+            CROSS JOIN LATERAL (
+                SELECT j2.id
+                FROM %2$s AS j2
+                WHERE orphan_cleanup.object_key(j2.output_url) = o.key
+                  -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
+                  AND NOT coalesce(j2.status = 'completed'
+                           AND j2.%1$I < $1
+                           -- OFFSET 0: an index probe per job, never a hash of every asset.
+                           AND NOT EXISTS (
+                               SELECT 1 FROM %3$s AS a2
+                               WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
+                               OFFSET 0), false)
+                LIMIT 1) AS k
         )
-        SELECT c.id, c.age_ts, c.output_url, r.ref_state,
-               u.host, u.bucket, u.object_path, u.error,
-               CASE WHEN u.error IS NULL AND r.ref_state = 'none' THEN (
-                   SELECT j2.id
-                   FROM %2$s AS j2
-                   WHERE orphan_cleanup.object_key(j2.output_url) = u.bucket || '/' || u.object_path
-                     AND j2.id <> c.id
-                     -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
-                     AND NOT coalesce(j2.status = 'completed'
-                              AND j2.%1$I < $1
-                              -- OFFSET 0: an index probe per job, never a hash of every asset.
-                              AND NOT EXISTS (
-                                  SELECT 1 FROM %3$s AS a2
-                                  WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
-                                  OFFSET 0), false)
-                   LIMIT 1)
-               END
-        FROM cand AS c
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN bool_or(a.metadata ->> 'render_job_id' = c.id::text) THEN 'canonical'
-                        WHEN count(*) > 0 THEN 'noncanonical'
-                        ELSE 'none'
-                   END AS ref_state
-            FROM %3$s AS a
-            WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = c.id::text
-        ) AS r
-        CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
+        SELECT g.id, g.age_ts, g.output_url, g.ref_state, g.host, g.bucket, g.object_path, g.error,
+               CASE WHEN g.error IS NULL AND g.ref_state = 'none' THEN k.keeper END
+        FROM judged AS g
+        LEFT JOIN keepers AS k ON k.key = g.bucket || '/' || g.object_path
         $sql$, att.age_column, att.jobs_oid::regclass, att.assets_oid::regclass, scope)
     USING cutoff, after_ts, after_id, max_rows, job_ids;
 END
@@ -2672,15 +2731,16 @@ BEGIN
         EXIT WHEN v_n < 10000;
     END LOOP;
 
-    IF (SELECT o.last_handed_out_at FROM orphan_cleanup.objects AS o WHERE o.handouts > 0
-        ORDER BY o.last_handed_out_at LIMIT 1) < now() - interval '30 days' THEN
+    -- Handed-out objects due for a look (forget_at): only those are read, so objects that stay
+    -- named for months (by dead letters, say) cost one look a day each, not one per cycle.
+    IF (SELECT o.forget_at FROM orphan_cleanup.objects AS o WHERE o.handouts > 0 AND o.kept_at IS NULL
+        ORDER BY o.forget_at LIMIT 1) < now() THEN
         -- Locked first, checked in a second statement: its snapshot is taken after the locks, so
         -- a job write that committed before them is seen (one in flight holds the row: skipped).
         SELECT array_agg(l.bucket), array_agg(l.object_path) INTO v_buckets, v_paths
         FROM (SELECT o2.bucket, o2.object_path FROM orphan_cleanup.objects AS o2
-              WHERE o2.handouts > 0 AND o2.last_handed_out_at < now() - interval '30 days'
-                AND o2.kept_at IS NULL AND o2.touched_at < now() - interval '1 day'
-              ORDER BY o2.last_handed_out_at LIMIT 10000
+              WHERE o2.handouts > 0 AND o2.kept_at IS NULL AND o2.forget_at < now()
+              ORDER BY o2.forget_at LIMIT 10000
               FOR UPDATE SKIP LOCKED) AS l;
         IF v_paths IS NOT NULL THEN
             -- Audited: from now on a job naming the object can be saved again.
@@ -2689,6 +2749,8 @@ BEGIN
                     DELETE FROM orphan_cleanup.objects AS o
                     USING unnest($1::text[], $2::text[]) AS k(bucket, object_path)
                     WHERE o.bucket = k.bucket AND o.object_path = k.object_path
+                      AND o.last_handed_out_at < now() - interval '30 days'
+                      AND o.touched_at < now() - interval '1 day'
                       AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
                                       WHERE d.bucket = o.bucket AND d.object_path = o.object_path
                                         AND d.state IN ('pending', 'claimed', 'dead'))
@@ -2702,8 +2764,8 @@ BEGIN
                 FROM forgotten AS f
                 $sql$, att.jobs_oid::regclass)
             USING v_buckets, v_paths, actor;
-            -- The ones something still names: not looked at again for a day.
-            UPDATE orphan_cleanup.objects AS o SET touched_at = now()
+            -- The ones something still names (or touched in the last day): looked at a day on.
+            UPDATE orphan_cleanup.objects AS o SET forget_at = now() + interval '1 day'
             FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
             WHERE o.bucket = k.bucket AND o.object_path = k.object_path;
         END IF;

@@ -299,6 +299,13 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Its re-check needs a fresh snapshot after taking its locks; call it in its own transaction.';
     END IF;
+    IF current_setting('transaction_read_only')::boolean THEN
+        RAISE EXCEPTION 'claim() needs a read-write transaction: %',
+            CASE WHEN pg_catalog.pg_is_in_recovery() THEN 'this server is a standby, and claims run on the primary'
+                 ELSE 'this one is read-only' END
+            USING ERRCODE = 'read_only_sql_transaction',
+                  HINT = 'Connect to the primary (with a multi-host connection string, target_session_attrs=read-write), or SET TRANSACTION READ WRITE.';
+    END IF;
     IF cardinality(buckets) = 0 OR array_position(buckets, NULL) IS NOT NULL
        OR EXISTS (SELECT 1 FROM unnest(buckets) AS x WHERE btrim(x) = '') THEN
         RAISE EXCEPTION 'buckets must name at least one bucket, with no NULL or empty entries, got %', buckets
@@ -314,6 +321,8 @@ BEGIN
     IF NOT cfg.reaping_enabled THEN
         RETURN;
     END IF;
+    -- Before the app's tables are locked: an ANALYZE here never makes the app's DDL wait.
+    PERFORM orphan_cleanup._refresh_statistics(worker);
     -- The app's tables in ROW EXCLUSIVE mode, without waiting: a transaction that is changing
     -- their triggers (ALTER TABLE ... DISABLE TRIGGER, pg_restore --disable-triggers) holds a
     -- lock that conflicts, and its saves are not guarded until it commits. Such a claim hands out
@@ -339,7 +348,6 @@ BEGIN
     -- a crash could forget a claim whose files are already gone, and a later save would then
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
     PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
-    PERFORM orphan_cleanup._refresh_statistics(worker);
     PERFORM orphan_cleanup._expire_leases(worker);
     v_home_ok := orphan_cleanup._home_ok(hosts, home_host);
     PERFORM orphan_cleanup._note_reaper(worker, buckets, hosts, home_host);
@@ -410,7 +418,29 @@ BEGIN
     -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
     --    committed meanwhile are visible here.
     EXECUTE format($sql$
-        WITH v AS (
+        -- Whether another job naming a row's object is not held by this claim, or keeps the
+        -- object (not an orphan): looked at once per object, not once per row, so that K rows
+        -- of one object (a render cache's hits) cost K probes, not K x K. A row's own job is
+        -- held (or the row is 'busy' before this is looked at) and is never a keeper when this
+        -- is looked at (completed, old enough, unreferenced), so it need not be left out.
+        WITH shared AS MATERIALIZED (
+            SELECT k.key, s.unlocked, s.keeper
+            FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS key
+                  FROM unnest($1::bigint[]) AS wanted(id)
+                  JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id) AS k
+            CROSS JOIN LATERAL (
+                SELECT bool_or(lk2.id IS NULL) AS unlocked,
+                       (array_agg(j2.id) FILTER (
+                           WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
+                                      AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
+                                                      WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
+                                                      OFFSET 0), false)))[1] AS keeper
+                FROM %1$s AS j2
+                LEFT JOIN unnest($2::uuid[]) AS lk2(id) ON lk2.id = j2.id
+                WHERE orphan_cleanup.object_key(j2.output_url) = k.key
+            ) AS s
+        ),
+        v AS (
             SELECT d.id,
                    CASE
                        WHEN j.id IS NULL THEN 'stale'
@@ -461,17 +491,7 @@ BEGIN
                 LIMIT 1
             ) AS r ON true
             LEFT JOIN LATERAL orphan_cleanup.check_output_url(j.output_url) AS u ON true
-            LEFT JOIN LATERAL (
-                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
-                       (array_agg(j2.id) FILTER (
-                           WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
-                                      AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
-                                                      WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
-                                                      OFFSET 0), false)))[1] AS keeper
-                FROM %1$s AS j2
-                WHERE orphan_cleanup.object_key(j2.output_url) = d.bucket || '/' || d.object_path
-                  AND j2.id <> d.job_id
-            ) AS s ON true
+            LEFT JOIN shared AS s ON s.key = d.bucket || '/' || d.object_path
         )
         SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
                array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
@@ -529,7 +549,8 @@ BEGIN
     -- planner's estimate small, so it never reads the whole table.)
     UPDATE orphan_cleanup.objects AS o
        SET handouts = o.handouts + t.n, first_handed_out_at = coalesce(o.first_handed_out_at, now()),
-           last_handed_out_at = now(), last_handed_to = worker, last_queue_id = t.last_id, touched_at = now()
+           last_handed_out_at = now(), last_handed_to = worker, last_queue_id = t.last_id, touched_at = now(),
+           forget_at = now() + interval '30 days'
       FROM (SELECT d.bucket, d.object_path, count(*) AS n, max(d.id) AS last_id
             FROM unnest(v_ok) AS k(id)
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id

@@ -112,7 +112,11 @@ CREATE INDEX deletion_queue_job ON orphan_cleanup.deletion_queue (job_id);
 CREATE INDEX deletion_queue_object ON orphan_cleanup.deletion_queue (bucket, object_path);
 CREATE INDEX deletion_queue_ready ON orphan_cleanup.deletion_queue (available_at, id) WHERE state = 'pending';
 CREATE INDEX deletion_queue_leases ON orphan_cleanup.deletion_queue (lease_until) WHERE state = 'claimed';
-CREATE INDEX deletion_queue_finished ON orphan_cleanup.deletion_queue (finished_at) WHERE finished_at IS NOT NULL;
+-- Finished rows that _prune() deletes after the retention, oldest first. Not dead letters: they
+-- stay until a DBA acts, and with them in the index every cycle's look for something to prune
+-- found an old dead row and walked past all of them to delete nothing.
+CREATE INDEX deletion_queue_prunable ON orphan_cleanup.deletion_queue (finished_at)
+    WHERE state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected');
 -- Confirmed rows whose job row still needs cleaning up: every cycle looks for them, and without
 -- this index that look read the whole queue (125 ms per idle cycle at 550k queue rows).
 CREATE INDEX deletion_queue_job_cleanup_pending ON orphan_cleanup.deletion_queue (id) WHERE job_cleanup LIKE 'pending%';
@@ -183,10 +187,14 @@ CREATE TABLE orphan_cleanup.objects (
     kept_at             timestamptz,                  -- cancel() kept the object: never handed out
     kept_by             text,
     touched_at          timestamptz NOT NULL DEFAULT now(),
+    forget_at           timestamptz,                  -- handed out: when _prune_objects() looks at it next
     PRIMARY KEY (bucket, object_path)
 );
 CREATE INDEX objects_untainted ON orphan_cleanup.objects (touched_at) WHERE handouts = 0 AND kept_at IS NULL;
-CREATE INDEX objects_handed_out ON orphan_cleanup.objects (last_handed_out_at) WHERE handouts > 0;
+-- Handed-out objects by when _prune_objects() looks at them next (30 days after the latest
+-- hand-out, then daily while something still names them), so that it never walks past the ones
+-- it is not due to look at. Kept ones (cancel()) are never forgotten and are not in it.
+CREATE INDEX objects_handed_out ON orphan_cleanup.objects (forget_at) WHERE handouts > 0 AND kept_at IS NULL;
 
 -- The row a save of a job, an INSERT of the job, and a write that points the job at a
 -- handed-out object all write: their conflict is what stops a saved job from being pointed at a

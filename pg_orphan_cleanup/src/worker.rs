@@ -79,6 +79,7 @@ pub extern "C-unwind" fn orphan_cleanup_worker_main(_arg: pg_sys::Datum) {
     let mut activity = Activity::default();
     while BackgroundWorker::wait_latch(Some(TICK)) {
         pgrx::check_for_interrupts!();
+        report_table_counts();
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -189,6 +190,17 @@ fn flush_refusals() {
         if let Err(e) = Spi::run("SELECT orphan_cleanup._flush_refusals()") {
             warning!("pg_orphan_cleanup worker: could not audit refused saves: {e}");
         }
+    }
+}
+
+/// Reports what the last transactions inserted, updated and deleted to the cumulative statistics
+/// (rate-limited by PostgreSQL to once a second). A regular backend does this when it goes idle;
+/// a background worker only when it asks. Without it autovacuum, and the extension's own
+/// `_refresh_statistics()`, never learned that a backlog cycle wrote 500,000 queue rows, and
+/// the queue kept the statistics of an empty table. Outside any transaction, as required.
+fn report_table_counts() {
+    unsafe {
+        pg_sys::pgstat_report_stat(false);
     }
 }
 

@@ -1465,6 +1465,7 @@ fn seq03_a_hand_out_record_lives_while_a_job_names_it_and_30_days_after_and_its_
     let ids = claim(&mut c, "r1", 10);
     confirm(&mut c, "r1", &ids);
     let age = "UPDATE orphan_cleanup.objects SET last_handed_out_at = last_handed_out_at - interval '31 days',
+                                              forget_at = forget_at - interval '31 days',
                                               touched_at = touched_at - interval '2 days'";
     // A render cache hit names the object: however old the hand-out, the record stays.
     let hit = job(&mut c, "completed", Some(&url), "1 minute", "cache hit");

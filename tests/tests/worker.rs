@@ -364,3 +364,69 @@ fn without_the_indexes_the_worker_says_so_once_waits_and_resumes_by_itself() {
     settings(&[]);
     teardown_postgres_db(&mut c);
 }
+
+#[test]
+fn what_the_worker_writes_is_counted_so_that_its_tables_get_analyzed() {
+    // A backend reports what it inserted, updated and deleted when it goes idle; a background
+    // worker never goes idle that way and reports only when it asks to. Until it does, autovacuum
+    // and the extension's own _refresh_statistics() do not know that a backlog cycle wrote
+    // 20,000 queue rows, and the queue keeps the statistics of an empty table.
+    const N: i64 = 20_000;
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("enabled", "off"));
+    settings(&s);
+    let mut c = setup_postgres_db();
+    backlog(&mut c, N, "counted");
+    let inserted = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT pg_stat_get_tuples_inserted('orphan_cleanup.deletion_queue'::regclass)",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(inserted(&mut c), 0);
+
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("interval", "1s"));
+    s.push(("max_per_cycle", "1000000"));
+    s.push(("cycle_time_budget", "1h"));
+    settings(&s);
+    wait_for(
+        Duration::from_secs(60),
+        "the worker to queue the backlog",
+        || {
+            c.query_one(
+                "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == N
+        },
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the worker's inserts to be counted",
+        || {
+            c.batch_execute("SELECT pg_stat_clear_snapshot()").unwrap();
+            inserted(&mut c) >= N
+        },
+    );
+    // And so the queue's statistics are put right (by the worker's next cycle or autovacuum).
+    wait_for(
+        Duration::from_secs(30),
+        "the queue's statistics to count its rows",
+        || {
+            c.query_one(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'orphan_cleanup.deletion_queue'::regclass",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                >= N / 2
+        },
+    );
+    settings(&[]);
+    teardown_postgres_db(&mut c);
+}
