@@ -102,7 +102,7 @@ AS 'MODULE_PATHNAME', '_config_wrapper';
 ALTER TABLE orphan_cleanup.cycle_log ADD COLUMN out_of_time boolean NOT NULL DEFAULT false;
 
 -- The pruning's index leaves out dead letters, which are kept until a DBA acts.
-DROP INDEX orphan_cleanup.deletion_queue_finished;
+DROP INDEX IF EXISTS orphan_cleanup.deletion_queue_finished;
 """)
 out.append(section('schema', "CREATE INDEX deletion_queue_prunable", "'stale', 'rejected');"))
 out.append("""
@@ -343,7 +343,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
     orphan_cleanup._another_chunk_fits(timestamptz, timestamptz),
-    orphan_cleanup._refresh_statistics(text),
+    orphan_cleanup._refresh_statistics(text, boolean),
     orphan_cleanup._breaker_settings(),
     orphan_cleanup._required_indexes(oid, oid, text),
     orphan_cleanup._index_problem(oid, oid, text, boolean),

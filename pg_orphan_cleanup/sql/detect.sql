@@ -208,6 +208,11 @@ $$;
 
 -- Judges one chunk of candidates and, unless dry, queues the orphans, records the rejected URLs
 -- and audits every decision. Returns what it saw and where the scan got to.
+-- Planned afresh for every chunk (plan_cache_mode): a plan cached by the first chunk of a
+-- cycle over an empty queue read the whole queue for every orphan once the cycle had filled
+-- it (at 1M jobs, chunks of 2,000 grew from 0.6 to 41 s within one backlog cycle); planned per
+-- chunk, the queue's size as it grows is seen, and the lookup stays a probe.
+
 CREATE FUNCTION orphan_cleanup._process_chunk(
     att orphan_cleanup.attachment,
     p_cycle bigint,
@@ -222,6 +227,7 @@ CREATE FUNCTION orphan_cleanup._process_chunk(
     OUT seen bigint, OUT last_ts timestamptz, OUT last_id uuid,
     OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+    SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
     WITH c AS MATERIALIZED (
@@ -360,7 +366,6 @@ BEGIN
     deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
-    PERFORM orphan_cleanup._refresh_statistics(p_actor);
     IF NOT dry THEN
         PERFORM orphan_cleanup._expire_leases(p_actor);
         PERFORM orphan_cleanup._retry_job_cleanup(p_actor);
@@ -528,6 +533,8 @@ BEGIN
         RETURN;
     END IF;
     RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
+    -- Before the part a failed cycle rolls back: statistics it puts right stay right.
+    PERFORM orphan_cleanup._refresh_statistics(v_actor, app_tables => true);
     BEGIN
         r := orphan_cleanup._cycle_body(v_id, v_actor);
         PERFORM orphan_cleanup._pause_point('cycle');
@@ -733,12 +740,16 @@ $$;
 -- on an idle server, hours when autovacuum is busy elsewhere) the planner takes a scan of a whole
 -- table or index for a probe: a claim read the whole queue, a confirm the queue once per job,
 -- and a claim the whole jobs table once per object (13 minutes for 500 rows of 60,000 jobs).
--- So every cycle and every claim looks (a catalog read) for a table, the extension's own or the
--- attached jobs and assets tables, changed more since its last ANALYZE than the rows its
--- statistics count (and at least 1,000), and analyzes it: a sample of at most 30,000 rows,
--- about a tenth of a second at a million. Tables it may not analyze (not their owner) are left
--- to health()'s warning.
-CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text) RETURNS void
+-- So every claim looks (a catalog read) for a table of the extension's own, and every cycle
+-- also for the attached jobs and assets tables (app_tables), changed more since its last
+-- ANALYZE than the rows its statistics count (and at least 1,000), and analyzes it: a sample of
+-- at most 30,000 rows, about a tenth of a second at a million. Not the app's tables in a claim:
+-- its lock (SHARE UPDATE EXCLUSIVE, held to the end of the transaction) would make the app's
+-- DDL and vacuum wait for every claim, and a claim that fails would take the statistics back
+-- with it. A cycle does it before its work, outside the part a failed cycle rolls back, and
+-- holds that lock until it commits (within cycle_time_budget). Tables it may not analyze (not
+-- their owner) are left to health()'s warning.
+CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text, app_tables boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -751,8 +762,8 @@ BEGIN
         WHERE (c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass,
                          'orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
                          'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass)
-               OR c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
-                            UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a))
+               OR (app_tables AND c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
+                                            UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a)))
           AND c.relkind = 'r'
           AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000)
           AND (pg_catalog.pg_has_role(c.relowner, 'USAGE')

@@ -63,7 +63,7 @@ AS 'MODULE_PATHNAME', '_config_wrapper';
 ALTER TABLE orphan_cleanup.cycle_log ADD COLUMN out_of_time boolean NOT NULL DEFAULT false;
 
 -- The pruning's index leaves out dead letters, which are kept until a DBA acts.
-DROP INDEX orphan_cleanup.deletion_queue_finished;
+DROP INDEX IF EXISTS orphan_cleanup.deletion_queue_finished;
 
 CREATE INDEX deletion_queue_prunable ON orphan_cleanup.deletion_queue (finished_at)
     WHERE state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected');
@@ -177,7 +177,7 @@ CREATE FUNCTION orphan_cleanup._another_chunk_fits(started timestamptz, deadline
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 RETURN clock_timestamp() + 1.5 * (clock_timestamp() - started) < deadline;
 
-CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text) RETURNS void
+CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text, app_tables boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -190,8 +190,8 @@ BEGIN
         WHERE (c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass,
                          'orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
                          'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass)
-               OR c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
-                            UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a))
+               OR (app_tables AND c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
+                                            UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a)))
           AND c.relkind = 'r'
           AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000)
           AND (pg_catalog.pg_has_role(c.relowner, 'USAGE')
@@ -256,7 +256,6 @@ BEGIN
     deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
-    PERFORM orphan_cleanup._refresh_statistics(p_actor);
     IF NOT dry THEN
         PERFORM orphan_cleanup._expire_leases(p_actor);
         PERFORM orphan_cleanup._retry_job_cleanup(p_actor);
@@ -595,6 +594,8 @@ BEGIN
         RETURN;
     END IF;
     RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
+    -- Before the part a failed cycle rolls back: statistics it puts right stay right.
+    PERFORM orphan_cleanup._refresh_statistics(v_actor, app_tables => true);
     BEGIN
         r := orphan_cleanup._cycle_body(v_id, v_actor);
         PERFORM orphan_cleanup._pause_point('cycle');
@@ -980,8 +981,8 @@ BEGIN
     IF NOT cfg.reaping_enabled THEN
         RETURN;
     END IF;
-    -- Before the app's tables are locked: an ANALYZE here never makes the app's DDL wait.
-    PERFORM orphan_cleanup._refresh_statistics(worker);
+    -- The queue's own tables only (see _refresh_statistics); before any lock is taken.
+    PERFORM orphan_cleanup._refresh_statistics(worker, app_tables => false);
     -- The app's tables in ROW EXCLUSIVE mode, without waiting: a transaction that is changing
     -- their triggers (ALTER TABLE ... DISABLE TRIGGER, pg_restore --disable-triggers) holds a
     -- lock that conflicts, and its saves are not guarded until it commits. Such a claim hands out
@@ -1088,14 +1089,15 @@ BEGIN
                   FROM unnest($1::bigint[]) AS wanted(id)
                   JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id) AS k
             CROSS JOIN LATERAL (
-                SELECT bool_or(lk2.id IS NULL) AS unlocked,
+                -- `= ANY ($2)`: EXECUTE folds $2 into a constant, so this is a hashed lookup;
+                -- a join with unnest($2) read all the locked ids once per object.
+                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
                        (array_agg(j2.id) FILTER (
                            WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
                                       AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
                                                       WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
                                                       OFFSET 0), false)))[1] AS keeper
                 FROM %1$s AS j2
-                LEFT JOIN unnest($2::uuid[]) AS lk2(id) ON lk2.id = j2.id
                 WHERE orphan_cleanup.object_key(j2.output_url) = k.key
             ) AS s
         ),
@@ -1745,8 +1747,8 @@ BEGIN
             check_name := ix.item; status := ix.status; detail := ix.detail;
             RETURN NEXT;
         END LOOP;
-        -- Cycles and claims analyze these when autovacuum is behind (_refresh_statistics); this
-        -- names them meanwhile, and always where the extension may not analyze them.
+        -- Cycles analyze these when autovacuum is behind (_refresh_statistics); this names them
+        -- meanwhile, and always where the extension may not analyze them.
         check_name := 'app table statistics';
         SELECT string_agg(format('%s: its statistics count %s rows while %s rows changed since its last ANALYZE',
                                  c.oid::regclass, greatest(c.reltuples, 0)::bigint, pg_stat_get_mod_since_analyze(c.oid)), '; '),
@@ -1759,7 +1761,7 @@ BEGIN
             status := 'ok'; detail := 'current';
         ELSE
             status := 'warning';
-            detail := detail || format('. Until it is analyzed (the next cycle or claim does it, where the extension owns or may analyze it), claims and confirms may read the whole table; run %s', v_analyze);
+            detail := detail || format('. Until it is analyzed (the next cycle does it, where the extension may analyze it), claims and confirms may read the whole table; run %s', v_analyze);
         END IF;
         RETURN NEXT;
     END IF;
@@ -2629,6 +2631,7 @@ CREATE OR REPLACE FUNCTION orphan_cleanup._process_chunk(
     OUT seen bigint, OUT last_ts timestamptz, OUT last_id uuid,
     OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+    SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
     WITH c AS MATERIALIZED (
@@ -3201,7 +3204,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
     orphan_cleanup._another_chunk_fits(timestamptz, timestamptz),
-    orphan_cleanup._refresh_statistics(text),
+    orphan_cleanup._refresh_statistics(text, boolean),
     orphan_cleanup._breaker_settings(),
     orphan_cleanup._required_indexes(oid, oid, text),
     orphan_cleanup._index_problem(oid, oid, text, boolean),

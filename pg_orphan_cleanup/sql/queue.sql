@@ -321,8 +321,8 @@ BEGIN
     IF NOT cfg.reaping_enabled THEN
         RETURN;
     END IF;
-    -- Before the app's tables are locked: an ANALYZE here never makes the app's DDL wait.
-    PERFORM orphan_cleanup._refresh_statistics(worker);
+    -- The queue's own tables only (see _refresh_statistics); before any lock is taken.
+    PERFORM orphan_cleanup._refresh_statistics(worker, app_tables => false);
     -- The app's tables in ROW EXCLUSIVE mode, without waiting: a transaction that is changing
     -- their triggers (ALTER TABLE ... DISABLE TRIGGER, pg_restore --disable-triggers) holds a
     -- lock that conflicts, and its saves are not guarded until it commits. Such a claim hands out
@@ -429,14 +429,15 @@ BEGIN
                   FROM unnest($1::bigint[]) AS wanted(id)
                   JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id) AS k
             CROSS JOIN LATERAL (
-                SELECT bool_or(lk2.id IS NULL) AS unlocked,
+                -- `= ANY ($2)`: EXECUTE folds $2 into a constant, so this is a hashed lookup;
+                -- a join with unnest($2) read all the locked ids once per object.
+                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
                        (array_agg(j2.id) FILTER (
                            WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
                                       AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
                                                       WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
                                                       OFFSET 0), false)))[1] AS keeper
                 FROM %1$s AS j2
-                LEFT JOIN unnest($2::uuid[]) AS lk2(id) ON lk2.id = j2.id
                 WHERE orphan_cleanup.object_key(j2.output_url) = k.key
             ) AS s
         ),

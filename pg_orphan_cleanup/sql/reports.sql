@@ -427,8 +427,8 @@ BEGIN
             check_name := ix.item; status := ix.status; detail := ix.detail;
             RETURN NEXT;
         END LOOP;
-        -- Cycles and claims analyze these when autovacuum is behind (_refresh_statistics); this
-        -- names them meanwhile, and always where the extension may not analyze them.
+        -- Cycles analyze these when autovacuum is behind (_refresh_statistics); this names them
+        -- meanwhile, and always where the extension may not analyze them.
         check_name := 'app table statistics';
         SELECT string_agg(format('%s: its statistics count %s rows while %s rows changed since its last ANALYZE',
                                  c.oid::regclass, greatest(c.reltuples, 0)::bigint, pg_stat_get_mod_since_analyze(c.oid)), '; '),
@@ -441,7 +441,7 @@ BEGIN
             status := 'ok'; detail := 'current';
         ELSE
             status := 'warning';
-            detail := detail || format('. Until it is analyzed (the next cycle or claim does it, where the extension owns or may analyze it), claims and confirms may read the whole table; run %s', v_analyze);
+            detail := detail || format('. Until it is analyzed (the next cycle does it, where the extension may analyze it), claims and confirms may read the whole table; run %s', v_analyze);
         END IF;
         RETURN NEXT;
     END IF;

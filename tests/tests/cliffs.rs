@@ -805,6 +805,18 @@ fn claims_and_confirms_probe_per_row_even_with_statistics_from_empty_tables() {
             && detail.ends_with("run ANALYZE public.render_jobs;"),
         "{detail}"
     );
+    let mut no_buckets = s.clone();
+    no_buckets.retain(|(k, _)| *k != "allowed_buckets");
+    settings(&no_buckets);
+    assert_eq!(cycle(&mut c).0, "failed");
+    settings(&s);
+    assert!(
+        count(
+            &mut c,
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = 'public.render_jobs'::regclass"
+        ) > N,
+        "the failed cycle analyzed the jobs table, and that stays"
+    );
     let (claim_pages, confirm_pages) = claim_and_confirm(&mut c);
     assert!(
         claim_pages < 80 * ROWS,
