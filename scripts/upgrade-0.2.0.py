@@ -146,6 +146,7 @@ out.append("""-- An allow-list of only spaces and commas reads as empty everywhe
 """)
 out.append(fn('schema','_no_entries', replace=False))
 out.append(fn('detect','_another_chunk_fits', replace=False))
+out.append(fn('detect','_statistics_stale', replace=False))
 out.append(fn('detect','_refresh_statistics', replace=False))
 out.append(fn('detect','_cycle_body'))
 out.append(fn('detect','enqueue_orphans'))
@@ -343,6 +344,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
     orphan_cleanup._another_chunk_fits(timestamptz, timestamptz),
+    orphan_cleanup._statistics_stale(oid, real),
     orphan_cleanup._refresh_statistics(text, boolean),
     orphan_cleanup._breaker_settings(),
     orphan_cleanup._required_indexes(oid, oid, text),

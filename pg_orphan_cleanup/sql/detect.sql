@@ -749,6 +749,12 @@ $$;
 -- with it. A cycle does it before its work, outside the part a failed cycle rolls back, and
 -- holds that lock until it commits (within cycle_time_budget). Tables it may not analyze (not
 -- their owner) are left to health()'s warning.
+-- The test both _refresh_statistics() and health() apply: changed more since the last ANALYZE
+-- than the statistics count, and at least 1,000 rows.
+CREATE FUNCTION orphan_cleanup._statistics_stale(rel oid, counted real) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN pg_catalog.pg_stat_get_mod_since_analyze(rel) > greatest(counted, 1000);
+
 CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text, app_tables boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -765,7 +771,7 @@ BEGIN
                OR (app_tables AND c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
                                             UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a)))
           AND c.relkind = 'r'
-          AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000)
+          AND orphan_cleanup._statistics_stale(c.oid, c.reltuples)
           AND (pg_catalog.pg_has_role(c.relowner, 'USAGE')
                OR (SELECT r.rolsuper FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user))
     LOOP

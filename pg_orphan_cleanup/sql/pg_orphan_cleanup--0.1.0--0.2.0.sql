@@ -177,6 +177,10 @@ CREATE FUNCTION orphan_cleanup._another_chunk_fits(started timestamptz, deadline
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 RETURN clock_timestamp() + 1.5 * (clock_timestamp() - started) < deadline;
 
+CREATE FUNCTION orphan_cleanup._statistics_stale(rel oid, counted real) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN pg_catalog.pg_stat_get_mod_since_analyze(rel) > greatest(counted, 1000);
+
 CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text, app_tables boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -193,7 +197,7 @@ BEGIN
                OR (app_tables AND c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
                                             UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a)))
           AND c.relkind = 'r'
-          AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000)
+          AND orphan_cleanup._statistics_stale(c.oid, c.reltuples)
           AND (pg_catalog.pg_has_role(c.relowner, 'USAGE')
                OR (SELECT r.rolsuper FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user))
     LOOP
@@ -1756,7 +1760,7 @@ BEGIN
           INTO detail, v_analyze
           FROM pg_catalog.pg_class AS c
          WHERE c.oid IN (att.jobs_oid, att.assets_oid)
-           AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000);
+           AND orphan_cleanup._statistics_stale(c.oid, c.reltuples);
         IF detail IS NULL THEN
             status := 'ok'; detail := 'current';
         ELSE
@@ -3204,6 +3208,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
     orphan_cleanup._another_chunk_fits(timestamptz, timestamptz),
+    orphan_cleanup._statistics_stale(oid, real),
     orphan_cleanup._refresh_statistics(text, boolean),
     orphan_cleanup._breaker_settings(),
     orphan_cleanup._required_indexes(oid, oid, text),

@@ -436,7 +436,7 @@ BEGIN
           INTO detail, v_analyze
           FROM pg_catalog.pg_class AS c
          WHERE c.oid IN (att.jobs_oid, att.assets_oid)
-           AND pg_stat_get_mod_since_analyze(c.oid) > greatest(c.reltuples, 1000);
+           AND orphan_cleanup._statistics_stale(c.oid, c.reltuples);
         IF detail IS NULL THEN
             status := 'ok'; detail := 'current';
         ELSE

@@ -15,6 +15,25 @@ fn count(c: &mut postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).unwrap().get(0)
 }
 
+/// Applies the base settings plus `extra`, with cycles that may queue a whole backlog at once
+/// (max_per_cycle 1M, a budget of an hour), and returns them for a test to change later.
+fn unbounded_cycles(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut s = BASE_SETTINGS.to_vec();
+    s.push(("max_per_cycle", "1000000"));
+    s.push(("cycle_time_budget", "1h"));
+    s.extend_from_slice(extra);
+    settings(&s);
+    s
+}
+
+/// pg_class.reltuples of `rel`: what the planner's statistics count.
+fn reltuples(c: &mut postgres::Client, rel: &str) -> i64 {
+    count(
+        c,
+        &format!("SELECT reltuples::bigint FROM pg_class WHERE oid = '{rel}'::regclass"),
+    )
+}
+
 /// Every entry point that probes per row refuses, each naming `why` and every statement of
 /// `run` (claim() only those of the two lookup indexes: it never scans jobs by age); health() is
 /// critical with the same statements; nothing is queued.
@@ -574,10 +593,7 @@ fn leases_that_ran_out_together_come_back_a_bounded_batch_per_cycle_and_none_is_
     // (the longest-expired first), so that no cycle's time budget goes to one long statement,
     // and after three cycles every row is pending again, charged one attempt, audited once.
     const N: i64 = 12_000;
-    let mut s = BASE_SETTINGS.to_vec();
-    s.push(("max_per_cycle", "1000000"));
-    s.push(("cycle_time_budget", "1h"));
-    settings(&s);
+    unbounded_cycles(&[]);
     let db = TestDb::create("cliffs_leases");
     let mut c = db.client();
     backlog(&mut c, N, "leases");
@@ -726,10 +742,7 @@ fn claims_and_confirms_probe_per_row_even_with_statistics_from_empty_tables() {
     // for 1,000 rows).
     const N: i64 = 60_000;
     const ROWS: i64 = 500;
-    let mut s = BASE_SETTINGS.to_vec();
-    s.push(("max_per_cycle", "1000000"));
-    s.push(("cycle_time_budget", "1h"));
-    settings(&s);
+    let s = unbounded_cycles(&[]);
     let db = TestDb::create("cliffs_stale_claims");
     let mut c = db.client();
     no_autovacuum(&mut c);
@@ -771,7 +784,7 @@ fn claims_and_confirms_probe_per_row_even_with_statistics_from_empty_tables() {
     stale(&mut c, "orphan_cleanup");
     let (claim_pages, confirm_pages) = claim_and_confirm(&mut c);
     assert!(
-        count(&mut c, "SELECT reltuples::bigint FROM pg_class WHERE oid = 'orphan_cleanup.deletion_queue'::regclass") > N / 2,
+        reltuples(&mut c, "orphan_cleanup.deletion_queue") > N / 2,
         "the claim analyzed the queue"
     );
     assert!(
@@ -811,10 +824,7 @@ fn claims_and_confirms_probe_per_row_even_with_statistics_from_empty_tables() {
     assert_eq!(cycle(&mut c).0, "failed");
     settings(&s);
     assert!(
-        count(
-            &mut c,
-            "SELECT reltuples::bigint FROM pg_class WHERE oid = 'public.render_jobs'::regclass"
-        ) > N,
+        reltuples(&mut c, "public.render_jobs") > N,
         "the failed cycle analyzed the jobs table, and that stays"
     );
     let (claim_pages, confirm_pages) = claim_and_confirm(&mut c);
@@ -865,11 +875,7 @@ fn many_jobs_naming_one_object_are_looked_at_once_per_object() {
     // was looked for once per job, each time through all K jobs naming it: K x K probes, in a
     // cycle and again in a claim (K = 6,000 made a claim outlast the reaper's timeout).
     const K: i64 = 2000;
-    let mut s = BASE_SETTINGS.to_vec();
-    s.push(("max_per_cycle", "1000000"));
-    s.push(("cycle_time_budget", "1h"));
-    s.push(("grace", "0"));
-    settings(&s);
+    unbounded_cycles(&[("grace", "0")]);
     let db = TestDb::create("cliffs_shared_object");
     let mut c = db.client();
     c.execute(
@@ -921,11 +927,7 @@ fn objects_named_for_months_are_looked_at_once_a_day_not_every_cycle() {
     // one is looked at 30 days after its hand-out and then once a day. Every cycle used to walk
     // past all of them to find none to forget.
     const N: i64 = 30_000;
-    let mut s = BASE_SETTINGS.to_vec();
-    s.push(("max_per_cycle", "1000000"));
-    s.push(("cycle_time_budget", "1h"));
-    s.push(("grace", "0"));
-    settings(&s);
+    unbounded_cycles(&[("grace", "0")]);
     let db = TestDb::create("cliffs_named_for_months");
     let mut c = db.client();
     backlog(&mut c, N, "outage");

@@ -14,6 +14,15 @@ fn worker_cycles(c: &mut postgres::Client, status: &str) -> i64 {
     .get(0)
 }
 
+fn pending(c: &mut postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
 #[test]
 fn the_worker_runs_cycles_reloads_settings_pauses_survives_errors_and_restarts() {
     settings(&[
@@ -57,15 +66,7 @@ fn the_worker_runs_cycles_reloads_settings_pauses_survives_errors_and_restarts()
     wait_for(
         Duration::from_secs(60),
         "the worker to queue the orphan",
-        || {
-            c.query_one(
-                "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-                == 1
-        },
+        || pending(&mut c) == 1,
     );
     wait_for(Duration::from_secs(60), "several worker cycles", || {
         worker_cycles(&mut c, "ok") >= 3
@@ -351,15 +352,7 @@ fn without_the_indexes_the_worker_says_so_once_waits_and_resumes_by_itself() {
     wait_for(
         Duration::from_secs(60),
         "the worker to queue the orphan",
-        || {
-            c.query_one(
-                "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-                == 1
-        },
+        || pending(&mut c) == 1,
     );
     settings(&[]);
     teardown_postgres_db(&mut c);
@@ -395,15 +388,7 @@ fn what_the_worker_writes_is_counted_so_that_its_tables_get_analyzed() {
     wait_for(
         Duration::from_secs(60),
         "the worker to queue the backlog",
-        || {
-            c.query_one(
-                "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-                == N
-        },
+        || pending(&mut c) == N,
     );
     wait_for(
         Duration::from_secs(10),
