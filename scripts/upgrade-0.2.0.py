@@ -228,7 +228,9 @@ out.append(fn('breaker','_breaker_settings', replace=False))
 out.append(fn('breaker','reset_breaker'))
 out.append(fn('queue','_retry_job_cleanup'))
 out.append(fn('detect','_candidates'))
-out.append(fn('detect','_process_chunk'))
+out.append("-- A chunk caps what it queues itself (max_enqueue) instead of shrinking to the rows left.\n")
+out.append("DROP FUNCTION orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean);\n")
+out.append(fn('detect','_process_chunk', replace=False))
 out.append(fn('detect','_prune_objects', replace=False))
 out.append(fn('queue','_keep_jobs', replace=False))
 out.append(fn('queue','_write_jobs', replace=False))
@@ -325,6 +327,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._object_of(text),
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),
+    orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean, bigint),
     orphan_cleanup.confirm(text, text, bigint[], text),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),

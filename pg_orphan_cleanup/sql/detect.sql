@@ -208,6 +208,10 @@ $$;
 
 -- Judges one chunk of candidates and, unless dry, queues the orphans, records the rejected URLs
 -- and audits every decision. Returns what it saw and where the scan got to.
+-- At most max_enqueue orphans are queued (NULL: no cap): the chunk then ends just before the
+-- first orphan past the cap (capped), so the scan's cursor stops there and the next cycle
+-- starts with it. A cycle near max_per_cycle therefore still reads whole chunks: shrinking the
+-- chunk to the few rows left in the budget made it read a saved history one job per statement.
 -- Planned afresh for every chunk (plan_cache_mode): a plan cached by the first chunk of a
 -- cycle over an empty queue read the whole queue for every orphan once the cycle had filled
 -- it (at 1M jobs, chunks of 2,000 grew from 0.6 to 41 s within one backlog cycle); planned per
@@ -224,26 +228,24 @@ CREATE FUNCTION orphan_cleanup._process_chunk(
     job_ids uuid[],
     p_grace interval,
     p_dry boolean,
+    max_enqueue bigint,
     OUT seen bigint, OUT last_ts timestamptz, OUT last_id uuid,
-    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
+    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint,
+    OUT capped boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
     SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
-    WITH c AS MATERIALIZED (
+    WITH c_all AS MATERIALIZED (
         SELECT * FROM orphan_cleanup._candidates(att, cutoff, after_ts, after_id, max_rows, job_ids)
     ),
-    orphans AS (
-        -- The guide's orphans: no asset references the job by its exact id text.
-        SELECT * FROM c WHERE c.ref_state <> 'canonical'
-    ),
-    fresh AS (
+    fresh_all AS (
         -- Orphans whose URL has no queue history that settles it already. A LATERAL ... LIMIT 1
         -- rather than NOT EXISTS: the planner turned NOT EXISTS into a hash anti-join that read
         -- the whole queue once per chunk, which made a first cycle over 1M jobs quadratic. This
         -- form can only be an index probe per orphan (deletion_queue_job).
         SELECT o.*, h.url_hash
-        FROM orphans AS o
+        FROM c_all AS o
         CROSS JOIN LATERAL (SELECT md5(o.output_url) AS url_hash) AS h
         LEFT JOIN LATERAL (
             SELECT true AS settled
@@ -254,7 +256,28 @@ BEGIN
                    OR (q.state = 'rejected' AND q.reason = o.url_error))
             LIMIT 1
         ) AS s ON true
-        WHERE s.settled IS NULL
+        WHERE s.settled IS NULL AND o.ref_state <> 'canonical'
+    ),
+    -- The first orphan past the cap, in scan order: where this chunk ends.
+    stop_at AS (
+        SELECT f.age_ts, f.job_id
+        FROM fresh_all AS f
+        WHERE max_enqueue IS NOT NULL
+          AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL
+        ORDER BY f.age_ts, f.job_id
+        OFFSET max_enqueue LIMIT 1
+    ),
+    c AS (
+        SELECT * FROM c_all AS a
+        WHERE NOT EXISTS (SELECT 1 FROM stop_at AS x WHERE (a.age_ts, a.job_id) >= (x.age_ts, x.job_id))
+    ),
+    orphans AS (
+        -- The guide's orphans: no asset references the job by its exact id text.
+        SELECT * FROM c WHERE c.ref_state <> 'canonical'
+    ),
+    fresh AS (
+        SELECT * FROM fresh_all AS a
+        WHERE NOT EXISTS (SELECT 1 FROM stop_at AS x WHERE (a.age_ts, a.job_id) >= (x.age_ts, x.job_id))
     ),
     ins_queue AS (
         INSERT INTO orphan_cleanup.deletion_queue
@@ -301,8 +324,9 @@ BEGIN
                 ELSE (SELECT count(*) FROM ins_queue)
            END,
            (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'noncanonical' OR o.shared_with IS NOT NULL),
-           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'none' AND o.url_error IS NOT NULL)
-      INTO seen, last_ts, last_id, n_found, n_enqueued, n_protected, n_rejected;
+           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'none' AND o.url_error IS NOT NULL),
+           EXISTS (SELECT 1 FROM stop_at)
+      INTO seen, last_ts, last_id, n_found, n_enqueued, n_protected, n_rejected, capped;
 END
 $$;
 
@@ -434,7 +458,7 @@ BEGIN
         END IF;
         EXIT WHEN v_recheck IS NULL;
         v_chunk_started := clock_timestamp();
-        chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry);
+        chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry, NULL);
         rechecked := rechecked + cardinality(v_recheck);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
@@ -452,7 +476,7 @@ BEGIN
         EXIT WHEN budget <= 0;
         v_chunk_started := clock_timestamp();
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
-                                               least(budget, chunk_rows)::integer, NULL, v_grace, dry);
+                                               chunk_rows, NULL, v_grace, dry, budget);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
@@ -460,7 +484,8 @@ BEGIN
             cur_ts := chunk.last_ts;
             cur_id := chunk.last_id;
         END IF;
-        EXIT WHEN chunk.seen < least(budget, chunk_rows);
+        -- The end of the history; a capped chunk goes on while the budget lasts.
+        EXIT WHEN chunk.seen < chunk_rows AND NOT chunk.capped;
         IF NOT orphan_cleanup._another_chunk_fits(v_chunk_started, deadline) THEN
             v_out_of_time := true;
             EXIT;
@@ -719,10 +744,9 @@ BEGIN
         budget := max_rows - total;
         EXIT WHEN budget <= 0;
         chunk := orphan_cleanup._process_chunk(att, NULL, session_user::text, cutoff, cur_ts, cur_id,
-                                               least(budget, 10000)::integer, NULL,
-                                               make_interval(secs => cfg.grace_s), false);
+                                               10000, NULL, make_interval(secs => cfg.grace_s), false, budget);
         total := total + chunk.n_enqueued;
-        EXIT WHEN chunk.seen < least(budget, 10000);
+        EXIT WHEN chunk.seen < 10000 AND NOT chunk.capped;
         cur_ts := chunk.last_ts;
         cur_id := chunk.last_id;
     END LOOP;

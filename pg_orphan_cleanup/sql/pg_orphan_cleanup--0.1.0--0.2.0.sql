@@ -328,7 +328,7 @@ BEGIN
         END IF;
         EXIT WHEN v_recheck IS NULL;
         v_chunk_started := clock_timestamp();
-        chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry);
+        chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, NULL, NULL, NULL, v_recheck, v_grace, dry, NULL);
         rechecked := rechecked + cardinality(v_recheck);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
@@ -346,7 +346,7 @@ BEGIN
         EXIT WHEN budget <= 0;
         v_chunk_started := clock_timestamp();
         chunk := orphan_cleanup._process_chunk(att, p_cycle, p_actor, cutoff, cur_ts, cur_id,
-                                               least(budget, chunk_rows)::integer, NULL, v_grace, dry);
+                                               chunk_rows, NULL, v_grace, dry, budget);
         scanned := scanned + chunk.seen; n_found := n_found + chunk.n_found; n_enqueued := n_enqueued + chunk.n_enqueued;
         n_protected := n_protected + chunk.n_protected; n_rejected := n_rejected + chunk.n_rejected;
         PERFORM orphan_cleanup._check_breaker(v_limit, n_enqueued, scanned, rechecked, v_limits);
@@ -354,7 +354,8 @@ BEGIN
             cur_ts := chunk.last_ts;
             cur_id := chunk.last_id;
         END IF;
-        EXIT WHEN chunk.seen < least(budget, chunk_rows);
+        -- The end of the history; a capped chunk goes on while the budget lasts.
+        EXIT WHEN chunk.seen < chunk_rows AND NOT chunk.capped;
         IF NOT orphan_cleanup._another_chunk_fits(v_chunk_started, deadline) THEN
             v_out_of_time := true;
             EXIT;
@@ -409,10 +410,9 @@ BEGIN
         budget := max_rows - total;
         EXIT WHEN budget <= 0;
         chunk := orphan_cleanup._process_chunk(att, NULL, session_user::text, cutoff, cur_ts, cur_id,
-                                               least(budget, 10000)::integer, NULL,
-                                               make_interval(secs => cfg.grace_s), false);
+                                               10000, NULL, make_interval(secs => cfg.grace_s), false, budget);
         total := total + chunk.n_enqueued;
-        EXIT WHEN chunk.seen < least(budget, 10000);
+        EXIT WHEN chunk.seen < 10000 AND NOT chunk.capped;
         cur_ts := chunk.last_ts;
         cur_id := chunk.last_id;
     END LOOP;
@@ -2621,7 +2621,11 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION orphan_cleanup._process_chunk(
+-- A chunk caps what it queues itself (max_enqueue) instead of shrinking to the rows left.
+
+DROP FUNCTION orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean);
+
+CREATE FUNCTION orphan_cleanup._process_chunk(
     att orphan_cleanup.attachment,
     p_cycle bigint,
     p_actor text,
@@ -2632,26 +2636,24 @@ CREATE OR REPLACE FUNCTION orphan_cleanup._process_chunk(
     job_ids uuid[],
     p_grace interval,
     p_dry boolean,
+    max_enqueue bigint,
     OUT seen bigint, OUT last_ts timestamptz, OUT last_id uuid,
-    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
+    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint,
+    OUT capped boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
     SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
-    WITH c AS MATERIALIZED (
+    WITH c_all AS MATERIALIZED (
         SELECT * FROM orphan_cleanup._candidates(att, cutoff, after_ts, after_id, max_rows, job_ids)
     ),
-    orphans AS (
-        -- The guide's orphans: no asset references the job by its exact id text.
-        SELECT * FROM c WHERE c.ref_state <> 'canonical'
-    ),
-    fresh AS (
+    fresh_all AS (
         -- Orphans whose URL has no queue history that settles it already. A LATERAL ... LIMIT 1
         -- rather than NOT EXISTS: the planner turned NOT EXISTS into a hash anti-join that read
         -- the whole queue once per chunk, which made a first cycle over 1M jobs quadratic. This
         -- form can only be an index probe per orphan (deletion_queue_job).
         SELECT o.*, h.url_hash
-        FROM orphans AS o
+        FROM c_all AS o
         CROSS JOIN LATERAL (SELECT md5(o.output_url) AS url_hash) AS h
         LEFT JOIN LATERAL (
             SELECT true AS settled
@@ -2662,7 +2664,28 @@ BEGIN
                    OR (q.state = 'rejected' AND q.reason = o.url_error))
             LIMIT 1
         ) AS s ON true
-        WHERE s.settled IS NULL
+        WHERE s.settled IS NULL AND o.ref_state <> 'canonical'
+    ),
+    -- The first orphan past the cap, in scan order: where this chunk ends.
+    stop_at AS (
+        SELECT f.age_ts, f.job_id
+        FROM fresh_all AS f
+        WHERE max_enqueue IS NOT NULL
+          AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL
+        ORDER BY f.age_ts, f.job_id
+        OFFSET max_enqueue LIMIT 1
+    ),
+    c AS (
+        SELECT * FROM c_all AS a
+        WHERE NOT EXISTS (SELECT 1 FROM stop_at AS x WHERE (a.age_ts, a.job_id) >= (x.age_ts, x.job_id))
+    ),
+    orphans AS (
+        -- The guide's orphans: no asset references the job by its exact id text.
+        SELECT * FROM c WHERE c.ref_state <> 'canonical'
+    ),
+    fresh AS (
+        SELECT * FROM fresh_all AS a
+        WHERE NOT EXISTS (SELECT 1 FROM stop_at AS x WHERE (a.age_ts, a.job_id) >= (x.age_ts, x.job_id))
     ),
     ins_queue AS (
         INSERT INTO orphan_cleanup.deletion_queue
@@ -2709,8 +2732,9 @@ BEGIN
                 ELSE (SELECT count(*) FROM ins_queue)
            END,
            (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'noncanonical' OR o.shared_with IS NOT NULL),
-           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'none' AND o.url_error IS NOT NULL)
-      INTO seen, last_ts, last_id, n_found, n_enqueued, n_protected, n_rejected;
+           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'none' AND o.url_error IS NOT NULL),
+           EXISTS (SELECT 1 FROM stop_at)
+      INTO seen, last_ts, last_id, n_found, n_enqueued, n_protected, n_rejected, capped;
 END
 $$;
 
@@ -3189,6 +3213,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._object_of(text),
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),
+    orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean, bigint),
     orphan_cleanup.confirm(text, text, bigint[], text),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),

@@ -983,3 +983,121 @@ fn objects_named_for_months_are_looked_at_once_a_day_not_every_cycle() {
     let pages = pages_read(&mut c, "SELECT * FROM orphan_cleanup.run_cycle()");
     assert!(pages < 300, "an idle cycle read {pages} pages");
 }
+
+/// How many times `function` was called by `sql`, counted in one transaction
+/// (track_functions, which only a superuser may set).
+fn calls_of(c: &mut postgres::Client, function: &str, sql: &str) -> i64 {
+    let mut t = c.transaction().unwrap();
+    t.batch_execute("SET LOCAL track_functions = 'all'")
+        .unwrap();
+    t.batch_execute(sql).unwrap();
+    let n: i64 = t
+        .query_one(
+            &format!("SELECT pg_stat_get_xact_function_calls('{function}'::regproc)"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    t.commit().unwrap();
+    n
+}
+
+#[test]
+fn a_cycle_near_max_per_cycle_still_reads_whole_chunks_and_skips_no_orphan() {
+    // A chunk used to shrink to the orphans left in the cycle's budget. With 99 of
+    // max_per_cycle = 100 queued, a saved history behind them was read one job per statement:
+    // 5,000 statements here, a cycle's whole time budget on a large one.
+    let mut s = BASE_SETTINGS.to_vec();
+    s.extend([("max_per_cycle", "100"), ("cycle_time_budget", "1h")]);
+    settings(&s);
+    let db = TestDb::create("cliffs_budget_tail");
+    let mut c = db.client();
+    let url = |tag: &str| {
+        format!("https://{HOST}/storage/v1/object/public/renders/{tag}/' || g || '.png")
+    };
+    c.batch_execute(&format!(
+        "INSERT INTO render_jobs (status, output_url, created_at)
+         SELECT 'completed', '{}', now() - interval '3 hours' + g * interval '1 ms' FROM generate_series(1, 99) AS g;
+         WITH j AS (
+             INSERT INTO render_jobs (status, output_url, created_at)
+             SELECT 'completed', '{}', now() - interval '150 minutes' + g * interval '1 ms' FROM generate_series(1, 5000) AS g
+             RETURNING id)
+         INSERT INTO user_assets (asset_type, metadata, file_size)
+         SELECT 'image', jsonb_build_object('render_job_id', j.id::text), 1000 FROM j;
+         INSERT INTO render_jobs (status, output_url, created_at)
+         SELECT 'completed', '{}', now() - interval '2 hours' + g * interval '1 ms' FROM generate_series(1, 2) AS g;
+         ANALYZE render_jobs, user_assets;",
+        url("first"),
+        url("saved"),
+        url("last")
+    ))
+    .unwrap();
+    db.attach();
+
+    let chunks = calls_of(
+        &mut c,
+        "orphan_cleanup._process_chunk",
+        "SELECT * FROM orphan_cleanup.run_cycle()",
+    );
+    let queued = |c: &mut postgres::Client, tag: &str| {
+        count(
+            c,
+            &format!("SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE object_path LIKE '{tag}/%'"),
+        )
+    };
+    assert_eq!(
+        (
+            queued(&mut c, "first"),
+            queued(&mut c, "saved"),
+            queued(&mut c, "last")
+        ),
+        (99, 0, 1),
+        "the cycle queues max_per_cycle orphans, the 100th past 5,000 saved jobs"
+    );
+    // 5,101 jobs in chunks of 2,000.
+    assert!(chunks <= 4, "the cycle ran {chunks} chunks");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'enqueued'"
+        ),
+        100
+    );
+
+    // The cursor stopped before the orphan the cap left out, and the next cycle starts with it.
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(queued(&mut c, "last"), 2, "no orphan is skipped");
+    assert_eq!(cycle(&mut c).2, 0);
+}
+
+#[test]
+fn a_backlog_after_idle_cycles_is_probed_per_orphan_as_the_queue_fills() {
+    // A session's cached plan for a chunk: made after a few idle cycles over an empty queue, it
+    // read the whole queue for every orphan once a backlog cycle had filled it (at 1M jobs,
+    // chunks of 2,000 grew from 0.6 to 41 s within one cycle). Each chunk is planned afresh.
+    const N: i64 = 20_000;
+    // The idle cycles arm the circuit breaker; the backlog is one it lets through.
+    unbounded_cycles(&[("breaker_min_rows", "1000000")]);
+    let db = TestDb::create("cliffs_plan_per_chunk");
+    let mut c = db.client();
+    no_autovacuum(&mut c);
+    db.attach();
+    c.batch_execute("ANALYZE orphan_cleanup.deletion_queue")
+        .unwrap();
+    // Idle cycles in this session, enough for PL/pgSQL to settle on a generic plan.
+    for _ in 0..8 {
+        assert_eq!(cycle(&mut c), ("ok".to_string(), 0, 0, 0, 0));
+    }
+    backlog(&mut db.client(), N, "after_idle");
+    let pages = pages_read(&mut c, "SELECT * FROM orphan_cleanup.run_cycle()");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM orphan_cleanup.deletion_queue"),
+        N
+    );
+    // About 40 pages per orphan with probes (queue, audit, objects and their indexes); a scan
+    // of the queue per orphan is hundreds of pages each by the last chunks.
+    assert!(
+        pages < 60 * N,
+        "the backlog cycle read {pages} pages of the extension's tables for {N} orphans"
+    );
+}
