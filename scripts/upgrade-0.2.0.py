@@ -105,6 +105,8 @@ ALTER TABLE orphan_cleanup.cycle_log ADD COLUMN out_of_time boolean NOT NULL DEF
 DROP INDEX IF EXISTS orphan_cleanup.deletion_queue_finished;
 """)
 out.append(section('schema', "CREATE INDEX deletion_queue_prunable", "'stale', 'rejected');"))
+out.append("\n-- Rechecks are taken oldest first by an index, not a sort of the whole table per chunk.\n")
+out.append(section('schema', "CREATE INDEX recheck_queued_at", "(queued_at);"))
 out.append("""
 
 -- New tables: the reapers registry and their refusals.

@@ -386,8 +386,11 @@ BEGIN
     v_grace := make_interval(secs => cfg.grace_s);
     -- The time budget: chunks run while another one like the last fits in it
     -- (_another_chunk_fits), at least one of each kind so that every cycle makes progress; then
-    -- the cycle commits where it got to.
-    deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
+    -- the cycle commits where it got to. Counted from the cycle's start (its cycle_log row), so
+    -- that what run_cycle() did before this (ANALYZE of stale tables: half a second at 1M jobs)
+    -- is inside it.
+    SELECT l.started_at + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0) INTO deadline
+    FROM orphan_cleanup.cycle_log AS l WHERE l.id = p_cycle;
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
     IF NOT dry THEN
@@ -450,9 +453,11 @@ BEGIN
             SELECT array_agg(r.job_id) INTO v_recheck
             FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows) AS r;
         ELSE
+            -- The oldest by the recheck_queued_at index, deleted by key: no chunk reads the
+            -- whole table (a sort of all of it per chunk made a large recheck backlog quadratic).
             WITH taken AS (
                 DELETE FROM orphan_cleanup.recheck
-                WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows)
+                WHERE job_id = ANY (ARRAY(SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows))
                 RETURNING job_id)
             SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
         END IF;
@@ -559,7 +564,8 @@ BEGIN
     END IF;
     RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
     -- Before the part a failed cycle rolls back: statistics it puts right stay right.
-    PERFORM orphan_cleanup._refresh_statistics(v_actor, app_tables => true);
+    PERFORM orphan_cleanup._refresh_statistics(v_actor, for_cycle => true);
+    PERFORM orphan_cleanup._pause_point('analyzed');
     BEGIN
         r := orphan_cleanup._cycle_body(v_id, v_actor);
         PERFORM orphan_cleanup._pause_point('cycle');
@@ -764,22 +770,25 @@ $$;
 -- on an idle server, hours when autovacuum is busy elsewhere) the planner takes a scan of a whole
 -- table or index for a probe: a claim read the whole queue, a confirm the queue once per job,
 -- and a claim the whole jobs table once per object (13 minutes for 500 rows of 60,000 jobs).
--- So every claim looks (a catalog read) for a table of the extension's own, and every cycle
--- also for the attached jobs and assets tables (app_tables), changed more since its last
--- ANALYZE than the rows its statistics count (and at least 1,000), and analyzes it: a sample of
--- at most 30,000 rows, about a tenth of a second at a million. Not the app's tables in a claim:
--- its lock (SHARE UPDATE EXCLUSIVE, held to the end of the transaction) would make the app's
--- DDL and vacuum wait for every claim, and a claim that fails would take the statistics back
--- with it. A cycle does it before its work, outside the part a failed cycle rolls back, and
--- holds that lock until it commits (within cycle_time_budget). Tables it may not analyze (not
--- their owner) are left to health()'s warning.
+-- So every claim looks (a catalog read) at the two tables it reads (the queue and the objects),
+-- and every cycle (for_cycle) at every table it reads or writes, the attached jobs and assets
+-- tables too, for one changed more since its last ANALYZE than the rows its statistics count
+-- (and at least 1,000), and analyzes it: a sample of at most 30,000 rows, about a tenth of a
+-- second at a million. Not the app's tables, nor the audit log, in a claim: their lock (SHARE
+-- UPDATE EXCLUSIVE, held to the end of the transaction) would make the app's DDL and vacuum
+-- wait for every claim, a claim that fails would take the statistics back with it (while the
+-- count of changes stays reset), and the reaper's statement timeout would be spent on tables
+-- the claim does not read. A claim does it after its own checks, so that a refused claim
+-- analyzes nothing. A cycle does it before its work, outside the part a failed cycle rolls
+-- back, inside its time budget, and holds that lock until it commits. Tables it may not analyze
+-- (not their owner) are left to health()'s warning.
 -- The test both _refresh_statistics() and health() apply: changed more since the last ANALYZE
 -- than the statistics count, and at least 1,000 rows.
 CREATE FUNCTION orphan_cleanup._statistics_stale(rel oid, counted real) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 RETURN pg_catalog.pg_stat_get_mod_since_analyze(rel) > greatest(counted, 1000);
 
-CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text, app_tables boolean) RETURNS void
+CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text, for_cycle boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -789,11 +798,11 @@ BEGIN
         SELECT c.oid::regclass AS rel, pg_stat_get_mod_since_analyze(c.oid) AS changed,
                greatest(c.reltuples, 0)::bigint AS counted
         FROM pg_catalog.pg_class AS c
-        WHERE (c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass,
-                         'orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
-                         'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass)
-               OR (app_tables AND c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
-                                            UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a)))
+        WHERE (c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass)
+               OR (for_cycle AND c.oid IN ('orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
+                                           'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass))
+               OR (for_cycle AND c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
+                                           UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a)))
           AND c.relkind = 'r'
           AND orphan_cleanup._statistics_stale(c.oid, c.reltuples)
           AND (pg_catalog.pg_has_role(c.relowner, 'USAGE')
@@ -888,8 +897,13 @@ BEGIN
 
     -- Handed-out objects due for a look (forget_at): only those are read, so objects that stay
     -- named for months (by dead letters, say) cost one look a day each, not one per cycle.
-    IF (SELECT o.forget_at FROM orphan_cleanup.objects AS o WHERE o.handouts > 0 AND o.kept_at IS NULL
-        ORDER BY o.forget_at LIMIT 1) < now() THEN
+    -- Batches of 10,000 while the budget lasts, as above: one batch a cycle fell behind a busy
+    -- day's hand-outs (240,000 a day at hourly cycles), and the table grew for good.
+    FOR batch IN 1 .. 40 LOOP
+        EXIT WHEN batch > 1 AND clock_timestamp() >= deadline;
+        EXIT WHEN NOT coalesce((SELECT o.forget_at FROM orphan_cleanup.objects AS o
+                                WHERE o.handouts > 0 AND o.kept_at IS NULL
+                                ORDER BY o.forget_at LIMIT 1) < now(), false);
         -- Locked first, checked in a second statement: its snapshot is taken after the locks, so
         -- a job write that committed before them is seen (one in flight holds the row: skipped).
         SELECT array_agg(l.bucket), array_agg(l.object_path) INTO v_buckets, v_paths
@@ -924,7 +938,8 @@ BEGIN
             FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
             WHERE o.bucket = k.bucket AND o.object_path = k.object_path;
         END IF;
-    END IF;
+        EXIT WHEN coalesce(cardinality(v_paths), 0) < 10000;
+    END LOOP;
 
     FOR batch IN 1 .. 40 LOOP
         EXIT WHEN batch > 1 AND clock_timestamp() >= deadline;

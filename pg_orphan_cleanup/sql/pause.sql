@@ -7,8 +7,9 @@
 --
 -- Off unless orphan_cleanup.pause_points names the point, and even then a point waits only
 -- while someone holds its lock. The points:
---   cycle   run_cycle(), after the cycle's work, before it is recorded and committed
---   claim   claim(), after it handed rows out, before it returns (and its caller commits)
+--   analyzed  run_cycle(), after it analyzed stale tables, before the cycle's work
+--   cycle     run_cycle(), after the cycle's work, before it is recorded and committed
+--   claim     claim(), after it handed rows out, before it returns (and its caller commits)
 CREATE FUNCTION orphan_cleanup._pause_point(point text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$

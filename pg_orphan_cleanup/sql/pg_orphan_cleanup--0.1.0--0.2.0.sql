@@ -69,6 +69,11 @@ CREATE INDEX deletion_queue_prunable ON orphan_cleanup.deletion_queue (finished_
     WHERE state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected');
 
 
+-- Rechecks are taken oldest first by an index, not a sort of the whole table per chunk.
+
+CREATE INDEX recheck_queued_at ON orphan_cleanup.recheck (queued_at);
+
+
 
 -- New tables: the reapers registry and their refusals.
 
@@ -181,7 +186,7 @@ CREATE FUNCTION orphan_cleanup._statistics_stale(rel oid, counted real) RETURNS 
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 RETURN pg_catalog.pg_stat_get_mod_since_analyze(rel) > greatest(counted, 1000);
 
-CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text, app_tables boolean) RETURNS void
+CREATE FUNCTION orphan_cleanup._refresh_statistics(actor text, for_cycle boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -191,11 +196,11 @@ BEGIN
         SELECT c.oid::regclass AS rel, pg_stat_get_mod_since_analyze(c.oid) AS changed,
                greatest(c.reltuples, 0)::bigint AS counted
         FROM pg_catalog.pg_class AS c
-        WHERE (c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass,
-                         'orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
-                         'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass)
-               OR (app_tables AND c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
-                                            UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a)))
+        WHERE (c.oid IN ('orphan_cleanup.deletion_queue'::regclass, 'orphan_cleanup.objects'::regclass)
+               OR (for_cycle AND c.oid IN ('orphan_cleanup.audit_log'::regclass, 'orphan_cleanup.job_fences'::regclass,
+                                           'orphan_cleanup.cycle_log'::regclass, 'orphan_cleanup.recheck'::regclass))
+               OR (for_cycle AND c.oid IN (SELECT a.jobs_oid FROM orphan_cleanup.attachment AS a
+                                           UNION ALL SELECT a.assets_oid FROM orphan_cleanup.attachment AS a)))
           AND c.relkind = 'r'
           AND orphan_cleanup._statistics_stale(c.oid, c.reltuples)
           AND (pg_catalog.pg_has_role(c.relowner, 'USAGE')
@@ -256,8 +261,11 @@ BEGIN
     v_grace := make_interval(secs => cfg.grace_s);
     -- The time budget: chunks run while another one like the last fits in it
     -- (_another_chunk_fits), at least one of each kind so that every cycle makes progress; then
-    -- the cycle commits where it got to.
-    deadline := clock_timestamp() + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0);
+    -- the cycle commits where it got to. Counted from the cycle's start (its cycle_log row), so
+    -- that what run_cycle() did before this (ANALYZE of stale tables: half a second at 1M jobs)
+    -- is inside it.
+    SELECT l.started_at + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0) INTO deadline
+    FROM orphan_cleanup.cycle_log AS l WHERE l.id = p_cycle;
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
 
     IF NOT dry THEN
@@ -320,9 +328,11 @@ BEGIN
             SELECT array_agg(r.job_id) INTO v_recheck
             FROM (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows) AS r;
         ELSE
+            -- The oldest by the recheck_queued_at index, deleted by key: no chunk reads the
+            -- whole table (a sort of all of it per chunk made a large recheck backlog quadratic).
             WITH taken AS (
                 DELETE FROM orphan_cleanup.recheck
-                WHERE job_id IN (SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows)
+                WHERE job_id = ANY (ARRAY(SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows))
                 RETURNING job_id)
             SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
         END IF;
@@ -599,7 +609,8 @@ BEGIN
     END IF;
     RAISE LOG 'Starting comprehensive cleanup cycle (pg_orphan_cleanup cycle %, by %)', v_id, v_actor;
     -- Before the part a failed cycle rolls back: statistics it puts right stay right.
-    PERFORM orphan_cleanup._refresh_statistics(v_actor, app_tables => true);
+    PERFORM orphan_cleanup._refresh_statistics(v_actor, for_cycle => true);
+    PERFORM orphan_cleanup._pause_point('analyzed');
     BEGIN
         r := orphan_cleanup._cycle_body(v_id, v_actor);
         PERFORM orphan_cleanup._pause_point('cycle');
@@ -946,6 +957,7 @@ DECLARE
     v_bad_reason text[];
     v_wait bigint[];
     v_wait_until timestamptz[];
+    v_busy bigint[];
     v_home_ok boolean;
     v_n bigint;
 BEGIN
@@ -985,8 +997,6 @@ BEGIN
     IF NOT cfg.reaping_enabled THEN
         RETURN;
     END IF;
-    -- The queue's own tables only (see _refresh_statistics); before any lock is taken.
-    PERFORM orphan_cleanup._refresh_statistics(worker, app_tables => false);
     -- The app's tables in ROW EXCLUSIVE mode, without waiting: a transaction that is changing
     -- their triggers (ALTER TABLE ... DISABLE TRIGGER, pg_restore --disable-triggers) holds a
     -- lock that conflicts, and its saves are not guarded until it commits. Such a claim hands out
@@ -1008,6 +1018,9 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
     END IF;
+    -- The queue's and the objects' statistics (see _refresh_statistics), once nothing above
+    -- refused the claim.
+    PERFORM orphan_cleanup._refresh_statistics(worker, for_cycle => false);
     -- A claim must be durable before the reaper deletes anything: with synchronous_commit off,
     -- a crash could forget a claim whose files are already gone, and a later save would then
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
@@ -1163,10 +1176,11 @@ BEGIN
                array_agg(v.verdict) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
                array_agg(v.reason) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
                array_agg(v.id) FILTER (WHERE v.verdict = 'wait'),
-               array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait')
+               array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait'),
+               array_agg(v.id) FILTER (WHERE v.verdict = 'busy')
         FROM v
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column)
-    INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until
+    INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
     USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept;
 
     IF v_bad IS NOT NULL THEN
@@ -1189,6 +1203,15 @@ BEGIN
            SET available_at = w.until, updated_at = now()
           FROM unnest(v_wait, v_wait_until) AS w(id, until)
          WHERE d.id = w.id;
+    END IF;
+    -- Busy rows (a job or object held by a save or job write in flight) go to the back of what
+    -- is available now, still claimable at once: left at the head, max_rows of them (K rows of
+    -- one object whose job an app transaction holds) made every claim hand out nothing while
+    -- the rest of the queue waited behind them.
+    IF v_busy IS NOT NULL THEN
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET available_at = now(), updated_at = now()
+         WHERE d.id = ANY (v_busy) AND d.available_at < now();
     END IF;
     IF v_ok IS NULL THEN
         RETURN;
@@ -2764,8 +2787,13 @@ BEGIN
 
     -- Handed-out objects due for a look (forget_at): only those are read, so objects that stay
     -- named for months (by dead letters, say) cost one look a day each, not one per cycle.
-    IF (SELECT o.forget_at FROM orphan_cleanup.objects AS o WHERE o.handouts > 0 AND o.kept_at IS NULL
-        ORDER BY o.forget_at LIMIT 1) < now() THEN
+    -- Batches of 10,000 while the budget lasts, as above: one batch a cycle fell behind a busy
+    -- day's hand-outs (240,000 a day at hourly cycles), and the table grew for good.
+    FOR batch IN 1 .. 40 LOOP
+        EXIT WHEN batch > 1 AND clock_timestamp() >= deadline;
+        EXIT WHEN NOT coalesce((SELECT o.forget_at FROM orphan_cleanup.objects AS o
+                                WHERE o.handouts > 0 AND o.kept_at IS NULL
+                                ORDER BY o.forget_at LIMIT 1) < now(), false);
         -- Locked first, checked in a second statement: its snapshot is taken after the locks, so
         -- a job write that committed before them is seen (one in flight holds the row: skipped).
         SELECT array_agg(l.bucket), array_agg(l.object_path) INTO v_buckets, v_paths
@@ -2800,7 +2828,8 @@ BEGIN
             FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
             WHERE o.bucket = k.bucket AND o.object_path = k.object_path;
         END IF;
-    END IF;
+        EXIT WHEN coalesce(cardinality(v_paths), 0) < 10000;
+    END LOOP;
 
     FOR batch IN 1 .. 40 LOOP
         EXIT WHEN batch > 1 AND clock_timestamp() >= deadline;

@@ -282,6 +282,7 @@ DECLARE
     v_bad_reason text[];
     v_wait bigint[];
     v_wait_until timestamptz[];
+    v_busy bigint[];
     v_home_ok boolean;
     v_n bigint;
 BEGIN
@@ -321,8 +322,6 @@ BEGIN
     IF NOT cfg.reaping_enabled THEN
         RETURN;
     END IF;
-    -- The queue's own tables only (see _refresh_statistics); before any lock is taken.
-    PERFORM orphan_cleanup._refresh_statistics(worker, app_tables => false);
     -- The app's tables in ROW EXCLUSIVE mode, without waiting: a transaction that is changing
     -- their triggers (ALTER TABLE ... DISABLE TRIGGER, pg_restore --disable-triggers) holds a
     -- lock that conflicts, and its saves are not guarded until it commits. Such a claim hands out
@@ -344,6 +343,9 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
     END IF;
+    -- The queue's and the objects' statistics (see _refresh_statistics), once nothing above
+    -- refused the claim.
+    PERFORM orphan_cleanup._refresh_statistics(worker, for_cycle => false);
     -- A claim must be durable before the reaper deletes anything: with synchronous_commit off,
     -- a crash could forget a claim whose files are already gone, and a later save would then
     -- "rescue" a row whose file no longer exists. Lasts until this transaction commits.
@@ -499,10 +501,11 @@ BEGIN
                array_agg(v.verdict) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
                array_agg(v.reason) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
                array_agg(v.id) FILTER (WHERE v.verdict = 'wait'),
-               array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait')
+               array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait'),
+               array_agg(v.id) FILTER (WHERE v.verdict = 'busy')
         FROM v
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column)
-    INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until
+    INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
     USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept;
 
     IF v_bad IS NOT NULL THEN
@@ -525,6 +528,15 @@ BEGIN
            SET available_at = w.until, updated_at = now()
           FROM unnest(v_wait, v_wait_until) AS w(id, until)
          WHERE d.id = w.id;
+    END IF;
+    -- Busy rows (a job or object held by a save or job write in flight) go to the back of what
+    -- is available now, still claimable at once: left at the head, max_rows of them (K rows of
+    -- one object whose job an app transaction holds) made every claim hand out nothing while
+    -- the rest of the queue waited behind them.
+    IF v_busy IS NOT NULL THEN
+        UPDATE orphan_cleanup.deletion_queue AS d
+           SET available_at = now(), updated_at = now()
+         WHERE d.id = ANY (v_busy) AND d.available_at < now();
     END IF;
     IF v_ok IS NULL THEN
         RETURN;

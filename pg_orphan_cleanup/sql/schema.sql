@@ -49,6 +49,8 @@ CREATE TABLE orphan_cleanup.recheck (
     reason    text NOT NULL,
     queued_at timestamptz NOT NULL DEFAULT now()
 );
+-- A cycle takes the oldest first, a chunk at a time.
+CREATE INDEX recheck_queued_at ON orphan_cleanup.recheck (queued_at);
 
 CREATE TABLE orphan_cleanup.cycle_log (
     id          bigserial PRIMARY KEY,
