@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+use crate::database::Database;
 use crate::secret::ServiceKey;
 
 #[derive(Parser, Debug)]
@@ -185,7 +186,7 @@ pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, Config
 /// Everything `run` and `drain` need, checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub database_url: String,
+    pub database: Database,
     pub db_timeout: Duration,
     /// Base URL of the Storage API, ending in `/storage/v1`.
     pub storage_base: url::Url,
@@ -215,26 +216,13 @@ pub struct TempSettings {
     pub interval: Duration,
 }
 
-pub fn database_url(db: &DbArgs) -> Result<String, ConfigError> {
+/// DATABASE_URL, checked, with its TLS settings (and PGSSLMODE, PGSSLROOTCERT) applied.
+pub fn database(db: &DbArgs) -> Result<Database, ConfigError> {
     let url = db.database_url.clone().filter(|u| !u.trim().is_empty()).ok_or(ConfigError::Missing {
         name: "DATABASE_URL",
-        fix: "set it to the reaper role's connection string, e.g. postgres://reaper:...@db-host:5432/postgres",
+        fix: "set it to the reaper role's connection string, e.g. postgres://reaper:...@db-host:5432/postgres?sslmode=verify-full&sslrootcert=/etc/reaper/ca.crt",
     })?;
-    let config = url.parse::<tokio_postgres::Config>().map_err(|e| {
-        invalid(
-            "DATABASE_URL",
-            e.to_string(),
-            "use a postgres://user:password@host:port/database URL",
-        )
-    })?;
-    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(invalid(
-            "DATABASE_URL",
-            "sslmode=require: this reaper does not speak TLS to PostgreSQL yet",
-            "run it next to the database (same host or a private network) with sslmode=disable or prefer",
-        ));
-    }
-    Ok(url)
+    Database::new(&url, &|name| std::env::var(name).ok())
 }
 
 /// Whether a URL's host is this machine (localhost, 127.0.0.0/8, ::1).
@@ -285,7 +273,7 @@ impl TempArgs {
 
 impl RunArgs {
     pub fn settings(&self) -> Result<Settings, ConfigError> {
-        let database_url = database_url(&self.db)?;
+        let database = database(&self.db)?;
         let raw_url = self
             .supabase_url
             .clone()
@@ -469,7 +457,7 @@ impl RunArgs {
             ),
         };
         Ok(Settings {
-            database_url,
+            database,
             db_timeout: self.db.timeout()?,
             storage_base,
             key,

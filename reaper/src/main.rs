@@ -52,8 +52,9 @@ fn init_logging(format: LogFormat) {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Status(db) => {
-            let url = reaper::config::database_url(&db)?;
-            let queue = reaper::queue::Queue::connect(&url, "status", false, db.timeout()?).await?;
+            let database = reaper::config::database(&db)?;
+            let queue =
+                reaper::queue::Queue::connect(&database, "status", false, db.timeout()?).await?;
             println!("{}", queue.status().await?);
             Ok(ExitCode::SUCCESS)
         }
@@ -97,7 +98,7 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     if mode == Mode::Drain {
         // The bar's length: what is ready now (others may add to it or take from it meanwhile).
         let ready = match reaper::queue::Queue::connect(
-            &settings.database_url,
+            &settings.database,
             &settings.worker_id,
             false,
             settings.db_timeout,
@@ -197,7 +198,7 @@ fn attach_progress(reaper: &mut Reaper, total: Option<u64>) {
 
 async fn dry_run(settings: &reaper::config::Settings) -> anyhow::Result<ExitCode> {
     let queue = reaper::queue::Queue::connect(
-        &settings.database_url,
+        &settings.database,
         &settings.worker_id,
         false,
         settings.db_timeout,

@@ -8,7 +8,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use thiserror::Error;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
+
+use crate::database::{explain_tls, Database};
 
 /// The channel pg_orphan_cleanup notifies when it queues rows.
 pub const CHANNEL: &str = "orphan_cleanup_queue";
@@ -181,27 +183,27 @@ impl Queue {
     /// answer does not come a few seconds after that (the connection is then dropped). TCP
     /// keepalives keep an idle connection from going half-open behind a NAT or a firewall.
     pub async fn connect(
-        url: &str,
+        database: &Database,
         worker: &str,
         listen: bool,
         timeout: Duration,
     ) -> Result<Queue, QueueError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| QueueError::Connect(describe(&e)))?;
+        let mut config = database.config().clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(timeout.min(Duration::from_secs(10)));
         }
-        config.keepalives(true);
-        if !url.contains("keepalives_idle") {
-            config.keepalives_idle(Duration::from_secs(60));
-        }
-        let (client, mut connection) = tokio::time::timeout(timeout + GRACE, config.connect(NoTls))
-            .await
-            .map_err(|_| {
-                QueueError::Connect(format!("no answer within {}s", (timeout + GRACE).as_secs()))
-            })?
-            .map_err(|e| QueueError::Connect(describe(&e)))?;
+        let (client, mut connection) =
+            tokio::time::timeout(timeout + GRACE, config.connect(database.tls()))
+                .await
+                .map_err(|_| {
+                    QueueError::Connect(format!(
+                        "no answer within {}s",
+                        (timeout + GRACE).as_secs()
+                    ))
+                })?
+                .map_err(|e| {
+                    QueueError::Connect(explain_tls(&e, database).unwrap_or_else(|| describe(&e)))
+                })?;
         let closed = Arc::new(AtomicBool::new(false));
         let notified = Arc::new(Notify::new());
         let (c, n) = (closed.clone(), notified.clone());

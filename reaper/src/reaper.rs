@@ -257,7 +257,7 @@ impl Reaper {
             let q = match queue.take().filter(|q| !q.is_closed()) {
                 Some(q) => q,
                 None => match Queue::connect(
-                    &self.settings.database_url,
+                    &self.settings.database,
                     &self.settings.worker_id,
                     mode == Mode::Run,
                     self.settings.db_timeout,
@@ -580,7 +580,7 @@ impl Reaper {
         }
         if claimer.as_ref().is_none_or(Queue::is_closed) {
             match Queue::connect(
-                &self.settings.database_url,
+                &self.settings.database,
                 &self.settings.worker_id,
                 false,
                 self.settings.db_timeout,

@@ -1120,7 +1120,7 @@ fn a_cycles_budget_counts_what_it_did_before_its_chunks() {
     db.attach();
     let mut holder = db.client();
     hold_pause_point(&mut holder, "analyzed");
-    let (cycler, _) = session_in_thread(&db.name, |s| cycle(s));
+    let (cycler, _) = session_in_thread(&db.name, cycle);
     wait_paused_at(&mut c, "analyzed", None);
     std::thread::sleep(Duration::from_millis(2500));
     release_pause_point(&mut holder, "analyzed");
