@@ -107,6 +107,9 @@ DROP INDEX IF EXISTS orphan_cleanup.deletion_queue_finished;
 out.append(section('schema', "CREATE INDEX deletion_queue_prunable", "'stale', 'rejected');"))
 out.append("\n-- Rechecks are taken oldest first by an index, not a sort of the whole table per chunk.\n")
 out.append(section('schema', "CREATE INDEX recheck_queued_at", "(queued_at);"))
+out.append("\n-- Busy rows are noted beside the queue, for claims to take them after the others.\n")
+out.append(section('schema', "CREATE UNLOGGED TABLE orphan_cleanup.busy (", "until    timestamptz NOT NULL\n);"))
+out.append("REVOKE ALL ON orphan_cleanup.busy FROM PUBLIC;\n")
 out.append("""
 
 -- New tables: the reapers registry and their refusals.

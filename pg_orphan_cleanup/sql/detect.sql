@@ -489,8 +489,10 @@ BEGIN
             cur_ts := chunk.last_ts;
             cur_id := chunk.last_id;
         END IF;
-        -- The end of the history; a capped chunk goes on while the budget lasts.
+        -- The end of the history; a capped chunk goes on while the budget lasts. A cycle that
+        -- reached max_per_cycle stopped there, not at its time budget (it waits the interval).
         EXIT WHEN chunk.seen < chunk_rows AND NOT chunk.capped;
+        EXIT WHEN n_enqueued >= cfg.max_per_cycle;
         IF NOT orphan_cleanup._another_chunk_fits(v_chunk_started, deadline) THEN
             v_out_of_time := true;
             EXIT;
@@ -852,6 +854,8 @@ BEGIN
     DELETE FROM orphan_cleanup.reapers AS r
      WHERE r.last_claim_at < now() - retention AND orphan_cleanup._lock_reaper_row(r.reaper);
     DELETE FROM orphan_cleanup.refusals WHERE at < now() - retention;
+    -- Busy hints past their few seconds (a small table: the rows claims found busy lately).
+    DELETE FROM orphan_cleanup.busy WHERE until < now();
     IF (SELECT l.started_at FROM orphan_cleanup.cycle_log AS l ORDER BY l.started_at LIMIT 1) < now() - retention THEN
         DELETE FROM orphan_cleanup.cycle_log
         WHERE id IN (SELECT id FROM orphan_cleanup.cycle_log WHERE started_at < now() - retention ORDER BY started_at LIMIT 10000);

@@ -355,16 +355,33 @@ BEGIN
     PERFORM orphan_cleanup._note_reaper(worker, buckets, hosts, home_host);
 
     -- 1. Queue rows this reaper serves, oldest first; rows another transaction holds are
-    --    skipped, never waited on.
+    --    skipped, never waited on. Rows a claim found busy in the last seconds (see busy in
+    --    schema.sql) come after the others, so that they cannot fill every claim.
     SELECT array_agg(r.id), array_agg(r.bucket), array_agg(r.object_path) INTO v_ids, v_buckets, v_paths
     FROM (SELECT d.id, d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
             AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                             WHERE f.queue_id = d.id AND f.refused_by = worker)
+            AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.busy AS b
+                            WHERE b.queue_id = d.id AND b.until > now())
           ORDER BY d.available_at, d.id
           LIMIT max_rows
           FOR UPDATE SKIP LOCKED) AS r;
+    IF coalesce(cardinality(v_ids), 0) < max_rows THEN
+        SELECT v_ids || array_agg(r.id), v_buckets || array_agg(r.bucket), v_paths || array_agg(r.object_path)
+          INTO v_ids, v_buckets, v_paths
+        FROM (SELECT d.id, d.bucket, d.object_path
+              FROM orphan_cleanup.busy AS b
+              JOIN orphan_cleanup.deletion_queue AS d ON d.id = b.queue_id
+              WHERE b.until > now() AND d.state = 'pending' AND d.available_at <= now()
+                AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
+                AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
+                                WHERE f.queue_id = d.id AND f.refused_by = worker)
+              ORDER BY d.available_at, d.id
+              LIMIT max_rows - coalesce(cardinality(v_ids), 0)
+              FOR UPDATE OF d SKIP LOCKED) AS r;
+    END IF;
     IF coalesce(cardinality(v_ids), 0) < max_rows AND (buckets IS NOT NULL OR hosts IS NOT NULL) THEN
         PERFORM orphan_cleanup._note_passed_over(worker, max_rows, buckets, hosts, v_home_ok);
     END IF;
@@ -529,14 +546,15 @@ BEGIN
           FROM unnest(v_wait, v_wait_until) AS w(id, until)
          WHERE d.id = w.id;
     END IF;
-    -- Busy rows (a job or object held by a save or job write in flight) go to the back of what
-    -- is available now, still claimable at once: left at the head, max_rows of them (K rows of
-    -- one object whose job an app transaction holds) made every claim hand out nothing while
-    -- the rest of the queue waited behind them.
+    -- Busy rows (a job or object held by a save or job write in flight) are passed over by the
+    -- next claims for a few seconds: left at the head, max_rows of them (K rows of one object
+    -- whose job an app transaction holds) made every claim hand out nothing while the rest of
+    -- the queue waited. Noted beside the queue, never on the row itself: the save in flight
+    -- locks that row, and at REPEATABLE READ a write to it by the claim made the save fail.
     IF v_busy IS NOT NULL THEN
-        UPDATE orphan_cleanup.deletion_queue AS d
-           SET available_at = now(), updated_at = now()
-         WHERE d.id = ANY (v_busy) AND d.available_at < now();
+        INSERT INTO orphan_cleanup.busy (queue_id, until)
+        SELECT b.id, now() + interval '5 seconds' FROM unnest(v_busy) AS b(id)
+        ON CONFLICT (queue_id) DO UPDATE SET until = EXCLUDED.until;
     END IF;
     IF v_ok IS NULL THEN
         RETURN;

@@ -52,6 +52,15 @@ CREATE TABLE orphan_cleanup.recheck (
 -- A cycle takes the oldest first, a chunk at a time.
 CREATE INDEX recheck_queued_at ON orphan_cleanup.recheck (queued_at);
 
+-- Queue rows a claim found busy (their job or object held by a save or job write in flight),
+-- and until when claims take them only after every other row they could take. A hint: unlogged
+-- (a crash empties it, and nothing is lost), written only by claims, never locked by a save;
+-- expired entries are pruned by cycles.
+CREATE UNLOGGED TABLE orphan_cleanup.busy (
+    queue_id bigint PRIMARY KEY,
+    until    timestamptz NOT NULL
+);
+
 CREATE TABLE orphan_cleanup.cycle_log (
     id          bigserial PRIMARY KEY,
     started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),

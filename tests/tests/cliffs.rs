@@ -1139,6 +1139,40 @@ fn a_cycles_budget_counts_what_it_did_before_its_chunks() {
 }
 
 #[test]
+fn a_cycle_that_reaches_max_per_cycle_near_its_budget_is_not_out_of_time() {
+    // A cycle that queued max_per_cycle rows stopped at the cap: it waits the interval. It was
+    // also marked out of time when the cap came near its deadline, and the worker ran the next
+    // cycle a second later instead.
+    let mut s = BASE_SETTINGS.to_vec();
+    s.extend([
+        ("max_per_cycle", "5"),
+        ("cycle_time_budget", "1s"),
+        ("pause_points", "analyzed"),
+    ]);
+    settings(&s);
+    let db = TestDb::create("cliffs_cap_not_time");
+    let mut c = db.client();
+    backlog(&mut c, 50, "cap_not_time");
+    db.attach();
+    let mut holder = db.client();
+    hold_pause_point(&mut holder, "analyzed");
+    let (cycler, _) = session_in_thread(&db.name, cycle);
+    wait_paused_at(&mut c, "analyzed", None);
+    std::thread::sleep(Duration::from_millis(1500));
+    release_pause_point(&mut holder, "analyzed");
+    assert_eq!(cycler.join().unwrap().2, 5);
+    assert!(
+        !c.query_one(
+            "SELECT out_of_time FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+            &[]
+        )
+        .unwrap()
+        .get::<_, bool>(0),
+        "it stopped at max_per_cycle"
+    );
+}
+
+#[test]
 fn a_claim_analyzes_only_the_tables_it_reads_and_a_refused_claim_none() {
     // A claim analyzed the audit log too, which it only writes (0.4 s at 400,000 rows, spent
     // from the reaper's statement timeout), and analyzed before its own checks: a claim refused

@@ -1405,9 +1405,9 @@ fn bad_settings_fail_at_start_naming_the_fix() {
         ),
         (
             "DATABASE_URL",
-            "postgres://reaper@127.0.0.1:5432/postgres?sslmode=require",
+            "postgres://reaper@127.0.0.1:5432/postgres?sslmode=verify-full",
             vec!["drain"],
-            "does not speak TLS to PostgreSQL yet",
+            "sslmode=verify-full checks the server's certificate, but no CA certificate was given",
         ),
         // Issue 12, finding 7: the key never crosses a network in cleartext unless told to.
         (

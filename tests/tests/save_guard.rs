@@ -173,6 +173,33 @@ fn a_save_in_flight_makes_claims_skip_the_row() {
 }
 
 #[test]
+fn a_claim_that_finds_a_row_busy_leaves_a_repeatable_read_save_free_to_succeed() {
+    // The app marks the job, then saves it, in one REPEATABLE READ transaction. A claim in
+    // between finds the job held and passes the row over. It once moved the row's available_at
+    // (so that busy rows could not block the queue's head): the save, which locks that row,
+    // then failed with a serialization error although nothing had been handed out.
+    let (db, j) = one_queued("guard_busy_rr");
+    let mut app = db.client();
+    let mut reaper = db.client();
+    let mut tx = app
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    tx.execute(
+        "UPDATE render_jobs SET prompt = prompt || ' (kept)' WHERE id = $1::text::uuid",
+        &[&j.0],
+    )
+    .unwrap();
+    assert!(claim(&mut reaper, "w1", 10).is_empty(), "the job is held");
+    tx.execute("INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))", &[&j.0])
+        .expect("the save succeeds: nothing was handed out");
+    tx.commit().unwrap();
+    assert_eq!(queue_states(&mut reaper, &j), vec!["rescued"]);
+    assert_eq!(saved_assets(&mut reaper, &j), 1);
+}
+
+#[test]
 fn a_save_that_began_before_the_cycle_cannot_slip_through() {
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_before_cycle");
