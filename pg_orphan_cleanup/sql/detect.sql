@@ -455,9 +455,11 @@ BEGIN
         ELSE
             -- The oldest by the recheck_queued_at index, deleted by key: no chunk reads the
             -- whole table (a sort of all of it per chunk made a large recheck backlog quadratic).
+            -- Rechecks an asset change in flight holds (save_guard) are left for a later cycle.
             WITH taken AS (
                 DELETE FROM orphan_cleanup.recheck
-                WHERE job_id = ANY (ARRAY(SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at LIMIT chunk_rows))
+                WHERE job_id = ANY (ARRAY(SELECT job_id FROM orphan_cleanup.recheck ORDER BY queued_at
+                                          LIMIT chunk_rows FOR UPDATE SKIP LOCKED))
                 RETURNING job_id)
             SELECT array_agg(taken.job_id) INTO v_recheck FROM taken;
         END IF;

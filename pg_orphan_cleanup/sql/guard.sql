@@ -102,11 +102,14 @@ BEGIN
     IF TG_OP <> 'INSERT' THEN
         v_old := orphan_cleanup.job_ref_key(OLD.metadata ->> 'render_job_id')::uuid;
     END IF;
-    -- An asset stopped referencing a job: look at that job again in the next cycle.
+    -- An asset stopped referencing a job: look at that job again in the next cycle. An existing
+    -- recheck row is updated, not left alone: the row lock, held to this transaction's end,
+    -- keeps a cycle (which skips locked rechecks) from taking the recheck while this change is
+    -- not committed, judging the job still referenced, and losing it until the next full sweep.
     IF v_old IS NOT NULL AND v_old IS DISTINCT FROM v_new THEN
         INSERT INTO orphan_cleanup.recheck (job_id, reason)
         VALUES (v_old, 'asset ' || lower(TG_OP))
-        ON CONFLICT (job_id) DO NOTHING;
+        ON CONFLICT (job_id) DO UPDATE SET reason = EXCLUDED.reason;
     END IF;
     IF v_new IS NULL OR v_new IS NOT DISTINCT FROM v_old THEN
         RETURN NULL;

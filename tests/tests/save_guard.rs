@@ -362,6 +362,42 @@ fn a_claim_skips_an_object_while_another_job_sharing_it_is_being_saved() {
 }
 
 #[test]
+fn a_recheck_is_not_taken_while_another_asset_change_of_its_job_is_in_flight() {
+    // A job saved twice. One asset is deleted (a recheck); the other's deletion is in flight
+    // while a cycle runs. The cycle took the recheck, judged the job still saved, and the
+    // job, an orphan once the second deletion committed, waited for the next full sweep.
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_recheck_in_flight");
+    let mut c = db.client();
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "twice/out.png")),
+        "2 hours",
+        "saved twice",
+    );
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    assert_eq!(cycle(&mut c).2, 0);
+    c.execute(
+        "DELETE FROM user_assets WHERE id = (SELECT id FROM user_assets ORDER BY id LIMIT 1)",
+        &[],
+    )
+    .unwrap();
+    let mut app = db.client();
+    let mut tx = app.transaction().unwrap();
+    tx.execute("DELETE FROM user_assets", &[]).unwrap();
+    assert_eq!(
+        cycle(&mut c).2,
+        0,
+        "still saved, as far as the cycle can see"
+    );
+    tx.commit().unwrap();
+    assert_eq!(cycle(&mut c).2, 1, "the next cycle looks at the job again");
+    assert_eq!(queue_states(&mut c, &j), vec!["pending"]);
+}
+
+#[test]
 fn deleting_an_asset_makes_its_job_an_orphan_again() {
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_unsave");
