@@ -105,13 +105,13 @@ impl Database {
     /// problem is named with its fix; the password is in no message.
     pub fn new(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Database, ConfigError> {
         let (rest, params) = take_tls_params(text)?;
-        let config = rest
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| ConfigError::Invalid {
-                name: "DATABASE_URL",
-                problem: e.to_string(),
-                fix: "use a postgres://user:password@host:port/database URL",
-            })?;
+        let mut config =
+            rest.parse::<tokio_postgres::Config>()
+                .map_err(|e| ConfigError::Invalid {
+                    name: "DATABASE_URL",
+                    problem: e.to_string(),
+                    fix: "use a postgres://user:password@host:port/database URL",
+                })?;
         let setting = |key: &str, var: &str| {
             params
                 .iter()
@@ -132,7 +132,6 @@ impl Database {
             },
         };
         let tls = connector(mode, &roots)?;
-        let mut config = config;
         // TCP keepalives keep an idle connection from going half-open behind a NAT or a
         // firewall; a minute unless the string says otherwise.
         config.keepalives(true);
@@ -278,13 +277,10 @@ fn keywords(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The rustls connector for `mode` and `roots`, refusing the combinations libpq refuses.
 fn connector(mode: SslMode, roots: &Roots) -> Result<MakeRustlsConnect, ConfigError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions");
     let verify = match (mode, roots) {
@@ -311,10 +307,10 @@ fn connector(mode: SslMode, roots: &Roots) -> Result<MakeRustlsConnect, ConfigEr
     let config = match verify {
         None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCheck(provider())))
+            .with_custom_certificate_verifier(Arc::new(NoCheck(provider)))
             .with_no_client_auth(),
         Some(store) => {
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider)
                 .build()
                 .map_err(|e| ConfigError::Invalid {
                     name: "sslrootcert",
@@ -496,20 +492,14 @@ pub fn explain_tls(e: &tokio_postgres::Error, db: &Database) -> Option<String> {
                 other => format!("the server's certificate ({host}) was refused: {other}"),
             });
         }
+        if err.to_string().contains("server does not support TLS") {
+            return Some(format!(
+                "the server ({}) does not accept TLS connections and sslmode={} requires TLS: turn ssl on in the server's postgresql.conf, or use sslmode=prefer on a network you trust",
+                db.target(),
+                db.mode.as_str()
+            ));
+        }
         source = err.source();
-    }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    if text.contains("server does not support TLS") {
-        return Some(format!(
-            "the server ({}) does not accept TLS connections and sslmode={} requires TLS: turn ssl on in the server's postgresql.conf, or use sslmode=prefer on a network you trust",
-            db.target(),
-            db.mode.as_str()
-        ));
     }
     None
 }

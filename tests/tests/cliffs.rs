@@ -1101,6 +1101,28 @@ fn a_backlog_after_idle_cycles_is_probed_per_orphan_as_the_queue_fills() {
     );
 }
 
+/// Runs a cycle held at pause point `analyzed` (after its ANALYZE, before its chunks) for
+/// `held`, and returns what it queued and whether it was marked out of time. The settings must
+/// name the point in `pause_points`.
+fn cycle_held_after_analyze(db: &TestDb, c: &mut postgres::Client, held: Duration) -> (i64, bool) {
+    let mut holder = db.client();
+    hold_pause_point(&mut holder, "analyzed");
+    let (cycler, _) = session_in_thread(&db.name, cycle);
+    wait_paused_at(c, "analyzed", None);
+    std::thread::sleep(held);
+    release_pause_point(&mut holder, "analyzed");
+    let (status, _, enqueued, ..) = cycler.join().unwrap();
+    assert_eq!(status, "ok");
+    let out_of_time = c
+        .query_one(
+            "SELECT out_of_time FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    (enqueued, out_of_time)
+}
+
 #[test]
 fn a_cycles_budget_counts_what_it_did_before_its_chunks() {
     // run_cycle() analyzes stale tables before the cycle's work (half a second at 1M jobs); the
@@ -1118,22 +1140,10 @@ fn a_cycles_budget_counts_what_it_did_before_its_chunks() {
     let mut c = db.client();
     backlog(&mut c, 5000, "from_start");
     db.attach();
-    let mut holder = db.client();
-    hold_pause_point(&mut holder, "analyzed");
-    let (cycler, _) = session_in_thread(&db.name, cycle);
-    wait_paused_at(&mut c, "analyzed", None);
-    std::thread::sleep(Duration::from_millis(2500));
-    release_pause_point(&mut holder, "analyzed");
-    let (status, _, enqueued, ..) = cycler.join().unwrap();
-    assert_eq!(status, "ok");
+    let (enqueued, out_of_time) =
+        cycle_held_after_analyze(&db, &mut c, Duration::from_millis(2500));
     assert_eq!(enqueued, 2000, "one chunk, then out of time");
-    assert!(c
-        .query_one(
-            "SELECT out_of_time FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
-            &[]
-        )
-        .unwrap()
-        .get::<_, bool>(0));
+    assert!(out_of_time);
     // Unheld, the rest of the backlog fits in the next cycle's budget.
     assert_eq!(cycle(&mut c).2, 3000);
 }
@@ -1154,22 +1164,10 @@ fn a_cycle_that_reaches_max_per_cycle_near_its_budget_is_not_out_of_time() {
     let mut c = db.client();
     backlog(&mut c, 50, "cap_not_time");
     db.attach();
-    let mut holder = db.client();
-    hold_pause_point(&mut holder, "analyzed");
-    let (cycler, _) = session_in_thread(&db.name, cycle);
-    wait_paused_at(&mut c, "analyzed", None);
-    std::thread::sleep(Duration::from_millis(1500));
-    release_pause_point(&mut holder, "analyzed");
-    assert_eq!(cycler.join().unwrap().2, 5);
-    assert!(
-        !c.query_one(
-            "SELECT out_of_time FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
-            &[]
-        )
-        .unwrap()
-        .get::<_, bool>(0),
-        "it stopped at max_per_cycle"
-    );
+    let (enqueued, out_of_time) =
+        cycle_held_after_analyze(&db, &mut c, Duration::from_millis(1500));
+    assert_eq!(enqueued, 5);
+    assert!(!out_of_time, "it stopped at max_per_cycle");
 }
 
 #[test]
