@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use thiserror::Error;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{AsyncMessage, Client, Row};
 
 use crate::database::{explain_tls, Database};
 
@@ -164,19 +165,47 @@ impl Claimed {
 }
 
 pub struct Queue {
-    client: Client,
+    /// One call at a time: each is a transaction of its own (see [`Queue::call`]).
+    client: tokio::sync::Mutex<Client>,
+    database: Database,
     /// --db-timeout: how long any call may take.
     timeout: Duration,
     worker: String,
     /// Whether confirm() checks every reported deletion against storage.objects here.
     verifies_absence: bool,
+    /// Whether this connection is a server session of its own (see [`Queue::own_session`]);
+    /// found out once, when first needed.
+    own_session: tokio::sync::OnceCell<bool>,
+    /// Whether this connection LISTENs to the queue's channel.
+    listening: bool,
     closed: Arc<AtomicBool>,
     notified: Arc<Notify>,
+    probed: Arc<Notify>,
+}
+
+/// The prefix of the channels [`Queue::own_session`] notifies itself on.
+const PROBE_CHANNEL: &str = "orphan_cleanup_probe_";
+
+/// How long [`Queue::own_session`] waits for its own NOTIFY. Through a session it arrives in a
+/// millisecond or two; through a transaction-mode pooler it never does.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// What [`Queue::hold_worker_id`] could do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerIdLock {
+    /// This connection holds the lock for its life.
+    Held,
+    /// Another connection holds it: another reaper runs with this id.
+    HeldElsewhere,
+    /// This connection is no session of its own (a transaction-mode pooler): a session lock
+    /// would stay behind on a server connection that other clients share, so none is taken.
+    NotPossible,
 }
 
 impl Queue {
-    /// Connects and, when `listen`, subscribes to the queue's NOTIFY channel. A NOTIFY only
-    /// arrives on a session connection; through a transaction-mode pooler the reaper polls.
+    /// Connects and, when `listen`, subscribes to the queue's NOTIFY channel, once it has made
+    /// sure a NOTIFY can reach this connection at all ([`Queue::own_session`]); otherwise the
+    /// reaper polls ([`Queue::listening`]).
     ///
     /// Every call is bounded by `timeout`: the server cancels a statement or a lock wait that
     /// takes longer (statement_timeout, lock_timeout), and the reaper gives up on a call whose
@@ -188,87 +217,89 @@ impl Queue {
         listen: bool,
         timeout: Duration,
     ) -> Result<Queue, QueueError> {
-        let mut config = database.config().clone();
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(timeout.min(Duration::from_secs(10)));
-        }
-        let (client, mut connection) =
-            tokio::time::timeout(timeout + GRACE, config.connect(database.tls()))
-                .await
-                .map_err(|_| {
-                    QueueError::Connect(format!(
-                        "no answer within {}s",
-                        (timeout + GRACE).as_secs()
-                    ))
-                })?
-                .map_err(|e| {
-                    QueueError::Connect(explain_tls(&e, database).unwrap_or_else(|| describe(&e)))
-                })?;
         let closed = Arc::new(AtomicBool::new(false));
         let notified = Arc::new(Notify::new());
-        let (c, n) = (closed.clone(), notified.clone());
-        tokio::spawn(async move {
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(_)) => n.notify_one(),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %describe(&e), "database connection lost");
-                        break;
-                    }
-                }
-            }
-            c.store(true, Ordering::SeqCst);
-            n.notify_one();
-        });
-        let ms = timeout.as_millis();
-        bounded(
+        let probed = Arc::new(Notify::new());
+        let client = open(database, timeout, &closed, &notified, &probed).await?;
+        let mut queue = Queue {
+            client: tokio::sync::Mutex::new(client),
+            database: database.clone(),
             timeout,
-            &closed,
-            client.batch_execute(&format!(
-                "SET application_name = 'pg_orphan_cleanup reaper'; SET statement_timeout = {ms}; SET lock_timeout = {ms}"
-            )),
-        )
-        .await?;
-        let version: Option<String> = bounded(
-            timeout,
-            &closed,
-            client.query_opt(
+            worker: worker.to_string(),
+            verifies_absence: false,
+            own_session: tokio::sync::OnceCell::new(),
+            listening: false,
+            closed,
+            notified,
+            probed,
+        };
+        let version: Option<String> = queue
+            .call(
                 "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_orphan_cleanup'",
                 &[],
-            ),
-        )
-        .await?
-        .map(|r| r.get(0));
+            )
+            .await?
+            .first()
+            .map(|r| r.get(0));
         match version {
             None => return Err(QueueError::NotInstalled),
             Some(v) if !supported(&v) => return Err(QueueError::TooOld(v)),
             Some(_) => {}
         }
-        if listen {
-            bounded(
-                timeout,
-                &closed,
-                client.batch_execute(&format!("LISTEN {CHANNEL}")),
-            )
-            .await?;
+        queue.verifies_absence = queue
+            .call("SELECT orphan_cleanup.verifies_absence()", &[])
+            .await?
+            .first()
+            .is_some_and(|r| r.get(0));
+        if listen && queue.own_session().await? {
+            queue.simple(&format!("LISTEN {CHANNEL}")).await?;
+            queue.listening = true;
         }
-        let verifies_absence = bounded(
-            timeout,
-            &closed,
-            client.query_one("SELECT orphan_cleanup.verifies_absence()", &[]),
-        )
-        .await?
-        .get(0);
-        Ok(Queue {
-            client,
-            timeout,
-            worker: worker.to_string(),
-            verifies_absence,
-            closed,
-            notified,
+        Ok(queue)
+    }
+
+    /// Runs `sql` in a transaction of its own, with `statement_timeout` and `lock_timeout`
+    /// set to --db-timeout for that transaction alone, as an unnamed statement.
+    ///
+    /// Nothing outlives the call, so it works the same through a transaction-mode pooler
+    /// (Supavisor, PgBouncer), where the next call may run on another server connection that
+    /// other clients share: a session `SET` would stay on that connection and time out other
+    /// clients' statements, and a named prepared statement would be missing on the next
+    /// connection, or already there from another client.
+    ///
+    /// `BEGIN`, the statement and `COMMIT` are sent together, before any answer is read
+    /// (pipelined): the server commits as soon as the statement ends, as it commits a
+    /// statement of its own. A reaper that stalls after sending a claim (a pause, a stop, a
+    /// long GC-like hiccup of its host) holds no transaction open: its claim commits without it
+    /// and its lease runs from then, as the lease checks expect.
+    async fn call(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, QueueError> {
+        let client = self.client.lock().await;
+        let ms = self.timeout.as_millis();
+        let begin =
+            format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
+        self.bounded(async {
+            // A failed statement aborts the transaction; its COMMIT then rolls back.
+            let (begun, rows, committed) = tokio::join!(
+                client.batch_execute(&begin),
+                client.query_typed(sql, params),
+                client.batch_execute("COMMIT"),
+            );
+            begun?;
+            let rows = rows?;
+            committed?;
+            Ok(rows)
         })
+        .await
+    }
+
+    /// One statement with no parameters, outside any explicit transaction (LISTEN).
+    async fn simple(&self, sql: &str) -> Result<(), QueueError> {
+        let client = self.client.lock().await;
+        self.bounded(client.batch_execute(sql)).await
     }
 
     /// Runs one call within --db-timeout (and a little more, for the server's own timeout to
@@ -280,17 +311,71 @@ impl Queue {
         bounded(self.timeout, &self.closed, call).await
     }
 
+    /// Whether this connection is a server session of its own, which keeps a `LISTEN` and a
+    /// session lock between calls; through a transaction-mode pooler it is not. Found out by
+    /// trying: this connection listens on a channel of its own, a second connection notifies
+    /// it, and the notification must arrive here within [`PROBE_WAIT`]. (A pooler cannot be
+    /// asked its mode, and the same server process answering two calls proves nothing: a
+    /// transaction pooler often hands one client the same connection again.) When the second
+    /// connection cannot be made, the answer is no: polling and no lock always work.
+    pub async fn own_session(&self) -> Result<bool, QueueError> {
+        self.own_session
+            .get_or_try_init(|| self.probe_session())
+            .await
+            .copied()
+    }
+
+    async fn probe_session(&self) -> Result<bool, QueueError> {
+        let channel = format!("{PROBE_CHANNEL}{:016x}", rand::random::<u64>());
+        self.simple(&format!("LISTEN {channel}")).await?;
+        // The second connection's own flags: nothing listens on it.
+        let (closed, quiet) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
+        let sent = match open(&self.database, self.timeout, &closed, &quiet, &quiet).await {
+            Ok(other) => {
+                let notify = format!("NOTIFY {channel}");
+                bounded(self.timeout, &closed, other.batch_execute(&notify))
+                    .await
+                    .map_err(|e| tracing::warn!(error = %e, "could not check whether NOTIFY reaches this reaper"))
+                    .is_ok()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not open a second connection to check whether NOTIFY reaches this reaper");
+                false
+            }
+        };
+        let arrived = sent
+            && tokio::time::timeout(PROBE_WAIT, self.probed.notified())
+                .await
+                .is_ok();
+        self.simple(&format!("UNLISTEN {channel}")).await?;
+        Ok(arrived)
+    }
+
+    /// Whether this connection LISTENs to the queue's channel. When not (a transaction-mode
+    /// pooler), only --poll-interval brings new rows.
+    pub fn listening(&self) -> bool {
+        self.listening
+    }
+
     /// Holds, for this connection's life, a lock on this reaper's id: two processes running with
-    /// one --worker-id would each spend the whole hourly budget kept under it. `false` when
-    /// another connection holds it.
-    pub async fn hold_worker_id(&self) -> Result<bool, QueueError> {
-        Ok(self
-            .bounded(self.client.query_one(
+    /// one --worker-id would each spend the whole hourly budget kept under it.
+    pub async fn hold_worker_id(&self) -> Result<WorkerIdLock, QueueError> {
+        if !self.own_session().await? {
+            return Ok(WorkerIdLock::NotPossible);
+        }
+        let held: bool = self
+            .call(
                 "SELECT pg_catalog.pg_try_advisory_lock(7310249, pg_catalog.hashtext($1))",
-                &[&self.worker],
-            ))
+                &[(&self.worker, Type::TEXT)],
+            )
             .await?
-            .get(0))
+            .first()
+            .is_some_and(|r| r.get(0));
+        Ok(if held {
+            WorkerIdLock::Held
+        } else {
+            WorkerIdLock::HeldElsewhere
+        })
     }
 
     /// Whether this database checks what storage reports deleted or absent against
@@ -300,7 +385,7 @@ impl Queue {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst) || self.client.is_closed()
+        self.closed.load(Ordering::SeqCst) || self.client.try_lock().is_ok_and(|c| c.is_closed())
     }
 
     /// Waits for a NOTIFY, the connection to drop, or `timeout`.
@@ -320,18 +405,18 @@ impl Queue {
     ) -> Result<Claim, QueueError> {
         let lease = format!("{} seconds", lease.as_secs());
         let rows = self
-            .bounded(self.client.query(
+            .call(
                 "SELECT id, job_id::text, host, bucket, object_path, attempts, lease_token
                  FROM orphan_cleanup.claim($1, $2, $3::text::interval, $4, $5, $6)",
                 &[
-                    &self.worker,
-                    &(max_rows as i32),
-                    &lease,
-                    &serves.buckets,
-                    &serves.hosts,
-                    &serves.home,
+                    (&self.worker, Type::TEXT),
+                    (&(max_rows as i32), Type::INT4),
+                    (&lease, Type::TEXT),
+                    (&serves.buckets, Type::TEXT_ARRAY),
+                    (&serves.hosts, Type::TEXT_ARRAY),
+                    (&serves.home, Type::TEXT),
                 ],
-            ))
+            )
             .await?;
         Ok(Claim {
             lease: rows.first().map(|r| LeaseToken(r.get(6))),
@@ -346,8 +431,13 @@ impl Queue {
         ids: &[i64],
         outcome: &str,
     ) -> Result<Vec<(i64, String)>, QueueError> {
-        self.per_row("confirm($1, $2, $3, $4)", lease, ids, &[&outcome])
-            .await
+        self.per_row(
+            "confirm($1, $2, $3, $4)",
+            lease,
+            ids,
+            &[(&outcome, Type::TEXT)],
+        )
+        .await
     }
 
     pub async fn fail(
@@ -361,7 +451,7 @@ impl Queue {
             "fail($1, $2, $3, $4, $5)",
             lease,
             ids,
-            &[&error, &retryable],
+            &[(&error, Type::TEXT), (&retryable, Type::BOOL)],
         )
         .await
     }
@@ -375,8 +465,13 @@ impl Queue {
         ids: &[i64],
         reason: &str,
     ) -> Result<Vec<(i64, String)>, QueueError> {
-        self.per_row("refuse($1, $2, $3, $4)", lease, ids, &[&reason])
-            .await
+        self.per_row(
+            "refuse($1, $2, $3, $4)",
+            lease,
+            ids,
+            &[(&reason, Type::TEXT)],
+        )
+        .await
     }
 
     /// Calls one of the queue functions that take (worker, lease_token, ids, ...) and answer a
@@ -386,17 +481,20 @@ impl Queue {
         call: &str,
         lease: &LeaseToken,
         ids: &[i64],
-        rest: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        rest: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<(i64, String)>, QueueError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let ids = ids.to_vec();
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&self.worker, &lease.0, &ids];
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&self.worker, Type::TEXT),
+            (&lease.0, Type::TEXT),
+            (&ids, Type::INT8_ARRAY),
+        ];
         params.extend_from_slice(rest);
         let sql = format!("SELECT id, result FROM orphan_cleanup.{call}");
-        let rows = self.bounded(self.client.query(&sql, &params)).await?;
+        let rows = self.call(&sql, &params).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -415,13 +513,19 @@ impl Queue {
         }
         let ids: Option<Vec<i64>> = ids.map(<[i64]>::to_vec);
         let nothing_sent = sent == Sent::Nothing;
-        Ok(self
-            .bounded(self.client.query_one(
+        let rows = self
+            .call(
                 "SELECT orphan_cleanup.release($1, $2, $3, $4, $5)",
-                &[&self.worker, &lease.0, &ids, &reason, &nothing_sent],
-            ))
-            .await?
-            .get(0))
+                &[
+                    (&self.worker, Type::TEXT),
+                    (&lease.0, Type::TEXT),
+                    (&ids, Type::INT8_ARRAY),
+                    (&reason, Type::TEXT),
+                    (&nothing_sent, Type::BOOL),
+                ],
+            )
+            .await?;
+        Ok(one(&rows)?.get(0))
     }
 
     /// What this reaper sent for deletion within the last `within`: `(how long ago, rows)` per
@@ -432,10 +536,10 @@ impl Queue {
     ) -> Result<Vec<(Duration, u64)>, QueueError> {
         let within = format!("{} seconds", within.as_secs());
         let rows = self
-            .bounded(self.client.query(
+            .call(
                 "SELECT age_s, objects FROM orphan_cleanup.sent_by_reaper($1, $2::text::interval)",
-                &[&self.worker, &within],
-            ))
+                &[(&self.worker, Type::TEXT), (&within, Type::TEXT)],
+            )
             .await?;
         Ok(rows
             .iter()
@@ -450,22 +554,26 @@ impl Queue {
     /// What a claim would hand out, for --dry-run.
     pub async fn peek(&self, max_rows: i32) -> Result<Vec<Claimed>, QueueError> {
         let rows = self
-            .bounded(self.client.query("SELECT id, job_id::text, host, bucket, object_path, attempts FROM orphan_cleanup.peek($1)", &[&max_rows]))
+            .call(
+                "SELECT id, job_id::text, host, bucket, object_path, attempts FROM orphan_cleanup.peek($1)",
+                &[(&max_rows, Type::INT4)],
+            )
             .await?;
         Ok(rows.iter().map(Claimed::from_row).collect())
     }
 
     pub async fn status(&self) -> Result<Status, QueueError> {
-        let r = self
-            .bounded(self.client.query_one(
+        let rows = self
+            .call(
                 "SELECT pending, ready, claimed, dead, rejected, deleted, absent, oldest_pending::text,
                         last_cycle_at::text, last_cycle_status, last_cycle_error, health, reaping_enabled, attached,
                         reaper_alert, reaper_alert_at::text,
                         reapers, unserved, refused_by_reapers, misconfigured_reapers
                  FROM orphan_cleanup.queue_status()",
                 &[],
-            ))
+            )
             .await?;
+        let r = one(&rows)?;
         Ok(Status {
             pending: r.get(0),
             ready: r.get(1),
@@ -620,6 +728,61 @@ async fn bounded<T>(
             )))
         }
     }
+}
+
+/// The one row a call answers.
+fn one(rows: &[Row]) -> Result<&Row, QueueError> {
+    rows.first()
+        .ok_or_else(|| QueueError::Db("the call answered no row".into()))
+}
+
+/// Opens a connection whose NOTIFYs wake `notified` (the queue's channel) or `probed` (a
+/// [`PROBE_CHANNEL`]), and whose end sets `closed`.
+async fn open(
+    database: &Database,
+    timeout: Duration,
+    closed: &Arc<AtomicBool>,
+    notified: &Arc<Notify>,
+    probed: &Arc<Notify>,
+) -> Result<Client, QueueError> {
+    let mut config = database.config().clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout.min(Duration::from_secs(10)));
+    }
+    if config.get_application_name().is_none() {
+        // A startup parameter, which poolers pass on to every server connection they use for
+        // this client (a session SET would stay on one of them).
+        config.application_name("pg_orphan_cleanup reaper");
+    }
+    let (client, mut connection) =
+        tokio::time::timeout(timeout + GRACE, config.connect(database.tls()))
+            .await
+            .map_err(|_| {
+                QueueError::Connect(format!("no answer within {}s", (timeout + GRACE).as_secs()))
+            })?
+            .map_err(|e| {
+                QueueError::Connect(explain_tls(&e, database).unwrap_or_else(|| describe(&e)))
+            })?;
+    let (c, n, p) = (closed.clone(), notified.clone(), probed.clone());
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(m)) if m.channel().starts_with(PROBE_CHANNEL) => {
+                    p.notify_one()
+                }
+                Ok(AsyncMessage::Notification(_)) => n.notify_one(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %describe(&e), "database connection lost");
+                    break;
+                }
+            }
+        }
+        c.store(true, Ordering::SeqCst);
+        n.notify_one();
+    });
+    Ok(client)
 }
 
 /// `queue_status()`, one row.

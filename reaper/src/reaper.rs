@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::limit::HourlyLimit;
 use crate::metrics::Metrics;
-use crate::queue::{Claimed, LeaseToken, Queue, QueueError, Recorder, Sent};
+use crate::queue::{Claimed, LeaseToken, Queue, QueueError, Recorder, Sent, WorkerIdLock};
 use crate::storage::{StorageClient, StorageError};
 
 mod evidence;
@@ -266,6 +266,9 @@ impl Reaper {
                 {
                     Ok(q) => match self.own_worker_id(&q).await {
                         Ok(()) => {
+                            if mode == Mode::Run {
+                                self.say_how_work_arrives(&q);
+                            }
                             self.db_ok.store(true, Ordering::SeqCst);
                             *self.db_error.lock().unwrap() = None;
                             reconnect.reset();
@@ -541,16 +544,39 @@ impl Reaper {
         }
     }
 
+    /// Says, on every (re)connection, whether a NOTIFY wakes this reaper or only polling does.
+    fn say_how_work_arrives(&self, q: &Queue) {
+        let poll = humantime::format_duration(self.settings.poll_interval);
+        if q.listening() {
+            tracing::info!(
+                channel = crate::queue::CHANNEL,
+                "listening for NOTIFY; polling every {poll} as well"
+            );
+        } else {
+            tracing::warn!("NOTIFY does not reach this reaper: its connection is no session of its own (a transaction-mode pooler such as Supavisor's port 6543 or PgBouncer's pool_mode = transaction); polling every {poll} instead (--poll-interval), or connect through the pooler's session mode");
+        }
+    }
+
     /// With --max-deletes-per-hour, this reaper's id is its alone while it runs (the budget is
     /// kept under the id).
+    ///
+    /// Through a transaction-mode pooler no lock can be held (a session lock would stay on a
+    /// server connection other clients share): the reaper says so and goes on.
     async fn own_worker_id(&self, q: &Queue) -> Result<(), QueueError> {
-        if self.limit.is_none() || q.hold_worker_id().await? {
+        if self.limit.is_none() {
             return Ok(());
         }
-        Err(QueueError::Db(format!(
-            "another reaper is running with --worker-id {} and --max-deletes-per-hour: the hourly budget is kept per id, so each reaper needs an id of its own",
-            self.settings.worker_id
-        )))
+        let id = &self.settings.worker_id;
+        match q.hold_worker_id().await? {
+            WorkerIdLock::Held => Ok(()),
+            WorkerIdLock::NotPossible => {
+                tracing::warn!(worker = %id, "this connection is no session of its own (a transaction-mode pooler?), so the reaper cannot hold the lock on --worker-id {id} that keeps a second reaper with the same id from doubling --max-deletes-per-hour; make sure each reaper has an id of its own, or connect through the pooler's session mode");
+                Ok(())
+            }
+            WorkerIdLock::HeldElsewhere => Err(QueueError::Db(format!(
+                "another reaper is running with --worker-id {id} and --max-deletes-per-hour: the hourly budget is kept per id, so each reaper needs an id of its own"
+            ))),
+        }
     }
 
     /// Starts --max-deletes-per-hour from what this reaper (its --worker-id) sent within the

@@ -73,6 +73,10 @@ impl Proc {
         self.child().stdout.take()
     }
 
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child().stderr.take()
+    }
+
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child().try_wait().unwrap()
     }
