@@ -95,9 +95,15 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
 }
 
 /// Path segments as a server would see them: percent-decoded (an invalid escape stays as
-/// written), with empty and `.` segments dropped and `..` resolved.
+/// written), with empty and `.` segments dropped and `..` resolved. A path whose escapes decode
+/// to no text (bytes that are not UTF-8, or a NUL) is read as written: no object a strict
+/// parse accepts has such a name, and the managed edition's PL/pgSQL reading (whose text
+/// cannot hold a NUL) must find the same key.
 fn normalize(path: &str) -> Vec<String> {
-    let text = String::from_utf8_lossy(&percent_decode_str(path).collect::<Vec<u8>>()).into_owned();
+    let text = String::from_utf8(percent_decode_str(path).collect::<Vec<u8>>())
+        .ok()
+        .filter(|t| !t.contains('\0'))
+        .unwrap_or_else(|| path.to_string());
     let mut out: Vec<String> = Vec::new();
     for part in text.split(['/', '\\']) {
         match part {

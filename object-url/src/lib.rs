@@ -95,8 +95,12 @@ pub enum ParseError {
     InvalidUrl(String),
     #[error("URL carries a user name or password")]
     UserInfo,
-    #[error("URL has a port but no usable host")]
+    #[error("URL names no host")]
     NoHost,
+    #[error("host '{0}' is not a plain host name or IPv4 address; IPv6 literals, internationalized (xn--) names, numeric shorthands such as 127.1 and empty or trailing labels are refused")]
+    UnusualHost(String),
+    #[error("port '{0}' is not a number from 1 to 65535 written without leading zeros")]
+    BadPort(String),
     #[error("not a Supabase Storage object URL (expected /storage/v1/object/{{public|authenticated|sign}}/<bucket>/<key> or /storage/v1/render/image/...)")]
     NotAnObjectUrl,
     #[error("starts with '/': neither a full URL nor a bare bucket/key")]
@@ -202,19 +206,22 @@ fn parse_url(raw: &str) -> Result<ObjectRef, ParseError> {
         .unwrap_or(path_and_more.len());
     let path = &path_and_more[..path_end];
 
-    // The url crate validates and normalizes the host (IDNA, IPv6, lower case, default port).
+    let host = plain_authority(authority, &scheme_lc)?;
+    // The url crate reads the whole URL as a browser would; it must find the same host.
     let parsed = url::Url::parse(raw).map_err(|e| ParseError::InvalidUrl(e.to_string()))?;
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(ParseError::UserInfo);
     }
-    let host = parsed
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or(ParseError::NoHost)?;
-    let host = match parsed.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_string(),
+    let browser_host = match (parsed.host_str(), parsed.port()) {
+        (Some(h), Some(port)) => format!("{h}:{port}"),
+        (Some(h), None) => h.to_string(),
+        (None, _) => String::new(),
     };
+    if browser_host != host {
+        return Err(ParseError::InvalidUrl(format!(
+            "a browser reads the host as '{browser_host}'"
+        )));
+    }
 
     let segments: Vec<&str> = path
         .strip_prefix('/')
@@ -233,6 +240,64 @@ fn parse_url(raw: &str) -> Result<ObjectRef, ParseError> {
         key,
         form,
     })
+}
+
+/// `host` or `host:port` of an authority, lower case and without the scheme's default port,
+/// read narrowly: a host name of ASCII letters, digits and hyphens in dot-separated labels, or
+/// a dotted-quad IPv4 address, and a port from 1 to 65535 written plainly. Whatever a URL
+/// parser would have to interpret (an IPv6 literal, an internationalized or `xn--` name,
+/// `127.1` or `0x7f.1`, a percent-escape, an empty port, a trailing dot) is refused: no real
+/// storage URL needs it, and every reader of a URL (this crate, the managed edition's PL/pgSQL
+/// parser, a browser) must find the same host in it.
+pub(crate) fn plain_authority(authority: &str, scheme: &str) -> Result<String, ParseError> {
+    let (host, port) = match authority.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    if host.is_empty() {
+        return Err(ParseError::NoHost);
+    }
+    let unusual = || ParseError::UnusualHost(authority.chars().take(64).collect());
+    let labels: Vec<&str> = host.split('.').collect();
+    let label_ok =
+        |l: &&str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !labels.iter().all(label_ok) {
+        return Err(unusual());
+    }
+    let host = host.to_ascii_lowercase();
+    let last = host.rsplit('.').next().unwrap_or("");
+    let numeric = last.bytes().all(|b| b.is_ascii_digit())
+        || last
+            .strip_prefix("0x")
+            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if numeric {
+        // Read as an IPv4 address by browsers: only the dotted quad is read the same by all.
+        let quad = labels.len() == 4
+            && labels.iter().all(|l| {
+                l.bytes().all(|b| b.is_ascii_digit())
+                    && (*l == "0" || !l.starts_with('0'))
+                    && l.len() <= 3
+                    && l.parse::<u16>().is_ok_and(|n| n <= 255)
+            });
+        if !quad {
+            return Err(unusual());
+        }
+    } else if host.split('.').any(|l| l.starts_with("xn--")) {
+        return Err(unusual());
+    }
+    let Some(port) = port else {
+        return Ok(host);
+    };
+    let number = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&n| n > 0 && !port.starts_with('0') && port.bytes().all(|b| b.is_ascii_digit()));
+    match number {
+        None => Err(ParseError::BadPort(port.chars().take(16).collect())),
+        Some(443) if scheme == "https" => Ok(host),
+        Some(80) if scheme == "http" => Ok(host),
+        Some(n) => Ok(format!("{host}:{n}")),
+    }
 }
 
 fn parse_bare(raw: &str) -> Result<ObjectRef, ParseError> {

@@ -69,16 +69,10 @@ impl Policy {
             policy.prefixes.push(p.to_string());
         }
         for h in split_list(hosts) {
-            let h = h.to_ascii_lowercase();
-            let ok = !h.contains("://")
-                && !h.contains(['/', '@', '?', '#', ' '])
-                && url::Url::parse(&format!("https://{h}/"))
-                    .map(|u| u.host_str().is_some())
-                    .unwrap_or(false);
-            if !ok {
-                return Err(PolicyError::BadHost(h));
-            }
-            policy.hosts.push(normalize_host(&h));
+            // Read as the parser reads a URL's host, so that a listed host can match.
+            let host = crate::plain_authority(h, "https")
+                .map_err(|_| PolicyError::BadHost(h.to_ascii_lowercase()))?;
+            policy.hosts.push(host);
         }
         Ok(policy)
     }
@@ -108,18 +102,5 @@ impl Policy {
             return Err(Refusal::PrefixNotAllowed(obj.key.clone()));
         }
         Ok(())
-    }
-}
-
-/// Spells a configured host the way [`crate::parse`] reports one: lower case, default ports
-/// dropped, IDNA applied.
-fn normalize_host(h: &str) -> String {
-    match url::Url::parse(&format!("https://{h}/")) {
-        Ok(u) => match (u.host_str(), u.port()) {
-            (Some(host), Some(port)) => format!("{host}:{port}"),
-            (Some(host), None) => host.to_string(),
-            _ => h.to_string(),
-        },
-        Err(_) => h.to_string(),
     }
 }

@@ -105,6 +105,60 @@ fn host_normalization() {
     );
 }
 
+/// Hosts are read narrowly: what a browser would have to interpret is refused, so that every
+/// reader (this crate, the managed edition's PL/pgSQL parser, a browser) finds the same host.
+#[test]
+fn only_plain_hosts_and_ports_are_read() {
+    let host = |authority: &str| {
+        parse(&format!(
+            "https://{authority}/storage/v1/object/public/r/a.png"
+        ))
+        .map(|o| o.host.unwrap())
+    };
+    assert_eq!(host("Abcd.Supabase.co").unwrap(), "abcd.supabase.co");
+    assert_eq!(host("10.0.0.255:8080").unwrap(), "10.0.0.255:8080");
+    assert_eq!(host("localhost:443").unwrap(), "localhost");
+    assert_eq!(host("a-b.c0").unwrap(), "a-b.c0");
+    let unusual = ParseError::UnusualHost;
+    for (authority, expected) in [
+        ("[::1]", unusual("[::1]".into())),
+        (
+            "xn--bcd-4na.supabase.co",
+            unusual("xn--bcd-4na.supabase.co".into()),
+        ),
+        (
+            "XN--bcd-4na.supabase.co",
+            unusual("XN--bcd-4na.supabase.co".into()),
+        ),
+        ("127.1", unusual("127.1".into())),
+        ("0x7f000001", unusual("0x7f000001".into())),
+        ("2130706433", unusual("2130706433".into())),
+        ("127.0.0.01", unusual("127.0.0.01".into())),
+        ("256.0.0.1", unusual("256.0.0.1".into())),
+        ("a.0X1f", unusual("a.0X1f".into())),
+        ("abcd.supabase.co.", unusual("abcd.supabase.co.".into())),
+        (".abcd.co", unusual(".abcd.co".into())),
+        ("ex%41mple.com", unusual("ex%41mple.com".into())),
+        ("under_score.com", unusual("under_score.com".into())),
+        ("b\u{fc}cher.de", unusual("b\u{fc}cher.de".into())),
+        ("", ParseError::NoHost),
+        (":443", ParseError::NoHost),
+        ("h.co:", ParseError::BadPort("".into())),
+        ("h.co:0", ParseError::BadPort("0".into())),
+        ("h.co:0443", ParseError::BadPort("0443".into())),
+        ("h.co:65536", ParseError::BadPort("65536".into())),
+        ("h.co:1:2", ParseError::BadPort("1:2".into())),
+        ("h.co:+1", ParseError::BadPort("+1".into())),
+    ] {
+        assert_eq!(host(authority), Err(expected), "for {authority:?}");
+    }
+    // Extra slashes after the scheme are no empty host to a browser, which skips them.
+    assert_eq!(
+        err("https:///abcd.supabase.co/storage/v1/object/public/r/a.png"),
+        ParseError::NoHost
+    );
+}
+
 #[test]
 fn bare_bucket_and_key() {
     let o = ok("renders/user-1/job 1.png");

@@ -1,0 +1,515 @@
+-- The managed edition's URL functions: parse_output_url, object_key and redact_url in PL/pgSQL,
+-- for databases that cannot load the extension's native library (hosted Supabase, RDS, Neon).
+--
+-- They are a second writing of the Rust crate object-url (object-url/src/lib.rs, lenient.rs,
+-- redact.rs, policy.rs), rule for rule and message for message. A differential test
+-- (tests/tests/url_parsers.rs) feeds both the same 100,000 generated values and the hostile
+-- corpus and fails on any difference in accept or reject, host, bucket, key or message. Change
+-- one parser, change the other.
+--
+-- Character classes follow Rust's: `char::is_control` is Unicode's Cc (U+0000-U+001F and
+-- U+007F-U+009F; PostgreSQL text holds no U+0000), `char::is_whitespace` is Unicode's
+-- White_Space. Lower-casing is ASCII only (lower() would also fold other letters). The database
+-- encoding must be UTF8, as on every managed platform.
+
+-- ASCII letters to lower case, nothing else.
+CREATE FUNCTION orphan_cleanup._ascii_lower(s text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN pg_catalog.translate(s, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz');
+
+-- A character as Rust's Debug prints it, for the ASCII characters messages quote: 'c', '\''.
+CREATE FUNCTION orphan_cleanup._char_debug(c text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN CASE WHEN c = '''' THEN '''\''''' ELSE '''' || c || '''' END;
+
+-- A code point as the messages print it: U+000A.
+CREATE FUNCTION orphan_cleanup._code_point(code int) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN 'U+' || pg_catalog.lpad(pg_catalog.upper(pg_catalog.to_hex(code)), 4, '0');
+
+-- The bytes `s` stands for with its valid %XX escapes decoded (an invalid '%' stays as
+-- written). A %00 becomes `nul`, or makes the answer NULL when `nul` is NULL.
+CREATE FUNCTION orphan_cleanup._percent_bytes(s text, nul bytea) RETURNS bytea
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    parts text[] := pg_catalog.string_to_array(s, '%');
+    bytes bytea := pg_catalog.convert_to(coalesce(parts[1], ''), 'UTF8');
+    part text;
+BEGIN
+    FOR i IN 2 .. coalesce(pg_catalog.array_length(parts, 1), 0) LOOP
+        part := parts[i];
+        IF part ~ '^[0-9A-Fa-f]{2}' THEN
+            IF pg_catalog.left(part, 2) = '00' THEN
+                IF nul IS NULL THEN
+                    RETURN NULL;
+                END IF;
+                bytes := bytes || nul;
+            ELSE
+                bytes := bytes || pg_catalog.decode(pg_catalog.left(part, 2), 'hex');
+            END IF;
+            bytes := bytes || pg_catalog.convert_to(pg_catalog.substr(part, 3), 'UTF8');
+        ELSE
+            bytes := bytes || pg_catalog.convert_to('%' || part, 'UTF8');
+        END IF;
+    END LOOP;
+    RETURN bytes;
+END
+$$;
+
+-- The bytes as UTF-8 text, or NULL when they are not UTF-8.
+CREATE FUNCTION orphan_cleanup._utf8(bytes bytea) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN pg_catalog.convert_from(bytes, 'UTF8');
+EXCEPTION WHEN character_not_in_repertoire THEN
+    RETURN NULL;
+END
+$$;
+
+-- `host` or `host:port` of an authority, read narrowly (object-url's plain_authority): a host
+-- name of ASCII letters, digits and hyphens in dot-separated labels, or a dotted-quad IPv4
+-- address, and a port from 1 to 65535 written plainly, the scheme's default dropped.
+CREATE FUNCTION orphan_cleanup._plain_authority(authority text, scheme text, OUT host text, OUT error text)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    name text := pg_catalog.split_part(authority, ':', 1);
+    port text := CASE WHEN pg_catalog.strpos(authority, ':') > 0
+                      THEN pg_catalog.substr(authority, pg_catalog.strpos(authority, ':') + 1) END;
+    unusual text := pg_catalog.format('host ''%s'' is not a plain host name or IPv4 address; IPv6 literals, internationalized (xn--) names, numeric shorthands such as 127.1 and empty or trailing labels are refused',
+                                      pg_catalog.left(authority, 64));
+    last text;
+BEGIN
+    IF name = '' THEN
+        error := 'URL names no host';
+        RETURN;
+    END IF;
+    IF name !~ '^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$' THEN
+        error := unusual;
+        RETURN;
+    END IF;
+    name := orphan_cleanup._ascii_lower(name);
+    last := pg_catalog.regexp_replace(name, '^.*\.', '');
+    IF last ~ '^[0-9]+$' OR last ~ '^0x[0-9a-f]*$' THEN
+        -- Read as an IPv4 address by browsers: only the dotted quad is read the same by all.
+        IF name !~ '^(0|[1-9][0-9]{0,2})(\.(0|[1-9][0-9]{0,2})){3}$'
+           OR EXISTS (SELECT FROM pg_catalog.unnest(pg_catalog.string_to_array(name, '.')) AS o
+                      WHERE o::int > 255) THEN
+            error := unusual;
+            RETURN;
+        END IF;
+    ELSIF name ~ '(^|\.)xn--' THEN
+        error := unusual;
+        RETURN;
+    END IF;
+    IF port IS NULL THEN
+        host := name;
+    ELSIF port !~ '^[1-9][0-9]{0,4}$' OR port::int > 65535 THEN
+        error := pg_catalog.format('port ''%s'' is not a number from 1 to 65535 written without leading zeros',
+                                   pg_catalog.left(port, 16));
+    ELSIF (port = '443' AND scheme = 'https') OR (port = '80' AND scheme = 'http') THEN
+        host := name;
+    ELSE
+        host := name || ':' || port;
+    END IF;
+END
+$$;
+
+-- One path segment of an object name (object-url's segment()): checked as written and, for
+-- URLs (`decode`), after percent-decoding, so that %2e%2e is caught like '..'.
+CREATE FUNCTION orphan_cleanup._url_segment(raw text, decode boolean, OUT segment text, OUT error text)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    m text;
+    bad text;
+BEGIN
+    IF raw IN ('.', '..') THEN
+        error := 'has a ''.'' or ''..'' path segment';
+        RETURN;
+    END IF;
+    segment := raw;
+    IF decode THEN
+        IF raw ~ '%(?![0-9A-Fa-f]{2})' THEN
+            error := 'has a malformed percent-escape';
+            RETURN;
+        END IF;
+        IF pg_catalog.strpos(raw, '%') > 0 THEN
+            -- A %00 is read as U+0001 here: only its being a control character matters below.
+            segment := orphan_cleanup._utf8(orphan_cleanup._percent_bytes(raw, '\x01'::bytea));
+            IF segment IS NULL THEN
+                error := 'object names are ASCII only; this one has non-ASCII characters';
+                RETURN;
+            END IF;
+        END IF;
+        IF segment IN ('.', '..') THEN
+            error := 'has an encoded ''.'' or ''..'' path segment (%2e)';
+            RETURN;
+        END IF;
+        IF pg_catalog.strpos(segment, '/') > 0 THEN
+            error := 'has an encoded slash (%2F) inside a path segment';
+            RETURN;
+        END IF;
+        -- A raw control character was refused before, so any here came from an escape: a byte
+        -- below 0x20 or 0x7F, or U+0080-U+009F as %C2%80-%C2%9F. The first such escape is it.
+        m := substring(raw FROM '(%[01][0-9A-Fa-f]|%7[Ff]|%[Cc]2%[89][0-9A-Fa-f])');
+        IF m IS NOT NULL THEN
+            error := pg_catalog.format('contains an encoded control character (%s, e.g. %%00)',
+                orphan_cleanup._code_point(('x' || pg_catalog.lpad(pg_catalog.right(m, 2), 8, '0'))::bit(32)::int));
+            RETURN;
+        END IF;
+        IF pg_catalog.strpos(segment, '\') > 0 THEN
+            error := 'contains a backslash, which URL parsers silently turn into ''/''';
+            RETURN;
+        END IF;
+        m := substring(raw FROM '%(3[0-9]|4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|2[DdEe]|5[Ff]|7[Ee])');
+        IF m IS NOT NULL THEN
+            error := pg_catalog.format('percent-encodes %s, a character no client ever encodes (a disguised name)',
+                orphan_cleanup._char_debug(pg_catalog.chr(('x' || pg_catalog.lpad(m, 8, '0'))::bit(32)::int)));
+            RETURN;
+        END IF;
+    END IF;
+    IF segment ~ '[^\u0001-\u007f]' THEN
+        error := 'object names are ASCII only; this one has non-ASCII characters';
+        RETURN;
+    END IF;
+    IF segment ~ '^[\u0009-\u000d ]*$' THEN
+        error := 'has a path segment of spaces only';
+        RETURN;
+    END IF;
+    bad := substring(segment FROM '[^A-Za-z0-9_!.*''() &$=@;:+,?-]');
+    IF bad IS NOT NULL THEN
+        error := pg_catalog.format('character %s is not allowed in a storage object name',
+                                   orphan_cleanup._char_debug(bad));
+    END IF;
+END
+$$;
+
+-- `(bucket, key)` from the path segments after the route (object-url's object_from_segments).
+CREATE FUNCTION orphan_cleanup._url_object(segments text[], decode boolean, OUT bucket text, OUT key text, OUT error text)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    n int := coalesce(pg_catalog.array_length(segments, 1), 0);
+    s record;
+BEGIN
+    IF n = 0 OR segments[1] = '' THEN
+        error := 'names no bucket';
+        RETURN;
+    END IF;
+    IF n = 1 OR (n = 2 AND segments[2] = '') THEN
+        error := 'names a bucket but no object key';
+        RETURN;
+    END IF;
+    s := orphan_cleanup._url_segment(segments[1], decode);
+    IF s.error IS NOT NULL THEN
+        error := s.error;
+        RETURN;
+    END IF;
+    bucket := s.segment;
+    FOR i IN 2 .. n LOOP
+        IF segments[i] = '' THEN
+            error := CASE WHEN i = n THEN 'names a folder (ends with ''/''), not an object'
+                          ELSE 'has an empty path segment (''//'')' END;
+            bucket := NULL;
+            RETURN;
+        END IF;
+        s := orphan_cleanup._url_segment(segments[i], decode);
+        IF s.error IS NOT NULL THEN
+            error := s.error;
+            bucket := NULL;
+            key := NULL;
+            RETURN;
+        END IF;
+        key := CASE WHEN i = 2 THEN s.segment ELSE key || '/' || s.segment END;
+    END LOOP;
+    IF pg_catalog.octet_length(key) > 1024 THEN
+        error := pg_catalog.format('object key is %s bytes long, longer than the 1024 bytes storage allows',
+                                   pg_catalog.octet_length(key));
+        bucket := NULL;
+        key := NULL;
+    END IF;
+END
+$$;
+
+-- The strict reading (object-url's parse()): the one object a stored output URL or bare
+-- `bucket/key` names, accepted only when that needs no interpretation.
+CREATE FUNCTION orphan_cleanup._parse_url(raw text, OUT host text, OUT bucket text, OUT object_path text, OUT form text, OUT error text)
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    ws constant text := '[\u0009-\u000d \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]';
+    c text;
+    scheme text;
+    after text;
+    authority text;
+    path text;
+    segments text[];
+    consumed int;
+    a record;
+    o record;
+BEGIN
+    IF raw = '' THEN
+        error := 'empty value';
+        RETURN;
+    END IF;
+    IF pg_catalog.octet_length(raw) > 4096 THEN
+        error := pg_catalog.format('value is %s bytes long, longer than the 4096 bytes a storage URL can be',
+                                   pg_catalog.octet_length(raw));
+        RETURN;
+    END IF;
+    c := substring(raw FROM '[\u0001-\u001f\u007f-\u009f]');
+    IF c IS NOT NULL THEN
+        error := pg_catalog.format('contains a control character (%s); a URL that was cut or pasted wrongly',
+                                   orphan_cleanup._code_point(pg_catalog.ascii(c)));
+        RETURN;
+    END IF;
+    IF pg_catalog.strpos(raw, '\') > 0 THEN
+        error := 'contains a backslash, which URL parsers silently turn into ''/''';
+        RETURN;
+    END IF;
+    IF raw ~ ('^' || ws) OR raw ~ (ws || '$') THEN
+        error := 'contains whitespace outside the object key';
+        RETURN;
+    END IF;
+    IF pg_catalog.left(raw, 1) = '/' THEN
+        error := 'starts with ''/'': neither a full URL nor a bare bucket/key';
+        RETURN;
+    END IF;
+
+    IF pg_catalog.strpos(pg_catalog.split_part(raw, '/', 1), ':') = 0 THEN
+        -- A bare bucket/key, taken literally.
+        o := orphan_cleanup._url_object(pg_catalog.string_to_array(raw, '/'), false);
+        IF o.error IS NOT NULL THEN
+            error := o.error;
+        ELSE
+            bucket := o.bucket;
+            object_path := o.key;
+            form := 'bare';
+        END IF;
+        RETURN;
+    END IF;
+
+    scheme := pg_catalog.split_part(raw, ':', 1);
+    IF orphan_cleanup._ascii_lower(scheme) NOT IN ('http', 'https') THEN
+        error := pg_catalog.format('scheme ''%s'' is not http or https', pg_catalog.left(scheme, 32));
+        RETURN;
+    END IF;
+    IF raw ~ ws THEN
+        error := 'contains whitespace outside the object key';
+        RETURN;
+    END IF;
+    after := pg_catalog.substr(raw, pg_catalog.length(scheme) + 2);
+    IF pg_catalog.left(after, 2) <> '//' THEN
+        error := 'not a Supabase Storage object URL (expected /storage/v1/object/{public|authenticated|sign}/<bucket>/<key> or /storage/v1/render/image/...)';
+        RETURN;
+    END IF;
+    after := pg_catalog.substr(after, 3);
+    authority := substring(after FROM '^[^/?#]*');
+    IF pg_catalog.strpos(authority, '@') > 0 THEN
+        error := 'URL carries a user name or password';
+        RETURN;
+    END IF;
+    a := orphan_cleanup._plain_authority(authority, orphan_cleanup._ascii_lower(scheme));
+    IF a.error IS NOT NULL THEN
+        error := a.error;
+        RETURN;
+    END IF;
+    path := substring(pg_catalog.substr(after, pg_catalog.length(authority) + 1) FROM '^[^?#]*');
+    IF pg_catalog.left(path, 1) = '/' THEN
+        segments := pg_catalog.string_to_array(pg_catalog.substr(path, 2), '/');
+        consumed := CASE
+            WHEN segments[1:4] = '{storage,v1,object,public}' THEN 4
+            WHEN segments[1:4] = '{storage,v1,object,authenticated}' THEN 4
+            WHEN segments[1:4] = '{storage,v1,object,sign}' THEN 4
+            WHEN segments[1:5] IN ('{storage,v1,render,image,public}', '{storage,v1,render,image,authenticated}',
+                                   '{storage,v1,render,image,sign}') THEN 5
+        END;
+    END IF;
+    IF consumed IS NULL OR pg_catalog.cardinality(segments) <= consumed THEN
+        error := 'not a Supabase Storage object URL (expected /storage/v1/object/{public|authenticated|sign}/<bucket>/<key> or /storage/v1/render/image/...)';
+        RETURN;
+    END IF;
+    o := orphan_cleanup._url_object(segments[consumed + 1:], true);
+    IF o.error IS NOT NULL THEN
+        error := o.error;
+        RETURN;
+    END IF;
+    host := a.host;
+    bucket := o.bucket;
+    object_path := o.key;
+    form := CASE WHEN consumed = 5 THEN 'render_image'
+                 WHEN segments[4] = 'sign' THEN 'signed'
+                 ELSE segments[4] END;
+END
+$$;
+
+-- Parses a stored output URL into the object it names, without judging whether it may be
+-- deleted. `error` says why a value names no single object.
+CREATE FUNCTION orphan_cleanup.parse_output_url(url text)
+RETURNS TABLE (host text, bucket text, object_path text, form text, error text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT p.host, p.bucket, p.object_path, p.form,
+           CASE WHEN url IS NULL THEN 'output_url is NULL' ELSE p.error END
+    FROM orphan_cleanup._parse_url(url) AS p;
+END;
+
+-- The lenient reading's path segments (object-url's normalize()): percent-decoded (an invalid
+-- escape stays as written; a path that decodes to no text is read as written), with empty and
+-- '.' segments dropped and '..' resolved.
+CREATE FUNCTION orphan_cleanup._normalized_segments(path text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    text_ text := path;
+    part text;
+    out_ text[] := '{}';
+BEGIN
+    IF pg_catalog.strpos(path, '%') > 0 THEN
+        text_ := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(path, NULL)), path);
+    END IF;
+    FOREACH part IN ARRAY pg_catalog.regexp_split_to_array(text_, '[/\\]') LOOP
+        IF part IN ('', '.') THEN
+            CONTINUE;
+        ELSIF part = '..' THEN
+            IF pg_catalog.cardinality(out_) > 0 THEN
+                out_ := pg_catalog.trim_array(out_, 1);
+            END IF;
+        ELSE
+            out_ := out_ || part;
+        END IF;
+    END LOOP;
+    RETURN out_;
+END
+$$;
+
+-- `bucket/key` of the object a URL names, or could reasonably name, or NULL (object-url's
+-- protected_key). The one identity of an object for protection: where the strict parser
+-- accepts a value both agree; where it refuses one, this still finds the object a user kept.
+CREATE FUNCTION orphan_cleanup.object_key(url text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    junk constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"''<>`]';
+    p record;
+    value text;
+    first text;
+    rest text;
+    has_route boolean;
+    segments text[];
+    route text[];
+    start int;
+    skip int;
+    n int;
+BEGIN
+    p := orphan_cleanup._parse_url(url);
+    IF p.error IS NULL THEN
+        RETURN p.bucket || '/' || p.object_path;
+    END IF;
+    IF pg_catalog.octet_length(url) > 4096 THEN
+        RETURN NULL;
+    END IF;
+    value := pg_catalog.regexp_replace(url, '^' || junk || '+|' || junk || '+$', '', 'g');
+    value := pg_catalog.replace(value, '\', '/');
+    first := pg_catalog.split_part(value, '/', 1);
+    IF pg_catalog.strpos(first, ':') > 0 THEN
+        IF orphan_cleanup._ascii_lower(pg_catalog.split_part(value, ':', 1)) NOT IN ('http', 'https') THEN
+            RETURN NULL;
+        END IF;
+        rest := orphan_cleanup._after_authority(pg_catalog.substr(value, pg_catalog.strpos(value, ':') + 1));
+        has_route := true;
+    ELSIF pg_catalog.left(value, 2) = '//' THEN
+        rest := orphan_cleanup._after_authority(pg_catalog.substr(value, 3));
+        has_route := true;
+    ELSE
+        rest := value;
+        has_route := pg_catalog.strpos(orphan_cleanup._ascii_lower(rest), 'storage/v1/') > 0;
+    END IF;
+    IF has_route THEN
+        rest := substring(rest FROM '^[^?#]*');
+    END IF;
+    segments := orphan_cleanup._normalized_segments(rest);
+    n := pg_catalog.cardinality(segments);
+    IF has_route THEN
+        SELECT i INTO start FROM pg_catalog.generate_series(1, n - 1) AS i
+        WHERE orphan_cleanup._ascii_lower(segments[i]) = 'storage'
+          AND orphan_cleanup._ascii_lower(segments[i + 1]) = 'v1'
+        ORDER BY i LIMIT 1;
+        IF start IS NULL THEN
+            RETURN NULL;
+        END IF;
+        route := ARRAY(SELECT orphan_cleanup._ascii_lower(s) FROM pg_catalog.unnest(segments[start + 2:]) AS s);
+        skip := CASE
+            WHEN pg_catalog.cardinality(route) >= 5 AND route[1] = 'object' AND route[2] = 'info'
+                 AND route[3] IN ('public', 'authenticated') THEN 3
+            WHEN pg_catalog.cardinality(route) >= 5 AND route[1:3] = '{object,upload,sign}' THEN 3
+            WHEN pg_catalog.cardinality(route) >= 4 AND route[1] = 'object'
+                 AND route[2] IN ('public', 'authenticated', 'sign', 'info') THEN 2
+            WHEN pg_catalog.cardinality(route) >= 3 AND route[1] = 'object' THEN 1
+            WHEN pg_catalog.cardinality(route) >= 5 AND route[1:2] = '{render,image}'
+                 AND route[3] IN ('public', 'authenticated', 'sign') THEN 3
+        END;
+        IF skip IS NULL THEN
+            RETURN NULL;
+        END IF;
+        segments := segments[start + 2 + skip:];
+    END IF;
+    IF pg_catalog.cardinality(segments) < 2 THEN
+        RETURN NULL;
+    END IF;
+    RETURN pg_catalog.array_to_string(segments, '/');
+END
+$$;
+
+-- What follows a URL's authority, from the first '/', '?' or '#' on (after leading slashes).
+CREATE FUNCTION orphan_cleanup._after_authority(rest text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN coalesce(substring(pg_catalog.ltrim(rest, '/') FROM '[/?#].*$'), '');
+
+-- The URL with signed-URL tokens and other credentials replaced by REDACTED (object-url's
+-- redact()).
+CREATE FUNCTION orphan_cleanup.redact_url(url text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    base text;
+    rest text;
+    query text;
+    fragment text;
+    pairs text[];
+BEGIN
+    IF pg_catalog.strpos(url, '?') = 0 THEN
+        RETURN url;
+    END IF;
+    base := pg_catalog.split_part(url, '?', 1);
+    rest := pg_catalog.substr(url, pg_catalog.length(base) + 2);
+    query := pg_catalog.split_part(rest, '#', 1);
+    IF pg_catalog.strpos(rest, '#') > 0 THEN
+        fragment := pg_catalog.substr(rest, pg_catalog.length(query) + 2);
+    END IF;
+    pairs := ARRAY(
+        SELECT CASE WHEN pg_catalog.strpos(pair, '=') > 0
+                         AND orphan_cleanup._ascii_lower(pg_catalog.split_part(pair, '=', 1))
+                             IN ('token', 'apikey', 'access_token', 'signature', 'x-amz-signature', 'sig')
+                    THEN pg_catalog.split_part(pair, '=', 1) || '=REDACTED'
+                    ELSE pair END
+        FROM pg_catalog.unnest(pg_catalog.string_to_array(query, '&')) WITH ORDINALITY AS q(pair, n)
+        ORDER BY n);
+    RETURN base || '?' || pg_catalog.array_to_string(pairs, '&')
+        || coalesce('#' || fragment, '');
+END
+$$;
+
+-- Why the allow-lists refuse an object, or NULL (object-url's Policy::check): `hosts` as
+-- _plain_authority spells them; a host-less (bare) object needs no host.
+CREATE FUNCTION orphan_cleanup._url_refusal(host text, bucket text, object_path text,
+                                            buckets text[], prefixes text[], hosts text[])
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN host IS NOT NULL AND pg_catalog.cardinality(hosts) = 0 THEN
+        pg_catalog.format('host "%s" is not an allowed host of this project; the host allow-list is empty, so only bare bucket/key values are accepted', host)
+    WHEN host IS NOT NULL AND NOT host = ANY (hosts) THEN
+        pg_catalog.format('host "%s" is not in the host allow-list (it may be another project''s)', host)
+    WHEN pg_catalog.cardinality(buckets) = 0 THEN
+        pg_catalog.format('no bucket is allowed (the bucket allow-list is empty); add "%s" to it to allow deletes there', bucket)
+    WHEN NOT bucket = ANY (buckets) THEN
+        pg_catalog.format('bucket "%s" is not in the bucket allow-list', bucket)
+    WHEN pg_catalog.cardinality(prefixes) > 0
+         AND NOT EXISTS (SELECT FROM pg_catalog.unnest(prefixes) AS p WHERE pg_catalog.starts_with(object_path, p)) THEN
+        pg_catalog.format('key "%s" is outside the allowed prefixes', object_path)
+END;

@@ -1,0 +1,534 @@
+//! One URL parser in two languages must not drift (issue 14). The managed edition reads URLs in
+//! PL/pgSQL (`pg_orphan_cleanup/managed/urls.sql`); the extension and the reaper read them with
+//! the Rust crate `object-url`. This test feeds both the same values, 100,000 generated ones and
+//! every line of the hostile corpus, and fails on any difference: accept or reject, host, bucket,
+//! key, form, the error message, the lenient `object_key`, the redacted URL, and the allow-lists'
+//! verdict.
+//!
+//! The generator builds values from the parts real and hostile URLs are made of (schemes,
+//! authorities, routes, escapes, Unicode spaces, dot segments, junk around the value), so that
+//! most values get deep into the parser before they are accepted or refused; a share are plain
+//! random strings. `URL_SEED=<n>` reproduces a run; the seed is printed.
+
+use object_url::{parse, protected_key, redact, Policy};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use e2e::*;
+
+const GENERATED: usize = 100_000;
+const BATCH: usize = 5_000;
+
+fn pick<'a>(rng: &mut StdRng, items: &[&'a str]) -> &'a str {
+    items[rng.random_range(0..items.len())]
+}
+
+/// One piece of an object name: plain characters, escapes of every kind, and the characters
+/// that trip parsers up.
+fn piece(rng: &mut StdRng) -> String {
+    const PIECES: &[&str] = &[
+        "a",
+        "Z",
+        "0",
+        "render",
+        "job 1",
+        "x.png",
+        "_",
+        "-",
+        "!",
+        "*",
+        "'",
+        "(",
+        ")",
+        " ",
+        "&",
+        "$",
+        "=",
+        "@",
+        ";",
+        ":",
+        "+",
+        ",",
+        "~",
+        "\"",
+        "<",
+        ">",
+        "`",
+        "^",
+        "|",
+        "{",
+        "[",
+        "]",
+        "%",
+        "%20",
+        "%2F",
+        "%2f",
+        "%2E",
+        "%2e",
+        "%2e%2e",
+        "%5C",
+        "%00",
+        "%01",
+        "%1F",
+        "%7F",
+        "%7f",
+        "%C2%85",
+        "%c2%9F",
+        "%C3%A9",
+        "%FF",
+        "%E2%80%A8",
+        "%zz",
+        "%2",
+        "%41",
+        "%61",
+        "%72",
+        "%2D",
+        "%5F",
+        "%7E",
+        "%25",
+        "%3F",
+        "%23",
+        "%22",
+        "%27",
+        "%3C",
+        "%20%20",
+        "é",
+        "\u{a0}",
+        "\u{2028}",
+        "\u{85}",
+        "\u{3000}",
+        "\u{200b}",
+        "\t",
+        "\n",
+        "\u{7f}",
+        "\u{9f}",
+        "\\",
+        "?",
+        "#",
+        ".",
+        "..",
+        "...",
+        "İ",
+        "K",
+        "ß",
+        "日本",
+    ];
+    const GOOD: &[&str] = &[
+        "a", "Z", "0", "render", "job 1", "x.png", "_", "-", "!", "*", "'", "(", ")", " x", "&",
+        "$", "=", "@", ";", ":", "+", ",", "%20", "%3F", "%3f", "%2C", "%40", "%26",
+    ];
+    let n = rng.random_range(1..=3);
+    (0..n)
+        .map(|_| {
+            if rng.random_range(0..10) == 0 {
+                pick(rng, PIECES)
+            } else {
+                pick(rng, GOOD)
+            }
+        })
+        .collect()
+}
+
+/// A path of `bucket/key` segments, with empty, dot and folder segments now and then.
+fn object_path(rng: &mut StdRng) -> String {
+    let n = if rng.random_range(0..8) == 0 {
+        1
+    } else {
+        rng.random_range(2..=4)
+    };
+    let mut segs: Vec<String> = Vec::new();
+    for _ in 0..n {
+        segs.push(match rng.random_range(0..12) {
+            0 if rng.random_range(0..3) == 0 => String::new(),
+            1 if rng.random_range(0..3) == 0 => ".".into(),
+            2 if rng.random_range(0..3) == 0 => "..".into(),
+            3 | 7 | 8 => "renders".into(),
+            4 => "thumbs".into(),
+            5 => "user-1".into(),
+            _ => piece(rng),
+        });
+    }
+    if rng.random_range(0..10) == 0 {
+        segs.push(String::new()); // a trailing '/'
+    }
+    if rng.random_range(0..200) == 0 {
+        segs.push("k".repeat(rng.random_range(1000..1100)));
+    }
+    segs.join("/")
+}
+
+fn authority(rng: &mut StdRng) -> String {
+    const HOSTS: &[&str] = &[
+        "abcd.supabase.co",
+        "ABCD.Supabase.CO",
+        "127.0.0.1",
+        "localhost",
+        "10.0.0.255",
+        "256.0.0.1",
+        "127.1",
+        "0x7f000001",
+        "2130706433",
+        "127.0.0.01",
+        "1.2.3.4.5",
+        "a.0x",
+        "a.0X1f",
+        "[::1]",
+        "[::ffff:1.2.3.4]",
+        "xn--bcd-4na.supabase.co",
+        "a.XN--p1ai",
+        "bücher.de",
+        "ex%41mple.com",
+        "under_score.com",
+        "abcd.supabase.co.",
+        ".abcd.co",
+        "a..b",
+        "",
+        "a-b.c0",
+        "-a-.co",
+        "user@h.co",
+        "user:pw@h.co",
+        "h.co@evil.com",
+        "日本.jp",
+        "h co",
+    ];
+    const PORTS: &[&str] = &[
+        "", "", "", ":443", ":80", ":54321", ":", ":0", ":0443", ":65535", ":65536", ":1:2", ":+1",
+        ":abc", ":8080",
+    ];
+    const GOOD: &[&str] = &[
+        "abcd.supabase.co",
+        "ABCD.Supabase.CO",
+        "127.0.0.1:54321",
+        "localhost",
+    ];
+    if rng.random_range(0..10) < 7 {
+        return pick(rng, GOOD).to_string();
+    }
+    format!("{}{}", pick(rng, HOSTS), pick(rng, PORTS))
+}
+
+fn route(rng: &mut StdRng) -> &'static str {
+    if rng.random_range(0..2) == 0 {
+        return "/storage/v1/object/public/";
+    }
+    pick(
+        rng,
+        &[
+            "/storage/v1/object/public/",
+            "/storage/v1/object/authenticated/",
+            "/storage/v1/object/sign/",
+            "/storage/v1/render/image/public/",
+            "/storage/v1/render/image/authenticated/",
+            "/storage/v1/render/image/sign/",
+            "/storage/v1/object/",
+            "/storage/v1/object/info/public/",
+            "/storage/v1/object/upload/sign/",
+            "/storage/v1/object/list/",
+            "/Storage/V1/Object/Public/",
+            "/%73torage/v1/object/public/",
+            "/proxy/storage/v1/object/public/",
+            "/storage/v1/object/public/../",
+            "/storage//v1/object/public/",
+            "/",
+            "",
+        ],
+    )
+}
+
+fn tail(rng: &mut StdRng) -> &'static str {
+    pick(
+        rng,
+        &[
+            "",
+            "",
+            "",
+            "?token=eyJ.abc.def",
+            "?TOKEN=t&download=1",
+            "?a=1&sig=s#frag",
+            "#x",
+            "?apikey=k&x-amz-signature=s&keep=1",
+            "?&=&token",
+            "?token=a=b",
+            "?x#y?token=z",
+        ],
+    )
+}
+
+fn junk(rng: &mut StdRng) -> &'static str {
+    if rng.random_range(0..6) > 0 {
+        return "";
+    }
+    pick(
+        rng,
+        &[
+            "", "", "", "", " ", "\"", "'", "<", ">", "`", "\u{a0}", "\n", "\t", "\u{3000}",
+        ],
+    )
+}
+
+/// One value, shaped like what an app could store in `output_url`.
+fn value(rng: &mut StdRng) -> String {
+    let v = match rng.random_range(0..10) {
+        0..=4 => {
+            let scheme = if rng.random_range(0..10) < 7 {
+                "https"
+            } else {
+                pick(
+                    rng,
+                    &[
+                        "https",
+                        "http",
+                        "HTTPS",
+                        "Http",
+                        "ftp",
+                        "javascript",
+                        "file",
+                        "h",
+                    ],
+                )
+            };
+            let sep = pick(
+                rng,
+                &[
+                    "://", "://", "://", "://", "://", "://", ":/", ":", ":///", "://\\",
+                ],
+            );
+            format!(
+                "{scheme}{sep}{}{}{}{}",
+                authority(rng),
+                route(rng),
+                object_path(rng),
+                tail(rng)
+            )
+        }
+        5 => format!(
+            "//{}{}{}{}",
+            authority(rng),
+            route(rng),
+            object_path(rng),
+            tail(rng)
+        ),
+        6 => format!("{}{}", route(rng).trim_start_matches('/'), object_path(rng)),
+        7 | 8 => object_path(rng),
+        _ => (0..rng.random_range(0..12))
+            .map(|_| piece(rng))
+            .collect::<Vec<_>>()
+            .join(pick(rng, &["/", ":", "//", ""])),
+    };
+    let v = format!("{}{v}{}", junk(rng), junk(rng));
+    // PostgreSQL text holds no NUL; the parsers' answers for it are tested in Rust alone.
+    v.replace('\0', "")
+}
+
+/// The Rust crate's answers for one value, in the shape the SQL query returns them.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    host: Option<String>,
+    bucket: Option<String>,
+    key: Option<String>,
+    form: Option<String>,
+    error: Option<String>,
+    object_key: Option<String>,
+    redacted: String,
+    refusals: Vec<Option<String>>,
+}
+
+fn policies() -> Vec<Policy> {
+    [
+        ["renders, thumbs", "", "abcd.supabase.co, 127.0.0.1:54321"],
+        ["renders", "user-, renders/", ""],
+        ["", "", "localhost:443"],
+    ]
+    .into_iter()
+    .map(|lists| Policy::from_lists(lists[0], lists[1], lists[2]).unwrap())
+    .collect()
+}
+
+fn rust_answer(v: &str, policies: &[Policy]) -> Answer {
+    let parsed = parse(v);
+    let refusals = policies
+        .iter()
+        .map(|p| match &parsed {
+            Ok(o) => p.check(o).err().map(|r| r.to_string()),
+            Err(_) => None,
+        })
+        .collect();
+    let (host, bucket, key, form, error) = match parsed {
+        Ok(o) => (
+            o.host,
+            Some(o.bucket),
+            Some(o.key),
+            Some(o.form.as_str().to_string()),
+            None,
+        ),
+        Err(e) => (None, None, None, None, Some(e.to_string())),
+    };
+    Answer {
+        host,
+        bucket,
+        key,
+        form,
+        error,
+        object_key: protected_key(v),
+        redacted: redact(v),
+        refusals,
+    }
+}
+
+/// The PL/pgSQL edition's answers for a batch of values.
+fn sql_answers(c: &mut postgres::Client, values: &[String], policies: &[Policy]) -> Vec<Answer> {
+    let lists = |i: usize| {
+        let p = &policies[i];
+        [p.buckets.clone(), p.prefixes.clone(), p.hosts.clone()]
+    };
+    let (p0, p1, p2) = (lists(0), lists(1), lists(2));
+    let rows = c
+        .query(
+            "SELECT p.host, p.bucket, p.object_path, p.form, p.error,
+                    orphan_cleanup.object_key(u), orphan_cleanup.redact_url(u),
+                    CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $2, $3, $4) END,
+                    CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $5, $6, $7) END,
+                    CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $8, $9, $10) END
+             FROM unnest($1::text[]) WITH ORDINALITY AS t(u, n)
+             CROSS JOIN LATERAL orphan_cleanup.parse_output_url(u) AS p
+             ORDER BY n",
+            &[&values, &p0[0], &p0[1], &p0[2], &p1[0], &p1[1], &p1[2], &p2[0], &p2[1], &p2[2]],
+        )
+        .unwrap();
+    rows.iter()
+        .map(|r| Answer {
+            host: r.get(0),
+            bucket: r.get(1),
+            key: r.get(2),
+            form: r.get(3),
+            error: r.get(4),
+            object_key: r.get(5),
+            redacted: r.get(6),
+            refusals: vec![r.get(7), r.get(8), r.get(9)],
+        })
+        .collect()
+}
+
+/// A database with nothing but the managed edition's URL functions.
+fn urls_db() -> postgres::Client {
+    let mut admin = connect("postgres");
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS url_parsers WITH (FORCE)")
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE url_parsers").unwrap();
+    let mut c = connect("url_parsers");
+    let sql =
+        std::fs::read_to_string(repo_root().join("pg_orphan_cleanup/managed/urls.sql")).unwrap();
+    c.batch_execute("CREATE SCHEMA orphan_cleanup").unwrap();
+    c.batch_execute(&sql).unwrap();
+    c
+}
+
+/// Compares both parsers on `values`; returns the differences, described.
+fn differences(c: &mut postgres::Client, values: &[String]) -> Vec<String> {
+    let policies = policies();
+    let mut found = Vec::new();
+    for batch in values.chunks(BATCH) {
+        let sql = sql_answers(c, batch, &policies);
+        for (v, s) in batch.iter().zip(sql) {
+            let r = rust_answer(v, &policies);
+            if r != s {
+                found.push(format!("value {v:?}\n  rust:     {r:?}\n  pl/pgsql: {s:?}"));
+            }
+        }
+    }
+    found
+}
+
+/// The hostile corpus, as the chaos suite reads it ({HOST} is a storage host the policy allows).
+fn corpus() -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join("tests/corpus/hostile_urls.txt")).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with('"'))
+        .map(|l| {
+            serde_json::from_str::<String>(l)
+                .unwrap()
+                .replace("{HOST}", "127.0.0.1:54321")
+        })
+        .map(|v| v.replace('\0', ""))
+        .collect()
+}
+
+#[test]
+fn both_parsers_agree_on_every_generated_value_and_the_hostile_corpus() {
+    let seed: u64 = std::env::var("URL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("URL_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut values: Vec<String> = (0..GENERATED).map(|_| value(&mut rng)).collect();
+    let corpus = corpus();
+    assert!(
+        corpus.len() > 200,
+        "the corpus is read: {} values",
+        corpus.len()
+    );
+    values.extend(corpus);
+    let accepted = values.iter().filter(|v| parse(v).is_ok()).count();
+    let mut c = urls_db();
+    let found = differences(&mut c, &values);
+    assert!(
+        found.is_empty(),
+        "{} of {} values read differently (URL_SEED={seed}); the first:\n{}",
+        found.len(),
+        values.len(),
+        found
+            .iter()
+            .take(15)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The generator must reach deep: a good share accepted, and refusals of many kinds.
+    let kinds: std::collections::BTreeSet<String> = values
+        .iter()
+        .filter_map(|v| parse(v).err())
+        .map(|e| format!("{e:?}").split('(').next().unwrap().to_string())
+        .collect();
+    let lenient = values
+        .iter()
+        .filter(|v| parse(v).is_err() && protected_key(v).is_some())
+        .count();
+    println!(
+        "{} values, {accepted} accepted, {lenient} refused but still naming an object to protect, refusal kinds: {kinds:?}",
+        values.len()
+    );
+    assert!(
+        accepted > values.len() / 10,
+        "only {accepted} values accepted"
+    );
+    assert!(
+        lenient > values.len() / 10,
+        "only {lenient} values read leniently"
+    );
+    assert!(
+        kinds.len() >= 25,
+        "only {} kinds of refusal reached: {kinds:?}",
+        kinds.len()
+    );
+}
+
+/// The comparison itself can fail: a value the two parsers read differently is reported.
+#[test]
+fn a_difference_between_the_parsers_is_reported() {
+    let mut c = urls_db();
+    // Make the PL/pgSQL parser accept what the Rust one refuses: '..' segments.
+    c.batch_execute(
+        "CREATE OR REPLACE FUNCTION orphan_cleanup.parse_output_url(url text)
+         RETURNS TABLE (host text, bucket text, object_path text, form text, error text)
+         LANGUAGE sql IMMUTABLE AS $$ SELECT NULL::text, 'renders', 'a.png', 'bare', NULL::text $$",
+    )
+    .unwrap();
+    let found = differences(
+        &mut c,
+        &["renders/../a.png".to_string(), "renders/a.png".to_string()],
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("renders/../a.png"), "{found:?}");
+}
