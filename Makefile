@@ -1,5 +1,5 @@
 # pg_orphan_cleanup: the commands a new user needs. Each one installs what is missing.
-.PHONY: demo test repeat chaos bench setup install cluster-start cluster-stop cluster-destroy fmt lint
+.PHONY: demo test repeat chaos bench setup install managed cluster-start cluster-stop cluster-destroy fmt lint
 
 demo:            ## the whole story, end to end, on a throwaway cluster
 	scripts/demo.sh
@@ -21,6 +21,9 @@ setup:           ## apt packages, cargo-pgrx 0.18.0, cargo pgrx init
 
 install: setup   ## build and install the extension into PostgreSQL 15
 	scripts/install.sh
+
+managed:         ## the managed edition's install script, dist/pg_orphan_cleanup_managed--VERSION.sql (python3 only)
+	scripts/managed.py
 
 cluster-start:   ## a throwaway cluster on port 25432 (PGOC_PORT)
 	scripts/cluster.sh start

@@ -263,13 +263,14 @@ BEGIN
 END
 $upgrade$;
 """)
-out.append("""-- A pruned hand-out record is audited ('forgotten').
+out.append("""-- A pruned hand-out record is audited ('forgotten'); the managed edition audits setting
+-- changes ('setting_changed'), and both editions share this table.
 ALTER TABLE orphan_cleanup.audit_log DROP CONSTRAINT audit_log_action_check;
 ALTER TABLE orphan_cleanup.audit_log ADD CONSTRAINT audit_log_action_check
     CHECK (action IN ('enqueued', 'protected', 'rejected', 'claimed', 'deleted',
                       'absent', 'failed', 'dead_lettered', 'rescued', 'refused',
                       'cancelled', 'released', 'requeued', 'job_cleanup', 'attached', 'detached',
-                      'breaker_tripped', 'breaker_reset', 'forgotten'));
+                      'breaker_tripped', 'breaker_reset', 'forgotten', 'setting_changed'));
 
 """)
 out.append("""-- The guard watcher: no DDL may leave the attached tables without their exact guards while

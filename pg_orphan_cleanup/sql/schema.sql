@@ -139,7 +139,7 @@ CREATE TABLE orphan_cleanup.audit_log (
     action     text NOT NULL CHECK (action IN ('enqueued', 'protected', 'rejected', 'claimed', 'deleted',
                                                'absent', 'failed', 'dead_lettered', 'rescued', 'refused',
                                                'cancelled', 'released', 'requeued', 'job_cleanup', 'attached', 'detached',
-                                               'breaker_tripped', 'breaker_reset', 'forgotten')),
+                                               'breaker_tripped', 'breaker_reset', 'forgotten', 'setting_changed')),
     job_id     uuid,
     queue_id   bigint,
     output_url text,                     -- redacted

@@ -173,6 +173,29 @@ impl TestDb {
         db
     }
 
+    /// Like [`TestDb::create`], with the managed edition (`scripts/managed.py`'s install
+    /// script, built afresh) instead of the extension.
+    pub fn create_managed(name: &str) -> TestDb {
+        let mut admin = connect("postgres");
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let db = TestDb {
+            name: name.to_string(),
+        };
+        let mut c = db.client();
+        let read = |f: &str| std::fs::read_to_string(repo_root().join(f)).unwrap();
+        c.batch_execute(&read("sql/app_schema.sql")).unwrap();
+        c.batch_execute(&managed_script()).unwrap();
+        for stmt in sql_statements(&read("sql/indexes.sql")) {
+            c.batch_execute(&stmt).unwrap();
+        }
+        db
+    }
+
     /// Creates the database and attaches the extension to the default tables.
     pub fn attached(name: &str) -> TestDb {
         let db = TestDb::create(name);
@@ -189,6 +212,22 @@ impl TestDb {
     pub fn client(&self) -> Client {
         connect(&self.name)
     }
+}
+
+/// The managed edition's install script, as `scripts/managed.py` builds it from the sources.
+pub fn managed_script() -> String {
+    let out = std::env::temp_dir().join(format!("pgoc-managed-{}.sql", std::process::id()));
+    let status = std::process::Command::new("python3")
+        .arg(repo_root().join("scripts/managed.py"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("python3 runs scripts/managed.py");
+    assert!(status.success(), "scripts/managed.py failed");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    text
 }
 
 /// Installs the app and the extension, attached, in the worker's own database (`postgres`),
