@@ -1,0 +1,163 @@
+//! The managed edition is the extension without native code (issue 14): the same schema, the
+//! same functions with the same signatures, the same tables, columns, constraints, indexes,
+//! triggers and grants. This test installs both and compares their catalogs. Any difference
+//! fails it unless it is listed below as edition-specific, with the reason.
+
+use std::collections::BTreeSet;
+
+use e2e::*;
+
+/// Functions only the managed edition has: the settings API and the PL/pgSQL URL parser's parts.
+const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
+    "managed_version",
+    // settings (the extension's are GUCs)
+    "set_setting",
+    "_setting_defs",
+    "_setting_value",
+    "_parse_int",
+    "_parse_bool",
+    "_printf_g",
+    "_rust_debug",
+    "_split_qualified_name",
+    "_list_error",
+    "_list_entries",
+    "_hosts_hint",
+    // the URL parser's parts (the extension's are in Rust)
+    "_ascii_lower",
+    "_char_debug",
+    "_code_point",
+    "_percent_bytes",
+    "_utf8",
+    "_plain_authority",
+    "_url_segment",
+    "_url_object",
+    "_parse_url",
+    "_normalized_segments",
+    "_after_authority",
+    "_url_refusal",
+];
+
+/// Relations only the managed edition has.
+const MANAGED_ONLY_RELATIONS: &[&str] = &["settings", "settings_pkey", "current_settings"];
+
+/// Functions both editions have, written in Rust in the extension and in SQL or PL/pgSQL in the
+/// managed edition: their language differs, and nothing else may.
+const REWRITTEN: &[&str] = &[
+    "parse_output_url",
+    "check_output_url",
+    "object_key",
+    "redact_url",
+    "_config",
+    "_allowed_hosts",
+    "_normalize_hosts",
+    "_note_refusal",
+    "_take_refusals",
+];
+
+fn strings(c: &mut postgres::Client, sql: &str) -> BTreeSet<String> {
+    c.query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// One line per function, relation, column, constraint, index, trigger and grant.
+fn catalog(c: &mut postgres::Client) -> BTreeSet<String> {
+    let mut all = strings(
+        c,
+        "SELECT format('function %s(%s) returns %s; %s; volatility %s; strict %s; parallel %s; definer %s; config %s; rows %s; acl %s',
+                       p.proname, pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid),
+                       CASE WHEN p.proname = ANY ($1) THEN 'language (rewritten)' ELSE 'language ' || l.lanname END,
+                       p.provolatile, p.proisstrict, p.proparallel, p.prosecdef, p.proconfig, p.prorows, p.proacl)
+         FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+         WHERE p.pronamespace = 'orphan_cleanup'::regnamespace"
+            .replace("$1", &format!("ARRAY[{}]", REWRITTEN.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(",")))
+            .as_str(),
+    );
+    all.extend(strings(
+        c,
+        "SELECT format('relation %s kind %s; acl %s', c.relname, c.relkind, c.relacl)
+         FROM pg_class c WHERE c.relnamespace = 'orphan_cleanup'::regnamespace",
+    ));
+    all.extend(strings(
+        c,
+        "SELECT format('column %s.%s %s not null %s default %s', c.relname, a.attname,
+                       format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
+         FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+         WHERE c.relnamespace = 'orphan_cleanup'::regnamespace AND c.relkind IN ('r', 'v', 'p', 'u')",
+    ));
+    all.extend(strings(
+        c,
+        "SELECT format('constraint %s on %s: %s', conname, conrelid::regclass, pg_get_constraintdef(oid))
+         FROM pg_constraint WHERE connamespace = 'orphan_cleanup'::regnamespace",
+    ));
+    all.extend(strings(
+        c,
+        "SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+         WHERE c.relnamespace = 'orphan_cleanup'::regnamespace",
+    ));
+    all.extend(strings(
+        c,
+        "SELECT 'trigger ' || pg_get_triggerdef(t.oid)
+         FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'orphan_cleanup'::regnamespace AND NOT t.tgisinternal",
+    ));
+    all.extend(strings(
+        c,
+        "SELECT format('schema acl %s', nspacl) FROM pg_namespace WHERE nspname = 'orphan_cleanup'",
+    ));
+    all
+}
+
+/// Whether a catalog line is about something only the managed edition has.
+fn managed_only(line: &str) -> bool {
+    let name = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .split(['(', '.'])
+        .next()
+        .unwrap_or("");
+    let constraint_on = line.split(" on ").nth(1).unwrap_or("");
+    (line.starts_with("function ") && MANAGED_ONLY_FUNCTIONS.contains(&name))
+        || ((line.starts_with("relation ") || line.starts_with("column "))
+            && MANAGED_ONLY_RELATIONS.contains(&name))
+        || (line.starts_with("constraint ")
+            && constraint_on.starts_with("orphan_cleanup.settings:"))
+        || (line.starts_with("index ") && line.contains(" ON orphan_cleanup.settings "))
+}
+
+#[test]
+fn both_editions_have_the_same_catalog_but_for_the_listed_differences() {
+    let ext = TestDb::create("catalog_ext");
+    let managed = TestDb::create_managed("catalog_managed");
+    let a = catalog(&mut ext.client());
+    let b = catalog(&mut managed.client());
+    let only_ext: Vec<&String> = a.difference(&b).collect();
+    let only_managed: Vec<&String> = b.difference(&a).filter(|l| !managed_only(l)).collect();
+    assert!(
+        only_ext.is_empty() && only_managed.is_empty(),
+        "the editions differ.\nonly in the extension:\n  {}\nonly in the managed edition:\n  {}",
+        only_ext
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n  "),
+        only_managed
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    // The listed differences are real: each managed-only name is there.
+    for f in MANAGED_ONLY_FUNCTIONS {
+        assert!(
+            b.iter().any(|l| l.starts_with(&format!("function {f}("))),
+            "{f} listed but missing"
+        );
+    }
+    assert!(a.len() > 200, "the catalog is read: {} lines", a.len());
+}
