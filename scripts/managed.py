@@ -39,7 +39,36 @@ EDITS = [
     (r"^SELECT pg_catalog\.pg_extension_config_dump\([^;]*\);\n", "",
      "outside CREATE EXTENSION there is no extension whose tables pg_dump must include: "
      "the schema is dumped like any other"),
+    (r"^CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end\n"
+     r"    WHEN TAG IN \(([^)]*)\)\n"
+     r"    EXECUTE FUNCTION orphan_cleanup\._watch_guards\(\);\n"
+     r"(?:--[^\n]*\n)*"
+     r"ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;\n",
+     lambda m: (
+         "-- Managed edition: only a superuser may create an event trigger on most platforms. Where\n"
+         "-- the installing role may not, the DDL watch is left out, said here and in health().\n"
+         "DO $watch$\n"
+         "BEGIN\n"
+         "    CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end\n"
+         f"        WHEN TAG IN ({m.group(1)})\n"
+         "        EXECUTE FUNCTION orphan_cleanup._watch_guards();\n"
+         "    ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;\n"
+         "EXCEPTION WHEN insufficient_privilege THEN\n"
+         "    RAISE NOTICE 'pg_orphan_cleanup: the DDL watch (an event trigger) needs a superuser and is not installed: '\n"
+         "        'an ALTER TABLE ... DISABLE TRIGGER on the attached tables while reapers hold claims is not refused, '\n"
+         "        'so stop the reapers (set_setting(''reaping_enabled'', ''off'')) before any such DDL';\n"
+         "END\n"
+         "$watch$;\n"),
+     "a platform's main role is not a superuser and may not create event triggers: the install "
+     "goes on without the DDL watch and says what that leaves to the DBA"),
 ]
+
+
+# Which file each edit must change (the build fails when the shared text moved away from it).
+_EXPECTED = {
+    EDITS[0][0]: ("schema.sql",),
+    EDITS[1][0]: ("guard.sql",),
+}
 
 
 def version():
@@ -69,7 +98,9 @@ def build():
         text = part.read_text()
         if part.parent == SQL:
             for pattern, replacement, _why in EDITS:
-                text = re.sub(pattern, replacement, text, flags=re.M)
+                text, n = re.subn(pattern, replacement, text, flags=re.M)
+                if n == 0 and part.name in _EXPECTED.get(pattern, ()):
+                    sys.exit(f"scripts/managed.py: the edit for {part.name} no longer applies: {pattern!r}")
         out.append(f"-- ==== {part.relative_to(ROOT)} ====")
         out.append(text.rstrip("\n"))
         out.append("")

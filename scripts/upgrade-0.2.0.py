@@ -205,6 +205,7 @@ out.append("""-- health() and queue_status() report the reapers; queue_status() 
 """)
 out.append(section('reports', "CREATE TYPE orphan_cleanup.reaper_coverage AS (", "\n);"))
 out.append(fn('reports','_reaper_coverage', replace=False))
+out.append(fn('reports','_cron_jobs', replace=False))
 out.append(fn('reports','_health', replace=False))
 out.append(fn('reports','health'))
 out.append("DROP FUNCTION orphan_cleanup.queue_status();\n")
@@ -316,6 +317,7 @@ $reindex$;
 out.append("""-- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
     orphan_cleanup._pause_point(text),
+    orphan_cleanup._cron_jobs(),
     orphan_cleanup._allowed_hosts(),
     orphan_cleanup._normalize_hosts(text[], text),
     orphan_cleanup._serves(text[], text[], boolean, text, text),

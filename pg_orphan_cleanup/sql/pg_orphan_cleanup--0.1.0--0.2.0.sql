@@ -1626,6 +1626,25 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup._cron_jobs() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    jobs text;
+BEGIN
+    IF pg_catalog.to_regclass('cron.job') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE $q$SELECT string_agg(format('pg_cron job %s (%s, schedule %L, as %s)', j.jobid, j.jobname, j.schedule, j.username), '; ' ORDER BY j.jobid)
+               FROM cron.job AS j
+               WHERE j.active AND j.database = pg_catalog.current_database() AND j.command ILIKE '%orphan_cleanup.run_cycle%'$q$
+        INTO jobs;
+    RETURN jobs;
+EXCEPTION WHEN insufficient_privilege THEN
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup._health(cov orphan_cleanup.reaper_coverage)
 RETURNS TABLE (check_name text, status text, detail text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -1640,6 +1659,10 @@ DECLARE
     v_interval interval;
     v_preloaded boolean;
     v_workers integer;
+    v_cron text;
+    v_actor text;
+    v_actor_at timestamptz;
+    v_late boolean;
     n bigint;
     ix record;
     v_ready_since timestamptz;
@@ -1685,17 +1708,41 @@ BEGIN
     END IF;
     RETURN NEXT;
 
-    check_name := 'worker';
-    v_preloaded := 'pg_orphan_cleanup' = ANY (string_to_array(replace(current_setting('shared_preload_libraries'), ' ', ''), ','));
+    -- Which scheduler runs the cycles, and whether it is late: the background worker, a pg_cron
+    -- job, or whoever ran the recent cycles (a reaper's --cycle-every, the DBA's own cron).
+    check_name := 'scheduler';
+    -- orphan_cleanup.database exists only where the library was preloaded (reading
+    -- shared_preload_libraries itself needs pg_read_all_settings, which a managed platform's
+    -- owner may lack).
+    v_preloaded := EXISTS (SELECT FROM pg_catalog.pg_settings WHERE name = 'orphan_cleanup.database');
     SELECT count(*) INTO v_workers FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup';
-    IF NOT v_preloaded THEN
-        status := 'ok'; detail := 'not in shared_preload_libraries: schedule SELECT * FROM orphan_cleanup.run_cycle() yourself (pg_cron, cron)';
-    ELSIF v_workers = 0 THEN
+    v_cron := orphan_cleanup._cron_jobs();
+    SELECT l.actor, l.started_at INTO v_actor, v_actor_at
+    FROM orphan_cleanup.cycle_log AS l WHERE l.status IN ('ok', 'dry_run') ORDER BY l.id DESC LIMIT 1;
+    v_late := v_actor_at IS NOT NULL AND v_actor_at < now() - 2 * v_interval - interval '1 minute';
+    IF v_preloaded AND v_workers = 0 THEN
         status := 'critical'; detail := 'preloaded, but no pg_orphan_cleanup worker is running; see the server log';
     ELSIF NOT cfg.enabled THEN
         status := 'warning'; detail := 'orphan_cleanup.enabled = off: cycles are paused';
+    ELSIF v_preloaded THEN
+        status := 'ok'; detail := format('the background worker, in database %s, every %s', cfg.database, v_interval);
+    ELSIF v_cron IS NOT NULL THEN
+        status := CASE WHEN v_late THEN 'warning' ELSE 'ok' END;
+        detail := v_cron || CASE WHEN v_late THEN format('; late: the last successful cycle started at %s, interval is %s (see cron.job_run_details)',
+                                                        to_char(v_actor_at, 'YYYY-MM-DD HH24:MI:SS TZ'), v_interval) ELSE '' END;
+    ELSIF v_actor_at IS NOT NULL AND NOT v_late THEN
+        status := 'ok';
+        detail := format('cycles run by %s (a reaper''s --cycle-every, or a scheduler of your own), the last at %s; interval is %s',
+                         v_actor, to_char(v_actor_at, 'YYYY-MM-DD HH24:MI:SS TZ'), v_interval);
     ELSE
-        status := 'ok'; detail := format('running in database %s, every %s', cfg.database, v_interval);
+        status := 'warning';
+        detail := format('no scheduler found: no background worker, no pg_cron job calling orphan_cleanup.run_cycle() here, and %s; '
+                         'schedule one: SELECT cron.schedule(''orphan-cleanup'', ''*/5 * * * *'', ''SELECT orphan_cleanup.run_cycle()''); '
+                         'or run the reaper with --cycle-every %s',
+                         CASE WHEN v_actor_at IS NULL THEN 'no cycle has run yet'
+                              ELSE format('the last successful cycle (by %s) started at %s, more than twice the interval (%s) ago',
+                                          v_actor, to_char(v_actor_at, 'YYYY-MM-DD HH24:MI:SS TZ'), v_interval) END,
+                         v_interval);
     END IF;
     RETURN NEXT;
 
@@ -2938,8 +2985,12 @@ DECLARE
 BEGIN
     -- Its catalog row, locked until this transaction ends: whoever owns the function (a role
     -- that would also need USAGE on this schema) cannot make it SECURITY INVOKER between this
-    -- check and the write that follows, which would then run as the caller, a superuser.
-    PERFORM 1 FROM pg_catalog.pg_proc AS p WHERE p.oid = fn FOR SHARE;
+    -- check and the write that follows, which would then run as the caller, a superuser. An
+    -- owner who is no superuser (the managed edition on a hosted platform) may not lock catalog
+    -- rows, and needs no such lock: the caller is then that owner, with no more rights.
+    IF pg_catalog.has_table_privilege('pg_catalog.pg_proc', 'UPDATE') THEN
+        PERFORM 1 FROM pg_catalog.pg_proc AS p WHERE p.oid = fn FOR SHARE;
+    END IF;
     IF NOT (SELECT p.prosecdef FROM pg_catalog.pg_proc AS p WHERE p.oid = fn) THEN
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', fn);
     END IF;
@@ -3263,6 +3314,7 @@ $reindex$;
 -- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
     orphan_cleanup._pause_point(text),
+    orphan_cleanup._cron_jobs(),
     orphan_cleanup._allowed_hosts(),
     orphan_cleanup._normalize_hosts(text[], text),
     orphan_cleanup._serves(text[], text[], boolean, text, text),

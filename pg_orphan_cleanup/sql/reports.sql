@@ -244,6 +244,27 @@ BEGIN
 END
 $$;
 
+-- The active pg_cron jobs in this database that run cycles, described, or NULL (no pg_cron, no
+-- such job, or no right to read cron.job: it shows each role its own jobs).
+CREATE FUNCTION orphan_cleanup._cron_jobs() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    jobs text;
+BEGIN
+    IF pg_catalog.to_regclass('cron.job') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE $q$SELECT string_agg(format('pg_cron job %s (%s, schedule %L, as %s)', j.jobid, j.jobname, j.schedule, j.username), '; ' ORDER BY j.jobid)
+               FROM cron.job AS j
+               WHERE j.active AND j.database = pg_catalog.current_database() AND j.command ILIKE '%orphan_cleanup.run_cycle%'$q$
+        INTO jobs;
+    RETURN jobs;
+EXCEPTION WHEN insufficient_privilege THEN
+    RETURN NULL;
+END
+$$;
+
 -- health()'s checks, given what _reaper_coverage() found.
 CREATE FUNCTION orphan_cleanup._health(cov orphan_cleanup.reaper_coverage)
 RETURNS TABLE (check_name text, status text, detail text)
@@ -259,6 +280,10 @@ DECLARE
     v_interval interval;
     v_preloaded boolean;
     v_workers integer;
+    v_cron text;
+    v_actor text;
+    v_actor_at timestamptz;
+    v_late boolean;
     n bigint;
     ix record;
     v_ready_since timestamptz;
@@ -304,17 +329,41 @@ BEGIN
     END IF;
     RETURN NEXT;
 
-    check_name := 'worker';
-    v_preloaded := 'pg_orphan_cleanup' = ANY (string_to_array(replace(current_setting('shared_preload_libraries'), ' ', ''), ','));
+    -- Which scheduler runs the cycles, and whether it is late: the background worker, a pg_cron
+    -- job, or whoever ran the recent cycles (a reaper's --cycle-every, the DBA's own cron).
+    check_name := 'scheduler';
+    -- orphan_cleanup.database exists only where the library was preloaded (reading
+    -- shared_preload_libraries itself needs pg_read_all_settings, which a managed platform's
+    -- owner may lack).
+    v_preloaded := EXISTS (SELECT FROM pg_catalog.pg_settings WHERE name = 'orphan_cleanup.database');
     SELECT count(*) INTO v_workers FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_orphan_cleanup';
-    IF NOT v_preloaded THEN
-        status := 'ok'; detail := 'not in shared_preload_libraries: schedule SELECT * FROM orphan_cleanup.run_cycle() yourself (pg_cron, cron)';
-    ELSIF v_workers = 0 THEN
+    v_cron := orphan_cleanup._cron_jobs();
+    SELECT l.actor, l.started_at INTO v_actor, v_actor_at
+    FROM orphan_cleanup.cycle_log AS l WHERE l.status IN ('ok', 'dry_run') ORDER BY l.id DESC LIMIT 1;
+    v_late := v_actor_at IS NOT NULL AND v_actor_at < now() - 2 * v_interval - interval '1 minute';
+    IF v_preloaded AND v_workers = 0 THEN
         status := 'critical'; detail := 'preloaded, but no pg_orphan_cleanup worker is running; see the server log';
     ELSIF NOT cfg.enabled THEN
         status := 'warning'; detail := 'orphan_cleanup.enabled = off: cycles are paused';
+    ELSIF v_preloaded THEN
+        status := 'ok'; detail := format('the background worker, in database %s, every %s', cfg.database, v_interval);
+    ELSIF v_cron IS NOT NULL THEN
+        status := CASE WHEN v_late THEN 'warning' ELSE 'ok' END;
+        detail := v_cron || CASE WHEN v_late THEN format('; late: the last successful cycle started at %s, interval is %s (see cron.job_run_details)',
+                                                        to_char(v_actor_at, 'YYYY-MM-DD HH24:MI:SS TZ'), v_interval) ELSE '' END;
+    ELSIF v_actor_at IS NOT NULL AND NOT v_late THEN
+        status := 'ok';
+        detail := format('cycles run by %s (a reaper''s --cycle-every, or a scheduler of your own), the last at %s; interval is %s',
+                         v_actor, to_char(v_actor_at, 'YYYY-MM-DD HH24:MI:SS TZ'), v_interval);
     ELSE
-        status := 'ok'; detail := format('running in database %s, every %s', cfg.database, v_interval);
+        status := 'warning';
+        detail := format('no scheduler found: no background worker, no pg_cron job calling orphan_cleanup.run_cycle() here, and %s; '
+                         'schedule one: SELECT cron.schedule(''orphan-cleanup'', ''*/5 * * * *'', ''SELECT orphan_cleanup.run_cycle()''); '
+                         'or run the reaper with --cycle-every %s',
+                         CASE WHEN v_actor_at IS NULL THEN 'no cycle has run yet'
+                              ELSE format('the last successful cycle (by %s) started at %s, more than twice the interval (%s) ago',
+                                          v_actor, to_char(v_actor_at, 'YYYY-MM-DD HH24:MI:SS TZ'), v_interval) END,
+                         v_interval);
     END IF;
     RETURN NEXT;
 

@@ -73,7 +73,7 @@ fn the_worker_runs_cycles_reloads_settings_pauses_survives_errors_and_restarts()
     });
     let health: String = c
         .query_one(
-            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'worker'",
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'scheduler'",
             &[],
         )
         .unwrap()
