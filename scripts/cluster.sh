@@ -12,7 +12,9 @@
 #
 # Settings (environment): PGOC_PORT (25432), PGOC_DIR (/tmp/pg_orphan_cleanup-$PGOC_PORT),
 # PG_MAJOR (15), PGOC_WORKER_DB (postgres: the database the background worker works in),
-# PGOC_PRELOAD (1; 0 leaves pg_orphan_cleanup out of shared_preload_libraries: no worker).
+# PGOC_PRELOAD (1; 0 leaves pg_orphan_cleanup out of shared_preload_libraries: no worker),
+# PGOC_PLATFORM (unset; `managed` simulates a managed platform for the managed edition: no
+# pg_orphan_cleanup preloaded, pg_cron preloaded as platforms do, its jobs in PGOC_CRON_DB, app).
 # Ports stay below 32768, outside Linux's ephemeral range, so that no outgoing connection or
 # port-0 listener can already hold them. The directory lives under /tmp because the postgres user must be able to reach it, which a
 # checkout under /root does not allow.
@@ -47,8 +49,13 @@ start() {
 port = $PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$SOCK'
-shared_preload_libraries = '$( [ "${PGOC_PRELOAD:-1}" = 1 ] && echo pg_orphan_cleanup )'
-orphan_cleanup.database = '${PGOC_WORKER_DB:-postgres}'
+$(if [ "${PGOC_PLATFORM:-}" = managed ]; then
+  printf '%s\n' "shared_preload_libraries = 'pg_cron'" "cron.database_name = '${PGOC_CRON_DB:-app}'" \
+    "cron.use_background_workers = on" "max_worker_processes = 16"
+else
+  printf '%s\n' "shared_preload_libraries = '$( [ "${PGOC_PRELOAD:-1}" = 1 ] && echo pg_orphan_cleanup )'" \
+    "orphan_cleanup.database = '${PGOC_WORKER_DB:-postgres}'"
+fi)
 max_connections = 100
 max_prepared_transactions = 10
 log_line_prefix = '%m [%p] %q%u@%d '

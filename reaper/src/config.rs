@@ -121,6 +121,11 @@ pub struct RunArgs {
     /// Skip the start-up probe that uploads and deletes one tiny object to prove the key can delete.
     #[arg(long, env = "REAPER_NO_PROBE")]
     pub no_probe: bool,
+    /// Also run a cleanup cycle (orphan_cleanup.run_cycle()) this often (run only), e.g. 3min:
+    /// for a database with no scheduler (the managed edition without pg_cron). Needs
+    /// GRANT EXECUTE ON FUNCTION orphan_cleanup.run_cycle() TO orphan_cleanup_reaper.
+    #[arg(long, env = "REAPER_CYCLE_EVERY")]
+    pub cycle_every: Option<String>,
     /// Serve /metrics, /livez and /readyz here (run only), e.g. 127.0.0.1:9187.
     #[arg(long, env = "REAPER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -207,6 +212,8 @@ pub struct Settings {
     pub probe: bool,
     pub metrics_addr: Option<SocketAddr>,
     pub temp: Option<TempSettings>,
+    /// --cycle-every: how often this reaper runs a cleanup cycle itself.
+    pub cycle_every: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -474,6 +481,22 @@ impl RunArgs {
             probe: !self.no_probe,
             metrics_addr: self.metrics_addr,
             temp: self.temp.settings()?,
+            cycle_every: self
+                .cycle_every
+                .as_deref()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| {
+                    let every = parse_duration("--cycle-every", v)?;
+                    if every < Duration::from_secs(1) {
+                        return Err(invalid(
+                            "--cycle-every",
+                            v.to_string(),
+                            "give an interval of at least 1s, e.g. 3min",
+                        ));
+                    }
+                    Ok(every)
+                })
+                .transpose()?,
         })
     }
 }

@@ -80,6 +80,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
     let settings = args.settings()?;
+    if mode == Mode::Drain && settings.cycle_every.is_some() {
+        anyhow::bail!("--cycle-every is for `reaper run` (the daemon); a drain runs no cycles");
+    }
     tracing::info!(
         worker = %settings.worker_id,
         storage = %settings.storage_base,
@@ -124,6 +127,14 @@ async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {
                 tracing::error!(error = %e, %addr, "cannot serve metrics");
             }
         });
+    }
+    if let (Mode::Run, Some(every)) = (mode, settings.cycle_every) {
+        tokio::spawn(reaper::cycles::run(
+            settings.database.clone(),
+            every,
+            settings.db_timeout,
+            shutdown.clone(),
+        ));
     }
     if let (Mode::Run, Some(temp)) = (mode, settings.temp.clone()) {
         // Pinned now: a directory put in its place later is not swept.

@@ -26,7 +26,7 @@ pub enum QueueError {
     Connect(String),
     #[error("database error: {0}")]
     Db(String),
-    #[error("pg_orphan_cleanup is not installed in this database; run CREATE EXTENSION pg_orphan_cleanup there, or point DATABASE_URL at the database that has it")]
+    #[error("pg_orphan_cleanup is not installed in this database; run CREATE EXTENSION pg_orphan_cleanup there (or, where native extensions cannot be loaded, install the managed edition: make managed, then psql -f dist/pg_orphan_cleanup_managed--<version>.sql), or point DATABASE_URL at the database that has it")]
     NotInstalled,
     #[error("pg_orphan_cleanup {0} is installed, and this reaper needs {min} or later; run ALTER EXTENSION pg_orphan_cleanup UPDATE in the database", min = min_extension())]
     TooOld(String),
@@ -233,14 +233,7 @@ impl Queue {
             notified,
             probed,
         };
-        let version: Option<String> = queue
-            .call(
-                "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_orphan_cleanup'",
-                &[],
-            )
-            .await?
-            .first()
-            .map(|r| r.get(0));
+        let version = queue.installed_version().await?;
         match version {
             None => return Err(QueueError::NotInstalled),
             Some(v) if !supported(&v) => return Err(QueueError::TooOld(v)),
@@ -277,11 +270,21 @@ impl Queue {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, QueueError> {
+        self.call_within(sql, params, self.timeout).await
+    }
+
+    /// [`Queue::call`] with a timeout of its own.
+    async fn call_within(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+        timeout: Duration,
+    ) -> Result<Vec<Row>, QueueError> {
         let client = self.client.lock().await;
-        let ms = self.timeout.as_millis();
+        let ms = timeout.as_millis();
         let begin =
             format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
-        self.bounded(async {
+        let call = async {
             // A failed statement aborts the transaction; its COMMIT then rolls back.
             let (begun, rows, committed) = tokio::join!(
                 client.batch_execute(&begin),
@@ -292,8 +295,55 @@ impl Queue {
             let rows = rows?;
             committed?;
             Ok(rows)
+        };
+        bounded(timeout, &self.closed, call).await
+    }
+
+    /// The installed version: the extension's, or the managed edition's (which has no
+    /// pg_extension row). `None` when neither is installed here.
+    async fn installed_version(&self) -> Result<Option<String>, QueueError> {
+        let found: Option<String> = self
+            .call(
+                "SELECT coalesce(
+                     (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_orphan_cleanup'),
+                     CASE WHEN pg_catalog.to_regprocedure('orphan_cleanup.managed_version()') IS NOT NULL
+                          THEN 'managed' END)",
+                &[],
+            )
+            .await?
+            .first()
+            .and_then(|r| r.get(0));
+        if found.as_deref() != Some("managed") {
+            return Ok(found);
+        }
+        Ok(self
+            .call("SELECT orphan_cleanup.managed_version()", &[])
+            .await?
+            .first()
+            .map(|r| r.get(0)))
+    }
+
+    /// Runs one cleanup cycle (`run_cycle()`), for `reaper run --cycle-every` where no other
+    /// scheduler runs them. A cycle keeps to its own time budget (cycle_time_budget, after any
+    /// ANALYZE it needs), so it gets up to `within`, beyond --db-timeout.
+    pub async fn run_cycle(&self, within: Duration) -> Result<Cycle, QueueError> {
+        let rows = self
+            .call_within(
+                "SELECT cycle_id, status, found, enqueued, rejected, duration_ms::float8
+                 FROM orphan_cleanup.run_cycle()",
+                &[],
+                within.max(self.timeout),
+            )
+            .await?;
+        let r = one(&rows)?;
+        Ok(Cycle {
+            id: r.get(0),
+            status: r.get(1),
+            found: r.get(2),
+            enqueued: r.get(3),
+            rejected: r.get(4),
+            duration_ms: r.get(5),
         })
-        .await
     }
 
     /// One statement with no parameters, outside any explicit transaction (LISTEN).
@@ -783,6 +833,17 @@ async fn open(
         n.notify_one();
     });
     Ok(client)
+}
+
+/// What one `run_cycle()` did.
+#[derive(Debug, Clone)]
+pub struct Cycle {
+    pub id: i64,
+    pub status: String,
+    pub found: i64,
+    pub enqueued: i64,
+    pub rejected: i64,
+    pub duration_ms: f64,
 }
 
 /// `queue_status()`, one row.

@@ -15,6 +15,7 @@ use postgres::{Client, NoTls};
 pub use postgres;
 
 pub mod chaos;
+pub mod platform;
 pub mod pooler;
 pub mod process;
 pub mod storage;

@@ -1,0 +1,203 @@
+//! The managed edition on a simulated managed platform (issue 14): no pg_orphan_cleanup
+//! preloaded, pg_cron preloaded by the platform, the app owned by a role that is no superuser.
+//! That role installs, configures, attaches and schedules the managed edition alone, as the
+//! README's "Hosted Supabase and other managed PostgreSQL" section tells a new user, and the
+//! reaper drains the queue as its own login role. Then the same without pg_cron: the reaper
+//! runs the cycles (`reaper run --cycle-every`).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use e2e::platform::Platform;
+use e2e::process::Hermetic;
+use e2e::storage::{output_text, reaper, Emulator};
+use e2e::*;
+
+/// Orphans and one saved render, in storage and in the app's tables; returns the orphans'
+/// objects and the saved one's.
+fn renders(
+    owner: &mut postgres::Client,
+    emu: &Emulator,
+    tag: &str,
+    n: usize,
+) -> (BTreeSet<String>, String) {
+    let mut orphans = BTreeSet::new();
+    for i in 0..n {
+        let key = format!("{tag}/{i}.png");
+        emu.upload("renders", &key, b"orphan");
+        job(
+            owner,
+            "completed",
+            Some(&emu.public_url("renders", &key)),
+            "2 hours",
+            tag,
+        );
+        orphans.insert(format!("renders/{key}"));
+    }
+    let key = format!("{tag}/saved.png");
+    emu.upload("renders", &key, b"saved");
+    let saved = job(
+        owner,
+        "completed",
+        Some(&emu.public_url("renders", &key)),
+        "2 hours",
+        tag,
+    );
+    save(owner, "generated_saved", &saved.0).unwrap();
+    (orphans, format!("renders/{key}"))
+}
+
+fn configure(owner: &mut postgres::Client, emu: &Emulator) {
+    for (name, value) in [
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", emu.host.as_str()),
+    ] {
+        owner
+            .query_one(
+                "SELECT orphan_cleanup.set_setting($1, $2)",
+                &[&name, &value],
+            )
+            .unwrap();
+    }
+    let checks: Vec<(String, String)> = owner
+        .query("SELECT item, status FROM orphan_cleanup.attach()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(checks.iter().all(|(_, s)| s == "ok"), "{checks:?}");
+}
+
+fn scheduler(owner: &mut postgres::Client) -> (String, String) {
+    let r = owner
+        .query_one(
+            "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'scheduler'",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn cycles_by(owner: &mut postgres::Client, actor: &str) -> i64 {
+    owner
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.cycle_log WHERE actor = $1 AND status = 'ok'",
+            &[&actor],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn the_owner_installs_schedules_with_pg_cron_and_the_reaper_deletes_only_orphans() {
+    let platform = Platform::start();
+    let emu = Emulator::start();
+    emu.create_bucket("renders");
+    let mut owner = platform.owner();
+    configure(&mut owner, &emu);
+    let (orphans, saved) = renders(&mut owner, &emu, "cron", 20);
+    assert_eq!(scheduler(&mut owner).0, "warning", "no scheduler yet");
+
+    owner
+        .query_one(
+            "SELECT cron.schedule('orphan-cleanup', '* * * * *', 'SELECT orphan_cleanup.run_cycle()')",
+            &[],
+        )
+        .unwrap();
+    let (status, detail) = scheduler(&mut owner);
+    assert_eq!(status, "ok", "{detail}");
+    assert!(detail.starts_with("pg_cron job"), "{detail}");
+    // pg_cron runs the job at the next minute, as app_owner.
+    wait_for(Duration::from_secs(150), "a cycle run by pg_cron", || {
+        cycles_by(&mut owner, "app_owner") > 0
+    });
+    let queued: i64 = owner
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 20);
+
+    let out = reaper("app", &emu, &["drain"])
+        .env("DATABASE_URL", platform.reaper_url())
+        .run();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("deleted 20,"), "{text}");
+    let objects = emu.objects();
+    assert!(
+        orphans.iter().all(|o| !objects.contains(o)),
+        "every orphan deleted"
+    );
+    assert!(objects.contains(&saved), "the saved render's file stays");
+    // A saved job's file is refused to the reaper's role as anywhere: it cannot write the queue.
+    let mut r = platform.connect("app", "reaper_login");
+    let e = r
+        .batch_execute("UPDATE orphan_cleanup.deletion_queue SET state = 'pending'")
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{e}"
+    );
+}
+
+#[test]
+fn without_pg_cron_the_reaper_runs_the_cycles_once_granted() {
+    let platform = Platform::start();
+    let emu = Emulator::start();
+    emu.create_bucket("renders");
+    let mut owner = platform.owner();
+    configure(&mut owner, &emu);
+    let mut proc = reaper(
+        "app",
+        &emu,
+        &["run", "--cycle-every", "1s", "--poll-interval", "1s"],
+    )
+    .env("DATABASE_URL", platform.reaper_url())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .start();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = proc.take_stderr().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Least privilege: the reaper's role may not run cycles until the owner grants it, and the
+    // reaper says which grant.
+    let mut seen = Vec::new();
+    let needle = "GRANT EXECUTE ON FUNCTION orphan_cleanup.run_cycle() TO orphan_cleanup_reaper";
+    while !seen.iter().any(|l: &String| l.contains(needle)) {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no line naming the grant:\n{}", seen.join("\n")));
+        seen.push(line);
+    }
+    owner
+        .batch_execute(
+            "GRANT EXECUTE ON FUNCTION orphan_cleanup.run_cycle() TO orphan_cleanup_reaper",
+        )
+        .unwrap();
+    let (orphans, saved) = renders(&mut owner, &emu, "every", 10);
+    wait_for(Duration::from_secs(60), "the orphans to be deleted", || {
+        let objects = emu.objects();
+        orphans.iter().all(|o| !objects.contains(o))
+    });
+    assert!(
+        emu.objects().contains(&saved),
+        "the saved render's file stays"
+    );
+    assert!(cycles_by(&mut owner, "reaper_login") > 0);
+    let (status, detail) = scheduler(&mut owner);
+    assert_eq!(status, "ok", "{detail}");
+    assert!(detail.starts_with("cycles run by reaper_login"), "{detail}");
+    drop(proc);
+}
