@@ -8,17 +8,30 @@
 #   4. deploy: CREATE EXTENSION, indexes, settings, attach(), the reaper's role
 #   5. the background worker runs cleanup cycles every 3 seconds; `reaper run` deletes what they queue
 #   6. the validation report again, storage before and after, and every saved asset's file checked
+#
+# DEMO_EDITION=managed tells the same story with the managed edition, on a simulated managed
+# platform (scripts/cluster.sh PGOC_PLATFORM=managed): no pg_orphan_cleanup preloaded, pg_cron
+# preloaded and created by the platform's superuser, and the app's database owned by app_owner,
+# a role that is no superuser. app_owner installs the edition, sets it up and schedules it with
+# pg_cron, as the README's "Hosted Supabase and other managed PostgreSQL" says.
 # Nothing is left running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 JOBS="${DEMO_JOBS:-5000}"
+EDITION="${DEMO_EDITION:-extension}"
+case "$EDITION" in extension|managed) ;; *) echo "DEMO_EDITION must be extension or managed, not '$EDITION'" >&2; exit 2;; esac
 export PGOC_PORT="${DEMO_PORT:-25440}"
 EMU_PORT="${DEMO_STORAGE_PORT:-25441}"
 BASE="http://127.0.0.1:${EMU_PORT}"
 STORAGE_DIR="/tmp/pg_orphan_cleanup-demo-storage"
 JWT_SECRET="demo-jwt-secret-for-the-local-storage-emulator"
 export PGHOST=127.0.0.1 PGPORT="$PGOC_PORT" PGUSER=postgres PGDATABASE=postgres
+if [ "$EDITION" = managed ]; then
+  # The app's database and its owner; the platform's superuser does only what a platform does.
+  export PGOC_PLATFORM=managed PGOC_CRON_DB=app PGUSER=app_owner PGDATABASE=app
+fi
+as_admin() { PGUSER=postgres psql -X -v ON_ERROR_STOP=1 -q "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 psql_q() { psql -X -v ON_ERROR_STOP=1 -q "$@"; }
 
@@ -32,9 +45,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "1. Install, build, and start a throwaway cluster (port $PGOC_PORT) and storage ($BASE)"
+step "1. Install, build, and start a throwaway cluster (port $PGOC_PORT, the $EDITION edition) and storage ($BASE)"
 scripts/setup.sh >/dev/null
-scripts/install.sh >/dev/null
+if [ "$EDITION" = managed ]; then
+  MANAGED_SQL=$(scripts/managed.py)
+else
+  scripts/install.sh >/dev/null
+fi
 cargo build -q -p reaper -p storage-emulator
 EMU=target/debug/storage-emulator
 REAPER=target/debug/reaper
@@ -42,10 +59,21 @@ scripts/cluster.sh destroy >/dev/null
 scripts/cluster.sh start
 LOG="/tmp/pg_orphan_cleanup-${PGOC_PORT}/postgres.log"
 rm -rf "$STORAGE_DIR"
+if [ "$EDITION" = managed ]; then
+  echo "the platform: app_owner (no superuser) owns database app; pg_cron is there; the reaper's login role is made by the admin"
+  as_admin -d postgres -c "CREATE ROLE app_owner LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB" \
+    -c "CREATE ROLE orphan_cleanup_reaper NOLOGIN" -c "CREATE ROLE demo_reaper LOGIN IN ROLE orphan_cleanup_reaper" \
+    -c "CREATE DATABASE app OWNER app_owner"
+  as_admin -d app -c "ALTER SCHEMA public OWNER TO app_owner" -c "CREATE EXTENSION pg_cron" -c "GRANT USAGE ON SCHEMA cron TO app_owner"
+fi
 
 step "2. The app: render_jobs and user_assets with $JOBS jobs of history, and their files in storage"
 psql_q -f sql/app_schema.sql
-psql_q -c "CREATE EXTENSION pg_orphan_cleanup"
+if [ "$EDITION" = managed ]; then
+  psql_q -f "$MANAGED_SQL"   # as app_owner: a migration's worth of SQL
+else
+  psql_q -c "CREATE EXTENSION pg_orphan_cleanup"
+fi
 psql_q -v jobs="$JOBS" -v base="$BASE" -f sql/generate_data.sql
 # One object per completed job (sizes 2-20 KB), and the uploads and avatars of other asset types.
 psql_q -tA -c "SELECT orphan_cleanup.object_key(output_url) || E'\t' || (2000 + abs(hashtext(id::text)) % 18000)
@@ -70,7 +98,16 @@ psql_q -c "SELECT metric, value FROM orphan_cleanup.validation_report() WHERE me
 
 step "4. Deploy: indexes, settings, attach(), the reaper's role"
 psql_q -f sql/indexes.sql
-psql_q <<SQL
+if [ "$EDITION" = managed ]; then
+  psql_q <<SQL
+SELECT orphan_cleanup.set_setting('allowed_buckets', 'renders');
+SELECT orphan_cleanup.set_setting('allowed_hosts', '127.0.0.1:${EMU_PORT}');
+SELECT orphan_cleanup.set_setting('min_age', '1h');
+SELECT orphan_cleanup.set_setting('interval', '1min');  -- pg_cron's finest schedule here
+SELECT orphan_cleanup.set_setting('max_per_cycle', '10000');
+SQL
+else
+  psql_q <<SQL
 ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders';
 ALTER SYSTEM SET orphan_cleanup.allowed_hosts = '127.0.0.1:${EMU_PORT}';
 ALTER SYSTEM SET orphan_cleanup.min_age = '1h';
@@ -79,16 +116,23 @@ ALTER SYSTEM SET orphan_cleanup.max_per_cycle = 1000;
 SELECT pg_reload_conf();
 CREATE ROLE demo_reaper LOGIN IN ROLE orphan_cleanup_reaper;
 SQL
-sleep 1
+  sleep 1
+fi
 psql_q -c "SELECT * FROM orphan_cleanup.attach()"
 expected=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.preview(NULL, 1000000) WHERE verdict = 'orphan'")
 echo "deletable orphans: $expected"
 
-step "5. Cleanup cycles every 3 seconds (the worker) and the reaper deleting in bulk"
-DATABASE_URL="postgres://demo_reaper@127.0.0.1:${PGOC_PORT}/postgres" SUPABASE_URL="$BASE" SUPABASE_SERVICE_ROLE_KEY="$SERVICE_KEY" \
+if [ "$EDITION" = managed ]; then
+  step "5. Cleanup cycles every minute (pg_cron, as app_owner) and the reaper deleting in bulk"
+  psql_q -c "SELECT cron.schedule('orphan-cleanup', '* * * * *', 'SELECT orphan_cleanup.run_cycle()')"
+  psql_q -c "SELECT check_name, status, detail FROM orphan_cleanup.health() WHERE check_name = 'scheduler'"
+else
+  step "5. Cleanup cycles every 3 seconds (the worker) and the reaper deleting in bulk"
+fi
+DATABASE_URL="postgres://demo_reaper@127.0.0.1:${PGOC_PORT}/${PGDATABASE}" SUPABASE_URL="$BASE" SUPABASE_SERVICE_ROLE_KEY="$SERVICE_KEY" \
   "$REAPER" run --buckets renders --poll-interval 2s >/tmp/pg_orphan_cleanup-demo-reaper.log 2>&1 &
 REAPER_PID=$!
-for _ in $(seq 1 120); do
+for _ in $(seq 1 200); do
   done_rows=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state IN ('deleted', 'absent')")
   [ "$done_rows" -ge "$expected" ] && break
   sleep 1
@@ -100,7 +144,7 @@ sed -E 's/\x1b\[[0-9;]*m//g' /tmp/pg_orphan_cleanup-demo-reaper.log | tail -4
 
 step "6. Post-deployment validation"
 psql_q -c "SELECT * FROM orphan_cleanup.validation_report()"
-psql_q -c "SELECT check_name, status, detail FROM orphan_cleanup.health() WHERE status <> 'ok' OR check_name IN ('worker', 'last cycle', 'save guard')"
+psql_q -c "SELECT check_name, status, detail FROM orphan_cleanup.health() WHERE status <> 'ok' OR check_name IN ('scheduler', 'last cycle', 'save guard')"
 storage_snapshot demo_storage_after
 psql_q <<'SQL'
 SELECT b.bucket, b.objects AS objects_before, coalesce(a.objects, 0) AS objects_after,

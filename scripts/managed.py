@@ -61,6 +61,13 @@ EDITS = [
          "$watch$;\n"),
      "a platform's main role is not a superuser and may not create event triggers: the install "
      "goes on without the DDL watch and says what that leaves to the DBA"),
+    (r"ALTER SYSTEM SET orphan_cleanup\.(\w+) = (''[^']*''|\w+); SELECT pg_reload_conf\(\);",
+     lambda m: "SELECT orphan_cleanup.set_setting(''%s'', %s);" % (
+         m.group(1), m.group(2) if m.group(2).startswith("''") else "''%s''" % m.group(2)),
+     "hints name the managed edition's way to change a setting"),
+    (r"\(ALTER SYSTEM SET \.\.\.; SELECT pg_reload_conf\(\);\)",
+     "(SELECT orphan_cleanup.set_setting(...);)",
+     "the same, where a hint names no particular setting"),
 ]
 
 
@@ -68,6 +75,8 @@ EDITS = [
 _EXPECTED = {
     EDITS[0][0]: ("schema.sql",),
     EDITS[1][0]: ("guard.sql",),
+    EDITS[2][0]: ("detect.sql", "guard.sql", "queue.sql"),
+    EDITS[3][0]: ("detect.sql", "guard.sql"),
 }
 
 

@@ -46,6 +46,10 @@ ctest -p e2e -- --test-threads=1
 echo "==> the demo, at CI size (it must not rot)"
 DEMO_JOBS="${DEMO_JOBS:-2000}" scripts/demo.sh >/tmp/pg_orphan_cleanup-demo.log 2>&1 || { cat /tmp/pg_orphan_cleanup-demo.log; exit 1; }
 tail -n 2 /tmp/pg_orphan_cleanup-demo.log
+echo "==> the demo in the managed edition, on a simulated managed platform, at CI size"
+DEMO_EDITION=managed DEMO_JOBS="${DEMO_JOBS:-1000}" scripts/demo.sh >/tmp/pg_orphan_cleanup-demo-managed.log 2>&1 \
+  || { cat /tmp/pg_orphan_cleanup-demo-managed.log; exit 1; }
+tail -n 2 /tmp/pg_orphan_cleanup-demo-managed.log
 
 echo "==> the benchmark harness, tiny and unoptimized (a smoke run so it cannot rot; its figures mean nothing)"
 BENCH_PROFILE=debug BENCH_SCALE=tiny scripts/bench.sh >/tmp/pg_orphan_cleanup-bench-smoke.log 2>&1 \

@@ -46,6 +46,33 @@ pub fn connect_as(db: &str, user: &str) -> Client {
 
 thread_local! {
     static STARTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This test's managed-edition databases, and the settings it asked for last: the managed
+    /// edition keeps its settings per database, in a table, so [`settings`] writes them there too.
+    static MANAGED_DBS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WANTED: std::cell::RefCell<Vec<(String, String)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether the end-to-end tests install the managed edition instead of the extension
+/// (`PGOC_EDITION=managed`; `scripts/test.sh` runs the suites that apply to both twice).
+pub fn managed() -> bool {
+    std::env::var("PGOC_EDITION").as_deref() == Ok("managed")
+}
+
+/// Gives a managed-edition database the settings the test asked for, through set_setting():
+/// every setting back to its default, then the wanted ones. Names the edition does not have
+/// (pause_points, a test hook that stays a GUC) are left to ALTER SYSTEM.
+fn apply_managed_settings(db: &str) {
+    let wanted = WANTED.with(|w| w.borrow().clone());
+    let mut c = raw_connect(db, "postgres");
+    c.batch_execute("SELECT orphan_cleanup.set_setting(name, NULL) FROM orphan_cleanup.settings")
+        .unwrap();
+    for (name, value) in wanted {
+        c.query(
+            "SELECT orphan_cleanup.set_setting(d.name, $2) FROM orphan_cleanup._setting_defs() AS d WHERE d.name = $1",
+            &[&name, &value],
+        )
+        .unwrap_or_else(|e| panic!("set_setting({name}, {value}): {}", db_error(&e)));
+    }
 }
 
 /// Once per test (per libtest thread, which carries the test's name; helper threads a test
@@ -120,6 +147,15 @@ pub fn settings(pairs: &[(&str, &str)]) {
         admin.batch_execute(&sql).unwrap();
     }
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    WANTED.with(|w| {
+        *w.borrow_mut() = pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    });
+    for db in MANAGED_DBS.with(|d| d.borrow().clone()) {
+        apply_managed_settings(&db);
+    }
     wait_for(Duration::from_secs(30), "settings to be reloaded", || {
         let mut c = raw_connect("postgres", "postgres");
         // The library defines the settings; load it so SHOW knows them.
@@ -160,6 +196,12 @@ impl TestDb {
     /// Like [`TestDb::create`], with the extension at `version` (a released version's install
     /// script, from `pg_orphan_cleanup/released/`) instead of the current one.
     pub fn create_at(name: &str, version: Option<&str>) -> TestDb {
+        if version.is_none() && managed() {
+            let db = TestDb::create_managed(name);
+            MANAGED_DBS.with(|d| d.borrow_mut().push(name.to_string()));
+            apply_managed_settings(name);
+            return db;
+        }
         let mut admin = connect("postgres");
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
