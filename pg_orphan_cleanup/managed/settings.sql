@@ -142,15 +142,23 @@ BEGIN
 END
 $$;
 
--- The entries of a comma-separated list, trimmed, empty ones dropped.
+-- The entries of a comma-separated list, trimmed (of Unicode's White_Space, as Rust's trim()),
+-- empty ones dropped.
 CREATE FUNCTION orphan_cleanup._list_entries(list text) RETURNS text[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN ARRAY(
-    SELECT t FROM (
-        SELECT pg_catalog.regexp_replace(e, '^[\u0009-\u000d \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+|[\u0009-\u000d \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+$', '', 'g') AS t, n
-        FROM pg_catalog.unnest(pg_catalog.string_to_array(coalesce(list, ''), ',')) WITH ORDINALITY AS l(e, n)
-    ) AS x
-    WHERE t <> '' ORDER BY n);
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    e text;
+    entries text[] := '{}';
+BEGIN
+    FOREACH e IN ARRAY pg_catalog.string_to_array(coalesce(list, ''), ',') LOOP
+        e := pg_catalog.btrim(e, E' \t\n\u000b\f\r\u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000');
+        IF e <> '' THEN
+            entries := entries || e;
+        END IF;
+    END LOOP;
+    RETURN entries;
+END
+$$;
 
 -- An integer setting's value as PostgreSQL's parse_int reads it (decimal, octal or hex, a
 -- fraction, a time unit for settings that have one), in the setting's base unit; or the hint
@@ -388,15 +396,31 @@ BEGIN ATOMIC
     FROM v;
 END;
 
+-- The allow-lists as arrays, hosts spelled as the parser spells a URL's host: what
+-- check_output_url() needs for every row a cycle looks at, so it reads the three rows and
+-- nothing else (_config() reads every setting). set_setting() has checked the lists.
+CREATE FUNCTION orphan_cleanup._policy(OUT buckets text[], OUT prefixes text[], OUT hosts text[])
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    v_hosts text;
+BEGIN
+    SELECT orphan_cleanup._list_entries(max(s.value) FILTER (WHERE s.name = 'allowed_buckets')),
+           orphan_cleanup._list_entries(max(s.value) FILTER (WHERE s.name = 'allowed_prefixes')),
+           max(s.value) FILTER (WHERE s.name = 'allowed_hosts')
+    INTO buckets, prefixes, v_hosts
+    FROM orphan_cleanup.settings AS s
+    WHERE s.name IN ('allowed_buckets', 'allowed_prefixes', 'allowed_hosts');
+    hosts := ARRAY(SELECT (orphan_cleanup._plain_authority(h, 'https')).host
+                   FROM pg_catalog.unnest(orphan_cleanup._list_entries(v_hosts)) WITH ORDINALITY AS l(h, n)
+                   ORDER BY n);
+END
+$$;
+
 -- The hosts of allowed_hosts, spelled as the parser spells a URL's host, for claim() to tell
--- whether a reaper's own host is this project's (empty when the list is unusable).
+-- whether a reaper's own host is this project's.
 CREATE FUNCTION orphan_cleanup._allowed_hosts() RETURNS text[]
 LANGUAGE sql STRICT STABLE PARALLEL SAFE
-RETURN CASE WHEN orphan_cleanup._list_error('hosts', (SELECT c.allowed_hosts FROM orphan_cleanup._config() AS c)) IS NULL
-            THEN ARRAY(SELECT (orphan_cleanup._plain_authority(h, 'https')).host
-                       FROM pg_catalog.unnest(orphan_cleanup._list_entries((SELECT c.allowed_hosts FROM orphan_cleanup._config() AS c)))
-                            WITH ORDINALITY AS l(h, n) ORDER BY n)
-            ELSE '{}' END;
+RETURN (orphan_cleanup._policy()).hosts;
 
 -- A reaper's hosts, spelled as the parser spells a URL's host; anything that is not one bare
 -- host or host:port is refused, naming the argument (`what`) and the value.
@@ -439,8 +463,7 @@ RETURNS TABLE (host text, bucket text, object_path text, error text)
 LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
     p record;
-    c record;
-    list_error text;
+    pol record;
 BEGIN
     IF url IS NULL THEN
         RETURN QUERY SELECT NULL::text, NULL::text, NULL::text, 'output_url is NULL'::text;
@@ -451,14 +474,8 @@ BEGIN
         RETURN QUERY SELECT NULL::text, NULL::text, NULL::text, 'malformed URL: ' || p.error;
         RETURN;
     END IF;
-    SELECT * INTO c FROM orphan_cleanup._config();
-    list_error := coalesce(orphan_cleanup._list_error('buckets', c.allowed_buckets),
-                           orphan_cleanup._list_error('prefixes', c.allowed_prefixes),
-                           orphan_cleanup._list_error('hosts', c.allowed_hosts));
+    pol := orphan_cleanup._policy();
     RETURN QUERY SELECT p.host, p.bucket, p.object_path,
-        CASE WHEN list_error IS NOT NULL THEN 'invalid allow-list setting: ' || list_error
-             ELSE 'not allowed: ' || orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path,
-                    orphan_cleanup._list_entries(c.allowed_buckets), orphan_cleanup._list_entries(c.allowed_prefixes),
-                    orphan_cleanup._allowed_hosts()) END;
+        'not allowed: ' || orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, pol.buckets, pol.prefixes, pol.hosts);
 END
 $$;

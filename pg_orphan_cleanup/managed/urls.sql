@@ -499,17 +499,26 @@ $$;
 CREATE FUNCTION orphan_cleanup._url_refusal(host text, bucket text, object_path text,
                                             buckets text[], prefixes text[], hosts text[])
 RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE
-    WHEN host IS NOT NULL AND pg_catalog.cardinality(hosts) = 0 THEN
-        pg_catalog.format('host "%s" is not an allowed host of this project; the host allow-list is empty, so only bare bucket/key values are accepted', host)
-    WHEN host IS NOT NULL AND NOT host = ANY (hosts) THEN
-        pg_catalog.format('host "%s" is not in the host allow-list (it may be another project''s)', host)
-    WHEN pg_catalog.cardinality(buckets) = 0 THEN
-        pg_catalog.format('no bucket is allowed (the bucket allow-list is empty); add "%s" to it to allow deletes there', bucket)
-    WHEN NOT bucket = ANY (buckets) THEN
-        pg_catalog.format('bucket "%s" is not in the bucket allow-list', bucket)
-    WHEN pg_catalog.cardinality(prefixes) > 0
-         AND NOT EXISTS (SELECT FROM pg_catalog.unnest(prefixes) AS p WHERE pg_catalog.starts_with(object_path, p)) THEN
-        pg_catalog.format('key "%s" is outside the allowed prefixes', object_path)
-END;
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    p text;
+BEGIN
+    IF host IS NOT NULL AND pg_catalog.cardinality(hosts) = 0 THEN
+        RETURN pg_catalog.format('host "%s" is not an allowed host of this project; the host allow-list is empty, so only bare bucket/key values are accepted', host);
+    ELSIF host IS NOT NULL AND NOT host = ANY (hosts) THEN
+        RETURN pg_catalog.format('host "%s" is not in the host allow-list (it may be another project''s)', host);
+    ELSIF pg_catalog.cardinality(buckets) = 0 THEN
+        RETURN pg_catalog.format('no bucket is allowed (the bucket allow-list is empty); add "%s" to it to allow deletes there', bucket);
+    ELSIF NOT bucket = ANY (buckets) THEN
+        RETURN pg_catalog.format('bucket "%s" is not in the bucket allow-list', bucket);
+    ELSIF pg_catalog.cardinality(prefixes) > 0 THEN
+        FOREACH p IN ARRAY prefixes LOOP
+            IF pg_catalog.starts_with(object_path, p) THEN
+                RETURN NULL;
+            END IF;
+        END LOOP;
+        RETURN pg_catalog.format('key "%s" is outside the allowed prefixes', object_path);
+    END IF;
+    RETURN NULL;
+END
+$$;

@@ -22,6 +22,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_list_error",
     "_list_entries",
     "_hosts_hint",
+    "_policy",
     // the URL parser's parts (the extension's are in Rust)
     "_ascii_lower",
     "_char_debug",
