@@ -460,7 +460,7 @@ RETURN 'Pass bare hosts as the reaper does, e.g. hosts ARRAY[''abcd.supabase.co'
 -- rejected; NULL means this project may delete the object.
 CREATE FUNCTION orphan_cleanup.check_output_url(url text)
 RETURNS TABLE (host text, bucket text, object_path text, error text)
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     p record;
     pol record;

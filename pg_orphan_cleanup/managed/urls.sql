@@ -344,7 +344,7 @@ $$;
 -- deleted. `error` says why a value names no single object.
 CREATE FUNCTION orphan_cleanup.parse_output_url(url text)
 RETURNS TABLE (host text, bucket text, object_path text, form text, error text)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     SELECT p.host, p.bucket, p.object_path, p.form,
            CASE WHEN url IS NULL THEN 'output_url is NULL' ELSE p.error END
@@ -382,8 +382,16 @@ $$;
 -- `bucket/key` of the object a URL names, or could reasonably name, or NULL (object-url's
 -- protected_key). The one identity of an object for protection: where the strict parser
 -- accepts a value both agree; where it refuses one, this still finds the object a user kept.
+--
+-- SECURITY DEFINER, unlike the extension's (which is C and calls nothing): the app's roles run it
+-- whenever they write a job, to maintain the recommended index on it, and they have no USAGE on
+-- this schema, so the helpers it calls must run as their owner. It parses text and reads no
+-- table. The entry points (parse_output_url, check_output_url, object_key, redact_url) all pin
+-- search_path, unlike the extension's C functions: the helpers' cached plans are kept per
+-- search_path, and a session calling two entry points under two paths would re-plan them on
+-- every call (3x slower).
 CREATE FUNCTION orphan_cleanup.object_key(url text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     junk constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"''<>`]';
     p record;
@@ -464,7 +472,7 @@ RETURN coalesce(substring(pg_catalog.ltrim(rest, '/') FROM '[/?#].*$'), '');
 -- The URL with signed-URL tokens and other credentials replaced by REDACTED (object-url's
 -- redact()).
 CREATE FUNCTION orphan_cleanup.redact_url(url text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     base text;
     rest text;

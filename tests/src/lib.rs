@@ -58,6 +58,15 @@ pub fn managed() -> bool {
     std::env::var("PGOC_EDITION").as_deref() == Ok("managed")
 }
 
+/// How a hint tells a DBA to change `setting` in the edition under test.
+pub fn how_to_set(setting: &str) -> String {
+    if managed() {
+        format!("SELECT orphan_cleanup.set_setting('{setting}'")
+    } else {
+        format!("ALTER SYSTEM SET orphan_cleanup.{setting}")
+    }
+}
+
 /// Gives a managed-edition database the settings the test asked for, through set_setting():
 /// every setting back to its default, then the wanted ones. Names the edition does not have
 /// (pause_points, a test hook that stays a GUC) are left to ALTER SYSTEM.

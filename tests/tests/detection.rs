@@ -539,8 +539,7 @@ fn a_cycle_without_allowed_buckets_fails_clearly_and_is_recorded() {
         .unwrap()
         .get(0);
     assert!(
-        err.contains("allowed_buckets is empty")
-            && err.contains("ALTER SYSTEM SET orphan_cleanup.allowed_buckets"),
+        err.contains("allowed_buckets is empty") && err.contains(&how_to_set("allowed_buckets")),
         "{err}"
     );
     let n: i64 = c

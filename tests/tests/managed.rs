@@ -55,12 +55,34 @@ const REWRITTEN: &[&str] = &[
     "_take_refusals",
 ];
 
+/// Functions whose security and settings differ: the managed edition runs `object_key` as its
+/// owner (the app's roles run it to maintain an index and have no USAGE on the schema, and it
+/// calls helpers), and pins search_path on the URL functions (their helpers' cached plans are
+/// kept per search_path); the extension's are C and call nothing.
+const DEFINER_IN_MANAGED: &[&str] = &[
+    "object_key",
+    "parse_output_url",
+    "check_output_url",
+    "redact_url",
+];
+
 fn strings(c: &mut postgres::Client, sql: &str) -> BTreeSet<String> {
     c.query(sql, &[])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+fn sql_array(names: &[&str]) -> String {
+    format!(
+        "ARRAY[{}]::name[]",
+        names
+            .iter()
+            .map(|f| format!("'{f}'"))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
 }
 
 /// One line per function, relation, column, constraint, index, trigger and grant.
@@ -70,10 +92,14 @@ fn catalog(c: &mut postgres::Client) -> BTreeSet<String> {
         "SELECT format('function %s(%s) returns %s; %s; volatility %s; strict %s; parallel %s; definer %s; config %s; rows %s; acl %s',
                        p.proname, pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid),
                        CASE WHEN p.proname = ANY ($1) THEN 'language (rewritten)' ELSE 'language ' || l.lanname END,
-                       p.provolatile, p.proisstrict, p.proparallel, p.prosecdef, p.proconfig, p.prorows, p.proacl)
+                       p.provolatile, p.proisstrict, p.proparallel,
+                       CASE WHEN p.proname = ANY ($2) THEN 'edition-specific' ELSE p.prosecdef::text END,
+                       CASE WHEN p.proname = ANY ($2) THEN 'edition-specific' ELSE p.proconfig::text END,
+                       p.prorows, p.proacl)
          FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
          WHERE p.pronamespace = 'orphan_cleanup'::regnamespace"
-            .replace("$1", &format!("ARRAY[{}]", REWRITTEN.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(",")))
+            .replace("$1", &sql_array(REWRITTEN))
+            .replace("$2", &sql_array(DEFINER_IN_MANAGED))
             .as_str(),
     );
     all.extend(strings(
@@ -161,4 +187,55 @@ fn both_editions_have_the_same_catalog_but_for_the_listed_differences() {
         );
     }
     assert!(a.len() > 200, "the catalog is read: {} lines", a.len());
+}
+
+/// The app's own roles write jobs and assets; the recommended indexes make them run
+/// object_key() and job_ref_key(). They have no rights on the schema, and need none, in either
+/// edition. (The managed edition's object_key() calls helpers: it failed with "permission denied
+/// for schema orphan_cleanup" until it ran as its owner.)
+#[test]
+fn an_app_role_with_no_rights_on_the_schema_can_write_jobs_and_assets() {
+    for (db, edition) in [
+        (TestDb::create("app_role_ext"), "extension"),
+        (TestDb::create_managed("app_role_managed"), "managed"),
+    ] {
+        let mut c = db.client();
+        c.batch_execute(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_writer') THEN
+                     CREATE ROLE app_writer LOGIN;
+                 END IF;
+             END $$;
+             GRANT INSERT, UPDATE, SELECT ON render_jobs, user_assets TO app_writer;",
+        )
+        .unwrap();
+        let mut app = connect_as(&db.name, "app_writer");
+        let id: String = app
+            .query_one(
+                "INSERT INTO render_jobs (status, output_url, prompt)
+                 VALUES ('completed', 'https://abcd.supabase.co/storage/v1/object/public/renders/a b.png', 'x')
+                 RETURNING id::text",
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("{edition}: {}", db_error(&e)))
+            .get(0);
+        app.execute(
+            "INSERT INTO user_assets (asset_type, metadata, file_size) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text), 1)",
+            &[&id],
+        )
+        .unwrap_or_else(|e| panic!("{edition}: {}", db_error(&e)));
+        app.execute(
+            "UPDATE render_jobs SET output_url = 'renders/b.png' WHERE id = $1::text::uuid",
+            &[&id],
+        )
+        .unwrap_or_else(|e| panic!("{edition}: {}", db_error(&e)));
+        let e = app
+            .query_one("SELECT orphan_cleanup._parse_url('renders/a.png')", &[])
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{edition}"
+        );
+    }
 }

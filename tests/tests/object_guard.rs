@@ -919,7 +919,7 @@ fn review_detach_is_refused_while_rows_are_claimed() {
     let msg = db_error(&err);
     assert!(
         msg.contains("detach() refused: 1 queue row(s) are claimed")
-            && msg.contains("reaping_enabled = off"),
+            && msg.contains(&how_to_set("reaping_enabled")),
         "{msg}"
     );
     confirm(&mut c, "r1", &ids);
