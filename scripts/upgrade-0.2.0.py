@@ -282,6 +282,38 @@ CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
 ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
 
 """)
+out.append(fn('schema','job_ref_key'))
+out.append("""-- job_ref_key() now finds a job's id in more spellings (a no-break space, urn:uuid:, an id
+-- JSON-encoded twice), where 0.1.0 returned NULL: rebuild the assets table's indexes on it when
+-- any row is read differently now, or the keeper checks would miss those references.
+DO $reindex_refs$
+DECLARE
+    att orphan_cleanup.attachment;
+    stale boolean;
+    ix regclass;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.assets_oid) THEN
+        RETURN;
+    END IF;
+    EXECUTE format($q$SELECT EXISTS (SELECT 1 FROM %s AS a
+                                     WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') IS NOT NULL
+                                       AND pg_catalog.replace(pg_catalog.lower(pg_catalog.btrim(a.metadata ->> 'render_job_id', E' \t\r\n{}')), '-', '')
+                                           !~ '^[0-9a-f]{32}$')$q$, att.assets_oid::regclass)
+       INTO stale;
+    IF NOT stale THEN
+        RETURN;
+    END IF;
+    FOR ix IN SELECT i.indexrelid::regclass FROM pg_catalog.pg_index AS i
+              WHERE i.indrelid = att.assets_oid AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%job_ref_key(%'
+    LOOP
+        RAISE NOTICE 'rebuilding index % (job_ref_key() now reads more spellings of a job id)', ix;
+        EXECUTE format('REINDEX INDEX %s', ix);
+    END LOOP;
+END
+$reindex_refs$;
+
+""")
 out.append("""-- object_key() now reads a URL the strict parser refuses leniently (the object it could name),
 -- where 0.1.0 returned NULL. An index on it built by 0.1.0 holds NULL for such rows, and the
 -- keeper checks would miss them: rebuild the jobs table's object_key() indexes when it has any

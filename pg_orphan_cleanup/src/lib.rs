@@ -74,6 +74,10 @@ mod tests {
             " {a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11} ",
             "a0eebc999c0b4ef8bb6d6bb9bd380a11",
             "\ta0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11\n",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11\u{a0}",
+            "urn:uuid:a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "\"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11\"",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11x",
         ] {
             let key = Spi::get_one_with_args::<String>(
                 "SELECT orphan_cleanup.job_ref_key($1)",
@@ -85,12 +89,7 @@ mod tests {
                 "{spelling:?}"
             );
         }
-        for junk in [
-            "",
-            "not-a-uuid",
-            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
-            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11x",
-        ] {
+        for junk in ["", "not-a-uuid", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1"] {
             let key = Spi::get_one_with_args::<String>(
                 "SELECT orphan_cleanup.job_ref_key($1)",
                 &[junk.into()],

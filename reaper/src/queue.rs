@@ -282,8 +282,14 @@ impl Queue {
     ) -> Result<Vec<Row>, QueueError> {
         let client = self.client.lock().await;
         let ms = timeout.as_millis();
-        let begin =
-            format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
+        // READ COMMITTED whatever the role's or database's default: the queue functions are
+        // written for it, and claim() refuses any other level. A reaper frozen between sending
+        // the statement and its COMMIT (the pipeline may be flushed in pieces) cannot hold the
+        // transaction open past --db-timeout either.
+        let begin = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED, READ WRITE; SET LOCAL statement_timeout = {ms}; \
+             SET LOCAL lock_timeout = {ms}; SET LOCAL idle_in_transaction_session_timeout = {ms}"
+        );
         let call = async {
             // A failed statement aborts the transaction; its COMMIT then rolls back.
             let (begun, rows, committed) = tokio::join!(

@@ -2140,3 +2140,30 @@ fn a_200_answer_that_is_not_this_buckets_objects_is_not_believed() {
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(states(&mut c), vec![("deleted".to_string(), 10)]);
 }
+
+/// Review finding: the reaper's transactions took the role's default isolation level, so a role
+/// (or database) set to REPEATABLE READ made every claim fail ("claim() must run at READ
+/// COMMITTED"). They are READ COMMITTED now, whatever the default.
+#[test]
+fn a_role_defaulting_to_repeatable_read_still_drains() {
+    let w = world("reaper_rr", 5, &[]);
+    connect("postgres")
+        .batch_execute(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'reaper_rr') THEN
+                     CREATE ROLE reaper_rr LOGIN IN ROLE orphan_cleanup_reaper;
+                 END IF;
+             END $$;
+             ALTER ROLE reaper_rr SET default_transaction_isolation = 'repeatable read';",
+        )
+        .unwrap();
+    let out = reaper(&w.db.name, &w.emu, &["drain"])
+        .env(
+            "DATABASE_URL",
+            format!("postgres://reaper_rr@127.0.0.1:{}/{}", port(), w.db.name),
+        )
+        .run();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("deleted 5,"), "{text}");
+}

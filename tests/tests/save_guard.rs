@@ -587,3 +587,57 @@ fn a_full_ring_of_notes_drops_one_nobody_is_writing() {
         "the taken note survived the full ring"
     );
 }
+
+/// Review of issue 14, finding 2: an asset whose render_job_id carried the job's id in a
+/// spelling job_ref_key() did not read (JSON-encoded twice, a trailing no-break space, a
+/// `urn:uuid:` prefix) referenced no job: its job's file was queued and claimed, and a save
+/// after the claim went through. Every spelling that carries the id now protects the file.
+#[test]
+fn every_spelling_of_a_job_id_in_an_asset_protects_its_file() {
+    let spellings = [
+        "\"{id}\"",
+        "{id}\u{a0}",
+        "urn:uuid:{id}",
+        "{ID}",
+        "job {id}.",
+    ];
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_ref_spellings");
+    let mut c = db.client();
+    let insert_asset = |c: &mut postgres::Client, value: &str| {
+        c.execute(
+            "INSERT INTO user_assets (asset_type, metadata, file_size) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text), 1)",
+            &[&value],
+        )
+    };
+    let spell = |s: &str, id: &str| s.replace("{id}", id).replace("{ID}", &id.to_uppercase());
+    for (i, s) in spellings.iter().enumerate() {
+        let j = job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("spell/{i}.png"))),
+            "2 hours",
+            "saved",
+        );
+        insert_asset(&mut c, &spell(s, &j.0)).unwrap();
+    }
+    // The guide's definition (an exact match of the id) counts them as orphans; the keeper check
+    // reads the reference as the save guard does and keeps every file.
+    let (status, _, enqueued, protected, _) = cycle(&mut c);
+    assert_eq!((status.as_str(), enqueued, protected), ("ok", 0, 5));
+
+    // A save after the claim, in each spelling, is refused.
+    for (i, s) in spellings.iter().enumerate() {
+        let j = job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("late/{i}.png"))),
+            "2 hours",
+            "orphan",
+        );
+        assert_eq!(cycle(&mut c).2, 1);
+        assert_eq!(claim(&mut c, &format!("w{i}"), 10).len(), 1);
+        let e = insert_asset(&mut c, &spell(s, &j.0)).unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "OC001", "{s}: {e}");
+    }
+}
