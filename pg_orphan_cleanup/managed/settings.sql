@@ -326,7 +326,7 @@ $$;
 -- orphan_cleanup.settings may: everyone else lacks the rights on the table.
 --   SELECT orphan_cleanup.set_setting('allowed_buckets', 'renders');
 CREATE FUNCTION orphan_cleanup.set_setting(name text, value text) RETURNS text
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $$
 DECLARE
     setting text := pg_catalog.regexp_replace(set_setting.name, '^orphan_cleanup\.', '');
     old text;
@@ -460,7 +460,7 @@ RETURN 'Pass bare hosts as the reaper does, e.g. hosts ARRAY[''abcd.supabase.co'
 -- rejected; NULL means this project may delete the object.
 CREATE FUNCTION orphan_cleanup.check_output_url(url text)
 RETURNS TABLE (host text, bucket text, object_path text, error text)
-LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $$
 DECLARE
     p record;
     pol record;

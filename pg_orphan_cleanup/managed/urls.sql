@@ -344,7 +344,7 @@ $$;
 -- deleted. `error` says why a value names no single object.
 CREATE FUNCTION orphan_cleanup.parse_output_url(url text)
 RETURNS TABLE (host text, bucket text, object_path text, form text, error text)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on
 BEGIN ATOMIC
     SELECT p.host, p.bucket, p.object_path, p.form,
            CASE WHEN url IS NULL THEN 'output_url is NULL' ELSE p.error END
@@ -389,9 +389,11 @@ $$;
 -- table. The entry points (parse_output_url, check_output_url, object_key, redact_url) all pin
 -- search_path, unlike the extension's C functions: the helpers' cached plans are kept per
 -- search_path, and a session calling two entry points under two paths would re-plan them on
--- every call (3x slower).
+-- every call (3x slower). They also pin standard_conforming_strings: PL/pgSQL reads a function's
+-- text with the caller's setting, and with it off the backslashes in these functions' literals
+-- would not parse (an app session with it off could not write a job).
 CREATE FUNCTION orphan_cleanup.object_key(url text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $$
 DECLARE
     junk constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"''<>`]';
     p record;
@@ -472,7 +474,7 @@ RETURN coalesce(substring(pg_catalog.ltrim(rest, '/') FROM '[/?#].*$'), '');
 -- The URL with signed-URL tokens and other credentials replaced by REDACTED (object-url's
 -- redact()).
 CREATE FUNCTION orphan_cleanup.redact_url(url text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $$
 DECLARE
     base text;
     rest text;
@@ -513,11 +515,11 @@ DECLARE
 BEGIN
     IF host IS NOT NULL AND pg_catalog.cardinality(hosts) = 0 THEN
         RETURN pg_catalog.format('host "%s" is not an allowed host of this project; the host allow-list is empty, so only bare bucket/key values are accepted', host);
-    ELSIF host IS NOT NULL AND NOT host = ANY (hosts) THEN
+    ELSIF host IS NOT NULL AND (host = ANY (hosts)) IS NOT TRUE THEN   -- a NULL entry matches nothing
         RETURN pg_catalog.format('host "%s" is not in the host allow-list (it may be another project''s)', host);
     ELSIF pg_catalog.cardinality(buckets) = 0 THEN
         RETURN pg_catalog.format('no bucket is allowed (the bucket allow-list is empty); add "%s" to it to allow deletes there', bucket);
-    ELSIF NOT bucket = ANY (buckets) THEN
+    ELSIF (bucket = ANY (buckets)) IS NOT TRUE THEN
         RETURN pg_catalog.format('bucket "%s" is not in the bucket allow-list', bucket);
     ELSIF pg_catalog.cardinality(prefixes) > 0 THEN
         FOREACH p IN ARRAY prefixes LOOP

@@ -319,6 +319,20 @@ BEGIN
     END IF;
     RETURN NEXT;
 
+    -- The DDL watch (an event trigger): part of the extension; the managed edition has it only
+    -- where the installing role could create it, and says what that leaves to the DBA.
+    check_name := 'DDL watch';
+    IF EXISTS (SELECT FROM pg_catalog.pg_event_trigger AS e
+               WHERE e.evtname = 'orphan_cleanup_guard_watch' AND e.evtenabled = 'A') THEN
+        status := 'ok'; detail := 'event trigger orphan_cleanup_guard_watch refuses DDL that would leave the save guard off while rows are claimed';
+    ELSIF pg_catalog.to_regprocedure('orphan_cleanup.managed_version()') IS NOT NULL
+          AND NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger AS e WHERE e.evtname = 'orphan_cleanup_guard_watch') THEN
+        status := 'ok'; detail := 'not installed (an event trigger needs a superuser here): before ALTER TABLE ... DISABLE TRIGGER, DROP TRIGGER or pg_restore --disable-triggers on the attached tables, turn reaping_enabled off and wait until no rows are claimed';
+    ELSE
+        status := 'warning'; detail := 'event trigger orphan_cleanup_guard_watch is missing or not enabled ALWAYS: DDL that switches the save guard off while rows are claimed is not refused; reinstall, or ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS';
+    END IF;
+    RETURN NEXT;
+
     check_name := 'allowed buckets';
     IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
         status := 'critical'; detail := 'orphan_cleanup.allowed_buckets is empty: nothing may be deleted and cycles refuse to run';

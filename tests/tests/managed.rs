@@ -210,6 +210,10 @@ fn an_app_role_with_no_rights_on_the_schema_can_write_jobs_and_assets() {
         )
         .unwrap();
         let mut app = connect_as(&db.name, "app_writer");
+        // An app may run with the old string syntax (review of issue 14, finding 3: the managed
+        // object_key() did not compile then, and every job write failed).
+        app.batch_execute("SET standard_conforming_strings = off")
+            .unwrap();
         let id: String = app
             .query_one(
                 "INSERT INTO render_jobs (status, output_url, prompt)
@@ -238,4 +242,26 @@ fn an_app_role_with_no_rights_on_the_schema_can_write_jobs_and_assets() {
             "{edition}"
         );
     }
+}
+
+/// Review of issue 14, finding 6: on a database that is not UTF8 the install stopped at line 978
+/// with "conversion between UTF8 and SQL_ASCII is not supported". It now says what it needs.
+#[test]
+fn the_managed_install_names_the_encoding_it_needs() {
+    let mut admin = connect("postgres");
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS managed_ascii WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE managed_ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        .unwrap();
+    let e = connect("managed_ascii")
+        .batch_execute(&managed_script())
+        .unwrap_err();
+    let d = e.as_db_error().unwrap();
+    assert_eq!(
+        d.message(),
+        "pg_orphan_cleanup (managed edition) needs a UTF8 database; this one is SQL_ASCII"
+    );
+    assert!(d.hint().unwrap().contains("ENCODING 'UTF8'"), "{d:?}");
 }

@@ -109,6 +109,15 @@ fn the_owner_installs_schedules_with_pg_cron_and_the_reaper_deletes_only_orphans
     let (status, detail) = scheduler(&mut owner);
     assert_eq!(status, "ok", "{detail}");
     assert!(detail.starts_with("pg_cron job"), "{detail}");
+    // No superuser here: the DDL watch is not installed, and health() says what that means.
+    let watch: String = owner
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'DDL watch'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(watch.starts_with("not installed"), "{watch}");
     // pg_cron runs the job at the next minute, as app_owner.
     wait_for(Duration::from_secs(150), "a cycle run by pg_cron", || {
         cycles_by(&mut owner, "app_owner") > 0

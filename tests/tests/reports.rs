@@ -169,6 +169,12 @@ fn health_says_what_is_wrong() {
     assert_eq!(status(&mut c, "allowed buckets").0, "critical");
     assert_eq!(status(&mut c, "last cycle").0, "warning");
     db.attach();
+    assert_eq!(status(&mut c, "DDL watch").0, "ok");
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
+        .unwrap();
+    assert_eq!(status(&mut c, "DDL watch").0, "warning");
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
+        .unwrap();
     c.batch_execute("DROP INDEX render_jobs_object_key_idx")
         .unwrap();
     let (st, detail) = status(&mut c, "index: jobs by storage object");

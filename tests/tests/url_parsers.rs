@@ -532,3 +532,24 @@ fn a_difference_between_the_parsers_is_reported() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].contains("renders/../a.png"), "{found:?}");
 }
+
+/// Review of issue 14 (suspicion S4): a NULL in an allow-list made `host = ANY (hosts)` NULL,
+/// and the host check was skipped. A NULL entry (only a direct write to the settings table could
+/// put one there) matches nothing.
+#[test]
+fn a_null_in_an_allow_list_allows_nothing() {
+    let mut c = urls_db();
+    for (host, buckets, hosts) in [
+        (Some("evil.example"), "{renders}", "{NULL,h.co}"),
+        (None, "{NULL}", "{}"),
+    ] {
+        let refusal: Option<String> = c
+            .query_one(
+                "SELECT orphan_cleanup._url_refusal($1, 'renders', 'a.png', $2::text::text[], '{}', $3::text::text[])",
+                &[&host, &buckets, &hosts],
+            )
+            .unwrap()
+            .get(0);
+        assert!(refusal.is_some(), "{host:?} {buckets} {hosts}");
+    }
+}
