@@ -34,9 +34,10 @@ PARTS = [
     SQL / "grants.sql",
 ]
 
-# Edits to shared text: (pattern, replacement, why).
+# Edits to shared text: (pattern, replacement, the files it must change, why). The build fails
+# when an edit no longer changes one of its files (the shared text moved away from it).
 EDITS = [
-    (r"^SELECT pg_catalog\.pg_extension_config_dump\([^;]*\);\n", "",
+    (r"^SELECT pg_catalog\.pg_extension_config_dump\([^;]*\);\n", "", ("schema.sql",),
      "outside CREATE EXTENSION there is no extension whose tables pg_dump must include: "
      "the schema is dumped like any other"),
     (r"^CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end\n"
@@ -59,25 +60,18 @@ EDITS = [
          "        'so stop the reapers (set_setting(''reaping_enabled'', ''off'')) before any such DDL';\n"
          "END\n"
          "$watch$;\n"),
+     ("guard.sql",),
      "a platform's main role is not a superuser and may not create event triggers: the install "
      "goes on without the DDL watch and says what that leaves to the DBA"),
     (r"ALTER SYSTEM SET orphan_cleanup\.(\w+) = (''[^']*''|\w+); SELECT pg_reload_conf\(\);",
      lambda m: "SELECT orphan_cleanup.set_setting(''%s'', %s);" % (
          m.group(1), m.group(2) if m.group(2).startswith("''") else "''%s''" % m.group(2)),
+     ("detect.sql", "guard.sql", "queue.sql"),
      "hints name the managed edition's way to change a setting"),
     (r"\(ALTER SYSTEM SET \.\.\.; SELECT pg_reload_conf\(\);\)",
-     "(SELECT orphan_cleanup.set_setting(...);)",
+     "(SELECT orphan_cleanup.set_setting(...);)", ("detect.sql", "guard.sql"),
      "the same, where a hint names no particular setting"),
 ]
-
-
-# Which file each edit must change (the build fails when the shared text moved away from it).
-_EXPECTED = {
-    EDITS[0][0]: ("schema.sql",),
-    EDITS[1][0]: ("guard.sql",),
-    EDITS[2][0]: ("detect.sql", "guard.sql", "queue.sql"),
-    EDITS[3][0]: ("detect.sql", "guard.sql"),
-}
 
 
 def version():
@@ -116,9 +110,9 @@ def build():
     for part in PARTS:
         text = part.read_text()
         if part.parent == SQL:
-            for pattern, replacement, _why in EDITS:
+            for pattern, replacement, files, _why in EDITS:
                 text, n = re.subn(pattern, replacement, text, flags=re.M)
-                if n == 0 and part.name in _EXPECTED.get(pattern, ()):
+                if n == 0 and part.name in files:
                     sys.exit(f"scripts/managed.py: the edit for {part.name} no longer applies: {pattern!r}")
         out.append(f"-- ==== {part.relative_to(ROOT)} ====")
         out.append(text.rstrip("\n"))

@@ -282,70 +282,57 @@ CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
 ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
 
 """)
-out.append(fn('schema','job_ref_key'))
-out.append("""-- job_ref_key() now finds a job's id in more spellings (a no-break space, urn:uuid:, an id
--- JSON-encoded twice), where 0.1.0 returned NULL: rebuild the assets table's indexes on it when
--- any row is read differently now, or the keeper checks would miss those references.
-DO $reindex_refs$
+def reindex(comment, tag, table, stale_query, function, why):
+    """A DO block that rebuilds the attached `table`'s indexes on `function()` when any row
+    matches `stale_query` (a format() string whose %s is the table): an immutable function whose
+    answers changed leaves 0.1.0's indexes on it stale for those rows."""
+    return f"""{comment}
+DO ${tag}$
 DECLARE
     att orphan_cleanup.attachment;
     stale boolean;
     ix regclass;
 BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
-    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.assets_oid) THEN
+    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.{table}) THEN
         RETURN;
     END IF;
-    EXECUTE format($q$SELECT EXISTS (SELECT 1 FROM %s AS a
-                                     WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') IS NOT NULL
-                                       AND pg_catalog.replace(pg_catalog.lower(pg_catalog.btrim(a.metadata ->> 'render_job_id', E' \t\r\n{}')), '-', '')
-                                           !~ '^[0-9a-f]{32}$')$q$, att.assets_oid::regclass)
+    EXECUTE format({stale_query}, att.{table}::regclass)
        INTO stale;
     IF NOT stale THEN
         RETURN;
     END IF;
     FOR ix IN SELECT i.indexrelid::regclass FROM pg_catalog.pg_index AS i
-              WHERE i.indrelid = att.assets_oid AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%job_ref_key(%'
+              WHERE i.indrelid = att.{table} AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%{function}(%'
     LOOP
-        RAISE NOTICE 'rebuilding index % (job_ref_key() now reads more spellings of a job id)', ix;
+        RAISE NOTICE 'rebuilding index % ({why})', ix;
         EXECUTE format('REINDEX INDEX %s', ix);
     END LOOP;
 END
-$reindex_refs$;
+${tag}$;
 
-""")
-out.append("""-- object_key() now reads a URL the strict parser refuses leniently (the object it could name),
+"""
+
+out.append(fn('schema','job_ref_key'))
+out.append(reindex("""-- job_ref_key() now finds a job's id in more spellings (a no-break space, urn:uuid:, an id
+-- JSON-encoded twice), where 0.1.0 returned NULL: rebuild the assets table's indexes on it when
+-- any row is read differently now, or the keeper checks would miss those references.""",
+    "reindex_refs", "assets_oid",
+    """$q$SELECT EXISTS (SELECT 1 FROM %s AS a
+                                     WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') IS NOT NULL
+                                       AND pg_catalog.replace(pg_catalog.lower(pg_catalog.btrim(a.metadata ->> 'render_job_id', E' \\t\\r\\n{}')), '-', '')
+                                           !~ '^[0-9a-f]{32}$')$q$""",
+    "job_ref_key", "job_ref_key() now reads more spellings of a job id"))
+out.append(reindex("""-- object_key() now reads a URL the strict parser refuses leniently (the object it could name),
 -- where 0.1.0 returned NULL. An index on it built by 0.1.0 holds NULL for such rows, and the
 -- keeper checks would miss them: rebuild the jobs table's object_key() indexes when it has any
 -- such row. (REINDEX holds writes to the jobs table while it runs: a few seconds per million
--- rows; the lock_timeout above still applies to taking the lock.)
-DO $reindex$
-DECLARE
-    att orphan_cleanup.attachment;
-    stale boolean;
-    ix regclass;
-BEGIN
-    SELECT * INTO att FROM orphan_cleanup.attachment;
-    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
-        RETURN;
-    END IF;
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS j CROSS JOIN LATERAL orphan_cleanup.parse_output_url(j.output_url) AS p
+-- rows; the lock_timeout above still applies to taking the lock.)""",
+    "reindex", "jobs_oid",
+    """'SELECT EXISTS (SELECT 1 FROM %s AS j CROSS JOIN LATERAL orphan_cleanup.parse_output_url(j.output_url) AS p
                                    WHERE j.output_url IS NOT NULL AND p.error IS NOT NULL
-                                     AND orphan_cleanup.object_key(j.output_url) IS NOT NULL)', att.jobs_oid::regclass)
-       INTO stale;
-    IF NOT stale THEN
-        RETURN;
-    END IF;
-    FOR ix IN SELECT i.indexrelid::regclass FROM pg_catalog.pg_index AS i
-              WHERE i.indrelid = att.jobs_oid AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%object_key(%'
-    LOOP
-        RAISE NOTICE 'rebuilding index % (object_key() now names the object of URLs the strict parser refuses)', ix;
-        EXECUTE format('REINDEX INDEX %s', ix);
-    END LOOP;
-END
-$reindex$;
-
-""")
+                                     AND orphan_cleanup.object_key(j.output_url) IS NOT NULL)'""",
+    "object_key", "object_key() now names the object of URLs the strict parser refuses"))
 out.append("""-- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
     orphan_cleanup._pause_point(text),

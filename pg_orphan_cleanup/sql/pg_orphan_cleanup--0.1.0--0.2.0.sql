@@ -3314,8 +3314,7 @@ BEGIN
     END IF;
     EXECUTE format($q$SELECT EXISTS (SELECT 1 FROM %s AS a
                                      WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') IS NOT NULL
-                                       AND pg_catalog.replace(pg_catalog.lower(pg_catalog.btrim(a.metadata ->> 'render_job_id', E' 	
-{}')), '-', '')
+                                       AND pg_catalog.replace(pg_catalog.lower(pg_catalog.btrim(a.metadata ->> 'render_job_id', E' \t\r\n{}')), '-', '')
                                            !~ '^[0-9a-f]{32}$')$q$, att.assets_oid::regclass)
        INTO stale;
     IF NOT stale THEN

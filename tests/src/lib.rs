@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
+use crate::process::Hermetic;
+
 pub use postgres;
 
 pub mod chaos;
@@ -139,6 +141,22 @@ fn raw_connect(db: &str, user: &str) -> Client {
     }
 }
 
+/// `ALTER SYSTEM SET orphan_cleanup.<name> = <value>`, quoted by the server (`format('%I = %L')`):
+/// it validates the value as a reload would. No reload.
+pub fn alter_system_set(
+    admin: &mut Client,
+    name: &str,
+    value: &str,
+) -> Result<(), postgres::Error> {
+    let sql: String = admin
+        .query_one(
+            "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)",
+            &[&format!("orphan_cleanup.{name}"), &value],
+        )?
+        .get(0);
+    admin.batch_execute(&sql)
+}
+
 /// Sets `orphan_cleanup.*` settings cluster-wide after resetting all of them, reloads, and waits
 /// until a new session sees every value. Give values as `SHOW` prints them (`'1s'`, `'0'`).
 pub fn settings(pairs: &[(&str, &str)]) {
@@ -146,14 +164,7 @@ pub fn settings(pairs: &[(&str, &str)]) {
     let mut admin = raw_connect("postgres", "postgres");
     admin.batch_execute("ALTER SYSTEM RESET ALL").unwrap();
     for (name, value) in pairs {
-        let sql: String = admin
-            .query_one(
-                "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)",
-                &[&format!("orphan_cleanup.{name}"), value],
-            )
-            .unwrap()
-            .get(0);
-        admin.batch_execute(&sql).unwrap();
+        alter_system_set(&mut admin, name, value).unwrap();
     }
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
     WANTED.with(|w| {
@@ -191,6 +202,58 @@ pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// A cluster of a test's own: `scripts/cluster.sh` on `port` with `env` (PGOC_PRELOAD,
+/// PGOC_PLATFORM, ...), started afresh and destroyed when dropped. The drop ignores a failed
+/// destroy: it may run while the test unwinds, where a second panic would abort the suite.
+pub struct OwnCluster {
+    port: u16,
+    env: Vec<(String, String)>,
+}
+
+impl OwnCluster {
+    pub fn start(port: u16, env: &[(&str, &str)]) -> OwnCluster {
+        let cluster = OwnCluster {
+            port,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        cluster.run("destroy");
+        cluster.run("start");
+        cluster
+    }
+
+    /// Destroys it now, and fails the test if that fails.
+    pub fn destroy(self) {
+        self.run("destroy");
+    }
+
+    fn run(&self, cmd: &str) {
+        let out = self.command(cmd).run();
+        assert!(
+            out.status.success(),
+            "cluster.sh {cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn command(&self, cmd: &str) -> std::process::Command {
+        let mut c = std::process::Command::new(repo_root().join("scripts/cluster.sh"));
+        c.arg(cmd)
+            .env("PGOC_PORT", self.port.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = self.command("destroy").run();
+    }
+}
+
 /// A database of its own for one test: app schema, extension, recommended indexes.
 pub struct TestDb {
     pub name: String,
@@ -211,6 +274,13 @@ impl TestDb {
             apply_managed_settings(name);
             return db;
         }
+        let db = TestDb::empty(name);
+        install_app_at(&mut db.client(), version);
+        db
+    }
+
+    /// The database, dropped if it was there and created again, with nothing in it.
+    fn empty(name: &str) -> TestDb {
         let mut admin = connect("postgres");
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -218,26 +288,15 @@ impl TestDb {
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap();
-        let db = TestDb {
+        TestDb {
             name: name.to_string(),
-        };
-        install_app_at(&mut db.client(), version);
-        db
+        }
     }
 
     /// Like [`TestDb::create`], with the managed edition (`scripts/managed.py`'s install
     /// script, built afresh) instead of the extension.
     pub fn create_managed(name: &str) -> TestDb {
-        let mut admin = connect("postgres");
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .unwrap();
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap();
-        let db = TestDb {
-            name: name.to_string(),
-        };
+        let db = TestDb::empty(name);
         let mut c = db.client();
         let read = |f: &str| std::fs::read_to_string(repo_root().join(f)).unwrap();
         c.batch_execute(&read("sql/app_schema.sql")).unwrap();

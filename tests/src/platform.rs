@@ -5,43 +5,26 @@
 //! hosted Supabase the main role may create roles; here it may not). Everything else, the
 //! managed edition's install included, is done as `app_owner`, as the README tells a new user.
 
-use std::process::Command;
-
 use postgres::{Client, NoTls};
 
-use crate::process::{Defer, Hermetic};
-use crate::repo_root;
+use crate::{repo_root, OwnCluster};
 
 /// The platform's cluster: started afresh, destroyed when dropped.
 pub struct Platform {
     pub port: u16,
-    _destroy: Defer,
-}
-
-fn cluster(port: u16, cmd: &str) {
-    let out = Command::new(repo_root().join("scripts/cluster.sh"))
-        .arg(cmd)
-        .env("PGOC_PORT", port.to_string())
-        .env("PGOC_PLATFORM", "managed")
-        .env("PGOC_CRON_DB", "app")
-        .run();
-    assert!(
-        out.status.success(),
-        "cluster.sh {cmd}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    _cluster: OwnCluster,
 }
 
 impl Platform {
     /// The platform, with the app's tables and the managed edition installed by `app_owner`.
     pub fn start() -> Platform {
         let port = crate::port() + 2;
-        cluster(port, "destroy");
-        cluster(port, "start");
         let platform = Platform {
             port,
-            _destroy: Defer::new(move || cluster(port, "destroy")),
+            _cluster: OwnCluster::start(
+                port,
+                &[("PGOC_PLATFORM", "managed"), ("PGOC_CRON_DB", "app")],
+            ),
         };
         // The platform's part, as its superuser.
         let mut admin = platform.connect("postgres", "postgres");

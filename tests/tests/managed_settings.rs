@@ -143,14 +143,7 @@ fn extension_verdicts() -> Vec<Verdict> {
     let mut verdicts: Vec<Option<Verdict>> = Vec::new();
     let mut accepted: Vec<usize> = Vec::new();
     for (name, value) in CASES {
-        let sql: String = admin
-            .query_one(
-                "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)",
-                &[&format!("orphan_cleanup.{name}"), value],
-            )
-            .unwrap()
-            .get(0);
-        match admin.batch_execute(&sql) {
+        match alter_system_set(&mut admin, name, value) {
             Ok(()) => {
                 verdicts.push(None);
                 accepted.push(verdicts.len() - 1);
@@ -173,14 +166,7 @@ fn extension_verdicts() -> Vec<Verdict> {
     for round in rounds {
         admin.batch_execute("ALTER SYSTEM RESET ALL").unwrap();
         for &i in &round {
-            let sql: String = admin
-                .query_one(
-                    "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)",
-                    &[&format!("orphan_cleanup.{}", CASES[i].0), &CASES[i].1],
-                )
-                .unwrap()
-                .get(0);
-            admin.batch_execute(&sql).unwrap();
+            alter_system_set(&mut admin, CASES[i].0, CASES[i].1).unwrap();
         }
         admin.batch_execute("SELECT pg_reload_conf()").unwrap();
         let mut values = Vec::new();

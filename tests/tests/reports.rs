@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use e2e::postgres::fallible_iterator::FallibleIterator;
-use e2e::process::Hermetic;
 use e2e::*;
 
 fn seeded(name: &str) -> TestDb {
@@ -252,32 +251,8 @@ fn the_server_log_has_the_guides_cycle_lines() {
 
 #[test]
 fn without_shared_preload_libraries_everything_but_the_worker_works() {
-    let port = (port() + 1).to_string();
-    let port = port.as_str();
-    let cluster = |cmd: &str| {
-        let out = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
-            .arg(cmd)
-            .env("PGOC_PORT", port)
-            .env("PGOC_PRELOAD", "0")
-            .run();
-        assert!(
-            out.status.success(),
-            "cluster.sh {cmd}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    cluster("destroy");
-    cluster("start");
-    let _stopped = e2e::process::Defer::new({
-        let port = port.to_string();
-        move || {
-            let _ = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
-                .arg("destroy")
-                .env("PGOC_PORT", &port)
-                .run();
-        }
-    });
+    let port = port() + 1;
+    let cluster = OwnCluster::start(port, &[("PGOC_PRELOAD", "0")]);
     let dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
     let mut c = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
     let preload: String = c
@@ -366,5 +341,5 @@ fn without_shared_preload_libraries_everything_but_the_worker_works() {
         .get(0);
     assert_eq!(refused, 1, "counted even without shared memory");
     drop(c);
-    cluster("destroy");
+    cluster.destroy();
 }
