@@ -214,7 +214,14 @@ out.append("-- The per-object save guard: saves, job writes, claims, job cleanup
 out.append(fn('guard','_fence_job', replace=False))
 out.append(fn('guard','_hold_object', replace=False))
 out.append(fn('guard','_refuse_save', replace=False))
-out.append(fn('guard','_object_of', replace=False))
+out.append("""-- Every object a URL could name (Rust): a saved job protects each reading, and the jobs table
+-- is indexed by the set (GIN). See the notice at the end about that index.
+CREATE FUNCTION orphan_cleanup."object_keys"("url" TEXT) RETURNS TEXT[]
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'object_keys_wrapper';
+""")
+out.append(fn('guard','_objects_of', replace=False))
 out.append(fn('guard','save_guard'))
 out.append(fn('guard','job_guard', replace=False))
 out.append(fn('guard','_drop_guards'))
@@ -351,7 +358,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._needs_lease_token(text),
     orphan_cleanup._not_held(orphan_cleanup.deletion_queue, text, bytea),
     orphan_cleanup._unsent(bigint[], text),
-    orphan_cleanup._object_of(text),
+    orphan_cleanup._objects_of(text),
+    orphan_cleanup.object_keys(text),
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),
     orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean, bigint),
@@ -395,5 +403,29 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.verifies_absence(),
     orphan_cleanup.sent_by_reaper(text, interval)
 TO orphan_cleanup_reaper;
+GRANT EXECUTE ON FUNCTION orphan_cleanup.object_keys(text) TO PUBLIC;
+
+-- Claims and cycles look jobs up by every object their URL could name, through a GIN index on
+-- object_keys(output_url) that 0.1.0 did not recommend. Building it here would hold the app's
+-- writes to the jobs table for as long as it takes; CREATE INDEX CONCURRENTLY cannot run inside
+-- this update. Until it exists, cycles and claims refuse to run (nothing is deleted) and
+-- health() shows the statement; the app's writes and saves go on as before.
+DO $index_notice$
+DECLARE
+    att orphan_cleanup.attachment;
+    r record;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT * FROM orphan_cleanup._required_indexes(att.jobs_oid, att.assets_oid, att.age_column)
+             WHERE NOT usable LOOP
+        RAISE WARNING 'cycles and claims wait for an index 0.2.0 needs (%): %', r.item, r.problem
+            USING HINT = 'Run, outside a transaction block: ' || r.statement
+                         || ' Then the index 0.1.0 recommended on orphan_cleanup.object_key(output_url) can be dropped (DROP INDEX CONCURRENTLY).';
+    END LOOP;
+END
+$index_notice$;
 """)
 open(os.path.join(ROOT, 'pg_orphan_cleanup/sql/pg_orphan_cleanup--0.1.0--0.2.0.sql'),'w').write("\n".join(out))

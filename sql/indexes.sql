@@ -10,6 +10,7 @@ CREATE INDEX CONCURRENTLY IF NOT EXISTS user_assets_render_job_ref_idx
 CREATE INDEX CONCURRENTLY IF NOT EXISTS render_jobs_orphan_scan_idx
     ON public.render_jobs (created_at, id) WHERE status = 'completed' AND output_url IS NOT NULL;
 
--- Jobs by the storage object they point to: two jobs sharing one object are found cheaply.
-CREATE INDEX CONCURRENTLY IF NOT EXISTS render_jobs_object_key_idx
-    ON public.render_jobs (orphan_cleanup.object_key(output_url));
+-- Jobs by the storage objects their URL could name (GIN over object_keys(): a URL can be read
+-- more than one way, and each reading is protected): jobs sharing an object are found cheaply.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS render_jobs_object_keys_idx
+    ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url));

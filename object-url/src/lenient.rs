@@ -7,8 +7,9 @@
 //! user kept, and another job naming that file correctly must not get it deleted. So this reading
 //! interprets: it trims junk, drops the query and fragment, decodes what decodes, resolves `.` and
 //! `..` over the whole path the way a browser would, and then finds the storage route wherever it
-//! starts. Whenever the strict parser accepts a value, this returns exactly its object (a property
-//! test checks it).
+//! starts. A value the strict parser accepts may still be read otherwise by the app that wrote
+//! it (a URL that lost its scheme reads, strictly, as a bucket named after the host), so a saved
+//! job protects every reading: [`protected_keys`].
 //!
 //! Nothing is ever deleted because of this reading: deletion uses [`crate::parse`] alone.
 
@@ -20,21 +21,46 @@ fn is_junk(c: char) -> bool {
     c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '<' | '>' | '`')
 }
 
-/// `bucket/key` of the object `raw` could reasonably name, or `None` when it names none at all.
+/// `bucket/key` of the object `raw` names: the strict reading where there is one, otherwise the
+/// lenient one, or `None` when it names none at all. The one name `object_key()` shows a DBA.
 pub fn protected_key(raw: &str) -> Option<String> {
+    match crate::parse(raw) {
+        Ok(o) => Some(o.object_key()),
+        Err(_) => lenient_keys(raw).into_iter().next(),
+    }
+}
+
+/// Every object `raw` could name, sorted and without repeats: what protection must cover.
+///
+/// One reading is not enough, whichever it is. A value the strict parser accepts can still
+/// mean something else to the app that wrote it: `abcd.supabase.co/storage/v1/object/public/
+/// renders/f.png` (a URL that lost its scheme) is, strictly, a bare `bucket/key` in a bucket
+/// named `abcd.supabase.co`; `'renders/x.png'` is, strictly, bucket `'renders`; a bare
+/// `renders/x.png?v=2` is, strictly, an object whose name ends in `?v=2`. The file the app
+/// serves is the other reading, and another job naming that file correctly must not get it
+/// deleted; nor may the strict reading's file, which may exist too. So a saved job protects
+/// both: the strict reading (when there is one) and each lenient one.
+pub fn protected_keys(raw: &str) -> Vec<String> {
+    let mut keys = lenient_keys(raw);
     if let Ok(o) = crate::parse(raw) {
-        return Some(o.object_key());
+        keys.push(o.object_key());
     }
-    if raw.len() > crate::MAX_URL_LEN {
-        return None;
-    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The lenient readings of `raw`: the route-based one for URLs and values that contain a
+/// storage route; for bare values, the value as a path, and the value with its query or
+/// fragment dropped when it has one.
+fn lenient_keys(raw: &str) -> Vec<String> {
     let value = raw.trim_matches(is_junk).replace('\\', "/");
     // A URL: with a scheme, or scheme-relative (`//host/...`). Its host is dropped.
     let first = value.split('/').next().unwrap_or("");
     let (url, rest) = match value.split_once(':') {
         Some((scheme, rest)) if first.contains(':') => {
             if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
-                return None;
+                return Vec::new();
             }
             (true, after_authority(rest))
         }
@@ -42,11 +68,27 @@ pub fn protected_key(raw: &str) -> Option<String> {
         _ => (false, value.as_str()),
     };
     let has_route = url || rest.to_ascii_lowercase().contains("storage/v1/");
-    let path = if has_route {
-        &rest[..rest.find(['?', '#']).unwrap_or(rest.len())]
+    let without_query = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+    let paths = if has_route {
+        vec![without_query]
+    } else if without_query.len() < rest.len() {
+        vec![rest, without_query]
     } else {
-        rest
+        vec![rest]
     };
+    paths
+        .into_iter()
+        .filter_map(|path| key_of_path(path, has_route))
+        .collect()
+}
+
+/// The object a path names (after the storage route when it has one). The length limit applies
+/// here, after a signed URL's query is dropped: a token can make a URL longer than any object
+/// name, and such a URL still names its object.
+fn key_of_path(path: &str, has_route: bool) -> Option<String> {
+    if path.len() > crate::MAX_URL_LEN {
+        return None;
+    }
     // Decoded even when bare: `%` is no character of an object name, so `renders/a%20b.png`
     // can only mean `renders/a b.png`.
     let segments = normalize(path);
@@ -71,7 +113,8 @@ fn after_authority(rest: &str) -> &str {
 /// The segments after the storage route, wherever `storage/v1` starts (after a host without a
 /// scheme, or a proxy's own prefix): `object/{public|authenticated|sign}/`,
 /// `object/info/[public|authenticated]/`, `object/upload/sign/`, `object/` alone (the
-/// authenticated download), or `render/image/{public|authenticated|sign}/`, in any case.
+/// authenticated download), `render/image/{public|authenticated|sign}/`, or `s3/` (the
+/// S3-compatible endpoint, `/storage/v1/s3/<bucket>/<key>`), in any case.
 fn after_route(segments: &[String]) -> Option<&[String]> {
     let start = (0..segments.len()).find(|&i| {
         segments.len() > i + 1
@@ -89,6 +132,7 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
         ["object", "public" | "authenticated" | "sign" | "info", _, _, ..] => 2,
         ["object", _, _, ..] => 1,
         ["render", "image", "public" | "authenticated" | "sign", _, _, ..] => 3,
+        ["s3", _, _, ..] => 1,
         _ => return None,
     };
     Some(&segments[start + 2 + skip..])

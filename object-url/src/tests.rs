@@ -519,6 +519,59 @@ fn refused_spellings_still_name_an_object_to_protect() {
     }
 }
 
+/// Spellings the strict parser accepts as one object while the app that wrote them means
+/// another (review of issue 14, finding 1): a saved job protects both readings.
+#[test]
+fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
+    let long_token = "t".repeat(5000);
+    for (raw, strict, other) in [
+        (
+            "abcd.supabase.co/storage/v1/object/public/renders/f.png".to_string(),
+            Some("abcd.supabase.co/storage/v1/object/public/renders/f.png"),
+            "renders/f.png",
+        ),
+        (
+            "storage/v1/object/public/renders/x.png".to_string(),
+            Some("storage/v1/object/public/renders/x.png"),
+            "renders/x.png",
+        ),
+        ("'renders/x.png'".to_string(), Some("'renders/x.png'"), "renders/x.png"),
+        ("renders/x.png?v=2".to_string(), Some("renders/x.png?v=2"), "renders/x.png"),
+        (
+            "abcd.supabase.co/storage/v1/object/public/renders/x.png ".to_string(),
+            None,
+            "renders/x.png",
+        ),
+        (
+            "https://abcd.supabase.co/storage/v1/s3/renders/x.png".to_string(),
+            None,
+            "renders/x.png",
+        ),
+        (
+            format!("{BASE}/object/sign/renders/x.png?token={long_token}"),
+            None,
+            "renders/x.png",
+        ),
+    ] {
+        assert_eq!(
+            parse(&raw).ok().map(|o| o.object_key()).as_deref(),
+            strict,
+            "{raw:.80?}"
+        );
+        let keys = protected_keys(&raw);
+        assert!(keys.iter().any(|k| k == other), "{raw:.80?}: {keys:?}");
+        if let Some(strict) = strict {
+            assert!(keys.iter().any(|k| k == strict), "{raw:.80?}: {keys:?}");
+        }
+    }
+    // A plain URL has one reading.
+    assert_eq!(
+        protected_keys(&format!("{BASE}/object/public/renders/a%20b.png")),
+        vec!["renders/a b.png".to_string()]
+    );
+    assert!(protected_keys("https://abcd.supabase.co/").is_empty());
+}
+
 fn key_segment() -> impl Strategy<Value = String> {
     "[A-Za-z0-9_!*'()&$=@;:+,-][A-Za-z0-9_.!*'()&$=@;:+,-]{0,20}"
         .prop_filter("no dot segments", |s| s != "." && s != "..")
@@ -572,6 +625,24 @@ proptest! {
     #[test]
     fn protected_key_never_panics(s in "\\PC*") {
         let _ = protected_key(&s);
+        let _ = protected_keys(&s);
+    }
+
+    /// Every reading protection shows a DBA is one that protection covers, and the strict
+    /// reading is always among them.
+    #[test]
+    fn protected_keys_cover_the_strict_reading(s in "(https://h\\.co/storage/v1/(object|render/image|s3)/(public|sign|authenticated)/)?[a-z%./\\\\ '?]{0,6}/[a-zA-Z0-9%./\\\\ ?#']{0,30}") {
+        let keys = protected_keys(&s);
+        if let Some(k) = protected_key(&s) {
+            prop_assert!(keys.contains(&k));
+        }
+        if let Ok(o) = parse(&s) {
+            prop_assert!(keys.contains(&o.object_key()));
+        }
+        let mut sorted = keys.clone();
+        sorted.sort();
+        sorted.dedup();
+        prop_assert_eq!(sorted, keys);
     }
 
     /// Splicing a dot segment, plain or encoded, anywhere into a valid URL gets it refused.

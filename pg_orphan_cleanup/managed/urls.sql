@@ -395,31 +395,57 @@ $$;
 CREATE FUNCTION orphan_cleanup.object_key(url text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $$
 DECLARE
-    junk constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"''<>`]';
     p record;
-    value text;
-    first text;
-    rest text;
-    has_route boolean;
-    segments text[];
-    route text[];
-    start int;
-    skip int;
-    n int;
 BEGIN
     p := orphan_cleanup._parse_url(url);
     IF p.error IS NULL THEN
         RETURN p.bucket || '/' || p.object_path;
     END IF;
-    IF pg_catalog.octet_length(url) > 4096 THEN
-        RETURN NULL;
+    RETURN (orphan_cleanup._lenient_keys(url))[1];
+END
+$$;
+
+-- Every `bucket/key` a URL could name, sorted (bytewise, as object-url sorts), or NULL when it
+-- names none (object-url's protected_keys): the strict reading and the lenient ones, which a
+-- saved job all protects. SECURITY DEFINER and pinned like object_key(): the app's roles run it
+-- to maintain the recommended index on the jobs table.
+CREATE FUNCTION orphan_cleanup.object_keys(url text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $$
+DECLARE
+    p record;
+    keys text[];
+BEGIN
+    keys := orphan_cleanup._lenient_keys(url);
+    p := orphan_cleanup._parse_url(url);
+    IF p.error IS NULL THEN
+        keys := keys || (p.bucket || '/' || p.object_path);
     END IF;
+    RETURN (SELECT pg_catalog.array_agg(d.k ORDER BY d.k)
+            FROM (SELECT DISTINCT k COLLATE "C" AS k FROM pg_catalog.unnest(keys) AS k) AS d);
+END
+$$;
+
+-- The lenient readings of a value (object-url's lenient_keys): the route-based one for URLs and
+-- values that contain a storage route; for bare values, the value as a path, then the value with
+-- its query or fragment dropped when it has one.
+CREATE FUNCTION orphan_cleanup._lenient_keys(url text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
+DECLARE
+    junk constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"''<>`]';
+    value text;
+    first text;
+    rest text;
+    without_query text;
+    has_route boolean;
+    keys text[] := '{}';
+    k text;
+BEGIN
     value := pg_catalog.regexp_replace(url, '^' || junk || '+|' || junk || '+$', '', 'g');
     value := pg_catalog.replace(value, '\', '/');
     first := pg_catalog.split_part(value, '/', 1);
     IF pg_catalog.strpos(first, ':') > 0 THEN
         IF orphan_cleanup._ascii_lower(pg_catalog.split_part(value, ':', 1)) NOT IN ('http', 'https') THEN
-            RETURN NULL;
+            RETURN keys;
         END IF;
         rest := orphan_cleanup._after_authority(pg_catalog.substr(value, pg_catalog.strpos(value, ':') + 1));
         has_route := true;
@@ -430,10 +456,38 @@ BEGIN
         rest := value;
         has_route := pg_catalog.strpos(orphan_cleanup._ascii_lower(rest), 'storage/v1/') > 0;
     END IF;
-    IF has_route THEN
-        rest := substring(rest FROM '^[^?#]*');
+    without_query := substring(rest FROM '^[^?#]*');
+    IF NOT has_route THEN
+        k := orphan_cleanup._key_of_path(rest, false);
+        IF k IS NOT NULL THEN
+            keys := keys || k;
+        END IF;
     END IF;
-    segments := orphan_cleanup._normalized_segments(rest);
+    IF has_route OR without_query <> rest THEN
+        k := orphan_cleanup._key_of_path(without_query, has_route);
+        IF k IS NOT NULL THEN
+            keys := keys || k;
+        END IF;
+    END IF;
+    RETURN keys;
+END
+$$;
+
+-- The object a path names, after the storage route when it has one (object-url's key_of_path).
+-- The length limit applies here, after a signed URL's query is dropped.
+CREATE FUNCTION orphan_cleanup._key_of_path(path text, has_route boolean) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    segments text[];
+    route text[];
+    start int;
+    skip int;
+    n int;
+BEGIN
+    IF pg_catalog.octet_length(path) > 4096 THEN
+        RETURN NULL;
+    END IF;
+    segments := orphan_cleanup._normalized_segments(path);
     n := pg_catalog.cardinality(segments);
     IF has_route THEN
         SELECT i INTO start FROM pg_catalog.generate_series(1, n - 1) AS i
@@ -453,6 +507,7 @@ BEGIN
             WHEN pg_catalog.cardinality(route) >= 3 AND route[1] = 'object' THEN 1
             WHEN pg_catalog.cardinality(route) >= 5 AND route[1:2] = '{render,image}'
                  AND route[3] IN ('public', 'authenticated', 'sign') THEN 3
+            WHEN pg_catalog.cardinality(route) >= 3 AND route[1] = 's3' THEN 1
         END;
         IF skip IS NULL THEN
             RETURN NULL;

@@ -175,7 +175,7 @@ BEGIN
             ) AS r
             CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
         ),
-        -- A job that is not an orphan and names the same object keeps it: looked for once per
+        -- A job that is not an orphan and could name the same object (object_keys()) keeps it: looked for once per
         -- object, not once per job. Per job, K jobs naming one object (a render cache's hits)
         -- cost K x K probes when all are orphans. The orphan itself can never be its object's
         -- keeper (it is completed, old enough and unreferenced), so it need not be left out.
@@ -186,7 +186,7 @@ BEGIN
             CROSS JOIN LATERAL (
                 SELECT j2.id
                 FROM %2$s AS j2
-                WHERE orphan_cleanup.object_key(j2.output_url) = o.key
+                WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[o.key]
                   -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
                   AND NOT coalesce(j2.status = 'completed'
                            AND j2.%1$I < $1
@@ -930,7 +930,7 @@ BEGIN
                                       WHERE d.bucket = o.bucket AND d.object_path = o.object_path
                                         AND d.state IN ('pending', 'claimed', 'dead'))
                       AND NOT EXISTS (SELECT 1 FROM %s AS j
-                                      WHERE orphan_cleanup.object_key(j.output_url) = o.bucket || '/' || o.object_path)
+                                      WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[o.bucket || '/' || o.object_path])
                     RETURNING o.*)
                 INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail)
                 SELECT 'forgotten', f.last_queue_id, f.bucket || '/' || f.object_path, $3,

@@ -5,11 +5,13 @@ REVOKE ALL ON ALL TABLES IN SCHEMA orphan_cleanup FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA orphan_cleanup FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA orphan_cleanup FROM PUBLIC;
 
--- The one exception: the two pure functions the recommended indexes on the application tables
--- are built on. PostgreSQL checks EXECUTE when it maintains an expression index, so the app's
--- own roles must be able to run them when they insert jobs and assets. Without USAGE on the
--- schema nobody can call them by name.
+-- The one exception: the pure functions the recommended indexes on the application tables are
+-- built on (object_key() too: the index 0.1.0 recommended may still exist after an upgrade).
+-- PostgreSQL checks EXECUTE when it maintains an expression index, so the app's own roles must
+-- be able to run them when they insert jobs and assets. Without USAGE on the schema nobody can
+-- call them by name.
 GRANT EXECUTE ON FUNCTION orphan_cleanup.object_key(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION orphan_cleanup.object_keys(text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION orphan_cleanup.job_ref_key(text) TO PUBLIC;
 
 GRANT USAGE ON SCHEMA orphan_cleanup TO orphan_cleanup_reaper;

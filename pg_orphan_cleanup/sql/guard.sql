@@ -7,11 +7,12 @@
 --
 -- The protocol. The object's row (orphan_cleanup.objects) is where saves and claims meet:
 --   - a save (an asset row that starts referencing job J) writes J's fence row, locks J's row
---     FOR KEY SHARE, then creates the row of J's object if it has none and locks it FOR SHARE,
---     and is refused if the object was handed out;
---   - a write that points a job at an object (INSERT, or an UPDATE that changes the object)
---     holds the object's row the same way; if it was handed out, it writes the job's fence row
---     and is refused if the job is saved. An INSERT (or a change of id) writes the fence row
+--     FOR KEY SHARE, then creates the row of each object J's URL could name (object_keys(),
+--     in sorted order) if it has none and locks it FOR SHARE, and is refused if one was handed
+--     out;
+--   - a write that points a job at objects (INSERT, or an UPDATE that changes them) holds their
+--     rows the same way; if one was handed out, it writes the job's fence row and is refused if
+--     the job is saved. An INSERT (or a change of id) writes the fence row
 --     first in any case: a save may have come before the job existed;
 --   - claim() locks the object rows FOR UPDATE SKIP LOCKED, re-checks every job naming the
 --     object in a new statement (a fresh snapshot), and counts the hand-out in the object's row.
@@ -26,13 +27,17 @@
 -- the fence), at REPEATABLE READ it fails with 40001.
 -- A queue row that was never handed out is rescued by the save (retired in its transaction).
 
--- The object a job's URL names for protection (object_key(), read leniently: a spelling the
--- strict parser refuses still names the object it could mean), as bucket and path.
-CREATE FUNCTION orphan_cleanup._object_of(url text, OUT bucket text, OUT object_path text)
+-- Every object a job's URL could name, for protection (object_keys(): the strict reading and
+-- the lenient ones, so that a spelling the app reads otherwise than the strict parser still
+-- protects the file it means), as bucket and path, in sorted order (so that two sessions
+-- holding the rows of overlapping sets take them in the same order).
+CREATE FUNCTION orphan_cleanup._objects_of(url text, OUT bucket text, OUT object_path text)
+RETURNS SETOF record
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     SELECT split_part(k.key, '/', 1), substr(k.key, strpos(k.key, '/') + 1)
-    FROM (SELECT orphan_cleanup.object_key(url) AS key) AS k;
+    FROM unnest(orphan_cleanup.object_keys(url)) WITH ORDINALITY AS k(key, n)
+    ORDER BY k.n;
 END;
 
 -- Writes the fence row of a job (see job_fences).
@@ -90,8 +95,8 @@ DECLARE
     v_old uuid;
     att orphan_cleanup.attachment;
     v_url text;
-    v_bucket text;
-    v_path text;
+    v_buckets text[];
+    v_paths text[];
     ob orphan_cleanup.objects;
     q record;
     v_ids bigint[];
@@ -126,19 +131,20 @@ BEGIN
     EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
        INTO v_url USING v_new;
     IF v_url IS NOT NULL THEN
-        SELECT k.bucket, k.object_path INTO v_bucket, v_path FROM orphan_cleanup._object_of(v_url) AS k;
+        SELECT array_agg(k.bucket), array_agg(k.object_path) INTO v_buckets, v_paths
+        FROM orphan_cleanup._objects_of(v_url) AS k;
     END IF;
 
-    -- 2. The object's row: refused if a claim ever handed the object out.
-    IF v_bucket IS NOT NULL THEN
-        ob := orphan_cleanup._hold_object(v_bucket, v_path);
+    -- 2. The rows of the objects it could name: refused if a claim ever handed one out.
+    FOR i IN 1 .. coalesce(cardinality(v_paths), 0) LOOP
+        ob := orphan_cleanup._hold_object(v_buckets[i], v_paths[i]);
         IF ob.handouts > 0 THEN
             PERFORM orphan_cleanup._refuse_save(v_new, ob.last_queue_id,
                 format('Object %s/%s was handed to a reaper %s time(s), last by %s at %s (deletion queue row %s).',
                        ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id));
         END IF;
-    END IF;
-    IF v_bucket IS NULL OR (SELECT p.error IS NOT NULL FROM orphan_cleanup.parse_output_url(v_url) AS p) THEN
+    END LOOP;
+    IF v_paths IS NULL OR (SELECT p.error IS NOT NULL FROM orphan_cleanup.parse_output_url(v_url) AS p) THEN
         -- The job names no object now (its row is gone, or confirm() cleared its output_url), or
         -- names it in a spelling only the lenient reading understands (which may be misread):
         -- refused if an object it named before was handed out.
@@ -154,8 +160,8 @@ BEGIN
         END IF;
     END IF;
 
-    -- 3. Rows that would still hand out this job's file, never claimed: rescued. Found by two
-    --    index probes, then locked and changed by id, each a statement of its own: written as one
+    -- 3. Rows that would still hand out this job's file (any object it could name), never
+    --    claimed: rescued. Found by index probes, then locked and changed by id, each a statement of its own: written as one
     --    statement (with OR, or with IN and UNION), the planner read the whole queue for every
     --    save, or rescanned a spilled copy of it, during a backlog (minutes for 100 saves with
     --    550,000 rows queued), inside the app's own transaction. `state || ''` keeps the planner
@@ -166,8 +172,12 @@ BEGIN
     FROM (SELECT d3.id FROM orphan_cleanup.deletion_queue AS d3
           WHERE d3.job_id = v_new AND d3.state || '' = 'pending'
           UNION
-          SELECT d4.id FROM orphan_cleanup.deletion_queue AS d4
-          WHERE d4.bucket = v_bucket AND d4.object_path = v_path AND d4.state || '' = 'pending') AS x;
+          SELECT d4.id
+          FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
+          CROSS JOIN LATERAL (SELECT d4.id FROM orphan_cleanup.deletion_queue AS d4
+                              WHERE d4.bucket = k.bucket AND d4.object_path = k.object_path
+                                AND d4.state || '' = 'pending'
+                              OFFSET 0) AS d4) AS x;
     IF v_ids IS NULL THEN
         RETURN NULL;
     END IF;
@@ -194,9 +204,9 @@ BEGIN
 END
 $$;
 
--- The other half of the guard, on the jobs table: a write that points a job at an object
--- (INSERT, or an UPDATE that changes the object its output_url names; a refreshed signed-URL
--- token names the same object) writes the object's row, so a claim of that object and this
+-- The other half of the guard, on the jobs table: a write that points a job at objects
+-- (INSERT, or an UPDATE that changes the objects its output_url could name; a refreshed
+-- signed-URL token names the same ones) holds their rows, so a claim of one of them and this
 -- write are ordered. Pointing a saved job at a handed-out object is refused (OC002); an unsaved
 -- job may name it (a render cache hit), but can then never be saved (OC001).
 CREATE FUNCTION orphan_cleanup.job_guard() RETURNS trigger
@@ -204,9 +214,9 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
 AS $$
 DECLARE
     att orphan_cleanup.attachment;
-    v_bucket text;
-    v_path text;
+    o record;
     ob orphan_cleanup.objects;
+    v_out orphan_cleanup.objects;
     v_fenced boolean := false;
     v_saved boolean;
 BEGIN
@@ -219,18 +229,19 @@ BEGIN
     IF TG_OP = 'INSERT' OR NEW.id IS DISTINCT FROM OLD.id THEN
         PERFORM orphan_cleanup._fence_job(NEW.id);
         v_fenced := true;
-    ELSIF orphan_cleanup.object_key(NEW.output_url) IS NOT DISTINCT FROM orphan_cleanup.object_key(OLD.output_url) THEN
-        RETURN NULL;  -- the same object (a refreshed signed-URL token), or still none
+    ELSIF orphan_cleanup.object_keys(NEW.output_url) IS NOT DISTINCT FROM orphan_cleanup.object_keys(OLD.output_url) THEN
+        RETURN NULL;  -- the same objects (a refreshed signed-URL token), or still none
     END IF;
     IF NEW.output_url IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT k.bucket, k.object_path INTO v_bucket, v_path FROM orphan_cleanup._object_of(NEW.output_url) AS k;
-    IF v_bucket IS NULL THEN
-        RETURN NULL;
-    END IF;
-    ob := orphan_cleanup._hold_object(v_bucket, v_path);
-    IF ob.handouts = 0 THEN
+    FOR o IN SELECT k.bucket, k.object_path FROM orphan_cleanup._objects_of(NEW.output_url) AS k LOOP
+        ob := orphan_cleanup._hold_object(o.bucket, o.object_path);
+        IF ob.handouts > 0 AND v_out.bucket IS NULL THEN
+            v_out := ob;
+        END IF;
+    END LOOP;
+    IF v_out.bucket IS NULL THEN
         RETURN NULL;
     END IF;
     IF NOT v_fenced THEN
@@ -241,10 +252,10 @@ BEGIN
        INTO v_saved USING NEW.id::text;
     IF v_saved THEN
         RAISE EXCEPTION 'render job % is saved and cannot point at %/%: that object was handed to a reaper and may already be deleted from storage',
-                        NEW.id, v_bucket, v_path
+                        NEW.id, v_out.bucket, v_out.object_path
             USING ERRCODE = 'OC002',
                   DETAIL = format('Object %s/%s was handed out %s time(s), last by %s at %s (deletion queue row %s).',
-                                  ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id),
+                                  v_out.bucket, v_out.object_path, v_out.handouts, v_out.last_handed_to, v_out.last_handed_out_at, v_out.last_queue_id),
                   HINT = 'Render the job again to a new object path; a saved job must keep a file that exists.';
     END IF;
     RETURN NULL;
@@ -287,8 +298,8 @@ $$;
 -- The indexes the design relies on. Each row: whether a usable one exists, what is wrong with
 -- the closest one when none is, and the statement that creates one. Usable is read from the
 -- catalog, never guessed from a name: valid, ready and live (a failed or unfinished CREATE INDEX
--- CONCURRENTLY leaves an invalid index behind, which the planner never uses), btree with the
--- default operator classes and collation, the lookup's column or expression as the first key
+-- CONCURRENTLY leaves an invalid index behind, which the planner never uses), btree (GIN for
+-- the jobs' object sets) with the default operator classes and collation, the lookup's column or expression as the first key
 -- column, and no WHERE clause (the scan index: none, or the recommended one). The guide's own
 -- index on (metadata ->> 'render_job_id') does not count: lookups go through job_ref_key().
 CREATE FUNCTION orphan_cleanup._required_indexes(v_jobs oid, v_assets oid, v_age_column text)
@@ -320,9 +331,11 @@ BEGIN
             -- Only cycles and previews scan jobs by age; claims and confirms never do.
             (2, 'index: completed jobs by age', v_jobs, NULL, NULL, '_orphan_scan_idx',
              format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed'), false),
+            -- GIN: a job names a set of objects (object_keys()), and lookups ask which sets
+            -- contain one.
             (3, 'index: jobs by storage object', v_jobs, 'output_url',
-             'orphan_cleanup.object_key(output_url)', '_object_key_idx',
-             '(orphan_cleanup.object_key(output_url))', true),
+             'orphan_cleanup.object_keys(output_url)', '_object_keys_idx',
+             'USING gin (orphan_cleanup.object_keys(output_url))', true),
             -- Every claim, confirm and save looks jobs up by id: a primary key usually is it.
             (4, 'index: jobs by id', v_jobs, NULL, NULL, '_id_idx', '(id)', true)
         ) AS w(n, item, rel, mentions, expr, suffix, def, for_claims)
@@ -379,7 +392,8 @@ BEGIN
                 WHEN NOT ix.valid AND v_partitioned THEN
                     format('%s is not valid: a partition lacks its index (build it there with CREATE INDEX CONCURRENTLY, then ALTER INDEX %s ATTACH PARTITION that index)', ix.name, ix.name)
                 WHEN NOT ix.valid THEN format('%s is invalid (a CREATE INDEX CONCURRENTLY that failed or is still running; DROP INDEX CONCURRENTLY %s; first)', ix.name, ix.name)
-                WHEN ix.amname <> 'btree' THEN format('%s is a %s index, not btree', ix.name, ix.amname)
+                WHEN ix.amname <> CASE WHEN want.n = 3 THEN 'gin' ELSE 'btree' END THEN
+                    format('%s is a %s index, not %s', ix.name, ix.amname, CASE WHEN want.n = 3 THEN 'gin' ELSE 'btree' END)
                 WHEN NOT ix.default_opclass OR NOT ix.default_collation THEN format('%s uses a non-default operator class or collation', ix.name)
                 WHEN ix.pred IS NULL THEN NULL
                 WHEN want.n = 2 AND v_pred IN ('status = ''completed'' AND output_url IS NOT NULL',

@@ -1082,7 +1082,7 @@ BEGIN
 
     -- 2. Their job rows, and every job row naming the same objects. A row held by a save in
     --    flight (FOR KEY SHARE) is skipped, and with it the queue row.
-    --    Two index lookups joined by UNION: written as `id IN (...) OR object_key(...) IN (...)`
+    --    Two index lookups joined by UNION: written as `id IN (...) OR object_keys(...) && (...)`
     --    the planner could only scan the whole jobs table (2.8 s per claim at 1M jobs).
     EXECUTE format($sql$
         SELECT array_agg(l.id)
@@ -1092,7 +1092,7 @@ BEGIN
               FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS object_key
                     FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1)) AS k
               CROSS JOIN LATERAL (SELECT j2.id FROM %1$s AS j2
-                                  WHERE orphan_cleanup.object_key(j2.output_url) = k.object_key
+                                  WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[k.object_key]
                                   OFFSET 0) AS s) AS w(id)
         -- Each lookup an index probe, whatever the statistics say: OFFSET 0 and FOR UPDATE keep
         -- these subqueries per row, where a join let the planner read the whole jobs table.
@@ -1148,7 +1148,7 @@ BEGIN
                                                       WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
                                                       OFFSET 0), false)))[1] AS keeper
                 FROM %1$s AS j2
-                WHERE orphan_cleanup.object_key(j2.output_url) = k.key
+                WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[k.key]
             ) AS s
         ),
         v AS (
@@ -1994,11 +1994,20 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._object_of(url text, OUT bucket text, OUT object_path text)
+-- Every object a URL could name (Rust): a saved job protects each reading, and the jobs table
+-- is indexed by the set (GIN). See the notice at the end about that index.
+CREATE FUNCTION orphan_cleanup."object_keys"("url" TEXT) RETURNS TEXT[]
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'object_keys_wrapper';
+
+CREATE FUNCTION orphan_cleanup._objects_of(url text, OUT bucket text, OUT object_path text)
+RETURNS SETOF record
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     SELECT split_part(k.key, '/', 1), substr(k.key, strpos(k.key, '/') + 1)
-    FROM (SELECT orphan_cleanup.object_key(url) AS key) AS k;
+    FROM unnest(orphan_cleanup.object_keys(url)) WITH ORDINALITY AS k(key, n)
+    ORDER BY k.n;
 END;
 
 CREATE OR REPLACE FUNCTION orphan_cleanup.save_guard() RETURNS trigger
@@ -2009,8 +2018,8 @@ DECLARE
     v_old uuid;
     att orphan_cleanup.attachment;
     v_url text;
-    v_bucket text;
-    v_path text;
+    v_buckets text[];
+    v_paths text[];
     ob orphan_cleanup.objects;
     q record;
     v_ids bigint[];
@@ -2045,19 +2054,20 @@ BEGIN
     EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
        INTO v_url USING v_new;
     IF v_url IS NOT NULL THEN
-        SELECT k.bucket, k.object_path INTO v_bucket, v_path FROM orphan_cleanup._object_of(v_url) AS k;
+        SELECT array_agg(k.bucket), array_agg(k.object_path) INTO v_buckets, v_paths
+        FROM orphan_cleanup._objects_of(v_url) AS k;
     END IF;
 
-    -- 2. The object's row: refused if a claim ever handed the object out.
-    IF v_bucket IS NOT NULL THEN
-        ob := orphan_cleanup._hold_object(v_bucket, v_path);
+    -- 2. The rows of the objects it could name: refused if a claim ever handed one out.
+    FOR i IN 1 .. coalesce(cardinality(v_paths), 0) LOOP
+        ob := orphan_cleanup._hold_object(v_buckets[i], v_paths[i]);
         IF ob.handouts > 0 THEN
             PERFORM orphan_cleanup._refuse_save(v_new, ob.last_queue_id,
                 format('Object %s/%s was handed to a reaper %s time(s), last by %s at %s (deletion queue row %s).',
                        ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id));
         END IF;
-    END IF;
-    IF v_bucket IS NULL OR (SELECT p.error IS NOT NULL FROM orphan_cleanup.parse_output_url(v_url) AS p) THEN
+    END LOOP;
+    IF v_paths IS NULL OR (SELECT p.error IS NOT NULL FROM orphan_cleanup.parse_output_url(v_url) AS p) THEN
         -- The job names no object now (its row is gone, or confirm() cleared its output_url), or
         -- names it in a spelling only the lenient reading understands (which may be misread):
         -- refused if an object it named before was handed out.
@@ -2073,8 +2083,8 @@ BEGIN
         END IF;
     END IF;
 
-    -- 3. Rows that would still hand out this job's file, never claimed: rescued. Found by two
-    --    index probes, then locked and changed by id, each a statement of its own: written as one
+    -- 3. Rows that would still hand out this job's file (any object it could name), never
+    --    claimed: rescued. Found by index probes, then locked and changed by id, each a statement of its own: written as one
     --    statement (with OR, or with IN and UNION), the planner read the whole queue for every
     --    save, or rescanned a spilled copy of it, during a backlog (minutes for 100 saves with
     --    550,000 rows queued), inside the app's own transaction. `state || ''` keeps the planner
@@ -2085,8 +2095,12 @@ BEGIN
     FROM (SELECT d3.id FROM orphan_cleanup.deletion_queue AS d3
           WHERE d3.job_id = v_new AND d3.state || '' = 'pending'
           UNION
-          SELECT d4.id FROM orphan_cleanup.deletion_queue AS d4
-          WHERE d4.bucket = v_bucket AND d4.object_path = v_path AND d4.state || '' = 'pending') AS x;
+          SELECT d4.id
+          FROM unnest(v_buckets, v_paths) AS k(bucket, object_path)
+          CROSS JOIN LATERAL (SELECT d4.id FROM orphan_cleanup.deletion_queue AS d4
+                              WHERE d4.bucket = k.bucket AND d4.object_path = k.object_path
+                                AND d4.state || '' = 'pending'
+                              OFFSET 0) AS d4) AS x;
     IF v_ids IS NULL THEN
         RETURN NULL;
     END IF;
@@ -2118,9 +2132,9 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
 AS $$
 DECLARE
     att orphan_cleanup.attachment;
-    v_bucket text;
-    v_path text;
+    o record;
     ob orphan_cleanup.objects;
+    v_out orphan_cleanup.objects;
     v_fenced boolean := false;
     v_saved boolean;
 BEGIN
@@ -2133,18 +2147,19 @@ BEGIN
     IF TG_OP = 'INSERT' OR NEW.id IS DISTINCT FROM OLD.id THEN
         PERFORM orphan_cleanup._fence_job(NEW.id);
         v_fenced := true;
-    ELSIF orphan_cleanup.object_key(NEW.output_url) IS NOT DISTINCT FROM orphan_cleanup.object_key(OLD.output_url) THEN
-        RETURN NULL;  -- the same object (a refreshed signed-URL token), or still none
+    ELSIF orphan_cleanup.object_keys(NEW.output_url) IS NOT DISTINCT FROM orphan_cleanup.object_keys(OLD.output_url) THEN
+        RETURN NULL;  -- the same objects (a refreshed signed-URL token), or still none
     END IF;
     IF NEW.output_url IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT k.bucket, k.object_path INTO v_bucket, v_path FROM orphan_cleanup._object_of(NEW.output_url) AS k;
-    IF v_bucket IS NULL THEN
-        RETURN NULL;
-    END IF;
-    ob := orphan_cleanup._hold_object(v_bucket, v_path);
-    IF ob.handouts = 0 THEN
+    FOR o IN SELECT k.bucket, k.object_path FROM orphan_cleanup._objects_of(NEW.output_url) AS k LOOP
+        ob := orphan_cleanup._hold_object(o.bucket, o.object_path);
+        IF ob.handouts > 0 AND v_out.bucket IS NULL THEN
+            v_out := ob;
+        END IF;
+    END LOOP;
+    IF v_out.bucket IS NULL THEN
         RETURN NULL;
     END IF;
     IF NOT v_fenced THEN
@@ -2155,10 +2170,10 @@ BEGIN
        INTO v_saved USING NEW.id::text;
     IF v_saved THEN
         RAISE EXCEPTION 'render job % is saved and cannot point at %/%: that object was handed to a reaper and may already be deleted from storage',
-                        NEW.id, v_bucket, v_path
+                        NEW.id, v_out.bucket, v_out.object_path
             USING ERRCODE = 'OC002',
                   DETAIL = format('Object %s/%s was handed out %s time(s), last by %s at %s (deletion queue row %s).',
-                                  ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id),
+                                  v_out.bucket, v_out.object_path, v_out.handouts, v_out.last_handed_to, v_out.last_handed_out_at, v_out.last_queue_id),
                   HINT = 'Render the job again to a new object path; a saved job must keep a file that exists.';
     END IF;
     RETURN NULL;
@@ -2368,9 +2383,11 @@ BEGIN
             -- Only cycles and previews scan jobs by age; claims and confirms never do.
             (2, 'index: completed jobs by age', v_jobs, NULL, NULL, '_orphan_scan_idx',
              format('(%I, id) WHERE status = %L AND output_url IS NOT NULL', v_age_column, 'completed'), false),
+            -- GIN: a job names a set of objects (object_keys()), and lookups ask which sets
+            -- contain one.
             (3, 'index: jobs by storage object', v_jobs, 'output_url',
-             'orphan_cleanup.object_key(output_url)', '_object_key_idx',
-             '(orphan_cleanup.object_key(output_url))', true),
+             'orphan_cleanup.object_keys(output_url)', '_object_keys_idx',
+             'USING gin (orphan_cleanup.object_keys(output_url))', true),
             -- Every claim, confirm and save looks jobs up by id: a primary key usually is it.
             (4, 'index: jobs by id', v_jobs, NULL, NULL, '_id_idx', '(id)', true)
         ) AS w(n, item, rel, mentions, expr, suffix, def, for_claims)
@@ -2427,7 +2444,8 @@ BEGIN
                 WHEN NOT ix.valid AND v_partitioned THEN
                     format('%s is not valid: a partition lacks its index (build it there with CREATE INDEX CONCURRENTLY, then ALTER INDEX %s ATTACH PARTITION that index)', ix.name, ix.name)
                 WHEN NOT ix.valid THEN format('%s is invalid (a CREATE INDEX CONCURRENTLY that failed or is still running; DROP INDEX CONCURRENTLY %s; first)', ix.name, ix.name)
-                WHEN ix.amname <> 'btree' THEN format('%s is a %s index, not btree', ix.name, ix.amname)
+                WHEN ix.amname <> CASE WHEN want.n = 3 THEN 'gin' ELSE 'btree' END THEN
+                    format('%s is a %s index, not %s', ix.name, ix.amname, CASE WHEN want.n = 3 THEN 'gin' ELSE 'btree' END)
                 WHEN NOT ix.default_opclass OR NOT ix.default_collation THEN format('%s uses a non-default operator class or collation', ix.name)
                 WHEN ix.pred IS NULL THEN NULL
                 WHEN want.n = 2 AND v_pred IN ('status = ''completed'' AND output_url IS NOT NULL',
@@ -2711,7 +2729,7 @@ BEGIN
             ) AS r
             CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
         ),
-        -- A job that is not an orphan and names the same object keeps it: looked for once per
+        -- A job that is not an orphan and could name the same object (object_keys()) keeps it: looked for once per
         -- object, not once per job. Per job, K jobs naming one object (a render cache's hits)
         -- cost K x K probes when all are orphans. The orphan itself can never be its object's
         -- keeper (it is completed, old enough and unreferenced), so it need not be left out.
@@ -2722,7 +2740,7 @@ BEGIN
             CROSS JOIN LATERAL (
                 SELECT j2.id
                 FROM %2$s AS j2
-                WHERE orphan_cleanup.object_key(j2.output_url) = o.key
+                WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[o.key]
                   -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
                   AND NOT coalesce(j2.status = 'completed'
                            AND j2.%1$I < $1
@@ -2912,7 +2930,7 @@ BEGIN
                                       WHERE d.bucket = o.bucket AND d.object_path = o.object_path
                                         AND d.state IN ('pending', 'claimed', 'dead'))
                       AND NOT EXISTS (SELECT 1 FROM %s AS j
-                                      WHERE orphan_cleanup.object_key(j.output_url) = o.bucket || '/' || o.object_path)
+                                      WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[o.bucket || '/' || o.object_path])
                     RETURNING o.*)
                 INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail)
                 SELECT 'forgotten', f.last_queue_id, f.bucket || '/' || f.object_path, $3,
@@ -3380,7 +3398,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._needs_lease_token(text),
     orphan_cleanup._not_held(orphan_cleanup.deletion_queue, text, bytea),
     orphan_cleanup._unsent(bigint[], text),
-    orphan_cleanup._object_of(text),
+    orphan_cleanup._objects_of(text),
+    orphan_cleanup.object_keys(text),
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),
     orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean, bigint),
@@ -3424,3 +3443,27 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.verifies_absence(),
     orphan_cleanup.sent_by_reaper(text, interval)
 TO orphan_cleanup_reaper;
+GRANT EXECUTE ON FUNCTION orphan_cleanup.object_keys(text) TO PUBLIC;
+
+-- Claims and cycles look jobs up by every object their URL could name, through a GIN index on
+-- object_keys(output_url) that 0.1.0 did not recommend. Building it here would hold the app's
+-- writes to the jobs table for as long as it takes; CREATE INDEX CONCURRENTLY cannot run inside
+-- this update. Until it exists, cycles and claims refuse to run (nothing is deleted) and
+-- health() shows the statement; the app's writes and saves go on as before.
+DO $index_notice$
+DECLARE
+    att orphan_cleanup.attachment;
+    r record;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT * FROM orphan_cleanup._required_indexes(att.jobs_oid, att.assets_oid, att.age_column)
+             WHERE NOT usable LOOP
+        RAISE WARNING 'cycles and claims wait for an index 0.2.0 needs (%): %', r.item, r.problem
+            USING HINT = 'Run, outside a transaction block: ' || r.statement
+                         || ' Then the index 0.1.0 recommended on orphan_cleanup.object_key(output_url) can be dropped (DROP INDEX CONCURRENTLY).';
+    END LOOP;
+END
+$index_notice$;

@@ -391,7 +391,7 @@ BEGIN
 
     -- 2. Their job rows, and every job row naming the same objects. A row held by a save in
     --    flight (FOR KEY SHARE) is skipped, and with it the queue row.
-    --    Two index lookups joined by UNION: written as `id IN (...) OR object_key(...) IN (...)`
+    --    Two index lookups joined by UNION: written as `id IN (...) OR object_keys(...) && (...)`
     --    the planner could only scan the whole jobs table (2.8 s per claim at 1M jobs).
     EXECUTE format($sql$
         SELECT array_agg(l.id)
@@ -401,7 +401,7 @@ BEGIN
               FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS object_key
                     FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1)) AS k
               CROSS JOIN LATERAL (SELECT j2.id FROM %1$s AS j2
-                                  WHERE orphan_cleanup.object_key(j2.output_url) = k.object_key
+                                  WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[k.object_key]
                                   OFFSET 0) AS s) AS w(id)
         -- Each lookup an index probe, whatever the statistics say: OFFSET 0 and FOR UPDATE keep
         -- these subqueries per row, where a join let the planner read the whole jobs table.
@@ -457,7 +457,7 @@ BEGIN
                                                       WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
                                                       OFFSET 0), false)))[1] AS keeper
                 FROM %1$s AS j2
-                WHERE orphan_cleanup.object_key(j2.output_url) = k.key
+                WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[k.key]
             ) AS s
         ),
         v AS (

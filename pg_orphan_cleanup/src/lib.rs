@@ -30,6 +30,7 @@ extension_sql_file!(
         "pause",
         urls::check_output_url,
         urls::object_key,
+        urls::object_keys,
         urls::redact_url,
         config::_config
     ]

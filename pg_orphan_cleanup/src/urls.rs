@@ -77,6 +77,18 @@ fn object_key(url: &str) -> Option<String> {
     object_url::protected_key(url)
 }
 
+/// Every `bucket/key` a URL could name, sorted, or NULL when it names none: what a saved job
+/// protects. object_key() shows one reading; a value the strict parser accepts can mean another
+/// to the app that wrote it (a URL that lost its scheme reads, strictly, as a bucket named after
+/// the host), and both files must survive. Immutable: jobs are indexed by it (GIN), and every
+/// "which jobs name this object" lookup of cycles, claims and the pruning of object records is
+/// `object_keys(output_url) @> ARRAY[key]`.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn object_keys(url: &str) -> Option<Vec<String>> {
+    let keys = object_url::protected_keys(url);
+    (!keys.is_empty()).then_some(keys)
+}
+
 /// The URL with signed-URL tokens and other credentials replaced by `REDACTED`.
 #[pg_extern(immutable, parallel_safe, strict)]
 fn redact_url(url: &str) -> String {

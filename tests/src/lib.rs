@@ -360,8 +360,8 @@ pub fn teardown_postgres_db(c: &mut Client) {
     .unwrap();
 }
 
-/// Loads `sql/app_schema.sql`, creates the extension and the indexes of `sql/indexes.sql`
-/// (one statement at a time: CREATE INDEX CONCURRENTLY cannot run in a transaction block).
+/// Loads `sql/app_schema.sql`, creates the extension and the indexes of `sql/indexes.sql` (a
+/// released version: those it recommended) (one statement at a time: CREATE INDEX CONCURRENTLY cannot run in a transaction block).
 pub fn install_app(c: &mut Client) {
     install_app_at(c, None)
 }
@@ -374,7 +374,12 @@ fn install_app_at(c: &mut Client, version: Option<&str>) {
         None => "CREATE EXTENSION pg_orphan_cleanup".to_string(),
     };
     c.batch_execute(&create).unwrap();
-    for stmt in sql_statements(&read("sql/indexes.sql")) {
+    // A released version gets the indexes it recommended.
+    let indexes = match version {
+        Some(v) => format!("pg_orphan_cleanup/released/indexes--{v}.sql"),
+        None => "sql/indexes.sql".to_string(),
+    };
+    for stmt in sql_statements(&read(&indexes)) {
         c.batch_execute(&stmt).unwrap();
     }
 }

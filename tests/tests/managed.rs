@@ -34,6 +34,8 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_url_object",
     "_parse_url",
     "_normalized_segments",
+    "_lenient_keys",
+    "_key_of_path",
     "_after_authority",
     "_url_refusal",
 ];
@@ -47,6 +49,7 @@ const REWRITTEN: &[&str] = &[
     "parse_output_url",
     "check_output_url",
     "object_key",
+    "object_keys",
     "redact_url",
     "_config",
     "_allowed_hosts",
@@ -55,12 +58,13 @@ const REWRITTEN: &[&str] = &[
     "_take_refusals",
 ];
 
-/// Functions whose security and settings differ: the managed edition runs `object_key` as its
-/// owner (the app's roles run it to maintain an index and have no USAGE on the schema, and it
+/// Functions whose security and settings differ: the managed edition runs `object_key` and
+/// `object_keys` as their owner (the app's roles run it to maintain an index and have no USAGE on the schema, and it
 /// calls helpers), and pins search_path on the URL functions (their helpers' cached plans are
 /// kept per search_path); the extension's are C and call nothing.
 const DEFINER_IN_MANAGED: &[&str] = &[
     "object_key",
+    "object_keys",
     "parse_output_url",
     "check_output_url",
     "redact_url",

@@ -521,7 +521,7 @@ fn over_quota_is_named_and_costs_no_attempt() {
 fn a_claim_refused_for_a_missing_index_is_named_and_deletes_nothing() {
     let w = world("reaper_no_index", 10, &[]);
     let mut c = w.db.client();
-    c.batch_execute("DROP INDEX render_jobs_object_key_idx")
+    c.batch_execute("DROP INDEX render_jobs_object_keys_idx")
         .unwrap();
     let out = reaper(&w.db.name, &w.emu, &["drain", "--no-probe"]).run();
     let text = output_text(&out);
@@ -529,7 +529,7 @@ fn a_claim_refused_for_a_missing_index_is_named_and_deletes_nothing() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
         text.contains("claim() refused: the indexes pg_orphan_cleanup relies on are not usable")
-            && text.contains("CREATE INDEX CONCURRENTLY render_jobs_object_key_idx ON public.render_jobs (orphan_cleanup.object_key(output_url));"),
+            && text.contains("CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url));"),
         "{text}"
     );
     assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);

@@ -174,12 +174,12 @@ fn health_says_what_is_wrong() {
     assert_eq!(status(&mut c, "DDL watch").0, "warning");
     c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
         .unwrap();
-    c.batch_execute("DROP INDEX render_jobs_object_key_idx")
+    c.batch_execute("DROP INDEX render_jobs_object_keys_idx")
         .unwrap();
     let (st, detail) = status(&mut c, "index: jobs by storage object");
     assert_eq!(st, "critical");
-    assert!(detail.contains("CREATE INDEX CONCURRENTLY render_jobs_object_key_idx ON public.render_jobs (orphan_cleanup.object_key(output_url));"), "{detail}");
-    c.batch_execute("CREATE INDEX CONCURRENTLY render_jobs_object_key_idx ON public.render_jobs (orphan_cleanup.object_key(output_url))")
+    assert!(detail.contains("CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url));"), "{detail}");
+    c.batch_execute("CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url))")
         .unwrap();
     settings(BASE_SETTINGS);
     job(

@@ -641,3 +641,52 @@ fn every_spelling_of_a_job_id_in_an_asset_protects_its_file() {
         assert_eq!(e.code().unwrap().code(), "OC001", "{s}: {e}");
     }
 }
+
+/// A saved job's output_url in a spelling the strict parser reads as another object than the
+/// app means (review of issue 14, finding 1): a URL that lost its scheme (strictly, a bare value
+/// in a bucket named after the host), a route without its leading slash, quotes around a bare
+/// value, a bare value with a cache-busting query, a trailing space, the S3 endpoint, and a
+/// signed URL whose token makes it longer than any URL the strict parser reads. Another job
+/// naming the same file correctly is an orphan. The file must survive: the cycle keeps it, and
+/// once the orphan's row is handed out first, the save is refused.
+#[test]
+fn every_reading_of_a_saved_jobs_url_protects_its_file() {
+    let spellings = [
+        format!("{HOST}/storage/v1/object/public/renders/{{k}}"),
+        "storage/v1/object/public/renders/{k}".to_string(),
+        "'renders/{k}'".to_string(),
+        "renders/{k}?v=2".to_string(),
+        format!("{HOST}/storage/v1/object/public/renders/{{k}} "),
+        format!("https://{HOST}/storage/v1/s3/renders/{{k}}"),
+        format!("https://{HOST}/storage/v1/object/sign/renders/{{k}}?token={}", "t".repeat(5000)),
+    ];
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_url_readings");
+    let mut c = db.client();
+    for (i, s) in spellings.iter().enumerate() {
+        let saved = job(&mut c, "completed", Some(&s.replace("{k}", &format!("kept/{i}.png"))), "2 hours", "saved");
+        save(&mut c, "generated_saved", &saved.0).unwrap();
+        job(&mut c, "completed", Some(&public_url("renders", &format!("kept/{i}.png"))), "2 hours", "orphan");
+    }
+    let (status, _, enqueued, protected, _) = cycle(&mut c);
+    assert_eq!((status.as_str(), enqueued), ("ok", 0), "{protected} protected");
+    assert!(claim(&mut c, "w0", 100).is_empty());
+
+    // The other order: the orphan's row is handed out first; then saving a job spelled either
+    // way is refused, and so is pointing a saved job at the file.
+    for (i, s) in spellings.iter().enumerate() {
+        let url = s.replace("{k}", &format!("late/{i}.png"));
+        job(&mut c, "completed", Some(&public_url("renders", &format!("late/{i}.png"))), "2 hours", "orphan");
+        assert_eq!(cycle(&mut c).2, 1, "{url:.80}");
+        assert_eq!(claim(&mut c, &format!("w{}", i + 1), 10).len(), 1, "{url:.80}");
+        let unsaved = job(&mut c, "completed", Some(&url), "1 minute", "cache hit");
+        let e = save(&mut c, "generated_saved", &unsaved.0).unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "OC001", "{url:.80}: {e}");
+        let saved = job(&mut c, "completed", Some(&public_url("renders", &format!("other/{i}.png"))), "1 minute", "saved");
+        save(&mut c, "generated_saved", &saved.0).unwrap();
+        let e = c
+            .execute("UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid", &[&saved.0, &url])
+            .unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "OC002", "{url:.80}: {e}");
+    }
+}

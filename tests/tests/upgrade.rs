@@ -184,6 +184,31 @@ fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
     )
     .unwrap();
     let hosts = vec![HOST.to_string()];
+    // 0.2.0 looks jobs up by every object their URL could name, through an index 0.1.0 did not
+    // recommend: until the DBA builds it, claims refuse, naming the statement, and health()
+    // says the same. Nothing is handed out meanwhile.
+    let statement = "CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url));";
+    let e = c
+        .query(
+            "SELECT id FROM orphan_cleanup.claim('reaper-0.2', 10, '5 minutes', $1, $2, $3)",
+            &[&buckets, &hosts, &HOST],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("render_jobs_object_key_idx indexes orphan_cleanup.object_key(output_url)")
+            && db_error(&e).contains(statement),
+        "{}",
+        db_error(&e)
+    );
+    let health: String = c
+        .query_one(
+            "SELECT status || ': ' || detail FROM orphan_cleanup.health() WHERE check_name = 'index: jobs by storage object'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(health.starts_with("critical: ") && health.contains(statement), "{health}");
+    c.batch_execute(statement.trim_end_matches(';')).unwrap();
     let claimed = c
         .query(
             "SELECT id FROM orphan_cleanup.claim('reaper-0.2', 10, '5 minutes', $1, $2, $3)",
@@ -225,9 +250,12 @@ fn a_reaper_refuses_a_database_whose_extension_is_missing_or_too_old() {
         text.contains("pg_orphan_cleanup 0.1.0 is installed, and this reaper needs 0.2.0 or later; run ALTER EXTENSION pg_orphan_cleanup UPDATE"),
         "{text}"
     );
-    // Once updated, the same reaper works.
+    // Once updated, and given the index 0.2.0 asks for, the same reaper works.
     old.client()
         .batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
+        .unwrap();
+    old.client()
+        .batch_execute("CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url))")
         .unwrap();
     old.attach();
     let out = e2e::storage::reaper(&old.name, &emu, &["drain", "--no-probe"]).run();

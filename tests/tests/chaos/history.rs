@@ -48,11 +48,18 @@ fn pool(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// One way to write `renders/<key>` as an output_url. The last two only the lenient reading
-/// understands: such a job is never queued, but it keeps its object.
+/// One way to write `renders/<key>` as an output_url. Two only the lenient reading understands:
+/// such a job is never queued, but it keeps its object. The last four the strict parser reads as
+/// *another* object than the app means (a URL that lost its scheme, quotes, a cache-busting query
+/// on a bare value, the S3 endpoint): such a job keeps both.
 fn spell(rng: &mut StdRng, base: &str, key: &str) -> String {
     let enc = key.replace(' ', "%20");
-    match rng.random_range(0..7) {
+    let schemeless = base.split_once("://").map_or(base, |(_, rest)| rest);
+    match rng.random_range(0..11) {
+        7 => format!("{schemeless}/storage/v1/object/public/renders/{enc}"),
+        8 => format!("'renders/{key}'"),
+        9 => format!("renders/{key}?v={}", rng.random_range(0..3)),
+        10 => format!("{base}/storage/v1/s3/renders/{enc}"),
         0 | 1 => format!("{base}/storage/v1/object/public/renders/{enc}"),
         2 => format!("renders/{key}"),
         3 => format!(
@@ -508,7 +515,7 @@ fn chaos_8_a_randomized_history_never_deletes_a_saved_file() {
         other.is_empty(),
         "history seed {seed}: app operations failed unexpectedly: {other:?}"
     );
-    let problems = check_history(&mut c, &st.emu, &tally);
+    let problems = check_history(&mut c, &st.emu, &tally, &keys);
     let o = check(&mut c, &st.emu, &Ledger::default());
     if !problems.is_empty() {
         let log = tally.log.lock().unwrap();
@@ -541,7 +548,7 @@ fn chaos_8_a_randomized_history_never_deletes_a_saved_file() {
             number: 8,
             scenario: "Randomized history",
             load: format!(
-                "seed {seed}: {} operations over {seconds} s by {apps} app connections on {} objects (inserts in 7 spellings, token refreshes, saves and unsaves at all 3 isolation levels, status flips, re-runs, re-points, deletes and re-inserts); the worker every 1 s, `min_age` 0; two reapers with {lease} s leases",
+                "seed {seed}: {} operations over {seconds} s by {apps} app connections on {} objects (inserts in 11 spellings, token refreshes, saves and unsaves at all 3 isolation levels, status flips, re-runs, re-points, deletes and re-inserts); the worker every 1 s, `min_age` 0; two reapers with {lease} s leases",
                 tally.ops.load(Ordering::Relaxed),
                 keys.len()
             ),
@@ -564,17 +571,20 @@ fn chaos_8_a_randomized_history_never_deletes_a_saved_file() {
 }
 
 /// Checks 1 to 3 of the module's list (4 is `check()`'s); returns (object, what is wrong).
-fn check_history(c: &mut postgres::Client, emu: &Emulator, tally: &Tally) -> Vec<(String, String)> {
+fn check_history(c: &mut postgres::Client, emu: &Emulator, tally: &Tally, keys: &[String]) -> Vec<(String, String)> {
     let mut problems = Vec::new();
+    let pool_objects: Vec<String> = keys.iter().map(|k| format!("renders/{k}")).collect();
     let present = emu.objects();
-    // 1. Every committed asset's job's object is present.
+    // 1. Every committed asset's job's object is present: every reading of its URL that names
+    //    an object of the pool (the one the app means is always one of them).
     for r in c
         .query(
-            "SELECT DISTINCT j.id::text, orphan_cleanup.object_key(j.output_url)
+            "SELECT DISTINCT j.id::text, k.object
              FROM user_assets AS a
              JOIN render_jobs AS j ON j.id::text = orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id')
-             WHERE j.output_url IS NOT NULL",
-            &[],
+             CROSS JOIN LATERAL unnest(orphan_cleanup.object_keys(j.output_url)) AS k(object)
+             WHERE j.output_url IS NOT NULL AND k.object = ANY ($1)",
+            &[&pool_objects],
         )
         .unwrap()
     {
@@ -637,13 +647,14 @@ fn check_history(c: &mut postgres::Client, emu: &Emulator, tally: &Tally) -> Vec
         .query(
             "WITH jobs AS (
                  SELECT j.id, orphan_cleanup.object_key(j.output_url) AS object,
+                        orphan_cleanup.object_keys(j.output_url) AS readings,
                         j.status = 'completed'
                         AND NOT EXISTS (SELECT 1 FROM user_assets AS a WHERE a.metadata ->> 'render_job_id' = j.id::text) AS orphan,
                         (orphan_cleanup.check_output_url(j.output_url)).error IS NULL AS deletable
                  FROM render_jobs AS j WHERE j.output_url IS NOT NULL)
              SELECT DISTINCT o.object, o.id::text FROM jobs AS o
              WHERE o.orphan AND o.deletable
-               AND NOT EXISTS (SELECT 1 FROM jobs AS k WHERE k.object = o.object AND NOT k.orphan)
+               AND NOT EXISTS (SELECT 1 FROM jobs AS k WHERE k.readings @> ARRAY[o.object] AND NOT k.orphan)
                AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS ob
                                WHERE ob.bucket || '/' || ob.object_path = o.object AND ob.kept_at IS NOT NULL)
                AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
