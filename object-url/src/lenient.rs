@@ -58,6 +58,9 @@ fn lenient_keys(raw: &str) -> Vec<String> {
     // A URL: with a scheme, or scheme-relative (`//host/...`). Its host is dropped.
     let first = value.split('/').next().unwrap_or("");
     let (url, rest) = match value.split_once(':') {
+        // `host:port/...`: a URL that lost its scheme (a self-hosted project's
+        // `localhost:8000/storage/v1/...`), not a scheme named after the host.
+        Some(_) if is_host_and_port(first) => (true, after_authority(&value)),
         Some((scheme, rest)) if first.contains(':') => {
             if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
                 return Vec::new();
@@ -102,6 +105,12 @@ fn key_of_path(path: &str, has_route: bool) -> Option<String> {
         return None;
     }
     Some(format!("{bucket}/{}", key.join("/")))
+}
+
+/// Whether `first` (what comes before the first `/`) is `host:port`, digits after the last `:`.
+fn is_host_and_port(first: &str) -> bool {
+    matches!(first.rsplit_once(':'),
+             Some((host, port)) if !host.is_empty() && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// What follows a URL's authority (`host:port`), from the first `/`, `?` or `#` on.

@@ -535,6 +535,11 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
             Some("storage/v1/object/public/renders/x.png"),
             "renders/x.png",
         ),
+        (
+            "localhost:8000/storage/v1/object/public/renders/x.png".to_string(),
+            None,
+            "renders/x.png",
+        ),
         ("'renders/x.png'".to_string(), Some("'renders/x.png'"), "renders/x.png"),
         ("renders/x.png?v=2".to_string(), Some("renders/x.png?v=2"), "renders/x.png"),
         (

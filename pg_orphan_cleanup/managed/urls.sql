@@ -443,7 +443,11 @@ BEGIN
     value := pg_catalog.regexp_replace(url, '^' || junk || '+|' || junk || '+$', '', 'g');
     value := pg_catalog.replace(value, '\', '/');
     first := pg_catalog.split_part(value, '/', 1);
-    IF pg_catalog.strpos(first, ':') > 0 THEN
+    IF first ~ '^.+:[0-9]+$' THEN
+        -- host:port/...: a URL that lost its scheme, not a scheme named after the host.
+        rest := orphan_cleanup._after_authority(value);
+        has_route := true;
+    ELSIF pg_catalog.strpos(first, ':') > 0 THEN
         IF orphan_cleanup._ascii_lower(pg_catalog.split_part(value, ':', 1)) NOT IN ('http', 'https') THEN
             RETURN keys;
         END IF;

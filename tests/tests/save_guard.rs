@@ -644,7 +644,8 @@ fn every_spelling_of_a_job_id_in_an_asset_protects_its_file() {
 
 /// A saved job's output_url in a spelling the strict parser reads as another object than the
 /// app means (review of issue 14, finding 1): a URL that lost its scheme (strictly, a bare value
-/// in a bucket named after the host), a route without its leading slash, quotes around a bare
+/// in a bucket named after the host; with a port, nothing at all), a route without its leading
+/// slash, quotes around a bare
 /// value, a bare value with a cache-busting query, a trailing space, the S3 endpoint, and a
 /// signed URL whose token makes it longer than any URL the strict parser reads. Another job
 /// naming the same file correctly is an orphan. The file must survive: the cycle keeps it, and
@@ -654,6 +655,7 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
     let spellings = [
         format!("{HOST}/storage/v1/object/public/renders/{{k}}"),
         "storage/v1/object/public/renders/{k}".to_string(),
+        "localhost:8000/storage/v1/object/public/renders/{k}".to_string(),
         "'renders/{k}'".to_string(),
         "renders/{k}?v=2".to_string(),
         format!("{HOST}/storage/v1/object/public/renders/{{k}} "),
