@@ -12,5 +12,6 @@ CREATE INDEX CONCURRENTLY IF NOT EXISTS render_jobs_orphan_scan_idx
 
 -- Jobs by the storage objects their URL could name (GIN over object_keys(): a URL can be read
 -- more than one way, and each reading is protected): jobs sharing an object are found cheaply.
+-- fastupdate off: with GIN's pending list every lookup would read all of it.
 CREATE INDEX CONCURRENTLY IF NOT EXISTS render_jobs_object_keys_idx
-    ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url));
+    ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off);

@@ -162,7 +162,7 @@ fn without_indexes(c: &mut Client) -> Result<NoIndexes> {
 /// The statements of `sql/indexes.sql`, each timed.
 fn build_indexes(env: &Env, c: &mut Client) -> Result<Vec<IndexBuild>> {
     let mut out = Vec::new();
-    for stmt in crate::index_statements(env)? {
+    for stmt in crate::index_statements(env, crate::Install::Current)? {
         let index = stmt
             .split_whitespace()
             .skip_while(|w| *w != "EXISTS")

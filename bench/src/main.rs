@@ -25,6 +25,16 @@ use serde::Serialize;
 
 const JWT_SECRET: &str = "bench-jwt-secret-for-the-local-storage-emulator";
 
+/// What a bench database runs: a released version of the extension (its install script in
+/// `pg_orphan_cleanup/released/`), this version, or this version's managed edition (the
+/// install script `scripts/managed.py` builds: PL/pgSQL, no library).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Install<'a> {
+    Released(&'a str),
+    Current,
+    Managed,
+}
+
 pub(crate) struct Env {
     root: PathBuf,
     bin: PathBuf,
@@ -116,10 +126,12 @@ fn main() -> Result<()> {
             &["--batch-size", "1", "--concurrency", "1"],
         )?,
     ];
-    // Claim and confirm on their own, the last release against this version, same data.
+    // Claim and confirm on their own, the last release against this version, same data; and
+    // this version's managed edition.
     let queue = vec![
-        queue_cost::queue_cost(&env, n, Some("0.1.0"))?,
-        queue_cost::queue_cost(&env, n, None)?,
+        queue_cost::queue_cost(&env, n, Install::Released("0.1.0"))?,
+        queue_cost::queue_cost(&env, n, Install::Current)?,
+        queue_cost::queue_cost(&env, n, Install::Managed)?,
     ];
     let worker_rss = Some(CYCLE_RSS.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0);
     let worker_private =
@@ -179,7 +191,7 @@ fn main() -> Result<()> {
             met: n >= 100_000 && rss_half > 0 && (rss as f64) <= 1.1 * rss_half as f64,
         },
     ];
-    let (before, now) = (&queue[0], &queue[1]);
+    let (before, now, managed) = (&queue[0], &queue[1], &queue[2]);
     for (what, b, a) in [
         ("claim", before.claim_us_per_row, now.claim_us_per_row),
         ("confirm", before.confirm_us_per_row, now.confirm_us_per_row),
@@ -189,6 +201,21 @@ fn main() -> Result<()> {
             goal: "<= 1.2x".into(),
             measured: format!("{a:.0} vs {b:.0} us ({:.2}x)", a / b),
             met: a <= 1.2 * b,
+        });
+    }
+    // The managed edition parses URLs and reads its settings in PL/pgSQL: dearer per row. Its
+    // bound is what keeps the reaper's batch of 4,000 rows, and a cycle's chunk of 2,000 jobs,
+    // within a few seconds (statement_timeout is 30 s): 1 ms per row.
+    for (what, e, m) in [
+        ("cycle", now.cycle_us_per_orphan, managed.cycle_us_per_orphan),
+        ("claim", now.claim_us_per_row, managed.claim_us_per_row),
+        ("confirm", now.confirm_us_per_row, managed.confirm_us_per_row),
+    ] {
+        targets.push(Target {
+            name: format!("{what} per row, the managed edition (the extension's beside it)"),
+            goal: "<= 1 ms".into(),
+            measured: format!("{m:.0} us ({e:.0} us, {:.1}x)", m / e),
+            met: m <= 1000.0,
         });
     }
     let largest = detect.last().expect("at least one detection scale");
@@ -448,11 +475,11 @@ fn print_table(r: &Report) {
         r.queued_objects,
         9 * r.queued_objects
     );
-    println!("| version | rows | claim (us/row) | confirm (us/row) |\n|---|---:|---:|---:|");
+    println!("| version | rows | cycle that queued them (us/orphan) | claim (us/row) | confirm (us/row) |\n|---|---:|---:|---:|---:|");
     for q in &r.queue {
         println!(
-            "| {} | {} | {:.0} | {:.0} |",
-            q.version, q.rows, q.claim_us_per_row, q.confirm_us_per_row
+            "| {} | {} | {:.0} | {:.0} | {:.0} |",
+            q.version, q.rows, q.cycle_us_per_orphan, q.claim_us_per_row, q.confirm_us_per_row
         );
     }
     for q in &r.queue {
@@ -568,37 +595,84 @@ fn start_emulator(env: &Env, n: u64) -> Result<Emulator> {
 /// among `9 n` saved jobs.
 /// Returns the memory (KiB) of the backend that ran the cycle: the worker runs the same code.
 fn queued_db(env: &Env, n: u64) -> Result<Option<(i64, i64)>> {
-    queued_db_at(env, n, None)
+    Ok(queued_db_at(env, n, Install::Current)?.memory)
 }
 
-/// [`queued_db`] with the extension at `version` (a released version's install script), or
-/// at this one.
-pub(crate) fn queued_db_at(env: &Env, n: u64, version: Option<&str>) -> Result<Option<(i64, i64)>> {
+/// What [`queued_db_at`] saw: the memory of the backend that ran the cycle, and the cycle's
+/// wall time.
+pub(crate) struct Queued {
+    pub memory: Option<(i64, i64)>,
+    pub cycle_ms: f64,
+}
+
+/// The settings of a bench database, each set as `install` takes settings: ALTER SYSTEM for the
+/// extension, set_setting() in the database for the managed edition.
+fn apply_settings(admin: &mut Client, c: &mut Client, install: Install, settings: &[(&str, String)]) -> Result<()> {
+    for (name, value) in settings {
+        match install {
+            Install::Managed => {
+                c.query_one("SELECT orphan_cleanup.set_setting($1, $2)", &[name, value])?;
+            }
+            _ => {
+                let sql: String = admin
+                    .query_one(
+                        "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)",
+                        &[&format!("orphan_cleanup.{name}"), value],
+                    )?
+                    .get(0);
+                admin.batch_execute(&sql)?;
+            }
+        }
+    }
+    admin.batch_execute("SELECT pg_reload_conf()")?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(())
+}
+
+/// The managed edition's install script, built from the sources by `scripts/managed.py`.
+fn managed_script(env: &Env) -> Result<String> {
+    let out = env.root.join("target/bench/managed.sql");
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    let status = Command::new("python3")
+        .arg(env.root.join("scripts/managed.py"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("scripts/managed.py failed");
+    }
+    Ok(std::fs::read_to_string(out)?)
+}
+
+/// [`queued_db`] with `install`: n orphans queued by one cycle, beside 9n saved jobs.
+pub(crate) fn queued_db_at(env: &Env, n: u64, install: Install) -> Result<Queued> {
     let mut admin = psql_client(env, "postgres")?;
     admin.batch_execute("DROP DATABASE IF EXISTS bench_drain WITH (FORCE)")?;
     admin.batch_execute("CREATE DATABASE bench_drain")?;
-    admin.batch_execute("ALTER SYSTEM SET orphan_cleanup.allowed_buckets = 'renders'")?;
-    admin.batch_execute(&format!(
-        "ALTER SYSTEM SET orphan_cleanup.allowed_hosts = '127.0.0.1:{}'",
-        env.emu_port
-    ))?;
-    admin.batch_execute(&format!(
-        "ALTER SYSTEM SET orphan_cleanup.max_per_cycle = {n}"
-    ))?;
-    admin.batch_execute("ALTER SYSTEM SET orphan_cleanup.enabled = off")?;
-    // One cycle queues all n (the drain's data, not a measurement of cycles).
-    admin.batch_execute("ALTER SYSTEM SET orphan_cleanup.cycle_time_budget = '1h'")?;
-    admin.batch_execute("SELECT pg_reload_conf()")?;
-    std::thread::sleep(Duration::from_millis(500));
     let mut c = psql_client(env, "bench_drain")?;
     c.batch_execute(&std::fs::read_to_string(
         env.root.join("sql/app_schema.sql"),
     )?)?;
-    match version {
-        Some(v) => c.batch_execute(&format!("CREATE EXTENSION pg_orphan_cleanup VERSION '{v}'"))?,
-        None => c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?,
+    match install {
+        Install::Released(v) => c.batch_execute(&format!("CREATE EXTENSION pg_orphan_cleanup VERSION '{v}'"))?,
+        Install::Current => c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?,
+        Install::Managed => c.batch_execute(&managed_script(env)?)?,
     }
-    create_indexes(env, &mut c)?;
+    // One cycle queues all n (the drain's data, not a measurement of cycles).
+    apply_settings(
+        &mut admin,
+        &mut c,
+        install,
+        &[
+            ("allowed_buckets", "renders".into()),
+            ("allowed_hosts", format!("127.0.0.1:{}", env.emu_port)),
+            ("max_per_cycle", n.to_string()),
+            ("enabled", "off".into()),
+            ("cycle_time_budget", "1h".into()),
+        ],
+    )?;
+    create_indexes(env, &mut c, install)?;
     c.batch_execute(
         "DO $$ BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bench_reaper') THEN
@@ -628,15 +702,20 @@ pub(crate) fn queued_db_at(env: &Env, n: u64, version: Option<&str>) -> Result<O
     )?;
     c.batch_execute("ANALYZE render_jobs; ANALYZE user_assets")?;
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let started = Instant::now();
     let row = c.query_one(
         "SELECT status, enqueued FROM orphan_cleanup.run_cycle()",
         &[],
     )?;
+    let cycle_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (status, enqueued): (String, i64) = (row.get(0), row.get(1));
     if status != "ok" || enqueued as u64 != n {
-        bail!("the cycle queued {enqueued} of {n} ({status})");
+        bail!("{install:?}: the cycle queued {enqueued} of {n} ({status})");
     }
-    Ok(memory_of(pid))
+    Ok(Queued {
+        memory: memory_of(pid),
+        cycle_ms,
+    })
 }
 
 fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<DrainResult> {
@@ -686,16 +765,21 @@ fn reaper_drain(env: &Env, variant: &str, n: u64, extra: &[&str]) -> Result<Drai
 }
 
 /// The indexes of `sql/indexes.sql`, one statement at a time (CONCURRENTLY needs that).
-pub(crate) fn create_indexes(env: &Env, c: &mut Client) -> Result<()> {
-    for stmt in index_statements(env)? {
+pub(crate) fn create_indexes(env: &Env, c: &mut Client, install: Install) -> Result<()> {
+    for stmt in index_statements(env, install)? {
         c.batch_execute(&stmt)?;
     }
     Ok(())
 }
 
-/// The statements of `sql/indexes.sql`, comments left out.
-pub(crate) fn index_statements(env: &Env) -> Result<Vec<String>> {
-    Ok(std::fs::read_to_string(env.root.join("sql/indexes.sql"))?
+/// The statements of `sql/indexes.sql` (a released version: the indexes it recommended),
+/// comments left out.
+pub(crate) fn index_statements(env: &Env, install: Install) -> Result<Vec<String>> {
+    let file = match install {
+        Install::Released(v) => format!("pg_orphan_cleanup/released/indexes--{v}.sql"),
+        _ => "sql/indexes.sql".to_string(),
+    };
+    Ok(std::fs::read_to_string(env.root.join(file))?
         .split(';')
         .map(|stmt| {
             stmt.lines()

@@ -8,12 +8,14 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::{psql_client, queued_db_at, Env};
+use crate::{psql_client, queued_db_at, Env, Install};
 
 #[derive(Serialize)]
 pub struct QueueCost {
     pub version: String,
     pub rows: u64,
+    /// The one cycle that queued the rows (n orphans among 10n jobs), per orphan.
+    pub cycle_us_per_orphan: f64,
     pub claim_us_per_row: f64,
     pub confirm_us_per_row: f64,
     /// The per-object record (`orphan_cleanup.objects`, 0.2.0 on): rows after the drain, then
@@ -64,17 +66,24 @@ fn object_record(c: &mut postgres::Client) -> Result<ObjectRecord> {
     })
 }
 
-/// Queues `n` orphans (beside 9n saved jobs) with the extension at `version` (None: this
-/// one), then claims them 4,000 at a time, as the reaper does, confirming each batch.
-pub fn queue_cost(env: &Env, n: u64, version: Option<&str>) -> Result<QueueCost> {
-    queued_db_at(env, n, version)?;
+/// Queues `n` orphans (beside 9n saved jobs) with `install`, then claims them 4,000 at a
+/// time, as the reaper does, confirming each batch.
+pub fn queue_cost(env: &Env, n: u64, install: Install) -> Result<QueueCost> {
+    let queued = queued_db_at(env, n, install)?;
     let mut c = psql_client(env, "bench_drain")?;
-    let installed: String = c
-        .query_one(
-            "SELECT extversion FROM pg_extension WHERE extname = 'pg_orphan_cleanup'",
-            &[],
-        )?
-        .get(0);
+    let installed: String = match install {
+        Install::Managed => format!(
+            "{} (managed)",
+            c.query_one("SELECT orphan_cleanup.managed_version()", &[])?
+                .get::<_, String>(0)
+        ),
+        _ => c
+            .query_one(
+                "SELECT extversion FROM pg_extension WHERE extname = 'pg_orphan_cleanup'",
+                &[],
+            )?
+            .get(0),
+    };
     let (mut claim_s, mut confirm_s, mut rows) = (0.0, 0.0, 0u64);
     loop {
         let t = Instant::now();
@@ -127,6 +136,7 @@ pub fn queue_cost(env: &Env, n: u64, version: Option<&str>) -> Result<QueueCost>
         record,
         version: installed,
         rows,
+        cycle_us_per_orphan: queued.cycle_ms * 1000.0 / n as f64,
         claim_us_per_row: claim_s * 1e6 / rows as f64,
         confirm_us_per_row: confirm_s * 1e6 / rows as f64,
     })

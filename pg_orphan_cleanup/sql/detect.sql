@@ -133,7 +133,8 @@ $$;
 -- Completed jobs older than cutoff, in (age, id) order after the cursor, or exactly the jobs in
 -- job_ids. For each: how assets reference it (canonical: the guide's exact text join finds it;
 -- noncanonical: only a differently spelled id does; none), the object its URL names and why it
--- may not be deleted, and a job that is not an orphan and shares the object, if any.
+-- may not be deleted (not read for a canonical one: every caller skips those), and a job that is
+-- not an orphan and shares the object, if any.
 CREATE FUNCTION orphan_cleanup._candidates(
     att orphan_cleanup.attachment,
     cutoff timestamptz,
@@ -173,7 +174,11 @@ BEGIN
                 FROM %3$s AS a
                 WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = c.id::text
             ) AS r
-            CROSS JOIN LATERAL orphan_cleanup.check_output_url(c.output_url) AS u
+            -- A job the guide's own join finds saved goes no further (callers skip 'canonical'),
+            -- so its URL is not read: most of a cycle's candidates in a mature app, and in the
+            -- managed edition, where URLs are read in PL/pgSQL, most of a cycle's time.
+            CROSS JOIN LATERAL orphan_cleanup.check_output_url(
+                CASE WHEN r.ref_state <> 'canonical' THEN c.output_url END) AS u
         ),
         -- A job that is not an orphan and could name the same object (object_keys()) keeps it: looked for once per
         -- object, not once per job. Per job, K jobs naming one object (a render cache's hits)

@@ -280,7 +280,7 @@ impl TestDb {
     }
 
     /// The database, dropped if it was there and created again, with nothing in it.
-    fn empty(name: &str) -> TestDb {
+    pub fn empty(name: &str) -> TestDb {
         let mut admin = connect("postgres");
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

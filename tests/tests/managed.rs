@@ -269,3 +269,59 @@ fn the_managed_install_names_the_encoding_it_needs() {
     );
     assert!(d.hint().unwrap().contains("ENCODING 'UTF8'"), "{d:?}");
 }
+
+/// Runs the managed install script, which must fail; rolls its transaction back as psql and
+/// migration tools do; returns the error.
+fn install_fails(c: &mut postgres::Client) -> String {
+    let e = db_error(&c.batch_execute(&managed_script()).unwrap_err());
+    c.batch_execute("ROLLBACK").unwrap();
+    e
+}
+
+/// The install script runs once per database. A second run, an older install, the extension, or
+/// a schema of the same name that is not this project's: each refused by name, with what to do,
+/// and nothing changed (the queue and the audit trail of an install stay as they were).
+#[test]
+fn the_managed_install_refuses_a_database_that_already_has_it_naming_what_to_run() {
+    let db = TestDb::create_managed("managed_twice");
+    let mut c = db.client();
+    c.batch_execute(
+        "INSERT INTO orphan_cleanup.audit_log (action, actor, detail) VALUES ('attached', 'test', 'kept')",
+    )
+    .unwrap();
+    let audit = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM orphan_cleanup.audit_log", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = audit(&mut c);
+    let e = install_fails(&mut c);
+    assert!(
+        e.contains("pg_orphan_cleanup (managed edition) 0.2.0 is already installed in this database")
+            && e.contains("Nothing to do: this is the same version."),
+        "{e}"
+    );
+    // An older install (its version function says so): the hint names the upgrade file.
+    c.batch_execute("CREATE OR REPLACE FUNCTION orphan_cleanup.managed_version() RETURNS text LANGUAGE sql IMMUTABLE RETURN '0.1.9'")
+        .unwrap();
+    let e = install_fails(&mut c);
+    assert!(
+        e.contains("0.1.9 is already installed") && e.contains("run pg_orphan_cleanup_managed--0.1.9--0.2.0.sql"),
+        "{e}"
+    );
+    assert_eq!(audit(&mut c), before, "nothing changed");
+
+    // The extension installed: refused, and it stays.
+    let ext = TestDb::create("managed_beside_ext");
+    let e = install_fails(&mut ext.client());
+    assert!(e.contains("the pg_orphan_cleanup extension is installed in this database"), "{e}");
+
+    // Somebody else's schema of the same name.
+    let other = TestDb::empty("managed_other_schema");
+    let mut o = other.client();
+    o.batch_execute("CREATE SCHEMA orphan_cleanup; CREATE TABLE orphan_cleanup.mine (x int)")
+        .unwrap();
+    let e = install_fails(&mut o);
+    assert!(e.contains("a schema named orphan_cleanup already exists in this database, and it is not pg_orphan_cleanup's"), "{e}");
+    o.query_one("SELECT count(*) FROM orphan_cleanup.mine", &[]).unwrap();
+}

@@ -529,7 +529,7 @@ fn a_claim_refused_for_a_missing_index_is_named_and_deletes_nothing() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
         text.contains("claim() refused: the indexes pg_orphan_cleanup relies on are not usable")
-            && text.contains("CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url));"),
+            && text.contains("CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off);"),
         "{text}"
     );
     assert_eq!(states(&mut c), vec![("pending".to_string(), 10)]);

@@ -187,7 +187,7 @@ fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
     // 0.2.0 looks jobs up by every object their URL could name, through an index 0.1.0 did not
     // recommend: until the DBA builds it, claims refuse, naming the statement, and health()
     // says the same. Nothing is handed out meanwhile.
-    let statement = "CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url));";
+    let statement = "CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off);";
     let e = c
         .query(
             "SELECT id FROM orphan_cleanup.claim('reaper-0.2', 10, '5 minutes', $1, $2, $3)",
@@ -255,7 +255,7 @@ fn a_reaper_refuses_a_database_whose_extension_is_missing_or_too_old() {
         .batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
         .unwrap();
     old.client()
-        .batch_execute("CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url))")
+        .batch_execute("CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off)")
         .unwrap();
     old.attach();
     let out = e2e::storage::reaper(&old.name, &emu, &["drain", "--no-probe"]).run();

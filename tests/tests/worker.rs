@@ -337,7 +337,7 @@ fn without_the_indexes_the_worker_says_so_once_waits_and_resumes_by_itself() {
     assert_eq!(refusals(), 1, "the refusal is logged once");
     let log = std::fs::read(&log_path).unwrap_or_default();
     assert!(String::from_utf8_lossy(&log[log_len.min(log.len())..]).contains(
-        "CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url));"
+        "CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off);"
     ));
     let cycles: i64 = c
         .query_one("SELECT count(*) FROM orphan_cleanup.cycle_log", &[])
@@ -346,7 +346,7 @@ fn without_the_indexes_the_worker_says_so_once_waits_and_resumes_by_itself() {
     assert_eq!(cycles, 0, "no cycle was started, so none failed");
 
     c.batch_execute(
-        "CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url))",
+        "CREATE INDEX CONCURRENTLY render_jobs_object_keys_idx ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off)",
     )
     .unwrap();
     wait_for(
