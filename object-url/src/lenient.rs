@@ -39,20 +39,33 @@ pub fn protected_key(raw: &str) -> Option<String> {
 /// `renders/x.png?v=2` is, strictly, an object whose name ends in `?v=2`. The file the app
 /// serves is the other reading, and another job naming that file correctly must not get it
 /// deleted; nor may the strict reading's file, which may exist too. So a saved job protects
-/// both: the strict reading (when there is one) and each lenient one.
+/// every reading: the strict one (when there is one) and each lenient one, of the value as
+/// written and of the value without the tabs and newlines a browser deletes from a URL.
 pub fn protected_keys(raw: &str) -> Vec<String> {
-    let mut keys = lenient_keys(raw);
-    if let Ok(o) = crate::parse(raw) {
-        keys.push(o.object_key());
+    let mut keys = readings(raw);
+    let stripped: String = raw.chars().filter(|c| !matches!(c, '\t' | '\n' | '\r')).collect();
+    if stripped != raw {
+        keys.extend(readings(&stripped));
     }
     keys.sort();
     keys.dedup();
     keys
 }
 
-/// The lenient readings of `raw`: the route-based one for URLs and values that contain a
-/// storage route; for bare values, the value as a path, and the value with its query or
-/// fragment dropped when it has one.
+/// The strict reading of `value`, when there is one, and its lenient readings.
+fn readings(value: &str) -> Vec<String> {
+    let mut keys = lenient_keys(value);
+    if let Ok(o) = crate::parse(value) {
+        keys.push(o.object_key());
+    }
+    keys
+}
+
+/// The lenient readings of `raw`, in order: for URLs (and values that contain a storage route)
+/// the object after the route, or, for a URL with no route (a CDN's, a proxy's), its path as
+/// `bucket/key`; for bare values and `s3://bucket/key`, the value as a path, then without its
+/// query or fragment. Each path is also read cut at a `;` (which some servers take for the end
+/// of the path), and with `..` resolved over empty segments too (as a browser resolves them).
 fn lenient_keys(raw: &str) -> Vec<String> {
     let value = raw.trim_matches(is_junk).replace('\\', "/");
     // A URL: with a scheme, or scheme-relative (`//host/...`). Its host is dropped.
@@ -61,51 +74,68 @@ fn lenient_keys(raw: &str) -> Vec<String> {
         // `host:port/...`: a URL that lost its scheme (a self-hosted project's
         // `localhost:8000/storage/v1/...`), not a scheme named after the host.
         Some(_) if is_host_and_port(first) => (true, after_authority(&value)),
-        Some((scheme, rest)) if first.contains(':') => {
-            if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
-                return Vec::new();
-            }
-            (true, after_authority(rest))
-        }
+        Some((scheme, rest)) if first.contains(':') => match scheme.to_ascii_lowercase().as_str() {
+            "http" | "https" => (true, after_authority(rest)),
+            // The S3 URI of an object: the bucket is the authority.
+            "s3" => (false, rest.trim_start_matches('/')),
+            _ => return Vec::new(),
+        },
         _ if value.starts_with("//") => (true, after_authority(&value[2..])),
         _ => (false, value.as_str()),
     };
     let has_route = url || rest.to_ascii_lowercase().contains("storage/v1/");
     let without_query = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
-    let paths = if has_route {
+    let mut paths = if has_route {
         vec![without_query]
     } else if without_query.len() < rest.len() {
         vec![rest, without_query]
     } else {
         vec![rest]
     };
-    paths
-        .into_iter()
-        .filter_map(|path| key_of_path(path, has_route))
-        .collect()
+    if let Some(i) = without_query.find(';') {
+        paths.push(&without_query[..i]);
+    }
+    let mut keys = Vec::new();
+    for path in paths {
+        for keep_empty in [false, true] {
+            let key = if has_route {
+                key_of_path(path, true, keep_empty)
+                    .or_else(|| url.then(|| key_of_path(path, false, keep_empty)).flatten())
+            } else {
+                key_of_path(path, false, keep_empty)
+            };
+            keys.extend(key);
+        }
+    }
+    keys
 }
 
-/// The object a path names (after the storage route when it has one). The length limit applies
-/// here, after a signed URL's query is dropped: a token can make a URL longer than any object
-/// name, and such a URL still names its object.
-fn key_of_path(path: &str, has_route: bool) -> Option<String> {
-    if path.len() > crate::MAX_URL_LEN {
+/// The object a path names (after the storage route when it has one), or `None`. Paths longer
+/// than [`MAX_PATH_LEN`] are not read (the work stays bounded); a reading whose key is longer
+/// than any object name storage allows names no object (and would not fit in an index entry).
+fn key_of_path(path: &str, has_route: bool, keep_empty: bool) -> Option<String> {
+    if path.len() > MAX_PATH_LEN {
         return None;
     }
     // Decoded even when bare: `%` is no character of an object name, so `renders/a%20b.png`
     // can only mean `renders/a b.png`.
-    let segments = normalize(path);
+    let segments = normalize(path, keep_empty);
     let object = if has_route {
         after_route(&segments)?
     } else {
         &segments[..]
     };
     let (bucket, key) = object.split_first()?;
-    if key.is_empty() {
+    let key = key.join("/");
+    if key.is_empty() || key.len() > crate::MAX_KEY_LEN || bucket.len() > crate::MAX_KEY_LEN {
         return None;
     }
-    Some(format!("{bucket}/{}", key.join("/")))
+    Some(format!("{bucket}/{key}"))
 }
+
+/// The longest path the lenient reading reads: far more than any URL of an object (4,096 bytes),
+/// so that padding (`./` repeated) cannot hide one.
+const MAX_PATH_LEN: usize = 65_536;
 
 /// Whether `first` (what comes before the first `/`) is `host:port`, digits after the last `:`.
 fn is_host_and_port(first: &str) -> bool {
@@ -148,24 +178,33 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
 }
 
 /// Path segments as a server would see them: percent-decoded (an invalid escape stays as
-/// written), with empty and `.` segments dropped and `..` resolved. A path whose escapes decode
-/// to no text (bytes that are not UTF-8, or a NUL) is read as written: no object a strict
+/// written), with `.` segments dropped and `..` resolved, then empty segments dropped. With
+/// `keep_empty`, an empty segment counts while `..` is resolved, as a browser counts it
+/// (`renders//../x.png` is `renders/x.png` there, `x.png` otherwise). A path whose escapes
+/// decode to no text (bytes that are not UTF-8, or a NUL) is read as written: no object a strict
 /// parse accepts has such a name, and the managed edition's PL/pgSQL reading (whose text
 /// cannot hold a NUL) must find the same key.
-fn normalize(path: &str) -> Vec<String> {
+fn normalize(path: &str, keep_empty: bool) -> Vec<String> {
     let text = String::from_utf8(percent_decode_str(path).collect::<Vec<u8>>())
         .ok()
         .filter(|t| !t.contains('\0'))
         .unwrap_or_else(|| path.to_string());
+    let text = if keep_empty {
+        text.strip_prefix(['/', '\\']).unwrap_or(&text).to_string()
+    } else {
+        text
+    };
     let mut out: Vec<String> = Vec::new();
     for part in text.split(['/', '\\']) {
         match part {
-            "" | "." => {}
+            "" if !keep_empty => {}
+            "." => {}
             ".." => {
                 out.pop();
             }
             p => out.push(p.to_string()),
         }
     }
+    out.retain(|s| !s.is_empty());
     out
 }

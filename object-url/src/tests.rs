@@ -569,6 +569,24 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
             assert!(keys.iter().any(|k| k == strict), "{raw:.80?}: {keys:?}");
         }
     }
+    // The second review: spellings a browser, a CDN or an S3 client reads as renders/x.png.
+    for raw in [
+        format!("{BASE}/object/public/renders/x\n.png"),
+        format!("{BASE}/object/pub\tlic/renders/x.png"),
+        "https://abcd.supabase.co/stor\tage/v1/object/public/renders/x.png".to_string(),
+        "ht\r\ntps://abcd.supabase.co/storage/v1/object/public/renders/x.png".to_string(),
+        format!("{BASE}/object/public/renders//../x.png"),
+        format!("{BASE}/object/public/renders/{}x.png", "./".repeat(2100)),
+        "s3://renders/x.png".to_string(),
+        "https://cdn.example.com/renders/x.png".to_string(),
+        format!("{BASE}/object/public/renders/x.png;v=2"),
+    ] {
+        let keys = protected_keys(&raw);
+        assert!(keys.iter().any(|k| k == "renders/x.png"), "{raw:.90?}: {keys:?}");
+    }
+    // A reading longer than any object name is none (an index entry could not hold it).
+    let long = format!("renders/x.png?token={}", "t".repeat(3200));
+    assert_eq!(protected_keys(&long), vec!["renders/x.png".to_string()]);
     // A plain URL has one reading.
     assert_eq!(
         protected_keys(&format!("{BASE}/object/public/renders/a%20b.png")),

@@ -354,7 +354,7 @@ END;
 -- The lenient reading's path segments (object-url's normalize()): percent-decoded (an invalid
 -- escape stays as written; a path that decodes to no text is read as written), with empty and
 -- '.' segments dropped and '..' resolved.
-CREATE FUNCTION orphan_cleanup._normalized_segments(path text) RETURNS text[]
+CREATE FUNCTION orphan_cleanup._normalized_segments(path text, keep_empty boolean) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 DECLARE
     text_ text := path;
@@ -364,8 +364,11 @@ BEGIN
     IF pg_catalog.strpos(path, '%') > 0 THEN
         text_ := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(path, NULL)), path);
     END IF;
+    IF keep_empty AND pg_catalog.left(text_, 1) IN ('/', '\') THEN
+        text_ := pg_catalog.substr(text_, 2);
+    END IF;
     FOREACH part IN ARRAY pg_catalog.regexp_split_to_array(text_, '[/\\]') LOOP
-        IF part IN ('', '.') THEN
+        IF part = '.' OR (part = '' AND NOT keep_empty) THEN
             CONTINUE;
         ELSIF part = '..' THEN
             IF pg_catalog.cardinality(out_) > 0 THEN
@@ -375,7 +378,7 @@ BEGIN
             out_ := out_ || part;
         END IF;
     END LOOP;
-    RETURN out_;
+    RETURN pg_catalog.array_remove(out_, '');
 END
 $$;
 
@@ -412,31 +415,53 @@ $$;
 CREATE FUNCTION orphan_cleanup.object_keys(url text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $$
 DECLARE
-    p record;
+    stripped text := pg_catalog.translate(url, E'\t\n\r', '');
     keys text[];
 BEGIN
-    keys := orphan_cleanup._lenient_keys(url);
-    p := orphan_cleanup._parse_url(url);
-    IF p.error IS NULL THEN
-        keys := keys || (p.bucket || '/' || p.object_path);
+    keys := orphan_cleanup._readings(url);
+    IF stripped <> url THEN
+        keys := keys || orphan_cleanup._readings(stripped);
     END IF;
     RETURN (SELECT pg_catalog.array_agg(d.k ORDER BY d.k)
             FROM (SELECT DISTINCT k COLLATE "C" AS k FROM pg_catalog.unnest(keys) AS k) AS d);
 END
 $$;
 
--- The lenient readings of a value (object-url's lenient_keys): the route-based one for URLs and
--- values that contain a storage route; for bare values, the value as a path, then the value with
--- its query or fragment dropped when it has one.
+-- The strict reading of a value, when there is one, and its lenient readings (object-url's
+-- readings).
+CREATE FUNCTION orphan_cleanup._readings(value text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    p record;
+    keys text[];
+BEGIN
+    keys := orphan_cleanup._lenient_keys(value);
+    p := orphan_cleanup._parse_url(value);
+    IF p.error IS NULL THEN
+        keys := keys || (p.bucket || '/' || p.object_path);
+    END IF;
+    RETURN keys;
+END
+$$;
+
+-- The lenient readings of a value, in order (object-url's lenient_keys): for URLs (and values
+-- that contain a storage route) the object after the route, or, for a URL with no route, its path
+-- as bucket/key; for bare values and s3://bucket/key, the value as a path, then without its query
+-- or fragment. Each path is also read cut at a ';', and with '..' resolved over empty segments.
 CREATE FUNCTION orphan_cleanup._lenient_keys(url text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     junk constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"''<>`]';
     value text;
     first text;
+    scheme text;
     rest text;
     without_query text;
+    is_url boolean := false;
     has_route boolean;
+    paths text[];
+    path text;
+    keep_empty boolean;
     keys text[] := '{}';
     k text;
 BEGIN
@@ -446,40 +471,59 @@ BEGIN
     IF first ~ '^.+:[0-9]+$' THEN
         -- host:port/...: a URL that lost its scheme, not a scheme named after the host.
         rest := orphan_cleanup._after_authority(value);
-        has_route := true;
+        is_url := true;
     ELSIF pg_catalog.strpos(first, ':') > 0 THEN
-        IF orphan_cleanup._ascii_lower(pg_catalog.split_part(value, ':', 1)) NOT IN ('http', 'https') THEN
+        scheme := orphan_cleanup._ascii_lower(pg_catalog.split_part(value, ':', 1));
+        rest := pg_catalog.substr(value, pg_catalog.strpos(value, ':') + 1);
+        IF scheme IN ('http', 'https') THEN
+            rest := orphan_cleanup._after_authority(rest);
+            is_url := true;
+        ELSIF scheme = 's3' THEN
+            rest := pg_catalog.ltrim(rest, '/');
+        ELSE
             RETURN keys;
         END IF;
-        rest := orphan_cleanup._after_authority(pg_catalog.substr(value, pg_catalog.strpos(value, ':') + 1));
-        has_route := true;
     ELSIF pg_catalog.left(value, 2) = '//' THEN
         rest := orphan_cleanup._after_authority(pg_catalog.substr(value, 3));
-        has_route := true;
+        is_url := true;
     ELSE
         rest := value;
-        has_route := pg_catalog.strpos(orphan_cleanup._ascii_lower(rest), 'storage/v1/') > 0;
     END IF;
+    has_route := is_url OR pg_catalog.strpos(orphan_cleanup._ascii_lower(rest), 'storage/v1/') > 0;
     without_query := substring(rest FROM '^[^?#]*');
-    IF NOT has_route THEN
-        k := orphan_cleanup._key_of_path(rest, false);
-        IF k IS NOT NULL THEN
-            keys := keys || k;
-        END IF;
+    IF has_route THEN
+        paths := ARRAY[without_query];
+    ELSIF without_query <> rest THEN
+        paths := ARRAY[rest, without_query];
+    ELSE
+        paths := ARRAY[rest];
     END IF;
-    IF has_route OR without_query <> rest THEN
-        k := orphan_cleanup._key_of_path(without_query, has_route);
-        IF k IS NOT NULL THEN
-            keys := keys || k;
-        END IF;
+    IF pg_catalog.strpos(without_query, ';') > 0 THEN
+        paths := paths || pg_catalog.split_part(without_query, ';', 1);
     END IF;
+    FOREACH path IN ARRAY paths LOOP
+        FOREACH keep_empty IN ARRAY ARRAY[false, true] LOOP
+            IF has_route THEN
+                k := orphan_cleanup._key_of_path(path, true, keep_empty);
+                IF k IS NULL AND is_url THEN
+                    k := orphan_cleanup._key_of_path(path, false, keep_empty);
+                END IF;
+            ELSE
+                k := orphan_cleanup._key_of_path(path, false, keep_empty);
+            END IF;
+            IF k IS NOT NULL THEN
+                keys := keys || k;
+            END IF;
+        END LOOP;
+    END LOOP;
     RETURN keys;
 END
 $$;
 
--- The object a path names, after the storage route when it has one (object-url's key_of_path).
--- The length limit applies here, after a signed URL's query is dropped.
-CREATE FUNCTION orphan_cleanup._key_of_path(path text, has_route boolean) RETURNS text
+-- The object a path names, after the storage route when it has one (object-url's key_of_path):
+-- paths longer than 65,536 bytes are not read; a key longer than any object name storage allows
+-- (1,024 bytes), or a bucket as long, names none.
+CREATE FUNCTION orphan_cleanup._key_of_path(path text, has_route boolean, keep_empty boolean) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     segments text[];
@@ -488,10 +532,10 @@ DECLARE
     skip int;
     n int;
 BEGIN
-    IF pg_catalog.octet_length(path) > 4096 THEN
+    IF pg_catalog.octet_length(path) > 65536 THEN
         RETURN NULL;
     END IF;
-    segments := orphan_cleanup._normalized_segments(path);
+    segments := orphan_cleanup._normalized_segments(path, keep_empty);
     n := pg_catalog.cardinality(segments);
     IF has_route THEN
         SELECT i INTO start FROM pg_catalog.generate_series(1, n - 1) AS i
@@ -518,7 +562,9 @@ BEGIN
         END IF;
         segments := segments[start + 2 + skip:];
     END IF;
-    IF pg_catalog.cardinality(segments) < 2 THEN
+    IF pg_catalog.cardinality(segments) < 2
+       OR pg_catalog.octet_length(segments[1]) > 1024
+       OR pg_catalog.octet_length(pg_catalog.array_to_string(segments[2:], '/')) > 1024 THEN
         RETURN NULL;
     END IF;
     RETURN pg_catalog.array_to_string(segments, '/');

@@ -3325,7 +3325,12 @@ ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
 CREATE OR REPLACE FUNCTION orphan_cleanup.job_ref_key(ref text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN pg_catalog.regexp_replace(
-    (pg_catalog.regexp_match(pg_catalog.replace(pg_catalog.lower(ref), '-', ''), '[0-9a-f]{32}'))[1],
+    coalesce(
+        pg_catalog.replace(
+            (pg_catalog.regexp_match(pg_catalog.lower(ref),
+                '(?:^|[^0-9a-f])([0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12})(?![0-9a-f])'))[1],
+            '-', ''),
+        (pg_catalog.regexp_match(pg_catalog.replace(pg_catalog.lower(ref), '-', ''), '[0-9a-f]{32}'))[1]),
     '^(.{8})(.{4})(.{4})(.{4})(.{12})$', '\1-\2-\3-\4-\5');
 
 -- job_ref_key() now finds a job's id in more spellings (a no-break space, urn:uuid:, an id

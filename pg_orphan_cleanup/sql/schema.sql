@@ -243,15 +243,22 @@ CREATE FUNCTION orphan_cleanup._no_entries(list text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN pg_catalog.translate(COALESCE(list, ''), E', \t\r\n', '') OPERATOR(pg_catalog.=) '';
 
--- A reference to a job, whatever its spelling: the first 32 hex digits in a row, hyphens
--- ignored and case folded, as the canonical uuid text; NULL when there are none. So upper case,
--- braces, spaces (a no-break space too), a `urn:uuid:` prefix or an id JSON-encoded twice all
--- name the job: a saved asset must protect its job's file however the app spelled the id
--- (the review of issue 14 found these three read as no reference at all). Reading too much as a
--- reference only keeps a file. Plain SQL and fully qualified, so the planner inlines it and an
--- index on it is usable.
+-- A reference to a job, whatever its spelling: the first uuid in the text (32 hex digits, with or
+-- without the hyphens of 8-4-4-4-12, and no hex digit right before or after), case folded, as
+-- the canonical uuid text; failing that, the first 32 hex digits in a row with hyphens ignored;
+-- NULL when there are none. So upper case, braces, spaces (a no-break space too), a `urn:uuid:`
+-- prefix, an id JSON-encoded twice, or a prefix ending in a hex digit and a hyphen (`id-`,
+-- `job-`, `v2-`) all name the job: a saved asset must protect its job's file however the app
+-- spelled the id (the reviews of issue 14 found each of these read as no reference, or as
+-- another job's). Reading too much as a reference only keeps a file. Plain SQL and fully
+-- qualified, so the planner inlines it and an index on it is usable.
 CREATE FUNCTION orphan_cleanup.job_ref_key(ref text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN pg_catalog.regexp_replace(
-    (pg_catalog.regexp_match(pg_catalog.replace(pg_catalog.lower(ref), '-', ''), '[0-9a-f]{32}'))[1],
+    coalesce(
+        pg_catalog.replace(
+            (pg_catalog.regexp_match(pg_catalog.lower(ref),
+                '(?:^|[^0-9a-f])([0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12})(?![0-9a-f])'))[1],
+            '-', ''),
+        (pg_catalog.regexp_match(pg_catalog.replace(pg_catalog.lower(ref), '-', ''), '[0-9a-f]{32}'))[1]),
     '^(.{8})(.{4})(.{4})(.{4})(.{12})$', '\1-\2-\3-\4-\5');

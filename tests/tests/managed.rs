@@ -35,6 +35,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_parse_url",
     "_normalized_segments",
     "_lenient_keys",
+    "_readings",
     "_key_of_path",
     "_after_authority",
     "_url_refusal",

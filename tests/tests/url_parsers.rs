@@ -255,6 +255,8 @@ fn tail(rng: &mut StdRng) -> String {
             "?&=&token",
             "?token=a=b",
             "?x#y?token=z",
+            ";v=2",
+            ";a?b",
         ],
     )
     .to_string()
@@ -289,6 +291,7 @@ fn value(rng: &mut StdRng) -> String {
                         "ftp",
                         "javascript",
                         "file",
+                        "s3",
                         "h",
                     ],
                 )
@@ -339,7 +342,14 @@ fn value(rng: &mut StdRng) -> String {
             .collect::<Vec<_>>()
             .join(pick(rng, &["/", ":", "//", ""])),
     };
-    let v = format!("{}{v}{}", junk(rng), junk(rng));
+    let mut v = format!("{}{v}{}", junk(rng), junk(rng));
+    // A tab or a newline inside the value, which a browser deletes from a URL.
+    if rng.random_range(0..12) == 0 && !v.is_empty() {
+        let at = rng.random_range(0..v.len());
+        if v.is_char_boundary(at) {
+            v.insert_str(at, pick(rng, &["\t", "\n", "\r"]));
+        }
+    }
     // PostgreSQL text holds no NUL; the parsers' answers for it are tested in Rust alone.
     v.replace('\0', "")
 }
