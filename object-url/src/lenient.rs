@@ -52,11 +52,55 @@ pub fn protected_keys(raw: &str) -> Vec<String> {
     keys
 }
 
-/// The strict reading of `value`, when there is one, and its lenient readings.
+/// The strict reading of `value`, when there is one, its lenient readings, and the objects of
+/// storage URLs embedded in it.
 fn readings(value: &str) -> Vec<String> {
     let mut keys = lenient_keys(value);
     if let Ok(o) = crate::parse(value) {
         keys.push(o.object_key());
+    }
+    keys.extend(embedded_keys(value));
+    keys
+}
+
+/// Characters that end an embedded storage URL in any context: no object name holds them once
+/// decoded.
+const HARD_STOPS: &[char] = &['?', '#', '"', '<', '>', '`', '\t', '\n', '\r', '\x0b', '\x0c'];
+
+/// The objects of storage routes embedded anywhere in a value, percent-decoded once: a storage
+/// URL passed to an image proxy (`/_next/image?url=https%3A%2F%2F...%2Fstorage%2Fv1%2F...&w=640`),
+/// inside markdown (`![render](https://.../storage/v1/...)`), or after other text. Each route
+/// runs to the first of [`HARD_STOPS`]; it is read as it runs, without trailing `)`, `]` or `'`
+/// (markdown, quotes), and cut at the first `&` (a query's next parameter) or, in a value with
+/// spaces of its own, the first space. At most
+/// the first 8 routes of a value up to 64 KiB are read (the routes do not overlap).
+fn embedded_keys(value: &str) -> Vec<String> {
+    if value.len() > MAX_PATH_LEN {
+        return Vec::new();
+    }
+    let decoded = String::from_utf8(percent_decode_str(value).collect::<Vec<u8>>())
+        .ok()
+        .filter(|t| !t.contains('\0'))
+        .unwrap_or_else(|| value.to_string());
+    let lower = decoded.to_ascii_lowercase();
+    // A space ends a URL only in text that has spaces of its own (not `%20` in a name).
+    let soft_stops: &[char] = if value.contains(' ') { &['&', ' '] } else { &['&'] };
+    let mut keys = Vec::new();
+    let mut pos = 0;
+    for _ in 0..8 {
+        let Some(found) = lower[pos..].find("storage/v1/") else {
+            break;
+        };
+        let start = pos + found;
+        let end = decoded[start..]
+            .find(HARD_STOPS)
+            .map_or(decoded.len(), |n| start + n);
+        let span = &decoded[start..end];
+        let soft = &span[..span.find(soft_stops).unwrap_or(span.len())];
+        for variant in [span, span.trim_end_matches([')', ']', '\'']), soft] {
+            keys.extend(key_of_path(variant, true, false));
+        }
+        pos = end;
     }
     keys
 }

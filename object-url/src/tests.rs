@@ -580,6 +580,9 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
         "s3://renders/x.png".to_string(),
         "https://cdn.example.com/renders/x.png".to_string(),
         format!("{BASE}/object/public/renders/x.png;v=2"),
+        "https://app.example.com/_next/image?url=https%3A%2F%2Fabcd.supabase.co%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2Fx.png&w=640".to_string(),
+        format!("![render]({BASE}/object/public/renders/x.png)"),
+        format!("see {BASE}/object/public/renders/x.png for the render"),
     ] {
         let keys = protected_keys(&raw);
         assert!(keys.iter().any(|k| k == "renders/x.png"), "{raw:.90?}: {keys:?}");

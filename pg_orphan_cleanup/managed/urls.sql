@@ -440,6 +440,43 @@ BEGIN
     IF p.error IS NULL THEN
         keys := keys || (p.bucket || '/' || p.object_path);
     END IF;
+    RETURN keys || orphan_cleanup._embedded_keys(value);
+END
+$$;
+-- The objects of storage routes embedded anywhere in a value, percent-decoded once (object-url's
+-- embedded_keys): a storage URL passed to an image proxy, inside markdown, or after other text.
+-- Each route runs to the first character no object name holds once decoded; it is read as it
+-- runs, without trailing ')', ']' or quote, and cut at the first '&' (or, in a value with spaces
+-- of its own, the first space). At most the first 8 routes of a value up to 64 KiB.
+CREATE FUNCTION orphan_cleanup._embedded_keys(value text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
+DECLARE
+    decoded text := value;
+    span text;
+    variant text;
+    k text;
+    keys text[] := '{}';
+BEGIN
+    IF pg_catalog.octet_length(value) > 65536 THEN
+        RETURN keys;
+    END IF;
+    IF pg_catalog.strpos(value, '%') > 0 THEN
+        decoded := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(value, NULL)), value);
+    END IF;
+    FOR span IN
+        SELECT m[1]
+        FROM pg_catalog.regexp_matches(decoded, '([sS][tT][oO][rR][aA][gG][eE]/[vV]1/[^?#"<>`\t\n\r\x0b\x0c]*)', 'g') AS m
+        LIMIT 8
+    LOOP
+        FOREACH variant IN ARRAY ARRAY[span, pg_catalog.rtrim(span, ')]'''),
+                                     substring(span FROM CASE WHEN pg_catalog.strpos(value, ' ') > 0
+                                                              THEN '^[^& ]*' ELSE '^[^&]*' END)] LOOP
+            k := orphan_cleanup._key_of_path(variant, true, false);
+            IF k IS NOT NULL THEN
+                keys := keys || k;
+            END IF;
+        END LOOP;
+    END LOOP;
     RETURN keys;
 END
 $$;

@@ -36,6 +36,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_normalized_segments",
     "_lenient_keys",
     "_readings",
+    "_embedded_keys",
     "_key_of_path",
     "_after_authority",
     "_url_refusal",

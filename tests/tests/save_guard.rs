@@ -664,7 +664,8 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
         format!("https://{HOST}/storage/v1/s3/renders/{{k}}"),
         format!("https://{HOST}/storage/v1/object/sign/renders/{{k}}?token={}", "t".repeat(5000)),
         // The second review: a newline or a tab inside (a browser deletes them), `..` over an
-        // empty segment, padding past 4,096 bytes, the S3 URI, a CDN's path, matrix parameters.
+        // empty segment, padding past 4,096 bytes, the S3 URI, a CDN's path, matrix parameters,
+        // an image proxy's URL, markdown.
         format!("https://{HOST}/storage/v1/object/public/renders/{{k}}\n"),
         format!("https://{HOST}/storage/v1/object/pub\tlic/renders/{{k}}"),
         format!("https://{HOST}/storage/v1/object/public/renders//../{{k}}"),
@@ -672,6 +673,8 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
         "s3://renders/{k}".to_string(),
         "https://cdn.example.com/renders/{k}".to_string(),
         format!("https://{HOST}/storage/v1/object/public/renders/{{k}};v=2"),
+        format!("https://app.example.com/_next/image?url=https%3A%2F%2F{HOST}%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2F{{k}}&w=640"),
+        format!("![render](https://{HOST}/storage/v1/object/public/renders/{{k}})"),
     ];
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_url_readings");

@@ -342,7 +342,22 @@ fn value(rng: &mut StdRng) -> String {
             .collect::<Vec<_>>()
             .join(pick(rng, &["/", ":", "//", ""])),
     };
-    let mut v = format!("{}{v}{}", junk(rng), junk(rng));
+    let v = format!("{}{v}{}", junk(rng), junk(rng));
+    // Wrapped: in markdown, in text, or passed to an image proxy (encoded in its query).
+    let mut v = match rng.random_range(0..40) {
+        0 => format!("![render]({v})"),
+        1 => format!("see {v} for the render"),
+        2 => format!(
+            "https://app.example.com/_next/image?url={}&w=640",
+            v.chars()
+                .map(|c| match c {
+                    ':' | '/' | '?' | '&' | '=' | '%' | ' ' | '#' => format!("%{:02X}", c as u32),
+                    c => c.to_string(),
+                })
+                .collect::<String>()
+        ),
+        _ => v,
+    };
     // A tab or a newline inside the value, which a browser deletes from a URL.
     if rng.random_range(0..12) == 0 && !v.is_empty() {
         let at = rng.random_range(0..v.len());
