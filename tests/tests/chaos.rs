@@ -961,15 +961,16 @@ fn chaos_6_privileges_hold_and_a_planted_object_hijacks_nothing() {
     )
     .unwrap();
 
-    // 3. PUBLIC (a role with no grants) gets nothing: no schema, no function, no table. The two
-    // pure functions the app's expression indexes are built on are the exception (grants.sql):
+    // 3. PUBLIC (a role with no grants) gets nothing: no schema, no function, no table. The pure
+    // functions the app's expression indexes are built on are the exception (grants.sql):
     // PostgreSQL checks EXECUTE when an app role's insert maintains the index, and without
     // USAGE on the schema nobody can call them by name.
     let public_grants: Vec<String> = admin
         .query(
             "SELECT p.oid::regprocedure::text FROM pg_proc AS p
              WHERE p.pronamespace = 'orphan_cleanup'::regnamespace AND has_function_privilege('nobody', p.oid, 'EXECUTE')
-               AND p.oid NOT IN ('orphan_cleanup.object_key(text)'::regprocedure, 'orphan_cleanup.job_ref_key(text)'::regprocedure)
+               AND p.oid NOT IN ('orphan_cleanup.object_key(text)'::regprocedure, 'orphan_cleanup.object_keys(text)'::regprocedure,
+                                 'orphan_cleanup.job_ref_key(text)'::regprocedure)
              UNION ALL
              SELECT c.oid::regclass::text FROM pg_class AS c
              WHERE c.relnamespace = 'orphan_cleanup'::regnamespace

@@ -201,9 +201,10 @@ fn public_gets_nothing() {
         granted,
         vec![
             "orphan_cleanup.job_ref_key(text)".to_string(),
-            "orphan_cleanup.object_key(text)".to_string()
+            "orphan_cleanup.object_key(text)".to_string(),
+            "orphan_cleanup.object_keys(text)".to_string()
         ],
-        "only the two index functions are executable by PUBLIC"
+        "only the index functions are executable by PUBLIC"
     );
     let usage: bool = c
         .query_one(
