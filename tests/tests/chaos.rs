@@ -39,6 +39,9 @@ fn chaos_settings<'a>(emu: &'a Emulator, extra: &[(&'a str, &'a str)]) -> Vec<(&
         ("allowed_buckets", "renders"),
         ("allowed_hosts", emu.host.as_str()),
         ("max_per_cycle", "100000"),
+        // One cycle for the whole backlog on a slow or busy machine too: under the default 5 s
+        // budget a loaded CI machine's first cycle stopped after one chunk (2,000 of 12,000).
+        ("cycle_time_budget", "10min"),
         ("retry_backoff", "1s"),
     ];
     s.extend_from_slice(extra);
