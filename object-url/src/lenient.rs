@@ -63,53 +63,75 @@ fn readings(value: &str) -> Vec<String> {
     keys
 }
 
-/// Characters that end an embedded storage URL in any context: no object name holds them once
-/// decoded.
-const HARD_STOPS: &[char] = &['?', '#', '"', '<', '>', '`', '\t', '\n', '\r', '\x0b', '\x0c'];
+/// Characters that end an embedded URL in the value as written: no URL holds them unencoded.
+const HARD_STOPS: &[char] = &['"', '<', '>', '`', '\t', '\n', '\r', '\x0b', '\x0c'];
 
-/// The objects of storage routes embedded anywhere in a value, percent-decoded once: a storage
-/// URL passed to an image proxy (`/_next/image?url=https%3A%2F%2F...%2Fstorage%2Fv1%2F...&w=640`),
-/// inside markdown (`![render](https://.../storage/v1/...)`), or after other text. Each route
-/// runs to the first of [`HARD_STOPS`]; it is read as it runs, without trailing `)`, `]` or `'`
-/// (markdown, quotes), and cut at the first `&` (a query's next parameter) or, in a value with
-/// spaces of its own, the first space. At most
-/// the first 8 routes of a value up to 64 KiB are read (the routes do not overlap).
+/// Characters that may end it: a query's next parameter, the end of a URL in text.
+const SOFT_STOPS: &[char] = &['&', ' '];
+
+/// The objects of storage URLs embedded anywhere in a value: passed to an image proxy, encoded
+/// once (`/_next/image?url=https%3A%2F%2F...%2Fstorage%2Fv1%2F...&w=640`), inside markdown
+/// (`![render](https://.../storage/v1/...)`), or in text. The ends are found in the value as
+/// written, where an encoded `%20`, `%26` or `%3F` in a name is still part of it: each route
+/// (`storage/v1/`, or `storage%2Fv1%2F`) runs to the first of [`HARD_STOPS`], and is read so,
+/// and cut at the first of [`SOFT_STOPS`]; each of those without one trailing `)`, `]` or `'`
+/// and without all of them (markdown, quotes); each read as a value (all the lenient rules) and,
+/// decoded once, again. The next route is looked for after the cut, so a second URL in the text
+/// is read too. At most 8 routes of a value up to 64 KiB.
 fn embedded_keys(value: &str) -> Vec<String> {
     if value.len() > MAX_PATH_LEN {
         return Vec::new();
     }
-    let decoded = String::from_utf8(percent_decode_str(value).collect::<Vec<u8>>())
-        .ok()
-        .filter(|t| !t.contains('\0'))
-        .unwrap_or_else(|| value.to_string());
-    let lower = decoded.to_ascii_lowercase();
-    // A space ends a URL only in text that has spaces of its own (not `%20` in a name).
-    let soft_stops: &[char] = if value.contains(' ') { &['&', ' '] } else { &['&'] };
+    let lower = value.to_ascii_lowercase();
     let mut keys = Vec::new();
     let mut pos = 0;
     for _ in 0..8 {
-        let Some(found) = lower[pos..].find("storage/v1/") else {
+        let Some(found) = ["storage/v1/", "storage%2fv1%2f"]
+            .iter()
+            .filter_map(|route| lower[pos..].find(route))
+            .min()
+        else {
             break;
         };
         let start = pos + found;
-        let end = decoded[start..]
-            .find(HARD_STOPS)
-            .map_or(decoded.len(), |n| start + n);
-        let span = &decoded[start..end];
-        let soft = &span[..span.find(soft_stops).unwrap_or(span.len())];
-        for variant in [span, span.trim_end_matches([')', ']', '\'']), soft] {
-            keys.extend(key_of_path(variant, true, false));
+        let span = &value[start..value[start..].find(HARD_STOPS).map_or(value.len(), |n| start + n)];
+        let soft = &span[..span.find(SOFT_STOPS).unwrap_or(span.len())];
+        let mut seen: Vec<&str> = Vec::new();
+        for cut in [span, soft] {
+            let one = cut.strip_suffix([')', ']', '\'']).unwrap_or(cut);
+            for variant in [cut, one, cut.trim_end_matches([')', ']', '\''])] {
+                // Most values have one route and no wrapping: each variant is read once.
+                if seen.contains(&variant) {
+                    continue;
+                }
+                seen.push(variant);
+                keys.extend(lenient_keys(variant));
+                let once = decode_once(variant);
+                if once != variant {
+                    keys.extend(lenient_keys(&once));
+                }
+            }
         }
-        pos = end;
+        pos = start + soft.len();
     }
     keys
+}
+
+/// `text` percent-decoded once, or as written where the escapes decode to no text (bytes that
+/// are not UTF-8, or a NUL).
+fn decode_once(text: &str) -> String {
+    String::from_utf8(percent_decode_str(text).collect::<Vec<u8>>())
+        .ok()
+        .filter(|t| !t.contains('\0'))
+        .unwrap_or_else(|| text.to_string())
 }
 
 /// The lenient readings of `raw`, in order: for URLs (and values that contain a storage route)
 /// the object after the route, or, for a URL with no route (a CDN's, a proxy's), its path as
 /// `bucket/key`; for bare values and `s3://bucket/key`, the value as a path, then without its
 /// query or fragment. Each path is also read cut at a `;` (which some servers take for the end
-/// of the path), and with `..` resolved over empty segments too (as a browser resolves them).
+/// of the path), and with `..` resolved over empty segments too (as a browser resolves them). A
+/// URL's path is also read with what follows a `?` when that holds no `=` (a `?` in a name).
 fn lenient_keys(raw: &str) -> Vec<String> {
     let value = raw.trim_matches(is_junk).replace('\\', "/");
     // A URL: with a scheme, or scheme-relative (`//host/...`). Its host is dropped.
@@ -130,7 +152,13 @@ fn lenient_keys(raw: &str) -> Vec<String> {
     let has_route = url || rest.to_ascii_lowercase().contains("storage/v1/");
     let without_query = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
     let mut paths = if has_route {
-        vec![without_query]
+        // A `?` in a name (supabase-js writes URLs with `encodeURI`, which leaves it as is):
+        // the path read with what follows, when that is no query of parameters.
+        if without_query.len() < rest.len() && !rest[without_query.len()..].contains('=') {
+            vec![without_query, rest]
+        } else {
+            vec![without_query]
+        }
     } else if without_query.len() < rest.len() {
         vec![rest, without_query]
     } else {
@@ -229,10 +257,7 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
 /// parse accepts has such a name, and the managed edition's PL/pgSQL reading (whose text
 /// cannot hold a NUL) must find the same key.
 fn normalize(path: &str, keep_empty: bool) -> Vec<String> {
-    let text = String::from_utf8(percent_decode_str(path).collect::<Vec<u8>>())
-        .ok()
-        .filter(|t| !t.contains('\0'))
-        .unwrap_or_else(|| path.to_string());
+    let text = decode_once(path);
     let text = if keep_empty {
         text.strip_prefix(['/', '\\']).unwrap_or(&text).to_string()
     } else {

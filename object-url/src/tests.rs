@@ -587,6 +587,28 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
         let keys = protected_keys(&raw);
         assert!(keys.iter().any(|k| k == "renders/x.png"), "{raw:.90?}: {keys:?}");
     }
+    // The third review: names with an encoded space, `&` or `?` in embedded URLs, the browser's
+    // rules inside embedded URLs, a second URL in text, one closing parenthesis, a raw `?` in a
+    // name.
+    for (raw, want) in [
+        (format!("see {BASE}/object/public/renders/my%20file.png for the render"), "renders/my file.png"),
+        ("https://app.example.com/_next/image?url=https%3A%2F%2Fabcd.supabase.co%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2Fa%26b.png&w=640".to_string(), "renders/a&b.png"),
+        (format!("![r]({BASE}/object/public/renders/what%3F.png)"), "renders/what?.png"),
+        (format!("![r]({BASE}/object/public/renders//../x.png)"), "renders/x.png"),
+        (format!("![r]({BASE}/object/public/renders/x.png;v=2)"), "renders/x.png"),
+        (format!("a {BASE}/object/public/renders/a.png b {BASE}/object/public/renders/b.png"), "renders/b.png"),
+        (format!("![r]({BASE}/object/public/renders/photo(1))"), "renders/photo(1)"),
+        (format!("{BASE}/object/public/renders/what?.png"), "renders/what?.png"),
+    ] {
+        let keys = protected_keys(&raw);
+        assert!(keys.iter().any(|k| k == want), "{raw:.90?}: {keys:?} lacks {want}");
+    }
+    for raw in [
+        format!("{BASE}/object/public/renders/x.png"),
+    ] {
+        let keys = protected_keys(&raw);
+        assert!(keys.iter().any(|k| k == "renders/x.png"), "{raw:.90?}: {keys:?}");
+    }
     // A reading longer than any object name is none (an index entry could not hold it).
     let long = format!("renders/x.png?token={}", "t".repeat(3200));
     assert_eq!(protected_keys(&long), vec!["renders/x.png".to_string()]);

@@ -443,39 +443,61 @@ BEGIN
     RETURN keys || orphan_cleanup._embedded_keys(value);
 END
 $$;
--- The objects of storage routes embedded anywhere in a value, percent-decoded once (object-url's
--- embedded_keys): a storage URL passed to an image proxy, inside markdown, or after other text.
--- Each route runs to the first character no object name holds once decoded; it is read as it
--- runs, without trailing ')', ']' or quote, and cut at the first '&' (or, in a value with spaces
--- of its own, the first space). At most the first 8 routes of a value up to 64 KiB.
+-- The objects of storage URLs embedded anywhere in a value (object-url's embedded_keys): passed
+-- to an image proxy encoded once, inside markdown, or in text. The ends are found in the value
+-- as written (an encoded %20, %26 or %3F in a name is still part of it): each route
+-- (storage/v1/, or storage%2Fv1%2F) runs to the first hard stop (a quote, angle bracket,
+-- backquote or control character), and is read so, and cut at the first '&' or space; each of
+-- those without one trailing ')', ']' or quote and without all of them; each read as a value
+-- (all the lenient rules) and, decoded once, again. The next route is looked for after the cut.
+-- At most 8 routes of a value up to 64 KiB.
 CREATE FUNCTION orphan_cleanup._embedded_keys(value text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
-    decoded text := value;
+    lower_ text;
+    pos int := 1;
+    f1 int;
+    f2 int;
+    start_ int;
     span text;
+    soft text;
+    cut text;
     variant text;
-    k text;
+    once text;
+    seen text[];
     keys text[] := '{}';
 BEGIN
     IF pg_catalog.octet_length(value) > 65536 THEN
         RETURN keys;
     END IF;
-    IF pg_catalog.strpos(value, '%') > 0 THEN
-        decoded := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(value, NULL)), value);
-    END IF;
-    FOR span IN
-        SELECT m[1]
-        FROM pg_catalog.regexp_matches(decoded, '([sS][tT][oO][rR][aA][gG][eE]/[vV]1/[^?#"<>`\t\n\r\x0b\x0c]*)', 'g') AS m
-        LIMIT 8
-    LOOP
-        FOREACH variant IN ARRAY ARRAY[span, pg_catalog.rtrim(span, ')]'''),
-                                     substring(span FROM CASE WHEN pg_catalog.strpos(value, ' ') > 0
-                                                              THEN '^[^& ]*' ELSE '^[^&]*' END)] LOOP
-            k := orphan_cleanup._key_of_path(variant, true, false);
-            IF k IS NOT NULL THEN
-                keys := keys || k;
-            END IF;
+    lower_ := orphan_cleanup._ascii_lower(value);
+    FOR i IN 1 .. 8 LOOP
+        f1 := pg_catalog.strpos(pg_catalog.substr(lower_, pos), 'storage/v1/');
+        f2 := pg_catalog.strpos(pg_catalog.substr(lower_, pos), 'storage%2fv1%2f');
+        EXIT WHEN f1 = 0 AND f2 = 0;
+        start_ := pos - 1 + CASE WHEN f1 = 0 THEN f2 WHEN f2 = 0 THEN f1 ELSE least(f1, f2) END;
+        span := substring(pg_catalog.substr(value, start_) FROM '^[^"<>`\t\n\r\x0b\x0c]*');
+        soft := substring(span FROM '^[^& ]*');
+        seen := '{}';
+        FOREACH cut IN ARRAY ARRAY[span, soft] LOOP
+            FOREACH variant IN ARRAY ARRAY[cut,
+                                           CASE WHEN pg_catalog.right(cut, 1) IN (')', ']', '''')
+                                                THEN pg_catalog.left(cut, -1) ELSE cut END,
+                                           pg_catalog.rtrim(cut, ')]''')] LOOP
+                -- Most values have one route and no wrapping: each variant is read once.
+                CONTINUE WHEN variant = ANY (seen);
+                seen := seen || variant;
+                keys := keys || orphan_cleanup._lenient_keys(variant);
+                once := variant;
+                IF pg_catalog.strpos(variant, '%') > 0 THEN
+                    once := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(variant, NULL)), variant);
+                END IF;
+                IF once <> variant THEN
+                    keys := keys || orphan_cleanup._lenient_keys(once);
+                END IF;
+            END LOOP;
         END LOOP;
+        pos := start_ + pg_catalog.length(soft);
     END LOOP;
     RETURN keys;
 END
@@ -529,7 +551,12 @@ BEGIN
     has_route := is_url OR pg_catalog.strpos(orphan_cleanup._ascii_lower(rest), 'storage/v1/') > 0;
     without_query := substring(rest FROM '^[^?#]*');
     IF has_route THEN
-        paths := ARRAY[without_query];
+        -- A '?' in a name: the path read with what follows, when that is no query of parameters.
+        IF without_query <> rest AND pg_catalog.strpos(pg_catalog.substr(rest, pg_catalog.length(without_query) + 1), '=') = 0 THEN
+            paths := ARRAY[without_query, rest];
+        ELSE
+            paths := ARRAY[without_query];
+        END IF;
     ELSIF without_query <> rest THEN
         paths := ARRAY[rest, without_query];
     ELSE

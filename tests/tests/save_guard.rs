@@ -675,9 +675,15 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
         format!("https://{HOST}/storage/v1/object/public/renders/{{k}};v=2"),
         format!("https://app.example.com/_next/image?url=https%3A%2F%2F{HOST}%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2F{{k}}&w=640"),
         format!("![render](https://{HOST}/storage/v1/object/public/renders/{{k}})"),
+        // The third review: a name with a space, `&` or `?` inside an embedded URL (encoded
+        // there), the browser's `..` inside one, a second URL in text, a raw `?` in a name.
+        "see https://h.co/storage/v1/object/public/renders/{k} for the render".to_string(),
+        format!("![r](https://{HOST}/storage/v1/object/public/renders//../{{k}})"),
+        format!("a https://{HOST}/storage/v1/object/public/renders/other.png b https://{HOST}/storage/v1/object/public/renders/{{k}}"),
     ];
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_url_readings");
+
     let mut c = db.client();
     for (i, s) in spellings.iter().enumerate() {
         let saved = job(&mut c, "completed", Some(&s.replace("{k}", &format!("kept/{i}.png"))), "2 hours", "saved");
@@ -705,4 +711,33 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
             .unwrap_err();
         assert_eq!(e.code().unwrap().code(), "OC002", "{url:.80}: {e}");
     }
+}
+
+/// Names with a space, `&` or `?` (storage allows them; the third review of issue 14): the saved
+/// job's URL wraps the storage URL (text, an image proxy, markdown) or carries a raw `?` (as
+/// supabase-js's `encodeURI` leaves it); the orphan job names the file with the name encoded.
+/// Cut at the decoded space, `&` or `?`, the saved job protected `renders/t/my` and the like, and
+/// the orphan's file was claimed.
+#[test]
+fn names_with_a_space_an_ampersand_or_a_question_mark_keep_their_files_in_every_wrapping() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_odd_names");
+    let mut c = db.client();
+    let base = format!("https://{HOST}/storage/v1/object/public/renders");
+    for (saved_url, key) in [
+        (format!("see {base}/t/my%20file.png for the render"), "t/my%20file.png"),
+        (
+            format!("https://app.example.com/_next/image?url=https%3A%2F%2F{HOST}%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2Fp%2Fa%2526b.png&w=640"),
+            "p/a%26b.png",
+        ),
+        (format!("![r]({base}/m/what%3F.png)"), "m/what%3F.png"),
+        (format!("{base}/q/what?.png"), "q/what%3F.png"),
+    ] {
+        let saved = job(&mut c, "completed", Some(&saved_url), "2 hours", "saved");
+        save(&mut c, "generated_saved", &saved.0).unwrap();
+        job(&mut c, "completed", Some(&public_url("renders", key)), "2 hours", "orphan");
+    }
+    let (status, _, enqueued, protected, _) = cycle(&mut c);
+    assert_eq!((status.as_str(), enqueued), ("ok", 0), "{protected} protected");
+    assert!(claim(&mut c, "w0", 100).is_empty());
 }
