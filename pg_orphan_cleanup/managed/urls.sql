@@ -229,6 +229,45 @@ BEGIN
 END
 $$;
 
+-- The canonical spelling of an object URL, the one nearly every job has (supabase-js's
+-- getPublicUrl() and createSignedUrl() without a query): plain host, route, bucket and key of
+-- unremarkable characters, no '%', '?', '#', ';', '..' or second route. For such a value the
+-- strict reading is (host, bucket, key, form) as matched, and it is the only reading: the callers
+-- answer it at once instead of running every rule (0.4 ms a value in PL/pgSQL, which every app
+-- write of a job and every job a cycle reads paid). The differential test
+-- (tests/tests/url_parsers.rs) holds these answers to the Rust parser's like all the others.
+-- NULL for any other value, which the full rules then read.
+CREATE FUNCTION orphan_cleanup._canonical_url(raw text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    scheme text;
+    after text;
+    host text;
+    tail text;
+    form text;
+    bucket text;
+BEGIN
+    -- Matched without captures (7x faster in PostgreSQL's engine), then cut at its slashes.
+    IF pg_catalog.octet_length(raw) > 1024
+       OR raw !~ '^https?://(?:[a-z0-9-]+\.)*[a-z][a-z0-9-]*/storage/v1/object/(?:public|authenticated|sign)/[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_-][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$' THEN
+        RETURN NULL;
+    END IF;
+    scheme := pg_catalog.split_part(raw, ':', 1);
+    after := pg_catalog.substr(raw, pg_catalog.length(scheme) + 4);
+    host := pg_catalog.split_part(after, '/', 1);
+    tail := pg_catalog.substr(after, pg_catalog.length(host) + pg_catalog.length('/storage/v1/object/') + 1);
+    form := pg_catalog.split_part(tail, '/', 1);
+    bucket := pg_catalog.split_part(tail, '/', 2);
+    tail := pg_catalog.substr(tail, pg_catalog.length(form) + pg_catalog.length(bucket) + 3);
+    IF pg_catalog.strpos(host, 'xn--') > 0
+       OR pg_catalog.strpos(orphan_cleanup._ascii_lower(bucket || '/' || tail), 'storage') > 0 THEN
+        RETURN NULL;
+    END IF;
+    -- {scheme, host, form segment, bucket, key}
+    RETURN ARRAY[scheme, host, form, bucket, tail];
+END
+$$;
+
 -- The strict reading (object-url's parse()): the one object a stored output URL or bare
 -- `bucket/key` names, accepted only when that needs no interpretation.
 CREATE FUNCTION orphan_cleanup._parse_url(raw text, OUT host text, OUT bucket text, OUT object_path text, OUT form text, OUT error text)
@@ -247,6 +286,14 @@ DECLARE
 BEGIN
     IF raw = '' THEN
         error := 'empty value';
+        RETURN;
+    END IF;
+    segments := orphan_cleanup._canonical_url(raw);
+    IF segments IS NOT NULL THEN
+        host := segments[2];
+        bucket := segments[4];
+        object_path := segments[5];
+        form := CASE WHEN segments[3] = 'sign' THEN 'signed' ELSE segments[3] END;
         RETURN;
     END IF;
     IF pg_catalog.octet_length(raw) > 4096 THEN
@@ -416,8 +463,11 @@ CREATE FUNCTION orphan_cleanup.object_keys(url text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $$
 DECLARE
     stripped text := pg_catalog.translate(url, E'\t\n\r', '');
-    keys text[];
+    keys text[] := orphan_cleanup._canonical_url(url);
 BEGIN
+    IF keys IS NOT NULL THEN
+        RETURN ARRAY[keys[4] || '/' || keys[5]];
+    END IF;
     keys := orphan_cleanup._readings(url);
     IF stripped <> url THEN
         keys := keys || orphan_cleanup._readings(stripped);

@@ -8,7 +8,9 @@
 //! The generator builds values from the parts real and hostile URLs are made of (schemes,
 //! authorities, routes, escapes, Unicode spaces, dot segments, junk around the value), so that
 //! most values get deep into the parser before they are accepted or refused; a share are plain
-//! random strings. `URL_SEED=<n>` reproduces a run; the seed is printed.
+//! random strings. 20,000 more are canonical object URLs with up to three small edits, on both
+//! sides of the edge of the PL/pgSQL parser's fast path for canonical values. `URL_SEED=<n>`
+//! reproduces a run; the seed is printed.
 
 use object_url::{parse, protected_key, protected_keys, redact, Policy};
 use rand::rngs::StdRng;
@@ -18,6 +20,8 @@ use e2e::*;
 
 const GENERATED: usize = 100_000;
 const BATCH: usize = 5_000;
+/// Values near the canonical spelling, on both sides of the PL/pgSQL fast path's edge.
+const NEAR_CANONICAL: usize = 20_000;
 
 fn pick<'a>(rng: &mut StdRng, items: &[&'a str]) -> &'a str {
     items[rng.random_range(0..items.len())]
@@ -507,6 +511,56 @@ fn corpus() -> Vec<String> {
         .collect()
 }
 
+/// A canonical object URL (what supabase-js writes), then up to three small edits: the
+/// PL/pgSQL parser answers canonical values on a fast path (`_canonical_url`), and these values
+/// sit on both sides of its edge (a character of another class, a second route, a port, an
+/// upper-case host, a numeric last label, a dot segment).
+fn near_canonical(rng: &mut StdRng) -> String {
+    const HOSTS: &[&str] = &[
+        "abcd.supabase.co",
+        "localhost",
+        "cdn.example.com",
+        "a-b.c0",
+        "1.2.3.4",
+        "xn--bcher-kva.example",
+        "ABCD.supabase.co",
+        "storage",
+        "x.0x1f",
+    ];
+    const NAME: &[&str] = &["a", "z", "0", "9", "-", "_", ".", "img", "user-1", "v1"];
+    const EDITS: &[&str] = &[
+        "%", "%2e", "%2F", "%41", ".", "..", "/", "//", ":", ":443", ":5000", "?", "?a=b", "#", ";",
+        "A", "X", " ", "@", "~", "storage", "STORAGE/V1/", "storage/v1/object/public/", "sign",
+        "info", "\\", "é", "-", "_",
+    ];
+    let name = |rng: &mut StdRng| -> String {
+        (0..rng.random_range(1..4)).map(|_| pick(rng, NAME)).collect()
+    };
+    let key: Vec<String> = (0..rng.random_range(1..4)).map(|_| name(rng)).collect();
+    // Two in five as supabase-js writes them; the others varied and edited.
+    let plain = rng.random_bool(0.4);
+    let mut v = format!(
+        "{}://{}/storage/v1/object/{}/{}/{}",
+        pick(rng, &["https", "http", "HTTPS"][..if plain { 2 } else { 3 }]),
+        pick(rng, &HOSTS[..if plain { 4 } else { HOSTS.len() }]),
+        pick(rng, &["public", "authenticated", "sign", "info", "render"][..if plain { 3 } else { 5 }]),
+        name(rng),
+        key.join("/")
+    );
+    for _ in 0..if plain { 0 } else { rng.random_range(1..4) } {
+        let chars: Vec<char> = v.chars().collect();
+        let at = rng.random_range(0..=chars.len());
+        let edit = pick(rng, EDITS);
+        let (head, tail): (String, String) = (chars[..at].iter().collect(), chars[at..].iter().collect());
+        v = match rng.random_range(0..3) {
+            0 => format!("{head}{edit}{tail}"),
+            1 => format!("{head}{edit}{}", tail.chars().skip(1).collect::<String>()),
+            _ => format!("{head}{}", tail.chars().skip(1).collect::<String>()),
+        };
+    }
+    v
+}
+
 #[test]
 fn both_parsers_agree_on_every_generated_value_and_the_hostile_corpus() {
     let seed: u64 = std::env::var("URL_SEED")
@@ -516,6 +570,7 @@ fn both_parsers_agree_on_every_generated_value_and_the_hostile_corpus() {
     println!("URL_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut values: Vec<String> = (0..GENERATED).map(|_| value(&mut rng)).collect();
+    values.extend((0..NEAR_CANONICAL).map(|_| near_canonical(&mut rng)));
     let corpus = corpus();
     assert!(
         corpus.len() > 200,
@@ -526,6 +581,19 @@ fn both_parsers_agree_on_every_generated_value_and_the_hostile_corpus() {
     let accepted = values.iter().filter(|v| parse(v).is_ok()).count();
     let mut c = urls_db();
     let found = differences(&mut c, &values);
+    // Both sides of the fast path's edge are reached.
+    let fast: i64 = c
+        .query_one(
+            "SELECT count(*) FROM unnest($1::text[]) AS v WHERE orphan_cleanup._canonical_url(v) IS NOT NULL",
+            &[&values],
+        )
+        .unwrap()
+        .get(0);
+    println!("{fast} values took the PL/pgSQL parser's canonical fast path");
+    assert!(
+        fast > (NEAR_CANONICAL / 5) as i64 && fast < (NEAR_CANONICAL * 4 / 5) as i64,
+        "{fast} values took the canonical fast path"
+    );
     assert!(
         found.is_empty(),
         "{} of {} values read differently (URL_SEED={seed}); the first:\n{}",
