@@ -222,6 +222,10 @@ LANGUAGE c
 AS 'MODULE_PATHNAME', 'object_keys_wrapper';
 """)
 out.append(fn('guard','_objects_of', replace=False))
+out.append(fn('guard','_route_count', replace=False))
+out.append(fn('guard','_unread_url', replace=False))
+out.append(fn('guard','_refuse_unread', replace=False))
+out.append(fn('guard','_job_is_saved', replace=False))
 out.append(fn('guard','save_guard'))
 out.append(fn('guard','job_guard', replace=False))
 out.append(fn('guard','_drop_guards'))
@@ -359,6 +363,10 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._not_held(orphan_cleanup.deletion_queue, text, bytea),
     orphan_cleanup._unsent(bigint[], text),
     orphan_cleanup._objects_of(text),
+    orphan_cleanup._route_count(text),
+    orphan_cleanup._unread_url(text),
+    orphan_cleanup._refuse_unread(uuid, text),
+    orphan_cleanup._job_is_saved(orphan_cleanup.attachment, uuid),
     orphan_cleanup.object_keys(text),
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),

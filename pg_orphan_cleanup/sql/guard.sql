@@ -40,6 +40,52 @@ BEGIN ATOMIC
     ORDER BY k.n;
 END;
 
+-- How many storage routes (storage/v1/, or storage%2Fv1%2F) a value holds, in any case.
+CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+RETURN (SELECT (length(l) - length(replace(l, 'storage/v1/', ''))) / 11
+               + (length(l) - length(replace(l, 'storage%2fv1%2f', ''))) / 15
+        FROM translate(url, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') AS l);
+
+-- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes
+-- and up to 8 storage routes in one value (object-url's limits, which keep its work bounded). A
+-- value past them may name an object no reading found, so a job with such a URL is never saved
+-- (save_guard, job_guard, attach()): the third review of issue 14 padded a saved job's URL past
+-- 64 KiB, and the file it named was claimed. No render service writes such a value.
+CREATE FUNCTION orphan_cleanup._unread_url(url text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+RETURN CASE
+    WHEN octet_length(url) > 65536 THEN
+        format('its output_url is %s bytes long, and pg_orphan_cleanup reads values of up to 65,536 bytes', octet_length(url))
+    WHEN orphan_cleanup._route_count(url) > 8 THEN
+        format('its output_url holds %s storage URLs, and pg_orphan_cleanup reads up to 8 in one value', orphan_cleanup._route_count(url))
+END;
+
+-- Refuses to let job `p_job` be saved with a URL whose objects cannot all be read (OC003).
+CREATE FUNCTION orphan_cleanup._refuse_unread(p_job uuid, p_why text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'render job % cannot be saved: % (it cannot tell which files the value names, so it could not keep them)', p_job, p_why
+        USING ERRCODE = 'OC003',
+              HINT = 'Store the file''s URL as Supabase Storage returns it (getPublicUrl() or createSignedUrl()) in output_url, and anything else in another column.';
+END
+$$;
+
+-- Whether an asset references job `p_job` (any spelling job_ref_key() reads).
+CREATE FUNCTION orphan_cleanup._job_is_saved(att orphan_cleanup.attachment, p_job uuid) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_saved boolean;
+BEGIN
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = $1)',
+                   att.assets_oid::regclass, 'render_job_id')
+       INTO v_saved USING p_job::text;
+    RETURN v_saved;
+END
+$$;
+
 -- Writes the fence row of a job (see job_fences).
 CREATE FUNCTION orphan_cleanup._fence_job(p_job uuid) RETURNS void
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -130,6 +176,9 @@ BEGIN
     PERFORM orphan_cleanup._fence_job(v_new);
     EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
        INTO v_url USING v_new;
+    IF orphan_cleanup._unread_url(v_url) IS NOT NULL THEN
+        PERFORM orphan_cleanup._refuse_unread(v_new, orphan_cleanup._unread_url(v_url));
+    END IF;
     IF v_url IS NOT NULL THEN
         SELECT array_agg(k.bucket), array_agg(k.object_path) INTO v_buckets, v_paths
         FROM orphan_cleanup._objects_of(v_url) AS k;
@@ -218,7 +267,7 @@ DECLARE
     ob orphan_cleanup.objects;
     v_out orphan_cleanup.objects;
     v_fenced boolean := false;
-    v_saved boolean;
+    v_unread text;
 BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND THEN
@@ -226,14 +275,27 @@ BEGIN
     END IF;
     -- A new job id (an INSERT, or an UPDATE of id): a save of that id may have come before the
     -- job existed, and found no row to lock. Meet it on the fence row.
+    v_unread := orphan_cleanup._unread_url(NEW.output_url);
     IF TG_OP = 'INSERT' OR NEW.id IS DISTINCT FROM OLD.id THEN
         PERFORM orphan_cleanup._fence_job(NEW.id);
         v_fenced := true;
-    ELSIF orphan_cleanup.object_keys(NEW.output_url) IS NOT DISTINCT FROM orphan_cleanup.object_keys(OLD.output_url) THEN
+    ELSIF v_unread IS NULL
+          AND orphan_cleanup.object_keys(NEW.output_url) IS NOT DISTINCT FROM orphan_cleanup.object_keys(OLD.output_url) THEN
         RETURN NULL;  -- the same objects (a refreshed signed-URL token), or still none
     END IF;
     IF NEW.output_url IS NULL THEN
         RETURN NULL;
+    END IF;
+    -- A value whose objects cannot all be read: a saved job may not have it. Met on the fence
+    -- row, like a save (which refuses to save a job with such a value).
+    IF v_unread IS NOT NULL THEN
+        IF NOT v_fenced THEN
+            PERFORM orphan_cleanup._fence_job(NEW.id);
+            v_fenced := true;
+        END IF;
+        IF orphan_cleanup._job_is_saved(att, NEW.id) THEN
+            PERFORM orphan_cleanup._refuse_unread(NEW.id, v_unread);
+        END IF;
     END IF;
     FOR o IN SELECT k.bucket, k.object_path FROM orphan_cleanup._objects_of(NEW.output_url) AS k LOOP
         ob := orphan_cleanup._hold_object(o.bucket, o.object_path);
@@ -247,10 +309,7 @@ BEGIN
     IF NOT v_fenced THEN
         PERFORM orphan_cleanup._fence_job(NEW.id);
     END IF;
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = $1)',
-                   att.assets_oid::regclass, 'render_job_id')
-       INTO v_saved USING NEW.id::text;
-    IF v_saved THEN
+    IF orphan_cleanup._job_is_saved(att, NEW.id) THEN
         RAISE EXCEPTION 'render job % is saved and cannot point at %/%: that object was handed to a reaper and may already be deleted from storage',
                         NEW.id, v_out.bucket, v_out.object_path
             USING ERRCODE = 'OC002',
@@ -500,6 +559,8 @@ DECLARE
     v_type text;
     v_typtype "char";
     fk record;
+    v_unread_job uuid;
+    v_unread text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
@@ -584,6 +645,21 @@ BEGIN
             USING ERRCODE = 'lock_not_available',
                   HINT = 'Find it in pg_stat_activity (SELECT pid, xact_start, query FROM pg_stat_activity WHERE xact_start < now() - interval ''10 seconds''), let it finish, and run attach() again.';
     END;
+
+    -- A saved job whose URL cannot be read in full (see _unread_url): the guards keep new ones
+    -- out from here on (their locks are held now); one saved before would protect nothing it
+    -- might name. One scan of the jobs table's URL lengths.
+    EXECUTE format('SELECT j.id, orphan_cleanup._unread_url(j.output_url) FROM %s AS j
+                    WHERE orphan_cleanup._unread_url(j.output_url) IS NOT NULL
+                      AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = j.id::text)
+                    LIMIT 1', v_jobs::regclass, v_assets::regclass, 'render_job_id')
+       INTO v_unread_job, v_unread;
+    IF v_unread_job IS NOT NULL THEN
+        RAISE EXCEPTION 'attach() found saved render job % whose files cannot be protected: %; nothing was changed', v_unread_job, v_unread
+            USING ERRCODE = 'OC003',
+                  HINT = format('Set that job''s output_url to the URL Supabase Storage returned for its file (UPDATE %s SET output_url = ... WHERE id = %L), check for others (SELECT id FROM %s WHERE orphan_cleanup._unread_url(output_url) IS NOT NULL), then run attach() again.',
+                                v_jobs::regclass, v_unread_job, v_jobs::regclass);
+    END IF;
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));

@@ -741,3 +741,85 @@ fn names_with_a_space_an_ampersand_or_a_question_mark_keep_their_files_in_every_
     assert_eq!((status.as_str(), enqueued), ("ok", 0), "{protected} protected");
     assert!(claim(&mut c, "w0", 100).is_empty());
 }
+
+/// What object_keys() cannot read in full protects nothing it might mean (the third review of
+/// issue 14, C4): a value over 65,536 bytes (object_keys() then skips the URLs embedded in it),
+/// or one holding more than 8 storage URLs (it reads the first 8). Before, such a job was saved
+/// and the orphan naming the same file was queued and handed out. Now the save is refused with
+/// OC003, naming the limit, and so is pointing a saved job at such a value, or inserting the
+/// job of a save that came first.
+#[test]
+fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("guard_unread");
+    let mut c = db.client();
+    let proxied = |k: &str| {
+        format!("https://app.example.com/_next/image?url=https%3A%2F%2F{HOST}%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2F{k}&w=640")
+    };
+    let decoys = format!("https://{HOST}/storage/v1/object/public/renders/decoy.png ").repeat(8);
+    let cases = [
+        (format!("{}&pad={}", proxied("long.png"), "a".repeat(70_000)), "long.png", "65,536 bytes"),
+        (format!("{decoys}{}", proxied("ninth.png")), "ninth.png", "up to 8"),
+    ];
+    for (i, (url, key, limit)) in cases.iter().enumerate() {
+        let unread = job(&mut c, "completed", Some(url), "2 hours", "saved");
+        let e = save(&mut c, "generated_saved", &unread.0).unwrap_err();
+        let db_err = e.as_db_error().unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(db_err.code().code(), "OC003", "{}", db_err.message());
+        assert!(
+            db_err.message().contains(&unread.0) && db_err.message().contains(limit),
+            "{}",
+            db_err.message()
+        );
+        assert!(db_err.hint().unwrap().contains("getPublicUrl()"));
+        assert_eq!(saved_assets(&mut c, &unread), 0);
+
+        // A saved job pointed at such a value: refused.
+        let saved = job(&mut c, "completed", Some(&public_url("renders", &format!("fine/{i}.png"))), "2 hours", "saved");
+        save(&mut c, "generated_saved", &saved.0).unwrap();
+        let e = c
+            .execute("UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid", &[&saved.0, url])
+            .unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "OC003", "{e}");
+
+        // The save first, the job after (an app that writes the asset row first): refused.
+        let early = uuid_text::Uuid(format!("00000000-0000-4000-8000-00000000000{i}"));
+        save(&mut c, "generated_saved", &early.0).unwrap();
+        let e = c
+            .execute(
+                "INSERT INTO render_jobs (id, status, output_url, created_at, prompt) VALUES ($1::text::uuid, 'completed', $2, now() - interval '2 hours', 'early')",
+                &[&early.0, url],
+            )
+            .unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "OC003", "{e}");
+
+        // The unsaved job may keep its value; the orphan naming its file is an orphan.
+        job(&mut c, "completed", Some(&public_url("renders", key)), "2 hours", "orphan");
+    }
+    assert_eq!(cycle(&mut c).2, 2);
+}
+
+/// attach() finds a saved job whose URL cannot be read in full (saved before the guards were
+/// there) and refuses, naming the job and the fix; nothing is attached.
+#[test]
+fn attach_refuses_while_a_saved_job_has_a_url_it_cannot_read_in_full() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::create("guard_unread_attach");
+    let mut c = db.client();
+    let url = format!("https://{HOST}/storage/v1/object/public/renders/x.png?pad={}", "a".repeat(70_000));
+    let j = job(&mut c, "completed", Some(&url), "2 hours", "saved");
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    let e = c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap_err();
+    let db_err = e.as_db_error().unwrap_or_else(|| panic!("{e}"));
+    assert_eq!(db_err.code().code(), "OC003", "{}", db_err.message());
+    assert!(db_err.message().contains(&j.0), "{}", db_err.message());
+    assert!(db_err.hint().unwrap().contains("UPDATE"), "{:?}", db_err.hint());
+    let attached: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.attachment", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(attached, 0);
+    c.execute("UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid", &[&j.0, &public_url("renders", "x.png")])
+        .unwrap();
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap();
+}
