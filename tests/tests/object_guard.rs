@@ -1491,3 +1491,88 @@ fn seq03_a_hand_out_record_lives_while_a_job_names_it_and_30_days_after_and_its_
     save(&mut c, "generated_saved", &late.0)
         .expect("the documented limit: 30 days with no job naming it");
 }
+
+// 16. A URL object_keys() cannot read in full (OC003, the third review of issue 14): a save and a
+// job write of such a URL meet on the job's fence row, whichever comes first.
+
+const UNREAD: &str = "OC003";
+
+fn unreadable_url(key: &str) -> String {
+    format!("https://{HOST}/storage/v1/object/public/renders/{key}?pad={}", "a".repeat(70_000))
+}
+
+#[test]
+fn seq16_a_save_in_flight_makes_a_write_of_an_unreadable_url_wait_then_refuses_it() {
+    let db = db("obj_unread_save_first");
+    let mut c = db.client();
+    let j = job(&mut c, "completed", Some(&public_url("renders", "u1.png")), "1 minute", "fresh");
+    let mut app = db.client();
+    let mut tx = app.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+        &[&j.0],
+    )
+    .unwrap();
+    let (name, jid) = (db.name.clone(), j.0.clone());
+    let (writer, pid) = session_in_thread(&name, move |w| {
+        w.execute(
+            "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+            &[&unreadable_url("u1.png"), &jid],
+        )
+    });
+    wait_until_blocked(&mut c, pid);
+    tx.commit().unwrap();
+    assert_eq!(code(writer.join().unwrap()), UNREAD);
+}
+
+#[test]
+fn seq16_a_write_of_an_unreadable_url_in_flight_makes_the_save_wait_then_refuses_it() {
+    let db = db("obj_unread_write_first");
+    let mut c = db.client();
+    let j = job(&mut c, "completed", Some(&public_url("renders", "u2.png")), "1 minute", "fresh");
+    let mut app = db.client();
+    let mut tx = app.transaction().unwrap();
+    tx.execute(
+        "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+        &[&unreadable_url("u2.png"), &j.0],
+    )
+    .unwrap();
+    let (name, jid) = (db.name.clone(), j.0.clone());
+    let (saver, pid) = session_in_thread(&name, move |s| save(s, "generated_saved", &jid));
+    wait_until_blocked(&mut c, pid);
+    tx.commit().unwrap();
+    assert_eq!(code(saver.join().unwrap()), UNREAD);
+}
+
+#[test]
+fn seq16_a_repeatable_read_save_whose_snapshot_predates_the_unreadable_write_does_not_commit() {
+    let db = db("obj_unread_rr");
+    let mut c = db.client();
+    let j = job(&mut c, "completed", Some(&public_url("renders", "u3.png")), "1 minute", "fresh");
+    let mut app = db.client();
+    let mut tx = app
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    tx.query_one("SELECT count(*) FROM user_assets", &[]).unwrap();
+    c.execute(
+        "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
+        &[&unreadable_url("u3.png"), &j.0],
+    )
+    .unwrap();
+    let saved = tx.execute(
+        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+        &[&j.0],
+    );
+    let err = match saved {
+        Err(e) => {
+            drop(tx);
+            e
+        }
+        Ok(_) => tx.commit().expect_err("the save must not commit"),
+    };
+    let got = err.code().unwrap().code().to_string();
+    assert!(got == UNREAD || got == SERIALIZATION_FAILURE, "{got}: {err}");
+    assert_eq!(code(save(&mut app, "generated_saved", &j.0)), UNREAD);
+}
