@@ -76,7 +76,7 @@ const SOFT_STOPS: &[char] = &['&', ' '];
 /// (`storage/v1/`, or `storage%2Fv1%2F`) runs to the first of [`HARD_STOPS`], and is read so,
 /// and cut at the first of [`SOFT_STOPS`]; each of those without one trailing `)`, `]` or `'`
 /// and without all of them (markdown, quotes); each read as a value (all the lenient rules) and,
-/// decoded once, again. The next route is looked for after the cut, so a second URL in the text
+/// decoded once, again (and, encoded into a query, with `+` read as a space too). The next route is looked for after the cut, so a second URL in the text
 /// is read too. At most 8 routes of a value up to 64 KiB.
 fn embedded_keys(value: &str) -> Vec<String> {
     if value.len() > MAX_PATH_LEN {
@@ -109,6 +109,14 @@ fn embedded_keys(value: &str) -> Vec<String> {
                 let once = decode_once(variant);
                 if once != variant {
                     keys.extend(lenient_keys(&once));
+                }
+                // Encoded into a query (an image proxy's `?url=`), where a form encoder
+                // (URLSearchParams) writes a space as `+`.
+                if variant.contains('+') && variant.to_ascii_lowercase().contains("storage%2fv1%2f") {
+                    let form = decode_once(&variant.replace('+', "%20"));
+                    if form != once {
+                        keys.extend(lenient_keys(&form));
+                    }
                 }
             }
         }
@@ -170,32 +178,57 @@ fn lenient_keys(raw: &str) -> Vec<String> {
     let mut keys = Vec::new();
     for path in paths {
         for keep_empty in [false, true] {
-            let key = if has_route {
-                key_of_path(path, true, keep_empty)
-                    .or_else(|| url.then(|| key_of_path(path, false, keep_empty)).flatten())
-            } else {
-                key_of_path(path, false, keep_empty)
-            };
-            keys.extend(key);
+            if !has_route {
+                keys.extend(key_of_path(path, Route::None, keep_empty));
+                continue;
+            }
+            match key_of_path(path, Route::Gateway, keep_empty) {
+                Some(key) => keys.push(key),
+                // A URL with no `storage/v1`: the storage server's own (a self-hosted project's
+                // `http://storage:5000/object/public/...`, behind no gateway), and a CDN's path.
+                None if url => {
+                    keys.extend(key_of_path(path, Route::Server, keep_empty));
+                    keys.extend(key_of_path(path, Route::None, keep_empty));
+                }
+                None => {}
+            }
         }
     }
     keys
 }
 
+/// Where the object starts in a path.
+#[derive(Clone, Copy)]
+enum Route {
+    /// After `storage/v1/<route>`, wherever it starts (the API gateway's path).
+    Gateway,
+    /// After `<route>` at the start of the path (the storage server's own, without a gateway).
+    Server,
+    /// The whole path is `bucket/key`.
+    None,
+}
+
 /// The object a path names (after the storage route when it has one), or `None`. Paths longer
 /// than [`MAX_PATH_LEN`] are not read (the work stays bounded); a reading whose key is longer
 /// than any object name storage allows names no object (and would not fit in an index entry).
-fn key_of_path(path: &str, has_route: bool, keep_empty: bool) -> Option<String> {
+fn key_of_path(path: &str, route: Route, keep_empty: bool) -> Option<String> {
     if path.len() > MAX_PATH_LEN {
         return None;
     }
     // Decoded even when bare: `%` is no character of an object name, so `renders/a%20b.png`
     // can only mean `renders/a b.png`.
     let segments = normalize(path, keep_empty);
-    let object = if has_route {
-        after_route(&segments)?
-    } else {
-        &segments[..]
+    let object = match route {
+        Route::Gateway => {
+            let start = (0..segments.len()).find(|&i| {
+                segments.len() > i + 1
+                    && segments[i].eq_ignore_ascii_case("storage")
+                    && segments[i + 1].eq_ignore_ascii_case("v1")
+            })?;
+            after_route(&segments[start + 2..])?
+        }
+        Route::Server => after_route(&segments)?,
+        Route::None => &segments[..],
     };
     let (bucket, key) = object.split_first()?;
     let key = key.join("/");
@@ -221,18 +254,13 @@ fn after_authority(rest: &str) -> &str {
     &rest[rest.find(['/', '?', '#']).unwrap_or(rest.len())..]
 }
 
-/// The segments after the storage route, wherever `storage/v1` starts (after a host without a
-/// scheme, or a proxy's own prefix): `object/{public|authenticated|sign}/`,
+/// The segments after the route `segments` start with (what follows `storage/v1/` behind the
+/// gateway, or the whole path on the storage server itself): `object/{public|authenticated|sign}/`,
 /// `object/info/[public|authenticated]/`, `object/upload/sign/`, `object/` alone (the
 /// authenticated download), `render/image/{public|authenticated|sign}/`, or `s3/` (the
 /// S3-compatible endpoint, `/storage/v1/s3/<bucket>/<key>`), in any case.
 fn after_route(segments: &[String]) -> Option<&[String]> {
-    let start = (0..segments.len()).find(|&i| {
-        segments.len() > i + 1
-            && segments[i].eq_ignore_ascii_case("storage")
-            && segments[i + 1].eq_ignore_ascii_case("v1")
-    })?;
-    let route: Vec<String> = segments[start + 2..]
+    let route: Vec<String> = segments
         .iter()
         .map(|s| s.to_ascii_lowercase())
         .collect();
@@ -246,7 +274,7 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
         ["s3", _, _, ..] => 1,
         _ => return None,
     };
-    Some(&segments[start + 2 + skip..])
+    Some(&segments[skip..])
 }
 
 /// Path segments as a server would see them: percent-decoded (an invalid escape stays as

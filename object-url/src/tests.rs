@@ -599,6 +599,11 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
         (format!("a {BASE}/object/public/renders/a.png b {BASE}/object/public/renders/b.png"), "renders/b.png"),
         (format!("![r]({BASE}/object/public/renders/photo(1))"), "renders/photo(1)"),
         (format!("{BASE}/object/public/renders/what?.png"), "renders/what?.png"),
+        // The storage server's own routes, behind no gateway (self-hosted), and a form-encoded
+        // space in an image proxy's query.
+        ("http://storage:5000/object/public/renders/x.png".to_string(), "renders/x.png"),
+        ("http://localhost:5000/render/image/authenticated/renders/x.png?width=100".to_string(), "renders/x.png"),
+        ("https://app.example.com/_next/image?url=https%3A%2F%2Fabcd.supabase.co%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2Fmy+file.png&w=640".to_string(), "renders/my file.png"),
     ] {
         let keys = protected_keys(&raw);
         assert!(keys.iter().any(|k| k == want), "{raw:.90?}: {keys:?} lacks {want}");

@@ -514,6 +514,7 @@ DECLARE
     cut text;
     variant text;
     once text;
+    form_ text;
     seen text[];
     keys text[] := '{}';
 BEGIN
@@ -544,6 +545,16 @@ BEGIN
                 END IF;
                 IF once <> variant THEN
                     keys := keys || orphan_cleanup._lenient_keys(once);
+                END IF;
+                -- Encoded into a query (an image proxy's ?url=), where a form encoder writes a
+                -- space as '+'.
+                IF pg_catalog.strpos(variant, '+') > 0
+                   AND pg_catalog.strpos(orphan_cleanup._ascii_lower(variant), 'storage%2fv1%2f') > 0 THEN
+                    form_ := pg_catalog.replace(variant, '+', '%20');
+                    form_ := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(form_, NULL)), form_);
+                    IF form_ <> once THEN
+                        keys := keys || orphan_cleanup._lenient_keys(form_);
+                    END IF;
                 END IF;
             END LOOP;
         END LOOP;
@@ -617,27 +628,29 @@ BEGIN
     END IF;
     FOREACH path IN ARRAY paths LOOP
         FOREACH keep_empty IN ARRAY ARRAY[false, true] LOOP
-            IF has_route THEN
-                k := orphan_cleanup._key_of_path(path, true, keep_empty);
-                IF k IS NULL AND is_url THEN
-                    k := orphan_cleanup._key_of_path(path, false, keep_empty);
-                END IF;
-            ELSE
-                k := orphan_cleanup._key_of_path(path, false, keep_empty);
+            IF NOT has_route THEN
+                keys := keys || orphan_cleanup._key_of_path(path, 'none', keep_empty);
+                CONTINUE;
             END IF;
+            k := orphan_cleanup._key_of_path(path, 'gateway', keep_empty);
             IF k IS NOT NULL THEN
                 keys := keys || k;
+            ELSIF is_url THEN
+                -- A URL with no storage/v1: the storage server's own (self-hosted, behind no
+                -- gateway), and a CDN's path.
+                keys := keys || orphan_cleanup._key_of_path(path, 'server', keep_empty)
+                             || orphan_cleanup._key_of_path(path, 'none', keep_empty);
             END IF;
         END LOOP;
     END LOOP;
-    RETURN keys;
+    RETURN pg_catalog.array_remove(keys, NULL);
 END
 $$;
 
 -- The object a path names, after the storage route when it has one (object-url's key_of_path):
 -- paths longer than 65,536 bytes are not read; a key longer than any object name storage allows
 -- (1,024 bytes), or a bucket as long, names none.
-CREATE FUNCTION orphan_cleanup._key_of_path(path text, has_route boolean, keep_empty boolean) RETURNS text
+CREATE FUNCTION orphan_cleanup._key_of_path(path text, route_at text, keep_empty boolean) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     segments text[];
@@ -651,7 +664,7 @@ BEGIN
     END IF;
     segments := orphan_cleanup._normalized_segments(path, keep_empty);
     n := pg_catalog.cardinality(segments);
-    IF has_route THEN
+    IF route_at = 'gateway' THEN
         SELECT i INTO start FROM pg_catalog.generate_series(1, n - 1) AS i
         WHERE orphan_cleanup._ascii_lower(segments[i]) = 'storage'
           AND orphan_cleanup._ascii_lower(segments[i + 1]) = 'v1'
@@ -659,7 +672,12 @@ BEGIN
         IF start IS NULL THEN
             RETURN NULL;
         END IF;
-        route := ARRAY(SELECT orphan_cleanup._ascii_lower(s) FROM pg_catalog.unnest(segments[start + 2:]) AS s);
+        start := start + 2;
+    ELSIF route_at = 'server' THEN
+        start := 1;
+    END IF;
+    IF start IS NOT NULL THEN
+        route := ARRAY(SELECT orphan_cleanup._ascii_lower(s) FROM pg_catalog.unnest(segments[start:]) AS s);
         skip := CASE
             WHEN pg_catalog.cardinality(route) >= 5 AND route[1] = 'object' AND route[2] = 'info'
                  AND route[3] IN ('public', 'authenticated') THEN 3
@@ -674,7 +692,7 @@ BEGIN
         IF skip IS NULL THEN
             RETURN NULL;
         END IF;
-        segments := segments[start + 2 + skip:];
+        segments := segments[start + skip:];
     END IF;
     IF pg_catalog.cardinality(segments) < 2
        OR pg_catalog.octet_length(segments[1]) > 1024

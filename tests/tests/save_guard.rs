@@ -680,6 +680,8 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
         "see https://h.co/storage/v1/object/public/renders/{k} for the render".to_string(),
         format!("![r](https://{HOST}/storage/v1/object/public/renders//../{{k}})"),
         format!("a https://{HOST}/storage/v1/object/public/renders/other.png b https://{HOST}/storage/v1/object/public/renders/{{k}}"),
+        // The storage server's own route, behind no gateway (a self-hosted project's).
+        "http://storage:5000/object/public/renders/{k}".to_string(),
     ];
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_url_readings");
@@ -732,6 +734,11 @@ fn names_with_a_space_an_ampersand_or_a_question_mark_keep_their_files_in_every_
         ),
         (format!("![r]({base}/m/what%3F.png)"), "m/what%3F.png"),
         (format!("{base}/q/what?.png"), "q/what%3F.png"),
+        // Form-encoded into the proxy's query (URLSearchParams): the space is '+'.
+        (
+            format!("https://app.example.com/_next/image?url=https%3A%2F%2F{HOST}%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2Ff%2Fmy+file.png&w=640"),
+            "f/my%20file.png",
+        ),
     ] {
         let saved = job(&mut c, "completed", Some(&saved_url), "2 hours", "saved");
         save(&mut c, "generated_saved", &saved.0).unwrap();

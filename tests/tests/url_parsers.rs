@@ -234,6 +234,12 @@ fn route(rng: &mut StdRng) -> &'static str {
             "/proxy/storage/v1/object/public/",
             "/storage/v1/object/public/../",
             "/storage//v1/object/public/",
+            // The storage server's own routes, behind no gateway (self-hosted).
+            "/object/public/",
+            "/object/authenticated/",
+            "/object/info/public/",
+            "/render/image/sign/",
+            "/s3/",
             "/",
             "",
         ],
@@ -356,6 +362,17 @@ fn value(rng: &mut StdRng) -> String {
             v.chars()
                 .map(|c| match c {
                     ':' | '/' | '?' | '&' | '=' | '%' | ' ' | '#' => format!("%{:02X}", c as u32),
+                    c => c.to_string(),
+                })
+                .collect::<String>()
+        ),
+        // The same, form-encoded (URLSearchParams): a space is '+', a '+' is %2B.
+        3 => format!(
+            "https://app.example.com/_next/image?url={}&w=640",
+            v.chars()
+                .map(|c| match c {
+                    ' ' => "+".to_string(),
+                    ':' | '/' | '?' | '&' | '=' | '%' | '#' | '+' => format!("%{:02X}", c as u32),
                     c => c.to_string(),
                 })
                 .collect::<String>()
