@@ -86,9 +86,14 @@ fn on_every_server_connection(pooler: &Pooler, db: &str, size: usize, sql: &str)
     values
 }
 
+/// The locks reapers hold on their worker ids (pg_try_advisory_lock(7310249, ...)) in this
+/// database. pg_locks lists the whole cluster's: a cycle of the background worker (its own
+/// transaction-scoped lock, 7310246) once made this count 1 in CI.
 fn advisory_locks(c: &mut postgres::Client) -> i64 {
     c.query_one(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+        "SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND classid = 7310249
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         &[],
     )
     .unwrap()
