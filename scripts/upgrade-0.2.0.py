@@ -226,6 +226,7 @@ out.append(fn('guard','_route_count', replace=False))
 out.append(fn('guard','_unread_url', replace=False))
 out.append(fn('guard','_refuse_unread', replace=False))
 out.append(fn('guard','_job_is_saved', replace=False))
+out.append(fn('guard','_refuse_unread_saved', replace=False))
 out.append(fn('guard','save_guard'))
 out.append(fn('guard','job_guard', replace=False))
 out.append(fn('guard','_drop_guards'))
@@ -256,8 +257,8 @@ out.append(fn('queue','_cleanup_jobs'))
 out.append(fn('queue','cancel'))
 out.append(fn('queue','requeue_dead'))
 out.append("""-- An attached database gets the jobs table's guard now, as attach() installs it, its truncate
--- guard fires under session_replication_role = replica too, and confirm()'s writes to the jobs
--- table run as that table's owner.
+-- guard fires under session_replication_role = replica too, confirm()'s writes to the jobs
+-- table run as that table's owner, and no saved job may have a URL too long to read.
 DO $upgrade$
 DECLARE
     att orphan_cleanup.attachment;
@@ -268,6 +269,11 @@ BEGIN
         EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', att.jobs_oid::regclass);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', att.jobs_oid::regclass);
         PERFORM orphan_cleanup._own_job_writer(att.jobs_oid);
+        -- A saved job whose URL cannot be read in full protects nothing it might name: the
+        -- update is refused until it is fixed, as attach() refuses.
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.assets_oid) THEN
+            PERFORM orphan_cleanup._refuse_unread_saved(att.jobs_oid, att.assets_oid, 'ALTER EXTENSION pg_orphan_cleanup UPDATE');
+        END IF;
     END IF;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_truncate_guard') THEN
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', att.assets_oid::regclass);
@@ -367,6 +373,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._unread_url(text),
     orphan_cleanup._refuse_unread(uuid, text),
     orphan_cleanup._job_is_saved(orphan_cleanup.attachment, uuid),
+    orphan_cleanup._refuse_unread_saved(oid, oid, text),
     orphan_cleanup.object_keys(text),
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),

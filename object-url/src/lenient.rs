@@ -13,8 +13,6 @@
 //!
 //! Nothing is ever deleted because of this reading: deletion uses [`crate::parse`] alone.
 
-use percent_encoding::percent_decode_str;
-
 /// Characters a copy-and-paste or a template leaves around a value: whitespace, quotes, angle
 /// brackets.
 fn is_junk(c: char) -> bool {
@@ -71,13 +69,15 @@ const SOFT_STOPS: &[char] = &['&', ' '];
 
 /// The objects of storage URLs embedded anywhere in a value: passed to an image proxy, encoded
 /// once (`/_next/image?url=https%3A%2F%2F...%2Fstorage%2Fv1%2F...&w=640`), inside markdown
-/// (`![render](https://.../storage/v1/...)`), or in text. The ends are found in the value as
-/// written, where an encoded `%20`, `%26` or `%3F` in a name is still part of it: each route
-/// (`storage/v1/`, or `storage%2Fv1%2F`) runs to the first of [`HARD_STOPS`], and is read so,
-/// and cut at the first of [`SOFT_STOPS`]; each of those without one trailing `)`, `]` or `'`
-/// and without all of them (markdown, quotes); each read as a value (all the lenient rules) and,
-/// decoded once, again (and, encoded into a query, with `+` read as a space too). The next route is looked for after the cut, so a second URL in the text
-/// is read too. At most 8 routes of a value up to 64 KiB.
+/// (`![render](https://.../storage/v1/...)`), in text, or in a list. The ends are found in the
+/// value as written, where an encoded `%20`, `%26` or `%3F` in a name is still part of it: each
+/// route (`storage/v1/`, or `storage%2Fv1%2F`) runs to the first of [`HARD_STOPS`], and is read
+/// so, cut at the first of [`SOFT_STOPS`], and cut at the first `,`, `|` or `)`; each of those
+/// as it is, without one trailing `)`, `]` or `'`, without all of them (markdown, quotes), and
+/// without trailing punctuation too (a URL ending a sentence); each read as a value (all the
+/// lenient rules), decoded once, and decoded with `+` as a space (a form encoder's). Every route
+/// gets a pass of its own, so a second URL is read wherever it starts. At most 8 routes of a
+/// value up to 64 KiB: past either, the save guard refuses to save the job (`_unread_url`).
 fn embedded_keys(value: &str) -> Vec<String> {
     if value.len() > MAX_PATH_LEN {
         return Vec::new();
@@ -86,9 +86,9 @@ fn embedded_keys(value: &str) -> Vec<String> {
     let mut keys = Vec::new();
     let mut pos = 0;
     for _ in 0..8 {
-        let Some(found) = ["storage/v1/", "storage%2fv1%2f"]
+        let Some((found, route_len)) = ["storage/v1/", "storage%2fv1%2f"]
             .iter()
-            .filter_map(|route| lower[pos..].find(route))
+            .filter_map(|route| lower[pos..].find(route).map(|at| (at, route.len())))
             .min()
         else {
             break;
@@ -96,10 +96,18 @@ fn embedded_keys(value: &str) -> Vec<String> {
         let start = pos + found;
         let span = &value[start..value[start..].find(HARD_STOPS).map_or(value.len(), |n| start + n)];
         let soft = &span[..span.find(SOFT_STOPS).unwrap_or(span.len())];
+        // A list of URLs (`a.png,https://...`), markdown images side by side, a URL at the end
+        // of a sentence: also cut at the first `,`, `|` or `)`, and without trailing punctuation.
+        let tight = &soft[..soft.find([',', '|', ')']).unwrap_or(soft.len())];
         let mut seen: Vec<&str> = Vec::new();
-        for cut in [span, soft] {
+        for cut in [span, soft, tight] {
             let one = cut.strip_suffix([')', ']', '\'']).unwrap_or(cut);
-            for variant in [cut, one, cut.trim_end_matches([')', ']', '\''])] {
+            for variant in [
+                cut,
+                one,
+                cut.trim_end_matches([')', ']', '\'']),
+                cut.trim_end_matches([')', ']', '\'', '.', ',', ';', ':', '!', '?']),
+            ] {
                 // Most values have one route and no wrapping: each variant is read once.
                 if seen.contains(&variant) {
                     continue;
@@ -110,9 +118,9 @@ fn embedded_keys(value: &str) -> Vec<String> {
                 if once != variant {
                     keys.extend(lenient_keys(&once));
                 }
-                // Encoded into a query (an image proxy's `?url=`), where a form encoder
-                // (URLSearchParams) writes a space as `+`.
-                if variant.contains('+') && variant.to_ascii_lowercase().contains("storage%2fv1%2f") {
+                // In a query (an image proxy's `?url=`), a form encoder (URLSearchParams) writes
+                // a space as `+`.
+                if variant.contains('+') {
                     let form = decode_once(&variant.replace('+', "%20"));
                     if form != once {
                         keys.extend(lenient_keys(&form));
@@ -120,18 +128,49 @@ fn embedded_keys(value: &str) -> Vec<String> {
                 }
             }
         }
-        pos = start + soft.len();
+        // Every route gets a pass of its own, even one inside the span of another.
+        pos = start + route_len;
     }
     keys
 }
 
-/// `text` percent-decoded once, or as written where the escapes decode to no text (bytes that
-/// are not UTF-8, or a NUL).
+/// `text` percent-decoded once: each run of escapes (`%XX%XX...`) that decodes to text (UTF-8,
+/// no NUL) is replaced by it, and a run that does not stays as written, as does everything else.
+/// A server decodes what it can (an image proxy reads `%E9` as U+FFFD and still fetches the
+/// file): one bad escape must not keep the rest of a value from being read (the fourth review;
+/// the whole value used to be read as written then). The managed edition's `_decode_once` is the
+/// same rule in PL/pgSQL.
 fn decode_once(text: &str) -> String {
-    String::from_utf8(percent_decode_str(text).collect::<Vec<u8>>())
-        .ok()
-        .filter(|t| !t.contains('\0'))
-        .unwrap_or_else(|| text.to_string())
+    let bytes = text.as_bytes();
+    let is_escape = |i: usize| {
+        i + 2 < bytes.len()
+            && bytes[i] == b'%'
+            && bytes[i + 1].is_ascii_hexdigit()
+            && bytes[i + 2].is_ascii_hexdigit()
+    };
+    let hex = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut i) = (0, 0);
+    while i < bytes.len() {
+        if !is_escape(i) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut run = Vec::new();
+        while is_escape(i) {
+            run.push(hex(bytes[i + 1]) * 16 + hex(bytes[i + 2]));
+            i += 3;
+        }
+        out.push_str(&text[copied..start]);
+        match String::from_utf8(run) {
+            Ok(t) if !t.contains('\0') => out.push_str(&t),
+            _ => out.push_str(&text[start..i]),
+        }
+        copied = i;
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 /// The lenient readings of `raw`, in order: for URLs (and values that contain a storage route)

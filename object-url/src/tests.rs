@@ -604,6 +604,16 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
         ("http://storage:5000/object/public/renders/x.png".to_string(), "renders/x.png"),
         ("http://localhost:5000/render/image/authenticated/renders/x.png?width=100".to_string(), "renders/x.png"),
         ("https://app.example.com/_next/image?url=https%3A%2F%2Fabcd.supabase.co%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2Fmy+file.png&w=640".to_string(), "renders/my file.png"),
+        // The fourth review: URLs in a list or side by side, a URL ending a sentence, one bad
+        // escape elsewhere in an encoded URL, '+' in a query where the URL is not encoded.
+        (format!("{BASE}/object/public/renders/a.png,{BASE}/object/public/renders/b.png"), "renders/a.png"),
+        (format!("{BASE}/object/public/renders/a.png,{BASE}/object/public/renders/b.png"), "renders/b.png"),
+        (format!("{BASE}/object/public/renders/a.png;{BASE}/object/public/renders/b.png"), "renders/b.png"),
+        (format!("![a]({BASE}/object/public/renders/a.png)![b]({BASE}/object/public/renders/b.png)"), "renders/a.png"),
+        (format!("![a]({BASE}/object/public/renders/a.png)![b]({BASE}/object/public/renders/b.png)"), "renders/b.png"),
+        (format!("Done: {BASE}/object/public/renders/k.png."), "renders/k.png"),
+        ("https://app.example/_next/image?url=https%3A%2F%2Fabcd.supabase.co%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2Fk.png%3Ft%3Dcaf%E9&w=640".to_string(), "renders/k.png"),
+        (format!("https://app.example/_next/image?url={BASE}/object/public/renders/my+render.png&w=1"), "renders/my render.png"),
     ] {
         let keys = protected_keys(&raw);
         assert!(keys.iter().any(|k| k == want), "{raw:.90?}: {keys:?} lacks {want}");

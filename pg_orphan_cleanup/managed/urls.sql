@@ -66,6 +66,32 @@ EXCEPTION WHEN character_not_in_repertoire THEN
 END
 $$;
 
+-- The text percent-decoded once (object-url's decode_once): each run of escapes that decodes to
+-- text (UTF-8, no NUL) is replaced by it; a run that does not stays as written, as does
+-- everything else.
+CREATE FUNCTION orphan_cleanup._decode_once(s text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    out_ text := '';
+    rest text := s;
+    run text;
+    at_ int;
+BEGIN
+    IF pg_catalog.strpos(s, '%') = 0 THEN
+        RETURN s;
+    END IF;
+    LOOP
+        run := substring(rest FROM '(?:%[0-9A-Fa-f]{2})+');
+        EXIT WHEN run IS NULL;
+        at_ := pg_catalog.strpos(rest, run);
+        out_ := out_ || pg_catalog.left(rest, at_ - 1)
+                || coalesce(orphan_cleanup._utf8(pg_catalog.decode(pg_catalog.replace(run, '%', ''), 'hex')), run);
+        rest := pg_catalog.substr(rest, at_ + pg_catalog.length(run));
+    END LOOP;
+    RETURN out_ || rest;
+END
+$$;
+
 -- `host` or `host:port` of an authority, read narrowly (object-url's plain_authority): a host
 -- name of ASCII letters, digits and hyphens in dot-separated labels, or a dotted-quad IPv4
 -- address, and a port from 1 to 65535 written plainly, the scheme's default dropped.
@@ -231,7 +257,7 @@ $$;
 
 -- The canonical spelling of an object URL, the one nearly every job has (supabase-js's
 -- getPublicUrl() and createSignedUrl() without a query): plain host, route, bucket and key of
--- unremarkable characters, no '%', '?', '#', ';', '..' or second route. For such a value the
+-- unremarkable characters, no '%', '?', '#', ';', '..', final '.' or second route. For such a value the
 -- strict reading is (host, bucket, key, form) as matched, and it is the only reading: the callers
 -- answer it at once instead of running every rule (0.4 ms a value in PL/pgSQL, which every app
 -- write of a job and every job a cycle reads paid). The differential test
@@ -248,7 +274,8 @@ DECLARE
     bucket text;
 BEGIN
     -- Matched without captures (7x faster in PostgreSQL's engine), then cut at its slashes.
-    IF pg_catalog.octet_length(raw) > 1024
+    -- A name ending in '.' has a second reading (the URL at the end of a sentence).
+    IF pg_catalog.octet_length(raw) > 1024 OR pg_catalog.right(raw, 1) = '.'
        OR raw !~ '^https?://(?:[a-z0-9-]+\.)*[a-z][a-z0-9-]*/storage/v1/object/(?:public|authenticated|sign)/[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_-][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$' THEN
         RETURN NULL;
     END IF;
@@ -408,9 +435,7 @@ DECLARE
     part text;
     out_ text[] := '{}';
 BEGIN
-    IF pg_catalog.strpos(path, '%') > 0 THEN
-        text_ := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(path, NULL)), path);
-    END IF;
+    text_ := orphan_cleanup._decode_once(path);
     IF keep_empty AND pg_catalog.left(text_, 1) IN ('/', '\') THEN
         text_ := pg_catalog.substr(text_, 2);
     END IF;
@@ -494,13 +519,14 @@ BEGIN
 END
 $$;
 -- The objects of storage URLs embedded anywhere in a value (object-url's embedded_keys): passed
--- to an image proxy encoded once, inside markdown, or in text. The ends are found in the value
--- as written (an encoded %20, %26 or %3F in a name is still part of it): each route
+-- to an image proxy encoded once, inside markdown, in text, or in a list. The ends are found in
+-- the value as written (an encoded %20, %26 or %3F in a name is still part of it): each route
 -- (storage/v1/, or storage%2Fv1%2F) runs to the first hard stop (a quote, angle bracket,
--- backquote or control character), and is read so, and cut at the first '&' or space; each of
--- those without one trailing ')', ']' or quote and without all of them; each read as a value
--- (all the lenient rules) and, decoded once, again. The next route is looked for after the cut.
--- At most 8 routes of a value up to 64 KiB.
+-- backquote or control character), and is read so, cut at the first '&' or space, and cut at the
+-- first ',', '|' or ')'; each of those as it is, without one trailing ')', ']' or quote, without
+-- all of them, and without trailing punctuation too; each read as a value (all the lenient
+-- rules), decoded once, and decoded with '+' as a space. Every route gets a pass of its own.
+-- At most 8 routes of a value up to 64 KiB (past either, _unread_url refuses the save).
 CREATE FUNCTION orphan_cleanup._embedded_keys(value text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
@@ -509,8 +535,10 @@ DECLARE
     f1 int;
     f2 int;
     start_ int;
+    route_len int;
     span text;
     soft text;
+    tight text;
     cut text;
     variant text;
     once text;
@@ -526,39 +554,41 @@ BEGIN
         f1 := pg_catalog.strpos(pg_catalog.substr(lower_, pos), 'storage/v1/');
         f2 := pg_catalog.strpos(pg_catalog.substr(lower_, pos), 'storage%2fv1%2f');
         EXIT WHEN f1 = 0 AND f2 = 0;
-        start_ := pos - 1 + CASE WHEN f1 = 0 THEN f2 WHEN f2 = 0 THEN f1 ELSE least(f1, f2) END;
+        IF f2 = 0 OR (f1 > 0 AND f1 < f2) THEN
+            start_ := pos - 1 + f1;
+            route_len := 11;
+        ELSE
+            start_ := pos - 1 + f2;
+            route_len := 15;
+        END IF;
         span := substring(pg_catalog.substr(value, start_) FROM '^[^"<>`\t\n\r\x0b\x0c]*');
         soft := substring(span FROM '^[^& ]*');
+        tight := substring(soft FROM '^[^,|)]*');
         seen := '{}';
-        FOREACH cut IN ARRAY ARRAY[span, soft] LOOP
+        FOREACH cut IN ARRAY ARRAY[span, soft, tight] LOOP
             FOREACH variant IN ARRAY ARRAY[cut,
                                            CASE WHEN pg_catalog.right(cut, 1) IN (')', ']', '''')
                                                 THEN pg_catalog.left(cut, -1) ELSE cut END,
-                                           pg_catalog.rtrim(cut, ')]''')] LOOP
+                                           pg_catalog.rtrim(cut, ')]'''),
+                                           pg_catalog.rtrim(cut, ')]''.,;:!?')] LOOP
                 -- Most values have one route and no wrapping: each variant is read once.
                 CONTINUE WHEN variant = ANY (seen);
                 seen := seen || variant;
                 keys := keys || orphan_cleanup._lenient_keys(variant);
-                once := variant;
-                IF pg_catalog.strpos(variant, '%') > 0 THEN
-                    once := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(variant, NULL)), variant);
-                END IF;
+                once := orphan_cleanup._decode_once(variant);
                 IF once <> variant THEN
                     keys := keys || orphan_cleanup._lenient_keys(once);
                 END IF;
-                -- Encoded into a query (an image proxy's ?url=), where a form encoder writes a
-                -- space as '+'.
-                IF pg_catalog.strpos(variant, '+') > 0
-                   AND pg_catalog.strpos(orphan_cleanup._ascii_lower(variant), 'storage%2fv1%2f') > 0 THEN
-                    form_ := pg_catalog.replace(variant, '+', '%20');
-                    form_ := coalesce(orphan_cleanup._utf8(orphan_cleanup._percent_bytes(form_, NULL)), form_);
+                -- In a query (an image proxy's ?url=), a form encoder writes a space as '+'.
+                IF pg_catalog.strpos(variant, '+') > 0 THEN
+                    form_ := orphan_cleanup._decode_once(pg_catalog.replace(variant, '+', '%20'));
                     IF form_ <> once THEN
                         keys := keys || orphan_cleanup._lenient_keys(form_);
                     END IF;
                 END IF;
             END LOOP;
         END LOOP;
-        pos := start_ + pg_catalog.length(soft);
+        pos := start_ + route_len;
     END LOOP;
     RETURN keys;
 END

@@ -40,12 +40,15 @@ BEGIN ATOMIC
     ORDER BY k.n;
 END;
 
--- How many storage routes (storage/v1/, or storage%2Fv1%2F) a value holds, in any case.
+-- How many storage routes (storage/v1/, or storage%2Fv1%2F) a value holds, in any case, counted
+-- without its tabs and newlines: object_keys() also reads the value as a browser does, without
+-- them, where a route split by a tab is whole again (the fourth review). Removing them never
+-- breaks a route, so this is never fewer than the value as written holds.
 CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 RETURN (SELECT (length(l) - length(replace(l, 'storage/v1/', ''))) / 11
                + (length(l) - length(replace(l, 'storage%2fv1%2f', ''))) / 15
-        FROM translate(url, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') AS l);
+        FROM translate(url, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\r', 'abcdefghijklmnopqrstuvwxyz') AS l);
 
 -- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes
 -- and up to 8 storage routes in one value (object-url's limits, which keep its work bounded). A
@@ -86,12 +89,41 @@ BEGIN
 END
 $$;
 
--- Writes the fence row of a job (see job_fences).
+-- Refuses (OC003, naming the job and the fix) while a saved job has a URL object_keys() cannot
+-- read in full: attach() and the update to 0.2.0 run it once the guards are in place (their
+-- locks held), so that no job saved before them is left protecting nothing. One scan of the
+-- jobs table's URL lengths.
+CREATE FUNCTION orphan_cleanup._refuse_unread_saved(p_jobs oid, p_assets oid, p_what text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job uuid;
+    v_why text;
+BEGIN
+    EXECUTE format('SELECT j.id, orphan_cleanup._unread_url(j.output_url) FROM %s AS j
+                    WHERE orphan_cleanup._unread_url(j.output_url) IS NOT NULL
+                      AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = j.id::text)
+                    LIMIT 1', p_jobs::regclass, p_assets::regclass, 'render_job_id')
+       INTO v_job, v_why;
+    IF v_job IS NOT NULL THEN
+        RAISE EXCEPTION '% found saved render job % whose files cannot be protected: %; nothing was changed', p_what, v_job, v_why
+            USING ERRCODE = 'OC003',
+                  HINT = format('Set that job''s output_url to the URL Supabase Storage returned for its file (UPDATE %s SET output_url = ... WHERE id = %L), look for others (SELECT id FROM %s WHERE orphan_cleanup._unread_url(output_url) IS NOT NULL), then run %s again.',
+                                p_jobs::regclass, v_job, p_jobs::regclass, p_what);
+    END IF;
+END
+$$;
+
+-- Writes the fence row of a job (see job_fences), stamped with the time of the write, not the
+-- transaction's start: a fence row is pruned a day after its stamp, and one written by a
+-- transaction that had been open for a day must not be pruned the moment it commits (a
+-- REPEATABLE READ write of the job older than that commit would then meet no row, and no
+-- conflict; the fourth review).
 CREATE FUNCTION orphan_cleanup._fence_job(p_job uuid) RETURNS void
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    INSERT INTO orphan_cleanup.job_fences AS f (job_id) VALUES (p_job)
-    ON CONFLICT (job_id) DO UPDATE SET touched_at = now();
+    INSERT INTO orphan_cleanup.job_fences AS f (job_id, touched_at) VALUES (p_job, clock_timestamp())
+    ON CONFLICT (job_id) DO UPDATE SET touched_at = clock_timestamp();
 END;
 
 -- Holds the row of an object (creating it if it has none) with a shared lock and returns it:
@@ -559,8 +591,6 @@ DECLARE
     v_type text;
     v_typtype "char";
     fk record;
-    v_unread_job uuid;
-    v_unread text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
@@ -646,20 +676,8 @@ BEGIN
                   HINT = 'Find it in pg_stat_activity (SELECT pid, xact_start, query FROM pg_stat_activity WHERE xact_start < now() - interval ''10 seconds''), let it finish, and run attach() again.';
     END;
 
-    -- A saved job whose URL cannot be read in full (see _unread_url): the guards keep new ones
-    -- out from here on (their locks are held now); one saved before would protect nothing it
-    -- might name. One scan of the jobs table's URL lengths.
-    EXECUTE format('SELECT j.id, orphan_cleanup._unread_url(j.output_url) FROM %s AS j
-                    WHERE orphan_cleanup._unread_url(j.output_url) IS NOT NULL
-                      AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = j.id::text)
-                    LIMIT 1', v_jobs::regclass, v_assets::regclass, 'render_job_id')
-       INTO v_unread_job, v_unread;
-    IF v_unread_job IS NOT NULL THEN
-        RAISE EXCEPTION 'attach() found saved render job % whose files cannot be protected: %; nothing was changed', v_unread_job, v_unread
-            USING ERRCODE = 'OC003',
-                  HINT = format('Set that job''s output_url to the URL Supabase Storage returned for its file (UPDATE %s SET output_url = ... WHERE id = %L), check for others (SELECT id FROM %s WHERE orphan_cleanup._unread_url(output_url) IS NOT NULL), then run attach() again.',
-                                v_jobs::regclass, v_unread_job, v_jobs::regclass);
-    END IF;
+    -- No saved job may have a URL that cannot be read in full (see _unread_url).
+    PERFORM orphan_cleanup._refuse_unread_saved(v_jobs, v_assets, 'attach()');
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));

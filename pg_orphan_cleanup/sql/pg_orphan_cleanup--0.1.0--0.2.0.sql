@@ -461,8 +461,6 @@ DECLARE
     v_type text;
     v_typtype "char";
     fk record;
-    v_unread_job uuid;
-    v_unread text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
@@ -548,20 +546,8 @@ BEGIN
                   HINT = 'Find it in pg_stat_activity (SELECT pid, xact_start, query FROM pg_stat_activity WHERE xact_start < now() - interval ''10 seconds''), let it finish, and run attach() again.';
     END;
 
-    -- A saved job whose URL cannot be read in full (see _unread_url): the guards keep new ones
-    -- out from here on (their locks are held now); one saved before would protect nothing it
-    -- might name. One scan of the jobs table's URL lengths.
-    EXECUTE format('SELECT j.id, orphan_cleanup._unread_url(j.output_url) FROM %s AS j
-                    WHERE orphan_cleanup._unread_url(j.output_url) IS NOT NULL
-                      AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = j.id::text)
-                    LIMIT 1', v_jobs::regclass, v_assets::regclass, 'render_job_id')
-       INTO v_unread_job, v_unread;
-    IF v_unread_job IS NOT NULL THEN
-        RAISE EXCEPTION 'attach() found saved render job % whose files cannot be protected: %; nothing was changed', v_unread_job, v_unread
-            USING ERRCODE = 'OC003',
-                  HINT = format('Set that job''s output_url to the URL Supabase Storage returned for its file (UPDATE %s SET output_url = ... WHERE id = %L), check for others (SELECT id FROM %s WHERE orphan_cleanup._unread_url(output_url) IS NOT NULL), then run attach() again.',
-                                v_jobs::regclass, v_unread_job, v_jobs::regclass);
-    END IF;
+    -- No saved job may have a URL that cannot be read in full (see _unread_url).
+    PERFORM orphan_cleanup._refuse_unread_saved(v_jobs, v_assets, 'attach()');
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
@@ -1973,8 +1959,8 @@ $$;
 CREATE FUNCTION orphan_cleanup._fence_job(p_job uuid) RETURNS void
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    INSERT INTO orphan_cleanup.job_fences AS f (job_id) VALUES (p_job)
-    ON CONFLICT (job_id) DO UPDATE SET touched_at = now();
+    INSERT INTO orphan_cleanup.job_fences AS f (job_id, touched_at) VALUES (p_job, clock_timestamp())
+    ON CONFLICT (job_id) DO UPDATE SET touched_at = clock_timestamp();
 END;
 
 CREATE FUNCTION orphan_cleanup._hold_object(p_bucket text, p_path text) RETURNS orphan_cleanup.objects
@@ -2031,7 +2017,7 @@ CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 RETURN (SELECT (length(l) - length(replace(l, 'storage/v1/', ''))) / 11
                + (length(l) - length(replace(l, 'storage%2fv1%2f', ''))) / 15
-        FROM translate(url, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') AS l);
+        FROM translate(url, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\r', 'abcdefghijklmnopqrstuvwxyz') AS l);
 
 CREATE FUNCTION orphan_cleanup._unread_url(url text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
@@ -2062,6 +2048,27 @@ BEGIN
                    att.assets_oid::regclass, 'render_job_id')
        INTO v_saved USING p_job::text;
     RETURN v_saved;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._refuse_unread_saved(p_jobs oid, p_assets oid, p_what text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job uuid;
+    v_why text;
+BEGIN
+    EXECUTE format('SELECT j.id, orphan_cleanup._unread_url(j.output_url) FROM %s AS j
+                    WHERE orphan_cleanup._unread_url(j.output_url) IS NOT NULL
+                      AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = j.id::text)
+                    LIMIT 1', p_jobs::regclass, p_assets::regclass, 'render_job_id')
+       INTO v_job, v_why;
+    IF v_job IS NOT NULL THEN
+        RAISE EXCEPTION '% found saved render job % whose files cannot be protected: %; nothing was changed', p_what, v_job, v_why
+            USING ERRCODE = 'OC003',
+                  HINT = format('Set that job''s output_url to the URL Supabase Storage returned for its file (UPDATE %s SET output_url = ... WHERE id = %L), look for others (SELECT id FROM %s WHERE orphan_cleanup._unread_url(output_url) IS NOT NULL), then run %s again.',
+                                p_jobs::regclass, v_job, p_jobs::regclass, p_what);
+    END IF;
 END
 $$;
 
@@ -3353,8 +3360,8 @@ END
 $$;
 
 -- An attached database gets the jobs table's guard now, as attach() installs it, its truncate
--- guard fires under session_replication_role = replica too, and confirm()'s writes to the jobs
--- table run as that table's owner.
+-- guard fires under session_replication_role = replica too, confirm()'s writes to the jobs
+-- table run as that table's owner, and no saved job may have a URL too long to read.
 DO $upgrade$
 DECLARE
     att orphan_cleanup.attachment;
@@ -3365,6 +3372,11 @@ BEGIN
         EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', att.jobs_oid::regclass);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', att.jobs_oid::regclass);
         PERFORM orphan_cleanup._own_job_writer(att.jobs_oid);
+        -- A saved job whose URL cannot be read in full protects nothing it might name: the
+        -- update is refused until it is fixed, as attach() refuses.
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.assets_oid) THEN
+            PERFORM orphan_cleanup._refuse_unread_saved(att.jobs_oid, att.assets_oid, 'ALTER EXTENSION pg_orphan_cleanup UPDATE');
+        END IF;
     END IF;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = att.assets_oid AND tgname = 'orphan_cleanup_truncate_guard') THEN
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', att.assets_oid::regclass);
@@ -3487,6 +3499,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._unread_url(text),
     orphan_cleanup._refuse_unread(uuid, text),
     orphan_cleanup._job_is_saved(orphan_cleanup.attachment, uuid),
+    orphan_cleanup._refuse_unread_saved(oid, oid, text),
     orphan_cleanup.object_keys(text),
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),

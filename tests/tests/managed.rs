@@ -38,6 +38,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_readings",
     "_embedded_keys",
     "_key_of_path",
+    "_decode_once",
     "_canonical_url",
     "_after_authority",
     "_url_refusal",

@@ -1576,3 +1576,30 @@ fn seq16_a_repeatable_read_save_whose_snapshot_predates_the_unreadable_write_doe
     assert!(got == UNREAD || got == SERIALIZATION_FAILURE, "{got}: {err}");
     assert_eq!(code(save(&mut app, "generated_saved", &j.0)), UNREAD);
 }
+
+/// A fence row is stamped when it is written, not when its transaction began: one written by a
+/// transaction open for a day was pruned by the next cycle the moment it committed, and a
+/// REPEATABLE READ write of the job older than that commit then met no conflict (the fourth
+/// review). The stamp must be later than the transaction's start by the time it waited.
+#[test]
+fn seq16_a_fence_row_is_stamped_when_written_not_when_its_transaction_began() {
+    let db = db("obj_fence_stamp");
+    let mut c = db.client();
+    let j = job(&mut c, "completed", Some(&public_url("renders", "f.png")), "1 minute", "fresh");
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SELECT pg_sleep(1.2)").unwrap();
+    tx.execute(
+        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+        &[&j.0],
+    )
+    .unwrap();
+    let late: bool = tx
+        .query_one(
+            "SELECT touched_at >= now() + interval '1 second' FROM orphan_cleanup.job_fences WHERE job_id = $1::text::uuid",
+            &[&j.0],
+        )
+        .unwrap()
+        .get(0);
+    assert!(late, "the fence row carries the transaction's start");
+    tx.commit().unwrap();
+}

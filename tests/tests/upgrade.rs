@@ -352,3 +352,34 @@ fn the_upgrade_rebuilds_the_object_key_index_when_a_url_reads_differently() {
         );
     }
 }
+
+/// A job saved under 0.1.0 with a URL 0.2.0 cannot read in full (over 64 KiB) would protect
+/// nothing it might name: the update is refused (OC003), naming the job and the fix, and goes
+/// through once the URL is fixed (the fourth review).
+#[test]
+fn the_upgrade_refuses_while_a_saved_job_has_a_url_too_long_to_read() {
+    settings(BASE_SETTINGS);
+    let old = TestDb::create_at("upgrade_unread", Some("0.1.0"));
+    old.attach();
+    let mut c = old.client();
+    let url = format!("https://{HOST}/storage/v1/object/public/renders/x.png?pad={}", "a".repeat(70_000));
+    let j = job(&mut c, "completed", Some(&url), "2 days", "saved");
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    let e = c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE").unwrap_err();
+    let db_err = e.as_db_error().unwrap_or_else(|| panic!("{e}"));
+    assert_eq!(db_err.code().code(), "OC003", "{}", db_err.message());
+    assert!(
+        db_err.message().contains(&j.0) && db_err.message().contains("65,536"),
+        "{}",
+        db_err.message()
+    );
+    assert!(db_err.hint().unwrap().contains("ALTER EXTENSION pg_orphan_cleanup UPDATE again"));
+    let version: String = c
+        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_orphan_cleanup'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, "0.1.0");
+    c.execute("UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid", &[&j.0, &public_url("renders", "x.png")])
+        .unwrap();
+    c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE").unwrap();
+}

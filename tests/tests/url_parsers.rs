@@ -377,6 +377,13 @@ fn value(rng: &mut StdRng) -> String {
                 })
                 .collect::<String>()
         ),
+        // In a list, side by side in markdown, or ending a sentence (the fourth review).
+        4 => format!(
+            "{v}{}{}{}",
+            pick(rng, &[",", ";", "|", ")![b](", " and "]),
+            v.replacen('a', "b", 1),
+            pick(rng, &["", ".", ")", "!", ",", "%E9", "%C3"])
+        ),
         _ => v,
     };
     // A tab or a newline inside the value, which a browser deletes from a URL.
