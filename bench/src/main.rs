@@ -106,8 +106,19 @@ fn main() -> Result<()> {
         emu_port: 25451,
     };
 
-    // BENCH_ONLY=detection runs the detection half alone, for profiling it.
-    let only_detection = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "detection");
+    // BENCH_ONLY=detection runs the detection half alone, for profiling it; BENCH_ONLY=queue
+    // the per-row claim and confirm costs alone.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only == "queue" {
+        let queue = [
+            queue_cost::queue_cost(&env, n, Install::Released("0.1.0"))?,
+            queue_cost::queue_cost(&env, n, Install::Current)?,
+            queue_cost::queue_cost(&env, n, Install::Managed)?,
+        ];
+        println!("{}", serde_json::to_string_pretty(&queue)?);
+        return Ok(());
+    }
+    let only_detection = only == "detection";
     let detect = job_scales
         .iter()
         .map(|&jobs| detection::detection(&env, jobs))

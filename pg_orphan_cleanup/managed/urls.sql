@@ -256,8 +256,9 @@ END
 $$;
 
 -- The canonical spelling of an object URL, the one nearly every job has (supabase-js's
--- getPublicUrl() and createSignedUrl() without a query): plain host, route, bucket and key of
--- unremarkable characters, no '%', '?', '#', ';', '..', final '.' or second route. For such a value the
+-- getPublicUrl() and createSignedUrl() without a query): a plain host name or dotted-quad IPv4
+-- address with an optional port (self-hosted and local projects: 127.0.0.1:54321,
+-- storage:5000), route, bucket and key of unremarkable characters, no '%', '?', '#', ';', '..', final '.' or second route. For such a value the
 -- strict reading is (host, bucket, key, form) as matched, and it is the only reading: the callers
 -- answer it at once instead of running every rule (0.4 ms a value in PL/pgSQL, which every app
 -- write of a job and every job a cycle reads paid). The differential test
@@ -276,7 +277,7 @@ BEGIN
     -- Matched without captures (7x faster in PostgreSQL's engine), then cut at its slashes.
     -- A name ending in '.' has a second reading (the URL at the end of a sentence).
     IF pg_catalog.octet_length(raw) > 1024 OR pg_catalog.right(raw, 1) = '.'
-       OR raw !~ '^https?://(?:[a-z0-9-]+\.)*[a-z][a-z0-9-]*/storage/v1/object/(?:public|authenticated|sign)/[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_-][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$' THEN
+       OR raw !~ '^https?://(?:(?:[a-z0-9-]+\.)*[a-z][a-z0-9-]*|(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3})(?::[1-9][0-9]{0,4})?/storage/v1/object/(?:public|authenticated|sign)/[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_-][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$' THEN
         RETURN NULL;
     END IF;
     scheme := pg_catalog.split_part(raw, ':', 1);
@@ -286,6 +287,12 @@ BEGIN
     form := pg_catalog.split_part(tail, '/', 1);
     bucket := pg_catalog.split_part(tail, '/', 2);
     tail := pg_catalog.substr(tail, pg_catalog.length(form) + pg_catalog.length(bucket) + 3);
+    -- A port past 65535 is refused, and the scheme's own port is dropped, by the full rules.
+    IF pg_catalog.strpos(host, ':') > 0
+       AND (pg_catalog.split_part(host, ':', 2)::int > 65535
+            OR pg_catalog.split_part(host, ':', 2) = CASE scheme WHEN 'https' THEN '443' ELSE '80' END) THEN
+        RETURN NULL;
+    END IF;
     IF pg_catalog.strpos(host, 'xn--') > 0
        OR pg_catalog.strpos(orphan_cleanup._ascii_lower(bucket || '/' || tail), 'storage') > 0 THEN
         RETURN NULL;

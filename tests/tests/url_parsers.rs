@@ -537,15 +537,29 @@ fn corpus() -> Vec<String> {
 
 /// A canonical object URL (what supabase-js writes), then up to three small edits: the
 /// PL/pgSQL parser answers canonical values on a fast path (`_canonical_url`), and these values
-/// sit on both sides of its edge (a character of another class, a second route, a port, an
-/// upper-case host, a numeric last label, a dot segment).
+/// sit on both sides of its edge (a character of another class, a second route, a port out of
+/// range, with leading zeros or the scheme's own, an upper-case host, a numeric last label, an
+/// address that is not a dotted quad, a dot segment).
 fn near_canonical(rng: &mut StdRng) -> String {
     const HOSTS: &[&str] = &[
         "abcd.supabase.co",
         "localhost",
         "cdn.example.com",
         "a-b.c0",
+        "127.0.0.1:54321",
+        "storage:5000",
         "1.2.3.4",
+        "255.0.10.9",
+        "256.1.1.1",
+        "01.2.3.4",
+        "1.2.3",
+        "localhost:0",
+        "localhost:80",
+        "localhost:443",
+        "localhost:65535",
+        "localhost:65536",
+        "localhost:099",
+        "localhost:123456",
         "xn--bcher-kva.example",
         "ABCD.supabase.co",
         "storage",
@@ -553,7 +567,7 @@ fn near_canonical(rng: &mut StdRng) -> String {
     ];
     const NAME: &[&str] = &["a", "z", "0", "9", "-", "_", ".", "img", "user-1", "v1"];
     const EDITS: &[&str] = &[
-        "%", "%2e", "%2F", "%41", ".", "..", "/", "//", ":", ":443", ":5000", "?", "?a=b", "#", ";",
+        "%", "%2e", "%2F", "%41", ".", "..", "/", "//", ":", ":443", ":80", ":5000", ":0", ":65536", "0", "?", "?a=b", "#", ";",
         "A", "X", " ", "@", "~", "storage", "STORAGE/V1/", "storage/v1/object/public/", "sign",
         "info", "\\", "é", "-", "_",
     ];
@@ -566,7 +580,7 @@ fn near_canonical(rng: &mut StdRng) -> String {
     let mut v = format!(
         "{}://{}/storage/v1/object/{}/{}/{}",
         pick(rng, &["https", "http", "HTTPS"][..if plain { 2 } else { 3 }]),
-        pick(rng, &HOSTS[..if plain { 4 } else { HOSTS.len() }]),
+        pick(rng, &HOSTS[..if plain { 6 } else { HOSTS.len() }]),
         pick(rng, &["public", "authenticated", "sign", "info", "render"][..if plain { 3 } else { 5 }]),
         name(rng),
         key.join("/")
