@@ -218,9 +218,17 @@ fn main() -> Result<()> {
     // bound is what keeps the reaper's batch of 4,000 rows, and a cycle's chunk of 2,000 jobs,
     // within a few seconds (statement_timeout is 30 s): 1 ms per row.
     for (what, e, m) in [
-        ("cycle", now.cycle_us_per_orphan, managed.cycle_us_per_orphan),
+        (
+            "cycle",
+            now.cycle_us_per_orphan,
+            managed.cycle_us_per_orphan,
+        ),
         ("claim", now.claim_us_per_row, managed.claim_us_per_row),
-        ("confirm", now.confirm_us_per_row, managed.confirm_us_per_row),
+        (
+            "confirm",
+            now.confirm_us_per_row,
+            managed.confirm_us_per_row,
+        ),
     ] {
         targets.push(Target {
             name: format!("{what} per row, the managed edition (the extension's beside it)"),
@@ -618,7 +626,12 @@ pub(crate) struct Queued {
 
 /// The settings of a bench database, each set as `install` takes settings: ALTER SYSTEM for the
 /// extension, set_setting() in the database for the managed edition.
-fn apply_settings(admin: &mut Client, c: &mut Client, install: Install, settings: &[(&str, String)]) -> Result<()> {
+fn apply_settings(
+    admin: &mut Client,
+    c: &mut Client,
+    install: Install,
+    settings: &[(&str, String)],
+) -> Result<()> {
     for (name, value) in settings {
         match install {
             Install::Managed => {
@@ -666,7 +679,9 @@ pub(crate) fn queued_db_at(env: &Env, n: u64, install: Install) -> Result<Queued
         env.root.join("sql/app_schema.sql"),
     )?)?;
     match install {
-        Install::Released(v) => c.batch_execute(&format!("CREATE EXTENSION pg_orphan_cleanup VERSION '{v}'"))?,
+        Install::Released(v) => {
+            c.batch_execute(&format!("CREATE EXTENSION pg_orphan_cleanup VERSION '{v}'"))?
+        }
         Install::Current => c.batch_execute("CREATE EXTENSION pg_orphan_cleanup")?,
         Install::Managed => c.batch_execute(&managed_script(env)?)?,
     }

@@ -41,7 +41,10 @@ pub fn protected_key(raw: &str) -> Option<String> {
 /// written and of the value without the tabs and newlines a browser deletes from a URL.
 pub fn protected_keys(raw: &str) -> Vec<String> {
     let mut keys = readings(raw);
-    let stripped: String = raw.chars().filter(|c| !matches!(c, '\t' | '\n' | '\r')).collect();
+    let stripped: String = raw
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .collect();
     if stripped != raw {
         keys.extend(readings(&stripped));
     }
@@ -94,7 +97,10 @@ fn embedded_keys(value: &str) -> Vec<String> {
             break;
         };
         let start = pos + found;
-        let span = &value[start..value[start..].find(HARD_STOPS).map_or(value.len(), |n| start + n)];
+        let span = &value[start
+            ..value[start..]
+                .find(HARD_STOPS)
+                .map_or(value.len(), |n| start + n)];
         let soft = &span[..span.find(SOFT_STOPS).unwrap_or(span.len())];
         // A list of URLs (`a.png,https://...`), markdown images side by side, a URL at the end
         // of a sentence: also cut at the first `,`, `|` or `)`, and without trailing punctuation.
@@ -179,8 +185,23 @@ fn decode_once(text: &str) -> String {
 /// query or fragment. Each path is also read cut at a `;` (which some servers take for the end
 /// of the path), and with `..` resolved over empty segments too (as a browser resolves them). A
 /// URL's path is also read with what follows a `?` when that holds no `=` (a `?` in a name).
+///
+/// The value is read without the junk around it ([`is_junk`]), and, when that took a quote or
+/// bracket from either end, also with only its whitespace trimmed: `'` is a character of object
+/// names (`it's'`), and a name ending in one must not lose it.
 fn lenient_keys(raw: &str) -> Vec<String> {
-    let value = raw.trim_matches(is_junk).replace('\\', "/");
+    let trimmed = raw.trim_matches(is_junk);
+    let kept = raw.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+    let mut keys = lenient_keys_of(trimmed);
+    if kept != trimmed {
+        keys.extend(lenient_keys_of(kept));
+    }
+    keys
+}
+
+/// [`lenient_keys`] of a value already trimmed.
+fn lenient_keys_of(trimmed: &str) -> Vec<String> {
+    let value = trimmed.replace('\\', "/");
     // A URL: with a scheme, or scheme-relative (`//host/...`). Its host is dropped.
     let first = value.split('/').next().unwrap_or("");
     let (url, rest) = match value.split_once(':') {
@@ -299,10 +320,7 @@ fn after_authority(rest: &str) -> &str {
 /// authenticated download), `render/image/{public|authenticated|sign}/`, or `s3/` (the
 /// S3-compatible endpoint, `/storage/v1/s3/<bucket>/<key>`), in any case.
 fn after_route(segments: &[String]) -> Option<&[String]> {
-    let route: Vec<String> = segments
-        .iter()
-        .map(|s| s.to_ascii_lowercase())
-        .collect();
+    let route: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
     let route: Vec<&str> = route.iter().map(String::as_str).collect();
     let skip = match route.as_slice() {
         ["object", "info", "public" | "authenticated", _, _, ..] => 3,

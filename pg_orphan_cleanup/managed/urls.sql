@@ -609,7 +609,23 @@ CREATE FUNCTION orphan_cleanup._lenient_keys(url text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     junk constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"''<>`]';
-    value text;
+    space constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]';
+    trimmed text := pg_catalog.regexp_replace(url, '^' || junk || '+|' || junk || '+$', '', 'g');
+    kept text := pg_catalog.regexp_replace(url, '^' || space || '+|' || space || '+$', '', 'g');
+BEGIN
+    -- Also read with only the whitespace trimmed when that keeps a quote or bracket at an end:
+    -- a quote (') is a character of object names, and a name ending in one must not lose it.
+    IF kept = trimmed THEN
+        RETURN orphan_cleanup._lenient_keys_of(trimmed);
+    END IF;
+    RETURN orphan_cleanup._lenient_keys_of(trimmed) || orphan_cleanup._lenient_keys_of(kept);
+END
+$$;
+
+-- _lenient_keys() of a value already trimmed.
+CREATE FUNCTION orphan_cleanup._lenient_keys_of(value text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
+DECLARE
     first text;
     scheme text;
     rest text;
@@ -622,7 +638,6 @@ DECLARE
     keys text[] := '{}';
     k text;
 BEGIN
-    value := pg_catalog.regexp_replace(url, '^' || junk || '+|' || junk || '+$', '', 'g');
     value := pg_catalog.replace(value, '\', '/');
     first := pg_catalog.split_part(value, '/', 1);
     IF first ~ '^.+:[0-9]+$' THEN

@@ -129,7 +129,8 @@ fn without_usable_indexes_cycles_claims_and_previews_refuse_naming_the_statement
         "public.render_jobs_output_url_idx indexes output_url, which these lookups (on orphan_cleanup.object_keys(output_url)) cannot use",
         &[KEY_IDX],
     );
-    c.batch_execute("DROP INDEX render_jobs_output_url_idx").unwrap();
+    c.batch_execute("DROP INDEX render_jobs_output_url_idx")
+        .unwrap();
 
     // The index 0.1.0 recommended, on one reading of the URL.
     c.batch_execute("CREATE INDEX render_jobs_object_key_idx ON render_jobs (orphan_cleanup.object_key(output_url))")
@@ -148,7 +149,8 @@ fn without_usable_indexes_cycles_claims_and_previews_refuse_naming_the_statement
         "public.render_jobs_keys_btree_idx is a btree index, not gin",
         &[KEY_IDX],
     );
-    c.batch_execute("DROP INDEX render_jobs_keys_btree_idx").unwrap();
+    c.batch_execute("DROP INDEX render_jobs_keys_btree_idx")
+        .unwrap();
 
     // GIN as PostgreSQL builds it by default, with a pending list every lookup reads whole: the
     // problem names the two statements that fix the index in place, and once run, it serves.
@@ -171,7 +173,8 @@ fn without_usable_indexes_cycles_claims_and_previews_refuse_naming_the_statement
         ),
         1
     );
-    c.batch_execute("DROP INDEX render_jobs_pending_idx").unwrap();
+    c.batch_execute("DROP INDEX render_jobs_pending_idx")
+        .unwrap();
 
     // A partial index with another predicate.
     c.batch_execute(

@@ -35,6 +35,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_parse_url",
     "_normalized_segments",
     "_lenient_keys",
+    "_lenient_keys_of",
     "_readings",
     "_embedded_keys",
     "_key_of_path",
@@ -301,8 +302,9 @@ fn the_managed_install_refuses_a_database_that_already_has_it_naming_what_to_run
     let before = audit(&mut c);
     let e = install_fails(&mut c);
     assert!(
-        e.contains("pg_orphan_cleanup (managed edition) 0.2.0 is already installed in this database")
-            && e.contains("Nothing to do: this is the same version."),
+        e.contains(
+            "pg_orphan_cleanup (managed edition) 0.2.0 is already installed in this database"
+        ) && e.contains("Nothing to do: this is the same version."),
         "{e}"
     );
     // An older install (its version function says so): the hint names the upgrade file.
@@ -310,7 +312,8 @@ fn the_managed_install_refuses_a_database_that_already_has_it_naming_what_to_run
         .unwrap();
     let e = install_fails(&mut c);
     assert!(
-        e.contains("0.1.9 is already installed") && e.contains("run pg_orphan_cleanup_managed--0.1.9--0.2.0.sql"),
+        e.contains("0.1.9 is already installed")
+            && e.contains("run pg_orphan_cleanup_managed--0.1.9--0.2.0.sql"),
         "{e}"
     );
     assert_eq!(audit(&mut c), before, "nothing changed");
@@ -318,7 +321,10 @@ fn the_managed_install_refuses_a_database_that_already_has_it_naming_what_to_run
     // The extension installed: refused, and it stays.
     let ext = TestDb::create("managed_beside_ext");
     let e = install_fails(&mut ext.client());
-    assert!(e.contains("the pg_orphan_cleanup extension is installed in this database"), "{e}");
+    assert!(
+        e.contains("the pg_orphan_cleanup extension is installed in this database"),
+        "{e}"
+    );
 
     // Somebody else's schema of the same name.
     let other = TestDb::empty("managed_other_schema");
@@ -327,5 +333,6 @@ fn the_managed_install_refuses_a_database_that_already_has_it_naming_what_to_run
         .unwrap();
     let e = install_fails(&mut o);
     assert!(e.contains("a schema named orphan_cleanup already exists in this database, and it is not pg_orphan_cleanup's"), "{e}");
-    o.query_one("SELECT count(*) FROM orphan_cleanup.mine", &[]).unwrap();
+    o.query_one("SELECT count(*) FROM orphan_cleanup.mine", &[])
+        .unwrap();
 }

@@ -1498,14 +1498,23 @@ fn seq03_a_hand_out_record_lives_while_a_job_names_it_and_30_days_after_and_its_
 const UNREAD: &str = "OC003";
 
 fn unreadable_url(key: &str) -> String {
-    format!("https://{HOST}/storage/v1/object/public/renders/{key}?pad={}", "a".repeat(70_000))
+    format!(
+        "https://{HOST}/storage/v1/object/public/renders/{key}?pad={}",
+        "a".repeat(70_000)
+    )
 }
 
 #[test]
 fn seq16_a_save_in_flight_makes_a_write_of_an_unreadable_url_wait_then_refuses_it() {
     let db = db("obj_unread_save_first");
     let mut c = db.client();
-    let j = job(&mut c, "completed", Some(&public_url("renders", "u1.png")), "1 minute", "fresh");
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "u1.png")),
+        "1 minute",
+        "fresh",
+    );
     let mut app = db.client();
     let mut tx = app.transaction().unwrap();
     tx.execute(
@@ -1529,7 +1538,13 @@ fn seq16_a_save_in_flight_makes_a_write_of_an_unreadable_url_wait_then_refuses_i
 fn seq16_a_write_of_an_unreadable_url_in_flight_makes_the_save_wait_then_refuses_it() {
     let db = db("obj_unread_write_first");
     let mut c = db.client();
-    let j = job(&mut c, "completed", Some(&public_url("renders", "u2.png")), "1 minute", "fresh");
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "u2.png")),
+        "1 minute",
+        "fresh",
+    );
     let mut app = db.client();
     let mut tx = app.transaction().unwrap();
     tx.execute(
@@ -1548,14 +1563,21 @@ fn seq16_a_write_of_an_unreadable_url_in_flight_makes_the_save_wait_then_refuses
 fn seq16_a_repeatable_read_save_whose_snapshot_predates_the_unreadable_write_does_not_commit() {
     let db = db("obj_unread_rr");
     let mut c = db.client();
-    let j = job(&mut c, "completed", Some(&public_url("renders", "u3.png")), "1 minute", "fresh");
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "u3.png")),
+        "1 minute",
+        "fresh",
+    );
     let mut app = db.client();
     let mut tx = app
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .start()
         .unwrap();
-    tx.query_one("SELECT count(*) FROM user_assets", &[]).unwrap();
+    tx.query_one("SELECT count(*) FROM user_assets", &[])
+        .unwrap();
     c.execute(
         "UPDATE render_jobs SET output_url = $1 WHERE id = $2::text::uuid",
         &[&unreadable_url("u3.png"), &j.0],
@@ -1573,7 +1595,10 @@ fn seq16_a_repeatable_read_save_whose_snapshot_predates_the_unreadable_write_doe
         Ok(_) => tx.commit().expect_err("the save must not commit"),
     };
     let got = err.code().unwrap().code().to_string();
-    assert!(got == UNREAD || got == SERIALIZATION_FAILURE, "{got}: {err}");
+    assert!(
+        got == UNREAD || got == SERIALIZATION_FAILURE,
+        "{got}: {err}"
+    );
     assert_eq!(code(save(&mut app, "generated_saved", &j.0)), UNREAD);
 }
 
@@ -1585,7 +1610,13 @@ fn seq16_a_repeatable_read_save_whose_snapshot_predates_the_unreadable_write_doe
 fn seq16_a_fence_row_is_stamped_when_written_not_when_its_transaction_began() {
     let db = db("obj_fence_stamp");
     let mut c = db.client();
-    let j = job(&mut c, "completed", Some(&public_url("renders", "f.png")), "1 minute", "fresh");
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "f.png")),
+        "1 minute",
+        "fresh",
+    );
     let mut tx = c.transaction().unwrap();
     tx.batch_execute("SELECT pg_sleep(1.2)").unwrap();
     tx.execute(

@@ -626,7 +626,10 @@ fn every_spelling_of_a_job_id_in_an_asset_protects_its_file() {
     // The guide's definition (an exact match of the id) counts them as orphans; the keeper check
     // reads the reference as the save guard does and keeps every file.
     let (status, _, enqueued, protected, _) = cycle(&mut c);
-    assert_eq!((status.as_str(), enqueued, protected), ("ok", 0, spellings.len() as i64));
+    assert_eq!(
+        (status.as_str(), enqueued, protected),
+        ("ok", 0, spellings.len() as i64)
+    );
 
     // A save after the claim, in each spelling, is refused.
     for (i, s) in spellings.iter().enumerate() {
@@ -695,28 +698,63 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
 
     let mut c = db.client();
     for (i, s) in spellings.iter().enumerate() {
-        let saved = job(&mut c, "completed", Some(&s.replace("{k}", &format!("kept/{i}.png"))), "2 hours", "saved");
+        let saved = job(
+            &mut c,
+            "completed",
+            Some(&s.replace("{k}", &format!("kept/{i}.png"))),
+            "2 hours",
+            "saved",
+        );
         save(&mut c, "generated_saved", &saved.0).unwrap();
-        job(&mut c, "completed", Some(&public_url("renders", &format!("kept/{i}.png"))), "2 hours", "orphan");
+        job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("kept/{i}.png"))),
+            "2 hours",
+            "orphan",
+        );
     }
     let (status, _, enqueued, protected, _) = cycle(&mut c);
-    assert_eq!((status.as_str(), enqueued), ("ok", 0), "{protected} protected");
+    assert_eq!(
+        (status.as_str(), enqueued),
+        ("ok", 0),
+        "{protected} protected"
+    );
     assert!(claim(&mut c, "w0", 100).is_empty());
 
     // The other order: the orphan's row is handed out first; then saving a job spelled either
     // way is refused, and so is pointing a saved job at the file.
     for (i, s) in spellings.iter().enumerate() {
         let url = s.replace("{k}", &format!("late/{i}.png"));
-        job(&mut c, "completed", Some(&public_url("renders", &format!("late/{i}.png"))), "2 hours", "orphan");
+        job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("late/{i}.png"))),
+            "2 hours",
+            "orphan",
+        );
         assert_eq!(cycle(&mut c).2, 1, "{url:.80}");
-        assert_eq!(claim(&mut c, &format!("w{}", i + 1), 10).len(), 1, "{url:.80}");
+        assert_eq!(
+            claim(&mut c, &format!("w{}", i + 1), 10).len(),
+            1,
+            "{url:.80}"
+        );
         let unsaved = job(&mut c, "completed", Some(&url), "1 minute", "cache hit");
         let e = save(&mut c, "generated_saved", &unsaved.0).unwrap_err();
         assert_eq!(e.code().unwrap().code(), "OC001", "{url:.80}: {e}");
-        let saved = job(&mut c, "completed", Some(&public_url("renders", &format!("other/{i}.png"))), "1 minute", "saved");
+        let saved = job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("other/{i}.png"))),
+            "1 minute",
+            "saved",
+        );
         save(&mut c, "generated_saved", &saved.0).unwrap();
         let e = c
-            .execute("UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid", &[&saved.0, &url])
+            .execute(
+                "UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid",
+                &[&saved.0, &url],
+            )
             .unwrap_err();
         assert_eq!(e.code().unwrap().code(), "OC002", "{url:.80}: {e}");
     }
@@ -754,7 +792,11 @@ fn names_with_a_space_an_ampersand_or_a_question_mark_keep_their_files_in_every_
         job(&mut c, "completed", Some(&public_url("renders", key)), "2 hours", "orphan");
     }
     let (status, _, enqueued, protected, _) = cycle(&mut c);
-    assert_eq!((status.as_str(), enqueued), ("ok", 0), "{protected} protected");
+    assert_eq!(
+        (status.as_str(), enqueued),
+        ("ok", 0),
+        "{protected} protected"
+    );
     assert!(claim(&mut c, "w0", 100).is_empty());
 }
 
@@ -774,11 +816,26 @@ fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
     };
     let decoys = format!("https://{HOST}/storage/v1/object/public/renders/decoy.png ").repeat(8);
     let cases = [
-        (format!("{}&pad={}", proxied("long.png"), "a".repeat(70_000)), "long.png", "65,536 bytes"),
-        (format!("{decoys}{}", proxied("ninth.png")), "ninth.png", "up to 8"),
+        (
+            format!("{}&pad={}", proxied("long.png"), "a".repeat(70_000)),
+            "long.png",
+            "65,536 bytes",
+        ),
+        (
+            format!("{decoys}{}", proxied("ninth.png")),
+            "ninth.png",
+            "up to 8",
+        ),
         // A tab splits the ninth route as written; a browser deletes it, and so does the
         // reading without tabs, which then stops at 8 (the fourth review).
-        (format!("{decoys}{}", proxied("tabbed.png").replace("storage%2Fv1", "stor\tage%2Fv1")), "tabbed.png", "up to 8"),
+        (
+            format!(
+                "{decoys}{}",
+                proxied("tabbed.png").replace("storage%2Fv1", "stor\tage%2Fv1")
+            ),
+            "tabbed.png",
+            "up to 8",
+        ),
     ];
     for (i, (url, key, limit)) in cases.iter().enumerate() {
         let unread = job(&mut c, "completed", Some(url), "2 hours", "saved");
@@ -794,10 +851,19 @@ fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
         assert_eq!(saved_assets(&mut c, &unread), 0);
 
         // A saved job pointed at such a value: refused.
-        let saved = job(&mut c, "completed", Some(&public_url("renders", &format!("fine/{i}.png"))), "2 hours", "saved");
+        let saved = job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("fine/{i}.png"))),
+            "2 hours",
+            "saved",
+        );
         save(&mut c, "generated_saved", &saved.0).unwrap();
         let e = c
-            .execute("UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid", &[&saved.0, url])
+            .execute(
+                "UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid",
+                &[&saved.0, url],
+            )
             .unwrap_err();
         assert_eq!(e.code().unwrap().code(), "OC003", "{e}");
 
@@ -813,7 +879,13 @@ fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
         assert_eq!(e.code().unwrap().code(), "OC003", "{e}");
 
         // The unsaved job may keep its value; the orphan naming its file is an orphan.
-        job(&mut c, "completed", Some(&public_url("renders", key)), "2 hours", "orphan");
+        job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", key)),
+            "2 hours",
+            "orphan",
+        );
     }
     assert_eq!(cycle(&mut c).2, 3);
 }
@@ -825,20 +897,33 @@ fn attach_refuses_while_a_saved_job_has_a_url_it_cannot_read_in_full() {
     settings(BASE_SETTINGS);
     let db = TestDb::create("guard_unread_attach");
     let mut c = db.client();
-    let url = format!("https://{HOST}/storage/v1/object/public/renders/x.png?pad={}", "a".repeat(70_000));
+    let url = format!(
+        "https://{HOST}/storage/v1/object/public/renders/x.png?pad={}",
+        "a".repeat(70_000)
+    );
     let j = job(&mut c, "completed", Some(&url), "2 hours", "saved");
     save(&mut c, "generated_saved", &j.0).unwrap();
-    let e = c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap_err();
+    let e = c
+        .query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap_err();
     let db_err = e.as_db_error().unwrap_or_else(|| panic!("{e}"));
     assert_eq!(db_err.code().code(), "OC003", "{}", db_err.message());
     assert!(db_err.message().contains(&j.0), "{}", db_err.message());
-    assert!(db_err.hint().unwrap().contains("UPDATE"), "{:?}", db_err.hint());
+    assert!(
+        db_err.hint().unwrap().contains("UPDATE"),
+        "{:?}",
+        db_err.hint()
+    );
     let attached: i64 = c
         .query_one("SELECT count(*) FROM orphan_cleanup.attachment", &[])
         .unwrap()
         .get(0);
     assert_eq!(attached, 0);
-    c.execute("UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid", &[&j.0, &public_url("renders", "x.png")])
+    c.execute(
+        "UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid",
+        &[&j.0, &public_url("renders", "x.png")],
+    )
+    .unwrap();
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])
         .unwrap();
-    c.query("SELECT * FROM orphan_cleanup.attach()", &[]).unwrap();
 }

@@ -195,7 +195,8 @@ fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
         )
         .unwrap_err();
     assert!(
-        db_error(&e).contains("render_jobs_object_key_idx indexes orphan_cleanup.object_key(output_url)")
+        db_error(&e)
+            .contains("render_jobs_object_key_idx indexes orphan_cleanup.object_key(output_url)")
             && db_error(&e).contains(statement),
         "{}",
         db_error(&e)
@@ -207,7 +208,10 @@ fn upgrading_from_0_1_0_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
         )
         .unwrap()
         .get(0);
-    assert!(health.starts_with("critical: ") && health.contains(statement), "{health}");
+    assert!(
+        health.starts_with("critical: ") && health.contains(statement),
+        "{health}"
+    );
     c.batch_execute(statement.trim_end_matches(';')).unwrap();
     let claimed = c
         .query(
@@ -362,10 +366,15 @@ fn the_upgrade_refuses_while_a_saved_job_has_a_url_too_long_to_read() {
     let old = TestDb::create_at("upgrade_unread", Some("0.1.0"));
     old.attach();
     let mut c = old.client();
-    let url = format!("https://{HOST}/storage/v1/object/public/renders/x.png?pad={}", "a".repeat(70_000));
+    let url = format!(
+        "https://{HOST}/storage/v1/object/public/renders/x.png?pad={}",
+        "a".repeat(70_000)
+    );
     let j = job(&mut c, "completed", Some(&url), "2 days", "saved");
     save(&mut c, "generated_saved", &j.0).unwrap();
-    let e = c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE").unwrap_err();
+    let e = c
+        .batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
+        .unwrap_err();
     let db_err = e.as_db_error().unwrap_or_else(|| panic!("{e}"));
     assert_eq!(db_err.code().code(), "OC003", "{}", db_err.message());
     assert!(
@@ -373,13 +382,23 @@ fn the_upgrade_refuses_while_a_saved_job_has_a_url_too_long_to_read() {
         "{}",
         db_err.message()
     );
-    assert!(db_err.hint().unwrap().contains("ALTER EXTENSION pg_orphan_cleanup UPDATE again"));
+    assert!(db_err
+        .hint()
+        .unwrap()
+        .contains("ALTER EXTENSION pg_orphan_cleanup UPDATE again"));
     let version: String = c
-        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_orphan_cleanup'", &[])
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_orphan_cleanup'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(version, "0.1.0");
-    c.execute("UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid", &[&j.0, &public_url("renders", "x.png")])
+    c.execute(
+        "UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid",
+        &[&j.0, &public_url("renders", "x.png")],
+    )
+    .unwrap();
+    c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
         .unwrap();
-    c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE").unwrap();
 }

@@ -337,14 +337,22 @@ fn value(rng: &mut StdRng) -> String {
             };
             format!(
                 "{lost}{}{}{}",
-                if lost.is_empty() { route(rng).trim_start_matches('/') } else { route(rng) },
+                if lost.is_empty() {
+                    route(rng).trim_start_matches('/')
+                } else {
+                    route(rng)
+                },
                 object_path(rng),
                 tail(rng)
             )
         }
         // A bare value, now and then with a query (a cache buster).
         7 | 8 => {
-            let t = if rng.random_range(0..8) == 0 { tail(rng) } else { String::new() };
+            let t = if rng.random_range(0..8) == 0 {
+                tail(rng)
+            } else {
+                String::new()
+            };
             format!("{}{t}", object_path(rng))
         }
         _ => (0..rng.random_range(0..12))
@@ -567,21 +575,59 @@ fn near_canonical(rng: &mut StdRng) -> String {
     ];
     const NAME: &[&str] = &["a", "z", "0", "9", "-", "_", ".", "img", "user-1", "v1"];
     const EDITS: &[&str] = &[
-        "%", "%2e", "%2F", "%41", ".", "..", "/", "//", ":", ":443", ":80", ":5000", ":0", ":65536", "0", "?", "?a=b", "#", ";",
-        "A", "X", " ", "@", "~", "storage", "STORAGE/V1/", "storage/v1/object/public/", "sign",
-        "info", "\\", "é", "-", "_",
+        "%",
+        "%2e",
+        "%2F",
+        "%41",
+        ".",
+        "..",
+        "/",
+        "//",
+        ":",
+        ":443",
+        ":80",
+        ":5000",
+        ":0",
+        ":65536",
+        "0",
+        "?",
+        "?a=b",
+        "#",
+        ";",
+        "A",
+        "X",
+        " ",
+        "@",
+        "~",
+        "storage",
+        "STORAGE/V1/",
+        "storage/v1/object/public/",
+        "sign",
+        "info",
+        "\\",
+        "é",
+        "-",
+        "_",
     ];
     let name = |rng: &mut StdRng| -> String {
-        (0..rng.random_range(1..4)).map(|_| pick(rng, NAME)).collect()
+        (0..rng.random_range(1..4))
+            .map(|_| pick(rng, NAME))
+            .collect()
     };
     let key: Vec<String> = (0..rng.random_range(1..4)).map(|_| name(rng)).collect();
     // Two in five as supabase-js writes them; the others varied and edited.
     let plain = rng.random_bool(0.4);
     let mut v = format!(
         "{}://{}/storage/v1/object/{}/{}/{}",
-        pick(rng, &["https", "http", "HTTPS"][..if plain { 2 } else { 3 }]),
+        pick(
+            rng,
+            &["https", "http", "HTTPS"][..if plain { 2 } else { 3 }]
+        ),
         pick(rng, &HOSTS[..if plain { 6 } else { HOSTS.len() }]),
-        pick(rng, &["public", "authenticated", "sign", "info", "render"][..if plain { 3 } else { 5 }]),
+        pick(
+            rng,
+            &["public", "authenticated", "sign", "info", "render"][..if plain { 3 } else { 5 }]
+        ),
         name(rng),
         key.join("/")
     );
@@ -589,7 +635,8 @@ fn near_canonical(rng: &mut StdRng) -> String {
         let chars: Vec<char> = v.chars().collect();
         let at = rng.random_range(0..=chars.len());
         let edit = pick(rng, EDITS);
-        let (head, tail): (String, String) = (chars[..at].iter().collect(), chars[at..].iter().collect());
+        let (head, tail): (String, String) =
+            (chars[..at].iter().collect(), chars[at..].iter().collect());
         v = match rng.random_range(0..3) {
             0 => format!("{head}{edit}{tail}"),
             1 => format!("{head}{edit}{}", tail.chars().skip(1).collect::<String>()),
@@ -720,4 +767,189 @@ fn a_null_in_an_allow_list_allows_nothing() {
             .get(0);
         assert!(refusal.is_some(), "{host:?} {buckets} {hosts}");
     }
+}
+
+/// The characters Supabase Storage allows in an object name (its `isValidKey`).
+const STORAGE_NAME_CHARS: &[char] = &[
+    'a', 'b', 'z', 'A', 'Q', 'Z', '0', '7', '9', '_', '!', '.', '*', '\'', '(', ')', ' ', '&', '$',
+    '=', '@', ';', ':', '+', ',', '?', '-',
+];
+
+/// JavaScript's `encodeURI` (what supabase-js runs over every URL it builds) and
+/// `encodeURIComponent` (what an app may run over each segment itself): every character outside
+/// `keep` and the ASCII letters and digits becomes its UTF-8 escapes.
+fn js_encode(s: &str, keep: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() || keep.contains(c) {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out
+}
+const ENCODE_URI_KEEPS: &str = ";,/?:@&=+$-_.!~*'()#";
+const ENCODE_URI_COMPONENT_KEEPS: &str = "-_.!~*'()";
+/// RFC 3986's unreserved characters and '/': what `urllib.parse.quote` and most server-side
+/// URL builders keep.
+const RFC3986_KEEPS: &str = "-._~/";
+
+/// Every spelling of one object's URL that a client, a browser or a server-side builder writes,
+/// with whether the storage server reads the object from it. A name containing '?' is cut there
+/// by any spelling that leaves the '?' as written: the server (and every browser) reads the
+/// object before it and the rest as a query, so such a URL names that other object, and only
+/// the spellings that escape the '?' name this one.
+fn client_spellings(base: &str, bucket: &str, key: &str) -> Vec<(String, bool)> {
+    let object = format!("{bucket}/{key}");
+    let cut = key.contains('?');
+    let url = |route: &str, query: &str| {
+        js_encode(
+            &format!("{base}/storage/v1/{route}/{object}{query}"),
+            ENCODE_URI_KEEPS,
+        )
+    };
+    let per_segment = |keep: &str| {
+        object
+            .split('/')
+            .map(|s| js_encode(s, keep))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let raw = format!("{base}/storage/v1/object/public/{object}");
+    vec![
+        // supabase-js: getPublicUrl(), with download and with a transform; createSignedUrl()
+        // (the server's signedURL, then encodeURI); an authenticated URL.
+        (url("object/public", ""), !cut),
+        (url("object/public", "?download="), !cut),
+        (url("object/public", "?download=report%20final.png"), !cut),
+        (
+            url("render/image/public", "?width=100&height=100&resize=cover"),
+            !cut,
+        ),
+        (
+            url(
+                "object/sign",
+                "?token=eyJhbGciOiJIUzI1NiJ9.eyJ1cmwiOiJ4In0.c2ln",
+            ),
+            !cut,
+        ),
+        (url("object/authenticated", ""), !cut),
+        // What a browser shows and copies (the WHATWG serialization) of supabase-js's URL and of
+        // the URL as the app concatenated it without encoding.
+        (
+            url::Url::parse(&url("object/public", ""))
+                .unwrap()
+                .to_string(),
+            !cut,
+        ),
+        // (A browser also drops the spaces that end the unencoded URL: it names the object
+        // without them.)
+        (
+            url::Url::parse(&raw).unwrap().to_string(),
+            !cut && !key.ends_with(' '),
+        ),
+        // An app that escapes each segment itself, and a server-side builder (RFC 3986).
+        (
+            format!(
+                "{base}/storage/v1/object/public/{}",
+                per_segment(ENCODE_URI_COMPONENT_KEEPS)
+            ),
+            true,
+        ),
+        (
+            format!(
+                "{base}/storage/v1/object/public/{}",
+                js_encode(&object, RFC3986_KEEPS)
+            ),
+            true,
+        ),
+    ]
+}
+
+/// A random object name Supabase Storage accepts: one to four segments of its allowed
+/// characters, none of them empty, '.' or '..' (a browser resolves those before any server
+/// sees the name, so no URL can name such an object).
+fn storage_name(rng: &mut StdRng) -> String {
+    let segment = |rng: &mut StdRng| loop {
+        let s: String = (0..rng.random_range(1..9))
+            .map(|_| STORAGE_NAME_CHARS[rng.random_range(0..STORAGE_NAME_CHARS.len())])
+            .collect();
+        if s != "." && s != ".." {
+            return s;
+        }
+    };
+    (0..rng.random_range(1..5))
+        .map(|_| segment(rng))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The oracle: every URL a real client writes for an object must protect that object, in both
+/// parsers. A saved job whose URL names its file in a spelling the readings miss would leave the
+/// file unprotected against another job naming it plainly.
+#[test]
+fn every_spelling_a_client_writes_protects_its_object() {
+    let seed: u64 = std::env::var("URL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("URL_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cases = Vec::new();
+    for _ in 0..2_000 {
+        let base = pick(
+            &mut rng,
+            &[
+                "https://abcd.supabase.co",
+                "http://127.0.0.1:54321",
+                "http://storage:5000",
+            ],
+        );
+        let bucket = pick(&mut rng, &["renders", "user-uploads", "b_1"]);
+        let key = storage_name(&mut rng);
+        for (spelling, names_it) in client_spellings(base, bucket, &key) {
+            cases.push((spelling, format!("{bucket}/{key}"), names_it));
+        }
+    }
+    let values: Vec<String> = cases.iter().map(|(v, _, _)| v.clone()).collect();
+    let mut c = urls_db();
+    let mut pl: Vec<Vec<String>> = Vec::new();
+    for batch in values.chunks(BATCH) {
+        let rows = c
+            .query(
+                "SELECT coalesce(orphan_cleanup.object_keys(u), '{}')
+                 FROM unnest($1::text[]) WITH ORDINALITY AS t(u, n) ORDER BY n",
+                &[&batch],
+            )
+            .unwrap();
+        pl.extend(rows.iter().map(|r| r.get::<_, Vec<String>>(0)));
+    }
+    let mut missed = Vec::new();
+    for ((spelling, object, names_it), pl_keys) in cases.iter().zip(&pl) {
+        if !names_it {
+            continue;
+        }
+        let rust_keys = protected_keys(spelling);
+        if !rust_keys.contains(object) || !pl_keys.contains(object) {
+            missed.push(format!(
+                "{spelling:?} names {object:?}\n  rust:     {rust_keys:?}\n  pl/pgsql: {pl_keys:?}"
+            ));
+        }
+    }
+    let checked = cases.iter().filter(|c| c.2).count();
+    println!(
+        "{checked} spellings checked, {} of them escaped",
+        values.iter().filter(|v| v.contains('%')).count()
+    );
+    assert!(checked > 12_000, "only {checked} spellings checked");
+    assert!(
+        missed.is_empty(),
+        "{} of {checked} client spellings do not protect their object (URL_SEED={seed}); the first:\n{}",
+        missed.len(),
+        missed.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
 }

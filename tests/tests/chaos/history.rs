@@ -571,7 +571,12 @@ fn chaos_8_a_randomized_history_never_deletes_a_saved_file() {
 }
 
 /// Checks 1 to 3 of the module's list (4 is `check()`'s); returns (object, what is wrong).
-fn check_history(c: &mut postgres::Client, emu: &Emulator, tally: &Tally, keys: &[String]) -> Vec<(String, String)> {
+fn check_history(
+    c: &mut postgres::Client,
+    emu: &Emulator,
+    tally: &Tally,
+    keys: &[String],
+) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     let pool_objects: Vec<String> = keys.iter().map(|k| format!("renders/{k}")).collect();
     let present = emu.objects();
