@@ -336,3 +336,39 @@ fn the_managed_install_refuses_a_database_that_already_has_it_naming_what_to_run
     o.query_one("SELECT count(*) FROM orphan_cleanup.mine", &[])
         .unwrap();
 }
+
+/// Every version ships the managed edition's update beside the extension's: each
+/// `pg_orphan_cleanup--A--B.sql` from a version that had a managed edition (0.2.0 on) has its
+/// twin, `pg_orphan_cleanup/managed/pg_orphan_cleanup_managed--A--B.sql`. 0.1.0 had no managed
+/// edition, so its update to 0.2.0 needs none, and today there is no managed update at all: this
+/// test makes the next version's twin due. (The managed install script refuses to run over an
+/// installed version and names the twin it needs.)
+#[test]
+fn every_update_from_a_managed_version_has_its_managed_twin() {
+    let version = |v: &str| -> Vec<u32> { v.split('.').map(|n| n.parse().unwrap()).collect() };
+    let first_managed = version("0.2.0");
+    let sql = repo_root().join("pg_orphan_cleanup/sql");
+    let updates: Vec<(String, String)> = std::fs::read_dir(&sql)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let versions = name.strip_prefix("pg_orphan_cleanup--")?.strip_suffix(".sql")?;
+            let (a, b) = versions.split_once("--")?;
+            Some((a.to_string(), b.to_string()))
+        })
+        .collect();
+    assert!(
+        updates.contains(&("0.1.0".to_string(), "0.2.0".to_string())),
+        "the extension's update scripts are found: {updates:?}"
+    );
+    let missing: Vec<String> = updates
+        .iter()
+        .filter(|(a, _)| version(a) >= first_managed)
+        .map(|(a, b)| format!("pg_orphan_cleanup_managed--{a}--{b}.sql"))
+        .filter(|twin| !repo_root().join("pg_orphan_cleanup/managed").join(twin).exists())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the managed edition's updates are missing: {missing:?} (the extension ships an update from a version the managed edition has)"
+    );
+}
