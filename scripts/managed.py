@@ -8,7 +8,9 @@ replaced by the small files in pg_orphan_cleanup/managed/. Nothing is copied by 
 shared file and both editions change. The edits below are the only ones made to shared text, each
 with its reason; tests/tests/managed.rs compares the two editions' catalogs.
 
-Usage: scripts/managed.py [--out FILE]
+Usage: scripts/managed.py [--out FILE]                     the install script
+       scripts/managed.py --update-from A [--steps FILE] [--out FILE]
+                                                  the update from version A (see update())
 """
 import re
 import sys
@@ -145,11 +147,257 @@ def build():
     return v, "\n".join(out) + "\n"
 
 
+# ---- The managed edition's update (A -> B) -------------------------------------------------
+#
+# The extension updates with ALTER EXTENSION and a script per version. The managed edition has
+# no extension machinery, so its update is generated from B's own install script, read statement
+# by statement and made to apply over an installed A without losing a row: functions, views and
+# triggers are created or replaced in place (an index on object_keys() or job_ref_key() keeps its
+# function), tables, columns, indexes, sequences and types are created when missing, grants are
+# given again. What a declaration cannot say (a changed column type or constraint, a function's
+# changed result, a renamed column, data to move) is written by hand for each version in
+# pg_orphan_cleanup/managed/updates/A--B.sql and runs first. tests/tests/managed.rs installs an
+# older script, updates it, and compares the catalog with a fresh install's.
+
+def statements(text):
+    """The top-level statements of an SQL script: ';' outside comments, quotes, dollar quotes
+    and the BEGIN ATOMIC ... END of a SQL-standard function body."""
+    out, i, start, n = [], 0, 0, len(text)
+    atomic = False
+    while i < n:
+        if text.startswith("--", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        if text.startswith("/*", i):
+            i = text.index("*/", i) + 2
+            continue
+        c = text[i]
+        if c == "'":
+            i += 1
+            while True:
+                j = text.index("'", i)
+                if text.startswith("''", j):
+                    i = j + 2
+                    continue
+                i = j + 1
+                break
+            continue
+        if c == '"':
+            i = text.index('"', i + 1) + 1
+            continue
+        if c == "$":
+            m = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", text[i:])
+            if m:
+                i = text.index(m.group(0), i + len(m.group(0))) + len(m.group(0))
+                continue
+        if not atomic and text.startswith("BEGIN ATOMIC", i):
+            atomic = True
+        if c == ";":
+            if not atomic or re.search(r"(^|\n)END$", text[start:i]):
+                out.append(text[start:i + 1])
+                start, atomic = i + 1, False
+        i += 1
+    if text[start:].strip():
+        out.append(text[start:])
+    return out
+
+
+def code(stmt):
+    """A statement without the comment lines before it (those inside it are its text)."""
+    lines = stmt.strip().split("\n")
+    while lines and (not lines[0].strip() or lines[0].lstrip().startswith("--")):
+        lines.pop(0)
+    return "\n".join(lines).strip()
+
+
+def top_level_items(body):
+    """The comma-separated items of a CREATE TABLE's column list, comments dropped."""
+    body = re.sub(r"--[^\n]*", "", body)
+    items, depth, cur = [], 0, ""
+    for ch in body:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        items.append(cur.strip())
+    return items
+
+
+TABLE_CONSTRAINT = re.compile(r"(PRIMARY KEY|UNIQUE|CHECK|FOREIGN KEY|CONSTRAINT|EXCLUDE|LIKE)\b", re.I)
+
+
+def applies_over(stmt):
+    """The statement, made to apply over an installed earlier version."""
+    c = code(stmt)
+    m = re.match(r"CREATE (UNLOGGED )?TABLE (orphan_cleanup\.\w+) \((.*)\);$", c, re.S)
+    if m:
+        out = [f"CREATE {m.group(1) or ''}TABLE IF NOT EXISTS {m.group(2)} ({m.group(3)});"]
+        for item in top_level_items(m.group(3)):
+            if not TABLE_CONSTRAINT.match(item):
+                out.append(f"ALTER TABLE {m.group(2)} ADD COLUMN IF NOT EXISTS {item};")
+        return "\n".join(out)
+    for pattern, replacement in [
+        (r"^CREATE FUNCTION ", "CREATE OR REPLACE FUNCTION "),
+        (r"^CREATE VIEW ", "CREATE OR REPLACE VIEW "),
+        (r"^CREATE TRIGGER ", "CREATE OR REPLACE TRIGGER "),
+        (r"^CREATE (UNIQUE )?INDEX (\w+)(\s)", r"CREATE \1INDEX IF NOT EXISTS \2\3"),
+        (r"^CREATE SEQUENCE ", "CREATE SEQUENCE IF NOT EXISTS "),
+    ]:
+        if re.match(pattern, c):
+            return re.sub(pattern, replacement, c, count=1)
+    m = re.match(r"CREATE TYPE (orphan_cleanup\.\w+) AS", c)
+    if m:
+        return ("DO $type$\nBEGIN\n"
+                f"    IF pg_catalog.to_regtype('{m.group(1)}') IS NULL THEN\n"
+                f"        EXECUTE {sql_literal(c[:-1])};\n"
+                "    END IF;\nEND\n$type$;")
+    if "CREATE EVENT TRIGGER orphan_cleanup_guard_watch" in c:
+        # Kept when there (its function is replaced in place); created when a superuser can.
+        return c.replace("BEGIN\n", "BEGIN\n    IF EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = 'orphan_cleanup_guard_watch') THEN\n        RETURN;\n    END IF;\n", 1)
+    if re.match(r"(GRANT|REVOKE|ALTER FUNCTION \S+ ROWS|COMMENT ON) ", c) or c.startswith("DO $$\nBEGIN\n    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles"):
+        return c
+    sys.exit(f"scripts/managed.py: the update does not know how to apply this statement over an installed version:\n{c[:300]}")
+
+
+def sql_literal(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+def update(from_version, steps=None):
+    """The update script from from_version to this version: (name, text). `steps` replaces the
+    version's hand-written steps (the tests' updates from older builds of a version)."""
+    v, install = build()
+    hook = steps or MANAGED / "updates" / f"{from_version}--{v}.sql"
+    if not hook.exists():
+        sys.exit(f"scripts/managed.py: {hook} is missing: write the steps the update "
+                 "from that version needs by hand there (an empty file, with a comment, when none)")
+    body = install[install.index("CREATE SCHEMA orphan_cleanup;") + len("CREATE SCHEMA orphan_cleanup;"):]
+    body = body[:body.rindex("COMMIT;")]
+    parts = []
+    for stmt in statements(body):
+        c = code(stmt)
+        if not c or c.startswith("CREATE FUNCTION orphan_cleanup.managed_version()") \
+                or c.startswith("GRANT EXECUTE ON FUNCTION orphan_cleanup.managed_version()"):
+            continue
+        parts.append(applies_over(stmt))
+    names = sorted(set(re.findall(r"CREATE FUNCTION orphan_cleanup\.(\w+)\(", install)))
+    out = [
+        f"-- pg_orphan_cleanup, managed edition: the update from {from_version} to {v}. Generated by",
+        f"-- scripts/managed.py --update-from {from_version}; do not edit. Run it once with psql -f (or",
+        "-- as a migration) as the role that installed the managed edition. One transaction: it",
+        "-- keeps the queue, the audit trail and the settings, and changes nothing when it fails.",
+        "",
+        "BEGIN;",
+        "SET LOCAL check_function_bodies = on;",
+        "SET LOCAL standard_conforming_strings = on;",
+        "-- Waiting behind a long transaction would stall the app's writes queued behind this one.",
+        "SET LOCAL lock_timeout = '10s';",
+        "DO $version$",
+        "DECLARE",
+        "    found text;",
+        "BEGIN",
+        "    IF pg_catalog.to_regprocedure('orphan_cleanup.managed_version()') IS NULL THEN",
+        "        RAISE EXCEPTION 'pg_orphan_cleanup (managed edition) is not installed in this database'",
+        f"            USING HINT = 'Install it with pg_orphan_cleanup_managed--{v}.sql instead.';",
+        "    END IF;",
+        "    EXECUTE 'SELECT orphan_cleanup.managed_version()' INTO found;",
+        f"    IF found IS DISTINCT FROM '{from_version}' THEN",
+        f"        RAISE EXCEPTION 'this script updates the managed edition from {from_version}; this database has %', found",
+        f"            USING HINT = 'Run pg_orphan_cleanup_managed--' || found || '--{v}.sql, or the updates between them in order.';",
+        "    END IF;",
+        "END",
+        "$version$;",
+        "-- The readings the app's indexes are built with, before: an index on object_keys() or",
+        "-- job_ref_key() must be rebuilt when any reading changes, or a lookup would miss jobs.",
+        "CREATE TEMPORARY TABLE pg_orphan_cleanup_readings ON COMMIT DROP AS",
+        "SELECT p.oid::regprocedure::text AS fn, pg_catalog.md5(p.prosrc) AS src",
+        "FROM pg_catalog.pg_proc AS p",
+        "WHERE p.pronamespace = 'orphan_cleanup'::regnamespace AND p.provolatile = 'i';",
+        "",
+        f"-- ==== the hand-written steps: {hook.name} ====",
+        hook.read_text().rstrip("\n"),
+        "",
+        "-- Functions this version no longer has, by name (overloads the update keeps are dropped in",
+        "-- its hand-written steps above).",
+        "DO $gone$",
+        "DECLARE",
+        "    f regprocedure;",
+        "BEGIN",
+        "    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc AS p",
+        "             WHERE p.pronamespace = 'orphan_cleanup'::regnamespace",
+        f"               AND NOT (p.proname = ANY ({sql_literal('{' + ','.join(names + ['managed_version']) + '}')}::name[])) LOOP",
+        "        EXECUTE pg_catalog.format('DROP FUNCTION %s', f);",
+        "    END LOOP;",
+        "END",
+        "$gone$;",
+        "",
+        "-- This version's declarations, applied over the installed ones (the notices of what already",
+        "-- exists are left out).",
+        "SET LOCAL client_min_messages = warning;",
+        "\n\n".join(parts),
+        "RESET client_min_messages;",
+        "",
+        "-- The app's indexes on functions whose readings changed, rebuilt (the app's writes to their",
+        "-- tables wait meanwhile), so that no lookup misses a job an old reading left out.",
+        "DO $reindex$",
+        "DECLARE",
+        "    i regclass;",
+        "BEGIN",
+        "    IF NOT EXISTS (SELECT FROM pg_orphan_cleanup_readings AS r",
+        "                   FULL JOIN (SELECT p.oid::regprocedure::text AS fn, pg_catalog.md5(p.prosrc) AS src",
+        "                              FROM pg_catalog.pg_proc AS p",
+        "                              WHERE p.pronamespace = 'orphan_cleanup'::regnamespace AND p.provolatile = 'i') AS n",
+        "                   USING (fn) WHERE r.src IS DISTINCT FROM n.src) THEN",
+        "        RETURN;",
+        "    END IF;",
+        "    FOR i IN SELECT DISTINCT d.objid::regclass FROM pg_catalog.pg_depend AS d",
+        "             JOIN pg_catalog.pg_proc AS p ON p.oid = d.refobjid",
+        "             JOIN pg_catalog.pg_class AS c ON c.oid = d.objid",
+        "             WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.refclassid = 'pg_catalog.pg_proc'::regclass",
+        "               AND p.pronamespace = 'orphan_cleanup'::regnamespace AND c.relkind = 'i' LOOP",
+        "        RAISE NOTICE 'pg_orphan_cleanup: rebuilding index % (the URL or job reference readings changed)', i;",
+        "        BEGIN",
+        "            EXECUTE pg_catalog.format('REINDEX INDEX %s', i);",
+        "        EXCEPTION WHEN insufficient_privilege THEN",
+        "            RAISE EXCEPTION 'the update must rebuild index %, and this role may not', i",
+        "                USING HINT = 'Run the update as the owner of the app''s tables (the role that installed the managed edition).';",
+        "        END;",
+        "    END LOOP;",
+        "END",
+        "$reindex$;",
+        "",
+        "CREATE OR REPLACE FUNCTION orphan_cleanup.managed_version() RETURNS text",
+        f"LANGUAGE sql IMMUTABLE RETURN '{v}';",
+        "GRANT EXECUTE ON FUNCTION orphan_cleanup.managed_version() TO orphan_cleanup_reaper;",
+        "COMMIT;",
+    ]
+    return f"pg_orphan_cleanup_managed--{from_version}--{v}.sql", "\n".join(out) + "\n"
+
+
 def main():
-    v, text = build()
-    target = ROOT / "dist" / f"pg_orphan_cleanup_managed--{v}.sql"
-    if len(sys.argv) == 3 and sys.argv[1] == "--out":
-        target = Path(sys.argv[2])
+    args = sys.argv[1:]
+    out = None
+    if len(args) >= 2 and args[-2] == "--out":
+        out = Path(args[-1])
+        args = args[:-2]
+    if len(args) >= 2 and args[0] == "--update-from":
+        steps = Path(args[3]) if len(args) == 4 and args[2] == "--steps" else None
+        if len(args) not in (2, 4) or (len(args) == 4 and steps is None):
+            sys.exit(__doc__)
+        name, text = update(args[1], steps)
+    elif not args:
+        v, text = build()
+        name = f"pg_orphan_cleanup_managed--{v}.sql"
+    else:
+        sys.exit(__doc__)
+    target = out or ROOT / "dist" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     print(target)

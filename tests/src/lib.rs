@@ -305,11 +305,16 @@ impl TestDb {
     /// Like [`TestDb::create`], with the managed edition (`scripts/managed.py`'s install
     /// script, built afresh) instead of the extension.
     pub fn create_managed(name: &str) -> TestDb {
+        TestDb::create_managed_with(name, &managed_script())
+    }
+
+    /// Like [`TestDb::create_managed`], with the given install script.
+    pub fn create_managed_with(name: &str, script: &str) -> TestDb {
         let db = TestDb::empty(name);
         let mut c = db.client();
         let read = |f: &str| std::fs::read_to_string(repo_root().join(f)).unwrap();
         c.batch_execute(&read("sql/app_schema.sql")).unwrap();
-        c.batch_execute(&managed_script()).unwrap();
+        c.batch_execute(script).unwrap();
         for stmt in sql_statements(&read("sql/indexes.sql")) {
             c.batch_execute(&stmt).unwrap();
         }
@@ -336,9 +341,15 @@ impl TestDb {
 
 /// The managed edition's install script, as `scripts/managed.py` builds it from the sources.
 pub fn managed_script() -> String {
+    managed_py(&[])
+}
+
+/// What `scripts/managed.py <args> --out <file>` writes.
+pub fn managed_py(args: &[&str]) -> String {
     let out = std::env::temp_dir().join(format!("pgoc-managed-{}.sql", std::process::id()));
     let status = std::process::Command::new("python3")
         .arg(repo_root().join("scripts/managed.py"))
+        .args(args)
         .arg("--out")
         .arg(&out)
         .stdout(std::process::Stdio::null())

@@ -338,11 +338,11 @@ fn the_managed_install_refuses_a_database_that_already_has_it_naming_what_to_run
 }
 
 /// Every version ships the managed edition's update beside the extension's: each
-/// `pg_orphan_cleanup--A--B.sql` from a version that had a managed edition (0.2.0 on) has its
-/// twin, `pg_orphan_cleanup/managed/pg_orphan_cleanup_managed--A--B.sql`. 0.1.0 had no managed
-/// edition, so its update to 0.2.0 needs none, and today there is no managed update at all: this
-/// test makes the next version's twin due. (The managed install script refuses to run over an
-/// installed version and names the twin it needs.)
+/// `pg_orphan_cleanup--A--B.sql` from a version that had a managed edition (0.2.0 on) has the
+/// managed update's hand-written steps, `pg_orphan_cleanup/managed/updates/A--B.sql`, from which
+/// `scripts/managed.py --update-from A` builds `pg_orphan_cleanup_managed--A--B.sql` (the test
+/// below proves the generator). 0.1.0 had no managed edition, so its update to 0.2.0 needs none,
+/// and no managed update is due yet: this test makes the next version's due.
 #[test]
 fn every_update_from_a_managed_version_has_its_managed_twin() {
     let version = |v: &str| -> Vec<u32> { v.split('.').map(|n| n.parse().unwrap()).collect() };
@@ -352,7 +352,9 @@ fn every_update_from_a_managed_version_has_its_managed_twin() {
         .unwrap()
         .filter_map(|e| {
             let name = e.unwrap().file_name().into_string().unwrap();
-            let versions = name.strip_prefix("pg_orphan_cleanup--")?.strip_suffix(".sql")?;
+            let versions = name
+                .strip_prefix("pg_orphan_cleanup--")?
+                .strip_suffix(".sql")?;
             let (a, b) = versions.split_once("--")?;
             Some((a.to_string(), b.to_string()))
         })
@@ -364,11 +366,179 @@ fn every_update_from_a_managed_version_has_its_managed_twin() {
     let missing: Vec<String> = updates
         .iter()
         .filter(|(a, _)| version(a) >= first_managed)
-        .map(|(a, b)| format!("pg_orphan_cleanup_managed--{a}--{b}.sql"))
-        .filter(|twin| !repo_root().join("pg_orphan_cleanup/managed").join(twin).exists())
+        .map(|(a, b)| format!("{a}--{b}.sql"))
+        .filter(|twin| {
+            !repo_root()
+                .join("pg_orphan_cleanup/managed/updates")
+                .join(twin)
+                .exists()
+        })
         .collect();
     assert!(
         missing.is_empty(),
         "the managed edition's updates are missing: {missing:?} (the extension ships an update from a version the managed edition has)"
     );
+}
+
+/// Every function's body, by signature: the catalog above leaves bodies out (the editions'
+/// differ), an update must not.
+fn bodies(c: &mut postgres::Client) -> BTreeSet<String> {
+    strings(
+        c,
+        "SELECT p.oid::regprocedure::text || ' ' || md5(p.prosrc) || ' ' || md5(coalesce(pg_get_function_sqlbody(p.oid), ''))
+         FROM pg_proc p WHERE p.pronamespace = 'orphan_cleanup'::regnamespace",
+    )
+}
+
+/// An older build of this version, as a DBA may have installed it: with a function this
+/// version dropped, and the URL readings before a name ending in a quote kept its quote (so the
+/// app's GIN index holds old readings). (The tables it lacked are dropped once it has run:
+/// its functions would need them.)
+fn older_build(script: &str) -> String {
+    let s = script.replacen(
+        "    RETURN orphan_cleanup._lenient_keys_of(trimmed) || orphan_cleanup._lenient_keys_of(kept);",
+        "    RETURN orphan_cleanup._lenient_keys_of(trimmed);",
+        1,
+    );
+    assert_ne!(s, script, "the readings are changed");
+    s.replacen(
+        "COMMIT;\n",
+        "CREATE FUNCTION orphan_cleanup._gone_in_this_version() RETURNS int LANGUAGE sql RETURN 1;\nCOMMIT;\n",
+        1,
+    )
+}
+
+/// The managed edition's update (`scripts/managed.py --update-from A`) applied over an older
+/// build gives exactly a fresh install's catalog and function bodies, keeps the queue, the
+/// hand-outs, the audit trail and the settings, rebuilds the app's index whose readings changed
+/// (a saved job's object is found by the new reading), and claims go on. It refuses a database
+/// at another version, naming the script to run.
+#[test]
+fn the_managed_update_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
+    let fresh = TestDb::create_managed("managed_update_fresh");
+    let old = TestDb::create_managed_with("managed_update_old", &older_build(&managed_script()));
+    let mut c = old.client();
+    for (name, value) in [
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("cycle_time_budget", "1h"),
+    ] {
+        c.query(
+            "SELECT orphan_cleanup.set_setting($1, $2)",
+            &[&name, &value],
+        )
+        .unwrap();
+    }
+    c.query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap();
+    for i in 0..20 {
+        job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("u/{i}.png"))),
+            "2 hours",
+            "update",
+        );
+    }
+    // A saved job whose file's name ends in a quote; its URL has a blank segment, so only the
+    // lenient readings name the file, and the older build's lost the quote.
+    let quoted = "renders/ /it's'";
+    let saved = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "%20/it's'")),
+        "2 hours",
+        "update",
+    );
+    save(&mut c, "generated_saved", &saved.0).unwrap();
+    c.query("SELECT * FROM orphan_cleanup.run_cycle()", &[])
+        .unwrap();
+    let claimed = c
+        .query("SELECT id FROM orphan_cleanup.claim('w1', 5)", &[])
+        .unwrap()
+        .len();
+    assert_eq!(claimed, 5, "the older build works");
+    let by_index = |c: &mut postgres::Client| -> i64 {
+        let mut t = c.transaction().unwrap();
+        t.batch_execute("SET LOCAL enable_seqscan = off").unwrap();
+        t.query_one(
+            "SELECT count(*) FROM render_jobs WHERE orphan_cleanup.object_keys(output_url) @> ARRAY[$1]",
+            &[&quoted],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(
+        by_index(&mut c),
+        0,
+        "the older build's index lacks the new reading"
+    );
+    let keep = "SELECT (SELECT jsonb_agg(d ORDER BY d.id) FROM orphan_cleanup.deletion_queue AS d)::text,
+                       (SELECT count(*) FROM orphan_cleanup.audit_log)::text,
+                       (SELECT jsonb_agg(o ORDER BY o.bucket, o.object_path) FROM (SELECT bucket, object_path, handouts, last_queue_id FROM orphan_cleanup.objects) AS o)::text,
+                       (SELECT jsonb_agg(s ORDER BY s.name) FROM (SELECT name, value FROM orphan_cleanup.settings) AS s)::text";
+    let kept = |c: &mut postgres::Client| -> Vec<String> {
+        let r = c.query_one(keep, &[]).unwrap();
+        (0..4).map(|i| r.get(i)).collect()
+    };
+    // What the older build did not have yet: a table, a column (the last of its table) and an
+    // index.
+    c.batch_execute(
+        "DROP TABLE orphan_cleanup.busy;
+         DROP INDEX orphan_cleanup.refusals_at;
+         ALTER TABLE orphan_cleanup.objects DROP COLUMN forget_at;",
+    )
+    .unwrap();
+    let before = kept(&mut c);
+
+    // Refused at another version, naming what to run; nothing changed.
+    let steps = std::env::temp_dir().join(format!("pgoc-steps-{}.sql", std::process::id()));
+    std::fs::write(&steps, "-- no hand-written steps\n").unwrap();
+    let steps = steps.to_str().unwrap().to_string();
+    let update = managed_py(&["--update-from", "0.2.0", "--steps", &steps]);
+    let other = managed_py(&["--update-from", "0.1.9", "--steps", &steps]);
+    let e = db_error(&c.batch_execute(&other).unwrap_err());
+    c.batch_execute("ROLLBACK").unwrap();
+    assert!(
+        e.contains("this script updates the managed edition from 0.1.9; this database has 0.2.0")
+            && e.contains("Run pg_orphan_cleanup_managed--0.2.0--0.2.0.sql"),
+        "{e}"
+    );
+    let bare = TestDb::empty("managed_update_bare");
+    let e = db_error(&bare.client().batch_execute(&update).unwrap_err());
+    assert!(
+        e.contains("pg_orphan_cleanup (managed edition) is not installed in this database"),
+        "{e}"
+    );
+
+    c.batch_execute(&update).unwrap();
+    let mut f = fresh.client();
+    let (cat_old, cat_new) = (catalog(&mut c), catalog(&mut f));
+    assert_eq!(
+        cat_old.symmetric_difference(&cat_new).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "the updated catalog differs from a fresh install's"
+    );
+    assert_eq!(
+        bodies(&mut c)
+            .symmetric_difference(&bodies(&mut f))
+            .collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "function bodies differ"
+    );
+    assert_eq!(
+        kept(&mut c),
+        before,
+        "queue, audit trail, hand-outs and settings kept"
+    );
+    assert_eq!(
+        by_index(&mut c),
+        1,
+        "the app's index was rebuilt with the new readings"
+    );
+    let more = c
+        .query("SELECT id FROM orphan_cleanup.claim('w2', 100)", &[])
+        .unwrap()
+        .len();
+    assert_eq!(more, 15, "claims go on after the update");
 }
