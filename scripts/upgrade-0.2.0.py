@@ -227,6 +227,8 @@ out.append(fn('guard','_unread_url', replace=False))
 out.append(fn('guard','_refuse_unread', replace=False))
 out.append(fn('guard','_job_is_saved', replace=False))
 out.append(fn('guard','_refuse_unread_saved', replace=False))
+out.append(fn('detect','_rls_problem', replace=False))
+out.append(fn('guard','_refuse_under_rls', replace=False))
 out.append(fn('guard','save_guard'))
 out.append(fn('guard','job_guard', replace=False))
 out.append(fn('guard','_drop_guards'))
@@ -394,6 +396,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_save(uuid, bigint, text),
     orphan_cleanup.job_guard(),
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
+    orphan_cleanup._rls_problem(orphan_cleanup.attachment),
+    orphan_cleanup._refuse_under_rls(orphan_cleanup.attachment, text),
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
     orphan_cleanup._another_chunk_fits(timestamptz, timestamptz),

@@ -39,6 +39,20 @@ BEGIN
 END
 $$;
 
+-- Row-level security that applies to the role this runs as (the owner of the functions that
+-- call it, all SECURITY DEFINER), on the jobs or the assets table, said with the fix; or NULL.
+-- Under it every read of those tables would see only the rows its policies let through: saved
+-- assets would look like none, and their jobs' files like orphans. Never the extension's (a
+-- superuser owns it); the managed edition's owner is a platform's role: a table owner without
+-- BYPASSRLS under FORCE ROW LEVEL SECURITY, or a role that is not the table's owner.
+CREATE FUNCTION orphan_cleanup._rls_problem(att orphan_cleanup.attachment) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN (SELECT format('row-level security on %s applies to %s, the role pg_orphan_cleanup''s functions run as: they would see only the rows its policies let through, and saved assets as none (fix: ALTER TABLE %s NO FORCE ROW LEVEL SECURITY if %s owns it, or, as a superuser, ALTER ROLE %I BYPASSRLS)',
+                      t.rel::regclass, current_user, t.rel::regclass, current_user, current_user)
+        FROM unnest(ARRAY[att.jobs_oid, att.assets_oid]) WITH ORDINALITY AS t(rel, n)
+        WHERE pg_catalog.row_security_active(t.rel)
+        ORDER BY t.n LIMIT 1);
+
 -- What is wrong with the guard triggers, or NULL. Only the exact triggers attach() creates
 -- count: the right table, events and function, fired for each row, no WHEN clause, and enabled
 -- ALWAYS. Enabled ORIGIN ('O', what DISABLE/ENABLE TRIGGER ALL leaves) does not fire under
@@ -82,7 +96,7 @@ BEGIN
             END IF;
         END LOOP;
     END LOOP;
-    RETURN NULL;
+    RETURN orphan_cleanup._rls_problem(att);
 END
 $$;
 

@@ -82,6 +82,12 @@ AS $$
 DECLARE
     v_saved boolean;
 BEGIN
+    -- Where row-level security hides assets from the role this runs as, whether the job is
+    -- saved cannot be told: it is taken as saved, the answer that refuses more (see
+    -- _rls_problem(); claims and cycles stop meanwhile).
+    IF pg_catalog.row_security_active(att.assets_oid) THEN
+        RETURN true;
+    END IF;
     EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = $1)',
                    att.assets_oid::regclass, 'render_job_id')
        INTO v_saved USING p_job::text;
@@ -165,6 +171,24 @@ BEGIN
 END
 $$;
 
+-- The save guard reads the app's tables as their owner: where row-level security applies to
+-- it, it could not see the job a save names, and a save of a handed-out object would pass. Such
+-- a save is refused, with the fix (claims and cycles stop too: see _rls_problem() in
+-- _guard_problem(); the job guard takes every job as saved: see _job_is_saved()).
+CREATE FUNCTION orphan_cleanup._refuse_under_rls(att orphan_cleanup.attachment, what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text := orphan_cleanup._rls_problem(att);
+BEGIN
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_orphan_cleanup cannot guard this %: %', what, problem
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Until then no object is handed out and this write is refused; after the fix, SELECT * FROM orphan_cleanup.health();';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup.save_guard() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
 AS $$
@@ -201,6 +225,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
+    PERFORM orphan_cleanup._refuse_under_rls(att, 'save');
 
     -- 1. The job's fence row, which a write pointing the job at a handed-out object (and any
     --    INSERT of the job) writes too; then the job row, read after it (FOR KEY SHARE: a claim
@@ -678,6 +703,13 @@ BEGIN
 
     -- No saved job may have a URL that cannot be read in full (see _unread_url).
     PERFORM orphan_cleanup._refuse_unread_saved(v_jobs, v_assets, 'attach()');
+    -- Nor may row-level security hide rows from the role these functions run as.
+    IF (SELECT orphan_cleanup._rls_problem(a) FROM orphan_cleanup.attachment AS a) IS NOT NULL THEN
+        RAISE EXCEPTION 'attach() refused: %; nothing was changed',
+                        (SELECT orphan_cleanup._rls_problem(a) FROM orphan_cleanup.attachment AS a)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Fix it, then run attach() again.';
+    END IF;
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));

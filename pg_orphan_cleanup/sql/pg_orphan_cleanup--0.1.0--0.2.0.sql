@@ -548,6 +548,13 @@ BEGIN
 
     -- No saved job may have a URL that cannot be read in full (see _unread_url).
     PERFORM orphan_cleanup._refuse_unread_saved(v_jobs, v_assets, 'attach()');
+    -- Nor may row-level security hide rows from the role these functions run as.
+    IF (SELECT orphan_cleanup._rls_problem(a) FROM orphan_cleanup.attachment AS a) IS NOT NULL THEN
+        RAISE EXCEPTION 'attach() refused: %; nothing was changed',
+                        (SELECT orphan_cleanup._rls_problem(a) FROM orphan_cleanup.attachment AS a)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Fix it, then run attach() again.';
+    END IF;
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
@@ -2044,6 +2051,12 @@ AS $$
 DECLARE
     v_saved boolean;
 BEGIN
+    -- Where row-level security hides assets from the role this runs as, whether the job is
+    -- saved cannot be told: it is taken as saved, the answer that refuses more (see
+    -- _rls_problem(); claims and cycles stop meanwhile).
+    IF pg_catalog.row_security_active(att.assets_oid) THEN
+        RETURN true;
+    END IF;
     EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = $1)',
                    att.assets_oid::regclass, 'render_job_id')
        INTO v_saved USING p_job::text;
@@ -2068,6 +2081,28 @@ BEGIN
             USING ERRCODE = 'OC003',
                   HINT = format('Set that job''s output_url to the URL Supabase Storage returned for its file (UPDATE %s SET output_url = ... WHERE id = %L), look for others (SELECT id FROM %s WHERE orphan_cleanup._unread_url(output_url) IS NOT NULL), then run %s again.',
                                 p_jobs::regclass, v_job, p_jobs::regclass, p_what);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._rls_problem(att orphan_cleanup.attachment) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN (SELECT format('row-level security on %s applies to %s, the role pg_orphan_cleanup''s functions run as: they would see only the rows its policies let through, and saved assets as none (fix: ALTER TABLE %s NO FORCE ROW LEVEL SECURITY if %s owns it, or, as a superuser, ALTER ROLE %I BYPASSRLS)',
+                      t.rel::regclass, current_user, t.rel::regclass, current_user, current_user)
+        FROM unnest(ARRAY[att.jobs_oid, att.assets_oid]) WITH ORDINALITY AS t(rel, n)
+        WHERE pg_catalog.row_security_active(t.rel)
+        ORDER BY t.n LIMIT 1);
+
+CREATE FUNCTION orphan_cleanup._refuse_under_rls(att orphan_cleanup.attachment, what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text := orphan_cleanup._rls_problem(att);
+BEGIN
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_orphan_cleanup cannot guard this %: %', what, problem
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Until then no object is handed out and this write is refused; after the fix, SELECT * FROM orphan_cleanup.health();';
     END IF;
 END
 $$;
@@ -2108,6 +2143,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
+    PERFORM orphan_cleanup._refuse_under_rls(att, 'save');
 
     -- 1. The job's fence row, which a write pointing the job at a handed-out object (and any
     --    INSERT of the job) writes too; then the job row, read after it (FOR KEY SHARE: a claim
@@ -2380,7 +2416,7 @@ BEGIN
             END IF;
         END LOOP;
     END LOOP;
-    RETURN NULL;
+    RETURN orphan_cleanup._rls_problem(att);
 END
 $$;
 
@@ -3520,6 +3556,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_save(uuid, bigint, text),
     orphan_cleanup.job_guard(),
     orphan_cleanup._guard_problem(orphan_cleanup.attachment),
+    orphan_cleanup._rls_problem(orphan_cleanup.attachment),
+    orphan_cleanup._refuse_under_rls(orphan_cleanup.attachment, text),
     orphan_cleanup._prune_objects(orphan_cleanup.attachment, text, timestamptz),
     orphan_cleanup._config(),
     orphan_cleanup._another_chunk_fits(timestamptz, timestamptz),

@@ -210,3 +210,126 @@ fn without_pg_cron_the_reaper_runs_the_cycles_once_granted() {
     assert!(detail.starts_with("cycles run by reaper_login"), "{detail}");
     drop(proc);
 }
+
+/// Review of issue 14 (F1): the managed edition's functions run as their owner, here the app's
+/// table owner, a role without BYPASSRLS. Under FORCE ROW LEVEL SECURITY every read of the
+/// assets table saw only what the policy let through: a saved job looked unsaved, and its file
+/// was queued and handed to a reaper. Now attach() refuses naming the fix, cycles and claims
+/// stop, health() is critical, a save is refused rather than passed unguarded, and NO FORCE
+/// puts everything back.
+#[test]
+fn row_level_security_over_the_owner_stops_cleanup_and_names_the_fix() {
+    let platform = Platform::start();
+    let emu = Emulator::start();
+    emu.create_bucket("renders");
+    let mut owner = platform.owner();
+    configure(&mut owner, &emu);
+    let (_orphans, saved) = renders(&mut owner, &emu, "rls", 3);
+    owner
+        .batch_execute(
+            "ALTER TABLE user_assets ENABLE ROW LEVEL SECURITY;
+             ALTER TABLE user_assets FORCE ROW LEVEL SECURITY;
+             CREATE POLICY own_assets ON user_assets
+                 USING (user_id = nullif(current_setting('app.user_id', true), '')::uuid)",
+        )
+        .unwrap();
+    let fix = "ALTER TABLE public.user_assets NO FORCE ROW LEVEL SECURITY";
+    let status: String = owner
+        .query_one("SELECT status FROM orphan_cleanup.run_cycle()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "failed");
+    let e: String = owner
+        .query_one(
+            "SELECT error FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        e.contains("row-level security on public.user_assets applies to app_owner")
+            && e.contains(fix),
+        "{e}"
+    );
+    let queued: i64 = owner
+        .query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        queued, 0,
+        "nothing queued, the saved job's file least of all"
+    );
+    let mut r = platform.connect("app", "reaper_login");
+    let e = db_error(
+        &r.query("SELECT * FROM orphan_cleanup.claim('r1', 10)", &[])
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains("row-level security on public.user_assets"),
+        "{e}"
+    );
+    let (status, detail): (String, String) = {
+        let row = owner
+            .query_one("SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'save guard'", &[])
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(status, "critical", "{detail}");
+    let e = db_error(
+        &owner
+            .query("SELECT * FROM orphan_cleanup.attach()", &[])
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains("attach() refused: row-level security on public.user_assets") && e.contains(fix),
+        "{e}"
+    );
+    // A save is refused, not passed unguarded (the guard could not see the assets' rows).
+    let job_id = job(
+        &mut owner,
+        "completed",
+        Some(&emu.public_url("renders", "rls/x.png")),
+        "2 hours",
+        "rls",
+    );
+    let user = "aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa";
+    let mut t = owner.transaction().unwrap();
+    t.batch_execute(&format!("SET LOCAL app.user_id = '{user}'"))
+        .unwrap();
+    let e = db_error(
+        &t.execute(
+            "INSERT INTO user_assets (user_id, asset_type, metadata)
+             VALUES ($1::text::uuid, 'generated_saved', jsonb_build_object('render_job_id', $2::text))",
+            &[&user, &job_id.0],
+        )
+        .unwrap_err(),
+    );
+    drop(t);
+    assert!(
+        e.contains(
+            "pg_orphan_cleanup cannot guard this save: row-level security on public.user_assets"
+        ),
+        "{e}"
+    );
+
+    owner.batch_execute(fix).unwrap();
+    owner
+        .query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap();
+    let enqueued: i64 = owner
+        .query_one("SELECT enqueued FROM orphan_cleanup.run_cycle()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        enqueued, 4,
+        "the three orphans and the job left unsaved above"
+    );
+    let out = reaper("app", &emu, &["drain"])
+        .env("DATABASE_URL", platform.reaper_url())
+        .run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        emu.objects().contains(&saved),
+        "the saved render's file stays"
+    );
+}
