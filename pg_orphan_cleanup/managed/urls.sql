@@ -511,18 +511,70 @@ $$;
 
 -- The strict reading of a value, when there is one, and its lenient readings (object-url's
 -- readings).
+-- A value's JSON escapes of ASCII punctuation and space taken off (object-url's
+-- unescape_json): '\/', and '\u00XX' ('\u002B', '\u0026'). Letters, digits and '%' stay as
+-- written.
+CREATE FUNCTION orphan_cleanup._unescape_json(value text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
+DECLARE
+    out_ text := '';
+    rest text := value;
+    i int;
+    t text;
+    c int;
+BEGIN
+    LOOP
+        i := pg_catalog.strpos(rest, '\');
+        EXIT WHEN i = 0;
+        out_ := out_ || pg_catalog.substr(rest, 1, i - 1);
+        t := pg_catalog.substr(rest, i, 6);
+        IF pg_catalog.substr(t, 2, 1) = '/' THEN
+            out_ := out_ || '/';
+            rest := pg_catalog.substr(rest, i + 2);
+            CONTINUE;
+        END IF;
+        IF t ~ '^\\u00[0-9A-Fa-f]{2}$' THEN
+            c := ('x' || pg_catalog.substr(t, 5, 2))::bit(8)::int;
+            IF c = 32 OR (c BETWEEN 33 AND 126 AND pg_catalog.chr(c) !~ '[A-Za-z0-9%]') THEN
+                out_ := out_ || pg_catalog.chr(c);
+                rest := pg_catalog.substr(rest, i + 6);
+                CONTINUE;
+            END IF;
+        END IF;
+        out_ := out_ || '\';
+        rest := pg_catalog.substr(rest, i + 1);
+    END LOOP;
+    RETURN out_ || rest;
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup._readings(value text) RETURNS text[]
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     p record;
     keys text[];
+    layer text := value;
+    unjson text;
 BEGIN
     keys := orphan_cleanup._lenient_keys(value);
     p := orphan_cleanup._parse_url(value);
     IF p.error IS NULL THEN
         keys := keys || (p.bucket || '/' || p.object_path);
     END IF;
-    RETURN keys || orphan_cleanup._embedded_keys(value);
+    keys := keys || orphan_cleanup._embedded_keys(value);
+    -- A value wrapped once more (JSON's escapes, an encoding of an encoding): its routes read
+    -- again with JSON's escapes taken off, then with one layer of percent-encoding taken off.
+    IF pg_catalog.strpos(layer, '\') > 0 THEN
+        unjson := orphan_cleanup._unescape_json(layer);
+        IF unjson <> layer THEN
+            keys := keys || orphan_cleanup._embedded_keys(unjson);
+            layer := unjson;
+        END IF;
+    END IF;
+    IF pg_catalog.strpos(orphan_cleanup._ascii_lower(layer), '%25') > 0 THEN
+        keys := keys || orphan_cleanup._embedded_keys(orphan_cleanup._decode_once(layer));
+    END IF;
+    RETURN keys;
 END
 $$;
 -- The objects of storage URLs embedded anywhere in a value (object-url's embedded_keys): passed

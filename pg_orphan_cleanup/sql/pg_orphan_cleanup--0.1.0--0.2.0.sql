@@ -2022,9 +2022,9 @@ END;
 
 CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
-RETURN (SELECT (length(l) - length(replace(l, 'storage/v1/', ''))) / 11
-               + (length(l) - length(replace(l, 'storage%2fv1%2f', ''))) / 15
-        FROM translate(url, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\r', 'abcdefghijklmnopqrstuvwxyz') AS l);
+RETURN (SELECT count(*)::integer
+        FROM translate(url, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\r', 'abcdefghijklmnopqrstuvwxyz') AS l,
+             regexp_matches(l, 'storage(?:/|%2f|%252f|\\/|\\u002f)v1(?:/|%2f|%252f|\\/|\\u002f)', 'g') AS m);
 
 CREATE FUNCTION orphan_cleanup._unread_url(url text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp

@@ -40,6 +40,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_embedded_keys",
     "_key_of_path",
     "_decode_once",
+    "_unescape_json",
     "_canonical_url",
     "_after_authority",
     "_url_refusal",

@@ -692,6 +692,10 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
         format!("![a](https://{HOST}/storage/v1/object/public/renders/other.png)![b](https://{HOST}/storage/v1/object/public/renders/{{k}})"),
         format!("Done: https://{HOST}/storage/v1/object/public/renders/{{k}}."),
         format!("https://app.example.com/_next/image?url=https%3A%2F%2F{HOST}%2Fstorage%2Fv1%2Fobject%2Fpublic%2Frenders%2F{{k}}%3Ft%3Dcaf%E9&w=640"),
+        // The fifth review: JSON's escapes (PHP's json_encode) and an encoding of an encoding
+        // (an image CDN's URL inside an image proxy's) hid every route.
+        format!(r#"{{"publicUrl":"https:\/\/{HOST}\/storage\/v1\/object\/public\/renders\/{{k}}"}}"#),
+        format!("https://app.example.com/_next/image?url=https%3A%2F%2Fcdn.example.com%2Fimg%3Fsrc%3Dhttps%253A%252F%252F{HOST}%252Fstorage%252Fv1%252Fobject%252Fpublic%252Frenders%252F{{k}}&w=640"),
     ];
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_url_readings");

@@ -392,6 +392,31 @@ fn value(rng: &mut StdRng) -> String {
             v.replacen('a', "b", 1),
             pick(rng, &["", ".", ")", "!", ",", "%E9", "%C3"])
         ),
+        // In JSON with its escapes (PHP's json_encode escapes every '/', .NET's '+' and '&'),
+        // and encoded twice (an image CDN's URL inside an image proxy's) (the fifth review).
+        5 => format!(r#"{{"publicUrl":"{}"}}"#, v.replace('/', "\\/")),
+        6 => format!(
+            r#"["{}"]"#,
+            v.replace('/', pick(rng, &["\\/", "\\u002F", "/"]))
+                .replace('+', "\\u002B")
+                .replace('&', "\\u0026")
+        ),
+        7 => {
+            let encode = |s: &str| -> String {
+                s.chars()
+                    .map(|c| match c {
+                        ':' | '/' | '?' | '&' | '=' | '%' | ' ' | '#' => {
+                            format!("%{:02X}", c as u32)
+                        }
+                        c => c.to_string(),
+                    })
+                    .collect()
+            };
+            format!(
+                "https://app.example.com/_next/image?url={}&w=640",
+                encode(&format!("https://cdn.example.com/img?src={}", encode(&v)))
+            )
+        }
         _ => v,
     };
     // A tab or a newline inside the value, which a browser deletes from a URL.
