@@ -8,6 +8,7 @@
 //! under `/__emulator/` for tests.
 
 pub mod auth;
+pub mod catalog;
 pub mod error;
 pub mod faults;
 pub mod gate;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::auth::{authorize, Role};
+use crate::catalog::Catalog;
 use crate::error::ApiError;
 use crate::faults::{FaultState, Faults, Verdict};
 use crate::gate::{Gate, GateSetting, GateState};
@@ -51,6 +53,9 @@ pub struct Emulator {
     pub faults: FaultState,
     /// Holds bulk deletes past a count, for tests that act mid-drain.
     pub gate: Gate,
+    /// `storage.objects` in a database (`--database-url`), kept as the real server keeps it.
+    /// Held across each change to the store and its rows, so they change in the same order.
+    pub catalog: Option<tokio::sync::Mutex<Catalog>>,
     log: Mutex<Vec<LogEntry>>,
 }
 
@@ -86,6 +91,18 @@ impl Emulator {
         faults: Faults,
         opaque_keys: HashMap<String, Role>,
     ) -> Arc<Emulator> {
+        Emulator::with_catalog(store, jwt_secret, hard_limits, faults, opaque_keys, None)
+    }
+
+    /// Like [`Emulator::with_opaque_keys`], keeping `storage.objects` through `catalog`.
+    pub fn with_catalog(
+        store: Store,
+        jwt_secret: String,
+        hard_limits: bool,
+        faults: Faults,
+        opaque_keys: HashMap<String, Role>,
+        catalog: Option<Catalog>,
+    ) -> Arc<Emulator> {
         Arc::new(Emulator {
             store,
             jwt_secret,
@@ -93,8 +110,17 @@ impl Emulator {
             hard_limits,
             faults: FaultState::new(faults),
             gate: Gate::default(),
+            catalog: catalog.map(tokio::sync::Mutex::new),
             log: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The catalog, locked, when there is one.
+    async fn catalog(&self) -> Option<tokio::sync::MutexGuard<'_, Catalog>> {
+        match &self.catalog {
+            Some(c) => Some(c.lock().await),
+            None => None,
+        }
     }
 
     fn role(&self, headers: &HeaderMap) -> Result<Role, ApiError> {
@@ -299,8 +325,14 @@ async fn create_bucket(
             &format!("Bucket name invalid: {name}"),
         ));
     }
+    let catalog = emu.catalog().await;
     match emu.store.create_bucket(&name, b.public) {
-        Ok(()) => Ok(Json(json!({"name": name}))),
+        Ok(()) => {
+            if let Some(c) = &catalog {
+                c.bucket(&name, b.public).await.map_err(internal)?;
+            }
+            Ok(Json(json!({"name": name})))
+        }
         Err(StoreError::Exists) => Err(ApiError::new(
             400,
             "409",
@@ -335,8 +367,14 @@ async fn upload(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/octet-stream");
+    let catalog = emu.catalog().await;
     match emu.store.put(&bucket, &key, &body, mimetype, upsert) {
-        Ok(id) => Ok(Json(json!({"Key": format!("{bucket}/{key}"), "Id": id}))),
+        Ok(id) => {
+            if let (Some(c), Some(meta)) = (&catalog, emu.store.get(&bucket, &key)) {
+                c.put(&bucket, &key, &meta).await.map_err(internal)?;
+            }
+            Ok(Json(json!({"Key": format!("{bucket}/{key}"), "Id": id})))
+        }
         Err(StoreError::NoSuchBucket) => Err(ApiError::new(
             400,
             "404",
@@ -423,11 +461,17 @@ async fn bulk_delete(
         ));
     }
     // Row-level security hides every row from a non-service key: nothing to delete, no error.
+    let catalog = emu.catalog().await;
     let deleted = if role == Role::Service {
         emu.store.delete_many(&bucket, &names)
     } else {
         Vec::new()
     };
+    if let Some(c) = &catalog {
+        let gone: Vec<String> = deleted.iter().map(|(name, _)| name.clone()).collect();
+        c.delete(&bucket, &gone).await.map_err(internal)?;
+    }
+    drop(catalog);
     let body: Vec<Value> = deleted
         .iter()
         .map(|(name, meta)| meta.to_json(&bucket, name))
@@ -450,11 +494,17 @@ async fn single_delete(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let role = emu.role(&headers)?;
+    let catalog = emu.catalog().await;
     let deleted = if role == Role::Service {
         emu.store.delete_many(&bucket, std::slice::from_ref(&key))
     } else {
         Vec::new()
     };
+    if let Some(c) = &catalog {
+        let gone: Vec<String> = deleted.iter().map(|(name, _)| name.clone()).collect();
+        c.delete(&bucket, &gone).await.map_err(internal)?;
+    }
+    drop(catalog);
     if deleted.is_empty() {
         return Err(ApiError::new(
             400,

@@ -66,6 +66,10 @@ enum Command {
         /// An opaque publishable key (sb_publishable_...) the gateway accepts in `apikey` as anon.
         #[arg(long, env = "STORAGE_EMULATOR_PUBLISHABLE_KEY")]
         publishable_key: Option<String>,
+        /// Keep `storage.objects` and `storage.buckets` in this database as the real server
+        /// does (created when missing; synced with the data directory at start).
+        #[arg(long, env = "STORAGE_EMULATOR_DATABASE_URL")]
+        database_url: Option<String>,
     },
     /// Print a service-role key, an anon key and a key without a role claim, signed with the secret.
     Keys {
@@ -145,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             fail_after,
             secret_key,
             publishable_key,
+            database_url,
         } => {
             let store = Store::open(&data_dir)
                 .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
@@ -167,12 +172,29 @@ async fn main() -> anyhow::Result<()> {
             if let Some(k) = publishable_key {
                 opaque.insert(k, storage_emulator::auth::Role::Other);
             }
-            let emu = storage_emulator::Emulator::with_opaque_keys(
+            let catalog = match database_url {
+                Some(url) => {
+                    let catalog = storage_emulator::catalog::Catalog::open(&url).await?;
+                    let (buckets, objects) = store.snapshot();
+                    catalog
+                        .sync(&buckets, &objects)
+                        .await
+                        .context("cannot sync storage.objects with the data directory")?;
+                    tracing::info!(
+                        objects = objects.len(),
+                        "storage.objects kept in the database"
+                    );
+                    Some(catalog)
+                }
+                None => None,
+            };
+            let emu = storage_emulator::Emulator::with_catalog(
                 store,
                 jwt_secret,
                 !no_hard_limits,
                 faults,
                 opaque,
+                catalog,
             );
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

@@ -260,6 +260,22 @@ impl Store {
         out
     }
 
+    /// Every bucket (name, public) and object (bucket, name, metadata): what `storage.objects`
+    /// must hold.
+    #[allow(clippy::type_complexity)]
+    pub fn snapshot(&self) -> (Vec<(String, bool)>, Vec<(String, String, ObjectMeta)>) {
+        let buckets = self.buckets.read().unwrap();
+        let mut names = Vec::new();
+        let mut objects = Vec::new();
+        for (name, b) in buckets.iter() {
+            names.push((name.clone(), b.public));
+            for (key, meta) in &b.objects {
+                objects.push((name.clone(), key.clone(), meta.clone()));
+            }
+        }
+        (names, objects)
+    }
+
     pub fn is_public(&self, bucket: &str) -> Option<bool> {
         self.buckets.read().unwrap().get(bucket).map(|b| b.public)
     }

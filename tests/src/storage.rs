@@ -118,6 +118,20 @@ fn rand_suffix() -> u64 {
 
 impl Emulator {
     pub fn start() -> Emulator {
+        Emulator::start_with(&[])
+    }
+
+    /// An emulator that keeps `storage.objects` and `storage.buckets` in database `db`, as the
+    /// real server keeps them in the project's database.
+    pub fn start_keeping(db: &str) -> Emulator {
+        let url = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            crate::port()
+        );
+        Emulator::start_with(&["--database-url", &url])
+    }
+
+    fn start_with(extra: &[&str]) -> Emulator {
         let dir = TempDir::new("emulator");
         let mut child = Proc::spawn(
             Command::new(binary("storage-emulator"))
@@ -136,6 +150,7 @@ impl Emulator {
                     "--data-dir",
                 ])
                 .arg(&dir.0)
+                .args(extra)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::piped()),
         );
