@@ -62,17 +62,22 @@ fn readings(value: &str) -> Vec<String> {
     }
     keys.extend(embedded_keys(value));
     // A value wrapped once more hid every route (the fifth review): JSON's escapes
-    // (`{"publicUrl":"https:\/\/...\/storage\/v1\/..."}`: PHP's json_encode escapes every '/')
-    // and an encoding of an encoding (`...%253A%252F%252F...`: an image CDN's URL inside an image
-    // proxy's). Its routes are read again with JSON's escapes taken off, then with one layer of
-    // percent-encoding taken off. `_route_count` counts every route these layers can reveal.
+    // (`{"publicUrl":"https:\/\/...\/storage\/v1\/..."}`: PHP's json_encode escapes every '/';
+    // JSON inside JSON escapes them again, the sixth review) and an encoding of an encoding
+    // (`...%253A%252F%252F...`: an image CDN's URL inside an image proxy's). Its routes are read
+    // again with JSON's escapes taken off, a layer at a time (four at most), then with one layer
+    // of percent-encoding taken off. `_route_count` counts every route these layers can reveal.
     let mut layer = value.to_string();
-    if layer.contains('\\') {
-        let unjson = unescape_json(&layer);
-        if unjson != layer {
-            keys.extend(embedded_keys(&unjson));
-            layer = unjson;
+    for _ in 0..4 {
+        if !layer.contains('\\') {
+            break;
         }
+        let unjson = unescape_json(&layer);
+        if unjson == layer {
+            break;
+        }
+        keys.extend(embedded_keys(&unjson));
+        layer = unjson;
     }
     if layer.to_ascii_lowercase().contains("%25") {
         keys.extend(embedded_keys(&decode_once(&layer)));
@@ -80,9 +85,10 @@ fn readings(value: &str) -> Vec<String> {
     keys
 }
 
-/// `text` with JSON's escapes of ASCII punctuation and space taken off: `\/`, and `\u00XX`
-/// (`\u002B`, `\u0026`: .NET's encoders). Letters, digits and '%' stay as written (no encoder
-/// escapes the first two, and an escaped '%' would make escapes `_route_count` cannot see).
+/// `text` with one layer of JSON's escapes of ASCII punctuation and space taken off: `\/`,
+/// `\\`, and `\u00XX` (`\u002B`, `\u0026`: .NET's encoders). Letters, digits and '%' stay as
+/// written (no encoder escapes the first two, and an escaped '%' would make escapes
+/// `_route_count` cannot see).
 /// The managed edition's `_unescape_json` is the same rule in PL/pgSQL.
 fn unescape_json(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -91,8 +97,8 @@ fn unescape_json(text: &str) -> String {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
         let b = tail.as_bytes();
-        if b.len() >= 2 && b[1] == b'/' {
-            out.push('/');
+        if b.len() >= 2 && (b[1] == b'/' || b[1] == b'\\') {
+            out.push(b[1] as char);
             rest = &tail[2..];
             continue;
         }
@@ -246,6 +252,19 @@ fn lenient_keys(raw: &str) -> Vec<String> {
     let mut keys = lenient_keys_of(trimmed);
     if kept != trimmed {
         keys.extend(lenient_keys_of(kept));
+        // And with one wrapping pair taken off (`"renders/it's'"`), the rest kept (the sixth
+        // review).
+        let pairs = [('"', '"'), ('\'', '\''), ('<', '>'), ('`', '`')];
+        if let Some(inner) = pairs.iter().find_map(|(open, close)| {
+            kept.strip_prefix(*open)
+                .and_then(|s| s.strip_suffix(*close))
+                .filter(|_| kept.len() >= 2)
+        }) {
+            let inner = inner.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+            if inner != trimmed && inner != kept {
+                keys.extend(lenient_keys_of(inner));
+            }
+        }
     }
     keys
 }

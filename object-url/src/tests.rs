@@ -630,6 +630,11 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
         (r#"{"publicUrl":"https:\/\/abcd.supabase.co\/storage\/v1\/object\/public\/renders\/x.png"}"#.to_string(), "renders/x.png"),
         (r#"["https:\/\/abcd.supabase.co\/storage\/v1\/object\/public\/renders\/a\u002Bb.png"]"#.to_string(), "renders/a+b.png"),
         ("https://app.example.com/_next/image?url=https%3A%2F%2Fcdn.example.com%2Fimg%3Fsrc%3Dhttps%253A%252F%252Fabcd.supabase.co%252Fstorage%252Fv1%252Fobject%252Fpublic%252Frenders%252Fy.png&w=640".to_string(), "renders/y.png"),
+        // The sixth review: a quoted value whose name ends in a quote, with no route.
+        ("\"renders/it's'\"".to_string(), "renders/it's'"),
+        ("<https://cdn.example.com/renders/it's'>".to_string(), "renders/it's'"),
+        // The sixth review: JSON inside JSON escapes the escapes.
+        (r#"{"data": "{\"publicUrl\": \"https:\\/\\/abcd.supabase.co\\/storage\\/v1\\/object\\/public\\/renders\\/z.png\"}"}"#.to_string(), "renders/z.png"),
     ] {
         let keys = protected_keys(&raw);
         assert!(keys.iter().any(|k| k == want), "{raw:.90?}: {keys:?} lacks {want}");

@@ -511,9 +511,9 @@ $$;
 
 -- The strict reading of a value, when there is one, and its lenient readings (object-url's
 -- readings).
--- A value's JSON escapes of ASCII punctuation and space taken off (object-url's
--- unescape_json): '\/', and '\u00XX' ('\u002B', '\u0026'). Letters, digits and '%' stay as
--- written.
+-- One layer of a value's JSON escapes of ASCII punctuation and space taken off (object-url's
+-- unescape_json): '\/', '\\', and '\u00XX' ('\u002B', '\u0026'). Letters, digits and '%' stay
+-- as written.
 CREATE FUNCTION orphan_cleanup._unescape_json(value text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
@@ -528,8 +528,8 @@ BEGIN
         EXIT WHEN i = 0;
         out_ := out_ || pg_catalog.substr(rest, 1, i - 1);
         t := pg_catalog.substr(rest, i, 6);
-        IF pg_catalog.substr(t, 2, 1) = '/' THEN
-            out_ := out_ || '/';
+        IF pg_catalog.substr(t, 2, 1) IN ('/', '\') THEN
+            out_ := out_ || pg_catalog.substr(t, 2, 1);
             rest := pg_catalog.substr(rest, i + 2);
             CONTINUE;
         END IF;
@@ -555,6 +555,7 @@ DECLARE
     keys text[];
     layer text := value;
     unjson text;
+    i int;
 BEGIN
     keys := orphan_cleanup._lenient_keys(value);
     p := orphan_cleanup._parse_url(value);
@@ -562,15 +563,16 @@ BEGIN
         keys := keys || (p.bucket || '/' || p.object_path);
     END IF;
     keys := keys || orphan_cleanup._embedded_keys(value);
-    -- A value wrapped once more (JSON's escapes, an encoding of an encoding): its routes read
-    -- again with JSON's escapes taken off, then with one layer of percent-encoding taken off.
-    IF pg_catalog.strpos(layer, '\') > 0 THEN
+    -- A value wrapped once more (JSON's escapes, JSON in JSON, an encoding of an encoding): its
+    -- routes read again with JSON's escapes taken off, a layer at a time (four at most), then
+    -- with one layer of percent-encoding taken off.
+    FOR i IN 1 .. 4 LOOP
+        EXIT WHEN pg_catalog.strpos(layer, '\') = 0;
         unjson := orphan_cleanup._unescape_json(layer);
-        IF unjson <> layer THEN
-            keys := keys || orphan_cleanup._embedded_keys(unjson);
-            layer := unjson;
-        END IF;
-    END IF;
+        EXIT WHEN unjson = layer;
+        keys := keys || orphan_cleanup._embedded_keys(unjson);
+        layer := unjson;
+    END LOOP;
     IF pg_catalog.strpos(orphan_cleanup._ascii_lower(layer), '%25') > 0 THEN
         keys := keys || orphan_cleanup._embedded_keys(orphan_cleanup._decode_once(layer));
     END IF;
@@ -664,13 +666,25 @@ DECLARE
     space constant text := '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]';
     trimmed text := pg_catalog.regexp_replace(url, '^' || junk || '+|' || junk || '+$', '', 'g');
     kept text := pg_catalog.regexp_replace(url, '^' || space || '+|' || space || '+$', '', 'g');
+    unwrapped text;
+    keys text[];
 BEGIN
     -- Also read with only the whitespace trimmed when that keeps a quote or bracket at an end:
     -- a quote (') is a character of object names, and a name ending in one must not lose it.
     IF kept = trimmed THEN
         RETURN orphan_cleanup._lenient_keys_of(trimmed);
     END IF;
-    RETURN orphan_cleanup._lenient_keys_of(trimmed) || orphan_cleanup._lenient_keys_of(kept);
+    keys := orphan_cleanup._lenient_keys_of(trimmed) || orphan_cleanup._lenient_keys_of(kept);
+    -- And with one wrapping pair taken off ("renders/it's'"), the rest kept.
+    IF pg_catalog.length(kept) >= 2
+       AND (pg_catalog.left(kept, 1), pg_catalog.right(kept, 1)) IN (('"', '"'), ('''', ''''), ('<', '>'), ('`', '`')) THEN
+        unwrapped := pg_catalog.regexp_replace(pg_catalog.substr(kept, 2, pg_catalog.length(kept) - 2),
+                                           '^' || space || '+|' || space || '+$', '', 'g');
+        IF unwrapped <> trimmed AND unwrapped <> kept THEN
+            keys := keys || orphan_cleanup._lenient_keys_of(unwrapped);
+        END IF;
+    END IF;
+    RETURN keys;
 END
 $$;
 

@@ -40,9 +40,10 @@ BEGIN ATOMIC
     ORDER BY k.n;
 END;
 
--- How many storage routes a value holds (storage/v1/, storage%2Fv1%2F, and those spellings
--- JSON-escaped, \/ or \u002F, or encoded twice, %252F: every route a layer object_keys() takes
--- off can reveal; the fifth review hid routes behind both), in any case, counted
+-- How many storage routes a value holds: storage/v1/ and storage%2Fv1%2F, and every spelling of
+-- them that a layer object_keys() takes off reveals (JSON's \/, \\\/ or \u002F, however deep;
+-- %252F; a letter escaped once, %73torage, which the percent-decoded layer reads: the fifth and
+-- sixth reviews hid routes behind each), in any case, counted
 -- without its tabs and newlines: object_keys() also reads the value as a browser does, without
 -- them, where a route split by a tab is whole again (the fourth review). Removing them never
 -- breaks a route, so this is never fewer than the value as written holds.
@@ -50,7 +51,7 @@ CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 RETURN (SELECT count(*)::integer
         FROM translate(url, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\r', 'abcdefghijklmnopqrstuvwxyz') AS l,
-             regexp_matches(l, 'storage(?:/|%2f|%252f|\\/|\\u002f)v1(?:/|%2f|%252f|\\/|\\u002f)', 'g') AS m);
+             regexp_matches(l, '(?:s|%73|%53)(?:t|%74|%54)(?:o|%6f|%4f)(?:r|%72|%52)(?:a|%61|%41)(?:g|%67|%47)(?:e|%65|%45)(?:\\*/|\\+u002f|%2f|%252f)(?:v|%76|%56)(?:1|%31)(?:\\*/|\\+u002f|%2f|%252f)', 'g') AS m);
 
 -- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes
 -- and up to 8 storage routes in one value (object-url's limits, which keep its work bounded). A
@@ -84,15 +85,16 @@ AS $$
 DECLARE
     v_saved boolean;
 BEGIN
-    -- Where row-level security hides assets from the role this runs as, whether the job is
-    -- saved cannot be told: it is taken as saved, the answer that refuses more (see
-    -- _rls_problem(); claims and cycles stop meanwhile).
-    IF pg_catalog.row_security_active(att.assets_oid) THEN
-        RETURN true;
-    END IF;
     EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = $1)',
                    att.assets_oid::regclass, 'render_job_id')
        INTO v_saved USING p_job::text;
+    -- Where row-level security hides assets from the role this runs as, whether the job is
+    -- saved cannot be told: it is taken as saved, the answer that refuses more (see
+    -- _rls_problem(); claims and cycles stop meanwhile). Looked at after the read, which holds
+    -- the table: a policy committed while the read waited applied to it (the sixth review).
+    IF pg_catalog.row_security_active(att.assets_oid) THEN
+        RETURN true;
+    END IF;
     RETURN v_saved;
 END
 $$;
@@ -227,7 +229,6 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    PERFORM orphan_cleanup._refuse_under_rls(att, 'save');
 
     -- 1. The job's fence row, which a write pointing the job at a handed-out object (and any
     --    INSERT of the job) writes too; then the job row, read after it (FOR KEY SHARE: a claim
@@ -235,6 +236,10 @@ BEGIN
     PERFORM orphan_cleanup._fence_job(v_new);
     EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
        INTO v_url USING v_new;
+    -- Row-level security, looked at once both tables are locked (the INSERT holds the assets
+    -- table, the read above the jobs table): a policy committed before the read hid its row,
+    -- and one committed later waits for this transaction (the sixth review).
+    PERFORM orphan_cleanup._refuse_under_rls(att, 'save');
     IF orphan_cleanup._unread_url(v_url) IS NOT NULL THEN
         PERFORM orphan_cleanup._refuse_unread(v_new, orphan_cleanup._unread_url(v_url));
     END IF;

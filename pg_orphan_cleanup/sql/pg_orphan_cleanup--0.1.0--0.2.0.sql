@@ -1300,7 +1300,8 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN pg_catalog.to_regclass('storage.objects') IS NOT NULL
-       AND pg_catalog.has_table_privilege('storage.objects', 'SELECT');
+       AND pg_catalog.has_table_privilege('storage.objects', 'SELECT')
+       AND NOT pg_catalog.row_security_active('storage.objects');
 END
 $$;
 
@@ -2024,7 +2025,7 @@ CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 RETURN (SELECT count(*)::integer
         FROM translate(url, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\r', 'abcdefghijklmnopqrstuvwxyz') AS l,
-             regexp_matches(l, 'storage(?:/|%2f|%252f|\\/|\\u002f)v1(?:/|%2f|%252f|\\/|\\u002f)', 'g') AS m);
+             regexp_matches(l, '(?:s|%73|%53)(?:t|%74|%54)(?:o|%6f|%4f)(?:r|%72|%52)(?:a|%61|%41)(?:g|%67|%47)(?:e|%65|%45)(?:\\*/|\\+u002f|%2f|%252f)(?:v|%76|%56)(?:1|%31)(?:\\*/|\\+u002f|%2f|%252f)', 'g') AS m);
 
 CREATE FUNCTION orphan_cleanup._unread_url(url text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
@@ -2051,15 +2052,16 @@ AS $$
 DECLARE
     v_saved boolean;
 BEGIN
-    -- Where row-level security hides assets from the role this runs as, whether the job is
-    -- saved cannot be told: it is taken as saved, the answer that refuses more (see
-    -- _rls_problem(); claims and cycles stop meanwhile).
-    IF pg_catalog.row_security_active(att.assets_oid) THEN
-        RETURN true;
-    END IF;
     EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> %L) = $1)',
                    att.assets_oid::regclass, 'render_job_id')
        INTO v_saved USING p_job::text;
+    -- Where row-level security hides assets from the role this runs as, whether the job is
+    -- saved cannot be told: it is taken as saved, the answer that refuses more (see
+    -- _rls_problem(); claims and cycles stop meanwhile). Looked at after the read, which holds
+    -- the table: a policy committed while the read waited applied to it (the sixth review).
+    IF pg_catalog.row_security_active(att.assets_oid) THEN
+        RETURN true;
+    END IF;
     RETURN v_saved;
 END
 $$;
@@ -2143,7 +2145,6 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    PERFORM orphan_cleanup._refuse_under_rls(att, 'save');
 
     -- 1. The job's fence row, which a write pointing the job at a handed-out object (and any
     --    INSERT of the job) writes too; then the job row, read after it (FOR KEY SHARE: a claim
@@ -2151,6 +2152,10 @@ BEGIN
     PERFORM orphan_cleanup._fence_job(v_new);
     EXECUTE format('SELECT j.output_url FROM %s AS j WHERE j.id = $1 FOR KEY SHARE', att.jobs_oid::regclass)
        INTO v_url USING v_new;
+    -- Row-level security, looked at once both tables are locked (the INSERT holds the assets
+    -- table, the read above the jobs table): a policy committed before the read hid its row,
+    -- and one committed later waits for this transaction (the sixth review).
+    PERFORM orphan_cleanup._refuse_under_rls(att, 'save');
     IF orphan_cleanup._unread_url(v_url) IS NOT NULL THEN
         PERFORM orphan_cleanup._refuse_unread(v_new, orphan_cleanup._unread_url(v_url));
     END IF;

@@ -871,13 +871,16 @@ $$;
 -- Where Supabase Storage keeps its object metadata in this database (storage.objects, as on
 -- every Supabase project, hosted or self-hosted), whether the extension's owner can read it:
 -- then confirm() checks every object the reaper reports gone against it. The reaper asks once
--- per connection; without this evidence it stops after a run of "already absent" answers.
+-- per connection; without this evidence it stops after a run of "already absent" answers. Not
+-- where row-level security applies to the owner there (the managed edition's owner may lack
+-- BYPASSRLS): it would see no rows, and every object would look gone (the sixth review).
 CREATE FUNCTION orphan_cleanup.verifies_absence() RETURNS boolean
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN pg_catalog.to_regclass('storage.objects') IS NOT NULL
-       AND pg_catalog.has_table_privilege('storage.objects', 'SELECT');
+       AND pg_catalog.has_table_privilege('storage.objects', 'SELECT')
+       AND NOT pg_catalog.row_security_active('storage.objects');
 END
 $$;
 

@@ -391,20 +391,26 @@ fn bodies(c: &mut postgres::Client) -> BTreeSet<String> {
     )
 }
 
-/// An older build of this version, as a DBA may have installed it: with a function this
-/// version dropped, and the URL readings before a name ending in a quote kept its quote (so the
-/// app's GIN index holds old readings). (The tables it lacked are dropped once it has run:
-/// its functions would need them.)
+/// An older build of this version, as a DBA may have installed it: with a function and an
+/// overload this version dropped, and a job_ref_key() (a SQL-standard body, whose text is not in
+/// prosrc) that read only hyphenated ids, so the app's index on it holds old readings. (The
+/// tables it lacked are dropped once it has run: its functions would need them.)
 fn older_build(script: &str) -> String {
-    let s = script.replacen(
-        "    RETURN orphan_cleanup._lenient_keys_of(trimmed) || orphan_cleanup._lenient_keys_of(kept);",
-        "    RETURN orphan_cleanup._lenient_keys_of(trimmed);",
-        1,
+    let start = script
+        .find("CREATE FUNCTION orphan_cleanup.job_ref_key(ref text) RETURNS text")
+        .unwrap();
+    let ret = start + script[start..].find("RETURN ").unwrap() + "RETURN ".len();
+    let end = ret + script[ret..].find(";\n").unwrap();
+    let s = format!(
+        "{}CASE WHEN pg_catalog.strpos(ref, '-') = 0 THEN NULL ELSE {} END{}",
+        &script[..ret],
+        &script[ret..end],
+        &script[end..]
     );
-    assert_ne!(s, script, "the readings are changed");
     s.replacen(
         "COMMIT;\n",
-        "CREATE FUNCTION orphan_cleanup._gone_in_this_version() RETURNS int LANGUAGE sql RETURN 1;\nCOMMIT;\n",
+        "CREATE FUNCTION orphan_cleanup._gone_in_this_version() RETURNS int LANGUAGE sql RETURN 1;\n\
+         CREATE FUNCTION orphan_cleanup.claim(worker text) RETURNS int LANGUAGE sql RETURN 1;\nCOMMIT;\n",
         1,
     )
 }
@@ -441,17 +447,6 @@ fn the_managed_update_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
             "update",
         );
     }
-    // A saved job whose file's name ends in a quote; its URL has a blank segment, so only the
-    // lenient readings name the file, and the older build's lost the quote.
-    let quoted = "renders/ /it's'";
-    let saved = job(
-        &mut c,
-        "completed",
-        Some(&public_url("renders", "%20/it's'")),
-        "2 hours",
-        "update",
-    );
-    save(&mut c, "generated_saved", &saved.0).unwrap();
     c.query("SELECT * FROM orphan_cleanup.run_cycle()", &[])
         .unwrap();
     let claimed = c
@@ -459,12 +454,22 @@ fn the_managed_update_gives_a_fresh_installs_catalog_and_keeps_the_queue() {
         .unwrap()
         .len();
     assert_eq!(claimed, 5, "the older build works");
+    // A job saved with its id written without hyphens: the older build's job_ref_key() read no
+    // reference there, so the app's index on it holds none.
+    let saved = job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "u/saved.png")),
+        "2 hours",
+        "update",
+    );
+    save(&mut c, "generated_saved", &saved.0.replace('-', "")).unwrap();
     let by_index = |c: &mut postgres::Client| -> i64 {
         let mut t = c.transaction().unwrap();
         t.batch_execute("SET LOCAL enable_seqscan = off").unwrap();
         t.query_one(
-            "SELECT count(*) FROM render_jobs WHERE orphan_cleanup.object_keys(output_url) @> ARRAY[$1]",
-            &[&quoted],
+            "SELECT count(*) FROM user_assets WHERE orphan_cleanup.job_ref_key(metadata ->> 'render_job_id') = $1",
+            &[&saved.0],
         )
         .unwrap()
         .get(0)

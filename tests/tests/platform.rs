@@ -333,3 +333,97 @@ fn row_level_security_over_the_owner_stops_cleanup_and_names_the_fix() {
         "the saved render's file stays"
     );
 }
+
+/// How many sessions of the platform's database wait on a lock.
+fn lock_waiters(owner: &mut postgres::Client) -> i64 {
+    owner
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// The sixth review (F4): the save guard looked at row-level security before it locked the jobs
+/// table. A save waiting on the job's fence row (a write of that job in flight) passed the look;
+/// a FORCE ROW LEVEL SECURITY committed while it waited then hid the job's row from its read, and
+/// the save of a job naming a handed-out file committed. The guard now looks once both tables
+/// are locked, and refuses.
+#[test]
+fn row_level_security_committed_while_a_save_waits_still_refuses_it() {
+    let platform = Platform::start();
+    let emu = Emulator::start();
+    emu.create_bucket("renders");
+    let mut owner = platform.owner();
+    configure(&mut owner, &emu);
+    let url = emu.public_url("renders", "race/x.png");
+    emu.upload("renders", "race/x.png", b"x");
+    job(&mut owner, "completed", Some(&url), "2 hours", "race");
+    assert_eq!(
+        owner
+            .query_one("SELECT enqueued FROM orphan_cleanup.run_cycle()", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+    let mut r = platform.connect("app", "reaper_login");
+    assert_eq!(
+        r.query("SELECT * FROM orphan_cleanup.claim('r1', 10)", &[])
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // T0: a cache hit writes job J2 naming the handed-out file, and holds its fence row.
+    let mut t0 = platform.owner();
+    t0.batch_execute("BEGIN").unwrap();
+    let j2: String = t0
+        .query_one(
+            "INSERT INTO render_jobs (status, output_url, created_at) VALUES ('completed', $1, now()) RETURNING id::text",
+            &[&url],
+        )
+        .unwrap()
+        .get(0);
+    // T1: the user saves J2; it waits on the fence row.
+    let saver = {
+        let mut t1 = platform.owner();
+        let j2 = j2.clone();
+        std::thread::spawn(move || {
+            t1.execute(
+                "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+                &[&j2],
+            )
+            .map_err(|e| db_error(&e))
+        })
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the save to wait on the fence row",
+        || lock_waiters(&mut owner) == 1,
+    );
+    // The DBA turns on row-level security for the jobs table; it waits for T0.
+    let dba = {
+        let mut t2 = platform.owner();
+        std::thread::spawn(move || {
+            t2.batch_execute(
+                "ALTER TABLE render_jobs ENABLE ROW LEVEL SECURITY;
+                 ALTER TABLE render_jobs FORCE ROW LEVEL SECURITY",
+            )
+            .unwrap()
+        })
+    };
+    wait_for(Duration::from_secs(10), "the ALTER to wait", || {
+        lock_waiters(&mut owner) == 2
+    });
+    t0.batch_execute("COMMIT").unwrap();
+    dba.join().unwrap();
+    let saved = saver.join().unwrap();
+    let e = saved.expect_err("the save of a job naming a handed-out file is refused");
+    assert!(
+        e.contains(
+            "pg_orphan_cleanup cannot guard this save: row-level security on public.render_jobs"
+        ),
+        "{e}"
+    );
+}
