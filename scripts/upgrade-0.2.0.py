@@ -222,7 +222,12 @@ LANGUAGE c
 AS 'MODULE_PATHNAME', 'object_keys_wrapper';
 """)
 out.append(fn('guard','_objects_of', replace=False))
-out.append(fn('guard','_route_count', replace=False))
+out.append("""-- The most storage routes any layer of a URL's readings holds (Rust): the save guard's limit.
+CREATE FUNCTION orphan_cleanup."_route_count"("url" TEXT) RETURNS INT
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_route_count_wrapper';
+""")
 out.append(fn('guard','_unread_url', replace=False))
 out.append(fn('guard','_refuse_unread', replace=False))
 out.append(fn('guard','_job_is_saved', replace=False))

@@ -17,7 +17,7 @@ mod lenient;
 mod policy;
 mod redact;
 
-pub use lenient::{protected_key, protected_keys};
+pub use lenient::{protected_key, protected_keys, route_count, MAX_LAYERS};
 pub use policy::{Policy, PolicyError, Refusal};
 pub use redact::redact;
 

@@ -633,6 +633,10 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
         // The sixth review: a quoted value whose name ends in a quote, with no route.
         ("\"renders/it's'\"".to_string(), "renders/it's'"),
         ("<https://cdn.example.com/renders/it's'>".to_string(), "renders/it's'"),
+        // The seventh review: an escaped backslash, JSON five times over, URL-encoded JSON.
+        (r#"x https:\u005c/\u005c/abcd.supabase.co\u005c/storage\u005c/v1\u005c/object\u005c/public\u005c/renders\u005c/w.png"#.to_string(), "renders/w.png"),
+        (php_json(5, "https://abcd.supabase.co/storage/v1/object/public/renders/deep.png"), "renders/deep.png"),
+        ("https://app.example/view?data=%7B%22publicUrl%22%3A%20%22https%3A%5C%2F%5C%2Fabcd.supabase.co%5C%2Fstorage%5C%2Fv1%5C%2Fobject%5C%2Fpublic%5C%2Frenders%5C%2Fu.png%22%7D".to_string(), "renders/u.png"),
         // The sixth review: JSON inside JSON escapes the escapes.
         (r#"{"data": "{\"publicUrl\": \"https:\\/\\/abcd.supabase.co\\/storage\\/v1\\/object\\/public\\/renders\\/z.png\"}"}"#.to_string(), "renders/z.png"),
     ] {
@@ -739,4 +743,59 @@ proptest! {
         let url = format!("{BASE}/object/public/renders/{}", parts.join("/"));
         prop_assert!(parse(&url).is_err(), "{} was accepted", url);
     }
+}
+
+/// A URL as PHP's `json_encode` writes it inside an object, `n` times over (each time the JSON of
+/// the layer before inside a new object): every '/' and '"' escaped again at each layer.
+fn php_json(n: usize, url: &str) -> String {
+    let mut s = url.to_string();
+    for i in 0..n {
+        let escaped = s
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('/', "\\/");
+        s = format!("{{\"k{i}\":\"{escaped}\"}}");
+    }
+    s
+}
+
+/// The count the save guard holds against the readings' limits takes the same layers off that
+/// the readings do (the seventh review: a pattern missed spellings a layer reveals, and JSON
+/// deeper than the readings went was counted but not read).
+#[test]
+fn the_route_count_sees_every_route_a_layer_reads() {
+    use crate::{route_count, MAX_LAYERS};
+    let route = "https://abcd.supabase.co/storage/v1/object/public/renders/d.png ";
+    assert_eq!(route_count(&route.repeat(3)), Some(3));
+    // Routes only a layer reveals: an escaped backslash before '/', a run of escapes that
+    // decodes to %2F, URL-encoded JSON.
+    for hidden in [
+        route.replace('/', "\\u005c/"),
+        "https://abcd.supabase.co/storage%25%32%66v1%25%32%66object/public/renders/d.png "
+            .to_string(),
+        route.replace('/', "%5C%2F"),
+    ] {
+        assert_eq!(route_count(&hidden.repeat(9)), Some(9), "{hidden}");
+        assert_eq!(route_count(&hidden), Some(1), "{hidden}");
+    }
+    // JSON as deep as the readings go is read and counted; one layer deeper is neither, and
+    // says so.
+    let url = "https://abcd.supabase.co/storage/v1/object/public/renders/deep.png";
+    let mut deepest_read = 0;
+    for n in 1..=MAX_LAYERS + 3 {
+        let v = php_json(n, url);
+        match route_count(&v) {
+            Some(c) => {
+                assert_eq!(c, 1, "{n} layers");
+                assert!(
+                    protected_keys(&v).contains(&"renders/deep.png".to_string()),
+                    "{n} layers"
+                );
+                deepest_read = n;
+            }
+            None => assert!(n > deepest_read, "{n} layers"),
+        }
+    }
+    assert!(deepest_read >= 5, "JSON read {deepest_read} layers deep");
+    assert_eq!(route_count(&php_json(MAX_LAYERS + 3, url)), None);
 }

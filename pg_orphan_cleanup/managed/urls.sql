@@ -553,30 +553,79 @@ LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings 
 DECLARE
     p record;
     keys text[];
-    layer text := value;
-    unjson text;
-    i int;
+    layer text;
 BEGIN
     keys := orphan_cleanup._lenient_keys(value);
     p := orphan_cleanup._parse_url(value);
     IF p.error IS NULL THEN
         keys := keys || (p.bucket || '/' || p.object_path);
     END IF;
-    keys := keys || orphan_cleanup._embedded_keys(value);
-    -- A value wrapped once more (JSON's escapes, JSON in JSON, an encoding of an encoding): its
-    -- routes read again with JSON's escapes taken off, a layer at a time (four at most), then
-    -- with one layer of percent-encoding taken off.
-    FOR i IN 1 .. 4 LOOP
-        EXIT WHEN pg_catalog.strpos(layer, '\') = 0;
-        unjson := orphan_cleanup._unescape_json(layer);
-        EXIT WHEN unjson = layer;
-        keys := keys || orphan_cleanup._embedded_keys(unjson);
-        layer := unjson;
+    -- The routes of every layer (see _layers), the value as written first.
+    FOREACH layer IN ARRAY (orphan_cleanup._layers(value)).layers LOOP
+        keys := keys || orphan_cleanup._embedded_keys(layer);
     END LOOP;
-    IF pg_catalog.strpos(orphan_cleanup._ascii_lower(layer), '%25') > 0 THEN
-        keys := keys || orphan_cleanup._embedded_keys(orphan_cleanup._decode_once(layer));
-    END IF;
     RETURN keys;
+END
+$$;
+
+-- The layers of a value whose storage routes are read (object-url's layers): the value as
+-- written, then, while it shows signs of being wrapped once more (a backslash, an encoded '%'
+-- or backslash), the value with one more layer of JSON's escapes and of percent-encoding taken
+-- off, 6 more at most; and whether it is wrapped deeper still (_unread_url refuses such a value).
+CREATE FUNCTION orphan_cleanup._layers(value text, OUT layers text[], OUT deeper boolean)
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
+DECLARE
+    last_ text := value;
+    next_ text;
+    lower_ text;
+BEGIN
+    layers := ARRAY[value];
+    deeper := false;
+    LOOP
+        lower_ := orphan_cleanup._ascii_lower(last_);
+        EXIT WHEN pg_catalog.strpos(last_, '\') = 0 AND pg_catalog.strpos(lower_, '%25') = 0
+                  AND pg_catalog.strpos(lower_, '%5c') = 0;
+        next_ := orphan_cleanup._decode_once(orphan_cleanup._unescape_json(last_));
+        EXIT WHEN next_ = last_;
+        IF pg_catalog.cardinality(layers) > 6 THEN
+            deeper := true;
+            EXIT;
+        END IF;
+        layers := layers || next_;
+        last_ := next_;
+    END LOOP;
+END
+$$;
+
+-- How many storage routes (storage/v1/, storage%2Fv1%2F, in any case) a layer holds
+-- (object-url's routes_in).
+CREATE FUNCTION orphan_cleanup._routes_in(layer text) RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN (SELECT (pg_catalog.length(l) - pg_catalog.length(pg_catalog.replace(l, 'storage/v1/', ''))) / 11
+               + (pg_catalog.length(l) - pg_catalog.length(pg_catalog.replace(l, 'storage%2fv1%2f', ''))) / 15
+        FROM orphan_cleanup._ascii_lower(layer) AS l);
+
+-- The most storage routes any layer of a value holds, as written and without its tabs and
+-- newlines, or -1 when it is wrapped deeper than the readings go (object-url's route_count):
+-- what _unread_url() holds against the readings' limits.
+CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    v text;
+    l record;
+    layer text;
+    most integer := 0;
+BEGIN
+    FOREACH v IN ARRAY ARRAY[url, pg_catalog.translate(url, E'\t\n\r', '')] LOOP
+        l := orphan_cleanup._layers(v);
+        IF l.deeper THEN
+            RETURN -1;
+        END IF;
+        FOREACH layer IN ARRAY l.layers LOOP
+            most := greatest(most, orphan_cleanup._routes_in(layer));
+        END LOOP;
+    END LOOP;
+    RETURN most;
 END
 $$;
 -- The objects of storage URLs embedded anywhere in a value (object-url's embedded_keys): passed

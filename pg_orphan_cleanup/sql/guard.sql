@@ -40,21 +40,10 @@ BEGIN ATOMIC
     ORDER BY k.n;
 END;
 
--- How many storage routes a value holds: storage/v1/ and storage%2Fv1%2F, and every spelling of
--- them that a layer object_keys() takes off reveals (JSON's \/, \\\/ or \u002F, however deep;
--- %252F; a letter escaped once, %73torage, which the percent-decoded layer reads: the fifth and
--- sixth reviews hid routes behind each), in any case, counted
--- without its tabs and newlines: object_keys() also reads the value as a browser does, without
--- them, where a route split by a tab is whole again (the fourth review). Removing them never
--- breaks a route, so this is never fewer than the value as written holds.
-CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
-RETURN (SELECT count(*)::integer
-        FROM translate(url, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\r', 'abcdefghijklmnopqrstuvwxyz') AS l,
-             regexp_matches(l, '(?:s|%73|%53)(?:t|%74|%54)(?:o|%6f|%4f)(?:r|%72|%52)(?:a|%61|%41)(?:g|%67|%47)(?:e|%65|%45)(?:\\*/|\\+u002f|%2f|%252f)(?:v|%76|%56)(?:1|%31)(?:\\*/|\\+u002f|%2f|%252f)', 'g') AS m);
-
--- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes
--- and up to 8 storage routes in one value (object-url's limits, which keep its work bounded). A
+-- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes,
+-- up to 8 storage routes in each layer of a value, and 6 layers of wrapping (JSON, percent-
+-- encoding) under the value as written (object-url's limits, which keep its work bounded;
+-- _route_count() is object-url's route_count(), in Rust or PL/pgSQL as the edition has it). A
 -- value past them may name an object no reading found, so a job with such a URL is never saved
 -- (save_guard, job_guard, attach()): the third review of issue 14 padded a saved job's URL past
 -- 64 KiB, and the file it named was claimed. No render service writes such a value.
@@ -63,6 +52,8 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_tem
 RETURN CASE
     WHEN octet_length(url) > 65536 THEN
         format('its output_url is %s bytes long, and pg_orphan_cleanup reads values of up to 65,536 bytes', octet_length(url))
+    WHEN orphan_cleanup._route_count(url) < 0 THEN
+        'its output_url is escaped or encoded more than 6 times over (JSON inside JSON, or URLs encoded into URLs), and pg_orphan_cleanup reads 6 layers'
     WHEN orphan_cleanup._route_count(url) > 8 THEN
         format('its output_url holds %s storage URLs, and pg_orphan_cleanup reads up to 8 in one value', orphan_cleanup._route_count(url))
 END;

@@ -2021,17 +2021,19 @@ BEGIN ATOMIC
     ORDER BY k.n;
 END;
 
-CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
-RETURN (SELECT count(*)::integer
-        FROM translate(url, E'ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\r', 'abcdefghijklmnopqrstuvwxyz') AS l,
-             regexp_matches(l, '(?:s|%73|%53)(?:t|%74|%54)(?:o|%6f|%4f)(?:r|%72|%52)(?:a|%61|%41)(?:g|%67|%47)(?:e|%65|%45)(?:\\*/|\\+u002f|%2f|%252f)(?:v|%76|%56)(?:1|%31)(?:\\*/|\\+u002f|%2f|%252f)', 'g') AS m);
+-- The most storage routes any layer of a URL's readings holds (Rust): the save guard's limit.
+CREATE FUNCTION orphan_cleanup."_route_count"("url" TEXT) RETURNS INT
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_route_count_wrapper';
 
 CREATE FUNCTION orphan_cleanup._unread_url(url text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 RETURN CASE
     WHEN octet_length(url) > 65536 THEN
         format('its output_url is %s bytes long, and pg_orphan_cleanup reads values of up to 65,536 bytes', octet_length(url))
+    WHEN orphan_cleanup._route_count(url) < 0 THEN
+        'its output_url is escaped or encoded more than 6 times over (JSON inside JSON, or URLs encoded into URLs), and pg_orphan_cleanup reads 6 layers'
     WHEN orphan_cleanup._route_count(url) > 8 THEN
         format('its output_url holds %s storage URLs, and pg_orphan_cleanup reads up to 8 in one value', orphan_cleanup._route_count(url))
 END;

@@ -38,7 +38,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/guard.sql",
     name = "guard",
-    requires = ["detect", refusals::_note_refusal, refusals::_take_refusals]
+    requires = [
+        "detect",
+        refusals::_note_refusal,
+        refusals::_take_refusals,
+        urls::_route_count
+    ]
 );
 extension_sql_file!(
     "../sql/queue.sql",

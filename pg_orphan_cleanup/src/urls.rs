@@ -89,6 +89,14 @@ fn object_keys(url: &str) -> Option<Vec<String>> {
     (!keys.is_empty()).then_some(keys)
 }
 
+/// The most storage routes any layer of a URL's readings holds, or -1 when it is wrapped (JSON,
+/// percent-encoding) deeper than the readings take off: `_unread_url()` refuses a saved job
+/// past either limit (OC003), since object_keys() reads at most 8 routes a layer.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn _route_count(url: &str) -> i32 {
+    object_url::route_count(url).map_or(-1, |n| i32::try_from(n).unwrap_or(i32::MAX))
+}
+
 /// The URL with signed-URL tokens and other credentials replaced by `REDACTED`.
 #[pg_extern(immutable, parallel_safe, strict)]
 fn redact_url(url: &str) -> String {

@@ -698,6 +698,10 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
         format!("https://app.example.com/_next/image?url=https%3A%2F%2Fcdn.example.com%2Fimg%3Fsrc%3Dhttps%253A%252F%252F{HOST}%252Fstorage%252Fv1%252Fobject%252Fpublic%252Frenders%252F{{k}}&w=640"),
         // The sixth review: JSON inside JSON escapes the escapes.
         format!(r#"{{"data": "{{\"publicUrl\": \"https:\\/\\/{HOST}\\/storage\\/v1\\/object\\/public\\/renders\\/{{k}}\"}}"}}"#),
+        // The seventh review: JSON five times over, an escaped backslash, URL-encoded JSON.
+        php_json(5, &format!("https://{HOST}/storage/v1/object/public/renders/{{k}}")),
+        format!("see https:\\u005c/\\u005c/{HOST}\\u005c/storage\\u005c/v1\\u005c/object\\u005c/public\\u005c/renders\\u005c/{{k}}"),
+        format!("https://app.example/view?data=%7B%22publicUrl%22%3A%22https%3A%5C%2F%5C%2F{HOST}%5C%2Fstorage%5C%2Fv1%5C%2Fobject%5C%2Fpublic%5C%2Frenders%5C%2F{{k}}%22%7D"),
     ];
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_url_readings");
@@ -852,6 +856,22 @@ fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
             "hidden.png",
             "up to 8",
         ),
+        // Eight routes behind an escaped backslash, which a pattern did not count (the seventh
+        // review), then a ninth.
+        (
+            format!(
+                "x {}https://{HOST}/storage/v1/object/public/renders/escaped.png",
+                format!("https:\\u005c/\\u005c/{HOST}\\u005c/storage\\u005c/v1\\u005c/object\\u005c/public\\u005c/renders\\u005c/d.png ").repeat(8)
+            ),
+            "escaped.png",
+            "up to 8",
+        ),
+        // JSON deeper than the readings go: counted once and never read (the seventh review).
+        (
+            php_json(9, &format!("https://{HOST}/storage/v1/object/public/renders/deep.png")),
+            "deep.png",
+            "more than 6 times over",
+        ),
     ];
     for (i, (url, key, limit)) in cases.iter().enumerate() {
         let unread = job(&mut c, "completed", Some(url), "2 hours", "saved");
@@ -942,4 +962,17 @@ fn attach_refuses_while_a_saved_job_has_a_url_it_cannot_read_in_full() {
     .unwrap();
     c.query("SELECT * FROM orphan_cleanup.attach()", &[])
         .unwrap();
+}
+
+/// A URL as PHP's `json_encode` writes it inside an object, `n` times over.
+fn php_json(n: usize, url: &str) -> String {
+    let mut s = url.to_string();
+    for i in 0..n {
+        let escaped = s
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('/', "\\/");
+        s = format!("{{\"k{i}\":\"{escaped}\"}}");
+    }
+    s
 }

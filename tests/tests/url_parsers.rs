@@ -12,7 +12,7 @@
 //! sides of the edge of the PL/pgSQL parser's fast path for canonical values. `URL_SEED=<n>`
 //! reproduces a run; the seed is printed.
 
-use object_url::{parse, protected_key, protected_keys, redact, Policy};
+use object_url::{parse, protected_key, protected_keys, redact, route_count, Policy};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -417,6 +417,37 @@ fn value(rng: &mut StdRng) -> String {
                 encode(&format!("https://cdn.example.com/img?src={}", encode(&v)))
             )
         }
+        // The seventh review: JSON up to eight times over (PHP's json_encode in a loop), an
+        // escaped backslash, escapes whose run decodes to %2F, URL-encoded JSON.
+        8 => {
+            let mut s = v;
+            let depth = if rng.random_bool(0.1) {
+                rng.random_range(6..9)
+            } else {
+                rng.random_range(1..4)
+            };
+            for i in 0..depth {
+                let escaped = s
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('/', "\\/");
+                s = format!("{{\"k{i}\":\"{escaped}\"}}");
+            }
+            s
+        }
+        9 => v.replace(
+            '/',
+            pick(
+                rng,
+                &[
+                    "\\u005c/",
+                    "\\u005c\\u002f",
+                    "%25%32%66",
+                    "%252%66",
+                    "%5C%2F",
+                ],
+            ),
+        ),
         _ => v,
     };
     // A tab or a newline inside the value, which a browser deletes from a URL.
@@ -440,6 +471,7 @@ struct Answer {
     error: Option<String>,
     object_key: Option<String>,
     object_keys: Vec<String>,
+    route_count: i32,
     redacted: String,
     refusals: Vec<Option<String>>,
 }
@@ -482,6 +514,7 @@ fn rust_answer(v: &str, policies: &[Policy]) -> Answer {
         error,
         object_key: protected_key(v),
         object_keys: protected_keys(v),
+        route_count: route_count(v).map_or(-1, |n| n as i32),
         redacted: redact(v),
         refusals,
     }
@@ -501,7 +534,8 @@ fn sql_answers(c: &mut postgres::Client, values: &[String], policies: &[Policy])
                     coalesce(orphan_cleanup.object_keys(u), '{}'),
                     CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $2, $3, $4) END,
                     CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $5, $6, $7) END,
-                    CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $8, $9, $10) END
+                    CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $8, $9, $10) END,
+                    orphan_cleanup._route_count(u)
              FROM unnest($1::text[]) WITH ORDINALITY AS t(u, n)
              CROSS JOIN LATERAL orphan_cleanup.parse_output_url(u) AS p
              ORDER BY n",
@@ -519,6 +553,7 @@ fn sql_answers(c: &mut postgres::Client, values: &[String], policies: &[Policy])
             redacted: r.get(6),
             object_keys: r.get(7),
             refusals: vec![r.get(8), r.get(9), r.get(10)],
+            route_count: r.get(11),
         })
         .collect()
 }
