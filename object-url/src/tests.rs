@@ -653,10 +653,15 @@ fn a_value_the_strict_parser_accepts_protects_its_other_readings_too() {
     // A reading longer than any object name is none (an index entry could not hold it).
     let long = format!("renders/x.png?token={}", "t".repeat(3200));
     assert_eq!(protected_keys(&long), vec!["renders/x.png".to_string()]);
-    // A plain URL has one reading.
+    // A plain URL has one reading; with an escape, its decoded layer is read as text too, where
+    // a space ends an embedded URL (reading too much only keeps a file).
+    assert_eq!(
+        protected_keys(&format!("{BASE}/object/public/renders/ab.png")),
+        vec!["renders/ab.png".to_string()]
+    );
     assert_eq!(
         protected_keys(&format!("{BASE}/object/public/renders/a%20b.png")),
-        vec!["renders/a b.png".to_string()]
+        vec!["renders/a".to_string(), "renders/a b.png".to_string()]
     );
     assert!(protected_keys("https://abcd.supabase.co/").is_empty());
 }
@@ -778,6 +783,13 @@ fn the_route_count_sees_every_route_a_layer_reads() {
         assert_eq!(route_count(&hidden.repeat(9)), Some(9), "{hidden}");
         assert_eq!(route_count(&hidden), Some(1), "{hidden}");
     }
+    // A layer that shows no sign of wrapping still decodes: a route encoded in part, or a run of
+    // escapes that decodes to one (the eighth review).
+    let partial = "https://h.supabase.co/_next/image?url=https%3A%2F%2Fh.supabase.co%2Fstorage%2Fv1/object/public/renders/a.png&w=640";
+    assert_eq!(route_count(partial), Some(1));
+    assert!(protected_keys(partial).contains(&"renders/a.png".to_string()));
+    let split = "https://h/storage%%32Fv1%%32Fobject%%32Fpublic%%32Frenders%%32Fr.png ";
+    assert_eq!(route_count(&split.repeat(9)), Some(9));
     // JSON as deep as the readings go is read and counted; one layer deeper is neither, and
     // says so.
     let url = "https://abcd.supabase.co/storage/v1/object/public/renders/deep.png";

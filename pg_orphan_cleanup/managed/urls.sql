@@ -569,22 +569,18 @@ END
 $$;
 
 -- The layers of a value whose storage routes are read (object-url's layers): the value as
--- written, then, while it shows signs of being wrapped once more (a backslash, an encoded '%'
--- or backslash), the value with one more layer of JSON's escapes and of percent-encoding taken
--- off, 6 more at most; and whether it is wrapped deeper still (_unread_url refuses such a value).
+-- written, then, while taking off one more layer of JSON's escapes and of percent-encoding
+-- changes it, the value with that layer taken off, 6 more at most; and whether it is wrapped
+-- deeper still (_unread_url refuses such a value).
 CREATE FUNCTION orphan_cleanup._layers(value text, OUT layers text[], OUT deeper boolean)
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     last_ text := value;
     next_ text;
-    lower_ text;
 BEGIN
     layers := ARRAY[value];
     deeper := false;
     LOOP
-        lower_ := orphan_cleanup._ascii_lower(last_);
-        EXIT WHEN pg_catalog.strpos(last_, '\') = 0 AND pg_catalog.strpos(lower_, '%25') = 0
-                  AND pg_catalog.strpos(lower_, '%5c') = 0;
         next_ := orphan_cleanup._decode_once(orphan_cleanup._unescape_json(last_));
         EXIT WHEN next_ = last_;
         IF pg_catalog.cardinality(layers) > 6 THEN
