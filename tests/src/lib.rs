@@ -693,3 +693,17 @@ pub mod uuid_text {
         }
     }
 }
+
+/// A URL as PHP's `json_encode` writes it inside an object, `n` times over (each time the JSON
+/// of the layer before inside a new object): every '/' and '"' escaped again at each layer.
+pub fn php_json(n: usize, url: &str) -> String {
+    let mut s = url.to_string();
+    for i in 0..n {
+        let escaped = s
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('/', "\\/");
+        s = format!("{{\"k{i}\":\"{escaped}\"}}");
+    }
+    s
+}

@@ -963,16 +963,3 @@ fn attach_refuses_while_a_saved_job_has_a_url_it_cannot_read_in_full() {
     c.query("SELECT * FROM orphan_cleanup.attach()", &[])
         .unwrap();
 }
-
-/// A URL as PHP's `json_encode` writes it inside an object, `n` times over.
-fn php_json(n: usize, url: &str) -> String {
-    let mut s = url.to_string();
-    for i in 0..n {
-        let escaped = s
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('/', "\\/");
-        s = format!("{{\"k{i}\":\"{escaped}\"}}");
-    }
-    s
-}

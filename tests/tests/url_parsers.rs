@@ -420,20 +420,12 @@ fn value(rng: &mut StdRng) -> String {
         // The seventh review: JSON up to eight times over (PHP's json_encode in a loop), an
         // escaped backslash, escapes whose run decodes to %2F, URL-encoded JSON.
         8 => {
-            let mut s = v;
             let depth = if rng.random_bool(0.1) {
                 rng.random_range(6..9)
             } else {
                 rng.random_range(1..4)
             };
-            for i in 0..depth {
-                let escaped = s
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('/', "\\/");
-                s = format!("{{\"k{i}\":\"{escaped}\"}}");
-            }
-            s
+            php_json(depth, &v)
         }
         9 => v.replace(
             '/',
