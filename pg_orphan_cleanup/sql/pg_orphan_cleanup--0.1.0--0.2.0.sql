@@ -2029,14 +2029,17 @@ AS 'MODULE_PATHNAME', '_route_count_wrapper';
 
 CREATE FUNCTION orphan_cleanup._unread_url(url text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
-RETURN CASE
-    WHEN octet_length(url) > 65536 THEN
-        format('its output_url is %s bytes long, and pg_orphan_cleanup reads values of up to 65,536 bytes', octet_length(url))
-    WHEN orphan_cleanup._route_count(url) < 0 THEN
-        'its output_url is escaped or encoded more than 6 times over (JSON inside JSON, or URLs encoded into URLs), and pg_orphan_cleanup reads 6 layers'
-    WHEN orphan_cleanup._route_count(url) > 8 THEN
-        format('its output_url holds %s storage URLs, and pg_orphan_cleanup reads up to 8 in one value', orphan_cleanup._route_count(url))
-END;
+-- (The route count, which takes the value's layers off, once per call, and not for a value too
+-- long to read: every save and job write calls this.)
+RETURN (SELECT CASE
+            WHEN octet_length(url) > 65536 THEN
+                format('its output_url is %s bytes long, and pg_orphan_cleanup reads values of up to 65,536 bytes', octet_length(url))
+            WHEN r.n < 0 THEN
+                'its output_url is escaped or encoded more than 6 times over (JSON inside JSON, or URLs encoded into URLs), and pg_orphan_cleanup reads 6 layers'
+            WHEN r.n > 8 THEN
+                format('its output_url holds %s storage URLs, and pg_orphan_cleanup reads up to 8 in one value', r.n)
+        END
+        FROM (SELECT CASE WHEN octet_length(url) <= 65536 THEN orphan_cleanup._route_count(url) END AS n) AS r);
 
 CREATE FUNCTION orphan_cleanup._refuse_unread(p_job uuid, p_why text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
