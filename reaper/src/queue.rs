@@ -180,7 +180,48 @@ pub struct Queue {
     listening: bool,
     closed: Arc<AtomicBool>,
     notified: Arc<Notify>,
-    probed: Arc<Notify>,
+    probed: Arc<Probes>,
+}
+
+/// The probe channels' notifications that reached one connection, so that
+/// [`Queue::own_session`] waits for its own channel's alone.
+///
+/// Through a transaction-mode pooler a server connection that some reaper LISTENed on hands
+/// that reaper's probe notification to whichever client holds it at that moment: any
+/// notification on some probe channel says nothing about this connection. (Waking on any of
+/// them let a reaper behind PgBouncer in transaction mode believe it had a session of its own
+/// and leave its --worker-id lock on a shared server connection.)
+#[derive(Default)]
+struct Probes {
+    arrived: std::sync::Mutex<std::collections::HashSet<String>>,
+    wake: Notify,
+}
+
+impl Probes {
+    fn arrived(&self, channel: &str) {
+        self.arrived.lock().unwrap().insert(channel.to_string());
+        self.wake.notify_waiters();
+    }
+
+    /// Whether a notification on `channel` arrives within `wait`.
+    async fn wait_for(&self, channel: &str, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.arrived.lock().unwrap().remove(channel) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    fn forget(&self, channel: &str) {
+        self.arrived.lock().unwrap().remove(channel);
+    }
 }
 
 /// The prefix of the channels [`Queue::own_session`] notifies itself on.
@@ -219,7 +260,7 @@ impl Queue {
     ) -> Result<Queue, QueueError> {
         let closed = Arc::new(AtomicBool::new(false));
         let notified = Arc::new(Notify::new());
-        let probed = Arc::new(Notify::new());
+        let probed = Arc::new(Probes::default());
         let client = open(database, timeout, &closed, &notified, &probed).await?;
         let mut queue = Queue {
             client: tokio::sync::Mutex::new(client),
@@ -385,8 +426,9 @@ impl Queue {
         let channel = format!("{PROBE_CHANNEL}{:016x}", rand::random::<u64>());
         self.simple(&format!("LISTEN {channel}")).await?;
         // The second connection's own flags: nothing listens on it.
-        let (closed, quiet) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
-        let sent = match open(&self.database, self.timeout, &closed, &quiet, &quiet).await {
+        let closed = Arc::new(AtomicBool::new(false));
+        let (quiet, unheard) = (Arc::new(Notify::new()), Arc::new(Probes::default()));
+        let sent = match open(&self.database, self.timeout, &closed, &quiet, &unheard).await {
             Ok(other) => {
                 let notify = format!("NOTIFY {channel}");
                 bounded(self.timeout, &closed, other.batch_execute(&notify))
@@ -399,11 +441,9 @@ impl Queue {
                 false
             }
         };
-        let arrived = sent
-            && tokio::time::timeout(PROBE_WAIT, self.probed.notified())
-                .await
-                .is_ok();
+        let arrived = sent && self.probed.wait_for(&channel, PROBE_WAIT).await;
         self.simple(&format!("UNLISTEN {channel}")).await?;
+        self.probed.forget(&channel);
         Ok(arrived)
     }
 
@@ -799,7 +839,7 @@ async fn open(
     timeout: Duration,
     closed: &Arc<AtomicBool>,
     notified: &Arc<Notify>,
-    probed: &Arc<Notify>,
+    probed: &Arc<Probes>,
 ) -> Result<Client, QueueError> {
     let mut config = database.config().clone();
     if config.get_connect_timeout().is_none() {
@@ -825,7 +865,7 @@ async fn open(
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(m)) if m.channel().starts_with(PROBE_CHANNEL) => {
-                    p.notify_one()
+                    p.arrived(m.channel())
                 }
                 Ok(AsyncMessage::Notification(_)) => n.notify_one(),
                 Ok(_) => {}
@@ -952,7 +992,38 @@ impl std::fmt::Display for Status {
 
 #[cfg(test)]
 mod tests {
-    use super::supported;
+    use super::{supported, Probes};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_probe_waits_for_its_own_channel_and_no_other() {
+        let probes = Probes::default();
+        probes.arrived("orphan_cleanup_probe_other");
+        assert!(
+            !probes
+                .wait_for("orphan_cleanup_probe_mine", Duration::from_millis(50))
+                .await,
+            "another reaper's probe, handed over by a transaction pooler, proves nothing"
+        );
+        probes.arrived("orphan_cleanup_probe_mine");
+        assert!(
+            probes
+                .wait_for("orphan_cleanup_probe_mine", Duration::from_millis(50))
+                .await
+        );
+        let probes = std::sync::Arc::new(probes);
+        let later = probes.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            later.arrived("orphan_cleanup_probe_late");
+        });
+        assert!(
+            probes
+                .wait_for("orphan_cleanup_probe_late", Duration::from_secs(5))
+                .await,
+            "a notification that comes while waiting wakes the wait"
+        );
+    }
 
     #[test]
     fn extension_versions_from_0_2_0_on_are_supported() {
