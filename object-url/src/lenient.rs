@@ -60,8 +60,13 @@ fn readings(value: &str) -> Vec<String> {
     if let Ok(o) = crate::parse(value) {
         keys.push(o.object_key());
     }
-    for layer in layers(value).0 {
-        keys.extend(embedded_keys(&layer));
+    for (i, layer) in layers(value).0.iter().enumerate() {
+        // A layer under the value is read as a value too: a bare `renders/x.png\n` that a
+        // JSON encoder wrote (the ninth review) names `renders/x.png` and a newline.
+        if i > 0 {
+            keys.extend(lenient_keys(layer));
+        }
+        keys.extend(embedded_keys(layer));
     }
     keys
 }
@@ -94,25 +99,47 @@ fn layers(value: &str) -> (Vec<String>, bool) {
     }
 }
 
-/// How many storage routes (`storage/v1/`, `storage%2Fv1%2F`, in any case) a layer holds, found
-/// as [`embedded_keys`] finds them.
+/// Where [`embedded_keys`] starts a reading, in a layer written in ASCII lower case: a storage
+/// route's first segment (`storage/`, also when dot or empty segments come before `v1`, as in
+/// `storage/./v1/`, which a browser resolves: the ninth review), and a URL's scheme (a CDN's
+/// URL has no route: `https://cdn.example.com/renders/x.png` inside a proxy's query or
+/// markdown; the ninth review), each as written and percent-encoded once.
+const MARKERS: [&str; 6] = [
+    "storage/",
+    "storage%2f",
+    "http://",
+    "https://",
+    "http%3a%2f%2f",
+    "https%3a%2f%2f",
+];
+
+/// How many readings [`embedded_keys`] starts in one layer: a value in which any layer holds
+/// more [`MARKERS`] is never saved (`_unread_url`).
+pub const MAX_ROUTES: usize = 16;
+
+/// The next of [`MARKERS`] in `lower` from `pos` on: where it starts and how long it is.
+fn next_marker(lower: &str, pos: usize) -> Option<(usize, usize)> {
+    MARKERS
+        .iter()
+        .filter_map(|m| lower[pos..].find(m).map(|at| (pos + at, m.len())))
+        .min()
+}
+
+/// How many [`MARKERS`] a layer holds, found as [`embedded_keys`] finds them.
 fn routes_in(layer: &str) -> usize {
     let lower = layer.to_ascii_lowercase();
     let (mut pos, mut n) = (0, 0);
-    while let Some((found, len)) = ["storage/v1/", "storage%2fv1%2f"]
-        .iter()
-        .filter_map(|route| lower[pos..].find(route).map(|at| (at, route.len())))
-        .min()
-    {
+    while let Some((start, len)) = next_marker(&lower, pos) {
         n += 1;
-        pos += found + len;
+        pos = start + len;
     }
     n
 }
 
-/// The most storage routes any layer of `raw` holds (as written, and without the tabs and
-/// newlines a browser deletes), or `None` when it is wrapped deeper than [`MAX_LAYERS`]: what
-/// the save guard holds against the readings' limits (at most 8 routes a layer are read).
+/// The most [`MARKERS`] (storage routes and URLs) any layer of `raw` holds (as written, and
+/// without the tabs and newlines a browser deletes), or `None` when it is wrapped deeper than
+/// [`MAX_LAYERS`]: what the save guard holds against the readings' limits (at most
+/// [`MAX_ROUTES`] a layer are read).
 /// Counted by taking the same layers off that the readings take off, so no spelling a layer
 /// reveals can escape the count (the seventh review broke a count made by a pattern).
 pub fn route_count(raw: &str) -> Option<usize> {
@@ -131,10 +158,12 @@ pub fn route_count(raw: &str) -> Option<usize> {
     Some(most)
 }
 
-/// `text` with one layer of JSON's escapes of ASCII punctuation and space taken off: `\/`,
-/// `\\`, and `\u00XX` (`\u002B`, `\u0026`: .NET's encoders). Letters, digits and '%' stay as
-/// written: no encoder escapes them. The managed edition's `_unescape_json` is the same rule in
-/// PL/pgSQL.
+/// `text` with one layer of JSON's escapes of ASCII punctuation, space and control characters
+/// taken off: `\/`, `\\`, `\"`, `\n`, `\r`, `\t`, `\b`, `\f`, and `\u00XX` of punctuation or
+/// space (`\u002B`, `\u0026`: .NET's encoders). Letters, digits and '%' stay as written: no
+/// encoder escapes them. A control character taken off ends an embedded URL where the encoder's
+/// input ended it (a worker's stdout with its newline, through `json.dumps`: the ninth review).
+/// The managed edition's `_unescape_json` is the same rule in PL/pgSQL.
 fn unescape_json(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -142,8 +171,17 @@ fn unescape_json(text: &str) -> String {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
         let b = tail.as_bytes();
-        if b.len() >= 2 && (b[1] == b'/' || b[1] == b'\\') {
-            out.push(b[1] as char);
+        let plain = match b.get(1) {
+            Some(c @ (b'/' | b'\\' | b'"')) => Some(*c as char),
+            Some(b'n') => Some('\n'),
+            Some(b'r') => Some('\r'),
+            Some(b't') => Some('\t'),
+            Some(b'b') => Some('\x08'),
+            Some(b'f') => Some('\x0c'),
+            _ => None,
+        };
+        if let Some(c) = plain {
+            out.push(c);
             rest = &tail[2..];
             continue;
         }
@@ -172,17 +210,19 @@ const HARD_STOPS: &[char] = &['"', '<', '>', '`', '\t', '\n', '\r', '\x0b', '\x0
 /// Characters that may end it: a query's next parameter, the end of a URL in text.
 const SOFT_STOPS: &[char] = &['&', ' '];
 
-/// The objects of storage URLs embedded anywhere in a value: passed to an image proxy, encoded
-/// once (`/_next/image?url=https%3A%2F%2F...%2Fstorage%2Fv1%2F...&w=640`), inside markdown
+/// The objects of URLs embedded anywhere in a value: passed to an image proxy, encoded once
+/// (`/_next/image?url=https%3A%2F%2F...%2Fstorage%2Fv1%2F...&w=640`), inside markdown
 /// (`![render](https://.../storage/v1/...)`), in text, or in a list. The ends are found in the
 /// value as written, where an encoded `%20`, `%26` or `%3F` in a name is still part of it: each
-/// route (`storage/v1/`, or `storage%2Fv1%2F`) runs to the first of [`HARD_STOPS`], and is read
-/// so, cut at the first of [`SOFT_STOPS`], and cut at the first `,`, `|` or `)`; each of those
-/// as it is, without one trailing `)`, `]` or `'`, without all of them (markdown, quotes), and
-/// without trailing punctuation too (a URL ending a sentence); each read as a value (all the
-/// lenient rules), decoded once, and decoded with `+` as a space (a form encoder's). Every route
-/// gets a pass of its own, so a second URL is read wherever it starts. At most 8 routes of a
-/// value up to 64 KiB: past either, the save guard refuses to save the job (`_unread_url`).
+/// reading starts at one of the [`MARKERS`] (a storage route, a URL's scheme), runs to the first
+/// of [`HARD_STOPS`], and is read so, cut at the first of [`SOFT_STOPS`], and cut at the first
+/// `,`, `|` or `)`; each of those as it is, without one trailing `)`, `]` or `'`, without all of
+/// them (markdown, quotes), without trailing punctuation too (a URL ending a sentence), and cut
+/// at its last `@` when no `/` follows it (imgproxy's `/plain/<url>@webp`: the ninth review);
+/// each read as a value (all the lenient rules), decoded once, and decoded with `+` as a space (a
+/// form encoder's). Every marker gets a pass of its own, so a second URL is read wherever it
+/// starts. At most [`MAX_ROUTES`] markers of a value up to 64 KiB: past either, the save guard
+/// refuses to save the job (`_unread_url`).
 fn embedded_keys(value: &str) -> Vec<String> {
     if value.len() > MAX_PATH_LEN {
         return Vec::new();
@@ -190,15 +230,10 @@ fn embedded_keys(value: &str) -> Vec<String> {
     let lower = value.to_ascii_lowercase();
     let mut keys = Vec::new();
     let mut pos = 0;
-    for _ in 0..8 {
-        let Some((found, route_len)) = ["storage/v1/", "storage%2fv1%2f"]
-            .iter()
-            .filter_map(|route| lower[pos..].find(route).map(|at| (at, route.len())))
-            .min()
-        else {
+    for _ in 0..MAX_ROUTES {
+        let Some((start, route_len)) = next_marker(&lower, pos) else {
             break;
         };
-        let start = pos + found;
         let span = &value[start
             ..value[start..]
                 .find(HARD_STOPS)
@@ -210,11 +245,16 @@ fn embedded_keys(value: &str) -> Vec<String> {
         let mut seen: Vec<&str> = Vec::new();
         for cut in [span, soft, tight] {
             let one = cut.strip_suffix([')', ']', '\'']).unwrap_or(cut);
+            let at = cut
+                .rfind('@')
+                .filter(|&i| !cut[i..].contains('/'))
+                .map_or(cut, |i| &cut[..i]);
             for variant in [
                 cut,
                 one,
                 cut.trim_end_matches([')', ']', '\'']),
                 cut.trim_end_matches([')', ']', '\'', '.', ',', ';', ':', '!', '?']),
+                at,
             ] {
                 // Most values have one route and no wrapping: each variant is read once.
                 if seen.contains(&variant) {
@@ -236,18 +276,18 @@ fn embedded_keys(value: &str) -> Vec<String> {
                 }
             }
         }
-        // Every route gets a pass of its own, even one inside the span of another.
+        // Every marker gets a pass of its own, even one inside the span of another.
         pos = start + route_len;
     }
     keys
 }
 
-/// `text` percent-decoded once: each run of escapes (`%XX%XX...`) that decodes to text (UTF-8,
-/// no NUL) is replaced by it, and a run that does not stays as written, as does everything else.
-/// A server decodes what it can (an image proxy reads `%E9` as U+FFFD and still fetches the
-/// file): one bad escape must not keep the rest of a value from being read (the fourth review;
-/// the whole value used to be read as written then). The managed edition's `_decode_once` is the
-/// same rule in PL/pgSQL.
+/// `text` percent-decoded once: in each run of escapes (`%XX%XX...`), every character the bytes
+/// spell in UTF-8 is decoded, and each byte that is no part of one (or a NUL) stays as written,
+/// as does everything else. A server decodes what it can (an image proxy reads `%E9` as U+FFFD
+/// and still fetches the file): one bad escape must not keep the rest of a value from being
+/// read (the fourth review, for the value; the eighth, for the run: `%FF%2F..` is `%FF/..`).
+/// The managed edition's `_decode_once` is the same rule in PL/pgSQL.
 fn decode_once(text: &str) -> String {
     let bytes = text.as_bytes();
     let is_escape = |i: usize| {
@@ -271,9 +311,20 @@ fn decode_once(text: &str) -> String {
             i += 3;
         }
         out.push_str(&text[copied..start]);
-        match String::from_utf8(run) {
-            Ok(t) if !t.contains('\0') => out.push_str(&t),
-            _ => out.push_str(&text[start..i]),
+        let mut byte = start;
+        for chunk in run.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                let written = &text[byte..byte + 3 * c.len_utf8()];
+                if c == '\0' {
+                    out.push_str(written);
+                } else {
+                    out.push(c);
+                }
+                byte += written.len();
+            }
+            let bad = 3 * chunk.invalid().len();
+            out.push_str(&text[byte..byte + bad]);
+            byte += bad;
         }
         copied = i;
     }
@@ -353,23 +404,41 @@ fn lenient_keys_of(trimmed: &str) -> Vec<String> {
     let mut keys = Vec::new();
     for path in paths {
         for keep_empty in [false, true] {
-            if !has_route {
-                keys.extend(key_of_path(path, Route::None, keep_empty));
-                continue;
+            // `..` after an encoded slash (`job%2F123/../x.png`) goes up one segment as written
+            // in a browser, which resolves dots before anything is decoded (the ninth review):
+            // such a path is also read with its dots resolved so first.
+            let mut read = vec![path.to_string()];
+            if path.len() <= MAX_PATH_LEN && has_encoded_separator(path) {
+                read.push(dots_resolved(path, keep_empty));
             }
-            match key_of_path(path, Route::Gateway, keep_empty) {
-                Some(key) => keys.push(key),
-                // A URL with no `storage/v1`: the storage server's own (a self-hosted project's
-                // `http://storage:5000/object/public/...`, behind no gateway), and a CDN's path.
-                None if url => {
-                    keys.extend(key_of_path(path, Route::Server, keep_empty));
+            for path in &read {
+                if !has_route {
                     keys.extend(key_of_path(path, Route::None, keep_empty));
+                    // A route that only resolving dot segments spells (`storage/./v1/...`).
+                    keys.extend(key_of_path(path, Route::Gateway, keep_empty));
+                    continue;
                 }
-                None => {}
+                match key_of_path(path, Route::Gateway, keep_empty) {
+                    Some(key) => keys.push(key),
+                    // A URL with no `storage/v1`: the storage server's own (a self-hosted
+                    // project's `http://storage:5000/object/public/...`, behind no gateway), and
+                    // a CDN's path.
+                    None if url => {
+                        keys.extend(key_of_path(path, Route::Server, keep_empty));
+                        keys.extend(key_of_path(path, Route::None, keep_empty));
+                    }
+                    None => {}
+                }
             }
         }
     }
     keys
+}
+
+/// Whether `path` holds an encoded `/` or `\` (`%2F`, `%5C`, in any case).
+fn has_encoded_separator(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    lower.contains("%2f") || lower.contains("%5c")
 }
 
 /// Where the object starts in a path.
@@ -447,6 +516,30 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
         _ => return None,
     };
     Some(&segments[skip..])
+}
+
+/// `path` with its dot segments resolved over the segments as written, before any decoding, as a
+/// browser resolves them: `.` and `%2E` are dots, `..`, `.%2E`, `%2E.` and `%2E%2E` (in any case)
+/// go up one; with `keep_empty`, an empty segment counts. The rest is kept as written, for
+/// [`normalize`] to decode (and resolve again).
+fn dots_resolved(path: &str, keep_empty: bool) -> String {
+    let path = if keep_empty {
+        path.strip_prefix(['/', '\\']).unwrap_or(path)
+    } else {
+        path
+    };
+    let mut out: Vec<&str> = Vec::new();
+    for part in path.split(['/', '\\']) {
+        match part.to_ascii_lowercase().as_str() {
+            "" if !keep_empty => {}
+            "." | "%2e" => {}
+            ".." | ".%2e" | "%2e." | "%2e%2e" => {
+                out.pop();
+            }
+            _ => out.push(part),
+        }
+    }
+    out.join("/")
 }
 
 /// Path segments as a server would see them: percent-decoded (an invalid escape stays as

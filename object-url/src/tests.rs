@@ -770,8 +770,9 @@ fn php_json(n: usize, url: &str) -> String {
 #[test]
 fn the_route_count_sees_every_route_a_layer_reads() {
     use crate::{route_count, MAX_LAYERS};
+    // Each URL holds two places a reading starts: its scheme and its route.
     let route = "https://abcd.supabase.co/storage/v1/object/public/renders/d.png ";
-    assert_eq!(route_count(&route.repeat(3)), Some(3));
+    assert_eq!(route_count(&route.repeat(3)), Some(6));
     // Routes only a layer reveals: an escaped backslash before '/', a run of escapes that
     // decodes to %2F, URL-encoded JSON.
     for hidden in [
@@ -780,16 +781,16 @@ fn the_route_count_sees_every_route_a_layer_reads() {
             .to_string(),
         route.replace('/', "%5C%2F"),
     ] {
-        assert_eq!(route_count(&hidden.repeat(9)), Some(9), "{hidden}");
-        assert_eq!(route_count(&hidden), Some(1), "{hidden}");
+        assert_eq!(route_count(&hidden.repeat(9)), Some(18), "{hidden}");
+        assert_eq!(route_count(&hidden), Some(2), "{hidden}");
     }
     // A layer that shows no sign of wrapping still decodes: a route encoded in part, or a run of
     // escapes that decodes to one (the eighth review).
     let partial = "https://h.supabase.co/_next/image?url=https%3A%2F%2Fh.supabase.co%2Fstorage%2Fv1/object/public/renders/a.png&w=640";
-    assert_eq!(route_count(partial), Some(1));
+    assert_eq!(route_count(partial), Some(3));
     assert!(protected_keys(partial).contains(&"renders/a.png".to_string()));
     let split = "https://h/storage%%32Fv1%%32Fobject%%32Fpublic%%32Frenders%%32Fr.png ";
-    assert_eq!(route_count(&split.repeat(9)), Some(9));
+    assert_eq!(route_count(&split.repeat(9)), Some(18));
     // JSON as deep as the readings go is read and counted; one layer deeper is neither, and
     // says so.
     let url = "https://abcd.supabase.co/storage/v1/object/public/renders/deep.png";
@@ -798,7 +799,7 @@ fn the_route_count_sees_every_route_a_layer_reads() {
         let v = php_json(n, url);
         match route_count(&v) {
             Some(c) => {
-                assert_eq!(c, 1, "{n} layers");
+                assert_eq!(c, 2, "{n} layers");
                 assert!(
                     protected_keys(&v).contains(&"renders/deep.png".to_string()),
                     "{n} layers"
@@ -810,4 +811,49 @@ fn the_route_count_sees_every_route_a_layer_reads() {
     }
     assert!(deepest_read >= 5, "JSON read {deepest_read} layers deep");
     assert_eq!(route_count(&php_json(MAX_LAYERS + 3, url)), None);
+}
+
+/// What the ninth review of issue 14 found unread, each a saved job whose file another job could
+/// get deleted: JSON's control escapes, imgproxy's `@extension`, a CDN's URL (no storage route)
+/// inside another value, `..` after an encoded slash, a route spelled with dot or empty segments
+/// inside a wrapper; and the eighth review's bad byte inside a run of escapes.
+#[test]
+fn the_ninth_reviews_spellings_protect_their_files() {
+    let h = "https://abcd.supabase.co/storage/v1/object/public";
+    let unread = [
+        // A worker's stdout, newline and all, through json.dumps.
+        (format!(r#"{{"url": "{h}/renders/out.png\n"}}"#), "renders/out.png"),
+        (format!(r#"["{h}/renders/tab.png\t", "x"]"#), "renders/tab.png"),
+        (r"renders/bare.png\n".to_string(), "renders/bare.png"),
+        (format!(r#"{{"url": "\"{h}/renders/quoted.png\""}}"#), "renders/quoted.png"),
+        // imgproxy's plain source URL with the output format after '@'.
+        (
+            format!("https://img.example.com/sig/rs:fill:300/plain/{h}/renders/im.png@webp"),
+            "renders/im.png",
+        ),
+        // A CDN's URL, which has no storage route, inside a proxy's query, markdown and JSON.
+        (
+            "https://app.example.com/_next/image?url=https%3A%2F%2Fcdn.example.com%2Frenders%2Fcdn1.png&w=640".to_string(),
+            "renders/cdn1.png",
+        ),
+        ("![r](https://cdn.example.com/renders/cdn2.png)".to_string(), "renders/cdn2.png"),
+        (r#"{"url":"https:\/\/cdn.example.com\/renders\/cdn3.png"}"#.to_string(), "renders/cdn3.png"),
+        // A browser resolves '..' over the segments as written, before decoding.
+        (format!("{h}/renders/job%2F123/../dots.png"), "renders/dots.png"),
+        (format!("see {h}/renders/a%2Fb/%2E%2E/dots2.png"), "renders/dots2.png"),
+        // A route spelled with dot or empty segments, inside a wrapper and bare.
+        (
+            "https://app.example.com/_next/image?url=https%3A%2F%2Fabcd.supabase.co%2Fstorage%2F.%2Fv1%2Fobject%2Fpublic%2Frenders%2Fdot1.png&w=640".to_string(),
+            "renders/dot1.png",
+        ),
+        ("![r](https://abcd.supabase.co/storage//v1/object/public/renders/dot2.png)".to_string(), "renders/dot2.png"),
+        ("storage/x/../v1/object/public/renders/dot3.png".to_string(), "renders/dot3.png"),
+        // A bad byte inside a run of escapes: the bytes around it are still decoded.
+        (format!("{h}/renders/x%FF%2F..%2Fbad.png"), "renders/bad.png"),
+    ]
+    .into_iter()
+    .filter(|(value, key)| !protected_keys(value).contains(&key.to_string()))
+    .map(|(value, key)| format!("{value} protects {key}: {:?}", protected_keys(&value)))
+    .collect::<Vec<_>>();
+    assert!(unread.is_empty(), "{unread:#?}");
 }

@@ -66,9 +66,45 @@ EXCEPTION WHEN character_not_in_repertoire THEN
 END
 $$;
 
--- The text percent-decoded once (object-url's decode_once): each run of escapes that decodes to
--- text (UTF-8, no NUL) is replaced by it; a run that does not stays as written, as does
--- everything else.
+-- A run of escapes (%XX%XX...) decoded as object-url's decode_once decodes it: every character
+-- its bytes spell in UTF-8, and each byte that is no part of one (or a NUL) as written.
+CREATE FUNCTION orphan_cleanup._decode_run(run text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    bytes bytea := pg_catalog.decode(pg_catalog.replace(run, '%', ''), 'hex');
+    whole text := orphan_cleanup._utf8(bytes);
+    n int := pg_catalog.length(bytes);
+    i int := 0;
+    b int;
+    len int;
+    c text;
+    out_ text := '';
+BEGIN
+    IF whole IS NOT NULL THEN
+        RETURN whole;
+    END IF;
+    WHILE i < n LOOP
+        b := pg_catalog.get_byte(bytes, i);
+        len := CASE WHEN b BETWEEN 1 AND 127 THEN 1 WHEN b BETWEEN 194 AND 223 THEN 2
+                    WHEN b BETWEEN 224 AND 239 THEN 3 WHEN b BETWEEN 240 AND 244 THEN 4 ELSE 0 END;
+        c := NULL;
+        IF len > 0 AND i + len <= n THEN
+            c := orphan_cleanup._utf8(pg_catalog.substring(bytes, i + 1, len));
+        END IF;
+        IF c IS NULL THEN
+            out_ := out_ || pg_catalog.substr(run, 3 * i + 1, 3);
+            i := i + 1;
+        ELSE
+            out_ := out_ || c;
+            i := i + len;
+        END IF;
+    END LOOP;
+    RETURN out_;
+END
+$$;
+
+-- The text percent-decoded once (object-url's decode_once): in each run of escapes, every
+-- character its bytes spell in UTF-8 is decoded (_decode_run); everything else stays as written.
 CREATE FUNCTION orphan_cleanup._decode_once(s text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
@@ -84,8 +120,7 @@ BEGIN
         run := substring(rest FROM '(?:%[0-9A-Fa-f]{2})+');
         EXIT WHEN run IS NULL;
         at_ := pg_catalog.strpos(rest, run);
-        out_ := out_ || pg_catalog.left(rest, at_ - 1)
-                || coalesce(orphan_cleanup._utf8(pg_catalog.decode(pg_catalog.replace(run, '%', ''), 'hex')), run);
+        out_ := out_ || pg_catalog.left(rest, at_ - 1) || orphan_cleanup._decode_run(run);
         rest := pg_catalog.substr(rest, at_ + pg_catalog.length(run));
     END LOOP;
     RETURN out_ || rest;
@@ -511,9 +546,9 @@ $$;
 
 -- The strict reading of a value, when there is one, and its lenient readings (object-url's
 -- readings).
--- One layer of a value's JSON escapes of ASCII punctuation and space taken off (object-url's
--- unescape_json): '\/', '\\', and '\u00XX' ('\u002B', '\u0026'). Letters, digits and '%' stay
--- as written.
+-- One layer of a value's JSON escapes of ASCII punctuation, space and control characters taken
+-- off (object-url's unescape_json): '\/', '\\', '\"', '\n', '\r', '\t', '\b', '\f', and '\u00XX'
+-- of punctuation or space ('\u002B', '\u0026'). Letters, digits and '%' stay as written.
 CREATE FUNCTION orphan_cleanup._unescape_json(value text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
@@ -528,8 +563,8 @@ BEGIN
         EXIT WHEN i = 0;
         out_ := out_ || pg_catalog.substr(rest, 1, i - 1);
         t := pg_catalog.substr(rest, i, 6);
-        IF pg_catalog.substr(t, 2, 1) IN ('/', '\') THEN
-            out_ := out_ || pg_catalog.substr(t, 2, 1);
+        IF pg_catalog.substr(t, 2, 1) IN ('/', '\', '"', 'n', 'r', 't', 'b', 'f') THEN
+            out_ := out_ || pg_catalog.translate(pg_catalog.substr(t, 2, 1), 'nrtbf', E'\n\r\t\b\f');
             rest := pg_catalog.substr(rest, i + 2);
             CONTINUE;
         END IF;
@@ -553,16 +588,20 @@ LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings 
 DECLARE
     p record;
     keys text[];
-    layer text;
+    layers_ text[] := (orphan_cleanup._layers(value)).layers;
 BEGIN
     keys := orphan_cleanup._lenient_keys(value);
     p := orphan_cleanup._parse_url(value);
     IF p.error IS NULL THEN
         keys := keys || (p.bucket || '/' || p.object_path);
     END IF;
-    -- The routes of every layer (see _layers), the value as written first.
-    FOREACH layer IN ARRAY (orphan_cleanup._layers(value)).layers LOOP
-        keys := keys || orphan_cleanup._embedded_keys(layer);
+    -- The routes of every layer (see _layers), the value as written first; a layer under the
+    -- value is read as a value too.
+    FOR i IN 1 .. pg_catalog.cardinality(layers_) LOOP
+        IF i > 1 THEN
+            keys := keys || orphan_cleanup._lenient_keys(layers_[i]);
+        END IF;
+        keys := keys || orphan_cleanup._embedded_keys(layers_[i]);
     END LOOP;
     RETURN keys;
 END
@@ -593,16 +632,22 @@ BEGIN
 END
 $$;
 
--- How many storage routes (storage/v1/, storage%2Fv1%2F, in any case) a layer holds
--- (object-url's routes_in).
+-- Where _embedded_keys() starts a reading (object-url's MARKERS): a storage route's first
+-- segment and a URL's scheme, as written and percent-encoded once, in ASCII lower case.
+CREATE FUNCTION orphan_cleanup._markers() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY['storage/', 'storage%2f', 'http://', 'https://', 'http%3a%2f%2f', 'https%3a%2f%2f'];
+
+-- How many markers a layer holds (object-url's routes_in). No marker overlaps another or itself,
+-- so each is counted on its own.
 CREATE FUNCTION orphan_cleanup._routes_in(layer text) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-RETURN (SELECT (pg_catalog.length(l) - pg_catalog.length(pg_catalog.replace(l, 'storage/v1/', ''))) / 11
-               + (pg_catalog.length(l) - pg_catalog.length(pg_catalog.replace(l, 'storage%2fv1%2f', ''))) / 15
-        FROM orphan_cleanup._ascii_lower(layer) AS l);
+RETURN (SELECT pg_catalog.sum((pg_catalog.length(l) - pg_catalog.length(pg_catalog.replace(l, m, ''))) / pg_catalog.length(m))::integer
+        FROM orphan_cleanup._ascii_lower(layer) AS l, pg_catalog.unnest(orphan_cleanup._markers()) AS m);
 
--- The most storage routes any layer of a value holds, as written and without its tabs and
--- newlines, or -1 when it is wrapped deeper than the readings go (object-url's route_count):
+-- The most markers (storage routes and URLs) any layer of a value holds, as written and without
+-- its tabs and newlines, or -1 when it is wrapped deeper than the readings go (object-url's
+-- route_count):
 -- what _unread_url() holds against the readings' limits.
 CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
@@ -624,22 +669,24 @@ BEGIN
     RETURN most;
 END
 $$;
--- The objects of storage URLs embedded anywhere in a value (object-url's embedded_keys): passed
--- to an image proxy encoded once, inside markdown, in text, or in a list. The ends are found in
--- the value as written (an encoded %20, %26 or %3F in a name is still part of it): each route
--- (storage/v1/, or storage%2Fv1%2F) runs to the first hard stop (a quote, angle bracket,
--- backquote or control character), and is read so, cut at the first '&' or space, and cut at the
--- first ',', '|' or ')'; each of those as it is, without one trailing ')', ']' or quote, without
--- all of them, and without trailing punctuation too; each read as a value (all the lenient
--- rules), decoded once, and decoded with '+' as a space. Every route gets a pass of its own.
--- At most 8 routes of a value up to 64 KiB (past either, _unread_url refuses the save).
+-- The objects of URLs embedded anywhere in a value (object-url's embedded_keys): passed to an
+-- image proxy encoded once, inside markdown, in text, or in a list. The ends are found in the
+-- value as written (an encoded %20, %26 or %3F in a name is still part of it): each reading
+-- starts at a marker (_markers: a storage route, a URL's scheme), runs to the first hard stop (a
+-- quote, angle bracket, backquote or control character), and is read so, cut at the first '&'
+-- or space, and cut at the first ',', '|' or ')'; each of those as it is, without one trailing
+-- ')', ']' or quote, without all of them, without trailing punctuation too, and cut at its last
+-- '@' when no '/' follows it (imgproxy's @webp); each read as a value (all the lenient rules),
+-- decoded once, and decoded with '+' as a space. Every marker gets a pass of its own. At most 16
+-- markers of a value up to 64 KiB (past either, _unread_url refuses the save).
 CREATE FUNCTION orphan_cleanup._embedded_keys(value text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     lower_ text;
     pos int := 1;
-    f1 int;
-    f2 int;
+    markers constant text[] := orphan_cleanup._markers();
+    m text;
+    f int;
     start_ int;
     route_len int;
     span text;
@@ -656,17 +703,16 @@ BEGIN
         RETURN keys;
     END IF;
     lower_ := orphan_cleanup._ascii_lower(value);
-    FOR i IN 1 .. 8 LOOP
-        f1 := pg_catalog.strpos(pg_catalog.substr(lower_, pos), 'storage/v1/');
-        f2 := pg_catalog.strpos(pg_catalog.substr(lower_, pos), 'storage%2fv1%2f');
-        EXIT WHEN f1 = 0 AND f2 = 0;
-        IF f2 = 0 OR (f1 > 0 AND f1 < f2) THEN
-            start_ := pos - 1 + f1;
-            route_len := 11;
-        ELSE
-            start_ := pos - 1 + f2;
-            route_len := 15;
-        END IF;
+    FOR i IN 1 .. 16 LOOP
+        start_ := NULL;
+        FOREACH m IN ARRAY markers LOOP
+            f := pg_catalog.strpos(pg_catalog.substr(lower_, pos), m);
+            IF f > 0 AND (start_ IS NULL OR pos - 1 + f < start_) THEN
+                start_ := pos - 1 + f;
+                route_len := pg_catalog.length(m);
+            END IF;
+        END LOOP;
+        EXIT WHEN start_ IS NULL;
         span := substring(pg_catalog.substr(value, start_) FROM '^[^"<>`\t\n\r\x0b\x0c]*');
         soft := substring(span FROM '^[^& ]*');
         tight := substring(soft FROM '^[^,|)]*');
@@ -676,7 +722,8 @@ BEGIN
                                            CASE WHEN pg_catalog.right(cut, 1) IN (')', ']', '''')
                                                 THEN pg_catalog.left(cut, -1) ELSE cut END,
                                            pg_catalog.rtrim(cut, ')]'''),
-                                           pg_catalog.rtrim(cut, ')]''.,;:!?')] LOOP
+                                           pg_catalog.rtrim(cut, ')]''.,;:!?'),
+                                           coalesce(substring(cut FROM '^(.*)@[^/]*$'), cut)] LOOP
                 -- Most values have one route and no wrapping: each variant is read once.
                 CONTINUE WHEN variant = ANY (seen);
                 seen := seen || variant;
@@ -745,6 +792,8 @@ DECLARE
     has_route boolean;
     paths text[];
     path text;
+    p text;
+    read_ text[];
     keep_empty boolean;
     keys text[] := '{}';
     k text;
@@ -791,22 +840,58 @@ BEGIN
     END IF;
     FOREACH path IN ARRAY paths LOOP
         FOREACH keep_empty IN ARRAY ARRAY[false, true] LOOP
-            IF NOT has_route THEN
-                keys := keys || orphan_cleanup._key_of_path(path, 'none', keep_empty);
-                CONTINUE;
+            -- '..' after an encoded slash goes up one segment as written in a browser: such a
+            -- path is also read with its dots resolved so first.
+            read_ := ARRAY[path];
+            IF pg_catalog.octet_length(path) <= 65536 AND orphan_cleanup._ascii_lower(path) ~ '%(2f|5c)' THEN
+                read_ := read_ || orphan_cleanup._dots_resolved(path, keep_empty);
             END IF;
-            k := orphan_cleanup._key_of_path(path, 'gateway', keep_empty);
-            IF k IS NOT NULL THEN
-                keys := keys || k;
-            ELSIF is_url THEN
-                -- A URL with no storage/v1: the storage server's own (self-hosted, behind no
-                -- gateway), and a CDN's path.
-                keys := keys || orphan_cleanup._key_of_path(path, 'server', keep_empty)
-                             || orphan_cleanup._key_of_path(path, 'none', keep_empty);
-            END IF;
+            FOREACH p IN ARRAY read_ LOOP
+                IF NOT has_route THEN
+                    -- And a route that only resolving dot segments spells (storage/./v1/...).
+                    keys := keys || orphan_cleanup._key_of_path(p, 'none', keep_empty)
+                                 || orphan_cleanup._key_of_path(p, 'gateway', keep_empty);
+                    CONTINUE;
+                END IF;
+                k := orphan_cleanup._key_of_path(p, 'gateway', keep_empty);
+                IF k IS NOT NULL THEN
+                    keys := keys || k;
+                ELSIF is_url THEN
+                    -- A URL with no storage/v1: the storage server's own (self-hosted, behind no
+                    -- gateway), and a CDN's path.
+                    keys := keys || orphan_cleanup._key_of_path(p, 'server', keep_empty)
+                                 || orphan_cleanup._key_of_path(p, 'none', keep_empty);
+                END IF;
+            END LOOP;
         END LOOP;
     END LOOP;
     RETURN pg_catalog.array_remove(keys, NULL);
+END
+$$;
+
+-- The path with its dot segments resolved over the segments as written, before any decoding, as
+-- a browser resolves them (object-url's dots_resolved): '.' and '%2E' are dots, '..', '.%2E',
+-- '%2E.' and '%2E%2E' (in any case) go up one; with keep_empty, an empty segment counts.
+CREATE FUNCTION orphan_cleanup._dots_resolved(path text, keep_empty boolean) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    part text;
+    out_ text[] := '{}';
+BEGIN
+    IF keep_empty AND pg_catalog.left(path, 1) IN ('/', '\') THEN
+        path := pg_catalog.substr(path, 2);
+    END IF;
+    FOREACH part IN ARRAY pg_catalog.regexp_split_to_array(path, '[/\\]') LOOP
+        CASE
+            WHEN part = '' AND NOT keep_empty THEN NULL;
+            WHEN orphan_cleanup._ascii_lower(part) IN ('.', '%2e') THEN NULL;
+            WHEN orphan_cleanup._ascii_lower(part) IN ('..', '.%2e', '%2e.', '%2e%2e') THEN
+                out_ := pg_catalog.trim_array(out_, least(1, pg_catalog.cardinality(out_)));
+            ELSE
+                out_ := out_ || part;
+        END CASE;
+    END LOOP;
+    RETURN pg_catalog.array_to_string(out_, '/');
 END
 $$;
 

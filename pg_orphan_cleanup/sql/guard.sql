@@ -41,8 +41,9 @@ BEGIN ATOMIC
 END;
 
 -- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes,
--- up to 8 storage routes in each layer of a value, and 6 layers of wrapping (JSON, percent-
--- encoding) under the value as written (object-url's limits, which keep its work bounded;
+-- up to 16 URLs and storage routes (counted by scheme and by route: a storage URL is two) in
+-- each layer of a value, and 6 layers of wrapping (JSON, percent-encoding) under the value as
+-- written (object-url's limits, which keep its work bounded;
 -- _route_count() is object-url's route_count(), in Rust or PL/pgSQL as the edition has it). A
 -- value past them may name an object no reading found, so a job with such a URL is never saved
 -- (save_guard, job_guard, attach()): the third review of issue 14 padded a saved job's URL past
@@ -56,8 +57,8 @@ RETURN (SELECT CASE
                 format('its output_url is %s bytes long, and pg_orphan_cleanup reads values of up to 65,536 bytes', octet_length(url))
             WHEN r.n < 0 THEN
                 'its output_url is escaped or encoded more than 6 times over (JSON inside JSON, or URLs encoded into URLs), and pg_orphan_cleanup reads 6 layers'
-            WHEN r.n > 8 THEN
-                format('its output_url holds %s storage URLs, and pg_orphan_cleanup reads up to 8 in one value', r.n)
+            WHEN r.n > 16 THEN
+                format('its output_url holds %s URLs and storage routes (a storage URL is two), and pg_orphan_cleanup reads up to 16 in one value', r.n)
         END
         FROM (SELECT CASE WHEN octet_length(url) <= 65536 THEN orphan_cleanup._route_count(url) END AS n) AS r);
 

@@ -2036,8 +2036,8 @@ RETURN (SELECT CASE
                 format('its output_url is %s bytes long, and pg_orphan_cleanup reads values of up to 65,536 bytes', octet_length(url))
             WHEN r.n < 0 THEN
                 'its output_url is escaped or encoded more than 6 times over (JSON inside JSON, or URLs encoded into URLs), and pg_orphan_cleanup reads 6 layers'
-            WHEN r.n > 8 THEN
-                format('its output_url holds %s storage URLs, and pg_orphan_cleanup reads up to 8 in one value', r.n)
+            WHEN r.n > 16 THEN
+                format('its output_url holds %s URLs and storage routes (a storage URL is two), and pg_orphan_cleanup reads up to 16 in one value', r.n)
         END
         FROM (SELECT CASE WHEN octet_length(url) <= 65536 THEN orphan_cleanup._route_count(url) END AS n) AS r);
 

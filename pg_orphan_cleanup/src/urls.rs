@@ -89,9 +89,10 @@ fn object_keys(url: &str) -> Option<Vec<String>> {
     (!keys.is_empty()).then_some(keys)
 }
 
-/// The most storage routes any layer of a URL's readings holds, or -1 when it is wrapped (JSON,
-/// percent-encoding) deeper than the readings take off: `_unread_url()` refuses a saved job
-/// past either limit (OC003), since object_keys() reads at most 8 routes a layer.
+/// The most URLs and storage routes (object-url's markers: a storage URL is two) any layer of a
+/// URL's readings holds, or -1 when it is wrapped (JSON, percent-encoding) deeper than the
+/// readings take off: `_unread_url()` refuses a saved job past either limit (OC003), since
+/// object_keys() reads at most 16 a layer.
 #[pg_extern(immutable, parallel_safe, strict)]
 fn _route_count(url: &str) -> i32 {
     object_url::route_count(url).map_or(-1, |n| i32::try_from(n).unwrap_or(i32::MAX))

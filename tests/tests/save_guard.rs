@@ -702,6 +702,18 @@ fn every_reading_of_a_saved_jobs_url_protects_its_file() {
         php_json(5, &format!("https://{HOST}/storage/v1/object/public/renders/{{k}}")),
         format!("see https:\\u005c/\\u005c/{HOST}\\u005c/storage\\u005c/v1\\u005c/object\\u005c/public\\u005c/renders\\u005c/{{k}}"),
         format!("https://app.example/view?data=%7B%22publicUrl%22%3A%22https%3A%5C%2F%5C%2F{HOST}%5C%2Fstorage%5C%2Fv1%5C%2Fobject%5C%2Fpublic%5C%2Frenders%5C%2F{{k}}%22%7D"),
+        // The ninth review: JSON's control escapes (a worker's stdout through json.dumps),
+        // imgproxy's @extension, a CDN's URL (no route) inside a proxy's query and markdown,
+        // '..' after an encoded slash, a route with a dot segment inside a wrapper; and the
+        // eighth review's bad byte inside a run of escapes.
+        format!(r#"{{"url": "https://{HOST}/storage/v1/object/public/renders/{{k}}\n"}}"#),
+        r"renders/{k}\n".to_string(),
+        format!("https://img.example.com/sig/rs:fill:300/plain/https://{HOST}/storage/v1/object/public/renders/{{k}}@webp"),
+        "https://app.example.com/_next/image?url=https%3A%2F%2Fcdn.example.com%2Frenders%2F{k}&w=640".to_string(),
+        "![r](https://cdn.example.com/renders/{k})".to_string(),
+        format!("https://{HOST}/storage/v1/object/public/renders/job%2F123/../{{k}}"),
+        format!("https://app.example.com/_next/image?url=https%3A%2F%2F{HOST}%2Fstorage%2F.%2Fv1%2Fobject%2Fpublic%2Frenders%2F{{k}}&w=640"),
+        format!("https://{HOST}/storage/v1/object/public/renders/x%FF%2F..%2F{{k}}"),
     ];
     settings(BASE_SETTINGS);
     let db = TestDb::attached("guard_url_readings");
@@ -834,27 +846,28 @@ fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
         (
             format!("{decoys}{}", proxied("ninth.png")),
             "ninth.png",
-            "up to 8",
+            "up to 16",
         ),
-        // A tab splits the ninth route as written; a browser deletes it, and so does the
-        // reading without tabs, which then stops at 8 (the fourth review).
+        // A tab splits the last route as written (16 there); a browser deletes it, and so does
+        // the reading without tabs, which then stops at 16 (the fourth review).
         (
             format!(
-                "{decoys}{}",
+                "{}{}",
+                format!("https://{HOST}/storage/v1/object/public/renders/decoy.png ").repeat(7),
                 proxied("tabbed.png").replace("storage%2Fv1", "stor\tage%2Fv1")
             ),
             "tabbed.png",
-            "up to 8",
+            "up to 16",
         ),
-        // Eight routes only the percent-decoded layer reads (a letter escaped once), then the
-        // ninth encoded twice: that layer stopped at 8, and the count saw 1 (the sixth review).
+        // Sixteen routes only the percent-decoded layer reads (a letter escaped once), then a
+        // URL encoded twice: that layer stopped at 16, and the count saw none (the sixth review).
         (
             format!(
                 "x%25 {}https%253A%252F%252F{HOST}%252Fstorage%252Fv1%252Fobject%252Fpublic%252Frenders%252Fhidden.png",
-                "%73torage/v1/object/public/renders/a.png ".repeat(8)
+                "%73torage/v1/object/public/renders/a.png ".repeat(16)
             ),
             "hidden.png",
-            "up to 8",
+            "up to 16",
         ),
         // Eight routes behind an escaped backslash, which a pattern did not count (the seventh
         // review), then a ninth.
@@ -864,7 +877,7 @@ fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
                 format!("https:\\u005c/\\u005c/{HOST}\\u005c/storage\\u005c/v1\\u005c/object\\u005c/public\\u005c/renders\\u005c/d.png ").repeat(8)
             ),
             "escaped.png",
-            "up to 8",
+            "up to 16",
         ),
         // JSON deeper than the readings go: counted once and never read (the seventh review).
         (

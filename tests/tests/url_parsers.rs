@@ -234,6 +234,9 @@ fn route(rng: &mut StdRng) -> &'static str {
             "/proxy/storage/v1/object/public/",
             "/storage/v1/object/public/../",
             "/storage//v1/object/public/",
+            "/storage/./v1/object/public/",
+            "/storage/x/../v1/object/public/",
+            "/storage%2F.%2Fv1/object/public/",
             // The storage server's own routes, behind no gateway (self-hosted).
             "/object/public/",
             "/object/authenticated/",
@@ -439,6 +442,32 @@ fn value(rng: &mut StdRng) -> String {
                     "%5C%2F",
                 ],
             ),
+        ),
+        // The ninth review: JSON's control escapes (a worker's stdout through json.dumps),
+        // imgproxy's `@extension`, a URL inside markdown (a CDN's has no route), `..` after an
+        // encoded slash, a bad byte inside a run of escapes.
+        10 => format!(
+            r#"{{"url": "{}{}"}}"#,
+            v.replace('"', "\\\""),
+            pick(
+                rng,
+                &["\\n", "\\r\\n", "\\t", "\\f", "\\b", "\\\"", "\\u0020"]
+            )
+        ),
+        11 => format!(
+            "https://img.example.com/sig/rs:fill:300/plain/{v}@{}",
+            pick(rng, &["webp", "png", "avif", "", "x/y"])
+        ),
+        12 => format!("![r]({v}) and https://cdn.example.com/{v}"),
+        13 => v.replacen(
+            '/',
+            pick(rng, &["/a%2Fb/../", "/a%2fb/%2E%2E/", "/a%5Cb/.%2e/"]),
+            2,
+        ),
+        14 => v.replacen(
+            '/',
+            pick(rng, &["%FF%2F", "%2F%FF", "%E2%82%2F", "%C3%A9%FF%2F.."]),
+            2,
         ),
         _ => v,
     };
