@@ -55,18 +55,28 @@ pub fn protected_keys(raw: &str) -> Vec<String> {
 
 /// The strict reading of `value`, when there is one, its lenient readings, and the objects of
 /// storage URLs embedded in it.
+///
+/// Each text is read once ([`lenient_keys`]), however many ways lead to it: the value, each layer
+/// under it, and the embedded URLs of each layer ([`embedded_readings`]) often coincide (a plain
+/// URL is its own embedded URL, its decoded layer the decoded reading of it).
 fn readings(value: &str) -> Vec<String> {
-    let mut keys = lenient_keys(value);
+    let mut keys = Vec::new();
     if let Ok(o) = crate::parse(value) {
         keys.push(o.object_key());
     }
-    for (i, layer) in layers(value).0.iter().enumerate() {
+    let mut texts = vec![value.to_string()];
+    for (i, layer) in layers(value).0.into_iter().enumerate() {
+        texts.extend(embedded_readings(&layer));
         // A layer under the value is read as a value too: a bare `renders/x.png\n` that a
         // JSON encoder wrote (the ninth review) names `renders/x.png` and a newline.
         if i > 0 {
-            keys.extend(lenient_keys(layer));
+            texts.push(layer);
         }
-        keys.extend(embedded_keys(layer));
+    }
+    texts.sort();
+    texts.dedup();
+    for text in &texts {
+        keys.extend(lenient_keys(text));
     }
     keys
 }
@@ -82,7 +92,7 @@ pub const MAX_LAYERS: usize = 6;
 /// proxy's (`%252F`), URL-encoded JSON (`%5C%2F`), a route encoded in part (`%2Fstorage%2Fv1/`,
 /// which only the decoded layer spells as a route; the eighth review). A
 /// value wrapped deeper is never saved (`_unread_url`, OC003), and neither is one in which any
-/// layer holds more routes than [`embedded_keys`] reads ([`route_count`]). The managed
+/// layer holds more routes than [`embedded_readings`] reads ([`route_count`]). The managed
 /// edition's `_layers` is the same rule in PL/pgSQL.
 fn layers(value: &str) -> (Vec<String>, bool) {
     let mut out = vec![value.to_string()];
@@ -99,7 +109,7 @@ fn layers(value: &str) -> (Vec<String>, bool) {
     }
 }
 
-/// Where [`embedded_keys`] starts a reading, in a layer written in ASCII lower case: a storage
+/// Where [`embedded_readings`] starts a reading, in a layer written in ASCII lower case: a storage
 /// route's first segment (`storage/`, also when dot or empty segments come before `v1`, as in
 /// `storage/./v1/`, which a browser resolves: the ninth review), and a URL's scheme (a CDN's
 /// URL has no route: `https://cdn.example.com/renders/x.png` inside a proxy's query or
@@ -113,7 +123,7 @@ const MARKERS: [&str; 6] = [
     "https%3a%2f%2f",
 ];
 
-/// How many readings [`embedded_keys`] starts in one layer: a value in which any layer holds
+/// How many readings [`embedded_readings`] starts in one layer: a value in which any layer holds
 /// more [`MARKERS`] is never saved (`_unread_url`).
 pub const MAX_ROUTES: usize = 16;
 
@@ -125,7 +135,7 @@ fn next_marker(lower: &str, pos: usize) -> Option<(usize, usize)> {
         .min()
 }
 
-/// How many [`MARKERS`] a layer holds, found as [`embedded_keys`] finds them.
+/// How many [`MARKERS`] a layer holds, found as [`embedded_readings`] finds them.
 fn routes_in(layer: &str) -> usize {
     let lower = layer.to_ascii_lowercase();
     let (mut pos, mut n) = (0, 0);
@@ -210,7 +220,8 @@ const HARD_STOPS: &[char] = &['"', '<', '>', '`', '\t', '\n', '\r', '\x0b', '\x0
 /// Characters that may end it: a query's next parameter, the end of a URL in text.
 const SOFT_STOPS: &[char] = &['&', ' '];
 
-/// The objects of URLs embedded anywhere in a value: passed to an image proxy, encoded once
+/// The texts of URLs embedded anywhere in a value, for [`readings`] to read as values: passed to
+/// an image proxy, encoded once
 /// (`/_next/image?url=https%3A%2F%2F...%2Fstorage%2Fv1%2F...&w=640`), inside markdown
 /// (`![render](https://.../storage/v1/...)`), in text, or in a list. The ends are found in the
 /// value as written, where an encoded `%20`, `%26` or `%3F` in a name is still part of it: each
@@ -219,16 +230,15 @@ const SOFT_STOPS: &[char] = &['&', ' '];
 /// `,`, `|` or `)`; each of those as it is, without one trailing `)`, `]` or `'`, without all of
 /// them (markdown, quotes), without trailing punctuation too (a URL ending a sentence), and cut
 /// at its last `@` when no `/` follows it (imgproxy's `/plain/<url>@webp`: the ninth review);
-/// each read as a value (all the lenient rules), decoded once, and decoded with `+` as a space (a
-/// form encoder's). Every marker gets a pass of its own, so a second URL is read wherever it
+/// each as it is, decoded once, and decoded with `+` as a space (a form encoder's). Every marker gets a pass of its own, so a second URL is read wherever it
 /// starts. At most [`MAX_ROUTES`] markers of a value up to 64 KiB: past either, the save guard
 /// refuses to save the job (`_unread_url`).
-fn embedded_keys(value: &str) -> Vec<String> {
+fn embedded_readings(value: &str) -> Vec<String> {
     if value.len() > MAX_PATH_LEN {
         return Vec::new();
     }
     let lower = value.to_ascii_lowercase();
-    let mut keys = Vec::new();
+    let mut texts = Vec::new();
     let mut pos = 0;
     for _ in 0..MAX_ROUTES {
         let Some((start, route_len)) = next_marker(&lower, pos) else {
@@ -261,25 +271,19 @@ fn embedded_keys(value: &str) -> Vec<String> {
                     continue;
                 }
                 seen.push(variant);
-                keys.extend(lenient_keys(variant));
-                let once = decode_once(variant);
-                if once != variant {
-                    keys.extend(lenient_keys(&once));
-                }
+                texts.push(variant.to_string());
+                texts.push(decode_once(variant));
                 // In a query (an image proxy's `?url=`), a form encoder (URLSearchParams) writes
                 // a space as `+`.
                 if variant.contains('+') {
-                    let form = decode_once(&variant.replace('+', "%20"));
-                    if form != once {
-                        keys.extend(lenient_keys(&form));
-                    }
+                    texts.push(decode_once(&variant.replace('+', "%20")));
                 }
             }
         }
         // Every marker gets a pass of its own, even one inside the span of another.
         pos = start + route_len;
     }
-    keys
+    texts
 }
 
 /// `text` percent-decoded once: in each run of escapes (`%XX%XX...`), every character the bytes

@@ -587,21 +587,28 @@ CREATE FUNCTION orphan_cleanup._readings(value text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     p record;
-    keys text[];
+    keys text[] := '{}';
     layers_ text[] := (orphan_cleanup._layers(value)).layers;
+    texts text[] := ARRAY[value];
+    done text[] := '{}';
+    t text;
 BEGIN
-    keys := orphan_cleanup._lenient_keys(value);
     p := orphan_cleanup._parse_url(value);
     IF p.error IS NULL THEN
         keys := keys || (p.bucket || '/' || p.object_path);
     END IF;
-    -- The routes of every layer (see _layers), the value as written first; a layer under the
-    -- value is read as a value too.
+    -- The URLs embedded in every layer (see _layers), the value as written first; a layer under
+    -- the value is read as a value too. Each text once, however many ways lead to it.
     FOR i IN 1 .. pg_catalog.cardinality(layers_) LOOP
+        texts := texts || orphan_cleanup._embedded_readings(layers_[i]);
         IF i > 1 THEN
-            keys := keys || orphan_cleanup._lenient_keys(layers_[i]);
+            texts := texts || layers_[i];
         END IF;
-        keys := keys || orphan_cleanup._embedded_keys(layers_[i]);
+    END LOOP;
+    FOREACH t IN ARRAY texts LOOP
+        CONTINUE WHEN t = ANY (done);
+        done := done || t;
+        keys := keys || orphan_cleanup._lenient_keys(t);
     END LOOP;
     RETURN keys;
 END
@@ -632,7 +639,7 @@ BEGIN
 END
 $$;
 
--- Where _embedded_keys() starts a reading (object-url's MARKERS): a storage route's first
+-- Where _embedded_readings() starts a reading (object-url's MARKERS): a storage route's first
 -- segment and a URL's scheme, as written and percent-encoded once, in ASCII lower case.
 CREATE FUNCTION orphan_cleanup._markers() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -669,17 +676,17 @@ BEGIN
     RETURN most;
 END
 $$;
--- The objects of URLs embedded anywhere in a value (object-url's embedded_keys): passed to an
--- image proxy encoded once, inside markdown, in text, or in a list. The ends are found in the
+-- The texts of URLs embedded anywhere in a value, for _readings() to read as values
+-- (object-url's embedded_readings): passed to an image proxy encoded once, inside markdown, in text, or in a list. The ends are found in the
 -- value as written (an encoded %20, %26 or %3F in a name is still part of it): each reading
 -- starts at a marker (_markers: a storage route, a URL's scheme), runs to the first hard stop (a
 -- quote, angle bracket, backquote or control character), and is read so, cut at the first '&'
 -- or space, and cut at the first ',', '|' or ')'; each of those as it is, without one trailing
 -- ')', ']' or quote, without all of them, without trailing punctuation too, and cut at its last
--- '@' when no '/' follows it (imgproxy's @webp); each read as a value (all the lenient rules),
--- decoded once, and decoded with '+' as a space. Every marker gets a pass of its own. At most 16
+-- '@' when no '/' follows it (imgproxy's @webp); each as it is, decoded once, and decoded with
+-- '+' as a space. Every marker gets a pass of its own. At most 16
 -- markers of a value up to 64 KiB (past either, _unread_url refuses the save).
-CREATE FUNCTION orphan_cleanup._embedded_keys(value text) RETURNS text[]
+CREATE FUNCTION orphan_cleanup._embedded_readings(value text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     lower_ text;
@@ -694,13 +701,11 @@ DECLARE
     tight text;
     cut text;
     variant text;
-    once text;
-    form_ text;
     seen text[];
-    keys text[] := '{}';
+    texts text[] := '{}';
 BEGIN
     IF pg_catalog.octet_length(value) > 65536 THEN
-        RETURN keys;
+        RETURN texts;
     END IF;
     lower_ := orphan_cleanup._ascii_lower(value);
     FOR i IN 1 .. 16 LOOP
@@ -727,23 +732,16 @@ BEGIN
                 -- Most values have one route and no wrapping: each variant is read once.
                 CONTINUE WHEN variant = ANY (seen);
                 seen := seen || variant;
-                keys := keys || orphan_cleanup._lenient_keys(variant);
-                once := orphan_cleanup._decode_once(variant);
-                IF once <> variant THEN
-                    keys := keys || orphan_cleanup._lenient_keys(once);
-                END IF;
+                texts := texts || variant || orphan_cleanup._decode_once(variant);
                 -- In a query (an image proxy's ?url=), a form encoder writes a space as '+'.
                 IF pg_catalog.strpos(variant, '+') > 0 THEN
-                    form_ := orphan_cleanup._decode_once(pg_catalog.replace(variant, '+', '%20'));
-                    IF form_ <> once THEN
-                        keys := keys || orphan_cleanup._lenient_keys(form_);
-                    END IF;
+                    texts := texts || orphan_cleanup._decode_once(pg_catalog.replace(variant, '+', '%20'));
                 END IF;
             END LOOP;
         END LOOP;
         pos := start_ + route_len;
     END LOOP;
-    RETURN keys;
+    RETURN texts;
 END
 $$;
 
@@ -848,9 +846,12 @@ BEGIN
             END IF;
             FOREACH p IN ARRAY read_ LOOP
                 IF NOT has_route THEN
-                    -- And a route that only resolving dot segments spells (storage/./v1/...).
-                    keys := keys || orphan_cleanup._key_of_path(p, 'none', keep_empty)
-                                 || orphan_cleanup._key_of_path(p, 'gateway', keep_empty);
+                    keys := keys || orphan_cleanup._key_of_path(p, 'none', keep_empty);
+                    -- And a route that only resolving dot segments spells (storage/./v1/...);
+                    -- none without 'storage' in the path, or an escape that could spell it.
+                    IF pg_catalog.strpos(p, '%') > 0 OR pg_catalog.strpos(orphan_cleanup._ascii_lower(p), 'storage') > 0 THEN
+                        keys := keys || orphan_cleanup._key_of_path(p, 'gateway', keep_empty);
+                    END IF;
                     CONTINUE;
                 END IF;
                 k := orphan_cleanup._key_of_path(p, 'gateway', keep_empty);

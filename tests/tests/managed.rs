@@ -37,7 +37,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_lenient_keys",
     "_lenient_keys_of",
     "_readings",
-    "_embedded_keys",
+    "_embedded_readings",
     "_key_of_path",
     "_decode_once",
     "_unescape_json",
