@@ -7,7 +7,7 @@ import os
 import re
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 src={}
-for f in ['schema','pause','detect','guard','queue','reports','breaker']:
+for f in ['schema','pause','detect','guard','queue','reports','breaker','strays']:
     src[f]=open(os.path.join(ROOT, f'pg_orphan_cleanup/sql/{f}.sql')).read()
 
 def fn(file, name, replace=True, sig=None):
@@ -65,7 +65,8 @@ BEGIN
 END
 $probe$;
 
--- _config() returns the new setting cycle_time_budget too (Rust; its row type changes).
+-- _config() returns the new settings cycle_time_budget and stray_min_age too (Rust; its row
+-- type changes).
 -- _breaker_settings() (a SQL-standard body, which depends on it) goes first and comes back below.
 DROP FUNCTION orphan_cleanup._breaker_settings();
 DROP FUNCTION orphan_cleanup._config();
@@ -92,7 +93,8 @@ CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
 	"breaker_min_rows" INT,
 	"breaker_max_fraction" double precision,
 	"retry_backoff_s" INT,
-	"cycle_time_budget_ms" INT
+	"cycle_time_budget_ms" INT,
+	"stray_min_age_s" INT
 )
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c
@@ -357,6 +359,9 @@ out.append(reindex("""-- object_key() now reads a URL the strict parser refuses 
                                    WHERE j.output_url IS NOT NULL AND p.error IS NOT NULL
                                      AND orphan_cleanup.object_key(j.output_url) IS NOT NULL)'""",
     "object_key", "object_key() now names the object of URLs the strict parser refuses"))
+out.append("-- Stray objects (issue 15): preview_strays() reads storage.objects.\n")
+for name in ['_inventory_problem', 'preview_strays']:
+    out.append(fn('strays', name, replace=False))
 out.append("""-- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
     orphan_cleanup._pause_point(text),
@@ -414,7 +419,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup._still_stored(bigint[]),
-    orphan_cleanup.sent_by_reaper(text, interval)
+    orphan_cleanup.sent_by_reaper(text, interval),
+    orphan_cleanup._inventory_problem(),
+    orphan_cleanup.preview_strays(interval, integer)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

@@ -26,7 +26,8 @@ BEGIN
 END
 $probe$;
 
--- _config() returns the new setting cycle_time_budget too (Rust; its row type changes).
+-- _config() returns the new settings cycle_time_budget and stray_min_age too (Rust; its row
+-- type changes).
 -- _breaker_settings() (a SQL-standard body, which depends on it) goes first and comes back below.
 DROP FUNCTION orphan_cleanup._breaker_settings();
 DROP FUNCTION orphan_cleanup._config();
@@ -53,7 +54,8 @@ CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
 	"breaker_min_rows" INT,
 	"breaker_max_fraction" double precision,
 	"retry_backoff_s" INT,
-	"cycle_time_budget_ms" INT
+	"cycle_time_budget_ms" INT,
+	"stray_min_age_s" INT
 )
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c
@@ -3522,6 +3524,65 @@ END
 $reindex$;
 
 
+-- Stray objects (issue 15): preview_strays() reads storage.objects.
+
+CREATE FUNCTION orphan_cleanup._inventory_problem() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN CASE
+    WHEN to_regclass('storage.objects') IS NULL THEN
+        'this database has no storage.objects table, the inventory Supabase Storage keeps of every object (hosted and self-hosted Supabase keep it in the project''s database: connect to that one)'
+    WHEN NOT has_table_privilege('storage.objects', 'SELECT') THEN
+        format('%s, the role pg_orphan_cleanup''s functions run as, cannot read storage.objects (fix: GRANT SELECT ON storage.objects TO %I)', current_user, current_user)
+    WHEN row_security_active('storage.objects') THEN
+        format('row-level security on storage.objects applies to %s, the role pg_orphan_cleanup''s functions run as: it would see only the objects its policies let through (fix, as a superuser: ALTER ROLE %I BYPASSRLS)', current_user, current_user)
+END;
+
+CREATE FUNCTION orphan_cleanup.preview_strays(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
+RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz, age interval)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    t record;
+    cfg record;
+    v_problem text;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be at least 1, got %', max_rows USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF min_age < interval '0' THEN
+        RAISE EXCEPTION 'min_age must not be negative, got %', min_age USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_problem := orphan_cleanup._inventory_problem();
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'preview_strays() cannot read the objects in storage: %', v_problem
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    t := orphan_cleanup._tables();
+    v_problem := orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column, with_scan => false);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'preview_strays() refused: %', v_problem
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    RETURN QUERY EXECUTE format($sql$
+        SELECT o.bucket_id::text, o.name::text, (o.metadata ->> 'size')::bigint, o.created_at,
+               date_trunc('second', now() - o.created_at)
+        FROM storage.objects AS o
+        CROSS JOIN LATERAL orphan_cleanup.check_output_url(o.bucket_id || '/' || o.name) AS u
+        WHERE o.created_at < now() - $1
+          AND u.error IS NULL AND u.bucket = o.bucket_id AND u.object_path = o.name
+          AND NOT EXISTS (SELECT 1 FROM %s AS j
+                          WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[o.bucket_id || '/' || o.name])
+          AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
+                          WHERE d.bucket = o.bucket_id AND d.object_path = o.name
+                            AND d.state IN ('pending', 'claimed', 'dead'))
+        ORDER BY o.created_at, o.bucket_id, o.name
+        LIMIT $2
+        $sql$, t.jobs_oid::regclass)
+    USING coalesce(min_age, make_interval(secs => cfg.stray_min_age_s)), max_rows;
+END
+$$;
+
 -- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
     orphan_cleanup._pause_point(text),
@@ -3579,7 +3640,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._keep_jobs(orphan_cleanup.attachment, bigint[], uuid[], text),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup._still_stored(bigint[]),
-    orphan_cleanup.sent_by_reaper(text, interval)
+    orphan_cleanup.sent_by_reaper(text, interval),
+    orphan_cleanup._inventory_problem(),
+    orphan_cleanup.preview_strays(interval, integer)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

@@ -33,6 +33,7 @@ fn _config() -> TableIterator<
         name!(breaker_max_fraction, f64),
         name!(retry_backoff_s, i32),
         name!(cycle_time_budget_ms, i32),
+        name!(stray_min_age_s, i32),
     ),
 > {
     TableIterator::once((
@@ -59,6 +60,7 @@ fn _config() -> TableIterator<
         guc::BREAKER_MAX_FRACTION.get(),
         guc::RETRY_BACKOFF.get(),
         guc::CYCLE_TIME_BUDGET.get(),
+        guc::STRAY_MIN_AGE.get(),
     ))
 }
 

@@ -38,6 +38,10 @@ pub static DRY_RUN: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
+/// Seconds. An object in storage younger than this is never a stray: a render service that
+/// uploads first writes the job row naming the file after (Iceberg's remove_orphan_files waits
+/// 3 days, Delta's VACUUM 7).
+pub static STRAY_MIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 pub static FULL_SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static BREAKER_FACTOR: GucSetting<f64> = GucSetting::<f64>::new(10.0);
 pub static BREAKER_MIN_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
@@ -300,6 +304,16 @@ pub fn init() {
         1.0,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"orphan_cleanup.stray_min_age",
+        c"How old an object in storage must be before it can count as a stray (named by no job).",
+        c"Covers a render service that uploads a file before it writes the job naming it. At least 1h; 7 days by default.",
+        &STRAY_MIN_AGE,
+        3600,
+        3650 * DAY,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_string_guc(
         c"orphan_cleanup.pause_points",

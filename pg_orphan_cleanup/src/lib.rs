@@ -56,6 +56,7 @@ extension_sql_file!(
     name = "reports",
     requires = ["breaker"]
 );
+extension_sql_file!("../sql/strays.sql", name = "strays", requires = ["reports"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
