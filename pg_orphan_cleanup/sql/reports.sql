@@ -542,7 +542,8 @@ RETURNS TABLE (pending bigint, ready bigint, claimed bigint, dead bigint, reject
                last_cycle_at timestamptz, last_cycle_status text, last_cycle_error text,
                health text, reaping_enabled boolean, attached boolean,
                reaper_alert text, reaper_alert_at timestamptz,
-               reapers integer, unserved bigint, refused_by_reapers bigint, misconfigured_reapers text)
+               reapers integer, unserved bigint, refused_by_reapers bigint, misconfigured_reapers text,
+               breaker_tripped boolean, refused_saves bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
@@ -555,7 +556,9 @@ BEGIN
            (SELECT g.reaping_enabled FROM orphan_cleanup._config() AS g),
            EXISTS (SELECT 1 FROM orphan_cleanup.attachment),
            r.alert, r.alert_at,
-           v.active, v.unserved, v.refused_last_hour, v.misconfigured
+           v.active, v.unserved, v.refused_last_hour, v.misconfigured,
+           EXISTS (SELECT 1 FROM orphan_cleanup.detector_state AS st WHERE st.breaker_tripped_at IS NOT NULL),
+           (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END FROM orphan_cleanup.refused_saves AS s)
     FROM (SELECT count(*) FILTER (WHERE q.state = 'pending') AS pending,
                  count(*) FILTER (WHERE q.state = 'pending' AND q.available_at <= now()) AS ready,
                  count(*) FILTER (WHERE q.state = 'claimed') AS claimed,

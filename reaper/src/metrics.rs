@@ -40,6 +40,14 @@ pub struct Metrics {
     pub unserved: Gauge,
     /// 1 while the database names this reaper as leaving rows to others or refusing rows.
     pub misconfigured: Gauge,
+    /// Dead-lettered rows in the queue (queue_status().dead): each waits for a DBA.
+    pub queue_dead: Gauge,
+    /// 1 while the circuit breaker stops cycles.
+    pub breaker_tripped: Gauge,
+    /// Saves the save guard refused since installation (the database's counter).
+    pub refused_saves: Gauge,
+    /// health() at its worst: 0 ok, 1 warning, 2 critical.
+    pub database_health: Gauge,
 }
 
 impl Metrics {
@@ -119,6 +127,30 @@ impl Metrics {
             "1 while the database names this reaper as leaving ready rows to other reapers or refusing rows",
             misconfigured.clone(),
         );
+        let queue_dead = Gauge::default();
+        registry.register(
+            "queue_dead",
+            "Dead-lettered rows in the deletion queue, each waiting for a DBA (requeue_dead() or cancel())",
+            queue_dead.clone(),
+        );
+        let breaker_tripped = Gauge::default();
+        registry.register(
+            "breaker_tripped",
+            "1 while the circuit breaker stops cleanup cycles (reset_breaker() lifts it)",
+            breaker_tripped.clone(),
+        );
+        let refused_saves = Gauge::default();
+        registry.register(
+            "refused_saves",
+            "Saves the save guard refused since installation (orphan_cleanup.refused_saves)",
+            refused_saves.clone(),
+        );
+        let database_health = Gauge::default();
+        registry.register(
+            "database_health",
+            "orphan_cleanup.health() at its worst: 0 ok, 1 warning, 2 critical",
+            database_health.clone(),
+        );
         Metrics {
             registry,
             objects,
@@ -134,6 +166,10 @@ impl Metrics {
             held_back,
             unserved,
             misconfigured,
+            queue_dead,
+            breaker_tripped,
+            refused_saves,
+            database_health,
         }
     }
 

@@ -664,7 +664,8 @@ impl Queue {
                 "SELECT pending, ready, claimed, dead, rejected, deleted, absent, oldest_pending::text,
                         last_cycle_at::text, last_cycle_status, last_cycle_error, health, reaping_enabled, attached,
                         reaper_alert, reaper_alert_at::text,
-                        reapers, unserved, refused_by_reapers, misconfigured_reapers
+                        reapers, unserved, refused_by_reapers, misconfigured_reapers,
+                        breaker_tripped, refused_saves
                  FROM orphan_cleanup.queue_status()",
                 &[],
             )
@@ -691,6 +692,8 @@ impl Queue {
             unserved: r.get(17),
             refused_by_reapers: r.get(18),
             misconfigured_reapers: r.get(19),
+            breaker_tripped: r.get(20),
+            refused_saves: r.get(21),
         })
     }
 }
@@ -920,6 +923,10 @@ pub struct Status {
     pub refused_by_reapers: i64,
     /// The reapers that left ready rows to others or refused rows, with their lists.
     pub misconfigured_reapers: Option<String>,
+    /// Whether the circuit breaker has stopped cycles.
+    pub breaker_tripped: bool,
+    /// Saves the save guard refused, ever (the refused_saves counter).
+    pub refused_saves: i64,
 }
 
 impl Status {

@@ -896,6 +896,18 @@ impl Reaper {
     fn watch_status(&self, status: &crate::queue::Status) {
         self.metrics.queue_depth.set(status.pending);
         self.metrics.unserved.set(status.unserved);
+        self.metrics.queue_dead.set(status.dead);
+        self.metrics
+            .breaker_tripped
+            .set(i64::from(status.breaker_tripped));
+        self.metrics.refused_saves.set(status.refused_saves);
+        self.metrics
+            .database_health
+            .set(match status.health.as_str() {
+                "ok" => 0,
+                "warning" => 1,
+                _ => 2,
+            });
         let named = status.names(&self.settings.worker_id);
         let was = self.metrics.misconfigured.get() == 1;
         self.metrics.misconfigured.set(i64::from(named));
