@@ -184,6 +184,8 @@ out.append("""-- Lease tokens: claim() returns one per claim (the queue keeps it
 -- 0.1.0 reaper holds now cannot be confirmed after this update and come back when their lease
 -- ends, still counted as handed out.
 ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN lease_hash bytea;
+-- The savings ledger: the bytes each deletion reclaimed.
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN bytes bigint;
 """)
 out.append(fn('queue','_lease_hash', replace=False))
 out.append(fn('queue','_needs_lease_token', replace=False))
@@ -390,7 +392,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),
     orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean, bigint),
-    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.confirm(text, text, bigint[], text, bigint[]),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
     orphan_cleanup.refuse(text, text, bigint[], text),
@@ -426,7 +428,7 @@ FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
     orphan_cleanup.refuse(text, bigint[], text),
-    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.confirm(text, text, bigint[], text, bigint[]),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
     orphan_cleanup.refuse(text, text, bigint[], text),

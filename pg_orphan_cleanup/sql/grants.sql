@@ -17,7 +17,7 @@ GRANT EXECUTE ON FUNCTION orphan_cleanup.job_ref_key(text) TO PUBLIC;
 GRANT USAGE ON SCHEMA orphan_cleanup TO orphan_cleanup_reaper;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
-    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.confirm(text, text, bigint[], text, bigint[]),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
     orphan_cleanup.refuse(text, text, bigint[], text),

@@ -823,6 +823,8 @@ $$;
 -- 0.1.0 reaper holds now cannot be confirmed after this update and come back when their lease
 -- ends, still counted as handed out.
 ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN lease_hash bytea;
+-- The savings ledger: the bytes each deletion reclaimed.
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN bytes bigint;
 
 CREATE FUNCTION orphan_cleanup._lease_hash(lease_token text) RETURNS bytea
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
@@ -1361,7 +1363,8 @@ BEGIN ATOMIC
     ORDER BY 1 DESC;
 END;
 
-CREATE FUNCTION orphan_cleanup.confirm(worker text, lease_token text, ids bigint[], outcome text)
+CREATE FUNCTION orphan_cleanup.confirm(worker text, lease_token text, ids bigint[], outcome text,
+                                       sizes bigint[] DEFAULT NULL)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -1379,11 +1382,17 @@ BEGIN
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF cardinality(sizes) <> cardinality(ids) OR 0 > ANY (sizes) THEN
+        RAISE EXCEPTION 'sizes must hold one size in bytes per id (NULL where unknown), got % for % ids', sizes, cardinality(ids)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     v_stored := orphan_cleanup._still_stored(ids);
     WITH mine AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL, lease_hash = NULL,
-               job_cleanup = 'pending'
+               job_cleanup = 'pending',
+               -- The savings ledger: what this deletion reclaimed, as storage's answer said.
+               bytes = CASE WHEN outcome = 'deleted' THEN sizes[array_position(ids, d.id)] END
          WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
            AND d.id <> ALL (v_stored)
         RETURNING d.id, d.job_id, d.output_url
@@ -3614,7 +3623,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),
     orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean, bigint),
-    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.confirm(text, text, bigint[], text, bigint[]),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
     orphan_cleanup.refuse(text, text, bigint[], text),
@@ -3650,7 +3659,7 @@ FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
     orphan_cleanup.refuse(text, bigint[], text),
-    orphan_cleanup.confirm(text, text, bigint[], text),
+    orphan_cleanup.confirm(text, text, bigint[], text, bigint[]),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
     orphan_cleanup.refuse(text, text, bigint[], text),

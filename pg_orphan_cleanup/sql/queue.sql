@@ -924,7 +924,8 @@ $$;
 -- storage.objects is in this database, a row whose object it still lists is not confirmed
 -- (result 'not confirmed: still in storage.objects ...'): the row stays claimed, for the reaper
 -- to give back, and its job row stays.
-CREATE FUNCTION orphan_cleanup.confirm(worker text, lease_token text, ids bigint[], outcome text)
+CREATE FUNCTION orphan_cleanup.confirm(worker text, lease_token text, ids bigint[], outcome text,
+                                       sizes bigint[] DEFAULT NULL)
 RETURNS TABLE (id bigint, result text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -942,11 +943,17 @@ BEGIN
     IF ids IS NULL THEN
         RAISE EXCEPTION 'ids must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF cardinality(sizes) <> cardinality(ids) OR 0 > ANY (sizes) THEN
+        RAISE EXCEPTION 'sizes must hold one size in bytes per id (NULL where unknown), got % for % ids', sizes, cardinality(ids)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     v_stored := orphan_cleanup._still_stored(ids);
     WITH mine AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL, lease_hash = NULL,
-               job_cleanup = 'pending'
+               job_cleanup = 'pending',
+               -- The savings ledger: what this deletion reclaimed, as storage's answer said.
+               bytes = CASE WHEN outcome = 'deleted' THEN sizes[array_position(ids, d.id)] END
          WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
            AND d.id <> ALL (v_stored)
         RETURNING d.id, d.job_id, d.output_url

@@ -115,7 +115,8 @@ CREATE TABLE orphan_cleanup.deletion_queue (
     enqueued_at  timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now(),
     finished_at  timestamptz,
-    lease_hash   bytea                   -- sha256 of the claim's lease token (never the token)
+    lease_hash   bytea,                  -- sha256 of the claim's lease token (never the token)
+    bytes        bigint                  -- deleted: the object's size, as storage's answer gave it
 );
 CREATE UNIQUE INDEX deletion_queue_one_live_row_per_job
     ON orphan_cleanup.deletion_queue (job_id) WHERE state IN ('pending', 'claimed');

@@ -1,6 +1,7 @@
 //! The deletion queue, through pg_orphan_cleanup's SQL API (`claim`, `confirm`, `fail`,
 //! `release`, `refuse`, `peek`, `queue_status`): the reaper's role may call nothing else.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -520,18 +521,24 @@ impl Queue {
         })
     }
 
-    /// Confirms rows as `deleted` or `absent`; returns each id with its result.
+    /// Confirms rows as `deleted` or `absent`; returns each id with its result. `sizes` gives
+    /// the bytes of the objects storage's answer said it deleted, for the savings ledger.
     pub async fn confirm(
         &self,
         lease: &LeaseToken,
         ids: &[i64],
         outcome: &str,
+        sizes: &HashMap<i64, u64>,
     ) -> Result<Vec<(i64, String)>, QueueError> {
+        let sizes: Vec<Option<i64>> = ids
+            .iter()
+            .map(|id| sizes.get(id).and_then(|&s| i64::try_from(s).ok()))
+            .collect();
         self.per_row(
-            "confirm($1, $2, $3, $4)",
+            "confirm($1, $2, $3, $4, $5)",
             lease,
             ids,
-            &[(&outcome, Type::TEXT)],
+            &[(&outcome, Type::TEXT), (&sizes, Type::INT8_ARRAY)],
         )
         .await
     }
@@ -747,14 +754,17 @@ impl Recorder<'_> {
         &'s self,
         ids: &'s [i64],
         outcome: &'s str,
+        sizes: &'s HashMap<i64, u64>,
     ) -> BoxFuture<'s, Result<Vec<(i64, String)>, QueueError>> {
         Box::pin(async move {
             if ids.len() <= 1 {
                 return self
-                    .retried("confirm()", || self.queue.confirm(self.lease, ids, outcome))
+                    .retried("confirm()", || {
+                        self.queue.confirm(self.lease, ids, outcome, sizes)
+                    })
                     .await;
             }
-            match self.queue.confirm(self.lease, ids, outcome).await {
+            match self.queue.confirm(self.lease, ids, outcome, sizes).await {
                 Err(e @ QueueError::Timeout(_))
                     if !self.queue.is_closed()
                         && std::time::Instant::now() + self.queue.timeout < self.until =>
@@ -762,13 +772,15 @@ impl Recorder<'_> {
                     (self.on_timeout)(&e);
                     tracing::warn!(error = %e, rows = ids.len(), "confirm() took longer than --db-timeout; confirming in halves");
                     let (a, b) = ids.split_at(ids.len() / 2);
-                    let mut results = self.confirm(a, outcome).await?;
-                    results.extend(self.confirm(b, outcome).await?);
+                    let mut results = self.confirm(a, outcome, sizes).await?;
+                    results.extend(self.confirm(b, outcome, sizes).await?);
                     Ok(results)
                 }
                 Err(QueueError::Conflict(_)) => {
-                    self.retried("confirm()", || self.queue.confirm(self.lease, ids, outcome))
-                        .await
+                    self.retried("confirm()", || {
+                        self.queue.confirm(self.lease, ids, outcome, sizes)
+                    })
+                    .await
                 }
                 result => result,
             }

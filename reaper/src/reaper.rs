@@ -810,8 +810,10 @@ impl Reaper {
         rec: &Recorder<'_>,
         out: &mut Outcomes,
     ) -> Result<Confirmed, QueueError> {
-        let deleted = rec.confirm(&out.deleted_ids, "deleted").await?;
-        let absent = rec.confirm(&out.absent_ids, "absent").await?;
+        let deleted = rec.confirm(&out.deleted_ids, "deleted", &out.sizes).await?;
+        let absent = rec
+            .confirm(&out.absent_ids, "absent", &HashMap::new())
+            .await?;
         let confirmed = |r: &[(i64, String)]| r.iter().filter(|(_, r)| r == "confirmed").count();
         let (n_deleted, n_absent) = (confirmed(&deleted), confirmed(&absent));
         let mut results = deleted;

@@ -31,6 +31,8 @@ pub(super) struct Outcomes {
     /// Failed for good, by error: dead-lettered at once.
     pub dead: HashMap<String, Vec<i64>>,
     pub bytes: u64,
+    /// The size storage's answer gave each deleted row's object, for the savings ledger.
+    pub sizes: HashMap<i64, u64>,
     /// Whether any request got a usable answer.
     pub answered: bool,
     pub trouble: Trouble,
@@ -58,6 +60,9 @@ impl Outcomes {
                         match d.names.get(name) {
                             Some(size) => {
                                 out.bytes += size.unwrap_or(0);
+                                if let Some(size) = size {
+                                    out.sizes.insert(row.id, *size);
+                                }
                                 out.deleted_ids.push(row.id);
                             }
                             None => out.absent_ids.push(row.id),
