@@ -65,8 +65,8 @@ BEGIN
 END
 $probe$;
 
--- _config() returns the new settings cycle_time_budget and stray_min_age too (Rust; its row
--- type changes).
+-- _config() returns the new settings cycle_time_budget, stray_min_age and
+-- storage_price_per_gb_month too (Rust; its row type changes).
 -- _breaker_settings() (a SQL-standard body, which depends on it) goes first and comes back below.
 DROP FUNCTION orphan_cleanup._breaker_settings();
 DROP FUNCTION orphan_cleanup._config();
@@ -94,7 +94,8 @@ CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
 	"breaker_max_fraction" double precision,
 	"retry_backoff_s" INT,
 	"cycle_time_budget_ms" INT,
-	"stray_min_age_s" INT
+	"stray_min_age_s" INT,
+	"storage_price_per_gb_month" double precision
 )
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c
@@ -361,6 +362,12 @@ out.append(reindex("""-- object_key() now reads a URL the strict parser refuses 
                                    WHERE j.output_url IS NOT NULL AND p.error IS NOT NULL
                                      AND orphan_cleanup.object_key(j.output_url) IS NOT NULL)'""",
     "object_key", "object_key() now names the object of URLs the strict parser refuses"))
+out.append("\n-- The savings ledger (issue 15).\n")
+out.append(section('schema', "CREATE TABLE orphan_cleanup.savings_ledger (", "PRIMARY KEY (day, kind)\n);"))
+out.append("""SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.savings_ledger', '');
+REVOKE ALL ON orphan_cleanup.savings_ledger FROM PUBLIC;
+""")
+out.append(fn('reports', 'savings_report', replace=False))
 out.append("-- Stray objects (issue 15): preview_strays() reads storage.objects.\n")
 for name in ['_inventory_problem', 'preview_strays']:
     out.append(fn('strays', name, replace=False))
@@ -423,7 +430,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._still_stored(bigint[]),
     orphan_cleanup.sent_by_reaper(text, interval),
     orphan_cleanup._inventory_problem(),
-    orphan_cleanup.preview_strays(interval, integer)
+    orphan_cleanup.preview_strays(interval, integer),
+    orphan_cleanup.savings_report(text, integer)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

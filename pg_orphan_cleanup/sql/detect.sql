@@ -861,11 +861,26 @@ BEGIN
     IF (SELECT d.finished_at FROM orphan_cleanup.deletion_queue AS d
         WHERE d.state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
         ORDER BY d.finished_at LIMIT 1) < now() - retention THEN
-        DELETE FROM orphan_cleanup.deletion_queue
-        WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
-                     WHERE finished_at < now() - retention
-                       AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
-                     ORDER BY finished_at LIMIT 10000);
+        -- What the pruned rows said goes into the savings ledger first, in the same statement.
+        WITH gone AS (
+            DELETE FROM orphan_cleanup.deletion_queue
+            WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
+                         WHERE finished_at < now() - retention
+                           AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
+                         ORDER BY finished_at LIMIT 10000)
+            RETURNING enqueued_at, finished_at, state, bytes)
+        INSERT INTO orphan_cleanup.savings_ledger AS l (day, kind, found, found_bytes, deleted, deleted_bytes)
+        SELECT x.day, 'orphan', sum(x.found), sum(x.found_bytes), sum(x.deleted), sum(x.deleted_bytes)
+        FROM (SELECT (g.enqueued_at AT TIME ZONE 'UTC')::date AS day, 1 AS found,
+                     coalesce(g.bytes, 0) AS found_bytes, 0 AS deleted, 0 AS deleted_bytes
+              FROM gone AS g
+              UNION ALL
+              SELECT (g.finished_at AT TIME ZONE 'UTC')::date, 0, 0, 1, coalesce(g.bytes, 0)
+              FROM gone AS g WHERE g.state = 'deleted') AS x
+        GROUP BY x.day
+        ON CONFLICT (day, kind) DO UPDATE
+            SET found = l.found + EXCLUDED.found, found_bytes = l.found_bytes + EXCLUDED.found_bytes,
+                deleted = l.deleted + EXCLUDED.deleted, deleted_bytes = l.deleted_bytes + EXCLUDED.deleted_bytes;
     END IF;
     IF (SELECT a.at FROM orphan_cleanup.audit_log AS a ORDER BY a.at LIMIT 1) < now() - retention THEN
         DELETE FROM orphan_cleanup.audit_log

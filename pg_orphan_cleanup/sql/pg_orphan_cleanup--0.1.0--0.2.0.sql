@@ -26,8 +26,8 @@ BEGIN
 END
 $probe$;
 
--- _config() returns the new settings cycle_time_budget and stray_min_age too (Rust; its row
--- type changes).
+-- _config() returns the new settings cycle_time_budget, stray_min_age and
+-- storage_price_per_gb_month too (Rust; its row type changes).
 -- _breaker_settings() (a SQL-standard body, which depends on it) goes first and comes back below.
 DROP FUNCTION orphan_cleanup._breaker_settings();
 DROP FUNCTION orphan_cleanup._config();
@@ -55,7 +55,8 @@ CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
 	"breaker_max_fraction" double precision,
 	"retry_backoff_s" INT,
 	"cycle_time_budget_ms" INT,
-	"stray_min_age_s" INT
+	"stray_min_age_s" INT,
+	"storage_price_per_gb_month" double precision
 )
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c
@@ -687,11 +688,26 @@ BEGIN
     IF (SELECT d.finished_at FROM orphan_cleanup.deletion_queue AS d
         WHERE d.state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
         ORDER BY d.finished_at LIMIT 1) < now() - retention THEN
-        DELETE FROM orphan_cleanup.deletion_queue
-        WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
-                     WHERE finished_at < now() - retention
-                       AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
-                     ORDER BY finished_at LIMIT 10000);
+        -- What the pruned rows said goes into the savings ledger first, in the same statement.
+        WITH gone AS (
+            DELETE FROM orphan_cleanup.deletion_queue
+            WHERE id IN (SELECT id FROM orphan_cleanup.deletion_queue
+                         WHERE finished_at < now() - retention
+                           AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
+                         ORDER BY finished_at LIMIT 10000)
+            RETURNING enqueued_at, finished_at, state, bytes)
+        INSERT INTO orphan_cleanup.savings_ledger AS l (day, kind, found, found_bytes, deleted, deleted_bytes)
+        SELECT x.day, 'orphan', sum(x.found), sum(x.found_bytes), sum(x.deleted), sum(x.deleted_bytes)
+        FROM (SELECT (g.enqueued_at AT TIME ZONE 'UTC')::date AS day, 1 AS found,
+                     coalesce(g.bytes, 0) AS found_bytes, 0 AS deleted, 0 AS deleted_bytes
+              FROM gone AS g
+              UNION ALL
+              SELECT (g.finished_at AT TIME ZONE 'UTC')::date, 0, 0, 1, coalesce(g.bytes, 0)
+              FROM gone AS g WHERE g.state = 'deleted') AS x
+        GROUP BY x.day
+        ON CONFLICT (day, kind) DO UPDATE
+            SET found = l.found + EXCLUDED.found, found_bytes = l.found_bytes + EXCLUDED.found_bytes,
+                deleted = l.deleted + EXCLUDED.deleted, deleted_bytes = l.deleted_bytes + EXCLUDED.deleted_bytes;
     END IF;
     IF (SELECT a.at FROM orphan_cleanup.audit_log AS a ORDER BY a.at LIMIT 1) < now() - retention THEN
         DELETE FROM orphan_cleanup.audit_log
@@ -3536,6 +3552,83 @@ END
 $reindex$;
 
 
+
+-- The savings ledger (issue 15).
+
+CREATE TABLE orphan_cleanup.savings_ledger (
+    day           date NOT NULL,
+    kind          text NOT NULL CHECK (kind IN ('orphan', 'stray')),
+    found         bigint NOT NULL DEFAULT 0,
+    found_bytes   bigint NOT NULL DEFAULT 0,
+    deleted       bigint NOT NULL DEFAULT 0,
+    deleted_bytes bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, kind)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.savings_ledger', '');
+REVOKE ALL ON orphan_cleanup.savings_ledger FROM PUBLIC;
+
+CREATE FUNCTION orphan_cleanup.savings_report(period text DEFAULT 'week', periods integer DEFAULT 8)
+RETURNS TABLE (period_start date, objects_reclaimed bigint, bytes_reclaimed numeric, orphans_found bigint,
+               leak_bytes_per_day numeric, bytes_still_queued numeric, monthly_saving numeric)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_price float8 := (SELECT c.storage_price_per_gb_month FROM orphan_cleanup._config() AS c);
+    v_unit interval;
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+    v_first date;
+    v_since timestamptz;
+    v_queued numeric;
+BEGIN
+    IF period IS NULL OR period NOT IN ('day', 'week') THEN
+        RAISE EXCEPTION 'period must be ''day'' or ''week'', got %', coalesce(quote_literal(period), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF periods IS NULL OR periods < 1 OR periods > 3660 THEN
+        RAISE EXCEPTION 'periods must be between 1 and 3660, got %', coalesce(periods::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_unit := CASE period WHEN 'day' THEN interval '1 day' ELSE interval '7 days' END;
+    v_first := (date_trunc(period, v_today::timestamp) - v_unit * (periods - 1))::date;
+    v_since := v_first::timestamp AT TIME ZONE 'UTC';
+    IF orphan_cleanup._inventory_problem() IS NULL THEN
+        EXECUTE $sql$
+            SELECT sum((o.metadata ->> 'size')::bigint)
+            FROM orphan_cleanup.deletion_queue AS d
+            JOIN storage.objects AS o ON o.bucket_id = d.bucket AND o.name = d.object_path
+            WHERE d.state IN ('pending', 'claimed', 'dead')
+            $sql$ INTO v_queued;
+        v_queued := coalesce(v_queued, 0);
+    END IF;
+    RETURN QUERY
+    WITH days AS (
+        SELECT l.day, l.found, l.found_bytes, l.deleted, l.deleted_bytes
+        FROM orphan_cleanup.savings_ledger AS l WHERE l.day >= v_first
+        UNION ALL
+        SELECT (d.enqueued_at AT TIME ZONE 'UTC')::date, 1, coalesce(d.bytes, 0), 0, 0
+        FROM orphan_cleanup.deletion_queue AS d WHERE d.enqueued_at >= v_since
+        UNION ALL
+        SELECT (d.finished_at AT TIME ZONE 'UTC')::date, 0, 0, 1, coalesce(d.bytes, 0)
+        FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'deleted' AND d.finished_at >= v_since
+    ), p AS (
+        SELECT g::date AS start FROM generate_series(v_first::timestamp, v_today::timestamp, v_unit) AS g
+    )
+    SELECT p.start,
+           coalesce(sum(x.deleted), 0)::bigint,
+           coalesce(sum(x.deleted_bytes), 0)::numeric,
+           coalesce(sum(x.found), 0)::bigint,
+           round(coalesce(sum(x.found_bytes), 0)::numeric
+                 / LEAST(extract(day FROM v_unit)::int, v_today - p.start + 1), 1),
+           CASE WHEN p.start + v_unit > v_today THEN v_queued END,
+           round(coalesce(sum(x.deleted_bytes), 0)::numeric / 1073741824 * v_price::numeric, 2)
+    FROM p
+    LEFT JOIN days AS x ON x.day >= p.start AND x.day < p.start + v_unit
+    GROUP BY p.start
+    ORDER BY p.start;
+END
+$$;
+
 -- Stray objects (issue 15): preview_strays() reads storage.objects.
 
 CREATE FUNCTION orphan_cleanup._inventory_problem() RETURNS text
@@ -3654,7 +3747,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._still_stored(bigint[]),
     orphan_cleanup.sent_by_reaper(text, interval),
     orphan_cleanup._inventory_problem(),
-    orphan_cleanup.preview_strays(interval, integer)
+    orphan_cleanup.preview_strays(interval, integer),
+    orphan_cleanup.savings_report(text, integer)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

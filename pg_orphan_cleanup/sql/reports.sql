@@ -149,6 +149,78 @@ BEGIN
 END
 $$;
 
+-- The savings report (issue 15): per UTC day or week, what cleanup reclaimed and what it found,
+-- from the queue and, for rows history_retention has pruned, the savings ledger, so a report
+-- reads the same before and after a prune.
+--   objects_reclaimed, bytes_reclaimed: deleted in the period (bytes as storage's answer gave them);
+--   orphans_found: queued in the period;
+--   leak_bytes_per_day: the bytes of the orphans queued in the period (an object's size is known
+--     once it is deleted), per day of the period so far;
+--   monthly_saving: what the period's reclaimed bytes would cost per month at
+--     orphan_cleanup.storage_price_per_gb_month (a GB being 2^30 bytes), in dollars;
+--   bytes_still_queued, in the current period only: the size of the objects the queue still
+--     holds (pending, claimed, dead), where storage.objects is in this database.
+CREATE FUNCTION orphan_cleanup.savings_report(period text DEFAULT 'week', periods integer DEFAULT 8)
+RETURNS TABLE (period_start date, objects_reclaimed bigint, bytes_reclaimed numeric, orphans_found bigint,
+               leak_bytes_per_day numeric, bytes_still_queued numeric, monthly_saving numeric)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    v_price float8 := (SELECT c.storage_price_per_gb_month FROM orphan_cleanup._config() AS c);
+    v_unit interval;
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+    v_first date;
+    v_since timestamptz;
+    v_queued numeric;
+BEGIN
+    IF period IS NULL OR period NOT IN ('day', 'week') THEN
+        RAISE EXCEPTION 'period must be ''day'' or ''week'', got %', coalesce(quote_literal(period), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF periods IS NULL OR periods < 1 OR periods > 3660 THEN
+        RAISE EXCEPTION 'periods must be between 1 and 3660, got %', coalesce(periods::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_unit := CASE period WHEN 'day' THEN interval '1 day' ELSE interval '7 days' END;
+    v_first := (date_trunc(period, v_today::timestamp) - v_unit * (periods - 1))::date;
+    v_since := v_first::timestamp AT TIME ZONE 'UTC';
+    IF orphan_cleanup._inventory_problem() IS NULL THEN
+        EXECUTE $sql$
+            SELECT sum((o.metadata ->> 'size')::bigint)
+            FROM orphan_cleanup.deletion_queue AS d
+            JOIN storage.objects AS o ON o.bucket_id = d.bucket AND o.name = d.object_path
+            WHERE d.state IN ('pending', 'claimed', 'dead')
+            $sql$ INTO v_queued;
+        v_queued := coalesce(v_queued, 0);
+    END IF;
+    RETURN QUERY
+    WITH days AS (
+        SELECT l.day, l.found, l.found_bytes, l.deleted, l.deleted_bytes
+        FROM orphan_cleanup.savings_ledger AS l WHERE l.day >= v_first
+        UNION ALL
+        SELECT (d.enqueued_at AT TIME ZONE 'UTC')::date, 1, coalesce(d.bytes, 0), 0, 0
+        FROM orphan_cleanup.deletion_queue AS d WHERE d.enqueued_at >= v_since
+        UNION ALL
+        SELECT (d.finished_at AT TIME ZONE 'UTC')::date, 0, 0, 1, coalesce(d.bytes, 0)
+        FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'deleted' AND d.finished_at >= v_since
+    ), p AS (
+        SELECT g::date AS start FROM generate_series(v_first::timestamp, v_today::timestamp, v_unit) AS g
+    )
+    SELECT p.start,
+           coalesce(sum(x.deleted), 0)::bigint,
+           coalesce(sum(x.deleted_bytes), 0)::numeric,
+           coalesce(sum(x.found), 0)::bigint,
+           round(coalesce(sum(x.found_bytes), 0)::numeric
+                 / LEAST(extract(day FROM v_unit)::int, v_today - p.start + 1), 1),
+           CASE WHEN p.start + v_unit > v_today THEN v_queued END,
+           round(coalesce(sum(x.deleted_bytes), 0)::numeric / 1073741824 * v_price::numeric, 2)
+    FROM p
+    LEFT JOIN days AS x ON x.day >= p.start AND x.day < p.start + v_unit
+    GROUP BY p.start
+    ORDER BY p.start;
+END
+$$;
+
 -- What _reaper_coverage() finds, passed on to _health() so that queue_status() reads the ready
 -- rows once, not once for its own columns and again inside health().
 CREATE TYPE orphan_cleanup.reaper_coverage AS (

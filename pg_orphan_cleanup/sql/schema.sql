@@ -218,6 +218,21 @@ CREATE TABLE orphan_cleanup.job_fences (
 );
 CREATE INDEX job_fences_touched_at ON orphan_cleanup.job_fences (touched_at);
 
+-- The savings ledger: what queue rows said, per UTC day, once history_retention has pruned
+-- them (savings_report() reads this and the rows still in the queue, so a report is the same
+-- before and after a prune). `found` and `found_bytes` by the day a row was queued (the bytes of
+-- the ones later deleted: an object's size is known once storage deletes it), `deleted` and
+-- `deleted_bytes` by the day it was deleted.
+CREATE TABLE orphan_cleanup.savings_ledger (
+    day           date NOT NULL,
+    kind          text NOT NULL CHECK (kind IN ('orphan', 'stray')),
+    found         bigint NOT NULL DEFAULT 0,
+    found_bytes   bigint NOT NULL DEFAULT 0,
+    deleted       bigint NOT NULL DEFAULT 0,
+    deleted_bytes bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, kind)
+);
+
 -- Counts saves refused by the save guard. A refused save rolls its transaction back, audit row
 -- included; a sequence is not transactional, so the count survives.
 CREATE SEQUENCE orphan_cleanup.refused_saves;
@@ -237,6 +252,7 @@ SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reapers', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.refusals', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.objects', '');
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_fences', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.savings_ledger', '');
 
 -- Whether a comma-separated list setting names nothing: '', ' ' and ' , ' all read as empty,
 -- as the URL parser reads the allow-lists (a raw = '' test let ' ' through).

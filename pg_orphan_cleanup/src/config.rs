@@ -34,6 +34,7 @@ fn _config() -> TableIterator<
         name!(retry_backoff_s, i32),
         name!(cycle_time_budget_ms, i32),
         name!(stray_min_age_s, i32),
+        name!(storage_price_per_gb_month, f64),
     ),
 > {
     TableIterator::once((
@@ -61,6 +62,7 @@ fn _config() -> TableIterator<
         guc::RETRY_BACKOFF.get(),
         guc::CYCLE_TIME_BUDGET.get(),
         guc::STRAY_MIN_AGE.get(),
+        guc::STORAGE_PRICE_PER_GB_MONTH.get(),
     ))
 }
 

@@ -42,6 +42,9 @@ pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_4
 /// uploads first writes the job row naming the file after (Iceberg's remove_orphan_files waits
 /// 3 days, Delta's VACUUM 7).
 pub static STRAY_MIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// Dollars per GB-month of storage, for savings_report()'s projected saving: Supabase's
+/// published price past the plan's included storage (https://supabase.com/pricing).
+pub static STORAGE_PRICE_PER_GB_MONTH: GucSetting<f64> = GucSetting::<f64>::new(0.021);
 pub static FULL_SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static BREAKER_FACTOR: GucSetting<f64> = GucSetting::<f64>::new(10.0);
 pub static BREAKER_MIN_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
@@ -314,6 +317,16 @@ pub fn init() {
         3650 * DAY,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_float_guc(
+        c"orphan_cleanup.storage_price_per_gb_month",
+        c"Storage price in dollars per GB per month, for the projected saving in savings_report().",
+        c"Supabase's published price past the plan's included storage is 0.021 (supabase.com/pricing).",
+        &STORAGE_PRICE_PER_GB_MONTH,
+        0.0,
+        1000.0,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"orphan_cleanup.pause_points",

@@ -142,3 +142,119 @@ fn confirm_refuses_sizes_that_do_not_fit_the_ids() {
         .collect();
     assert_eq!(bytes, vec![Some(7), None]);
 }
+
+type Report = Vec<(String, i64, i64, i64, Option<String>, String)>;
+
+fn report(c: &mut postgres::Client, period: &str, periods: i32) -> Report {
+    c.query(
+        "SELECT period_start::text, objects_reclaimed, bytes_reclaimed::bigint, orphans_found,
+                bytes_still_queued::text, monthly_saving::text
+         FROM orphan_cleanup.savings_report($1, $2)",
+        &[&period, &periods],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+    .collect()
+}
+
+/// savings_report() per day and per week: objects and bytes reclaimed by the day they were
+/// deleted, orphans found by the day they were queued, the projected monthly saving at
+/// storage_price_per_gb_month; and the same figures after history_retention has pruned the
+/// queue rows they came from (the ledger keeps them).
+#[test]
+fn the_savings_report_adds_up_and_outlives_the_pruning_of_its_rows() {
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("storage_price_per_gb_month", "0.5"),
+    ]);
+    let db = TestDb::attached("savings_report");
+    let mut c = db.client();
+    for i in 0..6 {
+        job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", &format!("r/{i}.png"))),
+            "2 hours",
+            "r",
+        );
+    }
+    assert_eq!(cycle(&mut c).2, 6);
+    let held = claim(&mut c, "w1", 10);
+    // Four deleted (1 GiB, 1 GiB, 512 MiB and an unknown size), one absent, one still queued
+    // at the end (given back).
+    let gib: i64 = 1 << 30;
+    c.query(
+        "SELECT * FROM orphan_cleanup.confirm('w1', $1, ($2::bigint[])[1:4], 'deleted', $3::text::bigint[])",
+        &[&held.lease, &held.ids, &format!("{{{gib},{gib},{},NULL}}", gib / 2)],
+    )
+    .unwrap();
+    c.query(
+        "SELECT * FROM orphan_cleanup.confirm('w1', $1, ($2::bigint[])[5:5], 'absent')",
+        &[&held.lease, &held.ids],
+    )
+    .unwrap();
+    c.query(
+        "SELECT orphan_cleanup.release('w1', $1, ($2::bigint[])[6:6], NULL, true)",
+        &[&held.lease, &held.ids],
+    )
+    .unwrap();
+    // Spread over time: two deletions and their queueing ten days ago, the others today.
+    c.execute(
+        "UPDATE orphan_cleanup.deletion_queue
+            SET enqueued_at = enqueued_at - interval '10 days', finished_at = finished_at - interval '10 days'
+          WHERE id = ANY (($1::bigint[])[1:2])",
+        &[&held.ids],
+    )
+    .unwrap();
+
+    let days = report(&mut c, "day", 12);
+    assert_eq!(days.len(), 12);
+    let ten_days_ago = &days[1];
+    let today = &days[11];
+    assert_eq!(
+        (ten_days_ago.1, ten_days_ago.2, ten_days_ago.3),
+        (2, 2 * gib, 2)
+    );
+    assert_eq!(ten_days_ago.5, "1.00", "2 GiB at $0.50 per GB-month");
+    assert_eq!(
+        (today.1, today.2, today.3),
+        (2, gib / 2, 4),
+        "two deleted today (one of unknown size), four queued today"
+    );
+    assert_eq!(today.5, "0.25");
+    assert_eq!(
+        today.4, None,
+        "no storage.objects here: the queued bytes are unknown"
+    );
+    assert!(days[2..11].iter().all(|d| (d.1, d.2, d.3) == (0, 0, 0)));
+    let weeks = report(&mut c, "week", 3);
+    assert_eq!(weeks.iter().map(|w| w.1).sum::<i64>(), 4);
+    assert_eq!(weeks.iter().map(|w| w.2).sum::<i64>(), 2 * gib + gib / 2);
+    assert_eq!(weeks.iter().map(|w| w.3).sum::<i64>(), 6);
+
+    // history_retention prunes the rows finished ten days ago: the report does not change.
+    c.batch_execute("SELECT orphan_cleanup._prune(interval '5 days')")
+        .unwrap();
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 4, "the two old rows were pruned");
+    assert_eq!(report(&mut c, "day", 12), days);
+    assert_eq!(report(&mut c, "week", 3), weeks);
+
+    for (period, periods, says) in [
+        ("month", 3, "period must be 'day' or 'week'"),
+        ("day", 0, "periods must be between 1 and 3660"),
+    ] {
+        let e = c
+            .query(
+                "SELECT * FROM orphan_cleanup.savings_report($1, $2)",
+                &[&period, &periods],
+            )
+            .unwrap_err();
+        assert!(db_error(&e).contains(says), "{}", db_error(&e));
+    }
+}
