@@ -78,7 +78,7 @@ DECLARE
     b int;
     len int;
     c text;
-    out_ text := '';
+    out_ text[] := '{}';
 BEGIN
     IF whole IS NOT NULL THEN
         RETURN whole;
@@ -99,7 +99,7 @@ BEGIN
             i := i + len;
         END IF;
     END LOOP;
-    RETURN out_;
+    RETURN pg_catalog.array_to_string(out_, '');
 END
 $$;
 
@@ -107,23 +107,16 @@ $$;
 -- character its bytes spell in UTF-8 is decoded (_decode_run); everything else stays as written.
 CREATE FUNCTION orphan_cleanup._decode_once(s text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
-DECLARE
-    out_ text := '';
-    rest text := s;
-    run text;
-    at_ int;
 BEGIN
     IF pg_catalog.strpos(s, '%') = 0 THEN
         RETURN s;
     END IF;
-    LOOP
-        run := substring(rest FROM '(?:%[0-9A-Fa-f]{2})+');
-        EXIT WHEN run IS NULL;
-        at_ := pg_catalog.strpos(rest, run);
-        out_ := out_ || pg_catalog.left(rest, at_ - 1) || orphan_cleanup._decode_run(run);
-        rest := pg_catalog.substr(rest, at_ + pg_catalog.length(run));
-    END LOOP;
-    RETURN out_ || rest;
+    -- One pass over the text, a run of escapes or a stretch without any at a time (the tenth
+    -- review: cutting the rest of the text after each run made a value with many runs take
+    -- seconds).
+    RETURN (SELECT pg_catalog.string_agg(CASE WHEN t.m[1] IS NOT NULL THEN orphan_cleanup._decode_run(t.m[1])
+                                              ELSE t.m[2] END, '' ORDER BY t.n)
+            FROM pg_catalog.regexp_matches(s, '((?:%[0-9A-Fa-f]{2})+)|([^%]+|%)', 'g') WITH ORDINALITY AS t(m, n));
 END
 $$;
 
@@ -551,35 +544,36 @@ $$;
 -- of punctuation or space ('\u002B', '\u0026'). Letters, digits and '%' stay as written.
 CREATE FUNCTION orphan_cleanup._unescape_json(value text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
+BEGIN
+    IF pg_catalog.strpos(value, '\') = 0 THEN
+        RETURN value;
+    END IF;
+    -- One pass over the text, an escape or a stretch without any at a time (the tenth review:
+    -- cutting the rest of the text after each backslash made a value with many take seconds).
+    RETURN (SELECT pg_catalog.string_agg(orphan_cleanup._unescaped(t.m[1]), '' ORDER BY t.n)
+            FROM pg_catalog.regexp_matches(value, '(\\u00[0-9A-Fa-f]{2}|\\.|\\|[^\\]+)', 'g') WITH ORDINALITY AS t(m, n));
+END
+$$;
+
+-- One piece of _unescape_json()'s pass: a JSON escape it takes off, as the character it stands
+-- for; anything else as it is.
+CREATE FUNCTION orphan_cleanup._unescaped(piece text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
-    out_ text := '';
-    rest text := value;
-    i int;
-    t text;
     c int;
 BEGIN
-    LOOP
-        i := pg_catalog.strpos(rest, '\');
-        EXIT WHEN i = 0;
-        out_ := out_ || pg_catalog.substr(rest, 1, i - 1);
-        t := pg_catalog.substr(rest, i, 6);
-        IF pg_catalog.substr(t, 2, 1) IN ('/', '\', '"', 'n', 'r', 't', 'b', 'f') THEN
-            out_ := out_ || pg_catalog.translate(pg_catalog.substr(t, 2, 1), 'nrtbf', E'\n\r\t\b\f');
-            rest := pg_catalog.substr(rest, i + 2);
-            CONTINUE;
-        END IF;
-        IF t ~ '^\\u00[0-9A-Fa-f]{2}$' THEN
-            c := ('x' || pg_catalog.substr(t, 5, 2))::bit(8)::int;
-            IF c = 32 OR (c BETWEEN 33 AND 126 AND pg_catalog.chr(c) !~ '[A-Za-z0-9%]') THEN
-                out_ := out_ || pg_catalog.chr(c);
-                rest := pg_catalog.substr(rest, i + 6);
-                CONTINUE;
-            END IF;
-        END IF;
-        out_ := out_ || '\';
-        rest := pg_catalog.substr(rest, i + 1);
-    END LOOP;
-    RETURN out_ || rest;
+    IF pg_catalog.left(piece, 1) <> '\' OR pg_catalog.length(piece) = 1 THEN
+        RETURN piece;
+    ELSIF pg_catalog.length(piece) = 2 THEN
+        RETURN CASE WHEN pg_catalog.substr(piece, 2, 1) IN ('/', '\', '"', 'n', 'r', 't', 'b', 'f')
+                    THEN pg_catalog.translate(pg_catalog.substr(piece, 2, 1), 'nrtbf', E'\n\r\t\b\f')
+                    ELSE piece END;
+    END IF;
+    c := ('x' || pg_catalog.substr(piece, 5, 2))::bit(8)::int;
+    IF c = 32 OR (c BETWEEN 33 AND 126 AND pg_catalog.chr(c) !~ '[A-Za-z0-9%]') THEN
+        RETURN pg_catalog.chr(c);
+    END IF;
+    RETURN piece;
 END
 $$;
 

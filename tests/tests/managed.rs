@@ -45,6 +45,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_routes_in",
     "_markers",
     "_decode_run",
+    "_unescaped",
     "_dots_resolved",
     "_canonical_url",
     "_after_authority",
