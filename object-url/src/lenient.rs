@@ -41,16 +41,21 @@ pub fn protected_key(raw: &str) -> Option<String> {
 /// written and of the value without the tabs and newlines a browser deletes from a URL.
 pub fn protected_keys(raw: &str) -> Vec<String> {
     let mut keys = readings(raw);
-    let stripped: String = raw
-        .chars()
-        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
-        .collect();
+    let stripped = browser_stripped(raw);
     if stripped != raw {
         keys.extend(readings(&stripped));
     }
     keys.sort();
     keys.dedup();
     keys
+}
+
+/// `raw` without the tabs and newlines a browser deletes from a URL: read as well as the value
+/// as written, by the readings and by their count alike.
+fn browser_stripped(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .collect()
 }
 
 /// The strict reading of `value`, when there is one, its lenient readings, and the objects of
@@ -153,10 +158,7 @@ fn routes_in(layer: &str) -> usize {
 /// Counted by taking the same layers off that the readings take off, so no spelling a layer
 /// reveals can escape the count (the seventh review broke a count made by a pattern).
 pub fn route_count(raw: &str) -> Option<usize> {
-    let stripped: String = raw
-        .chars()
-        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
-        .collect();
+    let stripped = browser_stripped(raw);
     let mut most = 0;
     for value in [raw, stripped.as_str()] {
         let (layers, deeper) = layers(value);
@@ -230,9 +232,10 @@ const SOFT_STOPS: &[char] = &['&', ' '];
 /// `,`, `|` or `)`; each of those as it is, without one trailing `)`, `]` or `'`, without all of
 /// them (markdown, quotes), without trailing punctuation too (a URL ending a sentence), and cut
 /// at its last `@` when no `/` follows it (imgproxy's `/plain/<url>@webp`: the ninth review);
-/// each as it is, decoded once, and decoded with `+` as a space (a form encoder's). Every marker gets a pass of its own, so a second URL is read wherever it
-/// starts. At most [`MAX_ROUTES`] markers of a value up to 64 KiB: past either, the save guard
-/// refuses to save the job (`_unread_url`).
+/// each as it is, decoded once, and decoded with `+` as a space (a form encoder's). Every marker
+/// gets a pass of its own, so a second URL is read wherever it starts. At most [`MAX_ROUTES`]
+/// markers of a value up to 64 KiB: past either, the save guard refuses to save the job
+/// (`_unread_url`).
 fn embedded_readings(value: &str) -> Vec<String> {
     if value.len() > MAX_PATH_LEN {
         return Vec::new();
@@ -527,6 +530,27 @@ fn after_route(segments: &[String]) -> Option<&[String]> {
 /// go up one; with `keep_empty`, an empty segment counts. The rest is kept as written, for
 /// [`normalize`] to decode (and resolve again).
 fn dots_resolved(path: &str, keep_empty: bool) -> String {
+    resolve_dots(path, keep_empty, |part| {
+        match part.to_ascii_lowercase().as_str() {
+            "." | "%2e" => Some(Dot::Current),
+            ".." | ".%2e" | "%2e." | "%2e%2e" => Some(Dot::Parent),
+            _ => None,
+        }
+    })
+    .join("/")
+}
+
+/// A dot segment: `.` stays where it is, `..` goes up one.
+enum Dot {
+    Current,
+    Parent,
+}
+
+/// The segments of `path` (split at `/` and `\\`) with its dot segments, as `dot` tells them,
+/// resolved; with `keep_empty`, an empty segment counts (a leading separator aside), as a browser
+/// counts it, and otherwise is dropped. [`normalize`] and [`dots_resolved`] differ only in what
+/// they take for a dot.
+fn resolve_dots(path: &str, keep_empty: bool, dot: impl Fn(&str) -> Option<Dot>) -> Vec<&str> {
     let path = if keep_empty {
         path.strip_prefix(['/', '\\']).unwrap_or(path)
     } else {
@@ -534,16 +558,16 @@ fn dots_resolved(path: &str, keep_empty: bool) -> String {
     };
     let mut out: Vec<&str> = Vec::new();
     for part in path.split(['/', '\\']) {
-        match part.to_ascii_lowercase().as_str() {
-            "" if !keep_empty => {}
-            "." | "%2e" => {}
-            ".." | ".%2e" | "%2e." | "%2e%2e" => {
+        match dot(part) {
+            _ if part.is_empty() && !keep_empty => {}
+            Some(Dot::Current) => {}
+            Some(Dot::Parent) => {
                 out.pop();
             }
-            _ => out.push(part),
+            None => out.push(part),
         }
     }
-    out.join("/")
+    out
 }
 
 /// Path segments as a server would see them: percent-decoded (an invalid escape stays as
@@ -555,22 +579,13 @@ fn dots_resolved(path: &str, keep_empty: bool) -> String {
 /// cannot hold a NUL) must find the same key.
 fn normalize(path: &str, keep_empty: bool) -> Vec<String> {
     let text = decode_once(path);
-    let text = if keep_empty {
-        text.strip_prefix(['/', '\\']).unwrap_or(&text).to_string()
-    } else {
-        text
-    };
-    let mut out: Vec<String> = Vec::new();
-    for part in text.split(['/', '\\']) {
-        match part {
-            "" if !keep_empty => {}
-            "." => {}
-            ".." => {
-                out.pop();
-            }
-            p => out.push(p.to_string()),
-        }
-    }
-    out.retain(|s| !s.is_empty());
-    out
+    resolve_dots(&text, keep_empty, |part| match part {
+        "." => Some(Dot::Current),
+        ".." => Some(Dot::Parent),
+        _ => None,
+    })
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .map(str::to_string)
+    .collect()
 }

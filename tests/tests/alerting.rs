@@ -170,17 +170,13 @@ fn every_metric_the_rules_and_the_dashboard_name_is_one_the_reaper_serves() {
     ] {
         assert!(served.contains(name), "{name} not served:\n{metrics}");
     }
+    let rules = std::fs::read_to_string(deploy("prometheus/pg_orphan_cleanup.rules.yml")).unwrap();
+    let dashboard = std::fs::read_to_string(deploy("grafana/pg_orphan_cleanup.json")).unwrap();
     for (file, text) in [
-        (
-            "prometheus/pg_orphan_cleanup.rules.yml",
-            std::fs::read_to_string(deploy("prometheus/pg_orphan_cleanup.rules.yml")).unwrap(),
-        ),
-        (
-            "grafana/pg_orphan_cleanup.json",
-            std::fs::read_to_string(deploy("grafana/pg_orphan_cleanup.json")).unwrap(),
-        ),
+        ("prometheus/pg_orphan_cleanup.rules.yml", &rules),
+        ("grafana/pg_orphan_cleanup.json", &dashboard),
     ] {
-        let named = names_in(&text);
+        let named = names_in(text);
         assert!(named.len() >= 5, "{file} names {named:?}");
         let unknown: Vec<_> = named.difference(&served).collect();
         assert!(
@@ -189,10 +185,7 @@ fn every_metric_the_rules_and_the_dashboard_name_is_one_the_reaper_serves() {
         );
     }
     // The dashboard is valid JSON with a panel per query.
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(deploy("grafana/pg_orphan_cleanup.json")).unwrap(),
-    )
-    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
     assert!(dashboard["panels"]
         .as_array()
         .unwrap()
