@@ -233,6 +233,12 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_route_count_wrapper';
 """)
+out.append("""-- How many bytes the readings of a URL read, or -1 past their bound (Rust): the save guard's limit.
+CREATE FUNCTION orphan_cleanup."_reading_size"("url" TEXT) RETURNS INT
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_reading_size_wrapper';
+""")
 out.append(fn('guard','_unread_url', replace=False))
 out.append(fn('guard','_refuse_unread', replace=False))
 out.append(fn('guard','_job_is_saved', replace=False))
@@ -391,6 +397,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._unsent(bigint[], text),
     orphan_cleanup._objects_of(text),
     orphan_cleanup._route_count(text),
+    orphan_cleanup._reading_size(text),
     orphan_cleanup._unread_url(text),
     orphan_cleanup._refuse_unread(uuid, text),
     orphan_cleanup._job_is_saved(orphan_cleanup.attachment, uuid),

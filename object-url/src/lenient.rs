@@ -37,13 +37,25 @@ pub fn protected_key(raw: &str) -> Option<String> {
 /// `renders/x.png?v=2` is, strictly, an object whose name ends in `?v=2`. The file the app
 /// serves is the other reading, and another job naming that file correctly must not get it
 /// deleted; nor may the strict reading's file, which may exist too. So a saved job protects
-/// every reading: the strict one (when there is one) and each lenient one, of the value as
-/// written and of the value without the tabs and newlines a browser deletes from a URL.
+/// every reading: the strict one (when there is one, of the value as written and of the value
+/// without the tabs and newlines a browser deletes from a URL) and the lenient readings of every
+/// text [`texts_read`] finds in it. A value whose texts come to more than [`MAX_READING`] bytes
+/// is read strictly alone: the save guard refuses to save a job with it (`_unread_url`).
 pub fn protected_keys(raw: &str) -> Vec<String> {
-    let mut keys = readings(raw);
     let stripped = browser_stripped(raw);
-    if stripped != raw {
-        keys.extend(readings(&stripped));
+    let mut keys: Vec<String> = [raw, stripped.as_str()]
+        .into_iter()
+        .filter_map(|v| crate::parse(v).ok().map(|o| o.object_key()))
+        .collect();
+    if let Ok(mut texts) = texts_read(raw) {
+        // Each text read once, however many ways lead to it: the value, each layer under it, and
+        // the embedded URLs of each layer often coincide (a plain URL is its own embedded URL,
+        // its decoded layer the decoded reading of it).
+        texts.sort();
+        texts.dedup();
+        for text in &texts {
+            keys.extend(lenient_keys(text));
+        }
     }
     keys.sort();
     keys.dedup();
@@ -58,32 +70,81 @@ fn browser_stripped(raw: &str) -> String {
         .collect()
 }
 
-/// The strict reading of `value`, when there is one, its lenient readings, and the objects of
-/// storage URLs embedded in it.
-///
-/// Each text is read once ([`lenient_keys`]), however many ways lead to it: the value, each layer
-/// under it, and the embedded URLs of each layer ([`embedded_readings`]) often coincide (a plain
-/// URL is its own embedded URL, its decoded layer the decoded reading of it).
-fn readings(value: &str) -> Vec<String> {
-    let mut keys = Vec::new();
-    if let Ok(o) = crate::parse(value) {
-        keys.push(o.object_key());
+/// The most bytes of text the lenient readings read for one value: far more than the readings
+/// of any value an app writes take (a signed URL with a 1 KB token takes about 10 KB, in
+/// markdown 16 KB), few enough that the slowest value we could build takes under a second to
+/// read in the managed edition (0.6 s there, 20 ms here). The tenth review of issue 14 crafted a
+/// 2 KB value whose readings took 16 s there, on every write of its job.
+pub const MAX_READING: usize = 65_536;
+
+/// What the lenient readings read of a value, and how much: [`MAX_READING`] bounds the sum.
+#[derive(Default)]
+struct Reading {
+    texts: Vec<String>,
+    size: usize,
+}
+
+/// The readings of a value would read more than [`MAX_READING`] bytes.
+struct TooMuch;
+
+impl Reading {
+    /// Counts `n` more bytes read, or refuses to go past [`MAX_READING`].
+    fn count(&mut self, n: usize) -> Result<(), TooMuch> {
+        self.size += n;
+        if self.size > MAX_READING {
+            return Err(TooMuch);
+        }
+        Ok(())
     }
-    let mut texts = vec![value.to_string()];
-    for (i, layer) in layers(value).0.into_iter().enumerate() {
-        texts.extend(embedded_readings(&layer));
-        // A layer under the value is read as a value too: a bare `renders/x.png\n` that a
-        // JSON encoder wrote (the ninth review) names `renders/x.png` and a newline.
-        if i > 0 {
-            texts.push(layer);
+}
+
+/// The texts the lenient readings read as values, in `raw`: each of its [`layer_texts`], and the
+/// URLs embedded in each ([`embedded_readings`]). The size counted is each layer's length and
+/// that of each distinct cut of each embedded URL (every text read is one of those, decoded or
+/// unescaped: no longer): past [`MAX_READING`], none.
+fn texts_read(raw: &str) -> Result<Vec<String>, TooMuch> {
+    let mut reading = Reading::default();
+    for layer in layer_texts(raw).0 {
+        reading.count(layer.len())?;
+        embedded_readings(&layer, &mut reading)?;
+        reading.texts.push(layer);
+    }
+    Ok(reading.texts)
+}
+
+/// How many bytes the lenient readings of `raw` read, or `None` past [`MAX_READING`] (when
+/// only its strict reading is read): what the save guard holds against that bound.
+pub fn reading_size(raw: &str) -> Option<usize> {
+    let mut reading = Reading::default();
+    for layer in layer_texts(raw).0 {
+        reading.count(layer.len()).ok()?;
+        embedded_readings(&layer, &mut reading).ok()?;
+    }
+    Some(reading.size)
+}
+
+/// The texts read as values, whose embedded URLs are read too: the [`layers`] of the value as
+/// written and of the value without a browser's tabs and newlines ([`browser_stripped`]), each
+/// also without them (a JSON-escaped newline inside a URL is a newline only in the layers under
+/// the value: the tenth review), each once, in that order; and whether either value is wrapped
+/// deeper than [`MAX_LAYERS`].
+fn layer_texts(raw: &str) -> (Vec<String>, bool) {
+    let stripped = browser_stripped(raw);
+    let mut texts: Vec<String> = Vec::new();
+    let mut deeper = false;
+    for value in [raw, stripped.as_str()] {
+        let (layers, wrapped) = layers(value);
+        deeper |= wrapped;
+        for layer in layers {
+            let layer_stripped = browser_stripped(&layer);
+            for text in [layer, layer_stripped] {
+                if !texts.contains(&text) {
+                    texts.push(text);
+                }
+            }
         }
     }
-    texts.sort();
-    texts.dedup();
-    for text in &texts {
-        keys.extend(lenient_keys(text));
-    }
-    keys
+    (texts, deeper)
 }
 
 /// How many layers of wrapping the readings take off a value.
@@ -91,7 +152,11 @@ pub const MAX_LAYERS: usize = 6;
 
 /// The layers of a value whose storage routes are read: the value as written, then, while taking
 /// off one more layer of JSON's escapes and of percent-encoding changes it, the value with that
-/// layer taken off, up to [`MAX_LAYERS`] more; and whether it is wrapped deeper still. The
+/// layer taken off, up to [`MAX_LAYERS`] more; and whether it is wrapped deeper still. Where a
+/// step takes off both, the value with only the JSON escapes taken off is a layer too: a URL
+/// that only JSON reveals keeps its own `%3F` or `%20` there (the tenth review:
+/// `{"publicUrl":"https:\/\/...\/renders\/a%3Fb.png?token=..."}` names `a?b.png`, which the
+/// layer decoded as well reads as `a`). The
 /// reviews of issue 14 hid routes behind each: PHP's `json_encode`
 /// (`https:\/\/...\/storage\/v1\/...`), JSON inside JSON, an image CDN's URL inside an image
 /// proxy's (`%252F`), URL-encoded JSON (`%5C%2F`), a route encoded in part (`%2Fstorage%2Fv1/`,
@@ -101,17 +166,23 @@ pub const MAX_LAYERS: usize = 6;
 /// edition's `_layers` is the same rule in PL/pgSQL.
 fn layers(value: &str) -> (Vec<String>, bool) {
     let mut out = vec![value.to_string()];
-    loop {
-        let last = out.last().expect("the value is the first layer");
-        let next = decode_once(&unescape_json(last));
-        if next == *last {
-            return (out, false);
+    let mut last = value.to_string();
+    for steps in 0.. {
+        let json = unescape_json(&last);
+        let next = decode_once(&json);
+        if next == last {
+            break;
         }
-        if out.len() > MAX_LAYERS {
+        if steps >= MAX_LAYERS {
             return (out, true);
         }
-        out.push(next);
+        if json != last && json != next {
+            out.push(json);
+        }
+        out.push(next.clone());
+        last = next;
     }
+    (out, false)
 }
 
 /// Where [`embedded_readings`] starts a reading, in a layer written in ASCII lower case: a storage
@@ -151,23 +222,17 @@ fn routes_in(layer: &str) -> usize {
     n
 }
 
-/// The most [`MARKERS`] (storage routes and URLs) any layer of `raw` holds (as written, and
-/// without the tabs and newlines a browser deletes), or `None` when it is wrapped deeper than
+/// The most [`MARKERS`] (storage routes and URLs) any of the [`layer_texts`] of `raw` holds, or `None` when it is wrapped deeper than
 /// [`MAX_LAYERS`]: what the save guard holds against the readings' limits (at most
 /// [`MAX_ROUTES`] a layer are read).
 /// Counted by taking the same layers off that the readings take off, so no spelling a layer
 /// reveals can escape the count (the seventh review broke a count made by a pattern).
 pub fn route_count(raw: &str) -> Option<usize> {
-    let stripped = browser_stripped(raw);
-    let mut most = 0;
-    for value in [raw, stripped.as_str()] {
-        let (layers, deeper) = layers(value);
-        if deeper {
-            return None;
-        }
-        most = most.max(layers.iter().map(|l| routes_in(l)).max().unwrap_or(0));
+    let (texts, deeper) = layer_texts(raw);
+    if deeper {
+        return None;
     }
-    Some(most)
+    Some(texts.iter().map(|t| routes_in(t)).max().unwrap_or(0))
 }
 
 /// `text` with one layer of JSON's escapes of ASCII punctuation, space and control characters
@@ -219,29 +284,26 @@ fn unescape_json(text: &str) -> String {
 /// Characters that end an embedded URL in the value as written: no URL holds them unencoded.
 const HARD_STOPS: &[char] = &['"', '<', '>', '`', '\t', '\n', '\r', '\x0b', '\x0c'];
 
-/// Characters that may end it: a query's next parameter, the end of a URL in text.
-const SOFT_STOPS: &[char] = &['&', ' '];
-
-/// The texts of URLs embedded anywhere in a value, for [`readings`] to read as values: passed to
-/// an image proxy, encoded once
+/// The texts of URLs embedded anywhere in a value, for [`texts_read`] to read as values: passed
+/// to an image proxy, encoded once
 /// (`/_next/image?url=https%3A%2F%2F...%2Fstorage%2Fv1%2F...&w=640`), inside markdown
 /// (`![render](https://.../storage/v1/...)`), in text, or in a list. The ends are found in the
 /// value as written, where an encoded `%20`, `%26` or `%3F` in a name is still part of it: each
-/// reading starts at one of the [`MARKERS`] (a storage route, a URL's scheme), runs to the first
-/// of [`HARD_STOPS`], and is read so, cut at the first of [`SOFT_STOPS`], and cut at the first
-/// `,`, `|` or `)`; each of those as it is, without one trailing `)`, `]` or `'`, without all of
-/// them (markdown, quotes), without trailing punctuation too (a URL ending a sentence), and cut
-/// at its last `@` when no `/` follows it (imgproxy's `/plain/<url>@webp`: the ninth review);
-/// each as it is, decoded once, and decoded with `+` as a space (a form encoder's). Every marker
-/// gets a pass of its own, so a second URL is read wherever it starts. At most [`MAX_ROUTES`]
-/// markers of a value up to 64 KiB: past either, the save guard refuses to save the job
-/// (`_unread_url`).
-fn embedded_readings(value: &str) -> Vec<String> {
+/// reading starts at one of the [`MARKERS`] (a storage route, a URL's scheme) and runs to the
+/// first of [`HARD_STOPS`]; it is read in the [`cuts`] of that span, each as it is, without one
+/// trailing `)`, `]` or `'`, without all of them (markdown, quotes), without trailing
+/// punctuation too (a URL ending a sentence), and cut at its last `@` when no `/` follows it
+/// (imgproxy's `/plain/<url>@webp`: the ninth review); each of those as it is, decoded once,
+/// decoded with `+` as a space (a form encoder's), and with markdown's backslash escapes taken
+/// off (`photo%20\(1\).png`, as Turndown writes a link: the tenth review). Every marker gets a
+/// pass of its own, so a second URL is read wherever it starts. At most [`MAX_ROUTES`] markers
+/// of a value up to 64 KiB: past either, the save guard refuses to save the job
+/// (`_unread_url`). Each distinct variant of a marker's span counts its length to `reading`.
+fn embedded_readings(value: &str, reading: &mut Reading) -> Result<(), TooMuch> {
     if value.len() > MAX_PATH_LEN {
-        return Vec::new();
+        return Ok(());
     }
     let lower = value.to_ascii_lowercase();
-    let mut texts = Vec::new();
     let mut pos = 0;
     for _ in 0..MAX_ROUTES {
         let Some((start, route_len)) = next_marker(&lower, pos) else {
@@ -251,12 +313,8 @@ fn embedded_readings(value: &str) -> Vec<String> {
             ..value[start..]
                 .find(HARD_STOPS)
                 .map_or(value.len(), |n| start + n)];
-        let soft = &span[..span.find(SOFT_STOPS).unwrap_or(span.len())];
-        // A list of URLs (`a.png,https://...`), markdown images side by side, a URL at the end
-        // of a sentence: also cut at the first `,`, `|` or `)`, and without trailing punctuation.
-        let tight = &soft[..soft.find([',', '|', ')']).unwrap_or(soft.len())];
         let mut seen: Vec<&str> = Vec::new();
-        for cut in [span, soft, tight] {
+        for cut in cuts(span) {
             let one = cut.strip_suffix([')', ']', '\'']).unwrap_or(cut);
             let at = cut
                 .rfind('@')
@@ -274,19 +332,85 @@ fn embedded_readings(value: &str) -> Vec<String> {
                     continue;
                 }
                 seen.push(variant);
-                texts.push(variant.to_string());
-                texts.push(decode_once(variant));
+                reading.count(variant.len())?;
+                reading.texts.push(variant.to_string());
+                reading.texts.push(decode_once(variant));
                 // In a query (an image proxy's `?url=`), a form encoder (URLSearchParams) writes
                 // a space as `+`.
                 if variant.contains('+') {
-                    texts.push(decode_once(&variant.replace('+', "%20")));
+                    reading
+                        .texts
+                        .push(decode_once(&variant.replace('+', "%20")));
+                }
+                if variant.contains('\\') {
+                    reading.texts.push(markdown_unescaped(variant));
                 }
             }
         }
         // Every marker gets a pass of its own, even one inside the span of another.
         pos = start + route_len;
     }
-    texts
+    Ok(())
+}
+
+/// Where a URL embedded in text may end, in a span that runs to the first of [`HARD_STOPS`]:
+/// the whole span; cut at the first space (a URL in a sentence, a `srcset`), at the first `&`
+/// (a proxy's next parameter), at the first of either; and each of those cut at the first `,`,
+/// `|` or `)` (a list of URLs, markdown images side by side), and, where it holds a backslash,
+/// at the first of them that no backslash escapes (markdown: `[a](.../p\(1\).png),[b](...)`).
+/// A raw `&` in a name is cut at the space alone (the tenth review: `.../R&D.png (took 3s)`).
+fn cuts(span: &str) -> Vec<&str> {
+    let at = |c: &'static [char]| move |s: &str| s.find(c).unwrap_or(s.len());
+    let first = [
+        span,
+        &span[..at(&[' '])(span)],
+        &span[..at(&['&'])(span)],
+        &span[..at(&['&', ' '])(span)],
+    ];
+    let mut cuts = first.to_vec();
+    for cut in first {
+        cuts.push(&cut[..at(&[',', '|', ')'])(cut)]);
+        if cut.contains('\\') {
+            cuts.push(markdown_cut(cut));
+        }
+    }
+    cuts
+}
+
+/// `text` up to its first `,`, `|` or `)` that no backslash escapes (or a backslash that ends
+/// it).
+fn markdown_cut(text: &str) -> &str {
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            ',' | '|' | ')' => return &text[..i],
+            '\\' if chars.next().is_none() => return &text[..i],
+            _ => {}
+        }
+    }
+    text
+}
+
+/// `text` with markdown's backslash escapes taken off: a backslash before ASCII punctuation
+/// stands for that character (CommonMark), read left to right (`\\` is one backslash).
+fn markdown_unescaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some(next) if next.is_ascii_punctuation() => out.push(next),
+            Some(next) => {
+                out.push('\\');
+                out.push(next);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// `text` percent-decoded once: in each run of escapes (`%XX%XX...`), every character the bytes

@@ -17,7 +17,9 @@ mod lenient;
 mod policy;
 mod redact;
 
-pub use lenient::{protected_key, protected_keys, route_count, MAX_LAYERS};
+pub use lenient::{
+    protected_key, protected_keys, reading_size, route_count, MAX_LAYERS, MAX_READING,
+};
 pub use policy::{Policy, PolicyError, Refusal};
 pub use redact::redact;
 

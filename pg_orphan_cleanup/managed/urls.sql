@@ -524,21 +524,30 @@ LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path
 DECLARE
     stripped text := pg_catalog.translate(url, E'\t\n\r', '');
     keys text[] := orphan_cleanup._canonical_url(url);
+    p record;
+    t text;
 BEGIN
     IF keys IS NOT NULL THEN
         RETURN ARRAY[keys[4] || '/' || keys[5]];
     END IF;
-    keys := orphan_cleanup._readings(url);
-    IF stripped <> url THEN
-        keys := keys || orphan_cleanup._readings(stripped);
-    END IF;
+    -- The strict reading of the value, as written and without a browser's tabs and newlines;
+    -- then the lenient readings of every text _texts_read() finds (none past its bound), each
+    -- text once however many ways lead to it.
+    keys := '{}';
+    FOREACH t IN ARRAY ARRAY[url, stripped] LOOP
+        p := orphan_cleanup._parse_url(t);
+        IF p.error IS NULL THEN
+            keys := keys || (p.bucket || '/' || p.object_path);
+        END IF;
+    END LOOP;
+    FOR t IN SELECT DISTINCT r.t FROM pg_catalog.unnest((orphan_cleanup._texts_read(url)).texts) AS r(t) LOOP
+        keys := keys || orphan_cleanup._lenient_keys(t);
+    END LOOP;
     RETURN (SELECT pg_catalog.array_agg(d.k ORDER BY d.k)
             FROM (SELECT DISTINCT k COLLATE "C" AS k FROM pg_catalog.unnest(keys) AS k) AS d);
 END
 $$;
 
--- The strict reading of a value, when there is one, and its lenient readings (object-url's
--- readings).
 -- One layer of a value's JSON escapes of ASCII punctuation, space and control characters taken
 -- off (object-url's unescape_json): '\/', '\\', '\"', '\n', '\r', '\t', '\b', '\f', and '\u00XX'
 -- of punctuation or space ('\u002B', '\u0026'). Letters, digits and '%' stay as written.
@@ -577,58 +586,106 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._readings(value text) RETURNS text[]
+-- The most bytes of text the lenient readings read for one value (object-url's MAX_READING).
+CREATE FUNCTION orphan_cleanup._max_reading() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 65536;
+
+-- The texts the lenient readings read as values (object-url's texts_read): each of the value's
+-- layer texts, and the URLs embedded in each; and how many bytes that reads (each layer's length
+-- and that of each distinct cut of each embedded URL), or NULL texts and -1 past _max_reading().
+CREATE FUNCTION orphan_cleanup._texts_read(value text, OUT texts text[], OUT size integer)
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
-    p record;
-    keys text[] := '{}';
-    layers_ text[] := (orphan_cleanup._layers(value)).layers;
-    texts text[] := ARRAY[value];
-    done text[] := '{}';
+    layer text;
+    e record;
+BEGIN
+    texts := '{}';
+    size := 0;
+    FOREACH layer IN ARRAY (orphan_cleanup._layer_texts(value)).texts LOOP
+        size := size + pg_catalog.octet_length(layer);
+        IF size > orphan_cleanup._max_reading() THEN
+            texts := NULL;
+            size := -1;
+            RETURN;
+        END IF;
+        e := orphan_cleanup._embedded_readings(layer, orphan_cleanup._max_reading() - size);
+        IF e.texts IS NULL THEN
+            texts := NULL;
+            size := -1;
+            RETURN;
+        END IF;
+        size := size + e.size;
+        texts := texts || e.texts || layer;
+    END LOOP;
+END
+$$;
+
+-- How many bytes the lenient readings of a value read, or -1 past _max_reading() (when only its
+-- strict reading is read): what _unread_url() holds against that bound (object-url's
+-- reading_size).
+CREATE FUNCTION orphan_cleanup._reading_size(url text) RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN (orphan_cleanup._texts_read(url)).size;
+
+-- The texts read as values, whose embedded URLs are read too (object-url's layer_texts): the
+-- layers of the value as written and of the value without a browser's tabs and newlines, each
+-- also without them, each once, in that order; and whether either is wrapped deeper than the
+-- readings go.
+CREATE FUNCTION orphan_cleanup._layer_texts(value text, OUT texts text[], OUT deeper boolean)
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    v text;
+    l record;
+    layer text;
     t text;
 BEGIN
-    p := orphan_cleanup._parse_url(value);
-    IF p.error IS NULL THEN
-        keys := keys || (p.bucket || '/' || p.object_path);
-    END IF;
-    -- The URLs embedded in every layer (see _layers), the value as written first; a layer under
-    -- the value is read as a value too. Each text once, however many ways lead to it.
-    FOR i IN 1 .. pg_catalog.cardinality(layers_) LOOP
-        texts := texts || orphan_cleanup._embedded_readings(layers_[i]);
-        IF i > 1 THEN
-            texts := texts || layers_[i];
-        END IF;
+    texts := '{}';
+    deeper := false;
+    FOREACH v IN ARRAY ARRAY[value, pg_catalog.translate(value, E'\t\n\r', '')] LOOP
+        l := orphan_cleanup._layers(v);
+        deeper := deeper OR l.deeper;
+        FOREACH layer IN ARRAY l.layers LOOP
+            FOREACH t IN ARRAY ARRAY[layer, pg_catalog.translate(layer, E'\t\n\r', '')] LOOP
+                IF NOT t = ANY (texts) THEN
+                    texts := texts || t;
+                END IF;
+            END LOOP;
+        END LOOP;
     END LOOP;
-    FOREACH t IN ARRAY texts LOOP
-        CONTINUE WHEN t = ANY (done);
-        done := done || t;
-        keys := keys || orphan_cleanup._lenient_keys(t);
-    END LOOP;
-    RETURN keys;
 END
 $$;
 
 -- The layers of a value whose storage routes are read (object-url's layers): the value as
 -- written, then, while taking off one more layer of JSON's escapes and of percent-encoding
 -- changes it, the value with that layer taken off, 6 more at most; and whether it is wrapped
--- deeper still (_unread_url refuses such a value).
+-- deeper still (_unread_url refuses such a value). Where a step takes off both, the value with
+-- only the JSON escapes taken off is a layer too: a URL that only JSON reveals keeps its own %3F
+-- or %20 there.
 CREATE FUNCTION orphan_cleanup._layers(value text, OUT layers text[], OUT deeper boolean)
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     last_ text := value;
+    json_ text;
     next_ text;
+    steps int := 0;
 BEGIN
     layers := ARRAY[value];
     deeper := false;
     LOOP
-        next_ := orphan_cleanup._decode_once(orphan_cleanup._unescape_json(last_));
+        json_ := orphan_cleanup._unescape_json(last_);
+        next_ := orphan_cleanup._decode_once(json_);
         EXIT WHEN next_ = last_;
-        IF pg_catalog.cardinality(layers) > 6 THEN
+        IF steps >= 6 THEN
             deeper := true;
             EXIT;
         END IF;
+        IF json_ <> last_ AND json_ <> next_ THEN
+            layers := layers || json_;
+        END IF;
         layers := layers || next_;
         last_ := next_;
+        steps := steps + 1;
     END LOOP;
 END
 $$;
@@ -646,41 +703,33 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN (SELECT pg_catalog.sum((pg_catalog.length(l) - pg_catalog.length(pg_catalog.replace(l, m, ''))) / pg_catalog.length(m))::integer
         FROM orphan_cleanup._ascii_lower(layer) AS l, pg_catalog.unnest(orphan_cleanup._markers()) AS m);
 
--- The most markers (storage routes and URLs) any layer of a value holds, as written and without
--- its tabs and newlines, or -1 when it is wrapped deeper than the readings go (object-url's
--- route_count):
--- what _unread_url() holds against the readings' limits.
+-- The most markers (storage routes and URLs) any of a value's layer texts holds, or -1 when it
+-- is wrapped deeper than the readings go (object-url's route_count): what _unread_url() holds
+-- against the readings' limits.
 CREATE FUNCTION orphan_cleanup._route_count(url text) RETURNS integer
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
-    v text;
-    l record;
-    layer text;
-    most integer := 0;
+    l record := orphan_cleanup._layer_texts(url);
 BEGIN
-    FOREACH v IN ARRAY ARRAY[url, pg_catalog.translate(url, E'\t\n\r', '')] LOOP
-        l := orphan_cleanup._layers(v);
-        IF l.deeper THEN
-            RETURN -1;
-        END IF;
-        FOREACH layer IN ARRAY l.layers LOOP
-            most := greatest(most, orphan_cleanup._routes_in(layer));
-        END LOOP;
-    END LOOP;
-    RETURN most;
+    IF l.deeper THEN
+        RETURN -1;
+    END IF;
+    RETURN (SELECT coalesce(pg_catalog.max(orphan_cleanup._routes_in(t)), 0) FROM pg_catalog.unnest(l.texts) AS t);
 END
 $$;
--- The texts of URLs embedded anywhere in a value, for _readings() to read as values
--- (object-url's embedded_readings): passed to an image proxy encoded once, inside markdown, in text, or in a list. The ends are found in the
--- value as written (an encoded %20, %26 or %3F in a name is still part of it): each reading
--- starts at a marker (_markers: a storage route, a URL's scheme), runs to the first hard stop (a
--- quote, angle bracket, backquote or control character), and is read so, cut at the first '&'
--- or space, and cut at the first ',', '|' or ')'; each of those as it is, without one trailing
+-- The texts of URLs embedded anywhere in a value, for _texts_read() to read as values
+-- (object-url's embedded_readings): passed to an image proxy encoded once, inside markdown, in
+-- text, or in a list. The ends are found in the value as written (an encoded %20, %26 or %3F in
+-- a name is still part of it): each reading starts at a marker (_markers: a storage route, a
+-- URL's scheme) and runs to the first hard stop (a quote, angle bracket, backquote or control
+-- character); it is read in the cuts of that span (_cuts), each as it is, without one trailing
 -- ')', ']' or quote, without all of them, without trailing punctuation too, and cut at its last
--- '@' when no '/' follows it (imgproxy's @webp); each as it is, decoded once, and decoded with
--- '+' as a space. Every marker gets a pass of its own. At most 16
--- markers of a value up to 64 KiB (past either, _unread_url refuses the save).
-CREATE FUNCTION orphan_cleanup._embedded_readings(value text) RETURNS text[]
+-- '@' when no '/' follows it (imgproxy's @webp); each of those as it is, decoded once, decoded
+-- with '+' as a space, and with markdown's backslash escapes taken off. Every marker gets a pass
+-- of its own. At most 16 markers of a value up to 64 KiB (past either, _unread_url refuses the
+-- save). size is the sum of the lengths of each marker's distinct variants; past room, texts is
+-- NULL.
+CREATE FUNCTION orphan_cleanup._embedded_readings(value text, room integer, OUT texts text[], OUT size integer)
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
     lower_ text;
@@ -690,16 +739,14 @@ DECLARE
     f int;
     start_ int;
     route_len int;
-    span text;
-    soft text;
-    tight text;
     cut text;
     variant text;
     seen text[];
-    texts text[] := '{}';
 BEGIN
+    texts := '{}';
+    size := 0;
     IF pg_catalog.octet_length(value) > 65536 THEN
-        RETURN texts;
+        RETURN;
     END IF;
     lower_ := orphan_cleanup._ascii_lower(value);
     FOR i IN 1 .. 16 LOOP
@@ -712,11 +759,8 @@ BEGIN
             END IF;
         END LOOP;
         EXIT WHEN start_ IS NULL;
-        span := substring(pg_catalog.substr(value, start_) FROM '^[^"<>`\t\n\r\x0b\x0c]*');
-        soft := substring(span FROM '^[^& ]*');
-        tight := substring(soft FROM '^[^,|)]*');
         seen := '{}';
-        FOREACH cut IN ARRAY ARRAY[span, soft, tight] LOOP
+        FOREACH cut IN ARRAY orphan_cleanup._cuts(substring(pg_catalog.substr(value, start_) FROM '^[^"<>`\t\n\r\x0b\x0c]*')) LOOP
             FOREACH variant IN ARRAY ARRAY[cut,
                                            CASE WHEN pg_catalog.right(cut, 1) IN (')', ']', '''')
                                                 THEN pg_catalog.left(cut, -1) ELSE cut END,
@@ -726,16 +770,46 @@ BEGIN
                 -- Most values have one route and no wrapping: each variant is read once.
                 CONTINUE WHEN variant = ANY (seen);
                 seen := seen || variant;
+                size := size + pg_catalog.octet_length(variant);
+                IF size > room THEN
+                    texts := NULL;
+                    RETURN;
+                END IF;
                 texts := texts || variant || orphan_cleanup._decode_once(variant);
                 -- In a query (an image proxy's ?url=), a form encoder writes a space as '+'.
                 IF pg_catalog.strpos(variant, '+') > 0 THEN
                     texts := texts || orphan_cleanup._decode_once(pg_catalog.replace(variant, '+', '%20'));
                 END IF;
+                -- Markdown's backslash escapes (CommonMark: before ASCII punctuation).
+                IF pg_catalog.strpos(variant, '\') > 0 THEN
+                    texts := texts || pg_catalog.regexp_replace(variant, '\\([!-/:-@[-`{-~])', '\1', 'g');
+                END IF;
             END LOOP;
         END LOOP;
         pos := start_ + route_len;
     END LOOP;
-    RETURN texts;
+END
+$$;
+
+-- Where a URL embedded in text may end, in a span that runs to the first hard stop (object-url's
+-- cuts): the whole span; cut at the first space, at the first '&', at the first of either; and
+-- each of those cut at the first ',', '|' or ')', and, where it holds a backslash, at the first
+-- of them that no backslash escapes (markdown).
+CREATE FUNCTION orphan_cleanup._cuts(span text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
+DECLARE
+    firsts constant text[] := ARRAY[span, substring(span FROM '^[^ ]*'), substring(span FROM '^[^&]*'),
+                                    substring(span FROM '^[^& ]*')];
+    cuts text[] := firsts;
+    cut text;
+BEGIN
+    FOREACH cut IN ARRAY firsts LOOP
+        cuts := cuts || substring(cut FROM '^[^,|)]*');
+        IF pg_catalog.strpos(cut, '\') > 0 THEN
+            cuts := cuts || substring(cut FROM '^(?:[^,|)\\]|\\.)*');
+        END IF;
+    END LOOP;
+    RETURN cuts;
 END
 $$;
 

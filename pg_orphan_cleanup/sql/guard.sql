@@ -42,12 +42,14 @@ END;
 
 -- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes,
 -- up to 16 URLs and storage routes (counted by scheme and by route: a storage URL is two) in
--- each layer of a value, and 6 layers of wrapping (JSON, percent-encoding) under the value as
--- written (object-url's limits, which keep its work bounded;
--- _route_count() is object-url's route_count(), in Rust or PL/pgSQL as the edition has it). A
--- value past them may name an object no reading found, so a job with such a URL is never saved
--- (save_guard, job_guard, attach()): the third review of issue 14 padded a saved job's URL past
--- 64 KiB, and the file it named was claimed. No render service writes such a value.
+-- each layer of a value, 6 layers of wrapping (JSON, percent-encoding) under the value as
+-- written, and 65,536 bytes of readings in all (object-url's limits, which keep its work
+-- bounded; _route_count() and _reading_size() are object-url's route_count() and
+-- reading_size(), in Rust or PL/pgSQL as the edition has it). A value past them may name an
+-- object no reading found, so a job with such a URL is never saved (save_guard, job_guard,
+-- attach()): the third review of issue 14 padded a saved job's URL past 64 KiB, and the file it
+-- named was claimed; the tenth crafted a 2 KB value that took 16 s to read. No render service
+-- writes such a value.
 CREATE FUNCTION orphan_cleanup._unread_url(url text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 -- (The route count, which takes the value's layers off, once per call, and not for a value too
@@ -59,6 +61,8 @@ RETURN (SELECT CASE
                 'its output_url is escaped or encoded more than 6 times over (JSON inside JSON, or URLs encoded into URLs), and pg_orphan_cleanup reads 6 layers'
             WHEN r.n > 16 THEN
                 format('its output_url holds %s URLs and storage routes (a storage URL is two), and pg_orphan_cleanup reads up to 16 in one value', r.n)
+            WHEN orphan_cleanup._reading_size(url) < 0 THEN
+                'reading its output_url every way it could be meant (each URL in it cut at each space, ''&'', '','' and '')'', each layer of encoding) takes more than 65,536 bytes, and pg_orphan_cleanup reads up to that much of one value'
         END
         FROM (SELECT CASE WHEN octet_length(url) <= 65536 THEN orphan_cleanup._route_count(url) END AS n) AS r);
 

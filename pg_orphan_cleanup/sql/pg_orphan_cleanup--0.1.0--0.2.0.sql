@@ -2057,6 +2057,12 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_route_count_wrapper';
 
+-- How many bytes the readings of a URL read, or -1 past their bound (Rust): the save guard's limit.
+CREATE FUNCTION orphan_cleanup."_reading_size"("url" TEXT) RETURNS INT
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_reading_size_wrapper';
+
 CREATE FUNCTION orphan_cleanup._unread_url(url text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 -- (The route count, which takes the value's layers off, once per call, and not for a value too
@@ -2068,6 +2074,8 @@ RETURN (SELECT CASE
                 'its output_url is escaped or encoded more than 6 times over (JSON inside JSON, or URLs encoded into URLs), and pg_orphan_cleanup reads 6 layers'
             WHEN r.n > 16 THEN
                 format('its output_url holds %s URLs and storage routes (a storage URL is two), and pg_orphan_cleanup reads up to 16 in one value', r.n)
+            WHEN orphan_cleanup._reading_size(url) < 0 THEN
+                'reading its output_url every way it could be meant (each URL in it cut at each space, ''&'', '','' and '')'', each layer of encoding) takes more than 65,536 bytes, and pg_orphan_cleanup reads up to that much of one value'
         END
         FROM (SELECT CASE WHEN octet_length(url) <= 65536 THEN orphan_cleanup._route_count(url) END AS n) AS r);
 
@@ -3708,6 +3716,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._unsent(bigint[], text),
     orphan_cleanup._objects_of(text),
     orphan_cleanup._route_count(text),
+    orphan_cleanup._reading_size(text),
     orphan_cleanup._unread_url(text),
     orphan_cleanup._refuse_unread(uuid, text),
     orphan_cleanup._job_is_saved(orphan_cleanup.attachment, uuid),

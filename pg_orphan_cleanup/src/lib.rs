@@ -42,7 +42,8 @@ extension_sql_file!(
         "detect",
         refusals::_note_refusal,
         refusals::_take_refusals,
-        urls::_route_count
+        urls::_route_count,
+        urls::_reading_size
     ]
 );
 extension_sql_file!(

@@ -98,6 +98,15 @@ fn _route_count(url: &str) -> i32 {
     object_url::route_count(url).map_or(-1, |n| i32::try_from(n).unwrap_or(i32::MAX))
 }
 
+/// How many bytes object_keys() reads to read a URL every way it could be meant (object-url's
+/// reading_size), or -1 past object-url's MAX_READING (65,536 bytes), when it reads only the
+/// strict reading: `_unread_url()` refuses a saved job past it (OC003), so that no value costs
+/// every write of its job seconds (the tenth review of issue 14).
+#[pg_extern(immutable, parallel_safe, strict)]
+fn _reading_size(url: &str) -> i32 {
+    object_url::reading_size(url).map_or(-1, |n| i32::try_from(n).unwrap_or(i32::MAX))
+}
+
 /// The URL with signed-URL tokens and other credentials replaced by `REDACTED`.
 #[pg_extern(immutable, parallel_safe, strict)]
 fn redact_url(url: &str) -> String {

@@ -808,6 +808,23 @@ fn names_with_a_space_an_ampersand_or_a_question_mark_keep_their_files_in_every_
         ),
         // Not encoded, still in the query: '+' is a space there too (the fourth review).
         (format!("https://app.example.com/_next/image?url={base}/u/my+file.png&w=640"), "u/my%20file.png"),
+        // The tenth review: a URL only a JSON layer reveals, with a %3F or a %20 of its own (the
+        // layer decoded as well read `a` and `a b.png in 3s`); markdown's backslash escapes
+        // (Turndown's); a raw '&' then a space or a comma; a JSON-escaped newline in a URL.
+        (
+            format!(r#"{{"publicUrl":"https:\/\/{HOST}\/storage\/v1\/object\/sign\/renders\/j\/a%3Fb.png?token=abc"}}"#),
+            "j/a%3Fb.png",
+        ),
+        (
+            format!(r#"{{"msg":"done: https:\/\/{HOST}\/storage\/v1\/object\/public\/renders\/j\/a%20b.png in 3s"}}"#),
+            "j/a%20b.png",
+        ),
+        (format!(r"[render]({base}/d/photo%20\(1\).png)"), "d/photo%20(1).png"),
+        (format!(r"[x]({base}/d/my\_file.png)"), "d/my_file.png"),
+        (format!("Render complete: {base}/r/R&D.png (took 3.2s)"), "r/R%26D.png"),
+        (format!("{base}/s/Tom%20&%20Jerry.png 1x, {base}/s/b.png 2x"), "s/Tom%20%26%20Jerry.png"),
+        (format!("{base}/c/R&D.png,{base}/c/b.png"), "c/R%26D.png"),
+        (format!(r#"{{"u":"{base}/n/new\nline.png"}}"#), "n/newline.png"),
     ] {
         let saved = job(&mut c, "completed", Some(&saved_url), "2 hours", "saved");
         save(&mut c, "generated_saved", &saved.0).unwrap();
@@ -878,6 +895,19 @@ fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
             ),
             "escaped.png",
             "up to 16",
+        ),
+        // Readings of more than 65,536 bytes: six URLs, then 1.8 KB whose every cut is read
+        // many ways (the tenth review: a crafted 2 KB value took 16 s to read in the managed
+        // edition, on every write of its job).
+        (
+            format!(
+                "{}{}{}",
+                format!("https://{HOST}/storage/v1/object/public/renders/").repeat(6),
+                "%2F..+\\(;".repeat(200),
+                proxied("costly.png")
+            ),
+            "costly.png",
+            "every way it could be meant",
         ),
         // JSON deeper than the readings go: counted once and never read (the seventh review).
         (

@@ -12,7 +12,7 @@
 //! sides of the edge of the PL/pgSQL parser's fast path for canonical values. `URL_SEED=<n>`
 //! reproduces a run; the seed is printed.
 
-use object_url::{parse, protected_key, protected_keys, redact, route_count, Policy};
+use object_url::{parse, protected_key, protected_keys, reading_size, redact, route_count, Policy};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -469,6 +469,42 @@ fn value(rng: &mut StdRng) -> String {
             pick(rng, &["%FF%2F", "%2F%FF", "%E2%82%2F", "%C3%A9%FF%2F.."]),
             2,
         ),
+        // The tenth review: a URL only a JSON layer reveals, with escapes of its own; markdown's
+        // backslash escapes; a raw '&' in a name followed by a space or a comma; a JSON-escaped
+        // newline inside a URL; and values whose readings pass their bound.
+        15 => format!(
+            r#"{{"msg":"done: {} in 3s"}}"#,
+            v.replace('/', "\\/").replacen(
+                'a',
+                pick(rng, &["a%3Fb", "a%23b", "a%20b", "a%26b", "a%2520b"]),
+                1
+            )
+        ),
+        16 => format!(
+            "[render]({}){}",
+            v.replacen(
+                'a',
+                pick(rng, &["\\(1\\)", "my\\_a", "\\*a", "a\\\\", "\\a"]),
+                1
+            ),
+            pick(rng, &["", ",[b](x)", " done", ")"])
+        ),
+        17 => {
+            let name = pick(rng, &["R&D", "Tom%20&%20Jerry", "a&b", "&"]);
+            let named = v.replacen('a', name, 1);
+            match rng.random_range(0..3) {
+                0 => format!("Render complete: {named} (took 3.2s)"),
+                1 => format!("{named} 1x, {v} 2x"),
+                _ => format!("{named},{v}"),
+            }
+        }
+        18 => format!(
+            r#"{{"u":"{}"}}"#,
+            v.replacen('a', pick(rng, &["a\\n", "\\ta", "a\\r\\n"]), 1)
+        ),
+        19 if rng.random_range(0..4) == 0 => {
+            format!("{v} a&b,c)d e&f,g)h ").repeat(rng.random_range(2..10))
+        }
         _ => v,
     };
     // A tab or a newline inside the value, which a browser deletes from a URL.
@@ -493,6 +529,7 @@ struct Answer {
     object_key: Option<String>,
     object_keys: Vec<String>,
     route_count: i32,
+    reading_size: i32,
     redacted: String,
     refusals: Vec<Option<String>>,
 }
@@ -536,6 +573,7 @@ fn rust_answer(v: &str, policies: &[Policy]) -> Answer {
         object_key: protected_key(v),
         object_keys: protected_keys(v),
         route_count: route_count(v).map_or(-1, |n| n as i32),
+        reading_size: reading_size(v).map_or(-1, |n| n as i32),
         redacted: redact(v),
         refusals,
     }
@@ -556,7 +594,7 @@ fn sql_answers(c: &mut postgres::Client, values: &[String], policies: &[Policy])
                     CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $2, $3, $4) END,
                     CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $5, $6, $7) END,
                     CASE WHEN p.error IS NULL THEN orphan_cleanup._url_refusal(p.host, p.bucket, p.object_path, $8, $9, $10) END,
-                    orphan_cleanup._route_count(u)
+                    orphan_cleanup._route_count(u), orphan_cleanup._reading_size(u)
              FROM unnest($1::text[]) WITH ORDINALITY AS t(u, n)
              CROSS JOIN LATERAL orphan_cleanup.parse_output_url(u) AS p
              ORDER BY n",
@@ -575,6 +613,7 @@ fn sql_answers(c: &mut postgres::Client, values: &[String], policies: &[Policy])
             object_keys: r.get(7),
             refusals: vec![r.get(8), r.get(9), r.get(10)],
             route_count: r.get(11),
+            reading_size: r.get(12),
         })
         .collect()
 }
