@@ -29,7 +29,9 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.peek(integer),
     orphan_cleanup.queue_status(),
     orphan_cleanup.verifies_absence(),
-    orphan_cleanup.sent_by_reaper(text, interval)
+    orphan_cleanup.sent_by_reaper(text, interval),
+    -- `reaper report`: totals by day, nothing about single rows.
+    orphan_cleanup.savings_report(text, integer)
 TO orphan_cleanup_reaper;
 
 -- One row per call: without this the planner assumes 1000 and overestimates every cycle and

@@ -3768,7 +3768,8 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.refuse(text, text, bigint[], text),
     orphan_cleanup.queue_status(),
     orphan_cleanup.verifies_absence(),
-    orphan_cleanup.sent_by_reaper(text, interval)
+    orphan_cleanup.sent_by_reaper(text, interval),
+    orphan_cleanup.savings_report(text, integer)
 TO orphan_cleanup_reaper;
 GRANT EXECUTE ON FUNCTION orphan_cleanup.object_keys(text) TO PUBLIC;
 

@@ -40,6 +40,9 @@ pub enum Command {
     Drain(RunArgs),
     /// Queue depth, health and the last cleanup cycle, from the database.
     Status(DbArgs),
+    /// What the cleanup reclaimed per day or week: objects, bytes, orphans found, the leak rate
+    /// and the projected monthly saving (orphan_cleanup.savings_report()).
+    Report(ReportArgs),
     /// Remove regular files older than --temp-max-age under --temp-dir, once, and exit.
     SweepTemp(TempArgs),
 }
@@ -131,6 +134,44 @@ pub struct RunArgs {
     pub metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub temp: TempArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// One row per day or per week (weeks start on Monday, UTC).
+    #[arg(long, value_enum, default_value_t = ReportPeriod::Week)]
+    pub period: ReportPeriod,
+    /// How many periods, the current one last (1 to 3660).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=3660))]
+    pub periods: i32,
+    /// table (with the totals in words), json or csv.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportPeriod {
+    Day,
+    Week,
+}
+
+impl ReportPeriod {
+    /// savings_report()'s name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportPeriod::Day => "day",
+            ReportPeriod::Week => "week",
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -1,4 +1,4 @@
-//! `reaper run | drain | status | sweep-temp`. See `reaper --help`.
+//! `reaper run | drain | status | report | sweep-temp`. See `reaper --help`.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use reaper::config::{Cli, Command, LogFormat, RunArgs};
+use reaper::config::{Cli, Command, LogFormat, ReportFormat, RunArgs};
 use reaper::metrics::Metrics;
 use reaper::reaper::{Mode, Reaper};
 
@@ -56,6 +56,25 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let queue =
                 reaper::queue::Queue::connect(&database, "status", false, db.timeout()?).await?;
             println!("{}", queue.status().await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report(args) => {
+            let database = reaper::config::database(&args.db)?;
+            let queue =
+                reaper::queue::Queue::connect(&database, "report", false, args.db.timeout()?)
+                    .await?;
+            let periods = queue
+                .savings_report(args.period.as_str(), args.periods)
+                .await?;
+            let unit = args.period.as_str();
+            print!(
+                "{}",
+                match args.format {
+                    ReportFormat::Table => reaper::report::table(&periods, unit),
+                    ReportFormat::Json => reaper::report::json(&periods) + "\n",
+                    ReportFormat::Csv => reaper::report::csv(&periods),
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::SweepTemp(args) => {

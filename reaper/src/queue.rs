@@ -665,6 +665,34 @@ impl Queue {
         Ok(rows.iter().map(Claimed::from_row).collect())
     }
 
+    /// `savings_report(period, periods)`: what the cleanup reclaimed, one row per period.
+    pub async fn savings_report(
+        &self,
+        period: &str,
+        periods: i32,
+    ) -> Result<Vec<crate::report::Period>, QueueError> {
+        let rows = self
+            .call(
+                "SELECT period_start::text, objects_reclaimed, bytes_reclaimed::bigint, orphans_found,
+                        leak_bytes_per_day::float8, bytes_still_queued::bigint, monthly_saving::float8
+                 FROM orphan_cleanup.savings_report($1, $2)",
+                &[(&period, Type::TEXT), (&periods, Type::INT4)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::report::Period {
+                period_start: r.get(0),
+                objects_reclaimed: r.get(1),
+                bytes_reclaimed: r.get(2),
+                orphans_found: r.get(3),
+                leak_bytes_per_day: r.get(4),
+                bytes_still_queued: r.get(5),
+                monthly_saving: r.get(6),
+            })
+            .collect())
+    }
+
     pub async fn status(&self) -> Result<Status, QueueError> {
         let rows = self
             .call(

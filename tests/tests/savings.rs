@@ -258,3 +258,115 @@ fn the_savings_report_adds_up_and_outlives_the_pruning_of_its_rows() {
         assert!(db_error(&e).contains(says), "{}", db_error(&e));
     }
 }
+
+/// `reaper report`, as the reaper's own role: the JSON says what savings_report() says, today's
+/// row holds the bytes that left storage and the bytes still queued (the emulator keeps
+/// storage.objects), the CSV carries the same numbers, the table says the totals in words; a
+/// period or a count it cannot report is refused by name.
+#[test]
+fn reaper_report_says_what_the_ledger_holds_in_every_format() {
+    let name = "savings_reaper_report";
+    let db = TestDb::attached(name);
+    let emu = Emulator::start_keeping(name);
+    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", &emu.host)]);
+    reaper_role();
+    emu.create_bucket("renders");
+    let mut c = db.client();
+    for (key, size) in [
+        ("p/a.png", 1000usize),
+        ("p/b.png", 2500),
+        ("p/c.png", 40_000),
+    ] {
+        emu.upload("renders", key, &vec![b'x'; size]);
+        job(
+            &mut c,
+            "completed",
+            Some(&emu.public_url("renders", key)),
+            "2 hours",
+            "report",
+        );
+    }
+    assert_eq!(cycle(&mut c).2, 3);
+    let out = reaper(&db.name, &emu, &["drain"]).run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    // One more orphan, queued and not yet deleted.
+    emu.upload("renders", "p/queued.png", &vec![b'x'; 777]);
+    job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "p/queued.png")),
+        "2 hours",
+        "report",
+    );
+    assert_eq!(cycle(&mut c).2, 1);
+
+    let report = |args: &[&str]| {
+        let mut all = vec!["report", "--period", "day", "--periods", "3"];
+        all.extend_from_slice(args);
+        let out = reaper(&db.name, &emu, &all).run();
+        assert!(out.status.success(), "{}", output_text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&report(&["--format", "json"])).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let today = &rows[2];
+    assert_eq!(today["objects_reclaimed"], 3);
+    assert_eq!(today["bytes_reclaimed"], 43_500);
+    assert_eq!(today["orphans_found"], 4);
+    assert_eq!(today["bytes_still_queued"], 777);
+    let sql: Vec<(String, i64, i64)> = c
+        .query(
+            "SELECT period_start::text, objects_reclaimed, bytes_reclaimed::bigint FROM orphan_cleanup.savings_report('day', 3)",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let from_json: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["period_start"].as_str().unwrap().to_string(),
+                r["objects_reclaimed"].as_i64().unwrap(),
+                r["bytes_reclaimed"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(from_json, sql);
+
+    let csv = report(&["--format", "csv"]);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 4, "{csv}");
+    assert!(
+        lines[0].starts_with("period_start,objects_reclaimed,bytes_reclaimed"),
+        "{csv}"
+    );
+    assert!(
+        lines[3].starts_with(&format!("{},3,43500,4,", sql[2].0)),
+        "{csv}"
+    );
+
+    let table = report(&[]);
+    assert!(
+        table.starts_with(&format!(
+            "Over the last 3 days (since {}): 3 objects reclaimed (42.5 KiB), 4 orphans found;",
+            sql[0].0
+        )),
+        "{table}"
+    );
+    assert!(table.contains("Still queued: 777 B."), "{table}");
+
+    for (args, says) in [
+        (
+            &["report", "--period", "month"][..],
+            "possible values: day, week",
+        ),
+        (&["report", "--periods", "0"][..], "0 is not in 1..=3660"),
+    ] {
+        let out = reaper(&db.name, &emu, args).run();
+        assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+        assert!(output_text(&out).contains(says), "{}", output_text(&out));
+    }
+}
