@@ -150,7 +150,7 @@ fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -235,7 +235,7 @@ mod tests {
             bytes_still_queued: None,
             ..rows[0].clone()
         };
-        assert!(csv(&[unknown.clone()])
+        assert!(csv(std::slice::from_ref(&unknown))
             .lines()
             .nth(1)
             .unwrap()
