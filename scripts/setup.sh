@@ -11,7 +11,7 @@ log() { printf '==> %s\n' "$*"; }
 
 need_apt=()
 for pkg in "postgresql-${PG_MAJOR}" "postgresql-server-dev-${PG_MAJOR}" libclang-dev clang sudo pgbouncer "postgresql-${PG_MAJOR}-cron" \
-           pkg-config libssl-dev make curl procps prometheus; do
+           pkg-config libssl-dev make curl procps prometheus chromium fonts-dejavu-core; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

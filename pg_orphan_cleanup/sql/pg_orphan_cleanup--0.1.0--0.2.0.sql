@@ -3578,7 +3578,8 @@ REVOKE ALL ON orphan_cleanup.savings_ledger FROM PUBLIC;
 
 CREATE FUNCTION orphan_cleanup.savings_report(period text DEFAULT 'week', periods integer DEFAULT 8)
 RETURNS TABLE (period_start date, objects_reclaimed bigint, bytes_reclaimed numeric, orphans_found bigint,
-               leak_bytes_per_day numeric, bytes_still_queued numeric, monthly_saving numeric)
+               leak_bytes_per_day numeric, bytes_still_queued numeric, monthly_saving numeric,
+               queue_depth bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -3621,6 +3622,20 @@ BEGIN
         FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'deleted' AND d.finished_at >= v_since
     ), p AS (
         SELECT g::date AS start FROM generate_series(v_first::timestamp, v_today::timestamp, v_unit) AS g
+    ), waiting AS (
+        -- Waiting when the report starts, then +1 for each row queued and -1 for each finished.
+        SELECT count(*) AS n FROM orphan_cleanup.deletion_queue AS d
+        WHERE d.state <> 'rejected' AND d.enqueued_at < v_since AND (d.finished_at IS NULL OR d.finished_at >= v_since)
+    ), moves AS (
+        SELECT (d.enqueued_at AT TIME ZONE 'UTC')::date AS day, 1 AS n
+        FROM orphan_cleanup.deletion_queue AS d WHERE d.state <> 'rejected' AND d.enqueued_at >= v_since
+        UNION ALL
+        SELECT (d.finished_at AT TIME ZONE 'UTC')::date, -1
+        FROM orphan_cleanup.deletion_queue AS d WHERE d.state <> 'rejected' AND d.finished_at >= v_since
+    ), depth AS (
+        SELECT p.start, (SELECT w.n FROM waiting AS w) + sum(coalesce(sum(m.n), 0)) OVER (ORDER BY p.start) AS n
+        FROM p LEFT JOIN moves AS m ON m.day >= p.start AND m.day < p.start + v_unit
+        GROUP BY p.start
     )
     SELECT p.start,
            coalesce(sum(x.deleted), 0)::bigint,
@@ -3629,7 +3644,8 @@ BEGIN
            round(coalesce(sum(x.found_bytes), 0)::numeric
                  / LEAST(extract(day FROM v_unit)::int, v_today - p.start + 1), 1),
            CASE WHEN p.start + v_unit > v_today THEN v_queued END,
-           round(coalesce(sum(x.deleted_bytes), 0)::numeric / 1073741824 * v_price::numeric, 2)
+           round(coalesce(sum(x.deleted_bytes), 0)::numeric / 1073741824 * v_price::numeric, 2),
+           (SELECT dp.n FROM depth AS dp WHERE dp.start = p.start)::bigint
     FROM p
     LEFT JOIN days AS x ON x.day >= p.start AND x.day < p.start + v_unit
     GROUP BY p.start

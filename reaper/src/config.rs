@@ -149,6 +149,10 @@ pub struct ReportArgs {
     /// table (with the totals in words), json or csv.
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
+    /// Also write the report as one self-contained HTML page with charts (no external assets:
+    /// it opens offline and can be attached to a ticket).
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

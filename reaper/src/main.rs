@@ -67,6 +67,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .savings_report(args.period.as_str(), args.periods)
                 .await?;
             let unit = args.period.as_str();
+            if let Some(file) = &args.html {
+                let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+                std::fs::write(
+                    file,
+                    reaper::report::page(&periods, unit, &when.to_string()),
+                )
+                .map_err(|e| anyhow::anyhow!("cannot write --html {}: {e}", file.display()))?;
+                eprintln!("wrote {} ({} {unit}s)", file.display(), periods.len());
+            }
             print!(
                 "{}",
                 match args.format {

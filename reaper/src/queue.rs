@@ -674,7 +674,8 @@ impl Queue {
         let rows = self
             .call(
                 "SELECT period_start::text, objects_reclaimed, bytes_reclaimed::bigint, orphans_found,
-                        leak_bytes_per_day::float8, bytes_still_queued::bigint, monthly_saving::float8
+                        leak_bytes_per_day::float8, bytes_still_queued::bigint, monthly_saving::float8,
+                        queue_depth
                  FROM orphan_cleanup.savings_report($1, $2)",
                 &[(&period, Type::TEXT), (&periods, Type::INT4)],
             )
@@ -689,6 +690,7 @@ impl Queue {
                 leak_bytes_per_day: r.get(4),
                 bytes_still_queued: r.get(5),
                 monthly_saving: r.get(6),
+                queue_depth: r.get(7),
             })
             .collect())
     }

@@ -5,6 +5,9 @@
 
 use serde::Serialize;
 
+mod page;
+pub use page::page;
+
 /// One period of `orphan_cleanup.savings_report()`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Period {
@@ -21,6 +24,8 @@ pub struct Period {
     /// What the period's reclaimed bytes would have cost per month, at
     /// `orphan_cleanup.storage_price_per_gb_month`.
     pub monthly_saving: f64,
+    /// Rows waiting at the end of the period (now, for the current one).
+    pub queue_depth: i64,
 }
 
 /// A report's rows laid out as a table, with the totals in words above it.
@@ -34,8 +39,9 @@ pub fn table(periods: &[Period], unit: &str) -> String {
         "orphans found",
         "leak per day",
         "saving / month",
+        "waiting",
     ];
-    let rows: Vec<[String; 6]> = periods
+    let rows: Vec<[String; 7]> = periods
         .iter()
         .map(|p| {
             [
@@ -45,10 +51,11 @@ pub fn table(periods: &[Period], unit: &str) -> String {
                 thousands(p.orphans_found),
                 human_bytes(p.leak_bytes_per_day),
                 format!("${:.2}", p.monthly_saving),
+                thousands(p.queue_depth),
             ]
         })
         .collect();
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].len())
@@ -99,8 +106,9 @@ pub fn summary(periods: &[Period], unit: &str) -> String {
         s = if n == 1 { "" } else { "s" },
     );
     if let Some(last) = periods.last() {
+        let this = if unit == "day" { "today" } else { "this week" };
         out.push_str(&format!(
-            "Leak rate this {unit}: {} of new orphans a day. ",
+            "Leak rate {this}: {} of new orphans a day. ",
             human_bytes(last.leak_bytes_per_day)
         ));
         out.push_str(&match last.bytes_still_queued {
@@ -119,11 +127,11 @@ pub fn json(periods: &[Period]) -> String {
 /// The rows as CSV with a header line (RFC 4180; no field needs quoting: dates and numbers).
 pub fn csv(periods: &[Period]) -> String {
     let mut out = String::from(
-        "period_start,objects_reclaimed,bytes_reclaimed,orphans_found,leak_bytes_per_day,bytes_still_queued,monthly_saving\n",
+        "period_start,objects_reclaimed,bytes_reclaimed,orphans_found,leak_bytes_per_day,bytes_still_queued,monthly_saving,queue_depth\n",
     );
     for p in periods {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{}\n",
             p.period_start,
             p.objects_reclaimed,
             p.bytes_reclaimed,
@@ -131,7 +139,8 @@ pub fn csv(periods: &[Period]) -> String {
             p.leak_bytes_per_day,
             p.bytes_still_queued
                 .map_or(String::new(), |b| b.to_string()),
-            p.monthly_saving
+            p.monthly_saving,
+            p.queue_depth
         ));
     }
     out
@@ -191,6 +200,7 @@ mod tests {
             leak_bytes_per_day: bytes as f64 / 7.0,
             bytes_still_queued: Some(2048),
             monthly_saving: 0.5,
+            queue_depth: 3,
         }
     }
 
@@ -226,7 +236,7 @@ mod tests {
         let c = csv(&rows);
         assert_eq!(
             c.lines().nth(1),
-            Some("2026-11-30,5,1536,6,219.42857142857142,2048,0.5")
+            Some("2026-11-30,5,1536,6,219.42857142857142,2048,0.5,3")
         );
         let j: serde_json::Value = serde_json::from_str(&json(&rows)).unwrap();
         assert_eq!(j[0]["bytes_reclaimed"], 1536);
@@ -239,7 +249,7 @@ mod tests {
             .lines()
             .nth(1)
             .unwrap()
-            .contains(",,0.5"));
+            .contains(",,0.5,3"));
         assert!(summary(&[unknown], "day").contains("Still queued: unknown"));
     }
 }

@@ -245,6 +245,24 @@ fn the_savings_report_adds_up_and_outlives_the_pruning_of_its_rows() {
     assert_eq!(report(&mut c, "day", 12), days);
     assert_eq!(report(&mut c, "week", 3), weeks);
 
+    // The queue's depth at the end of each day: one row queued five days ago and deleted today
+    // waited through the days between; the row given back waits now.
+    c.execute(
+        "UPDATE orphan_cleanup.deletion_queue SET enqueued_at = enqueued_at - interval '5 days' WHERE id = ($1::bigint[])[4]",
+        &[&held.ids],
+    )
+    .unwrap();
+    let depth: Vec<i64> = c
+        .query(
+            "SELECT queue_depth FROM orphan_cleanup.savings_report('day', 12)",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(depth, [vec![0; 6], vec![1; 6]].concat());
+
     for (period, periods, says) in [
         ("month", 3, "period must be 'day' or 'week'"),
         ("day", 0, "periods must be between 1 and 3660"),
@@ -315,6 +333,7 @@ fn reaper_report_says_what_the_ledger_holds_in_every_format() {
     assert_eq!(today["bytes_reclaimed"], 43_500);
     assert_eq!(today["orphans_found"], 4);
     assert_eq!(today["bytes_still_queued"], 777);
+    assert_eq!(today["queue_depth"], 1);
     let sql: Vec<(String, i64, i64)> = c
         .query(
             "SELECT period_start::text, objects_reclaimed, bytes_reclaimed::bigint FROM orphan_cleanup.savings_report('day', 3)",
@@ -369,4 +388,120 @@ fn reaper_report_says_what_the_ledger_holds_in_every_format() {
         assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
         assert!(output_text(&out).contains(says), "{}", output_text(&out));
     }
+}
+
+/// `reaper report --html`: one self-contained page, loaded in a real headless browser (Debian's
+/// `chromium`): every chart shows one laid-out point per day and series, the totals are in words
+/// above them, and a screenshot is kept (`target/test-artifacts/savings-report.png`).
+#[test]
+fn the_html_report_renders_its_charts_in_a_real_browser() {
+    let name = "savings_html_report";
+    let db = TestDb::attached(name);
+    let emu = Emulator::start_keeping(name);
+    settings(&[("allowed_buckets", "renders"), ("allowed_hosts", &emu.host)]);
+    reaper_role();
+    emu.create_bucket("renders");
+    let mut c = db.client();
+    for i in 0..5usize {
+        let key = format!("h/{i}.png");
+        emu.upload("renders", &key, &vec![b'x'; 1000 * (i + 1)]);
+        job(
+            &mut c,
+            "completed",
+            Some(&emu.public_url("renders", &key)),
+            "2 hours",
+            "html",
+        );
+    }
+    assert_eq!(cycle(&mut c).2, 5);
+    let out = reaper(&db.name, &emu, &["drain"]).run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    // Spread over the week: row i queued and deleted i days ago.
+    c.batch_execute(
+        "UPDATE orphan_cleanup.deletion_queue
+            SET enqueued_at = enqueued_at - (substring(object_path FROM 'h/(.)')::int * interval '1 day'),
+                finished_at = finished_at - (substring(object_path FROM 'h/(.)')::int * interval '1 day')",
+    )
+    .unwrap();
+
+    let artifacts = repo_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let html = artifacts.join("savings-report.html");
+    let _ = std::fs::remove_file(&html);
+    let html_arg = html.to_str().unwrap();
+    let out = reaper(
+        &db.name,
+        &emu,
+        &[
+            "report",
+            "--period",
+            "day",
+            "--periods",
+            "7",
+            "--html",
+            html_arg,
+        ],
+    )
+    .run();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("Over the last 7 days") && page.contains("5 objects reclaimed (14.6 KiB)"),
+        "the totals in words"
+    );
+
+    let url = format!("file://{}", html.display());
+    let dom = chromium(&["--dump-dom", "--virtual-time-budget=5000", &url]);
+    assert!(
+        dom.contains(r#"data-ready="yes""#),
+        "the page's script ran:\n{dom:.2000}"
+    );
+    for (chart, points) in [
+        ("bytes-reclaimed", 7),
+        ("found-and-deleted", 14),
+        ("queue-depth", 7),
+        ("leak-rate", 7),
+    ] {
+        let at = dom
+            .find(&format!(r#"data-chart="{chart}""#))
+            .unwrap_or_else(|| panic!("no chart {chart}"));
+        let svg_tag = &dom[dom[..at].rfind("<svg").unwrap()..at + dom[at..].find('>').unwrap()];
+        assert!(
+            svg_tag.contains(&format!(r#"data-rendered="{points}""#)),
+            "{chart}: {svg_tag}"
+        );
+    }
+    let shot = artifacts.join("savings-report.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=800,1400",
+        "--virtual-time-budget=5000",
+        &url,
+    ]);
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+}
+
+/// Runs headless Chromium with `args`, offline, and returns its standard output.
+fn chromium(args: &[&str]) -> String {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--user-data-dir=/tmp/pg_orphan_cleanup-chromium",
+        ])
+        .args(args)
+        .output()
+        .expect("chromium (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "{}", output_text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
