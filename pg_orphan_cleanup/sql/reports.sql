@@ -635,10 +635,14 @@ RETURNS TABLE (pending bigint, ready bigint, claimed bigint, dead bigint, reject
                health text, reaping_enabled boolean, attached boolean,
                reaper_alert text, reaper_alert_at timestamptz,
                reapers integer, unserved bigint, refused_by_reapers bigint, misconfigured_reapers text,
-               breaker_tripped boolean, refused_saves bigint)
+               breaker_tripped boolean, refused_saves bigint,
+               reclaimed_orphan_bytes numeric, reclaimed_stray_bytes numeric)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
+    -- The bytes reclaimed since installation, by kind: the savings ledger (rows history_retention
+    -- pruned) and the deleted rows still in the queue (every queued row is a job's orphan today),
+    -- read in the one pass over the queue the counts make.
     RETURN QUERY
     SELECT c.pending, c.ready, c.claimed, c.dead, c.rejected, c.deleted, c.absent, c.oldest_pending,
            l.started_at, l.status, l.error,
@@ -650,7 +654,9 @@ BEGIN
            r.alert, r.alert_at,
            v.active, v.unserved, v.refused_last_hour, v.misconfigured,
            EXISTS (SELECT 1 FROM orphan_cleanup.detector_state AS st WHERE st.breaker_tripped_at IS NOT NULL),
-           (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END FROM orphan_cleanup.refused_saves AS s)
+           (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END FROM orphan_cleanup.refused_saves AS s),
+           c.deleted_bytes + (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'orphan'),
+           (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'stray')::numeric
     FROM (SELECT count(*) FILTER (WHERE q.state = 'pending') AS pending,
                  count(*) FILTER (WHERE q.state = 'pending' AND q.available_at <= now()) AS ready,
                  count(*) FILTER (WHERE q.state = 'claimed') AS claimed,
@@ -658,7 +664,8 @@ BEGIN
                  count(*) FILTER (WHERE q.state = 'rejected') AS rejected,
                  count(*) FILTER (WHERE q.state = 'deleted') AS deleted,
                  count(*) FILTER (WHERE q.state = 'absent') AS absent,
-                 min(q.enqueued_at) FILTER (WHERE q.state = 'pending') AS oldest_pending
+                 min(q.enqueued_at) FILTER (WHERE q.state = 'pending') AS oldest_pending,
+                 coalesce(sum(q.bytes) FILTER (WHERE q.state = 'deleted'), 0)::numeric AS deleted_bytes
           FROM orphan_cleanup.deletion_queue AS q) AS c
     LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true
     CROSS JOIN orphan_cleanup._reaper_alert() AS r

@@ -702,7 +702,8 @@ impl Queue {
                         last_cycle_at::text, last_cycle_status, last_cycle_error, health, reaping_enabled, attached,
                         reaper_alert, reaper_alert_at::text,
                         reapers, unserved, refused_by_reapers, misconfigured_reapers,
-                        breaker_tripped, refused_saves
+                        breaker_tripped, refused_saves,
+                        reclaimed_orphan_bytes::float8, reclaimed_stray_bytes::float8
                  FROM orphan_cleanup.queue_status()",
                 &[],
             )
@@ -731,6 +732,8 @@ impl Queue {
             misconfigured_reapers: r.get(19),
             breaker_tripped: r.get(20),
             refused_saves: r.get(21),
+            reclaimed_orphan_bytes: r.get(22),
+            reclaimed_stray_bytes: r.get(23),
         })
     }
 }
@@ -969,6 +972,9 @@ pub struct Status {
     pub breaker_tripped: bool,
     /// Saves the save guard refused, ever (the refused_saves counter).
     pub refused_saves: i64,
+    /// Bytes reclaimed since installation: job orphans' files, and strays'.
+    pub reclaimed_orphan_bytes: f64,
+    pub reclaimed_stray_bytes: f64,
 }
 
 impl Status {

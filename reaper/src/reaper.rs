@@ -104,6 +104,10 @@ impl std::fmt::Display for Summary {
 /// How often an idle reaper reads queue_status() for its metrics.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
+/// How often the reaper reads the bytes still queued for `reaper_queued_bytes`: that joins every
+/// queued row to storage.objects, so not on every status read.
+const QUEUED_BYTES_EVERY: Duration = Duration::from_secs(600);
+
 pub struct Reaper {
     pub settings: Settings,
     pub storage: StorageClient,
@@ -125,6 +129,7 @@ pub struct Reaper {
     bulk_limit: std::sync::atomic::AtomicUsize,
     /// When queue_status() was last read for the metrics (it scans the ready rows).
     status_read: Mutex<Option<Instant>>,
+    queued_bytes_read: tokio::sync::Mutex<Option<Instant>>,
     progress: Option<ProgressFn>,
     limit: Option<Mutex<HourlyLimit>>,
 }
@@ -191,6 +196,7 @@ impl Reaper {
             seeded: AtomicBool::new(settings_has_no_limit),
             answered_last: AtomicBool::new(false),
             status_read: Mutex::new(None),
+            queued_bytes_read: tokio::sync::Mutex::new(None),
             progress: None,
             limit,
         }
@@ -355,12 +361,7 @@ impl Reaper {
                 if mode == Mode::Drain {
                     break;
                 }
-                if self.status_due() {
-                    self.live.step("reading queue_status()", self.db_call());
-                    if let Ok(status) = q.status().await {
-                        self.watch_status(&status);
-                    }
-                }
+                self.read_status(&q).await;
                 let poll = self.settings.poll_interval;
                 self.live.step("waiting for work", poll);
                 tokio::select! {
@@ -402,12 +403,7 @@ impl Reaper {
                 }
             }
             // The queue's depth for the metrics, during a backlog too (at most every 30 s).
-            if self.status_due() {
-                self.live.step("reading queue_status()", self.db_call());
-                if let Ok(status) = q.status().await {
-                    self.watch_status(&status);
-                }
-            }
+            self.read_status(&q).await;
             if self.answered_last.swap(false, Ordering::SeqCst) {
                 // Storage deleted something in this batch, whatever else went wrong: what
                 // follows is a fresh trouble, not the next step of a long one.
@@ -893,6 +889,29 @@ impl Reaper {
         due
     }
 
+    /// Reads queue_status() for the metrics when it is due (every [`STATUS_EVERY`]), and the
+    /// bytes still queued when those are (every [`QUEUED_BYTES_EVERY`]).
+    async fn read_status(&self, q: &Queue) {
+        if !self.status_due() {
+            return;
+        }
+        self.live.step("reading queue_status()", self.db_call());
+        if let Ok(status) = q.status().await {
+            self.watch_status(&status);
+        }
+        let mut last = self.queued_bytes_read.lock().await;
+        if last.is_none_or(|t| t.elapsed() >= QUEUED_BYTES_EVERY) {
+            *last = Some(Instant::now());
+            self.live.step("reading savings_report()", self.db_call());
+            if let Ok(today) = q.savings_report("day", 1).await {
+                let queued = today.first().and_then(|p| p.bytes_still_queued);
+                self.metrics
+                    .queued_bytes
+                    .set(queued.map_or(f64::NAN, |b| b as f64));
+            }
+        }
+    }
+
     /// What queue_status() says, as metrics; and whether it names this reaper as one that leaves
     /// ready rows to others (its buckets or hosts do not cover them) or refused rows.
     fn watch_status(&self, status: &crate::queue::Status) {
@@ -903,6 +922,15 @@ impl Reaper {
             .breaker_tripped
             .set(i64::from(status.breaker_tripped));
         self.metrics.refused_saves.set(status.refused_saves);
+        for (kind, bytes) in [
+            ("orphan", status.reclaimed_orphan_bytes),
+            ("stray", status.reclaimed_stray_bytes),
+        ] {
+            self.metrics
+                .reclaimed_bytes
+                .get_or_create(&crate::metrics::KindLabel { kind })
+                .set(bytes);
+        }
         self.metrics
             .database_health
             .set(match status.health.as_str() {

@@ -377,6 +377,33 @@ fn reaper_report_says_what_the_ledger_holds_in_every_format() {
     );
     assert!(table.contains("Still queued: 777 B."), "{table}");
 
+    // /metrics: the bytes reclaimed by kind (every reaper shows the database's total) and the
+    // bytes still queued.
+    let addr = free_addr();
+    let child = reaper(
+        &db.name,
+        &emu,
+        &["run", "--no-probe", "--metrics-addr", &addr],
+    )
+    .env("REAPER_BUCKETS", "none-of-these")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .start();
+    wait_for(
+        std::time::Duration::from_secs(60),
+        "the reclaimed and queued bytes on /metrics",
+        || {
+            http_get(&addr, "/metrics").is_ok_and(|(_, m)| {
+                m.contains("\nreaper_reclaimed_bytes{kind=\"orphan\"} 43500.0\n")
+                    && m.contains("\nreaper_reclaimed_bytes{kind=\"stray\"} 0.0\n")
+                    && m.contains("\nreaper_queued_bytes 777.0\n")
+            })
+        },
+    );
+    signal(&child, libc::SIGTERM);
+    let out = wait_with_deadline(child, std::time::Duration::from_secs(20));
+    assert!(out.status.success(), "{}", output_text(&out));
+
     for (args, says) in [
         (
             &["report", "--period", "month"][..],
