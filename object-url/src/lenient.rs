@@ -70,12 +70,14 @@ fn browser_stripped(raw: &str) -> String {
         .collect()
 }
 
-/// The most bytes of text the lenient readings read for one value: far more than the readings
-/// of any value an app writes take (a signed URL with a 1 KB token takes about 10 KB, in
-/// markdown 16 KB), few enough that the slowest value we could build takes under a second to
-/// read in the managed edition (0.6 s there, 20 ms here). The tenth review of issue 14 crafted a
-/// 2 KB value whose readings took 16 s there, on every write of its job.
-pub const MAX_READING: usize = 65_536;
+/// The most bytes of text the lenient readings read for one value: more than the readings of
+/// any value an app writes take (a signed URL with a 1 KB token takes about 10 KB, in markdown
+/// 16 KB, two in a JSON array 23 KB), few enough that the slowest value we could build takes
+/// under half a second to read in the managed edition (0.42 s there, 6 ms here in a release
+/// build). The tenth review of issue 14 crafted a 2 KB value whose readings took 16 s there, on
+/// every write of its job; the eleventh, values of 32 and 63 KB (thousands of `..` segments or
+/// of bad bytes) that took 12 and 56 s, which the managed edition now reads in linear time.
+pub const MAX_READING: usize = 32_768;
 
 /// What the lenient readings read of a value, and how much: [`MAX_READING`] bounds the sum.
 #[derive(Default)]
@@ -281,8 +283,14 @@ fn unescape_json(text: &str) -> String {
     out
 }
 
-/// Characters that end an embedded URL in the value as written: no URL holds them unencoded.
-const HARD_STOPS: &[char] = &['"', '<', '>', '`', '\t', '\n', '\r', '\x0b', '\x0c'];
+/// Characters that end an embedded URL in the value as written: no URL holds them unencoded
+/// (`encodeURI` escapes them), and no object name holds them (storage refuses `{}[]^|` in a
+/// key), so a reading never needs to read past one: a Python dict's `str()`
+/// (`{'url': 'https://.../x.png'}`), BBCode's `[img]...[/img]`, AsciiDoc's `image::...[]`,
+/// pandoc's `![a](...){width=300}` (the eleventh review).
+const HARD_STOPS: &[char] = &[
+    '"', '<', '>', '`', '\t', '\n', '\r', '\x0b', '\x0c', '{', '}', '[', ']', '^', '|',
+];
 
 /// The texts of URLs embedded anywhere in a value, for [`texts_read`] to read as values: passed
 /// to an image proxy, encoded once
@@ -355,10 +363,13 @@ fn embedded_readings(value: &str, reading: &mut Reading) -> Result<(), TooMuch> 
 
 /// Where a URL embedded in text may end, in a span that runs to the first of [`HARD_STOPS`]:
 /// the whole span; cut at the first space (a URL in a sentence, a `srcset`), at the first `&`
-/// (a proxy's next parameter), at the first of either; and each of those cut at the first `,`,
-/// `|` or `)` (a list of URLs, markdown images side by side), and, where it holds a backslash,
-/// at the first of them that no backslash escapes (markdown: `[a](.../p\(1\).png),[b](...)`).
-/// A raw `&` in a name is cut at the space alone (the tenth review: `.../R&D.png (took 3s)`).
+/// (a proxy's next parameter), at the first of either; and each of those cut at the first `,`
+/// or `)` (a list of URLs, markdown images side by side), at the first `)` alone (a name with a
+/// `,` in a linked image: `[![a](.../a,b.png)](...)`), at the `)` that closes no `(` before it
+/// ([`balanced_cut`]: `![a](.../photo%20(1).png)![b](...)`, the eleventh review), and, where
+/// it holds a backslash, at the first `,` or `)` that no backslash escapes (markdown:
+/// `[a](.../p\(1\).png),[b](...)`). A raw `&` in a name is cut at the space alone (the tenth
+/// review: `.../R&D.png (took 3s)`).
 fn cuts(span: &str) -> Vec<&str> {
     let at = |c: &'static [char]| move |s: &str| s.find(c).unwrap_or(s.len());
     let first = [
@@ -369,7 +380,9 @@ fn cuts(span: &str) -> Vec<&str> {
     ];
     let mut cuts = first.to_vec();
     for cut in first {
-        cuts.push(&cut[..at(&[',', '|', ')'])(cut)]);
+        cuts.push(&cut[..at(&[',', ')'])(cut)]);
+        cuts.push(&cut[..at(&[')'])(cut)]);
+        cuts.push(balanced_cut(cut));
         if cut.contains('\\') {
             cuts.push(markdown_cut(cut));
         }
@@ -377,13 +390,36 @@ fn cuts(span: &str) -> Vec<&str> {
     cuts
 }
 
-/// `text` up to its first `,`, `|` or `)` that no backslash escapes (or a backslash that ends
-/// it).
+/// The longest start of `text` in which every `)` closes a `(` (one level deep, as in a name
+/// like `photo (1).png`) and every backslash escapes the character after it: where a markdown
+/// link destination with parentheses in it ends. The managed edition reads it with the regular
+/// expression `^(?:[^()\\]|\\.|\((?:[^()\\]|\\.)*\))*`, whose longest match this is.
+fn balanced_cut(text: &str) -> &str {
+    let mut chars = text.char_indices();
+    let mut open = false;
+    let mut end = 0;
+    while let Some((_, c)) = chars.next() {
+        match c {
+            '\\' if chars.next().is_none() => break,
+            '(' if open => break,
+            '(' => open = true,
+            ')' if !open => break,
+            ')' => open = false,
+            _ => {}
+        }
+        if !open {
+            end = chars.offset();
+        }
+    }
+    &text[..end]
+}
+
+/// `text` up to its first `,` or `)` that no backslash escapes (or a backslash that ends it).
 fn markdown_cut(text: &str) -> &str {
     let mut chars = text.char_indices();
     while let Some((i, c)) = chars.next() {
         match c {
-            ',' | '|' | ')' => return &text[..i],
+            ',' | ')' => return &text[..i],
             '\\' if chars.next().is_none() => return &text[..i],
             _ => {}
         }

@@ -939,14 +939,63 @@ fn the_readings_work_is_bounded() {
         format!("![render]({signed}) done"),
         list.clone(),
     ] {
+        // A 1 KB token: about 10 KB read, 16 KB in markdown, 23 KB for two in JSON.
         let size = reading_size(&value).unwrap_or(usize::MAX);
-        assert!(size <= MAX_READING / 2, "{size} bytes: {value}");
+        assert!(size <= MAX_READING * 3 / 4, "{size} bytes: {value}");
         assert!(
-            size <= MAX_READING / 4 || value == list,
+            size <= MAX_READING / 2 || value == list,
             "{size} bytes: {value}"
         );
         let keys = protected_keys(&value);
         assert!(keys.contains(&"renders/job 42/out.png".to_string()) || value == list);
     }
     assert!(protected_keys(&list).contains(&"renders/job 42/out1.png".to_string()));
+}
+
+/// What the eleventh review of issue 14 found unread: an embedded URL followed by a character
+/// no URL or object name holds unencoded (a Python dict's `str()`, BBCode, AsciiDoc, pandoc's
+/// attributes), and a name with a `,` or parentheses inside markdown followed by more text.
+#[test]
+fn the_eleventh_reviews_spellings_protect_their_files() {
+    let h = "https://abcd.supabase.co/storage/v1/object/public/renders";
+    let unread = [
+        (format!("{{'url': '{h}/x.png'}}"), "renders/x.png"),
+        (
+            format!("{{'output': {{'url': '{h}/x.png'}}}}"),
+            "renders/x.png",
+        ),
+        (format!("{{URL:{h}/go.png}}"), "renders/go.png"),
+        (format!("{h}/brace.png}}"), "renders/brace.png"),
+        (format!("[img]{h}/bb.png[/img]"), "renders/bb.png"),
+        (
+            format!("[url={h}/bb2.png]download[/url]"),
+            "renders/bb2.png",
+        ),
+        (format!("image::{h}/adoc.png[]"), "renders/adoc.png"),
+        (
+            format!("image::{h}/adoc2.png[Render,300,200]"),
+            "renders/adoc2.png",
+        ),
+        (
+            format!("[![a]({h}/a,b.png)](https://example.com)"),
+            "renders/a,b.png",
+        ),
+        (
+            format!("![a]({h}/photo%20(1).png)![b]({h}/y.png)"),
+            "renders/photo (1).png",
+        ),
+        (
+            format!("![a]({h}/photo%20(2).png){{width=300}}"),
+            "renders/photo (2).png",
+        ),
+        (
+            format!("see ({h}/p%20(3).png) and more"),
+            "renders/p (3).png",
+        ),
+    ]
+    .into_iter()
+    .filter(|(value, key)| !protected_keys(value).contains(&key.to_string()))
+    .map(|(value, key)| format!("{value} protects {key}: {:?}", protected_keys(&value)))
+    .collect::<Vec<_>>();
+    assert!(unread.is_empty(), "{unread:#?}");
 }

@@ -66,42 +66,32 @@ EXCEPTION WHEN character_not_in_repertoire THEN
 END
 $$;
 
+-- Escapes as UTF-8 reads them: group 1 a run of characters (ASCII but NUL; two, three and four
+-- bytes with the second byte's range set by the first: no overlong form, no surrogate, nothing
+-- past U+10FFFF), group 2 one byte that starts none (a NUL or a byte past ASCII). The two never
+-- match the same text, so the longest match at each place is the one UTF-8 reads.
+CREATE FUNCTION orphan_cleanup._utf8_escapes() RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (SELECT '((?:%(?:0[1-9A-Fa-f]|[1-7][0-9A-Fa-f])'
+               || '|%[Cc][2-9A-Fa-f]' || c || '|%[Dd][0-9A-Fa-f]' || c
+               || '|%[Ee]0%[ABab][0-9A-Fa-f]' || c || '|%[Ee][1-9A-Ca-cEeFf]' || c || c || '|%[Ee][Dd]%[89][0-9A-Fa-f]' || c
+               || '|%[Ff]0%(?:9[0-9A-Fa-f]|[ABab][0-9A-Fa-f])' || c || c || '|%[Ff][1-3]' || c || c || c
+               || '|%[Ff]4%8[0-9A-Fa-f]' || c || c
+               || ')+)|(%(?:00|[89A-Fa-f][0-9A-Fa-f]))'
+        FROM (SELECT '%[89ABab][0-9A-Fa-f]' AS c) AS k);
+
 -- A run of escapes (%XX%XX...) decoded as object-url's decode_once decodes it: every character
--- its bytes spell in UTF-8, and each byte that is no part of one (or a NUL) as written.
+-- its bytes spell in UTF-8, and each byte that is no part of one (or a NUL) as written. One
+-- regular expression pass (_utf8_escapes) tells the two apart by UTF-8's byte ranges: checking
+-- each byte by converting it and catching the error (a subtransaction each) made a value with
+-- thousands of bad bytes take a minute (the eleventh review).
 CREATE FUNCTION orphan_cleanup._decode_run(run text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
-DECLARE
-    bytes bytea := pg_catalog.decode(pg_catalog.replace(run, '%', ''), 'hex');
-    whole text := orphan_cleanup._utf8(bytes);
-    n int := pg_catalog.length(bytes);
-    i int := 0;
-    b int;
-    len int;
-    c text;
-    out_ text[] := '{}';
-BEGIN
-    IF whole IS NOT NULL THEN
-        RETURN whole;
-    END IF;
-    WHILE i < n LOOP
-        b := pg_catalog.get_byte(bytes, i);
-        len := CASE WHEN b BETWEEN 1 AND 127 THEN 1 WHEN b BETWEEN 194 AND 223 THEN 2
-                    WHEN b BETWEEN 224 AND 239 THEN 3 WHEN b BETWEEN 240 AND 244 THEN 4 ELSE 0 END;
-        c := NULL;
-        IF len > 0 AND i + len <= n THEN
-            c := orphan_cleanup._utf8(pg_catalog.substring(bytes, i + 1, len));
-        END IF;
-        IF c IS NULL THEN
-            out_ := out_ || pg_catalog.substr(run, 3 * i + 1, 3);
-            i := i + 1;
-        ELSE
-            out_ := out_ || c;
-            i := i + len;
-        END IF;
-    END LOOP;
-    RETURN pg_catalog.array_to_string(out_, '');
-END
-$$;
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN (SELECT pg_catalog.string_agg(
+                   CASE WHEN t.m[1] IS NOT NULL
+                        THEN pg_catalog.convert_from(pg_catalog.decode(pg_catalog.replace(t.m[1], '%', ''), 'hex'), 'UTF8')
+                        ELSE t.m[2] END, '' ORDER BY t.n)
+        FROM pg_catalog.regexp_matches(run, orphan_cleanup._utf8_escapes(), 'g') WITH ORDINALITY AS t(m, n));
 
 -- The text percent-decoded once (object-url's decode_once): in each run of escapes, every
 -- character its bytes spell in UTF-8 is decoded (_decode_run); everything else stays as written.
@@ -460,32 +450,33 @@ BEGIN ATOMIC
     FROM orphan_cleanup._parse_url(url) AS p;
 END;
 
--- The lenient reading's path segments (object-url's normalize()): percent-decoded (an invalid
--- escape stays as written; a path that decodes to no text is read as written), with empty and
--- '.' segments dropped and '..' resolved.
-CREATE FUNCTION orphan_cleanup._normalized_segments(path text, keep_empty boolean) RETURNS text[]
+-- The lenient reading's path segments (object-url's normalize()) of a path already
+-- percent-decoded (_decode_once: the caller decodes a path once for every reading of it), with
+-- empty and '.' segments dropped and '..' resolved.
+CREATE FUNCTION orphan_cleanup._normalized_segments(decoded text, keep_empty boolean) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 DECLARE
-    text_ text := path;
+    text_ text := decoded;
     part text;
     out_ text[] := '{}';
+    top int := 0;
 BEGIN
-    text_ := orphan_cleanup._decode_once(path);
     IF keep_empty AND pg_catalog.left(text_, 1) IN ('/', '\') THEN
         text_ := pg_catalog.substr(text_, 2);
     END IF;
+    -- A stack of segments with its top kept apart: '..' moves the top down in place (cutting
+    -- the array copied it, and a path of thousands of segments took seconds: the eleventh review).
     FOREACH part IN ARRAY pg_catalog.regexp_split_to_array(text_, '[/\\]') LOOP
         IF part = '.' OR (part = '' AND NOT keep_empty) THEN
             CONTINUE;
         ELSIF part = '..' THEN
-            IF pg_catalog.cardinality(out_) > 0 THEN
-                out_ := pg_catalog.trim_array(out_, 1);
-            END IF;
+            top := greatest(top - 1, 0);
         ELSE
-            out_ := out_ || part;
+            top := top + 1;
+            out_[top] := part;
         END IF;
     END LOOP;
-    RETURN pg_catalog.array_remove(out_, '');
+    RETURN pg_catalog.array_remove(out_[1:top], '');
 END
 $$;
 
@@ -589,7 +580,7 @@ $$;
 -- The most bytes of text the lenient readings read for one value (object-url's MAX_READING).
 CREATE FUNCTION orphan_cleanup._max_reading() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN 65536;
+RETURN 32768;
 
 -- The texts the lenient readings read as values (object-url's texts_read): each of the value's
 -- layer texts, and the URLs embedded in each; and how many bytes that reads (each layer's length
@@ -721,8 +712,8 @@ $$;
 -- (object-url's embedded_readings): passed to an image proxy encoded once, inside markdown, in
 -- text, or in a list. The ends are found in the value as written (an encoded %20, %26 or %3F in
 -- a name is still part of it): each reading starts at a marker (_markers: a storage route, a
--- URL's scheme) and runs to the first hard stop (a quote, angle bracket, backquote or control
--- character); it is read in the cuts of that span (_cuts), each as it is, without one trailing
+-- URL's scheme) and runs to the first hard stop (a quote, angle bracket, backquote, control
+-- character, or one of {}[]^|: no URL or object name holds them unencoded); it is read in the cuts of that span (_cuts), each as it is, without one trailing
 -- ')', ']' or quote, without all of them, without trailing punctuation too, and cut at its last
 -- '@' when no '/' follows it (imgproxy's @webp); each of those as it is, decoded once, decoded
 -- with '+' as a space, and with markdown's backslash escapes taken off. Every marker gets a pass
@@ -760,7 +751,7 @@ BEGIN
         END LOOP;
         EXIT WHEN start_ IS NULL;
         seen := '{}';
-        FOREACH cut IN ARRAY orphan_cleanup._cuts(substring(pg_catalog.substr(value, start_) FROM '^[^"<>`\t\n\r\x0b\x0c]*')) LOOP
+        FOREACH cut IN ARRAY orphan_cleanup._cuts(substring(pg_catalog.substr(value, start_) FROM '^[^]"<>`\t\n\r\x0b\x0c{}[^|]*')) LOOP
             FOREACH variant IN ARRAY ARRAY[cut,
                                            CASE WHEN pg_catalog.right(cut, 1) IN (')', ']', '''')
                                                 THEN pg_catalog.left(cut, -1) ELSE cut END,
@@ -793,8 +784,9 @@ $$;
 
 -- Where a URL embedded in text may end, in a span that runs to the first hard stop (object-url's
 -- cuts): the whole span; cut at the first space, at the first '&', at the first of either; and
--- each of those cut at the first ',', '|' or ')', and, where it holds a backslash, at the first
--- of them that no backslash escapes (markdown).
+-- each of those cut at the first ',' or ')', at the first ')' alone, at the ')' that closes no
+-- '(' before it (object-url's balanced_cut: the longest match of the expression below), and,
+-- where it holds a backslash, at the first ',' or ')' that no backslash escapes (markdown).
 CREATE FUNCTION orphan_cleanup._cuts(span text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET standard_conforming_strings = on AS $$
 DECLARE
@@ -804,9 +796,10 @@ DECLARE
     cut text;
 BEGIN
     FOREACH cut IN ARRAY firsts LOOP
-        cuts := cuts || substring(cut FROM '^[^,|)]*');
+        cuts := cuts || substring(cut FROM '^[^,)]*') || substring(cut FROM '^[^)]*')
+                     || substring(cut FROM '^(?:[^()\\]|\\.|\((?:[^()\\]|\\.)*\))*');
         IF pg_catalog.strpos(cut, '\') > 0 THEN
-            cuts := cuts || substring(cut FROM '^(?:[^,|)\\]|\\.)*');
+            cuts := cuts || substring(cut FROM '^(?:[^,)\\]|\\.)*');
         END IF;
     END LOOP;
     RETURN cuts;
@@ -863,6 +856,8 @@ DECLARE
     keep_empty boolean;
     keys text[] := '{}';
     k text;
+    decoded text;
+    segments text[];
 BEGIN
     value := pg_catalog.replace(value, '\', '/');
     first := pg_catalog.split_part(value, '/', 1);
@@ -905,6 +900,7 @@ BEGIN
         paths := paths || pg_catalog.split_part(without_query, ';', 1);
     END IF;
     FOREACH path IN ARRAY paths LOOP
+        decoded := NULL;
         FOREACH keep_empty IN ARRAY ARRAY[false, true] LOOP
             -- '..' after an encoded slash goes up one segment as written in a browser: such a
             -- path is also read with its dots resolved so first.
@@ -913,23 +909,34 @@ BEGIN
                 read_ := read_ || orphan_cleanup._dots_resolved(path, keep_empty);
             END IF;
             FOREACH p IN ARRAY read_ LOOP
+                -- Decoded and split once for every route it is read with (and the path as
+                -- written decoded once for both ways of counting empty segments); a path too
+                -- long to read names nothing.
+                segments := NULL;
+                IF pg_catalog.octet_length(p) <= 65536 THEN
+                    IF p = path AND decoded IS NULL THEN
+                        decoded := orphan_cleanup._decode_once(path);
+                    END IF;
+                    segments := orphan_cleanup._normalized_segments(
+                        CASE WHEN p = path THEN decoded ELSE orphan_cleanup._decode_once(p) END, keep_empty);
+                END IF;
                 IF NOT has_route THEN
-                    keys := keys || orphan_cleanup._key_of_path(p, 'none', keep_empty);
+                    keys := keys || orphan_cleanup._key_of_path(segments, 'none');
                     -- And a route that only resolving dot segments spells (storage/./v1/...);
                     -- none without 'storage' in the path, or an escape that could spell it.
                     IF pg_catalog.strpos(p, '%') > 0 OR pg_catalog.strpos(orphan_cleanup._ascii_lower(p), 'storage') > 0 THEN
-                        keys := keys || orphan_cleanup._key_of_path(p, 'gateway', keep_empty);
+                        keys := keys || orphan_cleanup._key_of_path(segments, 'gateway');
                     END IF;
                     CONTINUE;
                 END IF;
-                k := orphan_cleanup._key_of_path(p, 'gateway', keep_empty);
+                k := orphan_cleanup._key_of_path(segments, 'gateway');
                 IF k IS NOT NULL THEN
                     keys := keys || k;
                 ELSIF is_url THEN
                     -- A URL with no storage/v1: the storage server's own (self-hosted, behind no
                     -- gateway), and a CDN's path.
-                    keys := keys || orphan_cleanup._key_of_path(p, 'server', keep_empty)
-                                 || orphan_cleanup._key_of_path(p, 'none', keep_empty);
+                    keys := keys || orphan_cleanup._key_of_path(segments, 'server')
+                                 || orphan_cleanup._key_of_path(segments, 'none');
                 END IF;
             END LOOP;
         END LOOP;
@@ -946,41 +953,39 @@ LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     part text;
     out_ text[] := '{}';
+    top int := 0;
 BEGIN
     IF keep_empty AND pg_catalog.left(path, 1) IN ('/', '\') THEN
         path := pg_catalog.substr(path, 2);
     END IF;
+    -- A stack with its top kept apart, as in _normalized_segments.
     FOREACH part IN ARRAY pg_catalog.regexp_split_to_array(path, '[/\\]') LOOP
         CASE
             WHEN part = '' AND NOT keep_empty THEN NULL;
             WHEN orphan_cleanup._ascii_lower(part) IN ('.', '%2e') THEN NULL;
             WHEN orphan_cleanup._ascii_lower(part) IN ('..', '.%2e', '%2e.', '%2e%2e') THEN
-                out_ := pg_catalog.trim_array(out_, least(1, pg_catalog.cardinality(out_)));
+                top := greatest(top - 1, 0);
             ELSE
-                out_ := out_ || part;
+                top := top + 1;
+                out_[top] := part;
         END CASE;
     END LOOP;
-    RETURN pg_catalog.array_to_string(out_, '/');
+    RETURN pg_catalog.array_to_string(out_[1:top], '/');
 END
 $$;
 
--- The object a path names, after the storage route when it has one (object-url's key_of_path):
--- paths longer than 65,536 bytes are not read; a key longer than any object name storage allows
--- (1,024 bytes), or a bucket as long, names none.
-CREATE FUNCTION orphan_cleanup._key_of_path(path text, route_at text, keep_empty boolean) RETURNS text
+-- The object a path names, after the storage route when it has one (object-url's key_of_path),
+-- from its segments (_normalized_segments; NULL for a path longer than 65,536 bytes, which is not
+-- read); a key longer than any object name storage allows (1,024 bytes), or a bucket as long,
+-- names none.
+CREATE FUNCTION orphan_cleanup._key_of_path(segments text[], route_at text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
-    segments text[];
     route text[];
     start int;
     skip int;
-    n int;
+    n int := pg_catalog.cardinality(segments);
 BEGIN
-    IF pg_catalog.octet_length(path) > 65536 THEN
-        RETURN NULL;
-    END IF;
-    segments := orphan_cleanup._normalized_segments(path, keep_empty);
-    n := pg_catalog.cardinality(segments);
     IF route_at = 'gateway' THEN
         SELECT i INTO start FROM pg_catalog.generate_series(1, n - 1) AS i
         WHERE orphan_cleanup._ascii_lower(segments[i]) = 'storage'

@@ -43,7 +43,7 @@ END;
 -- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes,
 -- up to 16 URLs and storage routes (counted by scheme and by route: a storage URL is two) in
 -- each layer of a value, 6 layers of wrapping (JSON, percent-encoding) under the value as
--- written, and 65,536 bytes of readings in all (object-url's limits, which keep its work
+-- written, and 32,768 bytes of readings in all (object-url's limits, which keep its work
 -- bounded; _route_count() and _reading_size() are object-url's route_count() and
 -- reading_size(), in Rust or PL/pgSQL as the edition has it). A value past them may name an
 -- object no reading found, so a job with such a URL is never saved (save_guard, job_guard,
@@ -62,7 +62,7 @@ RETURN (SELECT CASE
             WHEN r.n > 16 THEN
                 format('its output_url holds %s URLs and storage routes (a storage URL is two), and pg_orphan_cleanup reads up to 16 in one value', r.n)
             WHEN orphan_cleanup._reading_size(url) < 0 THEN
-                'reading its output_url every way it could be meant (each URL in it cut at each space, ''&'', '','' and '')'', each layer of encoding) takes more than 65,536 bytes, and pg_orphan_cleanup reads up to that much of one value'
+                'reading its output_url every way it could be meant (each URL in it cut at each space, ''&'', '','' and '')'', each layer of encoding) takes more than 32,768 bytes, and pg_orphan_cleanup reads up to that much of one value'
         END
         FROM (SELECT CASE WHEN octet_length(url) <= 65536 THEN orphan_cleanup._route_count(url) END AS n) AS r);
 

@@ -2082,7 +2082,7 @@ RETURN (SELECT CASE
             WHEN r.n > 16 THEN
                 format('its output_url holds %s URLs and storage routes (a storage URL is two), and pg_orphan_cleanup reads up to 16 in one value', r.n)
             WHEN orphan_cleanup._reading_size(url) < 0 THEN
-                'reading its output_url every way it could be meant (each URL in it cut at each space, ''&'', '','' and '')'', each layer of encoding) takes more than 65,536 bytes, and pg_orphan_cleanup reads up to that much of one value'
+                'reading its output_url every way it could be meant (each URL in it cut at each space, ''&'', '','' and '')'', each layer of encoding) takes more than 32,768 bytes, and pg_orphan_cleanup reads up to that much of one value'
         END
         FROM (SELECT CASE WHEN octet_length(url) <= 65536 THEN orphan_cleanup._route_count(url) END AS n) AS r);
 

@@ -99,7 +99,7 @@ fn _route_count(url: &str) -> i32 {
 }
 
 /// How many bytes object_keys() reads to read a URL every way it could be meant (object-url's
-/// reading_size), or -1 past object-url's MAX_READING (65,536 bytes), when it reads only the
+/// reading_size), or -1 past object-url's MAX_READING (32,768 bytes), when it reads only the
 /// strict reading: `_unread_url()` refuses a saved job past it (OC003), so that no value costs
 /// every write of its job seconds (the tenth review of issue 14).
 #[pg_extern(immutable, parallel_safe, strict)]

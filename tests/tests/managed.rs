@@ -48,6 +48,7 @@ const MANAGED_ONLY_FUNCTIONS: &[&str] = &[
     "_routes_in",
     "_markers",
     "_decode_run",
+    "_utf8_escapes",
     "_unescaped",
     "_dots_resolved",
     "_canonical_url",

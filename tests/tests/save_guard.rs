@@ -825,6 +825,13 @@ fn names_with_a_space_an_ampersand_or_a_question_mark_keep_their_files_in_every_
         (format!("{base}/s/Tom%20&%20Jerry.png 1x, {base}/s/b.png 2x"), "s/Tom%20%26%20Jerry.png"),
         (format!("{base}/c/R&D.png,{base}/c/b.png"), "c/R%26D.png"),
         (format!(r#"{{"u":"{base}/n/new\nline.png"}}"#), "n/newline.png"),
+        // The eleventh review: a Python dict's str(), BBCode, AsciiDoc; a name with a ',' or
+        // parentheses in markdown followed by more text.
+        (format!("{{'url': '{base}/e/dict.png'}}"), "e/dict.png"),
+        (format!("[img]{base}/e/bb.png[/img]"), "e/bb.png"),
+        (format!("image::{base}/e/adoc.png[Render,300,200]"), "e/adoc.png"),
+        (format!("[![a]({base}/e/a,b.png)](https://example.com)"), "e/a,b.png"),
+        (format!("![a]({base}/e/photo%20(1).png)![b]({base}/e/y.png)"), "e/photo%20(1).png"),
     ] {
         let saved = job(&mut c, "completed", Some(&saved_url), "2 hours", "saved");
         save(&mut c, "generated_saved", &saved.0).unwrap();
@@ -896,7 +903,7 @@ fn a_job_whose_url_cannot_be_read_in_full_is_never_saved() {
             "escaped.png",
             "up to 16",
         ),
-        // Readings of more than 65,536 bytes: six URLs, then 1.8 KB whose every cut is read
+        // Readings of more than 32,768 bytes: six URLs, then 1.8 KB whose every cut is read
         // many ways (the tenth review: a crafted 2 KB value took 16 s to read in the managed
         // edition, on every write of its job).
         (

@@ -365,7 +365,7 @@ fn value(rng: &mut StdRng) -> String {
     };
     let v = format!("{}{v}{}", junk(rng), junk(rng));
     // Wrapped: in markdown, in text, or passed to an image proxy (encoded in its query).
-    let mut v = match rng.random_range(0..40) {
+    let mut v = match rng.random_range(0..44) {
         0 => format!("![render]({v})"),
         1 => format!("see {v} for the render"),
         2 => format!(
@@ -501,6 +501,39 @@ fn value(rng: &mut StdRng) -> String {
         18 => format!(
             r#"{{"u":"{}"}}"#,
             v.replacen('a', pick(rng, &["a\\n", "\\ta", "a\\r\\n"]), 1)
+        ),
+        // The eleventh review: a Python dict's str(), BBCode, AsciiDoc, pandoc's attributes;
+        // a name with ',' or parentheses in markdown followed by more text; runs of bad bytes
+        // and of '..' (which the managed edition read in quadratic time).
+        20 => format!(
+            "{}{v}{}",
+            pick(
+                rng,
+                &["{'url': '", "[img]", "[url=", "image::", "[![a](", "![a]("]
+            ),
+            pick(
+                rng,
+                &[
+                    "'}",
+                    "[/img]",
+                    "]x[/url]",
+                    "[]",
+                    "[A,1,2]",
+                    ")](https://e.x)",
+                    "){width=3}",
+                    ")![b](y)"
+                ]
+            )
+        ),
+        21 => v.replacen(
+            'a',
+            pick(rng, &["a,b", "p%20(1)", "(x)", "a(b", "a)b", "\\(c\\)"]),
+            1,
+        ),
+        22 if rng.random_range(0..8) == 0 => v.replacen(
+            '/',
+            &pick(rng, &["%E2", "%C3%A9%FF", "a/../", "%2F.."]).repeat(rng.random_range(50..400)),
+            1,
         ),
         19 if rng.random_range(0..4) == 0 => {
             format!("{v} a&b,c)d e&f,g)h ").repeat(rng.random_range(2..10))
