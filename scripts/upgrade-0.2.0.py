@@ -273,6 +273,7 @@ out.append(fn('queue','_write_jobs', replace=False))
 out.append(fn('queue','_own_job_writer', replace=False))
 out.append(fn('queue','_cleanup_jobs'))
 out.append(fn('queue','cancel'))
+out.append(fn('queue','cancel_prefix', replace=False))
 out.append(fn('queue','requeue_dead'))
 out.append("""-- An attached database gets the jobs table's guard now, as attach() installs it, its truncate
 -- guard fires under session_replication_role = replica too, confirm()'s writes to the jobs
@@ -438,6 +439,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.sent_by_reaper(text, interval),
     orphan_cleanup._inventory_problem(),
     orphan_cleanup.preview_strays(interval, integer),
+    orphan_cleanup.cancel_prefix(text, text),
     orphan_cleanup.savings_report(text, integer)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION

@@ -3401,6 +3401,24 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup.cancel_prefix(bucket text, prefix text)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    IF bucket IS NULL OR prefix IS NULL THEN
+        RAISE EXCEPTION 'bucket and prefix must not be NULL (use '''' as the prefix for the whole bucket)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    SELECT c.id, c.result
+    FROM orphan_cleanup.cancel(ARRAY(SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+                                     WHERE d.bucket = cancel_prefix.bucket AND d.state IN ('pending', 'dead', 'claimed')
+                                       AND pg_catalog.starts_with(d.object_path, cancel_prefix.prefix)
+                                     ORDER BY d.id)) AS c;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION orphan_cleanup.requeue_dead(ids bigint[] DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -3780,6 +3798,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.sent_by_reaper(text, interval),
     orphan_cleanup._inventory_problem(),
     orphan_cleanup.preview_strays(interval, integer),
+    orphan_cleanup.cancel_prefix(text, text),
     orphan_cleanup.savings_report(text, integer)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION

@@ -1261,6 +1261,29 @@ BEGIN
 END
 $$;
 
+-- DBA: cancel() of every row of `bucket` whose object name starts with `prefix` ('' for the
+-- whole bucket; the prefix is literal, '_' and '%' included), when a folder must be kept (a
+-- campaign's renders, a customer's export): pending and dead rows are cancelled and their
+-- objects kept as cancel() keeps them; a claimed row is named as not cancelled, with the reaper
+-- that holds it. One row per row, as cancel() answers; none when nothing matched.
+CREATE FUNCTION orphan_cleanup.cancel_prefix(bucket text, prefix text)
+RETURNS TABLE (id bigint, result text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    IF bucket IS NULL OR prefix IS NULL THEN
+        RAISE EXCEPTION 'bucket and prefix must not be NULL (use '''' as the prefix for the whole bucket)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    SELECT c.id, c.result
+    FROM orphan_cleanup.cancel(ARRAY(SELECT d.id FROM orphan_cleanup.deletion_queue AS d
+                                     WHERE d.bucket = cancel_prefix.bucket AND d.state IN ('pending', 'dead', 'claimed')
+                                       AND pg_catalog.starts_with(d.object_path, cancel_prefix.prefix)
+                                     ORDER BY d.id)) AS c;
+END
+$$;
+
 -- DBA: puts dead-lettered rows back in the queue with fresh attempts. NULL: all of them. A job
 -- has one live row at a time: a dead row whose job has a live (pending or claimed) row already,
 -- or another dead row requeued now, is skipped, named in a NOTICE, and left dead.

@@ -1601,3 +1601,120 @@ fn health_asks_whether_a_reaper_runs_when_rows_have_waited_an_hour() {
         "{detail}"
     );
 }
+
+/// cancel_prefix() cancels the pending rows under a prefix, and only those: the prefix is literal
+/// ('_' is no wildcard), other folders and buckets keep their rows, a claimed row under it is
+/// named with its reaper, the objects are kept (a later cycle queues nothing for them), and each
+/// cancellation is audited. NULL is refused by name.
+#[test]
+fn cancel_prefix_keeps_a_folder() {
+    settings(BASE_SETTINGS);
+    let db = TestDb::attached("queue_cancel_prefix");
+    let mut c = db.client();
+    for key in [
+        "keep/a.png",
+        "keep/b.png",
+        "keep/sub/c.png",
+        "kee_/d.png",
+        "other/e.png",
+    ] {
+        job(
+            &mut c,
+            "completed",
+            Some(&public_url("renders", key)),
+            "2 hours",
+            "prefix",
+        );
+    }
+    assert_eq!(cycle(&mut c).2, 5);
+    // The reaper holds keep/a.png's row (the first queued).
+    let claimed = claim(&mut c, "w1", 1).ids;
+    let held: String = c
+        .query_one(
+            "SELECT object_path FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&claimed[0]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(held, "keep/a.png");
+    let answers: Vec<(String, String)> = c
+        .query(
+            "SELECT d.object_path, c.result FROM orphan_cleanup.cancel_prefix('renders', 'keep/') AS c
+               JOIN orphan_cleanup.deletion_queue AS d ON d.id = c.id ORDER BY d.object_path",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(
+        answers[0].1.starts_with("not cancelled: claimed by w1"),
+        "{answers:?}"
+    );
+    assert_eq!(answers[1], ("keep/b.png".into(), "cancelled".into()));
+    assert_eq!(answers[2], ("keep/sub/c.png".into(), "cancelled".into()));
+    let states: Vec<(String, String)> = c
+        .query(
+            "SELECT object_path, state FROM orphan_cleanup.deletion_queue ORDER BY object_path",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("kee_/d.png", "pending"),
+            ("keep/a.png", "claimed"),
+            ("keep/b.png", "cancelled"),
+            ("keep/sub/c.png", "cancelled"),
+            ("other/e.png", "pending"),
+        ]
+        .map(|(p, s)| (p.to_string(), s.to_string()))
+    );
+    let audited: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'cancelled'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 2);
+    // Another bucket's prefix cancels nothing; NULL is refused.
+    let none: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.cancel_prefix('thumbs', 'keep/')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(none, 0);
+    let e = c
+        .query(
+            "SELECT * FROM orphan_cleanup.cancel_prefix('renders', NULL)",
+            &[],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("bucket and prefix must not be NULL"),
+        "{}",
+        db_error(&e)
+    );
+    // A later full sweep does not queue the kept objects again.
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", HOST),
+        ("full_sweep_interval", "0"),
+    ]);
+    cycle(&mut c);
+    let pending_keep: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending' AND object_path LIKE 'keep/%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pending_keep, 0);
+}
