@@ -999,3 +999,14 @@ fn the_eleventh_reviews_spellings_protect_their_files() {
     .collect::<Vec<_>>();
     assert!(unread.is_empty(), "{unread:#?}");
 }
+
+/// The twelfth review: CSS escapes a space in an unquoted `url()` with a backslash.
+#[test]
+fn a_css_escaped_space_protects_its_file() {
+    let v = r"url(https://abcd.supabase.co/storage/v1/object/public/renders/photo\ \(1\).png)";
+    assert!(
+        protected_keys(v).contains(&"renders/photo (1).png".to_string()),
+        "{:?}",
+        protected_keys(v)
+    );
+}

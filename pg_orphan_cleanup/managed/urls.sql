@@ -771,9 +771,9 @@ BEGIN
                 IF pg_catalog.strpos(variant, '+') > 0 THEN
                     texts := texts || orphan_cleanup._decode_once(pg_catalog.replace(variant, '+', '%20'));
                 END IF;
-                -- Markdown's backslash escapes (CommonMark: before ASCII punctuation).
+                -- Markdown's backslash escapes (CommonMark: before ASCII punctuation; CSS: a space).
                 IF pg_catalog.strpos(variant, '\') > 0 THEN
-                    texts := texts || pg_catalog.regexp_replace(variant, '\\([!-/:-@[-`{-~])', '\1', 'g');
+                    texts := texts || pg_catalog.regexp_replace(variant, '\\([ !-/:-@[-`{-~])', '\1', 'g');
                 END IF;
             END LOOP;
         END LOOP;

@@ -366,11 +366,16 @@ BEGIN
             v_out := ob;
         END IF;
     END LOOP;
-    IF v_out.bucket IS NULL THEN
-        RETURN NULL;
-    END IF;
+    -- The job now names other objects: write its fence row whether or not one is handed out
+    -- yet. A save whose snapshot predates this write (REPEATABLE READ, SERIALIZABLE) would read
+    -- the old URL and hold the old objects, while a claim after this commit hands the new one
+    -- out; its write of the same fence row fails instead, and its retry reads the new URL (the
+    -- twelfth review).
     IF NOT v_fenced THEN
         PERFORM orphan_cleanup._fence_job(NEW.id);
+    END IF;
+    IF v_out.bucket IS NULL THEN
+        RETURN NULL;
     END IF;
     IF orphan_cleanup._job_is_saved(att, NEW.id) THEN
         RAISE EXCEPTION 'render job % is saved and cannot point at %/%: that object was handed to a reaper and may already be deleted from storage',

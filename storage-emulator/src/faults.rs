@@ -48,6 +48,10 @@ pub struct Faults {
     pub reject_http: Option<u16>,
     /// With `reject_names`: only the first this many such requests are refused (a blip).
     pub reject_times: Option<u64>,
+    /// With `reject_names` and `reject_times`: the first request carrying the name after the
+    /// refusals is carried out and its answer never comes (a resend that times out, which the
+    /// client cannot tell from one that did nothing).
+    pub then_lose_once: bool,
     /// Every object request is answered `200` with a CDN's HTML error page: an outage behind a
     /// CDN that answers for the server.
     pub answer_html: bool,
@@ -63,6 +67,14 @@ pub struct FaultState {
     requests: AtomicU64,
     /// Requests refused for `reject_names` since the faults were set.
     rejected: AtomicU64,
+}
+
+/// What `reject_names` does to a bulk delete.
+pub enum Rejection {
+    /// Refuse it whole with this HTTP status.
+    Refuse(u16),
+    /// Carry it out, and never answer.
+    Lose,
 }
 
 /// What to do with one request.
@@ -98,18 +110,20 @@ impl FaultState {
         self.rejected.store(0, Ordering::SeqCst);
     }
 
-    /// Whether a bulk delete carrying `names` is refused (`reject_names`, `reject_times`).
-    pub fn rejects(&self, names: &[String]) -> Option<u16> {
+    /// Whether a bulk delete carrying `names` is refused (`reject_names`, `reject_times`), or
+    /// carried out with its answer lost (`then_lose_once`).
+    pub fn rejects(&self, names: &[String]) -> Option<Rejection> {
         let f = self.get();
         let pattern = f.reject_names?;
         if !names.iter().any(|n| n.contains(pattern.as_str())) {
             return None;
         }
         let n = self.rejected.fetch_add(1, Ordering::SeqCst);
-        if f.reject_times.is_some_and(|times| n >= times) {
-            return None;
+        match f.reject_times {
+            Some(times) if n == times && f.then_lose_once => Some(Rejection::Lose),
+            Some(times) if n >= times => None,
+            _ => Some(Rejection::Refuse(f.reject_http.unwrap_or(500))),
         }
-        Some(f.reject_http.unwrap_or(500))
     }
 
     pub async fn judge(&self) -> Verdict {

@@ -75,6 +75,10 @@ pub struct LogEntry {
     pub unix_ms: u128,
 }
 
+/// A handler's word that its request was carried out and its answer must be lost.
+#[derive(Clone, Copy)]
+struct LoseAnswer;
+
 /// What a handler adds to its request's log entry.
 #[derive(Clone, Default)]
 struct LogExtra {
@@ -207,6 +211,7 @@ async fn faults_and_log(State(emu): State<Arc<Emulator>>, req: Request, next: Ne
         )
             .into_response(),
     };
+    lose_response |= response.extensions().get::<LoseAnswer>().is_some();
     let extra = response
         .extensions()
         .get::<LogExtra>()
@@ -447,10 +452,14 @@ async fn bulk_delete(
             &format!("Bulk object requests are limited to {limit} objects per request."),
         ));
     }
-    if let Some(http) = emu.faults.rejects(&names) {
-        tracing::debug!(http, "refusing a bulk delete that carries a rejected name");
-        return Ok(rejected(http));
-    }
+    let lose = match emu.faults.rejects(&names) {
+        Some(faults::Rejection::Refuse(http)) => {
+            tracing::debug!(http, "refusing a bulk delete that carries a rejected name");
+            return Ok(rejected(http));
+        }
+        Some(faults::Rejection::Lose) => true,
+        None => false,
+    };
     if emu.hard_limits && names.len() > BULK_LIMIT {
         return Err(ApiError::new(
             400,
@@ -477,6 +486,9 @@ async fn bulk_delete(
         .map(|(name, meta)| meta.to_json(&bucket, name))
         .collect();
     let mut response = Json(body).into_response();
+    if lose {
+        response.extensions_mut().insert(LoseAnswer);
+    }
     response.extensions_mut().insert(LogExtra {
         names: names.len(),
         deleted: deleted.len(),

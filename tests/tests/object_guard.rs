@@ -333,6 +333,68 @@ fn seq04_a_serializable_save_whose_snapshot_predates_the_claim_does_not_commit()
     save_at_isolation_after_a_claim("SERIALIZABLE");
 }
 
+/// Found by the twelfth review: the app's snapshot is taken; another session points job J at
+/// object b (a render cache hit; b is not handed out yet); a cycle queues b and a claim hands
+/// it out; then the app saves J. At READ COMMITTED the save reads J's new URL and is refused.
+/// At REPEATABLE READ or SERIALIZABLE it read J's old URL (a FOR KEY SHARE lock meets no
+/// conflict on a non-key update), held the old object, and committed: J saved, b deleted. The
+/// job write now writes J's fence row whenever J comes to name an object, so the save's fence
+/// write fails with a serialization error and its retry is refused.
+fn save_at_isolation_after_a_repoint_and_a_claim(level: &str) {
+    let db = db(&format!(
+        "obj_repoint_{}",
+        level.replace(' ', "_").to_lowercase()
+    ));
+    let mut c = db.client();
+    orphan(&mut c, &public_url("renders", "repoint-b.png"));
+    let j = orphan(&mut c, &public_url("renders", "repoint-a.png"));
+    let mut app = db.client();
+    let mut tx = app
+        .build_transaction()
+        .isolation_level(match level {
+            "REPEATABLE READ" => postgres::IsolationLevel::RepeatableRead,
+            _ => postgres::IsolationLevel::Serializable,
+        })
+        .start()
+        .unwrap();
+    tx.query_one("SELECT count(*) FROM render_jobs", &[])
+        .unwrap();
+    c.execute(
+        "UPDATE render_jobs SET output_url = $2 WHERE id = $1::text::uuid",
+        &[&j.0, &public_url("renders", "repoint-b.png")],
+    )
+    .unwrap();
+    assert_eq!(cycle(&mut c).2, 2);
+    assert_eq!(claim(&mut c, "r1", 10).len(), 2);
+    let saved = tx.execute(
+        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+        &[&j.0],
+    );
+    let err = match saved {
+        Err(e) => {
+            drop(tx);
+            e
+        }
+        Ok(_) => tx.commit().expect_err("the save must not commit"),
+    };
+    let got = err.code().unwrap().code().to_string();
+    assert!(
+        got == REFUSED || got == SERIALIZATION_FAILURE,
+        "{level}: {got}: {err}"
+    );
+    assert_refused(&mut app, &j);
+}
+
+#[test]
+fn seq04_a_repeatable_read_save_after_a_repoint_and_a_claim_does_not_commit() {
+    save_at_isolation_after_a_repoint_and_a_claim("REPEATABLE READ");
+}
+
+#[test]
+fn seq04_a_serializable_save_after_a_repoint_and_a_claim_does_not_commit() {
+    save_at_isolation_after_a_repoint_and_a_claim("SERIALIZABLE");
+}
+
 // 6.
 /// A saved job J, and an orphan naming `renders/<key>` queued by a cycle.
 fn saved_job_beside_a_queued_orphan(name: &str, key: &str) -> (TestDb, uuid_text::Uuid) {

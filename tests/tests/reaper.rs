@@ -2173,3 +2173,60 @@ fn a_role_defaulting_to_repeatable_read_still_drains() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("deleted 5,"), "{text}");
 }
+
+/// Found by the twelfth review: a lone name refused by a proxy (nothing sent) was sent again;
+/// the resend was carried out but its answer never came, and the lease left no time for the
+/// second resend. The row went back as "nothing was sent", which lets its job be saved while
+/// its file is gone. It now goes back as maybe sent: the object stays handed out.
+#[test]
+fn a_resend_that_may_have_been_carried_out_is_never_given_back_as_unsent() {
+    let w = world("reaper_lost_resend", 2, &[]);
+    let mut c = w.db.client();
+    w.emu.set_faults(json!({
+        "reject_names": "o/1 render.png",
+        "reject_http": 403,
+        "reject_times": 2,
+        "then_lose_once": true
+    }));
+    let out = reaper(
+        &w.db.name,
+        &w.emu,
+        &[
+            "drain",
+            "--no-probe",
+            "--batch-size",
+            "2",
+            "--lease",
+            "10s",
+            "--request-timeout",
+            "4s",
+        ],
+    )
+    .run();
+    let text = output_text(&out);
+    assert!(
+        !w.emu.objects().contains("renders/o/1 render.png"),
+        "the lost resend deleted the file: {text}"
+    );
+    let unsent: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND detail LIKE '%(nothing was sent)'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(unsent, 0, "no row was given back as never sent:\n{text}");
+    let job: String = c
+        .query_one(
+            "SELECT job_id::text FROM orphan_cleanup.deletion_queue WHERE object_path = 'o/1 render.png' LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let refused = save(&mut c, "generated_saved", &job).unwrap_err();
+    assert_eq!(
+        refused.code().map(|c| c.code()),
+        Some("OC001"),
+        "the save is refused while the file may be gone: {refused}"
+    );
+}

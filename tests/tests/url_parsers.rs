@@ -484,7 +484,7 @@ fn value(rng: &mut StdRng) -> String {
             "[render]({}){}",
             v.replacen(
                 'a',
-                pick(rng, &["\\(1\\)", "my\\_a", "\\*a", "a\\\\", "\\a"]),
+                pick(rng, &["\\(1\\)", "my\\_a", "\\*a", "a\\\\", "\\a", "a\\ b"]),
                 1
             ),
             pick(rng, &["", ",[b](x)", " done", ")"])

@@ -167,22 +167,18 @@ impl Reaper {
                 && crate::absence::deletes_work(&self.storage, bucket, &self.settings.worker_id)
                     .await);
         for (row, e, maybe_sent) in suspects {
-            let result = if !blame {
-                no_name_to_blame(e)
+            let (result, maybe_sent) = if !blame {
+                (no_name_to_blame(e), maybe_sent)
             } else {
                 // A blip (a pod restarting, a rate rule) must not be pinned on a name: it is sent
                 // again, twice, after a pause, before the row is charged.
-                match self.send_again(bucket, &row, send_by).await {
-                    None if self.shutdown.is_cancelled() => ChunkResult::NotSent,
-                    None => ChunkResult::Late,
-                    Some(Ok(d)) => ChunkResult::Done(d),
-                    Some(Err(e)) if e.may_be_a_name() => {
-                        tracing::warn!(bucket, name = row.object_path.as_deref().unwrap_or_default(), queue_id = row.id, error = %e,
-                            "a request carrying this name fails, three times, while storage handles others: the row carries the failure");
-                        ChunkResult::Isolated(e)
-                    }
-                    Some(Err(e)) => ChunkResult::Failed(e),
+                let resent = self.send_again(bucket, &row, send_by).await;
+                let result = resent_result(resent.result, self.shutdown.is_cancelled());
+                if let ChunkResult::Isolated(e) = &result {
+                    tracing::warn!(bucket, name = row.object_path.as_deref().unwrap_or_default(), queue_id = row.id, error = %e,
+                        "a request carrying this name fails, three times, while storage handles others: the row carries the failure");
                 }
+                (result, maybe_sent || resent.maybe_sent)
             };
             done.push(Piece {
                 rows: vec![row],
@@ -194,26 +190,34 @@ impl Reaper {
     }
 
     /// Sends one name again, after 0.5 s and after 2 s more, while the batch may still be sent:
-    /// the first success, or the last failure once both were sent. `None` when they could not
-    /// both be sent (shutdown, or the lease too close to expiry): then nothing is blamed.
-    async fn send_again(
-        &self,
-        bucket: &str,
-        row: &Claimed,
-        send_by: Instant,
-    ) -> Option<Result<Deleted, StorageError>> {
-        let mut last = None;
+    /// the first success, or the last failure once both were sent (`None` when they could not
+    /// both be sent: shutdown, or the lease too close to expiry; then nothing is blamed), and
+    /// whether a resend that failed may have been carried out all the same (a timeout, a 5xx):
+    /// a row given back after such a resend must not say that nothing was sent (the twelfth
+    /// review: the file may be gone, and its job must stay unsavable).
+    async fn send_again(&self, bucket: &str, row: &Claimed, send_by: Instant) -> Resent {
+        let mut resent = Resent {
+            result: None,
+            maybe_sent: false,
+        };
         for pause in [Duration::from_millis(500), Duration::from_secs(2)] {
             if self.shutdown.is_cancelled() || Instant::now() + pause >= send_by {
-                return None;
+                resent.result = None;
+                return resent;
             }
             tokio::time::sleep(pause).await;
             match self.send_chunk(bucket, std::slice::from_ref(row)).await {
-                Ok(d) => return Some(Ok(d)),
-                Err(e) => last = Some(Err(e)),
+                Ok(d) => {
+                    resent.result = Some(Ok(d));
+                    return resent;
+                }
+                Err(e) => {
+                    resent.maybe_sent |= !e.deleted_nothing();
+                    resent.result = Some(Err(e));
+                }
             }
         }
-        last
+        resent
     }
 
     /// One bulk request, timed.
@@ -236,6 +240,28 @@ impl Reaper {
             self.metrics.bulk_limit.set(n as i64);
             self.add(|s| s.bulk_limit = Some(n));
         }
+    }
+}
+
+/// What the resends of a suspect name came to.
+struct Resent {
+    result: Option<Result<Deleted, StorageError>>,
+    maybe_sent: bool,
+}
+
+/// A suspect row's result after its resends: not sent (shutdown) or late when they could not
+/// both be sent, done at the first success, else the last failure, pinned on the name when it
+/// may be the name's.
+fn resent_result(
+    resent: Option<Result<Deleted, StorageError>>,
+    shutting_down: bool,
+) -> ChunkResult {
+    match resent {
+        None if shutting_down => ChunkResult::NotSent,
+        None => ChunkResult::Late,
+        Some(Ok(d)) => ChunkResult::Done(d),
+        Some(Err(e)) if e.may_be_a_name() => ChunkResult::Isolated(e),
+        Some(Err(e)) => ChunkResult::Failed(e),
     }
 }
 
