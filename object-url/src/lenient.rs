@@ -47,7 +47,7 @@ pub fn protected_keys(raw: &str) -> Vec<String> {
         .into_iter()
         .filter_map(|v| crate::parse(v).ok().map(|o| o.object_key()))
         .collect();
-    if let Ok(mut texts) = texts_read(raw) {
+    if let Ok(Reading { mut texts, .. }) = texts_read(raw) {
         // Each text read once, however many ways lead to it: the value, each layer under it, and
         // the embedded URLs of each layer often coincide (a plain URL is its own embedded URL,
         // its decoded layer the decoded reading of it).
@@ -101,28 +101,23 @@ impl Reading {
 }
 
 /// The texts the lenient readings read as values, in `raw`: each of its [`layer_texts`], and the
-/// URLs embedded in each ([`embedded_readings`]). The size counted is each layer's length and
-/// that of each distinct cut of each embedded URL (every text read is one of those, decoded or
-/// unescaped: no longer): past [`MAX_READING`], none.
-fn texts_read(raw: &str) -> Result<Vec<String>, TooMuch> {
+/// URLs embedded in each ([`embedded_readings`]), with the size read. The size counted is each
+/// layer's length and that of each distinct cut of each embedded URL (every text read is one of
+/// those, decoded or unescaped: no longer): past [`MAX_READING`], none.
+fn texts_read(raw: &str) -> Result<Reading, TooMuch> {
     let mut reading = Reading::default();
     for layer in layer_texts(raw).0 {
         reading.count(layer.len())?;
         embedded_readings(&layer, &mut reading)?;
         reading.texts.push(layer);
     }
-    Ok(reading.texts)
+    Ok(reading)
 }
 
 /// How many bytes the lenient readings of `raw` read, or `None` past [`MAX_READING`] (when
 /// only its strict reading is read): what the save guard holds against that bound.
 pub fn reading_size(raw: &str) -> Option<usize> {
-    let mut reading = Reading::default();
-    for layer in layer_texts(raw).0 {
-        reading.count(layer.len()).ok()?;
-        embedded_readings(&layer, &mut reading).ok()?;
-    }
-    Some(reading.size)
+    texts_read(raw).ok().map(|reading| reading.size)
 }
 
 /// The texts read as values, whose embedded URLs are read too: the [`layers`] of the value as

@@ -819,7 +819,7 @@ fn the_route_count_sees_every_route_a_layer_reads() {
 #[test]
 fn the_ninth_reviews_spellings_protect_their_files() {
     let h = "https://abcd.supabase.co/storage/v1/object/public";
-    let unread = [
+    let values = [
         // A worker's stdout, newline and all, through json.dumps.
         (format!(r#"{{"url": "{h}/renders/out.png\n"}}"#), "renders/out.png"),
         (format!(r#"["{h}/renders/tab.png\t", "x"]"#), "renders/tab.png"),
@@ -849,12 +849,8 @@ fn the_ninth_reviews_spellings_protect_their_files() {
         ("storage/x/../v1/object/public/renders/dot3.png".to_string(), "renders/dot3.png"),
         // A bad byte inside a run of escapes: the bytes around it are still decoded.
         (format!("{h}/renders/x%FF%2F..%2Fbad.png"), "renders/bad.png"),
-    ]
-    .into_iter()
-    .filter(|(value, key)| !protected_keys(value).contains(&key.to_string()))
-    .map(|(value, key)| format!("{value} protects {key}: {:?}", protected_keys(&value)))
-    .collect::<Vec<_>>();
-    assert!(unread.is_empty(), "{unread:#?}");
+    ];
+    assert_each_protects(values);
 }
 
 /// What the tenth review of issue 14 found unread, each a saved job whose file another job could
@@ -865,7 +861,7 @@ fn the_ninth_reviews_spellings_protect_their_files() {
 fn the_tenth_reviews_spellings_protect_their_files() {
     let h = r"https://abcd.supabase.co/storage/v1/object";
     let j = r"https:\/\/abcd.supabase.co\/storage\/v1\/object";
-    let unread = [
+    let values = [
         // Only the JSON layer shows the URL; decoding it too would read its own %3F, %23, %20.
         (format!(r#"{{"publicUrl":"{j}\/sign\/renders\/a%3Fb.png?token=abc"}}"#), "renders/a?b.png"),
         (format!(r#"{{"u":"{j}\/public\/renders\/c%23d.png"}}"#), "renders/c#d.png"),
@@ -892,12 +888,8 @@ fn the_tenth_reviews_spellings_protect_their_files() {
         (format!("{h}/public/renders/R&D.png,{h}/public/renders/b.png"), "renders/R&D.png"),
         // A newline a JSON encoder escaped inside the URL, which a browser deletes.
         (format!(r#"{{"u":"{h}/public/renders/new\nline.png"}}"#), "renders/newline.png"),
-    ]
-    .into_iter()
-    .filter(|(value, key)| !protected_keys(value).contains(&key.to_string()))
-    .map(|(value, key)| format!("{value} protects {key}: {:?}", protected_keys(&value)))
-    .collect::<Vec<_>>();
-    assert!(unread.is_empty(), "{unread:#?}");
+    ];
+    assert_each_protects(values);
 }
 
 /// The readings' work is bounded (the tenth review: a crafted value of 2 KB took 16 s to read in
@@ -958,7 +950,7 @@ fn the_readings_work_is_bounded() {
 #[test]
 fn the_eleventh_reviews_spellings_protect_their_files() {
     let h = "https://abcd.supabase.co/storage/v1/object/public/renders";
-    let unread = [
+    let values = [
         (format!("{{'url': '{h}/x.png'}}"), "renders/x.png"),
         (
             format!("{{'output': {{'url': '{h}/x.png'}}}}"),
@@ -992,12 +984,8 @@ fn the_eleventh_reviews_spellings_protect_their_files() {
             format!("see ({h}/p%20(3).png) and more"),
             "renders/p (3).png",
         ),
-    ]
-    .into_iter()
-    .filter(|(value, key)| !protected_keys(value).contains(&key.to_string()))
-    .map(|(value, key)| format!("{value} protects {key}: {:?}", protected_keys(&value)))
-    .collect::<Vec<_>>();
-    assert!(unread.is_empty(), "{unread:#?}");
+    ];
+    assert_each_protects(values);
 }
 
 /// The twelfth review: CSS escapes a space in an unquoted `url()` with a backslash.
@@ -1009,4 +997,14 @@ fn a_css_escaped_space_protects_its_file() {
         "{:?}",
         protected_keys(v)
     );
+}
+
+/// Fails naming every value whose protected keys lack the key it names.
+fn assert_each_protects(values: impl IntoIterator<Item = (String, &'static str)>) {
+    let unread = values
+        .into_iter()
+        .filter(|(value, key)| !protected_keys(value).contains(&key.to_string()))
+        .map(|(value, key)| format!("{value} protects {key}: {:?}", protected_keys(&value)))
+        .collect::<Vec<_>>();
+    assert!(unread.is_empty(), "{unread:#?}");
 }

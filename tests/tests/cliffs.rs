@@ -1028,7 +1028,8 @@ fn objects_named_for_months_are_looked_at_once_a_day_not_every_cycle() {
     // flushes them at most once a second): flushed after the ANALYZE, they count as changes since
     // it, and the idle cycle below would ANALYZE objects again (1,632 pages, on a machine fast
     // enough to get here within the second).
-    c.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+    c.batch_execute("SELECT pg_stat_force_next_flush()")
+        .unwrap();
     c.batch_execute("VACUUM (ANALYZE) orphan_cleanup.deletion_queue, orphan_cleanup.objects")
         .unwrap();
     let pages = pages_read(&mut c, "SELECT * FROM orphan_cleanup.run_cycle()");

@@ -285,27 +285,31 @@ fn seq03_history_pruned_after_retention_still_refuses_a_save() {
 }
 
 // 4.
-fn save_at_isolation_after_a_claim(level: &str) {
-    let db = db(&format!("obj_{}", level.replace(' ', "_").to_lowercase()));
-    let mut c = db.client();
-    let a = orphan(&mut c, &public_url("renders", "rr.png"));
-    let mut app = db.client();
-    let mut tx = app
-        .build_transaction()
+/// The app's transaction at `level` (REPEATABLE READ or SERIALIZABLE), not yet holding a
+/// snapshot.
+fn snapshot_transaction<'a>(
+    app: &'a mut postgres::Client,
+    level: &str,
+) -> postgres::Transaction<'a> {
+    app.build_transaction()
         .isolation_level(match level {
             "REPEATABLE READ" => postgres::IsolationLevel::RepeatableRead,
             _ => postgres::IsolationLevel::Serializable,
         })
         .start()
-        .unwrap();
-    // The app's snapshot is taken now, before the cycle and the claim.
-    tx.query_one("SELECT count(*) FROM user_assets", &[])
-        .unwrap();
-    assert_eq!(cycle(&mut c).2, 1);
-    assert_eq!(claim(&mut c, "r1", 10).len(), 1);
+        .unwrap()
+}
+
+/// Saves job `j` in `tx` and commits: the save or the commit must fail, refused or with a
+/// serialization failure.
+fn assert_save_does_not_commit(
+    mut tx: postgres::Transaction<'_>,
+    j: &uuid_text::Uuid,
+    level: &str,
+) {
     let saved = tx.execute(
         "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
-        &[&a.0],
+        &[&j.0],
     );
     let err = match saved {
         Err(e) => {
@@ -319,6 +323,20 @@ fn save_at_isolation_after_a_claim(level: &str) {
         got == REFUSED || got == SERIALIZATION_FAILURE,
         "{level}: {got}: {err}"
     );
+}
+
+fn save_at_isolation_after_a_claim(level: &str) {
+    let db = db(&format!("obj_{}", level.replace(' ', "_").to_lowercase()));
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "rr.png"));
+    let mut app = db.client();
+    let mut tx = snapshot_transaction(&mut app, level);
+    // The app's snapshot is taken now, before the cycle and the claim.
+    tx.query_one("SELECT count(*) FROM user_assets", &[])
+        .unwrap();
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(claim(&mut c, "r1", 10).len(), 1);
+    assert_save_does_not_commit(tx, &a, level);
     // The app's retry gets the refusal.
     assert_refused(&mut app, &a);
 }
@@ -349,14 +367,7 @@ fn save_at_isolation_after_a_repoint_and_a_claim(level: &str) {
     orphan(&mut c, &public_url("renders", "repoint-b.png"));
     let j = orphan(&mut c, &public_url("renders", "repoint-a.png"));
     let mut app = db.client();
-    let mut tx = app
-        .build_transaction()
-        .isolation_level(match level {
-            "REPEATABLE READ" => postgres::IsolationLevel::RepeatableRead,
-            _ => postgres::IsolationLevel::Serializable,
-        })
-        .start()
-        .unwrap();
+    let mut tx = snapshot_transaction(&mut app, level);
     tx.query_one("SELECT count(*) FROM render_jobs", &[])
         .unwrap();
     c.execute(
@@ -366,22 +377,7 @@ fn save_at_isolation_after_a_repoint_and_a_claim(level: &str) {
     .unwrap();
     assert_eq!(cycle(&mut c).2, 2);
     assert_eq!(claim(&mut c, "r1", 10).len(), 2);
-    let saved = tx.execute(
-        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
-        &[&j.0],
-    );
-    let err = match saved {
-        Err(e) => {
-            drop(tx);
-            e
-        }
-        Ok(_) => tx.commit().expect_err("the save must not commit"),
-    };
-    let got = err.code().unwrap().code().to_string();
-    assert!(
-        got == REFUSED || got == SERIALIZATION_FAILURE,
-        "{level}: {got}: {err}"
-    );
+    assert_save_does_not_commit(tx, &j, level);
     assert_refused(&mut app, &j);
 }
 

@@ -336,13 +336,7 @@ fn rows_a_failed_request_carried_stay_handed_out_when_given_back() {
         Some("OC001"),
         "the save is refused while the file may be gone: {refused}"
     );
-    let unsent: i64 = c
-        .query_one(
-            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND detail LIKE '%(nothing was sent)'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let unsent = released_as_unsent(&mut c);
     assert_eq!(unsent, 0, "no row was given back as never sent");
 }
 
@@ -2018,13 +2012,7 @@ fn seq14_a_reaper_that_storage_refuses_leaves_every_job_savable() {
         .unwrap()
         .get(0);
     assert_eq!(tainted, 0, "no object counts as handed out");
-    let unsent: i64 = c
-        .query_one(
-            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND detail LIKE '%(nothing was sent)'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let unsent = released_as_unsent(&mut c);
     let claimed: i64 = c
         .query_one(
             "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'claimed'",
@@ -2208,13 +2196,7 @@ fn a_resend_that_may_have_been_carried_out_is_never_given_back_as_unsent() {
         !w.emu.objects().contains("renders/o/1 render.png"),
         "the lost resend deleted the file: {text}"
     );
-    let unsent: i64 = c
-        .query_one(
-            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND detail LIKE '%(nothing was sent)'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let unsent = released_as_unsent(&mut c);
     assert_eq!(unsent, 0, "no row was given back as never sent:\n{text}");
     let job: String = c
         .query_one(
@@ -2229,4 +2211,14 @@ fn a_resend_that_may_have_been_carried_out_is_never_given_back_as_unsent() {
         Some("OC001"),
         "the save is refused while the file may be gone: {refused}"
     );
+}
+
+/// Rows given back saying that nothing was sent (their hand-out taken back).
+fn released_as_unsent(c: &mut postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'released' AND detail LIKE '%(nothing was sent)'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
 }
