@@ -65,8 +65,8 @@ BEGIN
 END
 $probe$;
 
--- _config() returns the new settings cycle_time_budget, stray_min_age and
--- storage_price_per_gb_month too (Rust; its row type changes).
+-- _config() returns the new settings cycle_time_budget, stray_min_age,
+-- storage_price_per_gb_month and reclaim_strays too (Rust; its row type changes).
 -- _breaker_settings() (a SQL-standard body, which depends on it) goes first and comes back below.
 DROP FUNCTION orphan_cleanup._breaker_settings();
 DROP FUNCTION orphan_cleanup._config();
@@ -95,7 +95,8 @@ CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
 	"retry_backoff_s" INT,
 	"cycle_time_budget_ms" INT,
 	"stray_min_age_s" INT,
-	"storage_price_per_gb_month" double precision
+	"storage_price_per_gb_month" double precision,
+	"reclaim_strays" bool
 )
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c
@@ -187,7 +188,14 @@ out.append("""-- Lease tokens: claim() returns one per claim (the queue keeps it
 ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN lease_hash bytea;
 -- The savings ledger: the bytes each deletion reclaimed.
 ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN bytes bigint;
+-- Strays (issue 15): rows with no job, marked as such, with the upload each was queued for.
+ALTER TABLE orphan_cleanup.deletion_queue ALTER COLUMN job_id DROP NOT NULL;
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN kind text NOT NULL DEFAULT 'orphan' CHECK (kind IN ('orphan', 'stray'));
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN stored_id uuid;
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN stored_version text;
+ALTER TABLE orphan_cleanup.deletion_queue ADD CONSTRAINT deletion_queue_stray_has_no_job CHECK ((kind = 'stray') = (job_id IS NULL));
 """)
+out.append(section('schema', "CREATE UNIQUE INDEX deletion_queue_one_live_row_per_stray", "('pending', 'claimed');"))
 out.append(fn('queue','_lease_hash', replace=False))
 out.append(fn('queue','_needs_lease_token', replace=False))
 out.append(fn('queue','confirm', sig='worker text, ids bigint[]'))
@@ -376,7 +384,7 @@ REVOKE ALL ON orphan_cleanup.savings_ledger FROM PUBLIC;
 """)
 out.append(fn('reports', 'savings_report', replace=False))
 out.append("-- Stray objects (issue 15): preview_strays() reads storage.objects.\n")
-for name in ['_inventory_problem', 'preview_strays']:
+for name in ['_inventory_problem', '_current_objects_only', '_strays', '_strays_ready', 'preview_strays', 'enqueue_strays']:
     out.append(fn('strays', name, replace=False))
 out.append("""-- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
@@ -439,6 +447,10 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.sent_by_reaper(text, interval),
     orphan_cleanup._inventory_problem(),
     orphan_cleanup.preview_strays(interval, integer),
+    orphan_cleanup._current_objects_only(),
+    orphan_cleanup._strays(regclass, timestamptz, timestamptz, uuid, integer),
+    orphan_cleanup._strays_ready(text, interval, integer),
+    orphan_cleanup.enqueue_strays(interval, integer),
     orphan_cleanup.cancel_prefix(text, text),
     orphan_cleanup.savings_report(text, integer)
 FROM PUBLIC;

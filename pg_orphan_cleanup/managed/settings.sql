@@ -39,7 +39,8 @@ BEGIN ATOMIC
         ('breaker_min_rows', 'int', NULL, 0, 10000000, '1000', 'The breaker never trips on a cycle enqueuing fewer rows than this.'),
         ('breaker_max_fraction', 'real', NULL, 0, 1, '0.5', 'A cycle enqueuing more than this fraction of the jobs trips the breaker.'),
         ('stray_min_age', 'int', 's', 3600, 315360000, '604800', 'How old an object in storage must be before it can count as a stray (named by no job).'),
-        ('storage_price_per_gb_month', 'real', NULL, 0, 1000, '0.021', 'Storage price in dollars per GB per month, for the projected saving in savings_report().')
+        ('storage_price_per_gb_month', 'real', NULL, 0, 1000, '0.021', 'Storage price in dollars per GB per month, for the projected saving in savings_report().'),
+        ('reclaim_strays', 'bool', NULL, NULL, NULL, 'off', 'Strays (objects in storage no job names) may be queued and deleted.')
     ) AS d(name, kind, unit, min_value, max_value, default_value, description);
 END;
 
@@ -380,7 +381,7 @@ RETURNS TABLE (enabled boolean, reaping_enabled boolean, interval_s integer, min
                full_sweep_interval_s integer, database text, breaker_factor double precision,
                breaker_min_rows integer, breaker_max_fraction double precision,
                retry_backoff_s integer, cycle_time_budget_ms integer, stray_min_age_s integer,
-               storage_price_per_gb_month double precision)
+               storage_price_per_gb_month double precision, reclaim_strays boolean)
 LANGUAGE sql STRICT STABLE PARALLEL SAFE
 BEGIN ATOMIC
     WITH v AS (SELECT pg_catalog.jsonb_object_agg(c.name, c.value) AS j
@@ -396,7 +397,8 @@ BEGIN ATOMIC
            pg_catalog.current_database()::text, (j->>'breaker_factor')::double precision,
            (j->>'breaker_min_rows')::integer, (j->>'breaker_max_fraction')::double precision,
            (j->>'retry_backoff')::integer, (j->>'cycle_time_budget')::integer,
-           (j->>'stray_min_age')::integer, (j->>'storage_price_per_gb_month')::double precision
+           (j->>'stray_min_age')::integer, (j->>'storage_price_per_gb_month')::double precision,
+           (j->>'reclaim_strays')::boolean
     FROM v;
 END;
 

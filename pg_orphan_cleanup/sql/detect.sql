@@ -868,16 +868,16 @@ BEGIN
                          WHERE finished_at < now() - retention
                            AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
                          ORDER BY finished_at LIMIT 10000)
-            RETURNING enqueued_at, finished_at, state, bytes)
+            RETURNING enqueued_at, finished_at, state, bytes, kind)
         INSERT INTO orphan_cleanup.savings_ledger AS l (day, kind, found, found_bytes, deleted, deleted_bytes)
-        SELECT x.day, 'orphan', sum(x.found), sum(x.found_bytes), sum(x.deleted), sum(x.deleted_bytes)
-        FROM (SELECT (g.enqueued_at AT TIME ZONE 'UTC')::date AS day, 1 AS found,
+        SELECT x.day, x.kind, sum(x.found), sum(x.found_bytes), sum(x.deleted), sum(x.deleted_bytes)
+        FROM (SELECT (g.enqueued_at AT TIME ZONE 'UTC')::date AS day, g.kind, 1 AS found,
                      coalesce(g.bytes, 0) AS found_bytes, 0 AS deleted, 0 AS deleted_bytes
               FROM gone AS g
               UNION ALL
-              SELECT (g.finished_at AT TIME ZONE 'UTC')::date, 0, 0, 1, coalesce(g.bytes, 0)
+              SELECT (g.finished_at AT TIME ZONE 'UTC')::date, g.kind, 0, 0, 1, coalesce(g.bytes, 0)
               FROM gone AS g WHERE g.state = 'deleted') AS x
-        GROUP BY x.day
+        GROUP BY x.day, x.kind
         ON CONFLICT (day, kind) DO UPDATE
             SET found = l.found + EXCLUDED.found, found_bytes = l.found_bytes + EXCLUDED.found_bytes,
                 deleted = l.deleted + EXCLUDED.deleted, deleted_bytes = l.deleted_bytes + EXCLUDED.deleted_bytes;

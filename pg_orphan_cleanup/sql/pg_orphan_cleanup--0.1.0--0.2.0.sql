@@ -26,8 +26,8 @@ BEGIN
 END
 $probe$;
 
--- _config() returns the new settings cycle_time_budget, stray_min_age and
--- storage_price_per_gb_month too (Rust; its row type changes).
+-- _config() returns the new settings cycle_time_budget, stray_min_age,
+-- storage_price_per_gb_month and reclaim_strays too (Rust; its row type changes).
 -- _breaker_settings() (a SQL-standard body, which depends on it) goes first and comes back below.
 DROP FUNCTION orphan_cleanup._breaker_settings();
 DROP FUNCTION orphan_cleanup._config();
@@ -56,7 +56,8 @@ CREATE FUNCTION orphan_cleanup."_config"() RETURNS TABLE (
 	"retry_backoff_s" INT,
 	"cycle_time_budget_ms" INT,
 	"stray_min_age_s" INT,
-	"storage_price_per_gb_month" double precision
+	"storage_price_per_gb_month" double precision,
+	"reclaim_strays" bool
 )
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c
@@ -695,16 +696,16 @@ BEGIN
                          WHERE finished_at < now() - retention
                            AND state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
                          ORDER BY finished_at LIMIT 10000)
-            RETURNING enqueued_at, finished_at, state, bytes)
+            RETURNING enqueued_at, finished_at, state, bytes, kind)
         INSERT INTO orphan_cleanup.savings_ledger AS l (day, kind, found, found_bytes, deleted, deleted_bytes)
-        SELECT x.day, 'orphan', sum(x.found), sum(x.found_bytes), sum(x.deleted), sum(x.deleted_bytes)
-        FROM (SELECT (g.enqueued_at AT TIME ZONE 'UTC')::date AS day, 1 AS found,
+        SELECT x.day, x.kind, sum(x.found), sum(x.found_bytes), sum(x.deleted), sum(x.deleted_bytes)
+        FROM (SELECT (g.enqueued_at AT TIME ZONE 'UTC')::date AS day, g.kind, 1 AS found,
                      coalesce(g.bytes, 0) AS found_bytes, 0 AS deleted, 0 AS deleted_bytes
               FROM gone AS g
               UNION ALL
-              SELECT (g.finished_at AT TIME ZONE 'UTC')::date, 0, 0, 1, coalesce(g.bytes, 0)
+              SELECT (g.finished_at AT TIME ZONE 'UTC')::date, g.kind, 0, 0, 1, coalesce(g.bytes, 0)
               FROM gone AS g WHERE g.state = 'deleted') AS x
-        GROUP BY x.day
+        GROUP BY x.day, x.kind
         ON CONFLICT (day, kind) DO UPDATE
             SET found = l.found + EXCLUDED.found, found_bytes = l.found_bytes + EXCLUDED.found_bytes,
                 deleted = l.deleted + EXCLUDED.deleted, deleted_bytes = l.deleted_bytes + EXCLUDED.deleted_bytes;
@@ -841,6 +842,15 @@ $$;
 ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN lease_hash bytea;
 -- The savings ledger: the bytes each deletion reclaimed.
 ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN bytes bigint;
+-- Strays (issue 15): rows with no job, marked as such, with the upload each was queued for.
+ALTER TABLE orphan_cleanup.deletion_queue ALTER COLUMN job_id DROP NOT NULL;
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN kind text NOT NULL DEFAULT 'orphan' CHECK (kind IN ('orphan', 'stray'));
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN stored_id uuid;
+ALTER TABLE orphan_cleanup.deletion_queue ADD COLUMN stored_version text;
+ALTER TABLE orphan_cleanup.deletion_queue ADD CONSTRAINT deletion_queue_stray_has_no_job CHECK ((kind = 'stray') = (job_id IS NULL));
+
+CREATE UNIQUE INDEX deletion_queue_one_live_row_per_stray
+    ON orphan_cleanup.deletion_queue (bucket, object_path) WHERE job_id IS NULL AND state IN ('pending', 'claimed');
 
 CREATE FUNCTION orphan_cleanup._lease_hash(lease_token text) RETURNS bytea
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
@@ -1006,6 +1016,8 @@ DECLARE
     v_busy bigint[];
     v_home_ok boolean;
     v_n bigint;
+    v_inventory boolean;
+    v_stored_sql text;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
     IF max_rows IS NULL OR max_rows < 1 OR max_rows > 10000 THEN
@@ -1082,6 +1094,7 @@ BEGIN
     FROM (SELECT d.id, d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
             AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
+            AND (d.job_id IS NOT NULL OR cfg.reclaim_strays)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                             WHERE f.queue_id = d.id AND f.refused_by = worker)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.busy AS b
@@ -1097,6 +1110,7 @@ BEGIN
               JOIN orphan_cleanup.deletion_queue AS d ON d.id = b.queue_id
               WHERE b.until > now() AND d.state = 'pending' AND d.available_at <= now()
                 AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
+                AND (d.job_id IS NOT NULL OR cfg.reclaim_strays)
                 AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                                 WHERE f.queue_id = d.id AND f.refused_by = worker)
               ORDER BY d.available_at, d.id
@@ -1156,7 +1170,19 @@ BEGIN
     v_kept := coalesce(v_kept, '{}');
 
     -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
-    --    committed meanwhile are visible here.
+    --    committed meanwhile are visible here. A stray (no job) is handed out only while no job
+    --    names its object (a job written since is visible here, and one being written holds the
+    --    object's row, so the row is busy), and only as the upload it was queued for: still in
+    --    storage.objects with the same id and version, still older than stray_min_age, still
+    --    allowed. Where storage.objects cannot be read now, it waits.
+    v_inventory := orphan_cleanup._inventory_problem() IS NULL;
+    v_stored_sql := CASE WHEN v_inventory THEN format($sql$
+            LEFT JOIN LATERAL (
+                SELECT o.id, o.version::text AS version, o.created_at
+                FROM storage.objects AS o
+                WHERE d.job_id IS NULL AND o.bucket_id = d.bucket AND o.name = d.object_path %s
+                LIMIT 1) AS st ON true$sql$, orphan_cleanup._current_objects_only())
+        ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END;
     EXECUTE format($sql$
         -- Whether another job naming a row's object is not held by this claim, or keeps the
         -- object (not an orphan): looked at once per object, not once per row, so that K rows
@@ -1164,14 +1190,14 @@ BEGIN
         -- held (or the row is 'busy' before this is looked at) and is never a keeper when this
         -- is looked at (completed, old enough, unreferenced), so it need not be left out.
         WITH shared AS MATERIALIZED (
-            SELECT k.key, s.unlocked, s.keeper
+            SELECT k.key, s.unlocked, s.named_by, s.keeper
             FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS key
                   FROM unnest($1::bigint[]) AS wanted(id)
                   JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id) AS k
             CROSS JOIN LATERAL (
                 -- `= ANY ($2)`: EXECUTE folds $2 into a constant, so this is a hashed lookup;
                 -- a join with unnest($2) read all the locked ids once per object.
-                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
+                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked, (array_agg(j2.id))[1] AS named_by,
                        (array_agg(j2.id) FILTER (
                            WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
                                       AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
@@ -1184,6 +1210,17 @@ BEGIN
         v AS (
             SELECT d.id,
                    CASE
+                       WHEN d.job_id IS NULL THEN CASE
+                           WHEN kp.key IS NOT NULL THEN 'cancelled'
+                           WHEN ob.key IS NULL THEN 'busy'
+                           WHEN s.named_by IS NOT NULL THEN 'stale'
+                           WHEN NOT $7 THEN 'wait'
+                           WHEN st.id IS NULL OR st.created_at IS NULL THEN 'stale'
+                           WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version THEN 'stale'
+                           WHEN st.created_at >= now() - $8 THEN 'wait'
+                           WHEN u.error IS NOT NULL OR u.bucket IS DISTINCT FROM d.bucket
+                                OR u.object_path IS DISTINCT FROM d.object_path THEN 'rejected'
+                           ELSE 'ok' END
                        WHEN j.id IS NULL THEN 'stale'
                        WHEN kp.key IS NOT NULL THEN 'cancelled'
                        WHEN lk.id IS NULL OR ob.key IS NULL THEN 'busy'
@@ -1198,6 +1235,14 @@ BEGIN
                        ELSE 'ok'
                    END AS verdict,
                    CASE
+                       WHEN d.job_id IS NULL THEN CASE
+                           WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
+                           WHEN s.named_by IS NOT NULL THEN format('job %%s names its object now: no longer a stray', s.named_by)
+                           WHEN st.id IS NULL THEN 'no longer in storage.objects: deleted by someone else'
+                           WHEN st.created_at IS NULL THEN 'storage.objects gives no created_at for it'
+                           WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
+                               THEN 'uploaded again since it was queued: storage.objects holds another upload of that name'
+                           ELSE coalesce(u.error, 'the allow-lists no longer name it as it is stored') END
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
                        WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
                        WHEN NOT so.same_object THEN 'the job''s output_url names another object now'
@@ -1207,7 +1252,9 @@ BEGIN
                        WHEN u.error IS NOT NULL THEN u.error
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
                    END AS reason,
-                   j.%3$I + $4 AS wait_until
+                   CASE WHEN d.job_id IS NULL
+                        THEN CASE WHEN $7 THEN st.created_at + $8 ELSE now() + interval '10 minutes' END
+                        ELSE j.%3$I + $4 END AS wait_until
             -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
             FROM unnest($1::bigint[]) AS wanted(id)
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
@@ -1231,8 +1278,10 @@ BEGIN
                 WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text
                 LIMIT 1
             ) AS r ON true
-            LEFT JOIN LATERAL orphan_cleanup.check_output_url(j.output_url) AS u ON true
+            LEFT JOIN LATERAL orphan_cleanup.check_output_url(
+                CASE WHEN d.job_id IS NULL THEN d.output_url ELSE j.output_url END) AS u ON true
             LEFT JOIN shared AS s ON s.key = d.bucket || '/' || d.object_path
+            %5$s
         )
         SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
                array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
@@ -1242,9 +1291,10 @@ BEGIN
                array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait'),
                array_agg(v.id) FILTER (WHERE v.verdict = 'busy')
         FROM v
-        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column)
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column, v_stored_sql)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
-    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept;
+    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept,
+          v_inventory, make_interval(secs => cfg.stray_min_age_s);
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
@@ -1329,26 +1379,17 @@ CREATE FUNCTION orphan_cleanup._still_stored(ids bigint[]) RETURNS bigint[]
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_current text := '';
     v_ids bigint[];
 BEGIN
     IF NOT orphan_cleanup.verifies_absence() OR coalesce(cardinality(ids), 0) = 0 THEN
         RETURN '{}';
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'storage.objects'::regclass
-               AND attname = 'is_delete_marker' AND NOT attisdropped) THEN
-        v_current := v_current || ' AND o.is_delete_marker IS NOT TRUE';
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'storage.objects'::regclass
-               AND attname = 'archived_at' AND NOT attisdropped) THEN
-        v_current := v_current || ' AND o.archived_at IS NULL';
     END IF;
     EXECUTE format($sql$
         SELECT array_agg(d.id) FROM orphan_cleanup.deletion_queue AS d
         WHERE d.id = ANY ($1)
           AND EXISTS (SELECT 1 FROM storage.objects AS o
                       WHERE o.bucket_id = d.bucket AND o.name = d.object_path %s)
-        $sql$, v_current)
+        $sql$, orphan_cleanup._current_objects_only())
     INTO v_ids USING ids;
     RETURN coalesce(v_ids, '{}');
 END
@@ -1406,7 +1447,7 @@ BEGIN
     WITH mine AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL, lease_hash = NULL,
-               job_cleanup = 'pending',
+               job_cleanup = CASE WHEN d.job_id IS NULL THEN 'nothing to do: a stray has no job row' ELSE 'pending' END,
                -- The savings ledger: what this deletion reclaimed, as storage's answer said.
                bytes = CASE WHEN outcome = 'deleted' THEN sizes[array_position(ids, d.id)] END
          WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
@@ -1966,8 +2007,8 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp S
 AS $$
 BEGIN
     -- The bytes reclaimed since installation, by kind: the savings ledger (rows history_retention
-    -- pruned) and the deleted rows still in the queue (every queued row is a job's orphan today),
-    -- read in the one pass over the queue the counts make.
+    -- pruned) and the deleted rows still in the queue, read in the one pass over the queue the
+    -- counts make.
     RETURN QUERY
     SELECT c.pending, c.ready, c.claimed, c.dead, c.rejected, c.deleted, c.absent, c.oldest_pending,
            l.started_at, l.status, l.error,
@@ -1980,8 +2021,8 @@ BEGIN
            v.active, v.unserved, v.refused_last_hour, v.misconfigured,
            EXISTS (SELECT 1 FROM orphan_cleanup.detector_state AS st WHERE st.breaker_tripped_at IS NOT NULL),
            (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END FROM orphan_cleanup.refused_saves AS s),
-           c.deleted_bytes + (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'orphan'),
-           (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'stray')::numeric
+           c.orphan_bytes + (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'orphan'),
+           c.stray_bytes + (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'stray')
     FROM (SELECT count(*) FILTER (WHERE q.state = 'pending') AS pending,
                  count(*) FILTER (WHERE q.state = 'pending' AND q.available_at <= now()) AS ready,
                  count(*) FILTER (WHERE q.state = 'claimed') AS claimed,
@@ -1990,7 +2031,8 @@ BEGIN
                  count(*) FILTER (WHERE q.state = 'deleted') AS deleted,
                  count(*) FILTER (WHERE q.state = 'absent') AS absent,
                  min(q.enqueued_at) FILTER (WHERE q.state = 'pending') AS oldest_pending,
-                 coalesce(sum(q.bytes) FILTER (WHERE q.state = 'deleted'), 0)::numeric AS deleted_bytes
+                 coalesce(sum(q.bytes) FILTER (WHERE q.state = 'deleted' AND q.kind = 'orphan'), 0)::numeric AS orphan_bytes,
+                 coalesce(sum(q.bytes) FILTER (WHERE q.state = 'deleted' AND q.kind = 'stray'), 0)::numeric AS stray_bytes
           FROM orphan_cleanup.deletion_queue AS q) AS c
     LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true
     CROSS JOIN orphan_cleanup._reaper_alert() AS r
@@ -3438,7 +3480,8 @@ BEGIN
         SELECT d.id, d.job_id, b.id AS blocker, b.state AS blocker_state
         FROM orphan_cleanup.deletion_queue AS d
         LEFT JOIN LATERAL (SELECT l.id, l.state FROM orphan_cleanup.deletion_queue AS l
-                           WHERE l.job_id = d.job_id
+                           WHERE (l.job_id = d.job_id
+                                  OR (d.job_id IS NULL AND l.job_id IS NULL AND l.bucket = d.bucket AND l.object_path = d.object_path))
                              AND (l.state IN ('pending', 'claimed')
                                   OR (l.state = 'dead' AND l.id < d.id AND (ids IS NULL OR l.id = ANY (ids))))
                            ORDER BY l.state = 'dead', l.id LIMIT 1) AS b ON true
@@ -3457,7 +3500,8 @@ BEGIN
         FROM requeued AS r
     )
     SELECT (SELECT count(*) FROM requeued),
-           (SELECT string_agg(format('row %s (job %s already has row %s %s)', c.id, c.job_id, c.blocker,
+           (SELECT string_agg(format('row %s (%s already has row %s %s)', c.id,
+                                     coalesce('job ' || c.job_id, 'its stray object'), c.blocker,
                                      CASE WHEN c.blocker_state = 'dead' THEN 'requeued' ELSE c.blocker_state END),
                               ', ' ORDER BY c.id)
             FROM candidate AS c WHERE c.blocker IS NOT NULL)
@@ -3696,13 +3740,53 @@ RETURN CASE
         format('row-level security on storage.objects applies to %s, the role pg_orphan_cleanup''s functions run as: it would see only the objects its policies let through (fix, as a superuser: ALTER ROLE %I BYPASSRLS)', current_user, current_user)
 END;
 
-CREATE FUNCTION orphan_cleanup.preview_strays(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
-RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz, age interval)
+CREATE FUNCTION orphan_cleanup._current_objects_only() RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN concat(
+        CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass('storage.objects')
+                          AND attname = 'is_delete_marker' AND NOT attisdropped)
+             THEN ' AND o.is_delete_marker IS NOT TRUE' END,
+        CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass('storage.objects')
+                          AND attname = 'archived_at' AND NOT attisdropped)
+             THEN ' AND o.archived_at IS NULL' END);
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._strays(jobs regclass, cutoff timestamptz, after_ts timestamptz, after_id uuid,
+                                       max_rows integer)
+RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz,
+               stored_id uuid, stored_version text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE format($sql$
+        SELECT o.bucket_id::text, o.name::text, (o.metadata ->> 'size')::bigint, o.created_at,
+               o.id, o.version::text
+        FROM storage.objects AS o
+        CROSS JOIN LATERAL orphan_cleanup.check_output_url(o.bucket_id || '/' || o.name) AS u
+        WHERE o.created_at < $1 AND (o.created_at, o.id) > ($2, $3) %s
+          AND u.error IS NULL AND u.bucket = o.bucket_id AND u.object_path = o.name
+          AND NOT EXISTS (SELECT 1 FROM %s AS j
+                          WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[o.bucket_id || '/' || o.name])
+          AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
+                          WHERE d.bucket = o.bucket_id AND d.object_path = o.name
+                            AND d.state IN ('pending', 'claimed', 'dead'))
+          AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS k
+                          WHERE k.bucket = o.bucket_id AND k.object_path = o.name AND k.kept_at IS NOT NULL)
+        ORDER BY o.created_at, o.id
+        LIMIT $4
+        $sql$, orphan_cleanup._current_objects_only(), jobs)
+    USING cutoff, after_ts, after_id, max_rows;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._strays_ready(fn text, min_age interval, max_rows integer) RETURNS void
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     t record;
-    cfg record;
     v_problem text;
 BEGIN
     IF max_rows IS NULL OR max_rows < 1 THEN
@@ -3713,32 +3797,97 @@ BEGIN
     END IF;
     v_problem := orphan_cleanup._inventory_problem();
     IF v_problem IS NOT NULL THEN
-        RAISE EXCEPTION 'preview_strays() cannot read the objects in storage: %', v_problem
+        RAISE EXCEPTION '% cannot read the objects in storage: %', fn, v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     t := orphan_cleanup._tables();
     v_problem := orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column, with_scan => false);
     IF v_problem IS NOT NULL THEN
-        RAISE EXCEPTION 'preview_strays() refused: %', v_problem
+        RAISE EXCEPTION '% refused: %', fn, v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.preview_strays(min_age interval DEFAULT NULL, max_rows integer DEFAULT 100)
+RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz, age interval)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    PERFORM orphan_cleanup._strays_ready('preview_strays()', min_age, max_rows);
+    RETURN QUERY
+    SELECT s.bucket, s.object_path, s.bytes, s.created_at, date_trunc('second', now() - s.created_at)
+    FROM orphan_cleanup._strays(
+        (SELECT t.jobs_oid::regclass FROM orphan_cleanup._tables() AS t),
+        now() - coalesce(min_age, make_interval(secs => (SELECT c.stray_min_age_s FROM orphan_cleanup._config() AS c))),
+        '-infinity', '00000000-0000-0000-0000-000000000000', max_rows) AS s;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.enqueue_strays(min_age interval DEFAULT NULL, max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    cfg record;
+    cutoff timestamptz;
+    cur_ts timestamptz := '-infinity';
+    cur_id uuid := '00000000-0000-0000-0000-000000000000';
+    total bigint := 0;
+    got integer;
+    added bigint;
+    chunk integer;
+BEGIN
+    PERFORM orphan_cleanup._strays_ready('enqueue_strays()', min_age, max_rows);
+    att := orphan_cleanup._require_attached('enqueue_strays()');
     SELECT * INTO cfg FROM orphan_cleanup._config();
-    RETURN QUERY EXECUTE format($sql$
-        SELECT o.bucket_id::text, o.name::text, (o.metadata ->> 'size')::bigint, o.created_at,
-               date_trunc('second', now() - o.created_at)
-        FROM storage.objects AS o
-        CROSS JOIN LATERAL orphan_cleanup.check_output_url(o.bucket_id || '/' || o.name) AS u
-        WHERE o.created_at < now() - $1
-          AND u.error IS NULL AND u.bucket = o.bucket_id AND u.object_path = o.name
-          AND NOT EXISTS (SELECT 1 FROM %s AS j
-                          WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[o.bucket_id || '/' || o.name])
-          AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
-                          WHERE d.bucket = o.bucket_id AND d.object_path = o.name
-                            AND d.state IN ('pending', 'claimed', 'dead'))
-        ORDER BY o.created_at, o.bucket_id, o.name
-        LIMIT $2
-        $sql$, t.jobs_oid::regclass)
-    USING coalesce(min_age, make_interval(secs => cfg.stray_min_age_s)), max_rows;
+    IF NOT cfg.reclaim_strays THEN
+        RAISE EXCEPTION 'enqueue_strays() refused: orphan_cleanup.reclaim_strays is off, so strays are not deleted'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Look at preview_strays() first; then ALTER SYSTEM SET orphan_cleanup.reclaim_strays = on; SELECT pg_reload_conf();';
+    END IF;
+    IF orphan_cleanup._no_entries(cfg.allowed_buckets) THEN
+        RAISE EXCEPTION 'orphan_cleanup.allowed_buckets is empty, so no object may be deleted'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
+    END IF;
+    cutoff := now() - coalesce(min_age, make_interval(secs => cfg.stray_min_age_s));
+    LOOP
+        chunk := least(max_rows - total, 5000);
+        EXIT WHEN chunk <= 0;
+        WITH s AS MATERIALIZED (
+            SELECT * FROM orphan_cleanup._strays(att.jobs_oid::regclass, cutoff, cur_ts, cur_id, chunk)
+        ),
+        ins AS (
+            INSERT INTO orphan_cleanup.deletion_queue AS d
+                (job_id, kind, output_url, url_hash, host, bucket, object_path, state, available_at,
+                 stored_id, stored_version)
+            SELECT NULL, 'stray', s.bucket || '/' || s.object_path, md5(s.bucket || '/' || s.object_path), NULL,
+                   s.bucket, s.object_path, 'pending', now() + make_interval(secs => cfg.grace_s),
+                   s.stored_id, s.stored_version
+            FROM s
+            ON CONFLICT (bucket, object_path) WHERE job_id IS NULL AND state IN ('pending', 'claimed') DO NOTHING
+            RETURNING d.id, d.bucket, d.object_path, d.output_url
+        ),
+        audited AS (
+            INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail)
+            SELECT 'enqueued', i.id, i.output_url, session_user,
+                   format('a stray: no job names it (%s bytes, uploaded %s)', coalesce(s.bytes::text, 'unknown'), s.created_at)
+            FROM ins AS i JOIN s ON s.bucket = i.bucket AND s.object_path = i.object_path
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM ins),
+               (SELECT s.created_at FROM s ORDER BY s.created_at DESC, s.stored_id DESC LIMIT 1),
+               (SELECT s.stored_id FROM s ORDER BY s.created_at DESC, s.stored_id DESC LIMIT 1)
+          INTO got, added, cur_ts, cur_id;
+        total := total + added;
+        EXIT WHEN got < chunk;
+    END LOOP;
+    IF total > 0 THEN
+        PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', total::text);
+    END IF;
+    RETURN total;
 END
 $$;
 
@@ -3803,6 +3952,10 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.sent_by_reaper(text, interval),
     orphan_cleanup._inventory_problem(),
     orphan_cleanup.preview_strays(interval, integer),
+    orphan_cleanup._current_objects_only(),
+    orphan_cleanup._strays(regclass, timestamptz, timestamptz, uuid, integer),
+    orphan_cleanup._strays_ready(text, interval, integer),
+    orphan_cleanup.enqueue_strays(interval, integer),
     orphan_cleanup.cancel_prefix(text, text),
     orphan_cleanup.savings_report(text, integer)
 FROM PUBLIC;

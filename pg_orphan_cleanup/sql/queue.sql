@@ -285,6 +285,8 @@ DECLARE
     v_busy bigint[];
     v_home_ok boolean;
     v_n bigint;
+    v_inventory boolean;
+    v_stored_sql text;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
     IF max_rows IS NULL OR max_rows < 1 OR max_rows > 10000 THEN
@@ -361,6 +363,7 @@ BEGIN
     FROM (SELECT d.id, d.bucket, d.object_path FROM orphan_cleanup.deletion_queue AS d
           WHERE d.state = 'pending' AND d.available_at <= now()
             AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
+            AND (d.job_id IS NOT NULL OR cfg.reclaim_strays)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                             WHERE f.queue_id = d.id AND f.refused_by = worker)
             AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.busy AS b
@@ -376,6 +379,7 @@ BEGIN
               JOIN orphan_cleanup.deletion_queue AS d ON d.id = b.queue_id
               WHERE b.until > now() AND d.state = 'pending' AND d.available_at <= now()
                 AND orphan_cleanup._serves(buckets, hosts, v_home_ok, d.bucket, d.host)
+                AND (d.job_id IS NOT NULL OR cfg.reclaim_strays)
                 AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.refusals AS f
                                 WHERE f.queue_id = d.id AND f.refused_by = worker)
               ORDER BY d.available_at, d.id
@@ -435,7 +439,19 @@ BEGIN
     v_kept := coalesce(v_kept, '{}');
 
     -- 3. Re-check in a new statement, so with a snapshot taken after the locks: saves that
-    --    committed meanwhile are visible here.
+    --    committed meanwhile are visible here. A stray (no job) is handed out only while no job
+    --    names its object (a job written since is visible here, and one being written holds the
+    --    object's row, so the row is busy), and only as the upload it was queued for: still in
+    --    storage.objects with the same id and version, still older than stray_min_age, still
+    --    allowed. Where storage.objects cannot be read now, it waits.
+    v_inventory := orphan_cleanup._inventory_problem() IS NULL;
+    v_stored_sql := CASE WHEN v_inventory THEN format($sql$
+            LEFT JOIN LATERAL (
+                SELECT o.id, o.version::text AS version, o.created_at
+                FROM storage.objects AS o
+                WHERE d.job_id IS NULL AND o.bucket_id = d.bucket AND o.name = d.object_path %s
+                LIMIT 1) AS st ON true$sql$, orphan_cleanup._current_objects_only())
+        ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END;
     EXECUTE format($sql$
         -- Whether another job naming a row's object is not held by this claim, or keeps the
         -- object (not an orphan): looked at once per object, not once per row, so that K rows
@@ -443,14 +459,14 @@ BEGIN
         -- held (or the row is 'busy' before this is looked at) and is never a keeper when this
         -- is looked at (completed, old enough, unreferenced), so it need not be left out.
         WITH shared AS MATERIALIZED (
-            SELECT k.key, s.unlocked, s.keeper
+            SELECT k.key, s.unlocked, s.named_by, s.keeper
             FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS key
                   FROM unnest($1::bigint[]) AS wanted(id)
                   JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id) AS k
             CROSS JOIN LATERAL (
                 -- `= ANY ($2)`: EXECUTE folds $2 into a constant, so this is a hashed lookup;
                 -- a join with unnest($2) read all the locked ids once per object.
-                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked,
+                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked, (array_agg(j2.id))[1] AS named_by,
                        (array_agg(j2.id) FILTER (
                            WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
                                       AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
@@ -463,6 +479,17 @@ BEGIN
         v AS (
             SELECT d.id,
                    CASE
+                       WHEN d.job_id IS NULL THEN CASE
+                           WHEN kp.key IS NOT NULL THEN 'cancelled'
+                           WHEN ob.key IS NULL THEN 'busy'
+                           WHEN s.named_by IS NOT NULL THEN 'stale'
+                           WHEN NOT $7 THEN 'wait'
+                           WHEN st.id IS NULL OR st.created_at IS NULL THEN 'stale'
+                           WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version THEN 'stale'
+                           WHEN st.created_at >= now() - $8 THEN 'wait'
+                           WHEN u.error IS NOT NULL OR u.bucket IS DISTINCT FROM d.bucket
+                                OR u.object_path IS DISTINCT FROM d.object_path THEN 'rejected'
+                           ELSE 'ok' END
                        WHEN j.id IS NULL THEN 'stale'
                        WHEN kp.key IS NOT NULL THEN 'cancelled'
                        WHEN lk.id IS NULL OR ob.key IS NULL THEN 'busy'
@@ -477,6 +504,14 @@ BEGIN
                        ELSE 'ok'
                    END AS verdict,
                    CASE
+                       WHEN d.job_id IS NULL THEN CASE
+                           WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
+                           WHEN s.named_by IS NOT NULL THEN format('job %%s names its object now: no longer a stray', s.named_by)
+                           WHEN st.id IS NULL THEN 'no longer in storage.objects: deleted by someone else'
+                           WHEN st.created_at IS NULL THEN 'storage.objects gives no created_at for it'
+                           WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
+                               THEN 'uploaded again since it was queued: storage.objects holds another upload of that name'
+                           ELSE coalesce(u.error, 'the allow-lists no longer name it as it is stored') END
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
                        WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
                        WHEN NOT so.same_object THEN 'the job''s output_url names another object now'
@@ -486,7 +521,9 @@ BEGIN
                        WHEN u.error IS NOT NULL THEN u.error
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
                    END AS reason,
-                   j.%3$I + $4 AS wait_until
+                   CASE WHEN d.job_id IS NULL
+                        THEN CASE WHEN $7 THEN st.created_at + $8 ELSE now() + interval '10 minutes' END
+                        ELSE j.%3$I + $4 END AS wait_until
             -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
             FROM unnest($1::bigint[]) AS wanted(id)
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
@@ -510,8 +547,10 @@ BEGIN
                 WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text
                 LIMIT 1
             ) AS r ON true
-            LEFT JOIN LATERAL orphan_cleanup.check_output_url(j.output_url) AS u ON true
+            LEFT JOIN LATERAL orphan_cleanup.check_output_url(
+                CASE WHEN d.job_id IS NULL THEN d.output_url ELSE j.output_url END) AS u ON true
             LEFT JOIN shared AS s ON s.key = d.bucket || '/' || d.object_path
+            %5$s
         )
         SELECT array_agg(v.id) FILTER (WHERE v.verdict = 'ok'),
                array_agg(v.id) FILTER (WHERE v.verdict IN ('stale', 'rejected', 'cancelled')),
@@ -521,9 +560,10 @@ BEGIN
                array_agg(v.wait_until) FILTER (WHERE v.verdict = 'wait'),
                array_agg(v.id) FILTER (WHERE v.verdict = 'busy')
         FROM v
-        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column)
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column, v_stored_sql)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
-    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept;
+    USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept,
+          v_inventory, make_interval(secs => cfg.stray_min_age_s);
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
@@ -893,26 +933,17 @@ CREATE FUNCTION orphan_cleanup._still_stored(ids bigint[]) RETURNS bigint[]
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_current text := '';
     v_ids bigint[];
 BEGIN
     IF NOT orphan_cleanup.verifies_absence() OR coalesce(cardinality(ids), 0) = 0 THEN
         RETURN '{}';
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'storage.objects'::regclass
-               AND attname = 'is_delete_marker' AND NOT attisdropped) THEN
-        v_current := v_current || ' AND o.is_delete_marker IS NOT TRUE';
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'storage.objects'::regclass
-               AND attname = 'archived_at' AND NOT attisdropped) THEN
-        v_current := v_current || ' AND o.archived_at IS NULL';
     END IF;
     EXECUTE format($sql$
         SELECT array_agg(d.id) FROM orphan_cleanup.deletion_queue AS d
         WHERE d.id = ANY ($1)
           AND EXISTS (SELECT 1 FROM storage.objects AS o
                       WHERE o.bucket_id = d.bucket AND o.name = d.object_path %s)
-        $sql$, v_current)
+        $sql$, orphan_cleanup._current_objects_only())
     INTO v_ids USING ids;
     RETURN coalesce(v_ids, '{}');
 END
@@ -951,7 +982,7 @@ BEGIN
     WITH mine AS (
         UPDATE orphan_cleanup.deletion_queue AS d
            SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL, lease_hash = NULL,
-               job_cleanup = 'pending',
+               job_cleanup = CASE WHEN d.job_id IS NULL THEN 'nothing to do: a stray has no job row' ELSE 'pending' END,
                -- The savings ledger: what this deletion reclaimed, as storage's answer said.
                bytes = CASE WHEN outcome = 'deleted' THEN sizes[array_position(ids, d.id)] END
          WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
@@ -1301,7 +1332,8 @@ BEGIN
         SELECT d.id, d.job_id, b.id AS blocker, b.state AS blocker_state
         FROM orphan_cleanup.deletion_queue AS d
         LEFT JOIN LATERAL (SELECT l.id, l.state FROM orphan_cleanup.deletion_queue AS l
-                           WHERE l.job_id = d.job_id
+                           WHERE (l.job_id = d.job_id
+                                  OR (d.job_id IS NULL AND l.job_id IS NULL AND l.bucket = d.bucket AND l.object_path = d.object_path))
                              AND (l.state IN ('pending', 'claimed')
                                   OR (l.state = 'dead' AND l.id < d.id AND (ids IS NULL OR l.id = ANY (ids))))
                            ORDER BY l.state = 'dead', l.id LIMIT 1) AS b ON true
@@ -1320,7 +1352,8 @@ BEGIN
         FROM requeued AS r
     )
     SELECT (SELECT count(*) FROM requeued),
-           (SELECT string_agg(format('row %s (job %s already has row %s %s)', c.id, c.job_id, c.blocker,
+           (SELECT string_agg(format('row %s (%s already has row %s %s)', c.id,
+                                     coalesce('job ' || c.job_id, 'its stray object'), c.blocker,
                                      CASE WHEN c.blocker_state = 'dead' THEN 'requeued' ELSE c.blocker_state END),
                               ', ' ORDER BY c.id)
             FROM candidate AS c WHERE c.blocker IS NOT NULL)

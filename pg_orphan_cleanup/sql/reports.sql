@@ -641,8 +641,8 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp S
 AS $$
 BEGIN
     -- The bytes reclaimed since installation, by kind: the savings ledger (rows history_retention
-    -- pruned) and the deleted rows still in the queue (every queued row is a job's orphan today),
-    -- read in the one pass over the queue the counts make.
+    -- pruned) and the deleted rows still in the queue, read in the one pass over the queue the
+    -- counts make.
     RETURN QUERY
     SELECT c.pending, c.ready, c.claimed, c.dead, c.rejected, c.deleted, c.absent, c.oldest_pending,
            l.started_at, l.status, l.error,
@@ -655,8 +655,8 @@ BEGIN
            v.active, v.unserved, v.refused_last_hour, v.misconfigured,
            EXISTS (SELECT 1 FROM orphan_cleanup.detector_state AS st WHERE st.breaker_tripped_at IS NOT NULL),
            (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END FROM orphan_cleanup.refused_saves AS s),
-           c.deleted_bytes + (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'orphan'),
-           (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'stray')::numeric
+           c.orphan_bytes + (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'orphan'),
+           c.stray_bytes + (SELECT coalesce(sum(g.deleted_bytes), 0) FROM orphan_cleanup.savings_ledger AS g WHERE g.kind = 'stray')
     FROM (SELECT count(*) FILTER (WHERE q.state = 'pending') AS pending,
                  count(*) FILTER (WHERE q.state = 'pending' AND q.available_at <= now()) AS ready,
                  count(*) FILTER (WHERE q.state = 'claimed') AS claimed,
@@ -665,7 +665,8 @@ BEGIN
                  count(*) FILTER (WHERE q.state = 'deleted') AS deleted,
                  count(*) FILTER (WHERE q.state = 'absent') AS absent,
                  min(q.enqueued_at) FILTER (WHERE q.state = 'pending') AS oldest_pending,
-                 coalesce(sum(q.bytes) FILTER (WHERE q.state = 'deleted'), 0)::numeric AS deleted_bytes
+                 coalesce(sum(q.bytes) FILTER (WHERE q.state = 'deleted' AND q.kind = 'orphan'), 0)::numeric AS orphan_bytes,
+                 coalesce(sum(q.bytes) FILTER (WHERE q.state = 'deleted' AND q.kind = 'stray'), 0)::numeric AS stray_bytes
           FROM orphan_cleanup.deletion_queue AS q) AS c
     LEFT JOIN LATERAL (SELECT * FROM orphan_cleanup.cycle_log AS x WHERE x.status <> 'skipped' ORDER BY x.id DESC LIMIT 1) AS l ON true
     CROSS JOIN orphan_cleanup._reaper_alert() AS r

@@ -82,7 +82,8 @@ CREATE TABLE orphan_cleanup.cycle_log (
 CREATE INDEX cycle_log_started_at ON orphan_cleanup.cycle_log (started_at);
 
 -- The deletion queue. One row per (job, output URL) that a cycle judged an orphan, or
--- rejected. States:
+-- rejected; and one per stray (kind 'stray', no job: an object in storage no job row names,
+-- see strays.sql). States:
 --   pending   waiting to be claimed (after grace, or after a retry back-off)
 --   claimed   handed to a reaper until lease_until
 --   deleted   confirmed gone by the reaper (the object existed)
@@ -94,8 +95,8 @@ CREATE INDEX cycle_log_started_at ON orphan_cleanup.cycle_log (started_at);
 --   rejected  the URL is malformed or not allowed by the settings; never sent to storage
 CREATE TABLE orphan_cleanup.deletion_queue (
     id           bigserial PRIMARY KEY,
-    job_id       uuid NOT NULL,
-    output_url   text NOT NULL,          -- redacted: signed-URL tokens are never stored
+    job_id       uuid,                   -- NULL for a stray
+    output_url   text NOT NULL,          -- redacted: signed-URL tokens are never stored; a stray's bucket/name
     url_hash     text NOT NULL,          -- md5 of the raw URL, to notice a changed URL
     host         text,
     bucket       text,
@@ -116,10 +117,19 @@ CREATE TABLE orphan_cleanup.deletion_queue (
     updated_at   timestamptz NOT NULL DEFAULT now(),
     finished_at  timestamptz,
     lease_hash   bytea,                  -- sha256 of the claim's lease token (never the token)
-    bytes        bigint                  -- deleted: the object's size, as storage's answer gave it
+    bytes        bigint,                 -- deleted: the object's size, as storage's answer gave it
+    kind         text NOT NULL DEFAULT 'orphan' CHECK (kind IN ('orphan', 'stray')),
+    -- A stray: the storage.objects row it was queued for. A claim hands out only that upload:
+    -- an object uploaded again under the same name since is another file.
+    stored_id      uuid,
+    stored_version text,
+    CONSTRAINT deletion_queue_stray_has_no_job CHECK ((kind = 'stray') = (job_id IS NULL))
 );
 CREATE UNIQUE INDEX deletion_queue_one_live_row_per_job
     ON orphan_cleanup.deletion_queue (job_id) WHERE state IN ('pending', 'claimed');
+-- A stray has one live row at a time too.
+CREATE UNIQUE INDEX deletion_queue_one_live_row_per_stray
+    ON orphan_cleanup.deletion_queue (bucket, object_path) WHERE job_id IS NULL AND state IN ('pending', 'claimed');
 CREATE INDEX deletion_queue_job ON orphan_cleanup.deletion_queue (job_id);
 CREATE INDEX deletion_queue_object ON orphan_cleanup.deletion_queue (bucket, object_path);
 CREATE INDEX deletion_queue_ready ON orphan_cleanup.deletion_queue (available_at, id) WHERE state = 'pending';

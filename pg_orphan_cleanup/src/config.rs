@@ -35,6 +35,7 @@ fn _config() -> TableIterator<
         name!(cycle_time_budget_ms, i32),
         name!(stray_min_age_s, i32),
         name!(storage_price_per_gb_month, f64),
+        name!(reclaim_strays, bool),
     ),
 > {
     TableIterator::once((
@@ -63,6 +64,7 @@ fn _config() -> TableIterator<
         guc::CYCLE_TIME_BUDGET.get(),
         guc::STRAY_MIN_AGE.get(),
         guc::STORAGE_PRICE_PER_GB_MONTH.get(),
+        guc::RECLAIM_STRAYS.get(),
     ))
 }
 

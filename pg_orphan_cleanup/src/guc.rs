@@ -42,6 +42,9 @@ pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_4
 /// uploads first writes the job row naming the file after (Iceberg's remove_orphan_files waits
 /// 3 days, Delta's VACUUM 7).
 pub static STRAY_MIN_AGE: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// Off by default: strays are queued (enqueue_strays()) and handed out only once a DBA who has
+/// looked at preview_strays() turns this on.
+pub static RECLAIM_STRAYS: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Dollars per GB-month of storage, for savings_report()'s projected saving: Supabase's
 /// published price past the plan's included storage (https://supabase.com/pricing).
 pub static STORAGE_PRICE_PER_GB_MONTH: GucSetting<f64> = GucSetting::<f64>::new(0.021);
@@ -317,6 +320,14 @@ pub fn init() {
         3650 * DAY,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"orphan_cleanup.reclaim_strays",
+        c"Strays (objects in storage no job names) may be queued and deleted.",
+        c"Off by default: look at preview_strays() first.",
+        &RECLAIM_STRAYS,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_float_guc(
         c"orphan_cleanup.storage_price_per_gb_month",

@@ -252,8 +252,11 @@ async fn dry_run(settings: &reaper::config::Settings) -> anyhow::Result<ExitCode
         );
         match reaper::reaper::allowed(&settings.policy, row) {
             Ok(_) => println!(
-                "would delete {name} (queue row {}, job {})",
-                row.id, row.job_id
+                "would delete {name} (queue row {}, {})",
+                row.id,
+                row.job_id
+                    .as_deref()
+                    .map_or("a stray: no job".to_string(), |j| format!("job {j}"))
             ),
             Err(r) => println!("would refuse queue row {} ({name}): {r}", row.id),
         }

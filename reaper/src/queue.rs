@@ -144,7 +144,8 @@ pub struct Claim {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claimed {
     pub id: i64,
-    pub job_id: String,
+    /// None for a stray: an object in storage that no job names.
+    pub job_id: Option<String>,
     pub host: Option<String>,
     pub bucket: Option<String>,
     pub object_path: Option<String>,

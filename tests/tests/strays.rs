@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use e2e::storage::Emulator;
+use e2e::storage::*;
 use e2e::*;
 
 fn strays(c: &mut postgres::Client, sql: &str) -> BTreeSet<String> {
@@ -232,7 +232,7 @@ fn preview_strays_says_what_is_missing() {
     assert_eq!(e.code().unwrap().code(), "55000");
     c.batch_execute(
         "CREATE SCHEMA storage;
-         CREATE TABLE storage.objects (bucket_id text, name text, metadata jsonb, created_at timestamptz)",
+         CREATE TABLE storage.objects (id uuid, bucket_id text, name text, metadata jsonb, created_at timestamptz, version text)",
     )
     .unwrap();
     for (call, says) in [
@@ -254,4 +254,480 @@ fn preview_strays_says_what_is_missing() {
         .query("SELECT * FROM orphan_cleanup.preview_strays()", &[])
         .unwrap()
         .is_empty());
+}
+
+// Queueing strays. The sequences that could delete a file a saved asset points to, or lose one,
+// and the test of each:
+//   1. upload, stray queued, then a job row naming the file written before the claim: the claim
+//      sees the job (or, while the write is in flight, the object's row it holds) and keeps the
+//      file                          -> a_job_written_for_a_queued_stray_before_its_claim_keeps_the_file
+//   2. the same, the job row written after the claim: the file may be gone, so that job can
+//      never be saved, at READ COMMITTED and REPEATABLE READ
+//                                    -> a_job_written_for_a_stray_after_its_claim_can_never_be_saved
+//   3. the object uploaded again under the same name, deleted by someone else, no longer
+//      allowed, too young under a raised stray_min_age, or reclaim_strays turned off, between
+//      enqueue and claim             -> a_stray_changed_since_it_was_queued_is_not_handed_out
+//   4. a stray row (no job) through fail, dead letters, requeue_dead, cancel and cancel_prefix,
+//      each audited                  -> a_stray_row_goes_through_every_queue_state_with_no_job
+//   5. the reaper deletes strays and the ledger records exactly the bytes that left storage
+//                                    -> strays_are_queued_once_turned_on_and_reclaimed_by_the_reaper
+
+const STRAY_SETTINGS: &[(&str, &str)] = &[
+    ("allowed_buckets", "renders"),
+    ("allowed_prefixes", "out/"),
+    ("reclaim_strays", "on"),
+];
+
+/// A database with a leak: `keys` uploaded to `renders` eight days ago, no job naming them.
+fn leak(name: &str, keys: &[&str]) -> (TestDb, Emulator) {
+    let db = TestDb::attached(name);
+    let emu = Emulator::start_keeping(name);
+    let mut pairs = STRAY_SETTINGS.to_vec();
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    settings(&pairs);
+    emu.create_bucket("renders");
+    for key in keys {
+        emu.upload("renders", key, key.as_bytes());
+    }
+    age_storage(&mut db.client(), 8);
+    (db, emu)
+}
+
+fn enqueue_strays(c: &mut postgres::Client) -> i64 {
+    c.query_one("SELECT orphan_cleanup.enqueue_strays()", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// (state, reason) of the stray row of `key`, the latest.
+fn stray_row(c: &mut postgres::Client, key: &str) -> (String, Option<String>) {
+    let r = c
+        .query_one(
+            "SELECT state, reason FROM orphan_cleanup.deletion_queue
+             WHERE kind = 'stray' AND object_path = $1 ORDER BY id DESC LIMIT 1",
+            &[&key],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn code(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+/// Off by default: enqueue_strays() refuses, naming the setting, and queues nothing. Turned on,
+/// it queues the old strays only (a young file is left alone, and so is a file a job names);
+/// the real reaper deletes them; each row has no job, says it is a stray, and is audited with
+/// no job; and the ledger holds exactly the bytes that left storage, as stray bytes.
+#[test]
+fn strays_are_queued_once_turned_on_and_reclaimed_by_the_reaper() {
+    let (db, emu) = leak("strays_reclaim", &["out/leak-1.png", "out/leak-22.png"]);
+    let mut c = db.client();
+    reaper_role();
+    emu.upload("renders", "out/named.png", b"named by a job");
+    age_storage(&mut c, 8);
+    job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/named.png")),
+        "30 minutes",
+        "n",
+    );
+    emu.upload("renders", "out/young.png", b"uploaded just now");
+
+    let mut off = STRAY_SETTINGS.to_vec();
+    off.retain(|(n, _)| *n != "reclaim_strays");
+    off.push(("allowed_hosts", emu.host.as_str()));
+    settings(&off);
+    let e = c
+        .query_one("SELECT orphan_cleanup.enqueue_strays()", &[])
+        .unwrap_err();
+    let msg = db_error(&e);
+    assert!(
+        msg.contains("reclaim_strays is off") && msg.contains("preview_strays()"),
+        "{msg}"
+    );
+    assert_eq!(code(&e), "55000");
+    let queued = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(queued(&mut c), 0);
+
+    off.push(("reclaim_strays", "on"));
+    settings(&off);
+    assert_eq!(enqueue_strays(&mut c), 2);
+    assert_eq!(enqueue_strays(&mut c), 0, "queued once");
+    let rows = c
+        .query(
+            "SELECT job_id IS NULL, kind, output_url, stored_id IS NOT NULL, stored_version IS NOT NULL
+             FROM orphan_cleanup.deletion_queue ORDER BY object_path",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for (r, key) in rows.iter().zip(["out/leak-1.png", "out/leak-22.png"]) {
+        assert!(r.get::<_, bool>(0));
+        assert_eq!(r.get::<_, String>(1), "stray");
+        assert_eq!(r.get::<_, String>(2), format!("renders/{key}"));
+        assert!(r.get::<_, bool>(3) && r.get::<_, bool>(4));
+    }
+
+    let out = run(&mut reaper(&db.name, &emu, &["drain"]));
+    assert!(out.status.success(), "{}", output_text(&out));
+    let left = emu.objects();
+    assert_eq!(
+        left,
+        ["renders/out/named.png", "renders/out/young.png"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>()
+    );
+    let r = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'deleted'), sum(bytes)::bigint,
+                    string_agg(DISTINCT job_cleanup, ', ')
+             FROM orphan_cleanup.deletion_queue",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 2);
+    let leaked_bytes = ("out/leak-1.png".len() + "out/leak-22.png".len()) as i64;
+    assert_eq!(r.get::<_, Option<i64>>(1), Some(leaked_bytes));
+    assert_eq!(
+        r.get::<_, String>(2),
+        "nothing to do: a stray has no job row"
+    );
+    let audited: Vec<String> = c
+        .query(
+            "SELECT action FROM orphan_cleanup.audit_log
+             WHERE queue_id IS NOT NULL AND job_id IS NULL ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for action in ["enqueued", "claimed", "deleted"] {
+        assert_eq!(
+            audited.iter().filter(|a| *a == action).count(),
+            2,
+            "{action}: {audited:?}"
+        );
+    }
+    let (orphan, stray): (f64, f64) = {
+        let r = c
+            .query_one(
+                "SELECT reclaimed_orphan_bytes::float8, reclaimed_stray_bytes::float8 FROM orphan_cleanup.queue_status()",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((orphan, stray), (0.0, leaked_bytes as f64));
+    // Pruned into the ledger, still stray bytes.
+    c.batch_execute(
+        "UPDATE orphan_cleanup.deletion_queue SET finished_at = now() - interval '60 days', enqueued_at = now() - interval '60 days'",
+    )
+    .unwrap();
+    cycle(&mut c);
+    let r = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM orphan_cleanup.deletion_queue),
+                    (SELECT sum(deleted_bytes)::bigint FROM orphan_cleanup.savings_ledger WHERE kind = 'stray'),
+                    (SELECT reclaimed_stray_bytes::float8 FROM orphan_cleanup.queue_status())",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 0, "pruned");
+    assert_eq!(r.get::<_, Option<i64>>(1), Some(leaked_bytes));
+    assert_eq!(r.get::<_, f64>(2), leaked_bytes as f64);
+}
+
+/// Sequence 1: a render service that uploads first and writes the job row later. A stray is
+/// queued; the job row naming its file (spelled another way: JSON around a signed URL) is
+/// written before the claim, in flight during one claim and committed before the next. The
+/// first claim passes over the busy row, the second retires it, and the file stays; the job
+/// can be saved.
+#[test]
+fn a_job_written_for_a_queued_stray_before_its_claim_keeps_the_file() {
+    let (db, emu) = leak("strays_late_job", &["out/late.png", "out/inflight.png"]);
+    let mut c = db.client();
+    assert_eq!(enqueue_strays(&mut c), 2);
+
+    // Committed before the claim.
+    let late = job(
+        &mut c,
+        "completed",
+        Some(&format!(
+            r#"{{"signedUrl":"{}?token=abc"}}"#,
+            emu.public_url("renders", "out/late.png")
+                .replace("/public/", "/sign/")
+                .replace('/', "\\/")
+        )),
+        "1 minute",
+        "late",
+    );
+    // In flight during the claim: the job row is not visible, but its write holds the object.
+    let mut app = db.client();
+    let mut tx = app.transaction().unwrap();
+    let inflight = job(
+        &mut tx,
+        "running",
+        Some(&emu.public_url("renders", "out/inflight.png")),
+        "1 minute",
+        "inflight",
+    );
+    assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
+    let (state, reason) = stray_row(&mut c, "out/late.png");
+    assert_eq!(state, "stale");
+    assert_eq!(
+        reason.unwrap(),
+        format!("job {} names its object now: no longer a stray", late.0)
+    );
+    assert_eq!(
+        stray_row(&mut c, "out/inflight.png").0,
+        "pending",
+        "busy, passed over"
+    );
+    tx.commit().unwrap();
+    c.batch_execute("DELETE FROM orphan_cleanup.busy").unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    let (state, reason) = stray_row(&mut c, "out/inflight.png");
+    assert_eq!(state, "stale");
+    assert!(reason.unwrap().contains(&inflight.0));
+    assert_eq!(emu.objects().len(), 2, "both files stay");
+    save(&mut c, "generated_saved", &late.0).unwrap();
+    save(&mut c, "generated_saved", &inflight.0).unwrap();
+    // Named by a job now, neither is a stray again.
+    assert_eq!(enqueue_strays(&mut c), 0);
+}
+
+/// Sequence 2: the job row naming a stray's file is written after the claim handed the file
+/// out (the reaper may have deleted it already). The write itself goes through (the render
+/// service is never blocked), but the job can never be saved: at READ COMMITTED the save is
+/// refused, and at REPEATABLE READ a transaction whose snapshot predates the claim cannot commit
+/// the job and its save either.
+#[test]
+fn a_job_written_for_a_stray_after_its_claim_can_never_be_saved() {
+    let (db, emu) = leak("strays_after_claim", &["out/rc.png", "out/rr.png"]);
+    let mut c = db.client();
+    let mut app = db.client();
+    let mut rr = app
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    rr.query_one("SELECT count(*) FROM render_jobs", &[])
+        .unwrap();
+    assert_eq!(enqueue_strays(&mut c), 2);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 2);
+
+    let rc = job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/rc.png")),
+        "1 minute",
+        "rc",
+    );
+    let e = save(&mut c, "generated_saved", &rc.0).unwrap_err();
+    assert_eq!(code(&e), "OC001", "{}", db_error(&e));
+
+    let saved = (|| -> Result<(), postgres::Error> {
+        let j: String = rr
+            .query_one(
+                "INSERT INTO render_jobs (status, output_url, prompt) VALUES ('completed', $1, 'rr') RETURNING id::text",
+                &[&emu.public_url("renders", "out/rr.png")],
+            )?
+            .get(0);
+        rr.execute(
+            "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+            &[&j],
+        )?;
+        rr.commit()
+    })();
+    let e = saved.expect_err("a job saved in a snapshot older than the claim must not commit");
+    assert!(
+        ["OC001", "40001"].contains(&code(&e).as_str()),
+        "{}",
+        db_error(&e)
+    );
+}
+
+/// Sequence 3: what changed between enqueue and claim. An object uploaded again under the same
+/// name is another file; one deleted by someone else is gone; a narrowed allow-list no longer
+/// lets the name through; a raised stray_min_age makes it too young; reclaim_strays turned off
+/// stops every stray. None is handed out, each says why, and every file stays.
+#[test]
+fn a_stray_changed_since_it_was_queued_is_not_handed_out() {
+    let keys = [
+        "out/again.png",
+        "out/gone.png",
+        "out/other/narrowed.png",
+        "out/young.png",
+    ];
+    let (db, emu) = leak("strays_changed", &keys);
+    let mut c = db.client();
+    assert_eq!(enqueue_strays(&mut c), 4);
+    let mut base = STRAY_SETTINGS.to_vec();
+    base.push(("allowed_hosts", emu.host.as_str()));
+
+    // Turned off: nothing is handed out, and the rows wait.
+    let mut off = base.clone();
+    off.retain(|(n, _)| *n != "reclaim_strays");
+    settings(&off);
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    let pending: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.deletion_queue WHERE state = 'pending'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 4);
+
+    emu.upload(
+        "renders",
+        "out/again.png",
+        b"a new render under the old name",
+    );
+    c.batch_execute(
+        "SET storage.allow_delete_query = 'true';
+         DELETE FROM storage.objects WHERE name = 'out/gone.png';
+         UPDATE storage.objects SET created_at = now() - interval '2 days' WHERE name = 'out/young.png';",
+    )
+    .unwrap();
+    let mut changed = base.clone();
+    changed.retain(|(n, _)| *n != "allowed_prefixes");
+    changed.push(("allowed_prefixes", "out/leak,out/again,out/gone,out/young"));
+    changed.push(("stray_min_age", "3d"));
+    settings(&changed);
+    assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
+    let (state, reason) = stray_row(&mut c, "out/again.png");
+    assert_eq!(
+        (state.as_str(), reason.as_deref()),
+        (
+            "stale",
+            Some("uploaded again since it was queued: storage.objects holds another upload of that name")
+        )
+    );
+    let (state, reason) = stray_row(&mut c, "out/gone.png");
+    assert_eq!(
+        (state.as_str(), reason.as_deref()),
+        (
+            "stale",
+            Some("no longer in storage.objects: deleted by someone else")
+        )
+    );
+    let (state, reason) = stray_row(&mut c, "out/other/narrowed.png");
+    assert_eq!(state, "rejected");
+    assert!(reason.unwrap().contains("outside the allowed prefixes"));
+    let young = c
+        .query_one(
+            "SELECT state, available_at > now() + interval '20 hours' FROM orphan_cleanup.deletion_queue
+             WHERE object_path = 'out/young.png'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(young.get::<_, String>(0), "pending");
+    assert!(young.get::<_, bool>(1), "waits until it is 3 days old");
+    assert_eq!(
+        emu.objects().len(),
+        4,
+        "every file still stored (only gone.png's row in storage.objects was deleted)"
+    );
+    // The file uploaded again is queued anew once it is old enough, as that upload.
+    c.batch_execute("UPDATE storage.objects SET created_at = now() - interval '4 days' WHERE name = 'out/again.png'")
+        .unwrap();
+    assert_eq!(enqueue_strays(&mut c), 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+}
+
+/// Sequence 4: a stray row, which has no job, through fail, dead letters, requeue_dead, cancel
+/// and cancel_prefix. Each step is audited with no job; a cancelled stray's object is kept, and
+/// enqueue_strays() does not queue it again.
+#[test]
+fn a_stray_row_goes_through_every_queue_state_with_no_job() {
+    let (db, _emu) = leak(
+        "strays_states",
+        &["out/a.png", "out/b.png", "out/keep/c.png"],
+    );
+    let mut c = db.client();
+    // The kept one queued last, so that the claim of one row takes another.
+    c.batch_execute("UPDATE storage.objects SET created_at = now() - interval '7 days 12 hours' WHERE name = 'out/keep/c.png'")
+        .unwrap();
+    assert_eq!(enqueue_strays(&mut c), 3);
+    let got = claim(&mut c, "w1", 1);
+    assert_eq!(got.len(), 1);
+    c.execute(
+        "SELECT * FROM orphan_cleanup.fail('w1', $1, $2, 'bucket policy denies delete', false)",
+        &[&got.lease, &got.ids],
+    )
+    .unwrap();
+    let state: String = c
+        .query_one(
+            "SELECT state FROM orphan_cleanup.deletion_queue WHERE id = $1",
+            &[&got.ids[0]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "dead");
+    let requeued: i64 = c
+        .query_one("SELECT orphan_cleanup.requeue_dead()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(requeued, 1);
+
+    let cancelled: Vec<String> = c
+        .query(
+            "SELECT result FROM orphan_cleanup.cancel_prefix('renders', 'out/keep/')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(cancelled, vec!["cancelled".to_string()]);
+    assert_eq!(
+        enqueue_strays(&mut c),
+        0,
+        "a kept object is not a stray again"
+    );
+    let preview: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.preview_strays() WHERE object_path = 'out/keep/c.png'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(preview, 0);
+
+    let actions: Vec<String> = c
+        .query(
+            "SELECT action FROM orphan_cleanup.audit_log WHERE queue_id IS NOT NULL AND job_id IS NULL ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for action in [
+        "enqueued",
+        "claimed",
+        "failed",
+        "dead_lettered",
+        "requeued",
+        "cancelled",
+    ] {
+        assert!(actions.iter().any(|a| a == action), "{action}: {actions:?}");
+    }
+    let with_job: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE job_id IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(with_job, 0);
 }
