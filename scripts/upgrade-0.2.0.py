@@ -157,7 +157,10 @@ out.append(fn('schema','_no_entries', replace=False))
 out.append(fn('detect','_another_chunk_fits', replace=False))
 out.append(fn('detect','_statistics_stale', replace=False))
 out.append(fn('detect','_refresh_statistics', replace=False))
-out.append(fn('detect','_cycle_body'))
+out.append("""-- _cycle_body() reports its stray reconciliation too (its OUT columns change).
+DROP FUNCTION orphan_cleanup._cycle_body(bigint, text);
+""")
+out.append(fn('detect','_cycle_body', replace=False))
 out.append(fn('detect','enqueue_orphans'))
 out.append(fn('guard','attach'))
 out.append(fn('detect','run_cycle'))
@@ -384,7 +387,16 @@ REVOKE ALL ON orphan_cleanup.savings_ledger FROM PUBLIC;
 """)
 out.append(fn('reports', 'savings_report', replace=False))
 out.append("-- Stray objects (issue 15): preview_strays() reads storage.objects.\n")
-for name in ['_inventory_problem', '_current_objects_only', '_strays', '_strays_ready', 'preview_strays', 'enqueue_strays']:
+out.append("""-- Cycles reconcile strays: where their passes have got to, and what each cycle did.
+ALTER TABLE orphan_cleanup.detector_state
+    ADD COLUMN stray_pass_started_at timestamptz, ADD COLUMN stray_pass_bucket text, ADD COLUMN stray_pass_name text,
+    ADD COLUMN stray_seen_ts timestamptz, ADD COLUMN stray_seen_id uuid;
+ALTER TABLE orphan_cleanup.cycle_log
+    ADD COLUMN strays_scanned bigint NOT NULL DEFAULT 0, ADD COLUMN strays_enqueued bigint NOT NULL DEFAULT 0,
+    ADD COLUMN stray_pass text, ADD COLUMN stray_ms numeric;
+""")
+for name in ['_inventory_problem', '_current_objects_only', '_stray_page', '_stray_chunk', '_strays_ready',
+             'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
     out.append(fn('strays', name, replace=False))
 out.append("""-- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
 REVOKE ALL ON FUNCTION
@@ -448,7 +460,12 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._inventory_problem(),
     orphan_cleanup.preview_strays(interval, integer),
     orphan_cleanup._current_objects_only(),
-    orphan_cleanup._strays(regclass, timestamptz, timestamptz, uuid, integer),
+    orphan_cleanup._stray_page(regclass, timestamptz, boolean, timestamptz, uuid, text, text, integer),
+    orphan_cleanup._stray_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, boolean, timestamptz, uuid, text, text, integer, interval, boolean, bigint),
+    orphan_cleanup._stray_index_ok(),
+    orphan_cleanup._cycle_body(bigint, text),
+    orphan_cleanup._reconcile_strays(orphan_cleanup.attachment, bigint, text, interval, boolean, timestamptz, bigint, bigint, bigint, text),
+    orphan_cleanup._check_stray_breaker(bigint, bigint, bigint, bigint, text),
     orphan_cleanup._strays_ready(text, interval, integer),
     orphan_cleanup.enqueue_strays(interval, integer),
     orphan_cleanup.cancel_prefix(text, text),

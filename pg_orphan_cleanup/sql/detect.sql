@@ -367,7 +367,8 @@ RETURN clock_timestamp() + 1.5 * (clock_timestamp() - started) < deadline;
 CREATE FUNCTION orphan_cleanup._cycle_body(
     p_cycle bigint, p_actor text,
     OUT full_sweep boolean, OUT dry boolean, OUT scanned bigint, OUT rechecked bigint,
-    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
+    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint,
+    OUT strays_scanned bigint, OUT strays_enqueued bigint, OUT stray_pass text, OUT stray_ms numeric)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -390,6 +391,8 @@ DECLARE
     v_chunk_started timestamptz;
     v_caught_up boolean;
     v_carried bigint;
+    v_strays record;
+    v_strays_started timestamptz;
     -- Jobs per chunk: small enough that the time budget is kept to within a chunk or so.
     chunk_rows CONSTANT integer := 2000;
 BEGIN
@@ -411,6 +414,7 @@ BEGIN
     SELECT l.started_at + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0) INTO deadline
     FROM orphan_cleanup.cycle_log AS l WHERE l.id = p_cycle;
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
+    strays_scanned := 0; strays_enqueued := 0;
 
     IF NOT dry THEN
         PERFORM orphan_cleanup._expire_leases(p_actor);
@@ -519,6 +523,23 @@ BEGIN
             EXIT;
         END IF;
     END LOOP;
+
+    -- Strays (strays.sql), once the jobs are done, in what is left of the budget.
+    IF cfg.reclaim_strays THEN
+        IF v_out_of_time OR n_enqueued >= cfg.max_per_cycle THEN
+            stray_pass := 'not run: the jobs took this cycle''s budget';
+        ELSE
+            v_strays_started := clock_timestamp();
+            v_strays := orphan_cleanup._reconcile_strays(att, p_cycle, p_actor, v_grace, dry, deadline,
+                                                         cfg.max_per_cycle - n_enqueued, v_limit, n_enqueued, v_limits);
+            strays_scanned := v_strays.scanned;
+            strays_enqueued := v_strays.n_enqueued;
+            stray_pass := v_strays.pass;
+            stray_ms := round(extract(epoch FROM clock_timestamp() - v_strays_started) * 1000, 1);
+            n_enqueued := n_enqueued + v_strays.n_enqueued;
+            v_out_of_time := v_out_of_time OR v_strays.out_of_time;
+        END IF;
+    END IF;
     IF v_out_of_time THEN
         UPDATE orphan_cleanup.cycle_log AS l SET out_of_time = true WHERE l.id = p_cycle;
         RAISE LOG 'pg_orphan_cleanup cycle %: stopped at its time budget (orphan_cleanup.cycle_time_budget = % ms) after % jobs; the next cycle goes on from there',
@@ -622,7 +643,9 @@ BEGIN
     UPDATE orphan_cleanup.cycle_log AS l
        SET status = CASE WHEN r.dry THEN 'dry_run' ELSE 'ok' END, finished_at = clock_timestamp(),
            duration_ms = v_ms, full_sweep = r.full_sweep, scanned = r.scanned, rechecked = r.rechecked,
-           found = r.n_found, enqueued = r.n_enqueued, protected = r.n_protected, rejected = r.n_rejected
+           found = r.n_found, enqueued = r.n_enqueued, protected = r.n_protected, rejected = r.n_rejected,
+           strays_scanned = r.strays_scanned, strays_enqueued = r.strays_enqueued, stray_pass = r.stray_pass,
+           stray_ms = r.stray_ms
      WHERE l.id = v_id;
     RAISE LOG 'Comprehensive cleanup cycle completed (pg_orphan_cleanup cycle %): found %, %enqueued %, protected %, rejected %, scanned %, % ms%',
         v_id, r.n_found, CASE WHEN r.dry THEN 'dry run, would have ' ELSE '' END, r.n_enqueued, r.n_protected, r.n_rejected,

@@ -234,10 +234,14 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION orphan_cleanup._cycle_body(
+-- _cycle_body() reports its stray reconciliation too (its OUT columns change).
+DROP FUNCTION orphan_cleanup._cycle_body(bigint, text);
+
+CREATE FUNCTION orphan_cleanup._cycle_body(
     p_cycle bigint, p_actor text,
     OUT full_sweep boolean, OUT dry boolean, OUT scanned bigint, OUT rechecked bigint,
-    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint)
+    OUT n_found bigint, OUT n_enqueued bigint, OUT n_protected bigint, OUT n_rejected bigint,
+    OUT strays_scanned bigint, OUT strays_enqueued bigint, OUT stray_pass text, OUT stray_ms numeric)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -260,6 +264,8 @@ DECLARE
     v_chunk_started timestamptz;
     v_caught_up boolean;
     v_carried bigint;
+    v_strays record;
+    v_strays_started timestamptz;
     -- Jobs per chunk: small enough that the time budget is kept to within a chunk or so.
     chunk_rows CONSTANT integer := 2000;
 BEGIN
@@ -281,6 +287,7 @@ BEGIN
     SELECT l.started_at + make_interval(secs => cfg.cycle_time_budget_ms / 1000.0) INTO deadline
     FROM orphan_cleanup.cycle_log AS l WHERE l.id = p_cycle;
     scanned := 0; rechecked := 0; n_found := 0; n_enqueued := 0; n_protected := 0; n_rejected := 0;
+    strays_scanned := 0; strays_enqueued := 0;
 
     IF NOT dry THEN
         PERFORM orphan_cleanup._expire_leases(p_actor);
@@ -389,6 +396,23 @@ BEGIN
             EXIT;
         END IF;
     END LOOP;
+
+    -- Strays (strays.sql), once the jobs are done, in what is left of the budget.
+    IF cfg.reclaim_strays THEN
+        IF v_out_of_time OR n_enqueued >= cfg.max_per_cycle THEN
+            stray_pass := 'not run: the jobs took this cycle''s budget';
+        ELSE
+            v_strays_started := clock_timestamp();
+            v_strays := orphan_cleanup._reconcile_strays(att, p_cycle, p_actor, v_grace, dry, deadline,
+                                                         cfg.max_per_cycle - n_enqueued, v_limit, n_enqueued, v_limits);
+            strays_scanned := v_strays.scanned;
+            strays_enqueued := v_strays.n_enqueued;
+            stray_pass := v_strays.pass;
+            stray_ms := round(extract(epoch FROM clock_timestamp() - v_strays_started) * 1000, 1);
+            n_enqueued := n_enqueued + v_strays.n_enqueued;
+            v_out_of_time := v_out_of_time OR v_strays.out_of_time;
+        END IF;
+    END IF;
     IF v_out_of_time THEN
         UPDATE orphan_cleanup.cycle_log AS l SET out_of_time = true WHERE l.id = p_cycle;
         RAISE LOG 'pg_orphan_cleanup cycle %: stopped at its time budget (orphan_cleanup.cycle_time_budget = % ms) after % jobs; the next cycle goes on from there',
@@ -672,7 +696,9 @@ BEGIN
     UPDATE orphan_cleanup.cycle_log AS l
        SET status = CASE WHEN r.dry THEN 'dry_run' ELSE 'ok' END, finished_at = clock_timestamp(),
            duration_ms = v_ms, full_sweep = r.full_sweep, scanned = r.scanned, rechecked = r.rechecked,
-           found = r.n_found, enqueued = r.n_enqueued, protected = r.n_protected, rejected = r.n_rejected
+           found = r.n_found, enqueued = r.n_enqueued, protected = r.n_protected, rejected = r.n_rejected,
+           strays_scanned = r.strays_scanned, strays_enqueued = r.strays_enqueued, stray_pass = r.stray_pass,
+           stray_ms = r.stray_ms
      WHERE l.id = v_id;
     RAISE LOG 'Comprehensive cleanup cycle completed (pg_orphan_cleanup cycle %): found %, %enqueued %, protected %, rejected %, scanned %, % ms%',
         v_id, r.n_found, CASE WHEN r.dry THEN 'dry run, would have ' ELSE '' END, r.n_enqueued, r.n_protected, r.n_rejected,
@@ -1174,8 +1200,10 @@ BEGIN
     --    names its object (a job written since is visible here, and one being written holds the
     --    object's row, so the row is busy), and only as the upload it was queued for: still in
     --    storage.objects with the same id and version, still older than stray_min_age, still
-    --    allowed. Where storage.objects cannot be read now, it waits.
-    v_inventory := orphan_cleanup._inventory_problem() IS NULL;
+    --    allowed. Where storage.objects cannot be read now, it waits. (Read only for strays.)
+    v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
+                           JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
+                   AND orphan_cleanup._inventory_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, o.created_at
@@ -3729,6 +3757,14 @@ $$;
 
 -- Stray objects (issue 15): preview_strays() reads storage.objects.
 
+-- Cycles reconcile strays: where their passes have got to, and what each cycle did.
+ALTER TABLE orphan_cleanup.detector_state
+    ADD COLUMN stray_pass_started_at timestamptz, ADD COLUMN stray_pass_bucket text, ADD COLUMN stray_pass_name text,
+    ADD COLUMN stray_seen_ts timestamptz, ADD COLUMN stray_seen_id uuid;
+ALTER TABLE orphan_cleanup.cycle_log
+    ADD COLUMN strays_scanned bigint NOT NULL DEFAULT 0, ADD COLUMN strays_enqueued bigint NOT NULL DEFAULT 0,
+    ADD COLUMN stray_pass text, ADD COLUMN stray_ms numeric;
+
 CREATE FUNCTION orphan_cleanup._inventory_problem() RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 RETURN CASE
@@ -3754,31 +3790,98 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._strays(jobs regclass, cutoff timestamptz, after_ts timestamptz, after_id uuid,
-                                       max_rows integer)
+CREATE FUNCTION orphan_cleanup._stray_page(jobs regclass, cutoff timestamptz, by_name boolean,
+                                           after_ts timestamptz, after_id uuid, after_bucket text, after_name text,
+                                           page_rows integer)
 RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz,
-               stored_id uuid, stored_version text)
+               stored_id uuid, stored_version text, stray boolean)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
     RETURN QUERY EXECUTE format($sql$
-        SELECT o.bucket_id::text, o.name::text, (o.metadata ->> 'size')::bigint, o.created_at,
-               o.id, o.version::text
-        FROM storage.objects AS o
-        CROSS JOIN LATERAL orphan_cleanup.check_output_url(o.bucket_id || '/' || o.name) AS u
-        WHERE o.created_at < $1 AND (o.created_at, o.id) > ($2, $3) %s
-          AND u.error IS NULL AND u.bucket = o.bucket_id AND u.object_path = o.name
-          AND NOT EXISTS (SELECT 1 FROM %s AS j
-                          WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[o.bucket_id || '/' || o.name])
-          AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
-                          WHERE d.bucket = o.bucket_id AND d.object_path = o.name
-                            AND d.state IN ('pending', 'claimed', 'dead'))
-          AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS k
-                          WHERE k.bucket = o.bucket_id AND k.object_path = o.name AND k.kept_at IS NOT NULL)
-        ORDER BY o.created_at, o.id
-        LIMIT $4
-        $sql$, orphan_cleanup._current_objects_only(), jobs)
-    USING cutoff, after_ts, after_id, max_rows;
+        WITH page AS MATERIALIZED (
+            SELECT o.bucket_id, o.name, o.metadata, o.created_at, o.id, o.version
+            FROM storage.objects AS o
+            WHERE %1$s %2$s
+            ORDER BY %3$s
+            LIMIT $8)
+        SELECT p.bucket_id::text, p.name::text, (p.metadata ->> 'size')::bigint, p.created_at, p.id, p.version::text,
+               coalesce(p.created_at < $1
+                        AND u.error IS NULL AND u.bucket = p.bucket_id AND u.object_path = p.name
+                        AND NOT EXISTS (SELECT 1 FROM %4$s AS j
+                                        WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[p.bucket_id || '/' || p.name])
+                        AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
+                                        WHERE d.bucket = p.bucket_id AND d.object_path = p.name
+                                          AND d.state IN ('pending', 'claimed', 'dead'))
+                        AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS k
+                                        WHERE k.bucket = p.bucket_id AND k.object_path = p.name AND k.kept_at IS NOT NULL),
+                        false)
+        FROM page AS p
+        CROSS JOIN LATERAL orphan_cleanup.check_output_url(p.bucket_id || '/' || p.name) AS u
+        ORDER BY %3$s
+        $sql$,
+        CASE WHEN by_name THEN '(o.bucket_id, o.name) > ($6, $7)'
+             ELSE 'o.created_at < $1 AND (o.created_at, o.id) > ($4, $5)' END,
+        orphan_cleanup._current_objects_only(),
+        CASE WHEN by_name THEN '1, 2' ELSE '4, 5' END,
+        jobs)
+    USING cutoff, by_name, NULL::text, after_ts, after_id, after_bucket, after_name, page_rows;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._stray_chunk(
+    att orphan_cleanup.attachment, p_cycle bigint, p_actor text, cutoff timestamptz, by_name boolean,
+    after_ts timestamptz, after_id uuid, after_bucket text, after_name text, page_rows integer,
+    p_grace interval, p_dry boolean, max_enqueue bigint,
+    OUT seen bigint, OUT n_strays bigint, OUT n_enqueued bigint, OUT capped boolean,
+    OUT last_ts timestamptz, OUT last_id uuid, OUT last_bucket text, OUT last_name text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+BEGIN
+    WITH page AS MATERIALIZED (
+        SELECT g.*, count(*) FILTER (WHERE g.stray) OVER (ORDER BY g.n) AS k
+        FROM orphan_cleanup._stray_page(att.jobs_oid::regclass, cutoff, by_name, after_ts, after_id,
+                                        after_bucket, after_name, page_rows)
+             WITH ORDINALITY AS g(bucket, object_path, bytes, created_at, stored_id, stored_version, stray, n)
+    ),
+    -- The stray past the cap, in page order: where this chunk ends.
+    stop_at AS (
+        SELECT min(x.n) AS n FROM page AS x WHERE max_enqueue IS NOT NULL AND x.stray AND x.k > max_enqueue
+    ),
+    taken AS (
+        SELECT x.* FROM page AS x WHERE x.n < coalesce((SELECT s.n FROM stop_at AS s), 'Infinity'::numeric)
+    ),
+    ins AS (
+        INSERT INTO orphan_cleanup.deletion_queue AS d
+            (job_id, kind, output_url, url_hash, host, bucket, object_path, state, available_at,
+             stored_id, stored_version, cycle_id)
+        SELECT NULL, 'stray', t.bucket || '/' || t.object_path, md5(t.bucket || '/' || t.object_path), NULL,
+               t.bucket, t.object_path, 'pending', now() + p_grace, t.stored_id, t.stored_version, p_cycle
+        FROM taken AS t
+        WHERE t.stray AND NOT p_dry
+        ON CONFLICT (bucket, object_path) WHERE job_id IS NULL AND state IN ('pending', 'claimed') DO NOTHING
+        RETURNING d.id, d.bucket, d.object_path, d.output_url
+    ),
+    audited AS (
+        INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail, cycle_id)
+        SELECT 'enqueued', i.id, i.output_url, p_actor,
+               format('a stray: no job names it (%s bytes, uploaded %s)', coalesce(t.bytes::text, 'unknown'), t.created_at),
+               p_cycle
+        FROM ins AS i JOIN taken AS t ON t.bucket = i.bucket AND t.object_path = i.object_path
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM taken),
+           (SELECT count(*) FROM taken AS t WHERE t.stray),
+           CASE WHEN p_dry THEN (SELECT count(*) FROM taken AS t WHERE t.stray) ELSE (SELECT count(*) FROM ins) END,
+           EXISTS (SELECT 1 FROM stop_at AS s WHERE s.n IS NOT NULL),
+           l.created_at, l.stored_id, l.bucket, l.object_path
+      INTO seen, n_strays, n_enqueued, capped, last_ts, last_id, last_bucket, last_name
+      FROM (SELECT 1) AS one
+      LEFT JOIN LATERAL (SELECT t.* FROM taken AS t ORDER BY t.n DESC LIMIT 1) AS l ON true;
+    -- A capped chunk that stopped at its first row saw nothing: it ends where it started.
+    IF seen = 0 THEN
+        last_ts := after_ts; last_id := after_id; last_bucket := after_bucket; last_name := after_name;
+    END IF;
 END
 $$;
 
@@ -3813,14 +3916,36 @@ CREATE FUNCTION orphan_cleanup.preview_strays(min_age interval DEFAULT NULL, max
 RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz, age interval)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
+DECLARE
+    v_jobs regclass;
+    cutoff timestamptz;
+    cur_ts timestamptz := '-infinity';
+    cur_id uuid := '00000000-0000-0000-0000-000000000000';
+    got integer := 0;
+    seen integer;
+    r record;
 BEGIN
     PERFORM orphan_cleanup._strays_ready('preview_strays()', min_age, max_rows);
-    RETURN QUERY
-    SELECT s.bucket, s.object_path, s.bytes, s.created_at, date_trunc('second', now() - s.created_at)
-    FROM orphan_cleanup._strays(
-        (SELECT t.jobs_oid::regclass FROM orphan_cleanup._tables() AS t),
-        now() - coalesce(min_age, make_interval(secs => (SELECT c.stray_min_age_s FROM orphan_cleanup._config() AS c))),
-        '-infinity', '00000000-0000-0000-0000-000000000000', max_rows) AS s;
+    v_jobs := (SELECT t.jobs_oid::regclass FROM orphan_cleanup._tables() AS t);
+    cutoff := now() - coalesce(min_age, make_interval(secs => (SELECT c.stray_min_age_s FROM orphan_cleanup._config() AS c)));
+    LOOP
+        seen := 0;
+        FOR r IN SELECT * FROM orphan_cleanup._stray_page(v_jobs, cutoff, false, cur_ts, cur_id, NULL, NULL, 5000) LOOP
+            seen := seen + 1;
+            cur_ts := r.created_at;
+            cur_id := r.stored_id;
+            CONTINUE WHEN NOT r.stray;
+            bucket := r.bucket;
+            object_path := r.object_path;
+            bytes := r.bytes;
+            created_at := r.created_at;
+            age := date_trunc('second', now() - r.created_at);
+            RETURN NEXT;
+            got := got + 1;
+            EXIT WHEN got >= max_rows;
+        END LOOP;
+        EXIT WHEN got >= max_rows OR seen < 5000;
+    END LOOP;
 END
 $$;
 
@@ -3835,9 +3960,7 @@ DECLARE
     cur_ts timestamptz := '-infinity';
     cur_id uuid := '00000000-0000-0000-0000-000000000000';
     total bigint := 0;
-    got integer;
-    added bigint;
-    chunk integer;
+    chunk record;
 BEGIN
     PERFORM orphan_cleanup._strays_ready('enqueue_strays()', min_age, max_rows);
     att := orphan_cleanup._require_attached('enqueue_strays()');
@@ -3854,40 +3977,122 @@ BEGIN
     END IF;
     cutoff := now() - coalesce(min_age, make_interval(secs => cfg.stray_min_age_s));
     LOOP
-        chunk := least(max_rows - total, 5000);
-        EXIT WHEN chunk <= 0;
-        WITH s AS MATERIALIZED (
-            SELECT * FROM orphan_cleanup._strays(att.jobs_oid::regclass, cutoff, cur_ts, cur_id, chunk)
-        ),
-        ins AS (
-            INSERT INTO orphan_cleanup.deletion_queue AS d
-                (job_id, kind, output_url, url_hash, host, bucket, object_path, state, available_at,
-                 stored_id, stored_version)
-            SELECT NULL, 'stray', s.bucket || '/' || s.object_path, md5(s.bucket || '/' || s.object_path), NULL,
-                   s.bucket, s.object_path, 'pending', now() + make_interval(secs => cfg.grace_s),
-                   s.stored_id, s.stored_version
-            FROM s
-            ON CONFLICT (bucket, object_path) WHERE job_id IS NULL AND state IN ('pending', 'claimed') DO NOTHING
-            RETURNING d.id, d.bucket, d.object_path, d.output_url
-        ),
-        audited AS (
-            INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail)
-            SELECT 'enqueued', i.id, i.output_url, session_user,
-                   format('a stray: no job names it (%s bytes, uploaded %s)', coalesce(s.bytes::text, 'unknown'), s.created_at)
-            FROM ins AS i JOIN s ON s.bucket = i.bucket AND s.object_path = i.object_path
-            RETURNING 1
-        )
-        SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM ins),
-               (SELECT s.created_at FROM s ORDER BY s.created_at DESC, s.stored_id DESC LIMIT 1),
-               (SELECT s.stored_id FROM s ORDER BY s.created_at DESC, s.stored_id DESC LIMIT 1)
-          INTO got, added, cur_ts, cur_id;
-        total := total + added;
-        EXIT WHEN got < chunk;
+        EXIT WHEN total >= max_rows;
+        chunk := orphan_cleanup._stray_chunk(att, NULL, session_user::text, cutoff, false, cur_ts, cur_id, NULL, NULL,
+                                             5000, make_interval(secs => cfg.grace_s), false, max_rows - total);
+        total := total + chunk.n_enqueued;
+        EXIT WHEN chunk.seen < 5000 AND NOT chunk.capped;
+        cur_ts := chunk.last_ts;
+        cur_id := chunk.last_id;
     END LOOP;
     IF total > 0 THEN
         PERFORM pg_catalog.pg_notify('orphan_cleanup_queue', total::text);
     END IF;
     RETURN total;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._stray_index_ok() RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (
+    SELECT 1 FROM pg_catalog.pg_index AS i
+    JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = pg_catalog.to_regclass('storage.objects') AND a.attname = 'created_at'
+      AND i.indisvalid AND i.indisready AND i.indpred IS NULL);
+
+CREATE FUNCTION orphan_cleanup._reconcile_strays(
+    att orphan_cleanup.attachment, p_cycle bigint, p_actor text, p_grace interval, p_dry boolean,
+    deadline timestamptz, max_enqueue bigint, p_limit bigint, p_already bigint, p_limits text,
+    OUT scanned bigint, OUT n_strays bigint, OUT n_enqueued bigint, OUT pass text, OUT out_of_time boolean)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    cfg record;
+    st orphan_cleanup.detector_state;
+    cutoff timestamptz;
+    chunk record;
+    v_problem text;
+    v_started timestamptz;
+    v_passes text[] := '{}';
+    page CONSTANT integer := 2000;
+BEGIN
+    scanned := 0; n_strays := 0; n_enqueued := 0; out_of_time := false;
+    v_problem := coalesce(orphan_cleanup._inventory_problem(),
+                          orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false));
+    IF v_problem IS NOT NULL THEN
+        pass := 'not run: ' || v_problem;
+        RETURN;
+    END IF;
+    SELECT * INTO cfg FROM orphan_cleanup._config();
+    cutoff := now() - make_interval(secs => cfg.stray_min_age_s);
+    SELECT * INTO st FROM orphan_cleanup.detector_state;
+    -- A full pass is due: none yet, or the last began full_sweep_interval ago and has ended.
+    -- The objects created before now's cutoff are its to look at; the looks by creation time
+    -- go on after them.
+    IF st.stray_pass_bucket IS NULL
+       AND (st.stray_pass_started_at IS NULL
+            OR now() - st.stray_pass_started_at >= make_interval(secs => cfg.full_sweep_interval_s)) THEN
+        st.stray_pass_started_at := now();
+        st.stray_pass_bucket := '';
+        st.stray_pass_name := '';
+        IF st.stray_seen_ts IS NULL OR st.stray_seen_ts < cutoff THEN
+            st.stray_seen_ts := cutoff;
+            st.stray_seen_id := '00000000-0000-0000-0000-000000000000';
+        END IF;
+    END IF;
+
+    WHILE st.stray_pass_bucket IS NOT NULL AND n_enqueued < max_enqueue AND NOT out_of_time LOOP
+        v_started := clock_timestamp();
+        chunk := orphan_cleanup._stray_chunk(att, p_cycle, p_actor, cutoff, true, NULL, NULL,
+                                             st.stray_pass_bucket, st.stray_pass_name, page, p_grace, p_dry,
+                                             max_enqueue - n_enqueued);
+        scanned := scanned + chunk.seen; n_strays := n_strays + chunk.n_strays; n_enqueued := n_enqueued + chunk.n_enqueued;
+        PERFORM orphan_cleanup._check_stray_breaker(p_limit, p_already + n_enqueued, n_enqueued, scanned, p_limits);
+        st.stray_pass_bucket := chunk.last_bucket;
+        st.stray_pass_name := chunk.last_name;
+        IF chunk.seen < page AND NOT chunk.capped THEN
+            st.stray_pass_bucket := NULL;  -- the pass has ended
+            st.stray_pass_name := NULL;
+        END IF;
+        out_of_time := NOT orphan_cleanup._another_chunk_fits(v_started, deadline);
+        v_passes := array_append(array_remove(v_passes, 'full'), 'full');
+    END LOOP;
+
+    IF orphan_cleanup._stray_index_ok() THEN
+        LOOP
+            EXIT WHEN n_enqueued >= max_enqueue OR out_of_time;
+            v_started := clock_timestamp();
+            chunk := orphan_cleanup._stray_chunk(att, p_cycle, p_actor, cutoff, false,
+                                                 st.stray_seen_ts, st.stray_seen_id, NULL, NULL, page, p_grace, p_dry,
+                                                 max_enqueue - n_enqueued);
+            scanned := scanned + chunk.seen; n_strays := n_strays + chunk.n_strays; n_enqueued := n_enqueued + chunk.n_enqueued;
+            PERFORM orphan_cleanup._check_stray_breaker(p_limit, p_already + n_enqueued, n_enqueued, scanned, p_limits);
+            st.stray_seen_ts := chunk.last_ts;
+            st.stray_seen_id := chunk.last_id;
+            v_passes := array_append(array_remove(v_passes, 'by creation time'), 'by creation time');
+            EXIT WHEN chunk.seen < page AND NOT chunk.capped;
+            out_of_time := NOT orphan_cleanup._another_chunk_fits(v_started, deadline);
+        END LOOP;
+    END IF;
+    pass := nullif(array_to_string(v_passes, ', '), '');
+    IF NOT p_dry THEN
+        UPDATE orphan_cleanup.detector_state AS d
+           SET stray_pass_started_at = st.stray_pass_started_at, stray_pass_bucket = st.stray_pass_bucket,
+               stray_pass_name = st.stray_pass_name, stray_seen_ts = st.stray_seen_ts, stray_seen_id = st.stray_seen_id;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._check_stray_breaker(p_limit bigint, p_total bigint, p_strays bigint, p_scanned bigint,
+                                                    p_limits text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_limit IS NOT NULL AND p_total > p_limit THEN
+        RAISE EXCEPTION 'this cycle would enqueue % rows or more, over its limit of %: % of them strays, objects in storage that no job names (% objects looked at); a jobs table restored empty or emptied makes every object a stray; %',
+            p_total, p_limit, p_strays, p_scanned, p_limits
+            USING ERRCODE = 'OC002';
+    END IF;
 END
 $$;
 
@@ -3953,7 +4158,12 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._inventory_problem(),
     orphan_cleanup.preview_strays(interval, integer),
     orphan_cleanup._current_objects_only(),
-    orphan_cleanup._strays(regclass, timestamptz, timestamptz, uuid, integer),
+    orphan_cleanup._stray_page(regclass, timestamptz, boolean, timestamptz, uuid, text, text, integer),
+    orphan_cleanup._stray_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, boolean, timestamptz, uuid, text, text, integer, interval, boolean, bigint),
+    orphan_cleanup._stray_index_ok(),
+    orphan_cleanup._cycle_body(bigint, text),
+    orphan_cleanup._reconcile_strays(orphan_cleanup.attachment, bigint, text, interval, boolean, timestamptz, bigint, bigint, bigint, text),
+    orphan_cleanup._check_stray_breaker(bigint, bigint, bigint, bigint, text),
     orphan_cleanup._strays_ready(text, interval, integer),
     orphan_cleanup.enqueue_strays(interval, integer),
     orphan_cleanup.cancel_prefix(text, text),

@@ -443,8 +443,10 @@ BEGIN
     --    names its object (a job written since is visible here, and one being written holds the
     --    object's row, so the row is busy), and only as the upload it was queued for: still in
     --    storage.objects with the same id and version, still older than stray_min_age, still
-    --    allowed. Where storage.objects cannot be read now, it waits.
-    v_inventory := orphan_cleanup._inventory_problem() IS NULL;
+    --    allowed. Where storage.objects cannot be read now, it waits. (Read only for strays.)
+    v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
+                           JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
+                   AND orphan_cleanup._inventory_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, o.created_at

@@ -37,7 +37,15 @@ CREATE TABLE orphan_cleanup.detector_state (
     breaker_tripped_at timestamptz,
     breaker_detail     text,
     breaker_settings   text,
-    breaker_approved   boolean NOT NULL DEFAULT false
+    breaker_approved   boolean NOT NULL DEFAULT false,
+    -- Stray reconciliation (_reconcile_strays() in strays.sql): when the latest full pass began,
+    -- where the one in progress has got to in (bucket_id, name) order (NULL: none in progress),
+    -- and up to where the looks by creation time have read storage.objects.
+    stray_pass_started_at timestamptz,
+    stray_pass_bucket     text,
+    stray_pass_name       text,
+    stray_seen_ts         timestamptz,
+    stray_seen_id         uuid
 );
 -- No row yet: the first cycle creates it. (A row inserted here would collide with the dumped
 -- row when pg_restore fills this table.)
@@ -77,7 +85,13 @@ CREATE TABLE orphan_cleanup.cycle_log (
     duration_ms numeric,
     error       text,
     -- The cycle stopped at orphan_cleanup.cycle_time_budget and left the rest to the next one.
-    out_of_time boolean NOT NULL DEFAULT false
+    out_of_time boolean NOT NULL DEFAULT false,
+    -- Its stray reconciliation, reported apart (enqueued counts strays too): objects in storage
+    -- looked at, strays queued, which passes ran (or why none did), and how long they took.
+    strays_scanned  bigint NOT NULL DEFAULT 0,
+    strays_enqueued bigint NOT NULL DEFAULT 0,
+    stray_pass      text,
+    stray_ms        numeric
 );
 CREATE INDEX cycle_log_started_at ON orphan_cleanup.cycle_log (started_at);
 

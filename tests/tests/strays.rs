@@ -731,3 +731,233 @@ fn a_stray_row_goes_through_every_queue_state_with_no_job() {
         .get(0);
     assert_eq!(with_job, 0);
 }
+
+// Reconciliation in cycles: the same strays, found by the cycles themselves once
+// reclaim_strays is on, by a full pass (every full_sweep_interval) and, where storage.objects
+// has an index on created_at, by looks at what became old enough since the last look.
+
+/// As if `minutes` passed for the strays' clocks: objects were uploaded that much earlier, and
+/// reconciliation's passes began and looked that much earlier.
+fn time_passes(c: &mut postgres::Client, minutes: i32) {
+    c.execute(
+        "UPDATE storage.objects SET created_at = created_at - make_interval(mins => $1)",
+        &[&minutes],
+    )
+    .unwrap();
+    c.execute(
+        "UPDATE orphan_cleanup.detector_state
+            SET stray_pass_started_at = stray_pass_started_at - make_interval(mins => $1),
+                stray_seen_ts = stray_seen_ts - make_interval(mins => $1)",
+        &[&minutes],
+    )
+    .unwrap();
+}
+
+/// (strays_scanned, strays_enqueued, stray_pass) of the latest cycle.
+fn stray_log(c: &mut postgres::Client) -> (i64, i64, Option<String>) {
+    let r = c
+        .query_one(
+            "SELECT strays_scanned, strays_enqueued, stray_pass FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+fn queued_strays(c: &mut postgres::Client) -> BTreeSet<String> {
+    strays(
+        c,
+        "SELECT bucket, object_path FROM orphan_cleanup.deletion_queue WHERE kind = 'stray'",
+    )
+}
+
+fn set(keys: &[&str]) -> BTreeSet<String> {
+    keys.iter().map(|k| format!("renders/{k}")).collect()
+}
+
+/// Off, cycles leave strays alone. On, the first cycle's full pass queues them and the cycle log
+/// says so apart from the orphans; a dry run counts without queueing. A file whose job row the
+/// emergency DELETE removed later is found by the next full pass, not before. A file that became
+/// old enough since is found by the look by creation time, once storage.objects has an index on
+/// created_at.
+#[test]
+fn cycles_reconcile_strays_by_full_passes_and_by_creation_time() {
+    let (db, emu) = leak("strays_cycles", &["out/leak-1.png", "out/leak-2.png"]);
+    let mut c = db.client();
+    emu.upload("renders", "out/kept-by-job.png", b"j");
+    emu.upload("renders", "out/soon.png", b"s");
+    c.batch_execute(
+        "UPDATE storage.objects SET created_at = now() - interval '8 days' WHERE name = 'out/kept-by-job.png';
+         UPDATE storage.objects SET created_at = now() - interval '7 days' + interval '1 minute' WHERE name = 'out/soon.png';",
+    )
+    .unwrap();
+    job(
+        &mut c,
+        "running",
+        Some(&emu.public_url("renders", "out/kept-by-job.png")),
+        "1 hour",
+        "emergency",
+    );
+    let mut base = STRAY_SETTINGS.to_vec();
+    base.push(("allowed_hosts", emu.host.as_str()));
+    let mut off = base.clone();
+    off.retain(|(n, _)| *n != "reclaim_strays");
+    settings(&off);
+    cycle(&mut c);
+    assert!(queued_strays(&mut c).is_empty(), "off by default");
+    assert_eq!(stray_log(&mut c), (0, 0, None));
+
+    let mut dry = base.clone();
+    dry.push(("dry_run", "on"));
+    settings(&dry);
+    let (status, _, enqueued, _, _) = cycle(&mut c);
+    assert_eq!((status.as_str(), enqueued), ("dry_run", 2));
+    assert!(queued_strays(&mut c).is_empty(), "a dry run queues nothing");
+
+    settings(&base);
+    let (_, _, enqueued, _, _) = cycle(&mut c);
+    assert_eq!(enqueued, 2);
+    assert_eq!(
+        queued_strays(&mut c),
+        set(&["out/leak-1.png", "out/leak-2.png"])
+    );
+    let (scanned, strays_enqueued, pass) = stray_log(&mut c);
+    assert_eq!((scanned, strays_enqueued), (4, 2));
+    assert_eq!(pass.as_deref(), Some("full"));
+
+    // The emergency DELETE: the job row goes, its file stays, and nothing looks again until the
+    // next full pass, a day after the last began.
+    c.batch_execute("DELETE FROM render_jobs WHERE prompt = 'emergency'")
+        .unwrap();
+    time_passes(&mut c, 2);
+    cycle(&mut c);
+    assert_eq!(
+        stray_log(&mut c),
+        (0, 0, None),
+        "no index on created_at: no look by creation time"
+    );
+    time_passes(&mut c, 24 * 60);
+    cycle(&mut c);
+    assert_eq!(
+        queued_strays(&mut c),
+        set(&[
+            "out/leak-1.png",
+            "out/leak-2.png",
+            "out/kept-by-job.png",
+            "out/soon.png"
+        ]),
+        "the full pass finds the file whose job went, and the one that became old enough"
+    );
+    assert_eq!(stray_log(&mut c).2.as_deref(), Some("full"));
+
+    // With an index on created_at, a file that became old enough is found by the next cycle.
+    c.batch_execute("CREATE INDEX objects_created_at ON storage.objects (created_at)")
+        .unwrap();
+    emu.upload("renders", "out/later.png", b"l");
+    c.batch_execute(
+        "UPDATE storage.objects SET created_at = now() - interval '7 days' + interval '1 minute' WHERE name = 'out/later.png'",
+    )
+    .unwrap();
+    cycle(&mut c);
+    assert!(
+        !queued_strays(&mut c).contains("renders/out/later.png"),
+        "still too young"
+    );
+    time_passes(&mut c, 2);
+    cycle(&mut c);
+    assert!(queued_strays(&mut c).contains("renders/out/later.png"));
+    let (scanned, strays_enqueued, pass) = stray_log(&mut c);
+    assert_eq!((scanned, strays_enqueued), (1, 1));
+    assert_eq!(pass.as_deref(), Some("by creation time"));
+}
+
+/// The jobs table restored empty (or emptied) makes every object a stray: the cycle that would
+/// queue them trips the circuit breaker, queues nothing, and says why; once a DBA has looked and
+/// reset the breaker, the next cycle queues them.
+#[test]
+fn a_flood_of_strays_trips_the_breaker() {
+    let keys: Vec<String> = (0..60).map(|i| format!("out/r{i}.png")).collect();
+    let refs: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    let (db, emu) = leak("strays_flood", &refs);
+    let mut c = db.client();
+    for k in &keys {
+        job(
+            &mut c,
+            "completed",
+            Some(&emu.public_url("renders", k)),
+            "30 minutes",
+            "restored",
+        );
+    }
+    let mut pairs = STRAY_SETTINGS.to_vec();
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    pairs.push(("breaker_min_rows", "20"));
+    settings(&pairs);
+    for _ in 0..3 {
+        assert_eq!(cycle(&mut c).0, "ok");
+    }
+    assert!(queued_strays(&mut c).is_empty());
+
+    c.batch_execute("DELETE FROM render_jobs").unwrap();
+    time_passes(&mut c, 25 * 60);
+    let (status, ..) = cycle(&mut c);
+    assert_eq!(status, "tripped");
+    assert!(queued_strays(&mut c).is_empty(), "nothing queued");
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.audit_log WHERE action = 'breaker_tripped'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        detail.contains("strays, objects in storage that no job names")
+            && detail.contains("a jobs table restored empty"),
+        "{detail}"
+    );
+    assert_eq!(cycle(&mut c).0, "tripped", "cycles stay stopped");
+    c.batch_execute("SELECT orphan_cleanup.reset_breaker('checked preview_strays(): the renders are really gone')")
+        .unwrap();
+    assert_eq!(cycle(&mut c).2, 60);
+    assert_eq!(queued_strays(&mut c).len(), 60);
+    assert_eq!(emu.objects().len(), 60, "queued, not yet deleted");
+}
+
+/// What reconciliation reads of storage.objects: an idle cycle reads nothing of it without an
+/// index on created_at, and only the few index entries past its cursor with one; only a full
+/// pass reads the table, a page at a time.
+#[test]
+fn idle_cycles_do_not_read_storage_objects() {
+    let keys: Vec<String> = (0..300).map(|i| format!("out/n{i}.png")).collect();
+    let refs: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    let (db, _emu) = leak("strays_idle", &refs);
+    let mut c = db.client();
+    cycle(&mut c);
+    assert_eq!(queued_strays(&mut c).len(), 300);
+    let read = |c: &mut postgres::Client| -> i64 {
+        c.batch_execute("SELECT pg_stat_force_next_flush()")
+            .unwrap();
+        c.query_one(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+             FROM pg_stat_user_tables WHERE relid = 'storage.objects'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    for index in [false, true] {
+        if index {
+            c.batch_execute("CREATE INDEX objects_created_at ON storage.objects (created_at)")
+                .unwrap();
+        }
+        let before = read(&mut c);
+        cycle(&mut c);
+        cycle(&mut c);
+        let after = read(&mut c);
+        assert!(
+            after - before <= 2,
+            "index {index}: {} rows read",
+            after - before
+        );
+    }
+}
