@@ -1899,6 +1899,19 @@ BEGIN
     END IF;
     RETURN NEXT;
 
+    -- Stray reconciliation: off, unable to read the inventory, or on (by which passes).
+    check_name := 'strays';
+    IF NOT cfg.reclaim_strays THEN
+        status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
+    ELSIF orphan_cleanup._inventory_problem() IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || orphan_cleanup._inventory_problem();
+    ELSIF orphan_cleanup._stray_index_ok() THEN
+        status := 'ok'; detail := 'reconciled by a full pass every full_sweep_interval and, in between, by creation time';
+    ELSE
+        status := 'ok'; detail := 'reconciled by a full pass every full_sweep_interval only: a new stray waits for the next one. Where your role may, CREATE INDEX CONCURRENTLY objects_created_at ON storage.objects (created_at); lets every cycle find them';
+    END IF;
+    RETURN NEXT;
+
     check_name := 'reaping';
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
     IF NOT cfg.reaping_enabled THEN
@@ -3974,6 +3987,12 @@ BEGIN
         RAISE EXCEPTION 'orphan_cleanup.allowed_buckets is empty, so no object may be deleted'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
+    END IF;
+    IF min_age < make_interval(secs => cfg.stray_min_age_s) THEN
+        RAISE EXCEPTION 'min_age % is shorter than orphan_cleanup.stray_min_age (%): claims hand out no younger stray',
+            min_age, make_interval(secs => cfg.stray_min_age_s)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Leave min_age out, or lower orphan_cleanup.stray_min_age (at least 1h) if your render service writes its job rows sooner.';
     END IF;
     cutoff := now() - coalesce(min_age, make_interval(secs => cfg.stray_min_age_s));
     LOOP

@@ -505,6 +505,19 @@ BEGIN
     END IF;
     RETURN NEXT;
 
+    -- Stray reconciliation: off, unable to read the inventory, or on (by which passes).
+    check_name := 'strays';
+    IF NOT cfg.reclaim_strays THEN
+        status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
+    ELSIF orphan_cleanup._inventory_problem() IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || orphan_cleanup._inventory_problem();
+    ELSIF orphan_cleanup._stray_index_ok() THEN
+        status := 'ok'; detail := 'reconciled by a full pass every full_sweep_interval and, in between, by creation time';
+    ELSE
+        status := 'ok'; detail := 'reconciled by a full pass every full_sweep_interval only: a new stray waits for the next one. Where your role may, CREATE INDEX CONCURRENTLY objects_created_at ON storage.objects (created_at); lets every cycle find them';
+    END IF;
+    RETURN NEXT;
+
     check_name := 'reaping';
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
     IF NOT cfg.reaping_enabled THEN

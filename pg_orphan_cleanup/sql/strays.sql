@@ -253,6 +253,12 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'ALTER SYSTEM SET orphan_cleanup.allowed_buckets = ''renders''; SELECT pg_reload_conf();';
     END IF;
+    IF min_age < make_interval(secs => cfg.stray_min_age_s) THEN
+        RAISE EXCEPTION 'min_age % is shorter than orphan_cleanup.stray_min_age (%): claims hand out no younger stray',
+            min_age, make_interval(secs => cfg.stray_min_age_s)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Leave min_age out, or lower orphan_cleanup.stray_min_age (at least 1h) if your render service writes its job rows sooner.';
+    END IF;
     cutoff := now() - coalesce(min_age, make_interval(secs => cfg.stray_min_age_s));
     LOOP
         EXIT WHEN total >= max_rows;

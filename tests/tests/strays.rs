@@ -357,6 +357,17 @@ fn strays_are_queued_once_turned_on_and_reclaimed_by_the_reaper() {
 
     off.push(("reclaim_strays", "on"));
     settings(&off);
+    let e = c
+        .query_one(
+            "SELECT orphan_cleanup.enqueue_strays(min_age => '1 hour')",
+            &[],
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("shorter than orphan_cleanup.stray_min_age"),
+        "{}",
+        db_error(&e)
+    );
     assert_eq!(enqueue_strays(&mut c), 2);
     assert_eq!(enqueue_strays(&mut c), 0, "queued once");
     let rows = c
@@ -805,6 +816,14 @@ fn cycles_reconcile_strays_by_full_passes_and_by_creation_time() {
     settings(&off);
     cycle(&mut c);
     assert!(queued_strays(&mut c).is_empty(), "off by default");
+    let off_health: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'strays'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(off_health.contains("reclaim_strays = off"), "{off_health}");
     assert_eq!(stray_log(&mut c), (0, 0, None));
 
     let mut dry = base.clone();
@@ -851,8 +870,24 @@ fn cycles_reconcile_strays_by_full_passes_and_by_creation_time() {
     assert_eq!(stray_log(&mut c).2.as_deref(), Some("full"));
 
     // With an index on created_at, a file that became old enough is found by the next cycle.
+    let health = |c: &mut postgres::Client| -> String {
+        c.query_one(
+            "SELECT status || ': ' || detail FROM orphan_cleanup.health() WHERE check_name = 'strays'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let before = health(&mut c);
+    assert!(
+        before.starts_with("ok: ")
+            && before.contains("full_sweep_interval only")
+            && before.contains("CREATE INDEX CONCURRENTLY"),
+        "{before}"
+    );
     c.batch_execute("CREATE INDEX objects_created_at ON storage.objects (created_at)")
         .unwrap();
+    assert!(health(&mut c).contains("in between, by creation time"));
     emu.upload("renders", "out/later.png", b"l");
     c.batch_execute(
         "UPDATE storage.objects SET created_at = now() - interval '7 days' + interval '1 minute' WHERE name = 'out/later.png'",
