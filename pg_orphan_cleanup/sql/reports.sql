@@ -166,7 +166,7 @@ $$;
 --     row history_retention pruned had finished.
 CREATE FUNCTION orphan_cleanup.savings_report(period text DEFAULT 'week', periods integer DEFAULT 8)
 RETURNS TABLE (period_start date, objects_reclaimed bigint, bytes_reclaimed numeric, orphans_found bigint,
-               leak_bytes_per_day numeric, bytes_still_queued numeric, monthly_saving numeric,
+               strays_found bigint, leak_bytes_per_day numeric, bytes_still_queued numeric, monthly_saving numeric,
                queue_depth bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -200,13 +200,13 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH days AS (
-        SELECT l.day, l.found, l.found_bytes, l.deleted, l.deleted_bytes
+        SELECT l.day, l.kind, l.found, l.found_bytes, l.deleted, l.deleted_bytes
         FROM orphan_cleanup.savings_ledger AS l WHERE l.day >= v_first
         UNION ALL
-        SELECT (d.enqueued_at AT TIME ZONE 'UTC')::date, 1, coalesce(d.bytes, 0), 0, 0
+        SELECT (d.enqueued_at AT TIME ZONE 'UTC')::date, d.kind, 1, coalesce(d.bytes, 0), 0, 0
         FROM orphan_cleanup.deletion_queue AS d WHERE d.enqueued_at >= v_since
         UNION ALL
-        SELECT (d.finished_at AT TIME ZONE 'UTC')::date, 0, 0, 1, coalesce(d.bytes, 0)
+        SELECT (d.finished_at AT TIME ZONE 'UTC')::date, d.kind, 0, 0, 1, coalesce(d.bytes, 0)
         FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'deleted' AND d.finished_at >= v_since
     ), p AS (
         SELECT g::date AS start FROM generate_series(v_first::timestamp, v_today::timestamp, v_unit) AS g
@@ -228,8 +228,10 @@ BEGIN
     SELECT p.start,
            coalesce(sum(x.deleted), 0)::bigint,
            coalesce(sum(x.deleted_bytes), 0)::numeric,
-           coalesce(sum(x.found), 0)::bigint,
-           round(coalesce(sum(x.found_bytes), 0)::numeric
+           coalesce(sum(x.found) FILTER (WHERE x.kind = 'orphan'), 0)::bigint,
+           coalesce(sum(x.found) FILTER (WHERE x.kind = 'stray'), 0)::bigint,
+           -- The leak is new orphans: strays are what leaked before.
+           round(coalesce(sum(x.found_bytes) FILTER (WHERE x.kind = 'orphan'), 0)::numeric
                  / LEAST(extract(day FROM v_unit)::int, v_today - p.start + 1), 1),
            CASE WHEN p.start + v_unit > v_today THEN v_queued END,
            round(coalesce(sum(x.deleted_bytes), 0)::numeric / 1073741824 * v_price::numeric, 2),

@@ -676,7 +676,7 @@ impl Queue {
             .call(
                 "SELECT period_start::text, objects_reclaimed, bytes_reclaimed::bigint, orphans_found,
                         leak_bytes_per_day::float8, bytes_still_queued::bigint, monthly_saving::float8,
-                        queue_depth
+                        queue_depth, strays_found
                  FROM orphan_cleanup.savings_report($1, $2)",
                 &[(&period, Type::TEXT), (&periods, Type::INT4)],
             )
@@ -692,6 +692,7 @@ impl Queue {
                 bytes_still_queued: r.get(5),
                 monthly_saving: r.get(6),
                 queue_depth: r.get(7),
+                strays_found: r.get(8),
             })
             .collect())
     }

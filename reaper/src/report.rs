@@ -16,6 +16,8 @@ pub struct Period {
     pub objects_reclaimed: i64,
     pub bytes_reclaimed: i64,
     pub orphans_found: i64,
+    /// Strays queued in the period: objects in storage that no job named (what leaked before).
+    pub strays_found: i64,
     /// New orphan bytes per day in the period: the leak the cleanup keeps up with.
     pub leak_bytes_per_day: f64,
     /// Bytes of the objects still queued, where `storage.objects` is in the database (else
@@ -37,11 +39,12 @@ pub fn table(periods: &[Period], unit: &str) -> String {
         "reclaimed",
         "bytes",
         "orphans found",
+        "strays found",
         "leak per day",
         "saving / month",
         "waiting",
     ];
-    let rows: Vec<[String; 7]> = periods
+    let rows: Vec<[String; 8]> = periods
         .iter()
         .map(|p| {
             [
@@ -49,6 +52,7 @@ pub fn table(periods: &[Period], unit: &str) -> String {
                 thousands(p.objects_reclaimed),
                 human_bytes(p.bytes_reclaimed as f64),
                 thousands(p.orphans_found),
+                thousands(p.strays_found),
                 human_bytes(p.leak_bytes_per_day),
                 format!("${:.2}", p.monthly_saving),
                 thousands(p.queue_depth),
@@ -94,15 +98,17 @@ pub fn summary(periods: &[Period], unit: &str) -> String {
     let objects: i64 = periods.iter().map(|p| p.objects_reclaimed).sum();
     let bytes: i64 = periods.iter().map(|p| p.bytes_reclaimed).sum();
     let found: i64 = periods.iter().map(|p| p.orphans_found).sum();
+    let strays: i64 = periods.iter().map(|p| p.strays_found).sum();
     let saving: f64 = periods.iter().map(|p| p.monthly_saving).sum();
     let n = periods.len();
     let since = periods.first().map_or("-", |p| p.period_start.as_str());
     let mut out = format!(
-        "Over the last {n} {unit}{s} (since {since}): {} objects reclaimed ({}), {} orphans found; \
+        "Over the last {n} {unit}{s} (since {since}): {} objects reclaimed ({}), {} orphans and {} strays found; \
          storage that no longer costs ${saving:.2} a month.\n",
         thousands(objects),
         human_bytes(bytes as f64),
         thousands(found),
+        thousands(strays),
         s = if n == 1 { "" } else { "s" },
     );
     if let Some(last) = periods.last() {
@@ -127,15 +133,16 @@ pub fn json(periods: &[Period]) -> String {
 /// The rows as CSV with a header line (RFC 4180; no field needs quoting: dates and numbers).
 pub fn csv(periods: &[Period]) -> String {
     let mut out = String::from(
-        "period_start,objects_reclaimed,bytes_reclaimed,orphans_found,leak_bytes_per_day,bytes_still_queued,monthly_saving,queue_depth\n",
+        "period_start,objects_reclaimed,bytes_reclaimed,orphans_found,strays_found,leak_bytes_per_day,bytes_still_queued,monthly_saving,queue_depth\n",
     );
     for p in periods {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{}\n",
             p.period_start,
             p.objects_reclaimed,
             p.bytes_reclaimed,
             p.orphans_found,
+            p.strays_found,
             p.leak_bytes_per_day,
             p.bytes_still_queued
                 .map_or(String::new(), |b| b.to_string()),
@@ -197,6 +204,7 @@ mod tests {
             objects_reclaimed: objects,
             bytes_reclaimed: bytes,
             orphans_found: objects + 1,
+            strays_found: 2,
             leak_bytes_per_day: bytes as f64 / 7.0,
             bytes_still_queued: Some(2048),
             monthly_saving: 0.5,
@@ -212,7 +220,7 @@ mod tests {
         ];
         let t = table(&rows, "week");
         assert!(
-            t.starts_with("Over the last 2 weeks (since 2026-11-23): 1,239 objects reclaimed (3.0 GiB), 1,241 orphans found; storage that no longer costs $1.00 a month.\n"),
+            t.starts_with("Over the last 2 weeks (since 2026-11-23): 1,239 objects reclaimed (3.0 GiB), 1,241 orphans and 4 strays found; storage that no longer costs $1.00 a month.\n"),
             "{t}"
         );
         assert!(t.contains("Still queued: 2.0 KiB."), "{t}");
@@ -236,7 +244,7 @@ mod tests {
         let c = csv(&rows);
         assert_eq!(
             c.lines().nth(1),
-            Some("2026-11-30,5,1536,6,219.42857142857142,2048,0.5,3")
+            Some("2026-11-30,5,1536,6,2,219.42857142857142,2048,0.5,3")
         );
         let j: serde_json::Value = serde_json::from_str(&json(&rows)).unwrap();
         assert_eq!(j[0]["bytes_reclaimed"], 1536);

@@ -332,6 +332,7 @@ fn reaper_report_says_what_the_ledger_holds_in_every_format() {
     assert_eq!(today["objects_reclaimed"], 3);
     assert_eq!(today["bytes_reclaimed"], 43_500);
     assert_eq!(today["orphans_found"], 4);
+    assert_eq!(today["strays_found"], 0);
     assert_eq!(today["bytes_still_queued"], 777);
     assert_eq!(today["queue_depth"], 1);
     let sql: Vec<(String, i64, i64)> = c
@@ -363,14 +364,14 @@ fn reaper_report_says_what_the_ledger_holds_in_every_format() {
         "{csv}"
     );
     assert!(
-        lines[3].starts_with(&format!("{},3,43500,4,", sql[2].0)),
+        lines[3].starts_with(&format!("{},3,43500,4,0,", sql[2].0)),
         "{csv}"
     );
 
     let table = report(&[]);
     assert!(
         table.starts_with(&format!(
-            "Over the last 3 days (since {}): 3 objects reclaimed (42.5 KiB), 4 orphans found;",
+            "Over the last 3 days (since {}): 3 objects reclaimed (42.5 KiB), 4 orphans and 0 strays found;",
             sql[0].0
         )),
         "{table}"
@@ -485,7 +486,7 @@ fn the_html_report_renders_its_charts_in_a_real_browser() {
     );
     for (chart, points) in [
         ("bytes-reclaimed", 7),
-        ("found-and-deleted", 14),
+        ("found-and-deleted", 21),
         ("queue-depth", 7),
         ("leak-rate", 7),
     ] {

@@ -437,6 +437,19 @@ fn strays_are_queued_once_turned_on_and_reclaimed_by_the_reaper() {
         (r.get(0), r.get(1))
     };
     assert_eq!((orphan, stray), (0.0, leaked_bytes as f64));
+    // The savings report counts them as strays found, reclaimed, and no part of the leak rate.
+    let today = |c: &mut postgres::Client| -> (i64, i64, i64, i64, f64) {
+        let r = c
+            .query_one(
+                "SELECT sum(orphans_found)::bigint, sum(strays_found)::bigint, sum(objects_reclaimed)::bigint,
+                        sum(bytes_reclaimed)::bigint, sum(leak_bytes_per_day)::float8
+                 FROM orphan_cleanup.savings_report('day', 90)",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+    };
+    assert_eq!(today(&mut c), (0, 2, 2, leaked_bytes, 0.0));
     // Pruned into the ledger, still stray bytes.
     c.batch_execute(
         "UPDATE orphan_cleanup.deletion_queue SET finished_at = now() - interval '60 days', enqueued_at = now() - interval '60 days'",
@@ -454,6 +467,11 @@ fn strays_are_queued_once_turned_on_and_reclaimed_by_the_reaper() {
     assert_eq!(r.get::<_, i64>(0), 0, "pruned");
     assert_eq!(r.get::<_, Option<i64>>(1), Some(leaked_bytes));
     assert_eq!(r.get::<_, f64>(2), leaked_bytes as f64);
+    assert_eq!(
+        today(&mut c),
+        (0, 2, 2, leaked_bytes, 0.0),
+        "the same after the prune"
+    );
 }
 
 /// Sequence 1: a render service that uploads first and writes the job row later. A stray is

@@ -28,10 +28,11 @@ pub fn page(periods: &[Period], unit: &str, when: &str) -> String {
         ),
         chart(
             "found-and-deleted",
-            &format!("Orphans found and objects deleted per {per}"),
+            &format!("Orphans and strays found, and objects deleted, per {per}"),
             &labels,
             &[
-                Series::new("found", "#c62828", values(|p| p.orphans_found as f64)),
+                Series::new("orphans", "#c62828", values(|p| p.orphans_found as f64)),
+                Series::new("strays", "#8d6e63", values(|p| p.strays_found as f64)),
                 Series::new("deleted", "#1565c0", values(|p| p.objects_reclaimed as f64)),
             ],
             |v| thousands(v.round() as i64),
@@ -64,11 +65,12 @@ pub fn page(periods: &[Period], unit: &str, when: &str) -> String {
         .iter()
         .map(|p| {
             format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>${:.2}</td><td>{}</td></tr>\n",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>${:.2}</td><td>{}</td></tr>\n",
                 escape(&p.period_start),
                 thousands(p.objects_reclaimed),
                 human_bytes(p.bytes_reclaimed as f64),
                 thousands(p.orphans_found),
+                thousands(p.strays_found),
                 human_bytes(p.leak_bytes_per_day),
                 p.monthly_saving,
                 thousands(p.queue_depth)
@@ -100,7 +102,7 @@ th:first-child, td:first-child {{ text-align: left; }}
 <p class="generated">Generated {when} from <code>orphan_cleanup.savings_report('{unit}', {n})</code>.</p>
 {charts}
 <table>
-<tr><th>{unit}</th><th>objects reclaimed</th><th>bytes</th><th>orphans found</th><th>leak per day</th><th>saving / month</th><th>waiting</th></tr>
+<tr><th>{unit}</th><th>objects reclaimed</th><th>bytes</th><th>orphans found</th><th>strays found</th><th>leak per day</th><th>saving / month</th><th>waiting</th></tr>
 {rows}</table>
 <script>
 // How many points each chart shows once the browser has laid it out.
@@ -284,6 +286,7 @@ mod tests {
                 objects_reclaimed: i,
                 bytes_reclaimed: i << 20,
                 orphans_found: i + 1,
+                strays_found: i,
                 leak_bytes_per_day: 10.0 * i as f64,
                 bytes_still_queued: None,
                 monthly_saving: 0.01,
@@ -291,8 +294,8 @@ mod tests {
             })
             .collect();
         let html = page(&periods, "day", "2026-12-03T12:00:00Z");
-        assert_eq!(html.matches(r#"<circle class="point""#).count(), 5 * 5);
-        assert_eq!(html.matches(r#"data-series="found""#).count(), 5);
+        assert_eq!(html.matches(r#"<circle class="point""#).count(), 6 * 5);
+        assert_eq!(html.matches(r#"data-series="strays""#).count(), 5);
         assert!(html.contains("Over the last 5 days (since 2026-11-20)"));
         for outside in ["src=", "href=", "@import", "url("] {
             assert!(!html.contains(outside), "{outside}");
