@@ -237,7 +237,9 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'object_keys_wrapper';
 """)
+out.append(fn('guard','_allowed_bucket_list', replace=False))
 out.append(fn('guard','_objects_of', replace=False))
+out.append(fn('guard','_names_of', replace=False))
 out.append("""-- The most storage routes any layer of a URL's readings holds (Rust): the save guard's limit.
 CREATE FUNCTION orphan_cleanup."_route_count"("url" TEXT) RETURNS INT
 IMMUTABLE STRICT PARALLEL SAFE
@@ -257,6 +259,8 @@ out.append(fn('guard','_refuse_unread_saved', replace=False))
 out.append(fn('detect','_rls_problem', replace=False))
 out.append(fn('guard','_refuse_under_rls', replace=False))
 out.append(fn('guard','save_guard'))
+out.append(fn('guard','_keep_if_saved', replace=False))
+out.append(fn('guard','job_truncate_guard', replace=False))
 out.append(fn('guard','job_guard', replace=False))
 out.append(fn('guard','_drop_guards'))
 out.append(fn('guard','_refuse_while_claimed', replace=False))
@@ -296,8 +300,10 @@ BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
         PERFORM orphan_cleanup._drop_guards(att.jobs_oid);
-        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', att.jobs_oid::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', att.jobs_oid::regclass);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', att.jobs_oid::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.job_truncate_guard()', att.jobs_oid::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', att.jobs_oid::regclass);
         PERFORM orphan_cleanup._own_job_writer(att.jobs_oid);
         -- A saved job whose URL cannot be read in full protects nothing it might name: the
         -- update is refused until it is fixed, as attach() refuses.
@@ -395,7 +401,7 @@ ALTER TABLE orphan_cleanup.cycle_log
     ADD COLUMN strays_scanned bigint NOT NULL DEFAULT 0, ADD COLUMN strays_enqueued bigint NOT NULL DEFAULT 0,
     ADD COLUMN stray_pass text, ADD COLUMN stray_ms numeric;
 """)
-for name in ['_inventory_problem', '_current_objects_only', '_stray_page', '_stray_chunk', '_strays_ready',
+for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
     out.append(fn('strays', name, replace=False))
 out.append("""-- Grants, as sql/grants.sql gives them: new functions are not for PUBLIC.
@@ -417,6 +423,10 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._not_held(orphan_cleanup.deletion_queue, text, bytea),
     orphan_cleanup._unsent(bigint[], text),
     orphan_cleanup._objects_of(text),
+    orphan_cleanup._allowed_bucket_list(),
+    orphan_cleanup._names_of(text),
+    orphan_cleanup._keep_if_saved(orphan_cleanup.attachment, uuid, text, text),
+    orphan_cleanup.job_truncate_guard(),
     orphan_cleanup._route_count(text),
     orphan_cleanup._reading_size(text),
     orphan_cleanup._unread_url(text),
@@ -463,6 +473,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._stray_page(regclass, timestamptz, boolean, timestamptz, uuid, text, text, integer),
     orphan_cleanup._stray_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, boolean, timestamptz, uuid, text, text, integer, interval, boolean, bigint),
     orphan_cleanup._stray_index_ok(),
+    orphan_cleanup._warn_dangling(text),
     orphan_cleanup._cycle_body(bigint, text),
     orphan_cleanup._reconcile_strays(orphan_cleanup.attachment, bigint, text, interval, boolean, timestamptz, bigint, bigint, bigint, text),
     orphan_cleanup._check_stray_breaker(bigint, bigint, bigint, bigint, text),

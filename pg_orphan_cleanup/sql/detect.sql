@@ -68,7 +68,8 @@ BEGIN
     FOR want IN
         SELECT * FROM (VALUES
             (att.assets_oid, 'orphan_cleanup_save_guard', 'orphan_cleanup.save_guard()'::regprocedure, 29::int2, 'AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW'),
-            (att.jobs_oid, 'orphan_cleanup_job_guard', 'orphan_cleanup.job_guard()'::regprocedure, 21::int2, 'AFTER INSERT OR UPDATE ... FOR EACH ROW'),
+            (att.jobs_oid, 'orphan_cleanup_job_guard', 'orphan_cleanup.job_guard()'::regprocedure, 29::int2, 'AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW'),
+            (att.jobs_oid, 'orphan_cleanup_truncate_guard', 'orphan_cleanup.job_truncate_guard()'::regprocedure, 34::int2, 'BEFORE TRUNCATE ... FOR EACH STATEMENT'),
             (att.assets_oid, 'orphan_cleanup_truncate_guard', 'orphan_cleanup.truncate_guard()'::regprocedure, 32::int2, 'AFTER TRUNCATE ... FOR EACH STATEMENT')
         ) AS w(rel, name, fn, tgtype, events)
     LOOP
@@ -205,7 +206,7 @@ BEGIN
             CROSS JOIN LATERAL (
                 SELECT j2.id
                 FROM %2$s AS j2
-                WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[o.key]
+                WHERE orphan_cleanup.object_keys(j2.output_url) && orphan_cleanup._names_of(o.key)
                   -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
                   AND NOT coalesce(j2.status = 'completed'
                            AND j2.%1$I < $1
@@ -987,7 +988,7 @@ BEGIN
                                       WHERE d.bucket = o.bucket AND d.object_path = o.object_path
                                         AND d.state IN ('pending', 'claimed', 'dead'))
                       AND NOT EXISTS (SELECT 1 FROM %s AS j
-                                      WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[o.bucket || '/' || o.object_path])
+                                      WHERE orphan_cleanup.object_keys(j.output_url) && orphan_cleanup._names_of(o.bucket || '/' || o.object_path))
                     RETURNING o.*)
                 INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail)
                 SELECT 'forgotten', f.last_queue_id, f.bucket || '/' || f.object_path, $3,

@@ -27,18 +27,44 @@
 -- the fence), at REPEATABLE READ it fails with 40001.
 -- A queue row that was never handed out is rescued by the save (retired in its transaction).
 
+-- The buckets of orphan_cleanup.allowed_buckets, as a sorted array.
+CREATE FUNCTION orphan_cleanup._allowed_bucket_list() RETURNS text[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN ARRAY(SELECT DISTINCT btrim(b)
+                 FROM unnest(string_to_array((SELECT c.allowed_buckets FROM orphan_cleanup._config() AS c), ',')) AS b
+                 WHERE btrim(b) <> '' ORDER BY 1);
+END
+$$;
+
 -- Every object a job's URL could name, for protection (object_keys(): the strict reading and
 -- the lenient ones, so that a spelling the app reads otherwise than the strict parser still
 -- protects the file it means), as bucket and path, in sorted order (so that two sessions
--- holding the rows of overlapping sets take them in the same order).
+-- holding the rows of overlapping sets take them in the same order). Each reading also as a
+-- key relative to each allowed bucket: an app may store the bucket-relative path Storage's
+-- upload returns (`u1/x.png` for renders/u1/x.png), which the bare reading takes as bucket u1
+-- (the review of stray queueing); claims and cycles look jobs up by both (see _names_of()).
 CREATE FUNCTION orphan_cleanup._objects_of(url text, OUT bucket text, OUT object_path text)
 RETURNS SETOF record
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT split_part(k.key, '/', 1), substr(k.key, strpos(k.key, '/') + 1)
-    FROM unnest(orphan_cleanup.object_keys(url)) WITH ORDINALITY AS k(key, n)
-    ORDER BY k.n;
+    SELECT x.bucket, x.object_path
+    FROM (SELECT split_part(k.key, '/', 1) AS bucket, substr(k.key, strpos(k.key, '/') + 1) AS object_path
+          FROM unnest(orphan_cleanup.object_keys(url)) AS k(key)
+          UNION
+          SELECT a.bucket, k.key
+          FROM unnest(orphan_cleanup.object_keys(url)) AS k(key)
+          CROSS JOIN unnest(orphan_cleanup._allowed_bucket_list()) AS a(bucket)) AS x
+    ORDER BY x.bucket, x.object_path;
 END;
+
+-- The keys by which a job's object_keys() names the object `key` (bucket/path): that key, or its
+-- path alone (a bucket-relative path, which the bare reading takes as another bucket/key). Jobs
+-- are looked up by both (object_keys(output_url) && _names_of(key)), through the GIN index.
+CREATE FUNCTION orphan_cleanup._names_of(key text) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY[key, pg_catalog.substr(key, pg_catalog.strpos(key, '/') OPERATOR(pg_catalog.+) 1)];
 
 -- Why object_keys() cannot vouch for a value, or NULL: it reads values of up to 65,536 bytes,
 -- up to 16 URLs and storage routes (counted by scheme and by route: a storage URL is two) in
@@ -336,6 +362,13 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
+    -- A saved job's row goes, or its id changes: what it named is kept.
+    IF TG_OP = 'DELETE' THEN
+        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url, 'deleted');
+        RETURN NULL;
+    ELSIF TG_OP = 'UPDATE' AND NEW.id IS DISTINCT FROM OLD.id THEN
+        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url, format('renumbered to %s', NEW.id));
+    END IF;
     -- A new job id (an INSERT, or an UPDATE of id): a save of that id may have come before the
     -- job existed, and found no row to lock. Meet it on the fence row.
     v_unread := orphan_cleanup._unread_url(NEW.output_url);
@@ -385,6 +418,59 @@ BEGIN
                                   v_out.bucket, v_out.object_path, v_out.handouts, v_out.last_handed_to, v_out.last_handed_out_at, v_out.last_queue_id),
                   HINT = 'Render the job again to a new object path; a saved job must keep a file that exists.';
     END IF;
+    RETURN NULL;
+END
+$$;
+
+-- A saved job's row goes while an asset still references it (a DELETE such as the guide's
+-- emergency DELETE, whose join misses a spelling of the id that job_ref_key() reads; a change of
+-- its id; a TRUNCATE): the objects its URL names are kept as cancel() keeps them, so that none
+-- becomes a stray, nor is handed out for another job naming it (the review of stray queueing).
+-- Audited. Objects with a live hand-out cannot be named by a saved job (the save guard).
+CREATE FUNCTION orphan_cleanup._keep_if_saved(att orphan_cleanup.attachment, p_job uuid, p_url text, p_why text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_kept text[];
+BEGIN
+    IF p_url IS NULL OR p_job IS NULL OR NOT orphan_cleanup._job_is_saved(att, p_job) THEN
+        RETURN;
+    END IF;
+    WITH kept AS (
+        INSERT INTO orphan_cleanup.objects AS x (bucket, object_path, kept_at, kept_by)
+        SELECT DISTINCT k.bucket, k.object_path, now(), left(format('%s: saved job %s %s', session_user, p_job, p_why), 200)
+        FROM orphan_cleanup._objects_of(p_url) AS k
+        ON CONFLICT (bucket, object_path) DO UPDATE
+           SET kept_at = coalesce(x.kept_at, now()), kept_by = coalesce(x.kept_by, EXCLUDED.kept_by), touched_at = now()
+        RETURNING x.bucket || '/' || x.object_path AS key)
+    SELECT array_agg(kept.key ORDER BY kept.key) INTO v_kept FROM kept;
+    INSERT INTO orphan_cleanup.audit_log (action, job_id, output_url, actor, detail)
+    VALUES ('protected', p_job, orphan_cleanup.redact_url(p_url), session_user,
+            format('saved job %s while an asset still references it: its objects are kept (%s)', p_why, array_to_string(v_kept, ', ')));
+END
+$$;
+
+-- TRUNCATE of the jobs table (a restore into an emptied table, say): the objects of every saved
+-- job are kept first (_keep_if_saved()), in one statement over the saved jobs.
+CREATE FUNCTION orphan_cleanup.job_truncate_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    r record;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    FOR r IN EXECUTE format($sql$
+        SELECT j.id, j.output_url FROM %s AS j
+        WHERE j.output_url IS NOT NULL
+          AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass)
+    LOOP
+        PERFORM orphan_cleanup._keep_if_saved(att, r.id, r.output_url, 'truncated');
+    END LOOP;
     RETURN NULL;
 END
 $$;
@@ -702,8 +788,10 @@ BEGIN
         -- The jobs table's half: every write that points a job at an object (no column list: an
         -- app's own BEFORE trigger may set output_url without naming it).
         PERFORM orphan_cleanup._drop_guards(v_jobs);
-        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', v_jobs::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', v_jobs::regclass);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', v_jobs::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.job_truncate_guard()', v_jobs::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', v_jobs::regclass);
         -- confirm()'s writes to the jobs table run as its owner.
         PERFORM orphan_cleanup._own_job_writer(v_jobs);
     EXCEPTION WHEN lock_not_available THEN
@@ -730,7 +818,7 @@ BEGIN
     item := 'save guard'; status := 'ok';
     detail := format('trigger orphan_cleanup_save_guard installed on %s (enabled ALWAYS)', v_assets::regclass); RETURN NEXT;
     item := 'job guard'; status := 'ok';
-    detail := format('trigger orphan_cleanup_job_guard installed on %s (enabled ALWAYS)', v_jobs::regclass); RETURN NEXT;
+    detail := format('triggers orphan_cleanup_job_guard and orphan_cleanup_truncate_guard installed on %s (enabled ALWAYS)', v_jobs::regclass); RETURN NEXT;
     FOR fk IN
         SELECT c.conname, c.conrelid::regclass AS tbl, c.confdeltype
         FROM pg_catalog.pg_constraint AS c

@@ -564,8 +564,10 @@ BEGIN
         -- The jobs table's half: every write that points a job at an object (no column list: an
         -- app's own BEFORE trigger may set output_url without naming it).
         PERFORM orphan_cleanup._drop_guards(v_jobs);
-        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', v_jobs::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', v_jobs::regclass);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', v_jobs::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.job_truncate_guard()', v_jobs::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', v_jobs::regclass);
         -- confirm()'s writes to the jobs table run as its owner.
         PERFORM orphan_cleanup._own_job_writer(v_jobs);
     EXCEPTION WHEN lock_not_available THEN
@@ -592,7 +594,7 @@ BEGIN
     item := 'save guard'; status := 'ok';
     detail := format('trigger orphan_cleanup_save_guard installed on %s (enabled ALWAYS)', v_assets::regclass); RETURN NEXT;
     item := 'job guard'; status := 'ok';
-    detail := format('trigger orphan_cleanup_job_guard installed on %s (enabled ALWAYS)', v_jobs::regclass); RETURN NEXT;
+    detail := format('triggers orphan_cleanup_job_guard and orphan_cleanup_truncate_guard installed on %s (enabled ALWAYS)', v_jobs::regclass); RETURN NEXT;
     FOR fk IN
         SELECT c.conname, c.conrelid::regclass AS tbl, c.confdeltype
         FROM pg_catalog.pg_constraint AS c
@@ -1162,7 +1164,7 @@ BEGIN
               FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS object_key
                     FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1)) AS k
               CROSS JOIN LATERAL (SELECT j2.id FROM %1$s AS j2
-                                  WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[k.object_key]
+                                  WHERE orphan_cleanup.object_keys(j2.output_url) && orphan_cleanup._names_of(k.object_key)
                                   OFFSET 0) AS s) AS w(id)
         -- Each lookup an index probe, whatever the statistics say: OFFSET 0 and FOR UPDATE keep
         -- these subqueries per row, where a join let the planner read the whole jobs table.
@@ -1206,7 +1208,7 @@ BEGIN
                    AND orphan_cleanup._inventory_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
-                SELECT o.id, o.version::text AS version, o.created_at
+                SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
                 FROM storage.objects AS o
                 WHERE d.job_id IS NULL AND o.bucket_id = d.bucket AND o.name = d.object_path %s
                 LIMIT 1) AS st ON true$sql$, orphan_cleanup._current_objects_only())
@@ -1218,21 +1220,22 @@ BEGIN
         -- held (or the row is 'busy' before this is looked at) and is never a keeper when this
         -- is looked at (completed, old enough, unreferenced), so it need not be left out.
         WITH shared AS MATERIALIZED (
-            SELECT k.key, s.unlocked, s.named_by, s.keeper
+            SELECT k.key, s.unlocked, s.named, s.named_by, s.keeper
             FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS key
                   FROM unnest($1::bigint[]) AS wanted(id)
                   JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id) AS k
             CROSS JOIN LATERAL (
                 -- `= ANY ($2)`: EXECUTE folds $2 into a constant, so this is a hashed lookup;
                 -- a join with unnest($2) read all the locked ids once per object.
-                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked, (array_agg(j2.id))[1] AS named_by,
+                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked, bool_or(true) AS named,
+                       (array_agg(j2.id) FILTER (WHERE j2.id IS NOT NULL))[1] AS named_by,
                        (array_agg(j2.id) FILTER (
                            WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
                                       AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
                                                       WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
                                                       OFFSET 0), false)))[1] AS keeper
                 FROM %1$s AS j2
-                WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[k.key]
+                WHERE orphan_cleanup.object_keys(j2.output_url) && orphan_cleanup._names_of(k.key)
             ) AS s
         ),
         v AS (
@@ -1241,7 +1244,7 @@ BEGIN
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'cancelled'
                            WHEN ob.key IS NULL THEN 'busy'
-                           WHEN s.named_by IS NOT NULL THEN 'stale'
+                           WHEN s.named THEN 'stale'
                            WHEN NOT $7 THEN 'wait'
                            WHEN st.id IS NULL OR st.created_at IS NULL THEN 'stale'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version THEN 'stale'
@@ -1264,15 +1267,15 @@ BEGIN
                    END AS verdict,
                    CASE
                        WHEN d.job_id IS NULL THEN CASE
-                           WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
-                           WHEN s.named_by IS NOT NULL THEN format('job %%s names its object now: no longer a stray', s.named_by)
+                           WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
+                           WHEN s.named THEN format('job %%s names its object now: no longer a stray', coalesce(s.named_by::text, '(with a NULL id)'))
                            WHEN st.id IS NULL THEN 'no longer in storage.objects: deleted by someone else'
                            WHEN st.created_at IS NULL THEN 'storage.objects gives no created_at for it'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
                                THEN 'uploaded again since it was queued: storage.objects holds another upload of that name'
                            ELSE coalesce(u.error, 'the allow-lists no longer name it as it is stored') END
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
-                       WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
+                       WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
                        WHEN NOT so.same_object THEN 'the job''s output_url names another object now'
                        WHEN j.status::text IS DISTINCT FROM 'completed' THEN format('the job''s status is now %%s', coalesce(j.status::text, 'NULL'))
                        WHEN j.%3$I IS NULL THEN format('the job''s %%s is NULL', %4$L)
@@ -2132,14 +2135,33 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'object_keys_wrapper';
 
+CREATE FUNCTION orphan_cleanup._allowed_bucket_list() RETURNS text[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN ARRAY(SELECT DISTINCT btrim(b)
+                 FROM unnest(string_to_array((SELECT c.allowed_buckets FROM orphan_cleanup._config() AS c), ',')) AS b
+                 WHERE btrim(b) <> '' ORDER BY 1);
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup._objects_of(url text, OUT bucket text, OUT object_path text)
 RETURNS SETOF record
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT split_part(k.key, '/', 1), substr(k.key, strpos(k.key, '/') + 1)
-    FROM unnest(orphan_cleanup.object_keys(url)) WITH ORDINALITY AS k(key, n)
-    ORDER BY k.n;
+    SELECT x.bucket, x.object_path
+    FROM (SELECT split_part(k.key, '/', 1) AS bucket, substr(k.key, strpos(k.key, '/') + 1) AS object_path
+          FROM unnest(orphan_cleanup.object_keys(url)) AS k(key)
+          UNION
+          SELECT a.bucket, k.key
+          FROM unnest(orphan_cleanup.object_keys(url)) AS k(key)
+          CROSS JOIN unnest(orphan_cleanup._allowed_bucket_list()) AS a(bucket)) AS x
+    ORDER BY x.bucket, x.object_path;
 END;
+
+CREATE FUNCTION orphan_cleanup._names_of(key text) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY[key, pg_catalog.substr(key, pg_catalog.strpos(key, '/') OPERATOR(pg_catalog.+) 1)];
 
 -- The most storage routes any layer of a URL's readings holds (Rust): the save guard's limit.
 CREATE FUNCTION orphan_cleanup."_route_count"("url" TEXT) RETURNS INT
@@ -2366,6 +2388,52 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup._keep_if_saved(att orphan_cleanup.attachment, p_job uuid, p_url text, p_why text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_kept text[];
+BEGIN
+    IF p_url IS NULL OR p_job IS NULL OR NOT orphan_cleanup._job_is_saved(att, p_job) THEN
+        RETURN;
+    END IF;
+    WITH kept AS (
+        INSERT INTO orphan_cleanup.objects AS x (bucket, object_path, kept_at, kept_by)
+        SELECT DISTINCT k.bucket, k.object_path, now(), left(format('%s: saved job %s %s', session_user, p_job, p_why), 200)
+        FROM orphan_cleanup._objects_of(p_url) AS k
+        ON CONFLICT (bucket, object_path) DO UPDATE
+           SET kept_at = coalesce(x.kept_at, now()), kept_by = coalesce(x.kept_by, EXCLUDED.kept_by), touched_at = now()
+        RETURNING x.bucket || '/' || x.object_path AS key)
+    SELECT array_agg(kept.key ORDER BY kept.key) INTO v_kept FROM kept;
+    INSERT INTO orphan_cleanup.audit_log (action, job_id, output_url, actor, detail)
+    VALUES ('protected', p_job, orphan_cleanup.redact_url(p_url), session_user,
+            format('saved job %s while an asset still references it: its objects are kept (%s)', p_why, array_to_string(v_kept, ', ')));
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.job_truncate_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    r record;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    FOR r IN EXECUTE format($sql$
+        SELECT j.id, j.output_url FROM %s AS j
+        WHERE j.output_url IS NOT NULL
+          AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
+        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass)
+    LOOP
+        PERFORM orphan_cleanup._keep_if_saved(att, r.id, r.output_url, 'truncated');
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup.job_guard() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -2380,6 +2448,13 @@ BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND THEN
         RETURN NULL;
+    END IF;
+    -- A saved job's row goes, or its id changes: what it named is kept.
+    IF TG_OP = 'DELETE' THEN
+        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url, 'deleted');
+        RETURN NULL;
+    ELSIF TG_OP = 'UPDATE' AND NEW.id IS DISTINCT FROM OLD.id THEN
+        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url, format('renumbered to %s', NEW.id));
     END IF;
     -- A new job id (an INSERT, or an UPDATE of id): a save of that id may have come before the
     -- job existed, and found no row to lock. Meet it on the fence row.
@@ -2531,7 +2606,8 @@ BEGIN
     FOR want IN
         SELECT * FROM (VALUES
             (att.assets_oid, 'orphan_cleanup_save_guard', 'orphan_cleanup.save_guard()'::regprocedure, 29::int2, 'AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW'),
-            (att.jobs_oid, 'orphan_cleanup_job_guard', 'orphan_cleanup.job_guard()'::regprocedure, 21::int2, 'AFTER INSERT OR UPDATE ... FOR EACH ROW'),
+            (att.jobs_oid, 'orphan_cleanup_job_guard', 'orphan_cleanup.job_guard()'::regprocedure, 29::int2, 'AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW'),
+            (att.jobs_oid, 'orphan_cleanup_truncate_guard', 'orphan_cleanup.job_truncate_guard()'::regprocedure, 34::int2, 'BEFORE TRUNCATE ... FOR EACH STATEMENT'),
             (att.assets_oid, 'orphan_cleanup_truncate_guard', 'orphan_cleanup.truncate_guard()'::regprocedure, 32::int2, 'AFTER TRUNCATE ... FOR EACH STATEMENT')
         ) AS w(rel, name, fn, tgtype, events)
     LOOP
@@ -3005,7 +3081,7 @@ BEGIN
             CROSS JOIN LATERAL (
                 SELECT j2.id
                 FROM %2$s AS j2
-                WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[o.key]
+                WHERE orphan_cleanup.object_keys(j2.output_url) && orphan_cleanup._names_of(o.key)
                   -- coalesce: a NULL status or age is unknown, and unknown keeps the object.
                   AND NOT coalesce(j2.status = 'completed'
                            AND j2.%1$I < $1
@@ -3195,7 +3271,7 @@ BEGIN
                                       WHERE d.bucket = o.bucket AND d.object_path = o.object_path
                                         AND d.state IN ('pending', 'claimed', 'dead'))
                       AND NOT EXISTS (SELECT 1 FROM %s AS j
-                                      WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[o.bucket || '/' || o.object_path])
+                                      WHERE orphan_cleanup.object_keys(j.output_url) && orphan_cleanup._names_of(o.bucket || '/' || o.object_path))
                     RETURNING o.*)
                 INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail)
                 SELECT 'forgotten', f.last_queue_id, f.bucket || '/' || f.object_path, $3,
@@ -3568,8 +3644,10 @@ BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = att.jobs_oid) THEN
         PERFORM orphan_cleanup._drop_guards(att.jobs_oid);
-        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', att.jobs_oid::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_job_guard AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.job_guard()', att.jobs_oid::regclass);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_job_guard', att.jobs_oid::regclass);
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.job_truncate_guard()', att.jobs_oid::regclass);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', att.jobs_oid::regclass);
         PERFORM orphan_cleanup._own_job_writer(att.jobs_oid);
         -- A saved job whose URL cannot be read in full protects nothing it might name: the
         -- update is refused until it is fixed, as attach() refuses.
@@ -3805,32 +3883,57 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup._warn_dangling(fn text) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    t record;
+    n bigint;
+BEGIN
+    t := orphan_cleanup._tables();
+    EXECUTE format($sql$
+        SELECT count(*) FROM %s AS a
+        WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM %s AS j WHERE j.id = orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id')::uuid)
+        $sql$, t.assets_oid::regclass, t.jobs_oid::regclass)
+    INTO n;
+    IF n > 0 THEN
+        RAISE WARNING '% saved assets reference render jobs whose rows no longer exist: the files they showed are named by no job, and may be among the strays %', n, fn
+            USING HINT = format('List them: SELECT a.* FROM %s AS a WHERE NOT EXISTS (SELECT 1 FROM %s AS j WHERE j.id = orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'')::uuid); '
+                                'restore those job rows from a backup (guide step 7C) before turning orphan_cleanup.reclaim_strays on, or accept that their files go.',
+                                t.assets_oid::regclass, t.jobs_oid::regclass);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup._stray_page(jobs regclass, cutoff timestamptz, by_name boolean,
                                            after_ts timestamptz, after_id uuid, after_bucket text, after_name text,
                                            page_rows integer)
 RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz,
-               stored_id uuid, stored_version text, stray boolean)
+               stored_id uuid, stored_version text, stray boolean, uploaded_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
     RETURN QUERY EXECUTE format($sql$
         WITH page AS MATERIALIZED (
-            SELECT o.bucket_id, o.name, o.metadata, o.created_at, o.id, o.version
+            SELECT o.bucket_id, o.name, o.metadata, o.created_at, o.id, o.version,
+                   greatest(o.created_at, o.updated_at) AS uploaded_at
             FROM storage.objects AS o
             WHERE %1$s %2$s
             ORDER BY %3$s
             LIMIT $8)
         SELECT p.bucket_id::text, p.name::text, (p.metadata ->> 'size')::bigint, p.created_at, p.id, p.version::text,
-               coalesce(p.created_at < $1
+               coalesce(p.uploaded_at < $1
                         AND u.error IS NULL AND u.bucket = p.bucket_id AND u.object_path = p.name
                         AND NOT EXISTS (SELECT 1 FROM %4$s AS j
-                                        WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[p.bucket_id || '/' || p.name])
+                                        WHERE orphan_cleanup.object_keys(j.output_url) && orphan_cleanup._names_of(p.bucket_id || '/' || p.name))
                         AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
                                         WHERE d.bucket = p.bucket_id AND d.object_path = p.name
                                           AND d.state IN ('pending', 'claimed', 'dead'))
                         AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS k
                                         WHERE k.bucket = p.bucket_id AND k.object_path = p.name AND k.kept_at IS NOT NULL),
-                        false)
+                        false),
+               p.uploaded_at
         FROM page AS p
         CROSS JOIN LATERAL orphan_cleanup.check_output_url(p.bucket_id || '/' || p.name) AS u
         ORDER BY %3$s
@@ -3857,7 +3960,7 @@ BEGIN
         SELECT g.*, count(*) FILTER (WHERE g.stray) OVER (ORDER BY g.n) AS k
         FROM orphan_cleanup._stray_page(att.jobs_oid::regclass, cutoff, by_name, after_ts, after_id,
                                         after_bucket, after_name, page_rows)
-             WITH ORDINALITY AS g(bucket, object_path, bytes, created_at, stored_id, stored_version, stray, n)
+             WITH ORDINALITY AS g(bucket, object_path, bytes, created_at, stored_id, stored_version, stray, uploaded_at, n)
     ),
     -- The stray past the cap, in page order: where this chunk ends.
     stop_at AS (
@@ -3880,7 +3983,7 @@ BEGIN
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail, cycle_id)
         SELECT 'enqueued', i.id, i.output_url, p_actor,
-               format('a stray: no job names it (%s bytes, uploaded %s)', coalesce(t.bytes::text, 'unknown'), t.created_at),
+               format('a stray: no job names it (%s bytes, uploaded %s)', coalesce(t.bytes::text, 'unknown'), t.uploaded_at),
                p_cycle
         FROM ins AS i JOIN taken AS t ON t.bucket = i.bucket AND t.object_path = i.object_path
         RETURNING 1
@@ -3924,6 +4027,7 @@ BEGIN
         RAISE EXCEPTION '% refused: %', fn, v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
+    PERFORM orphan_cleanup._warn_dangling(CASE WHEN fn = 'preview_strays()' THEN 'listed here' ELSE 'queued now' END);
 END
 $$;
 
@@ -3954,7 +4058,7 @@ BEGIN
             object_path := r.object_path;
             bytes := r.bytes;
             created_at := r.created_at;
-            age := date_trunc('second', now() - r.created_at);
+            age := date_trunc('second', now() - r.uploaded_at);
             RETURN NEXT;
             got := got + 1;
             EXIT WHEN got >= max_rows;
@@ -3979,6 +4083,9 @@ DECLARE
 BEGIN
     PERFORM orphan_cleanup._strays_ready('enqueue_strays()', min_age, max_rows);
     att := orphan_cleanup._require_attached('enqueue_strays()');
+    -- One queueing of strays at a time: a cycle's pass in another order could deadlock with it
+    -- (the one-live-row-per-stray index); a cycle that finds this held skips its strays.
+    PERFORM pg_catalog.pg_advisory_xact_lock(7310246, 2);
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reclaim_strays THEN
         RAISE EXCEPTION 'enqueue_strays() refused: orphan_cleanup.reclaim_strays is off, so strays are not deleted'
@@ -4038,6 +4145,10 @@ DECLARE
     page CONSTANT integer := 2000;
 BEGIN
     scanned := 0; n_strays := 0; n_enqueued := 0; out_of_time := false;
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(7310246, 2) THEN
+        pass := 'not run: a DBA''s enqueue_strays() is queueing strays';
+        RETURN;
+    END IF;
     v_problem := coalesce(orphan_cleanup._inventory_problem(),
                           orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false));
     IF v_problem IS NOT NULL THEN
@@ -4136,6 +4247,10 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._not_held(orphan_cleanup.deletion_queue, text, bytea),
     orphan_cleanup._unsent(bigint[], text),
     orphan_cleanup._objects_of(text),
+    orphan_cleanup._allowed_bucket_list(),
+    orphan_cleanup._names_of(text),
+    orphan_cleanup._keep_if_saved(orphan_cleanup.attachment, uuid, text, text),
+    orphan_cleanup.job_truncate_guard(),
     orphan_cleanup._route_count(text),
     orphan_cleanup._reading_size(text),
     orphan_cleanup._unread_url(text),
@@ -4182,6 +4297,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._stray_page(regclass, timestamptz, boolean, timestamptz, uuid, text, text, integer),
     orphan_cleanup._stray_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, boolean, timestamptz, uuid, text, text, integer, interval, boolean, bigint),
     orphan_cleanup._stray_index_ok(),
+    orphan_cleanup._warn_dangling(text),
     orphan_cleanup._cycle_body(bigint, text),
     orphan_cleanup._reconcile_strays(orphan_cleanup.attachment, bigint, text, interval, boolean, timestamptz, bigint, bigint, bigint, text),
     orphan_cleanup._check_stray_breaker(bigint, bigint, bigint, bigint, text),

@@ -405,7 +405,7 @@ BEGIN
               FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS object_key
                     FROM orphan_cleanup.deletion_queue AS d WHERE d.id = ANY ($1)) AS k
               CROSS JOIN LATERAL (SELECT j2.id FROM %1$s AS j2
-                                  WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[k.object_key]
+                                  WHERE orphan_cleanup.object_keys(j2.output_url) && orphan_cleanup._names_of(k.object_key)
                                   OFFSET 0) AS s) AS w(id)
         -- Each lookup an index probe, whatever the statistics say: OFFSET 0 and FOR UPDATE keep
         -- these subqueries per row, where a join let the planner read the whole jobs table.
@@ -449,7 +449,7 @@ BEGIN
                    AND orphan_cleanup._inventory_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
-                SELECT o.id, o.version::text AS version, o.created_at
+                SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
                 FROM storage.objects AS o
                 WHERE d.job_id IS NULL AND o.bucket_id = d.bucket AND o.name = d.object_path %s
                 LIMIT 1) AS st ON true$sql$, orphan_cleanup._current_objects_only())
@@ -461,21 +461,22 @@ BEGIN
         -- held (or the row is 'busy' before this is looked at) and is never a keeper when this
         -- is looked at (completed, old enough, unreferenced), so it need not be left out.
         WITH shared AS MATERIALIZED (
-            SELECT k.key, s.unlocked, s.named_by, s.keeper
+            SELECT k.key, s.unlocked, s.named, s.named_by, s.keeper
             FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS key
                   FROM unnest($1::bigint[]) AS wanted(id)
                   JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id) AS k
             CROSS JOIN LATERAL (
                 -- `= ANY ($2)`: EXECUTE folds $2 into a constant, so this is a hashed lookup;
                 -- a join with unnest($2) read all the locked ids once per object.
-                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked, (array_agg(j2.id))[1] AS named_by,
+                SELECT bool_or(NOT (j2.id = ANY ($2))) AS unlocked, bool_or(true) AS named,
+                       (array_agg(j2.id) FILTER (WHERE j2.id IS NOT NULL))[1] AS named_by,
                        (array_agg(j2.id) FILTER (
                            WHERE NOT coalesce(j2.status::text = 'completed' AND j2.%3$I < $3
                                       AND NOT EXISTS (SELECT 1 FROM %2$s AS a2
                                                       WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
                                                       OFFSET 0), false)))[1] AS keeper
                 FROM %1$s AS j2
-                WHERE orphan_cleanup.object_keys(j2.output_url) @> ARRAY[k.key]
+                WHERE orphan_cleanup.object_keys(j2.output_url) && orphan_cleanup._names_of(k.key)
             ) AS s
         ),
         v AS (
@@ -484,7 +485,7 @@ BEGIN
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'cancelled'
                            WHEN ob.key IS NULL THEN 'busy'
-                           WHEN s.named_by IS NOT NULL THEN 'stale'
+                           WHEN s.named THEN 'stale'
                            WHEN NOT $7 THEN 'wait'
                            WHEN st.id IS NULL OR st.created_at IS NULL THEN 'stale'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version THEN 'stale'
@@ -507,15 +508,15 @@ BEGIN
                    END AS verdict,
                    CASE
                        WHEN d.job_id IS NULL THEN CASE
-                           WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
-                           WHEN s.named_by IS NOT NULL THEN format('job %%s names its object now: no longer a stray', s.named_by)
+                           WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
+                           WHEN s.named THEN format('job %%s names its object now: no longer a stray', coalesce(s.named_by::text, '(with a NULL id)'))
                            WHEN st.id IS NULL THEN 'no longer in storage.objects: deleted by someone else'
                            WHEN st.created_at IS NULL THEN 'storage.objects gives no created_at for it'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
                                THEN 'uploaded again since it was queued: storage.objects holds another upload of that name'
                            ELSE coalesce(u.error, 'the allow-lists no longer name it as it is stored') END
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
-                       WHEN kp.key IS NOT NULL THEN 'its object was kept by cancel()'
+                       WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
                        WHEN NOT so.same_object THEN 'the job''s output_url names another object now'
                        WHEN j.status::text IS DISTINCT FROM 'completed' THEN format('the job''s status is now %%s', coalesce(j.status::text, 'NULL'))
                        WHEN j.%3$I IS NULL THEN format('the job''s %%s is NULL', %4$L)

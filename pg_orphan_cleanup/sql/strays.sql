@@ -46,7 +46,8 @@ END
 $$;
 
 -- One page of storage.objects, at most page_rows rows past a cursor, each with whether it is a
--- stray: created before `cutoff`, in an allowed bucket and prefix, named by no job (by any
+-- stray: uploaded before `cutoff` (created, and last uploaded again: an upsert keeps created_at
+-- and moves updated_at, the review of stray queueing), in an allowed bucket and prefix, named by no job (by any
 -- reading object_keys() makes of its output_url), not queued (a live or dead row of any kind)
 -- and not kept by cancel(). With the storage.objects row each was seen as (stored_id,
 -- stored_version): a claim hands out that upload only. by_name: in (bucket_id, name) order,
@@ -58,28 +59,30 @@ CREATE FUNCTION orphan_cleanup._stray_page(jobs regclass, cutoff timestamptz, by
                                            after_ts timestamptz, after_id uuid, after_bucket text, after_name text,
                                            page_rows integer)
 RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz,
-               stored_id uuid, stored_version text, stray boolean)
+               stored_id uuid, stored_version text, stray boolean, uploaded_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 BEGIN
     RETURN QUERY EXECUTE format($sql$
         WITH page AS MATERIALIZED (
-            SELECT o.bucket_id, o.name, o.metadata, o.created_at, o.id, o.version
+            SELECT o.bucket_id, o.name, o.metadata, o.created_at, o.id, o.version,
+                   greatest(o.created_at, o.updated_at) AS uploaded_at
             FROM storage.objects AS o
             WHERE %1$s %2$s
             ORDER BY %3$s
             LIMIT $8)
         SELECT p.bucket_id::text, p.name::text, (p.metadata ->> 'size')::bigint, p.created_at, p.id, p.version::text,
-               coalesce(p.created_at < $1
+               coalesce(p.uploaded_at < $1
                         AND u.error IS NULL AND u.bucket = p.bucket_id AND u.object_path = p.name
                         AND NOT EXISTS (SELECT 1 FROM %4$s AS j
-                                        WHERE orphan_cleanup.object_keys(j.output_url) @> ARRAY[p.bucket_id || '/' || p.name])
+                                        WHERE orphan_cleanup.object_keys(j.output_url) && orphan_cleanup._names_of(p.bucket_id || '/' || p.name))
                         AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
                                         WHERE d.bucket = p.bucket_id AND d.object_path = p.name
                                           AND d.state IN ('pending', 'claimed', 'dead'))
                         AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.objects AS k
                                         WHERE k.bucket = p.bucket_id AND k.object_path = p.name AND k.kept_at IS NOT NULL),
-                        false)
+                        false),
+               p.uploaded_at
         FROM page AS p
         CROSS JOIN LATERAL orphan_cleanup.check_output_url(p.bucket_id || '/' || p.name) AS u
         ORDER BY %3$s
@@ -110,7 +113,7 @@ BEGIN
         SELECT g.*, count(*) FILTER (WHERE g.stray) OVER (ORDER BY g.n) AS k
         FROM orphan_cleanup._stray_page(att.jobs_oid::regclass, cutoff, by_name, after_ts, after_id,
                                         after_bucket, after_name, page_rows)
-             WITH ORDINALITY AS g(bucket, object_path, bytes, created_at, stored_id, stored_version, stray, n)
+             WITH ORDINALITY AS g(bucket, object_path, bytes, created_at, stored_id, stored_version, stray, uploaded_at, n)
     ),
     -- The stray past the cap, in page order: where this chunk ends.
     stop_at AS (
@@ -133,7 +136,7 @@ BEGIN
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, queue_id, output_url, actor, detail, cycle_id)
         SELECT 'enqueued', i.id, i.output_url, p_actor,
-               format('a stray: no job names it (%s bytes, uploaded %s)', coalesce(t.bytes::text, 'unknown'), t.created_at),
+               format('a stray: no job names it (%s bytes, uploaded %s)', coalesce(t.bytes::text, 'unknown'), t.uploaded_at),
                p_cycle
         FROM ins AS i JOIN taken AS t ON t.bucket = i.bucket AND t.object_path = i.object_path
         RETURNING 1
@@ -149,6 +152,35 @@ BEGIN
     -- A capped chunk that stopped at its first row saw nothing: it ends where it started.
     IF seen = 0 THEN
         last_ts := after_ts; last_id := after_id; last_bucket := after_bucket; last_name := after_name;
+    END IF;
+END
+$$;
+
+-- Saved assets that reference a job whose row is gone: the files they showed are named by no job,
+-- and may be among the strays. A deletion of jobs from before pg_orphan_cleanup was attached
+-- (the guide's emergency DELETE joins on the exact id text and deletes saved jobs whose assets
+-- spell the id otherwise) leaves such references; since attach() the guard keeps what a deleted
+-- saved job named. preview_strays() and enqueue_strays() warn about them (one read of the
+-- assets, a key lookup of each reference), with the query that lists them.
+CREATE FUNCTION orphan_cleanup._warn_dangling(fn text) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    t record;
+    n bigint;
+BEGIN
+    t := orphan_cleanup._tables();
+    EXECUTE format($sql$
+        SELECT count(*) FROM %s AS a
+        WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM %s AS j WHERE j.id = orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id')::uuid)
+        $sql$, t.assets_oid::regclass, t.jobs_oid::regclass)
+    INTO n;
+    IF n > 0 THEN
+        RAISE WARNING '% saved assets reference render jobs whose rows no longer exist: the files they showed are named by no job, and may be among the strays %', n, fn
+            USING HINT = format('List them: SELECT a.* FROM %s AS a WHERE NOT EXISTS (SELECT 1 FROM %s AS j WHERE j.id = orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'')::uuid); '
+                                'restore those job rows from a backup (guide step 7C) before turning orphan_cleanup.reclaim_strays on, or accept that their files go.',
+                                t.assets_oid::regclass, t.jobs_oid::regclass);
     END IF;
 END
 $$;
@@ -179,6 +211,7 @@ BEGIN
         RAISE EXCEPTION '% refused: %', fn, v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
+    PERFORM orphan_cleanup._warn_dangling(CASE WHEN fn = 'preview_strays()' THEN 'listed here' ELSE 'queued now' END);
 END
 $$;
 
@@ -213,7 +246,7 @@ BEGIN
             object_path := r.object_path;
             bytes := r.bytes;
             created_at := r.created_at;
-            age := date_trunc('second', now() - r.created_at);
+            age := date_trunc('second', now() - r.uploaded_at);
             RETURN NEXT;
             got := got + 1;
             EXIT WHEN got >= max_rows;
@@ -242,6 +275,9 @@ DECLARE
 BEGIN
     PERFORM orphan_cleanup._strays_ready('enqueue_strays()', min_age, max_rows);
     att := orphan_cleanup._require_attached('enqueue_strays()');
+    -- One queueing of strays at a time: a cycle's pass in another order could deadlock with it
+    -- (the one-live-row-per-stray index); a cycle that finds this held skips its strays.
+    PERFORM pg_catalog.pg_advisory_xact_lock(7310246, 2);
     SELECT * INTO cfg FROM orphan_cleanup._config();
     IF NOT cfg.reclaim_strays THEN
         RAISE EXCEPTION 'enqueue_strays() refused: orphan_cleanup.reclaim_strays is off, so strays are not deleted'
@@ -316,6 +352,10 @@ DECLARE
     page CONSTANT integer := 2000;
 BEGIN
     scanned := 0; n_strays := 0; n_enqueued := 0; out_of_time := false;
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(7310246, 2) THEN
+        pass := 'not run: a DBA''s enqueue_strays() is queueing strays';
+        RETURN;
+    END IF;
     v_problem := coalesce(orphan_cleanup._inventory_problem(),
                           orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false));
     IF v_problem IS NOT NULL THEN

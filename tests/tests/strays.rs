@@ -18,7 +18,7 @@ fn strays(c: &mut postgres::Client, sql: &str) -> BTreeSet<String> {
 /// Ages every object in storage by `days`, as if uploaded that long ago.
 fn age_storage(c: &mut postgres::Client, days: i32) {
     c.execute(
-        "UPDATE storage.objects SET created_at = created_at - make_interval(days => $1)",
+        "UPDATE storage.objects SET created_at = created_at - make_interval(days => $1), updated_at = updated_at - make_interval(days => $1)",
         &[&days],
     )
     .unwrap();
@@ -232,7 +232,7 @@ fn preview_strays_says_what_is_missing() {
     assert_eq!(e.code().unwrap().code(), "55000");
     c.batch_execute(
         "CREATE SCHEMA storage;
-         CREATE TABLE storage.objects (id uuid, bucket_id text, name text, metadata jsonb, created_at timestamptz, version text)",
+         CREATE TABLE storage.objects (id uuid, bucket_id text, name text, metadata jsonb, created_at timestamptz, updated_at timestamptz, version text)",
     )
     .unwrap();
     for (call, says) in [
@@ -624,7 +624,7 @@ fn a_stray_changed_since_it_was_queued_is_not_handed_out() {
     c.batch_execute(
         "SET storage.allow_delete_query = 'true';
          DELETE FROM storage.objects WHERE name = 'out/gone.png';
-         UPDATE storage.objects SET created_at = now() - interval '2 days' WHERE name = 'out/young.png';",
+         UPDATE storage.objects SET created_at = now() - interval '2 days', updated_at = now() - interval '2 days' WHERE name = 'out/young.png';",
     )
     .unwrap();
     let mut changed = base.clone();
@@ -667,7 +667,7 @@ fn a_stray_changed_since_it_was_queued_is_not_handed_out() {
         "every file still stored (only gone.png's row in storage.objects was deleted)"
     );
     // The file uploaded again is queued anew once it is old enough, as that upload.
-    c.batch_execute("UPDATE storage.objects SET created_at = now() - interval '4 days' WHERE name = 'out/again.png'")
+    c.batch_execute("UPDATE storage.objects SET created_at = now() - interval '4 days', updated_at = now() - interval '4 days' WHERE name = 'out/again.png'")
         .unwrap();
     assert_eq!(enqueue_strays(&mut c), 1);
     assert_eq!(claim(&mut c, "w1", 10).len(), 1);
@@ -684,7 +684,7 @@ fn a_stray_row_goes_through_every_queue_state_with_no_job() {
     );
     let mut c = db.client();
     // The kept one queued last, so that the claim of one row takes another.
-    c.batch_execute("UPDATE storage.objects SET created_at = now() - interval '7 days 12 hours' WHERE name = 'out/keep/c.png'")
+    c.batch_execute("UPDATE storage.objects SET created_at = now() - interval '7 days 12 hours', updated_at = now() - interval '7 days 12 hours' WHERE name = 'out/keep/c.png'")
         .unwrap();
     assert_eq!(enqueue_strays(&mut c), 3);
     let got = claim(&mut c, "w1", 1);
@@ -769,7 +769,7 @@ fn a_stray_row_goes_through_every_queue_state_with_no_job() {
 /// reconciliation's passes began and looked that much earlier.
 fn time_passes(c: &mut postgres::Client, minutes: i32) {
     c.execute(
-        "UPDATE storage.objects SET created_at = created_at - make_interval(mins => $1)",
+        "UPDATE storage.objects SET created_at = created_at - make_interval(mins => $1), updated_at = updated_at - make_interval(mins => $1)",
         &[&minutes],
     )
     .unwrap();
@@ -816,8 +816,8 @@ fn cycles_reconcile_strays_by_full_passes_and_by_creation_time() {
     emu.upload("renders", "out/kept-by-job.png", b"j");
     emu.upload("renders", "out/soon.png", b"s");
     c.batch_execute(
-        "UPDATE storage.objects SET created_at = now() - interval '8 days' WHERE name = 'out/kept-by-job.png';
-         UPDATE storage.objects SET created_at = now() - interval '7 days' + interval '1 minute' WHERE name = 'out/soon.png';",
+        "UPDATE storage.objects SET created_at = now() - interval '8 days', updated_at = now() - interval '8 days' WHERE name = 'out/kept-by-job.png';
+         UPDATE storage.objects SET created_at = now() - interval '7 days' + interval '1 minute', updated_at = now() - interval '7 days' + interval '1 minute' WHERE name = 'out/soon.png';",
     )
     .unwrap();
     job(
@@ -908,7 +908,7 @@ fn cycles_reconcile_strays_by_full_passes_and_by_creation_time() {
     assert!(health(&mut c).contains("in between, by creation time"));
     emu.upload("renders", "out/later.png", b"l");
     c.batch_execute(
-        "UPDATE storage.objects SET created_at = now() - interval '7 days' + interval '1 minute' WHERE name = 'out/later.png'",
+        "UPDATE storage.objects SET created_at = now() - interval '7 days' + interval '1 minute', updated_at = now() - interval '7 days' + interval '1 minute' WHERE name = 'out/later.png'",
     )
     .unwrap();
     cycle(&mut c);
@@ -1013,4 +1013,188 @@ fn idle_cycles_do_not_read_storage_objects() {
             after - before
         );
     }
+}
+
+// The review of stray queueing (a reviewer helper, code only): its findings, each a test that
+// failed before its fix.
+
+/// Finding 1: the guide's emergency DELETE joins on the exact id text, so it deletes a saved
+/// job whose asset spells the id otherwise (upper case here). Its asset still references it:
+/// the file it named is kept, never a stray, and never handed out for another job naming it.
+/// A TRUNCATE of the jobs table keeps every saved job's files the same way.
+#[test]
+fn the_files_of_a_saved_job_whose_row_is_deleted_are_kept() {
+    let (db, emu) = leak("strays_saved_deleted", &["out/saved.png"]);
+    let mut c = db.client();
+    let saved = job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/saved.png")),
+        "2 hours",
+        "saved",
+    );
+    save(&mut c, "generated_saved", &saved.0.to_uppercase()).unwrap();
+    // Another job naming the same file, an orphan once the saved one is gone.
+    job(
+        &mut c,
+        "completed",
+        Some(&format!("renders/out/saved.png")),
+        "2 hours",
+        "twin",
+    );
+    let deleted = c
+        .execute(
+            "DELETE FROM render_jobs rj WHERE rj.status = 'completed' AND rj.prompt = 'saved'
+               AND NOT EXISTS (SELECT 1 FROM user_assets ua WHERE ua.metadata->>'render_job_id' = rj.id::text)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        deleted, 1,
+        "the guide's emergency DELETE misses the upper-case reference"
+    );
+    // preview_strays() warns that a saved asset references a job that is gone.
+    let warned = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = warned.clone();
+    let mut watched = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port())
+        .user("postgres")
+        .dbname(&db.name)
+        .notice_callback(move |n| {
+            seen.lock()
+                .unwrap()
+                .push(format!("{} HINT: {}", n.message(), n.hint().unwrap_or("")))
+        })
+        .connect(postgres::NoTls)
+        .unwrap();
+    watched
+        .query("SELECT * FROM orphan_cleanup.preview_strays()", &[])
+        .unwrap();
+    let warnings = warned.lock().unwrap().join("\n");
+    assert!(
+        warnings.contains("1 saved assets reference render jobs whose rows no longer exist")
+            && warnings.contains("guide step 7C"),
+        "{warnings}"
+    );
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.audit_log WHERE action = 'protected' AND job_id = $1::text::uuid",
+            &[&saved.0],
+        )
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("renders/out/saved.png"), "{detail}");
+    // The twin's orphan row is retired at its claim; no stray is queued.
+    assert_eq!(cycle(&mut c).2, 1);
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    let reason: String = c
+        .query_one(
+            "SELECT reason FROM orphan_cleanup.deletion_queue WHERE object_path = 'out/saved.png'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("is kept"), "{reason}");
+    c.batch_execute("DELETE FROM render_jobs").unwrap();
+
+    // A TRUNCATE keeps the saved jobs' files too.
+    emu.upload("renders", "out/truncated.png", b"t");
+    age_storage(&mut c, 8);
+    let t = job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/truncated.png")),
+        "2 hours",
+        "t",
+    );
+    save(&mut c, "generated_saved", &t.0).unwrap();
+    c.batch_execute("TRUNCATE render_jobs").unwrap();
+    assert_eq!(enqueue_strays(&mut c), 0, "no stray: both files are kept");
+    assert_eq!(emu.objects().len(), 2);
+}
+
+/// Finding 2: an app that stores the bucket-relative path Storage's upload returns
+/// (`u1/x.png` for renders/u1/x.png) names its file: the file is no stray, a queued stray is
+/// retired once such a job is written, and a job being written with such a path holds the file
+/// against a claim.
+#[test]
+fn a_job_naming_its_file_by_its_bucket_relative_path_keeps_it() {
+    let (db, _emu) = leak(
+        "strays_relative",
+        &["out/u1/named.png", "out/u1/late.png", "out/u1/inflight.png"],
+    );
+    let mut c = db.client();
+    job(
+        &mut c,
+        "completed",
+        Some("out/u1/named.png"),
+        "1 hour",
+        "rel",
+    );
+    assert_eq!(enqueue_strays(&mut c), 2);
+    assert_eq!(
+        queued_strays(&mut c),
+        set(&["out/u1/late.png", "out/u1/inflight.png"])
+    );
+    let late = job(
+        &mut c,
+        "completed",
+        Some("out/u1/late.png"),
+        "1 minute",
+        "rel",
+    );
+    let mut app = db.client();
+    let mut tx = app.transaction().unwrap();
+    job(
+        &mut tx,
+        "running",
+        Some("out/u1/inflight.png"),
+        "1 minute",
+        "rel",
+    );
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    let (state, reason) = stray_row(&mut c, "out/u1/late.png");
+    assert_eq!(state, "stale");
+    assert!(reason.unwrap().contains(&late.0));
+    assert_eq!(
+        stray_row(&mut c, "out/u1/inflight.png").0,
+        "pending",
+        "held by the job being written"
+    );
+    tx.commit().unwrap();
+    c.batch_execute("DELETE FROM orphan_cleanup.busy").unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    assert_eq!(stray_row(&mut c, "out/u1/inflight.png").0, "stale");
+}
+
+/// Finding 3: an object uploaded again with upsert keeps its created_at; its age is counted
+/// from the latest upload (updated_at), so a fresh render under an old name is no stray.
+#[test]
+fn an_object_uploaded_again_is_as_young_as_its_latest_upload() {
+    let (db, emu) = leak("strays_reupload", &["out/cache/abc.png"]);
+    let mut c = db.client();
+    emu.upload("renders", "out/cache/abc.png", b"rendered again just now");
+    let (created_old, updated_new): (bool, bool) = {
+        let r = c
+            .query_one(
+                "SELECT created_at < now() - interval '7 days', updated_at > now() - interval '1 hour'
+                 FROM storage.objects WHERE name = 'out/cache/abc.png'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        created_old && updated_new,
+        "as the real server keeps an upsert"
+    );
+    assert!(strays(
+        &mut c,
+        "SELECT bucket, object_path FROM orphan_cleanup.preview_strays()"
+    )
+    .is_empty());
+    assert_eq!(enqueue_strays(&mut c), 0);
+    cycle(&mut c);
+    assert!(queued_strays(&mut c).is_empty());
 }
