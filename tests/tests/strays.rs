@@ -1038,7 +1038,7 @@ fn the_files_of_a_saved_job_whose_row_is_deleted_are_kept() {
     job(
         &mut c,
         "completed",
-        Some(&format!("renders/out/saved.png")),
+        Some("renders/out/saved.png"),
         "2 hours",
         "twin",
     );
