@@ -3,11 +3,15 @@
 # and a local Supabase Storage (the storage emulator).
 #
 #   1. install everything, build, start PostgreSQL 15 (extension preloaded) and the storage
-#   2. the app: render history (DEMO_JOBS jobs, default 5000), a real object for every completed job
+#   2. the app: render history (DEMO_JOBS jobs, default 5000), a real object for every completed job,
+#      kept in storage.objects as Supabase keeps it; and months of leak: the app deleted its old
+#      job rows and left their files behind (strays)
 #   3. the guide's pre-deployment validation (step 2A)
-#   4. deploy: CREATE EXTENSION, indexes, settings, attach(), the reaper's role
+#   4. deploy: CREATE EXTENSION, indexes, settings, attach(), the reaper's role; the strays
+#      previewed, and reconciliation turned on
 #   5. the background worker runs cleanup cycles every 3 seconds; `reaper run` deletes what they queue
-#   6. the validation report again, storage before and after, and every saved asset's file checked
+#   6. the validation report again, the savings report, storage before and after in bytes and
+#      dollars a month, and every saved asset's file checked
 #
 # DEMO_EDITION=managed tells the same story with the managed edition, on a simulated managed
 # platform (scripts/cluster.sh PGOC_PLATFORM=managed): no pg_orphan_cleanup preloaded, pg_cron
@@ -75,16 +79,47 @@ else
   psql_q -c "CREATE EXTENSION pg_orphan_cleanup"
 fi
 psql_q -v jobs="$JOBS" -v base="$BASE" -f sql/generate_data.sql
+# Months of leak: the jobs of the last three months, which the app has since deleted (below),
+# leaving their files in the bucket. None was saved (users keep a few; those are in the history).
+LEAKED=$(( JOBS / 2 ))
+psql_q -c "INSERT INTO render_jobs (user_id, status, output_url, prompt, created_at, updated_at, completed_at)
+           SELECT u, 'completed', format('%s/storage/v1/object/public/renders/%s/%s.png', '$BASE', u, gen_random_uuid()),
+                  'an old render', t, t, t
+           FROM (SELECT ('00000000-0000-4000-8000-' || lpad((g % 200)::text, 12, '0'))::uuid AS u,
+                        now() - interval '20 days' - random() * interval '70 days' AS t
+                 FROM generate_series(1, $LEAKED) AS g) AS s"
 # One object per completed job (sizes 2-20 KB), and the uploads and avatars of other asset types.
 psql_q -tA -c "SELECT orphan_cleanup.object_key(output_url) || E'\t' || (2000 + abs(hashtext(id::text)) % 18000)
                FROM render_jobs WHERE output_url IS NOT NULL
                UNION ALL
                SELECT 'uploads/' || (metadata->>'path') || E'\t' || 5000 FROM user_assets WHERE metadata ? 'path'" \
   | "$EMU" seed --data-dir "$STORAGE_DIR"
-"$EMU" serve --listen "127.0.0.1:${EMU_PORT}" --data-dir "$STORAGE_DIR" --jwt-secret "$JWT_SECRET" >/tmp/pg_orphan_cleanup-demo-storage.log 2>&1 &
+# Storage keeps storage.objects in the app's database, as Supabase Storage does.
+"$EMU" serve --listen "127.0.0.1:${EMU_PORT}" --data-dir "$STORAGE_DIR" --jwt-secret "$JWT_SECRET" \
+  --database-url "postgres://postgres@127.0.0.1:${PGOC_PORT}/${PGDATABASE}" >/tmp/pg_orphan_cleanup-demo-storage.log 2>&1 &
 EMU_PID=$!
 SERVICE_KEY=$("$EMU" keys --jwt-secret "$JWT_SECRET" | sed -n 's/^SERVICE_ROLE_KEY=//p')
 for _ in $(seq 1 50); do curl -sf "$BASE/__emulator/health" >/dev/null && break; sleep 0.1; done
+# Each file as old as its job (the seed wrote them all just now); the uploads a month old. On
+# Supabase the project's roles may read storage.objects; here the app's owner is granted it.
+as_admin -d "$PGDATABASE" <<'SQL'
+UPDATE storage.objects AS o SET created_at = j.created_at, updated_at = j.created_at
+FROM render_jobs AS j WHERE o.bucket_id || '/' || o.name = orphan_cleanup.object_key(j.output_url);
+UPDATE storage.objects SET created_at = now() - interval '30 days', updated_at = now() - interval '30 days' WHERE bucket_id = 'uploads';
+SQL
+if [ "$EDITION" = managed ]; then
+  as_admin -d "$PGDATABASE" -c "GRANT USAGE ON SCHEMA storage TO app_owner" -c "GRANT SELECT ON storage.objects TO app_owner"
+fi
+# The leak: the app deleted its old job rows, and nothing deleted their files.
+psql_q -c "DELETE FROM render_jobs WHERE prompt = 'an old render'"
+echo "the app deleted $LEAKED old job rows; their files stayed in storage"
+# What the guide's emergency DELETE (step 7B) would have deleted besides: saved jobs whose assets
+# spell the job id otherwise, which its exact-text join does not see.
+psql_q -c "SELECT count(*) AS \"saved jobs the guide's step 7B DELETE would delete\"
+           FROM render_jobs rj
+           WHERE rj.status = 'completed'
+             AND NOT EXISTS (SELECT 1 FROM user_assets ua WHERE ua.metadata->>'render_job_id' = rj.id::text)
+             AND EXISTS (SELECT 1 FROM user_assets ua WHERE orphan_cleanup.job_ref_key(ua.metadata->>'render_job_id') = rj.id::text)"
 storage_snapshot() {  # $1: table name; loads the emulator's object list into it
   psql_q -c "SET client_min_messages = warning; DROP TABLE IF EXISTS $1; CREATE TABLE $1 (object text PRIMARY KEY, size bigint)"
   curl -sf "$BASE/__emulator/objects.tsv" | psql_q -c "COPY $1 FROM STDIN"
@@ -119,8 +154,19 @@ SQL
   sleep 1
 fi
 psql_q -c "SELECT * FROM orphan_cleanup.attach()"
-expected=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.preview(NULL, 1000000) WHERE verdict = 'orphan'")
-echo "deletable orphans: $expected"
+orphans=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.preview(NULL, 1000000) WHERE verdict = 'orphan'")
+echo "deletable orphans: $orphans"
+echo "strays: files no job names, older than stray_min_age (7 days), previewed before reconciliation runs:"
+psql_q -c "SELECT count(*) AS strays, pg_size_pretty(sum(bytes)) AS size, min(age) AS youngest, max(age) AS oldest FROM orphan_cleanup.preview_strays(NULL, 1000000)"
+psql_q -c "SELECT bucket, object_path, bytes, age FROM orphan_cleanup.preview_strays(NULL, 3)"
+strays=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.preview_strays(NULL, 1000000)")
+expected=$(( orphans + strays ))
+echo "looked at: turning reconciliation on"
+if [ "$EDITION" = managed ]; then
+  psql_q -c "SELECT orphan_cleanup.set_setting('reclaim_strays', 'on')"
+else
+  psql_q -c "ALTER SYSTEM SET orphan_cleanup.reclaim_strays = on" -c "SELECT pg_reload_conf()"
+fi
 
 if [ "$EDITION" = managed ]; then
   step "5. Cleanup cycles every minute (pg_cron, as app_owner) and the reaper deleting in bulk"
@@ -164,12 +210,23 @@ read -r deleted_objects reclaimed orphan_bytes <<<"$(psql_q -tA -F ' ' -c "
          (SELECT sum(b.size) FROM demo_storage_before b JOIN orphan_cleanup.deletion_queue q
                  ON q.state = 'deleted' AND b.object = q.bucket || '/' || q.object_path)")"
 left=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.preview(NULL, 1000000) WHERE verdict = 'orphan'")
+strays_left=$(psql_q -tAc "SELECT count(*) FROM orphan_cleanup.preview_strays(NULL, 1000000)")
+echo "--- the savings report (reaper report: what a DBA pastes into the weekly review) ---"
+DATABASE_URL="postgres://demo_reaper@127.0.0.1:${PGOC_PORT}/${PGDATABASE}" SUPABASE_URL="$BASE" SUPABASE_SERVICE_ROLE_KEY="$SERVICE_KEY" \
+  "$REAPER" report --period day --periods 3
+psql_q <<'SQL'
+SELECT pg_size_pretty((SELECT sum(size) FROM demo_storage_before)) AS storage_before,
+       pg_size_pretty((SELECT sum(size) FROM demo_storage_after)) AS storage_after,
+       to_char((SELECT sum(size) FROM demo_storage_before) / 1073741824.0 * c.storage_price_per_gb_month, 'FM$990.0000') AS per_month_before,
+       to_char((SELECT sum(size) FROM demo_storage_after) / 1073741824.0 * c.storage_price_per_gb_month, 'FM$990.0000') AS per_month_after
+FROM orphan_cleanup._config() AS c;
+SQL
 echo
 echo "Saved assets: $saved, their files missing from storage: $saved_missing."
-echo "Objects deleted from storage: $deleted_objects (deletable orphans found: $expected); deletable orphans left: $left."
-echo "Storage reclaimed: $reclaimed bytes; the deleted orphans' bytes: $orphan_bytes."
-if [ "$saved_missing" != 0 ] || [ "$deleted_objects" != "$expected" ] || [ "$left" != 0 ] || [ "$reclaimed" != "$orphan_bytes" ]; then
+echo "Objects deleted from storage: $deleted_objects (deletable orphans found: $orphans, strays: $strays); deletable orphans left: $left, strays left: $strays_left."
+echo "Storage reclaimed: $reclaimed bytes; the deleted rows' bytes: $orphan_bytes."
+if [ "$saved_missing" != 0 ] || [ "$deleted_objects" != "$expected" ] || [ "$left" != 0 ] || [ "$strays_left" != 0 ] || [ "$reclaimed" != "$orphan_bytes" ]; then
   echo "DEMO FAILED" >&2
   exit 1
 fi
-echo "Demo complete: every deletable orphan's file is gone, and every saved asset's file is still there."
+echo "Demo complete: every deletable orphan's and every stray's file is gone, and every saved asset's file is still there."

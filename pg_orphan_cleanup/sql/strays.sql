@@ -60,7 +60,11 @@ CREATE FUNCTION orphan_cleanup._stray_page(jobs regclass, cutoff timestamptz, by
                                            page_rows integer)
 RETURNS TABLE (bucket text, object_path text, bytes bigint, created_at timestamptz,
                stored_id uuid, stored_version text, stray boolean, uploaded_at timestamptz)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+-- enable_seqscan = off: object_keys() is declared cheap, so the planner would read the whole jobs
+-- table for each object (computing every job's readings: 10 minutes for the demo's 7,500 objects
+-- and 5,000 jobs) instead of probing the GIN index. The page of storage.objects itself is read
+-- by its unique index (a full pass) or, without an index on created_at, by a scan all the same.
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
 AS $$
 BEGIN
     RETURN QUERY EXECUTE format($sql$
