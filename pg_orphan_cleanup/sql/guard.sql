@@ -362,12 +362,23 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    -- A saved job's row goes, or its id changes: what it named is kept.
-    IF TG_OP = 'DELETE' THEN
-        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url, 'deleted');
-        RETURN NULL;
-    ELSIF TG_OP = 'UPDATE' AND NEW.id IS DISTINCT FROM OLD.id THEN
-        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url, format('renumbered to %s', NEW.id));
+    -- A saved job's row goes, or its id changes: what it named is kept. At REPEATABLE READ or
+    -- SERIALIZABLE the job's fence row is written first, as every save of the job writes it: a
+    -- save committed after this transaction's snapshot fails this write with 40001, where
+    -- _job_is_saved() would not see it (the second review of stray queueing). Not at READ
+    -- COMMITTED: a save in flight holds the job row, this write waited for it, and
+    -- _job_is_saved() reads with a fresh snapshot; and a save takes the fence before the job row
+    -- while a DELETE holds the job row first, so the fence there made them deadlock (the chaos
+    -- suite's racing saves against confirm()'s job cleanup).
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND NEW.id IS DISTINCT FROM OLD.id) THEN
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            PERFORM orphan_cleanup._fence_job(OLD.id);
+        END IF;
+        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url,
+            CASE TG_OP WHEN 'DELETE' THEN 'deleted' ELSE format('renumbered to %s', NEW.id) END);
+        IF TG_OP = 'DELETE' THEN
+            RETURN NULL;
+        END IF;
     END IF;
     -- A new job id (an INSERT, or an UPDATE of id): a save of that id may have come before the
     -- job existed, and found no row to lock. Meet it on the fence row.
@@ -462,6 +473,14 @@ BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND THEN
         RETURN NULL;
+    END IF;
+    -- Its read of the saved jobs must see every committed save: a snapshot older than the
+    -- TRUNCATE's lock would miss a save committed while it waited.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'TRUNCATE of % must run at READ COMMITTED, not %: its guard keeps the files of the saved jobs it removes, and must see every save committed before it',
+                        att.jobs_oid::regclass, current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'Run the TRUNCATE in its own READ COMMITTED transaction.';
     END IF;
     FOR r IN EXECUTE format($sql$
         SELECT j.id, j.output_url FROM %s AS j

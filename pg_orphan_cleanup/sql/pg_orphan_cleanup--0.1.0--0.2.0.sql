@@ -1249,6 +1249,7 @@ BEGIN
                            WHEN st.id IS NULL OR st.created_at IS NULL THEN 'stale'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version THEN 'stale'
                            WHEN st.created_at >= now() - $8 THEN 'wait'
+                           WHEN strpos(d.object_path, '/') = 0 THEN 'rejected'
                            WHEN u.error IS NOT NULL OR u.bucket IS DISTINCT FROM d.bucket
                                 OR u.object_path IS DISTINCT FROM d.object_path THEN 'rejected'
                            ELSE 'ok' END
@@ -1273,6 +1274,7 @@ BEGIN
                            WHEN st.created_at IS NULL THEN 'storage.objects gives no created_at for it'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
                                THEN 'uploaded again since it was queued: storage.objects holds another upload of that name'
+                           WHEN strpos(d.object_path, '/') = 0 THEN 'at the bucket''s root: a job may name it by its bare file name, which no reading takes as an object'
                            ELSE coalesce(u.error, 'the allow-lists no longer name it as it is stored') END
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
                        WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
@@ -2422,6 +2424,14 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
+    -- Its read of the saved jobs must see every committed save: a snapshot older than the
+    -- TRUNCATE's lock would miss a save committed while it waited.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'TRUNCATE of % must run at READ COMMITTED, not %: its guard keeps the files of the saved jobs it removes, and must see every save committed before it',
+                        att.jobs_oid::regclass, current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'Run the TRUNCATE in its own READ COMMITTED transaction.';
+    END IF;
     FOR r IN EXECUTE format($sql$
         SELECT j.id, j.output_url FROM %s AS j
         WHERE j.output_url IS NOT NULL
@@ -2449,12 +2459,23 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    -- A saved job's row goes, or its id changes: what it named is kept.
-    IF TG_OP = 'DELETE' THEN
-        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url, 'deleted');
-        RETURN NULL;
-    ELSIF TG_OP = 'UPDATE' AND NEW.id IS DISTINCT FROM OLD.id THEN
-        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url, format('renumbered to %s', NEW.id));
+    -- A saved job's row goes, or its id changes: what it named is kept. At REPEATABLE READ or
+    -- SERIALIZABLE the job's fence row is written first, as every save of the job writes it: a
+    -- save committed after this transaction's snapshot fails this write with 40001, where
+    -- _job_is_saved() would not see it (the second review of stray queueing). Not at READ
+    -- COMMITTED: a save in flight holds the job row, this write waited for it, and
+    -- _job_is_saved() reads with a fresh snapshot; and a save takes the fence before the job row
+    -- while a DELETE holds the job row first, so the fence there made them deadlock (the chaos
+    -- suite's racing saves against confirm()'s job cleanup).
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND NEW.id IS DISTINCT FROM OLD.id) THEN
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            PERFORM orphan_cleanup._fence_job(OLD.id);
+        END IF;
+        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url,
+            CASE TG_OP WHEN 'DELETE' THEN 'deleted' ELSE format('renumbered to %s', NEW.id) END);
+        IF TG_OP = 'DELETE' THEN
+            RETURN NULL;
+        END IF;
     END IF;
     -- A new job id (an INSERT, or an UPDATE of id): a save of that id may have come before the
     -- job existed, and found no row to lock. Meet it on the fence row.
@@ -3928,6 +3949,9 @@ BEGIN
             LIMIT $8)
         SELECT p.bucket_id::text, p.name::text, (p.metadata ->> 'size')::bigint, p.created_at, p.id, p.version::text,
                coalesce(p.uploaded_at < $1
+                        -- At a bucket's root a job may name the object by its bare file name,
+                        -- which no reading takes as an object: never a stray (the second review).
+                        AND strpos(p.name, '/') > 0
                         AND u.error IS NULL AND u.bucket = p.bucket_id AND u.object_path = p.name
                         AND NOT EXISTS (SELECT 1 FROM %4$s AS j
                                         WHERE orphan_cleanup.object_keys(j.output_url) && orphan_cleanup._names_of(p.bucket_id || '/' || p.name))

@@ -490,6 +490,7 @@ BEGIN
                            WHEN st.id IS NULL OR st.created_at IS NULL THEN 'stale'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version THEN 'stale'
                            WHEN st.created_at >= now() - $8 THEN 'wait'
+                           WHEN strpos(d.object_path, '/') = 0 THEN 'rejected'
                            WHEN u.error IS NOT NULL OR u.bucket IS DISTINCT FROM d.bucket
                                 OR u.object_path IS DISTINCT FROM d.object_path THEN 'rejected'
                            ELSE 'ok' END
@@ -514,6 +515,7 @@ BEGIN
                            WHEN st.created_at IS NULL THEN 'storage.objects gives no created_at for it'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
                                THEN 'uploaded again since it was queued: storage.objects holds another upload of that name'
+                           WHEN strpos(d.object_path, '/') = 0 THEN 'at the bucket''s root: a job may name it by its bare file name, which no reading takes as an object'
                            ELSE coalesce(u.error, 'the allow-lists no longer name it as it is stored') END
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
                        WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'

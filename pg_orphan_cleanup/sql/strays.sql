@@ -77,6 +77,9 @@ BEGIN
             LIMIT $8)
         SELECT p.bucket_id::text, p.name::text, (p.metadata ->> 'size')::bigint, p.created_at, p.id, p.version::text,
                coalesce(p.uploaded_at < $1
+                        -- At a bucket's root a job may name the object by its bare file name,
+                        -- which no reading takes as an object: never a stray (the second review).
+                        AND strpos(p.name, '/') > 0
                         AND u.error IS NULL AND u.bucket = p.bucket_id AND u.object_path = p.name
                         AND NOT EXISTS (SELECT 1 FROM %4$s AS j
                                         WHERE orphan_cleanup.object_keys(j.output_url) && orphan_cleanup._names_of(p.bucket_id || '/' || p.name))

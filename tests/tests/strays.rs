@@ -1198,3 +1198,90 @@ fn an_object_uploaded_again_is_as_young_as_its_latest_upload() {
     cycle(&mut c);
     assert!(queued_strays(&mut c).is_empty());
 }
+
+// The second review of stray queueing (a reviewer helper, code only), each a test that failed
+// before its fix.
+
+/// A job deleted at REPEATABLE READ, in a snapshot older than a save of it: the delete must not
+/// commit unseen by the save (40001 on the job's fence row), or else the file is kept. A
+/// TRUNCATE of the jobs table must run at READ COMMITTED.
+#[test]
+fn a_saved_job_deleted_in_an_older_snapshot_keeps_its_file() {
+    let (db, emu) = leak("strays_rr_delete", &["out/rr.png"]);
+    let mut c = db.client();
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/rr.png")),
+        "2 hours",
+        "rr",
+    );
+    let mut app = db.client();
+    let mut t2 = app
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    t2.query("SELECT count(*) FROM user_assets", &[]).unwrap();
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    let deleted = t2
+        .execute("DELETE FROM render_jobs WHERE id = $1::text::uuid", &[&j.0])
+        .and_then(|_| t2.commit());
+    match deleted {
+        Err(e) => assert_eq!(code(&e), "40001", "{}", db_error(&e)),
+        Ok(()) => {
+            let kept: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM orphan_cleanup.objects WHERE object_path = 'out/rr.png' AND kept_at IS NOT NULL",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(kept, 1, "the delete committed: the file must be kept");
+        }
+    }
+    assert_eq!(enqueue_strays(&mut c), 0);
+
+    let mut t3 = app
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    let e = t3.batch_execute("TRUNCATE render_jobs").unwrap_err();
+    assert!(
+        db_error(&e).contains("must run at READ COMMITTED"),
+        "{}",
+        db_error(&e)
+    );
+}
+
+/// A render stored at a bucket's root, saved by its bare file name (`x.png`, what upload
+/// returns for it): no reading takes that as an object, so objects at a bucket's root are never
+/// strays.
+#[test]
+fn an_object_at_a_buckets_root_is_never_a_stray() {
+    let db = TestDb::attached("strays_root");
+    let emu = Emulator::start_keeping("strays_root");
+    settings(&[
+        ("allowed_buckets", "renders"),
+        ("allowed_hosts", emu.host.as_str()),
+        ("reclaim_strays", "on"),
+    ]);
+    emu.create_bucket("renders");
+    emu.upload("renders", "x.png", b"saved at the root");
+    emu.upload("renders", "dir/leak.png", b"a stray");
+    let mut c = db.client();
+    age_storage(&mut c, 8);
+    let j = job(&mut c, "completed", Some("x.png"), "2 hours", "root");
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    assert_eq!(
+        strays(
+            &mut c,
+            "SELECT bucket, object_path FROM orphan_cleanup.preview_strays()"
+        ),
+        set(&["dir/leak.png"])
+    );
+    assert_eq!(enqueue_strays(&mut c), 1);
+    cycle(&mut c);
+    assert_eq!(queued_strays(&mut c), set(&["dir/leak.png"]));
+}
