@@ -260,6 +260,7 @@ out.append(fn('detect','_rls_problem', replace=False))
 out.append(fn('guard','_refuse_under_rls', replace=False))
 out.append(fn('guard','save_guard'))
 out.append(fn('guard','_keep_if_saved', replace=False))
+out.append(fn('guard','_keep_saved', replace=False))
 out.append(fn('guard','job_truncate_guard', replace=False))
 out.append(fn('guard','job_guard', replace=False))
 out.append(fn('guard','_drop_guards'))
@@ -426,6 +427,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._allowed_bucket_list(),
     orphan_cleanup._names_of(text),
     orphan_cleanup._keep_if_saved(orphan_cleanup.attachment, uuid, text, text),
+    orphan_cleanup._keep_saved(uuid, text, text),
     orphan_cleanup.job_truncate_guard(),
     orphan_cleanup._route_count(text),
     orphan_cleanup._reading_size(text),

@@ -1779,6 +1779,7 @@ DECLARE
     ix record;
     v_ready_since timestamptz;
     v_analyze text;
+    v_inventory text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_interval := make_interval(secs => cfg.interval_s);
@@ -1906,10 +1907,11 @@ BEGIN
 
     -- Stray reconciliation: off, unable to read the inventory, or on (by which passes).
     check_name := 'strays';
+    v_inventory := CASE WHEN cfg.reclaim_strays THEN orphan_cleanup._inventory_problem() END;
     IF NOT cfg.reclaim_strays THEN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
-    ELSIF orphan_cleanup._inventory_problem() IS NOT NULL THEN
-        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || orphan_cleanup._inventory_problem();
+    ELSIF v_inventory IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
     ELSIF orphan_cleanup._stray_index_ok() THEN
         status := 'ok'; detail := 'reconciled by a full pass every full_sweep_interval and, in between, by creation time';
     ELSE
@@ -2151,13 +2153,13 @@ CREATE FUNCTION orphan_cleanup._objects_of(url text, OUT bucket text, OUT object
 RETURNS SETOF record
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT x.bucket, x.object_path
-    FROM (SELECT split_part(k.key, '/', 1) AS bucket, substr(k.key, strpos(k.key, '/') + 1) AS object_path
-          FROM unnest(orphan_cleanup.object_keys(url)) AS k(key)
-          UNION
-          SELECT a.bucket, k.key
-          FROM unnest(orphan_cleanup.object_keys(url)) AS k(key)
-          CROSS JOIN unnest(orphan_cleanup._allowed_bucket_list()) AS a(bucket)) AS x
+    -- object_keys() once per call (every save and job write calls this), the buckets once.
+    SELECT DISTINCT x.bucket, x.object_path
+    FROM unnest(orphan_cleanup.object_keys(url)) AS k(key)
+    CROSS JOIN (SELECT orphan_cleanup._allowed_bucket_list() AS buckets) AS a
+    CROSS JOIN LATERAL (SELECT split_part(k.key, '/', 1), substr(k.key, strpos(k.key, '/') + 1)
+                        UNION ALL
+                        SELECT b, k.key FROM unnest(a.buckets) AS b) AS x(bucket, object_path)
     ORDER BY x.bucket, x.object_path;
 END;
 
@@ -2393,12 +2395,19 @@ $$;
 CREATE FUNCTION orphan_cleanup._keep_if_saved(att orphan_cleanup.attachment, p_job uuid, p_url text, p_why text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
+    IF p_url IS NOT NULL AND p_job IS NOT NULL AND orphan_cleanup._job_is_saved(att, p_job) THEN
+        PERFORM orphan_cleanup._keep_saved(p_job, p_url, p_why);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._keep_saved(p_job uuid, p_url text, p_why text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     v_kept text[];
 BEGIN
-    IF p_url IS NULL OR p_job IS NULL OR NOT orphan_cleanup._job_is_saved(att, p_job) THEN
-        RETURN;
-    END IF;
     WITH kept AS (
         INSERT INTO orphan_cleanup.objects AS x (bucket, object_path, kept_at, kept_by)
         SELECT DISTINCT k.bucket, k.object_path, now(), left(format('%s: saved job %s %s', session_user, p_job, p_why), 200)
@@ -2438,7 +2447,7 @@ BEGIN
           AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass)
     LOOP
-        PERFORM orphan_cleanup._keep_if_saved(att, r.id, r.output_url, 'truncated');
+        PERFORM orphan_cleanup._keep_saved(r.id, r.output_url, 'truncated');
     END LOOP;
     RETURN NULL;
 END
@@ -4278,6 +4287,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._allowed_bucket_list(),
     orphan_cleanup._names_of(text),
     orphan_cleanup._keep_if_saved(orphan_cleanup.attachment, uuid, text, text),
+    orphan_cleanup._keep_saved(uuid, text, text),
     orphan_cleanup.job_truncate_guard(),
     orphan_cleanup._route_count(text),
     orphan_cleanup._reading_size(text),

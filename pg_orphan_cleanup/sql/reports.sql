@@ -382,6 +382,7 @@ DECLARE
     ix record;
     v_ready_since timestamptz;
     v_analyze text;
+    v_inventory text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_interval := make_interval(secs => cfg.interval_s);
@@ -509,10 +510,11 @@ BEGIN
 
     -- Stray reconciliation: off, unable to read the inventory, or on (by which passes).
     check_name := 'strays';
+    v_inventory := CASE WHEN cfg.reclaim_strays THEN orphan_cleanup._inventory_problem() END;
     IF NOT cfg.reclaim_strays THEN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
-    ELSIF orphan_cleanup._inventory_problem() IS NOT NULL THEN
-        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || orphan_cleanup._inventory_problem();
+    ELSIF v_inventory IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
     ELSIF orphan_cleanup._stray_index_ok() THEN
         status := 'ok'; detail := 'reconciled by a full pass every full_sweep_interval and, in between, by creation time';
     ELSE
