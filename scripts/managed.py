@@ -33,6 +33,7 @@ PARTS = [
     SQL / "queue.sql",
     SQL / "breaker.sql",
     SQL / "reports.sql",
+    SQL / "inventory.sql",
     SQL / "strays.sql",
     SQL / "grants.sql",
 ]

@@ -7,7 +7,7 @@ import os
 import re
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 src={}
-for f in ['schema','pause','detect','guard','queue','reports','breaker','strays']:
+for f in ['schema','pause','detect','guard','queue','reports','breaker','strays','inventory']:
     src[f]=open(os.path.join(ROOT, f'pg_orphan_cleanup/sql/{f}.sql')).read()
 
 def fn(file, name, replace=True, sig=None):
@@ -402,6 +402,13 @@ ALTER TABLE orphan_cleanup.cycle_log
     ADD COLUMN strays_scanned bigint NOT NULL DEFAULT 0, ADD COLUMN strays_enqueued bigint NOT NULL DEFAULT 0,
     ADD COLUMN stray_pass text, ADD COLUMN stray_ms numeric;
 """)
+out.append("-- The Storage API's inventory, where storage.objects is not in this database (sql/inventory.sql).\n")
+out.append(section('inventory', "CREATE TABLE orphan_cleanup.inventory_listings (",
+                   "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.object_inventory', '');"))
+out.append("REVOKE ALL ON orphan_cleanup.inventory_listings, orphan_cleanup.object_inventory FROM PUBLIC;\n")
+for name in ['inventory_buckets', '_no_api_inventory_here', 'inventory_begin', '_open_listing', 'inventory_add',
+             'inventory_finish', '_inventory', '_listing_health']:
+    out.append(fn('inventory', name, replace=False))
 for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
     out.append(fn('strays', name, replace=False))
@@ -482,7 +489,15 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._strays_ready(text, interval, integer),
     orphan_cleanup.enqueue_strays(interval, integer),
     orphan_cleanup.cancel_prefix(text, text),
-    orphan_cleanup.savings_report(text, integer)
+    orphan_cleanup.savings_report(text, integer),
+    orphan_cleanup.inventory_buckets(),
+    orphan_cleanup._no_api_inventory_here(),
+    orphan_cleanup.inventory_begin(text, text),
+    orphan_cleanup._open_listing(bigint),
+    orphan_cleanup.inventory_add(bigint, jsonb),
+    orphan_cleanup.inventory_finish(bigint),
+    orphan_cleanup._inventory(),
+    orphan_cleanup._listing_health()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
@@ -494,7 +509,11 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.queue_status(),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup.sent_by_reaper(text, interval),
-    orphan_cleanup.savings_report(text, integer)
+    orphan_cleanup.savings_report(text, integer),
+    orphan_cleanup.inventory_buckets(),
+    orphan_cleanup.inventory_begin(text, text),
+    orphan_cleanup.inventory_add(bigint, jsonb),
+    orphan_cleanup.inventory_finish(bigint)
 TO orphan_cleanup_reaper;
 GRANT EXECUTE ON FUNCTION orphan_cleanup.object_keys(text) TO PUBLIC;
 

@@ -31,7 +31,14 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.verifies_absence(),
     orphan_cleanup.sent_by_reaper(text, interval),
     -- `reaper report`: totals by day, nothing about single rows.
-    orphan_cleanup.savings_report(text, integer)
+    orphan_cleanup.savings_report(text, integer),
+    -- `reaper inventory`: the Storage API's listing, where storage.objects is not in this
+    -- database. A listing can add objects as strays-to-be, but claim() hands a stray out only
+    -- while no job names it, as for storage.objects' rows.
+    orphan_cleanup.inventory_buckets(),
+    orphan_cleanup.inventory_begin(text, text),
+    orphan_cleanup.inventory_add(bigint, jsonb),
+    orphan_cleanup.inventory_finish(bigint)
 TO orphan_cleanup_reaper;
 
 -- One row per call: without this the planner assumes 1000 and overestimates every cycle and

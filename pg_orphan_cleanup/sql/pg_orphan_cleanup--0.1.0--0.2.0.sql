@@ -1201,17 +1201,18 @@ BEGIN
     --    committed meanwhile are visible here. A stray (no job) is handed out only while no job
     --    names its object (a job written since is visible here, and one being written holds the
     --    object's row, so the row is busy), and only as the upload it was queued for: still in
-    --    storage.objects with the same id and version, still older than stray_min_age, still
-    --    allowed. Where storage.objects cannot be read now, it waits. (Read only for strays.)
+    --    the inventory (storage.objects, or the Storage API's listing) with the same id and
+    --    version, still older than stray_min_age, still allowed. Where the inventory cannot be
+    --    read now, it waits. (Read only for strays.)
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
                    AND orphan_cleanup._inventory_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
-                FROM storage.objects AS o
+                FROM %s AS o
                 WHERE d.job_id IS NULL AND o.bucket_id = d.bucket AND o.name = d.object_path %s
-                LIMIT 1) AS st ON true$sql$, orphan_cleanup._current_objects_only())
+                LIMIT 1) AS st ON true$sql$, orphan_cleanup._inventory(), orphan_cleanup._current_objects_only())
         ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END;
     EXECUTE format($sql$
         -- Whether another job naming a row's object is not held by this claim, or keeps the
@@ -1270,10 +1271,10 @@ BEGIN
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
                            WHEN s.named THEN format('job %%s names its object now: no longer a stray', coalesce(s.named_by::text, '(with a NULL id)'))
-                           WHEN st.id IS NULL THEN 'no longer in storage.objects: deleted by someone else'
-                           WHEN st.created_at IS NULL THEN 'storage.objects gives no created_at for it'
+                           WHEN st.id IS NULL THEN 'no longer in storage''s inventory (storage.objects, or the last listing through the Storage API): deleted by someone else'
+                           WHEN st.created_at IS NULL THEN 'storage''s inventory gives no created_at for it'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
-                               THEN 'uploaded again since it was queued: storage.objects holds another upload of that name'
+                               THEN 'uploaded again since it was queued: storage''s inventory holds another upload of that name'
                            WHEN strpos(d.object_path, '/') = 0 THEN 'at the bucket''s root: a job may name it by its bare file name, which no reading takes as an object'
                            ELSE coalesce(u.error, 'the allow-lists no longer name it as it is stored') END
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
@@ -1485,11 +1486,17 @@ BEGIN
                bytes = CASE WHEN outcome = 'deleted' THEN sizes[array_position(ids, d.id)] END
          WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
            AND d.id <> ALL (v_stored)
-        RETURNING d.id, d.job_id, d.output_url
+        RETURNING d.id, d.job_id, d.output_url, d.bucket, d.object_path
     ),
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor)
         SELECT outcome, m.job_id, m.id, m.output_url, worker FROM mine AS m
+    ),
+    -- The Storage API's listing (sql/inventory.sql) forgets the objects gone, as the storage
+    -- server deletes their storage.objects rows: else a gone object would look like a stray.
+    forgotten AS (
+        DELETE FROM orphan_cleanup.object_inventory AS i USING mine AS m
+        WHERE i.bucket_id = m.bucket AND i.name = m.object_path
     )
     SELECT array_agg(m.id) INTO v_done FROM mine AS m;
     v_done := coalesce(v_done, '{}');
@@ -1912,6 +1919,8 @@ BEGIN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
     ELSIF v_inventory IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
+    ELSIF pg_catalog.to_regclass('storage.objects') IS NULL THEN
+        SELECT h.status, h.detail INTO status, detail FROM orphan_cleanup._listing_health() AS h;
     ELSIF orphan_cleanup._stray_index_ok() THEN
         status := 'ok'; detail := 'reconciled by a full pass every full_sweep_interval and, in between, by creation time';
     ELSE
@@ -3825,12 +3834,12 @@ BEGIN
     v_first := (date_trunc(period, v_today::timestamp) - v_unit * (periods - 1))::date;
     v_since := v_first::timestamp AT TIME ZONE 'UTC';
     IF orphan_cleanup._inventory_problem() IS NULL THEN
-        EXECUTE $sql$
+        EXECUTE format($sql$
             SELECT sum((o.metadata ->> 'size')::bigint)
             FROM orphan_cleanup.deletion_queue AS d
-            JOIN storage.objects AS o ON o.bucket_id = d.bucket AND o.name = d.object_path
+            JOIN %s AS o ON o.bucket_id = d.bucket AND o.name = d.object_path
             WHERE d.state IN ('pending', 'claimed', 'dead')
-            $sql$ INTO v_queued;
+            $sql$, orphan_cleanup._inventory()) INTO v_queued;
         v_queued := coalesce(v_queued, 0);
     END IF;
     RETURN QUERY
@@ -3888,16 +3897,216 @@ ALTER TABLE orphan_cleanup.cycle_log
     ADD COLUMN strays_scanned bigint NOT NULL DEFAULT 0, ADD COLUMN strays_enqueued bigint NOT NULL DEFAULT 0,
     ADD COLUMN stray_pass text, ADD COLUMN stray_ms numeric;
 
+-- The Storage API's inventory, where storage.objects is not in this database (sql/inventory.sql).
+
+CREATE TABLE orphan_cleanup.inventory_listings (
+    id          bigserial PRIMARY KEY,
+    bucket      text NOT NULL,
+    listed_by   text NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    objects     bigint NOT NULL DEFAULT 0,
+    removed     bigint
+);
+
+-- The objects the listings saw, as storage.objects would hold them. `version` is not in the
+-- API's answer: it is the eTag and the time of the last upload, so that an object uploaded again
+-- (an upsert keeps its id) is another version, and a queued stray of the old one goes stale.
+CREATE TABLE orphan_cleanup.object_inventory (
+    bucket_id  text NOT NULL,
+    name       text NOT NULL,
+    id         uuid NOT NULL,
+    version    text,
+    metadata   jsonb,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz,
+    listing    bigint NOT NULL,
+    PRIMARY KEY (bucket_id, name)
+);
+-- Looks by creation time between full passes (see _reconcile_strays()).
+CREATE INDEX object_inventory_created_at ON orphan_cleanup.object_inventory (created_at, id);
+
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.inventory_listings', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.inventory_listings_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.object_inventory', '');
+
+REVOKE ALL ON orphan_cleanup.inventory_listings, orphan_cleanup.object_inventory FROM PUBLIC;
+
+CREATE FUNCTION orphan_cleanup.inventory_buckets() RETURNS SETOF text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM orphan_cleanup._no_api_inventory_here();
+    RETURN QUERY SELECT unnest(orphan_cleanup._allowed_bucket_list());
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._no_api_inventory_here() RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_catalog.to_regclass('storage.objects') IS NOT NULL THEN
+        RAISE EXCEPTION 'storage.objects is in this database: reconciliation reads it, and needs no listing through the Storage API'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Stop `reaper inventory`; SELECT * FROM orphan_cleanup.health() shows whether strays can be read.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.inventory_begin(worker text, bucket text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    PERFORM orphan_cleanup._check_worker(worker);
+    PERFORM orphan_cleanup._no_api_inventory_here();
+    IF bucket IS NULL OR NOT bucket = ANY (orphan_cleanup._allowed_bucket_list()) THEN
+        RAISE EXCEPTION 'bucket % is not in orphan_cleanup.allowed_buckets (%): only allowed buckets are listed',
+                        coalesce(quote_literal(bucket), 'NULL'), array_to_string(orphan_cleanup._allowed_bucket_list(), ', ')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'List the buckets SELECT * FROM orphan_cleanup.inventory_buckets() returns (reaper inventory does).';
+    END IF;
+    INSERT INTO orphan_cleanup.inventory_listings (bucket, listed_by) VALUES (bucket, worker) RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._open_listing(listing bigint) RETURNS orphan_cleanup.inventory_listings
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    l orphan_cleanup.inventory_listings;
+BEGIN
+    SELECT * INTO l FROM orphan_cleanup.inventory_listings AS i WHERE i.id = listing;
+    IF NOT FOUND OR l.finished_at IS NOT NULL THEN
+        RAISE EXCEPTION 'listing % is %', coalesce(listing::text, 'NULL'), CASE WHEN l.id IS NULL THEN 'unknown' ELSE 'finished' END
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Begin a listing with inventory_begin(worker, bucket) and pass the id it returns.';
+    END IF;
+    RETURN l;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.inventory_add(listing bigint, objects jsonb) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    l orphan_cleanup.inventory_listings;
+    v_bad jsonb;
+    n integer;
+BEGIN
+    l := orphan_cleanup._open_listing(listing);
+    IF jsonb_typeof(objects) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'objects must be a JSON array of objects as POST /object/list answers them, got %',
+                        coalesce(jsonb_typeof(objects), 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT o INTO v_bad FROM jsonb_array_elements(objects) AS o
+    WHERE jsonb_typeof(o) IS DISTINCT FROM 'object'
+       OR coalesce(o ->> 'name', '') = '' OR o ->> 'name' LIKE '%/' OR o ->> 'name' LIKE '/%'
+       OR coalesce(o ->> 'id', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+       OR o ->> 'created_at' IS NULL
+    LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'not an object of bucket %''s listing (it needs a full name, a uuid id and created_at): %', l.bucket, left(v_bad::text, 300)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Folders (id null) are listed by their own prefix, not added.';
+    END IF;
+    BEGIN
+        INSERT INTO orphan_cleanup.object_inventory AS i (bucket_id, name, id, version, metadata, created_at, updated_at, listing)
+        SELECT l.bucket, o ->> 'name', (o ->> 'id')::uuid,
+               concat_ws('@', o -> 'metadata' ->> 'eTag', extract(epoch FROM coalesce(o ->> 'updated_at', o ->> 'created_at')::timestamptz)::text),
+               o -> 'metadata', (o ->> 'created_at')::timestamptz, (o ->> 'updated_at')::timestamptz, l.id
+        FROM (SELECT DISTINCT ON (o ->> 'name') o FROM jsonb_array_elements(objects) AS o) AS p(o)
+        WHERE NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
+                          WHERE d.bucket = l.bucket AND d.object_path = p.o ->> 'name'
+                            AND d.state IN ('deleted', 'absent') AND d.finished_at >= l.started_at
+                            AND d.finished_at >= greatest((p.o ->> 'created_at')::timestamptz, (p.o ->> 'updated_at')::timestamptz))
+        ON CONFLICT (bucket_id, name) DO UPDATE
+            SET id = excluded.id, version = excluded.version, metadata = excluded.metadata,
+                created_at = excluded.created_at, updated_at = excluded.updated_at, listing = excluded.listing;
+        GET DIAGNOSTICS n = ROW_COUNT;
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR invalid_text_representation THEN
+        RAISE EXCEPTION 'objects of bucket %''s listing must give created_at and updated_at as timestamps: %', l.bucket, SQLERRM
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    UPDATE orphan_cleanup.inventory_listings AS i SET objects = i.objects + n WHERE i.id = l.id;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.inventory_finish(listing bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    l orphan_cleanup.inventory_listings;
+    n bigint;
+BEGIN
+    l := orphan_cleanup._open_listing(listing);
+    DELETE FROM orphan_cleanup.object_inventory AS i WHERE i.bucket_id = l.bucket AND i.listing < l.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE orphan_cleanup.inventory_listings AS i
+       SET finished_at = now(), removed = CASE WHEN i.id = l.id THEN n END
+     WHERE i.bucket = l.bucket AND i.finished_at IS NULL AND i.id <= l.id;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._inventory() RETURNS regclass
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_catalog.to_regclass('storage.objects') IS NOT NULL THEN
+        RETURN pg_catalog.to_regclass('storage.objects');
+    ELSIF EXISTS (SELECT 1 FROM orphan_cleanup.inventory_listings WHERE finished_at IS NOT NULL) THEN
+        RETURN 'orphan_cleanup.object_inventory'::regclass;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._listing_health(OUT status text, OUT detail text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_never text;
+    v_stale text;
+    v_last text;
+BEGIN
+    SELECT string_agg(b.bucket, ', ') FILTER (WHERE l.finished_at IS NULL),
+           string_agg(b.bucket, ', ') FILTER (WHERE l.finished_at < now() - interval '2 days'),
+           string_agg(format('%s at %s (%s objects)', b.bucket, date_trunc('second', l.finished_at), l.objects), ', ')
+               FILTER (WHERE l.finished_at IS NOT NULL)
+      INTO v_never, v_stale, v_last
+    FROM unnest(orphan_cleanup._allowed_bucket_list()) AS b(bucket)
+    LEFT JOIN LATERAL (SELECT i.finished_at, i.objects FROM orphan_cleanup.inventory_listings AS i
+                       WHERE i.bucket = b.bucket AND i.finished_at IS NOT NULL AND i.removed IS NOT NULL
+                       ORDER BY i.id DESC LIMIT 1) AS l ON true;
+    status := CASE WHEN v_never IS NULL AND v_stale IS NULL THEN 'ok' ELSE 'warning' END;
+    detail := concat_ws('; ',
+        'reconciled from the listing through the Storage API (reaper inventory), storage.objects not being in this database'
+            || coalesce(': last listed ' || v_last, ''),
+        'never listed: ' || v_never || ' (run `reaper inventory`)',
+        'not listed for two days: ' || v_stale || ' (run `reaper inventory` daily, e.g. from cron)');
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup._inventory_problem() RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-RETURN CASE
-    WHEN to_regclass('storage.objects') IS NULL THEN
-        'this database has no storage.objects table, the inventory Supabase Storage keeps of every object (hosted and self-hosted Supabase keep it in the project''s database: connect to that one)'
-    WHEN NOT has_table_privilege('storage.objects', 'SELECT') THEN
-        format('%s, the role pg_orphan_cleanup''s functions run as, cannot read storage.objects (fix: GRANT SELECT ON storage.objects TO %I)', current_user, current_user)
-    WHEN row_security_active('storage.objects') THEN
-        format('row-level security on storage.objects applies to %s, the role pg_orphan_cleanup''s functions run as: it would see only the objects its policies let through (fix, as a superuser: ALTER ROLE %I BYPASSRLS)', current_user, current_user)
-END;
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN CASE
+        WHEN to_regclass('storage.objects') IS NULL THEN
+            CASE WHEN orphan_cleanup._inventory() IS NULL THEN
+                'this database has no storage.objects table, the inventory Supabase Storage keeps of every object (hosted and self-hosted Supabase keep it in the project''s database: connect to that one), and no bucket has been listed through the Storage API yet (fix, where storage keeps it elsewhere: run `reaper inventory` now and then, e.g. daily, to list the allowed buckets into orphan_cleanup.object_inventory)'
+            END
+        WHEN NOT has_table_privilege('storage.objects', 'SELECT') THEN
+            format('%s, the role pg_orphan_cleanup''s functions run as, cannot read storage.objects (fix: GRANT SELECT ON storage.objects TO %I)', current_user, current_user)
+        WHEN row_security_active('storage.objects') THEN
+            format('row-level security on storage.objects applies to %s, the role pg_orphan_cleanup''s functions run as: it would see only the objects its policies let through (fix, as a superuser: ALTER ROLE %I BYPASSRLS)', current_user, current_user)
+    END;
+END
+$$;
 
 CREATE FUNCTION orphan_cleanup._current_objects_only() RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
@@ -3952,7 +4161,7 @@ BEGIN
         WITH page AS MATERIALIZED (
             SELECT o.bucket_id, o.name, o.metadata, o.created_at, o.id, o.version,
                    greatest(o.created_at, o.updated_at) AS uploaded_at
-            FROM storage.objects AS o
+            FROM %5$s AS o
             WHERE %1$s %2$s
             ORDER BY %3$s
             LIMIT $8)
@@ -3979,7 +4188,7 @@ BEGIN
              ELSE 'o.created_at < $1 AND (o.created_at, o.id) > ($4, $5)' END,
         orphan_cleanup._current_objects_only(),
         CASE WHEN by_name THEN '1, 2' ELSE '4, 5' END,
-        jobs)
+        jobs, orphan_cleanup._inventory())
     USING cutoff, by_name, NULL::text, after_ts, after_id, after_bucket, after_name, page_rows;
 END
 $$;
@@ -4162,7 +4371,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 RETURN EXISTS (
     SELECT 1 FROM pg_catalog.pg_index AS i
     JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-    WHERE i.indrelid = pg_catalog.to_regclass('storage.objects') AND a.attname = 'created_at'
+    WHERE i.indrelid = orphan_cleanup._inventory() AND a.attname = 'created_at'
       AND i.indisvalid AND i.indisready AND i.indpred IS NULL);
 
 CREATE FUNCTION orphan_cleanup._reconcile_strays(
@@ -4342,7 +4551,15 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._strays_ready(text, interval, integer),
     orphan_cleanup.enqueue_strays(interval, integer),
     orphan_cleanup.cancel_prefix(text, text),
-    orphan_cleanup.savings_report(text, integer)
+    orphan_cleanup.savings_report(text, integer),
+    orphan_cleanup.inventory_buckets(),
+    orphan_cleanup._no_api_inventory_here(),
+    orphan_cleanup.inventory_begin(text, text),
+    orphan_cleanup._open_listing(bigint),
+    orphan_cleanup.inventory_add(bigint, jsonb),
+    orphan_cleanup.inventory_finish(bigint),
+    orphan_cleanup._inventory(),
+    orphan_cleanup._listing_health()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
@@ -4354,7 +4571,11 @@ GRANT EXECUTE ON FUNCTION
     orphan_cleanup.queue_status(),
     orphan_cleanup.verifies_absence(),
     orphan_cleanup.sent_by_reaper(text, interval),
-    orphan_cleanup.savings_report(text, integer)
+    orphan_cleanup.savings_report(text, integer),
+    orphan_cleanup.inventory_buckets(),
+    orphan_cleanup.inventory_begin(text, text),
+    orphan_cleanup.inventory_add(bigint, jsonb),
+    orphan_cleanup.inventory_finish(bigint)
 TO orphan_cleanup_reaper;
 GRANT EXECUTE ON FUNCTION orphan_cleanup.object_keys(text) TO PUBLIC;
 

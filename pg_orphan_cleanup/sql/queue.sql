@@ -442,17 +442,18 @@ BEGIN
     --    committed meanwhile are visible here. A stray (no job) is handed out only while no job
     --    names its object (a job written since is visible here, and one being written holds the
     --    object's row, so the row is busy), and only as the upload it was queued for: still in
-    --    storage.objects with the same id and version, still older than stray_min_age, still
-    --    allowed. Where storage.objects cannot be read now, it waits. (Read only for strays.)
+    --    the inventory (storage.objects, or the Storage API's listing) with the same id and
+    --    version, still older than stray_min_age, still allowed. Where the inventory cannot be
+    --    read now, it waits. (Read only for strays.)
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
                    AND orphan_cleanup._inventory_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
-                FROM storage.objects AS o
+                FROM %s AS o
                 WHERE d.job_id IS NULL AND o.bucket_id = d.bucket AND o.name = d.object_path %s
-                LIMIT 1) AS st ON true$sql$, orphan_cleanup._current_objects_only())
+                LIMIT 1) AS st ON true$sql$, orphan_cleanup._inventory(), orphan_cleanup._current_objects_only())
         ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END;
     EXECUTE format($sql$
         -- Whether another job naming a row's object is not held by this claim, or keeps the
@@ -511,10 +512,10 @@ BEGIN
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
                            WHEN s.named THEN format('job %%s names its object now: no longer a stray', coalesce(s.named_by::text, '(with a NULL id)'))
-                           WHEN st.id IS NULL THEN 'no longer in storage.objects: deleted by someone else'
-                           WHEN st.created_at IS NULL THEN 'storage.objects gives no created_at for it'
+                           WHEN st.id IS NULL THEN 'no longer in storage''s inventory (storage.objects, or the last listing through the Storage API): deleted by someone else'
+                           WHEN st.created_at IS NULL THEN 'storage''s inventory gives no created_at for it'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
-                               THEN 'uploaded again since it was queued: storage.objects holds another upload of that name'
+                               THEN 'uploaded again since it was queued: storage''s inventory holds another upload of that name'
                            WHEN strpos(d.object_path, '/') = 0 THEN 'at the bucket''s root: a job may name it by its bare file name, which no reading takes as an object'
                            ELSE coalesce(u.error, 'the allow-lists no longer name it as it is stored') END
                        WHEN j.id IS NULL THEN 'the job row no longer exists'
@@ -992,11 +993,17 @@ BEGIN
                bytes = CASE WHEN outcome = 'deleted' THEN sizes[array_position(ids, d.id)] END
          WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
            AND d.id <> ALL (v_stored)
-        RETURNING d.id, d.job_id, d.output_url
+        RETURNING d.id, d.job_id, d.output_url, d.bucket, d.object_path
     ),
     audited AS (
         INSERT INTO orphan_cleanup.audit_log (action, job_id, queue_id, output_url, actor)
         SELECT outcome, m.job_id, m.id, m.output_url, worker FROM mine AS m
+    ),
+    -- The Storage API's listing (sql/inventory.sql) forgets the objects gone, as the storage
+    -- server deletes their storage.objects rows: else a gone object would look like a stray.
+    forgotten AS (
+        DELETE FROM orphan_cleanup.object_inventory AS i USING mine AS m
+        WHERE i.bucket_id = m.bucket AND i.name = m.object_path
     )
     SELECT array_agg(m.id) INTO v_done FROM mine AS m;
     v_done := coalesce(v_done, '{}');

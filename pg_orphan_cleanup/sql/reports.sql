@@ -159,7 +159,8 @@ $$;
 --   monthly_saving: what the period's reclaimed bytes would cost per month at
 --     orphan_cleanup.storage_price_per_gb_month (a GB being 2^30 bytes), in dollars;
 --   bytes_still_queued, in the current period only: the size of the objects the queue still
---     holds (pending, claimed, dead), where storage.objects is in this database;
+--     holds (pending, claimed, dead), where storage.objects is in this database (or, else, as
+--     the last listing through the Storage API saw them);
 --   queue_depth: the rows waiting at the end of the period (now, for the current one): queued
 --     and not yet finished (deleted, absent, dead-lettered, cancelled), rejected rows aside.
 --     Counted from the rows in the queue: exact for every period that ended after the oldest
@@ -190,12 +191,12 @@ BEGIN
     v_first := (date_trunc(period, v_today::timestamp) - v_unit * (periods - 1))::date;
     v_since := v_first::timestamp AT TIME ZONE 'UTC';
     IF orphan_cleanup._inventory_problem() IS NULL THEN
-        EXECUTE $sql$
+        EXECUTE format($sql$
             SELECT sum((o.metadata ->> 'size')::bigint)
             FROM orphan_cleanup.deletion_queue AS d
-            JOIN storage.objects AS o ON o.bucket_id = d.bucket AND o.name = d.object_path
+            JOIN %s AS o ON o.bucket_id = d.bucket AND o.name = d.object_path
             WHERE d.state IN ('pending', 'claimed', 'dead')
-            $sql$ INTO v_queued;
+            $sql$, orphan_cleanup._inventory()) INTO v_queued;
         v_queued := coalesce(v_queued, 0);
     END IF;
     RETURN QUERY
@@ -515,6 +516,8 @@ BEGIN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
     ELSIF v_inventory IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
+    ELSIF pg_catalog.to_regclass('storage.objects') IS NULL THEN
+        SELECT h.status, h.detail INTO status, detail FROM orphan_cleanup._listing_health() AS h;
     ELSIF orphan_cleanup._stray_index_ok() THEN
         status := 'ok'; detail := 'reconciled by a full pass every full_sweep_interval and, in between, by creation time';
     ELSE

@@ -3,7 +3,9 @@
 -- files stay, and no cycle finds them, since cycles start from job rows. On Supabase (hosted or
 -- self-hosted) storage keeps a row per object in storage.objects, in this database; that is the
 -- inventory read here, read-only (the storage server refuses direct deletes there, and a row
--- deleted there would leave its file behind anyway).
+-- deleted there would leave its file behind anyway). Where it is not in this database, the
+-- Storage API's listing in orphan_cleanup.object_inventory is read instead, the same way
+-- (sql/inventory.sql, `reaper inventory`): _inventory() names the one read.
 --
 -- An object is a stray when all of these hold:
 --   - it is older than orphan_cleanup.stray_min_age (7 days by default): a render service that
@@ -15,19 +17,26 @@
 --     itself);
 --   - it is not already in the deletion queue (pending, claimed or dead).
 
--- Why strays cannot be read in this database, or NULL: storage.objects is missing, or
--- row-level security on it applies to the role these functions run as (it would see only the
--- objects its policies let through).
+-- Why strays cannot be read in this database, or NULL: storage.objects is missing and no bucket
+-- has been listed through the Storage API (`reaper inventory`, sql/inventory.sql), or it cannot
+-- be read, or row-level security on it applies to the role these functions run as (it would see
+-- only the objects its policies let through).
 CREATE FUNCTION orphan_cleanup._inventory_problem() RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-RETURN CASE
-    WHEN to_regclass('storage.objects') IS NULL THEN
-        'this database has no storage.objects table, the inventory Supabase Storage keeps of every object (hosted and self-hosted Supabase keep it in the project''s database: connect to that one)'
-    WHEN NOT has_table_privilege('storage.objects', 'SELECT') THEN
-        format('%s, the role pg_orphan_cleanup''s functions run as, cannot read storage.objects (fix: GRANT SELECT ON storage.objects TO %I)', current_user, current_user)
-    WHEN row_security_active('storage.objects') THEN
-        format('row-level security on storage.objects applies to %s, the role pg_orphan_cleanup''s functions run as: it would see only the objects its policies let through (fix, as a superuser: ALTER ROLE %I BYPASSRLS)', current_user, current_user)
-END;
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN CASE
+        WHEN to_regclass('storage.objects') IS NULL THEN
+            CASE WHEN orphan_cleanup._inventory() IS NULL THEN
+                'this database has no storage.objects table, the inventory Supabase Storage keeps of every object (hosted and self-hosted Supabase keep it in the project''s database: connect to that one), and no bucket has been listed through the Storage API yet (fix, where storage keeps it elsewhere: run `reaper inventory` now and then, e.g. daily, to list the allowed buckets into orphan_cleanup.object_inventory)'
+            END
+        WHEN NOT has_table_privilege('storage.objects', 'SELECT') THEN
+            format('%s, the role pg_orphan_cleanup''s functions run as, cannot read storage.objects (fix: GRANT SELECT ON storage.objects TO %I)', current_user, current_user)
+        WHEN row_security_active('storage.objects') THEN
+            format('row-level security on storage.objects applies to %s, the role pg_orphan_cleanup''s functions run as: it would see only the objects its policies let through (fix, as a superuser: ALTER ROLE %I BYPASSRLS)', current_user, current_user)
+    END;
+END
+$$;
 
 -- The rows of storage.objects that are objects, in SQL over alias `o`: with object versioning on
 -- (off by default) a delete leaves a delete marker and archived versions, which are not.
@@ -45,7 +54,7 @@ BEGIN
 END
 $$;
 
--- One page of storage.objects, at most page_rows rows past a cursor, each with whether it is a
+-- One page of the inventory (_inventory()), at most page_rows rows past a cursor, each with whether it is a
 -- stray: uploaded before `cutoff` (created, and last uploaded again: an upsert keeps created_at
 -- and moves updated_at, the review of stray queueing), in an allowed bucket and prefix, named by no job (by any
 -- reading object_keys() makes of its output_url), not queued (a live or dead row of any kind)
@@ -71,7 +80,7 @@ BEGIN
         WITH page AS MATERIALIZED (
             SELECT o.bucket_id, o.name, o.metadata, o.created_at, o.id, o.version,
                    greatest(o.created_at, o.updated_at) AS uploaded_at
-            FROM storage.objects AS o
+            FROM %5$s AS o
             WHERE %1$s %2$s
             ORDER BY %3$s
             LIMIT $8)
@@ -98,7 +107,7 @@ BEGIN
              ELSE 'o.created_at < $1 AND (o.created_at, o.id) > ($4, $5)' END,
         orphan_cleanup._current_objects_only(),
         CASE WHEN by_name THEN '1, 2' ELSE '4, 5' END,
-        jobs)
+        jobs, orphan_cleanup._inventory())
     USING cutoff, by_name, NULL::text, after_ts, after_id, after_bucket, after_name, page_rows;
 END
 $$;
@@ -319,14 +328,14 @@ BEGIN
 END
 $$;
 
--- Whether storage.objects has a usable index that starts with created_at: what lets a cycle look
+-- Whether the inventory (_inventory()) has a usable index that starts with created_at: what lets a cycle look
 -- at the objects that became old enough since its last look without reading the whole table.
 CREATE FUNCTION orphan_cleanup._stray_index_ok() RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 RETURN EXISTS (
     SELECT 1 FROM pg_catalog.pg_index AS i
     JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-    WHERE i.indrelid = pg_catalog.to_regclass('storage.objects') AND a.attname = 'created_at'
+    WHERE i.indrelid = orphan_cleanup._inventory() AND a.attname = 'created_at'
       AND i.indisvalid AND i.indisready AND i.indpred IS NULL);
 
 -- Reconciliation, in a cycle, while orphan_cleanup.reclaim_strays is on: strays are queued as

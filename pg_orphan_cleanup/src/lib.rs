@@ -57,7 +57,16 @@ extension_sql_file!(
     name = "reports",
     requires = ["breaker"]
 );
-extension_sql_file!("../sql/strays.sql", name = "strays", requires = ["reports"]);
+extension_sql_file!(
+    "../sql/inventory.sql",
+    name = "inventory",
+    requires = ["reports"]
+);
+extension_sql_file!(
+    "../sql/strays.sql",
+    name = "strays",
+    requires = ["inventory"]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]

@@ -45,6 +45,20 @@ pub enum Command {
     Report(ReportArgs),
     /// Remove regular files older than --temp-max-age under --temp-dir, once, and exit.
     SweepTemp(TempArgs),
+    /// List the allowed buckets through the Storage API into the database's object_inventory,
+    /// where storage.objects is not in that database: strays are then reconciled against it.
+    /// Run it now and then (e.g. daily, from cron); a stray waits for the listing after its upload.
+    Inventory(InventoryArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InventoryArgs {
+    /// The same settings as `reaper run` (the database, SUPABASE_URL, the key, --buckets).
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Entries per list request (1 to 1500, the list route's cap).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1500))]
+    pub page_size: u16,
 }
 
 #[derive(Args, Debug, Clone)]

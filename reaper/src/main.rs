@@ -1,4 +1,4 @@
-//! `reaper run | drain | status | report | sweep-temp`. See `reaper --help`.
+//! `reaper run | drain | status | report | sweep-temp | inventory`. See `reaper --help`.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use reaper::config::{Cli, Command, LogFormat, ReportFormat, RunArgs};
+use reaper::config::{Cli, Command, InventoryArgs, LogFormat, ReportFormat, RunArgs};
 use reaper::metrics::Metrics;
 use reaper::reaper::{Mode, Reaper};
 
@@ -101,9 +101,61 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Inventory(args) => inventory(args).await,
         Command::Drain(args) => drain_or_run(args, Mode::Drain).await,
         Command::Run(args) => drain_or_run(args, Mode::Run).await,
     }
+}
+
+/// `reaper inventory`: each bucket the database allows and this reaper serves, listed through
+/// the Storage API into the database. Exits 1 when a bucket could not be listed.
+async fn inventory(args: InventoryArgs) -> anyhow::Result<ExitCode> {
+    let settings = args.run.settings()?;
+    let queue = reaper::queue::Queue::connect(
+        &settings.database,
+        &settings.worker_id,
+        false,
+        settings.db_timeout,
+    )
+    .await?;
+    let storage = reaper::storage::StorageClient::new(
+        settings.storage_base.clone(),
+        settings.key.clone(),
+        settings.request_timeout,
+    );
+    let mut failed = false;
+    for bucket in queue.inventory_buckets().await? {
+        if !settings.policy.buckets.contains(&bucket) {
+            eprintln!("{bucket}: not listed: orphan_cleanup.allowed_buckets names it, and this reaper's --buckets does not");
+            failed = true;
+            continue;
+        }
+        let page = usize::from(args.page_size);
+        match reaper::inventory::list_bucket(&queue, &storage, &bucket, page).await {
+            Ok(l) => {
+                println!(
+                    "{}: {} objects listed in {} folders; {} no longer in storage forgotten",
+                    l.bucket, l.objects, l.folders, l.removed
+                );
+                if !l.ambiguous.is_empty() {
+                    println!(
+                        "{}: not listed, names differing only in case: {}",
+                        l.bucket,
+                        l.ambiguous.join(", ")
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("{bucket}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn drain_or_run(args: RunArgs, mode: Mode) -> anyhow::Result<ExitCode> {

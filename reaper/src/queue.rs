@@ -697,6 +697,55 @@ impl Queue {
             .collect())
     }
 
+    /// `inventory_buckets()`: the buckets `reaper inventory` lists (the allowed ones); refused
+    /// where storage.objects is in the database.
+    pub async fn inventory_buckets(&self) -> Result<Vec<String>, QueueError> {
+        let rows = self
+            .call("SELECT b FROM orphan_cleanup.inventory_buckets() AS b", &[])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// `inventory_begin(worker, bucket)`: a new listing of `bucket`, by its id.
+    pub async fn inventory_begin(&self, bucket: &str) -> Result<i64, QueueError> {
+        let rows = self
+            .call(
+                "SELECT orphan_cleanup.inventory_begin($1, $2)",
+                &[(&self.worker, Type::TEXT), (&bucket, Type::TEXT)],
+            )
+            .await?;
+        Ok(rows[0].get(0))
+    }
+
+    /// `inventory_add(listing, objects)`: one page of objects, as the list route answered them
+    /// with their full names; returns how many were recorded.
+    pub async fn inventory_add(
+        &self,
+        listing: i64,
+        objects: &serde_json::Value,
+    ) -> Result<i32, QueueError> {
+        let objects = objects.to_string();
+        let rows = self
+            .call(
+                "SELECT orphan_cleanup.inventory_add($1, $2::jsonb)",
+                &[(&listing, Type::INT8), (&objects, Type::TEXT)],
+            )
+            .await?;
+        Ok(rows[0].get(0))
+    }
+
+    /// `inventory_finish(listing)`: the listing is complete; returns the rows of objects no
+    /// longer in storage that it removed.
+    pub async fn inventory_finish(&self, listing: i64) -> Result<i64, QueueError> {
+        let rows = self
+            .call(
+                "SELECT orphan_cleanup.inventory_finish($1)",
+                &[(&listing, Type::INT8)],
+            )
+            .await?;
+        Ok(rows[0].get(0))
+    }
+
     pub async fn status(&self) -> Result<Status, QueueError> {
         let rows = self
             .call(

@@ -230,6 +230,42 @@ impl StorageClient {
             .collect())
     }
 
+    /// One page of `POST /object/list/{bucket}`: the entries directly under `prefix` (a folder
+    /// ending in `/`, or empty for the bucket's root), sorted by name, `limit` of them from
+    /// `offset`. Folders come back with `id: null`; names are relative to the prefix.
+    pub async fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<Value>, StorageError> {
+        self.scrub(self.list_page_raw(bucket, prefix, limit, offset).await)
+    }
+
+    async fn list_page_raw(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<Value>, StorageError> {
+        let url = self.url(&format!("object/list/{}", encode_segment(bucket)));
+        let req = self
+            .authorized(self.http.post(url))
+            .json(&serde_json::json!({
+                "prefix": prefix, "limit": limit, "offset": offset,
+                "sortBy": {"column": "name", "order": "asc"},
+            }));
+        let response = send(req).await?;
+        let http = response.status().as_u16();
+        let body = self.cleaned(read_capped(response).await?);
+        if http != 200 {
+            return Err(classify(http, &body));
+        }
+        json_array(&body)
+    }
+
     /// A body with the key cut out, before any of it is cut short into a message.
     fn cleaned(&self, body: Vec<u8>) -> Vec<u8> {
         let key = self.key.expose().as_bytes();

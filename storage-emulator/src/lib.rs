@@ -23,7 +23,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -164,6 +164,7 @@ pub fn router(emu: Arc<Emulator>) -> Router {
         .route("/__emulator/gate", get(get_gate).put(put_gate))
         .route("/__emulator/objects", get(all_objects))
         .route("/__emulator/objects.tsv", get(all_objects_tsv))
+        .route("/__emulator/objects/created_at", put(set_created_at))
         .route("/__emulator/health", get(|| async { "ok" }));
     storage
         .merge(admin)
@@ -614,6 +615,16 @@ async fn get_faults(State(emu): State<Arc<Emulator>>) -> Json<Faults> {
 async fn put_faults(State(emu): State<Arc<Emulator>>, Json(faults): Json<Faults>) -> Json<Faults> {
     emu.faults.set(faults.clone());
     Json(faults)
+}
+
+/// `PUT /__emulator/objects/created_at` with `{"bucket", "prefix", "created_at"}` (RFC 3339):
+/// the upload time the list route gives those objects. Answers `{"changed": n}`.
+async fn set_created_at(State(emu): State<Arc<Emulator>>, Json(b): Json<Value>) -> Json<Value> {
+    let field = |k: &str| b.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let n = emu
+        .store
+        .set_created_at(&field("bucket"), &field("prefix"), &field("created_at"));
+    Json(json!({ "changed": n }))
 }
 
 async fn all_objects(

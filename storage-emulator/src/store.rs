@@ -204,6 +204,24 @@ impl Store {
         self.buckets.read().unwrap().contains_key(bucket)
     }
 
+    /// Sets the upload time of the objects of `bucket` whose names start with `prefix`, as
+    /// time passing would have made it (for tests of listings through the API; a `storage.objects`
+    /// kept in a database is aged there). Returns how many objects it changed.
+    pub fn set_created_at(&self, bucket: &str, prefix: &str, created_at: &str) -> usize {
+        let mut buckets = self.buckets.write().unwrap();
+        let Some(b) = buckets.get_mut(bucket) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (name, meta) in b.objects.iter_mut() {
+            if name.starts_with(prefix) {
+                meta.created_at = created_at.to_string();
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The folder listing of the list route: immediate children of `prefix` (matched without
     /// regard to case), folders with `id: null`, sorted by name, `offset`/`limit` applied.
     pub fn list(&self, bucket: &str, prefix: &str, limit: usize, offset: usize) -> Vec<Value> {
@@ -235,7 +253,7 @@ impl Store {
                         json!({
                             "name": rest, "id": meta.id, "updated_at": meta.created_at, "created_at": meta.created_at,
                             "last_accessed_at": meta.created_at,
-                            "metadata": {"size": meta.size, "mimetype": meta.mimetype},
+                            "metadata": {"size": meta.size, "mimetype": meta.mimetype, "eTag": format!("\"{}\"", meta.id.simple())},
                         }),
                     );
                 }

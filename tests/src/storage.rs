@@ -200,6 +200,24 @@ impl Emulator {
             .unwrap();
     }
 
+    /// Deletes one object through the API, as another client of storage would.
+    pub fn delete_one(&self, bucket: &str, key: &str) {
+        ureq::delete(&self.storage(&format!("object/{bucket}/{key}")))
+            .set("Authorization", &format!("Bearer {}", self.service_key))
+            .call()
+            .unwrap();
+    }
+
+    /// Makes the objects of `bucket` under `prefix` as old as `days` days, as the list route
+    /// gives them (for listings through the API; `storage.objects` is aged in the database).
+    pub fn age(&self, bucket: &str, prefix: &str, days: u64) {
+        let when = std::time::SystemTime::now() - Duration::from_secs(days * 86_400);
+        let when = humantime::format_rfc3339_seconds(when).to_string();
+        ureq::put(&format!("{}/__emulator/objects/created_at", self.base))
+            .send_json(json!({"bucket": bucket, "prefix": prefix, "created_at": when}))
+            .unwrap();
+    }
+
     /// Every object, as `bucket/key`.
     pub fn objects(&self) -> std::collections::BTreeSet<String> {
         let v: Value = ureq::get(&format!("{}/__emulator/objects", self.base))

@@ -638,7 +638,7 @@ fn a_stray_changed_since_it_was_queued_is_not_handed_out() {
         (state.as_str(), reason.as_deref()),
         (
             "stale",
-            Some("uploaded again since it was queued: storage.objects holds another upload of that name")
+            Some("uploaded again since it was queued: storage's inventory holds another upload of that name")
         )
     );
     let (state, reason) = stray_row(&mut c, "out/gone.png");
@@ -646,7 +646,7 @@ fn a_stray_changed_since_it_was_queued_is_not_handed_out() {
         (state.as_str(), reason.as_deref()),
         (
             "stale",
-            Some("no longer in storage.objects: deleted by someone else")
+            Some("no longer in storage's inventory (storage.objects, or the last listing through the Storage API): deleted by someone else")
         )
     );
     let (state, reason) = stray_row(&mut c, "out/other/narrowed.png");
