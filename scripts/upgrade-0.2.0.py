@@ -405,7 +405,7 @@ ALTER TABLE orphan_cleanup.cycle_log
 out.append("-- The Storage API's inventory, where storage.objects is not in this database (sql/inventory.sql).\n")
 out.append(section('inventory', "CREATE TABLE orphan_cleanup.inventory_listings (",
                    "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.object_inventory', '');"))
-out.append("REVOKE ALL ON orphan_cleanup.inventory_listings, orphan_cleanup.object_inventory FROM PUBLIC;\n")
+out.append("REVOKE ALL ON orphan_cleanup.inventory_listings, orphan_cleanup.object_inventory FROM PUBLIC;\nREVOKE ALL ON SEQUENCE orphan_cleanup.inventory_listings_id_seq FROM PUBLIC;\n")
 for name in ['inventory_buckets', '_no_api_inventory_here', 'inventory_begin', '_open_listing', 'inventory_add',
              'inventory_finish', '_inventory', '_listing_health']:
     out.append(fn('inventory', name, replace=False))

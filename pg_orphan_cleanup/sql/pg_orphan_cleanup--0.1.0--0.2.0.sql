@@ -3931,6 +3931,7 @@ SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.inventory_listings_id
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.object_inventory', '');
 
 REVOKE ALL ON orphan_cleanup.inventory_listings, orphan_cleanup.object_inventory FROM PUBLIC;
+REVOKE ALL ON SEQUENCE orphan_cleanup.inventory_listings_id_seq FROM PUBLIC;
 
 CREATE FUNCTION orphan_cleanup.inventory_buckets() RETURNS SETOF text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
