@@ -34,6 +34,7 @@ PARTS = [
     SQL / "breaker.sql",
     SQL / "reports.sql",
     SQL / "inventory.sql",
+    SQL / "references.sql",
     SQL / "strays.sql",
     SQL / "grants.sql",
 ]

@@ -7,7 +7,7 @@ import os
 import re
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 src={}
-for f in ['schema','pause','detect','guard','queue','reports','breaker','strays','inventory']:
+for f in ['schema','pause','detect','guard','queue','reports','breaker','strays','inventory','references']:
     src[f]=open(os.path.join(ROOT, f'pg_orphan_cleanup/sql/{f}.sql')).read()
 
 def fn(file, name, replace=True, sig=None):
@@ -409,6 +409,14 @@ out.append("REVOKE ALL ON orphan_cleanup.inventory_listings, orphan_cleanup.obje
 for name in ['inventory_buckets', '_no_api_inventory_here', 'inventory_begin', '_open_listing', 'inventory_add',
              'inventory_finish', '_inventory', '_listing_health']:
     out.append(fn('inventory', name, replace=False))
+out.append("-- Extra references: other tables' columns that name objects (sql/references.sql).\n")
+out.append(section('references', "CREATE TABLE orphan_cleanup.extra_references (",
+                   "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.extra_references', '');"))
+out.append("REVOKE ALL ON orphan_cleanup.extra_references FROM PUBLIC;\n")
+for name in ['_reference_value', '_reference_list', '_reference_type_ok', '_reference_index_statement',
+             '_reference_problem', '_referenced_by_sql', 'reference_guard', 'add_reference', '_same_expression',
+             'remove_reference', 'list_references']:
+    out.append(fn('references', name, replace=False))
 for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
     out.append(fn('strays', name, replace=False))
@@ -497,7 +505,18 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.inventory_add(bigint, jsonb),
     orphan_cleanup.inventory_finish(bigint),
     orphan_cleanup._inventory(),
-    orphan_cleanup._listing_health()
+    orphan_cleanup._listing_health(),
+    orphan_cleanup._reference_value(name, text[], boolean, text),
+    orphan_cleanup._reference_list(),
+    orphan_cleanup._reference_type_ok(text, text[]),
+    orphan_cleanup._reference_index_statement(oid, name, text[], boolean),
+    orphan_cleanup._reference_problem(),
+    orphan_cleanup._referenced_by_sql(text),
+    orphan_cleanup.reference_guard(),
+    orphan_cleanup.add_reference(text, text, text),
+    orphan_cleanup._same_expression(text, text),
+    orphan_cleanup.remove_reference(text, text),
+    orphan_cleanup.list_references()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

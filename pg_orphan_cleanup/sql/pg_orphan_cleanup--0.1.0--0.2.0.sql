@@ -1206,14 +1206,19 @@ BEGIN
     --    read now, it waits. (Read only for strays.)
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL;
+                   AND orphan_cleanup._inventory_problem() IS NULL AND orphan_cleanup._reference_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
                 FROM %s AS o
                 WHERE d.job_id IS NULL AND o.bucket_id = d.bucket AND o.name = d.object_path %s
                 LIMIT 1) AS st ON true$sql$, orphan_cleanup._inventory(), orphan_cleanup._current_objects_only())
-        ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END;
+        ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END
+        -- The extra reference naming a stray's object now, if any (sql/references.sql).
+        || CASE WHEN v_inventory THEN format($sql$
+            LEFT JOIN LATERAL (SELECT %s AS name WHERE d.job_id IS NULL) AS rf ON true$sql$,
+            orphan_cleanup._referenced_by_sql($k$d.bucket || '/' || d.object_path$k$))
+           ELSE ' CROSS JOIN (SELECT NULL::text AS name) AS rf' END;
     EXECUTE format($sql$
         -- Whether another job naming a row's object is not held by this claim, or keeps the
         -- object (not an orphan): looked at once per object, not once per row, so that K rows
@@ -1247,6 +1252,7 @@ BEGIN
                            WHEN ob.key IS NULL THEN 'busy'
                            WHEN s.named THEN 'stale'
                            WHEN NOT $7 THEN 'wait'
+                           WHEN rf.name IS NOT NULL THEN 'stale'
                            WHEN st.id IS NULL OR st.created_at IS NULL THEN 'stale'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version THEN 'stale'
                            WHEN st.created_at >= now() - $8 THEN 'wait'
@@ -1271,6 +1277,7 @@ BEGIN
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
                            WHEN s.named THEN format('job %%s names its object now: no longer a stray', coalesce(s.named_by::text, '(with a NULL id)'))
+                           WHEN rf.name IS NOT NULL THEN format('%%s names its object now (an extra reference): no longer a stray', rf.name)
                            WHEN st.id IS NULL THEN 'no longer in storage''s inventory (storage.objects, or the last listing through the Storage API): deleted by someone else'
                            WHEN st.created_at IS NULL THEN 'storage''s inventory gives no created_at for it'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version
@@ -1919,6 +1926,8 @@ BEGIN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
     ELSIF v_inventory IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
+    ELSIF orphan_cleanup._reference_problem() IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out while an extra reference is not in force: ' || orphan_cleanup._reference_problem();
     ELSIF pg_catalog.to_regclass('storage.objects') IS NULL THEN
         SELECT h.status, h.detail INTO status, detail FROM orphan_cleanup._listing_health() AS h;
     ELSIF orphan_cleanup._stray_index_ok() THEN
@@ -4092,6 +4101,267 @@ BEGIN
 END
 $$;
 
+-- Extra references: other tables' columns that name objects (sql/references.sql).
+
+CREATE TABLE orphan_cleanup.extra_references (
+    table_oid   oid NOT NULL,
+    column_name name NOT NULL,
+    -- A path inside a json/jsonb column ('{}': the whole value).
+    json_path   text[] NOT NULL DEFAULT '{}',
+    -- The GIN index on the value's object_keys() every lookup goes through.
+    index_oid   oid NOT NULL,
+    added_at    timestamptz NOT NULL DEFAULT now(),
+    added_by    text NOT NULL DEFAULT current_user,
+    PRIMARY KEY (table_oid, column_name, json_path)
+);
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.extra_references', '');
+
+REVOKE ALL ON orphan_cleanup.extra_references FROM PUBLIC;
+
+CREATE FUNCTION orphan_cleanup._reference_value(col name, json_path text[], is_text boolean, x text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+RETURN CASE
+    WHEN cardinality(json_path) > 0 THEN format('%s.%I #>> %L::text[]', x, col, json_path)
+    WHEN is_text THEN format('%s.%I', x, col)
+    ELSE format('%s.%I::text', x, col) END;
+
+CREATE FUNCTION orphan_cleanup._reference_list()
+RETURNS TABLE (table_oid oid, column_name name, json_path text[], label text, value_sql text, problem text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r orphan_cleanup.extra_references;
+    v_type text;
+    t record;
+BEGIN
+    FOR r IN SELECT * FROM orphan_cleanup.extra_references ORDER BY table_oid, column_name, json_path LOOP
+        table_oid := r.table_oid;
+        column_name := r.column_name;
+        json_path := r.json_path;
+        problem := NULL;
+        value_sql := NULL;
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = r.table_oid) THEN
+            label := format('a dropped table (oid %s).%s', r.table_oid, r.column_name);
+            problem := format('%s: the table is gone (fix: SELECT orphan_cleanup.remove_reference(%s, %L))',
+                              label, r.table_oid, r.column_name);
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        label := format('%s.%I', r.table_oid::regclass, r.column_name)
+                 || CASE WHEN cardinality(r.json_path) > 0 THEN format(' #>> %L', r.json_path) ELSE '' END;
+        SELECT pg_catalog.format_type(a.atttypid, NULL) INTO v_type FROM pg_catalog.pg_attribute AS a
+        WHERE a.attrelid = r.table_oid AND a.attname = r.column_name AND a.attnum > 0 AND NOT a.attisdropped;
+        IF v_type IS NULL THEN
+            problem := format('%s: the column is gone', label);
+        ELSIF NOT orphan_cleanup._reference_type_ok(v_type, r.json_path) THEN
+            problem := format('%s: the column is %s now', label, v_type);
+        ELSE
+            value_sql := orphan_cleanup._reference_value(r.column_name, r.json_path, v_type = 'text', 'x');
+            IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index AS i
+                           WHERE i.indexrelid = r.index_oid AND i.indrelid = r.table_oid
+                             AND i.indisvalid AND i.indisready AND i.indislive) THEN
+                problem := format('%s: its index on orphan_cleanup.object_keys() is gone or not valid (fix: %s, then SELECT orphan_cleanup.add_reference(%L, %L%s))',
+                                  label, orphan_cleanup._reference_index_statement(r.table_oid, r.column_name, r.json_path, v_type = 'text'),
+                                  r.table_oid::regclass::text, r.column_name,
+                                  CASE WHEN cardinality(r.json_path) > 0 THEN format(', %L', array_to_string(r.json_path, '.')) ELSE '' END);
+            ELSE
+                SELECT tg.tgenabled, tg.tgfoid, tg.tgtype INTO t FROM pg_catalog.pg_trigger AS tg
+                WHERE tg.tgrelid = r.table_oid AND tg.tgname = 'orphan_cleanup_reference_guard';
+                IF NOT FOUND OR t.tgfoid <> 'orphan_cleanup.reference_guard()'::regprocedure OR t.tgtype <> 21 THEN
+                    problem := format('%s: the guard trigger orphan_cleanup_reference_guard on %s is missing or changed (fix: SELECT orphan_cleanup.add_reference(%L, %L))',
+                                      label, r.table_oid::regclass, r.table_oid::regclass::text, r.column_name);
+                ELSIF t.tgenabled <> 'A' THEN
+                    problem := format('%s: the guard trigger orphan_cleanup_reference_guard is not enabled ALWAYS (ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard)',
+                                      label, r.table_oid::regclass);
+                END IF;
+            END IF;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._reference_type_ok(col_type text, json_path text[]) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN cardinality(json_path) > 0 THEN col_type IN ('jsonb', 'json')
+            ELSE col_type IN ('text', 'character varying', 'jsonb', 'json') END;
+
+CREATE FUNCTION orphan_cleanup._reference_index_statement(rel oid, col name, json_path text[], is_text boolean) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN format('CREATE INDEX CONCURRENTLY %I ON %s USING gin (orphan_cleanup.object_keys(%s)) WITH (fastupdate = off);',
+              left((SELECT c.relname FROM pg_catalog.pg_class AS c WHERE c.oid = rel) || '_' || col || '_object_keys_idx', 63),
+              rel::regclass,
+              CASE WHEN cardinality(json_path) > 0 THEN format('%I #>> %L::text[]', col, json_path)
+                   WHEN is_text THEN quote_ident(col) ELSE format('%I::text', col) END);
+
+CREATE FUNCTION orphan_cleanup._reference_problem() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT string_agg(l.problem, '; ') FROM orphan_cleanup._reference_list() AS l WHERE l.problem IS NOT NULL;
+END;
+
+CREATE FUNCTION orphan_cleanup._referenced_by_sql(key_sql text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v text;
+BEGIN
+    SELECT string_agg(format('WHEN EXISTS (SELECT 1 FROM %s AS x WHERE orphan_cleanup.object_keys(%s) && orphan_cleanup._names_of(%s)) THEN %L',
+                             l.table_oid::regclass, l.value_sql, key_sql, l.label), ' ')
+      INTO v
+    FROM orphan_cleanup._reference_list() AS l WHERE l.problem IS NULL;
+    RETURN coalesce('CASE ' || v || ' END', 'NULL::text');
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.reference_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    r record;
+    v_new text;
+    v_old text;
+    v_unread text;
+    o record;
+    ob orphan_cleanup.objects;
+BEGIN
+    FOR r IN SELECT * FROM orphan_cleanup._reference_list() AS l WHERE l.table_oid = TG_RELID AND l.value_sql IS NOT NULL LOOP
+        EXECUTE format('SELECT %s FROM (SELECT ($1).*) AS x', r.value_sql) INTO v_new USING NEW;
+        IF TG_OP = 'UPDATE' THEN
+            EXECUTE format('SELECT %s FROM (SELECT ($1).*) AS x', r.value_sql) INTO v_old USING OLD;
+            CONTINUE WHEN v_new IS NOT DISTINCT FROM v_old;
+        END IF;
+        CONTINUE WHEN v_new IS NULL;
+        v_unread := orphan_cleanup._unread_url(v_new);
+        IF v_unread IS NOT NULL THEN
+            RAISE EXCEPTION 'a row of % cannot hold this value in %: %', TG_TABLE_NAME, r.label, v_unread
+                USING ERRCODE = 'OC003',
+                      HINT = 'pg_orphan_cleanup reads this column as naming storage objects (orphan_cleanup.extra_references); store one URL or path per value, or remove the reference.';
+        END IF;
+        FOR o IN SELECT k.bucket, k.object_path FROM orphan_cleanup._objects_of(v_new) AS k LOOP
+            ob := orphan_cleanup._hold_object(o.bucket, o.object_path);
+            IF ob.handouts > 0 THEN
+                RAISE EXCEPTION 'a row of % cannot name %/% in %: that object was handed to a reaper and may already be deleted from storage',
+                                TG_TABLE_NAME, ob.bucket, ob.object_path, r.label
+                    USING ERRCODE = 'OC002',
+                          DETAIL = format('Object %s/%s was handed out %s time(s), last by %s at %s (deletion queue row %s).',
+                                          ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id),
+                          HINT = 'Upload the file again under a new name and reference that.';
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.add_reference(table_name text, column_name text, json_path text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET lock_timeout = '10s'
+AS $$
+DECLARE
+    v_rel oid;
+    v_type text;
+    v_path text[];
+    v_value text;
+    v_expr text;
+    v_index oid;
+    v_bad text;
+BEGIN
+    v_rel := pg_catalog.to_regclass(table_name);
+    IF v_rel IS NULL THEN
+        RAISE EXCEPTION 'table % does not exist', coalesce(quote_literal(table_name), 'NULL')
+            USING ERRCODE = 'undefined_table', HINT = 'Give a schema-qualified name, e.g. public.thumbnails.';
+    END IF;
+    v_path := CASE WHEN coalesce(json_path, '') = '' THEN '{}'::text[] ELSE string_to_array(json_path, '.') END;
+    SELECT pg_catalog.format_type(a.atttypid, NULL) INTO v_type FROM pg_catalog.pg_attribute AS a
+    WHERE a.attrelid = v_rel AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    IF v_type IS NULL THEN
+        RAISE EXCEPTION 'column % is missing from %', coalesce(quote_ident(column_name), 'NULL'), v_rel::regclass
+            USING ERRCODE = 'undefined_column';
+    ELSIF NOT orphan_cleanup._reference_type_ok(v_type, v_path) THEN
+        RAISE EXCEPTION 'column % of % is %: a reference reads text, varchar, json or jsonb, and a JSON path needs json or jsonb', quote_ident(column_name), v_rel::regclass, v_type
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    v_value := orphan_cleanup._reference_value(column_name, v_path, v_type = 'text', 'x');
+    -- The index: a GIN index whose only column is this value's object_keys(), compared as
+    -- PostgreSQL deparses both (an expression index stores the parsed expression).
+    v_expr := pg_catalog.regexp_replace(
+        format('orphan_cleanup.object_keys(%s)', orphan_cleanup._reference_value(column_name, v_path, v_type = 'text', 'x')),
+        '\mx\.', '', 'g');
+    SELECT i.indexrelid INTO v_index
+    FROM pg_catalog.pg_index AS i
+    JOIN pg_catalog.pg_class AS c ON c.oid = i.indexrelid
+    JOIN pg_catalog.pg_am AS am ON am.oid = c.relam
+    WHERE i.indrelid = v_rel AND am.amname = 'gin' AND i.indnkeyatts = 1 AND i.indkey[0] = 0 AND i.indpred IS NULL
+      AND i.indisvalid AND i.indisready AND i.indislive
+      AND orphan_cleanup._same_expression(pg_catalog.pg_get_indexdef(i.indexrelid, 1, false), v_expr)
+    LIMIT 1;
+    IF v_index IS NULL THEN
+        RAISE EXCEPTION 'add_reference(): % has no index to look objects up by, and every stray would read the whole table', v_rel::regclass
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Run, outside a transaction block: ' || orphan_cleanup._reference_index_statement(v_rel, column_name, v_path, v_type = 'text')
+                         || ' Then run add_reference() again.';
+    END IF;
+    EXECUTE format('SELECT x::text FROM (SELECT %s AS v FROM %s AS x) AS x WHERE orphan_cleanup._unread_url(x.v) IS NOT NULL LIMIT 1',
+                   v_value, v_rel::regclass) INTO v_bad;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'add_reference(): a value of %.% cannot be read as naming storage objects: %', v_rel::regclass, quote_ident(column_name), left(v_bad, 300)
+            USING ERRCODE = 'OC003',
+                  HINT = 'Such a value may name more objects than can be read; fix the rows, or keep reclaim_strays off.';
+    END IF;
+    INSERT INTO orphan_cleanup.extra_references (table_oid, column_name, json_path, index_oid)
+    VALUES (v_rel, column_name, v_path, v_index)
+    ON CONFLICT ON CONSTRAINT extra_references_pkey DO UPDATE SET index_oid = excluded.index_oid;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
+        EXECUTE format('CREATE TRIGGER orphan_cleanup_reference_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.reference_guard()', v_rel::regclass);
+    END IF;
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard', v_rel::regclass);
+    INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
+    VALUES ('setting_changed', session_user, format('extra reference added: %s.%I%s', v_rel::regclass, column_name,
+                                                     CASE WHEN cardinality(v_path) > 0 THEN format(' #>> %L', v_path) ELSE '' END));
+    RETURN format('objects named by %s.%I%s are never strays', v_rel::regclass, column_name,
+                  CASE WHEN cardinality(v_path) > 0 THEN format(' at %s', array_to_string(v_path, '.')) ELSE '' END);
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._same_expression(a text, b text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+RETURN pg_catalog.translate(a, ' ()', '') = pg_catalog.translate(b, ' ()', '');
+
+CREATE FUNCTION orphan_cleanup.remove_reference(table_name text, column_name text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rel oid;
+    n integer;
+BEGIN
+    v_rel := coalesce(pg_catalog.to_regclass(table_name)::oid,
+                      CASE WHEN table_name ~ '^[0-9]+$' THEN table_name::oid END);
+    DELETE FROM orphan_cleanup.extra_references AS r WHERE r.table_oid = v_rel AND r.column_name = remove_reference.column_name;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 0 THEN
+        RAISE EXCEPTION 'no extra reference on %.% (SELECT * FROM orphan_cleanup.list_references() lists them)', table_name, column_name
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.extra_references AS r WHERE r.table_oid = v_rel)
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
+        EXECUTE format('DROP TRIGGER orphan_cleanup_reference_guard ON %s', v_rel::regclass);
+    END IF;
+    INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
+    VALUES ('setting_changed', session_user, format('extra reference removed: %s.%s', table_name, column_name));
+    RETURN format('removed %s reference(s) on %s.%s', n, table_name, column_name);
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.list_references()
+RETURNS TABLE (reference text, status text, detail text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT l.label, CASE WHEN l.problem IS NULL THEN 'ok' ELSE 'problem' END,
+           coalesce(l.problem, 'in force: objects it names are never strays')
+    FROM orphan_cleanup._reference_list() AS l;
+END;
+
 CREATE FUNCTION orphan_cleanup._inventory_problem() RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -4174,6 +4444,8 @@ BEGIN
                         AND u.error IS NULL AND u.bucket = p.bucket_id AND u.object_path = p.name
                         AND NOT EXISTS (SELECT 1 FROM %4$s AS j
                                         WHERE orphan_cleanup.object_keys(j.output_url) && orphan_cleanup._names_of(p.bucket_id || '/' || p.name))
+                        -- Nor by an extra reference (sql/references.sql).
+                        AND %6$s IS NULL
                         AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
                                         WHERE d.bucket = p.bucket_id AND d.object_path = p.name
                                           AND d.state IN ('pending', 'claimed', 'dead'))
@@ -4189,7 +4461,7 @@ BEGIN
              ELSE 'o.created_at < $1 AND (o.created_at, o.id) > ($4, $5)' END,
         orphan_cleanup._current_objects_only(),
         CASE WHEN by_name THEN '1, 2' ELSE '4, 5' END,
-        jobs, orphan_cleanup._inventory())
+        jobs, orphan_cleanup._inventory(), orphan_cleanup._referenced_by_sql($k$p.bucket_id || '/' || p.name$k$))
     USING cutoff, by_name, NULL::text, after_ts, after_id, after_bucket, after_name, page_rows;
 END
 $$;
@@ -4269,7 +4541,8 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     t := orphan_cleanup._tables();
-    v_problem := orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column, with_scan => false);
+    v_problem := coalesce(orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column, with_scan => false),
+                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem());
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION '% refused: %', fn, v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -4397,7 +4670,8 @@ BEGIN
         RETURN;
     END IF;
     v_problem := coalesce(orphan_cleanup._inventory_problem(),
-                          orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false));
+                          orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false),
+                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem());
     IF v_problem IS NOT NULL THEN
         pass := 'not run: ' || v_problem;
         RETURN;
@@ -4560,7 +4834,18 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.inventory_add(bigint, jsonb),
     orphan_cleanup.inventory_finish(bigint),
     orphan_cleanup._inventory(),
-    orphan_cleanup._listing_health()
+    orphan_cleanup._listing_health(),
+    orphan_cleanup._reference_value(name, text[], boolean, text),
+    orphan_cleanup._reference_list(),
+    orphan_cleanup._reference_type_ok(text, text[]),
+    orphan_cleanup._reference_index_statement(oid, name, text[], boolean),
+    orphan_cleanup._reference_problem(),
+    orphan_cleanup._referenced_by_sql(text),
+    orphan_cleanup.reference_guard(),
+    orphan_cleanup.add_reference(text, text, text),
+    orphan_cleanup._same_expression(text, text),
+    orphan_cleanup.remove_reference(text, text),
+    orphan_cleanup.list_references()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

@@ -447,14 +447,19 @@ BEGIN
     --    read now, it waits. (Read only for strays.)
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL;
+                   AND orphan_cleanup._inventory_problem() IS NULL AND orphan_cleanup._reference_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
                 FROM %s AS o
                 WHERE d.job_id IS NULL AND o.bucket_id = d.bucket AND o.name = d.object_path %s
                 LIMIT 1) AS st ON true$sql$, orphan_cleanup._inventory(), orphan_cleanup._current_objects_only())
-        ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END;
+        ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END
+        -- The extra reference naming a stray's object now, if any (sql/references.sql).
+        || CASE WHEN v_inventory THEN format($sql$
+            LEFT JOIN LATERAL (SELECT %s AS name WHERE d.job_id IS NULL) AS rf ON true$sql$,
+            orphan_cleanup._referenced_by_sql($k$d.bucket || '/' || d.object_path$k$))
+           ELSE ' CROSS JOIN (SELECT NULL::text AS name) AS rf' END;
     EXECUTE format($sql$
         -- Whether another job naming a row's object is not held by this claim, or keeps the
         -- object (not an orphan): looked at once per object, not once per row, so that K rows
@@ -488,6 +493,7 @@ BEGIN
                            WHEN ob.key IS NULL THEN 'busy'
                            WHEN s.named THEN 'stale'
                            WHEN NOT $7 THEN 'wait'
+                           WHEN rf.name IS NOT NULL THEN 'stale'
                            WHEN st.id IS NULL OR st.created_at IS NULL THEN 'stale'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version THEN 'stale'
                            WHEN st.created_at >= now() - $8 THEN 'wait'
@@ -512,6 +518,7 @@ BEGIN
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'its object is kept (by cancel(), or because a saved job naming it was deleted)'
                            WHEN s.named THEN format('job %%s names its object now: no longer a stray', coalesce(s.named_by::text, '(with a NULL id)'))
+                           WHEN rf.name IS NOT NULL THEN format('%%s names its object now (an extra reference): no longer a stray', rf.name)
                            WHEN st.id IS NULL THEN 'no longer in storage''s inventory (storage.objects, or the last listing through the Storage API): deleted by someone else'
                            WHEN st.created_at IS NULL THEN 'storage''s inventory gives no created_at for it'
                            WHEN st.id IS DISTINCT FROM d.stored_id OR st.version IS DISTINCT FROM d.stored_version

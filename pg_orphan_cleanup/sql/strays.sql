@@ -12,6 +12,7 @@
 --     uploads first writes the job row naming the file minutes later;
 --   - no row of the jobs table names it, by any reading object_keys() makes of its output_url
 --     (the save guard's lenient readings), whatever the job's status;
+--   - no extra reference names it (sql/references.sql), read the same way;
 --   - its bucket and name pass the allow-lists, and its name is one a cycle could queue exactly
 --     (check_output_url() reads `bucket/name`, a bare value it takes as written, back as
 --     itself);
@@ -92,6 +93,8 @@ BEGIN
                         AND u.error IS NULL AND u.bucket = p.bucket_id AND u.object_path = p.name
                         AND NOT EXISTS (SELECT 1 FROM %4$s AS j
                                         WHERE orphan_cleanup.object_keys(j.output_url) && orphan_cleanup._names_of(p.bucket_id || '/' || p.name))
+                        -- Nor by an extra reference (sql/references.sql).
+                        AND %6$s IS NULL
                         AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d
                                         WHERE d.bucket = p.bucket_id AND d.object_path = p.name
                                           AND d.state IN ('pending', 'claimed', 'dead'))
@@ -107,7 +110,7 @@ BEGIN
              ELSE 'o.created_at < $1 AND (o.created_at, o.id) > ($4, $5)' END,
         orphan_cleanup._current_objects_only(),
         CASE WHEN by_name THEN '1, 2' ELSE '4, 5' END,
-        jobs, orphan_cleanup._inventory())
+        jobs, orphan_cleanup._inventory(), orphan_cleanup._referenced_by_sql($k$p.bucket_id || '/' || p.name$k$))
     USING cutoff, by_name, NULL::text, after_ts, after_id, after_bucket, after_name, page_rows;
 END
 $$;
@@ -222,7 +225,8 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     t := orphan_cleanup._tables();
-    v_problem := orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column, with_scan => false);
+    v_problem := coalesce(orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column, with_scan => false),
+                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem());
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION '% refused: %', fn, v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -373,7 +377,8 @@ BEGIN
         RETURN;
     END IF;
     v_problem := coalesce(orphan_cleanup._inventory_problem(),
-                          orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false));
+                          orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false),
+                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem());
     IF v_problem IS NOT NULL THEN
         pass := 'not run: ' || v_problem;
         RETURN;

@@ -63,9 +63,14 @@ extension_sql_file!(
     requires = ["reports"]
 );
 extension_sql_file!(
+    "../sql/references.sql",
+    name = "references",
+    requires = ["inventory"]
+);
+extension_sql_file!(
     "../sql/strays.sql",
     name = "strays",
-    requires = ["inventory"]
+    requires = ["references"]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

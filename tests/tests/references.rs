@@ -1,0 +1,415 @@
+//! Extra references (issue 15): columns of other tables that name objects (thumbnails, copies),
+//! configured with `add_reference()`. An object one of them names is never a stray, by the same
+//! protocol as the jobs table: claims re-check them in their own snapshot, a write in flight
+//! holds the object, and a write naming an object already handed out is refused.
+
+// Sequences, each a test:
+//   1. objects named by a varchar column (a full URL) and by a JSON path (a bare bucket/key) are
+//      not strays; another JSON path is not a reference; removing a reference makes its objects
+//      strays               -> an_object_an_extra_reference_names_is_never_a_stray
+//   2. a reference written after the stray was queued: committed before the claim, and in
+//      flight during one     -> a_reference_written_before_the_claim_keeps_the_file
+//   3. a reference written after the claim handed the object out, at READ COMMITTED and in a
+//      REPEATABLE READ snapshot older than the claim
+//                            -> a_reference_to_a_handed_out_object_is_refused
+//   4. a reference not in force (its guard trigger disabled, its index dropped): nothing is
+//      queued or handed out, and health() says why
+//                            -> strays_wait_while_a_reference_is_not_in_force
+//   5. bad input to add_reference(): no index (the error gives the statement), a wrong column
+//      type, a missing table or column, a stored value that cannot be read
+//                            -> add_reference_refuses_what_it_cannot_enforce
+
+use std::collections::BTreeSet;
+
+use e2e::storage::*;
+use e2e::*;
+
+const SETTINGS: &[(&str, &str)] = &[
+    ("allowed_buckets", "renders"),
+    ("allowed_prefixes", "out/"),
+    ("reclaim_strays", "on"),
+];
+
+/// A database with a leak (`keys` uploaded eight days ago, named by no job), and two tables of
+/// the app that keep object names: thumbnails.url (varchar, full URLs) and galleries.data (jsonb,
+/// `{"images": {"large": ..., "small": ...}}`), each with the index a reference needs.
+fn leak(name: &str, keys: &[&str]) -> (TestDb, Emulator) {
+    let db = TestDb::attached(name);
+    let emu = Emulator::start_keeping(name);
+    let mut pairs = SETTINGS.to_vec();
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    settings(&pairs);
+    emu.create_bucket("renders");
+    for key in keys {
+        emu.upload("renders", key, key.as_bytes());
+    }
+    let mut c = db.client();
+    c.batch_execute(
+        "UPDATE storage.objects SET created_at = created_at - interval '8 days', updated_at = updated_at - interval '8 days';
+         CREATE TABLE public.thumbnails (id serial PRIMARY KEY, url varchar(1000));
+         CREATE TABLE public.galleries (id serial PRIMARY KEY, data jsonb);
+         GRANT ALL ON public.thumbnails, public.galleries, public.thumbnails_id_seq, public.galleries_id_seq TO PUBLIC;
+         CREATE INDEX thumbnails_url_keys ON public.thumbnails USING gin (orphan_cleanup.object_keys(url::text)) WITH (fastupdate = off);
+         CREATE INDEX galleries_large_keys ON public.galleries USING gin (orphan_cleanup.object_keys(data #>> '{images,large}')) WITH (fastupdate = off);",
+    )
+    .unwrap();
+    (db, emu)
+}
+
+fn add_references(c: &mut postgres::Client) {
+    c.batch_execute(
+        "SELECT orphan_cleanup.add_reference('public.thumbnails', 'url');
+         SELECT orphan_cleanup.add_reference('public.galleries', 'data', 'images.large');",
+    )
+    .unwrap();
+}
+
+fn preview(c: &mut postgres::Client) -> BTreeSet<String> {
+    c.query(
+        "SELECT object_path FROM orphan_cleanup.preview_strays()",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn set(keys: &[&str]) -> BTreeSet<String> {
+    keys.iter().map(|k| k.to_string()).collect()
+}
+
+fn enqueue_strays(c: &mut postgres::Client) -> i64 {
+    c.query_one("SELECT orphan_cleanup.enqueue_strays()", &[])
+        .unwrap()
+        .get(0)
+}
+
+fn stray_row(c: &mut postgres::Client, key: &str) -> (String, Option<String>) {
+    let r = c
+        .query_one(
+            "SELECT state, reason FROM orphan_cleanup.deletion_queue
+             WHERE kind = 'stray' AND object_path = $1 ORDER BY id DESC LIMIT 1",
+            &[&key],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn code(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+/// Sequence 1.
+#[test]
+fn an_object_an_extra_reference_names_is_never_a_stray() {
+    let keys = [
+        "out/thumb.png",
+        "out/large.png",
+        "out/small.png",
+        "out/plain.png",
+    ];
+    let (db, emu) = leak("references_never_strays", &keys);
+    let mut c = db.client();
+    reaper_role();
+    c.execute(
+        "INSERT INTO public.thumbnails (url) VALUES ($1)",
+        &[&emu.public_url("renders", "out/thumb.png")],
+    )
+    .unwrap();
+    c.batch_execute(
+        r#"INSERT INTO public.galleries (data) VALUES ('{"images": {"large": "renders/out/large.png", "small": "renders/out/small.png"}}')"#,
+    )
+    .unwrap();
+    assert_eq!(preview(&mut c), set(&keys), "no references yet");
+    add_references(&mut c);
+    let listed: Vec<(String, String)> = c
+        .query(
+            "SELECT reference, status FROM orphan_cleanup.list_references() ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (
+                "public.galleries.data #>> '{images,large}'".to_string(),
+                "ok".to_string()
+            ),
+            ("public.thumbnails.url".to_string(), "ok".to_string()),
+        ]
+    );
+    assert_eq!(preview(&mut c), set(&["out/small.png", "out/plain.png"]));
+    assert_eq!(enqueue_strays(&mut c), 2);
+    let out = run(&mut reaper(&db.name, &emu, &["drain"]));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(
+        emu.objects(),
+        set(&["renders/out/thumb.png", "renders/out/large.png"])
+    );
+
+    // Removed, the reference protects nothing: its object is a stray again.
+    c.batch_execute("SELECT orphan_cleanup.remove_reference('public.thumbnails', 'url')")
+        .unwrap();
+    assert_eq!(preview(&mut c), set(&["out/thumb.png"]));
+    let triggers: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.thumbnails'::regclass AND tgname = 'orphan_cleanup_reference_guard'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        triggers, 0,
+        "the guard goes with the table's last reference"
+    );
+}
+
+/// Sequence 2: the app writes the thumbnail row after the stray was queued. Committed before
+/// the claim, the row retires the stray, naming the reference; in flight during a claim, it
+/// holds the object, so the claim passes over it, and the next claim retires it. Both files stay.
+#[test]
+fn a_reference_written_before_the_claim_keeps_the_file() {
+    let (db, emu) = leak(
+        "references_before_claim",
+        &["out/late.png", "out/inflight.png"],
+    );
+    let mut c = db.client();
+    add_references(&mut c);
+    assert_eq!(enqueue_strays(&mut c), 2);
+    c.execute(
+        "INSERT INTO public.thumbnails (url) VALUES ($1)",
+        &[&format!(
+            r#"{{"url": "{}"}}"#,
+            emu.public_url("renders", "out/late.png")
+        )],
+    )
+    .unwrap();
+    let mut app = db.client();
+    let mut tx = app.transaction().unwrap();
+    tx.batch_execute(
+        r#"INSERT INTO public.galleries (data) VALUES ('{"images": {"large": "renders/out/inflight.png"}}')"#,
+    )
+    .unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
+    assert_eq!(
+        stray_row(&mut c, "out/late.png"),
+        (
+            "stale".to_string(),
+            Some(
+                "public.thumbnails.url names its object now (an extra reference): no longer a stray"
+                    .to_string()
+            )
+        )
+    );
+    assert_eq!(
+        stray_row(&mut c, "out/inflight.png").0,
+        "pending",
+        "busy, passed over"
+    );
+    tx.commit().unwrap();
+    c.batch_execute("DELETE FROM orphan_cleanup.busy").unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    let (state, reason) = stray_row(&mut c, "out/inflight.png");
+    assert_eq!(state, "stale");
+    assert!(reason
+        .unwrap()
+        .starts_with("public.galleries.data #>> '{images,large}' names its object now"),);
+    assert_eq!(emu.objects().len(), 2, "both files stay");
+    assert_eq!(enqueue_strays(&mut c), 0);
+}
+
+/// Sequence 3: after the claim the file may be gone: a row naming it is refused (OC002), at
+/// READ COMMITTED, and in a REPEATABLE READ transaction whose snapshot predates the claim (it
+/// cannot see the hand-out, but its lock on the object's row meets the claim's update).
+#[test]
+fn a_reference_to_a_handed_out_object_is_refused() {
+    let (db, emu) = leak("references_after_claim", &["out/rc.png", "out/rr.png"]);
+    let mut c = db.client();
+    add_references(&mut c);
+    let mut app = db.client();
+    let mut rr = app
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    rr.query_one("SELECT count(*) FROM public.thumbnails", &[])
+        .unwrap();
+    assert_eq!(enqueue_strays(&mut c), 2);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 2);
+    let e = c
+        .execute(
+            "INSERT INTO public.thumbnails (url) VALUES ($1)",
+            &[&emu.public_url("renders", "out/rc.png")],
+        )
+        .unwrap_err();
+    assert_eq!(code(&e), "OC002", "{}", db_error(&e));
+    assert!(
+        db_error(&e).contains("cannot name renders/out/rc.png in public.thumbnails.url"),
+        "{}",
+        db_error(&e)
+    );
+    let e = rr
+        .execute(
+            "INSERT INTO public.thumbnails (url) VALUES ($1)",
+            &[&emu.public_url("renders", "out/rr.png")],
+        )
+        .expect_err("a snapshot older than the claim must not add the reference");
+    assert!(
+        ["OC002", "40001"].contains(&code(&e).as_str()),
+        "{}",
+        db_error(&e)
+    );
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM public.thumbnails", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+}
+
+/// Sequence 4: a reference whose guard trigger is disabled, or whose index is gone, cannot be
+/// relied on: preview_strays() and enqueue_strays() refuse, naming it and the fix; a queued stray
+/// is not handed out (it waits); a cycle queues none; health() warns.
+#[test]
+fn strays_wait_while_a_reference_is_not_in_force() {
+    let (db, _emu) = leak("references_not_in_force", &["out/a.png", "out/b.png"]);
+    let mut c = db.client();
+    add_references(&mut c);
+    assert_eq!(enqueue_strays(&mut c), 2);
+    c.batch_execute("ALTER TABLE public.thumbnails DISABLE TRIGGER orphan_cleanup_reference_guard")
+        .unwrap();
+    let e = c
+        .query("SELECT * FROM orphan_cleanup.preview_strays()", &[])
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("an extra reference is not in force: public.thumbnails.url: the guard trigger orphan_cleanup_reference_guard is not enabled ALWAYS (ALTER TABLE public.thumbnails ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard)"),
+        "{}",
+        db_error(&e)
+    );
+    assert!(claim(&mut c, "w1", 10).is_empty(), "the stray waits");
+    assert_eq!(stray_row(&mut c, "out/a.png").0, "pending");
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'strays'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        detail.contains("while an extra reference is not in force"),
+        "{detail}"
+    );
+    cycle(&mut c);
+    let pass: String = c
+        .query_one(
+            "SELECT stray_pass FROM orphan_cleanup.cycle_log ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        pass.starts_with("not run: an extra reference is not in force"),
+        "{pass}"
+    );
+
+    c.batch_execute(
+        "ALTER TABLE public.thumbnails ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard;
+         DROP INDEX public.galleries_large_keys;",
+    )
+    .unwrap();
+    let e = c
+        .query("SELECT * FROM orphan_cleanup.enqueue_strays()", &[])
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("public.galleries.data #>> '{images,large}': its index on orphan_cleanup.object_keys() is gone or not valid (fix: CREATE INDEX CONCURRENTLY"),
+        "{}",
+        db_error(&e)
+    );
+    c.batch_execute("UPDATE orphan_cleanup.deletion_queue SET available_at = now()")
+        .unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty(), "the strays still wait");
+    c.batch_execute(
+        "CREATE INDEX galleries_large_keys ON public.galleries USING gin (orphan_cleanup.object_keys(data #>> '{images,large}')) WITH (fastupdate = off);
+         SELECT orphan_cleanup.add_reference('public.galleries', 'data', 'images.large');
+         UPDATE orphan_cleanup.deletion_queue SET available_at = now();",
+    )
+    .unwrap();
+    assert_eq!(claim(&mut c, "w1", 10).len(), 2, "in force again");
+}
+
+/// Sequence 5, bad input: each refusal names the problem and the fix, and adds nothing.
+#[test]
+fn add_reference_refuses_what_it_cannot_enforce() {
+    let db = TestDb::attached("references_bad_input");
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.copies (id serial PRIMARY KEY, path text, n integer, doc jsonb);
+         INSERT INTO public.copies (path) VALUES (repeat('https://a.supabase.co/storage/v1/object/public/renders/out/x.png ', 40));",
+    )
+    .unwrap();
+    let refused = |c: &mut postgres::Client, sql: &str| -> (String, String) {
+        let e = c.batch_execute(sql).unwrap_err();
+        let hint = e
+            .as_db_error()
+            .and_then(|d| d.hint())
+            .unwrap_or("")
+            .to_string();
+        (db_error(&e), hint)
+    };
+    let (msg, hint) = refused(
+        &mut c,
+        "SELECT orphan_cleanup.add_reference('public.copies', 'path')",
+    );
+    assert!(
+        msg.contains("public.copies has no index to look objects up by"),
+        "{msg}"
+    );
+    assert!(
+        hint.contains("CREATE INDEX CONCURRENTLY copies_path_object_keys_idx ON public.copies USING gin (orphan_cleanup.object_keys(path)) WITH (fastupdate = off);"),
+        "{hint}"
+    );
+    c.batch_execute("CREATE INDEX ON public.copies USING gin (orphan_cleanup.object_keys(path)) WITH (fastupdate = off)")
+        .unwrap();
+    let (msg, _) = refused(
+        &mut c,
+        "SELECT orphan_cleanup.add_reference('public.copies', 'path')",
+    );
+    assert!(
+        msg.contains("a value of public.copies.path cannot be read as naming storage objects"),
+        "{msg}"
+    );
+    let (msg, _) = refused(
+        &mut c,
+        "SELECT orphan_cleanup.add_reference('public.copies', 'n')",
+    );
+    assert!(
+        msg.contains("column n of public.copies is integer"),
+        "{msg}"
+    );
+    let (msg, _) = refused(
+        &mut c,
+        "SELECT orphan_cleanup.add_reference('public.copies', 'path', 'a.b')",
+    );
+    assert!(msg.contains("a JSON path needs json or jsonb"), "{msg}");
+    let (msg, _) = refused(
+        &mut c,
+        "SELECT orphan_cleanup.add_reference('public.nope', 'path')",
+    );
+    assert!(msg.contains("table 'public.nope' does not exist"), "{msg}");
+    let (msg, _) = refused(
+        &mut c,
+        "SELECT orphan_cleanup.add_reference('public.copies', 'nope')",
+    );
+    assert!(
+        msg.contains("column nope is missing from public.copies"),
+        "{msg}"
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.extra_references", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
