@@ -5,7 +5,7 @@
 # minute on 2 cores; full: 100,000 and 1,000,000 jobs and 100,000 queued objects). BENCH_PROFILE=
 # release (default) or debug. BENCH_GUIDE_DELETE_SECONDS (300): how long the guide's emergency
 # DELETE may run before it is stopped and reported unfinished. BENCH_ONLY=detection runs the
-# detection half alone (for profiling), BENCH_ONLY=queue the per-row claim and confirm costs. BENCH_AUTO_EXPLAIN=100ms logs the plan of every statement,
+# detection half alone (for profiling), BENCH_ONLY=queue the per-row claim and confirm costs, BENCH_ONLY=strays stray reconciliation (10,000 / 100,000 / 1,000,000 objects in storage.objects by scale). BENCH_AUTO_EXPLAIN=100ms logs the plan of every statement,
 # nested ones too, that runs longer than that (auto_explain) into target/bench/postgres.log. Results: target/bench/results.json. See BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 mod detection;
 mod queue_cost;
+mod strays;
 
 use anyhow::{bail, Context, Result};
 use postgres::{Client, NoTls};
@@ -70,6 +71,8 @@ struct Report {
     cycle_backend_private_kib: Option<i64>,
     targets: Vec<Target>,
     detection: Vec<detection::DetectionResult>,
+    /// Reconciling stray objects against storage.objects (issue 15).
+    strays: strays::StrayResult,
     /// Wall time of the whole run, data generation included.
     runtime_seconds: f64,
 }
@@ -85,10 +88,10 @@ struct Target {
 fn main() -> Result<()> {
     let run_started = Instant::now();
     let scale = std::env::var("BENCH_SCALE").unwrap_or_else(|_| "small".into());
-    let (n, baseline_n, job_scales) = match scale.as_str() {
-        "tiny" => (1_000u64, 200u64, vec![5_000u64]),
-        "small" => (10_000, 2_000, vec![100_000]),
-        "full" => (100_000, 10_000, vec![100_000, 1_000_000]),
+    let (n, baseline_n, job_scales, objects) = match scale.as_str() {
+        "tiny" => (1_000u64, 200u64, vec![5_000u64], 10_000u64),
+        "small" => (10_000, 2_000, vec![100_000], 100_000),
+        "full" => (100_000, 10_000, vec![100_000, 1_000_000], 1_000_000),
         other => bail!("BENCH_SCALE={other:?}: use tiny, small or full"),
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -118,6 +121,10 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&queue)?);
         return Ok(());
     }
+    if only == "strays" {
+        println!("{:#?}", strays::strays(&env, objects)?);
+        return Ok(());
+    }
     let only_detection = only == "detection";
     let detect = job_scales
         .iter()
@@ -127,6 +134,7 @@ fn main() -> Result<()> {
         println!("{detect:#?}");
         return Ok(());
     }
+    let stray = strays::strays(&env, objects)?;
     let drain = vec![
         raw_capacity(&env, n)?,
         reaper_drain(&env, "reaper (defaults)", n, &[])?,
@@ -304,6 +312,34 @@ fn main() -> Result<()> {
             met: false,
         }),
     }
+    targets.push(Target {
+        name: format!(
+            "stray reconciliation, full pass over {} objects",
+            stray.objects
+        ),
+        goal: format!("each cycle within cycle_time_budget ({} ms)", stray.budget_ms),
+        measured: format!(
+            "longest {:.0} ms over {} cycles",
+            stray.longest_cycle_stray_ms, stray.full_pass_cycles
+        ),
+        met: stray.longest_cycle_stray_ms <= stray.budget_ms as f64,
+    });
+    targets.push(Target {
+        name: format!(
+            "stray look by creation time beside {} objects",
+            stray.objects
+        ),
+        goal: format!(
+            "reads the {} new objects, not the table (at most one page of 2,000 more)",
+            stray.new_objects
+        ),
+        measured: format!(
+            "{} read, {} queued, {:.0} ms",
+            stray.by_time_scanned, stray.by_time_enqueued, stray.by_time_ms
+        ),
+        met: stray.by_time_enqueued == stray.new_objects
+            && stray.by_time_scanned <= stray.new_objects + 2_000,
+    });
     let report = Report {
         machine: machine(),
         scale: scale.clone(),
@@ -315,6 +351,7 @@ fn main() -> Result<()> {
         cycle_backend_private_kib: worker_private,
         targets,
         detection: detect,
+        strays: stray,
         runtime_seconds: run_started.elapsed().as_secs_f64().round(),
     };
 
@@ -378,6 +415,15 @@ fn print_table(r: &Report) {
             d.after_backlog_cycle_ms, d.steady_cycle_ms, d.steady_cycle_enqueued, d.full_sweep_ms, d.idle_cycle_ms, d.idle_cycle_cpu_ms
         );
     }
+    let s = &r.strays;
+    println!("\nReconciling stray objects (storage.objects in the database; 9 in 10 objects named by a job, 1 in 10 a stray; reclaim_strays on)");
+    println!("| objects | strays | full pass: cycles | reconciliation time | objects/s | longest cycle (budget) | preview_strays(100) | look by creation time: new, read, ms | idle cycle |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    println!(
+        "| {} | {} | {} | {:.1} s | {:.0} | {:.0} ms ({} ms) | {:.0} ms | {}, {}, {:.0} ms | {:.1} ms |",
+        s.objects, s.strays, s.full_pass_cycles, s.full_pass_ms / 1000.0, s.full_pass_objects_per_second,
+        s.longest_cycle_stray_ms, s.budget_ms, s.preview_ms, s.new_objects, s.by_time_scanned, s.by_time_ms, s.idle_stray_ms
+    );
     println!("\nSaves while the backlog is queued (100 in one INSERT, the save guard on each)");
     println!("| jobs | queued | 100 saves |\n|---:|---:|---:|");
     for d in &r.detection {
