@@ -415,7 +415,7 @@ out.append(section('references', "CREATE TABLE orphan_cleanup.extra_references (
 out.append("REVOKE ALL ON orphan_cleanup.extra_references FROM PUBLIC;\n")
 for name in ['_reference_value', '_reference_list', '_reference_type_ok', '_reference_index_statement',
              '_reference_problem', '_referenced_by_sql', 'reference_guard', 'add_reference', '_same_expression',
-             'remove_reference', 'list_references']:
+             'remove_reference', 'list_references', '_reference_table_problem', '_hold_references']:
     out.append(fn('references', name, replace=False))
 for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
@@ -516,7 +516,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.add_reference(text, text, text),
     orphan_cleanup._same_expression(text, text),
     orphan_cleanup.remove_reference(text, text),
-    orphan_cleanup.list_references()
+    orphan_cleanup.list_references(),
+    orphan_cleanup._reference_table_problem(oid, text, name),
+    orphan_cleanup._hold_references()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

@@ -317,7 +317,10 @@ fn main() -> Result<()> {
             "stray reconciliation, full pass over {} objects",
             stray.objects
         ),
-        goal: format!("each cycle within cycle_time_budget ({} ms)", stray.budget_ms),
+        goal: format!(
+            "each cycle within cycle_time_budget ({} ms)",
+            stray.budget_ms
+        ),
         measured: format!(
             "longest {:.0} ms over {} cycles",
             stray.longest_cycle_stray_ms, stray.full_pass_cycles

@@ -912,7 +912,16 @@ DECLARE
     problem text;
 BEGIN
     IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
-        RETURN;  -- attach(), detach() or the upgrade, which check the claims themselves
+        RETURN;  -- attach(), detach(), add_reference() or the upgrade, which check the claims themselves
+    END IF;
+    -- An extra reference's guard (sql/references.sql) likewise.
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+        problem := orphan_cleanup._reference_problem();
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION '% refused: it would leave an extra reference not in force (%) while reapers hold claims', tg_tag, problem
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'Rows written meanwhile could name files a reaper is deleting. Stop the reapers first (ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf();), wait until queue_status() shows no claimed rows, then run this again.';
+        END IF;
     END IF;
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND OR (SELECT count(*) FROM pg_catalog.pg_class AS c WHERE c.oid IN (att.jobs_oid, att.assets_oid)) < 2 THEN

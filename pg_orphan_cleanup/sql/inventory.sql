@@ -123,6 +123,11 @@ DECLARE
     n integer;
 BEGIN
     l := orphan_cleanup._open_listing(listing);
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'inventory_add() must run at READ COMMITTED isolation, not %', current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'Its check of what was deleted meanwhile needs a snapshot taken after its lock; call it in its own transaction.';
+    END IF;
     IF jsonb_typeof(objects) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'objects must be a JSON array of objects as POST /object/list answers them, got %',
                         coalesce(jsonb_typeof(objects), 'NULL') USING ERRCODE = 'invalid_parameter_value';
@@ -138,6 +143,10 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Folders (id null) are listed by their own prefix, not added.';
     END IF;
+    -- A confirm() in flight forgets the objects it deleted (a ROW EXCLUSIVE lock on this table):
+    -- wait for it, so that the INSERT below, with a snapshot taken after this lock, sees its
+    -- deletions and does not bring those objects back (the review of extra references).
+    LOCK TABLE orphan_cleanup.object_inventory IN SHARE ROW EXCLUSIVE MODE;
     BEGIN
         INSERT INTO orphan_cleanup.object_inventory AS i (bucket_id, name, id, version, metadata, created_at, updated_at, listing)
         SELECT l.bucket, o ->> 'name', (o ->> 'id')::uuid,

@@ -1045,6 +1045,7 @@ DECLARE
     v_home_ok boolean;
     v_n bigint;
     v_inventory boolean;
+    v_refs_ok boolean;
     v_stored_sql text;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -1095,6 +1096,9 @@ BEGIN
         EXCEPTION WHEN lock_not_available OR undefined_table THEN
             RETURN;
         END;
+    END IF;
+    IF NOT orphan_cleanup._hold_references() THEN
+        RETURN;
     END IF;
     att := orphan_cleanup._require_attached('claim()');
     -- An empty allow-list is a configuration mistake, not a policy: rejecting every row it
@@ -1204,9 +1208,12 @@ BEGIN
     --    the inventory (storage.objects, or the Storage API's listing) with the same id and
     --    version, still older than stray_min_age, still allowed. Where the inventory cannot be
     --    read now, it waits. (Read only for strays.)
+    --    While an extra reference is not in force, nothing is handed out (every row waits);
+    --    otherwise an object one names is kept, a stray's or a job orphan's.
+    v_refs_ok := orphan_cleanup._reference_problem() IS NULL;
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL AND orphan_cleanup._reference_problem() IS NULL;
+                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
@@ -1215,8 +1222,8 @@ BEGIN
                 LIMIT 1) AS st ON true$sql$, orphan_cleanup._inventory(), orphan_cleanup._current_objects_only())
         ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END
         -- The extra reference naming a stray's object now, if any (sql/references.sql).
-        || CASE WHEN v_inventory THEN format($sql$
-            LEFT JOIN LATERAL (SELECT %s AS name WHERE d.job_id IS NULL) AS rf ON true$sql$,
+        || CASE WHEN v_refs_ok THEN format($sql$
+            LEFT JOIN LATERAL (SELECT %s AS name) AS rf ON true$sql$,
             orphan_cleanup._referenced_by_sql($k$d.bucket || '/' || d.object_path$k$))
            ELSE ' CROSS JOIN (SELECT NULL::text AS name) AS rf' END;
     EXECUTE format($sql$
@@ -1247,6 +1254,7 @@ BEGIN
         v AS (
             SELECT d.id,
                    CASE
+                       WHEN NOT $9 THEN 'wait'
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'cancelled'
                            WHEN ob.key IS NULL THEN 'busy'
@@ -1269,6 +1277,7 @@ BEGIN
                        WHEN j.%3$I >= $3 THEN 'wait'
                        WHEN r.referenced IS NOT NULL THEN 'stale'
                        WHEN u.error IS NOT NULL THEN 'rejected'
+                       WHEN rf.name IS NOT NULL THEN 'stale'
                        WHEN s.unlocked THEN 'busy'
                        WHEN s.keeper IS NOT NULL THEN 'stale'
                        ELSE 'ok'
@@ -1291,9 +1300,11 @@ BEGIN
                        WHEN j.%3$I IS NULL THEN format('the job''s %%s is NULL', %4$L)
                        WHEN r.referenced IS NOT NULL THEN 'the job is referenced by an asset'
                        WHEN u.error IS NOT NULL THEN u.error
+                       WHEN rf.name IS NOT NULL THEN format('%%s names its object (an extra reference): kept', rf.name)
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
                    END AS reason,
-                   CASE WHEN d.job_id IS NULL
+                   CASE WHEN NOT $9 THEN now() + interval '10 minutes'
+                        WHEN d.job_id IS NULL
                         THEN CASE WHEN $7 THEN st.created_at + $8 ELSE now() + interval '10 minutes' END
                         ELSE j.%3$I + $4 END AS wait_until
             -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
@@ -1335,7 +1346,7 @@ BEGIN
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column, v_stored_sql)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
     USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept,
-          v_inventory, make_interval(secs => cfg.stray_min_age_s);
+          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
@@ -2608,7 +2619,16 @@ DECLARE
     problem text;
 BEGIN
     IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
-        RETURN;  -- attach(), detach() or the upgrade, which check the claims themselves
+        RETURN;  -- attach(), detach(), add_reference() or the upgrade, which check the claims themselves
+    END IF;
+    -- An extra reference's guard (sql/references.sql) likewise.
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+        problem := orphan_cleanup._reference_problem();
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION '% refused: it would leave an extra reference not in force (%) while reapers hold claims', tg_tag, problem
+                USING ERRCODE = 'object_in_use',
+                      HINT = 'Rows written meanwhile could name files a reaper is deleting. Stop the reapers first (ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf();), wait until queue_status() shows no claimed rows, then run this again.';
+        END IF;
     END IF;
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND OR (SELECT count(*) FROM pg_catalog.pg_class AS c WHERE c.oid IN (att.jobs_oid, att.assets_oid)) < 2 THEN
@@ -4007,6 +4027,11 @@ DECLARE
     n integer;
 BEGIN
     l := orphan_cleanup._open_listing(listing);
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'inventory_add() must run at READ COMMITTED isolation, not %', current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'Its check of what was deleted meanwhile needs a snapshot taken after its lock; call it in its own transaction.';
+    END IF;
     IF jsonb_typeof(objects) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'objects must be a JSON array of objects as POST /object/list answers them, got %',
                         coalesce(jsonb_typeof(objects), 'NULL') USING ERRCODE = 'invalid_parameter_value';
@@ -4022,6 +4047,10 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Folders (id null) are listed by their own prefix, not added.';
     END IF;
+    -- A confirm() in flight forgets the objects it deleted (a ROW EXCLUSIVE lock on this table):
+    -- wait for it, so that the INSERT below, with a snapshot taken after this lock, sees its
+    -- deletions and does not bring those objects back (the review of extra references).
+    LOCK TABLE orphan_cleanup.object_inventory IN SHARE ROW EXCLUSIVE MODE;
     BEGIN
         INSERT INTO orphan_cleanup.object_inventory AS i (bucket_id, name, id, version, metadata, created_at, updated_at, listing)
         SELECT l.bucket, o ->> 'name', (o ->> 'id')::uuid,
@@ -4165,15 +4194,7 @@ BEGIN
                                   r.table_oid::regclass::text, r.column_name,
                                   CASE WHEN cardinality(r.json_path) > 0 THEN format(', %L', array_to_string(r.json_path, '.')) ELSE '' END);
             ELSE
-                SELECT tg.tgenabled, tg.tgfoid, tg.tgtype INTO t FROM pg_catalog.pg_trigger AS tg
-                WHERE tg.tgrelid = r.table_oid AND tg.tgname = 'orphan_cleanup_reference_guard';
-                IF NOT FOUND OR t.tgfoid <> 'orphan_cleanup.reference_guard()'::regprocedure OR t.tgtype <> 21 THEN
-                    problem := format('%s: the guard trigger orphan_cleanup_reference_guard on %s is missing or changed (fix: SELECT orphan_cleanup.add_reference(%L, %L))',
-                                      label, r.table_oid::regclass, r.table_oid::regclass::text, r.column_name);
-                ELSIF t.tgenabled <> 'A' THEN
-                    problem := format('%s: the guard trigger orphan_cleanup_reference_guard is not enabled ALWAYS (ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard)',
-                                      label, r.table_oid::regclass);
-                END IF;
+                problem := orphan_cleanup._reference_table_problem(r.table_oid, label, r.column_name);
             END IF;
         END IF;
         RETURN NEXT;
@@ -4184,7 +4205,7 @@ $$;
 CREATE FUNCTION orphan_cleanup._reference_type_ok(col_type text, json_path text[]) RETURNS boolean
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 RETURN CASE WHEN cardinality(json_path) > 0 THEN col_type IN ('jsonb', 'json')
-            ELSE col_type IN ('text', 'character varying', 'jsonb', 'json') END;
+            ELSE col_type IN ('text', 'character varying') END;
 
 CREATE FUNCTION orphan_cleanup._reference_index_statement(rel oid, col name, json_path text[], is_text boolean) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
@@ -4222,10 +4243,22 @@ DECLARE
     v_new text;
     v_old text;
     v_unread text;
+    v_type text;
     o record;
     ob orphan_cleanup.objects;
 BEGIN
-    FOR r IN SELECT * FROM orphan_cleanup._reference_list() AS l WHERE l.table_oid = TG_RELID AND l.value_sql IS NOT NULL LOOP
+    -- A partition's row fires the clone of its root's trigger: the references are the root's.
+    FOR r IN SELECT * FROM orphan_cleanup._reference_list() AS l
+             WHERE l.table_oid = coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID) AND l.value_sql IS NOT NULL LOOP
+        IF cardinality(r.json_path) > 0 THEN
+            EXECUTE format('SELECT jsonb_typeof(x.%I::jsonb #> %L::text[]) FROM (SELECT ($1).*) AS x', r.column_name, r.json_path)
+                INTO v_type USING NEW;
+            IF v_type IS DISTINCT FROM 'string' AND v_type IS DISTINCT FROM 'null' AND v_type IS NOT NULL THEN
+                RAISE EXCEPTION 'a row of % cannot hold a JSON % at %: pg_orphan_cleanup reads it as naming a storage object, and reads strings only', TG_TABLE_NAME, v_type, r.label
+                    USING ERRCODE = 'OC003',
+                          HINT = 'Store one URL or path per JSON path (add a reference per path), or remove the reference.';
+            END IF;
+        END IF;
         EXECUTE format('SELECT %s FROM (SELECT ($1).*) AS x', r.value_sql) INTO v_new USING NEW;
         IF TG_OP = 'UPDATE' THEN
             EXECUTE format('SELECT %s FROM (SELECT ($1).*) AS x', r.value_sql) INTO v_old USING OLD;
@@ -4266,11 +4299,25 @@ DECLARE
     v_expr text;
     v_index oid;
     v_bad text;
+    v_empty boolean;
+    v_problem text;
+    v_part oid;
 BEGIN
     v_rel := pg_catalog.to_regclass(table_name);
     IF v_rel IS NULL THEN
         RAISE EXCEPTION 'table % does not exist', coalesce(quote_literal(table_name), 'NULL')
             USING ERRCODE = 'undefined_table', HINT = 'Give a schema-qualified name, e.g. public.thumbnails.';
+    END IF;
+    -- Claims in flight built their re-check without this reference: wait for them, and refuse
+    -- while reapers hold claims (a claimed object this table names may be being deleted). Writes
+    -- to the table wait until the trigger is in place, so no row slips between the scan and it.
+    PERFORM pg_catalog.pg_advisory_xact_lock(7310246, 3);
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_rel::regclass);
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+        RAISE EXCEPTION 'add_reference() refused: % queue row(s) are claimed by reapers, and objects this table names may be among them',
+                        (SELECT count(*) FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed')
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf(); then wait until queue_status() shows no claimed rows (or their leases expire), add the reference, and turn reaping on again.';
     END IF;
     v_path := CASE WHEN coalesce(json_path, '') = '' THEN '{}'::text[] ELSE string_to_array(json_path, '.') END;
     SELECT pg_catalog.format_type(a.atttypid, NULL) INTO v_type FROM pg_catalog.pg_attribute AS a
@@ -4278,9 +4325,27 @@ BEGIN
     IF v_type IS NULL THEN
         RAISE EXCEPTION 'column % is missing from %', coalesce(quote_ident(column_name), 'NULL'), v_rel::regclass
             USING ERRCODE = 'undefined_column';
+    ELSIF NOT orphan_cleanup._reference_type_ok(v_type, v_path) AND v_type IN ('json', 'jsonb') THEN
+        RAISE EXCEPTION 'column % of % is %: a reference reads a text or varchar column, or a string at a JSON path inside a json or jsonb column', quote_ident(column_name), v_rel::regclass, v_type
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Name the path of the string that holds the URL or path, e.g. add_reference(''public.galleries'', ''data'', ''images.large''); one reference per path.';
     ELSIF NOT orphan_cleanup._reference_type_ok(v_type, v_path) THEN
-        RAISE EXCEPTION 'column % of % is %: a reference reads text, varchar, json or jsonb, and a JSON path needs json or jsonb', quote_ident(column_name), v_rel::regclass, v_type
+        RAISE EXCEPTION 'column % of % is %: a reference reads a text or varchar column, or a string at a JSON path inside a json or jsonb column', quote_ident(column_name), v_rel::regclass, v_type
             USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF cardinality(v_path) > 0 THEN
+        EXECUTE format('SELECT x.%I::text FROM %s AS x WHERE jsonb_typeof(x.%I::jsonb #> %L::text[]) NOT IN (''string'', ''null'') LIMIT 1',
+                       column_name, v_rel::regclass, column_name, v_path) INTO v_bad;
+        IF v_bad IS NOT NULL THEN
+            RAISE EXCEPTION 'add_reference(): at % inside %.% a row holds something other than a string: %', array_to_string(v_path, '.'), v_rel::regclass, quote_ident(column_name), left(v_bad, 300)
+                USING ERRCODE = 'OC003',
+                      HINT = 'A reference reads one string (a URL or path) per row at its JSON path; add one reference per path.';
+        END IF;
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS x) AND NOT EXISTS (SELECT 1 FROM %s AS x WHERE x.%I::jsonb #> %L::text[] IS NOT NULL)',
+                       v_rel::regclass, v_rel::regclass, column_name, v_path) INTO v_empty;
+        IF v_empty THEN
+            RAISE WARNING 'no row of % holds a value at % inside %: check the path (keys separated by dots)', v_rel::regclass, array_to_string(v_path, '.'), quote_ident(column_name);
+        END IF;
     END IF;
     v_value := orphan_cleanup._reference_value(column_name, v_path, v_type = 'text', 'x');
     -- The index: a GIN index whose only column is this value's object_keys(), compared as
@@ -4312,10 +4377,24 @@ BEGIN
     INSERT INTO orphan_cleanup.extra_references (table_oid, column_name, json_path, index_oid)
     VALUES (v_rel, column_name, v_path, v_index)
     ON CONFLICT ON CONSTRAINT extra_references_pkey DO UPDATE SET index_oid = excluded.index_oid;
+    -- The trigger as it must be (one changed since, a WHEN clause say, is made again).
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    IF orphan_cleanup._reference_table_problem(v_rel, '', column_name) IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
+        EXECUTE format('DROP TRIGGER orphan_cleanup_reference_guard ON %s', v_rel::regclass);
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
         EXECUTE format('CREATE TRIGGER orphan_cleanup_reference_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.reference_guard()', v_rel::regclass);
     END IF;
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard', v_rel::regclass);
+    FOR v_part IN SELECT v_rel UNION SELECT pt.relid FROM pg_catalog.pg_partition_tree(v_rel) AS pt LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard', v_part::regclass);
+    END LOOP;
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+    v_problem := orphan_cleanup._reference_table_problem(v_rel, format('%s.%I', v_rel::regclass, column_name), column_name);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'add_reference() refused: %', v_problem
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('setting_changed', session_user, format('extra reference added: %s.%I%s', v_rel::regclass, column_name,
                                                      CASE WHEN cardinality(v_path) > 0 THEN format(' #>> %L', v_path) ELSE '' END));
@@ -4361,6 +4440,56 @@ BEGIN ATOMIC
            coalesce(l.problem, 'in force: objects it names are never strays')
     FROM orphan_cleanup._reference_list() AS l;
 END;
+
+CREATE FUNCTION orphan_cleanup._reference_table_problem(rel oid, label text, col name) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    part oid;
+    t record;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i JOIN pg_catalog.pg_class AS c ON c.oid = i.inhrelid
+               WHERE i.inhparent = rel AND NOT c.relispartition) THEN
+        RETURN format('%s: %s has inheritance children, which its guard trigger does not cover (use a partitioned table, or reference each child)', label, rel::regclass);
+    END IF;
+    FOR part IN SELECT rel UNION SELECT pt.relid FROM pg_catalog.pg_partition_tree(rel) AS pt LOOP
+        SELECT tg.tgenabled, tg.tgfoid, tg.tgtype, tg.tgqual IS NOT NULL AS has_when, tg.tgattr::text AS cols INTO t
+        FROM pg_catalog.pg_trigger AS tg
+        WHERE tg.tgrelid = part AND tg.tgname = 'orphan_cleanup_reference_guard';
+        IF NOT FOUND OR t.tgfoid <> 'orphan_cleanup.reference_guard()'::regprocedure OR t.tgtype <> 21 OR t.has_when OR t.cols <> '' THEN
+            RETURN format('%s: the guard trigger orphan_cleanup_reference_guard on %s is missing or changed (it must be AFTER INSERT OR UPDATE ... FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.reference_guard(), with no WHEN clause or column list; fix: SELECT orphan_cleanup.add_reference(%L, %L, ...) again)',
+                          label, part::regclass, rel::regclass::text, col);
+        ELSIF t.tgenabled <> 'A' THEN
+            RETURN format('%s: the guard trigger orphan_cleanup_reference_guard on %s is not enabled ALWAYS (ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard)',
+                          label, part::regclass, part::regclass);
+        END IF;
+    END LOOP;
+    IF pg_catalog.row_security_active(rel) THEN
+        RETURN format('%s: row-level security on %s applies to %s, the role pg_orphan_cleanup''s functions run as: it would not see every row (fix, as a superuser: ALTER ROLE %I BYPASSRLS)',
+                      label, rel::regclass, current_user, current_user);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._hold_references() RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel oid;
+BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock_shared(7310246, 3);
+    FOR rel IN SELECT DISTINCT r.table_oid FROM orphan_cleanup.extra_references AS r
+               JOIN pg_catalog.pg_class AS c ON c.oid = r.table_oid ORDER BY 1 LOOP
+        BEGIN
+            EXECUTE format('LOCK TABLE %s IN ROW EXCLUSIVE MODE NOWAIT', rel::regclass);
+        EXCEPTION WHEN lock_not_available OR undefined_table THEN
+            RETURN false;
+        END;
+    END LOOP;
+    RETURN true;
+END
+$$;
 
 CREATE FUNCTION orphan_cleanup._inventory_problem() RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -4845,7 +4974,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.add_reference(text, text, text),
     orphan_cleanup._same_expression(text, text),
     orphan_cleanup.remove_reference(text, text),
-    orphan_cleanup.list_references()
+    orphan_cleanup.list_references(),
+    orphan_cleanup._reference_table_problem(oid, text, name),
+    orphan_cleanup._hold_references()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

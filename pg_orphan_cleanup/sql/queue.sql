@@ -286,6 +286,7 @@ DECLARE
     v_home_ok boolean;
     v_n bigint;
     v_inventory boolean;
+    v_refs_ok boolean;
     v_stored_sql text;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -336,6 +337,9 @@ BEGIN
         EXCEPTION WHEN lock_not_available OR undefined_table THEN
             RETURN;
         END;
+    END IF;
+    IF NOT orphan_cleanup._hold_references() THEN
+        RETURN;
     END IF;
     att := orphan_cleanup._require_attached('claim()');
     -- An empty allow-list is a configuration mistake, not a policy: rejecting every row it
@@ -445,9 +449,12 @@ BEGIN
     --    the inventory (storage.objects, or the Storage API's listing) with the same id and
     --    version, still older than stray_min_age, still allowed. Where the inventory cannot be
     --    read now, it waits. (Read only for strays.)
+    --    While an extra reference is not in force, nothing is handed out (every row waits);
+    --    otherwise an object one names is kept, a stray's or a job orphan's.
+    v_refs_ok := orphan_cleanup._reference_problem() IS NULL;
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL AND orphan_cleanup._reference_problem() IS NULL;
+                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
@@ -456,8 +463,8 @@ BEGIN
                 LIMIT 1) AS st ON true$sql$, orphan_cleanup._inventory(), orphan_cleanup._current_objects_only())
         ELSE ' CROSS JOIN (SELECT NULL::uuid AS id, NULL::text AS version, NULL::timestamptz AS created_at) AS st' END
         -- The extra reference naming a stray's object now, if any (sql/references.sql).
-        || CASE WHEN v_inventory THEN format($sql$
-            LEFT JOIN LATERAL (SELECT %s AS name WHERE d.job_id IS NULL) AS rf ON true$sql$,
+        || CASE WHEN v_refs_ok THEN format($sql$
+            LEFT JOIN LATERAL (SELECT %s AS name) AS rf ON true$sql$,
             orphan_cleanup._referenced_by_sql($k$d.bucket || '/' || d.object_path$k$))
            ELSE ' CROSS JOIN (SELECT NULL::text AS name) AS rf' END;
     EXECUTE format($sql$
@@ -488,6 +495,7 @@ BEGIN
         v AS (
             SELECT d.id,
                    CASE
+                       WHEN NOT $9 THEN 'wait'
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'cancelled'
                            WHEN ob.key IS NULL THEN 'busy'
@@ -510,6 +518,7 @@ BEGIN
                        WHEN j.%3$I >= $3 THEN 'wait'
                        WHEN r.referenced IS NOT NULL THEN 'stale'
                        WHEN u.error IS NOT NULL THEN 'rejected'
+                       WHEN rf.name IS NOT NULL THEN 'stale'
                        WHEN s.unlocked THEN 'busy'
                        WHEN s.keeper IS NOT NULL THEN 'stale'
                        ELSE 'ok'
@@ -532,9 +541,11 @@ BEGIN
                        WHEN j.%3$I IS NULL THEN format('the job''s %%s is NULL', %4$L)
                        WHEN r.referenced IS NOT NULL THEN 'the job is referenced by an asset'
                        WHEN u.error IS NOT NULL THEN u.error
+                       WHEN rf.name IS NOT NULL THEN format('%%s names its object (an extra reference): kept', rf.name)
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
                    END AS reason,
-                   CASE WHEN d.job_id IS NULL
+                   CASE WHEN NOT $9 THEN now() + interval '10 minutes'
+                        WHEN d.job_id IS NULL
                         THEN CASE WHEN $7 THEN st.created_at + $8 ELSE now() + interval '10 minutes' END
                         ELSE j.%3$I + $4 END AS wait_until
             -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
@@ -576,7 +587,7 @@ BEGIN
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column, v_stored_sql)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
     USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept,
-          v_inventory, make_interval(secs => cfg.stray_min_age_s);
+          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),

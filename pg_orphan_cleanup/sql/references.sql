@@ -2,13 +2,18 @@
 -- thumbnails, copies or attachments outside the jobs table. An object one of them names is never
 -- a stray. Each is a column of a table, or a JSON path inside a json/jsonb column; its values
 -- are read as the jobs table's output_url is (object_keys(): a URL wrapped in JSON, a proxy's
--- query, a bare `bucket/key`, a bucket-relative path). They protect strays only: job orphans
--- are what user_assets does not reference, as the guide defines them.
+-- query, a bare `bucket/key`, a bucket-relative path; at a JSON path, a string). An object one
+-- names is not handed out as a job orphan's either (the review of extra references: a thumbnail
+-- row pointing at a job's file keeps that file).
 --
 -- The same protocol as the jobs table's (sql/guard.sql): a write naming objects holds their
 -- rows (orphan_cleanup.objects, FOR SHARE), so a claim of one of them and the write are ordered;
 -- a claim re-checks every reference in its own snapshot after its locks; and a write naming an
--- object already handed out is refused (OC002), since the file may already be deleted.
+-- object already handed out is refused (OC002), since the file may already be deleted. A claim
+-- takes each reference table in ROW EXCLUSIVE mode without waiting (a transaction changing its
+-- triggers holds a lock that conflicts) and a shared hold on the set of references, which
+-- add_reference() takes exclusively; the guard watcher refuses DDL that leaves a reference not in
+-- force while reapers hold claims.
 
 CREATE TABLE orphan_cleanup.extra_references (
     table_oid   oid NOT NULL,
@@ -73,15 +78,7 @@ BEGIN
                                   r.table_oid::regclass::text, r.column_name,
                                   CASE WHEN cardinality(r.json_path) > 0 THEN format(', %L', array_to_string(r.json_path, '.')) ELSE '' END);
             ELSE
-                SELECT tg.tgenabled, tg.tgfoid, tg.tgtype INTO t FROM pg_catalog.pg_trigger AS tg
-                WHERE tg.tgrelid = r.table_oid AND tg.tgname = 'orphan_cleanup_reference_guard';
-                IF NOT FOUND OR t.tgfoid <> 'orphan_cleanup.reference_guard()'::regprocedure OR t.tgtype <> 21 THEN
-                    problem := format('%s: the guard trigger orphan_cleanup_reference_guard on %s is missing or changed (fix: SELECT orphan_cleanup.add_reference(%L, %L))',
-                                      label, r.table_oid::regclass, r.table_oid::regclass::text, r.column_name);
-                ELSIF t.tgenabled <> 'A' THEN
-                    problem := format('%s: the guard trigger orphan_cleanup_reference_guard is not enabled ALWAYS (ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard)',
-                                      label, r.table_oid::regclass);
-                END IF;
+                problem := orphan_cleanup._reference_table_problem(r.table_oid, label, r.column_name);
             END IF;
         END IF;
         RETURN NEXT;
@@ -89,11 +86,49 @@ BEGIN
 END
 $$;
 
--- Whether a column of type `col_type` can be read as a reference with `json_path`.
+-- Why the guard of reference table `rel` is not in force, or NULL: its trigger missing,
+-- changed (a WHEN clause, a column list) or not enabled ALWAYS on the table or on any of its
+-- partitions (a row trigger fires through each partition's clone); inheritance children, which
+-- no trigger of the parent covers; or row-level security applying to the role these functions
+-- run as (it would not see every row).
+CREATE FUNCTION orphan_cleanup._reference_table_problem(rel oid, label text, col name) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    part oid;
+    t record;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i JOIN pg_catalog.pg_class AS c ON c.oid = i.inhrelid
+               WHERE i.inhparent = rel AND NOT c.relispartition) THEN
+        RETURN format('%s: %s has inheritance children, which its guard trigger does not cover (use a partitioned table, or reference each child)', label, rel::regclass);
+    END IF;
+    FOR part IN SELECT rel UNION SELECT pt.relid FROM pg_catalog.pg_partition_tree(rel) AS pt LOOP
+        SELECT tg.tgenabled, tg.tgfoid, tg.tgtype, tg.tgqual IS NOT NULL AS has_when, tg.tgattr::text AS cols INTO t
+        FROM pg_catalog.pg_trigger AS tg
+        WHERE tg.tgrelid = part AND tg.tgname = 'orphan_cleanup_reference_guard';
+        IF NOT FOUND OR t.tgfoid <> 'orphan_cleanup.reference_guard()'::regprocedure OR t.tgtype <> 21 OR t.has_when OR t.cols <> '' THEN
+            RETURN format('%s: the guard trigger orphan_cleanup_reference_guard on %s is missing or changed (it must be AFTER INSERT OR UPDATE ... FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.reference_guard(), with no WHEN clause or column list; fix: SELECT orphan_cleanup.add_reference(%L, %L, ...) again)',
+                          label, part::regclass, rel::regclass::text, col);
+        ELSIF t.tgenabled <> 'A' THEN
+            RETURN format('%s: the guard trigger orphan_cleanup_reference_guard on %s is not enabled ALWAYS (ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard)',
+                          label, part::regclass, part::regclass);
+        END IF;
+    END LOOP;
+    IF pg_catalog.row_security_active(rel) THEN
+        RETURN format('%s: row-level security on %s applies to %s, the role pg_orphan_cleanup''s functions run as: it would not see every row (fix, as a superuser: ALTER ROLE %I BYPASSRLS)',
+                      label, rel::regclass, current_user, current_user);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Whether a column of type `col_type` can be read as a reference with `json_path`: text or
+-- varchar as a whole, json or jsonb at a path only (bare keys inside a document or an array are
+-- not read as objects: the whole document would protect nothing, silently).
 CREATE FUNCTION orphan_cleanup._reference_type_ok(col_type text, json_path text[]) RETURNS boolean
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 RETURN CASE WHEN cardinality(json_path) > 0 THEN col_type IN ('jsonb', 'json')
-            ELSE col_type IN ('text', 'character varying', 'jsonb', 'json') END;
+            ELSE col_type IN ('text', 'character varying') END;
 
 -- The statement that creates the index a reference needs.
 CREATE FUNCTION orphan_cleanup._reference_index_statement(rel oid, col name, json_path text[], is_text boolean) RETURNS text
@@ -140,10 +175,22 @@ DECLARE
     v_new text;
     v_old text;
     v_unread text;
+    v_type text;
     o record;
     ob orphan_cleanup.objects;
 BEGIN
-    FOR r IN SELECT * FROM orphan_cleanup._reference_list() AS l WHERE l.table_oid = TG_RELID AND l.value_sql IS NOT NULL LOOP
+    -- A partition's row fires the clone of its root's trigger: the references are the root's.
+    FOR r IN SELECT * FROM orphan_cleanup._reference_list() AS l
+             WHERE l.table_oid = coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID) AND l.value_sql IS NOT NULL LOOP
+        IF cardinality(r.json_path) > 0 THEN
+            EXECUTE format('SELECT jsonb_typeof(x.%I::jsonb #> %L::text[]) FROM (SELECT ($1).*) AS x', r.column_name, r.json_path)
+                INTO v_type USING NEW;
+            IF v_type IS DISTINCT FROM 'string' AND v_type IS DISTINCT FROM 'null' AND v_type IS NOT NULL THEN
+                RAISE EXCEPTION 'a row of % cannot hold a JSON % at %: pg_orphan_cleanup reads it as naming a storage object, and reads strings only', TG_TABLE_NAME, v_type, r.label
+                    USING ERRCODE = 'OC003',
+                          HINT = 'Store one URL or path per JSON path (add a reference per path), or remove the reference.';
+            END IF;
+        END IF;
         EXECUTE format('SELECT %s FROM (SELECT ($1).*) AS x', r.value_sql) INTO v_new USING NEW;
         IF TG_OP = 'UPDATE' THEN
             EXECUTE format('SELECT %s FROM (SELECT ($1).*) AS x', r.value_sql) INTO v_old USING OLD;
@@ -188,11 +235,25 @@ DECLARE
     v_expr text;
     v_index oid;
     v_bad text;
+    v_empty boolean;
+    v_problem text;
+    v_part oid;
 BEGIN
     v_rel := pg_catalog.to_regclass(table_name);
     IF v_rel IS NULL THEN
         RAISE EXCEPTION 'table % does not exist', coalesce(quote_literal(table_name), 'NULL')
             USING ERRCODE = 'undefined_table', HINT = 'Give a schema-qualified name, e.g. public.thumbnails.';
+    END IF;
+    -- Claims in flight built their re-check without this reference: wait for them, and refuse
+    -- while reapers hold claims (a claimed object this table names may be being deleted). Writes
+    -- to the table wait until the trigger is in place, so no row slips between the scan and it.
+    PERFORM pg_catalog.pg_advisory_xact_lock(7310246, 3);
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_rel::regclass);
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+        RAISE EXCEPTION 'add_reference() refused: % queue row(s) are claimed by reapers, and objects this table names may be among them',
+                        (SELECT count(*) FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed')
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'ALTER SYSTEM SET orphan_cleanup.reaping_enabled = off; SELECT pg_reload_conf(); then wait until queue_status() shows no claimed rows (or their leases expire), add the reference, and turn reaping on again.';
     END IF;
     v_path := CASE WHEN coalesce(json_path, '') = '' THEN '{}'::text[] ELSE string_to_array(json_path, '.') END;
     SELECT pg_catalog.format_type(a.atttypid, NULL) INTO v_type FROM pg_catalog.pg_attribute AS a
@@ -200,9 +261,27 @@ BEGIN
     IF v_type IS NULL THEN
         RAISE EXCEPTION 'column % is missing from %', coalesce(quote_ident(column_name), 'NULL'), v_rel::regclass
             USING ERRCODE = 'undefined_column';
+    ELSIF NOT orphan_cleanup._reference_type_ok(v_type, v_path) AND v_type IN ('json', 'jsonb') THEN
+        RAISE EXCEPTION 'column % of % is %: a reference reads a text or varchar column, or a string at a JSON path inside a json or jsonb column', quote_ident(column_name), v_rel::regclass, v_type
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Name the path of the string that holds the URL or path, e.g. add_reference(''public.galleries'', ''data'', ''images.large''); one reference per path.';
     ELSIF NOT orphan_cleanup._reference_type_ok(v_type, v_path) THEN
-        RAISE EXCEPTION 'column % of % is %: a reference reads text, varchar, json or jsonb, and a JSON path needs json or jsonb', quote_ident(column_name), v_rel::regclass, v_type
+        RAISE EXCEPTION 'column % of % is %: a reference reads a text or varchar column, or a string at a JSON path inside a json or jsonb column', quote_ident(column_name), v_rel::regclass, v_type
             USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF cardinality(v_path) > 0 THEN
+        EXECUTE format('SELECT x.%I::text FROM %s AS x WHERE jsonb_typeof(x.%I::jsonb #> %L::text[]) NOT IN (''string'', ''null'') LIMIT 1',
+                       column_name, v_rel::regclass, column_name, v_path) INTO v_bad;
+        IF v_bad IS NOT NULL THEN
+            RAISE EXCEPTION 'add_reference(): at % inside %.% a row holds something other than a string: %', array_to_string(v_path, '.'), v_rel::regclass, quote_ident(column_name), left(v_bad, 300)
+                USING ERRCODE = 'OC003',
+                      HINT = 'A reference reads one string (a URL or path) per row at its JSON path; add one reference per path.';
+        END IF;
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS x) AND NOT EXISTS (SELECT 1 FROM %s AS x WHERE x.%I::jsonb #> %L::text[] IS NOT NULL)',
+                       v_rel::regclass, v_rel::regclass, column_name, v_path) INTO v_empty;
+        IF v_empty THEN
+            RAISE WARNING 'no row of % holds a value at % inside %: check the path (keys separated by dots)', v_rel::regclass, array_to_string(v_path, '.'), quote_ident(column_name);
+        END IF;
     END IF;
     v_value := orphan_cleanup._reference_value(column_name, v_path, v_type = 'text', 'x');
     -- The index: a GIN index whose only column is this value's object_keys(), compared as
@@ -234,10 +313,24 @@ BEGIN
     INSERT INTO orphan_cleanup.extra_references (table_oid, column_name, json_path, index_oid)
     VALUES (v_rel, column_name, v_path, v_index)
     ON CONFLICT ON CONSTRAINT extra_references_pkey DO UPDATE SET index_oid = excluded.index_oid;
+    -- The trigger as it must be (one changed since, a WHEN clause say, is made again).
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    IF orphan_cleanup._reference_table_problem(v_rel, '', column_name) IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
+        EXECUTE format('DROP TRIGGER orphan_cleanup_reference_guard ON %s', v_rel::regclass);
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
         EXECUTE format('CREATE TRIGGER orphan_cleanup_reference_guard AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION orphan_cleanup.reference_guard()', v_rel::regclass);
     END IF;
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard', v_rel::regclass);
+    FOR v_part IN SELECT v_rel UNION SELECT pt.relid FROM pg_catalog.pg_partition_tree(v_rel) AS pt LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard', v_part::regclass);
+    END LOOP;
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+    v_problem := orphan_cleanup._reference_table_problem(v_rel, format('%s.%I', v_rel::regclass, column_name), column_name);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'add_reference() refused: %', v_problem
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('setting_changed', session_user, format('extra reference added: %s.%I%s', v_rel::regclass, column_name,
                                                      CASE WHEN cardinality(v_path) > 0 THEN format(' #>> %L', v_path) ELSE '' END));
@@ -287,3 +380,26 @@ BEGIN ATOMIC
            coalesce(l.problem, 'in force: objects it names are never strays')
     FROM orphan_cleanup._reference_list() AS l;
 END;
+
+-- claim()'s hold on the references: the set of them (shared; add_reference() takes it
+-- exclusively) and each table in ROW EXCLUSIVE mode without waiting. False when a transaction is
+-- changing a reference table's triggers (it holds a lock that conflicts): that claim hands out
+-- nothing.
+CREATE FUNCTION orphan_cleanup._hold_references() RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel oid;
+BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock_shared(7310246, 3);
+    FOR rel IN SELECT DISTINCT r.table_oid FROM orphan_cleanup.extra_references AS r
+               JOIN pg_catalog.pg_class AS c ON c.oid = r.table_oid ORDER BY 1 LOOP
+        BEGIN
+            EXECUTE format('LOCK TABLE %s IN ROW EXCLUSIVE MODE NOWAIT', rel::regclass);
+        EXCEPTION WHEN lock_not_available OR undefined_table THEN
+            RETURN false;
+        END;
+    END LOOP;
+    RETURN true;
+END
+$$;

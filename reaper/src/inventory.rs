@@ -8,10 +8,11 @@
 //! breadth first and records each page's objects under their full names as it goes.
 //!
 //! What a listing must never do is record an object under a name it does not have: the list
-//! route matches the prefix without regard to case, so the listing of `out/` also holds the
-//! objects of a sibling folder `OUT/`, named as if they were in `out/`. Folders whose names
-//! differ only in case are therefore not walked (their objects are not recorded, so they are
-//! never strays), and the listing says so.
+//! route matches the prefix as an ILIKE pattern (`prefix%`), without regard to case and with
+//! `_` matching any one character, so the listing of `out/` also holds the objects of a sibling
+//! folder `OUT/`, and the listing of `a_b/` those of `aXb/`, named as if they were in `out/` or
+//! `a_b/`. Folders that such a pattern confuses with a sibling are therefore not walked (their
+//! objects are not recorded, so they are never strays), and the listing says so.
 
 use std::collections::VecDeque;
 
@@ -133,20 +134,34 @@ fn split_page(
 }
 
 /// The folders under `prefix` to walk (as prefixes ending in `/`), and those left out because
-/// another's name differs from theirs only in case.
+/// the list route's pattern for one would also match another (see the module's comment).
 fn unambiguous(prefix: &str, dirs: Vec<String>) -> (Vec<String>, Vec<String>) {
     let mut walk = Vec::new();
     let mut ambiguous = Vec::new();
-    for d in &dirs {
-        let twins = dirs.iter().filter(|o| o.eq_ignore_ascii_case(d)).count();
+    for (i, d) in dirs.iter().enumerate() {
+        let confused = dirs
+            .iter()
+            .enumerate()
+            .any(|(j, o)| i != j && (ilike_prefix(d, o) || ilike_prefix(o, d)));
         let folder = format!("{prefix}{d}/");
-        if twins > 1 {
+        if confused {
             ambiguous.push(folder);
         } else {
             walk.push(folder);
         }
     }
     (walk, ambiguous)
+}
+
+/// Whether the list route's pattern for folder `pattern` (`pattern/%`, ILIKE) matches folder
+/// `name`'s objects: equal lengths, each character equal regardless of ASCII case or `_` in the
+/// pattern. (`%` and `\\` cannot occur: object names are ASCII without them.)
+fn ilike_prefix(pattern: &str, name: &str) -> bool {
+    pattern.len() == name.len()
+        && pattern
+            .bytes()
+            .zip(name.bytes())
+            .all(|(p, n)| p == b'_' || p.eq_ignore_ascii_case(&n))
 }
 
 #[cfg(test)]
@@ -181,5 +196,18 @@ mod tests {
         let (walk, ambiguous) = unambiguous("", vec!["out".into(), "OUT".into(), "thumbs".into()]);
         assert_eq!(walk, vec!["thumbs/".to_string()]);
         assert_eq!(ambiguous, vec!["out/".to_string(), "OUT/".to_string()]);
+    }
+
+    #[test]
+    fn a_folder_whose_underscore_matches_a_sibling_is_not_walked() {
+        let (walk, ambiguous) = unambiguous(
+            "out/",
+            vec!["a_b".into(), "aXb".into(), "a_bc".into(), "ab".into()],
+        );
+        assert_eq!(walk, vec!["out/a_bc/".to_string(), "out/ab/".to_string()]);
+        assert_eq!(
+            ambiguous,
+            vec!["out/a_b/".to_string(), "out/aXb/".to_string()]
+        );
     }
 }

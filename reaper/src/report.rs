@@ -54,7 +54,7 @@ pub fn table(periods: &[Period], unit: &str) -> String {
                 thousands(p.orphans_found),
                 thousands(p.strays_found),
                 human_bytes(p.leak_bytes_per_day),
-                format!("${:.2}", p.monthly_saving),
+                dollars(p.monthly_saving),
                 thousands(p.queue_depth),
             ]
         })
@@ -93,6 +93,16 @@ pub fn table(periods: &[Period], unit: &str) -> String {
     out
 }
 
+/// Dollars to the cent; a saving under a cent says so rather than "$0.00" (a small first
+/// reclaim would otherwise read as worthless).
+fn dollars(x: f64) -> String {
+    if x > 0.0 && x < 0.005 {
+        "< $0.01".to_string()
+    } else {
+        format!("${x:.2}")
+    }
+}
+
 /// The totals in words: what a DBA reads first, and pastes into a ticket.
 pub fn summary(periods: &[Period], unit: &str) -> String {
     let objects: i64 = periods.iter().map(|p| p.objects_reclaimed).sum();
@@ -104,11 +114,12 @@ pub fn summary(periods: &[Period], unit: &str) -> String {
     let since = periods.first().map_or("-", |p| p.period_start.as_str());
     let mut out = format!(
         "Over the last {n} {unit}{s} (since {since}): {} objects reclaimed ({}), {} orphans and {} strays found; \
-         storage that no longer costs ${saving:.2} a month.\n",
+         storage that no longer costs {} a month.\n",
         thousands(objects),
         human_bytes(bytes as f64),
         thousands(found),
         thousands(strays),
+        dollars(saving),
         s = if n == 1 { "" } else { "s" },
     );
     if let Some(last) = periods.last() {
@@ -196,6 +207,14 @@ fn human_bytes(b: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_saving_under_a_cent_is_not_shown_as_nothing() {
+        assert_eq!(super::dollars(0.0), "$0.00");
+        assert_eq!(super::dollars(0.0004), "< $0.01");
+        assert_eq!(super::dollars(0.006), "$0.01");
+        assert_eq!(super::dollars(12.345), "$12.35");
+    }
+
     use super::*;
 
     fn period(start: &str, objects: i64, bytes: i64) -> Period {

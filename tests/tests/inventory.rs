@@ -12,6 +12,8 @@
 //                                  -> a_listing_does_not_bring_back_what_was_deleted_while_it_ran
 //   4. bad input: storage.objects present, a folder or an unknown listing given to the SQL API
 //                                  -> inventory_refuses_what_it_cannot_record_truthfully
+//   5. a listing records a page while a confirm() of one of its objects is in flight
+//                                  -> a_listing_waits_for_a_confirm_in_flight
 
 use std::collections::BTreeSet;
 
@@ -367,5 +369,63 @@ fn inventory_refuses_what_it_cannot_record_truthfully() {
         &format!("SELECT orphan_cleanup.inventory_add({listing}, '[]')")
     )
     .contains(&format!("listing {listing} is finished")));
+    assert!(listed(&mut c).is_empty());
+}
+
+/// Sequence 5 (the review of extra references): a listing records a page while a confirm() of
+/// one of its objects is in flight. The record waits for the confirm, then skips the object: it
+/// was deleted after the listing began.
+#[test]
+fn a_listing_waits_for_a_confirm_in_flight() {
+    let (db, emu) = setup("inventory_confirm_in_flight");
+    let mut c = db.client();
+    emu.upload("renders", "out/g1.png", b"g1");
+    emu.age("renders", "", 8);
+    let (ok, text) = inventory(&db, &emu, &[]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        c.query_one("SELECT orphan_cleanup.enqueue_strays()", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+    let claimed = claim(&mut c, "w1", 10);
+    assert_eq!(claimed.len(), 1);
+    let page: String = c
+        .query_one(
+            "SELECT jsonb_agg(jsonb_build_object('name', name, 'id', id, 'created_at', created_at,
+                                                 'updated_at', updated_at, 'metadata', metadata))::text
+             FROM orphan_cleanup.object_inventory",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let listing: i64 = c
+        .query_one(
+            "SELECT orphan_cleanup.inventory_begin('test-lister', 'renders')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut reaper_session = db.client();
+    let mut tx = reaper_session.transaction().unwrap();
+    tx.query(
+        "SELECT * FROM orphan_cleanup.confirm('w1', $1, $2, 'deleted')",
+        &[&claimed.lease, &claimed.ids],
+    )
+    .unwrap();
+    let (adder, pid) = session_in_thread(&db.name, move |s| -> i32 {
+        s.query_one(
+            "SELECT orphan_cleanup.inventory_add($1, $2::text::jsonb)",
+            &[&listing, &page],
+        )
+        .unwrap()
+        .get(0)
+    });
+    wait_until_blocked(&mut c, pid);
+    tx.commit().unwrap();
+    assert_eq!(adder.join().unwrap(), 0, "deleted while the listing ran");
+    c.query_one("SELECT orphan_cleanup.inventory_finish($1)", &[&listing])
+        .unwrap();
     assert!(listed(&mut c).is_empty());
 }

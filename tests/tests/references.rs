@@ -16,8 +16,19 @@
 //      queued or handed out, and health() says why
 //                            -> strays_wait_while_a_reference_is_not_in_force
 //   5. bad input to add_reference(): no index (the error gives the statement), a wrong column
-//      type, a missing table or column, a stored value that cannot be read
+//      type, a missing table or column, a stored value that cannot be read, a whole JSON
+//      document, something other than a string at the path
 //                            -> add_reference_refuses_what_it_cannot_enforce
+// From the review of extra references (a reviewer helper, read-only; each failed before):
+//   6. a partitioned reference table: rows written through a partition fire the clone of the
+//      root's trigger        -> a_partitioned_reference_table_is_guarded
+//   7. a transaction that disables the guard, writes, and enables it again before committing;
+//      a committed DISABLE while reapers hold claims; a trigger given a WHEN clause
+//                            -> a_reference_guard_turned_off_is_noticed
+//   8. a job orphan whose file a reference names
+//                            -> a_job_orphans_file_a_reference_names_is_kept
+//   9. add_reference() while reapers hold claims
+//                            -> add_reference_waits_for_no_claims
 
 use std::collections::BTreeSet;
 
@@ -285,7 +296,7 @@ fn strays_wait_while_a_reference_is_not_in_force() {
         .query("SELECT * FROM orphan_cleanup.preview_strays()", &[])
         .unwrap_err();
     assert!(
-        db_error(&e).contains("an extra reference is not in force: public.thumbnails.url: the guard trigger orphan_cleanup_reference_guard is not enabled ALWAYS (ALTER TABLE public.thumbnails ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard)"),
+        db_error(&e).contains("an extra reference is not in force: public.thumbnails.url: the guard trigger orphan_cleanup_reference_guard on public.thumbnails is not enabled ALWAYS (ALTER TABLE public.thumbnails ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard)"),
         "{}",
         db_error(&e)
     );
@@ -393,7 +404,7 @@ fn add_reference_refuses_what_it_cannot_enforce() {
         &mut c,
         "SELECT orphan_cleanup.add_reference('public.copies', 'path', 'a.b')",
     );
-    assert!(msg.contains("a JSON path needs json or jsonb"), "{msg}");
+    assert!(msg.contains("column path of public.copies is text: a reference reads a text or varchar column, or a string at a JSON path"), "{msg}");
     let (msg, _) = refused(
         &mut c,
         "SELECT orphan_cleanup.add_reference('public.nope', 'path')",
@@ -406,6 +417,209 @@ fn add_reference_refuses_what_it_cannot_enforce() {
     assert!(
         msg.contains("column nope is missing from public.copies"),
         "{msg}"
+    );
+    // A whole JSON document: bare keys inside it are not read, so it would protect nothing.
+    let (msg, hint) = refused(
+        &mut c,
+        "SELECT orphan_cleanup.add_reference('public.copies', 'doc')",
+    );
+    assert!(
+        msg.contains("a string at a JSON path inside a json or jsonb column"),
+        "{msg}"
+    );
+    assert!(hint.contains("Name the path of the string"), "{hint}");
+    // Something other than a string at the path.
+    c.batch_execute(
+        r#"CREATE INDEX ON public.copies USING gin (orphan_cleanup.object_keys(doc #>> '{images}')) WITH (fastupdate = off);
+           INSERT INTO public.copies (doc) VALUES ('{"images": ["renders/out/a.png", "renders/out/b.png"]}');"#,
+    )
+    .unwrap();
+    let (msg, _) = refused(
+        &mut c,
+        "SELECT orphan_cleanup.add_reference('public.copies', 'doc', 'images')",
+    );
+    assert!(
+        msg.contains(
+            "at images inside public.copies.doc a row holds something other than a string"
+        ),
+        "{msg}"
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.extra_references", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+/// Sequence 6: `public.pthumbs` is partitioned; its rows live in a partition, whose trigger is
+/// the clone of the root's. A row naming an object already handed out is refused there too, and
+/// a row being written there makes a claim pass over the object.
+#[test]
+fn a_partitioned_reference_table_is_guarded() {
+    let (db, emu) = leak("references_partitioned", &["out/p1.png", "out/p2.png"]);
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.pthumbs (id int, url text) PARTITION BY RANGE (id);
+         CREATE TABLE public.pthumbs_1 PARTITION OF public.pthumbs FOR VALUES FROM (0) TO (1000);
+         GRANT ALL ON public.pthumbs, public.pthumbs_1 TO PUBLIC;
+         CREATE INDEX pthumbs_keys ON public.pthumbs USING gin (orphan_cleanup.object_keys(url)) WITH (fastupdate = off);
+         SELECT orphan_cleanup.add_reference('public.pthumbs', 'url');",
+    )
+    .unwrap();
+    assert_eq!(enqueue_strays(&mut c), 2);
+    let mut app = db.client();
+    let mut tx = app.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO public.pthumbs VALUES (1, $1)",
+        &[&emu.public_url("renders", "out/p2.png")],
+    )
+    .unwrap();
+    let claimed = claim(&mut c, "w1", 10);
+    assert_eq!(claimed.len(), 1, "p1 handed out, p2 passed over");
+    assert_eq!(stray_row(&mut c, "out/p2.png").0, "pending");
+    tx.commit().unwrap();
+    let e = c
+        .execute(
+            "INSERT INTO public.pthumbs VALUES (2, 'renders/out/p1.png')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(code(&e), "OC002", "{}", db_error(&e));
+    c.batch_execute("DELETE FROM orphan_cleanup.busy").unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    assert_eq!(stray_row(&mut c, "out/p2.png").0, "stale");
+}
+
+/// Sequence 7. A transaction that turns the guard off, writes a row naming a queued stray and
+/// turns it on again holds a lock on the table until it commits: claims meanwhile hand out
+/// nothing, and the claim after it sees the row. A DISABLE committed while reapers hold claims is
+/// refused. A guard given a WHEN clause is not in force (strays wait) until add_reference()
+/// makes it again.
+#[test]
+fn a_reference_guard_turned_off_is_noticed() {
+    let (db, emu) = leak("references_turned_off", &["out/t1.png", "out/t2.png"]);
+    let mut c = db.client();
+    add_references(&mut c);
+    assert_eq!(enqueue_strays(&mut c), 2);
+    let mut app = db.client();
+    let mut tx = app.transaction().unwrap();
+    tx.batch_execute(
+        "ALTER TABLE public.thumbnails DISABLE TRIGGER orphan_cleanup_reference_guard",
+    )
+    .unwrap();
+    tx.execute(
+        "INSERT INTO public.thumbnails (url) VALUES ($1)",
+        &[&emu.public_url("renders", "out/t1.png")],
+    )
+    .unwrap();
+    tx.batch_execute(
+        "ALTER TABLE public.thumbnails ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard",
+    )
+    .unwrap();
+    assert!(
+        claim(&mut c, "w1", 10).is_empty(),
+        "nothing while the guard is being changed"
+    );
+    tx.commit().unwrap();
+    let claimed = claim(&mut c, "w1", 10);
+    assert_eq!(claimed.len(), 1, "t2 only");
+    assert_eq!(stray_row(&mut c, "out/t1.png").0, "stale");
+
+    let e = c
+        .batch_execute(
+            "ALTER TABLE public.thumbnails DISABLE TRIGGER orphan_cleanup_reference_guard",
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("it would leave an extra reference not in force"),
+        "{}",
+        db_error(&e)
+    );
+    c.batch_execute(
+        "UPDATE orphan_cleanup.deletion_queue SET state = 'deleted', finished_at = now() WHERE state = 'claimed'",
+    )
+    .unwrap();
+
+    c.batch_execute(
+        "DROP TRIGGER orphan_cleanup_reference_guard ON public.thumbnails;
+         CREATE TRIGGER orphan_cleanup_reference_guard AFTER INSERT OR UPDATE ON public.thumbnails
+             FOR EACH ROW WHEN (NEW.id < 0) EXECUTE FUNCTION orphan_cleanup.reference_guard();
+         ALTER TABLE public.thumbnails ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard;",
+    )
+    .unwrap();
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.list_references() WHERE reference = 'public.thumbnails.url'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("is missing or changed"), "{detail}");
+    c.batch_execute("SELECT orphan_cleanup.add_reference('public.thumbnails', 'url')")
+        .unwrap();
+    let status: String = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.list_references() WHERE reference = 'public.thumbnails.url'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "ok");
+    let e = c
+        .execute(
+            "INSERT INTO public.thumbnails (url) VALUES ('renders/out/t2.png')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(code(&e), "OC002", "{}", db_error(&e));
+}
+
+/// Sequence 8: a completed job nobody saved is an orphan, but a thumbnail row points at its
+/// file: the claim keeps the file.
+#[test]
+fn a_job_orphans_file_a_reference_names_is_kept() {
+    let (db, emu) = leak("references_job_orphan", &["out/j1.png"]);
+    let mut c = db.client();
+    add_references(&mut c);
+    let url = emu.public_url("renders", "out/j1.png");
+    job(&mut c, "completed", Some(&url), "2 hours", "j");
+    c.execute("INSERT INTO public.thumbnails (url) VALUES ($1)", &[&url])
+        .unwrap();
+    assert_eq!(cycle(&mut c).2, 1, "queued as an orphan");
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    let r = c
+        .query_one(
+            "SELECT state, reason FROM orphan_cleanup.deletion_queue WHERE object_path = 'out/j1.png'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, String>(0), r.get::<_, String>(1)),
+        (
+            "stale".to_string(),
+            "public.thumbnails.url names its object (an extra reference): kept".to_string()
+        )
+    );
+    assert_eq!(emu.objects().len(), 1);
+}
+
+/// Sequence 9: while reapers hold claims, a new reference could name a file being deleted:
+/// add_reference() refuses, saying how to stop the reapers first.
+#[test]
+fn add_reference_waits_for_no_claims() {
+    let (db, _emu) = leak("references_while_claimed", &["out/c1.png"]);
+    let mut c = db.client();
+    c.batch_execute("INSERT INTO public.thumbnails (url) VALUES ('renders/out/c1.png')")
+        .unwrap();
+    assert_eq!(enqueue_strays(&mut c), 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    let e = c
+        .batch_execute("SELECT orphan_cleanup.add_reference('public.thumbnails', 'url')")
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("add_reference() refused: 1 queue row(s) are claimed by reapers"),
+        "{}",
+        db_error(&e)
     );
     let n: i64 = c
         .query_one("SELECT count(*) FROM orphan_cleanup.extra_references", &[])
