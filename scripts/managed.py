@@ -35,6 +35,7 @@ PARTS = [
     SQL / "reports.sql",
     SQL / "inventory.sql",
     SQL / "references.sql",
+    SQL / "partitions.sql",
     SQL / "strays.sql",
     SQL / "grants.sql",
 ]

@@ -44,7 +44,7 @@ scripts/cluster.sh start
 ctest -p e2e -- --test-threads=1
 echo "==> the guarantees' suites again, against the managed edition (PGOC_EDITION=managed)"
 PGOC_EDITION=managed ctest -p e2e --test detection --test queue --test save_guard --test object_guard \
-  --test breaker --test reaper --test chaos --test strays --test inventory --test references --test savings -- --test-threads=1
+  --test breaker --test reaper --test chaos --test strays --test inventory --test references --test partitions --test savings -- --test-threads=1
 
 echo "==> the demo, at CI size (it must not rot)"
 DEMO_JOBS="${DEMO_JOBS:-2000}" scripts/demo.sh >/tmp/pg_orphan_cleanup-demo.log 2>&1 || { cat /tmp/pg_orphan_cleanup-demo.log; exit 1; }

@@ -7,7 +7,7 @@ import os
 import re
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 src={}
-for f in ['schema','pause','detect','guard','queue','reports','breaker','strays','inventory','references']:
+for f in ['schema','pause','detect','guard','queue','reports','breaker','strays','inventory','references','partitions']:
     src[f]=open(os.path.join(ROOT, f'pg_orphan_cleanup/sql/{f}.sql')).read()
 
 def fn(file, name, replace=True, sig=None):
@@ -331,7 +331,7 @@ ALTER TABLE orphan_cleanup.audit_log ADD CONSTRAINT audit_log_action_check
 out.append("""-- The guard watcher: no DDL may leave the attached tables without their exact guards while
 -- reapers hold claims.
 CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER')
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE')
     EXECUTE FUNCTION orphan_cleanup._watch_guards();
 ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
 
@@ -417,6 +417,12 @@ for name in ['_reference_value', '_reference_list', '_reference_type_ok', '_refe
              '_reference_problem', '_referenced_by_sql', 'reference_guard', 'add_reference', '_same_expression',
              'remove_reference', 'list_references', '_reference_table_problem', '_hold_references']:
     out.append(fn('references', name, replace=False))
+out.append("-- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them (sql/partitions.sql).\n")
+out.append(section('partitions', "CREATE TABLE orphan_cleanup.job_partitions (",
+                   "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');"))
+out.append("REVOKE ALL ON orphan_cleanup.job_partitions FROM PUBLIC;\n")
+for name in ['_job_partitions', '_partition_problem', '_look_at_partitions', 'forget_partition']:
+    out.append(fn('partitions', name, replace=False))
 for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
     out.append(fn('strays', name, replace=False))
@@ -518,7 +524,11 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.remove_reference(text, text),
     orphan_cleanup.list_references(),
     orphan_cleanup._reference_table_problem(oid, text, name),
-    orphan_cleanup._hold_references()
+    orphan_cleanup._hold_references(),
+    orphan_cleanup._job_partitions(orphan_cleanup.attachment),
+    orphan_cleanup._partition_problem(),
+    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment),
+    orphan_cleanup.forget_partition(oid)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

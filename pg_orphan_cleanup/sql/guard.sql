@@ -490,11 +490,13 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Run the TRUNCATE in its own READ COMMITTED transaction.';
     END IF;
+    -- TG_RELID: the jobs table, or one of its partitions truncated alone (each carries this
+    -- guard: sql/partitions.sql); its saved jobs only.
     FOR r IN EXECUTE format($sql$
         SELECT j.id, j.output_url FROM %s AS j
         WHERE j.output_url IS NOT NULL
           AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
-        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass)
+        $sql$, TG_RELID::regclass, att.assets_oid::regclass)
     LOOP
         PERFORM orphan_cleanup._keep_saved(r.id, r.output_url, 'truncated');
     END LOOP;
@@ -839,6 +841,8 @@ BEGIN
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
+    -- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them.
+    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
 
     item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
@@ -914,6 +918,12 @@ BEGIN
     IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
         RETURN;  -- attach(), detach(), add_reference() or the upgrade, which check the claims themselves
     END IF;
+    -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
+    -- jobs' files kept, now rather than at the next cycle.
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid) THEN
+        PERFORM orphan_cleanup._look_at_partitions(att);
+    END IF;
     -- An extra reference's guard (sql/references.sql) likewise.
     IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
         problem := orphan_cleanup._reference_problem();
@@ -958,7 +968,7 @@ END
 $$;
 
 CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER')
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE')
     EXECUTE FUNCTION orphan_cleanup._watch_guards();
 -- ALWAYS: it fires under session_replication_role = replica too, as the guards do.
 ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;

@@ -588,6 +588,8 @@ BEGIN
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
+    -- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them.
+    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
 
     item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
@@ -1213,7 +1215,8 @@ BEGIN
     v_refs_ok := orphan_cleanup._reference_problem() IS NULL;
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok;
+                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok
+                   AND orphan_cleanup._partition_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
@@ -1937,6 +1940,8 @@ BEGIN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
     ELSIF v_inventory IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
+    ELSIF orphan_cleanup._partition_problem() IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out until then: ' || orphan_cleanup._partition_problem();
     ELSIF orphan_cleanup._reference_problem() IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out while an extra reference is not in force: ' || orphan_cleanup._reference_problem();
     ELSIF pg_catalog.to_regclass('storage.objects') IS NULL THEN
@@ -2470,11 +2475,13 @@ BEGIN
             USING ERRCODE = 'invalid_transaction_state',
                   HINT = 'Run the TRUNCATE in its own READ COMMITTED transaction.';
     END IF;
+    -- TG_RELID: the jobs table, or one of its partitions truncated alone (each carries this
+    -- guard: sql/partitions.sql); its saved jobs only.
     FOR r IN EXECUTE format($sql$
         SELECT j.id, j.output_url FROM %s AS j
         WHERE j.output_url IS NOT NULL
           AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
-        $sql$, att.jobs_oid::regclass, att.assets_oid::regclass)
+        $sql$, TG_RELID::regclass, att.assets_oid::regclass)
     LOOP
         PERFORM orphan_cleanup._keep_saved(r.id, r.output_url, 'truncated');
     END LOOP;
@@ -2620,6 +2627,12 @@ DECLARE
 BEGIN
     IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
         RETURN;  -- attach(), detach(), add_reference() or the upgrade, which check the claims themselves
+    END IF;
+    -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
+    -- jobs' files kept, now rather than at the next cycle.
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid) THEN
+        PERFORM orphan_cleanup._look_at_partitions(att);
     END IF;
     -- An extra reference's guard (sql/references.sql) likewise.
     IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
@@ -3742,7 +3755,7 @@ ALTER TABLE orphan_cleanup.audit_log ADD CONSTRAINT audit_log_action_check
 -- The guard watcher: no DDL may leave the attached tables without their exact guards while
 -- reapers hold claims.
 CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER')
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE')
     EXECUTE FUNCTION orphan_cleanup._watch_guards();
 ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
 
@@ -4491,6 +4504,113 @@ BEGIN
 END
 $$;
 
+-- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them (sql/partitions.sql).
+
+CREATE TABLE orphan_cleanup.job_partitions (
+    relid     oid PRIMARY KEY,
+    name      text NOT NULL,
+    seen_at   timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');
+
+REVOKE ALL ON orphan_cleanup.job_partitions FROM PUBLIC;
+
+CREATE FUNCTION orphan_cleanup._job_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT pt.relid FROM pg_catalog.pg_partition_tree(att.jobs_oid) AS pt WHERE pt.relid <> att.jobs_oid;
+END;
+
+CREATE FUNCTION orphan_cleanup._partition_problem() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    p record;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.relid, r.name INTO p FROM orphan_cleanup.job_partitions AS r
+    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = r.relid) LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s (oid %s) of the jobs table was dropped: the files of the saved jobs it held can no longer be told from strays (list the saves whose jobs are gone: SELECT * FROM %s AS a WHERE NOT EXISTS (SELECT 1 FROM %s AS j WHERE j.id::text = orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'')); keep their files with cancel(), then SELECT orphan_cleanup.forget_partition(%s))',
+                      p.name, p.relid, att.assets_oid::regclass, att.jobs_oid::regclass, p.relid);
+    END IF;
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS r
+               WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)))
+       OR EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+                  WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r)
+                     OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
+                                    WHERE t.tgrelid = pt.relid AND t.tgname = 'orphan_cleanup_truncate_guard'
+                                      AND t.tgfoid = 'orphan_cleanup.job_truncate_guard()'::regprocedure
+                                      AND t.tgenabled = 'A')) THEN
+        RETURN 'the jobs table''s partitions changed since the last look (a partition created, attached or detached): the next cycle or enqueue_strays() looks at them first';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    p record;
+    r record;
+    rel oid;
+BEGIN
+    -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept.
+    FOR p IN SELECT x.relid, x.name FROM orphan_cleanup.job_partitions AS x
+             WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid)
+               AND x.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)) LOOP
+        FOR r IN EXECUTE format($sql$
+            SELECT j.id, j.output_url FROM %s AS j
+            WHERE j.output_url IS NOT NULL
+              AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
+            $sql$, p.relid::regclass, att.assets_oid::regclass)
+        LOOP
+            PERFORM orphan_cleanup._keep_saved(r.id, r.output_url, format('detached from the jobs table in partition %s', p.name));
+        END LOOP;
+        DELETE FROM orphan_cleanup.job_partitions AS x WHERE x.relid = p.relid;
+    END LOOP;
+    -- New: guarded and recorded.
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    FOR rel IN SELECT orphan_cleanup._job_partitions(att) LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'orphan_cleanup_truncate_guard') THEN
+            EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.job_truncate_guard()', rel::regclass);
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'orphan_cleanup_truncate_guard' AND t.tgenabled = 'A') THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', rel::regclass);
+        END IF;
+        INSERT INTO orphan_cleanup.job_partitions (relid, name) VALUES (rel, rel::regclass::text)
+        ON CONFLICT (relid) DO NOTHING;
+    END LOOP;
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+    RETURN orphan_cleanup._partition_problem();
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup.forget_partition(relid oid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text;
+BEGIN
+    DELETE FROM orphan_cleanup.job_partitions AS x
+    WHERE x.relid = forget_partition.relid AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid)
+    RETURNING x.name INTO v_name;
+    IF v_name IS NULL THEN
+        RAISE EXCEPTION 'no dropped partition with oid % is recorded', coalesce(relid::text, 'NULL')
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'SELECT * FROM orphan_cleanup.job_partitions lists the recorded partitions.';
+    END IF;
+    INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
+    VALUES ('setting_changed', session_user, format('dropped partition %s (oid %s) of the jobs table forgotten', v_name, relid));
+    RETURN format('forgotten: %s; strays are judged again', v_name);
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup._inventory_problem() RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -4671,7 +4791,8 @@ BEGIN
     END IF;
     t := orphan_cleanup._tables();
     v_problem := coalesce(orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column, with_scan => false),
-                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem());
+                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem(),
+                          orphan_cleanup._partition_problem());
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION '% refused: %', fn, v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -4730,6 +4851,12 @@ DECLARE
     total bigint := 0;
     chunk record;
 BEGIN
+    -- The jobs table's partitions first (sql/partitions.sql): a detached one's saved jobs' files
+    -- are kept before any of them could be taken for a stray.
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF FOUND THEN
+        PERFORM orphan_cleanup._look_at_partitions(att);
+    END IF;
     PERFORM orphan_cleanup._strays_ready('enqueue_strays()', min_age, max_rows);
     att := orphan_cleanup._require_attached('enqueue_strays()');
     -- One queueing of strays at a time: a cycle's pass in another order could deadlock with it
@@ -4798,9 +4925,11 @@ BEGIN
         pass := 'not run: a DBA''s enqueue_strays() is queueing strays';
         RETURN;
     END IF;
+    v_problem := orphan_cleanup._look_at_partitions(att);
     v_problem := coalesce(orphan_cleanup._inventory_problem(),
                           orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false),
-                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem());
+                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem(),
+                          v_problem);
     IF v_problem IS NOT NULL THEN
         pass := 'not run: ' || v_problem;
         RETURN;
@@ -4976,7 +5105,11 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.remove_reference(text, text),
     orphan_cleanup.list_references(),
     orphan_cleanup._reference_table_problem(oid, text, name),
-    orphan_cleanup._hold_references()
+    orphan_cleanup._hold_references(),
+    orphan_cleanup._job_partitions(orphan_cleanup.attachment),
+    orphan_cleanup._partition_problem(),
+    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment),
+    orphan_cleanup.forget_partition(oid)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

@@ -454,7 +454,8 @@ BEGIN
     v_refs_ok := orphan_cleanup._reference_problem() IS NULL;
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok;
+                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok
+                   AND orphan_cleanup._partition_problem() IS NULL;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at

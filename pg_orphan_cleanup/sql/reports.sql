@@ -516,6 +516,8 @@ BEGIN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
     ELSIF v_inventory IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
+    ELSIF orphan_cleanup._partition_problem() IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out until then: ' || orphan_cleanup._partition_problem();
     ELSIF orphan_cleanup._reference_problem() IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out while an extra reference is not in force: ' || orphan_cleanup._reference_problem();
     ELSIF pg_catalog.to_regclass('storage.objects') IS NULL THEN

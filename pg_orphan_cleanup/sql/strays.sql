@@ -226,7 +226,8 @@ BEGIN
     END IF;
     t := orphan_cleanup._tables();
     v_problem := coalesce(orphan_cleanup._index_problem(t.jobs_oid, t.assets_oid, t.age_column, with_scan => false),
-                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem());
+                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem(),
+                          orphan_cleanup._partition_problem());
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION '% refused: %', fn, v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -293,6 +294,12 @@ DECLARE
     total bigint := 0;
     chunk record;
 BEGIN
+    -- The jobs table's partitions first (sql/partitions.sql): a detached one's saved jobs' files
+    -- are kept before any of them could be taken for a stray.
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF FOUND THEN
+        PERFORM orphan_cleanup._look_at_partitions(att);
+    END IF;
     PERFORM orphan_cleanup._strays_ready('enqueue_strays()', min_age, max_rows);
     att := orphan_cleanup._require_attached('enqueue_strays()');
     -- One queueing of strays at a time: a cycle's pass in another order could deadlock with it
@@ -376,9 +383,11 @@ BEGIN
         pass := 'not run: a DBA''s enqueue_strays() is queueing strays';
         RETURN;
     END IF;
+    v_problem := orphan_cleanup._look_at_partitions(att);
     v_problem := coalesce(orphan_cleanup._inventory_problem(),
                           orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false),
-                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem());
+                          'an extra reference is not in force: ' || orphan_cleanup._reference_problem(),
+                          v_problem);
     IF v_problem IS NOT NULL THEN
         pass := 'not run: ' || v_problem;
         RETURN;

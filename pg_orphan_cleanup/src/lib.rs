@@ -68,9 +68,14 @@ extension_sql_file!(
     requires = ["inventory"]
 );
 extension_sql_file!(
+    "../sql/partitions.sql",
+    name = "partitions",
+    requires = ["references"]
+);
+extension_sql_file!(
     "../sql/strays.sql",
     name = "strays",
-    requires = ["references"]
+    requires = ["partitions"]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

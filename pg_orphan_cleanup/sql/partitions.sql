@@ -1,0 +1,124 @@
+-- A partitioned jobs table (the second review of stray queueing). Rows can leave it without any
+-- row trigger firing: a TRUNCATE of one partition fires that partition's statement triggers
+-- only, a DETACH PARTITION moves the rows out, a DROP TABLE of a partition removes them. The
+-- files of the saved jobs among them would then be named by no job, and become strays. So:
+--   - every partition carries the jobs table's TRUNCATE guard (orphan_cleanup_truncate_guard),
+--     which keeps the objects of the saved jobs in the partition truncated;
+--   - the partitions are recorded (job_partitions); one detached since is found by the next
+--     look (every reconciliation and enqueue_strays() look first), and the objects of the saved
+--     jobs in it, readable still, are kept;
+--   - one dropped since cannot be read: until a DBA says so (forget_partition()), no stray is
+--     queued or handed out, since its saved jobs' files cannot be told from strays.
+-- Orphans are not concerned: a job row that is gone names no file to delete.
+
+CREATE TABLE orphan_cleanup.job_partitions (
+    relid     oid PRIMARY KEY,
+    name      text NOT NULL,
+    seen_at   timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');
+
+-- The partitions of the attached jobs table (not the table itself).
+CREATE FUNCTION orphan_cleanup._job_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT pt.relid FROM pg_catalog.pg_partition_tree(att.jobs_oid) AS pt WHERE pt.relid <> att.jobs_oid;
+END;
+
+-- Why strays cannot be judged now because of the jobs table's partitions, or NULL: a partition
+-- dropped while recorded, one detached or created and not looked at yet (the next cycle or
+-- enqueue_strays() does), or a partition without its TRUNCATE guard.
+CREATE FUNCTION orphan_cleanup._partition_problem() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    p record;
+BEGIN
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.relid, r.name INTO p FROM orphan_cleanup.job_partitions AS r
+    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = r.relid) LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s (oid %s) of the jobs table was dropped: the files of the saved jobs it held can no longer be told from strays (list the saves whose jobs are gone: SELECT * FROM %s AS a WHERE NOT EXISTS (SELECT 1 FROM %s AS j WHERE j.id::text = orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'')); keep their files with cancel(), then SELECT orphan_cleanup.forget_partition(%s))',
+                      p.name, p.relid, att.assets_oid::regclass, att.jobs_oid::regclass, p.relid);
+    END IF;
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS r
+               WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)))
+       OR EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+                  WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r)
+                     OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
+                                    WHERE t.tgrelid = pt.relid AND t.tgname = 'orphan_cleanup_truncate_guard'
+                                      AND t.tgfoid = 'orphan_cleanup.job_truncate_guard()'::regprocedure
+                                      AND t.tgenabled = 'A')) THEN
+        RETURN 'the jobs table''s partitions changed since the last look (a partition created, attached or detached): the next cycle or enqueue_strays() looks at them first';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Looks at the jobs table's partitions, before strays are queued: a partition detached since
+-- the last look has the objects of its saved jobs kept; a new one gets the TRUNCATE guard and is
+-- recorded. Returns _partition_problem() after it (a dropped partition stays a problem).
+CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    p record;
+    r record;
+    rel oid;
+BEGIN
+    -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept.
+    FOR p IN SELECT x.relid, x.name FROM orphan_cleanup.job_partitions AS x
+             WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid)
+               AND x.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)) LOOP
+        FOR r IN EXECUTE format($sql$
+            SELECT j.id, j.output_url FROM %s AS j
+            WHERE j.output_url IS NOT NULL
+              AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
+            $sql$, p.relid::regclass, att.assets_oid::regclass)
+        LOOP
+            PERFORM orphan_cleanup._keep_saved(r.id, r.output_url, format('detached from the jobs table in partition %s', p.name));
+        END LOOP;
+        DELETE FROM orphan_cleanup.job_partitions AS x WHERE x.relid = p.relid;
+    END LOOP;
+    -- New: guarded and recorded.
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    FOR rel IN SELECT orphan_cleanup._job_partitions(att) LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'orphan_cleanup_truncate_guard') THEN
+            EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.job_truncate_guard()', rel::regclass);
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'orphan_cleanup_truncate_guard' AND t.tgenabled = 'A') THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_truncate_guard', rel::regclass);
+        END IF;
+        INSERT INTO orphan_cleanup.job_partitions (relid, name) VALUES (rel, rel::regclass::text)
+        ON CONFLICT (relid) DO NOTHING;
+    END LOOP;
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+    RETURN orphan_cleanup._partition_problem();
+END
+$$;
+
+-- A DBA's word that a dropped partition of the jobs table was dealt with (the files of its saved
+-- jobs kept with cancel(), or let go): strays are judged again. Audited.
+CREATE FUNCTION orphan_cleanup.forget_partition(relid oid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text;
+BEGIN
+    DELETE FROM orphan_cleanup.job_partitions AS x
+    WHERE x.relid = forget_partition.relid AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid)
+    RETURNING x.name INTO v_name;
+    IF v_name IS NULL THEN
+        RAISE EXCEPTION 'no dropped partition with oid % is recorded', coalesce(relid::text, 'NULL')
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'SELECT * FROM orphan_cleanup.job_partitions lists the recorded partitions.';
+    END IF;
+    INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
+    VALUES ('setting_changed', session_user, format('dropped partition %s (oid %s) of the jobs table forgotten', v_name, relid));
+    RETURN format('forgotten: %s; strays are judged again', v_name);
+END
+$$;

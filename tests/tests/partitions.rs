@@ -1,0 +1,198 @@
+//! A partitioned jobs table and stray objects (the second review of stray queueing, finding C):
+//! rows leave a partitioned table without a row trigger firing, by a TRUNCATE of one partition,
+//! a DETACH PARTITION or a DROP TABLE of a partition. The files of the saved jobs among them must
+//! not become strays.
+
+// Sequences, each a test (each failed before sql/partitions.sql):
+//   1. TRUNCATE of one partition      -> a_truncated_partitions_saved_files_are_kept
+//   2. DETACH PARTITION               -> a_detached_partitions_saved_files_are_kept
+//   3. DROP TABLE of a partition      -> a_dropped_partition_stops_strays_until_forgotten
+//   4. a partition created after attach(), then truncated
+//                                     -> a_new_partition_is_guarded_at_once
+
+use std::collections::BTreeSet;
+
+use e2e::storage::*;
+use e2e::*;
+
+const SETTINGS: &[(&str, &str)] = &[
+    ("allowed_buckets", "renders"),
+    ("allowed_prefixes", "out/"),
+    ("reclaim_strays", "on"),
+];
+
+/// A database whose jobs table is partitioned by created_at (render_jobs_old before 2000,
+/// render_jobs_now from 2020; 2000-2020 left for a partition made later), attached, with `keys`
+/// uploaded eight days ago.
+fn partitioned(name: &str, keys: &[&str]) -> (TestDb, Emulator) {
+    let db = TestDb::create(name);
+    let emu = Emulator::start_keeping(name);
+    let mut pairs = SETTINGS.to_vec();
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    settings(&pairs);
+    emu.create_bucket("renders");
+    for key in keys {
+        emu.upload("renders", key, key.as_bytes());
+    }
+    let mut c = db.client();
+    c.batch_execute(
+        "UPDATE storage.objects SET created_at = created_at - interval '8 days', updated_at = updated_at - interval '8 days';
+         DROP TABLE public.render_jobs;
+         CREATE TABLE public.render_jobs (
+             id uuid NOT NULL DEFAULT gen_random_uuid(), user_id uuid, status text NOT NULL, output_url text,
+             prompt text, error text, created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz,
+             completed_at timestamptz, PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at);
+         CREATE TABLE public.render_jobs_old PARTITION OF public.render_jobs FOR VALUES FROM (MINVALUE) TO ('2000-01-01');
+         CREATE TABLE public.render_jobs_now PARTITION OF public.render_jobs FOR VALUES FROM ('2020-01-01') TO (MAXVALUE);
+         CREATE INDEX ON public.render_jobs (created_at, id) WHERE status = 'completed' AND output_url IS NOT NULL;
+         CREATE INDEX ON public.render_jobs (id);
+         CREATE INDEX ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off);",
+    )
+    .unwrap();
+    db.attach();
+    (db, emu)
+}
+
+/// A saved job naming out/saved.png and an unsaved one naming out/unsaved.png, both in
+/// render_jobs_now.
+fn two_jobs(c: &mut postgres::Client, emu: &Emulator) {
+    let saved = job(
+        c,
+        "completed",
+        Some(&emu.public_url("renders", "out/saved.png")),
+        "2 hours",
+        "s",
+    );
+    save(c, "generated_saved", &saved.0).unwrap();
+    job(
+        c,
+        "running",
+        Some(&emu.public_url("renders", "out/unsaved.png")),
+        "2 hours",
+        "u",
+    );
+}
+
+fn queued(c: &mut postgres::Client) -> BTreeSet<String> {
+    c.query(
+        "SELECT object_path FROM orphan_cleanup.deletion_queue WHERE kind = 'stray'",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn enqueue_strays(c: &mut postgres::Client) -> Result<i64, postgres::Error> {
+    Ok(c.query_one("SELECT orphan_cleanup.enqueue_strays()", &[])?
+        .get(0))
+}
+
+const KEYS: &[&str] = &["out/saved.png", "out/unsaved.png"];
+
+fn only_unsaved() -> BTreeSet<String> {
+    ["out/unsaved.png".to_string()].into_iter().collect()
+}
+
+/// Sequence 1: TRUNCATE render_jobs_now fires that partition's triggers only. Its guard keeps the
+/// saved job's file; the unsaved job's file is a stray.
+#[test]
+fn a_truncated_partitions_saved_files_are_kept() {
+    let (db, emu) = partitioned("partitions_truncate", KEYS);
+    let mut c = db.client();
+    two_jobs(&mut c, &emu);
+    c.batch_execute("TRUNCATE public.render_jobs_now").unwrap();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
+    assert_eq!(queued(&mut c), only_unsaved());
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.objects WHERE object_path = 'out/saved.png' AND kept_at IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1);
+}
+
+/// Sequence 2: DETACH PARTITION moves the rows out of the jobs table. The detached table is
+/// looked at (by the DDL watch, or else before strays are next queued): its saved job's file is
+/// kept.
+#[test]
+fn a_detached_partitions_saved_files_are_kept() {
+    let (db, emu) = partitioned("partitions_detach", KEYS);
+    let mut c = db.client();
+    two_jobs(&mut c, &emu);
+    c.batch_execute("ALTER TABLE public.render_jobs DETACH PARTITION public.render_jobs_now")
+        .unwrap();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
+    assert_eq!(queued(&mut c), only_unsaved());
+    let audited: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.audit_log WHERE action = 'protected'
+               AND detail LIKE '%detached from the jobs table in partition public.render_jobs_now%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 1);
+}
+
+/// Sequence 3: DROP TABLE of a partition leaves nothing to read. Until a DBA says it was dealt
+/// with, no stray is queued (preview and enqueue refuse, naming the partition and the fix) and
+/// none is handed out; forget_partition() lets strays be judged again.
+#[test]
+fn a_dropped_partition_stops_strays_until_forgotten() {
+    let (db, emu) = partitioned("partitions_drop", KEYS);
+    let mut c = db.client();
+    two_jobs(&mut c, &emu);
+    let oid: u32 = c
+        .query_one("SELECT 'public.render_jobs_now'::regclass::oid", &[])
+        .unwrap()
+        .get(0);
+    c.batch_execute("DROP TABLE public.render_jobs_now")
+        .unwrap();
+    let e = enqueue_strays(&mut c).unwrap_err();
+    assert!(
+        db_error(&e).contains(&format!(
+            "partition public.render_jobs_now (oid {oid}) of the jobs table was dropped"
+        )) && db_error(&e).contains(&format!("SELECT orphan_cleanup.forget_partition({oid})")),
+        "{}",
+        db_error(&e)
+    );
+    assert!(queued(&mut c).is_empty());
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'strays'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("was dropped"), "{detail}");
+    c.execute("SELECT orphan_cleanup.forget_partition($1)", &[&oid])
+        .unwrap();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 2, "the DBA let them go");
+}
+
+/// Sequence 4: a partition created after attach() gets its TRUNCATE guard at once (the DDL
+/// watch), before any cycle runs.
+#[test]
+fn a_new_partition_is_guarded_at_once() {
+    let (db, emu) = partitioned("partitions_new", KEYS);
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.render_jobs_mid PARTITION OF public.render_jobs FOR VALUES FROM ('2000-01-01') TO ('2020-01-01')",
+    )
+    .unwrap();
+    let saved: String = c
+        .query_one(
+            "INSERT INTO render_jobs (status, output_url, created_at) VALUES ('completed', $1, '2010-01-01') RETURNING id::text",
+            &[&emu.public_url("renders", "out/saved.png")],
+        )
+        .unwrap()
+        .get(0);
+    save(&mut c, "generated_saved", &saved).unwrap();
+    c.batch_execute("TRUNCATE public.render_jobs_mid").unwrap();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
+    assert_eq!(queued(&mut c), only_unsaved());
+}
