@@ -421,7 +421,7 @@ out.append("-- A partitioned jobs table: each partition's TRUNCATE guard, and th
 out.append(section('partitions', "CREATE TABLE orphan_cleanup.job_partitions (",
                    "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');"))
 out.append("REVOKE ALL ON orphan_cleanup.job_partitions FROM PUBLIC;\n")
-for name in ['_job_partitions', '_partition_problem', '_look_at_partitions', 'forget_partition']:
+for name in ['_job_partitions', '_partition_problem', '_look_at_partitions', 'forget_partition', '_refuse_handed_out_saved']:
     out.append(fn('partitions', name, replace=False))
 for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
@@ -528,7 +528,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
     orphan_cleanup._partition_problem(),
     orphan_cleanup._look_at_partitions(orphan_cleanup.attachment),
-    orphan_cleanup.forget_partition(oid)
+    orphan_cleanup.forget_partition(oid),
+    orphan_cleanup._refuse_handed_out_saved(oid, oid)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

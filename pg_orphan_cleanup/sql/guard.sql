@@ -792,6 +792,9 @@ BEGIN
         PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     END IF;
     IF FOUND AND prev.jobs_oid <> v_jobs THEN
+        PERFORM orphan_cleanup._drop_guards(x.relid) FROM orphan_cleanup.job_partitions AS x
+        WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid);
+        DELETE FROM orphan_cleanup.job_partitions;
         PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     END IF;
     INSERT INTO orphan_cleanup.attachment AS a (singleton, jobs_table, jobs_oid, assets_table, assets_oid, age_column)
@@ -920,9 +923,19 @@ BEGIN
     END IF;
     -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
     -- jobs' files kept, now rather than at the next cycle.
+    -- Only its refusals stop the DDL (a partition attached with saved jobs it must not bring in;
+    -- a detach not at READ COMMITTED); any other failure is left to the next look, and strays
+    -- wait meanwhile (_partition_problem()), rather than every DDL in the database failing.
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid) THEN
-        PERFORM orphan_cleanup._look_at_partitions(att);
+        BEGIN
+            PERFORM orphan_cleanup._look_at_partitions(att);
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('OC002', 'OC003', '25000') THEN
+                RAISE;
+            END IF;
+            RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
+        END;
     END IF;
     -- An extra reference's guard (sql/references.sql) likewise.
     IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
@@ -959,6 +972,9 @@ BEGIN
     END IF;
     PERFORM orphan_cleanup._refuse_while_claimed('detach()', ARRAY[prev.assets_oid, prev.jobs_oid]);
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
+    PERFORM orphan_cleanup._drop_guards(x.relid) FROM orphan_cleanup.job_partitions AS x
+    WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid);
+    DELETE FROM orphan_cleanup.job_partitions;
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     DELETE FROM orphan_cleanup.attachment;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)

@@ -9,7 +9,9 @@
 --     jobs in it, readable still, are kept;
 --   - one dropped since cannot be read: until a DBA says so (forget_partition()), no stray is
 --     queued or handed out, since its saved jobs' files cannot be told from strays.
--- Orphans are not concerned: a job row that is gone names no file to delete.
+-- Job orphans are concerned too: a saved job's row gone makes it no keeper of an object another,
+-- unsaved job shares (a render cache hit). So while _partition_problem() is not NULL, claims hand
+-- out nothing at all (the second review of partitions).
 
 CREATE TABLE orphan_cleanup.job_partitions (
     relid     oid PRIMARY KEY,
@@ -45,6 +47,17 @@ BEGIN
         RETURN format('partition %s (oid %s) of the jobs table was dropped: the files of the saved jobs it held can no longer be told from strays (list the saves whose jobs are gone: SELECT * FROM %s AS a WHERE NOT EXISTS (SELECT 1 FROM %s AS j WHERE j.id::text = orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'')); keep their files with cancel(), then SELECT orphan_cleanup.forget_partition(%s))',
                       p.name, p.relid, att.assets_oid::regclass, att.jobs_oid::regclass, p.relid);
     END IF;
+    SELECT i.inhrelid::regclass::text AS name INTO p FROM pg_catalog.pg_inherits AS i
+    WHERE i.inhrelid IN (SELECT orphan_cleanup._job_partitions(att)) AND i.inhdetachpending LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s of the jobs table is being detached (a DETACH PARTITION ... CONCURRENTLY that did not finish: its rows are hidden from the jobs table); finish it: ALTER TABLE %s DETACH PARTITION %s FINALIZE',
+                      p.name, att.jobs_oid::regclass, p.name);
+    END IF;
+    SELECT c.oid::regclass::text AS name INTO p FROM pg_catalog.pg_class AS c
+    WHERE c.oid IN (SELECT orphan_cleanup._job_partitions(att)) AND c.relkind = 'f' LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s of the jobs table is a foreign table, which cannot carry the TRUNCATE guard that keeps its saved jobs'' files', p.name);
+    END IF;
     IF EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS r
                WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)))
        OR EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
@@ -70,10 +83,18 @@ DECLARE
     r record;
     rel oid;
 BEGIN
-    -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept.
+    -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept, read in a
+    -- snapshot that sees every save committed before the detach (READ COMMITTED only: an older
+    -- snapshot would miss a save committed meanwhile, the second review of partitions).
     FOR p IN SELECT x.relid, x.name FROM orphan_cleanup.job_partitions AS x
              WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid)
                AND x.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)) LOOP
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'partition % left the jobs table %: the files of its saved jobs are kept in a READ COMMITTED transaction only, not %',
+                            p.name, att.jobs_oid::regclass, current_setting('transaction_isolation')
+                USING ERRCODE = 'invalid_transaction_state',
+                      HINT = 'Run the DETACH PARTITION (or this call) in its own READ COMMITTED transaction.';
+        END IF;
         FOR r IN EXECUTE format($sql$
             SELECT j.id, j.output_url FROM %s AS j
             WHERE j.output_url IS NOT NULL
@@ -86,7 +107,14 @@ BEGIN
     END LOOP;
     -- New: guarded and recorded.
     PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
-    FOR rel IN SELECT orphan_cleanup._job_partitions(att) LOOP
+    FOR rel IN SELECT pt.relid FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+               JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid WHERE c.relkind <> 'f' LOOP
+        -- A partition attached with saved jobs in it brought them in past job_guard: they must
+        -- pass what it checks (a URL read in full; no object already handed out).
+        IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS x WHERE x.relid = rel) THEN
+            PERFORM orphan_cleanup._refuse_unread_saved(rel, att.assets_oid, format('a look at partition %s', rel::regclass));
+            PERFORM orphan_cleanup._refuse_handed_out_saved(rel, att.assets_oid);
+        END IF;
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'orphan_cleanup_truncate_guard') THEN
             EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.job_truncate_guard()', rel::regclass);
         END IF;
@@ -120,5 +148,32 @@ BEGIN
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('setting_changed', session_user, format('dropped partition %s (oid %s) of the jobs table forgotten', v_name, relid));
     RETURN format('forgotten: %s; strays are judged again', v_name);
+END
+$$;
+
+-- Refuses (OC002) while a saved job in `rel` names an object already handed out to a reaper (the
+-- file may be deleted): what job_guard refuses for a row written into the jobs table, for rows
+-- that came in with an attached partition.
+CREATE FUNCTION orphan_cleanup._refuse_handed_out_saved(rel oid, assets oid) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job uuid;
+    v_key text;
+BEGIN
+    EXECUTE format($sql$
+        SELECT j.id, k.bucket || '/' || k.object_path
+        FROM %s AS j
+        CROSS JOIN LATERAL orphan_cleanup._objects_of(j.output_url) AS k
+        JOIN orphan_cleanup.objects AS o ON o.bucket = k.bucket AND o.object_path = k.object_path AND o.handouts > 0
+        WHERE j.output_url IS NOT NULL
+          AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
+        LIMIT 1$sql$, rel::regclass, assets::regclass)
+    INTO v_job, v_key;
+    IF v_job IS NOT NULL THEN
+        RAISE EXCEPTION 'partition % holds saved render job %, which names %: that object was handed to a reaper and may already be deleted from storage', rel::regclass, v_job, v_key
+            USING ERRCODE = 'OC002',
+                  HINT = 'Render that job again to a new object path (or remove the save) before the partition joins the jobs table.';
+    END IF;
 END
 $$;

@@ -539,6 +539,9 @@ BEGIN
         PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     END IF;
     IF FOUND AND prev.jobs_oid <> v_jobs THEN
+        PERFORM orphan_cleanup._drop_guards(x.relid) FROM orphan_cleanup.job_partitions AS x
+        WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid);
+        DELETE FROM orphan_cleanup.job_partitions;
         PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     END IF;
     INSERT INTO orphan_cleanup.attachment AS a (singleton, jobs_table, jobs_oid, assets_table, assets_oid, age_column)
@@ -1048,6 +1051,7 @@ DECLARE
     v_n bigint;
     v_inventory boolean;
     v_refs_ok boolean;
+    v_parts_ok boolean;
     v_stored_sql text;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -1213,10 +1217,12 @@ BEGIN
     --    While an extra reference is not in force, nothing is handed out (every row waits);
     --    otherwise an object one names is kept, a stray's or a job orphan's.
     v_refs_ok := orphan_cleanup._reference_problem() IS NULL;
+    -- Likewise while the jobs table's partitions are not looked at (sql/partitions.sql): a saved
+    -- job's row may be out of sight, and with it the keeper of a shared object.
+    v_parts_ok := orphan_cleanup._partition_problem() IS NULL;
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok
-                   AND orphan_cleanup._partition_problem() IS NULL;
+                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok AND v_parts_ok;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
@@ -1349,7 +1355,7 @@ BEGIN
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column, v_stored_sql)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
     USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept,
-          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok;
+          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok AND v_parts_ok;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
@@ -2630,9 +2636,19 @@ BEGIN
     END IF;
     -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
     -- jobs' files kept, now rather than at the next cycle.
+    -- Only its refusals stop the DDL (a partition attached with saved jobs it must not bring in;
+    -- a detach not at READ COMMITTED); any other failure is left to the next look, and strays
+    -- wait meanwhile (_partition_problem()), rather than every DDL in the database failing.
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid) THEN
-        PERFORM orphan_cleanup._look_at_partitions(att);
+        BEGIN
+            PERFORM orphan_cleanup._look_at_partitions(att);
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('OC002', 'OC003', '25000') THEN
+                RAISE;
+            END IF;
+            RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
+        END;
     END IF;
     -- An extra reference's guard (sql/references.sql) likewise.
     IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
@@ -2668,6 +2684,9 @@ BEGIN
     END IF;
     PERFORM orphan_cleanup._refuse_while_claimed('detach()', ARRAY[prev.assets_oid, prev.jobs_oid]);
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
+    PERFORM orphan_cleanup._drop_guards(x.relid) FROM orphan_cleanup.job_partitions AS x
+    WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid);
+    DELETE FROM orphan_cleanup.job_partitions;
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     DELETE FROM orphan_cleanup.attachment;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
@@ -4260,9 +4279,11 @@ DECLARE
     o record;
     ob orphan_cleanup.objects;
 BEGIN
-    -- A partition's row fires the clone of its root's trigger: the references are the root's.
+    -- A partition's row fires the clone of its ancestors' triggers: the references are the
+    -- table's own and its ancestors' (a reference may name a partition, or a partitioned table).
     FOR r IN SELECT * FROM orphan_cleanup._reference_list() AS l
-             WHERE l.table_oid = coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID) AND l.value_sql IS NOT NULL LOOP
+             WHERE l.table_oid IN (SELECT pg_catalog.pg_partition_ancestors(TG_RELID) UNION SELECT TG_RELID)
+               AND l.value_sql IS NOT NULL LOOP
         IF cardinality(r.json_path) > 0 THEN
             EXECUTE format('SELECT jsonb_typeof(x.%I::jsonb #> %L::text[]) FROM (SELECT ($1).*) AS x', r.column_name, r.json_path)
                 INTO v_type USING NEW;
@@ -4538,6 +4559,17 @@ BEGIN
         RETURN format('partition %s (oid %s) of the jobs table was dropped: the files of the saved jobs it held can no longer be told from strays (list the saves whose jobs are gone: SELECT * FROM %s AS a WHERE NOT EXISTS (SELECT 1 FROM %s AS j WHERE j.id::text = orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'')); keep their files with cancel(), then SELECT orphan_cleanup.forget_partition(%s))',
                       p.name, p.relid, att.assets_oid::regclass, att.jobs_oid::regclass, p.relid);
     END IF;
+    SELECT i.inhrelid::regclass::text AS name INTO p FROM pg_catalog.pg_inherits AS i
+    WHERE i.inhrelid IN (SELECT orphan_cleanup._job_partitions(att)) AND i.inhdetachpending LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s of the jobs table is being detached (a DETACH PARTITION ... CONCURRENTLY that did not finish: its rows are hidden from the jobs table); finish it: ALTER TABLE %s DETACH PARTITION %s FINALIZE',
+                      p.name, att.jobs_oid::regclass, p.name);
+    END IF;
+    SELECT c.oid::regclass::text AS name INTO p FROM pg_catalog.pg_class AS c
+    WHERE c.oid IN (SELECT orphan_cleanup._job_partitions(att)) AND c.relkind = 'f' LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s of the jobs table is a foreign table, which cannot carry the TRUNCATE guard that keeps its saved jobs'' files', p.name);
+    END IF;
     IF EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS r
                WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)))
        OR EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
@@ -4560,10 +4592,18 @@ DECLARE
     r record;
     rel oid;
 BEGIN
-    -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept.
+    -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept, read in a
+    -- snapshot that sees every save committed before the detach (READ COMMITTED only: an older
+    -- snapshot would miss a save committed meanwhile, the second review of partitions).
     FOR p IN SELECT x.relid, x.name FROM orphan_cleanup.job_partitions AS x
              WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid)
                AND x.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)) LOOP
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'partition % left the jobs table %: the files of its saved jobs are kept in a READ COMMITTED transaction only, not %',
+                            p.name, att.jobs_oid::regclass, current_setting('transaction_isolation')
+                USING ERRCODE = 'invalid_transaction_state',
+                      HINT = 'Run the DETACH PARTITION (or this call) in its own READ COMMITTED transaction.';
+        END IF;
         FOR r IN EXECUTE format($sql$
             SELECT j.id, j.output_url FROM %s AS j
             WHERE j.output_url IS NOT NULL
@@ -4576,7 +4616,14 @@ BEGIN
     END LOOP;
     -- New: guarded and recorded.
     PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
-    FOR rel IN SELECT orphan_cleanup._job_partitions(att) LOOP
+    FOR rel IN SELECT pt.relid FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+               JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid WHERE c.relkind <> 'f' LOOP
+        -- A partition attached with saved jobs in it brought them in past job_guard: they must
+        -- pass what it checks (a URL read in full; no object already handed out).
+        IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS x WHERE x.relid = rel) THEN
+            PERFORM orphan_cleanup._refuse_unread_saved(rel, att.assets_oid, format('a look at partition %s', rel::regclass));
+            PERFORM orphan_cleanup._refuse_handed_out_saved(rel, att.assets_oid);
+        END IF;
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = rel AND t.tgname = 'orphan_cleanup_truncate_guard') THEN
             EXECUTE format('CREATE TRIGGER orphan_cleanup_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION orphan_cleanup.job_truncate_guard()', rel::regclass);
         END IF;
@@ -4608,6 +4655,30 @@ BEGIN
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('setting_changed', session_user, format('dropped partition %s (oid %s) of the jobs table forgotten', v_name, relid));
     RETURN format('forgotten: %s; strays are judged again', v_name);
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._refuse_handed_out_saved(rel oid, assets oid) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job uuid;
+    v_key text;
+BEGIN
+    EXECUTE format($sql$
+        SELECT j.id, k.bucket || '/' || k.object_path
+        FROM %s AS j
+        CROSS JOIN LATERAL orphan_cleanup._objects_of(j.output_url) AS k
+        JOIN orphan_cleanup.objects AS o ON o.bucket = k.bucket AND o.object_path = k.object_path AND o.handouts > 0
+        WHERE j.output_url IS NOT NULL
+          AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
+        LIMIT 1$sql$, rel::regclass, assets::regclass)
+    INTO v_job, v_key;
+    IF v_job IS NOT NULL THEN
+        RAISE EXCEPTION 'partition % holds saved render job %, which names %: that object was handed to a reaper and may already be deleted from storage', rel::regclass, v_job, v_key
+            USING ERRCODE = 'OC002',
+                  HINT = 'Render that job again to a new object path (or remove the save) before the partition joins the jobs table.';
+    END IF;
 END
 $$;
 
@@ -5109,7 +5180,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
     orphan_cleanup._partition_problem(),
     orphan_cleanup._look_at_partitions(orphan_cleanup.attachment),
-    orphan_cleanup.forget_partition(oid)
+    orphan_cleanup.forget_partition(oid),
+    orphan_cleanup._refuse_handed_out_saved(oid, oid)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),

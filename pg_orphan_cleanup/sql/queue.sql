@@ -287,6 +287,7 @@ DECLARE
     v_n bigint;
     v_inventory boolean;
     v_refs_ok boolean;
+    v_parts_ok boolean;
     v_stored_sql text;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -452,10 +453,12 @@ BEGIN
     --    While an extra reference is not in force, nothing is handed out (every row waits);
     --    otherwise an object one names is kept, a stray's or a job orphan's.
     v_refs_ok := orphan_cleanup._reference_problem() IS NULL;
+    -- Likewise while the jobs table's partitions are not looked at (sql/partitions.sql): a saved
+    -- job's row may be out of sight, and with it the keeper of a shared object.
+    v_parts_ok := orphan_cleanup._partition_problem() IS NULL;
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok
-                   AND orphan_cleanup._partition_problem() IS NULL;
+                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok AND v_parts_ok;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
@@ -588,7 +591,7 @@ BEGIN
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column, v_stored_sql)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
     USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept,
-          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok;
+          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok AND v_parts_ok;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),

@@ -179,9 +179,11 @@ DECLARE
     o record;
     ob orphan_cleanup.objects;
 BEGIN
-    -- A partition's row fires the clone of its root's trigger: the references are the root's.
+    -- A partition's row fires the clone of its ancestors' triggers: the references are the
+    -- table's own and its ancestors' (a reference may name a partition, or a partitioned table).
     FOR r IN SELECT * FROM orphan_cleanup._reference_list() AS l
-             WHERE l.table_oid = coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID) AND l.value_sql IS NOT NULL LOOP
+             WHERE l.table_oid IN (SELECT pg_catalog.pg_partition_ancestors(TG_RELID) UNION SELECT TG_RELID)
+               AND l.value_sql IS NOT NULL LOOP
         IF cardinality(r.json_path) > 0 THEN
             EXECUTE format('SELECT jsonb_typeof(x.%I::jsonb #> %L::text[]) FROM (SELECT ($1).*) AS x', r.column_name, r.json_path)
                 INTO v_type USING NEW;

@@ -196,3 +196,105 @@ fn a_new_partition_is_guarded_at_once() {
     assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
     assert_eq!(queued(&mut c), only_unsaved());
 }
+
+// From the second review of partitions (a reviewer helper; each failed before its fix):
+//   5. a DETACH at REPEATABLE READ whose snapshot predates a save
+//                                     -> a_detach_not_at_read_committed_is_refused
+//   6. a dropped partition held the saved job sharing an unsaved job's object
+//                                     -> an_orphans_claim_waits_while_a_partition_is_gone
+//   7. a table attached as a partition with a saved job naming a handed-out object
+//                                     -> a_partition_bringing_a_handed_out_save_is_refused
+
+/// Sequence 5: the detach's look at the saved jobs would read an old snapshot and miss a save
+/// committed meanwhile; it is refused, naming the fix.
+#[test]
+fn a_detach_not_at_read_committed_is_refused() {
+    let (db, emu) = partitioned("partitions_detach_rr", KEYS);
+    let mut c = db.client();
+    let saved = job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/saved.png")),
+        "2 hours",
+        "s",
+    );
+    let mut a = db.client();
+    let mut rr = a
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    rr.query_one("SELECT count(*) FROM user_assets", &[])
+        .unwrap();
+    save(&mut c, "generated_saved", &saved.0).unwrap();
+    let e = rr
+        .batch_execute("ALTER TABLE public.render_jobs DETACH PARTITION public.render_jobs_now")
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("are kept in a READ COMMITTED transaction only, not repeatable read"),
+        "{}",
+        db_error(&e)
+    );
+    drop(rr);
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1, "out/unsaved.png only");
+}
+
+/// Sequence 6: a saved job in render_jobs_old and an unsaved one in render_jobs_now name the
+/// same object (a render cache hit). render_jobs_old is dropped: the unsaved job looks like an
+/// orphan with no keeper, and is queued; no claim hands it out until the drop is dealt with.
+#[test]
+fn an_orphans_claim_waits_while_a_partition_is_gone() {
+    let (db, emu) = partitioned("partitions_orphan_wait", &["out/shared.png"]);
+    let mut c = db.client();
+    let url = emu.public_url("renders", "out/shared.png");
+    let saved: String = c
+        .query_one(
+            "INSERT INTO render_jobs (status, output_url, created_at) VALUES ('completed', $1, '1990-01-01') RETURNING id::text",
+            &[&url],
+        )
+        .unwrap()
+        .get(0);
+    save(&mut c, "generated_saved", &saved).unwrap();
+    job(&mut c, "completed", Some(&url), "2 hours", "cache hit");
+    c.batch_execute("DROP TABLE public.render_jobs_old")
+        .unwrap();
+    cycle(&mut c);
+    assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
+    assert_eq!(emu.objects().len(), 1);
+}
+
+/// Sequence 7: a table whose saved job names an object already handed out joins the jobs table
+/// as a partition: refused, as job_guard refuses such a row written into the jobs table.
+#[test]
+fn a_partition_bringing_a_handed_out_save_is_refused() {
+    let (db, emu) = partitioned("partitions_attach_handed_out", &["out/gone.png"]);
+    let mut c = db.client();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    c.batch_execute(
+        "CREATE TABLE public.render_jobs_mid (LIKE public.render_jobs INCLUDING DEFAULTS);",
+    )
+    .unwrap();
+    let saved: String = c
+        .query_one(
+            "INSERT INTO public.render_jobs_mid (status, output_url, created_at) VALUES ('completed', $1, '2010-01-01') RETURNING id::text",
+            &[&emu.public_url("renders", "out/gone.png")],
+        )
+        .unwrap()
+        .get(0);
+    c.execute(
+        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+        &[&saved],
+    )
+    .unwrap();
+    let e = c
+        .batch_execute(
+            "ALTER TABLE public.render_jobs ATTACH PARTITION public.render_jobs_mid FOR VALUES FROM ('2000-01-01') TO ('2020-01-01')",
+        )
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("that object was handed to a reaper and may already be deleted"),
+        "{}",
+        db_error(&e)
+    );
+}

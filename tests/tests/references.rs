@@ -627,3 +627,27 @@ fn add_reference_waits_for_no_claims() {
         .get(0);
     assert_eq!(n, 0);
 }
+
+/// From the second review: a reference may name a partition itself; rows written there are
+/// guarded like rows of a plain table.
+#[test]
+fn a_reference_on_a_partition_is_guarded() {
+    let (db, _emu) = leak("references_on_partition", &["out/q1.png"]);
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.qthumbs (id int, url text) PARTITION BY RANGE (id);
+         CREATE TABLE public.qthumbs_1 PARTITION OF public.qthumbs FOR VALUES FROM (0) TO (1000);
+         CREATE INDEX qthumbs_1_keys ON public.qthumbs_1 USING gin (orphan_cleanup.object_keys(url)) WITH (fastupdate = off);
+         SELECT orphan_cleanup.add_reference('public.qthumbs_1', 'url');",
+    )
+    .unwrap();
+    assert_eq!(enqueue_strays(&mut c), 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    let e = c
+        .execute(
+            "INSERT INTO public.qthumbs_1 VALUES (1, 'renders/out/q1.png')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(code(&e), "OC002", "{}", db_error(&e));
+}
