@@ -50,6 +50,9 @@ out.append("""-- pg_orphan_cleanup 0.1.0 -> 0.2.0
 
 \\echo Use "ALTER EXTENSION pg_orphan_cleanup UPDATE TO '0.2.0'" to load this file. \\quit
 
+-- The update changes guards itself: the DDL watch it creates stays out of its way.
+SELECT pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+
 -- Every lock below is brief, but waiting behind a long transaction would stall the app's writes
 -- queued behind this update: give up after 10 s instead (run the update again at a quieter time).
 SET LOCAL lock_timeout = '10s';
@@ -264,6 +267,7 @@ out.append(fn('guard','_keep_saved', replace=False))
 out.append(fn('guard','job_truncate_guard', replace=False))
 out.append(fn('guard','job_guard', replace=False))
 out.append(fn('guard','_drop_guards'))
+out.append(fn('guard','_drop_partition_guards', replace=False))
 out.append(fn('guard','_refuse_while_claimed', replace=False))
 out.append(fn('guard','_watch_guards', replace=False))
 out.append(fn('guard','detach'))
@@ -421,7 +425,7 @@ out.append("-- A partitioned jobs table: each partition's TRUNCATE guard, and th
 out.append(section('partitions', "CREATE TABLE orphan_cleanup.job_partitions (",
                    "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');"))
 out.append("REVOKE ALL ON orphan_cleanup.job_partitions FROM PUBLIC;\n")
-for name in ['_job_partitions', '_partition_problem', '_look_at_partitions', 'forget_partition', '_refuse_handed_out_saved']:
+for name in ['_job_partitions', '_partition_gone_problem', '_partition_problem', '_look_at_partitions', 'forget_partition', '_refuse_handed_out_saved']:
     out.append(fn('partitions', name, replace=False))
 for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
@@ -529,7 +533,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._partition_problem(),
     orphan_cleanup._look_at_partitions(orphan_cleanup.attachment),
     orphan_cleanup.forget_partition(oid),
-    orphan_cleanup._refuse_handed_out_saved(oid, oid)
+    orphan_cleanup._refuse_handed_out_saved(oid, oid),
+    orphan_cleanup._partition_gone_problem(),
+    orphan_cleanup._drop_partition_guards()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
@@ -571,5 +577,14 @@ BEGIN
     END LOOP;
 END
 $index_notice$;
+
+-- A partitioned jobs table: its partitions get their TRUNCATE guards and are recorded now
+-- (sql/partitions.sql), not at the first cycle.
+DO $partitions$
+BEGIN
+    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a
+    WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = a.jobs_oid AND c.relkind = 'p');
+END
+$partitions$;
 """)
 open(os.path.join(ROOT, 'pg_orphan_cleanup/sql/pg_orphan_cleanup--0.1.0--0.2.0.sql'),'w').write("\n".join(out))

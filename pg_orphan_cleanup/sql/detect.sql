@@ -398,6 +398,14 @@ DECLARE
     chunk_rows CONSTANT integer := 2000;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
+    -- The jobs table's partitions, every cycle whatever the settings (sql/partitions.sql): where
+    -- no DDL watch runs, this is what records a new partition and keeps a detached one's saved
+    -- files, and until it has, claims wait. A failure here stops no cycle; health() says why.
+    BEGIN
+        PERFORM orphan_cleanup._look_at_partitions(att);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions: %', SQLERRM;
+    END;
     SELECT * INTO cfg FROM orphan_cleanup._config();
     dry := cfg.dry_run;
     IF orphan_cleanup._no_entries(cfg.allowed_buckets) AND NOT dry THEN

@@ -726,6 +726,25 @@ BEGIN
 END
 $$;
 
+-- Drops the TRUNCATE guards sql/partitions.sql put on the recorded partitions of the jobs table
+-- (statement triggers of their own, not clones of the table's row triggers, which go with it),
+-- and forgets the partitions: detach(), or attach() to other tables.
+CREATE FUNCTION orphan_cleanup._drop_partition_guards() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel oid;
+BEGIN
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    FOR rel IN SELECT x.relid FROM orphan_cleanup.job_partitions AS x
+               JOIN pg_catalog.pg_trigger AS t ON t.tgrelid = x.relid AND t.tgname = 'orphan_cleanup_truncate_guard' AND t.tgparentid = 0
+               ORDER BY 1 LOOP
+        EXECUTE format('DROP TRIGGER orphan_cleanup_truncate_guard ON %s', rel::regclass);
+    END LOOP;
+    DELETE FROM orphan_cleanup.job_partitions;
+END
+$$;
+
 -- Checks the configured tables, installs the save guard, and records the tables so that later
 -- setting changes cannot silently redirect cycles and claims. Idempotent.
 CREATE FUNCTION orphan_cleanup.attach()
@@ -792,8 +811,7 @@ BEGIN
         PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     END IF;
     IF FOUND AND prev.jobs_oid <> v_jobs THEN
-        PERFORM orphan_cleanup._drop_guards(x.relid) FROM orphan_cleanup.job_partitions AS x
-        WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid);
+        PERFORM orphan_cleanup._drop_partition_guards();
         DELETE FROM orphan_cleanup.job_partitions;
         PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     END IF;
@@ -927,7 +945,7 @@ BEGIN
     -- a detach not at READ COMMITTED); any other failure is left to the next look, and strays
     -- wait meanwhile (_partition_problem()), rather than every DDL in the database failing.
     SELECT * INTO att FROM orphan_cleanup.attachment;
-    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid) THEN
+    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid AND c.relkind = 'p') THEN
         BEGIN
             PERFORM orphan_cleanup._look_at_partitions(att);
         EXCEPTION WHEN OTHERS THEN
@@ -937,8 +955,9 @@ BEGIN
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
         END;
     END IF;
-    -- An extra reference's guard (sql/references.sql) likewise.
-    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+    -- An extra reference's guard (sql/references.sql) likewise. (A CREATE TABLE changes no
+    -- existing table's triggers.)
+    IF tg_tag <> 'CREATE TABLE' AND EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
         problem := orphan_cleanup._reference_problem();
         IF problem IS NOT NULL THEN
             RAISE EXCEPTION '% refused: it would leave an extra reference not in force (%) while reapers hold claims', tg_tag, problem
@@ -972,8 +991,7 @@ BEGIN
     END IF;
     PERFORM orphan_cleanup._refuse_while_claimed('detach()', ARRAY[prev.assets_oid, prev.jobs_oid]);
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
-    PERFORM orphan_cleanup._drop_guards(x.relid) FROM orphan_cleanup.job_partitions AS x
-    WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid);
+    PERFORM orphan_cleanup._drop_partition_guards();
     DELETE FROM orphan_cleanup.job_partitions;
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     DELETE FROM orphan_cleanup.attachment;

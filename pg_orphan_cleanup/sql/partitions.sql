@@ -20,17 +20,22 @@ CREATE TABLE orphan_cleanup.job_partitions (
 );
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');
 
--- The partitions of the attached jobs table (not the table itself).
+-- The partitions of the attached jobs table (not the table itself), at every level, those being
+-- detached (DETACH ... CONCURRENTLY not finished) included: pg_partition_tree() leaves them out.
 CREATE FUNCTION orphan_cleanup._job_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT pt.relid FROM pg_catalog.pg_partition_tree(att.jobs_oid) AS pt WHERE pt.relid <> att.jobs_oid;
+    WITH RECURSIVE tree(relid) AS (
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.jobs_oid
+        UNION
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.relid)
+    SELECT tree.relid FROM tree;
 END;
 
--- Why strays cannot be judged now because of the jobs table's partitions, or NULL: a partition
--- dropped while recorded, one detached or created and not looked at yet (the next cycle or
--- enqueue_strays() does), or a partition without its TRUNCATE guard.
-CREATE FUNCTION orphan_cleanup._partition_problem() RETURNS text
+-- Why nothing may be handed out now because of the jobs table's partitions, or NULL: saved
+-- jobs' rows out of sight (a partition dropped while recorded, one being detached, one detached
+-- and not looked at yet): their objects, shared with an unsaved job, would not keep it.
+CREATE FUNCTION orphan_cleanup._partition_gone_problem() RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -53,20 +58,45 @@ BEGIN
         RETURN format('partition %s of the jobs table is being detached (a DETACH PARTITION ... CONCURRENTLY that did not finish: its rows are hidden from the jobs table); finish it: ALTER TABLE %s DETACH PARTITION %s FINALIZE',
                       p.name, att.jobs_oid::regclass, p.name);
     END IF;
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS r
+               WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att))) THEN
+        RETURN 'a partition left the jobs table since the last look (DETACH PARTITION): the next cycle, or any DDL, looks at it and keeps the files of its saved jobs';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Why strays cannot be judged now because of the jobs table's partitions, or NULL: what stops
+-- every claim (_partition_gone_problem()), a foreign partition (no TRUNCATE guard possible), or a
+-- partition created or attached and not looked at yet (the next cycle, or the DDL watch, does).
+CREATE FUNCTION orphan_cleanup._partition_problem() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    p record;
+    v text;
+BEGIN
+    v := orphan_cleanup._partition_gone_problem();
+    IF v IS NOT NULL THEN
+        RETURN v;
+    END IF;
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
     SELECT c.oid::regclass::text AS name INTO p FROM pg_catalog.pg_class AS c
     WHERE c.oid IN (SELECT orphan_cleanup._job_partitions(att)) AND c.relkind = 'f' LIMIT 1;
     IF FOUND THEN
         RETURN format('partition %s of the jobs table is a foreign table, which cannot carry the TRUNCATE guard that keeps its saved jobs'' files', p.name);
     END IF;
-    IF EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS r
-               WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)))
-       OR EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+    IF EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
                   WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r)
                      OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
                                     WHERE t.tgrelid = pt.relid AND t.tgname = 'orphan_cleanup_truncate_guard'
                                       AND t.tgfoid = 'orphan_cleanup.job_truncate_guard()'::regprocedure
                                       AND t.tgenabled = 'A')) THEN
-        RETURN 'the jobs table''s partitions changed since the last look (a partition created, attached or detached): the next cycle or enqueue_strays() looks at them first';
+        RETURN 'a partition of the jobs table was created or attached since the last look, and has no TRUNCATE guard yet: the next cycle, or any DDL, looks at it';
     END IF;
     RETURN NULL;
 END
@@ -82,6 +112,7 @@ DECLARE
     p record;
     r record;
     rel oid;
+    v_changing text;
 BEGIN
     -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept, read in a
     -- snapshot that sees every save committed before the detach (READ COMMITTED only: an older
@@ -106,6 +137,7 @@ BEGIN
         DELETE FROM orphan_cleanup.job_partitions AS x WHERE x.relid = p.relid;
     END LOOP;
     -- New: guarded and recorded.
+    v_changing := coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '');
     PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
     FOR rel IN SELECT pt.relid FROM orphan_cleanup._job_partitions(att) AS pt(relid)
                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid WHERE c.relkind <> 'f' LOOP
@@ -124,7 +156,7 @@ BEGIN
         INSERT INTO orphan_cleanup.job_partitions (relid, name) VALUES (rel, rel::regclass::text)
         ON CONFLICT (relid) DO NOTHING;
     END LOOP;
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', v_changing, true);
     RETURN orphan_cleanup._partition_problem();
 END
 $$;
@@ -160,20 +192,30 @@ AS $$
 DECLARE
     v_job uuid;
     v_key text;
+    r record;
+    ob orphan_cleanup.objects;
 BEGIN
-    EXECUTE format($sql$
-        SELECT j.id, k.bucket || '/' || k.object_path
+    -- Each object held (in sorted order, as saves hold them): a claim in flight of one of them
+    -- finishes first, and its hand-out is then seen (the third review of partitions).
+    FOR r IN EXECUTE format($sql$
+        SELECT DISTINCT k.bucket, k.object_path, min(j.id::text) OVER (PARTITION BY k.bucket, k.object_path) AS job
         FROM %s AS j
         CROSS JOIN LATERAL orphan_cleanup._objects_of(j.output_url) AS k
-        JOIN orphan_cleanup.objects AS o ON o.bucket = k.bucket AND o.object_path = k.object_path AND o.handouts > 0
         WHERE j.output_url IS NOT NULL
           AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
-        LIMIT 1$sql$, rel::regclass, assets::regclass)
-    INTO v_job, v_key;
+        ORDER BY 1, 2$sql$, rel::regclass, assets::regclass)
+    LOOP
+        ob := orphan_cleanup._hold_object(r.bucket, r.object_path);
+        IF ob.handouts > 0 THEN
+            v_job := r.job::uuid;
+            v_key := r.bucket || '/' || r.object_path;
+            EXIT;
+        END IF;
+    END LOOP;
     IF v_job IS NOT NULL THEN
         RAISE EXCEPTION 'partition % holds saved render job %, which names %: that object was handed to a reaper and may already be deleted from storage', rel::regclass, v_job, v_key
             USING ERRCODE = 'OC002',
-                  HINT = 'Render that job again to a new object path (or remove the save) before the partition joins the jobs table.';
+                  HINT = 'Render that job again to a new object path (or remove the save); a partition that joined the jobs table with it stops strays until then.';
     END IF;
 END
 $$;

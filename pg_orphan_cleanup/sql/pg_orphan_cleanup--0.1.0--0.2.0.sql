@@ -11,6 +11,9 @@
 
 \echo Use "ALTER EXTENSION pg_orphan_cleanup UPDATE TO '0.2.0'" to load this file. \quit
 
+-- The update changes guards itself: the DDL watch it creates stays out of its way.
+SELECT pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+
 -- Every lock below is brief, but waiting behind a long transaction would stall the app's writes
 -- queued behind this update: give up after 10 s instead (run the update again at a quieter time).
 SET LOCAL lock_timeout = '10s';
@@ -270,6 +273,14 @@ DECLARE
     chunk_rows CONSTANT integer := 2000;
 BEGIN
     att := orphan_cleanup._require_attached('run_cycle()');
+    -- The jobs table's partitions, every cycle whatever the settings (sql/partitions.sql): where
+    -- no DDL watch runs, this is what records a new partition and keeps a detached one's saved
+    -- files, and until it has, claims wait. A failure here stops no cycle; health() says why.
+    BEGIN
+        PERFORM orphan_cleanup._look_at_partitions(att);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions: %', SQLERRM;
+    END;
     SELECT * INTO cfg FROM orphan_cleanup._config();
     dry := cfg.dry_run;
     IF orphan_cleanup._no_entries(cfg.allowed_buckets) AND NOT dry THEN
@@ -539,8 +550,7 @@ BEGIN
         PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     END IF;
     IF FOUND AND prev.jobs_oid <> v_jobs THEN
-        PERFORM orphan_cleanup._drop_guards(x.relid) FROM orphan_cleanup.job_partitions AS x
-        WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid);
+        PERFORM orphan_cleanup._drop_partition_guards();
         DELETE FROM orphan_cleanup.job_partitions;
         PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     END IF;
@@ -1217,8 +1227,10 @@ BEGIN
     --    While an extra reference is not in force, nothing is handed out (every row waits);
     --    otherwise an object one names is kept, a stray's or a job orphan's.
     v_refs_ok := orphan_cleanup._reference_problem() IS NULL;
-    -- Likewise while the jobs table's partitions are not looked at (sql/partitions.sql): a saved
-    -- job's row may be out of sight, and with it the keeper of a shared object.
+    -- Likewise while a saved job's row may be out of sight in the jobs table's partitions (one
+    -- dropped, being detached, or detached and not looked at: sql/partitions.sql), and with it
+    -- the keeper of a shared object: checked in the re-check's own statement below, so with its
+    -- snapshot. Strays wait for any partition problem (a new one without its TRUNCATE guard).
     v_parts_ok := orphan_cleanup._partition_problem() IS NULL;
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
@@ -1263,7 +1275,7 @@ BEGIN
         v AS (
             SELECT d.id,
                    CASE
-                       WHEN NOT $9 THEN 'wait'
+                       WHEN NOT ($9 AND okp.fine) THEN 'wait'
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'cancelled'
                            WHEN ob.key IS NULL THEN 'busy'
@@ -1312,12 +1324,13 @@ BEGIN
                        WHEN rf.name IS NOT NULL THEN format('%%s names its object (an extra reference): kept', rf.name)
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
                    END AS reason,
-                   CASE WHEN NOT $9 THEN now() + interval '10 minutes'
+                   CASE WHEN NOT ($9 AND okp.fine) THEN now() + interval '10 minutes'
                         WHEN d.job_id IS NULL
                         THEN CASE WHEN $7 THEN st.created_at + $8 ELSE now() + interval '10 minutes' END
                         ELSE j.%3$I + $4 END AS wait_until
             -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
             FROM unnest($1::bigint[]) AS wanted(id)
+            CROSS JOIN (SELECT orphan_cleanup._partition_gone_problem() IS NULL AS fine) AS okp
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
             LEFT JOIN %1$s AS j ON j.id = d.job_id
             LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id
@@ -1355,7 +1368,7 @@ BEGIN
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column, v_stored_sql)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
     USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept,
-          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok AND v_parts_ok;
+          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),
@@ -1963,6 +1976,8 @@ BEGIN
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
     IF NOT cfg.reaping_enabled THEN
         status := 'warning'; detail := 'orphan_cleanup.reaping_enabled = off: claim() hands out nothing';
+    ELSIF orphan_cleanup._partition_gone_problem() IS NOT NULL THEN
+        status := 'warning'; detail := 'claim() hands out nothing: ' || orphan_cleanup._partition_gone_problem();
     ELSIF n > 0 THEN
         status := 'warning'; detail := format('%s claimed rows are past their lease (a reaper died?); they are retried as attempts', n);
     ELSE
@@ -2597,6 +2612,22 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup._drop_partition_guards() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel oid;
+BEGIN
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    FOR rel IN SELECT x.relid FROM orphan_cleanup.job_partitions AS x
+               JOIN pg_catalog.pg_trigger AS t ON t.tgrelid = x.relid AND t.tgname = 'orphan_cleanup_truncate_guard' AND t.tgparentid = 0
+               ORDER BY 1 LOOP
+        EXECUTE format('DROP TRIGGER orphan_cleanup_truncate_guard ON %s', rel::regclass);
+    END LOOP;
+    DELETE FROM orphan_cleanup.job_partitions;
+END
+$$;
+
 CREATE FUNCTION orphan_cleanup._refuse_while_claimed(what text, rels oid[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -2640,7 +2671,7 @@ BEGIN
     -- a detach not at READ COMMITTED); any other failure is left to the next look, and strays
     -- wait meanwhile (_partition_problem()), rather than every DDL in the database failing.
     SELECT * INTO att FROM orphan_cleanup.attachment;
-    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid) THEN
+    IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid AND c.relkind = 'p') THEN
         BEGIN
             PERFORM orphan_cleanup._look_at_partitions(att);
         EXCEPTION WHEN OTHERS THEN
@@ -2650,8 +2681,9 @@ BEGIN
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
         END;
     END IF;
-    -- An extra reference's guard (sql/references.sql) likewise.
-    IF EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+    -- An extra reference's guard (sql/references.sql) likewise. (A CREATE TABLE changes no
+    -- existing table's triggers.)
+    IF tg_tag <> 'CREATE TABLE' AND EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
         problem := orphan_cleanup._reference_problem();
         IF problem IS NOT NULL THEN
             RAISE EXCEPTION '% refused: it would leave an extra reference not in force (%) while reapers hold claims', tg_tag, problem
@@ -2684,8 +2716,7 @@ BEGIN
     END IF;
     PERFORM orphan_cleanup._refuse_while_claimed('detach()', ARRAY[prev.assets_oid, prev.jobs_oid]);
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
-    PERFORM orphan_cleanup._drop_guards(x.relid) FROM orphan_cleanup.job_partitions AS x
-    WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = x.relid);
+    PERFORM orphan_cleanup._drop_partition_guards();
     DELETE FROM orphan_cleanup.job_partitions;
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     DELETE FROM orphan_cleanup.attachment;
@@ -4539,10 +4570,14 @@ REVOKE ALL ON orphan_cleanup.job_partitions FROM PUBLIC;
 CREATE FUNCTION orphan_cleanup._job_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT pt.relid FROM pg_catalog.pg_partition_tree(att.jobs_oid) AS pt WHERE pt.relid <> att.jobs_oid;
+    WITH RECURSIVE tree(relid) AS (
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.jobs_oid
+        UNION
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.relid)
+    SELECT tree.relid FROM tree;
 END;
 
-CREATE FUNCTION orphan_cleanup._partition_problem() RETURNS text
+CREATE FUNCTION orphan_cleanup._partition_gone_problem() RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -4565,20 +4600,42 @@ BEGIN
         RETURN format('partition %s of the jobs table is being detached (a DETACH PARTITION ... CONCURRENTLY that did not finish: its rows are hidden from the jobs table); finish it: ALTER TABLE %s DETACH PARTITION %s FINALIZE',
                       p.name, att.jobs_oid::regclass, p.name);
     END IF;
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS r
+               WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att))) THEN
+        RETURN 'a partition left the jobs table since the last look (DETACH PARTITION): the next cycle, or any DDL, looks at it and keeps the files of its saved jobs';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._partition_problem() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    att orphan_cleanup.attachment;
+    p record;
+    v text;
+BEGIN
+    v := orphan_cleanup._partition_gone_problem();
+    IF v IS NOT NULL THEN
+        RETURN v;
+    END IF;
+    SELECT * INTO att FROM orphan_cleanup.attachment;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
     SELECT c.oid::regclass::text AS name INTO p FROM pg_catalog.pg_class AS c
     WHERE c.oid IN (SELECT orphan_cleanup._job_partitions(att)) AND c.relkind = 'f' LIMIT 1;
     IF FOUND THEN
         RETURN format('partition %s of the jobs table is a foreign table, which cannot carry the TRUNCATE guard that keeps its saved jobs'' files', p.name);
     END IF;
-    IF EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS r
-               WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att)))
-       OR EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+    IF EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
                   WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r)
                      OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
                                     WHERE t.tgrelid = pt.relid AND t.tgname = 'orphan_cleanup_truncate_guard'
                                       AND t.tgfoid = 'orphan_cleanup.job_truncate_guard()'::regprocedure
                                       AND t.tgenabled = 'A')) THEN
-        RETURN 'the jobs table''s partitions changed since the last look (a partition created, attached or detached): the next cycle or enqueue_strays() looks at them first';
+        RETURN 'a partition of the jobs table was created or attached since the last look, and has no TRUNCATE guard yet: the next cycle, or any DDL, looks at it';
     END IF;
     RETURN NULL;
 END
@@ -4591,6 +4648,7 @@ DECLARE
     p record;
     r record;
     rel oid;
+    v_changing text;
 BEGIN
     -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept, read in a
     -- snapshot that sees every save committed before the detach (READ COMMITTED only: an older
@@ -4615,6 +4673,7 @@ BEGIN
         DELETE FROM orphan_cleanup.job_partitions AS x WHERE x.relid = p.relid;
     END LOOP;
     -- New: guarded and recorded.
+    v_changing := coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '');
     PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
     FOR rel IN SELECT pt.relid FROM orphan_cleanup._job_partitions(att) AS pt(relid)
                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid WHERE c.relkind <> 'f' LOOP
@@ -4633,7 +4692,7 @@ BEGIN
         INSERT INTO orphan_cleanup.job_partitions (relid, name) VALUES (rel, rel::regclass::text)
         ON CONFLICT (relid) DO NOTHING;
     END LOOP;
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', v_changing, true);
     RETURN orphan_cleanup._partition_problem();
 END
 $$;
@@ -4664,20 +4723,30 @@ AS $$
 DECLARE
     v_job uuid;
     v_key text;
+    r record;
+    ob orphan_cleanup.objects;
 BEGIN
-    EXECUTE format($sql$
-        SELECT j.id, k.bucket || '/' || k.object_path
+    -- Each object held (in sorted order, as saves hold them): a claim in flight of one of them
+    -- finishes first, and its hand-out is then seen (the third review of partitions).
+    FOR r IN EXECUTE format($sql$
+        SELECT DISTINCT k.bucket, k.object_path, min(j.id::text) OVER (PARTITION BY k.bucket, k.object_path) AS job
         FROM %s AS j
         CROSS JOIN LATERAL orphan_cleanup._objects_of(j.output_url) AS k
-        JOIN orphan_cleanup.objects AS o ON o.bucket = k.bucket AND o.object_path = k.object_path AND o.handouts > 0
         WHERE j.output_url IS NOT NULL
           AND EXISTS (SELECT 1 FROM %s AS a WHERE orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') = j.id::text)
-        LIMIT 1$sql$, rel::regclass, assets::regclass)
-    INTO v_job, v_key;
+        ORDER BY 1, 2$sql$, rel::regclass, assets::regclass)
+    LOOP
+        ob := orphan_cleanup._hold_object(r.bucket, r.object_path);
+        IF ob.handouts > 0 THEN
+            v_job := r.job::uuid;
+            v_key := r.bucket || '/' || r.object_path;
+            EXIT;
+        END IF;
+    END LOOP;
     IF v_job IS NOT NULL THEN
         RAISE EXCEPTION 'partition % holds saved render job %, which names %: that object was handed to a reaper and may already be deleted from storage', rel::regclass, v_job, v_key
             USING ERRCODE = 'OC002',
-                  HINT = 'Render that job again to a new object path (or remove the save) before the partition joins the jobs table.';
+                  HINT = 'Render that job again to a new object path (or remove the save); a partition that joined the jobs table with it stops strays until then.';
     END IF;
 END
 $$;
@@ -4996,11 +5065,10 @@ BEGIN
         pass := 'not run: a DBA''s enqueue_strays() is queueing strays';
         RETURN;
     END IF;
-    v_problem := orphan_cleanup._look_at_partitions(att);
     v_problem := coalesce(orphan_cleanup._inventory_problem(),
                           orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false),
                           'an extra reference is not in force: ' || orphan_cleanup._reference_problem(),
-                          v_problem);
+                          orphan_cleanup._partition_problem());
     IF v_problem IS NOT NULL THEN
         pass := 'not run: ' || v_problem;
         RETURN;
@@ -5181,7 +5249,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._partition_problem(),
     orphan_cleanup._look_at_partitions(orphan_cleanup.attachment),
     orphan_cleanup.forget_partition(oid),
-    orphan_cleanup._refuse_handed_out_saved(oid, oid)
+    orphan_cleanup._refuse_handed_out_saved(oid, oid),
+    orphan_cleanup._partition_gone_problem(),
+    orphan_cleanup._drop_partition_guards()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     orphan_cleanup.claim(text, integer, interval, text[], text[], text),
@@ -5223,3 +5293,12 @@ BEGIN
     END LOOP;
 END
 $index_notice$;
+
+-- A partitioned jobs table: its partitions get their TRUNCATE guards and are recorded now
+-- (sql/partitions.sql), not at the first cycle.
+DO $partitions$
+BEGIN
+    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a
+    WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = a.jobs_oid AND c.relkind = 'p');
+END
+$partitions$;

@@ -453,8 +453,10 @@ BEGIN
     --    While an extra reference is not in force, nothing is handed out (every row waits);
     --    otherwise an object one names is kept, a stray's or a job orphan's.
     v_refs_ok := orphan_cleanup._reference_problem() IS NULL;
-    -- Likewise while the jobs table's partitions are not looked at (sql/partitions.sql): a saved
-    -- job's row may be out of sight, and with it the keeper of a shared object.
+    -- Likewise while a saved job's row may be out of sight in the jobs table's partitions (one
+    -- dropped, being detached, or detached and not looked at: sql/partitions.sql), and with it
+    -- the keeper of a shared object: checked in the re-check's own statement below, so with its
+    -- snapshot. Strays wait for any partition problem (a new one without its TRUNCATE guard).
     v_parts_ok := orphan_cleanup._partition_problem() IS NULL;
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
                            JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
@@ -499,7 +501,7 @@ BEGIN
         v AS (
             SELECT d.id,
                    CASE
-                       WHEN NOT $9 THEN 'wait'
+                       WHEN NOT ($9 AND okp.fine) THEN 'wait'
                        WHEN d.job_id IS NULL THEN CASE
                            WHEN kp.key IS NOT NULL THEN 'cancelled'
                            WHEN ob.key IS NULL THEN 'busy'
@@ -548,12 +550,13 @@ BEGIN
                        WHEN rf.name IS NOT NULL THEN format('%%s names its object (an extra reference): kept', rf.name)
                        WHEN s.keeper IS NOT NULL THEN format('shares its object with job %%s, which is not an orphan', s.keeper)
                    END AS reason,
-                   CASE WHEN NOT $9 THEN now() + interval '10 minutes'
+                   CASE WHEN NOT ($9 AND okp.fine) THEN now() + interval '10 minutes'
                         WHEN d.job_id IS NULL
                         THEN CASE WHEN $7 THEN st.created_at + $8 ELSE now() + interval '10 minutes' END
                         ELSE j.%3$I + $4 END AS wait_until
             -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
             FROM unnest($1::bigint[]) AS wanted(id)
+            CROSS JOIN (SELECT orphan_cleanup._partition_gone_problem() IS NULL AS fine) AS okp
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
             LEFT JOIN %1$s AS j ON j.id = d.job_id
             LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id
@@ -591,7 +594,7 @@ BEGIN
         $sql$, att.jobs_oid::regclass, att.assets_oid::regclass, att.age_column, att.age_column, v_stored_sql)
     INTO v_ok, v_bad, v_bad_state, v_bad_reason, v_wait, v_wait_until, v_busy
     USING v_ids, v_locked, now() - make_interval(secs => cfg.min_age_s), make_interval(secs => cfg.min_age_s), v_objs, v_kept,
-          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok AND v_parts_ok;
+          v_inventory, make_interval(secs => cfg.stray_min_age_s), v_refs_ok;
 
     IF v_bad IS NOT NULL THEN
         WITH b AS (SELECT * FROM unnest(v_bad, v_bad_state, v_bad_reason) AS b(id, state, reason)),

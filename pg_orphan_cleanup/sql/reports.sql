@@ -533,6 +533,8 @@ BEGIN
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
     IF NOT cfg.reaping_enabled THEN
         status := 'warning'; detail := 'orphan_cleanup.reaping_enabled = off: claim() hands out nothing';
+    ELSIF orphan_cleanup._partition_gone_problem() IS NOT NULL THEN
+        status := 'warning'; detail := 'claim() hands out nothing: ' || orphan_cleanup._partition_gone_problem();
     ELSIF n > 0 THEN
         status := 'warning'; detail := format('%s claimed rows are past their lease (a reaper died?); they are retried as attempts', n);
     ELSE

@@ -383,11 +383,10 @@ BEGIN
         pass := 'not run: a DBA''s enqueue_strays() is queueing strays';
         RETURN;
     END IF;
-    v_problem := orphan_cleanup._look_at_partitions(att);
     v_problem := coalesce(orphan_cleanup._inventory_problem(),
                           orphan_cleanup._index_problem(att.jobs_oid, att.assets_oid, att.age_column, with_scan => false),
                           'an extra reference is not in force: ' || orphan_cleanup._reference_problem(),
-                          v_problem);
+                          orphan_cleanup._partition_problem());
     IF v_problem IS NOT NULL THEN
         pass := 'not run: ' || v_problem;
         RETURN;

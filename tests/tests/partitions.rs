@@ -298,3 +298,133 @@ fn a_partition_bringing_a_handed_out_save_is_refused() {
         db_error(&e)
     );
 }
+
+// From the third review of partitions (a reviewer helper, reading only; each failed before):
+//   8. detach() from a partitioned jobs table  -> detach_from_a_partitioned_table_works
+//   9. with no DDL watch and reclaim_strays off, a new partition must not stop claims
+//                                     -> a_new_partition_does_not_stop_claims_without_the_ddl_watch
+//  10. a DETACH ... CONCURRENTLY cut short leaves the partition detach-pending, its rows hidden
+//                                     -> claims_wait_while_a_detach_is_unfinished
+
+/// Sequence 8: the partitions' TRUNCATE guards are dropped, the clones of the table's row
+/// triggers go with the table's own.
+#[test]
+fn detach_from_a_partitioned_table_works() {
+    let (db, _emu) = partitioned("partitions_detach_all", KEYS);
+    let mut c = db.client();
+    let said: String = c
+        .query_one("SELECT orphan_cleanup.detach()", &[])
+        .unwrap()
+        .get(0);
+    assert!(said.starts_with("detached from"), "{said}");
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'orphan_cleanup%'
+               AND tgrelid IN ('public.render_jobs'::regclass, 'public.render_jobs_old'::regclass, 'public.render_jobs_now'::regclass)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    db.attach();
+}
+
+/// Sequence 9: where no DDL watch runs (the managed edition installed without a superuser),
+/// a partition created since the last look is not a reason to stop deleting orphans: only
+/// strays wait, and the next cycle (whatever reclaim_strays says) records and guards it.
+#[test]
+fn a_new_partition_does_not_stop_claims_without_the_ddl_watch() {
+    let (db, emu) = partitioned("partitions_no_watch", &["out/o.png"]);
+    let mut c = db.client();
+    let mut pairs = SETTINGS.to_vec();
+    pairs.retain(|(n, _)| *n != "reclaim_strays");
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    settings(&pairs);
+    c.batch_execute(
+        "ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE;
+         CREATE TABLE public.render_jobs_mid PARTITION OF public.render_jobs FOR VALUES FROM ('2000-01-01') TO ('2020-01-01');",
+    )
+    .unwrap();
+    job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/o.png")),
+        "2 hours",
+        "o",
+    );
+    let status: String = c
+        .query_one(
+            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "ok");
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1, "the orphan is handed out");
+    let guarded: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.render_jobs_mid'::regclass AND tgname = 'orphan_cleanup_truncate_guard'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(guarded, 1, "the cycle guarded the new partition");
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
+        .unwrap();
+}
+
+/// Sequence 10: a DETACH PARTITION ... CONCURRENTLY that is cancelled after its first step
+/// leaves the partition detach-pending: its rows (a saved job sharing an unsaved job's object)
+/// are hidden from the jobs table. Nothing is handed out until it is finished.
+#[test]
+fn claims_wait_while_a_detach_is_unfinished() {
+    let (db, emu) = partitioned("partitions_detach_pending", &["out/shared.png"]);
+    let mut c = db.client();
+    let url = emu.public_url("renders", "out/shared.png");
+    let saved: String = c
+        .query_one(
+            "INSERT INTO render_jobs (status, output_url, created_at) VALUES ('completed', $1, '1990-01-01') RETURNING id::text",
+            &[&url],
+        )
+        .unwrap()
+        .get(0);
+    save(&mut c, "generated_saved", &saved).unwrap();
+    job(&mut c, "completed", Some(&url), "2 hours", "cache hit");
+    // An old snapshot makes the detach's second step wait; a statement timeout cuts it short.
+    let mut holder = db.client();
+    let mut old = holder
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    old.query_one("SELECT count(*) FROM public.render_jobs_old", &[])
+        .unwrap();
+    let mut d = db.client();
+    d.batch_execute("SET statement_timeout = '1s'").unwrap();
+    assert!(d
+        .batch_execute(
+            "ALTER TABLE public.render_jobs DETACH PARTITION public.render_jobs_old CONCURRENTLY"
+        )
+        .is_err());
+    drop(old);
+    let pending: bool = c
+        .query_one(
+            "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = 'public.render_jobs_old'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(pending);
+    cycle(&mut c);
+    assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("is being detached"), "{detail}");
+    assert_eq!(emu.objects().len(), 1);
+}
