@@ -531,7 +531,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._hold_references(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
     orphan_cleanup._partition_problem(),
-    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment),
+    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment, boolean),
     orphan_cleanup.forget_partition(oid),
     orphan_cleanup._refuse_handed_out_saved(oid, oid),
     orphan_cleanup._partition_gone_problem(),
@@ -582,9 +582,13 @@ $index_notice$;
 -- (sql/partitions.sql), not at the first cycle.
 DO $partitions$
 BEGIN
-    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a
+    -- Its saved jobs were checked above with the whole jobs table (_refuse_unread_saved), and a
+    -- hand-out recorded by 0.1.0 is no reason to refuse the update.
+    PERFORM orphan_cleanup._look_at_partitions(a, check_saved => false) FROM orphan_cleanup.attachment AS a
     WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = a.jobs_oid AND c.relkind = 'p');
 END
 $partitions$;
+-- The DDL watch applies again to what the rest of this transaction does.
+SELECT pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
 """)
 open(os.path.join(ROOT, 'pg_orphan_cleanup/sql/pg_orphan_cleanup--0.1.0--0.2.0.sql'),'w').write("\n".join(out))

@@ -863,7 +863,7 @@ BEGIN
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
     -- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them.
-    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
+    PERFORM orphan_cleanup._look_at_partitions(a, check_saved => false) FROM orphan_cleanup.attachment AS a;
 
     item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
@@ -939,6 +939,11 @@ BEGIN
     IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
         RETURN;  -- attach(), detach(), add_reference() or the upgrade, which check the claims themselves
     END IF;
+    -- CREATE EXTENSION itself, creating the tables this reads after creating this watch.
+    IF pg_catalog.to_regclass('orphan_cleanup.extra_references') IS NULL
+       OR pg_catalog.to_regclass('orphan_cleanup.job_partitions') IS NULL THEN
+        RETURN;
+    END IF;
     -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
     -- jobs' files kept, now rather than at the next cycle.
     -- Only its refusals stop the DDL (a partition attached with saved jobs it must not bring in;
@@ -949,15 +954,19 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_partitions(att);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003', '25000') THEN
+            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%' THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
         END;
     END IF;
-    -- An extra reference's guard (sql/references.sql) likewise. (A CREATE TABLE changes no
-    -- existing table's triggers.)
-    IF tg_tag <> 'CREATE TABLE' AND EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+    -- An extra reference's guard (sql/references.sql) likewise. (A CREATE TABLE matters only
+    -- when the new table inherits from a reference table, or is a partition of one.)
+    IF (tg_tag <> 'CREATE TABLE'
+        OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+                   JOIN pg_catalog.pg_inherits AS i ON i.inhrelid = e.objid
+                   JOIN orphan_cleanup.extra_references AS r ON r.table_oid = i.inhparent))
+       AND EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
         problem := orphan_cleanup._reference_problem();
         IF problem IS NOT NULL THEN
             RAISE EXCEPTION '% refused: it would leave an extra reference not in force (%) while reapers hold claims', tg_tag, problem

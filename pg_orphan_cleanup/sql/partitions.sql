@@ -62,6 +62,13 @@ BEGIN
                WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att))) THEN
         RETURN 'a partition left the jobs table since the last look (DETACH PARTITION): the next cycle, or any DDL, looks at it and keeps the files of its saved jobs';
     END IF;
+    -- Joined and not looked at (or its look failed: a saved job it brought in names a handed-out
+    -- object, or a URL that cannot be read): such a saved job keeps nothing yet.
+    SELECT pt.relid::regclass::text AS name INTO p FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+    WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r) LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s joined the jobs table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -96,7 +103,7 @@ BEGIN
                                     WHERE t.tgrelid = pt.relid AND t.tgname = 'orphan_cleanup_truncate_guard'
                                       AND t.tgfoid = 'orphan_cleanup.job_truncate_guard()'::regprocedure
                                       AND t.tgenabled = 'A')) THEN
-        RETURN 'a partition of the jobs table was created or attached since the last look, and has no TRUNCATE guard yet: the next cycle, or any DDL, looks at it';
+        RETURN 'a partition of the jobs table has no TRUNCATE guard (or it is not enabled ALWAYS): the next cycle, or any DDL, adds it';
     END IF;
     RETURN NULL;
 END
@@ -104,8 +111,10 @@ $$;
 
 -- Looks at the jobs table's partitions, before strays are queued: a partition detached since
 -- the last look has the objects of its saved jobs kept; a new one gets the TRUNCATE guard and is
--- recorded. Returns _partition_problem() after it (a dropped partition stays a problem).
-CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment) RETURNS text
+-- recorded, once its saved jobs pass job_guard's checks (check_saved; attach() and the update
+-- check the whole table their own way). Returns _partition_problem() after it (a dropped
+-- partition stays a problem).
+CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment, check_saved boolean DEFAULT true) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -143,7 +152,15 @@ BEGIN
                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid WHERE c.relkind <> 'f' LOOP
         -- A partition attached with saved jobs in it brought them in past job_guard: they must
         -- pass what it checks (a URL read in full; no object already handed out).
-        IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS x WHERE x.relid = rel) THEN
+        IF check_saved AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS x WHERE x.relid = rel) THEN
+            -- Its saved objects are held, and a hand-out after an older snapshot would not be
+            -- seen: READ COMMITTED only, as for a detach.
+            IF current_setting('transaction_isolation') <> 'read committed' THEN
+                RAISE EXCEPTION 'partition % joined the jobs table %: its saved jobs are checked in a READ COMMITTED transaction only, not %',
+                                rel::regclass, att.jobs_oid::regclass, current_setting('transaction_isolation')
+                    USING ERRCODE = 'invalid_transaction_state',
+                          HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF in its own READ COMMITTED transaction.';
+            END IF;
             PERFORM orphan_cleanup._refuse_unread_saved(rel, att.assets_oid, format('a look at partition %s', rel::regclass));
             PERFORM orphan_cleanup._refuse_handed_out_saved(rel, att.assets_oid);
         END IF;

@@ -602,7 +602,7 @@ BEGIN
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
     -- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them.
-    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
+    PERFORM orphan_cleanup._look_at_partitions(a, check_saved => false) FROM orphan_cleanup.attachment AS a;
 
     item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
@@ -1253,7 +1253,10 @@ BEGIN
         -- of one object (a render cache's hits) cost K probes, not K x K. A row's own job is
         -- held (or the row is 'busy' before this is looked at) and is never a keeper when this
         -- is looked at (completed, old enough, unreferenced), so it need not be left out.
-        WITH shared AS MATERIALIZED (
+        -- Whether saved jobs' rows may be out of sight (sql/partitions.sql): once per claim, in
+        -- this statement's snapshot.
+        WITH okp AS MATERIALIZED (SELECT orphan_cleanup._partition_gone_problem() IS NULL AS fine),
+        shared AS MATERIALIZED (
             SELECT k.key, s.unlocked, s.named, s.named_by, s.keeper
             FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS key
                   FROM unnest($1::bigint[]) AS wanted(id)
@@ -1330,7 +1333,7 @@ BEGIN
                         ELSE j.%3$I + $4 END AS wait_until
             -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
             FROM unnest($1::bigint[]) AS wanted(id)
-            CROSS JOIN (SELECT orphan_cleanup._partition_gone_problem() IS NULL AS fine) AS okp
+            CROSS JOIN okp
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
             LEFT JOIN %1$s AS j ON j.id = d.job_id
             LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id
@@ -2665,6 +2668,11 @@ BEGIN
     IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
         RETURN;  -- attach(), detach(), add_reference() or the upgrade, which check the claims themselves
     END IF;
+    -- CREATE EXTENSION itself, creating the tables this reads after creating this watch.
+    IF pg_catalog.to_regclass('orphan_cleanup.extra_references') IS NULL
+       OR pg_catalog.to_regclass('orphan_cleanup.job_partitions') IS NULL THEN
+        RETURN;
+    END IF;
     -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
     -- jobs' files kept, now rather than at the next cycle.
     -- Only its refusals stop the DDL (a partition attached with saved jobs it must not bring in;
@@ -2675,15 +2683,19 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_partitions(att);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003', '25000') THEN
+            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%' THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
         END;
     END IF;
-    -- An extra reference's guard (sql/references.sql) likewise. (A CREATE TABLE changes no
-    -- existing table's triggers.)
-    IF tg_tag <> 'CREATE TABLE' AND EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
+    -- An extra reference's guard (sql/references.sql) likewise. (A CREATE TABLE matters only
+    -- when the new table inherits from a reference table, or is a partition of one.)
+    IF (tg_tag <> 'CREATE TABLE'
+        OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+                   JOIN pg_catalog.pg_inherits AS i ON i.inhrelid = e.objid
+                   JOIN orphan_cleanup.extra_references AS r ON r.table_oid = i.inhparent))
+       AND EXISTS (SELECT 1 FROM orphan_cleanup.deletion_queue AS d WHERE d.state = 'claimed') THEN
         problem := orphan_cleanup._reference_problem();
         IF problem IS NOT NULL THEN
             RAISE EXCEPTION '% refused: it would leave an extra reference not in force (%) while reapers hold claims', tg_tag, problem
@@ -4604,6 +4616,13 @@ BEGIN
                WHERE r.relid NOT IN (SELECT orphan_cleanup._job_partitions(att))) THEN
         RETURN 'a partition left the jobs table since the last look (DETACH PARTITION): the next cycle, or any DDL, looks at it and keeps the files of its saved jobs';
     END IF;
+    -- Joined and not looked at (or its look failed: a saved job it brought in names a handed-out
+    -- object, or a URL that cannot be read): such a saved job keeps nothing yet.
+    SELECT pt.relid::regclass::text AS name INTO p FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+    WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r) LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s joined the jobs table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -4635,13 +4654,13 @@ BEGIN
                                     WHERE t.tgrelid = pt.relid AND t.tgname = 'orphan_cleanup_truncate_guard'
                                       AND t.tgfoid = 'orphan_cleanup.job_truncate_guard()'::regprocedure
                                       AND t.tgenabled = 'A')) THEN
-        RETURN 'a partition of the jobs table was created or attached since the last look, and has no TRUNCATE guard yet: the next cycle, or any DDL, looks at it';
+        RETURN 'a partition of the jobs table has no TRUNCATE guard (or it is not enabled ALWAYS): the next cycle, or any DDL, adds it';
     END IF;
     RETURN NULL;
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment) RETURNS text
+CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment, check_saved boolean DEFAULT true) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -4679,7 +4698,15 @@ BEGIN
                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid WHERE c.relkind <> 'f' LOOP
         -- A partition attached with saved jobs in it brought them in past job_guard: they must
         -- pass what it checks (a URL read in full; no object already handed out).
-        IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS x WHERE x.relid = rel) THEN
+        IF check_saved AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions AS x WHERE x.relid = rel) THEN
+            -- Its saved objects are held, and a hand-out after an older snapshot would not be
+            -- seen: READ COMMITTED only, as for a detach.
+            IF current_setting('transaction_isolation') <> 'read committed' THEN
+                RAISE EXCEPTION 'partition % joined the jobs table %: its saved jobs are checked in a READ COMMITTED transaction only, not %',
+                                rel::regclass, att.jobs_oid::regclass, current_setting('transaction_isolation')
+                    USING ERRCODE = 'invalid_transaction_state',
+                          HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF in its own READ COMMITTED transaction.';
+            END IF;
             PERFORM orphan_cleanup._refuse_unread_saved(rel, att.assets_oid, format('a look at partition %s', rel::regclass));
             PERFORM orphan_cleanup._refuse_handed_out_saved(rel, att.assets_oid);
         END IF;
@@ -5247,7 +5274,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._hold_references(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
     orphan_cleanup._partition_problem(),
-    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment),
+    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment, boolean),
     orphan_cleanup.forget_partition(oid),
     orphan_cleanup._refuse_handed_out_saved(oid, oid),
     orphan_cleanup._partition_gone_problem(),
@@ -5298,7 +5325,11 @@ $index_notice$;
 -- (sql/partitions.sql), not at the first cycle.
 DO $partitions$
 BEGIN
-    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a
+    -- Its saved jobs were checked above with the whole jobs table (_refuse_unread_saved), and a
+    -- hand-out recorded by 0.1.0 is no reason to refuse the update.
+    PERFORM orphan_cleanup._look_at_partitions(a, check_saved => false) FROM orphan_cleanup.attachment AS a
     WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = a.jobs_oid AND c.relkind = 'p');
 END
 $partitions$;
+-- The DDL watch applies again to what the rest of this transaction does.
+SELECT pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);

@@ -479,7 +479,10 @@ BEGIN
         -- of one object (a render cache's hits) cost K probes, not K x K. A row's own job is
         -- held (or the row is 'busy' before this is looked at) and is never a keeper when this
         -- is looked at (completed, old enough, unreferenced), so it need not be left out.
-        WITH shared AS MATERIALIZED (
+        -- Whether saved jobs' rows may be out of sight (sql/partitions.sql): once per claim, in
+        -- this statement's snapshot.
+        WITH okp AS MATERIALIZED (SELECT orphan_cleanup._partition_gone_problem() IS NULL AS fine),
+        shared AS MATERIALIZED (
             SELECT k.key, s.unlocked, s.named, s.named_by, s.keeper
             FROM (SELECT DISTINCT d.bucket || '/' || d.object_path AS key
                   FROM unnest($1::bigint[]) AS wanted(id)
@@ -556,7 +559,7 @@ BEGIN
                         ELSE j.%3$I + $4 END AS wait_until
             -- Arrays joined as sets: `= ANY ($n)` on a parameter is a linear search per row.
             FROM unnest($1::bigint[]) AS wanted(id)
-            CROSS JOIN (SELECT orphan_cleanup._partition_gone_problem() IS NULL AS fine) AS okp
+            CROSS JOIN okp
             JOIN orphan_cleanup.deletion_queue AS d ON d.id = wanted.id
             LEFT JOIN %1$s AS j ON j.id = d.job_id
             LEFT JOIN unnest($2::uuid[]) AS lk(id) ON lk.id = j.id

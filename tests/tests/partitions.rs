@@ -330,8 +330,8 @@ fn detach_from_a_partitioned_table_works() {
 }
 
 /// Sequence 9: where no DDL watch runs (the managed edition installed without a superuser),
-/// a partition created since the last look is not a reason to stop deleting orphans: only
-/// strays wait, and the next cycle (whatever reclaim_strays says) records and guards it.
+/// a partition created since the last look stops claims only until the next cycle, which looks
+/// at the partitions whatever reclaim_strays says, records and guards it.
 #[test]
 fn a_new_partition_does_not_stop_claims_without_the_ddl_watch() {
     let (db, emu) = partitioned("partitions_no_watch", &["out/o.png"]);
@@ -352,6 +352,16 @@ fn a_new_partition_does_not_stop_claims_without_the_ddl_watch() {
         "2 hours",
         "o",
     );
+    // Not looked at yet: it could hold saved jobs that keep objects (the fourth review).
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("has not been looked at yet"), "{detail}");
+    assert_eq!(cycle(&mut c).2, 1);
     let status: String = c
         .query_one(
             "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
@@ -359,8 +369,7 @@ fn a_new_partition_does_not_stop_claims_without_the_ddl_watch() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(status, "ok");
-    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(status, "ok", "the cycle looked at it");
     assert_eq!(claim(&mut c, "w1", 10).len(), 1, "the orphan is handed out");
     let guarded: i64 = c
         .query_one(
@@ -427,4 +436,45 @@ fn claims_wait_while_a_detach_is_unfinished() {
         .get(0);
     assert!(detail.contains("is being detached"), "{detail}");
     assert_eq!(emu.objects().len(), 1);
+}
+
+// From the fourth review (a reviewer helper, reading only):
+//  11. a partition joins, without the DDL watch, bringing a saved job whose URL cannot be read
+//      and that shares an unsaved job's object: the cycle's look fails, and claims must wait
+//                                     -> claims_wait_while_a_joined_partitions_look_fails
+
+/// Sequence 11.
+#[test]
+fn claims_wait_while_a_joined_partitions_look_fails() {
+    let (db, emu) = partitioned("partitions_look_fails", &["out/x.png"]);
+    let mut c = db.client();
+    let url = emu.public_url("renders", "out/x.png");
+    c.batch_execute(
+        "ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE;
+         CREATE TABLE public.render_jobs_mid (LIKE public.render_jobs INCLUDING DEFAULTS);",
+    )
+    .unwrap();
+    let unread = format!("{} {}", url, "x".repeat(70_000));
+    let saved: String = c
+        .query_one(
+            "INSERT INTO public.render_jobs_mid (status, output_url, created_at) VALUES ('completed', $1, '2010-01-01') RETURNING id::text",
+            &[&unread],
+        )
+        .unwrap()
+        .get(0);
+    c.execute(
+        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+        &[&saved],
+    )
+    .unwrap();
+    c.batch_execute(
+        "ALTER TABLE public.render_jobs ATTACH PARTITION public.render_jobs_mid FOR VALUES FROM ('2000-01-01') TO ('2020-01-01')",
+    )
+    .unwrap();
+    job(&mut c, "completed", Some(&url), "2 hours", "cache hit");
+    cycle(&mut c);
+    assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
+    assert_eq!(emu.objects().len(), 1);
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
+        .unwrap();
 }

@@ -651,3 +651,25 @@ fn a_reference_on_a_partition_is_guarded() {
         .unwrap_err();
     assert_eq!(code(&e), "OC002", "{}", db_error(&e));
 }
+
+/// From the fourth review: while a reaper holds claims, a table made to inherit from a reference
+/// table (rows written there fire no guard) is refused, as other DDL leaving a reference not in
+/// force is.
+#[test]
+fn a_child_of_a_reference_table_is_refused_while_claimed() {
+    let (db, _emu) = leak("references_child_while_claimed", &["out/k1.png"]);
+    let mut c = db.client();
+    add_references(&mut c);
+    assert_eq!(enqueue_strays(&mut c), 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    let e = c
+        .batch_execute("CREATE TABLE public.thumbnails_child () INHERITS (public.thumbnails)")
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("it would leave an extra reference not in force"),
+        "{}",
+        db_error(&e)
+    );
+    c.batch_execute("CREATE TABLE public.unrelated (id int)")
+        .unwrap();
+}
