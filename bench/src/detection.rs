@@ -233,7 +233,7 @@ fn budgeted_backlog(admin: &mut Client, c: &mut Client) -> Result<BudgetedBacklo
     })
 }
 
-fn reload(admin: &mut Client, settings: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn reload(admin: &mut Client, settings: &[(&str, &str)]) -> Result<()> {
     for (name, value) in settings {
         let sql: String = admin
             .query_one(

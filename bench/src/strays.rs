@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 use postgres::Client;
 use serde::Serialize;
 
+use crate::detection::reload;
 use crate::{create_indexes, psql_client, Env, Install};
 
 #[derive(Serialize, Debug)]
@@ -55,21 +56,6 @@ CREATE TABLE storage.objects (
 );
 CREATE UNIQUE INDEX bucketid_objname ON storage.objects (bucket_id, name);
 CREATE INDEX name_prefix_search ON storage.objects (name text_pattern_ops);";
-
-fn reload(admin: &mut Client, settings: &[(&str, &str)]) -> Result<()> {
-    for (name, value) in settings {
-        let sql: String = admin
-            .query_one(
-                "SELECT format('ALTER SYSTEM SET %I = %L', $1::text, $2::text)",
-                &[&format!("orphan_cleanup.{name}"), value],
-            )?
-            .get(0);
-        admin.batch_execute(&sql)?;
-    }
-    admin.batch_execute("SELECT pg_reload_conf()")?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    Ok(())
-}
 
 /// One cycle: its status and its reconciliation (pass, objects looked at, queued, ms).
 fn cycle(c: &mut Client) -> Result<(String, String, i64, i64, f64)> {

@@ -123,6 +123,12 @@ DECLARE
     rel oid;
     v_changing text;
 BEGIN
+    -- An unpartitioned jobs table, nothing recorded (the default): nothing to look at, every
+    -- cycle (what follows would find no partition and no problem).
+    IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions)
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.jobs_oid) THEN
+        RETURN NULL;
+    END IF;
     -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept, read in a
     -- snapshot that sees every save committed before the detach (READ COMMITTED only: an older
     -- snapshot would miss a save committed meanwhile, the second review of partitions).

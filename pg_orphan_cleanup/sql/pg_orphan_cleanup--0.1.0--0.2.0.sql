@@ -1061,7 +1061,6 @@ DECLARE
     v_n bigint;
     v_inventory boolean;
     v_refs_ok boolean;
-    v_parts_ok boolean;
     v_stored_sql text;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -1230,11 +1229,14 @@ BEGIN
     -- Likewise while a saved job's row may be out of sight in the jobs table's partitions (one
     -- dropped, being detached, or detached and not looked at: sql/partitions.sql), and with it
     -- the keeper of a shared object: checked in the re-check's own statement below, so with its
-    -- snapshot. Strays wait for any partition problem (a new one without its TRUNCATE guard).
-    v_parts_ok := orphan_cleanup._partition_problem() IS NULL;
+    -- snapshot. Strays wait for any partition problem (a new one without its TRUNCATE guard);
+    -- what strays need is looked at only when the rows include one.
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
-                           JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok AND v_parts_ok;
+                           JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL);
+    IF v_inventory THEN
+        v_inventory := v_refs_ok AND orphan_cleanup._inventory_problem() IS NULL
+                       AND orphan_cleanup._partition_problem() IS NULL;
+    END IF;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at
@@ -1830,6 +1832,8 @@ DECLARE
     v_ready_since timestamptz;
     v_analyze text;
     v_inventory text;
+    v_stray_wait text;
+    v_parts_gone text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_interval := make_interval(secs => cfg.interval_s);
@@ -1958,14 +1962,16 @@ BEGIN
     -- Stray reconciliation: off, unable to read the inventory, or on (by which passes).
     check_name := 'strays';
     v_inventory := CASE WHEN cfg.reclaim_strays THEN orphan_cleanup._inventory_problem() END;
+    IF cfg.reclaim_strays AND v_inventory IS NULL THEN
+        v_stray_wait := coalesce('no stray is queued or handed out until then: ' || orphan_cleanup._partition_problem(),
+                                 'no stray is queued or handed out while an extra reference is not in force: ' || orphan_cleanup._reference_problem());
+    END IF;
     IF NOT cfg.reclaim_strays THEN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
     ELSIF v_inventory IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
-    ELSIF orphan_cleanup._partition_problem() IS NOT NULL THEN
-        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out until then: ' || orphan_cleanup._partition_problem();
-    ELSIF orphan_cleanup._reference_problem() IS NOT NULL THEN
-        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out while an extra reference is not in force: ' || orphan_cleanup._reference_problem();
+    ELSIF v_stray_wait IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but ' || v_stray_wait;
     ELSIF pg_catalog.to_regclass('storage.objects') IS NULL THEN
         SELECT h.status, h.detail INTO status, detail FROM orphan_cleanup._listing_health() AS h;
     ELSIF orphan_cleanup._stray_index_ok() THEN
@@ -1977,10 +1983,11 @@ BEGIN
 
     check_name := 'reaping';
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
+    v_parts_gone := orphan_cleanup._partition_gone_problem();
     IF NOT cfg.reaping_enabled THEN
         status := 'warning'; detail := 'orphan_cleanup.reaping_enabled = off: claim() hands out nothing';
-    ELSIF orphan_cleanup._partition_gone_problem() IS NOT NULL THEN
-        status := 'warning'; detail := 'claim() hands out nothing: ' || orphan_cleanup._partition_gone_problem();
+    ELSIF v_parts_gone IS NOT NULL THEN
+        status := 'warning'; detail := 'claim() hands out nothing: ' || v_parts_gone;
     ELSIF n > 0 THEN
         status := 'warning'; detail := format('%s claimed rows are past their lease (a reaper died?); they are retried as attempts', n);
     ELSE
@@ -4669,6 +4676,12 @@ DECLARE
     rel oid;
     v_changing text;
 BEGIN
+    -- An unpartitioned jobs table, nothing recorded (the default): nothing to look at, every
+    -- cycle (what follows would find no partition and no problem).
+    IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.job_partitions)
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.jobs_oid) THEN
+        RETURN NULL;
+    END IF;
     -- Detached: still a table, no longer in the tree. Its saved jobs' objects are kept, read in a
     -- snapshot that sees every save committed before the detach (READ COMMITTED only: an older
     -- snapshot would miss a save committed meanwhile, the second review of partitions).

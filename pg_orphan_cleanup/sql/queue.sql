@@ -287,7 +287,6 @@ DECLARE
     v_n bigint;
     v_inventory boolean;
     v_refs_ok boolean;
-    v_parts_ok boolean;
     v_stored_sql text;
 BEGIN
     PERFORM orphan_cleanup._check_worker(worker);
@@ -456,11 +455,14 @@ BEGIN
     -- Likewise while a saved job's row may be out of sight in the jobs table's partitions (one
     -- dropped, being detached, or detached and not looked at: sql/partitions.sql), and with it
     -- the keeper of a shared object: checked in the re-check's own statement below, so with its
-    -- snapshot. Strays wait for any partition problem (a new one without its TRUNCATE guard).
-    v_parts_ok := orphan_cleanup._partition_problem() IS NULL;
+    -- snapshot. Strays wait for any partition problem (a new one without its TRUNCATE guard);
+    -- what strays need is looked at only when the rows include one.
     v_inventory := EXISTS (SELECT 1 FROM unnest(v_ids) AS k(id)
-                           JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL)
-                   AND orphan_cleanup._inventory_problem() IS NULL AND v_refs_ok AND v_parts_ok;
+                           JOIN orphan_cleanup.deletion_queue AS d ON d.id = k.id WHERE d.job_id IS NULL);
+    IF v_inventory THEN
+        v_inventory := v_refs_ok AND orphan_cleanup._inventory_problem() IS NULL
+                       AND orphan_cleanup._partition_problem() IS NULL;
+    END IF;
     v_stored_sql := CASE WHEN v_inventory THEN format($sql$
             LEFT JOIN LATERAL (
                 SELECT o.id, o.version::text AS version, greatest(o.created_at, o.updated_at) AS created_at

@@ -384,6 +384,8 @@ DECLARE
     v_ready_since timestamptz;
     v_analyze text;
     v_inventory text;
+    v_stray_wait text;
+    v_parts_gone text;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_interval := make_interval(secs => cfg.interval_s);
@@ -512,14 +514,16 @@ BEGIN
     -- Stray reconciliation: off, unable to read the inventory, or on (by which passes).
     check_name := 'strays';
     v_inventory := CASE WHEN cfg.reclaim_strays THEN orphan_cleanup._inventory_problem() END;
+    IF cfg.reclaim_strays AND v_inventory IS NULL THEN
+        v_stray_wait := coalesce('no stray is queued or handed out until then: ' || orphan_cleanup._partition_problem(),
+                                 'no stray is queued or handed out while an extra reference is not in force: ' || orphan_cleanup._reference_problem());
+    END IF;
     IF NOT cfg.reclaim_strays THEN
         status := 'ok'; detail := 'orphan_cleanup.reclaim_strays = off: strays are not queued (preview_strays() lists them)';
     ELSIF v_inventory IS NOT NULL THEN
         status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but cycles cannot reconcile strays: ' || v_inventory;
-    ELSIF orphan_cleanup._partition_problem() IS NOT NULL THEN
-        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out until then: ' || orphan_cleanup._partition_problem();
-    ELSIF orphan_cleanup._reference_problem() IS NOT NULL THEN
-        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but no stray is queued or handed out while an extra reference is not in force: ' || orphan_cleanup._reference_problem();
+    ELSIF v_stray_wait IS NOT NULL THEN
+        status := 'warning'; detail := 'orphan_cleanup.reclaim_strays = on, but ' || v_stray_wait;
     ELSIF pg_catalog.to_regclass('storage.objects') IS NULL THEN
         SELECT h.status, h.detail INTO status, detail FROM orphan_cleanup._listing_health() AS h;
     ELSIF orphan_cleanup._stray_index_ok() THEN
@@ -531,10 +535,11 @@ BEGIN
 
     check_name := 'reaping';
     SELECT count(*) INTO n FROM orphan_cleanup.deletion_queue WHERE state = 'claimed' AND lease_until < now();
+    v_parts_gone := orphan_cleanup._partition_gone_problem();
     IF NOT cfg.reaping_enabled THEN
         status := 'warning'; detail := 'orphan_cleanup.reaping_enabled = off: claim() hands out nothing';
-    ELSIF orphan_cleanup._partition_gone_problem() IS NOT NULL THEN
-        status := 'warning'; detail := 'claim() hands out nothing: ' || orphan_cleanup._partition_gone_problem();
+    ELSIF v_parts_gone IS NOT NULL THEN
+        status := 'warning'; detail := 'claim() hands out nothing: ' || v_parts_gone;
     ELSIF n > 0 THEN
         status := 'warning'; detail := format('%s claimed rows are past their lease (a reaper died?); they are retried as attempts', n);
     ELSE

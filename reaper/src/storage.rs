@@ -213,17 +213,9 @@ impl StorageClient {
         bucket: &str,
         folder: &str,
     ) -> Result<Vec<String>, StorageError> {
-        let url = self.url(&format!("object/list/{}", encode_segment(bucket)));
-        let req = self
-            .authorized(self.http.post(url))
-            .json(&serde_json::json!({ "prefix": folder, "limit": 1000, "offset": 0 }));
-        let response = send(req).await?;
-        let http = response.status().as_u16();
-        let body = self.cleaned(read_capped(response).await?);
-        if http != 200 {
-            return Err(classify(http, &body));
-        }
-        Ok(json_array(&body)?
+        Ok(self
+            .list_page_raw(bucket, folder, 1000, 0)
+            .await?
             .iter()
             .filter(|o| !o.get("id").is_none_or(Value::is_null))
             .filter_map(|o| o.get("name").and_then(Value::as_str).map(str::to_string))
