@@ -360,8 +360,11 @@ BEGIN
     IF NOT stale THEN
         RETURN;
     END IF;
-    FOR ix IN SELECT i.indexrelid::regclass FROM pg_catalog.pg_index AS i
+    -- A partitioned table's index cannot be rebuilt in a transaction: its partitions' can.
+    FOR ix IN SELECT coalesce(t.relid, i.indexrelid)::regclass FROM pg_catalog.pg_index AS i
+              LEFT JOIN LATERAL pg_catalog.pg_partition_tree(i.indexrelid) AS t ON true
               WHERE i.indrelid = att.{table} AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%{function}(%'
+                AND (t.relid IS NULL OR t.isleaf)
     LOOP
         RAISE NOTICE 'rebuilding index % ({why})', ix;
         EXECUTE format('REINDEX INDEX %s', ix);

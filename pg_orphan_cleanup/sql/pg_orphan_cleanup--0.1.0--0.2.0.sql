@@ -3861,8 +3861,11 @@ BEGIN
     IF NOT stale THEN
         RETURN;
     END IF;
-    FOR ix IN SELECT i.indexrelid::regclass FROM pg_catalog.pg_index AS i
+    -- A partitioned table's index cannot be rebuilt in a transaction: its partitions' can.
+    FOR ix IN SELECT coalesce(t.relid, i.indexrelid)::regclass FROM pg_catalog.pg_index AS i
+              LEFT JOIN LATERAL pg_catalog.pg_partition_tree(i.indexrelid) AS t ON true
               WHERE i.indrelid = att.assets_oid AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%job_ref_key(%'
+                AND (t.relid IS NULL OR t.isleaf)
     LOOP
         RAISE NOTICE 'rebuilding index % (job_ref_key() now reads more spellings of a job id)', ix;
         EXECUTE format('REINDEX INDEX %s', ix);
@@ -3893,8 +3896,11 @@ BEGIN
     IF NOT stale THEN
         RETURN;
     END IF;
-    FOR ix IN SELECT i.indexrelid::regclass FROM pg_catalog.pg_index AS i
+    -- A partitioned table's index cannot be rebuilt in a transaction: its partitions' can.
+    FOR ix IN SELECT coalesce(t.relid, i.indexrelid)::regclass FROM pg_catalog.pg_index AS i
+              LEFT JOIN LATERAL pg_catalog.pg_partition_tree(i.indexrelid) AS t ON true
               WHERE i.indrelid = att.jobs_oid AND pg_catalog.pg_get_indexdef(i.indexrelid) LIKE '%object_key(%'
+                AND (t.relid IS NULL OR t.isleaf)
     LOOP
         RAISE NOTICE 'rebuilding index % (object_key() now names the object of URLs the strict parser refuses)', ix;
         EXECUTE format('REINDEX INDEX %s', ix);

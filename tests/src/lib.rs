@@ -425,6 +425,23 @@ pub fn sql_statements(text: &str) -> Vec<String> {
     out
 }
 
+/// Replaces the seed's render_jobs with one partitioned by created_at: render_jobs_old before
+/// 2000, render_jobs_now from 2020, 2000-2020 left for a partition made later, with the
+/// version-independent indexes. Run before attach().
+pub const PARTITIONED_JOBS: &str = "
+    DROP TABLE public.render_jobs;
+    CREATE TABLE public.render_jobs (
+        id uuid NOT NULL DEFAULT gen_random_uuid(), user_id uuid, status text NOT NULL, output_url text,
+        prompt text, error text, created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz,
+        completed_at timestamptz, PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at);
+    CREATE TABLE public.render_jobs_old PARTITION OF public.render_jobs FOR VALUES FROM (MINVALUE) TO ('2000-01-01');
+    CREATE TABLE public.render_jobs_now PARTITION OF public.render_jobs FOR VALUES FROM ('2020-01-01') TO (MAXVALUE);
+    CREATE INDEX ON public.render_jobs (created_at, id) WHERE status = 'completed' AND output_url IS NOT NULL;
+    CREATE INDEX ON public.render_jobs (id);";
+
+/// The jobs table's index on the objects its URLs name, as this version needs it.
+pub const OBJECT_KEYS_INDEX: &str = "CREATE INDEX ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off)";
+
 pub const HOST: &str = "abcd.supabase.co";
 
 /// A public object URL on this project's host.

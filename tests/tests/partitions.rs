@@ -36,19 +36,11 @@ fn partitioned(name: &str, keys: &[&str]) -> (TestDb, Emulator) {
     }
     let mut c = db.client();
     c.batch_execute(
-        "UPDATE storage.objects SET created_at = created_at - interval '8 days', updated_at = updated_at - interval '8 days';
-         DROP TABLE public.render_jobs;
-         CREATE TABLE public.render_jobs (
-             id uuid NOT NULL DEFAULT gen_random_uuid(), user_id uuid, status text NOT NULL, output_url text,
-             prompt text, error text, created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz,
-             completed_at timestamptz, PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at);
-         CREATE TABLE public.render_jobs_old PARTITION OF public.render_jobs FOR VALUES FROM (MINVALUE) TO ('2000-01-01');
-         CREATE TABLE public.render_jobs_now PARTITION OF public.render_jobs FOR VALUES FROM ('2020-01-01') TO (MAXVALUE);
-         CREATE INDEX ON public.render_jobs (created_at, id) WHERE status = 'completed' AND output_url IS NOT NULL;
-         CREATE INDEX ON public.render_jobs (id);
-         CREATE INDEX ON public.render_jobs USING gin (orphan_cleanup.object_keys(output_url)) WITH (fastupdate = off);",
+        "UPDATE storage.objects SET created_at = created_at - interval '8 days', updated_at = updated_at - interval '8 days';",
     )
     .unwrap();
+    c.batch_execute(PARTITIONED_JOBS).unwrap();
+    c.batch_execute(OBJECT_KEYS_INDEX).unwrap();
     db.attach();
     (db, emu)
 }
@@ -97,6 +89,29 @@ fn only_unsaved() -> BTreeSet<String> {
 
 /// Sequence 1: TRUNCATE render_jobs_now fires that partition's triggers only. Its guard keeps the
 /// saved job's file; the unsaved job's file is a stray.
+/// Makes public.render_jobs_mid, not yet a partition, holding a job of 2010 naming `url`, saved.
+fn mid_with_saved_job(c: &mut postgres::Client, url: &str) -> String {
+    c.batch_execute(
+        "CREATE TABLE public.render_jobs_mid (LIKE public.render_jobs INCLUDING DEFAULTS);",
+    )
+    .unwrap();
+    let saved: String = c
+        .query_one(
+            "INSERT INTO public.render_jobs_mid (status, output_url, created_at) VALUES ('completed', $1, '2010-01-01') RETURNING id::text",
+            &[&url],
+        )
+        .unwrap()
+        .get(0);
+    c.execute(
+        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
+        &[&saved],
+    )
+    .unwrap();
+    saved
+}
+
+const ATTACH_MID: &str = "ALTER TABLE public.render_jobs ATTACH PARTITION public.render_jobs_mid FOR VALUES FROM ('2000-01-01') TO ('2020-01-01')";
+
 #[test]
 fn a_truncated_partitions_saved_files_are_kept() {
     let (db, emu) = partitioned("partitions_truncate", KEYS);
@@ -271,27 +286,8 @@ fn a_partition_bringing_a_handed_out_save_is_refused() {
     let mut c = db.client();
     assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
     assert_eq!(claim(&mut c, "w1", 10).len(), 1);
-    c.batch_execute(
-        "CREATE TABLE public.render_jobs_mid (LIKE public.render_jobs INCLUDING DEFAULTS);",
-    )
-    .unwrap();
-    let saved: String = c
-        .query_one(
-            "INSERT INTO public.render_jobs_mid (status, output_url, created_at) VALUES ('completed', $1, '2010-01-01') RETURNING id::text",
-            &[&emu.public_url("renders", "out/gone.png")],
-        )
-        .unwrap()
-        .get(0);
-    c.execute(
-        "INSERT INTO user_assets (asset_type, metadata) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text))",
-        &[&saved],
-    )
-    .unwrap();
-    let e = c
-        .batch_execute(
-            "ALTER TABLE public.render_jobs ATTACH PARTITION public.render_jobs_mid FOR VALUES FROM ('2000-01-01') TO ('2020-01-01')",
-        )
-        .unwrap_err();
+    mid_with_saved_job(&mut c, &emu.public_url("renders", "out/gone.png"));
+    let e = c.batch_execute(ATTACH_MID).unwrap_err();
     assert!(
         db_error(&e).contains("that object was handed to a reaper and may already be deleted"),
         "{}",
@@ -477,4 +473,74 @@ fn claims_wait_while_a_joined_partitions_look_fails() {
     assert_eq!(emu.objects().len(), 1);
     c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
         .unwrap();
+}
+
+// Fixed by reading in f01b489 and 3558139, tested since (each fails without its fix):
+//  12. a table joins as a partition, bringing a saved job that names the object of a claim in
+//      flight: the join holds the object, waits for the claim, then sees its hand-out
+//                                     -> an_attach_racing_a_claim_in_flight_is_refused
+//  13. an ATTACH at REPEATABLE READ, whose snapshot predates a hand-out
+//                                     -> an_attach_not_at_read_committed_is_refused
+
+/// Sequence 12.
+#[test]
+fn an_attach_racing_a_claim_in_flight_is_refused() {
+    let (db, emu) = partitioned("partitions_attach_race", &["out/gone.png"]);
+    let mut pairs = SETTINGS.to_vec();
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    pairs.push(("pause_points", "claim"));
+    settings(&pairs);
+    let mut c = db.client();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
+    mid_with_saved_job(&mut c, &emu.public_url("renders", "out/gone.png"));
+    let mut holder = db.client();
+    hold_pause_point(&mut holder, "claim");
+    let (claimer, _) = session_in_thread(&db.name, |r| claim(r, "w1", 10).len());
+    wait_paused_at(&mut c, "claim", None);
+    let (attacher, pid) = session_in_thread(&db.name, |a| a.batch_execute(ATTACH_MID));
+    // The join holds the saved job's object, which the claim in flight has updated.
+    wait_until_blocked(&mut c, pid);
+    release_pause_point(&mut holder, "claim");
+    assert_eq!(claimer.join().unwrap(), 1, "the stray is handed out");
+    let e = attacher.join().unwrap().unwrap_err();
+    assert!(
+        db_error(&e).contains("that object was handed to a reaper and may already be deleted"),
+        "{}",
+        db_error(&e)
+    );
+    let joined: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhrelid = 'public.render_jobs_mid'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(joined, 0, "the ATTACH was rolled back");
+}
+
+/// Sequence 13: at REPEATABLE READ, a hand-out committed after the snapshot is out of sight;
+/// the join is refused, naming the fix (not a bare serialization failure).
+#[test]
+fn an_attach_not_at_read_committed_is_refused() {
+    let (db, emu) = partitioned("partitions_attach_rr", &["out/gone.png"]);
+    let mut c = db.client();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
+    mid_with_saved_job(&mut c, &emu.public_url("renders", "out/gone.png"));
+    let mut a = db.client();
+    let mut rr = a
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    rr.query_one("SELECT count(*) FROM orphan_cleanup.objects", &[])
+        .unwrap();
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    let e = rr.batch_execute(ATTACH_MID).unwrap_err();
+    assert!(
+        db_error(&e).contains(
+            "its saved jobs are checked in a READ COMMITTED transaction only, not repeatable read"
+        ),
+        "{}",
+        db_error(&e)
+    );
 }

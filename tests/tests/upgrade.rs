@@ -402,3 +402,66 @@ fn the_upgrade_refuses_while_a_saved_job_has_a_url_too_long_to_read() {
     c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
         .unwrap();
 }
+
+/// A partitioned jobs table attached under 0.1.0: the update guards each partition against
+/// TRUNCATE and records it (sql/partitions.sql) at once, not at the first cycle. A hand-out that
+/// 0.1.0 made of an object a saved job also names (spelled so that 0.1.0 read no object in the
+/// saved job's URL) does not fail the update: refusing it would not bring that file back.
+#[test]
+fn the_update_guards_and_records_a_partitioned_jobs_tables_partitions() {
+    settings(BASE_SETTINGS);
+    let old = TestDb::create_at("upgrade_partitioned", Some("0.1.0"));
+    let mut c = old.client();
+    c.batch_execute(PARTITIONED_JOBS).unwrap();
+    c.batch_execute("CREATE INDEX ON public.render_jobs (orphan_cleanup.object_key(output_url))")
+        .unwrap();
+    old.attach();
+    job(
+        &mut c,
+        "completed",
+        Some(&public_url("renders", "my%20render.png")),
+        "2 hours",
+        "orphan",
+    );
+    assert_eq!(cycle(&mut c).2, 1);
+    let claimed = c
+        .query("SELECT id FROM orphan_cleanup.claim('reaper-0.1', 10)", &[])
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    // 0.1.0's strict reading refuses an unencoded space, so its guard saw no object here.
+    let raw = format!("https://{HOST}/storage/v1/object/public/renders/my render.png");
+    let saved = job(&mut c, "completed", Some(&raw), "2 hours", "cache hit");
+    save(&mut c, "generated_saved", &saved.0).unwrap();
+
+    c.batch_execute("ALTER EXTENSION pg_orphan_cleanup UPDATE")
+        .unwrap();
+    c.batch_execute(OBJECT_KEYS_INDEX).unwrap();
+    let guarded: Vec<String> = c
+        .query(
+            "SELECT p.name FROM orphan_cleanup.job_partitions AS p
+             JOIN pg_trigger AS t ON t.tgrelid = p.relid AND t.tgname = 'orphan_cleanup_truncate_guard' AND t.tgenabled = 'A'
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        guarded,
+        ["public.render_jobs_now", "public.render_jobs_old"]
+    );
+    let (status, detail): (String, String) = c
+        .query_one(
+            "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(status, "ok", "{detail}");
+    assert_eq!(
+        states(&mut c),
+        vec![("claimed".to_string(), 1)],
+        "the 0.1.0 claim came through"
+    );
+}
