@@ -283,7 +283,8 @@ out.append(fn('breaker','_breaker_limits'))
 out.append(fn('breaker','_breaker_settings', replace=False))
 out.append(fn('breaker','reset_breaker'))
 out.append(fn('queue','_retry_job_cleanup'))
-out.append(fn('detect','_candidates'))
+out.append("-- Candidates say which extra reference names their object (sql/references.sql).\nDROP FUNCTION orphan_cleanup._candidates(orphan_cleanup.attachment, timestamptz, timestamptz, uuid, integer, uuid[]);\n")
+out.append(fn('detect','_candidates', replace=False))
 out.append("-- A chunk caps what it queues itself (max_enqueue) instead of shrinking to the rows left.\n")
 out.append("DROP FUNCTION orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean);\n")
 out.append(fn('detect','_process_chunk', replace=False))
@@ -335,7 +336,7 @@ ALTER TABLE orphan_cleanup.audit_log ADD CONSTRAINT audit_log_action_check
 out.append("""-- The guard watcher: no DDL may leave the attached tables without their exact guards while
 -- reapers hold claims.
 CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE')
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA', 'CREATE FOREIGN TABLE')
     EXECUTE FUNCTION orphan_cleanup._watch_guards();
 ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
 
@@ -467,6 +468,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),
     orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean, bigint),
+    orphan_cleanup._candidates(orphan_cleanup.attachment, timestamptz, timestamptz, uuid, integer, uuid[]),
     orphan_cleanup.confirm(text, text, bigint[], text, bigint[]),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
@@ -534,7 +536,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._hold_references(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
     orphan_cleanup._partition_problem(),
-    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment, boolean),
+    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment, boolean, boolean),
     orphan_cleanup.forget_partition(oid),
     orphan_cleanup._refuse_handed_out_saved(oid, oid),
     orphan_cleanup._partition_gone_problem(),

@@ -148,8 +148,10 @@ $$;
 -- Completed jobs older than cutoff, in (age, id) order after the cursor, or exactly the jobs in
 -- job_ids. For each: how assets reference it (canonical: the guide's exact text join finds it;
 -- noncanonical: only a differently spelled id does; none), the object its URL names and why it
--- may not be deleted (not read for a canonical one: every caller skips those), and a job that is
--- not an orphan and shares the object, if any.
+-- may not be deleted (not read for a canonical one: every caller skips those), a job that is
+-- not an orphan and shares the object, if any, and else the extra reference naming the object,
+-- if any (sql/references.sql). Claims check both again; looking here too keeps an object a
+-- reference names from being queued, and retired at its claim, on every full sweep.
 CREATE FUNCTION orphan_cleanup._candidates(
     att orphan_cleanup.attachment,
     cutoff timestamptz,
@@ -158,7 +160,8 @@ CREATE FUNCTION orphan_cleanup._candidates(
     max_rows integer,
     job_ids uuid[] DEFAULT NULL
 ) RETURNS TABLE (job_id uuid, age_ts timestamptz, output_url text, ref_state text,
-                 host text, bucket text, object_path text, url_error text, shared_with uuid)
+                 host text, bucket text, object_path text, url_error text, shared_with uuid,
+                 named_by text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -200,10 +203,10 @@ BEGIN
         -- cost K x K probes when all are orphans. The orphan itself can never be its object's
         -- keeper (it is completed, old enough and unreferenced), so it need not be left out.
         keepers AS MATERIALIZED (
-            SELECT o.key, k.id AS keeper
+            SELECT o.key, k.id AS keeper, CASE WHEN k.id IS NULL THEN %5$s END AS named_by
             FROM (SELECT DISTINCT g.bucket || '/' || g.object_path AS key
                   FROM judged AS g WHERE g.error IS NULL AND g.ref_state = 'none') AS o
-            CROSS JOIN LATERAL (
+            LEFT JOIN LATERAL (
                 SELECT j2.id
                 FROM %2$s AS j2
                 WHERE orphan_cleanup.object_keys(j2.output_url) && orphan_cleanup._names_of(o.key)
@@ -215,13 +218,15 @@ BEGIN
                                SELECT 1 FROM %3$s AS a2
                                WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
                                OFFSET 0), false)
-                LIMIT 1) AS k
+                LIMIT 1) AS k ON true
         )
         SELECT g.id, g.age_ts, g.output_url, g.ref_state, g.host, g.bucket, g.object_path, g.error,
-               CASE WHEN g.error IS NULL AND g.ref_state = 'none' THEN k.keeper END
+               CASE WHEN g.error IS NULL AND g.ref_state = 'none' THEN k.keeper END,
+               CASE WHEN g.error IS NULL AND g.ref_state = 'none' THEN k.named_by END
         FROM judged AS g
         LEFT JOIN keepers AS k ON k.key = g.bucket || '/' || g.object_path
-        $sql$, att.age_column, att.jobs_oid::regclass, att.assets_oid::regclass, scope)
+        $sql$, att.age_column, att.jobs_oid::regclass, att.assets_oid::regclass, scope,
+        orphan_cleanup._referenced_by_sql('o.key'))
     USING cutoff, after_ts, after_id, max_rows, job_ids;
 END
 $$;
@@ -283,7 +288,7 @@ BEGIN
         SELECT f.age_ts, f.job_id
         FROM fresh_all AS f
         WHERE max_enqueue IS NOT NULL
-          AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL
+          AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL AND f.named_by IS NULL
         ORDER BY f.age_ts, f.job_id
         OFFSET max_enqueue LIMIT 1
     ),
@@ -305,7 +310,7 @@ BEGIN
         SELECT f.job_id, orphan_cleanup.redact_url(f.output_url), f.url_hash, f.host, f.bucket, f.object_path,
                'pending', now() + p_grace, p_cycle
         FROM fresh AS f
-        WHERE NOT p_dry AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL
+        WHERE NOT p_dry AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL AND f.named_by IS NULL
         ON CONFLICT (job_id) WHERE state IN ('pending', 'claimed') DO NOTHING
         RETURNING id, job_id, output_url
     ),
@@ -327,11 +332,13 @@ BEGIN
         SELECT 'protected', f.job_id, NULL, orphan_cleanup.redact_url(f.output_url), p_actor,
                CASE WHEN f.ref_state = 'noncanonical'
                     THEN 'referenced by an asset through a non-canonical spelling of the job id'
-                    ELSE format('shares its object with job %s, which is not an orphan', f.shared_with)
+                    WHEN f.shared_with IS NOT NULL
+                    THEN format('shares its object with job %s, which is not an orphan', f.shared_with)
+                    ELSE format('%s names its object (an extra reference)', f.named_by)
                END,
                p_cycle
         FROM fresh AS f
-        WHERE NOT p_dry AND (f.ref_state = 'noncanonical' OR f.shared_with IS NOT NULL)
+        WHERE NOT p_dry AND (f.ref_state = 'noncanonical' OR f.shared_with IS NOT NULL OR f.named_by IS NOT NULL)
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM c),
@@ -340,10 +347,10 @@ BEGIN
            (SELECT count(*) FROM orphans),
            CASE WHEN p_dry
                 THEN (SELECT count(*) FROM fresh AS f
-                      WHERE f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL)
+                      WHERE f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL AND f.named_by IS NULL)
                 ELSE (SELECT count(*) FROM ins_queue)
            END,
-           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'noncanonical' OR o.shared_with IS NOT NULL),
+           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'noncanonical' OR o.shared_with IS NOT NULL OR o.named_by IS NOT NULL),
            (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'none' AND o.url_error IS NOT NULL),
            EXISTS (SELECT 1 FROM stop_at)
       INTO seen, last_ts, last_id, n_found, n_enqueued, n_protected, n_rejected, capped;
@@ -761,6 +768,7 @@ BEGIN
                 WHEN r.ref_state = 'noncanonical' THEN 'protected: referenced by an asset through a non-canonical spelling of the job id'
                 WHEN r.url_error IS NOT NULL THEN 'rejected: ' || r.url_error
                 WHEN r.shared_with IS NOT NULL THEN format('protected: shares its object with job %s, which is not an orphan', r.shared_with)
+                WHEN r.named_by IS NOT NULL THEN format('protected: %s names its object (an extra reference)', r.named_by)
                 ELSE 'orphan'
             END;
             SELECT q.state INTO queue_state FROM orphan_cleanup.deletion_queue AS q

@@ -357,6 +357,7 @@ DECLARE
     v_out orphan_cleanup.objects;
     v_fenced boolean := false;
     v_unread text;
+    v_moved boolean := false;
 BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND THEN
@@ -374,8 +375,19 @@ BEGIN
         IF current_setting('transaction_isolation') <> 'read committed' THEN
             PERFORM orphan_cleanup._fence_job(OLD.id);
         END IF;
-        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url,
-            CASE TG_OP WHEN 'DELETE' THEN 'deleted' ELSE format('renumbered to %s', NEW.id) END);
+        -- A row of a partition (TG_RELID is not the jobs table) may be moving to another one:
+        -- an UPDATE of its partition key is a DELETE here and an INSERT there, and this runs
+        -- after both. The job still names the same objects: nothing to keep (kept, they could
+        -- never be deleted: the fifth review of partitions).
+        IF TG_OP = 'DELETE' AND TG_RELID <> att.jobs_oid AND OLD.output_url IS NOT NULL THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS j WHERE j.id = $1 AND orphan_cleanup.object_keys(j.output_url) @> orphan_cleanup.object_keys($2))',
+                           att.jobs_oid::regclass)
+               INTO v_moved USING OLD.id, OLD.output_url;
+        END IF;
+        IF NOT v_moved THEN
+            PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url,
+                CASE TG_OP WHEN 'DELETE' THEN 'deleted' ELSE format('renumbered to %s', NEW.id) END);
+        END IF;
         IF TG_OP = 'DELETE' THEN
             RETURN NULL;
         END IF;
@@ -862,8 +874,10 @@ BEGIN
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
-    -- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them.
-    PERFORM orphan_cleanup._look_at_partitions(a, check_saved => false) FROM orphan_cleanup.attachment AS a;
+    -- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them. A
+    -- partition not recorded yet has its saved jobs checked as the DDL watch checks them (one
+    -- whose look failed must not be recorded by running attach() again: the fifth review).
+    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
 
     item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
@@ -949,12 +963,17 @@ BEGIN
     -- Only its refusals stop the DDL (a partition attached with saved jobs it must not bring in;
     -- a detach not at READ COMMITTED); any other failure is left to the next look, and strays
     -- wait meanwhile (_partition_problem()), rather than every DDL in the database failing.
+    -- A command on the jobs table or one of its partitions (an ATTACH, a CREATE TABLE ...
+    -- PARTITION OF) stops on any failure of the look (a lock timeout while it waits for a claim
+    -- in flight, say: the fifth review).
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid AND c.relkind = 'p') THEN
         BEGIN
-            PERFORM orphan_cleanup._look_at_partitions(att);
+            PERFORM orphan_cleanup._look_at_partitions(att, in_ddl => true);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%' THEN
+            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%'
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+                          WHERE e.objid = att.jobs_oid OR e.objid IN (SELECT orphan_cleanup._job_partitions(att))) THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
@@ -1010,8 +1029,9 @@ BEGIN
 END
 $$;
 
+-- (CREATE SCHEMA: it may create a partition; CREATE FOREIGN TABLE: a foreign partition.)
 CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE')
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA', 'CREATE FOREIGN TABLE')
     EXECUTE FUNCTION orphan_cleanup._watch_guards();
 -- ALWAYS: it fires under session_replication_role = replica too, as the guards do.
 ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;

@@ -64,7 +64,10 @@ BEGIN
     END IF;
     -- Joined and not looked at (or its look failed: a saved job it brought in names a handed-out
     -- object, or a URL that cannot be read): such a saved job keeps nothing yet.
+    -- (A foreign partition is never recorded: it holds no saved job a look could check, and
+    -- _partition_problem() makes strays wait for it.)
     SELECT pt.relid::regclass::text AS name INTO p FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+    JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
     WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r) LIMIT 1;
     IF FOUND THEN
         RETURN format('partition %s joined the jobs table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name);
@@ -114,7 +117,14 @@ $$;
 -- recorded, once its saved jobs pass job_guard's checks (check_saved; attach() and the update
 -- check the whole table their own way). Returns _partition_problem() after it (a dropped
 -- partition stays a problem).
-CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment, check_saved boolean DEFAULT true) RETURNS text
+-- in_ddl: called by the DDL watch, in the transaction that attached or created the partition.
+-- Until it commits, no other session sees the partition's jobs: a save of one finds no job row
+-- to hold, and a claim sees no job naming its object. Each job's fence row is written first, as
+-- an INSERT of the job writes it (sql/guard.sql): a save in flight is waited for (and then seen
+-- by the checks below), and a later one waits for this commit, then sees the job (or, with an
+-- older snapshot, fails to serialize) (the fifth review of partitions).
+CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment, check_saved boolean DEFAULT true,
+                                                   in_ddl boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -166,6 +176,12 @@ BEGIN
                                 rel::regclass, att.jobs_oid::regclass, current_setting('transaction_isolation')
                     USING ERRCODE = 'invalid_transaction_state',
                           HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF in its own READ COMMITTED transaction.';
+            END IF;
+            IF in_ddl THEN
+                EXECUTE format($sql$
+                    INSERT INTO orphan_cleanup.job_fences AS f (job_id, touched_at)
+                    SELECT DISTINCT j.id, clock_timestamp() FROM %s AS j WHERE j.id IS NOT NULL
+                    ON CONFLICT (job_id) DO UPDATE SET touched_at = clock_timestamp()$sql$, rel::regclass);
             END IF;
             PERFORM orphan_cleanup._refuse_unread_saved(rel, att.assets_oid, format('a look at partition %s', rel::regclass));
             PERFORM orphan_cleanup._refuse_handed_out_saved(rel, att.assets_oid);

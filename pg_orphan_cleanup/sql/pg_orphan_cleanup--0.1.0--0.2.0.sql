@@ -601,8 +601,10 @@ BEGIN
 
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('attached', session_user, format('jobs %s, assets %s, age column %I', v_jobs::regclass, v_assets::regclass, cfg.age_column));
-    -- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them.
-    PERFORM orphan_cleanup._look_at_partitions(a, check_saved => false) FROM orphan_cleanup.attachment AS a;
+    -- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them. A
+    -- partition not recorded yet has its saved jobs checked as the DDL watch checks them (one
+    -- whose look failed must not be recorded by running attach() again: the fifth review).
+    PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
 
     item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
@@ -2530,6 +2532,7 @@ DECLARE
     v_out orphan_cleanup.objects;
     v_fenced boolean := false;
     v_unread text;
+    v_moved boolean := false;
 BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND THEN
@@ -2547,8 +2550,19 @@ BEGIN
         IF current_setting('transaction_isolation') <> 'read committed' THEN
             PERFORM orphan_cleanup._fence_job(OLD.id);
         END IF;
-        PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url,
-            CASE TG_OP WHEN 'DELETE' THEN 'deleted' ELSE format('renumbered to %s', NEW.id) END);
+        -- A row of a partition (TG_RELID is not the jobs table) may be moving to another one:
+        -- an UPDATE of its partition key is a DELETE here and an INSERT there, and this runs
+        -- after both. The job still names the same objects: nothing to keep (kept, they could
+        -- never be deleted: the fifth review of partitions).
+        IF TG_OP = 'DELETE' AND TG_RELID <> att.jobs_oid AND OLD.output_url IS NOT NULL THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS j WHERE j.id = $1 AND orphan_cleanup.object_keys(j.output_url) @> orphan_cleanup.object_keys($2))',
+                           att.jobs_oid::regclass)
+               INTO v_moved USING OLD.id, OLD.output_url;
+        END IF;
+        IF NOT v_moved THEN
+            PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url,
+                CASE TG_OP WHEN 'DELETE' THEN 'deleted' ELSE format('renumbered to %s', NEW.id) END);
+        END IF;
         IF TG_OP = 'DELETE' THEN
             RETURN NULL;
         END IF;
@@ -2685,12 +2699,17 @@ BEGIN
     -- Only its refusals stop the DDL (a partition attached with saved jobs it must not bring in;
     -- a detach not at READ COMMITTED); any other failure is left to the next look, and strays
     -- wait meanwhile (_partition_problem()), rather than every DDL in the database failing.
+    -- A command on the jobs table or one of its partitions (an ATTACH, a CREATE TABLE ...
+    -- PARTITION OF) stops on any failure of the look (a lock timeout while it waits for a claim
+    -- in flight, say: the fifth review).
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid AND c.relkind = 'p') THEN
         BEGIN
-            PERFORM orphan_cleanup._look_at_partitions(att);
+            PERFORM orphan_cleanup._look_at_partitions(att, in_ddl => true);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%' THEN
+            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%'
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+                          WHERE e.objid = att.jobs_oid OR e.objid IN (SELECT orphan_cleanup._job_partitions(att))) THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
@@ -3068,6 +3087,7 @@ BEGIN
                 WHEN r.ref_state = 'noncanonical' THEN 'protected: referenced by an asset through a non-canonical spelling of the job id'
                 WHEN r.url_error IS NOT NULL THEN 'rejected: ' || r.url_error
                 WHEN r.shared_with IS NOT NULL THEN format('protected: shares its object with job %s, which is not an orphan', r.shared_with)
+                WHEN r.named_by IS NOT NULL THEN format('protected: %s names its object (an extra reference)', r.named_by)
                 ELSE 'orphan'
             END;
             SELECT q.state INTO queue_state FROM orphan_cleanup.deletion_queue AS q
@@ -3175,7 +3195,10 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION orphan_cleanup._candidates(
+-- Candidates say which extra reference names their object (sql/references.sql).
+DROP FUNCTION orphan_cleanup._candidates(orphan_cleanup.attachment, timestamptz, timestamptz, uuid, integer, uuid[]);
+
+CREATE FUNCTION orphan_cleanup._candidates(
     att orphan_cleanup.attachment,
     cutoff timestamptz,
     after_ts timestamptz,
@@ -3183,7 +3206,8 @@ CREATE OR REPLACE FUNCTION orphan_cleanup._candidates(
     max_rows integer,
     job_ids uuid[] DEFAULT NULL
 ) RETURNS TABLE (job_id uuid, age_ts timestamptz, output_url text, ref_state text,
-                 host text, bucket text, object_path text, url_error text, shared_with uuid)
+                 host text, bucket text, object_path text, url_error text, shared_with uuid,
+                 named_by text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -3225,10 +3249,10 @@ BEGIN
         -- cost K x K probes when all are orphans. The orphan itself can never be its object's
         -- keeper (it is completed, old enough and unreferenced), so it need not be left out.
         keepers AS MATERIALIZED (
-            SELECT o.key, k.id AS keeper
+            SELECT o.key, k.id AS keeper, CASE WHEN k.id IS NULL THEN %5$s END AS named_by
             FROM (SELECT DISTINCT g.bucket || '/' || g.object_path AS key
                   FROM judged AS g WHERE g.error IS NULL AND g.ref_state = 'none') AS o
-            CROSS JOIN LATERAL (
+            LEFT JOIN LATERAL (
                 SELECT j2.id
                 FROM %2$s AS j2
                 WHERE orphan_cleanup.object_keys(j2.output_url) && orphan_cleanup._names_of(o.key)
@@ -3240,13 +3264,15 @@ BEGIN
                                SELECT 1 FROM %3$s AS a2
                                WHERE orphan_cleanup.job_ref_key(a2.metadata ->> 'render_job_id') = j2.id::text
                                OFFSET 0), false)
-                LIMIT 1) AS k
+                LIMIT 1) AS k ON true
         )
         SELECT g.id, g.age_ts, g.output_url, g.ref_state, g.host, g.bucket, g.object_path, g.error,
-               CASE WHEN g.error IS NULL AND g.ref_state = 'none' THEN k.keeper END
+               CASE WHEN g.error IS NULL AND g.ref_state = 'none' THEN k.keeper END,
+               CASE WHEN g.error IS NULL AND g.ref_state = 'none' THEN k.named_by END
         FROM judged AS g
         LEFT JOIN keepers AS k ON k.key = g.bucket || '/' || g.object_path
-        $sql$, att.age_column, att.jobs_oid::regclass, att.assets_oid::regclass, scope)
+        $sql$, att.age_column, att.jobs_oid::regclass, att.assets_oid::regclass, scope,
+        orphan_cleanup._referenced_by_sql('o.key'))
     USING cutoff, after_ts, after_id, max_rows, job_ids;
 END
 $$;
@@ -3301,7 +3327,7 @@ BEGIN
         SELECT f.age_ts, f.job_id
         FROM fresh_all AS f
         WHERE max_enqueue IS NOT NULL
-          AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL
+          AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL AND f.named_by IS NULL
         ORDER BY f.age_ts, f.job_id
         OFFSET max_enqueue LIMIT 1
     ),
@@ -3323,7 +3349,7 @@ BEGIN
         SELECT f.job_id, orphan_cleanup.redact_url(f.output_url), f.url_hash, f.host, f.bucket, f.object_path,
                'pending', now() + p_grace, p_cycle
         FROM fresh AS f
-        WHERE NOT p_dry AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL
+        WHERE NOT p_dry AND f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL AND f.named_by IS NULL
         ON CONFLICT (job_id) WHERE state IN ('pending', 'claimed') DO NOTHING
         RETURNING id, job_id, output_url
     ),
@@ -3345,11 +3371,13 @@ BEGIN
         SELECT 'protected', f.job_id, NULL, orphan_cleanup.redact_url(f.output_url), p_actor,
                CASE WHEN f.ref_state = 'noncanonical'
                     THEN 'referenced by an asset through a non-canonical spelling of the job id'
-                    ELSE format('shares its object with job %s, which is not an orphan', f.shared_with)
+                    WHEN f.shared_with IS NOT NULL
+                    THEN format('shares its object with job %s, which is not an orphan', f.shared_with)
+                    ELSE format('%s names its object (an extra reference)', f.named_by)
                END,
                p_cycle
         FROM fresh AS f
-        WHERE NOT p_dry AND (f.ref_state = 'noncanonical' OR f.shared_with IS NOT NULL)
+        WHERE NOT p_dry AND (f.ref_state = 'noncanonical' OR f.shared_with IS NOT NULL OR f.named_by IS NOT NULL)
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM c),
@@ -3358,10 +3386,10 @@ BEGIN
            (SELECT count(*) FROM orphans),
            CASE WHEN p_dry
                 THEN (SELECT count(*) FROM fresh AS f
-                      WHERE f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL)
+                      WHERE f.ref_state = 'none' AND f.url_error IS NULL AND f.shared_with IS NULL AND f.named_by IS NULL)
                 ELSE (SELECT count(*) FROM ins_queue)
            END,
-           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'noncanonical' OR o.shared_with IS NOT NULL),
+           (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'noncanonical' OR o.shared_with IS NOT NULL OR o.named_by IS NOT NULL),
            (SELECT count(*) FROM orphans AS o WHERE o.ref_state = 'none' AND o.url_error IS NOT NULL),
            EXISTS (SELECT 1 FROM stop_at)
       INTO seen, last_ts, last_id, n_found, n_enqueued, n_protected, n_rejected, capped;
@@ -3824,7 +3852,7 @@ ALTER TABLE orphan_cleanup.audit_log ADD CONSTRAINT audit_log_action_check
 -- The guard watcher: no DDL may leave the attached tables without their exact guards while
 -- reapers hold claims.
 CREATE EVENT TRIGGER orphan_cleanup_guard_watch ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE')
+    WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE TABLE', 'CREATE SCHEMA', 'CREATE FOREIGN TABLE')
     EXECUTE FUNCTION orphan_cleanup._watch_guards();
 ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS;
 
@@ -4631,7 +4659,10 @@ BEGIN
     END IF;
     -- Joined and not looked at (or its look failed: a saved job it brought in names a handed-out
     -- object, or a URL that cannot be read): such a saved job keeps nothing yet.
+    -- (A foreign partition is never recorded: it holds no saved job a look could check, and
+    -- _partition_problem() makes strays wait for it.)
     SELECT pt.relid::regclass::text AS name INTO p FROM orphan_cleanup._job_partitions(att) AS pt(relid)
+    JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
     WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r) LIMIT 1;
     IF FOUND THEN
         RETURN format('partition %s joined the jobs table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name);
@@ -4673,7 +4704,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment, check_saved boolean DEFAULT true) RETURNS text
+CREATE FUNCTION orphan_cleanup._look_at_partitions(att orphan_cleanup.attachment, check_saved boolean DEFAULT true,
+                                                   in_ddl boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
@@ -4725,6 +4757,12 @@ BEGIN
                                 rel::regclass, att.jobs_oid::regclass, current_setting('transaction_isolation')
                     USING ERRCODE = 'invalid_transaction_state',
                           HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF in its own READ COMMITTED transaction.';
+            END IF;
+            IF in_ddl THEN
+                EXECUTE format($sql$
+                    INSERT INTO orphan_cleanup.job_fences AS f (job_id, touched_at)
+                    SELECT DISTINCT j.id, clock_timestamp() FROM %s AS j WHERE j.id IS NOT NULL
+                    ON CONFLICT (job_id) DO UPDATE SET touched_at = clock_timestamp()$sql$, rel::regclass);
             END IF;
             PERFORM orphan_cleanup._refuse_unread_saved(rel, att.assets_oid, format('a look at partition %s', rel::regclass));
             PERFORM orphan_cleanup._refuse_handed_out_saved(rel, att.assets_oid);
@@ -5226,6 +5264,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._refuse_while_claimed(text, oid[]),
     orphan_cleanup._watch_guards(),
     orphan_cleanup._process_chunk(orphan_cleanup.attachment, bigint, text, timestamptz, timestamptz, uuid, integer, uuid[], interval, boolean, bigint),
+    orphan_cleanup._candidates(orphan_cleanup.attachment, timestamptz, timestamptz, uuid, integer, uuid[]),
     orphan_cleanup.confirm(text, text, bigint[], text, bigint[]),
     orphan_cleanup.fail(text, text, bigint[], text, boolean),
     orphan_cleanup.release(text, text, bigint[], text, boolean),
@@ -5293,7 +5332,7 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._hold_references(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
     orphan_cleanup._partition_problem(),
-    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment, boolean),
+    orphan_cleanup._look_at_partitions(orphan_cleanup.attachment, boolean, boolean),
     orphan_cleanup.forget_partition(oid),
     orphan_cleanup._refuse_handed_out_saved(oid, oid),
     orphan_cleanup._partition_gone_problem(),

@@ -87,8 +87,6 @@ fn only_unsaved() -> BTreeSet<String> {
     ["out/unsaved.png".to_string()].into_iter().collect()
 }
 
-/// Sequence 1: TRUNCATE render_jobs_now fires that partition's triggers only. Its guard keeps the
-/// saved job's file; the unsaved job's file is a stray.
 /// Makes public.render_jobs_mid, not yet a partition, holding a job of 2010 naming `url`, saved.
 fn mid_with_saved_job(c: &mut postgres::Client, url: &str) -> String {
     c.batch_execute(
@@ -112,6 +110,12 @@ fn mid_with_saved_job(c: &mut postgres::Client, url: &str) -> String {
 
 const ATTACH_MID: &str = "ALTER TABLE public.render_jobs ATTACH PARTITION public.render_jobs_mid FOR VALUES FROM ('2000-01-01') TO ('2020-01-01')";
 
+fn code(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+/// Sequence 1: TRUNCATE render_jobs_now fires that partition's triggers only. Its guard keeps the
+/// saved job's file; the unsaved job's file is a stray.
 #[test]
 fn a_truncated_partitions_saved_files_are_kept() {
     let (db, emu) = partitioned("partitions_truncate", KEYS);
@@ -543,4 +547,197 @@ fn an_attach_not_at_read_committed_is_refused() {
         "{}",
         db_error(&e)
     );
+}
+
+// From the fifth review of partitions (a reviewer helper, reading only; each failed before):
+//  14. a table joins as a partition, holding an unsaved job that shares an orphan's object; the
+//      join is not committed yet when the app saves that job and a claim hands the object out
+//                                     -> a_save_racing_an_uncommitted_attach_is_refused
+//  15. the same race as 12 with a lock_timeout in the joining session: its look times out
+//      waiting for the claim; the join must fail, not go through with a warning
+//                                     -> an_attach_whose_look_times_out_fails
+//  16. a foreign partition: strays wait for it, but job orphans are still handed out
+//                                     -> a_foreign_partition_stops_strays_only
+//  17. a partition created by CREATE SCHEMA ... CREATE TABLE ... PARTITION OF
+//                                     -> a_partition_made_in_create_schema_is_guarded_at_once
+//  18. attach() run again after a joined partition's look failed (it brought a saved job naming
+//      a handed-out object) must not record the partition
+//                                     -> attach_does_not_record_a_partition_whose_look_failed
+//  19. a saved job's row moved to another partition (an UPDATE of the partition key) is not
+//      "deleted": its objects are not kept forever
+//                                     -> a_saved_job_moved_between_partitions_is_not_kept
+
+/// Sequence 14.
+#[test]
+fn a_save_racing_an_uncommitted_attach_is_refused() {
+    let (db, emu) = partitioned("partitions_attach_window", &["out/x.png"]);
+    let mut c = db.client();
+    let url = emu.public_url("renders", "out/x.png");
+    job(&mut c, "completed", Some(&url), "2 hours", "orphan");
+    assert_eq!(cycle(&mut c).2, 1);
+    let mut s1 = db.client();
+    let mut tx = s1.transaction().unwrap();
+    tx.batch_execute(
+        "CREATE TABLE public.render_jobs_mid (LIKE public.render_jobs INCLUDING DEFAULTS);",
+    )
+    .unwrap();
+    let a: String = tx
+        .query_one(
+            "INSERT INTO public.render_jobs_mid (status, output_url, created_at) VALUES ('completed', $1, '2010-01-01') RETURNING id::text",
+            &[&url],
+        )
+        .unwrap()
+        .get(0);
+    tx.batch_execute(ATTACH_MID).unwrap();
+    // The app saves job a: it cannot see it yet, and waits for the join.
+    let (saver, pid) = session_in_thread(&db.name, move |s| save(s, "generated_saved", &a));
+    wait_until_blocked(&mut c, pid);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1, "the orphan is handed out");
+    tx.commit().unwrap();
+    let e = saver.join().unwrap().unwrap_err();
+    assert_eq!(code(&e), "OC001", "{}", db_error(&e));
+}
+
+/// Sequence 15.
+#[test]
+fn an_attach_whose_look_times_out_fails() {
+    let (db, emu) = partitioned("partitions_attach_timeout", &["out/gone.png"]);
+    let mut pairs = SETTINGS.to_vec();
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    pairs.push(("pause_points", "claim"));
+    settings(&pairs);
+    let mut c = db.client();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
+    mid_with_saved_job(&mut c, &emu.public_url("renders", "out/gone.png"));
+    let mut holder = db.client();
+    hold_pause_point(&mut holder, "claim");
+    let (claimer, _) = session_in_thread(&db.name, |r| claim(r, "w1", 10).len());
+    wait_paused_at(&mut c, "claim", None);
+    let mut a = db.client();
+    a.batch_execute("SET lock_timeout = '300ms'").unwrap();
+    let e = a.batch_execute(ATTACH_MID).unwrap_err();
+    assert_eq!(code(&e), "55P03", "{}", db_error(&e));
+    release_pause_point(&mut holder, "claim");
+    assert_eq!(claimer.join().unwrap(), 1);
+    let joined: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhrelid = 'public.render_jobs_mid'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(joined, 0, "the ATTACH failed");
+}
+
+/// Sequence 16.
+#[test]
+fn a_foreign_partition_stops_strays_only() {
+    let (db, emu) = partitioned("partitions_foreign", &["out/o.png", "out/stray.png"]);
+    let mut c = db.client();
+    c.batch_execute(
+        "ALTER TABLE public.render_jobs DROP CONSTRAINT render_jobs_pkey;
+         CREATE EXTENSION IF NOT EXISTS file_fdw;
+         CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;
+         CREATE FOREIGN TABLE public.render_jobs_ext PARTITION OF public.render_jobs
+             FOR VALUES FROM ('2000-01-01') TO ('2020-01-01') SERVER files OPTIONS (filename '/dev/null', format 'csv');",
+    )
+    .unwrap();
+    job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/o.png")),
+        "2 hours",
+        "o",
+    );
+    assert_eq!(cycle(&mut c).2, 1, "the orphan; no stray");
+    assert_eq!(queued(&mut c), BTreeSet::new());
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'strays'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("is a foreign table"), "{detail}");
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1, "the orphan is handed out");
+}
+
+/// Sequence 17.
+#[test]
+fn a_partition_made_in_create_schema_is_guarded_at_once() {
+    let (db, _emu) = partitioned("partitions_create_schema", KEYS);
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE SCHEMA archive
+             CREATE TABLE mid PARTITION OF public.render_jobs FOR VALUES FROM ('2000-01-01') TO ('2020-01-01')",
+    )
+    .unwrap();
+    let guarded: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'archive.mid'::regclass AND tgname = 'orphan_cleanup_truncate_guard'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(guarded, 1);
+}
+
+/// Sequence 18.
+#[test]
+fn attach_does_not_record_a_partition_whose_look_failed() {
+    let (db, emu) = partitioned("partitions_reattach", &["out/gone.png"]);
+    let mut c = db.client();
+    assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
+        .unwrap();
+    mid_with_saved_job(&mut c, &emu.public_url("renders", "out/gone.png"));
+    c.batch_execute(ATTACH_MID).unwrap();
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
+        .unwrap();
+    cycle(&mut c);
+    let e = c
+        .query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap_err();
+    assert_eq!(code(&e), "OC002", "{}", db_error(&e));
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("has not been looked at yet"), "{detail}");
+}
+
+/// Sequence 19.
+#[test]
+fn a_saved_job_moved_between_partitions_is_not_kept() {
+    let (db, emu) = partitioned("partitions_move", &["out/m.png"]);
+    let mut c = db.client();
+    let j = job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/m.png")),
+        "2 hours",
+        "m",
+    );
+    save(&mut c, "generated_saved", &j.0).unwrap();
+    c.execute(
+        "UPDATE render_jobs SET created_at = '1990-01-01' WHERE id = $1::text::uuid",
+        &[&j.0],
+    )
+    .unwrap();
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM orphan_cleanup.objects WHERE kept_at IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 0, "moved, not deleted");
+    // Unsaved later, it is an orphan like any other.
+    c.execute("DELETE FROM user_assets", &[]).unwrap();
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
 }

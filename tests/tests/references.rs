@@ -29,6 +29,11 @@
 //                            -> a_job_orphans_file_a_reference_names_is_kept
 //   9. add_reference() while reapers hold claims
 //                            -> add_reference_waits_for_no_claims
+// From the end-of-issue review:
+//  12. a job orphan whose file a reference names when the cycle looks: not queued (it was queued
+//      and retired at its claim on every full sweep), protected and audited once per sweep;
+//      queued once the reference lets go of it
+//                            -> a_cycle_does_not_queue_a_job_orphan_a_reference_names
 
 use std::collections::BTreeSet;
 
@@ -574,8 +579,8 @@ fn a_reference_guard_turned_off_is_noticed() {
     assert_eq!(code(&e), "OC002", "{}", db_error(&e));
 }
 
-/// Sequence 8: a completed job nobody saved is an orphan, but a thumbnail row points at its
-/// file: the claim keeps the file.
+/// Sequence 8: a completed job nobody saved is an orphan, but a thumbnail row written after the
+/// cycle queued it points at its file: the claim keeps the file.
 #[test]
 fn a_job_orphans_file_a_reference_names_is_kept() {
     let (db, emu) = leak("references_job_orphan", &["out/j1.png"]);
@@ -583,9 +588,9 @@ fn a_job_orphans_file_a_reference_names_is_kept() {
     add_references(&mut c);
     let url = emu.public_url("renders", "out/j1.png");
     job(&mut c, "completed", Some(&url), "2 hours", "j");
+    assert_eq!(cycle(&mut c).2, 1, "queued as an orphan");
     c.execute("INSERT INTO public.thumbnails (url) VALUES ($1)", &[&url])
         .unwrap();
-    assert_eq!(cycle(&mut c).2, 1, "queued as an orphan");
     assert!(claim(&mut c, "w1", 10).is_empty());
     let r = c
         .query_one(
@@ -672,4 +677,60 @@ fn a_child_of_a_reference_table_is_refused_while_claimed() {
     );
     c.batch_execute("CREATE TABLE public.unrelated (id int)")
         .unwrap();
+}
+
+/// Sequence 12.
+#[test]
+fn a_cycle_does_not_queue_a_job_orphan_a_reference_names() {
+    let (db, emu) = leak("references_cycle_keeps", &["out/j2.png"]);
+    let mut pairs = SETTINGS.to_vec();
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    pairs.push(("full_sweep_interval", "0"));
+    settings(&pairs);
+    let mut c = db.client();
+    add_references(&mut c);
+    let url = emu.public_url("renders", "out/j2.png");
+    let j = job(&mut c, "completed", Some(&url), "2 hours", "j");
+    c.execute(
+        "INSERT INTO public.galleries (data) VALUES (jsonb_build_object('images', jsonb_build_object('large', 'renders/out/j2.png')))",
+        &[],
+    )
+    .unwrap();
+    let verdict: String = c
+        .query_one(
+            "SELECT verdict FROM orphan_cleanup.preview() WHERE job_id = $1::text::uuid",
+            &[&j.0],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        verdict,
+        "protected: public.galleries.data #>> '{images,large}' names its object (an extra reference)"
+    );
+    for _ in 0..2 {
+        let (_, found, enqueued, protected, _) = cycle(&mut c);
+        assert_eq!((found, enqueued, protected), (1, 0, 1), "a full sweep");
+    }
+    let queued: i64 = c
+        .query_one("SELECT count(*) FROM orphan_cleanup.deletion_queue", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 0);
+    let audited: Vec<String> = c
+        .query(
+            "SELECT action || ': ' || detail FROM orphan_cleanup.audit_log WHERE job_id = $1::text::uuid ORDER BY id",
+            &[&j.0],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        audited,
+        vec!["protected: public.galleries.data #>> '{images,large}' names its object (an extra reference)"; 2]
+    );
+    // The gallery lets go of it: the next sweep queues it, and the claim hands it out.
+    c.execute("DELETE FROM public.galleries", &[]).unwrap();
+    assert_eq!(cycle(&mut c).2, 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
 }

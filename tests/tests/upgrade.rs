@@ -52,6 +52,9 @@ SELECT 'schema', n.nspname, n.nspacl::text FROM pg_namespace AS n, ns WHERE n.oi
 UNION ALL
 SELECT 'trigger', t.tgrelid::regclass::text || ' ' || t.tgname, pg_get_triggerdef(t.oid)
 FROM pg_trigger AS t JOIN pg_proc AS p ON p.oid = t.tgfoid, ns WHERE p.pronamespace = ns.oid
+UNION ALL
+SELECT 'event trigger', e.evtname, concat_ws(' | ', e.evtevent, e.evtenabled, e.evttags::text, e.evtfoid::regprocedure::text)
+FROM pg_event_trigger AS e JOIN pg_proc AS p ON p.oid = e.evtfoid, ns WHERE p.pronamespace = ns.oid
 "#;
 
 fn catalog(c: &mut postgres::Client) -> BTreeSet<(String, String, String)> {
