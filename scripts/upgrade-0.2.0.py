@@ -419,11 +419,12 @@ for name in ['inventory_buckets', '_no_api_inventory_here', 'inventory_begin', '
     out.append(fn('inventory', name, replace=False))
 out.append("-- Extra references: other tables' columns that name objects (sql/references.sql).\n")
 out.append(section('references', "CREATE TABLE orphan_cleanup.extra_references (",
-                   "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.extra_references', '');"))
-out.append("REVOKE ALL ON orphan_cleanup.extra_references FROM PUBLIC;\n")
-for name in ['_reference_value', '_reference_list', '_reference_type_ok', '_reference_index_statement',
+                   "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reference_partitions', '');"))
+out.append("REVOKE ALL ON orphan_cleanup.extra_references, orphan_cleanup.reference_partitions FROM PUBLIC;\n")
+for name in ['_reference_partitions', '_reference_value', '_reference_list', '_reference_type_ok', '_reference_index_statement',
              '_reference_problem', '_referenced_by_sql', 'reference_guard', 'add_reference', '_same_expression',
-             'remove_reference', 'list_references', '_reference_table_problem', '_hold_references']:
+             'remove_reference', 'list_references', '_reference_table_problem', '_hold_references',
+             '_look_at_reference_partitions']:
     out.append(fn('references', name, replace=False))
 out.append("-- A partitioned jobs table: each partition's TRUNCATE guard, and the record of them (sql/partitions.sql).\n")
 out.append(section('partitions', "CREATE TABLE orphan_cleanup.job_partitions (",
@@ -534,6 +535,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.list_references(),
     orphan_cleanup._reference_table_problem(oid, text, name),
     orphan_cleanup._hold_references(),
+    orphan_cleanup._reference_partitions(),
+    orphan_cleanup._look_at_reference_partitions(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
     orphan_cleanup._partition_problem(),
     orphan_cleanup._look_at_partitions(orphan_cleanup.attachment, boolean, boolean),

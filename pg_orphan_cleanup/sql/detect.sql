@@ -413,6 +413,12 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions: %', SQLERRM;
     END;
+    -- Likewise the reference tables' partitions (sql/references.sql).
+    BEGIN
+        PERFORM orphan_cleanup._look_at_reference_partitions();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_orphan_cleanup could not look at the reference tables'' partitions: %', SQLERRM;
+    END;
     SELECT * INTO cfg FROM orphan_cleanup._config();
     dry := cfg.dry_run;
     IF orphan_cleanup._no_entries(cfg.allowed_buckets) AND NOT dry THEN

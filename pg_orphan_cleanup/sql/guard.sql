@@ -979,6 +979,22 @@ BEGIN
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
         END;
     END IF;
+    -- A reference table's new partitions (sql/references.sql): their rows checked and their
+    -- objects held now. A command on a reference table or one of its partitions stops on any
+    -- failure; another DDL only on a refusal.
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.extra_references) THEN
+        BEGIN
+            PERFORM orphan_cleanup._look_at_reference_partitions();
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('OC002', 'OC003') OR SQLSTATE LIKE '40%'
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+                          WHERE e.objid IN (SELECT r.table_oid FROM orphan_cleanup.extra_references AS r)
+                             OR e.objid IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
+                RAISE;
+            END IF;
+            RAISE WARNING 'pg_orphan_cleanup could not look at the reference tables'' partitions (%); strays and claims wait until a cycle does', SQLERRM;
+        END;
+    END IF;
     -- An extra reference's guard (sql/references.sql) likewise. (A CREATE TABLE matters only
     -- when the new table inherits from a reference table, or is a partition of one.)
     IF (tg_tag <> 'CREATE TABLE'

@@ -281,6 +281,12 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions: %', SQLERRM;
     END;
+    -- Likewise the reference tables' partitions (sql/references.sql).
+    BEGIN
+        PERFORM orphan_cleanup._look_at_reference_partitions();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_orphan_cleanup could not look at the reference tables'' partitions: %', SQLERRM;
+    END;
     SELECT * INTO cfg FROM orphan_cleanup._config();
     dry := cfg.dry_run;
     IF orphan_cleanup._no_entries(cfg.allowed_buckets) AND NOT dry THEN
@@ -2715,6 +2721,22 @@ BEGIN
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
         END;
     END IF;
+    -- A reference table's new partitions (sql/references.sql): their rows checked and their
+    -- objects held now. A command on a reference table or one of its partitions stops on any
+    -- failure; another DDL only on a refusal.
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.extra_references) THEN
+        BEGIN
+            PERFORM orphan_cleanup._look_at_reference_partitions();
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('OC002', 'OC003') OR SQLSTATE LIKE '40%'
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+                          WHERE e.objid IN (SELECT r.table_oid FROM orphan_cleanup.extra_references AS r)
+                             OR e.objid IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
+                RAISE;
+            END IF;
+            RAISE WARNING 'pg_orphan_cleanup could not look at the reference tables'' partitions (%); strays and claims wait until a cycle does', SQLERRM;
+        END;
+    END IF;
     -- An extra reference's guard (sql/references.sql) likewise. (A CREATE TABLE matters only
     -- when the new table inherits from a reference table, or is a partition of one.)
     IF (tg_tag <> 'CREATE TABLE'
@@ -4261,7 +4283,29 @@ CREATE TABLE orphan_cleanup.extra_references (
 );
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.extra_references', '');
 
-REVOKE ALL ON orphan_cleanup.extra_references FROM PUBLIC;
+-- The partitions of reference tables whose rows were looked at: a table attached as a partition
+-- (ATTACH PARTITION) brings its rows in without the guard trigger firing, so each new partition
+-- has its rows checked as the guard checks a row written (and the objects they name held) by the
+-- DDL watch, or by the next cycle where none runs; until then it is not in force (the fifth
+-- review of partitions).
+CREATE TABLE orphan_cleanup.reference_partitions (
+    relid     oid PRIMARY KEY,
+    name      text NOT NULL,
+    seen_at   timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reference_partitions', '');
+
+REVOKE ALL ON orphan_cleanup.extra_references, orphan_cleanup.reference_partitions FROM PUBLIC;
+
+CREATE FUNCTION orphan_cleanup._reference_partitions() RETURNS TABLE (relid oid, root oid)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT DISTINCT pt.relid, r.table_oid
+    FROM orphan_cleanup.extra_references AS r
+    JOIN pg_catalog.pg_class AS c ON c.oid = r.table_oid
+    CROSS JOIN LATERAL pg_catalog.pg_partition_tree(r.table_oid) AS pt
+    WHERE pt.relid <> r.table_oid;
+END;
 
 CREATE FUNCTION orphan_cleanup._reference_value(col name, json_path text[], is_text boolean, x text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
@@ -4334,7 +4378,14 @@ RETURN format('CREATE INDEX CONCURRENTLY %I ON %s USING gin (orphan_cleanup.obje
 CREATE FUNCTION orphan_cleanup._reference_problem() RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT string_agg(l.problem, '; ') FROM orphan_cleanup._reference_list() AS l WHERE l.problem IS NOT NULL;
+    SELECT string_agg(p.problem, '; ')
+    FROM (SELECT l.problem FROM orphan_cleanup._reference_list() AS l WHERE l.problem IS NOT NULL
+          UNION ALL
+          (SELECT format('partition %s of reference table %s joined it and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)',
+                         rp.relid::regclass, rp.root::regclass)
+           FROM orphan_cleanup._reference_partitions() AS rp
+           WHERE rp.relid NOT IN (SELECT x.relid FROM orphan_cleanup.reference_partitions AS x)
+           LIMIT 1)) AS p;
 END;
 
 CREATE FUNCTION orphan_cleanup._referenced_by_sql(key_sql text) RETURNS text
@@ -4513,6 +4564,10 @@ BEGIN
         RAISE EXCEPTION 'add_reference() refused: %', v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
+    -- Its partitions' rows were read through it above: looked at.
+    INSERT INTO orphan_cleanup.reference_partitions (relid, name)
+    SELECT pt.relid, pt.relid::regclass::text FROM pg_catalog.pg_partition_tree(v_rel) AS pt WHERE pt.relid <> v_rel
+    ON CONFLICT (relid) DO NOTHING;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('setting_changed', session_user, format('extra reference added: %s.%I%s', v_rel::regclass, column_name,
                                                      CASE WHEN cardinality(v_path) > 0 THEN format(' #>> %L', v_path) ELSE '' END));
@@ -4544,6 +4599,8 @@ BEGIN
        AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
         EXECUTE format('DROP TRIGGER orphan_cleanup_reference_guard ON %s', v_rel::regclass);
     END IF;
+    DELETE FROM orphan_cleanup.reference_partitions AS x
+    WHERE x.relid NOT IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp);
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('setting_changed', session_user, format('extra reference removed: %s.%s', table_name, column_name));
     RETURN format('removed %s reference(s) on %s.%s', n, table_name, column_name);
@@ -4606,6 +4663,60 @@ BEGIN
         END;
     END LOOP;
     RETURN true;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._look_at_reference_partitions() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    part oid;
+    l record;
+    o record;
+    ob orphan_cleanup.objects;
+    v_bad text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.extra_references)
+       AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.reference_partitions) THEN
+        RETURN;
+    END IF;
+    DELETE FROM orphan_cleanup.reference_partitions AS x
+    WHERE x.relid NOT IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp);
+    FOR part IN SELECT DISTINCT rp.relid FROM orphan_cleanup._reference_partitions() AS rp
+                WHERE rp.relid NOT IN (SELECT x.relid FROM orphan_cleanup.reference_partitions AS x)
+                ORDER BY 1 LOOP
+        FOR l IN SELECT * FROM orphan_cleanup._reference_list() AS rl
+                 WHERE rl.value_sql IS NOT NULL
+                   AND rl.table_oid IN (SELECT rp.root FROM orphan_cleanup._reference_partitions() AS rp WHERE rp.relid = part) LOOP
+            IF cardinality(l.json_path) > 0 THEN
+                EXECUTE format('SELECT x.%I::text FROM %s AS x WHERE jsonb_typeof(x.%I::jsonb #> %L::text[]) NOT IN (''string'', ''null'') LIMIT 1',
+                               l.column_name, part::regclass, l.column_name, l.json_path) INTO v_bad;
+            END IF;
+            IF v_bad IS NULL THEN
+                EXECUTE format('SELECT x.v FROM (SELECT %s AS v FROM %s AS x) AS x WHERE orphan_cleanup._unread_url(x.v) IS NOT NULL LIMIT 1',
+                               l.value_sql, part::regclass) INTO v_bad;
+            END IF;
+            IF v_bad IS NOT NULL THEN
+                RAISE EXCEPTION 'partition % of a reference table holds a value in % that cannot be read as naming storage objects: %', part::regclass, l.label, left(v_bad, 300)
+                    USING ERRCODE = 'OC003',
+                          HINT = 'Fix the rows (one URL or path per value; a string at a JSON path), or remove the reference; until then strays and claims wait.';
+            END IF;
+            FOR o IN EXECUTE format('SELECT DISTINCT k.bucket, k.object_path FROM %s AS x CROSS JOIN LATERAL orphan_cleanup._objects_of(%s) AS k ORDER BY 1, 2',
+                                    part::regclass, l.value_sql) LOOP
+                ob := orphan_cleanup._hold_object(o.bucket, o.object_path);
+                IF ob.handouts > 0 THEN
+                    RAISE EXCEPTION 'partition % of a reference table holds a row naming %/% in %: that object was handed to a reaper and may already be deleted from storage',
+                                    part::regclass, ob.bucket, ob.object_path, l.label
+                        USING ERRCODE = 'OC002',
+                              DETAIL = format('Object %s/%s was handed out %s time(s), last by %s at %s (deletion queue row %s).',
+                                              ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id),
+                              HINT = 'Upload the file again under a new name and reference that, or remove the row; until then strays and claims wait.';
+                END IF;
+            END LOOP;
+        END LOOP;
+        INSERT INTO orphan_cleanup.reference_partitions (relid, name) VALUES (part, part::regclass::text)
+        ON CONFLICT (relid) DO NOTHING;
+    END LOOP;
 END
 $$;
 
@@ -5081,6 +5192,7 @@ BEGIN
     IF FOUND THEN
         PERFORM orphan_cleanup._look_at_partitions(att);
     END IF;
+    PERFORM orphan_cleanup._look_at_reference_partitions();
     PERFORM orphan_cleanup._strays_ready('enqueue_strays()', min_age, max_rows);
     att := orphan_cleanup._require_attached('enqueue_strays()');
     -- One queueing of strays at a time: a cycle's pass in another order could deadlock with it
@@ -5330,6 +5442,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.list_references(),
     orphan_cleanup._reference_table_problem(oid, text, name),
     orphan_cleanup._hold_references(),
+    orphan_cleanup._reference_partitions(),
+    orphan_cleanup._look_at_reference_partitions(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
     orphan_cleanup._partition_problem(),
     orphan_cleanup._look_at_partitions(orphan_cleanup.attachment, boolean, boolean),

@@ -28,6 +28,29 @@ CREATE TABLE orphan_cleanup.extra_references (
 );
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.extra_references', '');
 
+-- The partitions of reference tables whose rows were looked at: a table attached as a partition
+-- (ATTACH PARTITION) brings its rows in without the guard trigger firing, so each new partition
+-- has its rows checked as the guard checks a row written (and the objects they name held) by the
+-- DDL watch, or by the next cycle where none runs; until then it is not in force (the fifth
+-- review of partitions).
+CREATE TABLE orphan_cleanup.reference_partitions (
+    relid     oid PRIMARY KEY,
+    name      text NOT NULL,
+    seen_at   timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.reference_partitions', '');
+
+-- The partitions (at every level) of the reference tables, each with a reference table it is in.
+CREATE FUNCTION orphan_cleanup._reference_partitions() RETURNS TABLE (relid oid, root oid)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT DISTINCT pt.relid, r.table_oid
+    FROM orphan_cleanup.extra_references AS r
+    JOIN pg_catalog.pg_class AS c ON c.oid = r.table_oid
+    CROSS JOIN LATERAL pg_catalog.pg_partition_tree(r.table_oid) AS pt
+    WHERE pt.relid <> r.table_oid;
+END;
+
 -- The value a reference reads, as SQL over alias `x`: the column, or the text at its JSON path.
 CREATE FUNCTION orphan_cleanup._reference_value(col name, json_path text[], is_text boolean, x text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
@@ -144,8 +167,75 @@ RETURN format('CREATE INDEX CONCURRENTLY %I ON %s USING gin (orphan_cleanup.obje
 CREATE FUNCTION orphan_cleanup._reference_problem() RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT string_agg(l.problem, '; ') FROM orphan_cleanup._reference_list() AS l WHERE l.problem IS NOT NULL;
+    SELECT string_agg(p.problem, '; ')
+    FROM (SELECT l.problem FROM orphan_cleanup._reference_list() AS l WHERE l.problem IS NOT NULL
+          UNION ALL
+          (SELECT format('partition %s of reference table %s joined it and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)',
+                         rp.relid::regclass, rp.root::regclass)
+           FROM orphan_cleanup._reference_partitions() AS rp
+           WHERE rp.relid NOT IN (SELECT x.relid FROM orphan_cleanup.reference_partitions AS x)
+           LIMIT 1)) AS p;
 END;
+
+-- Looks at the reference tables' partitions not looked at yet: their rows were not written
+-- through the guard (a table attached as a partition), so each value is checked as the guard
+-- checks it (readable, a string at a JSON path; OC003), and each object it names is held and
+-- refused if it was handed out (OC002). Held, the objects are not handed out by a claim until
+-- this transaction ends, and then the claim sees the rows. Then the partition is recorded.
+-- Records of partitions that left are dropped (rows leaving a reference table name nothing).
+CREATE FUNCTION orphan_cleanup._look_at_reference_partitions() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    part oid;
+    l record;
+    o record;
+    ob orphan_cleanup.objects;
+    v_bad text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.extra_references)
+       AND NOT EXISTS (SELECT 1 FROM orphan_cleanup.reference_partitions) THEN
+        RETURN;
+    END IF;
+    DELETE FROM orphan_cleanup.reference_partitions AS x
+    WHERE x.relid NOT IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp);
+    FOR part IN SELECT DISTINCT rp.relid FROM orphan_cleanup._reference_partitions() AS rp
+                WHERE rp.relid NOT IN (SELECT x.relid FROM orphan_cleanup.reference_partitions AS x)
+                ORDER BY 1 LOOP
+        FOR l IN SELECT * FROM orphan_cleanup._reference_list() AS rl
+                 WHERE rl.value_sql IS NOT NULL
+                   AND rl.table_oid IN (SELECT rp.root FROM orphan_cleanup._reference_partitions() AS rp WHERE rp.relid = part) LOOP
+            IF cardinality(l.json_path) > 0 THEN
+                EXECUTE format('SELECT x.%I::text FROM %s AS x WHERE jsonb_typeof(x.%I::jsonb #> %L::text[]) NOT IN (''string'', ''null'') LIMIT 1',
+                               l.column_name, part::regclass, l.column_name, l.json_path) INTO v_bad;
+            END IF;
+            IF v_bad IS NULL THEN
+                EXECUTE format('SELECT x.v FROM (SELECT %s AS v FROM %s AS x) AS x WHERE orphan_cleanup._unread_url(x.v) IS NOT NULL LIMIT 1',
+                               l.value_sql, part::regclass) INTO v_bad;
+            END IF;
+            IF v_bad IS NOT NULL THEN
+                RAISE EXCEPTION 'partition % of a reference table holds a value in % that cannot be read as naming storage objects: %', part::regclass, l.label, left(v_bad, 300)
+                    USING ERRCODE = 'OC003',
+                          HINT = 'Fix the rows (one URL or path per value; a string at a JSON path), or remove the reference; until then strays and claims wait.';
+            END IF;
+            FOR o IN EXECUTE format('SELECT DISTINCT k.bucket, k.object_path FROM %s AS x CROSS JOIN LATERAL orphan_cleanup._objects_of(%s) AS k ORDER BY 1, 2',
+                                    part::regclass, l.value_sql) LOOP
+                ob := orphan_cleanup._hold_object(o.bucket, o.object_path);
+                IF ob.handouts > 0 THEN
+                    RAISE EXCEPTION 'partition % of a reference table holds a row naming %/% in %: that object was handed to a reaper and may already be deleted from storage',
+                                    part::regclass, ob.bucket, ob.object_path, l.label
+                        USING ERRCODE = 'OC002',
+                              DETAIL = format('Object %s/%s was handed out %s time(s), last by %s at %s (deletion queue row %s).',
+                                              ob.bucket, ob.object_path, ob.handouts, ob.last_handed_to, ob.last_handed_out_at, ob.last_queue_id),
+                              HINT = 'Upload the file again under a new name and reference that, or remove the row; until then strays and claims wait.';
+                END IF;
+            END LOOP;
+        END LOOP;
+        INSERT INTO orphan_cleanup.reference_partitions (relid, name) VALUES (part, part::regclass::text)
+        ON CONFLICT (relid) DO NOTHING;
+    END LOOP;
+END
+$$;
 
 -- SQL over `key_sql` (an object as `bucket/name`): the label of the first reference naming that
 -- object, or NULL. NULL::text when there are no references.
@@ -333,6 +423,10 @@ BEGIN
         RAISE EXCEPTION 'add_reference() refused: %', v_problem
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
+    -- Its partitions' rows were read through it above: looked at.
+    INSERT INTO orphan_cleanup.reference_partitions (relid, name)
+    SELECT pt.relid, pt.relid::regclass::text FROM pg_catalog.pg_partition_tree(v_rel) AS pt WHERE pt.relid <> v_rel
+    ON CONFLICT (relid) DO NOTHING;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('setting_changed', session_user, format('extra reference added: %s.%I%s', v_rel::regclass, column_name,
                                                      CASE WHEN cardinality(v_path) > 0 THEN format(' #>> %L', v_path) ELSE '' END));
@@ -367,6 +461,8 @@ BEGIN
        AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
         EXECUTE format('DROP TRIGGER orphan_cleanup_reference_guard ON %s', v_rel::regclass);
     END IF;
+    DELETE FROM orphan_cleanup.reference_partitions AS x
+    WHERE x.relid NOT IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp);
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('setting_changed', session_user, format('extra reference removed: %s.%s', table_name, column_name));
     RETURN format('removed %s reference(s) on %s.%s', n, table_name, column_name);

@@ -300,6 +300,7 @@ BEGIN
     IF FOUND THEN
         PERFORM orphan_cleanup._look_at_partitions(att);
     END IF;
+    PERFORM orphan_cleanup._look_at_reference_partitions();
     PERFORM orphan_cleanup._strays_ready('enqueue_strays()', min_age, max_rows);
     att := orphan_cleanup._require_attached('enqueue_strays()');
     -- One queueing of strays at a time: a cycle's pass in another order could deadlock with it

@@ -34,6 +34,12 @@
 //      and retired at its claim on every full sweep), protected and audited once per sweep;
 //      queued once the reference lets go of it
 //                            -> a_cycle_does_not_queue_a_job_orphan_a_reference_names
+// From the fifth review of partitions (a reviewer helper, reading only; each failed before):
+//  13. a table attached as a partition of a reference table, holding a row that names a
+//      handed-out object      -> a_partition_naming_a_handed_out_object_is_refused
+//  14. the same, not committed yet while a claim of the object it names runs; and where no DDL
+//      watch runs, the partition is looked at by the next cycle, and nothing is handed out until
+//      then                   -> a_reference_partition_is_looked_at_before_claims_go_on
 
 use std::collections::BTreeSet;
 
@@ -733,4 +739,93 @@ fn a_cycle_does_not_queue_a_job_orphan_a_reference_names() {
     c.execute("DELETE FROM public.galleries", &[]).unwrap();
     assert_eq!(cycle(&mut c).2, 1);
     assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+}
+
+/// A partitioned reference table, public.pthumbs (partition pthumbs_1 for ids below 1000),
+/// referenced by its url; and public.pthumbs_2, a table not attached yet, holding a row that
+/// names `key`.
+fn pthumbs(c: &mut postgres::Client, key: &str) {
+    c.batch_execute(
+        "CREATE TABLE public.pthumbs (id int, url text) PARTITION BY RANGE (id);
+         CREATE TABLE public.pthumbs_1 PARTITION OF public.pthumbs FOR VALUES FROM (0) TO (1000);
+         CREATE INDEX pthumbs_keys ON public.pthumbs USING gin (orphan_cleanup.object_keys(url)) WITH (fastupdate = off);
+         SELECT orphan_cleanup.add_reference('public.pthumbs', 'url');
+         CREATE TABLE public.pthumbs_2 (id int, url text);",
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO public.pthumbs_2 VALUES (1500, $1)",
+        &[&format!("renders/{key}")],
+    )
+    .unwrap();
+}
+
+const ATTACH_PTHUMBS_2: &str =
+    "ALTER TABLE public.pthumbs ATTACH PARTITION public.pthumbs_2 FOR VALUES FROM (1000) TO (2000)";
+
+/// Sequence 13.
+#[test]
+fn a_partition_naming_a_handed_out_object_is_refused() {
+    let (db, _emu) = leak("references_attach_handed_out", &["out/h.png"]);
+    let mut c = db.client();
+    pthumbs(&mut c, "out/h.png");
+    assert_eq!(enqueue_strays(&mut c), 1);
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    let e = c.batch_execute(ATTACH_PTHUMBS_2).unwrap_err();
+    assert_eq!(code(&e), "OC002", "{}", db_error(&e));
+    assert!(
+        db_error(&e).contains("holds a row naming renders/out/h.png"),
+        "{}",
+        db_error(&e)
+    );
+}
+
+/// Sequence 14.
+#[test]
+fn a_reference_partition_is_looked_at_before_claims_go_on() {
+    let (db, _emu) = leak("references_attach_window", &["out/w.png"]);
+    let mut c = db.client();
+    pthumbs(&mut c, "out/w.png");
+    assert_eq!(enqueue_strays(&mut c), 1);
+    // Not committed yet: the claim sees no row naming the object, but the object is held.
+    let mut s1 = db.client();
+    let mut tx = s1.transaction().unwrap();
+    tx.batch_execute(ATTACH_PTHUMBS_2).unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty(), "passed over");
+    tx.rollback().unwrap();
+    // Where no DDL watch runs: claims wait until a cycle has looked at the partition.
+    c.batch_execute("DELETE FROM orphan_cleanup.busy").unwrap();
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
+        .unwrap();
+    c.batch_execute(ATTACH_PTHUMBS_2).unwrap();
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
+        .unwrap();
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.list_references() WHERE reference = 'public.pthumbs.url'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(detail, "in force: objects it names are never strays");
+    let health: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'strays'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(health.contains("has not been looked at yet"), "{health}");
+    cycle(&mut c);
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    assert_eq!(
+        stray_row(&mut c, "out/w.png"),
+        (
+            "stale".to_string(),
+            Some(
+                "public.pthumbs.url names its object now (an extra reference): no longer a stray"
+                    .to_string()
+            )
+        )
+    );
 }
