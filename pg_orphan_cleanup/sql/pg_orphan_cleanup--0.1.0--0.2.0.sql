@@ -1536,12 +1536,8 @@ BEGIN
            SET state = outcome, finished_at = now(), updated_at = now(), lease_until = NULL, lease_hash = NULL,
                job_cleanup = CASE WHEN d.job_id IS NULL THEN 'nothing to do: a stray has no job row' ELSE 'pending' END,
                -- The savings ledger: what this deletion reclaimed, as storage's answer said.
-               bytes = CASE WHEN outcome = 'deleted' THEN s.size END
-          -- Each id with its size, joined as a set (array_position() per row searched the
-          -- whole batch for each row: quadratic in the batch).
-          FROM (SELECT DISTINCT ON (u.id) u.id, u.size FROM unnest(ids, sizes) AS u(id, size)
-                WHERE u.id IS NOT NULL) AS s
-         WHERE d.id = s.id AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
+               bytes = CASE WHEN outcome = 'deleted' THEN sizes[array_position(ids, d.id)] END
+         WHERE d.id = ANY (ids) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
            AND d.id <> ALL (v_stored)
         RETURNING d.id, d.job_id, d.output_url, d.bucket, d.object_path
     ),
@@ -1560,8 +1556,8 @@ BEGIN
     PERFORM orphan_cleanup._cleanup_jobs(v_done, (SELECT on_confirm FROM orphan_cleanup._config()), worker);
     RETURN QUERY
     SELECT i.id,
-           CASE WHEN dn.id IS NOT NULL THEN 'confirmed'
-                WHEN st.id IS NOT NULL AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
+           CASE WHEN i.id = ANY (v_done) THEN 'confirmed'
+                WHEN i.id = ANY (v_stored) AND d.state = 'claimed' AND d.claimed_by = worker AND d.lease_hash = v_lease
                 THEN format('not confirmed: still in storage.objects (%s/%s): storage answered %s without deleting it',
                             d.bucket, d.object_path,
                             CASE outcome WHEN 'deleted' THEN 'that it deleted it' ELSE 'that it was already absent' END)
@@ -1569,9 +1565,6 @@ BEGIN
            END
     FROM unnest(ids) WITH ORDINALITY AS i(id, n)
     LEFT JOIN orphan_cleanup.deletion_queue AS d ON d.id = i.id
-    -- Sets, not `= ANY` per row (a search of the whole batch for each id).
-    LEFT JOIN unnest(v_done) AS dn(id) ON dn.id = i.id
-    LEFT JOIN (SELECT DISTINCT u.id FROM unnest(v_stored) AS u(id)) AS st ON st.id = i.id
     ORDER BY i.n;
 END
 $$;
