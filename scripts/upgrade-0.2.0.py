@@ -50,8 +50,14 @@ out.append("""-- pg_orphan_cleanup 0.1.0 -> 0.2.0
 
 \\echo Use "ALTER EXTENSION pg_orphan_cleanup UPDATE TO '0.2.0'" to load this file. \\quit
 
--- The update changes guards itself: the DDL watch it creates stays out of its way.
-SELECT pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+-- The update changes guards itself: the DDL watch it creates stays out of its way (a mark in a
+-- table only the extension writes, sql/guard.sql; removed at the end).
+""")
+out.append(section('guard', "CREATE TABLE orphan_cleanup.guards_changing (", "since timestamptz NOT NULL DEFAULT now()\n);"))
+out.append("REVOKE ALL ON orphan_cleanup.guards_changing FROM PUBLIC;\n")
+out.append(fn('guard', '_guards_changing', replace=False))
+out.append(fn('guard', '_guards_changed', replace=False))
+out.append("""INSERT INTO orphan_cleanup.guards_changing (txid) VALUES (pg_catalog.pg_current_xact_id());
 
 -- Every lock below is brief, but waiting behind a long transaction would stall the app's writes
 -- queued behind this update: give up after 10 s instead (run the update again at a quieter time).
@@ -535,6 +541,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.list_references(),
     orphan_cleanup._reference_table_problem(oid, text, name),
     orphan_cleanup._hold_references(),
+    orphan_cleanup._guards_changing(),
+    orphan_cleanup._guards_changed(boolean),
     orphan_cleanup._reference_partitions(),
     orphan_cleanup._look_at_reference_partitions(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
@@ -597,6 +605,6 @@ BEGIN
 END
 $partitions$;
 -- The DDL watch applies again to what the rest of this transaction does.
-SELECT pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+SELECT orphan_cleanup._guards_changed(true);
 """)
 open(os.path.join(ROOT, 'pg_orphan_cleanup/sql/pg_orphan_cleanup--0.1.0--0.2.0.sql'),'w').write("\n".join(out))

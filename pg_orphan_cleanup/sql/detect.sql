@@ -904,6 +904,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
     SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 BEGIN
+    -- Marks of transactions long over (a function unmarks its own; this is only a backstop).
+    DELETE FROM orphan_cleanup.guards_changing AS g WHERE g.since < now() - interval '1 day';
     IF (SELECT d.finished_at FROM orphan_cleanup.deletion_queue AS d
         WHERE d.state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
         ORDER BY d.finished_at LIMIT 1) < now() - retention THEN

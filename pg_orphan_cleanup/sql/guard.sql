@@ -378,11 +378,14 @@ BEGIN
         -- A row of a partition (TG_RELID is not the jobs table) may be moving to another one:
         -- an UPDATE of its partition key is a DELETE here and an INSERT there, and this runs
         -- after both. The job still names the same objects: nothing to keep (kept, they could
-        -- never be deleted: the fifth review of partitions).
+        -- never be deleted: the fifth review of partitions). The row it moved to is locked: a
+        -- partitioned table's id need not be unique, and two transactions each deleting one of
+        -- two rows of a saved job must not each count on the other's (the sixth review).
         IF TG_OP = 'DELETE' AND TG_RELID <> att.jobs_oid AND OLD.output_url IS NOT NULL THEN
-            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS j WHERE j.id = $1 AND orphan_cleanup.object_keys(j.output_url) @> orphan_cleanup.object_keys($2))',
+            EXECUTE format('SELECT true FROM %s AS j WHERE j.id = $1 AND orphan_cleanup.object_keys(j.output_url) @> orphan_cleanup.object_keys($2) LIMIT 1 FOR KEY SHARE',
                            att.jobs_oid::regclass)
                INTO v_moved USING OLD.id, OLD.output_url;
+            v_moved := coalesce(v_moved, false);
         END IF;
         IF NOT v_moved THEN
             PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url,
@@ -720,21 +723,55 @@ AS $$
     FROM orphan_cleanup._required_indexes(v_jobs, v_assets, v_age_column) AS r
 $$;
 
--- Drops the guard triggers from a table, if the table and the triggers still exist. The guard
--- watcher below lets attach(), detach() and the upgrade do that (until their transaction ends).
+-- The transactions in which the extension's own functions are changing guards (attach(),
+-- detach(), add_reference(), a look at the partitions, the update): the DDL watch stays out of
+-- their way while such a function runs, and only then. A table that only the extension writes,
+-- not a setting: any role may SET a custom setting, and one left on after attach() returned let
+-- the rest of its transaction past the watch (the sixth review of partitions).
+CREATE TABLE orphan_cleanup.guards_changing (
+    txid  xid8 PRIMARY KEY,
+    since timestamptz NOT NULL DEFAULT now()
+);
+
+-- Marks this transaction as changing guards. True when this call marked it: the caller unmarks
+-- it when done (_guards_changed()); a nested call leaves that to the outer one.
+CREATE FUNCTION orphan_cleanup._guards_changing() RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO orphan_cleanup.guards_changing (txid) VALUES (pg_catalog.pg_current_xact_id())
+    ON CONFLICT (txid) DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._guards_changed(marked boolean) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF marked THEN
+        DELETE FROM orphan_cleanup.guards_changing WHERE txid = pg_catalog.pg_current_xact_id();
+    END IF;
+END
+$$;
+
+-- Drops the guard triggers from a table, if the table and the triggers still exist (attach(),
+-- detach() and the update, which mark themselves as changing guards).
 CREATE FUNCTION orphan_cleanup._drop_guards(rel oid) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
     tg name;
+    v_marked boolean;
 BEGIN
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    v_marked := orphan_cleanup._guards_changing();
     FOR tg IN
         SELECT t.tgname FROM pg_catalog.pg_trigger AS t
         WHERE t.tgrelid = rel AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard', 'orphan_cleanup_job_guard')
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', tg, rel::regclass);
     END LOOP;
+    PERFORM orphan_cleanup._guards_changed(v_marked);
 END
 $$;
 
@@ -746,14 +783,16 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     rel oid;
+    v_marked boolean;
 BEGIN
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    v_marked := orphan_cleanup._guards_changing();
     FOR rel IN SELECT x.relid FROM orphan_cleanup.job_partitions AS x
                JOIN pg_catalog.pg_trigger AS t ON t.tgrelid = x.relid AND t.tgname = 'orphan_cleanup_truncate_guard' AND t.tgparentid = 0
                ORDER BY 1 LOOP
         EXECUTE format('DROP TRIGGER orphan_cleanup_truncate_guard ON %s', rel::regclass);
     END LOOP;
     DELETE FROM orphan_cleanup.job_partitions;
+    PERFORM orphan_cleanup._guards_changed(v_marked);
 END
 $$;
 
@@ -773,6 +812,7 @@ DECLARE
     v_type text;
     v_typtype "char";
     fk record;
+    v_marked boolean;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
@@ -815,6 +855,7 @@ BEGIN
                   HINT = 'Fix the tables or the orphan_cleanup.jobs_table / assets_table / age_column settings (ALTER SYSTEM SET ...; SELECT pg_reload_conf();), then run attach() again.';
     END IF;
 
+    v_marked := orphan_cleanup._guards_changing();
     SELECT * INTO prev FROM orphan_cleanup.attachment;
     IF FOUND AND (prev.assets_oid <> v_assets OR prev.jobs_oid <> v_jobs) THEN
         PERFORM orphan_cleanup._refuse_while_claimed('attach() to other tables', ARRAY[prev.assets_oid, prev.jobs_oid]);
@@ -878,6 +919,8 @@ BEGIN
     -- partition not recorded yet has its saved jobs checked as the DDL watch checks them (one
     -- whose look failed must not be recorded by running attach() again: the fifth review).
     PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
+    -- The DDL watch applies again to what the rest of the caller's transaction does.
+    PERFORM orphan_cleanup._guards_changed(v_marked);
 
     item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
@@ -950,13 +993,14 @@ DECLARE
     att orphan_cleanup.attachment;
     problem text;
 BEGIN
-    IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
-        RETURN;  -- attach(), detach(), add_reference() or the upgrade, which check the claims themselves
-    END IF;
     -- CREATE EXTENSION itself, creating the tables this reads after creating this watch.
     IF pg_catalog.to_regclass('orphan_cleanup.extra_references') IS NULL
-       OR pg_catalog.to_regclass('orphan_cleanup.job_partitions') IS NULL THEN
+       OR pg_catalog.to_regclass('orphan_cleanup.job_partitions') IS NULL
+       OR pg_catalog.to_regclass('orphan_cleanup.guards_changing') IS NULL THEN
         RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.guards_changing AS g WHERE g.txid = pg_catalog.pg_current_xact_id()) THEN
+        RETURN;  -- attach(), detach(), add_reference() or the update, which check the claims themselves
     END IF;
     -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
     -- jobs' files kept, now rather than at the next cycle.
@@ -986,7 +1030,7 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_reference_partitions();
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003') OR SQLSTATE LIKE '40%'
+            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%'
                OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
                           WHERE e.objid IN (SELECT r.table_oid FROM orphan_cleanup.extra_references AS r)
                              OR e.objid IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
@@ -1038,6 +1082,7 @@ BEGIN
     PERFORM orphan_cleanup._drop_partition_guards();
     DELETE FROM orphan_cleanup.job_partitions;
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
+    -- (Dropped: with nothing attached, the watch has no guard to keep.)
     DELETE FROM orphan_cleanup.attachment;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('detached', session_user, format('from jobs %s, assets %s', prev.jobs_table, prev.assets_table));

@@ -64,10 +64,17 @@ BEGIN
     END IF;
     -- Joined and not looked at (or its look failed: a saved job it brought in names a handed-out
     -- object, or a URL that cannot be read): such a saved job keeps nothing yet.
-    -- (A foreign partition is never recorded: it holds no saved job a look could check, and
-    -- _partition_problem() makes strays wait for it.)
+    -- A foreign partition: its rows are written, deleted and truncated on another server, past
+    -- every guard, and postgres_fdw reads them in one snapshot per local transaction, older than
+    -- a claim's locks, so its re-check cannot see a save that committed meanwhile (the sixth
+    -- review of partitions).
+    SELECT c.oid::regclass::text AS name INTO p FROM pg_catalog.pg_class AS c
+    WHERE c.oid IN (SELECT orphan_cleanup._job_partitions(att)) AND c.relkind = 'f' LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s of the jobs table is a foreign table: its rows change on another server, past every guard, and are read in a snapshot older than a claim''s locks; nothing is handed out while it is a partition (detach it: ALTER TABLE %s DETACH PARTITION %s)',
+                      p.name, att.jobs_oid::regclass, p.name);
+    END IF;
     SELECT pt.relid::regclass::text AS name INTO p FROM orphan_cleanup._job_partitions(att) AS pt(relid)
-    JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
     WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r) LIMIT 1;
     IF FOUND THEN
         RETURN format('partition %s joined the jobs table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name);
@@ -131,7 +138,7 @@ DECLARE
     p record;
     r record;
     rel oid;
-    v_changing text;
+    v_marked boolean;
 BEGIN
     -- An unpartitioned jobs table, nothing recorded (the default): nothing to look at, every
     -- cycle (what follows would find no partition and no problem).
@@ -162,8 +169,7 @@ BEGIN
         DELETE FROM orphan_cleanup.job_partitions AS x WHERE x.relid = p.relid;
     END LOOP;
     -- New: guarded and recorded.
-    v_changing := coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '');
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    v_marked := orphan_cleanup._guards_changing();
     FOR rel IN SELECT pt.relid FROM orphan_cleanup._job_partitions(att) AS pt(relid)
                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid WHERE c.relkind <> 'f' LOOP
         -- A partition attached with saved jobs in it brought them in past job_guard: they must
@@ -195,7 +201,7 @@ BEGIN
         INSERT INTO orphan_cleanup.job_partitions (relid, name) VALUES (rel, rel::regclass::text)
         ON CONFLICT (relid) DO NOTHING;
     END LOOP;
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', v_changing, true);
+    PERFORM orphan_cleanup._guards_changed(v_marked);
     RETURN orphan_cleanup._partition_problem();
 END
 $$;

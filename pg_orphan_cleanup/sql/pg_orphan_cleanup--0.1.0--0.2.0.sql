@@ -11,8 +11,37 @@
 
 \echo Use "ALTER EXTENSION pg_orphan_cleanup UPDATE TO '0.2.0'" to load this file. \quit
 
--- The update changes guards itself: the DDL watch it creates stays out of its way.
-SELECT pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+-- The update changes guards itself: the DDL watch it creates stays out of its way (a mark in a
+-- table only the extension writes, sql/guard.sql; removed at the end).
+
+CREATE TABLE orphan_cleanup.guards_changing (
+    txid  xid8 PRIMARY KEY,
+    since timestamptz NOT NULL DEFAULT now()
+);
+
+REVOKE ALL ON orphan_cleanup.guards_changing FROM PUBLIC;
+
+CREATE FUNCTION orphan_cleanup._guards_changing() RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO orphan_cleanup.guards_changing (txid) VALUES (pg_catalog.pg_current_xact_id())
+    ON CONFLICT (txid) DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._guards_changed(marked boolean) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF marked THEN
+        DELETE FROM orphan_cleanup.guards_changing WHERE txid = pg_catalog.pg_current_xact_id();
+    END IF;
+END
+$$;
+
+INSERT INTO orphan_cleanup.guards_changing (txid) VALUES (pg_catalog.pg_current_xact_id());
 
 -- Every lock below is brief, but waiting behind a long transaction would stall the app's writes
 -- queued behind this update: give up after 10 s instead (run the update again at a quieter time).
@@ -506,6 +535,7 @@ DECLARE
     v_type text;
     v_typtype "char";
     fk record;
+    v_marked boolean;
 BEGIN
     SELECT * INTO cfg FROM orphan_cleanup._config();
     v_jobs := pg_catalog.to_regclass(cfg.jobs_table);
@@ -548,6 +578,7 @@ BEGIN
                   HINT = 'Fix the tables or the orphan_cleanup.jobs_table / assets_table / age_column settings (ALTER SYSTEM SET ...; SELECT pg_reload_conf();), then run attach() again.';
     END IF;
 
+    v_marked := orphan_cleanup._guards_changing();
     SELECT * INTO prev FROM orphan_cleanup.attachment;
     IF FOUND AND (prev.assets_oid <> v_assets OR prev.jobs_oid <> v_jobs) THEN
         PERFORM orphan_cleanup._refuse_while_claimed('attach() to other tables', ARRAY[prev.assets_oid, prev.jobs_oid]);
@@ -611,6 +642,8 @@ BEGIN
     -- partition not recorded yet has its saved jobs checked as the DDL watch checks them (one
     -- whose look failed must not be recorded by running attach() again: the fifth review).
     PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
+    -- The DDL watch applies again to what the rest of the caller's transaction does.
+    PERFORM orphan_cleanup._guards_changed(v_marked);
 
     item := 'jobs table'; status := 'ok'; detail := v_jobs::regclass::text; RETURN NEXT;
     item := 'assets table'; status := 'ok'; detail := v_assets::regclass::text; RETURN NEXT;
@@ -737,6 +770,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
     SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
 BEGIN
+    -- Marks of transactions long over (a function unmarks its own; this is only a backstop).
+    DELETE FROM orphan_cleanup.guards_changing AS g WHERE g.since < now() - interval '1 day';
     IF (SELECT d.finished_at FROM orphan_cleanup.deletion_queue AS d
         WHERE d.state IN ('deleted', 'absent', 'cancelled', 'rescued', 'stale', 'rejected')
         ORDER BY d.finished_at LIMIT 1) < now() - retention THEN
@@ -2559,11 +2594,14 @@ BEGIN
         -- A row of a partition (TG_RELID is not the jobs table) may be moving to another one:
         -- an UPDATE of its partition key is a DELETE here and an INSERT there, and this runs
         -- after both. The job still names the same objects: nothing to keep (kept, they could
-        -- never be deleted: the fifth review of partitions).
+        -- never be deleted: the fifth review of partitions). The row it moved to is locked: a
+        -- partitioned table's id need not be unique, and two transactions each deleting one of
+        -- two rows of a saved job must not each count on the other's (the sixth review).
         IF TG_OP = 'DELETE' AND TG_RELID <> att.jobs_oid AND OLD.output_url IS NOT NULL THEN
-            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s AS j WHERE j.id = $1 AND orphan_cleanup.object_keys(j.output_url) @> orphan_cleanup.object_keys($2))',
+            EXECUTE format('SELECT true FROM %s AS j WHERE j.id = $1 AND orphan_cleanup.object_keys(j.output_url) @> orphan_cleanup.object_keys($2) LIMIT 1 FOR KEY SHARE',
                            att.jobs_oid::regclass)
                INTO v_moved USING OLD.id, OLD.output_url;
+            v_moved := coalesce(v_moved, false);
         END IF;
         IF NOT v_moved THEN
             PERFORM orphan_cleanup._keep_if_saved(att, OLD.id, OLD.output_url,
@@ -2631,14 +2669,16 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit 
 AS $$
 DECLARE
     tg name;
+    v_marked boolean;
 BEGIN
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    v_marked := orphan_cleanup._guards_changing();
     FOR tg IN
         SELECT t.tgname FROM pg_catalog.pg_trigger AS t
         WHERE t.tgrelid = rel AND t.tgname IN ('orphan_cleanup_save_guard', 'orphan_cleanup_truncate_guard', 'orphan_cleanup_job_guard')
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', tg, rel::regclass);
     END LOOP;
+    PERFORM orphan_cleanup._guards_changed(v_marked);
 END
 $$;
 
@@ -2647,14 +2687,16 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     rel oid;
+    v_marked boolean;
 BEGIN
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    v_marked := orphan_cleanup._guards_changing();
     FOR rel IN SELECT x.relid FROM orphan_cleanup.job_partitions AS x
                JOIN pg_catalog.pg_trigger AS t ON t.tgrelid = x.relid AND t.tgname = 'orphan_cleanup_truncate_guard' AND t.tgparentid = 0
                ORDER BY 1 LOOP
         EXECUTE format('DROP TRIGGER orphan_cleanup_truncate_guard ON %s', rel::regclass);
     END LOOP;
     DELETE FROM orphan_cleanup.job_partitions;
+    PERFORM orphan_cleanup._guards_changed(v_marked);
 END
 $$;
 
@@ -2692,13 +2734,14 @@ DECLARE
     att orphan_cleanup.attachment;
     problem text;
 BEGIN
-    IF coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '') = 'on' THEN
-        RETURN;  -- attach(), detach(), add_reference() or the upgrade, which check the claims themselves
-    END IF;
     -- CREATE EXTENSION itself, creating the tables this reads after creating this watch.
     IF pg_catalog.to_regclass('orphan_cleanup.extra_references') IS NULL
-       OR pg_catalog.to_regclass('orphan_cleanup.job_partitions') IS NULL THEN
+       OR pg_catalog.to_regclass('orphan_cleanup.job_partitions') IS NULL
+       OR pg_catalog.to_regclass('orphan_cleanup.guards_changing') IS NULL THEN
         RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM orphan_cleanup.guards_changing AS g WHERE g.txid = pg_catalog.pg_current_xact_id()) THEN
+        RETURN;  -- attach(), detach(), add_reference() or the update, which check the claims themselves
     END IF;
     -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
     -- jobs' files kept, now rather than at the next cycle.
@@ -2728,7 +2771,7 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_reference_partitions();
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003') OR SQLSTATE LIKE '40%'
+            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%'
                OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
                           WHERE e.objid IN (SELECT r.table_oid FROM orphan_cleanup.extra_references AS r)
                              OR e.objid IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
@@ -2779,6 +2822,7 @@ BEGIN
     PERFORM orphan_cleanup._drop_partition_guards();
     DELETE FROM orphan_cleanup.job_partitions;
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
+    -- (Dropped: with nothing attached, the watch has no guard to keep.)
     DELETE FROM orphan_cleanup.attachment;
     INSERT INTO orphan_cleanup.audit_log (action, actor, detail)
     VALUES ('detached', session_user, format('from jobs %s, assets %s', prev.jobs_table, prev.assets_table));
@@ -4471,6 +4515,7 @@ DECLARE
     v_empty boolean;
     v_problem text;
     v_part oid;
+    v_marked boolean;
 BEGIN
     v_rel := pg_catalog.to_regclass(table_name);
     IF v_rel IS NULL THEN
@@ -4547,7 +4592,7 @@ BEGIN
     VALUES (v_rel, column_name, v_path, v_index)
     ON CONFLICT ON CONSTRAINT extra_references_pkey DO UPDATE SET index_oid = excluded.index_oid;
     -- The trigger as it must be (one changed since, a WHEN clause say, is made again).
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    v_marked := orphan_cleanup._guards_changing();
     IF orphan_cleanup._reference_table_problem(v_rel, '', column_name) IS NOT NULL
        AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
         EXECUTE format('DROP TRIGGER orphan_cleanup_reference_guard ON %s', v_rel::regclass);
@@ -4558,7 +4603,7 @@ BEGIN
     FOR v_part IN SELECT v_rel UNION SELECT pt.relid FROM pg_catalog.pg_partition_tree(v_rel) AS pt LOOP
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard', v_part::regclass);
     END LOOP;
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+    PERFORM orphan_cleanup._guards_changed(v_marked);
     v_problem := orphan_cleanup._reference_table_problem(v_rel, format('%s.%I', v_rel::regclass, column_name), column_name);
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION 'add_reference() refused: %', v_problem
@@ -4685,6 +4730,13 @@ BEGIN
     FOR part IN SELECT DISTINCT rp.relid FROM orphan_cleanup._reference_partitions() AS rp
                 WHERE rp.relid NOT IN (SELECT x.relid FROM orphan_cleanup.reference_partitions AS x)
                 ORDER BY 1 LOOP
+        -- An older snapshot would miss rows committed into it meanwhile (the sixth review).
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'partition % joined a reference table: its rows are checked in a READ COMMITTED transaction only, not %',
+                            part::regclass, current_setting('transaction_isolation')
+                USING ERRCODE = 'invalid_transaction_state',
+                      HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF (or the cycle) in its own READ COMMITTED transaction.';
+        END IF;
         FOR l IN SELECT * FROM orphan_cleanup._reference_list() AS rl
                  WHERE rl.value_sql IS NOT NULL
                    AND rl.table_oid IN (SELECT rp.root FROM orphan_cleanup._reference_partitions() AS rp WHERE rp.relid = part) LOOP
@@ -4770,10 +4822,17 @@ BEGIN
     END IF;
     -- Joined and not looked at (or its look failed: a saved job it brought in names a handed-out
     -- object, or a URL that cannot be read): such a saved job keeps nothing yet.
-    -- (A foreign partition is never recorded: it holds no saved job a look could check, and
-    -- _partition_problem() makes strays wait for it.)
+    -- A foreign partition: its rows are written, deleted and truncated on another server, past
+    -- every guard, and postgres_fdw reads them in one snapshot per local transaction, older than
+    -- a claim's locks, so its re-check cannot see a save that committed meanwhile (the sixth
+    -- review of partitions).
+    SELECT c.oid::regclass::text AS name INTO p FROM pg_catalog.pg_class AS c
+    WHERE c.oid IN (SELECT orphan_cleanup._job_partitions(att)) AND c.relkind = 'f' LIMIT 1;
+    IF FOUND THEN
+        RETURN format('partition %s of the jobs table is a foreign table: its rows change on another server, past every guard, and are read in a snapshot older than a claim''s locks; nothing is handed out while it is a partition (detach it: ALTER TABLE %s DETACH PARTITION %s)',
+                      p.name, att.jobs_oid::regclass, p.name);
+    END IF;
     SELECT pt.relid::regclass::text AS name INTO p FROM orphan_cleanup._job_partitions(att) AS pt(relid)
-    JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
     WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r) LIMIT 1;
     IF FOUND THEN
         RETURN format('partition %s joined the jobs table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name);
@@ -4823,7 +4882,7 @@ DECLARE
     p record;
     r record;
     rel oid;
-    v_changing text;
+    v_marked boolean;
 BEGIN
     -- An unpartitioned jobs table, nothing recorded (the default): nothing to look at, every
     -- cycle (what follows would find no partition and no problem).
@@ -4854,8 +4913,7 @@ BEGIN
         DELETE FROM orphan_cleanup.job_partitions AS x WHERE x.relid = p.relid;
     END LOOP;
     -- New: guarded and recorded.
-    v_changing := coalesce(current_setting('pg_orphan_cleanup_internal.guards_changing', true), '');
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    v_marked := orphan_cleanup._guards_changing();
     FOR rel IN SELECT pt.relid FROM orphan_cleanup._job_partitions(att) AS pt(relid)
                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid WHERE c.relkind <> 'f' LOOP
         -- A partition attached with saved jobs in it brought them in past job_guard: they must
@@ -4887,7 +4945,7 @@ BEGIN
         INSERT INTO orphan_cleanup.job_partitions (relid, name) VALUES (rel, rel::regclass::text)
         ON CONFLICT (relid) DO NOTHING;
     END LOOP;
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', v_changing, true);
+    PERFORM orphan_cleanup._guards_changed(v_marked);
     RETURN orphan_cleanup._partition_problem();
 END
 $$;
@@ -5442,6 +5500,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup.list_references(),
     orphan_cleanup._reference_table_problem(oid, text, name),
     orphan_cleanup._hold_references(),
+    orphan_cleanup._guards_changing(),
+    orphan_cleanup._guards_changed(boolean),
     orphan_cleanup._reference_partitions(),
     orphan_cleanup._look_at_reference_partitions(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
@@ -5504,4 +5564,4 @@ BEGIN
 END
 $partitions$;
 -- The DDL watch applies again to what the rest of this transaction does.
-SELECT pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+SELECT orphan_cleanup._guards_changed(true);

@@ -202,6 +202,13 @@ BEGIN
     FOR part IN SELECT DISTINCT rp.relid FROM orphan_cleanup._reference_partitions() AS rp
                 WHERE rp.relid NOT IN (SELECT x.relid FROM orphan_cleanup.reference_partitions AS x)
                 ORDER BY 1 LOOP
+        -- An older snapshot would miss rows committed into it meanwhile (the sixth review).
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'partition % joined a reference table: its rows are checked in a READ COMMITTED transaction only, not %',
+                            part::regclass, current_setting('transaction_isolation')
+                USING ERRCODE = 'invalid_transaction_state',
+                      HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF (or the cycle) in its own READ COMMITTED transaction.';
+        END IF;
         FOR l IN SELECT * FROM orphan_cleanup._reference_list() AS rl
                  WHERE rl.value_sql IS NOT NULL
                    AND rl.table_oid IN (SELECT rp.root FROM orphan_cleanup._reference_partitions() AS rp WHERE rp.relid = part) LOOP
@@ -330,6 +337,7 @@ DECLARE
     v_empty boolean;
     v_problem text;
     v_part oid;
+    v_marked boolean;
 BEGIN
     v_rel := pg_catalog.to_regclass(table_name);
     IF v_rel IS NULL THEN
@@ -406,7 +414,7 @@ BEGIN
     VALUES (v_rel, column_name, v_path, v_index)
     ON CONFLICT ON CONSTRAINT extra_references_pkey DO UPDATE SET index_oid = excluded.index_oid;
     -- The trigger as it must be (one changed since, a WHEN clause say, is made again).
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', 'on', true);
+    v_marked := orphan_cleanup._guards_changing();
     IF orphan_cleanup._reference_table_problem(v_rel, '', column_name) IS NOT NULL
        AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid = v_rel AND t.tgname = 'orphan_cleanup_reference_guard') THEN
         EXECUTE format('DROP TRIGGER orphan_cleanup_reference_guard ON %s', v_rel::regclass);
@@ -417,7 +425,7 @@ BEGIN
     FOR v_part IN SELECT v_rel UNION SELECT pt.relid FROM pg_catalog.pg_partition_tree(v_rel) AS pt LOOP
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orphan_cleanup_reference_guard', v_part::regclass);
     END LOOP;
-    PERFORM pg_catalog.set_config('pg_orphan_cleanup_internal.guards_changing', '', true);
+    PERFORM orphan_cleanup._guards_changed(v_marked);
     v_problem := orphan_cleanup._reference_table_problem(v_rel, format('%s.%I', v_rel::regclass, column_name), column_name);
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION 'add_reference() refused: %', v_problem

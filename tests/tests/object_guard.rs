@@ -1692,3 +1692,36 @@ fn seq16_a_fence_row_is_stamped_when_written_not_when_its_transaction_began() {
     assert!(late, "the fence row carries the transaction's start");
     tx.commit().unwrap();
 }
+
+#[test]
+fn review_the_watch_applies_after_attach_returns_and_no_setting_turns_it_off() {
+    // The sixth review of partitions: attach() (through _drop_guards) turned the DDL watch off
+    // until its transaction ended, and the switch was a custom setting any role could SET.
+    let db = db("obj_watch_after_attach");
+    let mut c = db.client();
+    let a = orphan(&mut c, &public_url("renders", "watched-after.png"));
+    cycle(&mut c);
+    assert_eq!(claim(&mut c, "r1", 10).len(), 1);
+    let disable = "ALTER TABLE user_assets DISABLE TRIGGER orphan_cleanup_save_guard";
+    let mut tx = c.transaction().unwrap();
+    tx.query("SELECT * FROM orphan_cleanup.attach()", &[])
+        .unwrap();
+    let e = tx.batch_execute(disable).unwrap_err();
+    assert!(
+        db_error(&e).contains("refused: it would leave the save guard not in force"),
+        "{}",
+        db_error(&e)
+    );
+    tx.rollback().unwrap();
+    let e = c
+        .batch_execute(&format!(
+            "SET pg_orphan_cleanup_internal.guards_changing = on; {disable}"
+        ))
+        .unwrap_err();
+    assert!(
+        db_error(&e).contains("refused: it would leave the save guard not in force"),
+        "{}",
+        db_error(&e)
+    );
+    assert_refused(&mut c, &a);
+}

@@ -829,3 +829,27 @@ fn a_reference_partition_is_looked_at_before_claims_go_on() {
         )
     );
 }
+
+/// From the sixth review: a partition joining a reference table at REPEATABLE READ would be
+/// read in a snapshot missing rows committed into it meanwhile: refused, naming the fix.
+#[test]
+fn a_reference_partition_joins_at_read_committed_only() {
+    let (db, _emu) = leak("references_attach_rr", &["out/rr.png"]);
+    let mut c = db.client();
+    pthumbs(&mut c, "out/rr.png");
+    let mut a = db.client();
+    let mut rr = a
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    rr.query_one("SELECT 1", &[]).unwrap();
+    let e = rr.batch_execute(ATTACH_PTHUMBS_2).unwrap_err();
+    assert!(
+        db_error(&e).contains(
+            "its rows are checked in a READ COMMITTED transaction only, not repeatable read"
+        ),
+        "{}",
+        db_error(&e)
+    );
+}
