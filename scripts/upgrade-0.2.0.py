@@ -268,6 +268,7 @@ out.append(fn('guard','_refuse_unread_saved', replace=False))
 out.append(fn('detect','_rls_problem', replace=False))
 out.append(fn('guard','_refuse_under_rls', replace=False))
 out.append(fn('guard','save_guard'))
+out.append(fn('guard','_save_job', replace=False))
 out.append(fn('guard','_keep_if_saved', replace=False))
 out.append(fn('guard','_keep_saved', replace=False))
 out.append(fn('guard','job_truncate_guard', replace=False))
@@ -438,6 +439,11 @@ out.append(section('partitions', "CREATE TABLE orphan_cleanup.job_partitions (",
 out.append("REVOKE ALL ON orphan_cleanup.job_partitions FROM PUBLIC;\n")
 for name in ['_job_partitions', '_partition_gone_problem', '_partition_problem', '_look_at_partitions', 'forget_partition', '_refuse_handed_out_saved']:
     out.append(fn('partitions', name, replace=False))
+out.append(section('partitions', "CREATE TABLE orphan_cleanup.asset_partitions (",
+                   "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.asset_partitions', '');"))
+out.append("REVOKE ALL ON orphan_cleanup.asset_partitions FROM PUBLIC;\n")
+for name in ['_asset_partitions', '_look_at_asset_partitions']:
+    out.append(fn('partitions', name, replace=False))
 for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
     out.append(fn('strays', name, replace=False))
@@ -543,6 +549,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._hold_references(),
     orphan_cleanup._guards_changing(),
     orphan_cleanup._guards_changed(boolean),
+    orphan_cleanup._save_job(orphan_cleanup.attachment, uuid),
+    orphan_cleanup._asset_partitions(orphan_cleanup.attachment),
+    orphan_cleanup._look_at_asset_partitions(orphan_cleanup.attachment, boolean),
     orphan_cleanup._reference_partitions(),
     orphan_cleanup._look_at_reference_partitions(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
@@ -602,6 +611,9 @@ BEGIN
     -- hand-out recorded by 0.1.0 is no reason to refuse the update.
     PERFORM orphan_cleanup._look_at_partitions(a, check_saved => false) FROM orphan_cleanup.attachment AS a
     WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = a.jobs_oid AND c.relkind = 'p');
+    -- A partitioned assets table's partitions, recorded with the assets they hold.
+    PERFORM orphan_cleanup._look_at_asset_partitions(a, check_saves => false) FROM orphan_cleanup.attachment AS a
+    WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = a.assets_oid);
 END
 $partitions$;
 -- The DDL watch applies again to what the rest of this transaction does.

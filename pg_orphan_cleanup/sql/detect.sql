@@ -413,6 +413,11 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions: %', SQLERRM;
     END;
+    BEGIN
+        PERFORM orphan_cleanup._look_at_asset_partitions(att);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_orphan_cleanup could not look at the assets table''s partitions: %', SQLERRM;
+    END;
     -- Likewise the reference tables' partitions (sql/references.sql).
     BEGIN
         PERFORM orphan_cleanup._look_at_reference_partitions();

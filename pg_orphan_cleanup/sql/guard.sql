@@ -225,12 +225,6 @@ DECLARE
     v_new uuid;
     v_old uuid;
     att orphan_cleanup.attachment;
-    v_url text;
-    v_buckets text[];
-    v_paths text[];
-    ob orphan_cleanup.objects;
-    q record;
-    v_ids bigint[];
 BEGIN
     IF TG_OP <> 'DELETE' THEN
         v_new := orphan_cleanup.job_ref_key(NEW.metadata ->> 'render_job_id')::uuid;
@@ -255,6 +249,26 @@ BEGIN
         RETURN NULL;
     END IF;
 
+    PERFORM orphan_cleanup._save_job(att, v_new);
+    RETURN NULL;
+END
+$$;
+
+-- What a save of job `v_new` does (save_guard(), and a look at a partition that joined the
+-- assets table with its assets: sql/partitions.sql): meets job writes on the job's fence row,
+-- holds the objects the job could name, refuses (OC001) if one was handed out, and rescues the
+-- queue rows that would still hand its file out.
+CREATE FUNCTION orphan_cleanup._save_job(att orphan_cleanup.attachment, v_new uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
+AS $$
+DECLARE
+    v_url text;
+    v_buckets text[];
+    v_paths text[];
+    ob orphan_cleanup.objects;
+    q record;
+    v_ids bigint[];
+BEGIN
     -- 1. The job's fence row, which a write pointing the job at a handed-out object (and any
     --    INSERT of the job) writes too; then the job row, read after it (FOR KEY SHARE: a claim
     --    skips the job while this save is in flight).
@@ -317,7 +331,7 @@ BEGIN
                                 AND d4.state || '' = 'pending'
                               OFFSET 0) AS d4) AS x;
     IF v_ids IS NULL THEN
-        RETURN NULL;
+        RETURN;
     END IF;
     -- Locked in id order, so that two saves rescuing the same rows cannot deadlock. A row that
     -- is no longer pending (a claim retired it meanwhile: a claim never hands out a row of a job
@@ -338,7 +352,6 @@ BEGIN
            CASE WHEN r.job_id = v_new THEN 'saved by an asset'
                 ELSE format('its object is also the output of job %s, which was saved', v_new) END
     FROM rescued AS r;
-    RETURN NULL;
 END
 $$;
 
@@ -919,6 +932,10 @@ BEGIN
     -- partition not recorded yet has its saved jobs checked as the DDL watch checks them (one
     -- whose look failed must not be recorded by running attach() again: the fifth review).
     PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
+    -- A partitioned assets table: its partitions recorded; those that joined since a previous
+    -- attach() to this table have their assets' jobs saved first, as the DDL watch would have.
+    PERFORM orphan_cleanup._look_at_asset_partitions(a, check_saves => prev.assets_oid IS NOT DISTINCT FROM v_assets)
+    FROM orphan_cleanup.attachment AS a;
     -- The DDL watch applies again to what the rest of the caller's transaction does.
     PERFORM orphan_cleanup._guards_changed(v_marked);
 
@@ -996,7 +1013,9 @@ BEGIN
     -- CREATE EXTENSION itself, creating the tables this reads after creating this watch.
     IF pg_catalog.to_regclass('orphan_cleanup.extra_references') IS NULL
        OR pg_catalog.to_regclass('orphan_cleanup.job_partitions') IS NULL
-       OR pg_catalog.to_regclass('orphan_cleanup.guards_changing') IS NULL THEN
+       OR pg_catalog.to_regclass('orphan_cleanup.guards_changing') IS NULL
+       OR pg_catalog.to_regclass('orphan_cleanup.asset_partitions') IS NULL
+       OR pg_catalog.to_regclass('orphan_cleanup.reference_partitions') IS NULL THEN
         RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM orphan_cleanup.guards_changing AS g WHERE g.txid = pg_catalog.pg_current_xact_id()) THEN
@@ -1021,6 +1040,21 @@ BEGIN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
+        END;
+    END IF;
+    -- The assets table's new partitions (sql/partitions.sql): their assets saved now, in the
+    -- transaction that attached them.
+    IF att.assets_oid IS NOT NULL AND (EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.assets_oid)
+                                       OR EXISTS (SELECT 1 FROM orphan_cleanup.asset_partitions)) THEN
+        BEGIN
+            PERFORM orphan_cleanup._look_at_asset_partitions(att);
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('OC001', 'OC003', '25000') OR SQLSTATE LIKE '40%'
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+                          WHERE e.objid = att.assets_oid OR e.objid IN (SELECT orphan_cleanup._asset_partitions(att))) THEN
+                RAISE;
+            END IF;
+            RAISE WARNING 'pg_orphan_cleanup could not look at the assets table''s partitions (%); claims wait until a cycle does', SQLERRM;
         END;
     END IF;
     -- A reference table's new partitions (sql/references.sql): their rows checked and their
@@ -1081,6 +1115,7 @@ BEGIN
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     PERFORM orphan_cleanup._drop_partition_guards();
     DELETE FROM orphan_cleanup.job_partitions;
+    DELETE FROM orphan_cleanup.asset_partitions;
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     -- (Dropped: with nothing attached, the watch has no guard to keep.)
     DELETE FROM orphan_cleanup.attachment;

@@ -79,6 +79,16 @@ BEGIN
     IF FOUND THEN
         RETURN format('partition %s joined the jobs table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name);
     END IF;
+    -- The assets table's partitions (below): one that joined with assets saved their jobs past
+    -- the save guard until a look has saved them again; a foreign one is written past it.
+    SELECT c.oid::regclass::text AS name, c.relkind INTO p
+    FROM orphan_cleanup._asset_partitions(att) AS pt(relid) JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid
+    WHERE c.relkind = 'f' OR pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x) LIMIT 1;
+    IF FOUND THEN
+        RETURN CASE WHEN p.relkind = 'f'
+                    THEN format('partition %s of the assets table is a foreign table: its assets are written on another server, past the save guard; nothing is handed out while it is a partition', p.name)
+                    ELSE format('partition %s joined the assets table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name) END;
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -262,5 +272,74 @@ BEGIN
             USING ERRCODE = 'OC002',
                   HINT = 'Render that job again to a new object path (or remove the save); a partition that joined the jobs table with it stops strays until then.';
     END IF;
+END
+$$;
+
+-- A partitioned assets table. A table attached as a partition (ATTACH PARTITION) brings its
+-- assets in without the save guard firing: the jobs they reference are saved from then on, yet
+-- no save held their objects, and until the ATTACH commits no claim can see them (the sixth
+-- review of partitions). So each partition that joined is looked at as a save of every job its
+-- assets reference (_save_job(): the fence row, the objects held, OC001 if one was handed out, the
+-- queue rows rescued), by the DDL watch in the ATTACH's own transaction, or by the next cycle
+-- where none runs; until then, and while a foreign table is a partition, nothing is handed out.
+CREATE TABLE orphan_cleanup.asset_partitions (
+    relid     oid PRIMARY KEY,
+    name      text NOT NULL,
+    seen_at   timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.asset_partitions', '');
+
+-- The partitions (and inheritance children) of the attached assets table, at every level.
+CREATE FUNCTION orphan_cleanup._asset_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH RECURSIVE tree(relid) AS (
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.assets_oid
+        UNION
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.relid)
+    SELECT tree.relid FROM tree;
+END;
+
+-- Looks at the assets table's partitions not looked at yet: each job their assets reference is
+-- saved as save_guard() saves it (check_saves; attach() on a table it did not guard before, and
+-- the update, take the assets as they are, as they do for an unpartitioned table), then the
+-- partition is recorded. Records of partitions that left are dropped (assets leaving the table
+-- save nothing).
+CREATE FUNCTION orphan_cleanup._look_at_asset_partitions(att orphan_cleanup.attachment, check_saves boolean DEFAULT true) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    part oid;
+    v_job uuid;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.asset_partitions)
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.assets_oid) THEN
+        RETURN;
+    END IF;
+    DELETE FROM orphan_cleanup.asset_partitions AS x
+    WHERE x.relid NOT IN (SELECT orphan_cleanup._asset_partitions(att));
+    FOR part IN SELECT pt.relid FROM orphan_cleanup._asset_partitions(att) AS pt(relid)
+                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
+                WHERE pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x)
+                ORDER BY 1 LOOP
+        IF check_saves THEN
+            -- An older snapshot would miss assets committed into it meanwhile.
+            IF current_setting('transaction_isolation') <> 'read committed' THEN
+                RAISE EXCEPTION 'partition % joined the assets table %: its assets are checked in a READ COMMITTED transaction only, not %',
+                                part::regclass, att.assets_oid::regclass, current_setting('transaction_isolation')
+                    USING ERRCODE = 'invalid_transaction_state',
+                          HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF (or the cycle) in its own READ COMMITTED transaction.';
+            END IF;
+            -- In job order, as concurrent saves of several jobs would be ordered by their ids.
+            FOR v_job IN EXECUTE format($sql$
+                SELECT DISTINCT r.ref::uuid FROM (SELECT orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') AS ref
+                                                  FROM %s AS a) AS r
+                WHERE r.ref IS NOT NULL ORDER BY 1$sql$, part::regclass) LOOP
+                PERFORM orphan_cleanup._save_job(att, v_job);
+            END LOOP;
+        END IF;
+        INSERT INTO orphan_cleanup.asset_partitions (relid, name) VALUES (part, part::regclass::text)
+        ON CONFLICT (relid) DO NOTHING;
+    END LOOP;
 END
 $$;

@@ -310,6 +310,11 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions: %', SQLERRM;
     END;
+    BEGIN
+        PERFORM orphan_cleanup._look_at_asset_partitions(att);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_orphan_cleanup could not look at the assets table''s partitions: %', SQLERRM;
+    END;
     -- Likewise the reference tables' partitions (sql/references.sql).
     BEGIN
         PERFORM orphan_cleanup._look_at_reference_partitions();
@@ -642,6 +647,10 @@ BEGIN
     -- partition not recorded yet has its saved jobs checked as the DDL watch checks them (one
     -- whose look failed must not be recorded by running attach() again: the fifth review).
     PERFORM orphan_cleanup._look_at_partitions(a) FROM orphan_cleanup.attachment AS a;
+    -- A partitioned assets table: its partitions recorded; those that joined since a previous
+    -- attach() to this table have their assets' jobs saved first, as the DDL watch would have.
+    PERFORM orphan_cleanup._look_at_asset_partitions(a, check_saves => prev.assets_oid IS NOT DISTINCT FROM v_assets)
+    FROM orphan_cleanup.attachment AS a;
     -- The DDL watch applies again to what the rest of the caller's transaction does.
     PERFORM orphan_cleanup._guards_changed(v_marked);
 
@@ -2383,12 +2392,6 @@ DECLARE
     v_new uuid;
     v_old uuid;
     att orphan_cleanup.attachment;
-    v_url text;
-    v_buckets text[];
-    v_paths text[];
-    ob orphan_cleanup.objects;
-    q record;
-    v_ids bigint[];
 BEGIN
     IF TG_OP <> 'DELETE' THEN
         v_new := orphan_cleanup.job_ref_key(NEW.metadata ->> 'render_job_id')::uuid;
@@ -2413,6 +2416,22 @@ BEGIN
         RETURN NULL;
     END IF;
 
+    PERFORM orphan_cleanup._save_job(att, v_new);
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION orphan_cleanup._save_job(att orphan_cleanup.attachment, v_new uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off
+AS $$
+DECLARE
+    v_url text;
+    v_buckets text[];
+    v_paths text[];
+    ob orphan_cleanup.objects;
+    q record;
+    v_ids bigint[];
+BEGIN
     -- 1. The job's fence row, which a write pointing the job at a handed-out object (and any
     --    INSERT of the job) writes too; then the job row, read after it (FOR KEY SHARE: a claim
     --    skips the job while this save is in flight).
@@ -2475,7 +2494,7 @@ BEGIN
                                 AND d4.state || '' = 'pending'
                               OFFSET 0) AS d4) AS x;
     IF v_ids IS NULL THEN
-        RETURN NULL;
+        RETURN;
     END IF;
     -- Locked in id order, so that two saves rescuing the same rows cannot deadlock. A row that
     -- is no longer pending (a claim retired it meanwhile: a claim never hands out a row of a job
@@ -2496,7 +2515,6 @@ BEGIN
            CASE WHEN r.job_id = v_new THEN 'saved by an asset'
                 ELSE format('its object is also the output of job %s, which was saved', v_new) END
     FROM rescued AS r;
-    RETURN NULL;
 END
 $$;
 
@@ -2737,7 +2755,9 @@ BEGIN
     -- CREATE EXTENSION itself, creating the tables this reads after creating this watch.
     IF pg_catalog.to_regclass('orphan_cleanup.extra_references') IS NULL
        OR pg_catalog.to_regclass('orphan_cleanup.job_partitions') IS NULL
-       OR pg_catalog.to_regclass('orphan_cleanup.guards_changing') IS NULL THEN
+       OR pg_catalog.to_regclass('orphan_cleanup.guards_changing') IS NULL
+       OR pg_catalog.to_regclass('orphan_cleanup.asset_partitions') IS NULL
+       OR pg_catalog.to_regclass('orphan_cleanup.reference_partitions') IS NULL THEN
         RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM orphan_cleanup.guards_changing AS g WHERE g.txid = pg_catalog.pg_current_xact_id()) THEN
@@ -2762,6 +2782,21 @@ BEGIN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
+        END;
+    END IF;
+    -- The assets table's new partitions (sql/partitions.sql): their assets saved now, in the
+    -- transaction that attached them.
+    IF att.assets_oid IS NOT NULL AND (EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.assets_oid)
+                                       OR EXISTS (SELECT 1 FROM orphan_cleanup.asset_partitions)) THEN
+        BEGIN
+            PERFORM orphan_cleanup._look_at_asset_partitions(att);
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE IN ('OC001', 'OC003', '25000') OR SQLSTATE LIKE '40%'
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+                          WHERE e.objid = att.assets_oid OR e.objid IN (SELECT orphan_cleanup._asset_partitions(att))) THEN
+                RAISE;
+            END IF;
+            RAISE WARNING 'pg_orphan_cleanup could not look at the assets table''s partitions (%); claims wait until a cycle does', SQLERRM;
         END;
     END IF;
     -- A reference table's new partitions (sql/references.sql): their rows checked and their
@@ -2821,6 +2856,7 @@ BEGIN
     PERFORM orphan_cleanup._drop_guards(prev.assets_oid);
     PERFORM orphan_cleanup._drop_partition_guards();
     DELETE FROM orphan_cleanup.job_partitions;
+    DELETE FROM orphan_cleanup.asset_partitions;
     PERFORM orphan_cleanup._drop_guards(prev.jobs_oid);
     -- (Dropped: with nothing attached, the watch has no guard to keep.)
     DELETE FROM orphan_cleanup.attachment;
@@ -4837,6 +4873,16 @@ BEGIN
     IF FOUND THEN
         RETURN format('partition %s joined the jobs table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name);
     END IF;
+    -- The assets table's partitions (below): one that joined with assets saved their jobs past
+    -- the save guard until a look has saved them again; a foreign one is written past it.
+    SELECT c.oid::regclass::text AS name, c.relkind INTO p
+    FROM orphan_cleanup._asset_partitions(att) AS pt(relid) JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid
+    WHERE c.relkind = 'f' OR pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x) LIMIT 1;
+    IF FOUND THEN
+        RETURN CASE WHEN p.relkind = 'f'
+                    THEN format('partition %s of the assets table is a foreign table: its assets are written on another server, past the save guard; nothing is handed out while it is a partition', p.name)
+                    ELSE format('partition %s joined the assets table and has not been looked at yet (the next cycle does; if it keeps saying this, SELECT * FROM orphan_cleanup.run_cycle() shows why in a warning)', p.name) END;
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -5001,6 +5047,64 @@ BEGIN
             USING ERRCODE = 'OC002',
                   HINT = 'Render that job again to a new object path (or remove the save); a partition that joined the jobs table with it stops strays until then.';
     END IF;
+END
+$$;
+
+CREATE TABLE orphan_cleanup.asset_partitions (
+    relid     oid PRIMARY KEY,
+    name      text NOT NULL,
+    seen_at   timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.asset_partitions', '');
+
+REVOKE ALL ON orphan_cleanup.asset_partitions FROM PUBLIC;
+
+CREATE FUNCTION orphan_cleanup._asset_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH RECURSIVE tree(relid) AS (
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.assets_oid
+        UNION
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.relid)
+    SELECT tree.relid FROM tree;
+END;
+
+CREATE FUNCTION orphan_cleanup._look_at_asset_partitions(att orphan_cleanup.attachment, check_saves boolean DEFAULT true) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    part oid;
+    v_job uuid;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.asset_partitions)
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.assets_oid) THEN
+        RETURN;
+    END IF;
+    DELETE FROM orphan_cleanup.asset_partitions AS x
+    WHERE x.relid NOT IN (SELECT orphan_cleanup._asset_partitions(att));
+    FOR part IN SELECT pt.relid FROM orphan_cleanup._asset_partitions(att) AS pt(relid)
+                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
+                WHERE pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x)
+                ORDER BY 1 LOOP
+        IF check_saves THEN
+            -- An older snapshot would miss assets committed into it meanwhile.
+            IF current_setting('transaction_isolation') <> 'read committed' THEN
+                RAISE EXCEPTION 'partition % joined the assets table %: its assets are checked in a READ COMMITTED transaction only, not %',
+                                part::regclass, att.assets_oid::regclass, current_setting('transaction_isolation')
+                    USING ERRCODE = 'invalid_transaction_state',
+                          HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF (or the cycle) in its own READ COMMITTED transaction.';
+            END IF;
+            -- In job order, as concurrent saves of several jobs would be ordered by their ids.
+            FOR v_job IN EXECUTE format($sql$
+                SELECT DISTINCT r.ref::uuid FROM (SELECT orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') AS ref
+                                                  FROM %s AS a) AS r
+                WHERE r.ref IS NOT NULL ORDER BY 1$sql$, part::regclass) LOOP
+                PERFORM orphan_cleanup._save_job(att, v_job);
+            END LOOP;
+        END IF;
+        INSERT INTO orphan_cleanup.asset_partitions (relid, name) VALUES (part, part::regclass::text)
+        ON CONFLICT (relid) DO NOTHING;
+    END LOOP;
 END
 $$;
 
@@ -5502,6 +5606,9 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._hold_references(),
     orphan_cleanup._guards_changing(),
     orphan_cleanup._guards_changed(boolean),
+    orphan_cleanup._save_job(orphan_cleanup.attachment, uuid),
+    orphan_cleanup._asset_partitions(orphan_cleanup.attachment),
+    orphan_cleanup._look_at_asset_partitions(orphan_cleanup.attachment, boolean),
     orphan_cleanup._reference_partitions(),
     orphan_cleanup._look_at_reference_partitions(),
     orphan_cleanup._job_partitions(orphan_cleanup.attachment),
@@ -5561,6 +5668,9 @@ BEGIN
     -- hand-out recorded by 0.1.0 is no reason to refuse the update.
     PERFORM orphan_cleanup._look_at_partitions(a, check_saved => false) FROM orphan_cleanup.attachment AS a
     WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = a.jobs_oid AND c.relkind = 'p');
+    -- A partitioned assets table's partitions, recorded with the assets they hold.
+    PERFORM orphan_cleanup._look_at_asset_partitions(a, check_saves => false) FROM orphan_cleanup.attachment AS a
+    WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = a.assets_oid);
 END
 $partitions$;
 -- The DDL watch applies again to what the rest of this transaction does.

@@ -806,3 +806,116 @@ fn two_deletes_of_a_saved_jobs_two_rows_keep_its_file() {
     assert_eq!(kept, 1, "the last row's delete keeps the saved job's file");
     assert_eq!(enqueue_strays(&mut c).unwrap(), 0);
 }
+
+// From the sixth review (the gap the README listed): a partitioned assets table. A table
+// attached as its partition brings assets in without the save guard firing.
+//  21. the table's asset saves a job whose object was handed out: refused (OC001)
+//                                     -> an_assets_partition_saving_a_handed_out_job_is_refused
+//  22. its asset saves an orphan that is queued; a claim runs before the ATTACH commits
+//                                     -> a_claim_during_an_uncommitted_assets_attach_hands_nothing_out
+//  23. the same where no DDL watch runs: claims wait for the next cycle's look
+//                                     -> claims_wait_until_a_joined_assets_partition_is_looked_at
+
+/// A database whose assets table is partitioned by created_at (user_assets_now from 2020;
+/// earlier left for a partition attached later), attached, with an orphan job naming out/y.png
+/// (uploaded), queued by a cycle. Returns the job's id.
+fn partitioned_assets(name: &str) -> (TestDb, Emulator, String) {
+    let db = TestDb::create(name);
+    let emu = Emulator::start_keeping(name);
+    let mut pairs = SETTINGS.to_vec();
+    pairs.push(("allowed_hosts", emu.host.as_str()));
+    settings(&pairs);
+    emu.create_bucket("renders");
+    emu.upload("renders", "out/y.png", b"y");
+    let mut c = db.client();
+    c.batch_execute(
+        "DROP TABLE public.user_assets;
+         CREATE TABLE public.user_assets (
+             id uuid NOT NULL DEFAULT gen_random_uuid(), user_id uuid, asset_type text NOT NULL,
+             metadata jsonb NOT NULL DEFAULT '{}', file_size bigint, created_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at);
+         CREATE TABLE public.user_assets_now PARTITION OF public.user_assets FOR VALUES FROM ('2020-01-01') TO (MAXVALUE);
+         CREATE INDEX ON public.user_assets ((metadata ->> 'render_job_id'));
+         CREATE INDEX ON public.user_assets (orphan_cleanup.job_ref_key(metadata ->> 'render_job_id'));
+         CREATE TABLE public.user_assets_old (LIKE public.user_assets INCLUDING DEFAULTS);",
+    )
+    .unwrap();
+    db.attach();
+    let y = job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/y.png")),
+        "2 hours",
+        "y",
+    );
+    assert_eq!(cycle(&mut c).2, 1);
+    c.execute(
+        "INSERT INTO public.user_assets_old (asset_type, metadata, created_at) VALUES ('generated_saved', jsonb_build_object('render_job_id', $1::text), '2010-01-01')",
+        &[&y.0],
+    )
+    .unwrap();
+    (db, emu, y.0)
+}
+
+const ATTACH_ASSETS_OLD: &str = "ALTER TABLE public.user_assets ATTACH PARTITION public.user_assets_old FOR VALUES FROM (MINVALUE) TO ('2020-01-01')";
+
+fn queue_state(c: &mut postgres::Client, job: &str) -> String {
+    c.query_one(
+        "SELECT state FROM orphan_cleanup.deletion_queue WHERE job_id = $1::text::uuid ORDER BY id DESC LIMIT 1",
+        &[&job],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Sequence 21.
+#[test]
+fn an_assets_partition_saving_a_handed_out_job_is_refused() {
+    let (db, _emu, _y) = partitioned_assets("partitions_assets_handed_out");
+    let mut c = db.client();
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    let e = c.batch_execute(ATTACH_ASSETS_OLD).unwrap_err();
+    assert_eq!(code(&e), "OC001", "{}", db_error(&e));
+}
+
+/// Sequence 22.
+#[test]
+fn a_claim_during_an_uncommitted_assets_attach_hands_nothing_out() {
+    let (db, emu, y) = partitioned_assets("partitions_assets_window");
+    let mut c = db.client();
+    let mut s1 = db.client();
+    let mut tx = s1.transaction().unwrap();
+    tx.batch_execute(ATTACH_ASSETS_OLD).unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty(), "held by the ATTACH");
+    tx.commit().unwrap();
+    assert!(claim(&mut c, "w1", 10).is_empty());
+    assert_eq!(queue_state(&mut c, &y), "rescued");
+    assert_eq!(emu.objects().len(), 1);
+}
+
+/// Sequence 23.
+#[test]
+fn claims_wait_until_a_joined_assets_partition_is_looked_at() {
+    let (db, emu, y) = partitioned_assets("partitions_assets_no_watch");
+    let mut c = db.client();
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
+        .unwrap();
+    c.batch_execute(ATTACH_ASSETS_OLD).unwrap();
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
+        .unwrap();
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        detail.contains("joined the assets table and has not been looked at yet"),
+        "{detail}"
+    );
+    assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
+    cycle(&mut c);
+    assert_eq!(queue_state(&mut c, &y), "rescued");
+    assert_eq!(emu.objects().len(), 1);
+}
