@@ -394,7 +394,11 @@ BEGIN
         -- never be deleted: the fifth review of partitions). The row it moved to is locked: a
         -- partitioned table's id need not be unique, and two transactions each deleting one of
         -- two rows of a saved job must not each count on the other's (the sixth review).
-        IF TG_OP = 'DELETE' AND TG_RELID <> att.jobs_oid AND OLD.output_url IS NOT NULL THEN
+        -- (Not with a foreign partition, where the lock would reach the other server, which may
+        -- refuse it: the objects are kept, the safe answer; claims wait for such a table anyway.)
+        IF TG_OP = 'DELETE' AND TG_RELID <> att.jobs_oid AND OLD.output_url IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c
+                           WHERE c.relkind = 'f' AND c.oid IN (SELECT orphan_cleanup._job_partitions(att))) THEN
             EXECUTE format('SELECT true FROM %s AS j WHERE j.id = $1 AND orphan_cleanup.object_keys(j.output_url) @> orphan_cleanup.object_keys($2) LIMIT 1 FOR KEY SHARE',
                            att.jobs_oid::regclass)
                INTO v_moved USING OLD.id, OLD.output_url;
@@ -1023,19 +1027,18 @@ BEGIN
     END IF;
     -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
     -- jobs' files kept, now rather than at the next cycle.
-    -- Only its refusals stop the DDL (a partition attached with saved jobs it must not bring in;
-    -- a detach not at READ COMMITTED); any other failure is left to the next look, and strays
-    -- wait meanwhile (_partition_problem()), rather than every DDL in the database failing.
-    -- A command on the jobs table or one of its partitions (an ATTACH, a CREATE TABLE ...
-    -- PARTITION OF) stops on any failure of the look (a lock timeout while it waits for a claim
-    -- in flight, say: the fifth review).
+    -- A command on the jobs table or one of its partitions (an ATTACH, a DETACH, a CREATE TABLE
+    -- ... PARTITION OF) stops on any failure of the look: a refusal, a lock timeout while it
+    -- waits for a claim in flight (the fifth review). Any other DDL only warns: it changed no
+    -- partition, the next look (or health()) says what is wrong, and claims wait meanwhile,
+    -- rather than every DDL in the database failing (the seventh review). Likewise below for
+    -- the assets table and the reference tables.
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid AND c.relkind = 'p') THEN
         BEGIN
             PERFORM orphan_cleanup._look_at_partitions(att, in_ddl => true);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%'
-               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
                           WHERE e.objid = att.jobs_oid OR e.objid IN (SELECT orphan_cleanup._job_partitions(att))) THEN
                 RAISE;
             END IF;
@@ -1049,8 +1052,7 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_asset_partitions(att);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC001', 'OC003', '25000') OR SQLSTATE LIKE '40%'
-               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
                           WHERE e.objid = att.assets_oid OR e.objid IN (SELECT orphan_cleanup._asset_partitions(att))) THEN
                 RAISE;
             END IF;
@@ -1064,8 +1066,7 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_reference_partitions();
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%'
-               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
                           WHERE e.objid IN (SELECT r.table_oid FROM orphan_cleanup.extra_references AS r)
                              OR e.objid IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
                 RAISE;

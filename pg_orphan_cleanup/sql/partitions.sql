@@ -303,13 +303,18 @@ END;
 -- Looks at the assets table's partitions not looked at yet: each job their assets reference is
 -- saved as save_guard() saves it (check_saves; attach() on a table it did not guard before, and
 -- the update, take the assets as they are, as they do for an unpartitioned table), then the
--- partition is recorded. Records of partitions that left are dropped (assets leaving the table
--- save nothing).
+-- partitions are recorded. The jobs of all new partitions are saved in one pass, in id order,
+-- reading each table's own rows once (a partitioned one holds none). One save per job: an
+-- ATTACH of a large historical partition takes as long as that many saves, holding what they
+-- hold until it commits (README, Known limitations). Records of partitions that left are
+-- dropped, and the next cycle sweeps every job again: assets leaving the table (a DETACH, a
+-- DROP) may have made orphans (the seventh review).
 CREATE FUNCTION orphan_cleanup._look_at_asset_partitions(att orphan_cleanup.attachment, check_saves boolean DEFAULT true) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
-    part oid;
+    v_new oid[];
+    v_read text;
     v_job uuid;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.asset_partitions)
@@ -318,28 +323,35 @@ BEGIN
     END IF;
     DELETE FROM orphan_cleanup.asset_partitions AS x
     WHERE x.relid NOT IN (SELECT orphan_cleanup._asset_partitions(att));
-    FOR part IN SELECT pt.relid FROM orphan_cleanup._asset_partitions(att) AS pt(relid)
-                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
-                WHERE pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x)
-                ORDER BY 1 LOOP
-        IF check_saves THEN
-            -- An older snapshot would miss assets committed into it meanwhile.
-            IF current_setting('transaction_isolation') <> 'read committed' THEN
-                RAISE EXCEPTION 'partition % joined the assets table %: its assets are checked in a READ COMMITTED transaction only, not %',
-                                part::regclass, att.assets_oid::regclass, current_setting('transaction_isolation')
-                    USING ERRCODE = 'invalid_transaction_state',
-                          HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF (or the cycle) in its own READ COMMITTED transaction.';
-            END IF;
-            -- In job order, as concurrent saves of several jobs would be ordered by their ids.
-            FOR v_job IN EXECUTE format($sql$
-                SELECT DISTINCT r.ref::uuid FROM (SELECT orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') AS ref
-                                                  FROM %s AS a) AS r
-                WHERE r.ref IS NOT NULL ORDER BY 1$sql$, part::regclass) LOOP
+    IF FOUND THEN
+        UPDATE orphan_cleanup.detector_state SET sweep_started_at = NULL;
+    END IF;
+    v_new := ARRAY(SELECT pt.relid FROM orphan_cleanup._asset_partitions(att) AS pt(relid)
+                   JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
+                   WHERE pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x)
+                   ORDER BY 1);
+    IF cardinality(v_new) = 0 THEN
+        RETURN;
+    END IF;
+    IF check_saves THEN
+        -- An older snapshot would miss assets committed into them meanwhile.
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'partition % joined the assets table %: its assets are checked in a READ COMMITTED transaction only, not %',
+                            v_new[1]::regclass, att.assets_oid::regclass, current_setting('transaction_isolation')
+                USING ERRCODE = 'invalid_transaction_state',
+                      HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF (or the cycle) in its own READ COMMITTED transaction.';
+        END IF;
+        SELECT string_agg(format('SELECT orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') AS ref FROM ONLY %s AS a', c.oid::regclass), ' UNION ALL ')
+          INTO v_read
+        FROM unnest(v_new) AS n(relid) JOIN pg_catalog.pg_class AS c ON c.oid = n.relid AND c.relkind = 'r';
+        IF v_read IS NOT NULL THEN
+            FOR v_job IN EXECUTE format('SELECT DISTINCT r.ref::uuid FROM (%s) AS r WHERE r.ref IS NOT NULL ORDER BY 1', v_read) LOOP
                 PERFORM orphan_cleanup._save_job(att, v_job);
             END LOOP;
         END IF;
-        INSERT INTO orphan_cleanup.asset_partitions (relid, name) VALUES (part, part::regclass::text)
-        ON CONFLICT (relid) DO NOTHING;
-    END LOOP;
+    END IF;
+    INSERT INTO orphan_cleanup.asset_partitions (relid, name)
+    SELECT n.relid, n.relid::regclass::text FROM unnest(v_new) AS n(relid)
+    ON CONFLICT (relid) DO NOTHING;
 END
 $$;

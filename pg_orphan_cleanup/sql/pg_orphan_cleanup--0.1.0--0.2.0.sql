@@ -2615,7 +2615,11 @@ BEGIN
         -- never be deleted: the fifth review of partitions). The row it moved to is locked: a
         -- partitioned table's id need not be unique, and two transactions each deleting one of
         -- two rows of a saved job must not each count on the other's (the sixth review).
-        IF TG_OP = 'DELETE' AND TG_RELID <> att.jobs_oid AND OLD.output_url IS NOT NULL THEN
+        -- (Not with a foreign partition, where the lock would reach the other server, which may
+        -- refuse it: the objects are kept, the safe answer; claims wait for such a table anyway.)
+        IF TG_OP = 'DELETE' AND TG_RELID <> att.jobs_oid AND OLD.output_url IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c
+                           WHERE c.relkind = 'f' AND c.oid IN (SELECT orphan_cleanup._job_partitions(att))) THEN
             EXECUTE format('SELECT true FROM %s AS j WHERE j.id = $1 AND orphan_cleanup.object_keys(j.output_url) @> orphan_cleanup.object_keys($2) LIMIT 1 FOR KEY SHARE',
                            att.jobs_oid::regclass)
                INTO v_moved USING OLD.id, OLD.output_url;
@@ -2765,19 +2769,18 @@ BEGIN
     END IF;
     -- A partition created, attached or detached (sql/partitions.sql): guarded, or its saved
     -- jobs' files kept, now rather than at the next cycle.
-    -- Only its refusals stop the DDL (a partition attached with saved jobs it must not bring in;
-    -- a detach not at READ COMMITTED); any other failure is left to the next look, and strays
-    -- wait meanwhile (_partition_problem()), rather than every DDL in the database failing.
-    -- A command on the jobs table or one of its partitions (an ATTACH, a CREATE TABLE ...
-    -- PARTITION OF) stops on any failure of the look (a lock timeout while it waits for a claim
-    -- in flight, say: the fifth review).
+    -- A command on the jobs table or one of its partitions (an ATTACH, a DETACH, a CREATE TABLE
+    -- ... PARTITION OF) stops on any failure of the look: a refusal, a lock timeout while it
+    -- waits for a claim in flight (the fifth review). Any other DDL only warns: it changed no
+    -- partition, the next look (or health()) says what is wrong, and claims wait meanwhile,
+    -- rather than every DDL in the database failing (the seventh review). Likewise below for
+    -- the assets table and the reference tables.
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF FOUND AND EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.oid = att.jobs_oid AND c.relkind = 'p') THEN
         BEGIN
             PERFORM orphan_cleanup._look_at_partitions(att, in_ddl => true);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%'
-               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
                           WHERE e.objid = att.jobs_oid OR e.objid IN (SELECT orphan_cleanup._job_partitions(att))) THEN
                 RAISE;
             END IF;
@@ -2791,8 +2794,7 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_asset_partitions(att);
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC001', 'OC003', '25000') OR SQLSTATE LIKE '40%'
-               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
                           WHERE e.objid = att.assets_oid OR e.objid IN (SELECT orphan_cleanup._asset_partitions(att))) THEN
                 RAISE;
             END IF;
@@ -2806,8 +2808,7 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_reference_partitions();
         EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE IN ('OC002', 'OC003', '25000') OR SQLSTATE LIKE '40%'
-               OR EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
                           WHERE e.objid IN (SELECT r.table_oid FROM orphan_cleanup.extra_references AS r)
                              OR e.objid IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
                 RAISE;
@@ -5073,7 +5074,8 @@ CREATE FUNCTION orphan_cleanup._look_at_asset_partitions(att orphan_cleanup.atta
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
 DECLARE
-    part oid;
+    v_new oid[];
+    v_read text;
     v_job uuid;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM orphan_cleanup.asset_partitions)
@@ -5082,29 +5084,36 @@ BEGIN
     END IF;
     DELETE FROM orphan_cleanup.asset_partitions AS x
     WHERE x.relid NOT IN (SELECT orphan_cleanup._asset_partitions(att));
-    FOR part IN SELECT pt.relid FROM orphan_cleanup._asset_partitions(att) AS pt(relid)
-                JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
-                WHERE pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x)
-                ORDER BY 1 LOOP
-        IF check_saves THEN
-            -- An older snapshot would miss assets committed into it meanwhile.
-            IF current_setting('transaction_isolation') <> 'read committed' THEN
-                RAISE EXCEPTION 'partition % joined the assets table %: its assets are checked in a READ COMMITTED transaction only, not %',
-                                part::regclass, att.assets_oid::regclass, current_setting('transaction_isolation')
-                    USING ERRCODE = 'invalid_transaction_state',
-                          HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF (or the cycle) in its own READ COMMITTED transaction.';
-            END IF;
-            -- In job order, as concurrent saves of several jobs would be ordered by their ids.
-            FOR v_job IN EXECUTE format($sql$
-                SELECT DISTINCT r.ref::uuid FROM (SELECT orphan_cleanup.job_ref_key(a.metadata ->> 'render_job_id') AS ref
-                                                  FROM %s AS a) AS r
-                WHERE r.ref IS NOT NULL ORDER BY 1$sql$, part::regclass) LOOP
+    IF FOUND THEN
+        UPDATE orphan_cleanup.detector_state SET sweep_started_at = NULL;
+    END IF;
+    v_new := ARRAY(SELECT pt.relid FROM orphan_cleanup._asset_partitions(att) AS pt(relid)
+                   JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
+                   WHERE pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x)
+                   ORDER BY 1);
+    IF cardinality(v_new) = 0 THEN
+        RETURN;
+    END IF;
+    IF check_saves THEN
+        -- An older snapshot would miss assets committed into them meanwhile.
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'partition % joined the assets table %: its assets are checked in a READ COMMITTED transaction only, not %',
+                            v_new[1]::regclass, att.assets_oid::regclass, current_setting('transaction_isolation')
+                USING ERRCODE = 'invalid_transaction_state',
+                      HINT = 'Run the ATTACH PARTITION or CREATE TABLE ... PARTITION OF (or the cycle) in its own READ COMMITTED transaction.';
+        END IF;
+        SELECT string_agg(format('SELECT orphan_cleanup.job_ref_key(a.metadata ->> ''render_job_id'') AS ref FROM ONLY %s AS a', c.oid::regclass), ' UNION ALL ')
+          INTO v_read
+        FROM unnest(v_new) AS n(relid) JOIN pg_catalog.pg_class AS c ON c.oid = n.relid AND c.relkind = 'r';
+        IF v_read IS NOT NULL THEN
+            FOR v_job IN EXECUTE format('SELECT DISTINCT r.ref::uuid FROM (%s) AS r WHERE r.ref IS NOT NULL ORDER BY 1', v_read) LOOP
                 PERFORM orphan_cleanup._save_job(att, v_job);
             END LOOP;
         END IF;
-        INSERT INTO orphan_cleanup.asset_partitions (relid, name) VALUES (part, part::regclass::text)
-        ON CONFLICT (relid) DO NOTHING;
-    END LOOP;
+    END IF;
+    INSERT INTO orphan_cleanup.asset_partitions (relid, name)
+    SELECT n.relid, n.relid::regclass::text FROM unnest(v_new) AS n(relid)
+    ON CONFLICT (relid) DO NOTHING;
 END
 $$;
 

@@ -919,3 +919,52 @@ fn claims_wait_until_a_joined_assets_partition_is_looked_at() {
     assert_eq!(queue_state(&mut c, &y), "rescued");
     assert_eq!(emu.objects().len(), 1);
 }
+
+// From the seventh review (a reviewer helper, reading only; each failed before):
+//  24. a partition joined the assets table where no DDL watch ran, and its look fails (an asset
+//      saves a job whose file was handed out): DDL on other tables still works
+//                                     -> unrelated_ddl_works_while_an_assets_partitions_look_fails
+//  25. a partition leaves the assets table (DETACH): the jobs its assets saved are orphans from
+//      now on, found by the next cycle, not the next day's full sweep
+//                                     -> a_detached_assets_partitions_jobs_are_found_at_once
+
+/// Sequence 24.
+#[test]
+fn unrelated_ddl_works_while_an_assets_partitions_look_fails() {
+    let (db, _emu, _y) = partitioned_assets("partitions_assets_unrelated_ddl");
+    let mut c = db.client();
+    assert_eq!(claim(&mut c, "w1", 10).len(), 1);
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
+        .unwrap();
+    c.batch_execute(ATTACH_ASSETS_OLD).unwrap();
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
+        .unwrap();
+    c.batch_execute(
+        "CREATE TABLE public.unrelated (x int); ALTER TABLE public.unrelated ADD COLUMN y int",
+    )
+    .expect("DDL on another table");
+    // A command on the assets table itself is refused, naming the job.
+    let e = c
+        .batch_execute("ALTER TABLE public.user_assets ALTER COLUMN file_size SET DEFAULT 0")
+        .unwrap_err();
+    assert_eq!(code(&e), "OC001", "{}", db_error(&e));
+}
+
+/// Sequence 25.
+#[test]
+fn a_detached_assets_partitions_jobs_are_found_at_once() {
+    let (db, emu, _y) = partitioned_assets("partitions_assets_detach");
+    let mut c = db.client();
+    let z = job(
+        &mut c,
+        "completed",
+        Some(&emu.public_url("renders", "out/z.png")),
+        "2 hours",
+        "z",
+    );
+    save(&mut c, "generated_saved", &z.0).unwrap();
+    assert_eq!(cycle(&mut c).2, 0, "z is saved");
+    c.batch_execute("ALTER TABLE public.user_assets DETACH PARTITION public.user_assets_now")
+        .unwrap();
+    assert_eq!(cycle(&mut c).2, 1, "z is an orphan now");
+}
