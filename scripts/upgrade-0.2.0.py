@@ -276,6 +276,7 @@ out.append(fn('guard','job_guard', replace=False))
 out.append(fn('guard','_drop_guards'))
 out.append(fn('guard','_drop_partition_guards', replace=False))
 out.append(fn('guard','_refuse_while_claimed', replace=False))
+out.append(fn('guard','_ddl_touches', replace=False))
 out.append(fn('guard','_watch_guards', replace=False))
 out.append(fn('guard','detach'))
 out.append(fn('detect','_guard_problem', replace=False))
@@ -437,12 +438,12 @@ out.append("-- A partitioned jobs table: each partition's TRUNCATE guard, and th
 out.append(section('partitions', "CREATE TABLE orphan_cleanup.job_partitions (",
                    "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');"))
 out.append("REVOKE ALL ON orphan_cleanup.job_partitions FROM PUBLIC;\n")
-for name in ['_job_partitions', '_partition_gone_problem', '_partition_problem', '_look_at_partitions', 'forget_partition', '_refuse_handed_out_saved']:
+for name in ['_inheritors', '_job_partitions', '_partition_gone_problem', '_partition_problem', '_look_at_partitions', 'forget_partition', '_refuse_handed_out_saved']:
     out.append(fn('partitions', name, replace=False))
 out.append(section('partitions', "CREATE TABLE orphan_cleanup.asset_partitions (",
                    "SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.asset_partitions', '');"))
 out.append("REVOKE ALL ON orphan_cleanup.asset_partitions FROM PUBLIC;\n")
-for name in ['_asset_partitions', '_look_at_asset_partitions']:
+for name in ['_look_at_asset_partitions']:
     out.append(fn('partitions', name, replace=False))
 for name in ['_inventory_problem', '_current_objects_only', '_warn_dangling', '_stray_page', '_stray_chunk', '_strays_ready',
              'preview_strays', 'enqueue_strays', '_stray_index_ok', '_reconcile_strays', '_check_stray_breaker']:
@@ -550,7 +551,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._guards_changing(),
     orphan_cleanup._guards_changed(boolean),
     orphan_cleanup._save_job(orphan_cleanup.attachment, uuid),
-    orphan_cleanup._asset_partitions(orphan_cleanup.attachment),
+    orphan_cleanup._inheritors(oid),
+    orphan_cleanup._ddl_touches(oid[]),
     orphan_cleanup._look_at_asset_partitions(orphan_cleanup.attachment, boolean),
     orphan_cleanup._reference_partitions(),
     orphan_cleanup._look_at_reference_partitions(),

@@ -1003,6 +1003,12 @@ BEGIN
 END
 $$;
 
+-- Whether the DDL command the watch below is looking at acted on one of `rels` (for an ATTACH or
+-- DETACH, the partitioned table; for a CREATE TABLE ... PARTITION OF, the new table).
+CREATE FUNCTION orphan_cleanup._ddl_touches(rels oid[]) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e WHERE e.objid = ANY (rels));
+
 -- Keeps the guard triggers in place while reapers hold claims: an ALTER TABLE ... DISABLE TRIGGER
 -- (a bulk load, pg_restore --disable-triggers), a DROP TRIGGER or a trigger replaced, that leaves
 -- the attached tables without their exact guards while any row is claimed, is refused. (With
@@ -1038,8 +1044,7 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_partitions(att, in_ddl => true);
         EXCEPTION WHEN OTHERS THEN
-            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
-                          WHERE e.objid = att.jobs_oid OR e.objid IN (SELECT orphan_cleanup._job_partitions(att))) THEN
+            IF orphan_cleanup._ddl_touches(att.jobs_oid || ARRAY(SELECT orphan_cleanup._job_partitions(att))) THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
@@ -1052,23 +1057,20 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_asset_partitions(att);
         EXCEPTION WHEN OTHERS THEN
-            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
-                          WHERE e.objid = att.assets_oid OR e.objid IN (SELECT orphan_cleanup._asset_partitions(att))) THEN
+            IF orphan_cleanup._ddl_touches(att.assets_oid || ARRAY(SELECT orphan_cleanup._inheritors(att.assets_oid))) THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the assets table''s partitions (%); claims wait until a cycle does', SQLERRM;
         END;
     END IF;
     -- A reference table's new partitions (sql/references.sql): their rows checked and their
-    -- objects held now. A command on a reference table or one of its partitions stops on any
-    -- failure; another DDL only on a refusal.
+    -- objects held now.
     IF EXISTS (SELECT 1 FROM orphan_cleanup.extra_references) THEN
         BEGIN
             PERFORM orphan_cleanup._look_at_reference_partitions();
         EXCEPTION WHEN OTHERS THEN
-            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
-                          WHERE e.objid IN (SELECT r.table_oid FROM orphan_cleanup.extra_references AS r)
-                             OR e.objid IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
+            IF orphan_cleanup._ddl_touches(ARRAY(SELECT r.table_oid FROM orphan_cleanup.extra_references AS r
+                                                 UNION SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the reference tables'' partitions (%); strays and claims wait until a cycle does', SQLERRM;

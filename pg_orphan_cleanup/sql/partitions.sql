@@ -20,16 +20,24 @@ CREATE TABLE orphan_cleanup.job_partitions (
 );
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');
 
--- The partitions of the attached jobs table (not the table itself), at every level, those being
--- detached (DETACH ... CONCURRENTLY not finished) included: pg_partition_tree() leaves them out.
-CREATE FUNCTION orphan_cleanup._job_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
+-- The tables that inherit from `rel` (its partitions, or inheritance children), at every level,
+-- those being detached (DETACH ... CONCURRENTLY not finished) included: pg_partition_tree()
+-- leaves them out.
+CREATE FUNCTION orphan_cleanup._inheritors(rel oid) RETURNS SETOF oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     WITH RECURSIVE tree(relid) AS (
-        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.jobs_oid
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = rel
         UNION
         SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.relid)
     SELECT tree.relid FROM tree;
+END;
+
+-- The partitions of the attached jobs table (not the table itself).
+CREATE FUNCTION orphan_cleanup._job_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT orphan_cleanup._inheritors(att.jobs_oid);
 END;
 
 -- Why nothing may be handed out now because of the jobs table's partitions, or NULL: saved
@@ -82,7 +90,7 @@ BEGIN
     -- The assets table's partitions (below): one that joined with assets saved their jobs past
     -- the save guard until a look has saved them again; a foreign one is written past it.
     SELECT c.oid::regclass::text AS name, c.relkind INTO p
-    FROM orphan_cleanup._asset_partitions(att) AS pt(relid) JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid
+    FROM orphan_cleanup._inheritors(att.assets_oid) AS pt(relid) JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid
     WHERE c.relkind = 'f' OR pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x) LIMIT 1;
     IF FOUND THEN
         RETURN CASE WHEN p.relkind = 'f'
@@ -94,14 +102,13 @@ END
 $$;
 
 -- Why strays cannot be judged now because of the jobs table's partitions, or NULL: what stops
--- every claim (_partition_gone_problem()), a foreign partition (no TRUNCATE guard possible), or a
--- partition created or attached and not looked at yet (the next cycle, or the DDL watch, does).
+-- every claim (_partition_gone_problem(), a foreign partition among it), or a partition without
+-- its TRUNCATE guard (the next cycle, or the DDL watch, adds it).
 CREATE FUNCTION orphan_cleanup._partition_problem() RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     att orphan_cleanup.attachment;
-    p record;
     v text;
 BEGIN
     v := orphan_cleanup._partition_gone_problem();
@@ -111,11 +118,6 @@ BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND THEN
         RETURN NULL;
-    END IF;
-    SELECT c.oid::regclass::text AS name INTO p FROM pg_catalog.pg_class AS c
-    WHERE c.oid IN (SELECT orphan_cleanup._job_partitions(att)) AND c.relkind = 'f' LIMIT 1;
-    IF FOUND THEN
-        RETURN format('partition %s of the jobs table is a foreign table, which cannot carry the TRUNCATE guard that keeps its saved jobs'' files', p.name);
     END IF;
     IF EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
                   WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r)
@@ -289,17 +291,6 @@ CREATE TABLE orphan_cleanup.asset_partitions (
 );
 SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.asset_partitions', '');
 
--- The partitions (and inheritance children) of the attached assets table, at every level.
-CREATE FUNCTION orphan_cleanup._asset_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    WITH RECURSIVE tree(relid) AS (
-        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.assets_oid
-        UNION
-        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.relid)
-    SELECT tree.relid FROM tree;
-END;
-
 -- Looks at the assets table's partitions not looked at yet: each job their assets reference is
 -- saved as save_guard() saves it (check_saves; attach() on a table it did not guard before, and
 -- the update, take the assets as they are, as they do for an unpartitioned table), then the
@@ -322,11 +313,11 @@ BEGIN
         RETURN;
     END IF;
     DELETE FROM orphan_cleanup.asset_partitions AS x
-    WHERE x.relid NOT IN (SELECT orphan_cleanup._asset_partitions(att));
+    WHERE x.relid NOT IN (SELECT orphan_cleanup._inheritors(att.assets_oid));
     IF FOUND THEN
         UPDATE orphan_cleanup.detector_state SET sweep_started_at = NULL;
     END IF;
-    v_new := ARRAY(SELECT pt.relid FROM orphan_cleanup._asset_partitions(att) AS pt(relid)
+    v_new := ARRAY(SELECT pt.relid FROM orphan_cleanup._inheritors(att.assets_oid) AS pt(relid)
                    JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
                    WHERE pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x)
                    ORDER BY 1);

@@ -2749,6 +2749,10 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION orphan_cleanup._ddl_touches(rels oid[]) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e WHERE e.objid = ANY (rels));
+
 CREATE FUNCTION orphan_cleanup._watch_guards() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -2780,8 +2784,7 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_partitions(att, in_ddl => true);
         EXCEPTION WHEN OTHERS THEN
-            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
-                          WHERE e.objid = att.jobs_oid OR e.objid IN (SELECT orphan_cleanup._job_partitions(att))) THEN
+            IF orphan_cleanup._ddl_touches(att.jobs_oid || ARRAY(SELECT orphan_cleanup._job_partitions(att))) THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the jobs table''s partitions (%); strays wait until a cycle does', SQLERRM;
@@ -2794,23 +2797,20 @@ BEGIN
         BEGIN
             PERFORM orphan_cleanup._look_at_asset_partitions(att);
         EXCEPTION WHEN OTHERS THEN
-            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
-                          WHERE e.objid = att.assets_oid OR e.objid IN (SELECT orphan_cleanup._asset_partitions(att))) THEN
+            IF orphan_cleanup._ddl_touches(att.assets_oid || ARRAY(SELECT orphan_cleanup._inheritors(att.assets_oid))) THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the assets table''s partitions (%); claims wait until a cycle does', SQLERRM;
         END;
     END IF;
     -- A reference table's new partitions (sql/references.sql): their rows checked and their
-    -- objects held now. A command on a reference table or one of its partitions stops on any
-    -- failure; another DDL only on a refusal.
+    -- objects held now.
     IF EXISTS (SELECT 1 FROM orphan_cleanup.extra_references) THEN
         BEGIN
             PERFORM orphan_cleanup._look_at_reference_partitions();
         EXCEPTION WHEN OTHERS THEN
-            IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
-                          WHERE e.objid IN (SELECT r.table_oid FROM orphan_cleanup.extra_references AS r)
-                             OR e.objid IN (SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
+            IF orphan_cleanup._ddl_touches(ARRAY(SELECT r.table_oid FROM orphan_cleanup.extra_references AS r
+                                                 UNION SELECT rp.relid FROM orphan_cleanup._reference_partitions() AS rp)) THEN
                 RAISE;
             END IF;
             RAISE WARNING 'pg_orphan_cleanup could not look at the reference tables'' partitions (%); strays and claims wait until a cycle does', SQLERRM;
@@ -4820,14 +4820,20 @@ SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.job_partitions', '');
 
 REVOKE ALL ON orphan_cleanup.job_partitions FROM PUBLIC;
 
-CREATE FUNCTION orphan_cleanup._job_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
+CREATE FUNCTION orphan_cleanup._inheritors(rel oid) RETURNS SETOF oid
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     WITH RECURSIVE tree(relid) AS (
-        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.jobs_oid
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = rel
         UNION
         SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.relid)
     SELECT tree.relid FROM tree;
+END;
+
+CREATE FUNCTION orphan_cleanup._job_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT orphan_cleanup._inheritors(att.jobs_oid);
 END;
 
 CREATE FUNCTION orphan_cleanup._partition_gone_problem() RETURNS text
@@ -4877,7 +4883,7 @@ BEGIN
     -- The assets table's partitions (below): one that joined with assets saved their jobs past
     -- the save guard until a look has saved them again; a foreign one is written past it.
     SELECT c.oid::regclass::text AS name, c.relkind INTO p
-    FROM orphan_cleanup._asset_partitions(att) AS pt(relid) JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid
+    FROM orphan_cleanup._inheritors(att.assets_oid) AS pt(relid) JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid
     WHERE c.relkind = 'f' OR pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x) LIMIT 1;
     IF FOUND THEN
         RETURN CASE WHEN p.relkind = 'f'
@@ -4893,7 +4899,6 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     att orphan_cleanup.attachment;
-    p record;
     v text;
 BEGIN
     v := orphan_cleanup._partition_gone_problem();
@@ -4903,11 +4908,6 @@ BEGIN
     SELECT * INTO att FROM orphan_cleanup.attachment;
     IF NOT FOUND THEN
         RETURN NULL;
-    END IF;
-    SELECT c.oid::regclass::text AS name INTO p FROM pg_catalog.pg_class AS c
-    WHERE c.oid IN (SELECT orphan_cleanup._job_partitions(att)) AND c.relkind = 'f' LIMIT 1;
-    IF FOUND THEN
-        RETURN format('partition %s of the jobs table is a foreign table, which cannot carry the TRUNCATE guard that keeps its saved jobs'' files', p.name);
     END IF;
     IF EXISTS (SELECT 1 FROM orphan_cleanup._job_partitions(att) AS pt(relid)
                   WHERE pt.relid NOT IN (SELECT r.relid FROM orphan_cleanup.job_partitions AS r)
@@ -5060,16 +5060,6 @@ SELECT pg_catalog.pg_extension_config_dump('orphan_cleanup.asset_partitions', ''
 
 REVOKE ALL ON orphan_cleanup.asset_partitions FROM PUBLIC;
 
-CREATE FUNCTION orphan_cleanup._asset_partitions(att orphan_cleanup.attachment) RETURNS SETOF oid
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    WITH RECURSIVE tree(relid) AS (
-        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = att.assets_oid
-        UNION
-        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.relid)
-    SELECT tree.relid FROM tree;
-END;
-
 CREATE FUNCTION orphan_cleanup._look_at_asset_partitions(att orphan_cleanup.attachment, check_saves boolean DEFAULT true) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $$
@@ -5083,11 +5073,11 @@ BEGIN
         RETURN;
     END IF;
     DELETE FROM orphan_cleanup.asset_partitions AS x
-    WHERE x.relid NOT IN (SELECT orphan_cleanup._asset_partitions(att));
+    WHERE x.relid NOT IN (SELECT orphan_cleanup._inheritors(att.assets_oid));
     IF FOUND THEN
         UPDATE orphan_cleanup.detector_state SET sweep_started_at = NULL;
     END IF;
-    v_new := ARRAY(SELECT pt.relid FROM orphan_cleanup._asset_partitions(att) AS pt(relid)
+    v_new := ARRAY(SELECT pt.relid FROM orphan_cleanup._inheritors(att.assets_oid) AS pt(relid)
                    JOIN pg_catalog.pg_class AS c ON c.oid = pt.relid AND c.relkind <> 'f'
                    WHERE pt.relid NOT IN (SELECT x.relid FROM orphan_cleanup.asset_partitions AS x)
                    ORDER BY 1);
@@ -5616,7 +5606,8 @@ REVOKE ALL ON FUNCTION
     orphan_cleanup._guards_changing(),
     orphan_cleanup._guards_changed(boolean),
     orphan_cleanup._save_job(orphan_cleanup.attachment, uuid),
-    orphan_cleanup._asset_partitions(orphan_cleanup.attachment),
+    orphan_cleanup._inheritors(oid),
+    orphan_cleanup._ddl_touches(oid[]),
     orphan_cleanup._look_at_asset_partitions(orphan_cleanup.attachment, boolean),
     orphan_cleanup._reference_partitions(),
     orphan_cleanup._look_at_reference_partitions(),

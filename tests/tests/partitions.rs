@@ -110,6 +110,26 @@ fn mid_with_saved_job(c: &mut postgres::Client, url: &str) -> String {
 
 const ATTACH_MID: &str = "ALTER TABLE public.render_jobs ATTACH PARTITION public.render_jobs_mid FOR VALUES FROM ('2000-01-01') TO ('2020-01-01')";
 
+/// health()'s status and detail for one check.
+fn health(c: &mut postgres::Client, check: &str) -> (String, String) {
+    let r = c
+        .query_one(
+            "SELECT status, detail FROM orphan_cleanup.health() WHERE check_name = $1",
+            &[&check],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// Runs `sql` as where no DDL watch runs (the managed edition installed without a superuser).
+fn without_ddl_watch(c: &mut postgres::Client, sql: &str) {
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
+        .unwrap();
+    c.batch_execute(sql).unwrap();
+    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
+        .unwrap();
+}
+
 fn code(e: &postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_default()
 }
@@ -180,13 +200,7 @@ fn a_dropped_partition_stops_strays_until_forgotten() {
         db_error(&e)
     );
     assert!(queued(&mut c).is_empty());
-    let detail: String = c
-        .query_one(
-            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'strays'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let detail = health(&mut c, "strays").1;
     assert!(detail.contains("was dropped"), "{detail}");
     c.execute("SELECT orphan_cleanup.forget_partition($1)", &[&oid])
         .unwrap();
@@ -353,22 +367,10 @@ fn a_new_partition_does_not_stop_claims_without_the_ddl_watch() {
         "o",
     );
     // Not looked at yet: it could hold saved jobs that keep objects (the fourth review).
-    let detail: String = c
-        .query_one(
-            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let detail = health(&mut c, "reaping").1;
     assert!(detail.contains("has not been looked at yet"), "{detail}");
     assert_eq!(cycle(&mut c).2, 1);
-    let status: String = c
-        .query_one(
-            "SELECT status FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let status = health(&mut c, "reaping").0;
     assert_eq!(status, "ok", "the cycle looked at it");
     assert_eq!(claim(&mut c, "w1", 10).len(), 1, "the orphan is handed out");
     let guarded: i64 = c
@@ -427,13 +429,7 @@ fn claims_wait_while_a_detach_is_unfinished() {
     assert!(pending);
     cycle(&mut c);
     assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
-    let detail: String = c
-        .query_one(
-            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let detail = health(&mut c, "reaping").1;
     assert!(detail.contains("is being detached"), "{detail}");
     assert_eq!(emu.objects().len(), 1);
 }
@@ -654,13 +650,7 @@ fn a_foreign_partition_stops_every_claim() {
     );
     assert_eq!(cycle(&mut c).2, 1, "the orphan; no stray");
     assert_eq!(queued(&mut c), BTreeSet::new());
-    let detail: String = c
-        .query_one(
-            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let detail = health(&mut c, "reaping").1;
     assert!(detail.contains("is a foreign table"), "{detail}");
     assert!(claim(&mut c, "w1", 10).is_empty(), "nothing handed out");
     c.batch_execute(
@@ -702,24 +692,14 @@ fn attach_does_not_record_a_partition_whose_look_failed() {
     let mut c = db.client();
     assert_eq!(enqueue_strays(&mut c).unwrap(), 1);
     assert_eq!(claim(&mut c, "w1", 10).len(), 1);
-    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
-        .unwrap();
     mid_with_saved_job(&mut c, &emu.public_url("renders", "out/gone.png"));
-    c.batch_execute(ATTACH_MID).unwrap();
-    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
-        .unwrap();
+    without_ddl_watch(&mut c, ATTACH_MID);
     cycle(&mut c);
     let e = c
         .query("SELECT * FROM orphan_cleanup.attach()", &[])
         .unwrap_err();
     assert_eq!(code(&e), "OC002", "{}", db_error(&e));
-    let detail: String = c
-        .query_one(
-            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let detail = health(&mut c, "reaping").1;
     assert!(detail.contains("has not been looked at yet"), "{detail}");
 }
 
@@ -898,18 +878,8 @@ fn a_claim_during_an_uncommitted_assets_attach_hands_nothing_out() {
 fn claims_wait_until_a_joined_assets_partition_is_looked_at() {
     let (db, emu, y) = partitioned_assets("partitions_assets_no_watch");
     let mut c = db.client();
-    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
-        .unwrap();
-    c.batch_execute(ATTACH_ASSETS_OLD).unwrap();
-    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
-        .unwrap();
-    let detail: String = c
-        .query_one(
-            "SELECT detail FROM orphan_cleanup.health() WHERE check_name = 'reaping'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    without_ddl_watch(&mut c, ATTACH_ASSETS_OLD);
+    let detail = health(&mut c, "reaping").1;
     assert!(
         detail.contains("joined the assets table and has not been looked at yet"),
         "{detail}"
@@ -934,11 +904,7 @@ fn unrelated_ddl_works_while_an_assets_partitions_look_fails() {
     let (db, _emu, _y) = partitioned_assets("partitions_assets_unrelated_ddl");
     let mut c = db.client();
     assert_eq!(claim(&mut c, "w1", 10).len(), 1);
-    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch DISABLE")
-        .unwrap();
-    c.batch_execute(ATTACH_ASSETS_OLD).unwrap();
-    c.batch_execute("ALTER EVENT TRIGGER orphan_cleanup_guard_watch ENABLE ALWAYS")
-        .unwrap();
+    without_ddl_watch(&mut c, ATTACH_ASSETS_OLD);
     c.batch_execute(
         "CREATE TABLE public.unrelated (x int); ALTER TABLE public.unrelated ADD COLUMN y int",
     )
